@@ -1,0 +1,363 @@
+"""The config.yaml schema: validated once, at load, with the path of every error.
+
+Ops edit `config.yaml`; this module turns it into typed, frozen objects or a
+`ConfigError` whose lines read like ``models[1].litellm_params.model: Field required``.
+Unknown keys are errors everywhere except inside `litellm_params` (litellm accepts
+many provider-specific parameters we do not want to enumerate).
+
+Secrets are written as ``os.environ/NAME`` (LiteLLM's convention) and resolved here;
+a missing variable is a load error naming the path, never a silent empty key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "os.environ/"
+
+# Body fields that would let a client choose the upstream, its credentials or a canned
+# answer. They are only legal in config.yaml's litellm_params.
+FORBIDDEN_CLIENT_FIELDS = frozenset(
+    {
+        "api_base", "base_url", "api_key", "api_version", "custom_llm_provider",
+        "mock_response", "mock_tool_calls", "azure_ad_token", "aws_access_key_id",
+        "aws_secret_access_key", "aws_session_token", "vertex_credentials",
+        "litellm_params", "extra_headers", "headers", "organization", "deployment_id",
+        "input_cost_per_token", "output_cost_per_token", "litellm_logging_obj",
+        "num_retries", "fallbacks", "timeout", "client", "proxy_server_request",
+    }
+)
+
+
+class ConfigError(Exception):
+    """config.yaml is invalid. `errors` holds one "path: message" line per problem."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("invalid config:\n  " + "\n  ".join(errors))
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+
+
+def parse_duration(value: Any) -> float:
+    """'300s', '5m', '1d', 2.5 -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 30s, 5m, 1d")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"expected a duration like 30s, 5m, 1d, got {value!r}")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(4 * 1024 * 1024, gt=0, description="413 above this")
+    shutdown_grace: float = Field(30.0, ge=0, description="seconds in-flight requests get on SIGTERM")
+
+
+class StoreConfig(_Strict):
+    # sqlite:///relative/path.db, sqlite:////absolute/path.db or postgresql://...
+    url: str = "sqlite:///data/gateway.db"
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        if not (v.startswith("sqlite:///") or v.startswith(("postgresql://", "postgres://"))):
+            raise ValueError("must start with sqlite:/// or postgresql://")
+        return v
+
+
+class RetryConfig(_Strict):
+    max_attempts: int = Field(3, ge=1, le=10, description="attempts per model, across its deployments")
+    backoff_base: float = Field(0.25, ge=0, description="first backoff, seconds; doubles each time")
+    backoff_max: float = Field(8.0, ge=0)
+    retry_after_max: float = Field(30.0, ge=0, description="cap on an upstream's Retry-After")
+
+
+class LitellmParams(BaseModel):
+    """Passed to litellm as keyword arguments. `model` is the provider/model string."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    model: str
+    api_base: str | None = None
+    api_key: str | None = None
+    timeout: float | None = Field(None, gt=0)
+
+    @field_validator("model")
+    @classmethod
+    def _nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+
+class Pricing(_Strict):
+    """USD per million tokens; overrides litellm's bundled price map."""
+
+    input_per_million: float = Field(ge=0)
+    output_per_million: float = Field(ge=0)
+
+
+class ModelEntry(_Strict):
+    """One deployment of a public model. Several entries with the same `name` are that
+    model's deployments, tried in the order listed. Model-level keys (`fallbacks`,
+    `downgrade_to`, `pricing`, `description`) may be given on any of its entries but must
+    not disagree."""
+
+    name: str = Field(min_length=1)
+    litellm_params: LitellmParams
+    fallbacks: list[str] | None = None
+    downgrade_to: str | None = None
+    pricing: Pricing | None = None
+    description: str | None = None
+
+
+class Refill(_Strict):
+    amount: int = Field(ge=0)
+    period: float = Field(description="e.g. 1d, 12h")
+
+    @field_validator("period", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        seconds = parse_duration(v)
+        if seconds <= 0:
+            raise ValueError("must be positive")
+        return seconds
+
+
+class TierConfig(_Strict):
+    models: list[str] = Field(default_factory=lambda: ["*"], description='"*" allows every model')
+    refill: Refill | None = None
+    description: str | None = None
+
+    def allows(self, model: str) -> bool:
+        return "*" in self.models or model in self.models
+
+
+class ActionPrice(_Strict):
+    default: int = Field(ge=0, description="energy when the model has no entry")
+    models: dict[str, int] = Field(default_factory=dict)
+
+    @field_validator("models")
+    @classmethod
+    def _non_negative(cls, v: dict[str, int]) -> dict[str, int]:
+        for model, cost in v.items():
+            if cost < 0:
+                raise ValueError(f"{model}: must not be negative")
+        return v
+
+
+class EnergyConfig(_Strict):
+    default_action: str = "ai_message"
+    actions: dict[str, ActionPrice] = Field(
+        default_factory=lambda: {"ai_message": ActionPrice(default=1)}
+    )
+    unknown_action: Literal["reject", "default"] = "reject"
+    idempotency_window: float = 86400.0
+
+    @field_validator("idempotency_window", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+    @model_validator(mode="after")
+    def _default_action_priced(self) -> "EnergyConfig":
+        if self.default_action not in self.actions:
+            raise ValueError(f"default_action {self.default_action!r} is not in actions")
+        return self
+
+    def cost(self, action: str, model: str) -> int:
+        price = self.actions[action]
+        return price.models.get(model, price.default)
+
+
+class AuthConfig(_Strict):
+    master_key: str | None = Field(None, description="os.environ/GATEWAY_MASTER_KEY")
+    cache_ttl: float = 300.0
+    default_tier: str = "free"
+
+    @field_validator("cache_ttl", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+
+class PluginEntry(_Strict):
+    """`- request_log` or `- {name: request_log, settings: {...}}`."""
+
+    name: str
+    enabled: bool = True
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+
+class Config(_Strict):
+    server: ServerConfig = ServerConfig()
+    store: StoreConfig = StoreConfig()
+    auth: AuthConfig = AuthConfig()
+    retries: RetryConfig = RetryConfig()
+    models: list[ModelEntry] = Field(min_length=1)
+    tiers: dict[str, TierConfig] = Field(default_factory=lambda: {"free": TierConfig()})
+    energy: EnergyConfig = EnergyConfig()
+    plugins: list[PluginEntry] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> "Config":
+        errors: list[str] = []
+        by_name: dict[str, ModelEntry] = {}
+        for i, entry in enumerate(self.models):
+            first = by_name.setdefault(entry.name, entry)
+            if first is entry:
+                continue
+            for key in ("fallbacks", "downgrade_to", "pricing", "description"):
+                mine, theirs = getattr(entry, key), getattr(first, key)
+                if mine is not None and theirs is not None and mine != theirs:
+                    errors.append(f"models[{i}].{key}: disagrees with the first {entry.name!r} entry")
+        names = set(by_name)
+        for i, entry in enumerate(self.models):
+            for j, fb in enumerate(entry.fallbacks or []):
+                if fb not in names:
+                    errors.append(f"models[{i}].fallbacks[{j}]: unknown model {fb!r}")
+                elif fb == entry.name:
+                    errors.append(f"models[{i}].fallbacks[{j}]: a model cannot fall back to itself")
+            if entry.downgrade_to is not None and entry.downgrade_to not in names:
+                errors.append(f"models[{i}].downgrade_to: unknown model {entry.downgrade_to!r}")
+        for tier_name, tier in self.tiers.items():
+            for j, model in enumerate(tier.models):
+                if model != "*" and model not in names:
+                    errors.append(f"tiers.{tier_name}.models[{j}]: unknown model {model!r}")
+        if self.auth.default_tier not in self.tiers:
+            errors.append(f"auth.default_tier: unknown tier {self.auth.default_tier!r}")
+        for action, price in self.energy.actions.items():
+            for model in price.models:
+                if model not in names:
+                    errors.append(f"energy.actions.{action}.models.{model}: unknown model")
+        # A downgrade ladder must end: gpt-4o -> mini -> gpt-4o would loop forever.
+        for name in names:
+            seen, current = set(), name
+            while current is not None:
+                if current in seen:
+                    errors.append(f"models: downgrade ladder from {name!r} loops back to {current!r}")
+                    break
+                seen.add(current)
+                current = self.model_settings(current).downgrade_to if current in names else None
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    # --- lookups used at request time (cheap; no validation here) ---------------------
+
+    def deployments(self, model: str) -> list[ModelEntry]:
+        return [e for e in self.models if e.name == model]
+
+    def model_names(self) -> list[str]:
+        return list(dict.fromkeys(e.name for e in self.models))
+
+    def model_settings(self, model: str) -> ModelEntry:
+        """The merged model-level keys of a public model (first non-null wins)."""
+        entries = self.deployments(model)
+        merged = entries[0]
+        for key in ("fallbacks", "downgrade_to", "pricing", "description"):
+            if getattr(merged, key) is None:
+                for e in entries[1:]:
+                    if getattr(e, key) is not None:
+                        merged = merged.model_copy(update={key: getattr(e, key)})
+                        break
+        return merged
+
+    def ladder(self, model: str) -> list[str]:
+        """`model` followed by its downgrade_to chain."""
+        out = [model]
+        nxt = self.model_settings(model).downgrade_to
+        while nxt is not None and nxt not in out:
+            out.append(nxt)
+            nxt = self.model_settings(nxt).downgrade_to
+        return out
+
+
+def _resolve_env(node: Any, path: str, errors: list[str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _resolve_env(v, f"{path}.{k}" if path else str(k), errors) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve_env(v, f"{path}[{i}]", errors) for i, v in enumerate(node)]
+    if isinstance(node, str) and node.startswith(ENV_PREFIX):
+        name = node[len(ENV_PREFIX):]
+        value = os.environ.get(name)
+        if value is None:
+            errors.append(f"{path}: environment variable {name} is not set")
+            return None
+        return value
+    return node
+
+
+def _error_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after", "function-before") or str(part).startswith(("function-", "str")):
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def load_config_data(raw: Any) -> Config:
+    """Validate an already-parsed YAML document."""
+    if not isinstance(raw, dict):
+        raise ConfigError(["(top level): expected a mapping"])
+    errors: list[str] = []
+    resolved = _resolve_env(raw, "", errors)
+    # A missing provider key is not fatal: that deployment fails at call time with a clear
+    # upstream-auth error, and the gateway (and its demo model) still starts offline.
+    # An unset GATEWAY_MASTER_KEY just means there is no master key.
+    errors = [e for e in errors if not e.split(":")[0].endswith((".api_key", "auth.master_key"))]
+    if errors:
+        raise ConfigError(errors)
+    try:
+        return Config.model_validate(resolved)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            path = _error_path(err["loc"])
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (typo?)"
+            if not err["loc"]:  # cross-reference checks carry their own paths
+                lines.extend(msg.split("; "))
+            else:
+                lines.append(f"{path}: {msg}")
+        raise ConfigError(lines) from None
+
+
+def load_config(path: str | Path) -> Config:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
+    return load_config_data(raw)

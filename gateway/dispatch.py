@@ -1,0 +1,252 @@
+"""Dispatch: one upstream call to one deployment, behind a small interface.
+
+`Dispatcher` knows how to talk to a provider; it does not retry, fall back or choose a
+deployment (that is `gateway/router.py`). Failures are normalised into `UpstreamError`
+so the router can decide what is retryable without knowing which library raised.
+
+`LitellmDispatcher` translates for every provider litellm supports (the client speaks
+OpenAI; Anthropic sees /v1/messages). A native OpenAI-wire pass-through can implement the
+same interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Protocol
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch prices at import
+
+import litellm  # noqa: E402
+
+from gateway.config import ModelEntry  # noqa: E402
+from gateway.errors import redact  # noqa: E402
+
+litellm.telemetry = False
+litellm.suppress_debug_info = True
+litellm.drop_params = True  # a param one provider lacks is dropped, not an error
+
+
+class UpstreamError(Exception):
+    """A failed upstream call, normalised.
+
+    kind: "status" (the upstream answered with an HTTP error), "connection" (refused,
+    reset), "timeout", "bad_response" (not parseable as the expected format),
+    "truncated" (a stream ended without its final chunk).
+    """
+
+    def __init__(self, kind: str, message: str, *, status: int | None = None,
+                 retry_after: float | None = None, error_type: str | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.status = status
+        self.retry_after = retry_after
+        self.error_type = error_type
+
+    @property
+    def retryable(self) -> bool:
+        if self.kind in ("connection", "timeout", "bad_response", "truncated"):
+            return True
+        return self.status is not None and (self.status == 429 or self.status >= 500 or self.status == 408)
+
+    @property
+    def is_auth(self) -> bool:
+        """Our provider credentials were refused: another deployment may still work."""
+        return self.kind == "status" and self.status in (401, 403)
+
+    def __repr__(self) -> str:
+        return f"UpstreamError({self.kind}, status={self.status}, {self.message[:80]!r})"
+
+
+class Dispatcher(Protocol):
+    async def chat(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
+        """A non-streamed chat completion, as an OpenAI `chat.completion` dict."""
+
+    def chat_stream(self, deployment: ModelEntry, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Chunks as OpenAI `chat.completion.chunk` dicts, as they arrive. The iterator
+        must be closed (`aclose`) by the caller when abandoned."""
+
+    async def embeddings(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
+        """An OpenAI embeddings `list` dict."""
+
+
+def provider_of(deployment: ModelEntry) -> str:
+    model = deployment.litellm_params.model
+    return model.split("/", 1)[0] if "/" in model else "openai"
+
+
+def _headers_of(exc: BaseException) -> dict[str, str]:
+    for attr in ("litellm_response_headers", "headers"):
+        headers = getattr(exc, attr, None)
+        if headers:
+            try:
+                return {k.lower(): v for k, v in dict(headers).items()}
+            except (TypeError, ValueError):
+                pass
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
+    if headers:
+        try:
+            return {k.lower(): v for k, v in dict(headers).items()}
+        except (TypeError, ValueError):
+            return {}
+    return {}
+
+
+def retry_after_seconds(headers: dict[str, str]) -> float | None:
+    """`retry-after-ms` (OpenAI) wins over `retry-after` (seconds; HTTP-date ignored)."""
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return max(0.0, float(value) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            return None
+    return None
+
+
+def _upstream_message(exc: BaseException) -> str:
+    text = str(getattr(exc, "message", None) or exc)
+    # litellm prefixes "litellm.RateLimitError: AnthropicException - ..."; keep the provider's words.
+    for marker in ("Exception - ", "Error - "):
+        if marker in text:
+            text = text.split(marker, 1)[1]
+    return redact(text.strip())[:2000] or type(exc).__name__
+
+
+def normalise_litellm_error(exc: BaseException) -> UpstreamError:
+    if isinstance(exc, UpstreamError):
+        return exc
+    message = _upstream_message(exc)
+    if isinstance(exc, (litellm.Timeout, asyncio.TimeoutError, TimeoutError)):
+        return UpstreamError("timeout", "the upstream did not answer in time", status=504)
+    if isinstance(exc, litellm.APIConnectionError):
+        lowered = message.lower()
+        if "timeout" in lowered or "timed out" in lowered:
+            return UpstreamError("timeout", "the upstream did not answer in time", status=504)
+        # litellm reports unparseable bodies as connection errors too.
+        if any(s in lowered for s in ("json", "decode", "expecting value", "choices", "validation")):
+            return UpstreamError("bad_response", f"the upstream sent an invalid response: {message}")
+        return UpstreamError("connection", f"could not reach the upstream: {message}")
+    status = getattr(exc, "status_code", None)
+    if isinstance(status, int):
+        headers = _headers_of(exc)
+        return UpstreamError("status", message, status=status, retry_after=retry_after_seconds(headers),
+                             error_type=getattr(exc, "type", None) or None)
+    if isinstance(exc, (ValueError, KeyError, TypeError, AttributeError)):
+        return UpstreamError("bad_response", f"the upstream sent an invalid response: {message}")
+    return UpstreamError("connection", f"upstream call failed: {message}")
+
+
+# Chunk and response fields OpenAI clients know; litellm adds private ones we drop.
+_CHUNK_KEYS = ("id", "object", "created", "model", "system_fingerprint", "service_tier", "choices", "usage")
+_CHOICE_DELTA_KEYS = ("role", "content", "tool_calls", "function_call", "refusal", "reasoning_content")
+
+
+def _clean_chunk(raw: dict[str, Any]) -> dict[str, Any]:
+    chunk = {k: raw[k] for k in _CHUNK_KEYS if k in raw and raw[k] is not None}
+    chunk["object"] = "chat.completion.chunk"
+    choices = []
+    for choice in raw.get("choices") or []:
+        delta = choice.get("delta") or {}
+        choices.append({
+            "index": choice.get("index", 0),
+            "delta": {k: delta[k] for k in _CHOICE_DELTA_KEYS if delta.get(k) is not None},
+            "logprobs": choice.get("logprobs"),
+            "finish_reason": choice.get("finish_reason"),
+        })
+    chunk["choices"] = choices
+    return chunk
+
+
+def _clean_response(raw: dict[str, Any]) -> dict[str, Any]:
+    out = {k: raw[k] for k in ("id", "object", "created", "model", "system_fingerprint", "service_tier", "choices", "usage") if raw.get(k) is not None}
+    out["object"] = "chat.completion"
+    choices = []
+    for choice in raw.get("choices") or []:
+        message = {k: v for k, v in (choice.get("message") or {}).items()
+                   if v is not None and k in ("role", "content", "tool_calls", "function_call", "refusal", "annotations", "reasoning_content")}
+        message.setdefault("role", "assistant")
+        message.setdefault("content", None)
+        choices.append({"index": choice.get("index", 0), "message": message,
+                        "logprobs": choice.get("logprobs"), "finish_reason": choice.get("finish_reason")})
+    out["choices"] = choices
+    if isinstance(out.get("usage"), dict):
+        u = out["usage"]
+        out["usage"] = {k: u[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens",
+                                          "prompt_tokens_details", "completion_tokens_details") if u.get(k) is not None}
+    return out
+
+
+class LitellmDispatcher:
+    """Every provider, through litellm. Retries are ours (the router's), never litellm's."""
+
+    def _kwargs(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
+        params = deployment.litellm_params.model_dump(exclude_none=True)
+        kwargs = {k: v for k, v in body.items() if k != "model"}
+        kwargs.update(params)  # config wins over the body, always
+        kwargs["num_retries"] = 0
+        kwargs["max_retries"] = 0
+        return kwargs
+
+    async def chat(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            response = await litellm.acompletion(**self._kwargs(deployment, body))
+        except Exception as exc:  # noqa: BLE001 — every failure becomes an UpstreamError
+            raise normalise_litellm_error(exc) from None
+        raw = response.model_dump() if hasattr(response, "model_dump") else dict(response)
+        if not raw.get("choices"):
+            raise UpstreamError("bad_response", "the upstream response had no choices")
+        return _clean_response(raw)
+
+    async def chat_stream(self, deployment: ModelEntry, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        kwargs = self._kwargs(deployment, body)
+        kwargs["stream"] = True
+        try:
+            stream = await litellm.acompletion(**kwargs)
+        except Exception as exc:  # noqa: BLE001
+            raise normalise_litellm_error(exc) from None
+        try:
+            async for chunk in stream:
+                raw = chunk.model_dump() if hasattr(chunk, "model_dump") else dict(chunk)
+                yield _clean_chunk(raw)
+        except Exception as exc:  # noqa: BLE001
+            err = normalise_litellm_error(exc)
+            if err.kind == "connection":
+                err = UpstreamError("truncated", f"the upstream stream broke off: {err.message}")
+            raise err from None
+        finally:
+            close = getattr(stream, "aclose", None)
+            if close is not None:
+                try:
+                    await close()
+                except Exception:  # noqa: BLE001 — closing a broken stream may fail again
+                    pass
+
+    async def embeddings(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
+        params = deployment.litellm_params.model_dump(exclude_none=True)
+        params.pop("mock_response", None)
+        kwargs = {k: v for k, v in body.items() if k != "model"}
+        kwargs.update(params)
+        kwargs["num_retries"] = 0
+        kwargs["max_retries"] = 0
+        try:
+            response = await litellm.aembedding(**kwargs)
+        except Exception as exc:  # noqa: BLE001
+            raise normalise_litellm_error(exc) from None
+        raw = response.model_dump() if hasattr(response, "model_dump") else dict(response)
+        data = [{"object": "embedding", "index": d.get("index", i), "embedding": d.get("embedding")}
+                for i, d in enumerate(raw.get("data") or [])]
+        if not data:
+            raise UpstreamError("bad_response", "the upstream embeddings response had no data")
+        usage = raw.get("usage") or {}
+        return {"object": "list", "data": data, "model": raw.get("model"),
+                "usage": {"prompt_tokens": usage.get("prompt_tokens") or 0,
+                          "total_tokens": usage.get("total_tokens") or 0}}

@@ -1,0 +1,214 @@
+"""The plugin contract: RequestContext, Plugin, Reject.
+
+This is the one file a plugin author must read. Everything the gateway does around an
+upstream call (who is calling, may they, which model, what it cost, what to log) is a
+plugin with these hooks, run in the order `config.yaml` lists them:
+
+    plugins:
+      - request_log
+      - auth
+      - tier_policy
+      - energy
+
+Lifecycle of one request (the *chain*)::
+
+    on_request(ctx)          in list order; may rewrite ctx.body / ctx.candidates,
+                             may raise Reject, may short-circuit with ctx.short_circuit
+        |
+    dispatch                 the core picks ctx.model (= ctx.candidates[0] unless a
+                             plugin narrowed it), retries, falls back
+        |
+    on_stream_chunk(ctx, c)  streaming only, per chunk, before the client sees it
+        |
+    on_response(ctx)   XOR   on_error(ctx)      in list order
+
+Invariants the core guarantees (and tests):
+
+* **Exactly one ending.** Every request whose `on_request` phase started receives either
+  `on_response` or `on_error` on *every* plugin, exactly once, never both. This holds when
+  a plugin rejects, when the upstream fails, when the client disconnects mid-stream and
+  when the server shuts down. A plugin whose `on_request` never ran (a plugin earlier in
+  the list rejected) still receives `on_error`; it must cope with finding nothing in its
+  scratch space.
+* **Endings run after the client has its answer** (the body is sent, or the stream is
+  over) so they add no latency. Billing must not depend on the client staying connected:
+  a client that disconnects after tokens were produced ends in `on_response` with
+  `ctx.client_disconnected = True` and usage counted up to that point.
+* **Gating fails closed.** Any exception other than `Reject` raised by `on_request`
+  rejects the request with a 500 `internal_error`; it never lets the request through.
+* **Observing fails open.** An exception in `on_stream_chunk`, `on_response` or
+  `on_error` is logged and ignored; the client's response is unaffected.
+
+A plugin never imports from `proxy.py` (it runs as `__main__`; a second copy would make
+`except Reject` silently stop matching). Shared types live here and in `gateway/`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict
+
+from gateway.errors import ApiError
+
+if TYPE_CHECKING:
+    from gateway.config import Config
+    from gateway.store import Store
+
+Endpoint = Literal["chat.completions", "embeddings", "models"]
+
+
+class Reject(ApiError):
+    """Raised by `on_request` to refuse a request with an OpenAI-shaped error.
+
+    `Reject(429, "...", type="insufficient_quota", code="insufficient_energy",
+    headers={"x-should-retry": "false"})`. Other plugins still receive `on_error`.
+    """
+
+
+@dataclass
+class Identity:
+    """Who is calling, set by the auth plugin from the API key."""
+
+    user_id: str
+    workspace_id: str
+    tier: str
+    key_id: str
+    key_prefix: str  # safe to log: the first characters of the key, never the key
+    role: Literal["user", "workspace_admin", "master"] = "user"
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    # True when the provider reported nothing (or the stream was cut) and we counted the
+    # tokens ourselves over what was actually sent.
+    estimated: bool = False
+
+
+@dataclass
+class RequestContext:
+    """One request's state as it travels the chain. Plugins read and write it."""
+
+    request_id: str
+    endpoint: Endpoint
+    config: "Config"  # the config snapshot this request started with (live reload safe)
+    headers: Mapping[str, str]  # incoming HTTP headers, case-insensitive, read-only
+    body: dict[str, Any]  # the OpenAI request body; request hooks may rewrite it
+    requested_model: str = ""
+    # Public model names that may serve this request, best first. The core starts it as
+    # [requested_model]; tier_policy extends it down the downgrade ladder and filters it;
+    # energy narrows it to the first affordable one. Dispatch uses candidates[0].
+    candidates: list[str] = field(default_factory=list)
+    model: str = ""  # the public model that served (or would have served) the request
+    downgrade_reason: str | None = None
+    stream: bool = False
+    client_wants_usage: bool = False  # client sent stream_options.include_usage
+    identity: Identity | None = None
+    action: str | None = None  # metadata.action / X-Action (energy price book)
+    prospect_id: str | None = None
+    # Headers added to the client's response (success and error alike).
+    response_headers: dict[str, str] = field(default_factory=dict)
+    # A request hook may answer the request itself (e.g. an idempotent replay) by setting
+    # this to the response body; dispatch is skipped and on_response hooks run.
+    short_circuit: dict[str, Any] | None = None
+    # For GET /v1/models: the names the caller may see; request hooks may filter it.
+    visible_models: list[str] = field(default_factory=list)
+
+    # --- outcome, filled by the core ------------------------------------------------
+    status: int | None = None
+    response: dict[str, Any] | None = None  # non-stream response body sent to the client
+    usage: Usage | None = None
+    provider: str | None = None  # e.g. "openai", "anthropic"
+    deployment: str | None = None  # the litellm model string that answered
+    attempts: int = 0  # upstream calls made, retries and fallbacks included
+    fallbacks: int = 0  # times dispatch moved to another deployment or model
+    streamed_text: list[str] = field(default_factory=list)  # content sent, for estimates
+    stream_started: bool = False  # bytes of the stream reached the client
+    client_disconnected: bool = False
+    error: ApiError | None = None
+    started_at: float = field(default_factory=time.monotonic)
+    first_byte_at: float | None = None
+    ended_at: float | None = None
+
+    _scratch: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+
+    def scratch(self, plugin: str) -> dict[str, Any]:
+        """A plugin's private, namespaced space on this request."""
+        return self._scratch.setdefault(plugin, {})
+
+    @property
+    def latency_ms(self) -> float | None:
+        return None if self.ended_at is None else (self.ended_at - self.started_at) * 1000
+
+    @property
+    def ttfb_ms(self) -> float | None:
+        return None if self.first_byte_at is None else (self.first_byte_at - self.started_at) * 1000
+
+
+class NoSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class Services:
+    """What the core hands every plugin at construction."""
+
+    store: "Store | None"
+    config: "Config"  # the config at load time; per-request code should use ctx.config
+
+
+class Plugin:
+    """Base class of every plugin. Override only the hooks you need: the core calls a
+    hook only on plugins that override it (so an unused `on_stream_chunk` costs nothing).
+
+    Each plugin module documents, in its docstring, the YAML that configures it.
+    `Settings` is a pydantic model validated at load: a typo in a plugin's settings
+    is a start-up error naming its path (`plugins[2].settings.levle: unknown key`).
+    """
+
+    name: ClassVar[str]
+    Settings: ClassVar[type[BaseModel]] = NoSettings
+
+    def __init__(self, settings: BaseModel, services: Services):
+        self.settings = settings
+        self.services = services
+
+    async def startup(self) -> None:
+        """Called once when the app starts, after the store is open."""
+
+    async def shutdown(self) -> None:
+        """Called once at shutdown, after in-flight requests finished (flush here)."""
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        """Gate or rewrite the request. Raise `Reject` to refuse it (fails closed)."""
+
+    async def on_stream_chunk(self, ctx: RequestContext, chunk: dict[str, Any]) -> None:
+        """Observe (or edit in place) one streamed chunk before it is sent. Fails open."""
+
+    async def on_response(self, ctx: RequestContext) -> None:
+        """The request succeeded; the client has its answer. Fails open."""
+
+    async def on_error(self, ctx: RequestContext) -> None:
+        """The request failed with `ctx.error` (rejected, upstream failure, ...). Fails open."""
+
+    def routes(self) -> list[Any]:
+        """Extra aiohttp routes this plugin serves (e.g. /metrics). Default none."""
+        return []
+
+    def overrides(self, hook: str) -> bool:
+        return getattr(type(self), hook) is not getattr(Plugin, hook)
+
+
+HOOKS = {
+    "on_request": "gate or rewrite a request before dispatch; raising rejects it (fails closed)",
+    "on_stream_chunk": "observe each streamed chunk before the client gets it (fails open)",
+    "on_response": "the request succeeded and the client has its answer (fails open)",
+    "on_error": "the request failed; ctx.error says why (fails open)",
+    "startup": "once at start, after the store is open",
+    "shutdown": "once at stop, after in-flight requests finished",
+}

@@ -1,0 +1,694 @@
+"""The gateway: `create_app(config)`, the HTTP handlers, the plugin chain runner, the CLI.
+
+    python proxy.py                      # serve with ./config.yaml
+    python proxy.py serve --config FILE  # same, explicit
+    python proxy.py check-config [FILE]  # validate only; exit 1 on error
+    python proxy.py users|keys|workspaces|energy|usage ...   # admin (see --help)
+
+Plugins never import this module (it runs as `__main__`): the contract lives in
+`plugins/base.py`, the machinery in `gateway/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import orjson  # noqa: E402
+import structlog  # noqa: E402
+from aiohttp import web  # noqa: E402
+
+from gateway.config import FORBIDDEN_CLIENT_FIELDS, Config, ConfigError, load_config  # noqa: E402
+from gateway.dispatch import UpstreamError  # noqa: E402
+from gateway.errors import ApiError, bad_request, internal_error  # noqa: E402
+from gateway.router import Router, upstream_to_api_error  # noqa: E402
+from plugins import build_plugins, validate_plugin_settings  # noqa: E402
+from plugins.base import Plugin, RequestContext, Services, Usage  # noqa: E402
+
+log = structlog.get_logger("gateway")
+
+DEFAULT_CONFIG = "config.yaml"
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+_VALID_ROLES = {"system", "user", "assistant", "tool", "function", "developer"}
+
+
+# --------------------------------------------------------------------------------------
+# The plugin chain
+# --------------------------------------------------------------------------------------
+
+class Chain:
+    """Runs the plugins in config order and guarantees exactly one ending per request.
+
+    See `plugins/base.py` for the contract. Only plugins that override a hook are called
+    for it, so an idle hook costs nothing per request or per chunk.
+    """
+
+    def __init__(self, plugins: list[Plugin]):
+        self.plugins = plugins
+        self._request = [p for p in plugins if p.overrides("on_request")]
+        self._chunk = [p for p in plugins if p.overrides("on_stream_chunk")]
+        self._response = [p for p in plugins if p.overrides("on_response")]
+        self._error = [p for p in plugins if p.overrides("on_error")]
+        self._endings: set[asyncio.Task] = set()
+
+    @property
+    def wants_chunks(self) -> bool:
+        return bool(self._chunk)
+
+    async def run_request(self, ctx: RequestContext) -> None:
+        for plugin in self._request:
+            if ctx.short_circuit is not None:
+                return
+            try:
+                await plugin.on_request(ctx)
+            except ApiError:
+                raise
+            except Exception:  # fail closed: a broken gate rejects, never admits
+                log.exception("plugin_request_hook_failed", plugin=plugin.name, request_id=ctx.request_id)
+                raise internal_error(ctx.request_id) from None
+
+    async def run_chunk(self, ctx: RequestContext, chunk: dict[str, Any]) -> None:
+        for plugin in self._chunk:
+            try:
+                await plugin.on_stream_chunk(ctx, chunk)
+            except Exception:  # fail open
+                log.exception("plugin_chunk_hook_failed", plugin=plugin.name, request_id=ctx.request_id)
+
+    async def _run_ending(self, ctx: RequestContext) -> None:
+        failed = ctx.error is not None
+        for plugin in self._error if failed else self._response:
+            try:
+                await (plugin.on_error(ctx) if failed else plugin.on_response(ctx))
+            except Exception:  # fail open
+                log.exception("plugin_ending_hook_failed", plugin=plugin.name, request_id=ctx.request_id,
+                              hook="on_error" if failed else "on_response")
+
+    async def end(self, ctx: RequestContext, error: ApiError | None = None) -> None:
+        """Run the ending once. Shielded: a cancelled handler (client gone, shutdown) does
+        not cut billing short; `drain()` waits for endings still running."""
+        if ctx.ended_at is not None:
+            return
+        ctx.ended_at = time.monotonic()
+        if error is not None:
+            ctx.error = error
+            ctx.status = error.status
+        elif ctx.status is None:
+            ctx.status = 200
+        task = asyncio.ensure_future(self._run_ending(ctx))
+        self._endings.add(task)
+        task.add_done_callback(self._endings.discard)
+        await asyncio.shield(task)
+
+    async def drain(self) -> None:
+        while self._endings:
+            await asyncio.gather(*list(self._endings), return_exceptions=True)
+
+    async def startup(self) -> None:
+        for plugin in self.plugins:
+            await plugin.startup()
+
+    async def shutdown(self) -> None:
+        for plugin in reversed(self.plugins):
+            try:
+                await plugin.shutdown()
+            except Exception:
+                log.exception("plugin_shutdown_failed", plugin=plugin.name)
+
+
+# --------------------------------------------------------------------------------------
+# App state
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class Gateway:
+    config: Config
+    chain: Chain
+    router: Router
+    store: Any = None
+    started_at: float = field(default_factory=time.time)
+    ready: bool = False
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+def check_config(path: str | Path) -> Config:
+    """Load and validate config.yaml, plugin settings included; raises ConfigError."""
+    config = load_config(path)
+    errors = validate_plugin_settings(config.plugins)
+    if errors:
+        raise ConfigError(errors)
+    return config
+
+
+# --------------------------------------------------------------------------------------
+# Request parsing
+# --------------------------------------------------------------------------------------
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id", "")
+    return given if _REQUEST_ID_OK.match(given) else "req_" + uuid.uuid4().hex
+
+
+async def _read_json(request: web.Request, limit: int) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"request body is larger than the {limit} byte limit", code="request_too_large")
+    try:
+        raw = await request.content.read(limit + 1)
+    except (asyncio.TimeoutError, ConnectionError):
+        raise bad_request("could not read the request body") from None
+    if len(raw) > limit:
+        raise ApiError(413, f"request body is larger than the {limit} byte limit", code="request_too_large")
+    if not raw.strip():
+        raise bad_request("request body is empty; expected a JSON object")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"request body is not valid JSON: {exc.args[0] if exc.args else 'parse error'}") from None
+    if not isinstance(body, dict):
+        raise bad_request("request body must be a JSON object")
+    return body
+
+
+def _check_forbidden(body: dict[str, Any]) -> None:
+    for key in body:
+        if key in FORBIDDEN_CLIENT_FIELDS:
+            raise bad_request(f"'{key}' is not allowed: the gateway chooses the upstream and its credentials",
+                              param=key, code="forbidden_parameter")
+
+
+def _require_model(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise bad_request("'model' is required and must be a non-empty string", param="model")
+    return model
+
+
+def _positive_int(body: dict[str, Any], key: str) -> None:
+    value = body.get(key)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value > 10_000_000:
+        raise bad_request(f"'{key}' must be a positive integer", param=key)
+
+
+def _validate_chat(body: dict[str, Any]) -> None:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' is required and must be a non-empty array", param="messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise bad_request(f"messages[{i}] must be an object", param=f"messages[{i}]")
+        if message.get("role") not in _VALID_ROLES:
+            raise bad_request(f"messages[{i}].role must be one of {sorted(_VALID_ROLES)}", param=f"messages[{i}].role")
+        content = message.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise bad_request(f"messages[{i}].content must be a string or an array", param=f"messages[{i}].content")
+    if "stream" in body and not isinstance(body["stream"], bool) and body["stream"] is not None:
+        raise bad_request("'stream' must be a boolean", param="stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad_request("'stream_options' must be an object", param="stream_options")
+    for key in ("max_tokens", "max_completion_tokens", "n"):
+        _positive_int(body, key)
+    for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+        value = body.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise bad_request(f"'{key}' must be a number", param=key)
+    metadata = body.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise bad_request("'metadata' must be an object", param="metadata")
+
+
+def _take_gateway_fields(ctx: RequestContext, request: web.Request) -> None:
+    """`metadata.action` / `X-Action` and `prospect_id` are the gateway's, not the
+    provider's: read them, then drop `metadata` so it never reaches the upstream."""
+    metadata = ctx.body.pop("metadata", None) or {}
+    action = metadata.get("action") or request.headers.get("X-Action")
+    prospect = metadata.get("prospect_id") or request.headers.get("X-Prospect-Id")
+    ctx.action = str(action)[:128] if action else None
+    ctx.prospect_id = str(prospect)[:128] if prospect else None
+
+
+def _new_context(request: web.Request, gw: Gateway, endpoint: str, body: dict[str, Any]) -> RequestContext:
+    config = gw.config  # the snapshot this request keeps to its end
+    ctx = RequestContext(request_id=_request_id(request), endpoint=endpoint,  # type: ignore[arg-type]
+                         config=config, headers=request.headers, body=body)
+    ctx.response_headers["X-Request-Id"] = ctx.request_id
+    return ctx
+
+
+# --------------------------------------------------------------------------------------
+# Responses
+# --------------------------------------------------------------------------------------
+
+def _json_response(status: int, payload: dict[str, Any], headers: dict[str, str]) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(payload), content_type="application/json",
+                        headers=headers)
+
+
+def error_response(err: ApiError, headers: dict[str, str] | None = None) -> web.Response:
+    merged = {**(headers or {}), **err.headers}
+    return _json_response(err.status, err.body(), merged)
+
+
+async def _send(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    """Send now (so endings can run after the client has the answer)."""
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except (ConnectionError, asyncio.CancelledError):
+        pass  # the client left; the request still ends normally
+    return response
+
+
+def _usage_from(payload: dict[str, Any]) -> Usage | None:
+    usage = payload.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    prompt = int(usage.get("prompt_tokens") or 0)
+    completion = int(usage.get("completion_tokens") or 0)
+    return Usage(prompt, completion, int(usage.get("total_tokens") or prompt + completion))
+
+
+async def _fail(request: web.Request, gw: Gateway, ctx: RequestContext, err: ApiError) -> web.StreamResponse:
+    """Error endings run before the error is sent, so a refund shows in its headers."""
+    await gw.chain.end(ctx, err)
+    return await _send(request, error_response(err, ctx.response_headers))
+
+
+async def _run(request: web.Request, gw: Gateway, ctx: RequestContext,
+               answer: Callable[[], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """The chain around one request: request hooks, `answer()`, exactly one ending."""
+    try:
+        await gw.chain.run_request(ctx)
+        if ctx.short_circuit is None and ctx.endpoint != "models":
+            if not ctx.candidates:
+                raise ApiError(404, f"The model '{ctx.requested_model}' does not exist or you do not have access to it.",
+                               code="model_not_found", param="model")
+            ctx.model = ctx.candidates[0]
+            if ctx.model != ctx.requested_model:
+                ctx.response_headers["X-Model-Downgraded-From"] = ctx.requested_model
+                if ctx.downgrade_reason:
+                    ctx.response_headers["X-Model-Downgrade-Reason"] = ctx.downgrade_reason
+        return await answer()
+    except ApiError as err:
+        if ctx.ended_at is not None:  # the stream already ended itself
+            raise
+        return await _fail(request, gw, ctx, err)
+    except asyncio.CancelledError:
+        await gw.chain.end(ctx, ApiError(499, "the request was cancelled", type="server_error", code="cancelled"))
+        raise
+    except Exception:
+        log.exception("request_failed", request_id=ctx.request_id)
+        if ctx.ended_at is not None:
+            raise
+        return await _fail(request, gw, ctx, internal_error(ctx.request_id))
+
+
+def _finish_success(ctx: RequestContext, payload: dict[str, Any]) -> None:
+    payload["model"] = ctx.model  # the public model that actually served it
+    ctx.response = payload
+    ctx.usage = _usage_from(payload)
+    ctx.status = 200
+
+
+async def _complete(request: web.Request, gw: Gateway, ctx: RequestContext) -> web.StreamResponse:
+    payload = ctx.short_circuit if ctx.short_circuit is not None else await gw.router.chat(ctx)
+    _finish_success(ctx, payload)
+    ctx.first_byte_at = time.monotonic()
+    response = await _send(request, _json_response(200, payload, ctx.response_headers))
+    await gw.chain.end(ctx)
+    return response
+
+
+_SSE_DONE = b"data: [DONE]\n\n"
+
+
+async def _replayed_stream(payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """A stored (idempotent) completion, replayed as a stream of one chunk."""
+    choice = (payload.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    base = {k: payload.get(k) for k in ("id", "created", "model")}
+    yield {**base, "object": "chat.completion.chunk",
+           "choices": [{"index": 0, "delta": {"role": "assistant", "content": message.get("content") or ""},
+                        "logprobs": None, "finish_reason": choice.get("finish_reason") or "stop"}]}
+    if payload.get("usage"):
+        yield {**base, "object": "chat.completion.chunk", "choices": [], "usage": payload["usage"]}
+
+
+async def _stream(request: web.Request, gw: Gateway, ctx: RequestContext) -> web.StreamResponse:
+    if ctx.short_circuit is not None:
+        upstream = _replayed_stream(ctx.short_circuit)
+        first = await upstream.__anext__()
+    else:
+        # Always ask for usage; the extra chunk is hidden from clients that did not.
+        options = dict(ctx.body.get("stream_options") or {})
+        options["include_usage"] = True
+        ctx.body["stream_options"] = options
+        first, upstream = await gw.router.open_stream(ctx)  # retried; nothing sent yet
+
+    response = web.StreamResponse(status=200, headers={
+        **ctx.response_headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no"})
+    error: ApiError | None = None
+    saw_finish = False
+    chunk: dict[str, Any] | None = first
+    try:
+        await response.prepare(request)
+        while chunk is not None:
+            if chunk.get("usage"):
+                ctx.usage = _usage_from(chunk)
+            for choice in chunk.get("choices") or ():
+                content = (choice.get("delta") or {}).get("content")
+                if content:
+                    ctx.streamed_text.append(content)
+                if choice.get("finish_reason"):
+                    saw_finish = True
+            send = True
+            if not ctx.client_wants_usage:
+                if not chunk.get("choices"):
+                    send = False  # the usage-only chunk the client did not ask for
+                chunk.pop("usage", None)
+            if send:
+                chunk["model"] = ctx.model
+                if gw.chain.wants_chunks:
+                    await gw.chain.run_chunk(ctx, chunk)
+                await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+                if ctx.first_byte_at is None:
+                    ctx.first_byte_at = time.monotonic()
+                    ctx.stream_started = True
+            try:
+                chunk = await upstream.__anext__()
+            except StopAsyncIteration:
+                chunk = None
+        if not saw_finish:
+            raise UpstreamError("truncated", "the upstream stream ended before its final chunk")
+        await response.write(_SSE_DONE)
+        ctx.status = 200
+    except UpstreamError as err:
+        api_error = upstream_to_api_error(err, ctx.attempts)
+        if err.kind == "truncated":
+            api_error = ApiError(502, "the upstream stream broke off before the answer was complete",
+                                 type="server_error", code="upstream_stream_truncated")
+        error = api_error
+        await _write_error_event(response, ctx, api_error)
+    except (ConnectionError, RuntimeError):  # the client went away mid-stream
+        ctx.client_disconnected = True
+    except ApiError as err:
+        error = err
+        await _write_error_event(response, ctx, err)
+    except Exception:
+        log.exception("stream_failed", request_id=ctx.request_id)
+        error = internal_error(ctx.request_id)
+        await _write_error_event(response, ctx, error)
+    except asyncio.CancelledError:
+        ctx.client_disconnected = True
+        await _close_quietly(upstream)
+        await gw.chain.end(ctx, None if ctx.stream_started else
+                           ApiError(499, "cancelled before the stream started", type="server_error", code="cancelled"))
+        raise
+    finally:
+        await _close_quietly(upstream)
+    try:
+        await response.write_eof()
+    except (ConnectionError, RuntimeError):
+        ctx.client_disconnected = True
+    # Tokens reached (or were produced for) the client: success, also when it left early.
+    await gw.chain.end(ctx, error)
+    return response
+
+
+async def _write_error_event(response: web.StreamResponse, ctx: RequestContext, err: ApiError) -> None:
+    """A stream that fails after it started ends with an error event and no [DONE]: the
+    OpenAI SDKs raise on it, so a cut-off answer never looks complete."""
+    try:
+        await response.write(b"data: " + orjson.dumps(err.body()) + b"\n\n")
+    except (ConnectionError, RuntimeError):
+        ctx.client_disconnected = True
+
+
+async def _close_quietly(stream: Any) -> None:
+    close = getattr(stream, "aclose", None)
+    if close is None:
+        return
+    try:
+        await asyncio.shield(close())
+    except (Exception, asyncio.CancelledError):
+        pass
+
+
+# --------------------------------------------------------------------------------------
+# Handlers
+# --------------------------------------------------------------------------------------
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    try:
+        body = await _read_json(request, gw.config.server.max_body_bytes)
+        _check_forbidden(body)
+        model = _require_model(body)
+        _validate_chat(body)
+    except ApiError as err:
+        return error_response(err, {"X-Request-Id": _request_id(request)})
+    ctx = _new_context(request, gw, "chat.completions", body)
+    ctx.requested_model = ctx.model = model
+    ctx.stream = bool(body.get("stream"))
+    ctx.client_wants_usage = ctx.stream and bool((body.get("stream_options") or {}).get("include_usage"))
+    ctx.candidates = [model] if gw.config.deployments(model) else []
+    _take_gateway_fields(ctx, request)
+    answer = (lambda: _stream(request, gw, ctx)) if ctx.stream else (lambda: _complete(request, gw, ctx))
+    return await _run(request, gw, ctx, answer)
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    try:
+        body = await _read_json(request, gw.config.server.max_body_bytes)
+        _check_forbidden(body)
+        model = _require_model(body)
+        value = body.get("input")
+        if not (isinstance(value, str) and value) and not (isinstance(value, list) and value):
+            raise bad_request("'input' is required: a non-empty string or array", param="input")
+    except ApiError as err:
+        return error_response(err, {"X-Request-Id": _request_id(request)})
+    ctx = _new_context(request, gw, "embeddings", body)
+    ctx.requested_model = ctx.model = model
+    ctx.candidates = [model] if gw.config.deployments(model) else []
+    _take_gateway_fields(ctx, request)
+
+    async def answer() -> web.StreamResponse:
+        payload = ctx.short_circuit if ctx.short_circuit is not None else await gw.router.embeddings(ctx)
+        _finish_success(ctx, payload)
+        ctx.first_byte_at = time.monotonic()
+        response = await _send(request, _json_response(200, payload, ctx.response_headers))
+        await gw.chain.end(ctx)
+        return response
+
+    return await _run(request, gw, ctx, answer)
+
+
+async def list_models(request: web.Request) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    ctx = _new_context(request, gw, "models", {})
+    ctx.visible_models = gw.config.model_names()
+
+    async def answer() -> web.StreamResponse:
+        created = int(gw.started_at)
+        payload = {"object": "list", "data": [
+            {"id": name, "object": "model", "created": created, "owned_by": "gateway"}
+            for name in ctx.visible_models]}
+        ctx.status = 200
+        response = await _send(request, _json_response(200, payload, ctx.response_headers))
+        await gw.chain.end(ctx)
+        return response
+
+    return await _run(request, gw, ctx, answer)
+
+
+async def health(request: web.Request) -> web.Response:
+    return _json_response(200, {"status": "ok"}, {})
+
+
+async def health_ready(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    store_ok = True
+    if gw.store is not None:
+        try:
+            store_ok = await asyncio.wait_for(gw.store.ping(), timeout=2)
+        except Exception:  # noqa: BLE001 — any failure means not ready
+            store_ok = False
+    ready = gw.ready and store_ok
+    return _json_response(200 if ready else 503,
+                          {"status": "ready" if ready else "not_ready", "config": "loaded",
+                           "store": "ok" if store_ok else "unreachable", "models": len(gw.config.model_names())}, {})
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """Whatever escapes a handler becomes an OpenAI-shaped error, never a traceback."""
+    try:
+        return await handler(request)
+    except ApiError as err:
+        return error_response(err)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status)
+        message = {404: f"Unknown path {request.path}", 405: f"{request.method} is not allowed on {request.path}"}.get(
+            exc.status, exc.reason)
+        return error_response(ApiError(exc.status, message, code=code))
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        request_id = _request_id(request)
+        log.exception("unhandled_error", path=request.path, request_id=request_id)
+        return error_response(internal_error(request_id))
+
+
+# --------------------------------------------------------------------------------------
+# The app
+# --------------------------------------------------------------------------------------
+
+def create_app(config: Config, *, router: Router | None = None, store: Any = None) -> web.Application:
+    """Build the gateway. `store` may be passed in (tests); otherwise it is opened from
+    `config.store.url` at start-up and closed at cleanup."""
+    app = web.Application(middlewares=[openai_errors], client_max_size=config.server.max_body_bytes + 1024)
+    services = Services(store=store, config=config)
+    plugins = build_plugins(config.plugins, services)
+    gw = Gateway(config=config, chain=Chain(plugins), router=router or Router(), store=store)
+    app[GATEWAY] = gw
+    owns_store = store is None
+
+    async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+        if owns_store:
+            from gateway.store import open_store
+
+            gw.store = open_store(config.store.url)
+            await gw.store.open()
+            services.store = gw.store
+        yield
+        if owns_store:
+            await gw.store.close()
+
+    async def plugins_ctx(app: web.Application) -> AsyncIterator[None]:
+        await gw.chain.startup()
+        gw.ready = True
+        yield
+        gw.ready = False
+        await gw.chain.drain()  # endings still running (billing) finish first
+        await gw.chain.shutdown()
+
+    app.cleanup_ctx.append(store_ctx)
+    app.cleanup_ctx.append(plugins_ctx)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/chat/completions", chat_completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/embeddings", embeddings)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/models", list_models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/health/ready", health_ready)
+    for plugin in plugins:
+        app.router.add_routes(plugin.routes())
+    return app
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------
+
+def configure_logging(level: str = "info") -> None:
+    import logging
+
+    logging.basicConfig(format="%(message)s", stream=sys.stdout, level=getattr(logging, level.upper(), logging.INFO))
+    for noisy in ("LiteLLM", "litellm", "httpx", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(serializer=lambda obj, **kw: orjson.dumps(obj, default=str).decode()),
+        ],
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        config = check_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    configure_logging()
+    host = args.host or config.server.host
+    port = args.port if args.port is not None else config.server.port
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    log.info("gateway_starting", host=host, port=port, models=config.model_names(),
+             plugins=[p.name for p in config.plugins if p.enabled], store=config.store.url.split("?")[0].split("@")[-1])
+    web.run_app(create_app(config), host=host, port=port, shutdown_timeout=config.server.shutdown_grace,
+                print=None, access_log=None, handle_signals=True)
+    log.info("gateway_stopped")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        config = check_config(args.file)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"{args.file}: OK ({len(config.model_names())} models, {len(config.tiers)} tiers, "
+          f"{len(config.plugins)} plugins)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="proxy.py", description="OpenAI-compatible AI gateway")
+    sub = parser.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="run the gateway (default)")
+    serve.add_argument("--config", default=os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG))
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.set_defaults(func=_serve)
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("file", nargs="?", default=os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG))
+    check.set_defaults(func=_check)
+    try:
+        from gateway import admin_cli
+    except ImportError:
+        admin_cli = None
+    if admin_cli is not None:
+        admin_cli.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["serve", *argv]
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
