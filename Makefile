@@ -1,0 +1,33 @@
+# Two commands set everything up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
+export LITELLM_LOCAL_MODEL_COST_MAP := True
+
+.PHONY: install run test bench lint check-config clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+install: $(STAMP)
+
+run: install                  ## start the gateway on 127.0.0.1:8080 (SQLite in ./data)
+	$(BIN)/python proxy.py serve --config config.yaml
+
+test: install                 ## the whole suite
+	$(BIN)/python -m pytest
+
+bench: install                ## throughput/latency table (see README)
+	$(BIN)/python bench/bench.py
+
+check-config: install
+	$(BIN)/python proxy.py check-config config.yaml
+
+lint: install
+	$(BIN)/python -m compileall -q proxy.py gateway plugins tests
+
+clean:
+	rm -rf $(VENV) data .pytest_cache
