@@ -28,7 +28,10 @@ import orjson  # noqa: E402
 import structlog  # noqa: E402
 from aiohttp import web  # noqa: E402
 
+from gateway.admin import Admin  # noqa: E402
+from gateway.admin_api import admin_routes  # noqa: E402
 from gateway.config import FORBIDDEN_CLIENT_FIELDS, Config, ConfigError, load_config  # noqa: E402
+from gateway.directory import Directory  # noqa: E402
 from gateway.dispatch import UpstreamError  # noqa: E402
 from gateway.errors import ApiError, bad_request, internal_error  # noqa: E402
 from gateway.router import Router, upstream_to_api_error  # noqa: E402
@@ -156,8 +159,9 @@ def check_config(path: str | Path) -> Config:
 # --------------------------------------------------------------------------------------
 
 def _request_id(request: web.Request) -> str:
-    given = request.headers.get("X-Request-Id", "")
-    return given if _REQUEST_ID_OK.match(given) else "req_" + uuid.uuid4().hex
+    # Always ours: reservations and usage rows are keyed by it, so a client must not be
+    # able to choose (or collide) it. A client's own id is echoed as X-Client-Request-Id.
+    return "req_" + uuid.uuid4().hex
 
 
 async def _read_json(request: web.Request, limit: int) -> dict[str, Any]:
@@ -245,6 +249,9 @@ def _new_context(request: web.Request, gw: Gateway, endpoint: str, body: dict[st
     ctx = RequestContext(request_id=_request_id(request), endpoint=endpoint,  # type: ignore[arg-type]
                          config=config, headers=request.headers, body=body)
     ctx.response_headers["X-Request-Id"] = ctx.request_id
+    client_id = request.headers.get("X-Request-Id", "")
+    if client_id and _REQUEST_ID_OK.match(client_id):
+        ctx.response_headers["X-Client-Request-Id"] = client_id
     return ctx
 
 
@@ -577,6 +584,7 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
             gw.store = open_store(config.store.url)
             await gw.store.open()
             services.store = gw.store
+        services.directory = Directory(gw.store, config.auth.cache_ttl)
         yield
         if owns_store:
             await gw.store.close()
@@ -599,6 +607,7 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
     app.router.add_get("/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/health/ready", health_ready)
+    app.router.add_routes(admin_routes(lambda request: Admin(gw.store, gw.config, services.directory)))
     for plugin in plugins:
         app.router.add_routes(plugin.routes())
     return app

@@ -55,6 +55,7 @@ from gateway.errors import ApiError
 
 if TYPE_CHECKING:
     from gateway.config import Config
+    from gateway.directory import Directory
     from gateway.store import Store
 
 Endpoint = Literal["chat.completions", "embeddings", "models"]
@@ -158,8 +159,9 @@ class NoSettings(BaseModel):
 class Services:
     """What the core hands every plugin at construction."""
 
-    store: "Store | None"
+    store: "Store | None"  # opened at start-up: use it from hooks, not from __init__
     config: "Config"  # the config at load time; per-request code should use ctx.config
+    directory: "Directory | None" = None  # cached key -> identity, workspace lookups
 
 
 class Plugin:

@@ -1,0 +1,243 @@
+"""Admin operations: one implementation behind both the CLI and the /admin HTTP API.
+
+Every operation takes a `Scope`: the master key (CLI, or the master key over HTTP) may do
+everything; a workspace admin key may manage and read only its own workspace. Bad input
+(unknown tier, negative grant, unknown user) raises an `ApiError` before anything changes.
+Changes that affect identity (tier, revoke, rotate, workspace settings) are pushed into
+this process's Directory cache at once.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, is_dataclass
+from typing import Any
+
+from gateway.config import Config
+from gateway.directory import Directory
+from gateway.errors import ApiError
+from gateway.store import NotFound, StoreConflict
+
+_WORKSPACE_NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class Scope:
+    role: str  # "master" | "workspace_admin"
+    workspace_id: str | None = None
+
+    @property
+    def is_master(self) -> bool:
+        return self.role == "master"
+
+
+MASTER = Scope("master")
+
+
+def as_dict(obj: Any) -> Any:
+    if is_dataclass(obj):
+        return {k: as_dict(v) for k, v in asdict(obj).items()}
+    if isinstance(obj, list):
+        return [as_dict(x) for x in obj]
+    return obj
+
+
+def _not_found(what: str, ident: str) -> ApiError:
+    return ApiError(404, f"unknown {what} '{ident}'", code=f"{what}_not_found")
+
+
+def _forbidden() -> ApiError:
+    # Same message whether the object exists elsewhere or not: no cross-workspace probing.
+    return ApiError(404, "not found in your workspace", code="not_found")
+
+
+class Admin:
+    def __init__(self, store: Any, config: Config, directory: Directory | None = None):
+        self.store = store
+        self.config = config
+        self.directory = directory
+
+    # --- helpers ------------------------------------------------------------------
+
+    def _check_tier(self, tier: str) -> None:
+        if tier not in self.config.tiers:
+            raise ApiError(400, f"unknown tier '{tier}' (configured: {', '.join(sorted(self.config.tiers))})",
+                           code="unknown_tier", param="tier")
+
+    async def _workspace(self, scope: Scope, ident: str) -> Any:
+        workspace = await self.store.get_workspace(ident)
+        if workspace is None:
+            raise _forbidden() if not scope.is_master else _not_found("workspace", ident)
+        if not scope.is_master and workspace.id != scope.workspace_id:
+            raise _forbidden()
+        return workspace
+
+    async def _user(self, scope: Scope, user_id: str) -> Any:
+        try:
+            user = await self.store.get_user(user_id)
+        except NotFound:
+            user = None
+        if user is None:
+            raise _forbidden() if not scope.is_master else _not_found("user", user_id)
+        if not scope.is_master and user.workspace_id != scope.workspace_id:
+            raise _forbidden()
+        return user
+
+    async def _key(self, scope: Scope, key_id: str) -> Any:
+        for key in await self.store.list_keys():
+            if key.id == key_id:
+                if not scope.is_master and key.workspace_id != scope.workspace_id:
+                    raise _forbidden()
+                return key
+        raise _forbidden() if not scope.is_master else _not_found("key", key_id)
+
+    # --- workspaces ---------------------------------------------------------------
+
+    async def create_workspace(self, scope: Scope, name: str, profile: dict | None = None,
+                               ai_settings: dict | None = None) -> dict:
+        if not scope.is_master:
+            raise ApiError(403, "only the master key can create workspaces", code="forbidden")
+        if not isinstance(name, str) or not _WORKSPACE_NAME.match(name):
+            raise ApiError(400, "workspace name must be 1-63 lowercase letters, digits, '-' or '_'",
+                           param="name", code="invalid_name")
+        self._check_json_object(profile, "profile")
+        self._check_json_object(ai_settings, "ai_settings")
+        try:
+            workspace = await self.store.create_workspace(name, profile=profile, ai_settings=ai_settings)
+        except StoreConflict:
+            raise ApiError(409, f"workspace '{name}' already exists", code="already_exists") from None
+        return as_dict(workspace)
+
+    async def list_workspaces(self, scope: Scope) -> list[dict]:
+        workspaces = await self.store.list_workspaces()
+        return [as_dict(w) for w in workspaces if scope.is_master or w.id == scope.workspace_id]
+
+    async def show_workspace(self, scope: Scope, ident: str) -> dict:
+        workspace = await self._workspace(scope, ident)
+        out = as_dict(workspace)
+        out["users"] = len(await self.store.list_users(workspace_id=workspace.id))
+        return out
+
+    async def update_workspace(self, scope: Scope, ident: str, profile: dict | None = None,
+                               ai_settings: dict | None = None) -> dict:
+        workspace = await self._workspace(scope, ident)
+        self._check_json_object(profile, "profile")
+        self._check_json_object(ai_settings, "ai_settings")
+        if ai_settings is not None:
+            model = ai_settings.get("default_model")
+            if model is not None and not self.config.deployments(str(model)):
+                raise ApiError(400, f"ai_settings.default_model: unknown model '{model}'", param="ai_settings")
+        await self.store.update_workspace(workspace.id, profile=profile, ai_settings=ai_settings)
+        if self.directory is not None:
+            self.directory.forget_workspace(workspace.id)
+        return as_dict(await self.store.get_workspace(workspace.id))
+
+    @staticmethod
+    def _check_json_object(value: Any, name: str) -> None:
+        if value is not None and not isinstance(value, dict):
+            raise ApiError(400, f"'{name}' must be a JSON object", param=name)
+
+    # --- users ----------------------------------------------------------------------
+
+    async def create_user(self, scope: Scope, workspace: str, tier: str | None = None, energy: int = 0,
+                          name: str | None = None, role: str = "user") -> dict:
+        tier = tier or self.config.auth.default_tier
+        self._check_tier(tier)
+        if isinstance(energy, bool) or not isinstance(energy, int) or energy < 0:
+            raise ApiError(400, "energy must be a non-negative integer", param="energy")
+        if role not in ("user", "workspace_admin"):
+            raise ApiError(400, "role must be 'user' or 'workspace_admin'", param="role")
+        ws = await self._workspace(scope, workspace)
+        user = await self.store.create_user(ws.id, tier, name=name, energy=energy)
+        plaintext, key = await self.store.create_key(user.id, role=role)
+        out = as_dict(user)
+        out["api_key"] = plaintext
+        out["key"] = as_dict(key)
+        out["workspace"] = ws.name
+        return out
+
+    async def list_users(self, scope: Scope, workspace: str | None = None) -> list[dict]:
+        if workspace is not None:
+            ws = await self._workspace(scope, workspace)
+            users = await self.store.list_users(workspace_id=ws.id)
+        elif scope.is_master:
+            users = await self.store.list_users()
+        else:
+            users = await self.store.list_users(workspace_id=scope.workspace_id)
+        return [as_dict(u) for u in users]
+
+    async def show_user(self, scope: Scope, user_id: str) -> dict:
+        user = await self._user(scope, user_id)
+        out = as_dict(user)
+        out["keys"] = [as_dict(k) for k in await self.store.list_keys(user_id=user.id)]
+        return out
+
+    async def set_tier(self, scope: Scope, user_id: str, tier: str) -> dict:
+        self._check_tier(tier)
+        user = await self._user(scope, user_id)
+        await self.store.set_tier(user.id, tier)
+        if self.directory is not None:
+            self.directory.forget_user(user.id)
+        return as_dict(await self.store.get_user(user.id))
+
+    async def grant_energy(self, scope: Scope, user_id: str, amount: int, reason: str | None = None,
+                           kind: str = "grant") -> dict:
+        if kind not in ("grant", "adjust"):
+            raise ApiError(400, "kind must be 'grant' or 'adjust'", param="kind")
+        if isinstance(amount, bool) or not isinstance(amount, int):
+            raise ApiError(400, "amount must be an integer", param="amount")
+        if kind == "grant" and amount <= 0:
+            raise ApiError(400, "a grant must be a positive amount (use kind 'adjust' to remove energy)",
+                           param="amount")
+        user = await self._user(scope, user_id)
+        try:
+            balance = await self.store.grant_energy(user.id, amount, kind=kind, reason=reason)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="amount") from None
+        except Exception as exc:
+            if type(exc).__name__ == "InsufficientEnergy":
+                raise ApiError(400, f"cannot remove {-amount} energy: the balance would go below zero",
+                               param="amount", code="insufficient_energy") from None
+            raise
+        return {"user_id": user.id, "energy": balance}
+
+    async def ledger(self, scope: Scope, user_id: str, limit: int = 100) -> list[dict]:
+        user = await self._user(scope, user_id)
+        entries = await self.store.ledger(user.id)
+        return [as_dict(e) for e in entries[-limit:]]
+
+    # --- keys -------------------------------------------------------------------------
+
+    async def create_key(self, scope: Scope, user_id: str, role: str = "user") -> dict:
+        if role not in ("user", "workspace_admin"):
+            raise ApiError(400, "role must be 'user' or 'workspace_admin'", param="role")
+        user = await self._user(scope, user_id)
+        plaintext, key = await self.store.create_key(user.id, role=role)
+        return {**as_dict(key), "api_key": plaintext}
+
+    async def list_keys(self, scope: Scope, user_id: str | None = None) -> list[dict]:
+        if user_id is not None:
+            await self._user(scope, user_id)
+            keys = await self.store.list_keys(user_id=user_id)
+        elif scope.is_master:
+            keys = await self.store.list_keys()
+        else:
+            keys = await self.store.list_keys(workspace_id=scope.workspace_id)
+        return [as_dict(k) for k in keys]
+
+    async def revoke_key(self, scope: Scope, key_id: str) -> dict:
+        key = await self._key(scope, key_id)
+        await self.store.revoke_key(key.id)
+        if self.directory is not None:
+            self.directory.forget_key(key.id)
+        return {"id": key.id, "revoked": True}
+
+    async def rotate_key(self, scope: Scope, key_id: str) -> dict:
+        key = await self._key(scope, key_id)
+        try:
+            plaintext, new_key = await self.store.rotate_key(key.id)
+        except (NotFound, StoreConflict) as exc:
+            raise ApiError(409, f"cannot rotate key '{key_id}': {exc}", code="conflict") from None
+        if self.directory is not None:
+            self.directory.forget_key(key.id)
+        return {**as_dict(new_key), "api_key": plaintext, "replaces": key.id}

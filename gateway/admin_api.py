@@ -1,0 +1,138 @@
+"""The /admin HTTP API: the same operations as the CLI (gateway/admin.py), over HTTP.
+
+Authenticated by `Authorization: Bearer <master key>` (everything) or a workspace admin
+key (its own workspace only; other workspaces' objects answer 404, so they cannot even
+be probed). Errors are OpenAI-shaped like everywhere else.
+
+    POST   /admin/workspaces                 {name, profile?, ai_settings?}
+    GET    /admin/workspaces
+    GET    /admin/workspaces/{workspace}
+    PATCH  /admin/workspaces/{workspace}     {profile?, ai_settings?}
+    POST   /admin/users                      {workspace, tier?, energy?, name?, role?}  -> api_key once
+    GET    /admin/users[?workspace=W]
+    GET    /admin/users/{user}
+    PATCH  /admin/users/{user}               {tier}
+    POST   /admin/users/{user}/energy        {amount, reason?, kind?: grant|adjust}
+    GET    /admin/users/{user}/ledger[?limit=N]
+    POST   /admin/users/{user}/keys          {role?}                                    -> api_key once
+    GET    /admin/keys[?user=U]
+    POST   /admin/keys/{key}/revoke
+    POST   /admin/keys/{key}/rotate                                                     -> api_key once
+"""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from gateway.admin import Admin, Scope
+from gateway.errors import ApiError
+from plugins.auth import bearer_token, is_master_key
+
+AdminFactory = Callable[[web.Request], Admin]
+
+
+async def admin_scope(request: web.Request, admin: Admin) -> Scope:
+    token = bearer_token(request.headers.get("Authorization"))
+    if token is None:
+        raise ApiError(401, "admin endpoints need 'Authorization: Bearer <master or workspace admin key>'",
+                       code="invalid_api_key")
+    if is_master_key(token, admin.config.auth.master_key):
+        return Scope("master")
+    found = await admin.directory.identity(token) if admin.directory is not None else None
+    if found is None or found.revoked or found.user_disabled:
+        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+    if found.role != "workspace_admin":
+        raise ApiError(403, "this key is not an admin key", type="invalid_request_error", code="forbidden")
+    return Scope("workspace_admin", found.workspace_id)
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return body
+
+
+def _json(payload: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(payload, default=str), content_type="application/json")
+
+
+def _int_param(value: Any, name: str, default: int | None = None) -> int:
+    if value is None:
+        if default is None:
+            raise ApiError(400, f"'{name}' is required", param=name)
+        return default
+    if isinstance(value, bool):
+        raise ApiError(400, f"'{name}' must be an integer", param=name)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ApiError(400, f"'{name}' must be an integer", param=name) from None
+
+
+def admin_routes(get_admin: AdminFactory) -> list[web.RouteDef]:
+    def endpoint(fn: Callable[[web.Request, Admin, Scope], Awaitable[Any]], status: int = 200):
+        async def handler(request: web.Request) -> web.Response:
+            admin = get_admin(request)
+            scope = await admin_scope(request, admin)
+            return _json(await fn(request, admin, scope), status)
+
+        return handler
+
+    async def create_workspace(r, a, s):
+        b = await _body(r)
+        return await a.create_workspace(s, b.get("name"), b.get("profile"), b.get("ai_settings"))
+
+    async def update_workspace(r, a, s):
+        b = await _body(r)
+        return await a.update_workspace(s, r.match_info["workspace"], b.get("profile"), b.get("ai_settings"))
+
+    async def create_user(r, a, s):
+        b = await _body(r)
+        workspace = b.get("workspace") or (s.workspace_id if not s.is_master else None)
+        if not workspace:
+            raise ApiError(400, "'workspace' is required", param="workspace")
+        return await a.create_user(s, workspace, b.get("tier"), _int_param(b.get("energy"), "energy", 0),
+                                   b.get("name"), b.get("role", "user"))
+
+    async def update_user(r, a, s):
+        b = await _body(r)
+        if "tier" not in b:
+            raise ApiError(400, "'tier' is required", param="tier")
+        return await a.set_tier(s, r.match_info["user"], b["tier"])
+
+    async def grant(r, a, s):
+        b = await _body(r)
+        return await a.grant_energy(s, r.match_info["user"], _int_param(b.get("amount"), "amount"),
+                                    b.get("reason"), b.get("kind", "grant"))
+
+    async def create_key(r, a, s):
+        b = await _body(r)
+        return await a.create_key(s, r.match_info["user"], b.get("role", "user"))
+
+    return [
+        web.post("/admin/workspaces", endpoint(create_workspace, 201)),
+        web.get("/admin/workspaces", endpoint(lambda r, a, s: a.list_workspaces(s))),
+        web.get("/admin/workspaces/{workspace}", endpoint(lambda r, a, s: a.show_workspace(s, r.match_info["workspace"]))),
+        web.patch("/admin/workspaces/{workspace}", endpoint(update_workspace)),
+        web.post("/admin/users", endpoint(create_user, 201)),
+        web.get("/admin/users", endpoint(lambda r, a, s: a.list_users(s, r.query.get("workspace")))),
+        web.get("/admin/users/{user}", endpoint(lambda r, a, s: a.show_user(s, r.match_info["user"]))),
+        web.patch("/admin/users/{user}", endpoint(update_user)),
+        web.post("/admin/users/{user}/energy", endpoint(grant)),
+        web.get("/admin/users/{user}/ledger", endpoint(
+            lambda r, a, s: a.ledger(s, r.match_info["user"], _int_param(r.query.get("limit"), "limit", 100)))),
+        web.post("/admin/users/{user}/keys", endpoint(create_key, 201)),
+        web.get("/admin/keys", endpoint(lambda r, a, s: a.list_keys(s, r.query.get("user")))),
+        web.post("/admin/keys/{key}/revoke", endpoint(lambda r, a, s: a.revoke_key(s, r.match_info["key"]))),
+        web.post("/admin/keys/{key}/rotate", endpoint(lambda r, a, s: a.rotate_key(s, r.match_info["key"]), 201)),
+    ]

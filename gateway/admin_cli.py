@@ -1,0 +1,162 @@
+"""Admin CLI: `python proxy.py users|keys|workspaces|energy ...`.
+
+Runs the same operations as /admin (gateway/admin.py) with master rights, directly on the
+store named in config.yaml. Every command takes `--json` for scripts. A running gateway
+picks up changes within `auth.cache_ttl` (its cache is per process).
+
+    python proxy.py workspaces create acme [--profile JSON] [--ai-settings JSON]
+    python proxy.py workspaces list | show acme | update acme --ai-settings JSON
+    python proxy.py users create --workspace acme --tier pro --energy 500 [--name N] [--admin]
+    python proxy.py users list [--workspace acme] | show USER
+    python proxy.py users set-tier USER pro
+    python proxy.py energy grant USER 100 [--reason R] | adjust USER -20 | ledger USER
+    python proxy.py keys create USER [--admin] | list [--user USER] | revoke KEY | rotate KEY
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from typing import Any, Awaitable, Callable
+
+from gateway.errors import ApiError
+
+Operation = Callable[[Any, argparse.Namespace], Awaitable[Any]]
+
+
+def _json_arg(value: str) -> dict:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return parsed
+
+
+def _print_human(result: Any) -> None:
+    if isinstance(result, list):
+        if not result:
+            print("(none)")
+        for item in result:
+            _print_human(item)
+            print("-")
+        return
+    if isinstance(result, dict):
+        width = max((len(k) for k in result), default=0)
+        for key, value in result.items():
+            if isinstance(value, (dict, list)):
+                value = json.dumps(value, default=str)
+            print(f"{key.ljust(width)}  {value}")
+        return
+    print(result)
+
+
+def run_operation(args: argparse.Namespace, operation: Operation) -> int:
+    from gateway.admin import MASTER, Admin
+    from gateway.config import ConfigError, load_config
+    from gateway.store import open_store
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+
+    async def go() -> Any:
+        store = open_store(config.store.url)
+        await store.open()
+        try:
+            return await operation(Admin(store, config), args, MASTER)
+        finally:
+            await store.close()
+
+    try:
+        result = asyncio.run(go())
+    except ApiError as err:
+        if args.json:
+            print(json.dumps(err.body()), file=sys.stderr)
+        else:
+            print(f"error: {err.message}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, default=str, indent=2))
+    else:
+        _print_human(result)
+        if isinstance(result, dict) and result.get("api_key"):
+            print("\nStore this API key now: it is shown only once.", file=sys.stderr)
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    def command(group: argparse._SubParsersAction, name: str, operation: Operation, help: str) -> argparse.ArgumentParser:
+        parser = group.add_parser(name, help=help)
+        parser.add_argument("--config", default=os.environ.get("GATEWAY_CONFIG", "config.yaml"))
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
+        parser.set_defaults(func=lambda args: run_operation(args, operation))
+        return parser
+
+    # workspaces
+    ws = sub.add_parser("workspaces", help="manage workspaces").add_subparsers(dest="action", required=True)
+    p = command(ws, "create", lambda a, x, s: a.create_workspace(s, x.name, x.profile, x.ai_settings), "create a workspace")
+    p.add_argument("name")
+    p.add_argument("--profile", type=_json_arg)
+    p.add_argument("--ai-settings", dest="ai_settings", type=_json_arg)
+    command(ws, "list", lambda a, x, s: a.list_workspaces(s), "list workspaces")
+    p = command(ws, "show", lambda a, x, s: a.show_workspace(s, x.name), "show a workspace")
+    p.add_argument("name")
+    p = command(ws, "update", lambda a, x, s: a.update_workspace(s, x.name, x.profile, x.ai_settings),
+                "set a workspace's profile / AI settings")
+    p.add_argument("name")
+    p.add_argument("--profile", type=_json_arg)
+    p.add_argument("--ai-settings", dest="ai_settings", type=_json_arg)
+
+    # users
+    users = sub.add_parser("users", help="manage users").add_subparsers(dest="action", required=True)
+    p = command(users, "create", lambda a, x, s: a.create_user(
+        s, x.workspace, x.tier, x.energy, x.name, "workspace_admin" if x.admin else "user"),
+        "create a user and print its API key (once)")
+    p.add_argument("--workspace", required=True)
+    p.add_argument("--tier")
+    p.add_argument("--energy", type=int, default=0)
+    p.add_argument("--name")
+    p.add_argument("--admin", action="store_true", help="the key is a workspace admin key")
+    p = command(users, "list", lambda a, x, s: a.list_users(s, x.workspace), "list users")
+    p.add_argument("--workspace")
+    p = command(users, "show", lambda a, x, s: a.show_user(s, x.user), "show a user, balance and keys")
+    p.add_argument("user")
+    p = command(users, "set-tier", lambda a, x, s: a.set_tier(s, x.user, x.tier), "change a user's tier")
+    p.add_argument("user")
+    p.add_argument("tier")
+
+    # energy
+    energy = sub.add_parser("energy", help="grant energy, read the ledger").add_subparsers(dest="action", required=True)
+    p = command(energy, "grant", lambda a, x, s: a.grant_energy(s, x.user, x.amount, x.reason, "grant"),
+                "add energy to a user")
+    p.add_argument("user")
+    p.add_argument("amount", type=int)
+    p.add_argument("--reason")
+    p = command(energy, "adjust", lambda a, x, s: a.grant_energy(s, x.user, x.amount, x.reason, "adjust"),
+                "correct a balance (may be negative; never below zero)")
+    p.add_argument("user")
+    p.add_argument("amount", type=int)
+    p.add_argument("--reason")
+    p = command(energy, "ledger", lambda a, x, s: a.ledger(s, x.user, x.limit), "a user's energy ledger")
+    p.add_argument("user")
+    p.add_argument("--limit", type=int, default=100)
+
+    # keys
+    keys = sub.add_parser("keys", help="issue, list, revoke, rotate API keys").add_subparsers(dest="action", required=True)
+    p = command(keys, "create", lambda a, x, s: a.create_key(s, x.user, "workspace_admin" if x.admin else "user"),
+                "issue another key for a user")
+    p.add_argument("user")
+    p.add_argument("--admin", action="store_true")
+    p = command(keys, "list", lambda a, x, s: a.list_keys(s, x.user), "list keys (prefixes only)")
+    p.add_argument("--user")
+    p = command(keys, "revoke", lambda a, x, s: a.revoke_key(s, x.key), "revoke a key")
+    p.add_argument("key")
+    p = command(keys, "rotate", lambda a, x, s: a.rotate_key(s, x.key), "revoke a key and issue its replacement")
+    p.add_argument("key")

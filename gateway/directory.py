@@ -1,0 +1,87 @@
+"""Directory: who a key belongs to and what their workspace looks like, cached.
+
+A request must not touch the database to learn who is calling. Lookups are cached for
+`auth.cache_ttl` seconds (default 300, like the old in-app ConfigService). An admin change
+made through this process (revoke, tier change, workspace settings) invalidates the
+affected entries at once; other processes see it within the TTL.
+
+Unknown keys are cached too (briefly, `NEGATIVE_TTL`) so a flood of bad keys cannot
+turn into a flood of database queries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+NEGATIVE_TTL = 5.0
+
+
+def key_digest(plaintext: str) -> str:
+    return hashlib.sha256(plaintext.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass
+class _Entry:
+    value: Any
+    expires: float
+
+
+class Directory:
+    def __init__(self, store: Any, ttl: float, clock: Callable[[], float] = time.monotonic):
+        self.store = store
+        self.ttl = ttl
+        self.clock = clock
+        self._keys: dict[str, _Entry] = {}  # sha256(key) -> KeyIdentity | None
+        self._workspaces: dict[str, _Entry] = {}  # workspace id -> Workspace | None
+
+    async def identity(self, plaintext: str) -> Any:
+        """The KeyIdentity for a key, or None when unknown. Revoked keys are returned
+        (with .revoked) so the caller can say so."""
+        digest = key_digest(plaintext)
+        now = self.clock()
+        entry = self._keys.get(digest)
+        if entry is not None and entry.expires > now:
+            return entry.value
+        value = await self.store.lookup_key(plaintext)
+        self._keys[digest] = _Entry(value, now + (self.ttl if value is not None else min(self.ttl, NEGATIVE_TTL)))
+        if len(self._keys) > 100_000:  # bound memory under key-guessing floods
+            self._evict(self._keys, now)
+        return value
+
+    async def workspace(self, workspace_id: str) -> Any:
+        now = self.clock()
+        entry = self._workspaces.get(workspace_id)
+        if entry is not None and entry.expires > now:
+            return entry.value
+        value = await self.store.get_workspace(workspace_id)
+        self._workspaces[workspace_id] = _Entry(value, now + self.ttl)
+        return value
+
+    @staticmethod
+    def _evict(cache: dict[str, _Entry], now: float) -> None:
+        for k in [k for k, e in cache.items() if e.expires <= now]:
+            del cache[k]
+        while len(cache) > 50_000:
+            cache.pop(next(iter(cache)))
+
+    # --- invalidation, called by admin operations in this process ---------------------
+
+    def forget_user(self, user_id: str) -> None:
+        for digest in [d for d, e in self._keys.items() if e.value is not None and e.value.user_id == user_id]:
+            del self._keys[digest]
+
+    def forget_key(self, key_id: str) -> None:
+        for digest in [d for d, e in self._keys.items() if e.value is not None and e.value.key_id == key_id]:
+            del self._keys[digest]
+
+    def forget_workspace(self, workspace_id: str) -> None:
+        self._workspaces.pop(workspace_id, None)
+        for digest in [d for d, e in self._keys.items() if e.value is not None and e.value.workspace_id == workspace_id]:
+            del self._keys[digest]
+
+    def clear(self) -> None:
+        self._keys.clear()
+        self._workspaces.clear()

@@ -1,0 +1,74 @@
+"""auth: `Authorization: Bearer <key>` -> user, tier and workspace.
+
+    auth:                       # top-level section of config.yaml
+      master_key: os.environ/GATEWAY_MASTER_KEY
+      cache_ttl: 300s
+    plugins:
+      - auth                    # before every plugin that needs ctx.identity
+
+Missing, unknown, revoked or disabled keys get 401 `invalid_api_key`. The client's key
+never reaches an upstream: dispatch sends only the deployment's configured credentials,
+and no client header is forwarded. Keys are looked up by their SHA-256 (the store keeps
+only that hash), through the Directory's TTL cache, so an authenticated request does
+not touch the database. The master key authenticates /admin only: it has no user to
+bill, so it is refused on the model endpoints.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from plugins.base import Identity, Plugin, Reject, RequestContext
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    token = token.strip()
+    return token or None
+
+
+def is_master_key(token: str, master_key: str | None) -> bool:
+    if not master_key:
+        return False
+    return hmac.compare_digest(token.encode("utf-8", "surrogatepass"), master_key.encode())
+
+
+def unauthorized(message: str) -> Reject:
+    return Reject(401, message, type="invalid_request_error", code="invalid_api_key")
+
+
+class Auth(Plugin):
+    name = "auth"
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        token = bearer_token(ctx.headers.get("Authorization"))
+        if token is None:
+            # openai-python sends `Bearer ` + api_key; some clients use x-api-key.
+            token = (ctx.headers.get("x-api-key") or "").strip() or None
+        if token is None:
+            raise unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
+        if is_master_key(token, ctx.config.auth.master_key):
+            raise unauthorized("The master key is for /admin endpoints only; use a user's API key here.")
+        directory = self.services.directory
+        if directory is None:  # the store never opened: fail closed
+            raise Reject(503, "The gateway's key store is not available.", type="server_error",
+                         code="store_unavailable")
+        found = await directory.identity(token)
+        if found is None:
+            raise unauthorized("Incorrect API key provided.")
+        if found.revoked:
+            raise unauthorized("This API key has been revoked.")
+        if found.user_disabled:
+            raise unauthorized("This API key's user is disabled.")
+        ctx.identity = Identity(
+            user_id=found.user_id,
+            workspace_id=found.workspace_id,
+            tier=found.tier,
+            key_id=found.key_id,
+            key_prefix=found.prefix,
+            role="workspace_admin" if found.role == "workspace_admin" else "user",
+        )

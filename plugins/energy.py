@@ -1,0 +1,103 @@
+"""energy: reserve before dispatch, settle on success, refund on failure.
+
+    energy:                         # top-level section of config.yaml: the price book
+      default_action: ai_message
+      unknown_action: reject        # or: default (price unknown actions as default_action)
+      actions:
+        ai_message: {default: 1, models: {gpt-4o: 5, gpt-4o-mini: 1}}
+    tiers:
+      free: {refill: {amount: 100, period: 1d}}   # lazy top-up, applied on the next request
+    plugins:
+      - auth
+      - tier_policy
+      - energy                      # after auth and tier_policy
+
+The action comes from the body's `metadata.action` (openai SDK: `metadata={...}`) or an
+`X-Action` header; the core strips `metadata` before the upstream call.
+
+Money rules:
+* The reservation is one atomic statement in the store: two concurrent requests can never
+  spend the same energy, and no balance goes below zero (also across processes).
+* Candidates (the requested model, then its downgrade ladder as tier_policy left it) are
+  tried in order; the first the balance affords is reserved and serves the request.
+* Success (including a client that disconnected after tokens were produced) settles the
+  reservation; any failure refunds it in full. Settle and refund are idempotent in the
+  store, so nothing is charged twice.
+* Nothing affordable: 429 `insufficient_energy` with `x-should-retry: false`, so the
+  OpenAI SDKs do not retry a request that cannot succeed.
+* Every answer to an authenticated request carries `X-Energy-Cost` and `X-Energy-Remaining`.
+"""
+
+from __future__ import annotations
+
+from plugins.base import Plugin, Reject, RequestContext
+
+BILLABLE = ("chat.completions", "embeddings")
+
+
+class Energy(Plugin):
+    name = "energy"
+
+    def _action(self, ctx: RequestContext) -> str:
+        energy = ctx.config.energy
+        action = ctx.action or energy.default_action
+        if action not in energy.actions:
+            if energy.unknown_action == "default":
+                return energy.default_action
+            raise Reject(400, f"Unknown action '{action}'. Known actions: {', '.join(sorted(energy.actions))}.",
+                         type="invalid_request_error", code="unknown_action", param="metadata.action")
+        return action
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        if ctx.endpoint not in BILLABLE or ctx.identity is None or not ctx.candidates:
+            return
+        store = self.services.store
+        action = self._action(ctx)
+        ctx.action = action
+        tier = ctx.config.tiers.get(ctx.identity.tier)
+        refill = (tier.refill.amount, tier.refill.period) if tier is not None and tier.refill else None
+        balance: int | None = None
+        cheapest: int | None = None
+        for model in ctx.candidates:
+            cost = ctx.config.energy.cost(action, model)
+            cheapest = cost if cheapest is None else min(cheapest, cost)
+            if balance is not None and balance < cost:
+                continue  # known not to be affordable; skip the round trip
+            result = await store.reserve_energy(ctx.identity.user_id, cost, ctx.request_id, refill=refill)
+            balance = result.balance
+            if result.ok:
+                scratch = ctx.scratch(self.name)
+                scratch["reserved"] = cost
+                if model != ctx.candidates[0] and ctx.downgrade_reason is None:
+                    ctx.downgrade_reason = (f"insufficient energy for {ctx.candidates[0]} "
+                                            f"(needs {ctx.config.energy.cost(action, ctx.candidates[0])})")
+                elif model != ctx.candidates[0]:
+                    ctx.downgrade_reason += "; insufficient energy for the next step"
+                ctx.candidates = [model]
+                ctx.response_headers["X-Energy-Cost"] = str(cost)
+                ctx.response_headers["X-Energy-Remaining"] = str(result.balance)
+                return
+        needed = ctx.config.energy.cost(action, ctx.candidates[0])
+        ctx.response_headers["X-Energy-Cost"] = "0"
+        ctx.response_headers["X-Energy-Remaining"] = str(balance)
+        detail = f"'{action}' on {ctx.candidates[0]} needs {needed} energy, {balance} left"
+        if len(ctx.candidates) > 1:
+            detail += f" (the cheapest model you may use needs {cheapest})"
+        raise Reject(429, f"Not enough energy: {detail}.", type="insufficient_quota", code="insufficient_energy",
+                     headers={"x-should-retry": "false"})
+
+    async def on_response(self, ctx: RequestContext) -> None:
+        if "reserved" in ctx.scratch(self.name):
+            await self.services.store.settle_energy(ctx.request_id)
+
+    async def on_error(self, ctx: RequestContext) -> None:
+        scratch = ctx.scratch(self.name)
+        store = self.services.store
+        if "reserved" in scratch:
+            balance = await store.refund_energy(ctx.request_id, reason=ctx.error.code if ctx.error else None)
+            ctx.response_headers["X-Energy-Cost"] = "0"
+            if balance is not None:
+                ctx.response_headers["X-Energy-Remaining"] = str(balance)
+        elif ctx.identity is not None and ctx.endpoint in BILLABLE and "X-Energy-Remaining" not in ctx.response_headers:
+            ctx.response_headers["X-Energy-Cost"] = "0"
+            ctx.response_headers["X-Energy-Remaining"] = str(await store.balance(ctx.identity.user_id))

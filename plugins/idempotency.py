@@ -1,0 +1,96 @@
+"""idempotency: a client retrying with the same `Idempotency-Key` is never charged twice.
+
+    energy:
+      idempotency_window: 24h       # how long a key is remembered
+    plugins:
+      - auth
+      - idempotency                 # after auth, BEFORE energy
+      - energy
+
+Keys are per user. The first request with a key claims it atomically in the store.
+A retry while the first is still running gets 409 `idempotency_key_in_use` (the OpenAI
+SDKs retry 409 after a back-off, by which time the first has finished). A retry after
+it succeeded gets the first result again (`Idempotent-Replayed: true`), without a new
+upstream call or charge; a stream is replayed as a short stream. A retry after the
+first *failed* runs normally: failures refund, so there is nothing to protect. The same
+key with a different body is a client bug: 422 `idempotency_key_reused`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import orjson
+
+from plugins.base import Plugin, Reject, RequestContext
+
+MAX_KEY_LENGTH = 255
+
+
+def fingerprint(ctx: RequestContext) -> str:
+    body = {k: v for k, v in ctx.body.items()}
+    body["model"] = ctx.requested_model
+    digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
+    digest.update(f"|{ctx.endpoint}|{ctx.action}".encode())
+    return digest.hexdigest()
+
+
+def completion_from_stream(ctx: RequestContext) -> dict:
+    """What a streamed request produced, as a non-streamed completion (for replays)."""
+    response = {
+        "id": f"chatcmpl-{ctx.request_id}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": ctx.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(ctx.streamed_text)},
+                     "logprobs": None, "finish_reason": "stop"}],
+    }
+    if ctx.usage is not None:
+        response["usage"] = {"prompt_tokens": ctx.usage.prompt_tokens,
+                             "completion_tokens": ctx.usage.completion_tokens,
+                             "total_tokens": ctx.usage.total_tokens}
+    return response
+
+
+class Idempotency(Plugin):
+    name = "idempotency"
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        key = ctx.headers.get("Idempotency-Key")
+        if not key or ctx.identity is None or ctx.endpoint == "models":
+            return
+        if len(key) > MAX_KEY_LENGTH:
+            raise Reject(400, f"Idempotency-Key is longer than {MAX_KEY_LENGTH} characters.",
+                         param="Idempotency-Key", code="invalid_idempotency_key")
+        state = await self.services.store.begin_idempotent(
+            ctx.identity.user_id, key, ctx.request_id, fingerprint=fingerprint(ctx),
+            window=ctx.config.energy.idempotency_window)
+        if state.status == "new":
+            ctx.scratch(self.name)["key"] = key
+        elif state.status == "in_flight":
+            raise Reject(409, "A request with this Idempotency-Key is still in progress; retry shortly.",
+                         type="invalid_request_error", code="idempotency_key_in_use")
+        elif state.status == "mismatch":
+            raise Reject(422, "This Idempotency-Key was already used with a different request.",
+                         type="invalid_request_error", code="idempotency_key_reused")
+        else:  # done: replay the first outcome
+            ctx.short_circuit = orjson.loads(state.body)
+            ctx.model = ctx.short_circuit.get("model") or ctx.requested_model
+            ctx.candidates = [ctx.model]
+            ctx.response_headers["Idempotent-Replayed"] = "true"
+            ctx.response_headers["X-Energy-Cost"] = "0"
+            ctx.response_headers["X-Original-Request-Id"] = state.request_id
+
+    async def on_response(self, ctx: RequestContext) -> None:
+        key = ctx.scratch(self.name).get("key")
+        if key is None:
+            return
+        # A client that left mid-stream was charged; its retry gets the replay, not a 2nd charge.
+        body = ctx.response if ctx.response is not None else completion_from_stream(ctx)
+        await self.services.store.finish_idempotent(ctx.identity.user_id, key, 200, orjson.dumps(body))
+
+    async def on_error(self, ctx: RequestContext) -> None:
+        key = ctx.scratch(self.name).get("key")
+        if key is not None:
+            await self.services.store.release_idempotent(ctx.identity.user_id, key)
