@@ -138,6 +138,7 @@ class Gateway:
     chain: Chain
     router: Router
     store: Any = None
+    directory: Directory | None = None
     started_at: float = field(default_factory=time.time)
     ready: bool = False
 
@@ -584,7 +585,7 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
             gw.store = open_store(config.store.url)
             await gw.store.open()
             services.store = gw.store
-        services.directory = Directory(gw.store, config.auth.cache_ttl)
+        services.directory = gw.directory = Directory(gw.store, config.auth.cache_ttl)
         yield
         if owns_store:
             await gw.store.close()
@@ -607,7 +608,7 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
     app.router.add_get("/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/health/ready", health_ready)
-    app.router.add_routes(admin_routes(lambda request: Admin(gw.store, gw.config, services.directory)))
+    app.router.add_routes(admin_routes(lambda request: Admin(gw.store, gw.config, gw.directory)))
     for plugin in plugins:
         app.router.add_routes(plugin.routes())
     return app

@@ -219,7 +219,9 @@ class LitellmDispatcher:
                 yield _clean_chunk(raw)
         except Exception as exc:  # noqa: BLE001
             err = normalise_litellm_error(exc)
-            if err.kind == "connection":
+            # After the first chunk every failure is a stream that broke off (litellm
+            # raises MidStreamFallbackError, status 500, for a cut connection).
+            if err.kind in ("connection", "bad_response") or "MidStream" in type(exc).__name__:
                 err = UpstreamError("truncated", f"the upstream stream broke off: {err.message}")
             raise err from None
         finally:

@@ -1,0 +1,927 @@
+"""Fake LLM provider servers for the gateway test suite.
+
+``FakeUpstream`` is a *real* aiohttp HTTP server bound to 127.0.0.1 on an
+ephemeral port.  It speaks the OpenAI (chat completions, embeddings, models)
+and Anthropic (Messages API) wire formats closely enough that the official
+``openai`` SDK and litellm's provider parsers accept its answers unchanged, so
+gateway tests exercise the same code paths as production traffic - the only
+thing faked is the model.
+
+Fault injection: ``up.push(Fault.status(429, headers={"Retry-After": "1"}))``
+queues a fault; every incoming request (whatever the endpoint) pops the next
+queued fault, and requests arriving with an empty queue get a normal answer.
+
+Typical use::
+
+    async with FakeUpstream(reply="hi there") as up:
+        up.push(Fault.status(500))
+        ...  # point litellm at up.openai_base (openai/...) or up.url (anthropic/...)
+        assert up.count("/chat/completions") == 2
+
+For synchronous tests (sync SDK clients) run the server on a background loop::
+
+    st = ServerThread().start()
+    up = st.run(FakeUpstream().start())
+    ...
+    st.run(up.stop()); st.stop()
+
+Wire-format notes (deliberate choices, keep them in mind when asserting):
+
+* OpenAI streams put ``role: "assistant"`` on the *first content chunk*
+  instead of emitting a separate empty role-only chunk, so
+  ``Fault.truncate(after_chunks=N)`` means exactly N content pieces.
+* When the request sets ``stream_options.include_usage`` every chunk carries
+  ``"usage": null`` and a final ``choices: []`` chunk carries the usage, exactly
+  like api.openai.com.  Without it, chunks have no ``usage`` key at all.
+* Anthropic: missing ``x-api-key`` -> 401 ``authentication_error`` (what the
+  real API does); missing ``anthropic-version`` or ``max_tokens`` -> 400
+  ``invalid_request_error``.
+* OpenAI endpoints require an ``Authorization`` header (401
+  ``invalid_api_key`` otherwise) unless ``require_auth=False``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import re
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Coroutine, TypeVar
+
+from aiohttp import web
+
+__all__ = [
+    "EMBEDDING_DIM",
+    "FakeUpstream",
+    "Fault",
+    "RecordedRequest",
+    "ServerThread",
+    "anthropic_error_body",
+    "fake_embedding",
+    "free_port",
+    "openai_error_body",
+    "split_reply",
+]
+
+T = TypeVar("T")
+
+EMBEDDING_DIM = 8
+
+# Faults that fire *inside* a stream, after Fault.after_chunks content chunks.
+_MIDSTREAM_FAULTS = ("truncate", "hang", "stream_error")
+
+
+def free_port() -> int:
+    """Return a TCP port that was free a moment ago on 127.0.0.1.
+
+    Inherently racy (someone may grab it before you bind); prefer letting the
+    server bind port 0 as ``FakeUpstream.start()`` does.  Useful for "nothing
+    is listening here" connection-refused tests.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------
+# Faults
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One injected misbehaviour, consumed by exactly one request.
+
+    Build with the classmethods; the fields are an implementation detail but
+    are public so tests can introspect what they queued.
+    """
+
+    kind: str
+    status_code: int = 200
+    message: str | None = None
+    headers: dict[str, str] | None = None
+    error_type: str | None = None
+    code: str | None = None
+    body: Any = None
+    seconds: float = 0.0
+    after_chunks: int = 0
+
+    @classmethod
+    def status(
+        cls,
+        code: int,
+        message: str | None = None,
+        headers: dict[str, str] | None = None,
+        *,
+        error_type: str | None = None,
+        error_code: str | None = None,
+        body: Any = None,
+    ) -> "Fault":
+        """HTTP error with a provider-shaped JSON error body.
+
+        ``error_type``/``error_code`` override the defaults derived from the
+        status; ``body`` (dict or str) replaces the body entirely.  Applies to
+        streaming requests too: real providers reject before the stream starts.
+        """
+        return cls(
+            "status",
+            status_code=code,
+            message=message,
+            headers=headers,
+            error_type=error_type,
+            code=error_code,
+            body=body,
+        )
+
+    @classmethod
+    def slow(cls, seconds: float) -> "Fault":
+        """Delay the first byte by ``seconds``, then answer normally."""
+        return cls("slow", seconds=seconds)
+
+    @classmethod
+    def truncate(cls, after_chunks: int = 2) -> "Fault":
+        """Cut the TCP connection mid-body.
+
+        Streaming: after ``after_chunks`` content chunks, with no finish chunk
+        and no ``[DONE]``/``message_stop``.  Non-stream: headers announce the
+        full Content-Length but only half the body is sent.
+        """
+        return cls("truncate", after_chunks=after_chunks)
+
+    @classmethod
+    def hang(cls, after_chunks: int = 1) -> "Fault":
+        """Stop sending (forever, until the server stops or the client leaves).
+
+        Streaming: after ``after_chunks`` content chunks.  Non-stream: no
+        response at all.  For idle/first-byte timeout tests.
+        """
+        return cls("hang", after_chunks=after_chunks)
+
+    @classmethod
+    def garbage(cls) -> "Fault":
+        """200 ``application/json`` with an HTML body; streaming: a
+        ``data: not-json`` SSE event."""
+        return cls("garbage")
+
+    @classmethod
+    def no_choices(cls) -> "Fault":
+        """200 with well-formed JSON lacking the payload field (``choices`` for
+        chat, ``data`` for embeddings/models, ``content`` for Anthropic)."""
+        return cls("no_choices")
+
+    @classmethod
+    def drop(cls) -> "Fault":
+        """Close the connection without sending a single byte of response."""
+        return cls("drop")
+
+    @classmethod
+    def stream_error(
+        cls,
+        after_chunks: int = 1,
+        message: str = "Overloaded",
+        error_type: str | None = None,
+    ) -> "Fault":
+        """Streaming only: after ``after_chunks`` chunks, emit an in-band error
+        event (OpenAI: ``data: {"error": {...}}``; Anthropic:
+        ``event: error``) and end the stream cleanly.  Non-stream requests get
+        a 500 error instead."""
+        return cls(
+            "stream_error",
+            after_chunks=after_chunks,
+            message=message,
+            error_type=error_type,
+        )
+
+
+# --------------------------------------------------------------------------
+# Recording
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class RecordedRequest:
+    path: str
+    method: str
+    headers: dict[str, str]  # lower-cased keys
+    raw: bytes
+    json: Any  # parsed body, or None if absent/invalid
+    received_at: float  # time.monotonic()
+    query: dict[str, str] = field(default_factory=dict)
+    fault: Fault | None = None  # the fault applied to this request, if any
+
+    @property
+    def stream(self) -> bool:
+        return isinstance(self.json, dict) and bool(self.json.get("stream"))
+
+
+# --------------------------------------------------------------------------
+# Error bodies
+# --------------------------------------------------------------------------
+
+_OPENAI_DEFAULTS: dict[int, tuple[str, str | None, str]] = {
+    # status: (type, code, message)
+    400: ("invalid_request_error", None, "Invalid request (fake upstream)"),
+    401: ("invalid_request_error", "invalid_api_key", "Incorrect API key provided"),
+    403: ("permission_error", None, "Permission denied (fake upstream)"),
+    404: ("invalid_request_error", "model_not_found", "Not found (fake upstream)"),
+    408: ("timeout", None, "Request timed out (fake upstream)"),
+    413: ("invalid_request_error", None, "Request too large (fake upstream)"),
+    422: ("invalid_request_error", None, "Unprocessable (fake upstream)"),
+    429: ("rate_limit_exceeded", "rate_limit_exceeded", "Rate limit reached (fake upstream)"),
+}
+
+_ANTHROPIC_DEFAULTS: dict[int, tuple[str, str]] = {
+    400: ("invalid_request_error", "Invalid request (fake upstream)"),
+    401: ("authentication_error", "invalid x-api-key"),
+    403: ("permission_error", "Permission denied (fake upstream)"),
+    404: ("not_found_error", "Not found (fake upstream)"),
+    413: ("request_too_large", "Request too large (fake upstream)"),
+    429: ("rate_limit_error", "Rate limited (fake upstream)"),
+    529: ("overloaded_error", "Overloaded"),
+}
+
+
+def openai_error_body(
+    status: int,
+    message: str | None = None,
+    error_type: str | None = None,
+    code: str | None = None,
+    param: str | None = None,
+) -> dict[str, Any]:
+    if status in _OPENAI_DEFAULTS:
+        d_type, d_code, d_msg = _OPENAI_DEFAULTS[status]
+    elif status >= 500:
+        d_type, d_code, d_msg = "server_error", None, "The server had an error (fake upstream)"
+    else:
+        d_type, d_code, d_msg = "invalid_request_error", None, f"HTTP {status} (fake upstream)"
+    return {
+        "error": {
+            "message": message or d_msg,
+            "type": error_type or d_type,
+            "param": param,
+            "code": code if code is not None else d_code,
+        }
+    }
+
+
+def anthropic_error_body(
+    status: int, message: str | None = None, error_type: str | None = None
+) -> dict[str, Any]:
+    if status in _ANTHROPIC_DEFAULTS:
+        d_type, d_msg = _ANTHROPIC_DEFAULTS[status]
+    elif status >= 500:
+        d_type, d_msg = "api_error", "Internal server error (fake upstream)"
+    else:
+        d_type, d_msg = "invalid_request_error", f"HTTP {status} (fake upstream)"
+    return {"type": "error", "error": {"type": error_type or d_type, "message": message or d_msg}}
+
+
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
+
+
+def split_reply(reply: str, chunks: int | None) -> list[str]:
+    """Split ``reply`` into stream pieces that concatenate back to it exactly.
+
+    Default: one piece per word with the *leading* space attached, the way
+    OpenAI tokens look ("Hello", " from", ...).  With ``chunks=n``: n pieces of
+    near-equal length (fewer if the reply is shorter than n characters).
+    """
+    if not reply:
+        return [""]
+    if chunks is None:
+        pieces = re.findall(r"\s*\S+", reply)
+        tail = reply[len("".join(pieces)) :]  # trailing whitespace
+        if not pieces:
+            return [reply]
+        pieces[-1] += tail
+        return pieces
+    n = max(1, min(chunks, len(reply)))
+    size, extra = divmod(len(reply), n)
+    out, pos = [], 0
+    for i in range(n):
+        step = size + (1 if i < extra else 0)
+        out.append(reply[pos : pos + step])
+        pos += step
+    return out
+
+
+def fake_embedding(text: Any) -> list[float]:
+    """Deterministic, input-dependent unit-ish vector (same input -> same
+    vector, across processes) so cache tests can compare embeddings."""
+    digest = hashlib.sha256(json.dumps(text, sort_keys=True).encode()).digest()
+    return [round(b / 255.0 * 2 - 1, 6) for b in digest[:EMBEDDING_DIM]]
+
+
+def _embedding_inputs(inp: Any) -> list[Any]:
+    # OpenAI accepts: str | list[str] | list[int] (one token array) | list[list[int]]
+    if isinstance(inp, list):
+        if inp and all(isinstance(x, int) for x in inp):
+            return [inp]
+        return list(inp)
+    return [inp]
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _sse_event(event: str, obj: Any) -> bytes:
+    return (
+        b"event: "
+        + event.encode()
+        + b"\ndata: "
+        + json.dumps(obj, separators=(",", ":")).encode()
+        + b"\n\n"
+    )
+
+
+class _Cut(Exception):
+    """Internal: the handler deliberately killed the connection."""
+
+
+class _Done(Exception):
+    """Internal: a stream fault finished the response early but cleanly."""
+
+    def __init__(self, resp: web.StreamResponse) -> None:
+        self.resp = resp
+
+
+# --------------------------------------------------------------------------
+# The server
+# --------------------------------------------------------------------------
+
+
+class FakeUpstream:
+    """Fake OpenAI + Anthropic provider on one real HTTP server."""
+
+    def __init__(
+        self,
+        *,
+        reply: str = "Hello from fake upstream",
+        chunks: int | None = None,
+        chunk_delay: float = 0.0,
+        prompt_tokens: int = 11,
+        completion_tokens: int = 7,
+        report_usage: bool = True,
+        model_echo: str | None = None,
+        require_auth: bool = True,
+        shutdown_timeout: float = 0.5,
+    ) -> None:
+        # All knobs are plain attributes: tests may change them between
+        # requests (e.g. ``up.reply = "other"``).
+        self.reply = reply
+        self.chunks = chunks
+        self.chunk_delay = chunk_delay
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
+        self.report_usage = report_usage
+        self.model_echo = model_echo
+        self.require_auth = require_auth
+        self.shutdown_timeout = shutdown_timeout
+
+        self.requests: list[RecordedRequest] = []
+        self._faults: deque[Fault] = deque()
+        self._seq = 0
+        self._runner: web.AppRunner | None = None
+        self._stopping: asyncio.Event | None = None
+        self._inflight: set[asyncio.Task[Any]] = set()
+        self.port: int | None = None
+
+    # ---- lifecycle -------------------------------------------------------
+
+    async def start(self) -> "FakeUpstream":
+        if self._runner is not None:
+            return self
+        self._stopping = asyncio.Event()
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        # handler_cancellation: a client that gives up (timeout) cancels the
+        # handler, so hanging faults don't pile up.  shutdown_timeout keeps
+        # stop() fast even when a stream is still open.
+        self._runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=None,
+            handler_cancellation=True,
+            shutdown_timeout=self.shutdown_timeout,
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        server = site._server  # aiohttp exposes no public accessor for the bound port
+        assert server is not None and server.sockets
+        self.port = server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is None:
+            return
+        assert self._stopping is not None
+        # Wake hang/slow handlers first so they abort their own connections;
+        # then cancel anything still running so cleanup() never waits on us.
+        self._stopping.set()
+        await asyncio.sleep(0)
+        for task in list(self._inflight):
+            task.cancel()
+        runner, self._runner = self._runner, None
+        await runner.cleanup()
+
+    async def __aenter__(self) -> "FakeUpstream":
+        return await self.start()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("FakeUpstream not started")
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def openai_base(self) -> str:
+        return self.url + "/v1"
+
+    # ---- test-facing helpers ---------------------------------------------
+
+    def push(self, *faults: Fault) -> None:
+        self._faults.extend(faults)
+
+    def reset(self) -> None:
+        self.requests.clear()
+        self._faults.clear()
+
+    @property
+    def pending_faults(self) -> int:
+        return len(self._faults)
+
+    def count(self, path_suffix: str | None = None) -> int:
+        if path_suffix is None:
+            return len(self.requests)
+        return sum(1 for r in self.requests if r.path.endswith(path_suffix))
+
+    @property
+    def last(self) -> RecordedRequest:
+        return self.requests[-1]
+
+    async def wait_for_requests(self, n: int, timeout: float = 5.0) -> None:
+        """Wait until at least ``n`` requests were received (for fire-and-forget
+        paths such as background health checks)."""
+        deadline = time.monotonic() + timeout
+        while len(self.requests) < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"expected {n} requests, got {len(self.requests)}")
+            await asyncio.sleep(0.01)
+
+    # ---- dispatch --------------------------------------------------------
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        task = asyncio.current_task()
+        assert task is not None
+        self._inflight.add(task)
+        try:
+            raw = await request.read()
+            try:
+                body = json.loads(raw) if raw else None
+            except ValueError:
+                body = None
+            fault = self._faults.popleft() if self._faults else None
+            self.requests.append(
+                RecordedRequest(
+                    path=request.path,
+                    method=request.method,
+                    headers={k.lower(): v for k, v in request.headers.items()},
+                    raw=raw,
+                    json=body,
+                    received_at=time.monotonic(),
+                    query=dict(request.query),
+                    fault=fault,
+                )
+            )
+            # Response ids are derived from the arrival number, captured now:
+            # a concurrent request may bump the counter while this one sleeps.
+            self._seq += 1
+            request["fake_seq"] = self._seq
+            try:
+                return await self._route(request, body, raw, fault)
+            except _Done as done:
+                return done.resp
+            except _Cut:
+                # Connection already killed on purpose; the response object is
+                # never written (aiohttp swallows the ConnectionError).
+                return web.Response(status=599)
+        finally:
+            self._inflight.discard(task)
+
+    async def _route(
+        self, request: web.Request, parsed: Any, raw: bytes, fault: Fault | None
+    ) -> web.StreamResponse:
+        body: dict[str, Any] = parsed if isinstance(parsed, dict) else {}
+        path = request.path.rstrip("/")
+        if path.endswith("/messages") and request.method == "POST":
+            flavour, handler = "anthropic", self._anthropic_messages
+        elif path.endswith("/chat/completions") and request.method == "POST":
+            flavour, handler = "openai", self._openai_chat
+        elif path.endswith("/embeddings") and request.method == "POST":
+            flavour, handler = "openai", self._openai_embeddings
+        elif path.endswith("/models") and request.method == "GET":
+            flavour, handler = "openai", self._openai_models
+        else:
+            flavour, handler = "openai", None
+
+        stream = bool(body.get("stream"))
+
+        # Faults that don't depend on the endpoint.
+        if fault is not None:
+            if fault.kind == "status":
+                return self._error(flavour, fault.status_code, fault.message, fault.error_type,
+                                   fault.code, fault.headers, fault.body)
+            if fault.kind == "slow":
+                await self._sleep(fault.seconds)
+            elif fault.kind == "drop":
+                self._kill(request)
+            elif fault.kind == "hang" and not stream:
+                await self._hang(request)
+            elif fault.kind == "garbage" and not stream:
+                return web.Response(status=200, body=b"<html>oops", content_type="application/json")
+            elif fault.kind == "truncate" and not stream:
+                return await self._truncated_body(request, flavour, body)
+            elif fault.kind == "stream_error" and not stream:
+                return self._error(flavour, 500, fault.message, fault.error_type)
+
+        if handler is None:
+            return self._error("openai", 404, f"Unknown path {request.method} {request.path}",
+                               code="unknown_url")
+        if raw and not isinstance(parsed, dict):
+            return self._error(flavour, 400, "Request body is not a JSON object")
+        return await handler(request, body, fault)
+
+    # ---- primitives ------------------------------------------------------
+
+    def _error(
+        self,
+        flavour: str,
+        status: int,
+        message: str | None = None,
+        error_type: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        body: Any = None,
+    ) -> web.Response:
+        if body is None:
+            body = (
+                anthropic_error_body(status, message, error_type)
+                if flavour == "anthropic"
+                else openai_error_body(status, message, error_type, code)
+            )
+        text = body if isinstance(body, str) else json.dumps(body)
+        return web.Response(status=status, text=text, content_type="application/json",
+                            headers=headers)
+
+    async def _sleep(self, seconds: float) -> None:
+        # Interruptible by stop() so slow faults never delay teardown.
+        assert self._stopping is not None
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
+    def _kill(self, request: web.Request) -> None:
+        # close() (not abort()) flushes what was already written, so the client
+        # receives the chunks sent so far and *then* sees EOF mid-message.
+        if request.transport is not None:
+            request.transport.close()
+        raise _Cut()
+
+    async def _hang(self, request: web.Request) -> None:
+        assert self._stopping is not None
+        await self._stopping.wait()
+        self._kill(request)
+
+    async def _truncated_body(self, request: web.Request, flavour: str,
+                              body: dict[str, Any]) -> web.StreamResponse:
+        full = json.dumps(
+            self._anthropic_message(body, request["fake_seq"])
+            if flavour == "anthropic"
+            else self._chat_completion(body, request["fake_seq"])
+        ).encode()
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        resp.content_length = len(full)
+        await resp.prepare(request)
+        await resp.write(full[: len(full) // 2])
+        self._kill(request)
+        return resp  # unreachable
+
+    async def _start_sse(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            status=200,
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache",
+            },
+        )
+        await resp.prepare(request)
+        return resp
+
+    def _model(self, body: dict[str, Any], default: str) -> str:
+        return self.model_echo or body.get("model") or default
+
+    # ---- OpenAI ----------------------------------------------------------
+
+    def _openai_auth_error(self, request: web.Request) -> web.Response | None:
+        if self.require_auth and not request.headers.get("Authorization"):
+            return self._error("openai", 401, "You didn't provide an API key.",
+                               code="invalid_api_key")
+        return None
+
+    def _openai_usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+    def _chat_completion(self, body: dict[str, Any], seq: int) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": f"chatcmpl-fake-{seq}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self._model(body, "gpt-fake"),
+            "system_fingerprint": "fp_fake",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": self.reply, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+        }
+        if self.report_usage:
+            out["usage"] = self._openai_usage()
+        return out
+
+    async def _openai_chat(self, request: web.Request, body: dict[str, Any],
+                           fault: Fault | None) -> web.StreamResponse:
+        if err := self._openai_auth_error(request):
+            return err
+        if not body.get("model"):
+            return self._error("openai", 400, "you must provide a model parameter")
+        if not isinstance(body.get("messages"), list):
+            return self._error("openai", 400, "Missing required parameter: 'messages'.")
+        kind = fault.kind if fault else None
+        midstream = fault if kind in _MIDSTREAM_FAULTS else None
+
+        if not body.get("stream"):
+            completion = self._chat_completion(body, request["fake_seq"])
+            if kind == "no_choices":
+                completion.pop("choices")
+            return web.json_response(completion)
+
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        cid = f"chatcmpl-fake-{request['fake_seq']}"
+        created = int(time.time())
+        model = self._model(body, "gpt-fake")
+
+        def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+            c: dict[str, Any] = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "system_fingerprint": "fp_fake",
+                "choices": choices,
+            }
+            if include_usage:
+                c["usage"] = None
+            c.update(extra)
+            return c
+
+        resp = await self._start_sse(request)
+        if kind == "garbage":
+            await resp.write(b"data: not-json\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
+        if kind == "no_choices":
+            bad = chunk([])
+            del bad["choices"]
+            await resp.write(_sse(bad))
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
+
+        for i, piece in enumerate(split_reply(self.reply, self.chunks)):
+            if midstream is not None and i == midstream.after_chunks:
+                await self._stream_fault(request, resp, midstream, "openai")
+            if i and self.chunk_delay:
+                await self._sleep(self.chunk_delay)
+            delta: dict[str, Any] = {"content": piece}
+            if i == 0:
+                delta = {"role": "assistant", "content": piece, "refusal": None}
+            await resp.write(_sse(chunk([{"index": 0, "delta": delta, "logprobs": None,
+                                          "finish_reason": None}])))
+        if midstream is not None:
+            # after_chunks >= number of pieces: misbehave before the finish chunk.
+            await self._stream_fault(request, resp, midstream, "openai")
+        await resp.write(_sse(chunk([{"index": 0, "delta": {}, "logprobs": None,
+                                      "finish_reason": "stop"}])))
+        if include_usage and self.report_usage:
+            await resp.write(_sse(chunk([], usage=self._openai_usage())))
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def _stream_fault(self, request: web.Request, resp: web.StreamResponse,
+                            fault: Fault, flavour: str) -> None:
+        """Apply a mid-stream fault.  Never returns: it cuts the connection
+        (_Cut) or ends the response early (_Done)."""
+        if fault.kind == "truncate":
+            self._kill(request)
+        elif fault.kind == "hang":
+            await self._hang(request)
+        elif fault.kind == "stream_error":
+            if flavour == "anthropic":
+                err = anthropic_error_body(529, fault.message, fault.error_type or "overloaded_error")
+                await resp.write(_sse_event("error", err))
+            else:
+                await resp.write(_sse(openai_error_body(500, fault.message, fault.error_type)))
+                await resp.write(b"data: [DONE]\n\n")
+            raise _Done(resp)
+
+    async def _openai_embeddings(self, request: web.Request, body: dict[str, Any],
+                                 fault: Fault | None) -> web.StreamResponse:
+        if err := self._openai_auth_error(request):
+            return err
+        if "input" not in body:
+            return self._error("openai", 400, "Missing required parameter: 'input'.")
+        as_base64 = body.get("encoding_format") == "base64"
+        data = []
+        for i, item in enumerate(_embedding_inputs(body["input"])):
+            vec: Any = fake_embedding(item)
+            if as_base64:
+                # What the SDK asks for by default: little-endian float32 array.
+                vec = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": vec})
+        out: dict[str, Any] = {
+            "object": "list",
+            "data": data,
+            "model": self._model(body, "text-embedding-fake"),
+        }
+        if self.report_usage:
+            out["usage"] = {"prompt_tokens": self.prompt_tokens, "total_tokens": self.prompt_tokens}
+        if fault is not None and fault.kind == "no_choices":
+            out.pop("data")
+        return web.json_response(out)
+
+    async def _openai_models(self, request: web.Request, body: dict[str, Any],
+                             fault: Fault | None) -> web.StreamResponse:
+        if err := self._openai_auth_error(request):
+            return err
+        ids = [self.model_echo] if self.model_echo else ["gpt-fake", "text-embedding-fake"]
+        out: dict[str, Any] = {
+            "object": "list",
+            "data": [{"id": m, "object": "model", "created": 1700000000, "owned_by": "fake"}
+                     for m in ids],
+        }
+        if fault is not None and fault.kind == "no_choices":
+            out.pop("data")
+        return web.json_response(out)
+
+    # ---- Anthropic -------------------------------------------------------
+
+    def _anthropic_usage(self) -> dict[str, int]:
+        return {
+            "input_tokens": self.prompt_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+            "output_tokens": self.completion_tokens,
+        }
+
+    def _anthropic_message(self, body: dict[str, Any], seq: int) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": f"msg_fake_{seq}",
+            "type": "message",
+            "role": "assistant",
+            "model": self._model(body, "claude-fake"),
+            "content": [{"type": "text", "text": self.reply}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+        }
+        if self.report_usage:
+            out["usage"] = self._anthropic_usage()
+        return out
+
+    async def _anthropic_messages(self, request: web.Request, body: dict[str, Any],
+                                  fault: Fault | None) -> web.StreamResponse:
+        if not request.headers.get("x-api-key") and not request.headers.get("Authorization"):
+            return self._error("anthropic", 401, "x-api-key header is required")
+        if not request.headers.get("anthropic-version"):
+            return self._error("anthropic", 400, "anthropic-version: header is required")
+        if "max_tokens" not in body:
+            return self._error("anthropic", 400, "max_tokens: Field required")
+        if not isinstance(body.get("messages"), list):
+            return self._error("anthropic", 400, "messages: Field required")
+        kind = fault.kind if fault else None
+        midstream = fault if kind in _MIDSTREAM_FAULTS else None
+
+        if not body.get("stream"):
+            msg = self._anthropic_message(body, request["fake_seq"])
+            if kind == "no_choices":
+                msg.pop("content")
+            return web.json_response(msg)
+
+        resp = await self._start_sse(request)
+        if kind == "garbage":
+            await resp.write(b"event: message_start\ndata: not-json\n\n")
+            return resp
+        start_usage = {"input_tokens": self.prompt_tokens, "cache_creation_input_tokens": 0,
+                       "cache_read_input_tokens": 0, "output_tokens": 1}
+        message = {
+            "id": f"msg_fake_{request['fake_seq']}",
+            "type": "message",
+            "role": "assistant",
+            "model": self._model(body, "claude-fake"),
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+        }
+        if self.report_usage:
+            message["usage"] = start_usage
+        if kind == "no_choices":
+            message.pop("content")
+        await resp.write(_sse_event("message_start", {"type": "message_start", "message": message}))
+        await resp.write(_sse_event("content_block_start", {
+            "type": "content_block_start", "index": 0,
+            "content_block": {"type": "text", "text": ""}}))
+        await resp.write(_sse_event("ping", {"type": "ping"}))
+        for i, piece in enumerate(split_reply(self.reply, self.chunks)):
+            if midstream is not None and i == midstream.after_chunks:
+                await self._stream_fault(request, resp, midstream, "anthropic")
+            if i and self.chunk_delay:
+                await self._sleep(self.chunk_delay)
+            await resp.write(_sse_event("content_block_delta", {
+                "type": "content_block_delta", "index": 0,
+                "delta": {"type": "text_delta", "text": piece}}))
+        if midstream is not None:
+            await self._stream_fault(request, resp, midstream, "anthropic")
+        await resp.write(_sse_event("content_block_stop", {"type": "content_block_stop", "index": 0}))
+        delta_evt: dict[str, Any] = {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+        }
+        if self.report_usage:
+            delta_evt["usage"] = {"output_tokens": self.completion_tokens}
+        await resp.write(_sse_event("message_delta", delta_evt))
+        await resp.write(_sse_event("message_stop", {"type": "message_stop"}))
+        return resp
+
+
+# --------------------------------------------------------------------------
+# Background-loop runner for synchronous tests
+# --------------------------------------------------------------------------
+
+
+class ServerThread:
+    """An asyncio loop in a daemon thread, so sync tests can host servers.
+
+    ``run(coro)`` executes a coroutine on that loop and blocks for its result.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._main, name="fake-upstream-loop", daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+        # Drain whatever is left so the loop closes without warnings.
+        pending = asyncio.all_tasks(self.loop)
+        for t in pending:
+            t.cancel()
+        if pending:
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self.loop.close()
+
+    def start(self) -> "ServerThread":
+        self._thread.start()
+        return self
+
+    def run(self, coro: Coroutine[Any, Any, T] | Awaitable[T], timeout: float | None = 10.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
