@@ -1,0 +1,587 @@
+"""Persistence for the gateway: tenants, keys, energy (credits) and the usage log.
+
+Why it looks like this
+----------------------
+Energy is billing data. Several gateway processes share one database (one SQLite file or
+one PostgreSQL database), so every rule that protects money is enforced *inside one
+database transaction* and, where the database can, by a constraint as well:
+
+* A balance is only ever changed together with an ``energy_ledger`` row carrying the
+  signed delta and the balance after it, in the same transaction. So a balance always
+  equals the sum of its ledger rows (a user's initial energy is a ``grant`` row, too),
+  and every change can be traced to a request or a reason.
+* ``users.energy >= 0`` is a CHECK constraint: the code refuses to overdraw, and the
+  database refuses it again should the code ever be wrong.
+* A reservation moves ``reserved -> settled`` or ``reserved -> refunded`` exactly once,
+  through a conditional update on its status. Partial unique indexes on the ledger allow
+  one ``reserve`` row and one ``settle``/``refund`` row per request_id, so nothing can
+  be charged or returned twice, whatever the callers retry.
+* Usage rows are keyed by request_id and inserted with ON CONFLICT DO NOTHING, so a
+  flush that is retried after an ambiguous failure never writes a row twice.
+
+The backends (``store_sqlite``, ``store_postgres``) each speak their own SQL; what is
+shared here is what is honestly dialect-free: the entities, the errors, the URL factory,
+and the arithmetic of lazy refill, settlement and idempotency decisions as pure functions
+(so both backends cannot drift apart on the rules, and the rules are testable alone).
+
+Decisions callers rely on
+-------------------------
+* Times are epoch seconds (float). Every method where time matters takes ``now`` so tests
+  can move time; it defaults to ``time.time()``.
+* Operational tables store ``created_at`` (and friends) as REAL epoch seconds in SQLite and
+  ``double precision`` epoch seconds in PostgreSQL: exact round trips, simple comparisons.
+  ``ai_usage_logs.created_at`` is different because ops query it by date: ISO-8601 UTC
+  text (``2024-05-01T12:00:00.123456Z``, fixed width so it sorts as text) in SQLite and
+  ``timestamptz`` in PostgreSQL. ``usage_rows`` returns it as epoch float either way
+  (microsecond precision).
+* Reserving 0 energy is allowed and recorded like any other reservation: a reservation
+  row and a ``reserve`` ledger row of amount 0, later a ``settle``/``refund`` row of 0.
+  Every request that went through energy accounting is thus visible in the ledger.
+* ``settle_energy(final_amount > reserved)`` charges the reserved amount, no more: a
+  reservation is the ceiling of what a request may cost (no overdraft after the fact).
+  Estimate high when reserving.
+* A refill is a top-up: the balance becomes ``max(balance, allowance)``; energy granted
+  above the allowance is kept. ``refilled_at`` advances by whole periods (it stays on the
+  user's schedule) even when the top-up is 0.
+* The store does not check ``users.disabled`` or key revocation when moving energy:
+  ``lookup_key`` reports both, and refusing a request is the gateway's decision.
+* Idempotency claims expire ``window`` seconds after they were *claimed* (whatever their
+  state); ``release_idempotent`` only deletes an in-flight claim, never a stored response.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import hashlib
+import math
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Literal
+from urllib.parse import parse_qs, urlsplit
+
+# --------------------------------------------------------------------------- errors
+
+
+class StoreError(Exception):
+    """Base class of the store's own errors."""
+
+
+class NotFound(StoreError, LookupError):
+    """An id (workspace, user, key) does not exist. Nothing was changed."""
+
+
+class StoreConflict(StoreError):
+    """A uniqueness rule was violated (duplicate workspace name, request_id, ...).
+
+    Nothing was changed: the whole transaction was rolled back."""
+
+
+class InsufficientEnergy(StoreError):
+    """An adjustment would take a balance below zero. Nothing was changed."""
+
+
+# ------------------------------------------------------------------------- entities
+
+ROLES = ("user", "workspace_admin")
+LEDGER_KINDS = ("reserve", "settle", "refund", "grant", "refill", "adjust")
+Role = Literal["user", "workspace_admin"]
+
+
+@dataclass(frozen=True, slots=True)
+class Workspace:
+    id: str
+    name: str
+    profile: dict
+    ai_settings: dict
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: str
+    workspace_id: str
+    name: str | None
+    tier: str
+    energy: int
+    refilled_at: float | None
+    created_at: float
+    disabled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    id: str
+    user_id: str
+    workspace_id: str
+    prefix: str
+    role: str
+    created_at: float
+    revoked_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyIdentity:
+    """What the auth path needs about a presented key, from one indexed query."""
+
+    key_id: str
+    prefix: str
+    role: str
+    user_id: str
+    workspace_id: str
+    tier: str
+    user_disabled: bool
+    revoked: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EnergyEntry:
+    id: int
+    user_id: str
+    request_id: str | None
+    kind: str
+    amount: int  # signed delta
+    balance_after: int
+    reason: str | None
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    ok: bool
+    balance: int  # after the reservation (ok) or the current balance (not ok)
+    refilled: int  # energy added by a lazy refill in the same transaction (0 if none)
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyState:
+    status: Literal["new", "in_flight", "done", "mismatch"]
+    status_code: int | None
+    body: bytes | None
+    request_id: str  # the claim's request: the caller's when "new", the original otherwise
+
+
+# ------------------------------------------------------------------- ids and keys
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+KEY_PREFIX_LEN = 10
+
+
+def new_api_key() -> tuple[str, str, str]:
+    """A fresh key: (plaintext, sha256 hex to store, display prefix)."""
+    plaintext = "gw-" + secrets.token_urlsafe(32)
+    return plaintext, hash_key(plaintext), plaintext[:KEY_PREFIX_LEN]
+
+
+def hash_key(plaintext: str) -> str:
+    # Keys carry 256 bits of randomness, so a plain (unsalted, fast) hash is enough and
+    # keeps lookup a single indexed equality query.
+    return hashlib.sha256(plaintext.encode("utf-8")).hexdigest()
+
+
+# Lowercase slug; no underscore, so a name can never look like a "ws_..." id.
+_WORKSPACE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+def check_workspace_name(name: str) -> None:
+    if not isinstance(name, str) or not _WORKSPACE_NAME.match(name):
+        raise ValueError(f"workspace name must be a lowercase slug like 'acme', got {name!r}")
+
+
+def check_role(role: str) -> None:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+
+
+def check_tier(tier: str) -> None:
+    if not isinstance(tier, str) or not tier:
+        raise ValueError("tier must be a non-empty string")
+
+
+def check_amount(amount: int, what: str = "amount") -> None:
+    # bool is an int subclass; True as an amount is a bug, not 1 energy.
+    if not isinstance(amount, int) or isinstance(amount, bool):
+        raise ValueError(f"{what} must be an int, got {amount!r}")
+    if amount < 0:
+        raise ValueError(f"{what} must be >= 0, got {amount}")
+
+
+def check_grant(amount: int, kind: str) -> None:
+    if kind not in ("grant", "adjust"):
+        raise ValueError(f"kind must be 'grant' or 'adjust', got {kind!r}")
+    if not isinstance(amount, int) or isinstance(amount, bool):
+        raise ValueError(f"amount must be an int, got {amount!r}")
+    if kind == "grant" and amount <= 0:
+        raise ValueError(f"a grant must be positive, got {amount}")
+    if kind == "adjust" and amount == 0:
+        raise ValueError("an adjustment of 0 changes nothing")
+
+
+def now_or(now: float | None) -> float:
+    return time.time() if now is None else float(now)
+
+
+# ------------------------------------------------------------- shared arithmetic
+
+
+@dataclass(frozen=True, slots=True)
+class RefillOutcome:
+    due: bool  # refilled_at moves (users row must be written)
+    balance: int  # balance after the top-up
+    delta: int  # energy added (a `refill` ledger row when > 0)
+    refilled_at: float | None
+
+
+def compute_refill(
+    balance: int, refilled_at: float | None, refill: tuple[int, float] | None, now: float
+) -> RefillOutcome:
+    """Lazy refill: top up to the allowance once per elapsed period.
+
+    First use (refilled_at None) refills now and starts the schedule at `now`. Later,
+    refilled_at advances by whole periods so the schedule does not drift with traffic:
+    with a daily period, a user seen at 09:00, 15:00 the next day and 08:00 the day after
+    is refilled at the first and third visit, each time on the original 09:00 grid.
+    Missed periods do not accumulate: it is a top-up, not a deposit per period.
+    """
+    if refill is None:
+        return RefillOutcome(False, balance, 0, refilled_at)
+    allowance, period = refill
+    check_amount(allowance, "refill amount")
+    if not period > 0:
+        raise ValueError(f"refill period must be > 0, got {period!r}")
+    if refilled_at is None:
+        new_at = now
+    elif now - refilled_at >= period:
+        periods = math.floor((now - refilled_at) / period)
+        new_at = refilled_at + periods * period
+        # Float division can be off by one either way at an exact boundary.
+        while new_at > now:
+            new_at -= period
+        while new_at + period <= now:
+            new_at += period
+    else:
+        return RefillOutcome(False, balance, 0, refilled_at)
+    topped = max(balance, allowance)
+    return RefillOutcome(True, topped, topped - balance, new_at)
+
+
+def settlement_return(reserved: int, final_amount: int | None) -> int:
+    """Energy given back when a reservation of `reserved` is settled at `final_amount`.
+
+    None means "as reserved". A final amount above the reservation is clamped to it: the
+    reservation is the most a request can cost (see the module docstring)."""
+    if final_amount is None:
+        return 0
+    check_amount(final_amount, "final_amount")
+    return reserved - min(final_amount, reserved)
+
+
+def idempotency_decision(
+    *,
+    stored_status: str,
+    stored_fingerprint: str,
+    stored_created_at: float,
+    fingerprint: str,
+    window: float,
+    now: float,
+) -> Literal["reclaim", "mismatch", "in_flight", "done"]:
+    """What an existing claim means for a new attempt with the same key."""
+    if now - stored_created_at >= window:
+        return "reclaim"  # expired: the key is free again
+    if stored_fingerprint != fingerprint:
+        return "mismatch"  # same key, different request: a client bug, never replay
+    return "in_flight" if stored_status == "in_flight" else "done"
+
+
+# ------------------------------------------------------------------- usage rows
+
+# name -> kind; the order is the column order of inserts. `id` is assigned by the database.
+USAGE_COLUMNS: dict[str, str] = {
+    "request_id": "text",
+    "user_id": "text",
+    "workspace_id": "text",
+    "prospect_id": "text",
+    "action": "text",
+    "provider": "text",
+    "model": "text",
+    "requested_model": "text",
+    "downgraded_from": "text",
+    "tokens_prompt": "int",
+    "tokens_completion": "int",
+    "tokens_total": "int",
+    "cost_usd": "float",
+    "status": "int",
+    "error_type": "text",
+    "latency_ms": "int",
+    "ttfb_ms": "int",
+    "streamed": "bool",
+    "energy_cost": "int",
+    "cache_hit": "bool",
+    "retries": "int",
+    "usage_estimated": "bool",
+    "created_at": "time",
+}
+# Columns that are NOT NULL with a default: a missing or None value becomes the default.
+USAGE_DEFAULTS: dict[str, Any] = {
+    "tokens_prompt": 0,
+    "tokens_completion": 0,
+    "tokens_total": 0,
+    "cost_usd": 0.0,
+    "energy_cost": 0,
+    "retries": 0,
+    "streamed": False,
+    "cache_hit": False,
+    "usage_estimated": False,
+}
+
+
+def normalize_usage_row(row: dict[str, Any], now: float) -> dict[str, Any]:
+    """Validate and coerce one usage row; `created_at` stays epoch float here.
+
+    Unknown keys are errors: a misspelt column would otherwise vanish from billing
+    reports silently. Rows without a request_id are accepted but cannot be deduplicated.
+    """
+    unknown = set(row) - set(USAGE_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown usage columns: {sorted(unknown)}")
+    out: dict[str, Any] = {}
+    for name, kind in USAGE_COLUMNS.items():
+        value = row.get(name)
+        if value is None:
+            value = USAGE_DEFAULTS.get(name)
+        if name == "created_at" and value is None:
+            value = now
+        if value is not None:
+            if kind == "text":
+                value = str(value)
+            elif kind == "int":
+                value = int(round(value)) if isinstance(value, float) else int(value)
+            elif kind in ("float", "time"):
+                value = float(value)
+            elif kind == "bool":
+                value = bool(value)
+        out[name] = value
+    return out
+
+
+def iso_utc(epoch: float) -> str:
+    """Fixed-width ISO-8601 UTC with microseconds and 'Z' (sorts correctly as text)."""
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_iso_utc(text: str) -> float:
+    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+# ---------------------------------------------------------------------- the Store
+
+
+class Store(abc.ABC):
+    """The gateway's persistence API. Obtain one with `open_store(url)`, then `open()`.
+
+    Every method is a coroutine and every write is one database transaction.
+    Usable as ``async with open_store(url) as store:`` (opens and closes).
+    """
+
+    url: str
+
+    # lifecycle
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and apply pending migrations."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def ping(self) -> bool:
+        """True when the database answers a trivial query."""
+
+    @abc.abstractmethod
+    async def migrate(self) -> list[int]:
+        """Apply pending migrations (serialized across processes); return those applied."""
+
+    async def __aenter__(self) -> "Store":
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # workspaces
+    @abc.abstractmethod
+    async def create_workspace(
+        self, name: str, profile: dict | None = None, ai_settings: dict | None = None,
+        *, now: float | None = None,
+    ) -> Workspace: ...
+
+    @abc.abstractmethod
+    async def get_workspace(self, id_or_name: str) -> Workspace | None: ...
+
+    @abc.abstractmethod
+    async def list_workspaces(self) -> list[Workspace]: ...
+
+    @abc.abstractmethod
+    async def update_workspace(
+        self, workspace_id: str, profile: dict | None = None, ai_settings: dict | None = None
+    ) -> Workspace:
+        """Replace profile and/or ai_settings (None leaves a field unchanged)."""
+
+    # users
+    @abc.abstractmethod
+    async def create_user(
+        self, workspace_id: str, tier: str, *, name: str | None = None, energy: int = 0,
+        now: float | None = None,
+    ) -> User: ...
+
+    @abc.abstractmethod
+    async def get_user(self, user_id: str) -> User | None: ...
+
+    @abc.abstractmethod
+    async def list_users(self, workspace_id: str | None = None) -> list[User]: ...
+
+    @abc.abstractmethod
+    async def set_tier(self, user_id: str, tier: str) -> User: ...
+
+    @abc.abstractmethod
+    async def set_user_disabled(self, user_id: str, disabled: bool) -> User: ...
+
+    # keys
+    @abc.abstractmethod
+    async def create_key(
+        self, user_id: str, role: str = "user", *, now: float | None = None
+    ) -> tuple[str, ApiKey]: ...
+
+    @abc.abstractmethod
+    async def lookup_key(self, plaintext: str) -> KeyIdentity | None: ...
+
+    @abc.abstractmethod
+    async def revoke_key(self, key_id: str, *, now: float | None = None) -> ApiKey:
+        """Revoke (idempotent: an already revoked key keeps its first revoked_at)."""
+
+    @abc.abstractmethod
+    async def rotate_key(self, key_id: str, *, now: float | None = None) -> tuple[str, ApiKey]:
+        """Revoke a live key and issue its successor in one transaction.
+
+        A revoked key cannot be rotated (StoreConflict): rotation must not resurrect access."""
+
+    @abc.abstractmethod
+    async def list_keys(
+        self, user_id: str | None = None, workspace_id: str | None = None
+    ) -> list[ApiKey]: ...
+
+    # energy
+    @abc.abstractmethod
+    async def balance(self, user_id: str) -> int: ...
+
+    @abc.abstractmethod
+    async def ledger(self, user_id: str) -> list[EnergyEntry]: ...
+
+    @abc.abstractmethod
+    async def reserve_energy(
+        self, user_id: str, amount: int, request_id: str, *,
+        refill: tuple[int, float] | None = None, now: float | None = None,
+    ) -> Reservation: ...
+
+    @abc.abstractmethod
+    async def settle_energy(
+        self, request_id: str, final_amount: int | None = None, *, now: float | None = None
+    ) -> int | None: ...
+
+    @abc.abstractmethod
+    async def refund_energy(
+        self, request_id: str, reason: str | None = None, *, now: float | None = None
+    ) -> int | None: ...
+
+    @abc.abstractmethod
+    async def grant_energy(
+        self, user_id: str, amount: int, *, kind: str = "grant", reason: str | None = None,
+        now: float | None = None,
+    ) -> int: ...
+
+    @abc.abstractmethod
+    async def stale_reservations(self, older_than: float) -> list[str]:
+        """request_ids still `reserved` that were created at or before `older_than`.
+
+        A process that dies between reserve and settle leaves energy locked; a sweeper
+        refunds these with `refund_energy(request_id, reason="stale")`."""
+
+    # idempotency
+    @abc.abstractmethod
+    async def begin_idempotent(
+        self, user_id: str, key: str, request_id: str, *, fingerprint: str, window: float,
+        now: float | None = None,
+    ) -> IdempotencyState: ...
+
+    @abc.abstractmethod
+    async def finish_idempotent(
+        self, user_id: str, key: str, status_code: int, body: bytes, *,
+        request_id: str | None = None, now: float | None = None,
+    ) -> bool:
+        """Store the response of an in-flight claim. With `request_id`, only if the claim
+        is still that request's (it may have expired and been re-claimed). True if stored."""
+
+    @abc.abstractmethod
+    async def release_idempotent(
+        self, user_id: str, key: str, *, request_id: str | None = None
+    ) -> bool:
+        """Delete an in-flight claim so a retry runs again. True if one was deleted."""
+
+    # usage
+    @abc.abstractmethod
+    async def insert_usage(self, rows: list[dict[str, Any]], *, now: float | None = None) -> int:
+        """Insert rows in one transaction; rows whose request_id exists are skipped.
+        Returns how many rows were actually inserted."""
+
+    @abc.abstractmethod
+    async def usage_rows(
+        self, since: float | None = None, workspace_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Rows with created_at >= since, oldest first; created_at as epoch float."""
+
+
+# ---------------------------------------------------------------------- factory
+
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def open_store(url: str) -> Store:
+    """A Store for `url` (not yet opened: call `await store.open()` or use `async with`).
+
+    ``sqlite:///relative.db``, ``sqlite:////abs/path.db``, ``sqlite:///:memory:``,
+    ``postgresql://user@host:port/db[?schema=name]`` (``postgres://`` too). With
+    ``schema``, PostgreSQL tables live in that schema (created if missing).
+    """
+    if url.startswith("sqlite:///"):
+        from gateway.store_sqlite import SQLiteStore
+
+        path = url[len("sqlite:///"):].split("?", 1)[0]
+        if not path:
+            raise ValueError(f"sqlite URL without a path: {url!r}")
+        if path != ":memory:" and os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)  # sqlite:///data/x.db on a fresh clone
+        return SQLiteStore(path, url=url)
+    if url.startswith(("postgresql://", "postgres://")):
+        from gateway.store_postgres import PostgresStore
+
+        parts = urlsplit(url)
+        query = parse_qs(parts.query, keep_blank_values=True)
+        schema = None
+        if "schema" in query:
+            schema = query.pop("schema")[-1]
+            if not _SCHEMA_NAME.match(schema):
+                raise ValueError(f"invalid schema name {schema!r}")
+        rest = "&".join(f"{k}={v}" for k, vs in query.items() for v in vs)
+        dsn = parts._replace(query=rest).geturl()
+        return PostgresStore(dsn, schema=schema, url=url)
+    raise ValueError(f"unsupported store URL {url!r} (sqlite:/// or postgresql://)")

@@ -1,0 +1,663 @@
+"""PostgreSQL backend: one database shared by any number of gateway processes and hosts.
+
+Why it is built this way:
+
+* An asyncpg pool (1..10 connections). Unlike SQLite, concurrency is the database's job:
+  each operation runs in its own transaction on its own pooled connection, at READ
+  COMMITTED, and correctness comes from row locks, not from serializing the process.
+* Energy moves lock the user row first (``SELECT ... FOR UPDATE``), then do the lazy
+  refill, the check and the debit in Python and write them back in the same transaction.
+  Every balance change of one user is thus serialized, and ledger ids (taken under the
+  lock) are in the same order as the changes, so ``balance_after`` reads as a running sum.
+* Settle/refund is a conditional ``UPDATE reservations ... WHERE status = 'reserved'``: a
+  concurrent second attempt waits for the first, re-checks the condition on the committed
+  row and finds nothing to do.
+* Idempotency claims use ``INSERT ... ON CONFLICT DO NOTHING``: of two racing claims the
+  second waits on the unique index and then sees the first as existing.
+* Migrations take ``pg_advisory_xact_lock`` so two processes starting at once apply them
+  one after the other; the second finds nothing left to do.
+* With ``?schema=NAME`` every connection gets ``search_path=NAME`` (the schema is created
+  by the first migration run), so tests and tenants can share one database.
+
+Time columns are ``double precision`` epoch seconds, except ``ai_usage_logs.created_at``:
+``timestamptz`` so ops can query usage by date (see gateway.store).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import asynccontextmanager
+from datetime import datetime, timezone
+from typing import Any, AsyncIterator
+
+import asyncpg
+
+from gateway.store import (
+    USAGE_COLUMNS,
+    ApiKey,
+    EnergyEntry,
+    IdempotencyState,
+    InsufficientEnergy,
+    KeyIdentity,
+    NotFound,
+    Reservation,
+    Store,
+    StoreConflict,
+    User,
+    Workspace,
+    check_amount,
+    check_grant,
+    check_role,
+    check_tier,
+    check_workspace_name,
+    compute_refill,
+    hash_key,
+    idempotency_decision,
+    new_api_key,
+    new_id,
+    normalize_usage_row,
+    now_or,
+    settlement_return,
+)
+
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        """
+        CREATE TABLE workspaces (
+            id          text PRIMARY KEY,
+            name        text NOT NULL UNIQUE,
+            profile     jsonb NOT NULL DEFAULT '{}',
+            ai_settings jsonb NOT NULL DEFAULT '{}',
+            created_at  double precision NOT NULL
+        );
+        CREATE TABLE users (
+            id           text PRIMARY KEY,
+            workspace_id text NOT NULL REFERENCES workspaces(id),
+            name         text,
+            tier         text NOT NULL,
+            energy       bigint NOT NULL DEFAULT 0 CHECK (energy >= 0),
+            refilled_at  double precision,
+            disabled     boolean NOT NULL DEFAULT false,
+            created_at   double precision NOT NULL
+        );
+        CREATE INDEX users_workspace ON users (workspace_id);
+        CREATE TABLE api_keys (
+            id           text PRIMARY KEY,
+            user_id      text NOT NULL REFERENCES users(id),
+            workspace_id text NOT NULL REFERENCES workspaces(id),
+            key_hash     text NOT NULL UNIQUE,
+            prefix       text NOT NULL,
+            role         text NOT NULL CHECK (role IN ('user', 'workspace_admin')),
+            created_at   double precision NOT NULL,
+            revoked_at   double precision
+        );
+        CREATE INDEX api_keys_user ON api_keys (user_id);
+        CREATE INDEX api_keys_workspace ON api_keys (workspace_id);
+        CREATE TABLE energy_ledger (
+            id            bigserial PRIMARY KEY,
+            user_id       text NOT NULL REFERENCES users(id),
+            request_id    text,
+            kind          text NOT NULL CHECK (kind IN
+                            ('reserve', 'settle', 'refund', 'grant', 'refill', 'adjust')),
+            amount        bigint NOT NULL,
+            balance_after bigint NOT NULL CHECK (balance_after >= 0),
+            reason        text,
+            created_at    double precision NOT NULL
+        );
+        CREATE INDEX energy_ledger_user ON energy_ledger (user_id, id);
+        -- At most one debit and one outcome per request: the last line of defence
+        -- against charging or refunding twice.
+        CREATE UNIQUE INDEX energy_ledger_one_reserve ON energy_ledger (request_id)
+            WHERE kind = 'reserve';
+        CREATE UNIQUE INDEX energy_ledger_one_outcome ON energy_ledger (request_id)
+            WHERE kind IN ('settle', 'refund');
+        CREATE TABLE reservations (
+            request_id   text PRIMARY KEY,
+            user_id      text NOT NULL REFERENCES users(id),
+            amount       bigint NOT NULL CHECK (amount >= 0),
+            status       text NOT NULL CHECK (status IN ('reserved', 'settled', 'refunded')),
+            final_amount bigint,
+            created_at   double precision NOT NULL,
+            finished_at  double precision
+        );
+        CREATE INDEX reservations_open ON reservations (created_at) WHERE status = 'reserved';
+        CREATE TABLE idempotency_keys (
+            user_id     text NOT NULL REFERENCES users(id),
+            key         text NOT NULL,
+            request_id  text NOT NULL,
+            fingerprint text NOT NULL,
+            status      text NOT NULL CHECK (status IN ('in_flight', 'done')),
+            status_code integer,
+            body        bytea,
+            created_at  double precision NOT NULL,
+            finished_at double precision,
+            PRIMARY KEY (user_id, key)
+        );
+        CREATE TABLE ai_usage_logs (
+            id                bigserial PRIMARY KEY,
+            request_id        text UNIQUE,
+            user_id           text,
+            workspace_id      text,
+            prospect_id       text,
+            action            text,
+            provider          text,
+            model             text,
+            requested_model   text,
+            downgraded_from   text,
+            tokens_prompt     bigint NOT NULL DEFAULT 0,
+            tokens_completion bigint NOT NULL DEFAULT 0,
+            tokens_total      bigint NOT NULL DEFAULT 0,
+            cost_usd          double precision NOT NULL DEFAULT 0,
+            status            integer,
+            error_type        text,
+            latency_ms        integer,
+            ttfb_ms           integer,
+            streamed          boolean NOT NULL DEFAULT false,
+            energy_cost       bigint NOT NULL DEFAULT 0,
+            cache_hit         boolean NOT NULL DEFAULT false,
+            retries           integer NOT NULL DEFAULT 0,
+            usage_estimated   boolean NOT NULL DEFAULT false,
+            created_at        timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX ai_usage_logs_created ON ai_usage_logs (created_at);
+        CREATE INDEX ai_usage_logs_workspace_created ON ai_usage_logs (workspace_id, created_at);
+        """,
+    ),
+]
+
+# Array types for the one-statement batch insert (unnest of one array per column).
+_PG_ARRAY = {"text": "text[]", "int": "bigint[]", "float": "float8[]", "bool": "bool[]",
+             "time": "timestamptz[]"}
+_USAGE_INSERT = (
+    f"INSERT INTO ai_usage_logs ({', '.join(USAGE_COLUMNS)})"
+    f" SELECT * FROM unnest("
+    + ", ".join(f"${i}::{_PG_ARRAY[kind]}" for i, kind in enumerate(USAGE_COLUMNS.values(), 1))
+    + ") ON CONFLICT (request_id) DO NOTHING RETURNING 1"
+)
+
+_USER_COLS = "id, workspace_id, name, tier, energy, refilled_at, created_at, disabled"
+_KEY_COLS = "id, user_id, workspace_id, prefix, role, created_at, revoked_at"
+_LEDGER_COLS = "id, user_id, request_id, kind, amount, balance_after, reason, created_at"
+
+
+def _workspace(r: asyncpg.Record) -> Workspace:
+    return Workspace(r["id"], r["name"], json.loads(r["profile"]), json.loads(r["ai_settings"]),
+                     r["created_at"])
+
+
+def _user(r: asyncpg.Record) -> User:
+    return User(r["id"], r["workspace_id"], r["name"], r["tier"], r["energy"], r["refilled_at"],
+                r["created_at"], r["disabled"])
+
+
+def _key(r: asyncpg.Record) -> ApiKey:
+    return ApiKey(r["id"], r["user_id"], r["workspace_id"], r["prefix"], r["role"],
+                  r["created_at"], r["revoked_at"])
+
+
+def _entry(r: asyncpg.Record) -> EnergyEntry:
+    return EnergyEntry(r["id"], r["user_id"], r["request_id"], r["kind"], r["amount"],
+                       r["balance_after"], r["reason"], r["created_at"])
+
+
+class PostgresStore(Store):
+    def __init__(self, dsn: str, *, schema: str | None = None, url: str | None = None) -> None:
+        self.dsn = dsn
+        self.schema = schema
+        self.url = url or dsn
+        self._pool: asyncpg.Pool | None = None
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        settings = {"search_path": self.schema} if self.schema else None
+        self._pool = await asyncpg.create_pool(
+            self.dsn, min_size=1, max_size=10, server_settings=settings
+        )
+        try:
+            await self.migrate()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    async def ping(self) -> bool:
+        try:
+            async with self.pool.acquire() as conn:
+                return await conn.fetchval("SELECT 1") == 1
+        except Exception:
+            return False
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("store is not open")
+        return self._pool
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[asyncpg.Connection]:
+        """One transaction on one pooled connection; unique/foreign-key violations are
+        reported as StoreConflict/NotFound after the rollback."""
+        try:
+            async with self.pool.acquire() as conn:
+                async with conn.transaction():
+                    yield conn
+        except asyncpg.UniqueViolationError as exc:
+            raise StoreConflict(exc.detail or str(exc)) from exc
+        except asyncpg.ForeignKeyViolationError as exc:
+            raise NotFound(exc.detail or str(exc)) from exc
+
+    async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        async with self.pool.acquire() as conn:
+            return await conn.fetchrow(sql, *args)
+
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        async with self.pool.acquire() as conn:
+            return await conn.fetch(sql, *args)
+
+    async def migrate(self) -> list[int]:
+        applied: list[int] = []
+        async with self._tx() as conn:
+            # Keyed by schema: independent schemas migrate independently.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))",
+                               f"gateway.store.migrations:{self.schema or ''}")
+            if self.schema:
+                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+            await conn.execute(
+                """CREATE TABLE IF NOT EXISTS schema_migrations (
+                       version    integer PRIMARY KEY,
+                       applied_at double precision NOT NULL
+                   )"""
+            )
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            for version, sql in MIGRATIONS:
+                if version in done:
+                    continue
+                await conn.execute(sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
+                    version, time.time(),
+                )
+                applied.append(version)
+        return applied
+
+    # ---------------------------------------------------------------- workspaces
+
+    async def create_workspace(self, name, profile=None, ai_settings=None, *, now=None):
+        check_workspace_name(name)
+        ws = Workspace(new_id("ws"), name, dict(profile or {}), dict(ai_settings or {}),
+                       now_or(now))
+        async with self._tx() as conn:
+            inserted = await conn.fetchval(
+                "INSERT INTO workspaces (id, name, profile, ai_settings, created_at)"
+                " VALUES ($1, $2, $3::jsonb, $4::jsonb, $5)"
+                " ON CONFLICT (name) DO NOTHING RETURNING 1",
+                ws.id, name, json.dumps(ws.profile), json.dumps(ws.ai_settings), ws.created_at,
+            )
+            if not inserted:
+                raise StoreConflict(f"workspace name {name!r} is taken")
+        return ws
+
+    async def get_workspace(self, id_or_name):
+        r = await self._fetchrow("SELECT * FROM workspaces WHERE id = $1 OR name = $1", id_or_name)
+        return None if r is None else _workspace(r)
+
+    async def list_workspaces(self):
+        return [_workspace(r) for r in
+                await self._fetch("SELECT * FROM workspaces ORDER BY created_at, id")]
+
+    async def update_workspace(self, workspace_id, profile=None, ai_settings=None):
+        async with self._tx() as conn:
+            r = await conn.fetchrow(
+                "UPDATE workspaces SET profile = COALESCE($2::jsonb, profile),"
+                " ai_settings = COALESCE($3::jsonb, ai_settings) WHERE id = $1 RETURNING *",
+                workspace_id,
+                None if profile is None else json.dumps(profile),
+                None if ai_settings is None else json.dumps(ai_settings),
+            )
+            if r is None:
+                raise NotFound(f"workspace {workspace_id!r}")
+        return _workspace(r)
+
+    # --------------------------------------------------------------------- users
+
+    async def create_user(self, workspace_id, tier, *, name=None, energy=0, now=None):
+        check_tier(tier)
+        check_amount(energy, "energy")
+        user = User(new_id("usr"), workspace_id, name, tier, energy, None, now_or(now), False)
+        async with self._tx() as conn:
+            if not await conn.fetchval("SELECT 1 FROM workspaces WHERE id = $1", workspace_id):
+                raise NotFound(f"workspace {workspace_id!r}")
+            await conn.execute(
+                f"INSERT INTO users ({_USER_COLS}) VALUES ($1, $2, $3, $4, $5, NULL, $6, false)",
+                user.id, workspace_id, name, tier, energy, user.created_at,
+            )
+            if energy > 0:
+                await self._ledger_row(conn, user.id, None, "grant", energy, energy,
+                                       "initial energy", user.created_at)
+        return user
+
+    async def get_user(self, user_id):
+        r = await self._fetchrow(f"SELECT {_USER_COLS} FROM users WHERE id = $1", user_id)
+        return None if r is None else _user(r)
+
+    async def list_users(self, workspace_id=None):
+        rows = await self._fetch(
+            f"SELECT {_USER_COLS} FROM users WHERE $1::text IS NULL OR workspace_id = $1"
+            " ORDER BY created_at, id",
+            workspace_id,
+        )
+        return [_user(r) for r in rows]
+
+    async def _update_user(self, user_id: str, assignment: str, value: Any) -> User:
+        async with self._tx() as conn:
+            r = await conn.fetchrow(
+                f"UPDATE users SET {assignment} WHERE id = $1 RETURNING {_USER_COLS}",
+                user_id, value,
+            )
+            if r is None:
+                raise NotFound(f"user {user_id!r}")
+        return _user(r)
+
+    async def set_tier(self, user_id, tier):
+        check_tier(tier)
+        return await self._update_user(user_id, "tier = $2", tier)
+
+    async def set_user_disabled(self, user_id, disabled):
+        return await self._update_user(user_id, "disabled = $2", bool(disabled))
+
+    # ---------------------------------------------------------------------- keys
+
+    async def create_key(self, user_id, role="user", *, now=None):
+        check_role(role)
+        async with self._tx() as conn:
+            return await self._insert_key(conn, user_id, role, now_or(now))
+
+    @staticmethod
+    async def _insert_key(conn, user_id: str, role: str, now: float) -> tuple[str, ApiKey]:
+        workspace_id = await conn.fetchval("SELECT workspace_id FROM users WHERE id = $1",
+                                           user_id)
+        if workspace_id is None:
+            raise NotFound(f"user {user_id!r}")
+        plaintext, digest, prefix = new_api_key()
+        key = ApiKey(new_id("key"), user_id, workspace_id, prefix, role, now, None)
+        await conn.execute(
+            "INSERT INTO api_keys (id, user_id, workspace_id, key_hash, prefix, role, created_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            key.id, user_id, workspace_id, digest, prefix, role, now,
+        )
+        return plaintext, key
+
+    async def lookup_key(self, plaintext):
+        r = await self._fetchrow(
+            """SELECT k.id, k.prefix, k.role, k.user_id, k.workspace_id, k.revoked_at,
+                      u.tier, u.disabled
+                 FROM api_keys k JOIN users u ON u.id = k.user_id
+                WHERE k.key_hash = $1""",
+            hash_key(plaintext),
+        )
+        if r is None:
+            return None
+        return KeyIdentity(r["id"], r["prefix"], r["role"], r["user_id"], r["workspace_id"],
+                           r["tier"], r["disabled"], r["revoked_at"] is not None)
+
+    async def revoke_key(self, key_id, *, now=None):
+        async with self._tx() as conn:
+            r = await conn.fetchrow(
+                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $2) WHERE id = $1"
+                f" RETURNING {_KEY_COLS}",
+                key_id, now_or(now),
+            )
+            if r is None:
+                raise NotFound(f"key {key_id!r}")
+        return _key(r)
+
+    async def rotate_key(self, key_id, *, now=None):
+        now = now_or(now)
+        async with self._tx() as conn:
+            old = await conn.fetchrow(
+                "SELECT user_id, role, revoked_at FROM api_keys WHERE id = $1 FOR UPDATE", key_id
+            )
+            if old is None:
+                raise NotFound(f"key {key_id!r}")
+            if old["revoked_at"] is not None:
+                raise StoreConflict(f"key {key_id!r} is revoked and cannot be rotated")
+            await conn.execute("UPDATE api_keys SET revoked_at = $2 WHERE id = $1", key_id, now)
+            return await self._insert_key(conn, old["user_id"], old["role"], now)
+
+    async def list_keys(self, user_id=None, workspace_id=None):
+        rows = await self._fetch(
+            f"SELECT {_KEY_COLS} FROM api_keys"
+            " WHERE ($1::text IS NULL OR user_id = $1) AND ($2::text IS NULL OR workspace_id = $2)"
+            " ORDER BY created_at, id",
+            user_id, workspace_id,
+        )
+        return [_key(r) for r in rows]
+
+    # -------------------------------------------------------------------- energy
+
+    @staticmethod
+    async def _ledger_row(conn, user_id, request_id, kind, amount, balance_after, reason, now):
+        await conn.execute(
+            "INSERT INTO energy_ledger"
+            " (user_id, request_id, kind, amount, balance_after, reason, created_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            user_id, request_id, kind, amount, balance_after, reason, now,
+        )
+
+    async def balance(self, user_id):
+        r = await self._fetchrow("SELECT energy FROM users WHERE id = $1", user_id)
+        if r is None:
+            raise NotFound(f"user {user_id!r}")
+        return r["energy"]
+
+    async def ledger(self, user_id):
+        rows = await self._fetch(
+            f"SELECT {_LEDGER_COLS} FROM energy_ledger WHERE user_id = $1 ORDER BY id", user_id
+        )
+        return [_entry(r) for r in rows]
+
+    async def reserve_energy(self, user_id, amount, request_id, *, refill=None, now=None):
+        check_amount(amount)
+        now = now_or(now)
+        async with self._tx() as conn:
+            u = await conn.fetchrow(
+                "SELECT energy, refilled_at FROM users WHERE id = $1 FOR UPDATE", user_id
+            )
+            if u is None:
+                raise NotFound(f"user {user_id!r}")
+            # Checked under the user lock (a fresh snapshot at READ COMMITTED); the primary
+            # key still catches a race between two users reusing one request_id.
+            if await conn.fetchval("SELECT 1 FROM reservations WHERE request_id = $1",
+                                   request_id):
+                raise StoreConflict(f"request {request_id!r} already has a reservation")
+            r = compute_refill(u["energy"], u["refilled_at"], refill, now)
+            balance = r.balance
+            if r.due:
+                await conn.execute("UPDATE users SET energy = $2, refilled_at = $3 WHERE id = $1",
+                                   user_id, balance, r.refilled_at)
+                if r.delta > 0:
+                    await self._ledger_row(conn, user_id, None, "refill", r.delta, balance,
+                                           None, now)
+            if balance < amount:
+                return Reservation(False, balance, r.delta)  # the refill (if any) is kept
+            balance -= amount
+            await conn.execute("UPDATE users SET energy = $2 WHERE id = $1", user_id, balance)
+            await self._ledger_row(conn, user_id, request_id, "reserve", -amount, balance,
+                                   None, now)
+            await conn.execute(
+                "INSERT INTO reservations (request_id, user_id, amount, status, created_at)"
+                " VALUES ($1, $2, $3, 'reserved', $4)",
+                request_id, user_id, amount, now,
+            )
+        return Reservation(True, balance, r.delta)
+
+    async def _finish_reservation(self, request_id, status, final_amount, kind, reason, now):
+        """reserved -> settled/refunded, returning energy; None if not reserved."""
+        now = now_or(now)
+        async with self._tx() as conn:
+            # The conditional update is the state machine: a concurrent second attempt
+            # blocks on the row, then re-evaluates the WHERE and updates nothing.
+            res = await conn.fetchrow(
+                "UPDATE reservations SET status = $2, finished_at = $3"
+                " WHERE request_id = $1 AND status = 'reserved' RETURNING user_id, amount",
+                request_id, status, now,
+            )
+            if res is None:
+                return None  # unknown, or already settled/refunded: never twice
+            reserved = res["amount"]
+            back = reserved if status == "refunded" else settlement_return(reserved, final_amount)
+            await conn.execute("UPDATE reservations SET final_amount = $2 WHERE request_id = $1",
+                               request_id, reserved - back)
+            balance = await conn.fetchval(
+                "UPDATE users SET energy = energy + $2 WHERE id = $1 RETURNING energy",
+                res["user_id"], back,
+            )
+            await self._ledger_row(conn, res["user_id"], request_id, kind, back, balance,
+                                   reason, now)
+        return balance
+
+    async def settle_energy(self, request_id, final_amount=None, *, now=None):
+        if final_amount is not None:
+            check_amount(final_amount, "final_amount")
+        return await self._finish_reservation(request_id, "settled", final_amount, "settle",
+                                              None, now)
+
+    async def refund_energy(self, request_id, reason=None, *, now=None):
+        return await self._finish_reservation(request_id, "refunded", None, "refund", reason, now)
+
+    async def grant_energy(self, user_id, amount, *, kind="grant", reason=None, now=None):
+        check_grant(amount, kind)
+        now = now_or(now)
+        async with self._tx() as conn:
+            current = await conn.fetchval("SELECT energy FROM users WHERE id = $1 FOR UPDATE",
+                                          user_id)
+            if current is None:
+                raise NotFound(f"user {user_id!r}")
+            balance = current + amount
+            if balance < 0:
+                raise InsufficientEnergy(
+                    f"user {user_id!r} has {current}, cannot adjust by {amount}")
+            await conn.execute("UPDATE users SET energy = $2 WHERE id = $1", user_id, balance)
+            await self._ledger_row(conn, user_id, None, kind, amount, balance, reason, now)
+        return balance
+
+    async def stale_reservations(self, older_than):
+        rows = await self._fetch(
+            "SELECT request_id FROM reservations WHERE status = 'reserved' AND created_at <= $1"
+            " ORDER BY created_at",
+            older_than,
+        )
+        return [r["request_id"] for r in rows]
+
+    # --------------------------------------------------------------- idempotency
+
+    async def begin_idempotent(self, user_id, key, request_id, *, fingerprint, window, now=None):
+        now = now_or(now)
+        async with self._tx() as conn:
+            if not await conn.fetchval("SELECT 1 FROM users WHERE id = $1", user_id):
+                raise NotFound(f"user {user_id!r}")
+            # Loop only if the claim we collided with is released before we can read it.
+            while True:
+                claimed = await conn.fetchval(
+                    "INSERT INTO idempotency_keys"
+                    " (user_id, key, request_id, fingerprint, status, created_at)"
+                    " VALUES ($1, $2, $3, $4, 'in_flight', $5)"
+                    " ON CONFLICT (user_id, key) DO NOTHING RETURNING 1",
+                    user_id, key, request_id, fingerprint, now,
+                )
+                if claimed:
+                    return IdempotencyState("new", None, None, request_id)
+                row = await conn.fetchrow(
+                    "SELECT request_id, fingerprint, status, status_code, body, created_at"
+                    " FROM idempotency_keys WHERE user_id = $1 AND key = $2 FOR UPDATE",
+                    user_id, key,
+                )
+                if row is not None:
+                    break
+            decision = idempotency_decision(
+                stored_status=row["status"], stored_fingerprint=row["fingerprint"],
+                stored_created_at=row["created_at"], fingerprint=fingerprint, window=window,
+                now=now,
+            )
+            if decision == "reclaim":
+                await conn.execute(
+                    "UPDATE idempotency_keys SET request_id = $3, fingerprint = $4,"
+                    " status = 'in_flight', status_code = NULL, body = NULL, created_at = $5,"
+                    " finished_at = NULL WHERE user_id = $1 AND key = $2",
+                    user_id, key, request_id, fingerprint, now,
+                )
+                return IdempotencyState("new", None, None, request_id)
+            if decision == "done":
+                return IdempotencyState("done", row["status_code"], row["body"],
+                                        row["request_id"])
+            return IdempotencyState(decision, None, None, row["request_id"])
+
+    async def finish_idempotent(self, user_id, key, status_code, body, *, request_id=None,
+                                now=None):
+        async with self._tx() as conn:
+            done = await conn.fetchval(
+                "UPDATE idempotency_keys SET status = 'done', status_code = $3, body = $4,"
+                " finished_at = $5"
+                " WHERE user_id = $1 AND key = $2 AND status = 'in_flight'"
+                " AND ($6::text IS NULL OR request_id = $6) RETURNING 1",
+                user_id, key, int(status_code), bytes(body), now_or(now), request_id,
+            )
+        return bool(done)
+
+    async def release_idempotent(self, user_id, key, *, request_id=None):
+        async with self._tx() as conn:
+            deleted = await conn.fetchval(
+                "DELETE FROM idempotency_keys"
+                " WHERE user_id = $1 AND key = $2 AND status = 'in_flight'"
+                " AND ($3::text IS NULL OR request_id = $3) RETURNING 1",
+                user_id, key, request_id,
+            )
+        return bool(deleted)
+
+    # --------------------------------------------------------------------- usage
+
+    async def insert_usage(self, rows, *, now=None):
+        now = now_or(now)
+        normalized = [normalize_usage_row(row, now) for row in rows]
+        if not normalized:
+            return 0
+        columns = []
+        for name, kind in USAGE_COLUMNS.items():
+            values = [r[name] for r in normalized]
+            if kind == "time":
+                values = [datetime.fromtimestamp(v, timezone.utc) for v in values]
+            columns.append(values)
+        # One statement for the whole batch, so the count of inserted rows is exact.
+        async with self._tx() as conn:
+            inserted = await conn.fetch(_USAGE_INSERT, *columns)
+        return len(inserted)
+
+    async def usage_rows(self, since=None, workspace_id=None):
+        # Built per call rather than "$1 IS NULL OR ...", so the (workspace_id, created_at)
+        # and created_at indexes stay usable by the prepared statement's plan.
+        where, args = [], []
+        if since is not None:
+            args.append(datetime.fromtimestamp(since, timezone.utc))
+            where.append(f"created_at >= ${len(args)}")
+        if workspace_id is not None:
+            args.append(workspace_id)
+            where.append(f"workspace_id = ${len(args)}")
+        sql = "SELECT * FROM ai_usage_logs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = await self._fetch(sql + " ORDER BY created_at, id", *args)
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["created_at"] = d["created_at"].timestamp()
+            out.append(d)
+        return out

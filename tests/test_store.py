@@ -1,0 +1,639 @@
+"""The store's money rules, proven on real databases (SQLite file and PostgreSQL).
+
+Every test runs against both backends. Concurrency is tested the way production hits the
+store: many asyncio tasks on one Store, two Store instances on one database (two gateway
+processes' worth of connections) and, for real, two OS processes.
+
+After every energy scenario `assert_ledger_consistent` checks the invariant that makes
+the billing auditable: the balance equals the sum of the ledger, and each row's
+balance_after is the running sum, never negative.
+
+PostgreSQL: GATEWAY_TEST_PG_URL (default postgresql://postgres@127.0.0.1:5432/test); each
+test gets its own schema, dropped afterwards. If the server is unreachable the postgres
+variants are skipped (with the reason shown), never silently passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import secrets
+import sqlite3
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from gateway.store import (
+    InsufficientEnergy,
+    NotFound,
+    Store,
+    StoreConflict,
+    compute_refill,
+    open_store,
+)
+
+PG_URL = os.environ.get("GATEWAY_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+T0 = 1_700_000_000.0  # a fixed "now" for tests that move time
+
+
+# ----------------------------------------------------------------------- fixtures
+
+
+@pytest_asyncio.fixture(params=["sqlite", "postgres"])
+async def store_url(request, tmp_path):
+    """A URL to an empty database of each backend."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/gateway.db"  # tmp_path is absolute: sqlite:////...
+        return
+    try:
+        conn = await asyncpg.connect(PG_URL, timeout=5)
+    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+        pytest.skip(f"PostgreSQL unreachable at {PG_URL}: {exc}")
+    await conn.close()
+    schema = f"test_store_{secrets.token_hex(6)}"
+    yield f"{PG_URL}?schema={schema}"
+    conn = await asyncpg.connect(PG_URL)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+@pytest_asyncio.fixture
+async def store(store_url):
+    s = open_store(store_url)
+    await s.open()
+    yield s
+    await s.close()
+
+
+@pytest_asyncio.fixture
+async def user(store):
+    ws = await store.create_workspace("acme")
+    return await store.create_user(ws.id, "free", name="Ada", energy=100, now=T0)
+
+
+async def assert_ledger_consistent(store: Store, user_id: str) -> None:
+    entries = await store.ledger(user_id)
+    running = 0
+    for e in entries:
+        running += e.amount
+        assert e.balance_after == running, (e, running)
+        assert e.balance_after >= 0
+    assert await store.balance(user_id) == running
+    assert [e.id for e in entries] == sorted(e.id for e in entries)
+
+
+async def count_rows(url: str, table: str) -> int:
+    """Counts with a raw connection, to check what the store wrote (not what it says)."""
+    if url.startswith("sqlite"):
+        with sqlite3.connect(url[len("sqlite:///"):]) as db:
+            return db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    base, schema = url.split("?schema=")
+    conn = await asyncpg.connect(base)
+    try:
+        return await conn.fetchval(f'SELECT count(*) FROM "{schema}".{table}')
+    finally:
+        await conn.close()
+
+
+# --------------------------------------------------------------------- migrations
+
+
+@pytest.mark.asyncio
+async def test_migrations_are_idempotent_and_safe_when_two_processes_start(store_url):
+    a, b = open_store(store_url), open_store(store_url)
+    await asyncio.gather(a.open(), b.open())  # both race to migrate an empty database
+    try:
+        assert await a.ping() and await b.ping()
+        assert await a.migrate() == []
+        assert await b.migrate() == []
+        assert await count_rows(store_url, "schema_migrations") == 1
+        ws = await a.create_workspace("acme")
+        assert (await b.get_workspace("acme")) == ws
+    finally:
+        await a.close()
+        await b.close()
+    c = open_store(store_url)  # reopening an up-to-date database changes nothing
+    async with c:
+        assert await c.migrate() == []
+        assert [w.name for w in await c.list_workspaces()] == ["acme"]
+    assert await count_rows(store_url, "schema_migrations") == 1
+
+
+@pytest.mark.asyncio
+async def test_sqlite_memory_url_works():
+    async with open_store("sqlite:///:memory:") as s:
+        ws = await s.create_workspace("mem")
+        u = await s.create_user(ws.id, "free", energy=3)
+        assert (await s.reserve_energy(u.id, 2, "r")).balance == 1
+        await assert_ledger_consistent(s, u.id)
+
+
+def test_open_store_urls(tmp_path):
+    assert open_store("sqlite:///rel/path.db").path == "rel/path.db"
+    assert open_store("sqlite:////abs/path.db").path == "/abs/path.db"
+    pg = open_store("postgres://u@h:5432/db?schema=tenant_a")
+    assert pg.schema == "tenant_a" and "schema" not in pg.dsn
+    with pytest.raises(ValueError):
+        open_store("postgresql://u@h/db?schema=bad;drop")
+    with pytest.raises(ValueError):
+        open_store("mysql://u@h/db")
+
+
+@pytest.mark.asyncio
+async def test_ping_false_when_closed(store):
+    assert await store.ping()
+    await store.close()
+    assert not await store.ping()
+
+
+# ------------------------------------------------------------ workspaces and users
+
+
+@pytest.mark.asyncio
+async def test_workspaces(store):
+    ws = await store.create_workspace("acme", profile={"org": "Acme"}, ai_settings={"m": 1},
+                                      now=T0)
+    assert ws.id.startswith("ws_") and ws.created_at == T0
+    assert await store.get_workspace(ws.id) == ws
+    assert await store.get_workspace("acme") == ws
+    assert await store.get_workspace("nope") is None
+
+    with pytest.raises(StoreConflict):
+        await store.create_workspace("acme")
+    with pytest.raises(ValueError):
+        await store.create_workspace("Not A Slug")
+    assert await store.list_workspaces() == [ws]
+
+    updated = await store.update_workspace(ws.id, ai_settings={"m": 2})
+    assert updated.profile == {"org": "Acme"} and updated.ai_settings == {"m": 2}
+    updated = await store.update_workspace(ws.id, profile={})
+    assert updated.profile == {} and updated.ai_settings == {"m": 2}
+    assert await store.get_workspace("acme") == updated
+    with pytest.raises(NotFound):
+        await store.update_workspace("ws_missing", profile={"x": 1})
+
+    other = await store.create_workspace("beta")
+    assert await store.list_workspaces() == [updated, other]
+
+
+@pytest.mark.asyncio
+async def test_users(store):
+    ws = await store.create_workspace("acme")
+    ws2 = await store.create_workspace("beta")
+    u = await store.create_user(ws.id, "free", name="Ada", energy=50, now=T0)
+    assert u.id.startswith("usr_") and u.energy == 50 and not u.disabled
+    assert u.refilled_at is None and u.created_at == T0
+    assert await store.get_user(u.id) == u
+    assert await store.get_user("usr_missing") is None
+
+    # initial energy is a grant in the ledger from the first moment
+    [entry] = await store.ledger(u.id)
+    assert (entry.kind, entry.amount, entry.balance_after) == ("grant", 50, 50)
+    v = await store.create_user(ws2.id, "pro")
+    assert await store.ledger(v.id) == []  # 0 energy: no row needed
+
+    assert [x.id for x in await store.list_users()] == [u.id, v.id]
+    assert [x.id for x in await store.list_users(ws2.id)] == [v.id]
+
+    assert (await store.set_tier(u.id, "pro")).tier == "pro"
+    assert (await store.set_user_disabled(u.id, True)).disabled
+    assert (await store.get_user(u.id)).disabled
+
+    with pytest.raises(NotFound):
+        await store.create_user("ws_missing", "free")
+    with pytest.raises(ValueError):
+        await store.create_user(ws.id, "free", energy=-1)
+    with pytest.raises(NotFound):
+        await store.set_tier("usr_missing", "pro")
+    assert len(await store.list_users()) == 2
+
+
+# ------------------------------------------------------------------------ keys
+
+
+@pytest.mark.asyncio
+async def test_keys(store, user):
+    plaintext, key = await store.create_key(user.id, role="workspace_admin", now=T0)
+    assert plaintext.startswith("gw-") and len(plaintext) == 3 + 43
+    assert key.prefix == plaintext[:10] and key.role == "workspace_admin"
+    assert key.user_id == user.id and key.workspace_id == user.workspace_id
+    assert key.revoked_at is None and key.created_at == T0
+
+    ident = await store.lookup_key(plaintext)
+    assert ident.key_id == key.id and ident.user_id == user.id and ident.tier == "free"
+    assert ident.role == "workspace_admin" and not ident.revoked and not ident.user_disabled
+    assert await store.lookup_key(plaintext + "x") is None
+    assert await store.lookup_key("gw-unknown") is None
+
+    await store.set_user_disabled(user.id, True)
+    assert (await store.lookup_key(plaintext)).user_disabled
+
+    # rotate: old key revoked, new one for the same user and role, atomically
+    new_plain, new_key = await store.rotate_key(key.id, now=T0 + 1)
+    assert new_plain != plaintext and new_key.role == "workspace_admin"
+    assert (await store.lookup_key(plaintext)).revoked
+    assert not (await store.lookup_key(new_plain)).revoked
+    with pytest.raises(StoreConflict):
+        await store.rotate_key(key.id)  # a revoked key cannot be brought back
+    with pytest.raises(NotFound):
+        await store.rotate_key("key_missing")
+
+    # revoke is idempotent and keeps the first revocation time
+    revoked = await store.revoke_key(new_key.id, now=T0 + 2)
+    assert revoked.revoked_at == T0 + 2
+    assert (await store.revoke_key(new_key.id, now=T0 + 3)).revoked_at == T0 + 2
+    with pytest.raises(NotFound):
+        await store.revoke_key("key_missing")
+
+    with pytest.raises(ValueError):
+        await store.create_key(user.id, role="root")
+    with pytest.raises(NotFound):
+        await store.create_key("usr_missing")
+
+    ws2 = await store.create_workspace("beta")
+    other = await store.create_user(ws2.id, "free")
+    _, other_key = await store.create_key(other.id)
+    assert [k.id for k in await store.list_keys(user_id=user.id)] == [key.id, new_key.id]
+    assert [k.id for k in await store.list_keys(workspace_id=ws2.id)] == [other_key.id]
+    assert len(await store.list_keys()) == 3
+
+
+@pytest.mark.asyncio
+async def test_rotate_race_issues_one_successor(store, user):
+    _, key = await store.create_key(user.id)
+    results = await asyncio.gather(*(store.rotate_key(key.id) for _ in range(5)),
+                                   return_exceptions=True)
+    assert sum(not isinstance(r, Exception) for r in results) == 1
+    assert all(isinstance(r, StoreConflict) for r in results if isinstance(r, Exception))
+    assert len(await store.list_keys(user_id=user.id)) == 2
+
+
+# ---------------------------------------------------------------------- energy
+
+
+@pytest.mark.asyncio
+async def test_reserve_settle_refund_happy_paths(store, user):
+    r = await store.reserve_energy(user.id, 30, "req-1", now=T0)
+    assert (r.ok, r.balance, r.refilled) == (True, 70, 0)
+    assert await store.settle_energy("req-1", 10) == 90  # 20 back
+
+    await store.reserve_energy(user.id, 30, "req-2")
+    assert await store.settle_energy("req-2") == 60  # as reserved: settle row of 0
+
+    await store.reserve_energy(user.id, 30, "req-3")
+    assert await store.refund_energy("req-3", reason="upstream 500") == 60
+
+    await store.reserve_energy(user.id, 10, "req-4")
+    assert await store.settle_energy("req-4", 999) == 50  # clamped to the reservation
+
+    r = await store.reserve_energy(user.id, 0, "req-5")
+    assert (r.ok, r.balance) == (True, 50)
+    assert await store.settle_energy("req-5", 0) == 50
+
+    r = await store.reserve_energy(user.id, 51, "req-6")
+    assert (r.ok, r.balance) == (False, 50)
+    assert await store.settle_energy("req-6") is None  # nothing was reserved
+
+    kinds = [(e.kind, e.amount, e.request_id) for e in await store.ledger(user.id)]
+    assert kinds == [
+        ("grant", 100, None),
+        ("reserve", -30, "req-1"), ("settle", 20, "req-1"),
+        ("reserve", -30, "req-2"), ("settle", 0, "req-2"),
+        ("reserve", -30, "req-3"), ("refund", 30, "req-3"),
+        ("reserve", -10, "req-4"), ("settle", 0, "req-4"),
+        ("reserve", 0, "req-5"), ("settle", 0, "req-5"),
+    ]
+    refund = [e for e in await store.ledger(user.id) if e.kind == "refund"][0]
+    assert refund.reason == "upstream 500"
+    await assert_ledger_consistent(store, user.id)
+
+
+@pytest.mark.asyncio
+async def test_energy_errors_change_nothing(store, user):
+    await store.reserve_energy(user.id, 10, "dup")
+    before = (await store.balance(user.id), await store.ledger(user.id))
+
+    with pytest.raises(StoreConflict):
+        await store.reserve_energy(user.id, 10, "dup")
+    with pytest.raises(StoreConflict):  # even when the balance could not cover it
+        await store.reserve_energy(user.id, 10_000, "dup")
+    with pytest.raises(NotFound):
+        await store.reserve_energy("usr_missing", 1, "x")
+    with pytest.raises(ValueError):
+        await store.reserve_energy(user.id, -1, "neg")
+    with pytest.raises(ValueError):
+        await store.settle_energy("dup", -5)
+    with pytest.raises(ValueError):
+        await store.grant_energy(user.id, -5)
+    with pytest.raises(ValueError):
+        await store.grant_energy(user.id, 0)
+    with pytest.raises(ValueError):
+        await store.grant_energy(user.id, 5, kind="refill")
+    with pytest.raises(NotFound):
+        await store.grant_energy("usr_missing", 5)
+    with pytest.raises(InsufficientEnergy):
+        await store.grant_energy(user.id, -91, kind="adjust")
+
+    assert (await store.balance(user.id), await store.ledger(user.id)) == before
+    assert await store.settle_energy("dup") == 90  # the original reservation is intact
+    with pytest.raises(NotFound):
+        await store.balance("usr_missing")
+
+
+@pytest.mark.asyncio
+async def test_grant_and_adjust(store, user):
+    assert await store.grant_energy(user.id, 25, reason="promo") == 125
+    assert await store.grant_energy(user.id, -125, kind="adjust", reason="chargeback") == 0
+    assert await store.grant_energy(user.id, 7, kind="adjust") == 7
+    tail = [(e.kind, e.amount, e.reason) for e in (await store.ledger(user.id))[1:]]
+    assert tail == [("grant", 25, "promo"), ("adjust", -125, "chargeback"), ("adjust", 7, None)]
+    await assert_ledger_consistent(store, user.id)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "first, second",
+    [("settle", "settle"), ("refund", "settle"), ("settle", "refund"), ("refund", "refund")],
+)
+async def test_settle_and_refund_are_idempotent(store, user, first, second):
+    await store.reserve_energy(user.id, 40, "req")
+
+    async def do(action):
+        if action == "settle":
+            return await store.settle_energy("req", 15)
+        return await store.refund_energy("req")
+
+    after_first = await do(first)
+    assert after_first == (85 if first == "settle" else 100)  # 100 - 15 charged
+    assert await do(second) is None
+    assert await store.balance(user.id) == after_first
+    outcomes = [e for e in await store.ledger(user.id) if e.kind in ("settle", "refund")]
+    assert len(outcomes) == 1
+    await assert_ledger_consistent(store, user.id)
+    assert await store.settle_energy("never-reserved") is None
+    assert await store.refund_energy("never-reserved") is None
+
+
+@pytest.mark.asyncio
+async def test_concurrent_settles_and_refunds_pay_back_once(store, user):
+    other = open_store(store.url)
+    async with other:
+        for i in range(5):
+            await store.reserve_energy(user.id, 10, f"r{i}")
+        calls = []
+        for i in range(5):
+            for s in (store, other):
+                calls += [s.settle_energy(f"r{i}", 4), s.refund_energy(f"r{i}")]
+        results = await asyncio.gather(*calls)
+    assert sum(r is not None for r in results) == 5  # exactly one outcome per request
+    outcomes = [e for e in await store.ledger(user.id) if e.kind in ("settle", "refund")]
+    assert sorted(e.request_id for e in outcomes) == [f"r{i}" for i in range(5)]
+    await assert_ledger_consistent(store, user.id)
+
+
+@pytest.mark.asyncio
+async def test_stale_reservations(store, user):
+    await store.reserve_energy(user.id, 5, "old", now=T0)
+    await store.reserve_energy(user.id, 5, "new", now=T0 + 100)
+    await store.reserve_energy(user.id, 5, "done", now=T0)
+    await store.settle_energy("done")
+    assert await store.stale_reservations(T0 + 50) == ["old"]
+    assert await store.refund_energy("old", reason="stale") == 90
+    assert await store.stale_reservations(T0 + 50) == []
+    await assert_ledger_consistent(store, user.id)
+
+
+# ------------------------------------------------------------------ concurrency
+
+
+@pytest.mark.asyncio
+async def test_200_concurrent_reserves_on_one_store(store, user):
+    results = await asyncio.gather(
+        *(store.reserve_energy(user.id, 1, f"req-{i}") for i in range(200))
+    )
+    assert sum(r.ok for r in results) == 100
+    assert all(r.balance >= 0 for r in results)
+    assert await store.balance(user.id) == 0
+    await assert_ledger_consistent(store, user.id)
+
+
+@pytest.mark.asyncio
+async def test_200_reserves_interleaved_across_two_stores(store, user):
+    other = open_store(store.url)  # a second "process": its own connection(s)
+    async with other:
+        results = await asyncio.gather(
+            *((store if i % 2 else other).reserve_energy(user.id, 1, f"req-{i}")
+              for i in range(200))
+        )
+    assert sum(r.ok for r in results) == 100
+    assert await store.balance(user.id) == 0
+    await assert_ledger_consistent(store, user.id)
+    assert await count_rows(store.url, "reservations") == 100
+
+
+def _reserve_in_process(url: str, user_id: str, tag: str, n: int, barrier_dir: str) -> int:
+    """Runs in a spawned process: open a Store, wait for the sibling, reserve n times."""
+
+    async def run() -> int:
+        async with open_store(url) as s:
+            Path(barrier_dir, tag).touch()
+            deadline = time.monotonic() + 30
+            while len(os.listdir(barrier_dir)) < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            results = await asyncio.gather(
+                *(s.reserve_energy(user_id, 1, f"{tag}-{i}") for i in range(n))
+            )
+            return sum(r.ok for r in results)
+
+    return asyncio.run(run())
+
+
+@pytest.mark.asyncio
+async def test_two_os_processes_never_overdraw(store, user, tmp_path):
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    loop = asyncio.get_running_loop()
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        oks = await asyncio.gather(*(
+            loop.run_in_executor(pool, _reserve_in_process, store.url, user.id, tag, 100,
+                                 str(barrier))
+            for tag in ("p1", "p2")
+        ))
+    assert sum(oks) == 100, oks
+    assert await store.balance(user.id) == 0
+    await assert_ledger_consistent(store, user.id)
+
+
+# ---------------------------------------------------------------- lazy refill
+
+
+def test_compute_refill_arithmetic():
+    # first use starts the schedule now
+    r = compute_refill(3, None, (10, 60.0), T0)
+    assert (r.due, r.balance, r.delta, r.refilled_at) == (True, 10, 7, T0)
+    # not yet due
+    assert not compute_refill(3, T0, (10, 60.0), T0 + 59.999).due
+    # whole periods only: 2.5 periods later -> advanced by 2
+    r = compute_refill(3, T0, (10, 60.0), T0 + 150)
+    assert (r.balance, r.refilled_at) == (10, T0 + 120)
+    # exactly on the boundary
+    assert compute_refill(0, T0, (10, 0.1), T0 + 0.3).refilled_at <= T0 + 0.3
+    # above the allowance: nothing added, schedule still advances
+    r = compute_refill(25, T0, (10, 60.0), T0 + 60)
+    assert (r.due, r.balance, r.delta, r.refilled_at) == (True, 25, 0, T0 + 60)
+    with pytest.raises(ValueError):
+        compute_refill(0, None, (10, 0), T0)
+
+
+@pytest.mark.asyncio
+async def test_lazy_refill(store):
+    ws = await store.create_workspace("acme")
+    u = await store.create_user(ws.id, "free")
+    day = 86_400.0
+    allowance = (10, day)
+
+    r = await store.reserve_energy(u.id, 4, "a", refill=allowance, now=T0)  # first use
+    assert (r.ok, r.balance, r.refilled) == (True, 6, 10)
+    assert (await store.get_user(u.id)).refilled_at == T0
+
+    r = await store.reserve_energy(u.id, 1, "b", refill=allowance, now=T0 + day - 1)
+    assert (r.ok, r.balance, r.refilled) == (True, 5, 0)  # not before a full period
+
+    r = await store.reserve_energy(u.id, 1, "c", refill=allowance, now=T0 + 2.5 * day)
+    assert (r.ok, r.balance, r.refilled) == (True, 9, 5)  # topped up to 10, not +10 per day
+    assert (await store.get_user(u.id)).refilled_at == T0 + 2 * day  # whole periods
+
+    # a grant above the allowance survives the next refill
+    await store.grant_energy(u.id, 50)  # 59
+    r = await store.reserve_energy(u.id, 1, "d", refill=allowance, now=T0 + 3 * day)
+    assert (r.ok, r.balance, r.refilled) == (True, 58, 0)
+    assert (await store.get_user(u.id)).refilled_at == T0 + 3 * day
+
+    # a refused reservation still keeps the refill it triggered
+    await store.grant_energy(u.id, -58, kind="adjust")
+    r = await store.reserve_energy(u.id, 11, "e", refill=allowance, now=T0 + 4 * day)
+    assert (r.ok, r.balance, r.refilled) == (False, 10, 10)
+    assert await store.balance(u.id) == 10
+
+    kinds = [(e.kind, e.amount) for e in await store.ledger(u.id)]
+    assert kinds.count(("refill", 10)) == 2 and ("refill", 5) in kinds
+    await assert_ledger_consistent(store, u.id)
+
+
+@pytest.mark.asyncio
+async def test_concurrent_refill_happens_once(store):
+    ws = await store.create_workspace("acme")
+    u = await store.create_user(ws.id, "free")
+    other = open_store(store.url)
+    async with other:
+        results = await asyncio.gather(*(
+            (store if i % 2 else other).reserve_energy(u.id, 1, f"r{i}", refill=(10, 60.0),
+                                                       now=T0)
+            for i in range(30)
+        ))
+    assert sum(r.ok for r in results) == 10
+    assert sum(r.refilled for r in results) == 10
+    await assert_ledger_consistent(store, u.id)
+
+
+# ------------------------------------------------------------ idempotency keys
+
+
+@pytest.mark.asyncio
+async def test_idempotency_key_states(store, user):
+    begin = store.begin_idempotent
+    s = await begin(user.id, "k1", "req-1", fingerprint="fp", window=60, now=T0)
+    assert (s.status, s.request_id) == ("new", "req-1")
+
+    s = await begin(user.id, "k1", "req-2", fingerprint="fp", window=60, now=T0 + 1)
+    assert (s.status, s.request_id) == ("in_flight", "req-1")
+    s = await begin(user.id, "k1", "req-2", fingerprint="other", window=60, now=T0 + 1)
+    assert (s.status, s.request_id) == ("mismatch", "req-1")
+
+    assert not await store.finish_idempotent(user.id, "k1", 200, b"x", request_id="req-2")
+    assert await store.finish_idempotent(user.id, "k1", 200, b'{"ok":1}', request_id="req-1")
+    assert not await store.finish_idempotent(user.id, "k1", 500, b"again")  # already done
+    s = await begin(user.id, "k1", "req-3", fingerprint="fp", window=60, now=T0 + 2)
+    assert (s.status, s.status_code, s.body, s.request_id) == ("done", 200, b'{"ok":1}', "req-1")
+    s = await begin(user.id, "k1", "req-3", fingerprint="other", window=60, now=T0 + 2)
+    assert s.status == "mismatch"
+    assert not await store.release_idempotent(user.id, "k1")  # a stored response stays
+
+    # expired: the key is free again, for any fingerprint
+    s = await begin(user.id, "k1", "req-4", fingerprint="new-fp", window=60, now=T0 + 60)
+    assert (s.status, s.request_id, s.body) == ("new", "req-4", None)
+
+    # released after a failed attempt: a retry runs again
+    assert not await store.release_idempotent(user.id, "k1", request_id="req-1")
+    assert await store.release_idempotent(user.id, "k1", request_id="req-4")
+    s = await begin(user.id, "k1", "req-5", fingerprint="fp", window=60, now=T0 + 61)
+    assert (s.status, s.request_id) == ("new", "req-5")
+
+    # keys are per user
+    ws = await store.get_workspace(user.workspace_id)
+    other = await store.create_user(ws.id, "free")
+    s = await begin(other.id, "k1", "req-6", fingerprint="fp", window=60, now=T0 + 61)
+    assert s.status == "new"
+    with pytest.raises(NotFound):
+        await begin("usr_missing", "k1", "req-7", fingerprint="fp", window=60)
+
+
+@pytest.mark.asyncio
+async def test_concurrent_begin_idempotent_claims_once(store, user):
+    other = open_store(store.url)
+    async with other:
+        states = await asyncio.gather(*(
+            (store if i % 2 else other).begin_idempotent(
+                user.id, "same-key", f"req-{i}", fingerprint="fp", window=60)
+            for i in range(20)
+        ))
+    new = [s for s in states if s.status == "new"]
+    assert len(new) == 1
+    assert all(s.status == "in_flight" and s.request_id == new[0].request_id
+               for s in states if s.status != "new")
+
+
+# ----------------------------------------------------------------------- usage
+
+
+@pytest.mark.asyncio
+async def test_usage_insert_batch_and_duplicates(store):
+    rows = [
+        {"request_id": "r1", "user_id": "usr_a", "workspace_id": "ws_a", "action": "chat",
+         "provider": "openai", "model": "gpt-4o-mini", "requested_model": "gpt-4o",
+         "downgraded_from": "gpt-4o", "tokens_prompt": 10, "tokens_completion": 5,
+         "tokens_total": 15, "cost_usd": 0.00123, "status": 200, "latency_ms": 812,
+         "ttfb_ms": 120, "streamed": True, "energy_cost": 3, "cache_hit": False,
+         "retries": 1, "usage_estimated": True, "created_at": T0},
+        {"request_id": "r2", "workspace_id": "ws_b", "status": 502, "error_type": "upstream",
+         "created_at": T0 + 10},
+        {"request_id": "r1", "model": "duplicate in the same batch"},
+    ]
+    assert await store.insert_usage(rows) == 2
+    assert await store.insert_usage(rows[:2]) == 0  # a retried flush writes nothing
+    assert await store.insert_usage([]) == 0
+    assert await count_rows(store.url, "ai_usage_logs") == 2
+
+    got = await store.usage_rows()
+    assert [r["request_id"] for r in got] == ["r1", "r2"]
+    first = got[0]
+    assert first["created_at"] == pytest.approx(T0, abs=1e-6)
+    assert first["streamed"] is True and first["cache_hit"] is False
+    assert first["usage_estimated"] is True and first["retries"] == 1
+    assert first["cost_usd"] == pytest.approx(0.00123) and first["tokens_total"] == 15
+    assert first["model"] == "gpt-4o-mini" and isinstance(first["id"], int)
+    assert got[1]["tokens_total"] == 0 and got[1]["streamed"] is False  # defaults
+
+    assert [r["request_id"] for r in await store.usage_rows(since=T0 + 5)] == ["r2"]
+    assert [r["request_id"] for r in await store.usage_rows(workspace_id="ws_a")] == ["r1"]
+
+    with pytest.raises(ValueError):
+        await store.insert_usage([{"request_id": "r3", "modle": "typo"}])
+    assert await count_rows(store.url, "ai_usage_logs") == 2
