@@ -15,6 +15,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 install: $(STAMP)
 
 run: install                  ## start the gateway on 127.0.0.1:8080 (SQLite in ./data)
+	$(BIN)/python proxy.py bootstrap --config config.yaml
 	$(BIN)/python proxy.py serve --config config.yaml
 
 test: install                 ## the whole suite

@@ -35,6 +35,7 @@ from gateway.directory import Directory  # noqa: E402
 from gateway.dispatch import UpstreamError  # noqa: E402
 from gateway.errors import ApiError, bad_request, internal_error  # noqa: E402
 from gateway.router import Router, upstream_to_api_error  # noqa: E402
+from gateway.usage import finalize_usage, unpriced_models, warm_up  # noqa: E402
 from plugins import build_plugins, validate_plugin_settings  # noqa: E402
 from plugins.base import Plugin, RequestContext, Services, Usage  # noqa: E402
 
@@ -107,6 +108,10 @@ class Chain:
             ctx.status = error.status
         elif ctx.status is None:
             ctx.status = 200
+        try:
+            finalize_usage(ctx)  # tokens (estimated if need be) and USD, for every plugin
+        except Exception:
+            log.exception("finalize_usage_failed", request_id=ctx.request_id)
         task = asyncio.ensure_future(self._run_ending(ctx))
         self._endings.add(task)
         task.add_done_callback(self._endings.discard)
@@ -306,6 +311,7 @@ async def _run(request: web.Request, gw: Gateway, ctx: RequestContext,
                                code="model_not_found", param="model")
             ctx.model = ctx.candidates[0]
             if ctx.model != ctx.requested_model:
+                ctx.downgraded_from = ctx.requested_model
                 ctx.response_headers["X-Model-Downgraded-From"] = ctx.requested_model
                 if ctx.downgrade_reason:
                     ctx.response_headers["X-Model-Downgrade-Reason"] = ctx.downgrade_reason
@@ -574,6 +580,7 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
     app = web.Application(middlewares=[openai_errors], client_max_size=config.server.max_body_bytes + 1024)
     services = Services(store=store, config=config)
     plugins = build_plugins(config.plugins, services)
+    services.plugins = plugins
     gw = Gateway(config=config, chain=Chain(plugins), router=router or Router(), store=store)
     app[GATEWAY] = gw
     owns_store = store is None
@@ -591,6 +598,11 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
             await gw.store.close()
 
     async def plugins_ctx(app: web.Application) -> AsyncIterator[None]:
+        missing = unpriced_models(config)
+        if missing:
+            log.warning("model_price_unknown", models=missing,
+                        hint="set models[].pricing in config.yaml; their cost_usd is logged as null")
+        await asyncio.get_running_loop().run_in_executor(None, warm_up)
         await gw.chain.startup()
         gw.ready = True
         yield

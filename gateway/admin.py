@@ -18,7 +18,7 @@ from gateway.directory import Directory
 from gateway.errors import ApiError
 from gateway.store import NotFound, StoreConflict
 
-_WORKSPACE_NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,62}$")
+_WORKSPACE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ class Admin:
         if not scope.is_master:
             raise ApiError(403, "only the master key can create workspaces", code="forbidden")
         if not isinstance(name, str) or not _WORKSPACE_NAME.match(name):
-            raise ApiError(400, "workspace name must be 1-63 lowercase letters, digits, '-' or '_'",
+            raise ApiError(400, "workspace name must be 1-63 lowercase letters, digits or '-'",
                            param="name", code="invalid_name")
         self._check_json_object(profile, "profile")
         self._check_json_object(ai_settings, "ai_settings")
@@ -241,3 +241,31 @@ class Admin:
         if self.directory is not None:
             self.directory.forget_key(key.id)
         return {**as_dict(new_key), "api_key": plaintext, "replaces": key.id}
+
+    # --- usage reports ----------------------------------------------------------------
+
+    async def usage_report(self, scope: Scope, kind: str, days: int = 7, workspace: str | None = None,
+                           limit: int = 10) -> dict:
+        from gateway.reports import REPORTS, build_report
+
+        if kind not in REPORTS:
+            raise ApiError(404, f"unknown report '{kind}' (one of {', '.join(REPORTS)})", code="not_found")
+        if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 3660:
+            raise ApiError(400, "days must be an integer between 1 and 3660", param="days")
+        workspace_id = await self._report_workspace(scope, workspace)
+        return await build_report(self.store, kind, days=days, workspace_id=workspace_id, limit=limit,
+                                  threshold=self.config.reports.weekly_cost_threshold_usd)
+
+    async def dashboard(self, scope: Scope, window_seconds: float, workspace: str | None = None) -> dict:
+        import time
+
+        from gateway.reports import dashboard
+
+        workspace_id = await self._report_workspace(scope, workspace)
+        rows = await self.store.usage_rows(since=time.time() - window_seconds, workspace_id=workspace_id)
+        return {**dashboard(rows), "windowSeconds": window_seconds, "workspaceId": workspace_id}
+
+    async def _report_workspace(self, scope: Scope, workspace: str | None) -> str | None:
+        if workspace is not None:
+            return (await self._workspace(scope, workspace)).id
+        return None if scope.is_master else scope.workspace_id

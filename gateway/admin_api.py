@@ -18,6 +18,8 @@ be probed). Errors are OpenAI-shaped like everywhere else.
     GET    /admin/keys[?user=U]
     POST   /admin/keys/{key}/revoke
     POST   /admin/keys/{key}/rotate                                                     -> api_key once
+    GET    /admin/usage/{daily|top-users|actions|weekly}[?days=N&workspace=W&limit=N]
+    GET    /admin/metrics[?window=24h&workspace=W]     dashboard JSON (totalRequests, ...)
 """
 
 from __future__ import annotations
@@ -119,7 +121,22 @@ def admin_routes(get_admin: AdminFactory) -> list[web.RouteDef]:
         b = await _body(r)
         return await a.create_key(s, r.match_info["user"], b.get("role", "user"))
 
+    async def usage(r, a, s):
+        return await a.usage_report(s, r.match_info["report"], _int_param(r.query.get("days"), "days", 7),
+                                    r.query.get("workspace"), _int_param(r.query.get("limit"), "limit", 10))
+
+    async def metrics(r, a, s):
+        from gateway.config import parse_duration
+
+        try:
+            window = parse_duration(r.query.get("window", "24h"))
+        except ValueError as exc:
+            raise ApiError(400, f"window: {exc}", param="window") from None
+        return await a.dashboard(s, window, r.query.get("workspace"))
+
     return [
+        web.get("/admin/usage/{report}", endpoint(usage)),
+        web.get("/admin/metrics", endpoint(metrics)),
         web.post("/admin/workspaces", endpoint(create_workspace, 201)),
         web.get("/admin/workspaces", endpoint(lambda r, a, s: a.list_workspaces(s))),
         web.get("/admin/workspaces/{workspace}", endpoint(lambda r, a, s: a.show_workspace(s, r.match_info["workspace"]))),

@@ -11,6 +11,7 @@ picks up changes within `auth.cache_ttl` (its cache is per process).
     python proxy.py users set-tier USER pro
     python proxy.py energy grant USER 100 [--reason R] | adjust USER -20 | ledger USER
     python proxy.py keys create USER [--admin] | list [--user USER] | revoke KEY | rotate KEY
+    python proxy.py usage daily|top-users|actions|weekly [--days N] [--workspace W] [--json]
 """
 
 from __future__ import annotations
@@ -37,7 +38,26 @@ def _json_arg(value: str) -> dict:
     return parsed
 
 
+def _print_table(rows: list[dict]) -> None:
+    if not rows:
+        print("(no usage in this window)")
+        return
+    columns = list(rows[0])
+    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
 def _print_human(result: Any) -> None:
+    if isinstance(result, dict) and "report" in result and isinstance(result.get("rows"), list):
+        print(f"{result['report']} report, last {result['days']} days"
+              + (f", workspace {result['workspace_id']}" if result.get("workspace_id") else ""))
+        _print_table(result["rows"])
+        if result.get("threshold_exceeded"):
+            print(f"WARNING: weekly cost threshold exceeded in {', '.join(result['threshold_exceeded'])}")
+        return
     if isinstance(result, list):
         if not result:
             print("(none)")
@@ -92,6 +112,7 @@ def run_operation(args: argparse.Namespace, operation: Operation) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    add_bootstrap(sub)
     def command(group: argparse._SubParsersAction, name: str, operation: Operation, help: str) -> argparse.ArgumentParser:
         parser = group.add_parser(name, help=help)
         parser.add_argument("--config", default=os.environ.get("GATEWAY_CONFIG", "config.yaml"))
@@ -160,3 +181,66 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("key")
     p = command(keys, "rotate", lambda a, x, s: a.rotate_key(s, x.key), "revoke a key and issue its replacement")
     p.add_argument("key")
+
+    # usage reports
+    usage = sub.add_parser("usage", help="usage and cost reports").add_subparsers(dest="action", required=True)
+    for report in ("daily", "top-users", "actions", "weekly"):
+        p = command(usage, report, lambda a, x, s: a.usage_report(s, x.action, x.days, x.workspace, x.limit),
+                    f"{report} report")
+        p.add_argument("--days", type=int, default=7)
+        p.add_argument("--workspace")
+        p.add_argument("--limit", type=int, default=10)
+
+
+DEMO_KEY_FILE = "data/demo-key.txt"
+
+
+def bootstrap(args: argparse.Namespace) -> int:
+    """First-run set-up for `make run`: a `demo` workspace and a free-tier user whose key
+    is saved in data/demo-key.txt (mode 600). Does nothing when that key still works."""
+    from gateway.admin import MASTER, Admin
+    from gateway.config import ConfigError, load_config
+    from gateway.store import open_store
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    path = args.key_file
+
+    async def go() -> str | None:
+        store = open_store(config.store.url)
+        await store.open()
+        try:
+            if os.path.exists(path):
+                with open(path) as fh:
+                    found = await store.lookup_key(fh.read().strip())
+                if found is not None and not found.revoked:
+                    return None
+            admin = Admin(store, config)
+            if await store.get_workspace("demo") is None:
+                await admin.create_workspace(MASTER, "demo", profile={"company_name": "Demo Co"})
+            created = await admin.create_user(MASTER, "demo", config.auth.default_tier, args.energy, name="demo user")
+            return created["api_key"]
+        finally:
+            await store.close()
+
+    key = asyncio.run(go())
+    if key is None:
+        print(f"demo key in {path} is valid; nothing to do")
+        return 0
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key + "\n")
+    print(f"created workspace 'demo' and a {config.auth.default_tier}-tier user; API key saved in {path}")
+    return 0
+
+
+def add_bootstrap(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bootstrap", help="first-run demo workspace + user (used by `make run`)")
+    p.add_argument("--config", default=os.environ.get("GATEWAY_CONFIG", "config.yaml"))
+    p.add_argument("--key-file", default=DEMO_KEY_FILE)
+    p.add_argument("--energy", type=int, default=100)
+    p.set_defaults(func=bootstrap)

@@ -199,6 +199,10 @@ class AuthConfig(_Strict):
         return parse_duration(v)
 
 
+class ReportsConfig(_Strict):
+    weekly_cost_threshold_usd: float | None = Field(None, ge=0, description="warn when a week's cost exceeds it")
+
+
 class PluginEntry(_Strict):
     """`- request_log` or `- {name: request_log, settings: {...}}`."""
 
@@ -220,6 +224,7 @@ class Config(_Strict):
     models: list[ModelEntry] = Field(min_length=1)
     tiers: dict[str, TierConfig] = Field(default_factory=lambda: {"free": TierConfig()})
     energy: EnergyConfig = EnergyConfig()
+    reports: ReportsConfig = ReportsConfig()
     plugins: list[PluginEntry] = Field(default_factory=list)
 
     @model_validator(mode="after")

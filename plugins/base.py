@@ -106,6 +106,7 @@ class RequestContext:
     # energy narrows it to the first affordable one. Dispatch uses candidates[0].
     candidates: list[str] = field(default_factory=list)
     model: str = ""  # the public model that served (or would have served) the request
+    downgraded_from: str | None = None  # set by the core when request hooks changed the model
     downgrade_reason: str | None = None
     stream: bool = False
     client_wants_usage: bool = False  # client sent stream_options.include_usage
@@ -132,6 +133,8 @@ class RequestContext:
     stream_started: bool = False  # bytes of the stream reached the client
     client_disconnected: bool = False
     error: ApiError | None = None
+    energy_cost: int = 0  # energy reserved for this request (refunded if it ends in error)
+    cost_usd: float | None = None  # provider cost of the tokens; None = price unknown
     started_at: float = field(default_factory=time.monotonic)
     first_byte_at: float | None = None
     ended_at: float | None = None
@@ -162,6 +165,7 @@ class Services:
     store: "Store | None"  # opened at start-up: use it from hooks, not from __init__
     config: "Config"  # the config at load time; per-request code should use ctx.config
     directory: "Directory | None" = None  # cached key -> identity, workspace lookups
+    plugins: list["Plugin"] = field(default_factory=list)  # the whole chain, in order
 
 
 class Plugin:

@@ -68,6 +68,7 @@ class Energy(Plugin):
             if result.ok:
                 scratch = ctx.scratch(self.name)
                 scratch["reserved"] = cost
+                ctx.energy_cost = cost
                 if model != ctx.candidates[0] and ctx.downgrade_reason is None:
                     ctx.downgrade_reason = (f"insufficient energy for {ctx.candidates[0]} "
                                             f"(needs {ctx.config.energy.cost(action, ctx.candidates[0])})")

@@ -48,8 +48,8 @@ def request_fields(ctx: RequestContext) -> dict:
             fallbacks=ctx.fallbacks,
             action=ctx.action,
         )
-        if ctx.model != ctx.requested_model and ctx.attempts:
-            fields["downgraded_from"] = ctx.requested_model
+        if ctx.downgraded_from is not None:
+            fields["downgraded_from"] = ctx.downgraded_from
             fields["downgrade_reason"] = ctx.downgrade_reason
     if ctx.usage is not None:
         fields.update(tokens_prompt=ctx.usage.prompt_tokens, tokens_completion=ctx.usage.completion_tokens,

@@ -1,0 +1,218 @@
+"""accounting: exactly one `ai_usage_logs` row per request, written behind the request.
+
+    plugins:
+      - accounting                  # anywhere; list it after energy so energy_cost is final
+        settings:
+          queue_size: 10000         # rows waiting for the database; full = back-pressure
+          batch_size: 500
+          flush_interval: 1.0       # seconds; a batch is written at least this often
+          analytics_events: true    # one ai_generation_completed/failed log event per call
+    reports:
+      weekly_cost_threshold_usd: 250   # warning event + report flag when exceeded
+
+Every request that reached the chain (success or failure, billable endpoints) becomes one
+row: the columns ops already query (`id, user_id, workspace_id, prospect_id, action,
+provider, model, tokens_prompt, tokens_completion, tokens_total, cost_usd, created_at`)
+plus request id, requested model, downgraded-from, status, error type, latency, time to
+first byte, streamed, energy cost, cache hit, retries and whether usage was estimated.
+
+Rows never sit on the request's hot path: the ending hook puts the row on a bounded
+queue and returns; a writer task inserts batches in one transaction each. If the database
+is slow the queue fills and endings wait (back-pressure) instead of growing memory. A
+failed batch is retried (rows are keyed by request id, so a retry never writes twice).
+At shutdown the core first lets in-flight requests finish, then `shutdown()` drains the
+queue: zero rows lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.reports import iso_week, week_start
+from plugins.base import Plugin, RequestContext
+
+log = structlog.get_logger("gateway.accounting")
+events = structlog.get_logger("gateway.analytics")
+
+BILLABLE = ("chat.completions", "embeddings")
+
+
+class AccountingSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    queue_size: int = Field(10_000, ge=1)
+    batch_size: int = Field(500, ge=1)
+    flush_interval: float = Field(1.0, gt=0, le=60)
+    analytics_events: bool = True
+
+
+def usage_row(ctx: RequestContext) -> dict[str, Any]:
+    usage = ctx.usage
+    identity = ctx.identity
+    failed = ctx.error is not None
+    return {
+        "request_id": ctx.request_id,
+        "user_id": identity.user_id if identity else None,
+        "workspace_id": identity.workspace_id if identity else None,
+        "prospect_id": ctx.prospect_id,
+        "action": ctx.action,
+        "provider": ctx.provider,
+        "model": ctx.model,
+        "requested_model": ctx.requested_model,
+        "downgraded_from": ctx.downgraded_from,
+        "tokens_prompt": usage.prompt_tokens if usage else 0,
+        "tokens_completion": usage.completion_tokens if usage else 0,
+        "tokens_total": usage.total_tokens if usage else 0,
+        "cost_usd": ctx.cost_usd,
+        "status": ctx.status,
+        "error_type": (ctx.error.code or ctx.error.type) if failed else None,
+        "latency_ms": ctx.latency_ms,
+        "ttfb_ms": ctx.ttfb_ms,
+        "streamed": ctx.stream,
+        "energy_cost": 0 if failed else ctx.energy_cost,
+        "cache_hit": ctx.short_circuit is not None,
+        "retries": max(0, ctx.attempts - 1),
+        "usage_estimated": bool(usage and usage.estimated),
+        "created_at": time.time(),
+    }
+
+
+class Accounting(Plugin):
+    name = "accounting"
+    Settings = AccountingSettings
+
+    def __init__(self, settings: AccountingSettings, services: Any):
+        super().__init__(settings, services)
+        self.queue: asyncio.Queue[dict[str, Any] | None] | None = None
+        self._writer: asyncio.Task | None = None
+        self.written = 0
+        self._unpriced_warned: set[str] = set()
+        self._week: tuple[int, int] | None = None
+        self._week_cost = 0.0
+        self._week_warned = False
+
+    @property
+    def depth(self) -> int:
+        return self.queue.qsize() if self.queue is not None else 0
+
+    async def startup(self) -> None:
+        self.queue = asyncio.Queue(maxsize=self.settings.queue_size)
+        self._writer = asyncio.create_task(self._write_forever(), name="usage-writer")
+        await self._load_week_cost()
+
+    async def shutdown(self) -> None:
+        if self.queue is None or self._writer is None:
+            return
+        await self.queue.put(None)  # sentinel: everything before it gets written
+        await self._writer
+        log.info("usage_log_flushed", rows_written=self.written)
+
+    # --- endings ---------------------------------------------------------------------
+
+    async def on_response(self, ctx: RequestContext) -> None:
+        await self._record(ctx)
+
+    async def on_error(self, ctx: RequestContext) -> None:
+        await self._record(ctx)
+
+    async def _record(self, ctx: RequestContext) -> None:
+        if ctx.endpoint not in BILLABLE:
+            return
+        row = usage_row(ctx)
+        if self.settings.analytics_events:
+            self._emit_event(ctx, row)
+        if row["cost_usd"] is None and ctx.model not in self._unpriced_warned:
+            self._unpriced_warned.add(ctx.model)
+            log.warning("usage_cost_unknown", model=ctx.model, deployment=ctx.deployment,
+                        hint="add models[].pricing to config.yaml")
+        self._track_week(row)
+        assert self.queue is not None, "accounting used before startup"
+        await self.queue.put(row)  # waits when full: back-pressure, never unbounded memory
+
+    @staticmethod
+    def _emit_event(ctx: RequestContext, row: dict[str, Any]) -> None:
+        fields = {k: row[k] for k in ("request_id", "user_id", "workspace_id", "prospect_id", "action", "provider",
+                                      "model", "requested_model", "tokens_prompt", "tokens_completion",
+                                      "tokens_total", "cost_usd", "energy_cost", "latency_ms", "usage_estimated",
+                                      "cache_hit", "streamed", "status")}
+        if ctx.error is not None:
+            events.info("ai_generation_failed", error_type=row["error_type"], **fields)
+        else:
+            events.info("ai_generation_completed", **fields)
+
+    # --- weekly cost threshold -----------------------------------------------------------
+
+    async def _load_week_cost(self) -> None:
+        """Seed this week's running cost from the log, so a restart does not reset it."""
+        try:
+            now = time.time()
+            rows = await self.services.store.usage_rows(since=week_start(now))
+            self._week = iso_week(now)
+            self._week_cost = sum(r.get("cost_usd") or 0.0 for r in rows)
+        except Exception:  # noqa: BLE001 — reporting fails open
+            log.exception("weekly_cost_load_failed")
+
+    def _track_week(self, row: dict[str, Any]) -> None:
+        threshold = self.services.config.reports.weekly_cost_threshold_usd
+        if threshold is None:
+            return
+        week = iso_week(row["created_at"])
+        if week != self._week:
+            self._week, self._week_cost, self._week_warned = week, 0.0, False
+        self._week_cost += row["cost_usd"] or 0.0
+        if self._week_cost > threshold and not self._week_warned:
+            self._week_warned = True
+            events.warning("weekly_cost_threshold_exceeded", week=f"{week[0]}-W{week[1]:02d}",
+                           week_cost_usd=round(self._week_cost, 6), threshold_usd=threshold)
+
+    # --- the writer ----------------------------------------------------------------------
+
+    async def _next_batch(self) -> tuple[list[dict[str, Any]], bool]:
+        """Up to batch_size rows, waiting at most flush_interval after the first."""
+        assert self.queue is not None
+        first = await self.queue.get()
+        if first is None:
+            return [], True
+        batch = [first]
+        deadline = time.monotonic() + self.settings.flush_interval
+        while len(batch) < self.settings.batch_size:
+            try:
+                row = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    row = await asyncio.wait_for(self.queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            if row is None:
+                return batch, True
+            batch.append(row)
+        return batch, False
+
+    async def _write(self, batch: list[dict[str, Any]]) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self.services.store.insert_usage(batch)
+                self.written += len(batch)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the database is down or slow: keep the rows, retry
+                log.exception("usage_write_failed", rows=len(batch), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _write_forever(self) -> None:
+        while True:
+            batch, stop = await self._next_batch()
+            if batch:
+                await self._write(batch)
+            if stop:
+                return

@@ -1,0 +1,118 @@
+"""metrics: Prometheus metrics at GET /metrics.
+
+    plugins:
+      - metrics                     # first in the list, so in-flight counts every request
+        settings:
+          path: /metrics
+          latency_buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+
+Each gateway has its own registry (tests start many). Labels are public model names,
+providers, HTTP statuses and fixed words: never a key, a user id or a prompt, so label
+cardinality stays bounded and nothing secret can leak into a scrape.
+
+    gateway_requests_total{endpoint,model,provider,status}
+    gateway_tokens_total{model,direction="prompt"|"completion"}
+    gateway_cost_usd_total{model}
+    gateway_energy_total{event="reserved"|"settled"|"refunded"}
+    gateway_downgrades_total{from_model,to_model}
+    gateway_retries_total{model}         upstream calls beyond the first
+    gateway_fallbacks_total{model}
+    gateway_in_flight_requests
+    gateway_request_latency_seconds{endpoint,stream}       histogram
+    gateway_time_to_first_byte_seconds{endpoint,stream}    histogram
+    gateway_usage_write_queue_depth      rows waiting for the database (accounting)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from plugins.base import Plugin, RequestContext
+
+DEFAULT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+
+
+class MetricsSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str = "/metrics"
+    latency_buckets: list[float] = Field(default_factory=lambda: list(DEFAULT_BUCKETS), min_length=1)
+
+
+class Metrics(Plugin):
+    name = "metrics"
+    Settings = MetricsSettings
+
+    def __init__(self, settings: MetricsSettings, services: Any):
+        super().__init__(settings, services)
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        buckets = sorted(settings.latency_buckets)
+        self.requests = Counter("gateway_requests", "Requests by outcome",
+                                ["endpoint", "model", "provider", "status"], registry=r)
+        self.tokens = Counter("gateway_tokens", "Tokens", ["model", "direction"], registry=r)
+        self.cost = Counter("gateway_cost_usd", "Provider cost in USD", ["model"], registry=r)
+        self.energy = Counter("gateway_energy", "Energy movements", ["event"], registry=r)
+        self.downgrades = Counter("gateway_downgrades", "Model downgrades", ["from_model", "to_model"], registry=r)
+        self.retries = Counter("gateway_retries", "Upstream calls beyond the first", ["model"], registry=r)
+        self.fallbacks = Counter("gateway_fallbacks", "Moves to another deployment or model", ["model"], registry=r)
+        self.in_flight = Gauge("gateway_in_flight_requests", "Requests inside the chain", registry=r)
+        self.latency = Histogram("gateway_request_latency_seconds", "Request latency",
+                                 ["endpoint", "stream"], buckets=buckets, registry=r)
+        self.ttfb = Histogram("gateway_time_to_first_byte_seconds", "Time to first byte",
+                              ["endpoint", "stream"], buckets=buckets, registry=r)
+        self.queue_depth = Gauge("gateway_usage_write_queue_depth", "Usage rows waiting for the database",
+                                 registry=r)
+        self.queue_depth.set_function(self._queue_depth)
+
+    def _queue_depth(self) -> float:
+        for plugin in self.services.plugins:
+            if plugin.name == "accounting":
+                return float(plugin.depth)
+        return 0.0
+
+    def routes(self) -> list[Any]:
+        async def scrape(request: web.Request) -> web.Response:
+            return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        return [web.get(self.settings.path, scrape)]
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        self.in_flight.inc()
+        ctx.scratch(self.name)["counted"] = True
+
+    async def on_response(self, ctx: RequestContext) -> None:
+        self._observe(ctx)
+
+    async def on_error(self, ctx: RequestContext) -> None:
+        self._observe(ctx)
+
+    def _observe(self, ctx: RequestContext) -> None:
+        if ctx.scratch(self.name).pop("counted", False):
+            self.in_flight.dec()
+        if ctx.endpoint == "models":
+            return
+        model = ctx.model or "unknown"
+        self.requests.labels(ctx.endpoint, model, ctx.provider or "none", str(ctx.status)).inc()
+        stream = "true" if ctx.stream else "false"
+        if ctx.latency_ms is not None:
+            self.latency.labels(ctx.endpoint, stream).observe(ctx.latency_ms / 1000)
+        if ctx.ttfb_ms is not None:
+            self.ttfb.labels(ctx.endpoint, stream).observe(ctx.ttfb_ms / 1000)
+        if ctx.usage is not None:
+            self.tokens.labels(model, "prompt").inc(ctx.usage.prompt_tokens)
+            self.tokens.labels(model, "completion").inc(ctx.usage.completion_tokens)
+        if ctx.cost_usd:
+            self.cost.labels(model).inc(ctx.cost_usd)
+        if ctx.energy_cost:
+            self.energy.labels("reserved").inc(ctx.energy_cost)
+            self.energy.labels("refunded" if ctx.error is not None else "settled").inc(ctx.energy_cost)
+        if ctx.downgraded_from is not None:
+            self.downgrades.labels(ctx.downgraded_from, model).inc()
+        if ctx.attempts > 1:
+            self.retries.labels(model).inc(ctx.attempts - 1)
+        if ctx.fallbacks:
+            self.fallbacks.labels(model).inc(ctx.fallbacks)
