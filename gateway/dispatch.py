@@ -127,8 +127,11 @@ def normalise_litellm_error(exc: BaseException) -> UpstreamError:
     message = _upstream_message(exc)
     if isinstance(exc, (litellm.Timeout, asyncio.TimeoutError, TimeoutError)):
         return UpstreamError("timeout", "the upstream did not answer in time", status=504)
+    lowered = message.lower()
+    if "missing credentials" in lowered or "api_key client option must be set" in lowered:
+        # No provider key configured for this deployment: an auth failure, not a blip.
+        return UpstreamError("status", "no provider API key is configured for this deployment", status=401)
     if isinstance(exc, litellm.APIConnectionError):
-        lowered = message.lower()
         if "timeout" in lowered or "timed out" in lowered:
             return UpstreamError("timeout", "the upstream did not answer in time", status=504)
         # litellm reports unparseable bodies as connection errors too.
