@@ -79,7 +79,10 @@ class Idempotency(Plugin):
             ctx.model = ctx.short_circuit.get("model") or ctx.requested_model
             ctx.candidates = [ctx.model]
             ctx.response_headers["Idempotent-Replayed"] = "true"
+            # The chain stops here (energy never runs), yet every answer to an
+            # authenticated request says what it cost and what is left.
             ctx.response_headers["X-Energy-Cost"] = "0"
+            ctx.response_headers["X-Energy-Remaining"] = str(await self.services.store.balance(ctx.identity.user_id))
             ctx.response_headers["X-Original-Request-Id"] = state.request_id
 
     async def on_response(self, ctx: RequestContext) -> None:
