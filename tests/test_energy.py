@@ -1,0 +1,299 @@
+"""Energy: priced per action and model, reserved before the upstream call, settled on
+success (also when the client leaves mid-stream), refunded in full on failure, never
+charged twice for an idempotent retry, never overdrawn under concurrency.
+
+Prices in the test config: ai_message gpt-4o 5, gpt-4o-mini 2, demo 1; email_draft 3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+
+import aiohttp
+import openai
+import pytest
+
+from tests.fakes import Fault
+
+HELLO = [{"role": "user", "content": "hi"}]
+
+
+def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(interval)
+
+
+def kinds(ledger) -> list[tuple[str, int]]:
+    return [(e.kind, e.amount) for e in ledger]
+
+
+def assert_ledger_matches_balance(gw, user_id: str) -> None:
+    ledger = gw.ledger(user_id)
+    balance = gw.balance(user_id)
+    assert sum(e.amount for e in ledger) == balance
+    assert ledger[-1].balance_after == balance
+    assert all(e.balance_after >= 0 for e in ledger)
+
+
+# --------------------------------------------------------------------------- headers
+
+
+def test_every_model_response_carries_energy_and_request_id_headers(gateway):
+    user_id, key = gateway.make_user(energy=20)
+    raw = gateway.client(key).chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HELLO)
+    assert raw.headers["X-Energy-Cost"] == "2"
+    assert raw.headers["X-Energy-Remaining"] == "18"
+    assert raw.headers["X-Request-Id"].startswith("req_")
+    embed = gateway.client(key).embeddings.with_raw_response.create(model="embed", input="x")
+    assert embed.headers["X-Energy-Cost"] == "1"
+    assert embed.headers["X-Energy-Remaining"] == "17"
+    assert embed.headers["X-Request-Id"].startswith("req_")
+
+
+def test_error_responses_to_authenticated_requests_carry_energy_headers(gateway, upstream):
+    _, key = gateway.make_user(energy=20)
+    upstream.push(Fault.status(400))
+    with pytest.raises(openai.BadRequestError) as info:
+        gateway.client(key).chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    headers = info.value.response.headers
+    assert headers["X-Energy-Cost"] == "0"
+    assert headers["X-Energy-Remaining"] == "20"
+    assert headers["X-Request-Id"].startswith("req_")
+
+
+# --------------------------------------------------------------------------- actions
+
+
+def test_action_from_sdk_metadata_is_priced_by_its_own_price_book(gateway, upstream):
+    _, key = gateway.make_user(energy=20)
+    raw = gateway.client(key).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=HELLO, metadata={"action": "email_draft"})
+    assert raw.headers["X-Energy-Cost"] == "3"
+    assert raw.headers["X-Energy-Remaining"] == "17"
+
+
+def test_action_from_x_action_header_is_priced_by_its_own_price_book(gateway):
+    _, key = gateway.make_user(energy=20)
+    raw = gateway.client(key).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=HELLO, extra_headers={"X-Action": "email_draft"})
+    assert raw.headers["X-Energy-Cost"] == "3"
+    default = gateway.client(key).chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HELLO)
+    assert default.headers["X-Energy-Cost"] == "2"
+
+
+def test_metadata_is_stripped_before_the_upstream(gateway, upstream):
+    _, key = gateway.make_user(energy=20)
+    gateway.client(key).chat.completions.create(
+        model="gpt-4o-mini", messages=HELLO, metadata={"action": "email_draft", "prospect_id": "p-1"})
+    sent = upstream.last.json
+    assert "metadata" not in sent
+    assert "p-1" not in upstream.last.raw.decode()
+
+
+def test_unknown_action_is_rejected_with_400_and_costs_nothing(gateway, upstream):
+    user_id, key = gateway.make_user(energy=20)
+    with pytest.raises(openai.BadRequestError) as info:
+        gateway.client(key).chat.completions.create(model="gpt-4o-mini", messages=HELLO,
+                                                    metadata={"action": "launch_rockets"})
+    assert info.value.code == "unknown_action"
+    assert upstream.count() == 0
+    gateway.settle()
+    assert gateway.balance(user_id) == 20
+
+
+# --------------------------------------------------------------------------- refunds and charges
+
+
+def test_upstream_failing_after_all_retries_is_refunded_in_full(gateway, upstream):
+    user_id, key = gateway.make_user(energy=20)
+    upstream.push(Fault.status(500), Fault.status(500), Fault.status(500))
+    with pytest.raises(openai.InternalServerError) as info:
+        gateway.client(key).chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    assert upstream.count("/chat/completions") == 3
+    assert info.value.response.headers["X-Energy-Cost"] == "0"
+    assert info.value.response.headers["X-Energy-Remaining"] == "20"
+    gateway.settle()
+    assert gateway.balance(user_id) == 20
+    assert kinds(gateway.ledger(user_id)) == [("grant", 20), ("reserve", -2), ("refund", 2)]
+
+
+def test_client_disconnecting_mid_stream_is_charged_not_refunded(gateway, upstream):
+    user_id, key = gateway.make_user(energy=20)
+    upstream.chunks = 30
+    upstream.chunk_delay = 0.05
+    upstream.reply = " ".join(f"word{i}" for i in range(30))
+
+    async def read_one_chunk_then_leave() -> bytes:
+        async with aiohttp.ClientSession() as session:
+            response = await session.post(
+                gateway.base_url + "/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                json={"model": "gpt-4o-mini", "messages": HELLO, "stream": True})
+            assert response.status == 200
+            first = await response.content.readline()
+            response.close()  # drop the connection mid-stream
+            return first
+
+    assert asyncio.run(read_one_chunk_then_leave()).startswith(b"data: ")
+    wait_until(lambda: any(e.kind in ("settle", "refund") for e in gateway.ledger(user_id)))
+    gateway.settle()
+    assert kinds(gateway.ledger(user_id)) == [("grant", 20), ("reserve", -2), ("settle", 0)]
+    assert gateway.balance(user_id) == 18
+
+
+# --------------------------------------------------------------------------- idempotency
+
+
+def test_idempotent_retry_is_charged_once_and_replays_the_first_result(gateway, upstream):
+    user_id, key = gateway.make_user(energy=20)
+    client = gateway.client(key)
+    headers = {"Idempotency-Key": "order-42"}
+    first = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HELLO,
+                                                            extra_headers=headers)
+    gateway.settle()
+    second = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HELLO,
+                                                             extra_headers=headers)
+    assert second.headers["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in first.headers
+    assert second.parse().id == first.parse().id
+    assert second.parse().choices[0].message.content == first.parse().choices[0].message.content
+    assert second.headers["X-Energy-Cost"] == "0"
+    assert second.headers["X-Energy-Remaining"] == "18"
+    assert second.headers["X-Request-Id"] != first.headers["X-Request-Id"]
+    assert upstream.count("/chat/completions") == 1
+    gateway.settle()
+    assert gateway.balance(user_id) == 18
+    assert kinds(gateway.ledger(user_id)) == [("grant", 20), ("reserve", -2), ("settle", 0)]
+
+
+def test_idempotent_duplicate_while_first_is_in_flight_gets_409(gateway, upstream):
+    user_id, key = gateway.make_user(energy=20)
+    upstream.push(Fault.slow(1.0))
+    headers = {"Idempotency-Key": "slow-1"}
+    results: dict[str, object] = {}
+
+    def first() -> None:
+        results["first"] = gateway.client(key).chat.completions.create(
+            model="gpt-4o-mini", messages=HELLO, extra_headers=headers)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    gateway.run(upstream.wait_for_requests(1))
+    with pytest.raises(openai.ConflictError) as info:
+        gateway.client(key).chat.completions.create(model="gpt-4o-mini", messages=HELLO, extra_headers=headers)
+    assert info.value.code == "idempotency_key_in_use"
+    thread.join(10)
+    assert results["first"].choices[0].message.content
+    assert upstream.count("/chat/completions") == 1
+    gateway.settle()
+    assert gateway.balance(user_id) == 18
+
+
+def test_same_idempotency_key_with_a_different_body_gets_422(gateway, upstream):
+    user_id, key = gateway.make_user(energy=20)
+    client = gateway.client(key)
+    headers = {"Idempotency-Key": "k-reused"}
+    client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, extra_headers=headers)
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "other"}],
+                                       extra_headers=headers)
+    assert info.value.code == "idempotency_key_reused"
+    assert upstream.count("/chat/completions") == 1
+    gateway.settle()
+    assert gateway.balance(user_id) == 18
+
+
+def test_idempotent_retry_after_a_failure_runs_again(gateway, upstream):
+    user_id, key = gateway.make_user(energy=20)
+    client = gateway.client(key)
+    headers = {"Idempotency-Key": "k-fail"}
+    upstream.push(Fault.status(400))
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, extra_headers=headers)
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HELLO,
+                                                          extra_headers=headers)
+    assert "Idempotent-Replayed" not in raw.headers
+    assert upstream.count("/chat/completions") == 2
+    gateway.settle()
+    assert gateway.balance(user_id) == 18
+
+
+# --------------------------------------------------------------------------- refill
+
+
+def test_refill_tops_up_lazily_on_the_first_request_after_its_period(gateway_factory, upstream):
+    gw = gateway_factory(tiers={"free": {"models": ["*"]},
+                                "pro": {"models": ["*"], "refill": {"amount": 10, "period": "1s"}}})
+    user_id, key = gw.make_user(tier="pro", energy=4)
+    client = gw.client(key)
+    # First use starts the schedule and tops up to the allowance (4 -> 10), then charges 5 twice.
+    client.chat.completions.create(model="gpt-4o", messages=HELLO)
+    client.chat.completions.create(model="gpt-4o", messages=HELLO)
+    gw.settle()
+    assert gw.balance(user_id) == 0
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="demo", messages=HELLO)
+    time.sleep(1.05)
+    assert gw.balance(user_id) == 0, "refill is lazy: nothing happens without a request"
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=HELLO)
+    assert raw.headers["X-Energy-Remaining"] == "5"
+    gw.settle()
+    assert [k for k, _ in kinds(gw.ledger(user_id))].count("refill") == 2
+    assert_ledger_matches_balance(gw, user_id)
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
+def test_concurrent_requests_spend_exactly_the_balance_and_no_more(gateway_factory, upstream):
+    """200 requests at once from 4 users whose balances afford exactly half of them."""
+    gw = gateway_factory()
+    cost = 3  # email_draft, on every model: a downgrade cannot make a request cheaper
+    per_user = 50
+    affordable = [10, 20, 30, 40]  # sums to 100 of 200
+    users = [gw.make_user(tier="pro", energy=n * cost) for n in affordable]
+
+    async def fire() -> list[tuple[str, object]]:
+        clients = [gw.aclient(key, max_retries=0, timeout=60) for _, key in users]
+
+        async def one(i: int, client: openai.AsyncOpenAI) -> tuple[str, object]:
+            try:
+                await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO,
+                                                     metadata={"action": "email_draft"})
+                return users[i][0], "ok"
+            except openai.RateLimitError as exc:
+                return users[i][0], exc
+
+        try:
+            return await asyncio.gather(*(one(i, c) for i, c in enumerate(clients) for _ in range(per_user)))
+        finally:
+            for c in clients:
+                await c.close()
+
+    outcomes = asyncio.run(fire())
+    gw.settle()
+    assert len(outcomes) == 200
+    successes = Counter(uid for uid, result in outcomes if result == "ok")
+    rejections = [result for _, result in outcomes if result != "ok"]
+    assert sum(successes.values()) == 100
+    assert len(rejections) == 100
+    for exc in rejections:
+        assert exc.status_code == 429
+        assert exc.code == "insufficient_energy"
+        assert exc.response.headers["x-should-retry"] == "false"
+    assert upstream.count("/chat/completions") == 100
+    for (user_id, _), n in zip(users, affordable):
+        assert successes[user_id] == n
+        assert gw.balance(user_id) == 0
+        ledger = gw.ledger(user_id)
+        assert Counter(e.kind for e in ledger) == {"grant": 1, "reserve": n, "settle": n}
+        assert_ledger_matches_balance(gw, user_id)
