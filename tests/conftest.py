@@ -51,7 +51,7 @@ def base_config(upstream: FakeUpstream, *, plugins: list[Any] | None = None, sto
             {"name": "gpt-4o-mini", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": upstream.openai_base,
                                                        "api_key": "sk-upstream-openai-SECRET"},
              "downgrade_to": "demo"},
-            {"name": "claude", "litellm_params": {"model": "anthropic/claude-3-5-haiku-20241022",
+            {"name": "claude", "litellm_params": {"model": "anthropic/claude-haiku-4-5",
                                                  "api_base": upstream.url, "api_key": "sk-ant-upstream-SECRET"}},
             {"name": "embed", "litellm_params": {"model": "openai/text-embedding-3-small",
                                                  "api_base": upstream.openai_base, "api_key": "sk-upstream-openai-SECRET"}},
