@@ -609,6 +609,7 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
         gw.ready = False
         await gw.chain.drain()  # endings still running (billing) finish first
         await gw.chain.shutdown()
+        await gw.router.close()
 
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(plugins_ctx)

@@ -123,6 +123,8 @@ class ModelEntry(_Strict):
 
     name: str = Field(min_length=1)
     litellm_params: LitellmParams
+    # auto: the native OpenAI-wire pass-through for openai/... models, litellm otherwise.
+    dispatch: Literal["auto", "native", "litellm"] = "auto"
     fallbacks: list[str] | None = None
     downgrade_to: str | None = None
     pricing: Pricing | None = None

@@ -23,6 +23,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from gateway.config import Config, ModelEntry
 from gateway.dispatch import Dispatcher, LitellmDispatcher, UpstreamError, provider_of
 from gateway.demo import DemoDispatcher
+from gateway.native import NativeOpenAIDispatcher
 from gateway.errors import ApiError, redact
 from plugins.base import RequestContext
 
@@ -52,14 +53,29 @@ def upstream_to_api_error(err: UpstreamError, attempts: int) -> ApiError:
                     headers=headers)
 
 
+def uses_native(deployment: ModelEntry) -> bool:
+    """`dispatch: auto` picks the native pass-through for OpenAI-wire upstreams."""
+    if deployment.dispatch != "auto":
+        return deployment.dispatch == "native"
+    model = deployment.litellm_params.model
+    return model.startswith("openai/") or "/" not in model
+
+
 class Router:
     def __init__(self, dispatchers: dict[str, Dispatcher] | None = None, sleep: Sleep = asyncio.sleep):
-        self.default: Dispatcher = LitellmDispatcher()
+        self.litellm: Dispatcher = LitellmDispatcher()
+        self.native = NativeOpenAIDispatcher()
         self.dispatchers: dict[str, Dispatcher] = {"demo": DemoDispatcher(), **(dispatchers or {})}
         self._sleep = sleep
 
     def dispatcher_for(self, deployment: ModelEntry) -> Dispatcher:
-        return self.dispatchers.get(provider_of(deployment), self.default)
+        special = self.dispatchers.get(provider_of(deployment))
+        if special is not None:
+            return special
+        return self.native if uses_native(deployment) else self.litellm
+
+    async def close(self) -> None:
+        await self.native.close()
 
     @staticmethod
     def models_to_try(config: Config, model: str) -> list[str]:
