@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import os
 import re
+import signal
 import sys
 import time
 import uuid
@@ -30,13 +31,22 @@ from aiohttp import web  # noqa: E402
 
 from gateway.admin import Admin  # noqa: E402
 from gateway.admin_api import admin_routes  # noqa: E402
-from gateway.config import FORBIDDEN_CLIENT_FIELDS, Config, ConfigError, load_config  # noqa: E402
+from gateway.config import (  # noqa: E402
+    FORBIDDEN_CLIENT_FIELDS,
+    RESTART_ONLY,
+    Config,
+    ConfigError,
+    config_changes,
+    load_config,
+    redacted_config,
+)
 from gateway.directory import Directory  # noqa: E402
 from gateway.dispatch import UpstreamError  # noqa: E402
 from gateway.errors import ApiError, bad_request, internal_error  # noqa: E402
 from gateway.router import Router, upstream_to_api_error  # noqa: E402
 from gateway.usage import finalize_usage, unpriced_models, warm_up  # noqa: E402
-from plugins import build_plugins, validate_plugin_settings  # noqa: E402
+from plugins import build_plugins, plugin_class, validate_plugin_settings  # noqa: E402
+from plugins.auth import bearer_token, is_master_key  # noqa: E402
 from plugins.base import Plugin, RequestContext, Services, Usage  # noqa: E402
 
 log = structlog.get_logger("gateway")
@@ -57,13 +67,14 @@ class Chain:
     for it, so an idle hook costs nothing per request or per chunk.
     """
 
-    def __init__(self, plugins: list[Plugin]):
+    def __init__(self, plugins: list[Plugin], endings: set[asyncio.Task] | None = None):
         self.plugins = plugins
         self._request = [p for p in plugins if p.overrides("on_request")]
         self._chunk = [p for p in plugins if p.overrides("on_stream_chunk")]
         self._response = [p for p in plugins if p.overrides("on_response")]
         self._error = [p for p in plugins if p.overrides("on_error")]
-        self._endings: set[asyncio.Task] = set()
+        # Shared by every generation of the chain (live reload), so drain() sees them all.
+        self._endings: set[asyncio.Task] = endings if endings is not None else set()
 
     @property
     def wants_chunks(self) -> bool:
@@ -137,15 +148,33 @@ class Chain:
 # App state
 # --------------------------------------------------------------------------------------
 
-@dataclass
-class Gateway:
+@dataclass(frozen=True)
+class Snapshot:
+    """The config and the chain built from it. A request takes the current snapshot when it
+    arrives and keeps it to its end, so a live reload never changes a request mid-way."""
+
     config: Config
     chain: Chain
+
+
+@dataclass
+class Gateway:
+    snapshot: Snapshot
     router: Router
     store: Any = None
     directory: Directory | None = None
     started_at: float = field(default_factory=time.time)
     ready: bool = False
+    config_path: str | None = None
+    retired_plugins: list[Plugin] = field(default_factory=list)  # replaced by a reload
+
+    @property
+    def config(self) -> Config:
+        return self.snapshot.config
+
+    @property
+    def chain(self) -> Chain:
+        return self.snapshot.chain
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -250,8 +279,8 @@ def _take_gateway_fields(ctx: RequestContext, request: web.Request) -> None:
     ctx.prospect_id = str(prospect)[:128] if prospect else None
 
 
-def _new_context(request: web.Request, gw: Gateway, endpoint: str, body: dict[str, Any]) -> RequestContext:
-    config = gw.config  # the snapshot this request keeps to its end
+def _new_context(request: web.Request, snap: Snapshot, endpoint: str, body: dict[str, Any]) -> RequestContext:
+    config = snap.config  # the snapshot this request keeps to its end
     ctx = RequestContext(request_id=_request_id(request), endpoint=endpoint,  # type: ignore[arg-type]
                          config=config, headers=request.headers, body=body)
     ctx.response_headers["X-Request-Id"] = ctx.request_id
@@ -294,17 +323,17 @@ def _usage_from(payload: dict[str, Any]) -> Usage | None:
     return Usage(prompt, completion, int(usage.get("total_tokens") or prompt + completion))
 
 
-async def _fail(request: web.Request, gw: Gateway, ctx: RequestContext, err: ApiError) -> web.StreamResponse:
+async def _fail(request: web.Request, snap: Snapshot, ctx: RequestContext, err: ApiError) -> web.StreamResponse:
     """Error endings run before the error is sent, so a refund shows in its headers."""
-    await gw.chain.end(ctx, err)
+    await snap.chain.end(ctx, err)
     return await _send(request, error_response(err, ctx.response_headers))
 
 
-async def _run(request: web.Request, gw: Gateway, ctx: RequestContext,
+async def _run(request: web.Request, snap: Snapshot, ctx: RequestContext,
                answer: Callable[[], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """The chain around one request: request hooks, `answer()`, exactly one ending."""
     try:
-        await gw.chain.run_request(ctx)
+        await snap.chain.run_request(ctx)
         if ctx.short_circuit is None and ctx.endpoint != "models":
             if not ctx.candidates:
                 raise ApiError(404, f"The model '{ctx.requested_model}' does not exist or you do not have access to it.",
@@ -319,15 +348,15 @@ async def _run(request: web.Request, gw: Gateway, ctx: RequestContext,
     except ApiError as err:
         if ctx.ended_at is not None:  # the stream already ended itself
             raise
-        return await _fail(request, gw, ctx, err)
+        return await _fail(request, snap, ctx, err)
     except asyncio.CancelledError:
-        await gw.chain.end(ctx, ApiError(499, "the request was cancelled", type="server_error", code="cancelled"))
+        await snap.chain.end(ctx, ApiError(499, "the request was cancelled", type="server_error", code="cancelled"))
         raise
     except Exception:
         log.exception("request_failed", request_id=ctx.request_id)
         if ctx.ended_at is not None:
             raise
-        return await _fail(request, gw, ctx, internal_error(ctx.request_id))
+        return await _fail(request, snap, ctx, internal_error(ctx.request_id))
 
 
 def _finish_success(ctx: RequestContext, payload: dict[str, Any]) -> None:
@@ -337,12 +366,12 @@ def _finish_success(ctx: RequestContext, payload: dict[str, Any]) -> None:
     ctx.status = 200
 
 
-async def _complete(request: web.Request, gw: Gateway, ctx: RequestContext) -> web.StreamResponse:
+async def _complete(request: web.Request, gw: Gateway, snap: Snapshot, ctx: RequestContext) -> web.StreamResponse:
     payload = ctx.short_circuit if ctx.short_circuit is not None else await gw.router.chat(ctx)
     _finish_success(ctx, payload)
     ctx.first_byte_at = time.monotonic()
     response = await _send(request, _json_response(200, payload, ctx.response_headers))
-    await gw.chain.end(ctx)
+    await snap.chain.end(ctx)
     return response
 
 
@@ -361,7 +390,8 @@ async def _replayed_stream(payload: dict[str, Any]) -> AsyncIterator[dict[str, A
         yield {**base, "object": "chat.completion.chunk", "choices": [], "usage": payload["usage"]}
 
 
-async def _stream(request: web.Request, gw: Gateway, ctx: RequestContext) -> web.StreamResponse:
+async def _stream(request: web.Request, gw: Gateway, snap: Snapshot, ctx: RequestContext) -> web.StreamResponse:
+    chain = snap.chain
     if ctx.short_circuit is not None:
         upstream = _replayed_stream(ctx.short_circuit)
         first = await upstream.__anext__()
@@ -396,8 +426,8 @@ async def _stream(request: web.Request, gw: Gateway, ctx: RequestContext) -> web
                 chunk.pop("usage", None)
             if send:
                 chunk["model"] = ctx.model
-                if gw.chain.wants_chunks:
-                    await gw.chain.run_chunk(ctx, chunk)
+                if chain.wants_chunks:
+                    await chain.run_chunk(ctx, chunk)
                 await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
                 if ctx.first_byte_at is None:
                     ctx.first_byte_at = time.monotonic()
@@ -429,7 +459,7 @@ async def _stream(request: web.Request, gw: Gateway, ctx: RequestContext) -> web
     except asyncio.CancelledError:
         ctx.client_disconnected = True
         await _close_quietly(upstream)
-        await gw.chain.end(ctx, None if ctx.stream_started else
+        await chain.end(ctx, None if ctx.stream_started else
                            ApiError(499, "cancelled before the stream started", type="server_error", code="cancelled"))
         raise
     finally:
@@ -439,7 +469,7 @@ async def _stream(request: web.Request, gw: Gateway, ctx: RequestContext) -> web
     except (ConnectionError, RuntimeError):
         ctx.client_disconnected = True
     # Tokens reached (or were produced for) the client: success, also when it left early.
-    await gw.chain.end(ctx, error)
+    await chain.end(ctx, error)
     return response
 
 
@@ -468,27 +498,30 @@ async def _close_quietly(stream: Any) -> None:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
+    snap = gw.snapshot
     try:
-        body = await _read_json(request, gw.config.server.max_body_bytes)
+        body = await _read_json(request, snap.config.server.max_body_bytes)
         _check_forbidden(body)
         model = _require_model(body)
         _validate_chat(body)
     except ApiError as err:
         return error_response(err, {"X-Request-Id": _request_id(request)})
-    ctx = _new_context(request, gw, "chat.completions", body)
+    ctx = _new_context(request, snap, "chat.completions", body)
     ctx.requested_model = ctx.model = model
     ctx.stream = bool(body.get("stream"))
     ctx.client_wants_usage = ctx.stream and bool((body.get("stream_options") or {}).get("include_usage"))
-    ctx.candidates = [model] if gw.config.deployments(model) else []
+    ctx.candidates = [model] if snap.config.deployments(model) else []
     _take_gateway_fields(ctx, request)
-    answer = (lambda: _stream(request, gw, ctx)) if ctx.stream else (lambda: _complete(request, gw, ctx))
-    return await _run(request, gw, ctx, answer)
+    if ctx.stream:
+        return await _run(request, snap, ctx, lambda: _stream(request, gw, snap, ctx))
+    return await _run(request, snap, ctx, lambda: _complete(request, gw, snap, ctx))
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
+    snap = gw.snapshot
     try:
-        body = await _read_json(request, gw.config.server.max_body_bytes)
+        body = await _read_json(request, snap.config.server.max_body_bytes)
         _check_forbidden(body)
         model = _require_model(body)
         value = body.get("input")
@@ -496,9 +529,9 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
             raise bad_request("'input' is required: a non-empty string or array", param="input")
     except ApiError as err:
         return error_response(err, {"X-Request-Id": _request_id(request)})
-    ctx = _new_context(request, gw, "embeddings", body)
+    ctx = _new_context(request, snap, "embeddings", body)
     ctx.requested_model = ctx.model = model
-    ctx.candidates = [model] if gw.config.deployments(model) else []
+    ctx.candidates = [model] if snap.config.deployments(model) else []
     _take_gateway_fields(ctx, request)
 
     async def answer() -> web.StreamResponse:
@@ -506,16 +539,17 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         _finish_success(ctx, payload)
         ctx.first_byte_at = time.monotonic()
         response = await _send(request, _json_response(200, payload, ctx.response_headers))
-        await gw.chain.end(ctx)
+        await snap.chain.end(ctx)
         return response
 
-    return await _run(request, gw, ctx, answer)
+    return await _run(request, snap, ctx, answer)
 
 
 async def list_models(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
-    ctx = _new_context(request, gw, "models", {})
-    ctx.visible_models = gw.config.model_names()
+    snap = gw.snapshot
+    ctx = _new_context(request, snap, "models", {})
+    ctx.visible_models = snap.config.model_names()
 
     async def answer() -> web.StreamResponse:
         created = int(gw.started_at)
@@ -524,10 +558,10 @@ async def list_models(request: web.Request) -> web.StreamResponse:
             for name in ctx.visible_models]}
         ctx.status = 200
         response = await _send(request, _json_response(200, payload, ctx.response_headers))
-        await gw.chain.end(ctx)
+        await snap.chain.end(ctx)
         return response
 
-    return await _run(request, gw, ctx, answer)
+    return await _run(request, snap, ctx, answer)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -574,15 +608,19 @@ async def openai_errors(request: web.Request, handler: Callable) -> web.StreamRe
 # The app
 # --------------------------------------------------------------------------------------
 
-def create_app(config: Config, *, router: Router | None = None, store: Any = None) -> web.Application:
+def create_app(config: Config, *, router: Router | None = None, store: Any = None,
+               config_path: str | None = None) -> web.Application:
     """Build the gateway. `store` may be passed in (tests); otherwise it is opened from
-    `config.store.url` at start-up and closed at cleanup."""
+    `config.store.url` at start-up and closed at cleanup. With `config_path`, SIGHUP and
+    changes of that file reload the config live (see `reload_config`)."""
     app = web.Application(middlewares=[openai_errors], client_max_size=config.server.max_body_bytes + 1024)
     services = Services(store=store, config=config)
     plugins = build_plugins(config.plugins, services)
     services.plugins = plugins
-    gw = Gateway(config=config, chain=Chain(plugins), router=router or Router(), store=store)
+    gw = Gateway(snapshot=Snapshot(config, Chain(plugins)), router=router or Router(), store=store,
+                 config_path=config_path)
     app[GATEWAY] = gw
+    app[SERVICES] = services
     owns_store = store is None
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -609,10 +647,31 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
         gw.ready = False
         await gw.chain.drain()  # endings still running (billing) finish first
         await gw.chain.shutdown()
+        for plugin in gw.retired_plugins:
+            try:
+                await plugin.shutdown()
+            except Exception:
+                log.exception("plugin_shutdown_failed", plugin=plugin.name)
         await gw.router.close()
+
+    async def reload_ctx(app: web.Application) -> AsyncIterator[None]:
+        tasks: list[asyncio.Task] = []
+        if config_path is not None:
+            loop = asyncio.get_running_loop()
+            try:
+                loop.add_signal_handler(signal.SIGHUP, lambda: tasks.append(
+                    asyncio.ensure_future(reload_config(app, reason="SIGHUP"))))
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # not the main thread (tests) or no signals here: the file watcher remains
+            tasks.append(asyncio.create_task(_watch_config_file(app, config_path)))
+        yield
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(plugins_ctx)
+    app.cleanup_ctx.append(reload_ctx)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/chat/completions", chat_completions)
     app.router.add_post("/v1/embeddings", embeddings)
@@ -622,9 +681,95 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
     app.router.add_get("/health", health)
     app.router.add_get("/health/ready", health_ready)
     app.router.add_routes(admin_routes(lambda request: Admin(gw.store, gw.config, gw.directory)))
+    app.router.add_get("/admin/config", admin_config)
     for plugin in plugins:
         app.router.add_routes(plugin.routes())
     return app
+
+
+SERVICES = web.AppKey("services", Services)
+CONFIG_POLL_SECONDS = 1.0
+
+
+async def reload_config(app: web.Application, reason: str = "manual") -> bool:
+    """Validate config.yaml and, if valid, swap it in atomically. In-flight requests finish
+    on the snapshot they started with. Invalid: keep serving the last good config."""
+    gw, services = app[GATEWAY], app[SERVICES]
+    if gw.config_path is None:
+        return False
+    loop = asyncio.get_running_loop()
+    try:
+        new = await loop.run_in_executor(None, check_config, gw.config_path)
+    except ConfigError as exc:
+        log.error("config_reload_rejected", reason=reason, path=gw.config_path, errors=exc.errors,
+                  keeping="the last good config")
+        return False
+    old = gw.config
+    changes = config_changes(old, new)
+    if not changes:
+        log.info("config_reload_unchanged", reason=reason)
+        return True
+    for section, keys in RESTART_ONLY.items():
+        changed = [k for k in keys if getattr(getattr(old, section), k) != getattr(getattr(new, section), k)]
+        if changed:
+            log.warning("config_change_needs_restart", section=section, keys=changed)
+    # Reuse plugin instances whose entry did not change (they keep queues, metrics, caches);
+    # build and start the others. Replaced ones are shut down when the gateway stops.
+    current = {(p.name, repr(e.settings)): p for p, e in zip(gw.chain.plugins, [e for e in old.plugins if e.enabled])}
+    plugins: list[Plugin] = []
+    started: list[Plugin] = []
+    try:
+        for entry in (e for e in new.plugins if e.enabled):
+            key = (plugin_class(entry.name).name, repr(entry.settings))
+            plugin = current.pop(key, None)
+            if plugin is None:
+                plugin = build_plugins([entry], services)[0]
+                await plugin.startup()
+                started.append(plugin)
+                if plugin.routes():
+                    log.warning("config_change_needs_restart", plugin=entry.name, why="its HTTP routes")
+            plugins.append(plugin)
+    except Exception:
+        log.exception("config_reload_failed", reason=reason)
+        for plugin in started:
+            await plugin.shutdown()
+        return False
+    gw.retired_plugins.extend(current.values())
+    services.config = new
+    services.plugins = plugins
+    if gw.directory is not None:
+        gw.directory.ttl = new.auth.cache_ttl
+    gw.snapshot = Snapshot(new, Chain(plugins, endings=gw.chain._endings))
+    log.info("config_reloaded", reason=reason, changes=changes)
+    return True
+
+
+async def _watch_config_file(app: web.Application, path: str) -> None:
+    """Reload when the file's mtime or size changes (editors replace files; no inotify)."""
+    def stamp() -> tuple[float, int] | None:
+        try:
+            st = os.stat(path)
+            return (st.st_mtime, st.st_size)
+        except OSError:
+            return None
+
+    last = stamp()
+    while True:
+        await asyncio.sleep(CONFIG_POLL_SECONDS)
+        now = stamp()
+        if now is not None and now != last:
+            last = now
+            await reload_config(app, reason="file changed")
+
+
+async def admin_config(request: web.Request) -> web.Response:
+    """GET /admin/config: the effective config, secrets redacted. Master key only."""
+    gw = request.app[GATEWAY]
+    token = bearer_token(request.headers.get("Authorization"))
+    if token is None or not is_master_key(token, gw.config.auth.master_key):
+        raise ApiError(401 if token is None else 403, "GET /admin/config needs the master key",
+                       code="invalid_api_key" if token is None else "forbidden")
+    return _json_response(200, redacted_config(gw.config), {})
 
 
 # --------------------------------------------------------------------------------------
@@ -667,7 +812,7 @@ def _serve(args: argparse.Namespace) -> int:
         pass
     log.info("gateway_starting", host=host, port=port, models=config.model_names(),
              plugins=[p.name for p in config.plugins if p.enabled], store=config.store.url.split("?")[0].split("@")[-1])
-    web.run_app(create_app(config), host=host, port=port, shutdown_timeout=config.server.shutdown_grace,
+    web.run_app(create_app(config, config_path=str(args.config)), host=host, port=port, shutdown_timeout=config.server.shutdown_grace,
                 print=None, access_log=None, handle_signals=True)
     log.info("gateway_stopped")
     return 0

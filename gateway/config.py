@@ -368,3 +368,71 @@ def load_config(path: str | Path) -> Config:
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
     return load_config_data(raw)
+
+
+# --- live reload support -----------------------------------------------------------------
+
+_SECRET_KEY_HINTS = ("api_key", "master_key", "secret", "token", "password", "credentials", "aws_", "azure_ad")
+
+
+def _is_secret_key(key: str) -> bool:
+    lowered = key.lower()
+    return any(hint in lowered for hint in _SECRET_KEY_HINTS)
+
+
+def _redact_url(url: str) -> str:
+    # postgresql://user:password@host/db -> postgresql://user:***@host/db
+    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
+
+
+def redacted(node: Any, key: str = "") -> Any:
+    """A copy of a config dump with every secret replaced by '***'."""
+    if isinstance(node, dict):
+        return {k: redacted(v, str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [redacted(v, key) for v in node]
+    if node is not None and _is_secret_key(key):
+        return "***"
+    if isinstance(node, str) and "://" in node:
+        return _redact_url(node)
+    return node
+
+
+def redacted_config(config: Config) -> dict[str, Any]:
+    return redacted(config.model_dump(mode="json"))
+
+
+def config_changes(old: Config, new: Config) -> dict[str, Any]:
+    """What a reload changed, by section, naming things but never showing secret values."""
+    changes: dict[str, Any] = {}
+    old_models, new_models = set(old.model_names()), set(new.model_names())
+    changed_models = sorted(
+        name for name in old_models & new_models
+        if [e.model_dump() for e in old.deployments(name)] != [e.model_dump() for e in new.deployments(name)]
+    )
+    if old_models != new_models or changed_models:
+        changes["models"] = {"added": sorted(new_models - old_models), "removed": sorted(old_models - new_models),
+                             "changed": changed_models}
+    if old.tiers != new.tiers:
+        changes["tiers"] = sorted(t for t in set(old.tiers) | set(new.tiers) if old.tiers.get(t) != new.tiers.get(t))
+    if old.energy != new.energy:
+        changes["energy"] = sorted(
+            a for a in set(old.energy.actions) | set(new.energy.actions)
+            if old.energy.actions.get(a) != new.energy.actions.get(a)) or ["settings"]
+    prices_old = {e.name: e.pricing for e in old.models}
+    prices_new = {e.name: e.pricing for e in new.models}
+    if prices_old != prices_new:
+        changes["prices"] = sorted(n for n in set(prices_old) | set(prices_new) if prices_old.get(n) != prices_new.get(n))
+    if old.plugins != new.plugins:
+        changes["plugins"] = {"before": [p.name for p in old.plugins if p.enabled],
+                              "after": [p.name for p in new.plugins if p.enabled]}
+    for section in ("server", "store", "auth", "retries", "reports"):
+        if getattr(old, section) != getattr(new, section):
+            changes[section] = sorted(
+                k for k in type(getattr(new, section)).model_fields
+                if getattr(getattr(old, section), k) != getattr(getattr(new, section), k))
+    return changes
+
+
+# Settings that only take effect at start: a reload that changes them logs a warning.
+RESTART_ONLY = {"server": ("host", "port"), "store": ("url",)}
