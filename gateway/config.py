@@ -144,9 +144,17 @@ class Refill(_Strict):
         return seconds
 
 
+class Limits(_Strict):
+    """Requests and tokens per minute; None = unlimited."""
+
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+
+
 class TierConfig(_Strict):
     models: list[str] = Field(default_factory=lambda: ["*"], description='"*" allows every model')
     refill: Refill | None = None
+    limits: Limits | None = None
     description: str | None = None
 
     def allows(self, model: str) -> bool:
@@ -201,6 +209,15 @@ class AuthConfig(_Strict):
         return parse_duration(v)
 
 
+class RateLimitsConfig(_Strict):
+    # Shared counters for several gateway processes; unset = counters in this process only.
+    redis_url: str | None = None
+    key_prefix: str = "gw:rl"
+    on_backend_error: Literal["reject", "allow"] = "reject"  # gating fails closed by default
+    users: dict[str, Limits] = Field(default_factory=dict, description="per user id: overrides the tier")
+    workspaces: dict[str, Limits] = Field(default_factory=dict, description="per workspace name or id: a cap on the whole workspace")
+
+
 class ReportsConfig(_Strict):
     weekly_cost_threshold_usd: float | None = Field(None, ge=0, description="warn when a week's cost exceeds it")
 
@@ -226,6 +243,7 @@ class Config(_Strict):
     models: list[ModelEntry] = Field(min_length=1)
     tiers: dict[str, TierConfig] = Field(default_factory=lambda: {"free": TierConfig()})
     energy: EnergyConfig = EnergyConfig()
+    rate_limits: RateLimitsConfig = RateLimitsConfig()
     reports: ReportsConfig = ReportsConfig()
     plugins: list[PluginEntry] = Field(default_factory=list)
 
@@ -426,7 +444,7 @@ def config_changes(old: Config, new: Config) -> dict[str, Any]:
     if old.plugins != new.plugins:
         changes["plugins"] = {"before": [p.name for p in old.plugins if p.enabled],
                               "after": [p.name for p in new.plugins if p.enabled]}
-    for section in ("server", "store", "auth", "retries", "reports"):
+    for section in ("server", "store", "auth", "retries", "rate_limits", "reports"):
         if getattr(old, section) != getattr(new, section):
             changes[section] = sorted(
                 k for k in type(getattr(new, section)).model_fields

@@ -16,6 +16,7 @@ BUILTIN = {
     "request_log": "plugins.request_log:RequestLog",
     "auth": "plugins.auth:Auth",
     "tier_policy": "plugins.tier_policy:TierPolicy",
+    "rate_limit": "plugins.rate_limit:RateLimit",
     "energy": "plugins.energy:Energy",
     "idempotency": "plugins.idempotency:Idempotency",
     "workspace_prompt": "plugins.workspace_prompt:WorkspacePrompt",

@@ -1,0 +1,233 @@
+"""rate_limit: requests and tokens per minute, per tier, overridable per user and workspace.
+
+    tiers:
+      free: {limits: {rpm: 20, tpm: 40000}}
+      pro:  {limits: {rpm: 600}}
+    rate_limits:
+      redis_url: redis://127.0.0.1:6379/0   # shared by every gateway process; unset = per process
+      on_backend_error: reject              # Redis down: reject (fail closed) or allow
+      users: {usr_abc123: {rpm: 5}}          # replaces the tier's limits for that user
+      workspaces: {acme: {rpm: 1000}}       # a cap on the whole workspace, on top of the users'
+    plugins:
+      - auth
+      - rate_limit                          # after auth, before energy
+
+Fixed one-minute windows. A request counts against `rpm` when it is admitted (a rejected
+one does not); its prompt+completion tokens count against `tpm` when it ends, and a
+request is refused while the window's tokens are already at the limit. Over a limit:
+429 `rate_limit_exceeded` with `Retry-After` and `retry-after-ms` (until the window
+resets). Every answer carries OpenAI's `x-ratelimit-limit-requests`,
+`x-ratelimit-remaining-requests`, `x-ratelimit-reset-requests` and the `-tokens` trio,
+for the caller's own (user) limits.
+
+With Redis, the check-and-count is one Lua script: atomic across processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from gateway.config import Limits
+from plugins.base import Plugin, Reject, RequestContext
+
+log = structlog.get_logger("gateway.rate_limit")
+WINDOW = 60
+
+# KEYS[1] requests counter, KEYS[2] tokens counter; ARGV[1] rpm limit (0 = none),
+# ARGV[2] tpm limit (0 = none), ARGV[3] ttl. Returns {admitted, requests, tokens}.
+_ADMIT_LUA = """
+local tokens = tonumber(redis.call('GET', KEYS[2]) or '0')
+local tpm = tonumber(ARGV[2])
+if tpm > 0 and tokens >= tpm then
+  return {0, tonumber(redis.call('GET', KEYS[1]) or '0'), tokens}
+end
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+local rpm = tonumber(ARGV[1])
+if rpm > 0 and n > rpm then
+  redis.call('DECR', KEYS[1])
+  return {0, n - 1, tokens}
+end
+return {1, n, tokens}
+"""
+
+
+@dataclass
+class Verdict:
+    admitted: bool
+    requests: int
+    tokens: int
+
+
+class MemoryCounters:
+    """Counters for one process (no redis_url). Same semantics as the Lua script."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+        self._window = 0
+
+    def _roll(self, window: int) -> None:
+        if window != self._window:
+            self._counts.clear()
+            self._window = window
+
+    async def admit(self, req_key: str, tok_key: str, rpm: int, tpm: int, window: int) -> Verdict:
+        self._roll(window)
+        tokens = self._counts.get(tok_key, 0)
+        n = self._counts.get(req_key, 0)
+        if (tpm and tokens >= tpm) or (rpm and n >= rpm):
+            return Verdict(False, n, tokens)
+        self._counts[req_key] = n + 1
+        return Verdict(True, n + 1, tokens)
+
+    async def add_tokens(self, tok_key: str, tokens: int, window: int) -> None:
+        self._roll(window)
+        self._counts[tok_key] = self._counts.get(tok_key, 0) + tokens
+
+    async def close(self) -> None:
+        pass
+
+
+class RedisCounters:
+    def __init__(self, url: str) -> None:
+        import redis.asyncio as redis
+
+        self.client = redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        self._admit = self.client.register_script(_ADMIT_LUA)
+
+    async def admit(self, req_key: str, tok_key: str, rpm: int, tpm: int, window: int) -> Verdict:
+        admitted, n, tokens = await self._admit(keys=[req_key, tok_key], args=[rpm, tpm, WINDOW * 2])
+        return Verdict(bool(admitted), int(n), int(tokens))
+
+    async def add_tokens(self, tok_key: str, tokens: int, window: int) -> None:
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.incrby(tok_key, tokens)
+            pipe.expire(tok_key, WINDOW * 2)
+            await pipe.execute()
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def _reset(seconds: float) -> str:
+    """OpenAI's duration style: '12s', '1m0s'."""
+    seconds = max(0, math.ceil(seconds))
+    return f"{seconds // 60}m{seconds % 60}s" if seconds >= 60 else f"{seconds}s"
+
+
+class RateLimit(Plugin):
+    name = "rate_limit"
+
+    def __init__(self, settings: Any, services: Any):
+        super().__init__(settings, services)
+        self.counters: MemoryCounters | RedisCounters | None = None
+
+    async def startup(self) -> None:
+        url = self.services.config.rate_limits.redis_url
+        self.counters = RedisCounters(url) if url else MemoryCounters()
+
+    async def shutdown(self) -> None:
+        if self.counters is not None:
+            await self.counters.close()
+
+    async def _scopes(self, ctx: RequestContext) -> list[tuple[str, Limits]]:
+        """(counter key prefix, limits) for the user and, if capped, the workspace."""
+        identity = ctx.identity
+        cfg = ctx.config.rate_limits
+        scopes: list[tuple[str, Limits]] = []
+        user_limits = cfg.users.get(identity.user_id)
+        if user_limits is None:
+            tier = ctx.config.tiers.get(identity.tier)
+            user_limits = tier.limits if tier is not None else None
+        if user_limits is not None and (user_limits.rpm or user_limits.tpm):
+            scopes.append((f"u:{identity.user_id}", user_limits))
+        if cfg.workspaces:
+            ws_limits = cfg.workspaces.get(identity.workspace_id)
+            if ws_limits is None and self.services.directory is not None:
+                workspace = await self.services.directory.workspace(identity.workspace_id)
+                if workspace is not None:
+                    ws_limits = cfg.workspaces.get(workspace.name)
+            if ws_limits is not None and (ws_limits.rpm or ws_limits.tpm):
+                scopes.append((f"w:{identity.workspace_id}", ws_limits))
+        return scopes
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        if ctx.identity is None or ctx.endpoint == "models" or self.counters is None:
+            return
+        scopes = await self._scopes(ctx)
+        if not scopes:
+            return
+        now = time.time()
+        window = int(now // WINDOW)
+        reset_in = (window + 1) * WINDOW - now
+        prefix = ctx.config.rate_limits.key_prefix
+        admitted: list[str] = []
+        for scope, limits in scopes:
+            req_key = f"{prefix}:{scope}:r:{window}"
+            tok_key = f"{prefix}:{scope}:t:{window}"
+            try:
+                verdict = await self.counters.admit(req_key, tok_key, limits.rpm or 0, limits.tpm or 0, window)
+            except Exception as exc:  # noqa: BLE001 — the counter backend is down
+                if ctx.config.rate_limits.on_backend_error == "allow":
+                    log.warning("rate_limit_backend_down", error=type(exc).__name__, admitting=True)
+                    return
+                raise Reject(503, "The rate limiter is unavailable; try again shortly.", type="server_error",
+                             code="rate_limiter_unavailable", headers={"Retry-After": "1"}) from None
+            if scope == scopes[0][0]:
+                self._headers(ctx, limits, verdict, reset_in)
+            if not verdict.admitted:
+                await self._release(admitted, window)
+                which = "tokens" if limits.tpm and verdict.tokens >= limits.tpm else "requests"
+                limit = limits.tpm if which == "tokens" else limits.rpm
+                whose = "your workspace" if scope.startswith("w:") else "you"
+                raise Reject(429, f"Rate limit reached for {whose}: {limit} {which} per minute. "
+                                  f"Retry in {math.ceil(reset_in)}s.",
+                             type="rate_limit_exceeded", code="rate_limit_exceeded",
+                             headers={"Retry-After": str(math.ceil(reset_in)),
+                                      "retry-after-ms": str(int(reset_in * 1000))})
+            admitted.append(req_key)
+        ctx.scratch(self.name)["tok_keys"] = [f"{prefix}:{scope}:t:{window}" for scope, _ in scopes]
+        ctx.scratch(self.name)["window"] = window
+
+    async def _release(self, req_keys: list[str], window: int) -> None:
+        """A later scope refused the request: un-count it from the scopes that admitted it."""
+        for key in req_keys:
+            try:
+                if isinstance(self.counters, RedisCounters):
+                    await self.counters.client.decr(key)
+                elif isinstance(self.counters, MemoryCounters):
+                    self.counters._counts[key] = max(0, self.counters._counts.get(key, 1) - 1)
+            except Exception:  # noqa: BLE001
+                log.warning("rate_limit_release_failed", key=key)
+
+    @staticmethod
+    def _headers(ctx: RequestContext, limits: Limits, verdict: Verdict, reset_in: float) -> None:
+        h = ctx.response_headers
+        if limits.rpm:
+            h["x-ratelimit-limit-requests"] = str(limits.rpm)
+            h["x-ratelimit-remaining-requests"] = str(max(0, limits.rpm - verdict.requests))
+            h["x-ratelimit-reset-requests"] = _reset(reset_in)
+        if limits.tpm:
+            h["x-ratelimit-limit-tokens"] = str(limits.tpm)
+            h["x-ratelimit-remaining-tokens"] = str(max(0, limits.tpm - verdict.tokens))
+            h["x-ratelimit-reset-tokens"] = _reset(reset_in)
+
+    async def on_response(self, ctx: RequestContext) -> None:
+        await self._count_tokens(ctx)
+
+    async def on_error(self, ctx: RequestContext) -> None:
+        await self._count_tokens(ctx)
+
+    async def _count_tokens(self, ctx: RequestContext) -> None:
+        scratch = ctx.scratch(self.name)
+        keys = scratch.get("tok_keys")
+        if not keys or ctx.usage is None or not ctx.usage.total_tokens or self.counters is None:
+            return
+        for key in keys:
+            await self.counters.add_tokens(key, ctx.usage.total_tokens, scratch["window"])
