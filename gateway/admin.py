@@ -202,6 +202,9 @@ class Admin:
         return {"user_id": user.id, "energy": balance}
 
     async def ledger(self, scope: Scope, user_id: str, limit: int = 100) -> list[dict]:
+        # entries[-0:] is the whole list: a limit below 1 must be refused, not obeyed backwards.
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ApiError(400, "limit must be a positive integer", param="limit")
         user = await self._user(scope, user_id)
         entries = await self.store.ledger(user.id)
         return [as_dict(e) for e in entries[-limit:]]

@@ -24,6 +24,7 @@ be probed). Errors are OpenAI-shaped like everywhere else.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Awaitable, Callable
 
 import orjson
@@ -68,17 +69,25 @@ def _json(payload: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(payload, default=str), content_type="application/json")
 
 
-def _int_param(value: Any, name: str, default: int | None = None) -> int:
+_INTEGER_TEXT = re.compile(r"^-?\d{1,18}$")
+
+
+def _int_param(value: Any, name: str, default: int | None = None, *, minimum: int | None = None) -> int:
+    """A JSON integer, or an integer query-string value. Never a float silently truncated
+    (an energy amount of 1.5 is a client bug, not 1)."""
     if value is None:
         if default is None:
             raise ApiError(400, f"'{name}' is required", param=name)
         return default
-    if isinstance(value, bool):
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and _INTEGER_TEXT.match(value.strip()):
+        number = int(value)
+    else:
         raise ApiError(400, f"'{name}' must be an integer", param=name)
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ApiError(400, f"'{name}' must be an integer", param=name) from None
+    if minimum is not None and number < minimum:
+        raise ApiError(400, f"'{name}' must be at least {minimum}", param=name)
+    return number
 
 
 def admin_routes(get_admin: AdminFactory) -> list[web.RouteDef]:
@@ -123,7 +132,7 @@ def admin_routes(get_admin: AdminFactory) -> list[web.RouteDef]:
 
     async def usage(r, a, s):
         return await a.usage_report(s, r.match_info["report"], _int_param(r.query.get("days"), "days", 7),
-                                    r.query.get("workspace"), _int_param(r.query.get("limit"), "limit", 10))
+                                    r.query.get("workspace"), _int_param(r.query.get("limit"), "limit", 10, minimum=1))
 
     async def metrics(r, a, s):
         from gateway.config import parse_duration
@@ -147,7 +156,7 @@ def admin_routes(get_admin: AdminFactory) -> list[web.RouteDef]:
         web.patch("/admin/users/{user}", endpoint(update_user)),
         web.post("/admin/users/{user}/energy", endpoint(grant)),
         web.get("/admin/users/{user}/ledger", endpoint(
-            lambda r, a, s: a.ledger(s, r.match_info["user"], _int_param(r.query.get("limit"), "limit", 100)))),
+            lambda r, a, s: a.ledger(s, r.match_info["user"], _int_param(r.query.get("limit"), "limit", 100, minimum=1)))),
         web.post("/admin/users/{user}/keys", endpoint(create_key, 201)),
         web.get("/admin/keys", endpoint(lambda r, a, s: a.list_keys(s, r.query.get("user")))),
         web.post("/admin/keys/{key}/revoke", endpoint(lambda r, a, s: a.revoke_key(s, r.match_info["key"]))),
