@@ -72,6 +72,8 @@ CROSS_WORKSPACE_CALLS = [
     ("GET", "/admin/keys?user={globex_user}", None, 404),
     ("POST", "/admin/keys/{globex_key_id}/revoke", None, 404),
     ("POST", "/admin/keys/{globex_key_id}/rotate", None, 404),
+    ("GET", "/admin/usage/daily?workspace=globex", None, 404),
+    ("GET", "/admin/metrics?workspace=globex", None, 404),
 ]
 
 
