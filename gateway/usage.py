@@ -109,12 +109,14 @@ def finalize_usage(ctx: RequestContext) -> None:
         return
     dispatched = ctx.attempts > 0
     if not dispatched:
+        ctx.cost_usd = 0.0  # rejected before any upstream call: nothing spent (not "price unknown")
         return
     reported = ctx.usage
     produced = bool(ctx.streamed_text) or ctx.response is not None
     if reported is None or (reported.total_tokens == 0 and produced):
         if ctx.error is not None and not produced:
-            return  # nothing reached or left the upstream successfully: no tokens to bill
+            ctx.cost_usd = 0.0  # nothing reached or left the upstream successfully: no tokens to bill
+            return
         try:
             ctx.usage = estimate_usage(ctx)
         except Exception:  # noqa: BLE001 — accounting fails open, loudly

@@ -427,6 +427,21 @@ def test_every_call_emits_one_completed_or_failed_analytics_event(gateway_factor
     assert (bad["action"], bad["model"], bad["provider"], bad["energy_cost"]) == ("ai_message", "gpt-4o", "openai", 0)
     assert bad["error_type"] == "upstream_400" or bad["status"] == 400
     assert bad["tokens_total"] == 0 and bad["latency_ms"] > 0
+    assert bad["cost_usd"] == 0.0  # nothing spent; None would mean "price unknown"
+
+
+def test_a_rejected_request_costs_zero_and_raises_no_unknown_price_warning(gateway_factory, upstream):
+    gw = start(gateway_factory, upstream)
+    with capture_logs() as logs:
+        with pytest.raises(openai.AuthenticationError):
+            gw.client("nope").chat.completions.create(model="anything-a-client-types", messages=HELLO)
+        upstream.push(*[Fault.status(500)] * 3)
+        _, key = gw.make_user()
+        with pytest.raises(openai.InternalServerError):
+            gw.client(key).chat.completions.create(model="gpt-4o", messages=HELLO)
+        usage_rows(gw, 2)
+    assert [e["cost_usd"] for e in logs if e["event"] == "ai_generation_failed"] == [0.0, 0.0]
+    assert not [e for e in logs if e["event"] == "usage_cost_unknown"]
 
 
 # ------------------------------------------------------------------------- prices and threshold
