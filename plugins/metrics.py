@@ -97,7 +97,9 @@ class Metrics(Plugin):
             self.in_flight.dec()
         if ctx.endpoint == "models":
             return
-        model = ctx.model or "unknown"
+        # A label value comes from config, never from the client: a model the gateway does
+        # not serve (whatever the client typed, a pasted key included) is "unknown".
+        model = ctx.model if ctx.model and ctx.config.deployments(ctx.model) else "unknown"
         self.requests.labels(ctx.endpoint, model, ctx.provider or "none", str(ctx.status)).inc()
         stream = "true" if ctx.stream else "false"
         if ctx.latency_ms is not None:
