@@ -89,6 +89,9 @@ class RetryConfig(_Strict):
     backoff_base: float = Field(0.25, ge=0, description="first backoff, seconds; doubles each time")
     backoff_max: float = Field(8.0, ge=0)
     retry_after_max: float = Field(30.0, ge=0, description="cap on an upstream's Retry-After")
+    # Circuit breaker: a deployment failing this many times in a row is skipped for `cooldown`.
+    breaker_failures: int = Field(5, ge=1)
+    breaker_cooldown: float = Field(30.0, ge=0)
 
 
 class LitellmParams(BaseModel):
@@ -108,6 +111,16 @@ class LitellmParams(BaseModel):
         return v
 
 
+class Timeouts(_Strict):
+    """Seconds. connect: TCP/TLS set-up; first_byte: until the answer (or the first stream
+    chunk) starts; idle: between two stream chunks; total: the whole call."""
+
+    connect: float = Field(10.0, gt=0)
+    first_byte: float = Field(120.0, gt=0)
+    idle: float = Field(60.0, gt=0)
+    total: float = Field(600.0, gt=0)
+
+
 class Pricing(_Strict):
     """USD per million tokens; overrides litellm's bundled price map."""
 
@@ -125,6 +138,7 @@ class ModelEntry(_Strict):
     litellm_params: LitellmParams
     # auto: the native OpenAI-wire pass-through for openai/... models, litellm otherwise.
     dispatch: Literal["auto", "native", "litellm"] = "auto"
+    timeouts: Timeouts = Timeouts()
     fallbacks: list[str] | None = None
     downgrade_to: str | None = None
     pricing: Pricing | None = None

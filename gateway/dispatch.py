@@ -148,23 +148,13 @@ def normalise_litellm_error(exc: BaseException) -> UpstreamError:
     return UpstreamError("connection", f"upstream call failed: {message}")
 
 
-def _secrets_of(deployment: ModelEntry) -> tuple[str, ...]:
+def deployment_secrets(deployment: ModelEntry) -> tuple[str, ...]:
     """The credential values configured for a deployment, whatever their shape (an Azure
-    key has no `sk-` prefix for the pattern-based `redact` to catch)."""
+    key has no `sk-` prefix for the pattern-based `redact` to catch). The router masks them
+    in every upstream error message: an upstream may echo back the key it was given."""
     params = deployment.litellm_params.model_dump(exclude_none=True)
     return tuple(str(v) for k, v in params.items()
                  if isinstance(v, str) and any(w in k.lower() for w in ("key", "secret", "token", "password", "credential")))
-
-
-def _upstream_failure(exc: BaseException, deployment: ModelEntry) -> UpstreamError:
-    """`normalise_litellm_error`, with this deployment's own credentials masked verbatim:
-    an upstream may echo the key it was given back in its error message."""
-    err = normalise_litellm_error(exc)
-    secrets = _secrets_of(deployment)
-    if secrets:
-        err.message = redact(err.message, secrets)
-        err.args = (err.message,)
-    return err
 
 
 # Chunk and response fields OpenAI clients know; litellm adds private ones we drop.
@@ -222,7 +212,7 @@ class LitellmDispatcher:
         try:
             response = await litellm.acompletion(**self._kwargs(deployment, body))
         except Exception as exc:  # noqa: BLE001 — every failure becomes an UpstreamError
-            raise _upstream_failure(exc, deployment) from None
+            raise normalise_litellm_error(exc) from None
         raw = response.model_dump() if hasattr(response, "model_dump") else dict(response)
         if not raw.get("choices"):
             raise UpstreamError("bad_response", "the upstream response had no choices")
@@ -234,13 +224,13 @@ class LitellmDispatcher:
         try:
             stream = await litellm.acompletion(**kwargs)
         except Exception as exc:  # noqa: BLE001
-            raise _upstream_failure(exc, deployment) from None
+            raise normalise_litellm_error(exc) from None
         try:
             async for chunk in stream:
                 raw = chunk.model_dump() if hasattr(chunk, "model_dump") else dict(chunk)
                 yield _clean_chunk(raw)
         except Exception as exc:  # noqa: BLE001
-            err = _upstream_failure(exc, deployment)
+            err = normalise_litellm_error(exc)
             # After the first chunk every failure is a stream that broke off (litellm
             # raises MidStreamFallbackError, status 500, for a cut connection).
             if err.kind in ("connection", "bad_response") or "MidStream" in type(exc).__name__:
@@ -264,7 +254,7 @@ class LitellmDispatcher:
         try:
             response = await litellm.aembedding(**kwargs)
         except Exception as exc:  # noqa: BLE001
-            raise _upstream_failure(exc, deployment) from None
+            raise normalise_litellm_error(exc) from None
         raw = response.model_dump() if hasattr(response, "model_dump") else dict(response)
         data = [{"object": "embedding", "index": d.get("index", i), "embedding": d.get("embedding")}
                 for i, d in enumerate(raw.get("data") or [])]

@@ -18,14 +18,19 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+import structlog
+
 from gateway.config import Config, ModelEntry
-from gateway.dispatch import Dispatcher, LitellmDispatcher, UpstreamError, provider_of
+from gateway.dispatch import Dispatcher, LitellmDispatcher, UpstreamError, deployment_secrets, provider_of
 from gateway.demo import DemoDispatcher
 from gateway.native import NativeOpenAIDispatcher
 from gateway.errors import ApiError, redact
 from plugins.base import RequestContext
+
+log = structlog.get_logger("gateway.router")
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -61,11 +66,52 @@ def uses_native(deployment: ModelEntry) -> bool:
     return model.startswith("openai/") or "/" not in model
 
 
+class CircuitBreaker:
+    """Per deployment, per process: after `failures` consecutive transient failures the
+    deployment is skipped for `cooldown` seconds, so requests go to healthy deployments
+    instead of burning retries on a dead one. After the cool-down it is tried again
+    (half-open): one success closes it, one failure opens it for another cool-down."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self._failures: dict[str, int] = {}
+        self._open_until: dict[str, float] = {}
+
+    @staticmethod
+    def key(deployment: ModelEntry) -> str:
+        p = deployment.litellm_params
+        return f"{deployment.name}|{p.model}|{p.api_base or ''}"
+
+    def is_open(self, deployment: ModelEntry) -> bool:
+        until = self._open_until.get(self.key(deployment))
+        return until is not None and self.clock() < until
+
+    def retry_in(self, deployments: list[ModelEntry]) -> float:
+        now = self.clock()
+        waits = [self._open_until.get(self.key(d), now) - now for d in deployments]
+        return max(0.0, min(waits)) if waits else 0.0
+
+    def success(self, deployment: ModelEntry) -> None:
+        key = self.key(deployment)
+        self._failures.pop(key, None)
+        self._open_until.pop(key, None)
+
+    def failure(self, deployment: ModelEntry, config: Config) -> None:
+        key = self.key(deployment)
+        count = self._failures.get(key, 0) + 1
+        self._failures[key] = count
+        if count >= config.retries.breaker_failures and config.retries.breaker_cooldown > 0:
+            self._open_until[key] = self.clock() + config.retries.breaker_cooldown
+            log.warning("deployment_cooling_down", model=deployment.name, deployment=deployment.litellm_params.model,
+                        consecutive_failures=count, cooldown_s=config.retries.breaker_cooldown)
+
+
 class Router:
     def __init__(self, dispatchers: dict[str, Dispatcher] | None = None, sleep: Sleep = asyncio.sleep):
         self.litellm: Dispatcher = LitellmDispatcher()
         self.native = NativeOpenAIDispatcher()
         self.dispatchers: dict[str, Dispatcher] = {"demo": DemoDispatcher(), **(dispatchers or {})}
+        self.breaker = CircuitBreaker()
         self._sleep = sleep
 
     def dispatcher_for(self, deployment: ModelEntry) -> Dispatcher:
@@ -96,15 +142,17 @@ class Router:
         """Run `call(public_model, deployment)` until it succeeds, following the policy."""
         config = ctx.config
         last: UpstreamError | None = None
+        cooling: list[ModelEntry] = []
         first_model = True
         for model in self.models_to_try(config, ctx.model):
             deployments = config.deployments(model)
-            dead: set[int] = set()  # deployments whose credentials were refused
+            # Skip deployments whose circuit is open; they are retried after the cool-down.
+            dead: set[int] = {i for i, d in enumerate(deployments) if self.breaker.is_open(d)}
+            cooling.extend(d for i, d in enumerate(deployments) if i in dead)
             tries_per_deployment = [0] * len(deployments)
             if not first_model:
                 ctx.fallbacks += 1
             first_model = False
-            index = 0
             for attempt in range(config.retries.max_attempts):
                 live = [i for i in range(len(deployments)) if i not in dead]
                 if not live:
@@ -121,26 +169,51 @@ class Router:
                 ctx.deployment = deployment.litellm_params.model
                 ctx.provider = provider_of(deployment)
                 try:
-                    return await call(model, deployment)
+                    result = await call(model, deployment)
                 except UpstreamError as err:
+                    _mask_credentials(err, deployment)
                     last = err
+                    if err.retryable or err.is_auth:
+                        self.breaker.failure(deployment, config)
                     if err.is_auth:
                         dead.add(index)
                         continue
                     if not err.retryable:
                         raise upstream_to_api_error(err, ctx.attempts) from None
-        assert last is not None
+                    continue
+                self.breaker.success(deployment)
+                return result
+        if last is None:  # every deployment was cooling down: fail fast, say when to retry
+            wait = max(1, round(self.breaker.retry_in(cooling)))
+            raise ApiError(503, f"every deployment of '{ctx.model}' is cooling down after repeated failures",
+                           type="server_error", code="upstream_unavailable", headers={"Retry-After": str(wait)})
         raise upstream_to_api_error(last, ctx.attempts) from None
+
+    @staticmethod
+    async def _timed(deployment: ModelEntry, call: Awaitable[Any], which: str = "total") -> Any:
+        limit = getattr(deployment.timeouts, which)
+        try:
+            async with asyncio.timeout(limit):
+                return await call
+        except TimeoutError:
+            raise UpstreamError("timeout", f"the upstream exceeded its {which.replace('_', ' ')} timeout "
+                                           f"({limit:g}s)", status=504) from None
 
     async def chat(self, ctx: RequestContext) -> dict[str, Any]:
         async def call(model: str, deployment: ModelEntry) -> dict[str, Any]:
-            return await self.dispatcher_for(deployment).chat(deployment, ctx.body)
+            limit = min(deployment.timeouts.total, deployment.timeouts.first_byte)
+            try:
+                async with asyncio.timeout(limit):
+                    return await self.dispatcher_for(deployment).chat(deployment, ctx.body)
+            except TimeoutError:
+                raise UpstreamError("timeout", f"the upstream did not answer within {limit:g}s",
+                                    status=504) from None
 
         return await self._attempts(ctx, call)
 
     async def embeddings(self, ctx: RequestContext) -> dict[str, Any]:
         async def call(model: str, deployment: ModelEntry) -> dict[str, Any]:
-            return await self.dispatcher_for(deployment).embeddings(deployment, ctx.body)
+            return await self._timed(deployment, self.dispatcher_for(deployment).embeddings(deployment, ctx.body))
 
         return await self._attempts(ctx, call)
 
@@ -150,13 +223,55 @@ class Router:
         async def call(model: str, deployment: ModelEntry):
             stream = self.dispatcher_for(deployment).chat_stream(deployment, ctx.body)
             try:
-                first = await stream.__anext__()
+                first = await self._timed(deployment, stream.__anext__(), "first_byte")
             except StopAsyncIteration:
                 await stream.aclose()
                 raise UpstreamError("truncated", "the upstream stream ended before any data") from None
             except BaseException:
                 await stream.aclose()
                 raise
-            return first, stream
+            return first, _Masked(stream, deployment)
 
         return await self._attempts(ctx, call)
+
+
+def _mask_credentials(err: UpstreamError, deployment: ModelEntry) -> None:
+    """Mask the deployment's configured credentials in the error, whichever dispatcher
+    raised it: an upstream may echo the key it was given in its error message."""
+    secrets = ()
+    if secrets:
+        err.message = redact(err.message, secrets)
+        err.args = (err.message,)
+
+
+class _Masked:
+    """The rest of a stream, its mid-stream errors masked like `_mask_credentials`. A class,
+    not an async generator: `aclose()` must close the upstream even if never iterated."""
+
+    def __init__(self, stream: AsyncIterator[dict[str, Any]], deployment: ModelEntry):
+        self._stream = stream
+        self._deployment = deployment
+        self._deadline = time.monotonic() + deployment.timeouts.total
+
+    def __aiter__(self) -> "_Masked":
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        # The deployment's idle (between chunks) and total timeouts apply to every chunk.
+        idle = self._deployment.timeouts.idle
+        limit = max(0.0, min(idle, self._deadline - time.monotonic()))
+        try:
+            async with asyncio.timeout(limit):
+                return await self._stream.__anext__()
+        except TimeoutError:
+            which = "idle" if limit == idle else "total"
+            raise UpstreamError("timeout", f"the upstream stream stalled ({which} timeout, {limit:g}s)",
+                                status=504) from None
+        except UpstreamError as err:
+            _mask_credentials(err, self._deployment)
+            raise
+
+    async def aclose(self) -> None:
+        close = getattr(self._stream, "aclose", None)
+        if close is not None:
+            await close()
