@@ -27,7 +27,6 @@ from gateway.dispatch import UpstreamError, retry_after_seconds
 from gateway.errors import redact
 
 OPENAI_DEFAULT_BASE = "https://api.openai.com/v1"
-DEFAULT_TIMEOUT = 600.0
 _DONE = b"[DONE]"
 
 
@@ -78,8 +77,10 @@ class NativeOpenAIDispatcher:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if params.api_key:
             headers["Authorization"] = f"Bearer {params.api_key}"
-        total = params.timeout or DEFAULT_TIMEOUT
-        return base + path, headers, aiohttp.ClientTimeout(total=total, sock_connect=min(10.0, total))
+        timeouts = deployment.timeouts
+        total = min(params.timeout or timeouts.total, timeouts.total)
+        # first_byte and idle are enforced by the router for every dispatcher alike.
+        return base + path, headers, aiohttp.ClientTimeout(total=total, sock_connect=min(timeouts.connect, total))
 
     def _body(self, deployment: ModelEntry, body: dict[str, Any]) -> bytes:
         payload = dict(body)
