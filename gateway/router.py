@@ -238,7 +238,7 @@ class Router:
 def _mask_credentials(err: UpstreamError, deployment: ModelEntry) -> None:
     """Mask the deployment's configured credentials in the error, whichever dispatcher
     raised it: an upstream may echo the key it was given in its error message."""
-    secrets = ()
+    secrets = deployment_secrets(deployment)
     if secrets:
         err.message = redact(err.message, secrets)
         err.args = (err.message,)
