@@ -36,6 +36,10 @@ class Directory:
         self.clock = clock
         self._keys: dict[str, _Entry] = {}  # sha256(key) -> KeyIdentity | None
         self._workspaces: dict[str, _Entry] = {}  # workspace id -> Workspace | None
+        # Bumped by every forget_*: a lookup that was already reading the store when an
+        # admin change landed must not put its (now stale) answer back into the cache,
+        # or a key revoked "at once" would keep working for a whole TTL.
+        self._generation = 0
 
     async def identity(self, plaintext: str) -> Any:
         """The KeyIdentity for a key, or None when unknown. Revoked keys are returned
@@ -45,7 +49,10 @@ class Directory:
         entry = self._keys.get(digest)
         if entry is not None and entry.expires > now:
             return entry.value
+        generation = self._generation
         value = await self.store.lookup_key(plaintext)
+        if generation != self._generation:
+            return value  # answer this request, but do not cache what may be stale
         self._keys[digest] = _Entry(value, now + (self.ttl if value is not None else min(self.ttl, NEGATIVE_TTL)))
         if len(self._keys) > 100_000:  # bound memory under key-guessing floods
             self._evict(self._keys, now)
@@ -56,8 +63,10 @@ class Directory:
         entry = self._workspaces.get(workspace_id)
         if entry is not None and entry.expires > now:
             return entry.value
+        generation = self._generation
         value = await self.store.get_workspace(workspace_id)
-        self._workspaces[workspace_id] = _Entry(value, now + self.ttl)
+        if generation == self._generation:
+            self._workspaces[workspace_id] = _Entry(value, now + self.ttl)
         return value
 
     @staticmethod
@@ -70,18 +79,22 @@ class Directory:
     # --- invalidation, called by admin operations in this process ---------------------
 
     def forget_user(self, user_id: str) -> None:
+        self._generation += 1
         for digest in [d for d, e in self._keys.items() if e.value is not None and e.value.user_id == user_id]:
             del self._keys[digest]
 
     def forget_key(self, key_id: str) -> None:
+        self._generation += 1
         for digest in [d for d, e in self._keys.items() if e.value is not None and e.value.key_id == key_id]:
             del self._keys[digest]
 
     def forget_workspace(self, workspace_id: str) -> None:
+        self._generation += 1
         self._workspaces.pop(workspace_id, None)
         for digest in [d for d, e in self._keys.items() if e.value is not None and e.value.workspace_id == workspace_id]:
             del self._keys[digest]
 
     def clear(self) -> None:
+        self._generation += 1
         self._keys.clear()
         self._workspaces.clear()
