@@ -118,3 +118,45 @@ def test_disabled_user_gets_401_after_cache_ttl(gateway_factory, upstream):
         gw.client(key).chat.completions.create(model="gpt-4o-mini", messages=HELLO)
     assert_invalid_api_key(info.value)
     assert upstream.count() == 0
+
+
+def test_revocation_landing_during_an_in_flight_key_lookup_is_not_undone_by_the_cache(gateway):
+    """A lookup that read the key just before an admin revoked it answers its own request
+    with what it read, but must not put that stale identity into the cache: the next
+    request sees the revocation at once, not a TTL later."""
+    import asyncio
+
+    from gateway.admin import Admin
+    from gateway.directory import Directory
+
+    user_id, key = gateway.make_user()
+    key_id = gateway.run(gateway.store.list_keys(user_id=user_id))[0].id
+    store = gateway.store
+
+    class PausedLookups:
+        """The real store, pausing between reading a key and handing the answer back."""
+
+        def __init__(self) -> None:
+            self.read, self.resume = asyncio.Event(), asyncio.Event()
+
+        async def lookup_key(self, plaintext: str):
+            value = await store.lookup_key(plaintext)
+            self.read.set()
+            await self.resume.wait()
+            return value
+
+        def __getattr__(self, name: str):
+            return getattr(store, name)
+
+    async def scenario():
+        paused = PausedLookups()
+        directory = Directory(paused, ttl=300)
+        lookup = asyncio.ensure_future(directory.identity(key))
+        await paused.read.wait()
+        await Admin(store, gateway.config, directory).revoke_key(MASTER, key_id)
+        paused.resume.set()
+        return await lookup, await directory.identity(key)
+
+    in_flight, next_request = gateway.run(scenario())
+    assert not in_flight.revoked  # it read the key before the revocation
+    assert next_request.revoked
