@@ -804,18 +804,85 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging()
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
+    workers = args.workers if args.workers is not None else config.server.workers
+    log.info("gateway_starting", host=host, port=port, workers=workers, models=config.model_names(),
+             plugins=[p.name for p in config.plugins if p.enabled], store=config.store.url.split("?")[0].split("@")[-1])
+    if workers > 1:
+        if port == 0:
+            print("workers > 1 needs a fixed port", file=sys.stderr)
+            return 1
+        if any(p.name == "rate_limit" and p.enabled for p in config.plugins) and not config.rate_limits.redis_url:
+            log.warning("rate_limits_per_process", hint="set rate_limits.redis_url so limits are shared by workers")
+        return _supervise(args, config, host, port, workers)
+    _run_worker(config, str(args.config), host, port, reuse_port=False)
+    log.info("gateway_stopped")
+    return 0
+
+
+def _run_worker(config: Config, config_path: str, host: str, port: int, *, reuse_port: bool) -> None:
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    log.info("gateway_starting", host=host, port=port, models=config.model_names(),
-             plugins=[p.name for p in config.plugins if p.enabled], store=config.store.url.split("?")[0].split("@")[-1])
-    web.run_app(create_app(config, config_path=str(args.config)), host=host, port=port, shutdown_timeout=config.server.shutdown_grace,
-                print=None, access_log=None, handle_signals=True)
-    log.info("gateway_stopped")
-    return 0
+    web.run_app(create_app(config, config_path=config_path), host=host, port=port, reuse_port=reuse_port,
+                shutdown_timeout=config.server.shutdown_grace, print=None, access_log=None, handle_signals=True)
+
+
+def _supervise(args: argparse.Namespace, config: Config, host: str, port: int, workers: int) -> int:
+    """`server.workers: N`: N forked processes share the port (SO_REUSEPORT); the kernel
+    spreads connections. State that must be exact (energy, usage) lives in the store, rate
+    limits in Redis. This process forwards SIGTERM/SIGINT/SIGHUP and restarts a worker that
+    dies unexpectedly."""
+    children: dict[int, int] = {}
+    stopping = False
+    exit_codes: list[int] = []
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            code = 0
+            try:
+                _run_worker(config, str(args.config), host, port, reuse_port=True)
+            except BaseException:  # noqa: BLE001 — report, then leave without running parent code
+                log.exception("worker_crashed", slot=slot)
+                code = 1
+            os._exit(code)
+        children[pid] = slot
+
+    def forward(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    for slot in range(workers):
+        spawn(slot)
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        slot = children.pop(pid, None)
+        code = os.waitstatus_to_exitcode(status)
+        if stopping or slot is None:
+            exit_codes.append(code)
+            continue
+        log.warning("worker_exited", slot=slot, pid=pid, exit_code=code, restarting=True)
+        time.sleep(1)
+        if not stopping:
+            spawn(slot)
+    log.info("gateway_stopped", workers=workers, exit_codes=exit_codes)
+    return 0 if all(c == 0 for c in exit_codes) else 1
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -836,6 +903,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default=os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG))
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int, help="processes sharing the port (default: server.workers)")
     serve.set_defaults(func=_serve)
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file", nargs="?", default=os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG))

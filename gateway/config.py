@@ -70,6 +70,7 @@ class ServerConfig(_Strict):
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0, description="413 above this")
     shutdown_grace: float = Field(30.0, ge=0, description="seconds in-flight requests get on SIGTERM")
+    workers: int = Field(1, ge=1, le=64, description="processes sharing the port")
 
 
 class StoreConfig(_Strict):
@@ -467,4 +468,4 @@ def config_changes(old: Config, new: Config) -> dict[str, Any]:
 
 
 # Settings that only take effect at start: a reload that changes them logs a warning.
-RESTART_ONLY = {"server": ("host", "port"), "store": ("url",)}
+RESTART_ONLY = {"server": ("host", "port", "workers"), "store": ("url",)}
