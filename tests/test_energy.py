@@ -174,6 +174,41 @@ def test_idempotent_retry_is_charged_once_and_replays_the_first_result(gateway, 
     assert kinds(gateway.ledger(user_id)) == [("grant", 20), ("reserve", -2), ("settle", 0)]
 
 
+def test_idempotent_retry_of_a_stream_replays_its_text_without_a_second_charge(gateway, upstream):
+    user_id, key = gateway.make_user(energy=20)
+    client = gateway.client(key)
+    headers = {"Idempotency-Key": "stream-1"}
+
+    def streamed() -> tuple[dict, str]:
+        raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HELLO, stream=True,
+                                                              extra_headers=headers)
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in raw.parse() if chunk.choices)
+        return raw.headers, text
+
+    first_headers, first_text = streamed()
+    gateway.settle()
+    second_headers, second_text = streamed()
+    assert first_text == upstream.reply
+    assert second_text == first_text
+    assert second_headers["Idempotent-Replayed"] == "true"
+    assert upstream.count("/chat/completions") == 1
+    gateway.settle()
+    assert gateway.balance(user_id) == 18
+
+
+def test_idempotency_keys_are_per_user(gateway, upstream):
+    _, alice = gateway.make_user(energy=20)
+    bob_id, bob = gateway.make_user(energy=20)
+    headers = {"Idempotency-Key": "shared-key"}
+    gateway.client(alice).chat.completions.create(model="gpt-4o-mini", messages=HELLO, extra_headers=headers)
+    raw = gateway.client(bob).chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HELLO,
+                                                                       extra_headers=headers)
+    assert "Idempotent-Replayed" not in raw.headers
+    assert upstream.count("/chat/completions") == 2
+    gateway.settle()
+    assert gateway.balance(bob_id) == 18
+
+
 def test_idempotent_duplicate_while_first_is_in_flight_gets_409(gateway, upstream):
     user_id, key = gateway.make_user(energy=20)
     upstream.push(Fault.slow(1.0))
