@@ -252,12 +252,12 @@ async def test_exactly_one_ending_when_the_client_disconnects_mid_stream(gateway
 def test_exactly_one_ending_when_the_client_gives_up_before_the_answer(gateway_factory, upstream, stream):
     """The client times out while the upstream is still thinking (no byte sent yet)."""
     gw = gateway_factory(plugins=[recorder("a")])
-    upstream.push(Fault.slow(0.8))
+    upstream.push(Fault.slow(0.5))
     with pytest.raises(openai.APITimeoutError):
         result = gw.client(timeout=0.2).chat.completions.create(model="gpt-4o-mini", messages=MSGS, stream=stream)
         list(result) if stream else None
     wait_for_endings(gw, ["a"], timeout=5)
-    time.sleep(0.8)  # the upstream answers meanwhile: still no second ending
+    time.sleep(0.5)  # the upstream answers meanwhile: still no second ending
     gw.settle()
     assert len(endings("a")) == 1, endings("a")
 

@@ -168,24 +168,33 @@ def test_load_config_reports_invalid_yaml_with_the_file_path(tmp_path):
 # python proxy.py check-config
 # --------------------------------------------------------------------------------------
 
-def check_config(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "proxy.py", "check-config", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, env=env)
+@pytest.fixture(scope="module")
+def check_config_runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """`python proxy.py check-config` on the repo's config.yaml and on a broken copy, run
+    side by side (each process spends seconds importing litellm)."""
+    data = yaml.safe_load((ROOT / "config.yaml").read_text())
+    del data["models"][1]["litellm_params"]["model"]
+    data["retries"]["max_atempts"] = 2
+    broken = tmp_path_factory.mktemp("check-config") / "broken.yaml"
+    broken.write_text(yaml.safe_dump(data))
+    procs = {name: subprocess.Popen([sys.executable, "proxy.py", "check-config", path], cwd=ROOT, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for name, path in (("repo", "config.yaml"), ("broken", str(broken)))}
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=60)
+        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return results
 
 
-def test_check_config_accepts_the_repos_config_yaml():
-    result = check_config("config.yaml")
+def test_check_config_accepts_the_repos_config_yaml(check_config_runs):
+    result = check_config_runs["repo"]
     assert result.returncode == 0, result.stderr
     assert "config.yaml: OK" in result.stdout
 
 
-def test_check_config_rejects_a_broken_file_naming_the_path(tmp_path):
-    data = yaml.safe_load((ROOT / "config.yaml").read_text())
-    del data["models"][1]["litellm_params"]["model"]
-    data["retries"]["max_atempts"] = 2
-    path = tmp_path / "broken.yaml"
-    path.write_text(yaml.safe_dump(data))
-    result = check_config(str(path))
+def test_check_config_rejects_a_broken_file_naming_the_path(check_config_runs):
+    result = check_config_runs["broken"]
     assert result.returncode != 0
     assert "models[1].litellm_params.model: Field required" in result.stderr
     assert "retries.max_atempts: unknown key (typo?)" in result.stderr
