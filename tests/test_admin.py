@@ -1,17 +1,15 @@
 """Admin: the same operations through the CLI (`python proxy.py users|keys|workspaces|
 energy ...`) and over HTTP (/admin/...), and bad input refused with nothing changed.
 
-Most CLI tests call `proxy.main(argv)` in this process (the exact code `python proxy.py`
-runs, minus ~2 s of interpreter start and litellm import per call); one test runs the
-real `python proxy.py` subprocess end to end.
+The CLI tests call `proxy.main(argv)` in this process: the exact code `python proxy.py`
+runs, minus ~3 s of interpreter start and litellm import per call. The real subprocess
+(`python proxy.py users create ...` printing the key once) runs in test_multiprocess.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -23,7 +21,6 @@ from gateway.admin import MASTER
 from gateway.store import open_store
 from tests.conftest import MASTER_KEY
 
-ROOT = Path(__file__).resolve().parent.parent
 
 # --------------------------------------------------------------------------- CLI helpers
 
@@ -89,20 +86,6 @@ def acme_user(cli) -> dict:
 
 
 # --------------------------------------------------------------------------- CLI
-
-
-def test_cli_users_create_as_a_real_process_prints_the_key_once(cli_config, cli):
-    cli.json("workspaces", "create", "acme")
-    done = subprocess.run(
-        [sys.executable, "proxy.py", "users", "create", "--workspace", "acme", "--tier", "pro", "--energy", "500",
-         "--config", str(cli_config)], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    keys = [word for word in done.stdout.split() if word.startswith("gw-")]
-    assert len(keys) == 1, done.stdout
-    assert "only once" in done.stderr
-    users = cli.store(lambda s: s.list_users())
-    assert [(u.tier, u.energy) for u in users] == [("pro", 500)]
-    assert cli.store(lambda s: s.lookup_key(keys[0])).user_id == users[0].id
 
 
 def test_cli_users_create_json_carries_the_key_and_show_never_does(cli, acme_user):
