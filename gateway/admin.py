@@ -18,6 +18,10 @@ from gateway.directory import Directory
 from gateway.errors import ApiError
 from gateway.store import NotFound, StoreConflict
 
+# Balances are 64-bit integers in both stores; an amount past this bound is a typo, and
+# past 2**63 it would surface as a database overflow (a 500 / a CLI traceback).
+MAX_ENERGY_AMOUNT = 10**15
+
 _WORKSPACE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
@@ -143,8 +147,8 @@ class Admin:
                           name: str | None = None, role: str = "user") -> dict:
         tier = tier or self.config.auth.default_tier
         self._check_tier(tier)
-        if isinstance(energy, bool) or not isinstance(energy, int) or energy < 0:
-            raise ApiError(400, "energy must be a non-negative integer", param="energy")
+        if isinstance(energy, bool) or not isinstance(energy, int) or not 0 <= energy <= MAX_ENERGY_AMOUNT:
+            raise ApiError(400, f"energy must be an integer from 0 to {MAX_ENERGY_AMOUNT}", param="energy")
         if role not in ("user", "workspace_admin"):
             raise ApiError(400, "role must be 'user' or 'workspace_admin'", param="role")
         ws = await self._workspace(scope, workspace)
@@ -184,8 +188,8 @@ class Admin:
                            kind: str = "grant") -> dict:
         if kind not in ("grant", "adjust"):
             raise ApiError(400, "kind must be 'grant' or 'adjust'", param="kind")
-        if isinstance(amount, bool) or not isinstance(amount, int):
-            raise ApiError(400, "amount must be an integer", param="amount")
+        if isinstance(amount, bool) or not isinstance(amount, int) or abs(amount) > MAX_ENERGY_AMOUNT:
+            raise ApiError(400, f"amount must be an integer of at most {MAX_ENERGY_AMOUNT} in size", param="amount")
         if kind == "grant" and amount <= 0:
             raise ApiError(400, "a grant must be a positive amount (use kind 'adjust' to remove energy)",
                            param="amount")
