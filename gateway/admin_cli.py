@@ -88,7 +88,13 @@ def run_operation(args: argparse.Namespace, operation: Operation) -> int:
 
     async def go() -> Any:
         store = open_store(config.store.url)
-        await store.open()
+        try:
+            await store.open()
+        except (OSError, asyncio.TimeoutError, ImportError) as exc:
+            # An unreachable database is an operator error to state plainly, not a traceback.
+            where = config.store.url.split("?")[0].split("@")[-1]  # never print credentials
+            raise ApiError(503, f"cannot open the store at {where}: {exc}", type="server_error",
+                           code="store_unavailable") from None
         try:
             return await operation(Admin(store, config), args, MASTER)
         finally:
@@ -211,7 +217,13 @@ def bootstrap(args: argparse.Namespace) -> int:
 
     async def go() -> str | None:
         store = open_store(config.store.url)
-        await store.open()
+        try:
+            await store.open()
+        except (OSError, asyncio.TimeoutError, ImportError) as exc:
+            # An unreachable database is an operator error to state plainly, not a traceback.
+            where = config.store.url.split("?")[0].split("@")[-1]  # never print credentials
+            raise ApiError(503, f"cannot open the store at {where}: {exc}", type="server_error",
+                           code="store_unavailable") from None
         try:
             if os.path.exists(path):
                 with open(path) as fh:
