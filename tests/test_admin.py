@@ -278,3 +278,15 @@ def test_http_admin_bad_input_is_refused_and_changes_nothing(gateway, method, pa
     error = response.json()["error"]
     assert error["message"] and error["type"] == "invalid_request_error"
     assert state() == before
+
+
+def test_cli_with_an_unreachable_store_fails_clearly_without_a_traceback(tmp_path, capsys):
+    config = tmp_path / "down.yaml"
+    config.write_text(yaml.safe_dump({
+        "store": {"url": "postgresql://postgres:hunter2@127.0.0.1:1/test"},
+        "models": [{"name": "demo", "litellm_params": {"model": "demo/offline"}}],
+    }))
+    rc, _, err = Cli(config, capsys)("users", "list")
+    assert rc != 0
+    assert "cannot open the store" in err
+    assert "Traceback" not in err and "hunter2" not in err
