@@ -29,8 +29,15 @@ MAX_KEY_LENGTH = 255
 
 
 def fingerprint(ctx: RequestContext) -> str:
-    body = {k: v for k, v in ctx.body.items()}
-    body["model"] = ctx.requested_model
+    """The request as the client sent it. Gateway rewrites (the workspace prompt and
+    defaults, recorded by workspace_prompt before it rewrites) are not the client's: a
+    retry of the same request must match even if the workspace settings changed since."""
+    client_body = ctx.scratch("workspace_prompt").get("client_body")
+    if client_body is not None:
+        body = dict(client_body)
+    else:
+        body = dict(ctx.body)
+        body["model"] = ctx.requested_model
     digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
     digest.update(f"|{ctx.endpoint}|{ctx.action}".encode())
     return digest.hexdigest()

@@ -52,6 +52,9 @@ class WorkspacePrompt(Plugin):
         if workspace is None:
             return
         settings = workspace.ai_settings or {}
+        # What the client sent, before this plugin rewrites it: idempotency fingerprints
+        # this, so editing the workspace prompt does not turn a client's retry into a 422.
+        ctx.scratch(self.name)["client_body"] = dict(ctx.body)
         default_model = settings.get("default_model")
         if ctx.requested_model == "default" and isinstance(default_model, str) and ctx.config.deployments(default_model):
             ctx.requested_model = ctx.model = default_model
