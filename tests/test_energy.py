@@ -196,6 +196,27 @@ def test_idempotent_retry_of_a_stream_replays_its_text_without_a_second_charge(g
     assert gateway.balance(user_id) == 18
 
 
+def test_idempotent_retry_replays_even_after_the_workspace_prompt_changed(gateway, upstream):
+    """The fingerprint is the client's request, not the gateway's rewrite of it."""
+    from gateway.admin import MASTER
+
+    user_id, key = gateway.make_user(energy=20)
+    admin = gateway.admin()
+    prompt = {"inject_system_prompt": True, "system_prompt_template": "v1"}
+    gateway.run(admin.update_workspace(MASTER, "acme", ai_settings=prompt))
+    client = gateway.client(key)
+    headers = {"Idempotency-Key": "prompt-edit"}
+    first = client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, extra_headers=headers)
+    gateway.settle()
+    gateway.run(admin.update_workspace(MASTER, "acme", ai_settings={**prompt, "system_prompt_template": "v2"}))
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HELLO, extra_headers=headers)
+    assert raw.headers["Idempotent-Replayed"] == "true"
+    assert raw.parse().id == first.id
+    assert upstream.count("/chat/completions") == 1
+    gateway.settle()
+    assert gateway.balance(user_id) == 18
+
+
 def test_idempotency_keys_are_per_user(gateway, upstream):
     _, alice = gateway.make_user(energy=20)
     bob_id, bob = gateway.make_user(energy=20)
