@@ -126,6 +126,27 @@ def test_upstream_failing_after_all_retries_is_refunded_in_full(gateway, upstrea
     assert kinds(gateway.ledger(user_id)) == [("grant", 20), ("reserve", -2), ("refund", 2)]
 
 
+def test_stream_failing_upstream_before_its_first_byte_is_refunded(gateway, upstream):
+    user_id, key = gateway.make_user(energy=20)
+    upstream.push(Fault.status(500), Fault.status(500), Fault.status(500))
+    with pytest.raises(openai.InternalServerError) as info:
+        list(gateway.client(key).chat.completions.create(model="gpt-4o-mini", messages=HELLO, stream=True))
+    assert info.value.response.headers["X-Energy-Remaining"] == "20"
+    gateway.settle()
+    assert kinds(gateway.ledger(user_id)) == [("grant", 20), ("reserve", -2), ("refund", 2)]
+
+
+def test_streamed_answer_carries_energy_headers_and_is_charged(gateway):
+    user_id, key = gateway.make_user(energy=20)
+    raw = gateway.client(key).chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HELLO,
+                                                                       stream=True)
+    assert (raw.headers["X-Energy-Cost"], raw.headers["X-Energy-Remaining"]) == ("2", "18")
+    assert raw.headers["X-Request-Id"].startswith("req_")
+    list(raw.parse())
+    gateway.settle()
+    assert kinds(gateway.ledger(user_id)) == [("grant", 20), ("reserve", -2), ("settle", 0)]
+
+
 def test_client_disconnecting_mid_stream_is_charged_not_refunded(gateway, upstream):
     user_id, key = gateway.make_user(energy=20)
     upstream.chunks = 30
