@@ -1,0 +1,580 @@
+"""Gateway benchmark: throughput, latency, streaming and memory, each next to a baseline.
+
+    make bench                       # full run (~3-4 minutes)
+    BENCH_QUICK=1 make bench         # or `bench.py --quick`: shorter runs, 10,000 RSS requests
+
+Everything runs on this machine in separate processes: a fake upstream (bench/upstream.py),
+two gateways (`proxy.py serve`, the default plugin chain, a temp SQLite store) and the load
+generator (`wrk` when on PATH, else bench/load.py). The targets compared:
+
+    direct        the fake upstream itself: the baseline every figure is read against
+    litellm-only  gateway, OpenAI-wire model with `dispatch: litellm`
+    fast path     gateway, same model with `dispatch: auto` (native pass-through)
+    anthropic     gateway, anthropic/claude-haiku-4-5 via litellm (upstream speaks /v1/messages)
+
+The machine is shared and noisy, so the direct baseline is measured twice (first and last)
+and every gateway figure is reported as a ratio or a delta against it.
+
+Environment:
+    BENCH_SECONDS=10         measured seconds per load phase (quick: 3)
+    BENCH_RSS_REQUESTS=N     requests between the two RSS readings (default 100000; quick 10000)
+    BENCH_QUICK=1            same as --quick
+    BENCH_LOADGEN=auto       auto | python | wrk (auto: wrk if on PATH)
+    BENCH_STREAMS=20         streamed requests per target; BENCH_CHUNKS=10, BENCH_CHUNK_DELAY_MS=20
+Results: a table on stdout and bench/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+PYTHON = sys.executable
+RESULTS_FILE = BENCH_DIR / "results.json"
+
+GATEWAY_MODEL = "bench-gpt"
+ANTHROPIC_MODEL = "bench-claude"
+HUGE_ENERGY = 10**12
+
+
+def default_plugins() -> list[Any]:
+    """config.yaml's plugin chain, as it is (order included): the bench follows the default."""
+    import yaml
+
+    return yaml.safe_load((ROOT / "config.yaml").read_text())["plugins"]
+
+
+TARGETS = {  # the pass/fail column
+    "fast_rps_min": 2500.0,
+    "fast_rps_ratio_min": 0.40,
+    "added_p50_ms_max": 0.5,
+    "first_byte_delta_ms_max": 1.0,
+    "rss_growth_pct_max": 10.0,
+}
+
+
+@dataclass
+class Settings:
+    quick: bool
+    seconds: float
+    warmup: float
+    rss_requests: int
+    loadgen: str
+    streams: int
+    chunks: int
+    chunk_delay_ms: float
+    connections: int = 32
+
+    @classmethod
+    def from_env(cls, args: argparse.Namespace) -> "Settings":
+        quick = args.quick or os.environ.get("BENCH_QUICK", "") not in ("", "0")
+        loadgen = args.loadgen or os.environ.get("BENCH_LOADGEN", "auto")
+        if loadgen == "auto":
+            loadgen = "wrk" if shutil.which("wrk") else "python"
+        elif loadgen == "wrk" and not shutil.which("wrk"):
+            sys.exit("BENCH_LOADGEN=wrk but wrk is not on PATH")
+        return cls(
+            quick=quick,
+            seconds=float(os.environ.get("BENCH_SECONDS", 3 if quick else 10)),
+            warmup=1.0 if quick else 2.0,
+            rss_requests=int(os.environ.get("BENCH_RSS_REQUESTS", 10_000 if quick else 100_000)),
+            loadgen=loadgen,
+            streams=int(os.environ.get("BENCH_STREAMS", 10 if quick else 20)),
+            chunks=int(os.environ.get("BENCH_CHUNKS", 10)),
+            chunk_delay_ms=float(os.environ.get("BENCH_CHUNK_DELAY_MS", 20)),
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Processes: every child is in its own process group and is killed on the way out
+# --------------------------------------------------------------------------------------
+
+class Processes:
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.children: list[subprocess.Popen] = []
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        out = open(self.workdir / f"{name}.out", "wb")
+        err = open(self.workdir / f"{name}.err", "wb")
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=child_env())
+        out.close()
+        err.close()
+        self.children.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.children:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 10
+        for proc in self.children:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(timeout=5)
+        self.children.clear()
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        chunks = []
+        for suffix in ("err", "out"):
+            path = self.workdir / f"{name}.{suffix}"
+            if path.exists():
+                chunks.extend(path.read_text(errors="replace").splitlines()[-lines:])
+        return "\n".join(chunks)
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+    env.pop("GATEWAY_MASTER_KEY", None)
+    return env
+
+
+def run_child(argv: list[str], timeout: float) -> str:
+    """A short-lived child (CLI, load generator), bounded in time; its stdout."""
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, start_new_session=True, env=child_env())
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:  # timeout, Ctrl-C: never leave it running
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:4])} ... exited {proc.returncode}:\n{err.decode(errors='replace')[-2000:]}")
+    return out.decode()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float, what: str, procs: Processes, name: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} during start-up:\n{procs.log_tail(name)}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} not ready after {timeout:.0f}s:\n{procs.log_tail(name)}")
+
+
+def rss_kib(pid: int) -> dict[str, int]:
+    out = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":", 1)
+                out[key] = int(value.split()[0])
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Set-up: upstream and gateways
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+    pid: int | None = None
+
+
+def gateway_config(workdir: Path, variant: str, upstream: str, dispatch: str) -> Path:
+    config = {
+        "server": {"host": "127.0.0.1", "port": 8080, "shutdown_grace": 2, "workers": 1},
+        "store": {"url": "sqlite:///" + str(workdir / f"{variant}.db")},
+        "auth": {"default_tier": "pro"},
+        "models": [
+            {"name": GATEWAY_MODEL, "dispatch": dispatch,
+             "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": upstream + "/v1",
+                                "api_key": "sk-bench-upstream", "timeout": 30}},
+            {"name": ANTHROPIC_MODEL,
+             "litellm_params": {"model": "anthropic/claude-haiku-4-5", "api_base": upstream,
+                                "api_key": "sk-ant-bench-upstream", "timeout": 30}},
+        ],
+        "tiers": {"pro": {"models": ["*"], "refill": {"amount": 1000, "period": "1d"}}},  # no rate limits
+        "energy": {"default_action": "ai_message", "unknown_action": "reject",
+                   "actions": {"ai_message": {"default": 1}}},
+        "plugins": default_plugins(),
+    }
+    path = workdir / f"{variant}.yaml"
+    path.write_text(json.dumps(config, indent=2))  # JSON is YAML
+    return path
+
+
+def start_gateway(procs: Processes, workdir: Path, variant: str, upstream: str, dispatch: str) -> tuple[str, str, int]:
+    """Workspace + pro user via the CLI, then `proxy.py serve`; (base url, api key, pid)."""
+    config = str(gateway_config(workdir, variant, upstream, dispatch))
+    run_child([PYTHON, "proxy.py", "workspaces", "create", "bench", "--json", "--config", config], timeout=120)
+    created = json.loads(run_child([PYTHON, "proxy.py", "users", "create", "--workspace", "bench", "--tier", "pro",
+                                    "--energy", str(HUGE_ENERGY), "--json", "--config", config], timeout=120))
+    port = free_port()
+    name = f"gateway-{variant}"
+    proc = procs.start(name, [PYTHON, "proxy.py", "serve", "--config", config, "--port", str(port)])
+    base = f"http://127.0.0.1:{port}"
+    wait_http(base + "/health/ready", proc, 120, f"gateway ({variant})", procs, name)
+    return base, created["api_key"], proc.pid
+
+
+def smoke_check(target: Target) -> None:
+    """One request before any load: a misconfigured target must fail loudly, not bench 401s."""
+    request = urllib.request.Request(target.url, data=json.dumps(target.body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", **target.headers})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            payload = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        raise RuntimeError(f"{target.name}: smoke request failed: HTTP {exc.code} {exc.read()[:500]!r}") from None
+    if not payload.get("choices"):
+        raise RuntimeError(f"{target.name}: smoke request returned no choices: {payload}")
+
+
+# --------------------------------------------------------------------------------------
+# Load
+# --------------------------------------------------------------------------------------
+
+def python_load(target: Target, connections: int, seconds: float, warmup: float, requests: int = 0) -> dict:
+    argv = [PYTHON, str(BENCH_DIR / "load.py"), "load", "--url", target.url, "--body", json.dumps(target.body),
+            "-c", str(connections), "--duration", str(seconds), "--warmup", str(warmup)]
+    if requests:
+        argv += ["--requests", str(requests)]
+    for name, value in target.headers.items():
+        argv += ["--header", f"{name}: {value}"]
+    timeout = warmup + (seconds if not requests else requests / 200) + 60
+    return json.loads(run_child(argv, timeout=timeout))
+
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = [==[{body}]==]
+{headers}
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCHJSON {{"requests":%d,"duration_us":%d,"connect":%d,"read":%d,"write":%d,"status":%d,' ..
+    '"timeout":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d,"mean_us":%.1f}}\\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max, latency.mean))
+end
+"""
+
+
+def wrk_load(target: Target, connections: int, seconds: float, warmup: float, workdir: Path) -> dict:
+    headers = {"Content-Type": "application/json", **target.headers}
+    script = workdir / f"wrk-{target.name}.lua"
+    script.write_text(WRK_SCRIPT.format(
+        body=json.dumps(target.body),
+        headers="\n".join(f'wrk.headers["{k}"] = [==[{v}]==]' for k, v in headers.items())))
+    base = ["wrk", "-t1", f"-c{connections}", "--timeout", "30s", "-s", str(script)]
+    if warmup > 0:
+        run_child(base + [f"-d{max(1, round(warmup))}s", target.url], timeout=warmup + 60)
+    out = run_child(base + [f"-d{max(1, round(seconds))}s", target.url], timeout=seconds + 60)
+    line = next(l for l in out.splitlines() if l.startswith("BENCHJSON "))
+    raw = json.loads(line[len("BENCHJSON "):])
+    elapsed = raw["duration_us"] / 1e6
+    errors = raw["connect"] + raw["read"] + raw["write"] + raw["status"] + raw["timeout"]
+    ms = lambda us: round(us / 1000, 3)  # noqa: E731
+    return {"generator": "wrk", "connections": connections, "duration_s": round(elapsed, 3),
+            "requests": raw["requests"], "rps": round(raw["requests"] / elapsed, 1), "errors": errors,
+            "non_200": raw["status"], "p50_ms": ms(raw["p50_us"]), "p90_ms": ms(raw["p90_us"]),
+            "p99_ms": ms(raw["p99_us"]), "max_ms": ms(raw["max_us"]), "mean_ms": ms(raw["mean_us"])}
+
+
+def measure_load(settings: Settings, target: Target, connections: int, workdir: Path) -> dict:
+    if settings.loadgen == "wrk":
+        return wrk_load(target, connections, settings.seconds, settings.warmup, workdir)
+    return python_load(target, connections, settings.seconds, settings.warmup)
+
+
+def measure_stream(settings: Settings, target: Target) -> dict:
+    body = {**target.body, "stream": True, "stream_options": {"include_usage": True}}
+    argv = [PYTHON, str(BENCH_DIR / "load.py"), "stream", "--url", target.url, "--body", json.dumps(body),
+            "--streams", str(settings.streams)]
+    for name, value in target.headers.items():
+        argv += ["--header", f"{name}: {value}"]
+    per_stream = settings.chunks * settings.chunk_delay_ms / 1000 + 1
+    raw = json.loads(run_child(argv, timeout=60 + (settings.streams + 3) * per_stream))
+    streams = raw["streams"]
+    failed = [s for s in streams if s["status"] != 200 or s["error"] or not any(s["content"])]
+    ok = [s for s in streams if s not in failed]
+    first_bytes = [s["arrivals_ms"][0] for s in ok]
+    gaps: list[float] = []
+    batched_streams = 0
+    content_chunks = []
+    for s in ok:
+        times = [t for t, has in zip(s["arrivals_ms"], s["content"]) if has]
+        content_chunks.append(len(times))
+        stream_gaps = [b - a for a, b in zip(times, times[1:])]
+        gaps.extend(stream_gaps)
+        # Batched: a content chunk arrived with its predecessor instead of a delay later.
+        if any(g < settings.chunk_delay_ms / 2 for g in stream_gaps) or len(times) < settings.chunks:
+            batched_streams += 1
+    return {
+        "streams": len(streams), "failed": len(failed),
+        "first_byte_p50_ms": round(statistics.median(first_bytes), 3) if first_bytes else None,
+        "first_byte_min_ms": round(min(first_bytes), 3) if first_bytes else None,
+        "content_chunks_min": min(content_chunks) if content_chunks else 0,
+        "gap_min_ms": round(min(gaps), 3) if gaps else None,
+        "gap_p50_ms": round(statistics.median(gaps), 3) if gaps else None,
+        "gap_max_ms": round(max(gaps), 3) if gaps else None,
+        "batched_streams": batched_streams,
+        "batched": batched_streams > 0 or bool(failed),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------
+
+def fmt(value: Any, spec: str = ".1f") -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) if isinstance(value, (int, float)) else str(value)
+
+
+def verdicts(results: dict) -> list[dict]:
+    rows = results["targets"]
+    fast, direct = rows["fast path"], rows["direct"]
+    out = []
+
+    def check(name: str, measured: str, target: str, ok: bool | None) -> None:
+        out.append({"check": name, "measured": measured, "target": target,
+                    "result": "n/a" if ok is None else ("PASS" if ok else "FAIL")})
+
+    rps, ratio = fast["rps_32"], fast.get("ratio_vs_direct")
+    check("fast path throughput @32", f"{fmt(rps)} req/s, {fmt(ratio and ratio * 100)}% of direct",
+          f">= {TARGETS['fast_rps_min']:.0f} req/s and >= {TARGETS['fast_rps_ratio_min']:.0%}",
+          rps is not None and ratio is not None and rps >= TARGETS["fast_rps_min"]
+          and ratio >= TARGETS["fast_rps_ratio_min"])
+    added = fast.get("added_p50_ms")
+    check("fast path added p50 @1", f"{fmt(added, '.3f')} ms", f"<= {TARGETS['added_p50_ms_max']} ms",
+          added is not None and added <= TARGETS["added_p50_ms_max"])
+    delta = fast.get("stream_first_byte_delta_ms")
+    check("fast path stream first byte", f"+{fmt(delta, '.3f')} ms vs upstream",
+          f"<= {TARGETS['first_byte_delta_ms_max']} ms", delta is not None and delta <= TARGETS["first_byte_delta_ms_max"])
+    batched = [name for name, row in rows.items() if row.get("stream_batched")]
+    measured_streams = [name for name, row in rows.items() if row.get("stream_batched") is not None]
+    check("chunks never batched", "batched: " + (", ".join(batched) or "none") + f" (of {', '.join(measured_streams)})",
+          "none", not batched)
+    rss = results.get("rss", {})
+    growth = rss.get("growth_pct")
+    check("fast path RSS growth", f"{fmt(growth, '.1f')}% over {rss.get('requests', 0):,} requests "
+          f"({fmt(rss.get('before_kib', 0) / 1024, '.1f')} -> {fmt(rss.get('after_kib', 0) / 1024, '.1f')} MiB)",
+          f"< {TARGETS['rss_growth_pct_max']:.0f}%", growth is not None and growth < TARGETS["rss_growth_pct_max"])
+    return out
+
+
+def print_report(results: dict) -> None:
+    s = results["settings"]
+    print()
+    print(f"gateway benchmark  (load generator: {s['loadgen']}, {s['seconds']:.0f}s per phase, "
+          f"{s['connections']} conns; {os.cpu_count()} CPUs; load average {results['loadavg_start']} -> "
+          f"{results['loadavg_end']})")
+    header = ["target", "req/s @32", "errors", "vs direct", "p50 @1", "p99 @1", "added p50",
+              "stream 1st byte", "delta 1st byte", "chunk gap p50/min", "batched"]
+    table = []
+    for name, row in results["targets"].items():
+        table.append([
+            name, fmt(row.get("rps_32")), fmt(row.get("errors"), "d"),
+            fmt(row.get("ratio_vs_direct") and row["ratio_vs_direct"] * 100, ".1f") + "%" if name != "direct" else "100%",
+            fmt(row.get("p50_1_ms"), ".3f") + " ms", fmt(row.get("p99_1_ms"), ".3f") + " ms",
+            ("+" + fmt(row.get("added_p50_ms"), ".3f") + " ms") if name != "direct" else "baseline",
+            fmt(row.get("stream_first_byte_ms"), ".3f") + (" ms" if row.get("stream_first_byte_ms") is not None else ""),
+            ("+" + fmt(row.get("stream_first_byte_delta_ms"), ".3f") + " ms") if name not in ("direct",) and
+            row.get("stream_first_byte_delta_ms") is not None else ("baseline" if name == "direct" else "-"),
+            (fmt(row.get("stream_gap_p50_ms"), ".1f") + "/" + fmt(row.get("stream_gap_min_ms"), ".1f") + " ms")
+            if row.get("stream_gap_p50_ms") is not None else "-",
+            ("yes" if row.get("stream_batched") else "no") if row.get("stream_batched") is not None else "-",
+        ])
+    widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in table:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    d = results["direct_runs"]
+    print(f"\ndirect baseline drift: {fmt(d['rps_32'][0])} -> {fmt(d['rps_32'][1])} req/s @32, "
+          f"p50 {fmt(d['p50_1_ms'][0], '.3f')} -> {fmt(d['p50_1_ms'][1], '.3f')} ms @1 (first and last phase; "
+          f"mean used as the baseline)")
+    fast, lit = results["targets"]["fast path"], results["targets"]["litellm-only"]
+    if fast.get("rps_32") and lit.get("rps_32"):
+        print(f"fast path vs litellm-only: {fast['rps_32'] / lit['rps_32']:.2f}x throughput, "
+              f"p50 @1 {fmt(fast.get('p50_1_ms'), '.3f')} vs {fmt(lit.get('p50_1_ms'), '.3f')} ms")
+    print(f"stream: upstream sends {s['chunks']} chunks {s['chunk_delay_ms']:.0f} ms apart; "
+          f"'batched' = a content chunk arrived < {s['chunk_delay_ms'] / 2:.0f} ms after the previous one")
+    print()
+    checks = results["checks"]
+    widths = [max(len(k), *(len(c[k]) for c in checks)) for k in ("check", "measured", "target", "result")]
+    for c in [{"check": "check", "measured": "measured", "target": "target", "result": "result"}] + checks:
+        print("  ".join(c[k].ljust(w) for k, w in zip(("check", "measured", "target", "result"), widths)))
+    print(f"\nwritten to {RESULTS_FILE.relative_to(ROOT)}")
+
+
+# --------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def run(settings: Settings, workdir: Path, procs: Processes) -> dict:
+    loadavg_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    upstream_port = free_port()
+    upstream_url = f"http://127.0.0.1:{upstream_port}"
+    log(f"starting the fake upstream on :{upstream_port}; work dir {workdir}")
+    up = procs.start("upstream", [PYTHON, str(BENCH_DIR / "upstream.py"), "--port", str(upstream_port),
+                                  "--chunks", str(settings.chunks), "--chunk-delay-ms", str(settings.chunk_delay_ms)])
+    wait_http(upstream_url + "/health", up, 30, "upstream", procs, "upstream")
+
+    log("starting gateways (litellm-only, fast path)")
+    lit_base, lit_key, lit_pid = start_gateway(procs, workdir, "litellm", upstream_url, "litellm")
+    fast_base, fast_key, fast_pid = start_gateway(procs, workdir, "fast", upstream_url, "auto")
+
+    message = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16}
+    targets = {
+        "direct": Target("direct", upstream_url + "/v1/chat/completions", {"model": "gpt-4o-mini", **message},
+                         pid=up.pid),
+        "litellm-only": Target("litellm-only", lit_base + "/v1/chat/completions", {"model": GATEWAY_MODEL, **message},
+                               {"Authorization": f"Bearer {lit_key}"}, pid=lit_pid),
+        "fast path": Target("fast path", fast_base + "/v1/chat/completions", {"model": GATEWAY_MODEL, **message},
+                            {"Authorization": f"Bearer {fast_key}"}, pid=fast_pid),
+        "anthropic": Target("anthropic", lit_base + "/v1/chat/completions", {"model": ANTHROPIC_MODEL, **message},
+                            {"Authorization": f"Bearer {lit_key}"}, pid=lit_pid),
+    }
+    for target in targets.values():
+        smoke_check(target)
+
+    rows: dict[str, dict] = {name: {} for name in targets}
+    direct_runs: dict[str, list] = {"rps_32": [], "p50_1_ms": [], "p99_1_ms": []}
+
+    def load_phase(name: str) -> None:
+        target = targets[name]
+        log(f"{name}: {settings.connections} connections, {settings.seconds:.0f}s")
+        many = measure_load(settings, target, settings.connections, workdir)
+        log(f"{name}: 1 connection, {settings.seconds:.0f}s")
+        one = measure_load(settings, target, 1, workdir)
+        if name == "direct":
+            direct_runs["rps_32"].append(many["rps"])
+            direct_runs["p50_1_ms"].append(one["p50_ms"])
+            direct_runs["p99_1_ms"].append(one["p99_ms"])
+            direct_runs.setdefault("raw", []).append({"c32": many, "c1": one})
+            return
+        rows[name].update(rps_32=many["rps"], errors=many["errors"] + one["errors"], p50_32_ms=many["p50_ms"],
+                          p99_32_ms=many["p99_ms"], p50_1_ms=one["p50_ms"], p99_1_ms=one["p99_ms"],
+                          raw={"c32": many, "c1": one})
+
+    # Direct first and last: the drift between the two is the noise floor of this run.
+    for name in ("direct", "litellm-only", "fast path", "anthropic", "direct"):
+        load_phase(name)
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    rows["direct"].update(rps_32=round(mean(direct_runs["rps_32"]), 1),
+                          errors=sum(r["c32"]["errors"] + r["c1"]["errors"] for r in direct_runs["raw"]),
+                          p50_1_ms=round(mean(direct_runs["p50_1_ms"]), 3),
+                          p99_1_ms=round(mean(direct_runs["p99_1_ms"]), 3))
+    base = rows["direct"]
+    for name, row in rows.items():
+        if name == "direct":
+            continue
+        row["ratio_vs_direct"] = round(row["rps_32"] / base["rps_32"], 3) if base["rps_32"] else None
+        row["added_p50_ms"] = round(row["p50_1_ms"] - base["p50_1_ms"], 3)
+        row["added_p99_ms"] = round(row["p99_1_ms"] - base["p99_1_ms"], 3)
+    if rows["litellm-only"].get("rps_32"):
+        rows["fast path"]["ratio_vs_litellm"] = round(rows["fast path"]["rps_32"] / rows["litellm-only"]["rps_32"], 2)
+
+    for name in ("direct", "fast path", "litellm-only"):
+        log(f"{name}: {settings.streams} streams of {settings.chunks} chunks, {settings.chunk_delay_ms:.0f} ms apart")
+        stream = measure_stream(settings, targets[name])
+        rows[name].update(stream_first_byte_ms=stream["first_byte_p50_ms"], stream_gap_p50_ms=stream["gap_p50_ms"],
+                          stream_gap_min_ms=stream["gap_min_ms"], stream_batched=stream["batched"], stream=stream)
+    for name in ("fast path", "litellm-only"):
+        rows[name]["stream_first_byte_delta_ms"] = round(
+            rows[name]["stream_first_byte_ms"] - rows["direct"]["stream_first_byte_ms"], 3)
+
+    log(f"fast path RSS: {settings.rss_requests:,} requests at {settings.connections} connections")
+    before = rss_kib(fast_pid)
+    rss_run = python_load(targets["fast path"], settings.connections, 0, 0, requests=settings.rss_requests)
+    time.sleep(2)  # the accounting writer flushes at least once a second
+    after = rss_kib(fast_pid)
+    rss = {"requests": rss_run["requests"], "errors": rss_run["errors"], "rps": rss_run["rps"],
+           "before_kib": before["VmRSS"], "after_kib": after["VmRSS"], "hwm_after_kib": after.get("VmHWM"),
+           "growth_pct": round((after["VmRSS"] - before["VmRSS"]) / before["VmRSS"] * 100, 2)}
+
+    results = {
+        "settings": settings.__dict__, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "loadavg_start": loadavg_start, "loadavg_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "targets": rows, "direct_runs": {k: v for k, v in direct_runs.items() if k != "raw"}, "rss": rss,
+        "pids": {name: t.pid for name, t in targets.items()}, "workdir": str(workdir),
+    }
+    results["checks"] = verdicts(results)
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="Gateway benchmark (see the module docstring).")
+    parser.add_argument("--quick", action="store_true", help="short phases, 10,000 RSS requests")
+    parser.add_argument("--loadgen", choices=("auto", "python", "wrk"))
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs, SQLite)")
+    parser.add_argument("--strict", action="store_true", help="exit 2 when a target is missed")
+    args = parser.parse_args()
+    settings = Settings.from_env(args)
+    workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
+    procs = Processes(workdir)
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, through the finally below.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        results = run(settings, workdir, procs)
+    except KeyboardInterrupt:
+        log("interrupted; stopping every child")
+        return 130
+    except Exception as exc:  # noqa: BLE001 — report, clean up, fail
+        log(f"failed: {exc}")
+        return 1
+    finally:
+        procs.stop_all()
+        if args.keep:
+            log(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    RESULTS_FILE.write_text(json.dumps(results, indent=2))
+    print_report(results)
+    missed = any(c["result"] == "FAIL" for c in results["checks"])
+    return 2 if missed and args.strict else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
