@@ -203,7 +203,16 @@ async def _read_json(request: web.Request, limit: int) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, f"request body is larger than the {limit} byte limit", code="request_too_large")
     try:
-        raw = await request.content.read(limit + 1)
+        # read(n) returns what is buffered so far: loop until EOF or just past the limit,
+        # so a body uploaded in pieces (chunked, no Content-Length) is read whole.
+        blocks, size = [], 0
+        while size <= limit:
+            block = await request.content.read(limit + 1 - size)
+            if not block:
+                break
+            blocks.append(block)
+            size += len(block)
+        raw = b"".join(blocks)
     except (asyncio.TimeoutError, ConnectionError):
         raise bad_request("could not read the request body") from None
     if len(raw) > limit:

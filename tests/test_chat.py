@@ -549,9 +549,6 @@ async def test_a_body_over_the_limit_is_a_413(core, upstream):
     assert upstream.count() == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "proxy.py _read_json: request.content.read(limit + 1) returns only the bytes buffered "
-    "so far, not up to limit + 1; a body arriving in pieces is cut short (400 invalid JSON)"))
 async def test_a_chunked_body_over_the_limit_is_a_413(core, upstream):
     """No Content-Length to trust: the limit holds on the bytes actually read."""
     async def chunks():
@@ -588,9 +585,6 @@ def test_the_full_chain_answers_an_authenticated_user(gateway, upstream):
     assert key not in json.dumps(upstream.last.headers) + upstream.last.raw.decode()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "proxy.py _read_json: request.content.read(limit + 1) returns only the bytes buffered "
-    "so far, not up to limit + 1; a body arriving in pieces is cut short (400 invalid JSON)"))
 async def test_a_body_arriving_in_pieces_is_read_whole(core, upstream):
     """A chunked upload (no Content-Length) under the limit is parsed once all of it arrived."""
     body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * 8000}]}).encode()
