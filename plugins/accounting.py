@@ -129,7 +129,7 @@ class Accounting(Plugin):
             self._unpriced_warned.add(ctx.model)
             log.warning("usage_cost_unknown", model=ctx.model, deployment=ctx.deployment,
                         hint="add models[].pricing to config.yaml")
-        self._track_week(row)
+        self._track_week(row, ctx.config.reports.weekly_cost_threshold_usd)  # the live config, not load-time
         assert self.queue is not None, "accounting used before startup"
         await self.queue.put(row)  # waits when full: back-pressure, never unbounded memory
 
@@ -156,15 +156,13 @@ class Accounting(Plugin):
         except Exception:  # noqa: BLE001 — reporting fails open
             log.exception("weekly_cost_load_failed")
 
-    def _track_week(self, row: dict[str, Any]) -> None:
-        threshold = self.services.config.reports.weekly_cost_threshold_usd
-        if threshold is None:
-            return
+    def _track_week(self, row: dict[str, Any], threshold: float | None) -> None:
+        # The running cost is kept even without a threshold: a reload may set one mid-week.
         week = iso_week(row["created_at"])
         if week != self._week:
             self._week, self._week_cost, self._week_warned = week, 0.0, False
         self._week_cost += row["cost_usd"] or 0.0
-        if self._week_cost > threshold and not self._week_warned:
+        if threshold is not None and self._week_cost > threshold and not self._week_warned:
             self._week_warned = True
             events.warning("weekly_cost_threshold_exceeded", week=f"{week[0]}-W{week[1]:02d}",
                            week_cost_usd=round(self._week_cost, 6), threshold_usd=threshold)
