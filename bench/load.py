@@ -79,10 +79,11 @@ async def closed_loop(args: argparse.Namespace, body: bytes, headers: dict[str, 
         started = time.perf_counter()
         if args.requests:
             remaining = args.requests
+            deadline = started + args.duration if args.duration > 0 else float("inf")  # a cap, not a target
 
             async def counted_worker() -> None:
                 nonlocal remaining
-                while remaining > 0:
+                while remaining > 0 and time.perf_counter() < deadline:
                     remaining -= 1
                     await one(True)
 
