@@ -58,6 +58,7 @@ class NativeOpenAIDispatcher:
 
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
+        self._targets: dict[tuple[int, str], tuple[ModelEntry, str, dict[str, str], aiohttp.ClientTimeout]] = {}
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -72,6 +73,11 @@ class NativeOpenAIDispatcher:
             await self._session.close()
 
     def _target(self, deployment: ModelEntry, path: str) -> tuple[str, dict[str, str], aiohttp.ClientTimeout]:
+        # Built once per deployment and path (a config reload brings new ModelEntry objects).
+        key = (id(deployment), path)
+        cached = self._targets.get(key)
+        if cached is not None and cached[0] is deployment:
+            return cached[1], dict(cached[2]), cached[3]
         params = deployment.litellm_params
         base = (params.api_base or OPENAI_DEFAULT_BASE).rstrip("/")
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -80,7 +86,11 @@ class NativeOpenAIDispatcher:
         timeouts = deployment.timeouts
         total = min(params.timeout or timeouts.total, timeouts.total)
         # first_byte and idle are enforced by the router for every dispatcher alike.
-        return base + path, headers, aiohttp.ClientTimeout(total=total, sock_connect=min(timeouts.connect, total))
+        timeout = aiohttp.ClientTimeout(total=total, sock_connect=min(timeouts.connect, total))
+        if len(self._targets) > 1024:
+            self._targets.clear()
+        self._targets[key] = (deployment, base + path, headers, timeout)
+        return base + path, dict(headers), timeout
 
     def _body(self, deployment: ModelEntry, body: dict[str, Any]) -> bytes:
         payload = dict(body)
