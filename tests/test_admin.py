@@ -108,6 +108,14 @@ def test_cli_lists_users_and_workspaces_as_json(cli, acme_user):
     assert cli.json("users", "list", "--workspace", "globex") == []
 
 
+def test_cli_workspaces_update_sets_profile_and_ai_settings(cli, acme_user):
+    updated = cli.json("workspaces", "update", "acme", "--profile", '{"company_name": "Acme"}',
+                       "--ai-settings", '{"inject_system_prompt": true, "default_model": "demo"}')
+    assert updated["profile"] == {"company_name": "Acme"}
+    assert updated["ai_settings"] == {"inject_system_prompt": True, "default_model": "demo"}
+    assert cli.store(lambda s: s.get_workspace("acme")).profile == {"company_name": "Acme"}
+
+
 def test_cli_set_tier_changes_the_tier(cli, acme_user):
     assert cli.json("users", "set-tier", acme_user["id"], "free")["tier"] == "free"
     assert cli.store(lambda s: s.get_user(acme_user["id"])).tier == "free"
