@@ -11,6 +11,7 @@ a missing variable is a load error naming the path, never a silent empty key.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -306,25 +307,36 @@ class Config(_Strict):
             raise ValueError("; ".join(errors))
         return self
 
-    # --- lookups used at request time (cheap; no validation here) ---------------------
+    # --- lookups used at request time: indexed once per config, O(1) per request ----------
+
+    @functools.cached_property
+    def _index(self) -> dict[str, tuple[list[ModelEntry], ModelEntry]]:
+        """name -> (its deployments in order, its merged model-level settings)."""
+        groups: dict[str, list[ModelEntry]] = {}
+        for entry in self.models:
+            groups.setdefault(entry.name, []).append(entry)
+        index = {}
+        for name, entries in groups.items():
+            merged = entries[0]
+            for key in ("fallbacks", "downgrade_to", "pricing", "description"):
+                if getattr(merged, key) is None:
+                    for e in entries[1:]:
+                        if getattr(e, key) is not None:
+                            merged = merged.model_copy(update={key: getattr(e, key)})
+                            break
+            index[name] = (entries, merged)
+        return index
 
     def deployments(self, model: str) -> list[ModelEntry]:
-        return [e for e in self.models if e.name == model]
+        found = self._index.get(model)
+        return found[0] if found is not None else []
 
     def model_names(self) -> list[str]:
-        return list(dict.fromkeys(e.name for e in self.models))
+        return list(self._index)
 
     def model_settings(self, model: str) -> ModelEntry:
         """The merged model-level keys of a public model (first non-null wins)."""
-        entries = self.deployments(model)
-        merged = entries[0]
-        for key in ("fallbacks", "downgrade_to", "pricing", "description"):
-            if getattr(merged, key) is None:
-                for e in entries[1:]:
-                    if getattr(e, key) is not None:
-                        merged = merged.model_copy(update={key: getattr(e, key)})
-                        break
-        return merged
+        return self._index[model][1]
 
     def ladder(self, model: str) -> list[str]:
         """`model` followed by its downgrade_to chain."""
