@@ -168,6 +168,7 @@ class RateLimit(Plugin):
         reset_in = (window + 1) * WINDOW - now
         prefix = ctx.config.rate_limits.key_prefix
         admitted: list[str] = []
+        first: Verdict | None = None  # the caller's own scope, once it admitted the request
         for scope, limits in scopes:
             req_key = f"{prefix}:{scope}:r:{window}"
             tok_key = f"{prefix}:{scope}:t:{window}"
@@ -183,6 +184,8 @@ class RateLimit(Plugin):
                 self._headers(ctx, limits, verdict, reset_in)
             if not verdict.admitted:
                 await self._release(admitted, window)
+                if first is not None:  # the first scope's count was just given back: say so
+                    self._headers(ctx, scopes[0][1], Verdict(True, first.requests - 1, first.tokens), reset_in)
                 which = "tokens" if limits.tpm and verdict.tokens >= limits.tpm else "requests"
                 limit = limits.tpm if which == "tokens" else limits.rpm
                 whose = "your workspace" if scope.startswith("w:") else "you"
@@ -191,6 +194,8 @@ class RateLimit(Plugin):
                              type="rate_limit_exceeded", code="rate_limit_exceeded",
                              headers={"Retry-After": str(math.ceil(reset_in)),
                                       "retry-after-ms": str(int(reset_in * 1000))})
+            if first is None:
+                first = verdict
             admitted.append(req_key)
         ctx.scratch(self.name)["tok_keys"] = [f"{prefix}:{scope}:t:{window}" for scope, _ in scopes]
         ctx.scratch(self.name)["window"] = window
