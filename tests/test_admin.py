@@ -203,6 +203,7 @@ def admin_key(request, gateway) -> str:
     return gateway.make_user(workspace="acme", role="workspace_admin", energy=0)[1]
 
 
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
 def test_http_admin_user_lifecycle(gateway, admin_key):
     created = http(gateway, "POST", "/admin/users", admin_key, {"workspace": "acme", "tier": "pro", "energy": 500})
     assert created.status_code == 201, created.text

@@ -44,6 +44,7 @@ def test_unknown_api_key_gets_401_invalid_api_key(gateway, upstream):
     assert upstream.count() == 0
 
 
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
 def test_revoked_api_key_gets_401_invalid_api_key(gateway, upstream):
     user_id, key = gateway.make_user()
     key_id = gateway.run(gateway.store.list_keys(user_id=user_id))[0].id
@@ -77,6 +78,7 @@ def test_master_key_is_refused_on_model_endpoints(gateway, upstream):
     assert upstream.count() == 0
 
 
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
 def test_revocation_through_admin_api_takes_effect_at_once(gateway, upstream):
     import httpx
 

@@ -113,6 +113,7 @@ def test_unknown_action_is_rejected_with_400_and_costs_nothing(gateway, upstream
 # --------------------------------------------------------------------------- refunds and charges
 
 
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
 def test_upstream_failing_after_all_retries_is_refunded_in_full(gateway, upstream):
     user_id, key = gateway.make_user(energy=20)
     upstream.push(Fault.status(500), Fault.status(500), Fault.status(500))
@@ -147,6 +148,7 @@ def test_streamed_answer_carries_energy_headers_and_is_charged(gateway):
     assert kinds(gateway.ledger(user_id)) == [("grant", 20), ("reserve", -2), ("settle", 0)]
 
 
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
 def test_client_disconnecting_mid_stream_is_charged_not_refunded(gateway, upstream):
     user_id, key = gateway.make_user(energy=20)
     upstream.chunks = 30
@@ -173,6 +175,7 @@ def test_client_disconnecting_mid_stream_is_charged_not_refunded(gateway, upstre
 # --------------------------------------------------------------------------- idempotency
 
 
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
 def test_idempotent_retry_is_charged_once_and_replays_the_first_result(gateway, upstream):
     user_id, key = gateway.make_user(energy=20)
     client = gateway.client(key)
@@ -251,6 +254,7 @@ def test_idempotency_keys_are_per_user(gateway, upstream):
     assert gateway.balance(bob_id) == 18
 
 
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
 def test_idempotent_duplicate_while_first_is_in_flight_gets_409(gateway, upstream):
     user_id, key = gateway.make_user(energy=20)
     upstream.push(Fault.slow(1.0))
@@ -274,6 +278,7 @@ def test_idempotent_duplicate_while_first_is_in_flight_gets_409(gateway, upstrea
     assert gateway.balance(user_id) == 18
 
 
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
 def test_same_idempotency_key_with_a_different_body_gets_422(gateway, upstream):
     user_id, key = gateway.make_user(energy=20)
     client = gateway.client(key)
@@ -306,6 +311,7 @@ def test_idempotent_retry_after_a_failure_runs_again(gateway, upstream):
 # --------------------------------------------------------------------------- refill
 
 
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
 def test_refill_tops_up_lazily_on_the_first_request_after_its_period(gateway_factory, upstream):
     gw = gateway_factory(tiers={"free": {"models": ["*"]},
                                 "pro": {"models": ["*"], "refill": {"amount": 10, "period": "1s"}}})

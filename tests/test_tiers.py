@@ -33,6 +33,7 @@ def test_free_tier_asking_gpt_4o_is_served_by_gpt_4o_mini(gateway, upstream):
     assert raw.headers["X-Energy-Cost"] == "2"
 
 
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
 def test_pro_user_who_cannot_afford_gpt_4o_is_downgraded_by_balance(gateway, upstream):
     user_id, key = gateway.make_user(tier="pro", energy=3)
     raw = gateway.client(key).chat.completions.with_raw_response.create(model="gpt-4o", messages=HELLO)
