@@ -137,6 +137,12 @@ class Admin:
         return as_dict(await self.store.get_workspace(workspace.id))
 
     @staticmethod
+    def _check_text(value: Any, name: str, limit: int = 500) -> None:
+        # JSON bodies can carry anything; the store would fail to bind it (a 500).
+        if value is not None and (not isinstance(value, str) or len(value) > limit):
+            raise ApiError(400, f"'{name}' must be a string of at most {limit} characters", param=name)
+
+    @staticmethod
     def _check_json_object(value: Any, name: str) -> None:
         if value is not None and not isinstance(value, dict):
             raise ApiError(400, f"'{name}' must be a JSON object", param=name)
@@ -151,6 +157,7 @@ class Admin:
             raise ApiError(400, f"energy must be an integer from 0 to {MAX_ENERGY_AMOUNT}", param="energy")
         if role not in ("user", "workspace_admin"):
             raise ApiError(400, "role must be 'user' or 'workspace_admin'", param="role")
+        self._check_text(name, "name")
         ws = await self._workspace(scope, workspace)
         user = await self.store.create_user(ws.id, tier, name=name, energy=energy)
         plaintext, key = await self.store.create_key(user.id, role=role)
@@ -190,6 +197,7 @@ class Admin:
             raise ApiError(400, "kind must be 'grant' or 'adjust'", param="kind")
         if isinstance(amount, bool) or not isinstance(amount, int) or abs(amount) > MAX_ENERGY_AMOUNT:
             raise ApiError(400, f"amount must be an integer of at most {MAX_ENERGY_AMOUNT} in size", param="amount")
+        self._check_text(reason, "reason")
         if kind == "grant" and amount <= 0:
             raise ApiError(400, "a grant must be a positive amount (use kind 'adjust' to remove energy)",
                            param="amount")
