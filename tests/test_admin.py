@@ -249,6 +249,8 @@ BAD_HTTP_INPUT = [
     ("negative energy", "POST", "/admin/users", {"workspace": "acme", "energy": -1}, 400),
     ("fractional energy", "POST", "/admin/users", {"workspace": "acme", "energy": 2.5}, 400),
     ("bad role", "POST", "/admin/users", {"workspace": "acme", "role": "master"}, 400),
+    ("name not a string", "POST", "/admin/users", {"workspace": "acme", "name": {"x": 1}}, 400),
+    ("reason not a string", "POST", "/admin/users/{user}/energy", {"amount": 5, "reason": ["x"]}, 400),
     ("negative grant", "POST", "/admin/users/{user}/energy", {"amount": -5}, 400),
     ("fractional grant", "POST", "/admin/users/{user}/energy", {"amount": 1.5}, 400),
     ("boolean grant", "POST", "/admin/users/{user}/energy", {"amount": True}, 400),
