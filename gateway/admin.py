@@ -64,7 +64,7 @@ class Admin:
     # --- helpers ------------------------------------------------------------------
 
     def _check_tier(self, tier: str) -> None:
-        if tier not in self.config.tiers:
+        if not isinstance(tier, str) or tier not in self.config.tiers:
             raise ApiError(400, f"unknown tier '{tier}' (configured: {', '.join(sorted(self.config.tiers))})",
                            code="unknown_tier", param="tier")
 
@@ -158,6 +158,8 @@ class Admin:
         if role not in ("user", "workspace_admin"):
             raise ApiError(400, "role must be 'user' or 'workspace_admin'", param="role")
         self._check_text(name, "name")
+        if not isinstance(workspace, str):
+            raise ApiError(400, "'workspace' must be a workspace name or id", param="workspace")
         ws = await self._workspace(scope, workspace)
         user = await self.store.create_user(ws.id, tier, name=name, energy=energy)
         plaintext, key = await self.store.create_key(user.id, role=role)
