@@ -162,3 +162,21 @@ def test_revocation_landing_during_an_in_flight_key_lookup_is_not_undone_by_the_
     in_flight, next_request = gateway.run(scenario())
     assert not in_flight.revoked  # it read the key before the revocation
     assert next_request.revoked
+
+
+@pytest.mark.parametrize("model,credential_header,provider_key", [
+    ("gpt-4o-mini", "authorization", "Bearer sk-upstream-openai-SECRET"),
+    ("claude", "x-api-key", "sk-ant-upstream-SECRET"),
+])
+def test_no_client_credential_header_is_forwarded_to_the_upstream(gateway, upstream, model, credential_header,
+                                                                    provider_key):
+    _, key = gateway.make_user()
+    gateway.client(key).chat.completions.create(
+        model=model, messages=HELLO, max_tokens=20,
+        extra_headers={"X-Api-Key": key, "OpenAI-Organization": "org-client", "Cookie": f"session={key}",
+                       "Idempotency-Key": "idem-forward-check", "X-Action": "ai_message"})
+    recorded = upstream.last
+    assert recorded.headers[credential_header] == provider_key
+    assert key not in repr(recorded.headers) + recorded.raw.decode()
+    assert "org-client" not in repr(recorded.headers)
+    assert "cookie" not in recorded.headers
