@@ -12,20 +12,26 @@ same interface.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Protocol
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch prices at import
 
-import litellm  # noqa: E402
-
 from gateway.config import ModelEntry  # noqa: E402
 from gateway.errors import redact  # noqa: E402
 
-litellm.telemetry = False
-litellm.suppress_debug_info = True
-litellm.drop_params = True  # a param one provider lacks is dropped, not an error
+
+@functools.lru_cache(maxsize=None)
+def load_litellm() -> Any:
+    """Import litellm on first use (~3 s): admin commands and the native path never pay it."""
+    import litellm
+
+    litellm.telemetry = False
+    litellm.suppress_debug_info = True
+    litellm.drop_params = True  # a param one provider lacks is dropped, not an error
+    return litellm
 
 
 class UpstreamError(Exception):
@@ -124,6 +130,7 @@ def _upstream_message(exc: BaseException) -> str:
 def normalise_litellm_error(exc: BaseException) -> UpstreamError:
     if isinstance(exc, UpstreamError):
         return exc
+    litellm = load_litellm()
     message = _upstream_message(exc)
     if isinstance(exc, (litellm.Timeout, asyncio.TimeoutError, TimeoutError)):
         return UpstreamError("timeout", "the upstream did not answer in time", status=504)
@@ -210,7 +217,7 @@ class LitellmDispatcher:
 
     async def chat(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
         try:
-            response = await litellm.acompletion(**self._kwargs(deployment, body))
+            response = await load_litellm().acompletion(**self._kwargs(deployment, body))
         except Exception as exc:  # noqa: BLE001 — every failure becomes an UpstreamError
             raise normalise_litellm_error(exc) from None
         raw = response.model_dump() if hasattr(response, "model_dump") else dict(response)
@@ -222,7 +229,7 @@ class LitellmDispatcher:
         kwargs = self._kwargs(deployment, body)
         kwargs["stream"] = True
         try:
-            stream = await litellm.acompletion(**kwargs)
+            stream = await load_litellm().acompletion(**kwargs)
         except Exception as exc:  # noqa: BLE001
             raise normalise_litellm_error(exc) from None
         try:
@@ -252,7 +259,7 @@ class LitellmDispatcher:
         kwargs["num_retries"] = 0
         kwargs["max_retries"] = 0
         try:
-            response = await litellm.aembedding(**kwargs)
+            response = await load_litellm().aembedding(**kwargs)
         except Exception as exc:  # noqa: BLE001
             raise normalise_litellm_error(exc) from None
         raw = response.model_dump() if hasattr(response, "model_dump") else dict(response)

@@ -15,10 +15,10 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import litellm
 import structlog
 
 from gateway.config import Config
+from gateway.dispatch import load_litellm
 from plugins.base import RequestContext, Usage
 
 log = structlog.get_logger("gateway.usage")
@@ -37,7 +37,7 @@ def _litellm_prices(model: str) -> tuple[float, float] | None:
         candidates.append(model.split("/", 1)[1])
     for name in candidates:
         try:
-            info = litellm.get_model_info(name)
+            info = load_litellm().get_model_info(name)
         except Exception:  # noqa: BLE001 — "not mapped" is the expected failure
             continue
         inp, out = info.get("input_cost_per_token"), info.get("output_cost_per_token")
@@ -77,9 +77,9 @@ def unpriced_models(config: Config) -> list[str]:
 
 def _count(model: str | None, **kw: Any) -> int:
     try:
-        return int(litellm.token_counter(model=model or "gpt-4o-mini", **kw))
+        return int(load_litellm().token_counter(model=model or "gpt-4o-mini", **kw))
     except Exception:  # noqa: BLE001 — unknown tokenizer: fall back to the default one
-        return int(litellm.token_counter(model="gpt-4o-mini", **kw))
+        return int(load_litellm().token_counter(model="gpt-4o-mini", **kw))
 
 
 def estimate_usage(ctx: RequestContext) -> Usage:
@@ -128,7 +128,7 @@ def finalize_usage(ctx: RequestContext) -> None:
 def warm_up() -> None:
     """Load the default tokenizer now, not on the first cut-off stream (~0.4 s)."""
     try:
-        litellm.token_counter(model="gpt-4o-mini", text="warm up")
+        load_litellm().token_counter(model="gpt-4o-mini", text="warm up")
     except Exception:  # noqa: BLE001
         pass
 
