@@ -11,6 +11,8 @@
       - auth
       - tier_policy
       - energy                      # after auth and tier_policy
+      # or, to tune the sweeper of reservations orphaned by a crashed process:
+      # - {name: energy, settings: {stale_after: 1h, sweep_interval: 5m}}
 
 The action comes from the body's `metadata.action` (openai SDK: `metadata={...}`) or an
 `X-Action` header; the core strips `metadata` before the upstream call.
@@ -26,17 +28,88 @@ Money rules:
 * Nothing affordable: 429 `insufficient_energy` with `x-should-retry: false`, so the
   OpenAI SDKs do not retry a request that cannot succeed.
 * Every answer to an authenticated request carries `X-Energy-Cost` and `X-Energy-Remaining`.
+* A process killed between reserve and settle (SIGKILL, OOM, power) leaves its
+  reservations `reserved` forever, and the user's energy locked. A sweeper in every
+  process refunds reservations older than `stale_after` (far above any request's
+  duration: a refunded reservation can no longer be settled), at start-up and then
+  every `sweep_interval`. Refunds are idempotent, so several processes may sweep at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import structlog
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from gateway.config import parse_duration
 from plugins.base import Plugin, Reject, RequestContext
 
 BILLABLE = ("chat.completions", "embeddings")
 
+log = structlog.get_logger("gateway.energy")
+
+
+class EnergySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    stale_after: float = 3600.0  # a reservation this old belongs to a dead process
+    sweep_interval: float = 300.0  # 0 disables the periodic sweep (start-up sweep still runs)
+
+    @field_validator("stale_after", "sweep_interval", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+    @field_validator("stale_after")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("must be positive")
+        return v
+
 
 class Energy(Plugin):
     name = "energy"
+    Settings = EnergySettings
+
+    def __init__(self, settings: EnergySettings, services: Any):
+        super().__init__(settings, services)
+        self._sweeper: asyncio.Task | None = None
+
+    async def startup(self) -> None:
+        if self.services.store is None:
+            return
+        await self.sweep_stale_reservations()
+        if self.settings.sweep_interval > 0:
+            self._sweeper = asyncio.ensure_future(self._sweep_forever())
+
+    async def shutdown(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+
+    async def sweep_stale_reservations(self) -> int:
+        """Refund reservations left behind by a dead process; returns how many."""
+        store = self.services.store
+        refunded = 0
+        try:
+            for request_id in await store.stale_reservations(time.time() - self.settings.stale_after):
+                if await store.refund_energy(request_id, reason="stale") is not None:
+                    refunded += 1
+        except Exception:  # a sweep must never take the gateway down; the next one retries
+            log.exception("energy_sweep_failed")
+        if refunded:
+            log.warning("energy_stale_reservations_refunded", count=refunded)
+        return refunded
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval)
+            await self.sweep_stale_reservations()
 
     def _action(self, ctx: RequestContext) -> str:
         energy = ctx.config.energy
