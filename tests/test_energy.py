@@ -380,3 +380,24 @@ def test_concurrent_requests_spend_exactly_the_balance_and_no_more(gateway_facto
         ledger = gw.ledger(user_id)
         assert Counter(e.kind for e in ledger) == {"grant": 1, "reserve": n, "settle": n}
         assert_ledger_matches_balance(gw, user_id)
+
+
+# --------------------------------------------------------------------------- orphaned reservations
+
+
+def test_reservation_orphaned_by_a_dead_process_is_refunded_by_the_sweeper(gateway_factory):
+    """A process killed between reserve and settle must not lock the user's energy forever;
+    a reservation younger than `stale_after` (a request still running somewhere) is left alone."""
+    chain = ["auth", "tier_policy", {"name": "energy", "settings": {"stale_after": "1h", "sweep_interval": "0.1s"}}]
+    gw = gateway_factory(plugins=chain)
+    user_id, _ = gw.make_user(energy=20)
+    # What a process that died two hours ago, and one still streaming now, left behind:
+    gw.run(gw.store.reserve_energy(user_id, 5, "req_dead_process", now=time.time() - 7200))
+    gw.run(gw.store.reserve_energy(user_id, 2, "req_still_running"))
+    assert gw.balance(user_id) == 13
+    wait_until(lambda: any(e.kind == "refund" for e in gw.ledger(user_id)))
+    time.sleep(0.3)  # more sweeps: nothing else may be refunded
+    ledger = gw.ledger(user_id)
+    assert [(e.request_id, e.kind, e.amount) for e in ledger if e.kind == "refund"] == [("req_dead_process", "refund", 5)]
+    assert gw.balance(user_id) == 18
+    assert_ledger_matches_balance(gw, user_id)
