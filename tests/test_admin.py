@@ -2,8 +2,8 @@
 energy ...`) and over HTTP (/admin/...), and bad input refused with nothing changed.
 
 The CLI tests call `proxy.main(argv)` in this process: the exact code `python proxy.py`
-runs, minus ~3 s of interpreter start and litellm import per call. The real subprocess
-(`python proxy.py users create ...` printing the key once) runs in test_multiprocess.py.
+runs, minus an interpreter start per call. The real subprocess (`python proxy.py users
+create ...` printing the key once) runs in test_multiprocess.py.
 """
 
 from __future__ import annotations
