@@ -637,3 +637,224 @@ async def test_usage_insert_batch_and_duplicates(store):
     with pytest.raises(ValueError):
         await store.insert_usage([{"request_id": "r3", "modle": "typo"}])
     assert await count_rows(store.url, "ai_usage_logs") == 2
+
+
+# ----------------------------------------------- grouped writes (SQLite write combiner)
+
+
+@pytest_asyncio.fixture
+async def sqlite_store(tmp_path):
+    async with open_store(f"sqlite:///{tmp_path}/grouped.db") as s:
+        yield s
+
+
+class HoldDatabaseThread:
+    """Parks the SQLite store's database thread so the next calls queue up behind it and
+    are taken as ONE group; records the size of every write group it runs."""
+
+    def __init__(self, store, monkeypatch):
+        import threading
+
+        from gateway import store_sqlite
+
+        self.store, self.groups = store, []
+        self.entered, self.gate = threading.Event(), threading.Event()
+        run_writes = store_sqlite._Database._run_writes
+
+        def recording(db, writes):
+            self.groups.append(len(writes))
+            return run_writes(db, writes)
+
+        monkeypatch.setattr(store_sqlite._Database, "_run_writes", staticmethod(recording))
+
+    async def __aenter__(self):
+        def park(db):
+            self.entered.set()
+            self.gate.wait(10)
+
+        self.held = self.store._database.submit(park, (), False)
+        await asyncio.get_running_loop().run_in_executor(None, self.entered.wait, 10)
+        self.groups.clear()
+        return self
+
+    async def __aexit__(self, *exc):
+        self.gate.set()
+        await self.held
+
+
+async def _grouped_scenario(store, user_id):
+    """Energy calls whose outcomes include every kind of per-operation failure."""
+    return [
+        store.reserve_energy(user_id, 5, "a", now=T0),
+        store.reserve_energy(user_id, 10_000, "dup", now=T0),  # StoreConflict
+        store.reserve_energy("usr_missing", 1, "b", now=T0),  # NotFound
+        store.settle_energy("dup", 4, now=T0),
+        store.refund_energy("a", reason="upstream", now=T0),  # sees "a" from this group
+        store.grant_energy(user_id, -1_000, kind="adjust", now=T0),  # InsufficientEnergy
+        store.reserve_energy(user_id, 1_000, "too-big", now=T0),  # not ok, no row
+        store.reserve_energy(user_id, 7, "c", now=T0),
+        store.settle_energy("c", 99, now=T0),  # clamped to the reservation
+        store.settle_energy("c", now=T0),  # already settled: None
+        store.settle_energy("never", now=T0),
+        store.insert_usage([{"request_id": "a", "user_id": user_id}], now=T0),
+        store.insert_usage([{"request_id": "a", "modle": "typo"}], now=T0),  # ValueError
+    ]
+
+
+def _outcome(result):
+    return type(result).__name__ if isinstance(result, Exception) else result
+
+
+@pytest.mark.asyncio
+async def test_a_failing_operation_in_a_group_leaves_the_others_applied(sqlite_store,
+                                                                        tmp_path,
+                                                                        monkeypatch):
+    """One BEGIN IMMEDIATE..COMMIT carries the whole group; each call gets its own result
+    or exception, exactly as if the calls had run one by one in order."""
+    ws = await sqlite_store.create_workspace("acme")
+    user = await sqlite_store.create_user(ws.id, "free", energy=100, now=T0)
+    await sqlite_store.reserve_energy(user.id, 10, "dup", now=T0)
+
+    async with HoldDatabaseThread(sqlite_store, monkeypatch) as hold:
+        calls = await _grouped_scenario(sqlite_store, user.id)
+        grouped = asyncio.gather(*calls, return_exceptions=True)
+    grouped = [_outcome(r) for r in await grouped]
+    assert hold.groups[0] == len(calls) - 1  # all but the ValueError (raised before queuing)
+
+    async with open_store(f"sqlite:///{tmp_path}/one-by-one.db") as ref:
+        ws2 = await ref.create_workspace("acme")
+        user2 = await ref.create_user(ws2.id, "free", energy=100, now=T0)
+        await ref.reserve_energy(user2.id, 10, "dup", now=T0)
+        one_by_one = []
+        for call in await _grouped_scenario(ref, user2.id):
+            try:
+                one_by_one.append(_outcome(await call))
+            except Exception as exc:
+                one_by_one.append(_outcome(exc))
+        ref_ledger = await ref.ledger(user2.id)
+
+    assert grouped == one_by_one
+    assert grouped[1:3] == ["StoreConflict", "NotFound"] and grouped[5] == "InsufficientEnergy"
+    ledger = await sqlite_store.ledger(user.id)
+    strip = lambda es: [(e.request_id, e.kind, e.amount, e.balance_after, e.reason) for e in es]
+    assert strip(ledger) == strip(ref_ledger)
+    assert await sqlite_store.balance(user.id) == 100 - 4 - 7
+    await assert_ledger_consistent(sqlite_store, user.id)
+
+
+@pytest.mark.asyncio
+async def test_a_group_never_reports_success_for_a_write_that_was_not_committed(
+        sqlite_store, monkeypatch):
+    """If the group's transaction fails as a whole (I/O error, COMMIT refused, ...), every
+    write of the group gets the error and nothing of the group is stored."""
+    ws = await sqlite_store.create_workspace("acme")
+    user = await sqlite_store.create_user(ws.id, "free", energy=100, now=T0)
+    async with HoldDatabaseThread(sqlite_store, monkeypatch) as hold:
+        calls = [sqlite_store.reserve_energy(user.id, 1, f"r{i}") for i in range(5)]
+        # The last write of the group ends the transaction under the combiner's feet,
+        # as a failing disk would: the group cannot be committed.
+        calls.append(sqlite_store._write(lambda db: db.execute("ROLLBACK")))
+        grouped = asyncio.gather(*calls, return_exceptions=True)
+    results = await grouped
+    assert hold.groups[0] == 6
+    assert all(isinstance(r, sqlite3.Error) for r in results), results
+    assert await sqlite_store.balance(user.id) == 100
+    assert await sqlite_store.stale_reservations(time.time() + 1) == []
+    await assert_ledger_consistent(sqlite_store, user.id)
+    assert (await sqlite_store.reserve_energy(user.id, 1, "after")).ok  # the store goes on
+
+
+@pytest.mark.asyncio
+async def test_500_concurrent_mixed_energy_operations(store, user):
+    """Reserves, settles, refunds, racing outcomes and duplicate reserves from two Store
+    instances at once: one outcome per reservation, balances exact, ledger consistent."""
+    ws = await store.get_workspace(user.workspace_id)
+    users = [user] + [await store.create_user(ws.id, "free", energy=10_000) for _ in range(3)]
+    await store.grant_energy(user.id, 9_900)  # everyone starts at 10,000
+    other = open_store(store.url)
+    async with other:
+        async def request(i):
+            s = store if i % 2 else other
+            rid, amount = f"req-{i}", 1 + i % 7
+            calls = [s.reserve_energy(users[i % 4].id, amount, rid)]
+            if i % 5 == 0:  # a duplicate reserve races the original: exactly one wins
+                calls.append((other if i % 2 else store).reserve_energy(users[i % 4].id,
+                                                                         amount, rid))
+            reserved = await asyncio.gather(*calls, return_exceptions=True)
+            outcomes = [s.settle_energy(rid, i % 3) if i % 3 else s.refund_energy(rid)]
+            if i % 4 == 0 or i % 10 == 1:  # a racing second outcome: only one counts
+                outcomes.append((other if i % 2 else store).refund_energy(rid))
+            return reserved, await asyncio.gather(*outcomes)
+
+        results = await asyncio.gather(*(request(i) for i in range(200)))
+    n_ops = sum(len(r) + len(o) for r, o in results)
+    assert n_ops >= 500
+    reserves = [r for rs, _ in results for r in rs]
+    assert sum(not isinstance(r, Exception) and r.ok for r in reserves) == 200
+    assert all(isinstance(r, StoreConflict) for r in reserves if isinstance(r, Exception))
+    assert sum(isinstance(r, StoreConflict) for r in reserves) == 40
+    assert all(sum(b is not None for b in outs) == 1 for _, outs in results)
+
+    for i, u in enumerate(users):
+        charged = 0
+        entries = await store.ledger(u.id)
+        by_request = {}
+        for e in entries:
+            if e.request_id is not None:
+                by_request.setdefault(e.request_id, []).append(e)
+        for rid, es in by_request.items():
+            [reserve] = [e for e in es if e.kind == "reserve"]
+            [outcome] = [e for e in es if e.kind in ("settle", "refund")]
+            n = int(rid.split("-")[1])
+            if outcome.kind == "settle":
+                assert outcome.amount == -reserve.amount - min(n % 3, -reserve.amount)
+            else:
+                assert outcome.amount == -reserve.amount
+            charged += -(reserve.amount + outcome.amount)
+        assert len(by_request) == 50
+        assert await store.balance(u.id) == 10_000 - charged
+        await assert_ledger_consistent(store, u.id)
+    assert await store.stale_reservations(time.time() + 1) == []
+
+
+@pytest.mark.asyncio
+async def test_close_finishes_pending_operations(tmp_path):
+    """Shutdown loses nothing: calls already made complete (and commit) before close()
+    returns; calls after it fail fast instead of hanging."""
+    url = f"sqlite:///{tmp_path}/close.db"
+    s = open_store(url)
+    await s.open()
+    ws = await s.create_workspace("acme")
+    u = await s.create_user(ws.id, "free", energy=1_000)
+    tasks = [asyncio.ensure_future(s.reserve_energy(u.id, 1, f"r{i}")) for i in range(100)]
+    tasks += [asyncio.ensure_future(s.insert_usage([{"request_id": f"r{i}"}]))
+              for i in range(100)]
+    await asyncio.sleep(0)  # every task has queued its call
+    await asyncio.wait_for(s.close(), 10)
+    assert all(t.done() and not t.cancelled() and t.exception() is None for t in tasks)
+    assert not await s.ping()
+    with pytest.raises(RuntimeError):
+        await s.balance(u.id)
+    await asyncio.wait_for(s.close(), 1)  # closing twice is harmless
+    assert await count_rows(url, "reservations") == 100
+    assert await count_rows(url, "ai_usage_logs") == 100
+    async with open_store(url) as again:
+        assert await again.balance(u.id) == 900
+        await assert_ledger_consistent(again, u.id)
+
+
+@pytest.mark.asyncio
+async def test_a_call_whose_caller_is_cancelled_still_completes(sqlite_store, monkeypatch):
+    """A settle must not depend on the caller staying around: once queued, it runs."""
+    ws = await sqlite_store.create_workspace("acme")
+    user = await sqlite_store.create_user(ws.id, "free", energy=100)
+    await sqlite_store.reserve_energy(user.id, 30, "req")
+    async with HoldDatabaseThread(sqlite_store, monkeypatch):
+        task = asyncio.ensure_future(sqlite_store.settle_energy("req", 10))
+        await asyncio.sleep(0)
+        task.cancel()
+    # Writes run in the order they were queued, so this second settle runs after the
+    # cancelled one (a read could be served before it: nobody saw that settle return).
+    assert await sqlite_store.settle_energy("req") is None
+    assert await sqlite_store.balance(user.id) == 90
+    await assert_ledger_consistent(sqlite_store, user.id)
