@@ -69,14 +69,14 @@ class Chain:
     for it, so an idle hook costs nothing per request or per chunk.
     """
 
-    def __init__(self, plugins: list[Plugin], endings: set[asyncio.Task] | None = None):
+    def __init__(self, plugins: list[Plugin], inflight: "Inflight | None" = None):
         self.plugins = plugins
         self._request = [p for p in plugins if p.overrides("on_request")]
         self._chunk = [p for p in plugins if p.overrides("on_stream_chunk")]
         self._response = [p for p in plugins if p.overrides("on_response")]
         self._error = [p for p in plugins if p.overrides("on_error")]
         # Shared by every generation of the chain (live reload), so drain() sees them all.
-        self._endings: set[asyncio.Task] = endings if endings is not None else set()
+        self.inflight = inflight if inflight is not None else Inflight()
 
     @property
     def wants_chunks(self) -> bool:
@@ -110,9 +110,13 @@ class Chain:
                 log.exception("plugin_ending_hook_failed", plugin=plugin.name, request_id=ctx.request_id,
                               hook="on_error" if failed else "on_response")
 
+    def enter(self, ctx: RequestContext) -> None:
+        """The request entered the chain: it now owes exactly one ending."""
+        self.inflight.enter()
+
     async def end(self, ctx: RequestContext, error: ApiError | None = None) -> None:
         """Run the ending once. Shielded: a cancelled handler (client gone, shutdown) does
-        not cut billing short; `drain()` waits for endings still running."""
+        not cut billing short; `drain()` waits for every request still owing its ending."""
         if ctx.ended_at is not None:
             return
         ctx.ended_at = time.monotonic()
@@ -126,13 +130,12 @@ class Chain:
         except Exception:
             log.exception("finalize_usage_failed", request_id=ctx.request_id)
         task = asyncio.ensure_future(self._run_ending(ctx))
-        self._endings.add(task)
-        task.add_done_callback(self._endings.discard)
+        task.add_done_callback(lambda _: self.inflight.leave())
         await asyncio.shield(task)
 
-    async def drain(self) -> None:
-        while self._endings:
-            await asyncio.gather(*list(self._endings), return_exceptions=True)
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every request that entered the chain has run its ending."""
+        return await self.inflight.wait_idle(timeout)
 
     async def startup(self) -> None:
         for plugin in self.plugins:
@@ -144,6 +147,33 @@ class Chain:
                 await plugin.shutdown()
             except Exception:
                 log.exception("plugin_shutdown_failed", plugin=plugin.name)
+
+
+class Inflight:
+    """Requests that entered the chain and have not finished their ending yet."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count <= 0:
+            self.count = 0
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float | None = None) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+            return True
+        except TimeoutError:
+            return False
 
 
 # --------------------------------------------------------------------------------------
@@ -358,6 +388,7 @@ async def _fail(request: web.Request, snap: Snapshot, ctx: RequestContext, err: 
 async def _run(request: web.Request, snap: Snapshot, ctx: RequestContext,
                answer: Callable[[], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """The chain around one request: request hooks, `answer()`, exactly one ending."""
+    snap.chain.enter(ctx)
     try:
         await snap.chain.run_request(ctx)
         if ctx.short_circuit is None and ctx.endpoint != "models":
@@ -675,7 +706,10 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
         gw.ready = True
         yield
         gw.ready = False
-        await gw.chain.drain()  # endings still running (billing) finish first
+        # aiohttp has already waited for the handlers; endings still running (billing)
+        # finish before the plugins flush and the store closes.
+        if not await gw.chain.drain(timeout=max(5.0, config.server.shutdown_grace)):
+            log.error("shutdown_endings_unfinished", requests=gw.chain.inflight.count)
         await gw.chain.shutdown()
         for plugin in gw.retired_plugins:
             try:
@@ -769,7 +803,7 @@ async def reload_config(app: web.Application, reason: str = "manual") -> bool:
     services.plugins = plugins
     if gw.directory is not None:
         gw.directory.ttl = new.auth.cache_ttl
-    gw.snapshot = Snapshot(new, Chain(plugins, endings=gw.chain._endings))
+    gw.snapshot = Snapshot(new, Chain(plugins, inflight=gw.chain.inflight))
     log.info("config_reloaded", reason=reason, changes=changes)
     return True
 

@@ -136,7 +136,7 @@ class RunningGateway:
 
     def settle(self) -> None:
         """Wait until every request ending (settle/refund/log) has run."""
-        self.run(self.state.chain.drain())
+        self.run(self.state.chain.drain(timeout=15))
 
 
 @pytest.fixture(scope="session")
