@@ -304,7 +304,8 @@ def _validate_chat(body: dict[str, Any]) -> None:
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise bad_request(f"messages[{i}] must be an object", param=f"messages[{i}]")
-        if message.get("role") not in _VALID_ROLES:
+        role = message.get("role")
+        if not isinstance(role, str) or role not in _VALID_ROLES:
             raise bad_request(f"messages[{i}].role must be one of {sorted(_VALID_ROLES)}", param=f"messages[{i}].role")
         content = message.get("content")
         if content is not None and not isinstance(content, (str, list)):
@@ -331,8 +332,14 @@ def _take_gateway_fields(ctx: RequestContext, request: web.Request) -> None:
     metadata = ctx.body.pop("metadata", None) or {}
     action = metadata.get("action") or request.headers.get("X-Action")
     prospect = metadata.get("prospect_id") or request.headers.get("X-Prospect-Id")
-    ctx.action = str(action)[:128] if action else None
-    ctx.prospect_id = str(prospect)[:128] if prospect else None
+    ctx.action = _clean_text(action) if action else None
+    ctx.prospect_id = _clean_text(prospect) if prospect else None
+
+
+def _clean_text(value: Any) -> str:
+    """At most 128 characters of valid UTF-8 (aiohttp turns non-UTF-8 header bytes into
+    lone surrogates, which would break every later encode)."""
+    return str(value)[:128].encode("utf-8", "replace").decode("utf-8")
 
 
 def _new_context(request: web.Request, snap: Snapshot, endpoint: str, body: dict[str, Any]) -> RequestContext:

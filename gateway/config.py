@@ -31,7 +31,7 @@ FORBIDDEN_CLIENT_FIELDS = frozenset(
         "aws_secret_access_key", "aws_session_token", "vertex_credentials",
         "litellm_params", "extra_headers", "headers", "organization", "deployment_id",
         "input_cost_per_token", "output_cost_per_token", "litellm_logging_obj",
-        "num_retries", "fallbacks", "timeout", "client", "proxy_server_request",
+        "num_retries", "fallbacks", "timeout", "client", "proxy_server_request", "model_list",
     }
 )
 
@@ -411,7 +411,10 @@ def load_config(path: str | Path) -> Config:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
+        # Not str(exc): PyYAML quotes the offending line, which may hold a literal key.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError([f"{path}: not valid YAML{where}: {getattr(exc, 'problem', None) or 'syntax error'}"]) from None
     return load_config_data(raw)
 
 
@@ -427,7 +430,7 @@ def _is_secret_key(key: str) -> bool:
 
 def _redact_url(url: str) -> str:
     # postgresql://user:password@host/db -> postgresql://user:***@host/db
-    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
+    return re.sub(r"(://[^:/@]*:)[^@]+@", r"\1***@", url)
 
 
 def redacted(node: Any, key: str = "") -> Any:

@@ -232,10 +232,20 @@ class LitellmDispatcher:
             stream = await load_litellm().acompletion(**kwargs)
         except Exception as exc:  # noqa: BLE001
             raise normalise_litellm_error(exc) from None
+        carried = False  # litellm skips unparseable lines and invents a final "stop" chunk
         try:
             async for chunk in stream:
                 raw = chunk.model_dump() if hasattr(chunk, "model_dump") else dict(chunk)
-                yield _clean_chunk(raw)
+                cleaned = _clean_chunk(raw)
+                if not carried:
+                    carried = bool(cleaned.get("usage")) or any(
+                        c["delta"].get("content") or c["delta"].get("tool_calls") or c["delta"].get("function_call")
+                        for c in cleaned["choices"])
+                    if not carried and any(c.get("finish_reason") for c in cleaned["choices"]):
+                        # A stream that "finishes" having carried nothing is a broken one:
+                        # raise before any byte reaches the client, so it is retried.
+                        raise UpstreamError("bad_response", "the upstream stream carried no data")
+                yield cleaned
         except Exception as exc:  # noqa: BLE001
             err = normalise_litellm_error(exc)
             # After the first chunk every failure is a stream that broke off (litellm

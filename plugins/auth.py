@@ -51,6 +51,10 @@ class Auth(Plugin):
             token = (ctx.headers.get("x-api-key") or "").strip() or None
         if token is None:
             raise unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
+        try:
+            token.encode("utf-8")
+        except UnicodeEncodeError:  # non-UTF-8 header bytes: no key of ours looks like that
+            raise unauthorized("Incorrect API key provided.") from None
         if is_master_key(token, ctx.config.auth.master_key):
             raise unauthorized("The master key is for /admin endpoints only; use a user's API key here.")
         directory = self.services.directory

@@ -67,8 +67,8 @@ class Idempotency(Plugin):
         key = ctx.headers.get("Idempotency-Key")
         if not key or ctx.identity is None or ctx.endpoint == "models":
             return
-        if len(key) > MAX_KEY_LENGTH:
-            raise Reject(400, f"Idempotency-Key is longer than {MAX_KEY_LENGTH} characters.",
+        if len(key) > MAX_KEY_LENGTH or not key.isascii() or not key.isprintable():
+            raise Reject(400, f"Idempotency-Key must be printable ASCII of at most {MAX_KEY_LENGTH} characters.",
                          param="Idempotency-Key", code="invalid_idempotency_key")
         state = await self.services.store.begin_idempotent(
             ctx.identity.user_id, key, ctx.request_id, fingerprint=fingerprint(ctx),

@@ -178,20 +178,13 @@ def _call(gw: Any, key: str, model: str, stream: bool) -> tuple[str, int, str | 
         return "status", err.status_code, error.get("code"), dict(err.response.headers)
 
 
-LITELLM_ANTHROPIC_INVENTS_A_FINISH = pytest.mark.xfail(strict=True, reason=(
-    "gateway/dispatch.py LitellmDispatcher.chat_stream: litellm's Anthropic stream parser skips an "
-    "unparseable SSE event and, when the upstream then closes without message_stop, yields a "
-    "synthetic finish_reason=stop chunk; the gateway sees a 'complete' empty answer, sends [DONE] "
-    "and charges the user instead of failing the attempt (native OpenAI path and litellm OpenAI "
-    "path both raise bad_response and retry)."))
 
 
 def _table() -> list[Any]:
     params = []
     for name in CASES:
         for path in PATHS:
-            marks = [LITELLM_ANTHROPIC_INVENTS_A_FINISH] if (name, path) == ("non-json-stream", "anthropic") else []
-            params.append(pytest.param(name, path, marks=marks, id=f"{name}-{path}"))
+            params.append(pytest.param(name, path, id=f"{name}-{path}"))
     return params
 
 

@@ -119,15 +119,8 @@ def test_client_headers_are_not_forwarded_upstream(gateway_factory, upstream):
     assert "x-forwarded-host" not in sent and "openai-organization" not in sent
 
 
-MODEL_LIST_REACHES_LITELLM = pytest.mark.xfail(strict=True, reason=(
-    "gateway/config.py FORBIDDEN_CLIENT_FIELDS lacks `model_list`: on a litellm deployment the "
-    "body field reaches litellm.completion (main.py: `if model_list is not None: ... "
-    "batch_completion_models(deployments=...)`), which swaps in client-supplied deployments; with "
-    "no matching entry the call fails and the client gets a 502 whose message carries litellm's "
-    "Python traceback (file paths) via gateway/dispatch.py _upstream_message"))
 
 
-@MODEL_LIST_REACHES_LITELLM
 def test_a_client_model_list_is_refused_like_every_upstream_choosing_field(gateway_factory, upstream,
                                                                          second_upstream):
     gw = gateway_factory(plugins=[], models=[{"name": "m", "dispatch": "litellm", "litellm_params": {
