@@ -333,7 +333,6 @@ USAGE_DEFAULTS: dict[str, Any] = {
     "tokens_prompt": 0,
     "tokens_completion": 0,
     "tokens_total": 0,
-    "cost_usd": 0.0,
     "energy_cost": 0,
     "retries": 0,
     "streamed": False,

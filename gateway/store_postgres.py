@@ -149,7 +149,7 @@ MIGRATIONS: list[tuple[int, str]] = [
             tokens_prompt     bigint NOT NULL DEFAULT 0,
             tokens_completion bigint NOT NULL DEFAULT 0,
             tokens_total      bigint NOT NULL DEFAULT 0,
-            cost_usd          double precision NOT NULL DEFAULT 0,
+            cost_usd          double precision,   -- NULL: no known price for the model
             status            integer,
             error_type        text,
             latency_ms        integer,

@@ -187,7 +187,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                 tokens_prompt     INTEGER NOT NULL DEFAULT 0,
                 tokens_completion INTEGER NOT NULL DEFAULT 0,
                 tokens_total      INTEGER NOT NULL DEFAULT 0,
-                cost_usd          REAL NOT NULL DEFAULT 0,
+                cost_usd          REAL,            -- NULL: no known price for the model
                 status            INTEGER,
                 error_type        TEXT,
                 latency_ms        INTEGER,

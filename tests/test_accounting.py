@@ -461,9 +461,6 @@ def test_every_configured_model_without_a_known_price_is_logged_at_start(gateway
     assert warnings[0]["models"] == ["mystery (openai/mystery-model-9000)"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gateway/store.py USAGE_DEFAULTS['cost_usd']=0.0 and the NOT NULL DEFAULT 0 column in "
-    "store_sqlite.py/store_postgres.py turn an unknown price (cost_usd=None) into a made-up $0"))
 def test_a_request_on_a_model_without_a_price_is_logged_with_a_null_cost(gateway_factory, upstream):
     entries = models(upstream)
     entries.append({"name": "mystery", "litellm_params": {"model": "openai/mystery-model-9000",
