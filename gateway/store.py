@@ -283,6 +283,9 @@ def settlement_return(reserved: int, final_amount: int | None) -> int:
     return reserved - min(final_amount, reserved)
 
 
+IN_FLIGHT_LEASE = 900.0  # seconds an in-flight idempotency claim blocks retries at most
+
+
 def idempotency_decision(
     *,
     stored_status: str,
@@ -295,6 +298,10 @@ def idempotency_decision(
     """What an existing claim means for a new attempt with the same key."""
     if now - stored_created_at >= window:
         return "reclaim"  # expired: the key is free again
+    if stored_status == "in_flight" and now - stored_created_at >= IN_FLIGHT_LEASE:
+        # The process holding it died mid-request (no request lives this long: the longest
+        # upstream timeout is well below the lease). Its energy is refunded by the sweeper.
+        return "reclaim"
     if stored_fingerprint != fingerprint:
         return "mismatch"  # same key, different request: a client bug, never replay
     return "in_flight" if stored_status == "in_flight" else "done"

@@ -858,3 +858,14 @@ async def test_a_call_whose_caller_is_cancelled_still_completes(sqlite_store, mo
     assert await sqlite_store.settle_energy("req") is None
     assert await sqlite_store.balance(user.id) == 90
     await assert_ledger_consistent(sqlite_store, user.id)
+
+
+def test_an_in_flight_claim_left_by_a_dead_process_is_reclaimed_after_its_lease():
+    """A crash between claim and finish must not block the key for the whole window."""
+    from gateway.store import IN_FLIGHT_LEASE, idempotency_decision
+
+    common = dict(stored_status="in_flight", stored_fingerprint="f", fingerprint="f", window=86400.0)
+    assert idempotency_decision(stored_created_at=0.0, now=IN_FLIGHT_LEASE - 1, **common) == "in_flight"
+    assert idempotency_decision(stored_created_at=0.0, now=IN_FLIGHT_LEASE, **common) == "reclaim"
+    done = dict(common, stored_status="done")
+    assert idempotency_decision(stored_created_at=0.0, now=IN_FLIGHT_LEASE + 1, **done) == "done"
