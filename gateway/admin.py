@@ -25,6 +25,12 @@ MAX_ENERGY_AMOUNT = 10**15
 _WORKSPACE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
+def _master_only(what: str) -> ApiError:
+    # Energy and tiers are what the operator sells: a workspace admin manages its people
+    # and keys, but cannot mint energy or upgrade tiers (not even its own).
+    return ApiError(403, f"{what} needs the master key", type="invalid_request_error", code="forbidden")
+
+
 @dataclass(frozen=True)
 class Scope:
     role: str  # "master" | "workspace_admin"
@@ -161,6 +167,8 @@ class Admin:
         if not isinstance(workspace, str):
             raise ApiError(400, "'workspace' must be a workspace name or id", param="workspace")
         ws = await self._workspace(scope, workspace)
+        if not scope.is_master and (energy > 0 or tier != self.config.auth.default_tier):
+            raise _master_only("giving a new user energy or a tier other than the default")
         user = await self.store.create_user(ws.id, tier, name=name, energy=energy)
         plaintext, key = await self.store.create_key(user.id, role=role)
         out = as_dict(user)
@@ -188,6 +196,8 @@ class Admin:
     async def set_tier(self, scope: Scope, user_id: str, tier: str) -> dict:
         self._check_tier(tier)
         user = await self._user(scope, user_id)
+        if not scope.is_master:
+            raise _master_only("changing a tier")
         await self.store.set_tier(user.id, tier)
         if self.directory is not None:
             self.directory.forget_user(user.id)
@@ -204,6 +214,8 @@ class Admin:
             raise ApiError(400, "a grant must be a positive amount (use kind 'adjust' to remove energy)",
                            param="amount")
         user = await self._user(scope, user_id)
+        if not scope.is_master:
+            raise _master_only("granting or adjusting energy")
         try:
             balance = await self.store.grant_energy(user.id, amount, kind=kind, reason=reason)
         except ValueError as exc:

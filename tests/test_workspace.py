@@ -113,17 +113,35 @@ def test_workspace_admin_manages_its_own_workspace(two_workspaces):
     gw, key, user = ws.gw, ws.acme_admin_key, ws.acme_user
     assert call(gw, "GET", "/admin/workspaces/acme", key).json()["users"] == 2
     assert call(gw, "PATCH", "/admin/workspaces/acme", key, {"profile": {"company_name": "Acme"}}).status_code == 200
-    created = call(gw, "POST", "/admin/users", key, {"tier": "free", "energy": 3})
+    created = call(gw, "POST", "/admin/users", key, {"tier": "free"})
     assert created.status_code == 201 and created.json()["api_key"].startswith("gw-")
     assert call(gw, "GET", f"/admin/users/{user}", key).status_code == 200
-    assert call(gw, "PATCH", f"/admin/users/{user}", key, {"tier": "pro"}).json()["tier"] == "pro"
-    assert call(gw, "POST", f"/admin/users/{user}/energy", key, {"amount": 5}).json()["energy"] == 15
-    assert len(call(gw, "GET", f"/admin/users/{user}/ledger", key).json()) == 2
+    assert len(call(gw, "GET", f"/admin/users/{user}/ledger", key).json()) == 1
     new_key = call(gw, "POST", f"/admin/users/{user}/keys", key, {})
     assert new_key.status_code == 201
     rotated = call(gw, "POST", f"/admin/keys/{ws.acme_key_id}/rotate", key)
     assert rotated.status_code == 201 and rotated.json()["replaces"] == ws.acme_key_id
     assert call(gw, "POST", f"/admin/keys/{new_key.json()['id']}/revoke", key).json()["revoked"] is True
+
+
+@pytest.mark.parametrize("method,path,body", [
+    ("POST", "/admin/users", {"tier": "free", "energy": 3}),
+    ("POST", "/admin/users", {"tier": "pro"}),
+    ("PATCH", "/admin/users/{user}", {"tier": "pro"}),
+    ("POST", "/admin/users/{user}/energy", {"amount": 5}),
+    ("POST", "/admin/users/{user}/energy", {"amount": -5, "kind": "adjust"}),
+], ids=["new-user-with-energy", "new-user-with-tier", "set-tier", "grant", "adjust"])
+def test_workspace_admin_cannot_mint_energy_or_change_tiers_even_in_its_own_workspace(two_workspaces, method, path, body):
+    """Energy and tiers are what the operator sells: they need the master key."""
+    ws = two_workspaces
+    gw, key, user = ws.gw, ws.acme_admin_key, ws.acme_user
+    before = gw.balance(user)
+    response = call(gw, method, path.format(user=user), key, body)
+    assert response.status_code == 403, response.text
+    assert response.json()["error"]["code"] == "forbidden"
+    assert gw.balance(user) == before
+    assert gw.run(gw.store.get_user(user)).tier != "pro" or body.get("tier") != "pro"
+    assert len(call(gw, "GET", "/admin/users", key).json()) == 2  # nobody was created
 
 
 def test_master_key_manages_every_workspace(two_workspaces):
