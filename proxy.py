@@ -726,7 +726,9 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
         await gw.router.close()
 
     async def reload_ctx(app: web.Application) -> AsyncIterator[None]:
-        tasks: list[asyncio.Task] = []
+        from gateway import logs
+
+        tasks: list[asyncio.Task] = [asyncio.create_task(logs.flush_forever())]
         if config_path is not None:
             loop = asyncio.get_running_loop()
             try:
@@ -739,6 +741,7 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        logs.flush()
 
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(plugins_ctx)
@@ -848,22 +851,9 @@ async def admin_config(request: web.Request) -> web.Response:
 # --------------------------------------------------------------------------------------
 
 def configure_logging(level: str = "info") -> None:
-    import logging
+    from gateway import logs
 
-    logging.basicConfig(format="%(message)s", stream=sys.stdout, level=getattr(logging, level.upper(), logging.INFO))
-    for noisy in ("LiteLLM", "litellm", "httpx", "aiohttp.access"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(serializer=lambda obj, **kw: orjson.dumps(obj, default=str).decode()),
-        ],
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
-        cache_logger_on_first_use=True,
-    )
+    logs.configure(level)
 
 
 def _serve(args: argparse.Namespace) -> int:
