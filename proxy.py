@@ -709,6 +709,7 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
         # them all (0.5 s pauses under load). Freeze them out of the collector's sight.
         gc.collect()
         gc.freeze()
+        gc.set_threshold(50_000, 50, 100)  # per-request garbage is short-lived; collect it in bulk
         await gw.chain.startup()
         gw.ready = True
         yield
