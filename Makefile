@@ -27,8 +27,8 @@ bench: install                ## throughput/latency table (see README)
 check-config: install
 	$(BIN)/python proxy.py check-config config.yaml
 
-lint: install
-	$(BIN)/python -m compileall -q proxy.py gateway plugins tests
+lint: install                 ## unused imports/names, syntax
+	$(BIN)/python -m pyflakes proxy.py gateway plugins tests bench
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

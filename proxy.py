@@ -560,22 +560,35 @@ async def _close_quietly(stream: Any) -> None:
 # Handlers
 # --------------------------------------------------------------------------------------
 
+async def _parse(request: web.Request, snap: Snapshot, endpoint: str,
+                 validate: Callable[[dict[str, Any]], None]) -> RequestContext:
+    """Body -> a RequestContext, or an ApiError (400/413) before the chain is entered."""
+    body = await _read_json(request, snap.config.server.max_body_bytes)
+    _check_forbidden(body)
+    model = _require_model(body)
+    validate(body)
+    ctx = _new_context(request, snap, endpoint, body)
+    ctx.requested_model = ctx.model = model
+    ctx.candidates = [model] if snap.config.deployments(model) else []
+    _take_gateway_fields(ctx, request)
+    return ctx
+
+
+def _validate_embeddings(body: dict[str, Any]) -> None:
+    value = body.get("input")
+    if not (isinstance(value, str) and value) and not (isinstance(value, list) and value):
+        raise bad_request("'input' is required: a non-empty string or array", param="input")
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     snap = gw.snapshot
     try:
-        body = await _read_json(request, snap.config.server.max_body_bytes)
-        _check_forbidden(body)
-        model = _require_model(body)
-        _validate_chat(body)
+        ctx = await _parse(request, snap, "chat.completions", _validate_chat)
     except ApiError as err:
         return error_response(err, {"X-Request-Id": _request_id(request)})
-    ctx = _new_context(request, snap, "chat.completions", body)
-    ctx.requested_model = ctx.model = model
-    ctx.stream = bool(body.get("stream"))
-    ctx.client_wants_usage = ctx.stream and bool((body.get("stream_options") or {}).get("include_usage"))
-    ctx.candidates = [model] if snap.config.deployments(model) else []
-    _take_gateway_fields(ctx, request)
+    ctx.stream = bool(ctx.body.get("stream"))
+    ctx.client_wants_usage = ctx.stream and bool((ctx.body.get("stream_options") or {}).get("include_usage"))
     if ctx.stream:
         return await _run(request, snap, ctx, lambda: _stream(request, gw, snap, ctx))
     return await _run(request, snap, ctx, lambda: _complete(request, gw, snap, ctx))
@@ -585,18 +598,9 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     snap = gw.snapshot
     try:
-        body = await _read_json(request, snap.config.server.max_body_bytes)
-        _check_forbidden(body)
-        model = _require_model(body)
-        value = body.get("input")
-        if not (isinstance(value, str) and value) and not (isinstance(value, list) and value):
-            raise bad_request("'input' is required: a non-empty string or array", param="input")
+        ctx = await _parse(request, snap, "embeddings", _validate_embeddings)
     except ApiError as err:
         return error_response(err, {"X-Request-Id": _request_id(request)})
-    ctx = _new_context(request, snap, "embeddings", body)
-    ctx.requested_model = ctx.model = model
-    ctx.candidates = [model] if snap.config.deployments(model) else []
-    _take_gateway_fields(ctx, request)
 
     async def answer() -> web.StreamResponse:
         payload = ctx.short_circuit if ctx.short_circuit is not None else await gw.router.embeddings(ctx)

@@ -373,7 +373,7 @@ def fmt(value: Any, spec: str = ".1f") -> str:
 
 def verdicts(results: dict) -> list[dict]:
     rows = results["targets"]
-    fast, direct = rows["fast path"], rows["direct"]
+    fast = rows["fast path"]
     out = []
 
     def check(name: str, measured: str, target: str, ok: bool | None) -> None:

@@ -75,10 +75,24 @@ def _print_human(result: Any) -> None:
     print(result)
 
 
+async def open_store_or_explain(config: Any) -> Any:
+    """The opened store; an unreachable database is an operator error stated plainly (an
+    ApiError the commands print), not a traceback."""
+    from gateway.store import open_store
+
+    store = open_store(config.store.url)
+    try:
+        await store.open()
+    except (OSError, asyncio.TimeoutError, ImportError) as exc:
+        where = config.store.url.split("?")[0].split("@")[-1]  # never print credentials
+        raise ApiError(503, f"cannot open the store at {where}: {exc}", type="server_error",
+                       code="store_unavailable") from None
+    return store
+
+
 def run_operation(args: argparse.Namespace, operation: Operation) -> int:
     from gateway.admin import MASTER, Admin
     from gateway.config import ConfigError, load_config
-    from gateway.store import open_store
 
     try:
         config = load_config(args.config)
@@ -87,14 +101,7 @@ def run_operation(args: argparse.Namespace, operation: Operation) -> int:
         return 1
 
     async def go() -> Any:
-        store = open_store(config.store.url)
-        try:
-            await store.open()
-        except (OSError, asyncio.TimeoutError, ImportError) as exc:
-            # An unreachable database is an operator error to state plainly, not a traceback.
-            where = config.store.url.split("?")[0].split("@")[-1]  # never print credentials
-            raise ApiError(503, f"cannot open the store at {where}: {exc}", type="server_error",
-                           code="store_unavailable") from None
+        store = await open_store_or_explain(config)
         try:
             return await operation(Admin(store, config), args, MASTER)
         finally:
@@ -206,7 +213,6 @@ def bootstrap(args: argparse.Namespace) -> int:
     is saved in data/demo-key.txt (mode 600). Does nothing when that key still works."""
     from gateway.admin import MASTER, Admin
     from gateway.config import ConfigError, load_config
-    from gateway.store import open_store
 
     try:
         config = load_config(args.config)
@@ -216,14 +222,7 @@ def bootstrap(args: argparse.Namespace) -> int:
     path = args.key_file
 
     async def go() -> str | None:
-        store = open_store(config.store.url)
-        try:
-            await store.open()
-        except (OSError, asyncio.TimeoutError, ImportError) as exc:
-            # An unreachable database is an operator error to state plainly, not a traceback.
-            where = config.store.url.split("?")[0].split("@")[-1]  # never print credentials
-            raise ApiError(503, f"cannot open the store at {where}: {exc}", type="server_error",
-                           code="store_unavailable") from None
+        store = await open_store_or_explain(config)
         try:
             if os.path.exists(path):
                 with open(path) as fh:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Protocol
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch prices at import

@@ -25,7 +25,6 @@ With Redis, the check-and-count is one Lua script: atomic across processes.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from dataclasses import dataclass

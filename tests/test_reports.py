@@ -23,7 +23,7 @@ from structlog.testing import capture_logs
 
 from gateway.reports import iso_week
 from tests.conftest import MASTER_KEY
-from tests.test_accounting import CHAIN, COMPLETION, HELLO, PROMPT, models, start, usage_rows
+from tests.test_accounting import COMPLETION, HELLO, PROMPT, start, usage_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = time.time()

@@ -11,7 +11,6 @@ import os
 import random
 import time
 from collections import Counter
-from typing import Any
 
 import openai
 
