@@ -91,6 +91,7 @@ class Accounting(Plugin):
         self._writer: asyncio.Task | None = None
         self.written = 0
         self._unpriced_warned: set[str] = set()
+        self._estimate_warned: set[str] = set()
         self._week: tuple[int, int] | None = None
         self._week_cost = 0.0
         self._week_warned = False
@@ -129,6 +130,14 @@ class Accounting(Plugin):
             self._unpriced_warned.add(ctx.model)
             log.warning("usage_cost_unknown", model=ctx.model, deployment=ctx.deployment,
                         hint="add models[].pricing to config.yaml")
+        if row["usage_estimated"] and ctx.error is None and not ctx.client_disconnected:
+            # A complete answer without the provider's usage: this deployment may never report
+            # it. Say so loudly (once per deployment), so nobody bills on estimates unknowingly.
+            deployment = ctx.deployment or ctx.model
+            if deployment not in self._estimate_warned and len(self._estimate_warned) < 1000:
+                self._estimate_warned.add(deployment)
+                log.warning("usage_not_reported_by_provider", model=ctx.model, deployment=deployment,
+                            hint="tokens are counted by the gateway and rows marked usage_estimated")
         self._track_week(row, ctx.config.reports.weekly_cost_threshold_usd)  # the live config, not load-time
         assert self.queue is not None, "accounting used before startup"
         await self.queue.put(row)  # waits when full: back-pressure, never unbounded memory

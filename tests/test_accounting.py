@@ -493,3 +493,19 @@ def test_crossing_the_weekly_cost_threshold_emits_one_warning_event(gateway_fact
     assert warnings[0]["log_level"] == "warning"
     assert warnings[0]["week_cost_usd"] == pytest.approx(per_request * 3, abs=1e-6)
     assert warnings[0]["threshold_usd"] == pytest.approx(per_request * 2.5)
+
+
+def test_a_provider_that_reports_no_usage_is_flagged_loudly_once(gateway_factory, upstream):
+    """A complete answer without usage is logged as a warning naming the deployment, once."""
+    from structlog.testing import capture_logs
+
+    gw = start(gateway_factory, upstream)
+    _, key = gw.make_user()
+    upstream.report_usage = False
+    with capture_logs() as logs:
+        for _ in range(2):
+            gw.client(key).chat.completions.create(model="gpt-4o", messages=HELLO)
+        gw.settle()
+    warnings = [e for e in logs if e["event"] == "usage_not_reported_by_provider"]
+    assert len(warnings) == 1
+    assert warnings[0]["model"] == "gpt-4o" and warnings[0]["log_level"] == "warning"
