@@ -58,7 +58,7 @@ class NativeOpenAIDispatcher:
 
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
-        self._targets: dict[tuple[int, str], tuple[ModelEntry, str, dict[str, str], aiohttp.ClientTimeout]] = {}
+        self._targets: dict[tuple[int, str, bool], tuple[ModelEntry, str, dict[str, str], aiohttp.ClientTimeout]] = {}
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -72,9 +72,10 @@ class NativeOpenAIDispatcher:
         if self._session is not None and not self._session.closed:
             await self._session.close()
 
-    def _target(self, deployment: ModelEntry, path: str) -> tuple[str, dict[str, str], aiohttp.ClientTimeout]:
+    def _target(self, deployment: ModelEntry, path: str,
+                stream: bool = False) -> tuple[str, dict[str, str], aiohttp.ClientTimeout]:
         # Built once per deployment and path (a config reload brings new ModelEntry objects).
-        key = (id(deployment), path)
+        key = (id(deployment), path, stream)
         cached = self._targets.get(key)
         if cached is not None and cached[0] is deployment:
             return cached[1], dict(cached[2]), cached[3]
@@ -85,7 +86,10 @@ class NativeOpenAIDispatcher:
             headers["Authorization"] = f"Bearer {params.api_key}"
         timeouts = deployment.timeouts
         total = min(params.timeout or timeouts.total, timeouts.total)
-        # first_byte and idle are enforced by the router for every dispatcher alike.
+        if not stream:
+            # A non-streamed answer must arrive within first_byte (as the router enforces for
+            # litellm); streams get first_byte and idle from the router, per chunk.
+            total = min(total, timeouts.first_byte)
         timeout = aiohttp.ClientTimeout(total=total, sock_connect=min(timeouts.connect, total))
         if len(self._targets) > 1024:
             self._targets.clear()
@@ -108,7 +112,8 @@ class NativeOpenAIDispatcher:
         except UpstreamError:
             raise
         except asyncio.TimeoutError:
-            raise UpstreamError("timeout", "the upstream did not answer in time", status=504) from None
+            raise UpstreamError("timeout", f"the upstream did not answer within {timeout.total:g}s",
+                                status=504) from None
         except aiohttp.ClientPayloadError as exc:
             raise UpstreamError("bad_response", f"the upstream response was cut off: {exc}") from None
         except (aiohttp.ClientError, OSError) as exc:
@@ -134,7 +139,7 @@ class NativeOpenAIDispatcher:
         return payload
 
     async def chat_stream(self, deployment: ModelEntry, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        url, headers, timeout = self._target(deployment, "/chat/completions")
+        url, headers, timeout = self._target(deployment, "/chat/completions", stream=True)
         headers["Accept"] = "text/event-stream"
         payload = dict(body)
         payload["stream"] = True
