@@ -445,11 +445,17 @@ _SSE_DONE = b"data: [DONE]\n\n"
 async def _replayed_stream(payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     """A stored (idempotent) completion, replayed as a stream of one chunk."""
     choice = (payload.get("choices") or [{}])[0]
+    if not choice.get("finish_reason"):
+        # The first attempt's client left mid-stream: its answer is incomplete and must not be
+        # replayed as if it were whole. It was charged once; only a new key runs it again.
+        raise ApiError(409, "The request with this Idempotency-Key was cut off when its client disconnected "
+                            "(and was charged once). Use a new Idempotency-Key to run it again.",
+                       type="invalid_request_error", code="idempotency_key_incomplete")
     message = choice.get("message") or {}
     base = {k: payload.get(k) for k in ("id", "created", "model")}
     yield {**base, "object": "chat.completion.chunk",
            "choices": [{"index": 0, "delta": {"role": "assistant", "content": message.get("content") or ""},
-                        "logprobs": None, "finish_reason": choice.get("finish_reason") or "stop"}]}
+                        "logprobs": None, "finish_reason": choice["finish_reason"]}]}
     if payload.get("usage"):
         yield {**base, "object": "chat.completion.chunk", "choices": [], "usage": payload["usage"]}
 
@@ -483,6 +489,7 @@ async def _stream(request: web.Request, gw: Gateway, snap: Snapshot, ctx: Reques
                     ctx.streamed_text.append(content)
                 if choice.get("finish_reason"):
                     saw_finish = True
+                    ctx.finish_reason = choice["finish_reason"]
             send = True
             if not ctx.client_wants_usage:
                 if not chunk.get("choices"):
@@ -794,9 +801,13 @@ async def reload_config(app: web.Application, reason: str = "manual") -> bool:
             log.warning("config_change_needs_restart", section=section, keys=changed)
     # Reuse plugin instances whose entry did not change (they keep queues, metrics, caches);
     # build and start the others. Replaced ones are shut down when the gateway stops.
-    current = {(p.name, repr(e.settings)): p for p, e in zip(gw.chain.plugins, [e for e in old.plugins if e.enabled])}
+    # A plugin whose start-up depends on a changed section is rebuilt too.
+    rebuild = {"rate_limit"} if old.rate_limits.redis_url != new.rate_limits.redis_url else set()
+    current = {(p.name, repr(e.settings)): p
+               for p, e in zip(gw.chain.plugins, [e for e in old.plugins if e.enabled]) if p.name not in rebuild}
     plugins: list[Plugin] = []
     started: list[Plugin] = []
+    previous_config, services.config = services.config, new  # new plugins start on the new config
     try:
         for entry in (e for e in new.plugins if e.enabled):
             key = (plugin_class(entry.name).name, repr(entry.settings))
@@ -810,11 +821,11 @@ async def reload_config(app: web.Application, reason: str = "manual") -> bool:
             plugins.append(plugin)
     except Exception:
         log.exception("config_reload_failed", reason=reason)
+        services.config = previous_config
         for plugin in started:
             await plugin.shutdown()
         return False
     gw.retired_plugins.extend(current.values())
-    services.config = new
     services.plugins = plugins
     if gw.directory is not None:
         gw.directory.ttl = new.auth.cache_ttl
@@ -912,7 +923,12 @@ def _supervise(args: argparse.Namespace, config: Config, host: str, port: int, w
                 signal.signal(sig, signal.SIG_DFL)
             code = 0
             try:
-                _run_worker(config, str(args.config), host, port, reuse_port=True)
+                # A worker restarted after live edits must serve the file as it is now.
+                try:
+                    current = check_config(args.config)
+                except ConfigError:
+                    current = config
+                _run_worker(current, str(args.config), host, port, reuse_port=True)
             except BaseException:  # noqa: BLE001 — report, then leave without running parent code
                 log.exception("worker_crashed", slot=slot)
                 code = 1

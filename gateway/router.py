@@ -124,10 +124,11 @@ class Router:
         await self.native.close()
 
     @staticmethod
-    def models_to_try(config: Config, model: str) -> list[str]:
+    def models_to_try(config: Config, model: str, allowed: set[str] | None = None) -> list[str]:
+        """`model`, then its configured fallbacks that the request may use (tier, price)."""
         out = [model]
         for fb in config.model_settings(model).fallbacks or []:
-            if fb not in out:
+            if fb not in out and (allowed is None or fb in allowed):
                 out.append(fb)
         return out
 
@@ -144,7 +145,7 @@ class Router:
         last: UpstreamError | None = None
         cooling: list[ModelEntry] = []
         first_model = True
-        for model in self.models_to_try(config, ctx.model):
+        for model in self.models_to_try(config, ctx.model, ctx.fallback_allowed):
             deployments = config.deployments(model)
             # Skip deployments whose circuit is open; they are retried after the cool-down.
             dead: set[int] = {i for i, d in enumerate(deployments) if self.breaker.is_open(d)}

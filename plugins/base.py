@@ -105,6 +105,10 @@ class RequestContext:
     # [requested_model]; tier_policy extends it down the downgrade ladder and filters it;
     # energy narrows it to the first affordable one. Dispatch uses candidates[0].
     candidates: list[str] = field(default_factory=list)
+    # Models dispatch may fall back to when every deployment failed (None = any configured
+    # fallback). tier_policy limits it to the tier's models; energy to models no dearer than
+    # what was reserved, so a fallback never serves a forbidden model or costs more.
+    fallback_allowed: set[str] | None = None
     model: str = ""  # the public model that served (or would have served) the request
     downgraded_from: str | None = None  # set by the core when request hooks changed the model
     downgrade_reason: str | None = None
@@ -131,6 +135,7 @@ class RequestContext:
     fallbacks: int = 0  # times dispatch moved to another deployment or model
     streamed_text: list[str] = field(default_factory=list)  # content sent, for estimates
     stream_started: bool = False  # bytes of the stream reached the client
+    finish_reason: str | None = None  # of a stream: None = it never finished (cut off)
     client_disconnected: bool = False
     error: ApiError | None = None
     energy_cost: int = 0  # energy reserved for this request (refunded if it ends in error)

@@ -136,7 +136,18 @@ class Energy(Plugin):
             cheapest = cost if cheapest is None else min(cheapest, cost)
             if balance is not None and balance < cost:
                 continue  # known not to be affordable; skip the round trip
-            result = await store.reserve_energy(ctx.identity.user_id, cost, ctx.request_id, refill=refill)
+            reserving = asyncio.ensure_future(
+                store.reserve_energy(ctx.identity.user_id, cost, ctx.request_id, refill=refill))
+            try:
+                result = await asyncio.shield(reserving)
+            except asyncio.CancelledError:
+                # Cancelled (shutdown) while the store writes: the write completes anyway, so
+                # own its outcome, or on_error would not refund an open reservation.
+                with contextlib.suppress(Exception):
+                    if (await reserving).ok:
+                        ctx.scratch(self.name)["reserved"] = cost
+                        ctx.energy_cost = cost
+                raise
             balance = result.balance
             if result.ok:
                 scratch = ctx.scratch(self.name)
@@ -148,6 +159,9 @@ class Energy(Plugin):
                 elif model != ctx.candidates[0]:
                     ctx.downgrade_reason += "; insufficient energy for the next step"
                 ctx.candidates = [model]
+                # A fallback after failures must not serve a dearer model than was paid for.
+                allowed = ctx.fallback_allowed if ctx.fallback_allowed is not None else set(ctx.config.model_names())
+                ctx.fallback_allowed = {m for m in allowed if ctx.config.energy.cost(action, m) <= cost}
                 ctx.response_headers["X-Energy-Cost"] = str(cost)
                 ctx.response_headers["X-Energy-Remaining"] = str(result.balance)
                 return

@@ -18,6 +18,8 @@ key with a different body is a client bug: 422 `idempotency_key_reused`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import time
 
@@ -51,7 +53,7 @@ def completion_from_stream(ctx: RequestContext) -> dict:
         "created": int(time.time()),
         "model": ctx.model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(ctx.streamed_text)},
-                     "logprobs": None, "finish_reason": "stop"}],
+                     "logprobs": None, "finish_reason": ctx.finish_reason}],
     }
     if ctx.usage is not None:
         response["usage"] = {"prompt_tokens": ctx.usage.prompt_tokens,
@@ -70,9 +72,19 @@ class Idempotency(Plugin):
         if len(key) > MAX_KEY_LENGTH or not key.isascii() or not key.isprintable():
             raise Reject(400, f"Idempotency-Key must be printable ASCII of at most {MAX_KEY_LENGTH} characters.",
                          param="Idempotency-Key", code="invalid_idempotency_key")
-        state = await self.services.store.begin_idempotent(
+        claiming = asyncio.ensure_future(self.services.store.begin_idempotent(
             ctx.identity.user_id, key, ctx.request_id, fingerprint=fingerprint(ctx),
-            window=ctx.config.energy.idempotency_window)
+            window=ctx.config.energy.idempotency_window))
+        try:
+            state = await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            # Cancelled while the store writes the claim (it completes anyway): release it,
+            # or retries would get 409 until the lease runs out.
+            with contextlib.suppress(Exception):
+                if (await claiming).status == "new":
+                    await self.services.store.release_idempotent(ctx.identity.user_id, key,
+                                                                 request_id=ctx.request_id)
+            raise
         if state.status == "new":
             ctx.scratch(self.name)["key"] = key
         elif state.status == "in_flight":
@@ -98,9 +110,10 @@ class Idempotency(Plugin):
             return
         # A client that left mid-stream was charged; its retry gets the replay, not a 2nd charge.
         body = ctx.response if ctx.response is not None else completion_from_stream(ctx)
-        await self.services.store.finish_idempotent(ctx.identity.user_id, key, 200, orjson.dumps(body))
+        await self.services.store.finish_idempotent(ctx.identity.user_id, key, 200, orjson.dumps(body),
+                                                    request_id=ctx.request_id)
 
     async def on_error(self, ctx: RequestContext) -> None:
         key = ctx.scratch(self.name).get("key")
         if key is not None:
-            await self.services.store.release_idempotent(ctx.identity.user_id, key)
+            await self.services.store.release_idempotent(ctx.identity.user_id, key, request_id=ctx.request_id)

@@ -46,3 +46,4 @@ class TierPolicy(Plugin):
         if allowed[0] != requested:
             ctx.downgrade_reason = f"tier '{ctx.identity.tier}' does not allow {requested}"
         ctx.candidates = allowed
+        ctx.fallback_allowed = {m for m in ctx.config.model_names() if tier.allows(m)}
