@@ -69,6 +69,16 @@ class Metrics(Plugin):
         self.queue_depth = Gauge("gateway_usage_write_queue_depth", "Usage rows waiting for the database",
                                  registry=r)
         self.queue_depth.set_function(self._queue_depth)
+        # Label values are bounded (models from config, statuses, fixed words), so is this.
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """metric.labels(*labels), memoised: prometheus_client validates and locks per call."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def _queue_depth(self) -> float:
         for plugin in self.services.plugins:
@@ -100,20 +110,21 @@ class Metrics(Plugin):
         # A label value comes from config, never from the client: a model the gateway does
         # not serve (whatever the client typed, a pasted key included) is "unknown".
         model = ctx.model if ctx.model and ctx.config.deployments(ctx.model) else "unknown"
-        self.requests.labels(ctx.endpoint, model, ctx.provider or "none", str(ctx.status)).inc()
+        child = self._child
+        child(self.requests, ctx.endpoint, model, ctx.provider or "none", str(ctx.status)).inc()
         stream = "true" if ctx.stream else "false"
         if ctx.latency_ms is not None:
-            self.latency.labels(ctx.endpoint, stream).observe(ctx.latency_ms / 1000)
+            child(self.latency, ctx.endpoint, stream).observe(ctx.latency_ms / 1000)
         if ctx.ttfb_ms is not None:
-            self.ttfb.labels(ctx.endpoint, stream).observe(ctx.ttfb_ms / 1000)
+            child(self.ttfb, ctx.endpoint, stream).observe(ctx.ttfb_ms / 1000)
         if ctx.usage is not None:
-            self.tokens.labels(model, "prompt").inc(ctx.usage.prompt_tokens)
-            self.tokens.labels(model, "completion").inc(ctx.usage.completion_tokens)
+            child(self.tokens, model, "prompt").inc(ctx.usage.prompt_tokens)
+            child(self.tokens, model, "completion").inc(ctx.usage.completion_tokens)
         if ctx.cost_usd:
-            self.cost.labels(model).inc(ctx.cost_usd)
+            child(self.cost, model).inc(ctx.cost_usd)
         if ctx.energy_cost:
-            self.energy.labels("reserved").inc(ctx.energy_cost)
-            self.energy.labels("refunded" if ctx.error is not None else "settled").inc(ctx.energy_cost)
+            child(self.energy, "reserved").inc(ctx.energy_cost)
+            child(self.energy, "refunded" if ctx.error is not None else "settled").inc(ctx.energy_cost)
         if ctx.downgraded_from is not None:
             self.downgrades.labels(ctx.downgraded_from, model).inc()
         if ctx.attempts > 1:
