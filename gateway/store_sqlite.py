@@ -387,6 +387,19 @@ class _Database:
             db.execute("BEGIN IMMEDIATE")
         except Exception as exc:  # e.g. busy_timeout exceeded: nothing ran
             return [(job, None, exc) for job in writes]
+        if len(writes) == 1:  # alone in its transaction: no savepoint needed to undo it alone
+            job = writes[0]
+            try:
+                result = job[0](db, *job[1])
+                db.execute("COMMIT")
+            except Exception as exc:
+                if db.in_transaction:
+                    try:
+                        db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                return [(job, None, _map_error(exc))]
+            return [(job, result, None)]
         outcomes: list[tuple[_Job, Any, BaseException | None]] = []
         try:
             for job in writes:
