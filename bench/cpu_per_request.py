@@ -1,0 +1,107 @@
+"""Gateway CPU per request on the fast path: a repeatable number to compare changes by.
+
+    .venv/bin/python bench/cpu_per_request.py [--seconds 10] [--runs 3]
+
+Starts bench/upstream.py and one gateway (`proxy.py serve`, config.yaml's plugin chain, a
+temp SQLite store, a pro user with huge energy; the same set-up as bench.py's fast path),
+then per run drives it with wrk at 32 connections for --seconds and reads the gateway's CPU time
+(utime + stime from /proc/PID/stat) before and after. Throughput depends on how busy the
+machine is; CPU per request much less so, which is why changes are compared by it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the process (every thread), in seconds."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def wrk_load(target: bench.Target, workdir: Path, seconds: float, connections: int) -> dict:
+    """wrk for a fixed time (it cannot stop at a request count); the count comes back with the result."""
+    headers = {"Content-Type": "application/json", **target.headers}
+    script = workdir / "wrk-cpu.lua"
+    script.write_text(f"""
+wrk.method = "POST"
+wrk.body = [==[{json.dumps(target.body)}]==]
+{chr(10).join(f'wrk.headers["{k}"] = [==[{v}]==]' for k, v in headers.items())}
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('BENCHJSON {{"requests":%d,"duration_us":%d,"errors":%d}}\\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.status + e.timeout))
+end
+""")
+    out = bench.run_child(["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "30s",
+                           "-s", str(script), target.url], timeout=seconds + 60)
+    line = next(l for l in out.splitlines() if l.startswith("BENCHJSON "))
+    return json.loads(line[len("BENCHJSON "):])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10, help="per run (~20,000 requests at 2,000 req/s)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--py-spy", metavar="FILE", help="also record the first run with py-spy (raw format)")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk is not on PATH")
+    workdir = Path(tempfile.mkdtemp(prefix="gateway-cpu-"))
+    procs = bench.Processes(workdir)
+    try:
+        port = bench.free_port()
+        upstream = f"http://127.0.0.1:{port}"
+        up = procs.start("upstream", [bench.PYTHON, str(bench.BENCH_DIR / "upstream.py"), "--port", str(port)])
+        bench.wait_http(upstream + "/health", up, 30, "upstream", procs, "upstream")
+        base, key, pid = bench.start_gateway(procs, workdir, "fast", upstream, "auto")
+        target = bench.Target("fast path", base + "/v1/chat/completions",
+                              {"model": bench.GATEWAY_MODEL, "messages": [{"role": "user", "content": "Say hello."}],
+                               "max_tokens": 16},
+                              {"Authorization": f"Bearer {key}"}, pid=pid)
+        bench.smoke_check(target)
+        wrk_load(target, workdir, 2, args.connections)  # warm-up: caches and lazily built paths
+        per_request = []
+        for run in range(args.runs):
+            time.sleep(1.5)  # let the accounting writer drain the warm-up
+            spy = None
+            if args.py_spy and run == 0:  # sampling costs the gateway CPU too: read that run's figure as inflated
+                spy = procs.start("py-spy", [str(Path(bench.PYTHON).parent / "py-spy"), "record", "-p", str(pid),
+                                             "-d", str(round(args.seconds)), "-r", "250", "-f", "raw",
+                                             "-o", str(Path(args.py_spy).resolve())])
+            before = cpu_seconds(pid)
+            result = wrk_load(target, workdir, args.seconds, args.connections)
+            time.sleep(1.5)  # the write-behind flush belongs to these requests
+            if spy is not None:
+                spy.wait(timeout=60)  # py-spy writes its file when its duration is over
+            used = cpu_seconds(pid) - before  # idle CPU over the sleep is negligible
+            us = used / result["requests"] * 1e6
+            rps = result["requests"] / (result["duration_us"] / 1e6)
+            per_request.append(us)
+            print(f"run {run + 1}: {result['requests']} requests, {result['errors']} errors, "
+                  f"{rps:.0f} req/s, gateway CPU {used:.2f}s = {us:.1f} us/request", flush=True)
+        print(f"median: {statistics.median(per_request):.1f} us/request")
+    finally:
+        procs.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
