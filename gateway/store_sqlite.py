@@ -246,6 +246,15 @@ def _ledger_row(db, user_id, request_id, kind, amount, balance_after, reason, no
     )
 
 
+def _rollback_quietly(db: sqlite3.Connection) -> None:
+    """Undo an open transaction after a failure; a failing ROLLBACK adds nothing to report."""
+    if db.in_transaction:
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+
 def _map_error(exc: Exception) -> Exception:
     if isinstance(exc, sqlite3.IntegrityError):
         msg = str(exc)
@@ -393,11 +402,7 @@ class _Database:
                 result = job[0](db, *job[1])
                 db.execute("COMMIT")
             except Exception as exc:
-                if db.in_transaction:
-                    try:
-                        db.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
+                _rollback_quietly(db)
                 return [(job, None, _map_error(exc))]
             return [(job, result, None)]
         outcomes: list[tuple[_Job, Any, BaseException | None]] = []
@@ -418,11 +423,7 @@ class _Database:
         except Exception as exc:
             # The transaction itself failed (disk full, I/O error, COMMIT refused, ...):
             # nothing of the group is stored, so no operation may report success.
-            if db.in_transaction:
-                try:
-                    db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
+            _rollback_quietly(db)
             failed = {id(job): e for job, _, e in outcomes if e is not None}
             return [(job, None, failed.get(id(job), exc)) for job in writes]
         return outcomes

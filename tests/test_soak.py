@@ -22,9 +22,8 @@ MSGS = [{"role": "user", "content": "soak"}]
 ACCOUNTING = {"name": "accounting", "settings": {"flush_interval": 0.05}}
 ENERGY = 1_000_000
 # Every 50th request queues one of these for whichever request reaches the upstream next.
-# (No Fault.garbage: on an Anthropic stream it is a known bug, xfailed in test_faults.)
 FAULTS = [Fault.status(500), Fault.status(503), Fault.status(400), Fault.truncate(after_chunks=1),
-          Fault.drop(), Fault.slow(0.2)]
+          Fault.drop(), Fault.slow(0.2), Fault.garbage()]
 
 
 def rss_mb() -> float:
