@@ -53,6 +53,17 @@ def _error_from(status: int, headers: Any, raw: bytes) -> UpstreamError:
                          retry_after=retry_after_seconds(lowered), error_type=error_type)
 
 
+def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+    """A JSON object from the upstream, or a retryable bad_response."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise UpstreamError("bad_response", f"the upstream sent a {what} that is not JSON") from None
+    if not isinstance(value, dict):
+        raise UpstreamError("bad_response", f"the upstream sent a {what} that is not a JSON object")
+    return value
+
+
 class NativeOpenAIDispatcher:
     """OpenAI wire format, pass-through. One shared, pooled ClientSession per gateway."""
 
@@ -118,13 +129,7 @@ class NativeOpenAIDispatcher:
             raise UpstreamError("bad_response", f"the upstream response was cut off: {exc}") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamError("connection", f"could not reach the upstream: {type(exc).__name__}") from None
-        try:
-            payload = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise UpstreamError("bad_response", "the upstream sent a response that is not JSON") from None
-        if not isinstance(payload, dict):
-            raise UpstreamError("bad_response", "the upstream sent a response that is not a JSON object")
-        return payload
+        return _json_object(raw, "response")
 
     async def chat(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
         payload = await self._post_json(deployment, "/chat/completions", body)
@@ -162,12 +167,7 @@ class NativeOpenAIDispatcher:
                 if data == _DONE:
                     done = True
                     break
-                try:
-                    chunk = orjson.loads(data)
-                except orjson.JSONDecodeError:
-                    raise UpstreamError("bad_response", "the upstream stream sent a line that is not JSON") from None
-                if not isinstance(chunk, dict):
-                    raise UpstreamError("bad_response", "the upstream stream sent a chunk that is not an object")
+                chunk = _json_object(data, "stream chunk")
                 if "error" in chunk and "choices" not in chunk:
                     err = chunk["error"]
                     message = err.get("message") if isinstance(err, dict) else str(err)

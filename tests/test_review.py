@@ -25,18 +25,7 @@ live = test_reload.live  # the live-reload fixture (create_app with config_path,
 
 pytestmark = pytest.mark.timeout(60)
 
-HELLO = [{"role": "user", "content": "hi"}]
-
-
-def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(interval)
+from tests.test_energy import HELLO, wait_until  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------
