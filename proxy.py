@@ -137,6 +137,11 @@ class Chain:
         """Wait until every request that entered the chain has run its ending."""
         return await self.inflight.wait_idle(timeout)
 
+    async def flush(self) -> None:
+        """Every plugin writes what it holds behind the answers (usage rows, settlements)."""
+        for plugin in self.plugins:
+            await plugin.flush()
+
     async def startup(self) -> None:
         for plugin in self.plugins:
             await plugin.startup()

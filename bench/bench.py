@@ -236,6 +236,9 @@ def gateway_config(workdir: Path, variant: str, upstream: str, dispatch: str) ->
                    "actions": {"ai_message": {"default": 1}}},
         "plugins": default_plugins(),
     }
+    if os.environ.get("BENCH_PLUGINS"):  # ablation: e.g. BENCH_PLUGINS=auth,energy (comma-separated names)
+        config["plugins"] = [p for p in config["plugins"]
+                             if (p if isinstance(p, str) else p["name"]) in os.environ["BENCH_PLUGINS"].split(",")]
     path = workdir / f"{variant}.yaml"
     path.write_text(json.dumps(config, indent=2))  # JSON is YAML
     return path

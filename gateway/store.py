@@ -509,6 +509,18 @@ class Store(abc.ABC):
         self, request_id: str, reason: str | None = None, *, now: float | None = None
     ) -> int | None: ...
 
+    async def settle_many(self, request_ids: list[str], *, now: float | None = None) -> int:
+        """Settle several reservations in full (as reserved); returns how many were open.
+
+        The same state transition as `settle_energy(id)` for each id (a settled or refunded
+        one is left alone, never settled twice), batched: the gateway settles behind the
+        answer, many requests per call. Backends override this with one transaction."""
+        settled = 0
+        for request_id in request_ids:
+            if await self.settle_energy(request_id, now=now) is not None:
+                settled += 1
+        return settled
+
     @abc.abstractmethod
     async def grant_energy(
         self, user_id: str, amount: int, *, kind: str = "grant", reason: str | None = None,

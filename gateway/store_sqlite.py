@@ -667,6 +667,23 @@ class SQLiteStore(Store):
         return await self._write(_finish_reservation, request_id, "refunded", None, "refund",
                                  reason, now_or(now))
 
+    async def settle_many(self, request_ids, *, now=None):
+        if not request_ids:
+            return 0
+        now = now_or(now)
+        # executemany: the per-id loop runs in C. The ledger rows first, while the
+        # reservations are still 'reserved' (that condition is what makes it once only),
+        # so an id must appear once in the batch.
+        ledger = [(now, request_id) for request_id in dict.fromkeys(request_ids)]
+
+        def tx(db):
+            db.executemany(_SETTLE_LEDGER, ledger)
+            before = db.total_changes
+            db.executemany(_SETTLE_FULL, ledger)
+            return db.total_changes - before
+
+        return await self._write(tx)
+
     async def grant_energy(self, user_id, amount, *, kind="grant", reason=None, now=None):
         check_grant(amount, kind)
         now = now_or(now)
@@ -864,6 +881,20 @@ def _reserve(db: sqlite3.Connection, user_id: str, amount: int, request_id: str,
         (request_id, user_id, amount, now),
     )
     return Reservation(True, balance, r.delta)
+
+
+# settle_many: a full settlement gives nothing back, so the balance is unchanged and the
+# ledger row (amount 0) records it as it is. Both statements match only open reservations.
+_SETTLE_LEDGER = (
+    "INSERT INTO energy_ledger (user_id, request_id, kind, amount, balance_after, reason, created_at)"
+    " SELECT r.user_id, r.request_id, 'settle', 0, u.energy, NULL, ?1"
+    " FROM reservations r JOIN users u ON u.id = r.user_id"
+    " WHERE r.request_id = ?2 AND r.status = 'reserved'"
+)
+_SETTLE_FULL = (
+    "UPDATE reservations SET status = 'settled', finished_at = ?1, final_amount = amount"
+    " WHERE request_id = ?2 AND status = 'reserved'"
+)
 
 
 def _finish_reservation(db: sqlite3.Connection, request_id: str, status: str,

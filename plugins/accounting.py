@@ -16,12 +16,12 @@ provider, model, tokens_prompt, tokens_completion, tokens_total, cost_usd, creat
 plus request id, requested model, downgraded-from, status, error type, latency, time to
 first byte, streamed, energy cost, cache hit, retries and whether usage was estimated.
 
-Rows never sit on the request's hot path: the ending hook puts the row on a bounded
-queue and returns; a writer task inserts batches in one transaction each. If the database
-is slow the queue fills and endings wait (back-pressure) instead of growing memory. A
-failed batch is retried (rows are keyed by request id, so a retry never writes twice).
-At shutdown the core first lets in-flight requests finish, then `shutdown()` drains the
-queue: zero rows lost.
+Rows never sit on the request's hot path: the ending hook appends the row to a bounded
+buffer and returns; a writer task (gateway/batcher.py) inserts batches in one transaction
+each. If the database is slow the buffer fills and endings wait (back-pressure) instead of
+growing memory. A failed batch is retried (rows are keyed by request id, so a retry never
+writes twice). At shutdown the core first lets in-flight requests finish, then
+`shutdown()` writes what is buffered: zero rows lost.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.reports import iso_week, week_start
+from gateway.batcher import WriteBehind
 from plugins.base import Plugin, RequestContext
 
 log = structlog.get_logger("gateway.accounting")
@@ -87,9 +88,7 @@ class Accounting(Plugin):
 
     def __init__(self, settings: AccountingSettings, services: Any):
         super().__init__(settings, services)
-        self.queue: asyncio.Queue[dict[str, Any] | None] | None = None
-        self._writer: asyncio.Task | None = None
-        self.written = 0
+        self.rows: WriteBehind[dict[str, Any]] | None = None
         self._unpriced_warned: set[str] = set()
         self._estimate_warned: set[str] = set()
         self._week: tuple[int, int] | None = None
@@ -98,19 +97,29 @@ class Accounting(Plugin):
 
     @property
     def depth(self) -> int:
-        return self.queue.qsize() if self.queue is not None else 0
+        return self.rows.depth if self.rows is not None else 0
+
+    @property
+    def written(self) -> int:
+        return self.rows.written if self.rows is not None else 0
 
     async def startup(self) -> None:
-        self.queue = asyncio.Queue(maxsize=self.settings.queue_size)
-        self._writer = asyncio.create_task(self._write_forever(), name="usage-writer")
+        self.rows = WriteBehind("usage_log", self.services.store.insert_usage,
+                                batch_size=self.settings.batch_size,
+                                flush_interval=self.settings.flush_interval,
+                                max_pending=self.settings.queue_size)
+        self.rows.start()
         await self._load_week_cost()
 
     async def shutdown(self) -> None:
-        if self.queue is None or self._writer is None:
+        if self.rows is None:
             return
-        await self.queue.put(None)  # sentinel: everything before it gets written
-        await self._writer
+        await self.rows.close()  # everything recorded so far gets written
         log.info("usage_log_flushed", rows_written=self.written)
+
+    async def flush(self) -> None:
+        if self.rows is not None:
+            await self.rows.flush()
 
     # --- endings ---------------------------------------------------------------------
 
@@ -139,8 +148,8 @@ class Accounting(Plugin):
                 log.warning("usage_not_reported_by_provider", model=ctx.model, deployment=deployment,
                             hint="tokens are counted by the gateway and rows marked usage_estimated")
         self._track_week(row, ctx.config.reports.weekly_cost_threshold_usd)  # the live config, not load-time
-        assert self.queue is not None, "accounting used before startup"
-        await self.queue.put(row)  # waits when full: back-pressure, never unbounded memory
+        assert self.rows is not None, "accounting used before startup"
+        await self.rows.put(row)  # waits when full: back-pressure, never unbounded memory
 
     @staticmethod
     def _emit_event(ctx: RequestContext, row: dict[str, Any]) -> None:
@@ -175,51 +184,3 @@ class Accounting(Plugin):
             self._week_warned = True
             events.warning("weekly_cost_threshold_exceeded", week=f"{week[0]}-W{week[1]:02d}",
                            week_cost_usd=round(self._week_cost, 6), threshold_usd=threshold)
-
-    # --- the writer ----------------------------------------------------------------------
-
-    async def _next_batch(self) -> tuple[list[dict[str, Any]], bool]:
-        """Up to batch_size rows, waiting at most flush_interval after the first."""
-        assert self.queue is not None
-        first = await self.queue.get()
-        if first is None:
-            return [], True
-        batch = [first]
-        deadline = time.monotonic() + self.settings.flush_interval
-        while len(batch) < self.settings.batch_size:
-            try:
-                row = self.queue.get_nowait()
-            except asyncio.QueueEmpty:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    row = await asyncio.wait_for(self.queue.get(), remaining)
-                except asyncio.TimeoutError:
-                    break
-            if row is None:
-                return batch, True
-            batch.append(row)
-        return batch, False
-
-    async def _write(self, batch: list[dict[str, Any]]) -> None:
-        delay = 0.1
-        while True:
-            try:
-                await self.services.store.insert_usage(batch)
-                self.written += len(batch)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the database is down or slow: keep the rows, retry
-                log.exception("usage_write_failed", rows=len(batch), retry_in_s=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
-    async def _write_forever(self) -> None:
-        while True:
-            batch, stop = await self._next_batch()
-            if batch:
-                await self._write(batch)
-            if stop:
-                return

@@ -195,6 +195,10 @@ class Plugin:
     async def shutdown(self) -> None:
         """Called once at shutdown, after in-flight requests finished (flush here)."""
 
+    async def flush(self) -> None:
+        """Write now whatever this plugin holds behind the answers (write-behind batches).
+        The core calls it for admin reads that must see the latest requests, and tests do."""
+
     async def on_request(self, ctx: RequestContext) -> None:
         """Gate or rewrite the request. Raise `Reject` to refuse it (fails closed)."""
 

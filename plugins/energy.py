@@ -11,8 +11,10 @@
       - auth
       - tier_policy
       - energy                      # after auth and tier_policy
-      # or, to tune the sweeper of reservations orphaned by a crashed process:
-      # - {name: energy, settings: {stale_after: 1h, sweep_interval: 5m}}
+      # or, to tune the sweeper of reservations orphaned by a crashed process, and the
+      # batching of settlements:
+      # - {name: energy, settings: {stale_after: 1h, sweep_interval: 5m,
+      #                             settle_interval: 100ms, settle_batch: 500}}
 
 The action comes from the body's `metadata.action` (openai SDK: `metadata={...}`) or an
 `X-Action` header; the core strips `metadata` before the upstream call.
@@ -25,6 +27,12 @@ Money rules:
 * Success (including a client that disconnected after tokens were produced) settles the
   reservation; any failure refunds it in full. Settle and refund are idempotent in the
   store, so nothing is charged twice.
+* Settlements are written behind the answer, in batches (one transaction for many
+  requests): at least every `settle_interval` (default 100 ms), at once when `settle_batch`
+  are pending, and all of them at shutdown (SIGTERM). A settlement returns nothing to the
+  balance, so the balance a user sees is final at the reservation. A process killed before
+  the write leaves the reservation open, and the sweeper below refunds it (the error is in
+  the customer's favour). `settle_interval: 0` settles each request on its own instead.
 * Nothing affordable: 429 `insufficient_energy` with `x-should-retry: false`, so the
   OpenAI SDKs do not retry a request that cannot succeed.
 * Every answer to an authenticated request carries `X-Energy-Cost` and `X-Energy-Remaining`.
@@ -43,8 +51,9 @@ import time
 from typing import Any
 
 import structlog
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gateway.batcher import WriteBehind
 from gateway.config import parse_duration
 from plugins.base import Plugin, Reject, RequestContext
 
@@ -57,8 +66,10 @@ class EnergySettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     stale_after: float = 3600.0  # a reservation this old belongs to a dead process
     sweep_interval: float = 300.0  # 0 disables the periodic sweep (start-up sweep still runs)
+    settle_interval: float = 0.1  # settlements are written in batches at least this often; 0 = one by one
+    settle_batch: int = Field(500, ge=1)
 
-    @field_validator("stale_after", "sweep_interval", mode="before")
+    @field_validator("stale_after", "sweep_interval", "settle_interval", mode="before")
     @classmethod
     def _duration(cls, v: Any) -> float:
         return parse_duration(v)
@@ -70,6 +81,13 @@ class EnergySettings(BaseModel):
             raise ValueError("must be positive")
         return v
 
+    @field_validator("settle_interval")
+    @classmethod
+    def _not_negative(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError("must be 0 (settle one by one) or positive")
+        return v
+
 
 class Energy(Plugin):
     name = "energy"
@@ -78,10 +96,17 @@ class Energy(Plugin):
     def __init__(self, settings: EnergySettings, services: Any):
         super().__init__(settings, services)
         self._sweeper: asyncio.Task | None = None
+        self._settles: WriteBehind[str] | None = None
 
     async def startup(self) -> None:
         if self.services.store is None:
             return
+        if self.settings.settle_interval > 0:
+            self._settles = WriteBehind("energy_settle", self.services.store.settle_many,
+                                        batch_size=self.settings.settle_batch,
+                                        flush_interval=self.settings.settle_interval,
+                                        max_pending=50 * self.settings.settle_batch)
+            self._settles.start()
         await self.sweep_stale_reservations()
         if self.settings.sweep_interval > 0:
             self._sweeper = asyncio.ensure_future(self._sweep_forever())
@@ -91,6 +116,16 @@ class Energy(Plugin):
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        if self._settles is not None:
+            await self._settles.close()  # every settlement queued so far is written
+
+    async def flush(self) -> None:
+        if self._settles is not None:
+            await self._settles.flush()
+
+    @property
+    def pending_settlements(self) -> int:
+        return self._settles.depth if self._settles is not None else 0
 
     async def sweep_stale_reservations(self) -> int:
         """Refund reservations left behind by a dead process; returns how many."""
@@ -176,7 +211,10 @@ class Energy(Plugin):
 
     async def on_response(self, ctx: RequestContext) -> None:
         if "reserved" in ctx.scratch(self.name):
-            await self.services.store.settle_energy(ctx.request_id)
+            if self._settles is not None:
+                await self._settles.put(ctx.request_id)  # written behind the answer, in a batch
+            else:
+                await self.services.store.settle_energy(ctx.request_id)
 
     async def on_error(self, ctx: RequestContext) -> None:
         scratch = ctx.scratch(self.name)

@@ -13,6 +13,7 @@ fakes, and the store is a real SQLite file or a real PostgreSQL schema.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import os
 import uuid
@@ -135,8 +136,9 @@ class RunningGateway:
         return self.run(self.store.ledger(user_id))
 
     def settle(self) -> None:
-        """Wait until every request ending (settle/refund/log) has run."""
+        """Wait until every request ending (settle/refund/log) has run and is written."""
         self.run(self.state.chain.drain(timeout=15))
+        self.run(asyncio.wait_for(self.state.chain.flush(), 15))
 
 
 @pytest.fixture(scope="session")

@@ -401,6 +401,48 @@ async def test_concurrent_settles_and_refunds_pay_back_once(store, user):
 
 
 @pytest.mark.asyncio
+async def test_settle_many_settles_open_reservations_once(store, user):
+    for i in range(4):
+        await store.reserve_energy(user.id, 10, f"m{i}")
+    await store.refund_energy("m1")
+    await store.settle_energy("m2", 4)  # settled already: 6 back, must stay as it is
+    # Open (m0, m3), refunded (m1), settled (m2), unknown, and a duplicate in one batch.
+    assert await store.settle_many(["m0", "m1", "m2", "m3", "nope", "m0"]) == 2
+    assert await store.settle_many(["m0", "m3"]) == 0  # never twice
+    assert await store.settle_many([]) == 0
+    assert await store.balance(user.id) == 100 - 10 - 4 - 10
+    outcomes = {e.request_id: (e.kind, e.amount) for e in await store.ledger(user.id)
+                if e.kind in ("settle", "refund")}
+    assert outcomes == {"m0": ("settle", 0), "m1": ("refund", 10), "m2": ("settle", 6), "m3": ("settle", 0)}
+    assert await store.refund_energy("m0") is None  # a settled reservation cannot be refunded
+    assert await store.stale_reservations(time.time() + 10) == []
+    await assert_ledger_consistent(store, user.id)
+
+
+@pytest.mark.asyncio
+async def test_concurrent_settle_many_and_refunds_pay_back_once(store, user):
+    """Two stores (two processes' connections): batches and single refunds race on the same
+    reservations, and on other users' reserves; each reservation gets exactly one outcome."""
+    other = open_store(store.url)
+    async with other:
+        ids = [f"c{i}" for i in range(60)]
+        for request_id in ids:
+            await store.reserve_energy(user.id, 1, request_id)
+        calls = [store.settle_many(ids[:40]), other.settle_many(ids[20:]),
+                 store.settle_many(ids[::3])]
+        calls += [other.refund_energy(i) for i in ids[::2]]
+        calls += [store.reserve_energy(user.id, 1, f"x{i}") for i in range(10)]
+        results = await asyncio.gather(*calls)
+    settled = sum(results[:3])
+    refunded = sum(r is not None for r in results[3:3 + 30])
+    assert settled + refunded == 60
+    outcomes = [e for e in await store.ledger(user.id) if e.kind in ("settle", "refund")]
+    assert sorted(e.request_id for e in outcomes) == sorted(ids)
+    assert await store.balance(user.id) == 100 - 60 + refunded - 10
+    await assert_ledger_consistent(store, user.id)
+
+
+@pytest.mark.asyncio
 async def test_stale_reservations(store, user):
     await store.reserve_energy(user.id, 5, "old", now=T0)
     await store.reserve_energy(user.id, 5, "new", now=T0 + 100)

@@ -1,0 +1,117 @@
+"""Write-behind: items queued in memory, written in batches by one background task.
+
+Used for the per-request writes that need not block the answer: usage rows (accounting)
+and energy settlements (energy). Per item, the request pays a list append; the database
+sees one call per batch instead of one per request.
+
+* A batch is written when `batch_size` items are pending, or at the latest
+  `flush_interval` seconds after the previous write.
+* Bounded: once `max_pending` items wait, `put()` waits for room (back-pressure from a
+  slow database, never unbounded memory).
+* A failed write is retried with backoff (0.1 s doubling to 5 s), the batch kept: a
+  database outage delays the writes, it loses none.
+* `flush()` writes what is pending now (tests, and anything that must read its own writes).
+* `close()` writes everything still pending, then stops. It is called at shutdown after
+  the in-flight requests have ended, so SIGTERM loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any, Awaitable, Callable, Generic, TypeVar
+
+import structlog
+
+T = TypeVar("T")
+
+log = structlog.get_logger("gateway.batcher")
+
+
+class WriteBehind(Generic[T]):
+    def __init__(self, name: str, write: Callable[[list[T]], Awaitable[Any]], *,
+                 batch_size: int, flush_interval: float, max_pending: int) -> None:
+        self.name = name
+        self._write_batch = write
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.max_pending = max(max_pending, 1)
+        self.written = 0
+        self._pending: list[T] = []
+        self._writing = 0
+        self._wake = asyncio.Event()  # the writer: a batch is full, or closing
+        self._room = asyncio.Event()  # producers: below max_pending again
+        self._room.set()
+        self._progress = asyncio.Event()  # flush(): a batch was written
+        self._closing = False
+        self._task: asyncio.Task | None = None
+
+    @property
+    def depth(self) -> int:
+        """Items not yet in the database (pending plus the batch being written)."""
+        return len(self._pending) + self._writing
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+
+    async def put(self, item: T) -> None:
+        if self._closing:
+            raise RuntimeError(f"{self.name}: write-behind is closed")
+        while len(self._pending) >= self.max_pending:
+            self._room.clear()
+            await self._room.wait()
+        self._pending.append(item)
+        if len(self._pending) >= self.batch_size:
+            self._wake.set()
+
+    async def flush(self) -> None:
+        """Write what is pending now, without waiting for the interval; returns once
+        everything queued before the call is in the database."""
+        goal = self.written + self.depth
+        while self.written < goal:
+            self._progress.clear()
+            self._wake.set()
+            await self._progress.wait()
+
+    async def close(self) -> None:
+        """Write everything pending, then stop the writer."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def _run(self) -> None:
+        while True:
+            if len(self._pending) < self.batch_size and not self._closing:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.flush_interval):
+                        await self._wake.wait()
+            if not self._pending:
+                if self._closing:
+                    return
+                continue
+            batch = self._pending[:self.batch_size]
+            del self._pending[:self.batch_size]
+            self._writing = len(batch)
+            self._room.set()
+            try:
+                await self._write_with_retry(batch)
+            finally:
+                self._writing = 0
+            self.written += len(batch)
+            self._progress.set()
+
+    async def _write_with_retry(self, batch: list[T]) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self._write_batch(batch)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the database is down or slow: keep the batch, retry
+                log.exception("write_behind_failed", writer=self.name, items=len(batch), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
