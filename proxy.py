@@ -114,9 +114,12 @@ class Chain:
         """The request entered the chain: it now owes exactly one ending."""
         self.inflight.enter()
 
-    async def end(self, ctx: RequestContext, error: ApiError | None = None) -> None:
+    async def end(self, ctx: RequestContext, error: ApiError | None = None, *, wait: bool = True) -> None:
         """Run the ending once. Shielded: a cancelled handler (client gone, shutdown) does
-        not cut billing short; `drain()` waits for every request still owing its ending."""
+        not cut billing short; `drain()` waits for every request still owing its ending.
+
+        `wait=False` (an answer already sent): the ending runs behind it, so the
+        connection's next request does not wait for settlement, usage row, metrics and log."""
         if ctx.ended_at is not None:
             return
         ctx.ended_at = time.monotonic()
@@ -130,8 +133,9 @@ class Chain:
         except Exception:
             log.exception("finalize_usage_failed", request_id=ctx.request_id)
         task = asyncio.ensure_future(self._run_ending(ctx))
-        task.add_done_callback(lambda _: self.inflight.leave())
-        await asyncio.shield(task)
+        self.inflight.track(task)
+        if wait:
+            await asyncio.shield(task)
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Wait until every request that entered the chain has run its ending."""
@@ -159,12 +163,23 @@ class Inflight:
 
     def __init__(self) -> None:
         self.count = 0
+        self._endings: set[asyncio.Task] = set()
         self._idle = asyncio.Event()
         self._idle.set()
 
     def enter(self) -> None:
         self.count += 1
         self._idle.clear()
+
+    def track(self, task: asyncio.Task) -> None:
+        """`task` is a request's ending: it leaves when the task is done (and the task is
+        referenced until then, so an ending nobody awaits is never garbage-collected)."""
+        self._endings.add(task)
+        task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task) -> None:
+        self._endings.discard(task)
+        self.leave()
 
     def leave(self) -> None:
         self.count -= 1
@@ -440,7 +455,7 @@ async def _complete(request: web.Request, gw: Gateway, snap: Snapshot, ctx: Requ
     _finish_success(ctx, payload)
     ctx.first_byte_at = time.monotonic()
     response = await _send(request, _json_response(200, payload, ctx.response_headers))
-    await snap.chain.end(ctx)
+    await snap.chain.end(ctx, wait=False)
     return response
 
 
@@ -545,7 +560,8 @@ async def _stream(request: web.Request, gw: Gateway, snap: Snapshot, ctx: Reques
     except (ConnectionError, RuntimeError):
         ctx.client_disconnected = True
     # Tokens reached (or were produced for) the client: success, also when it left early.
-    await chain.end(ctx, error)
+    # The answer (or its error event) is sent: the ending runs behind it.
+    await chain.end(ctx, error, wait=False)
     return response
 
 
@@ -619,7 +635,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         _finish_success(ctx, payload)
         ctx.first_byte_at = time.monotonic()
         response = await _send(request, _json_response(200, payload, ctx.response_headers))
-        await snap.chain.end(ctx)
+        await snap.chain.end(ctx, wait=False)
         return response
 
     return await _run(request, snap, ctx, answer)
@@ -638,7 +654,7 @@ async def list_models(request: web.Request) -> web.StreamResponse:
             for name in ctx.visible_models]}
         ctx.status = 200
         response = await _send(request, _json_response(200, payload, ctx.response_headers))
-        await snap.chain.end(ctx)
+        await snap.chain.end(ctx, wait=False)
         return response
 
     return await _run(request, snap, ctx, answer)

@@ -26,7 +26,6 @@ writes twice). At shutdown the core first lets in-flight requests finish, then
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
