@@ -3,7 +3,8 @@
 For deployments whose upstream already speaks the OpenAI wire format (OpenAI itself and
 OpenAI-compatible servers: vLLM, llama.cpp, Ollama's /v1, ...), translating through litellm
 costs ~3 ms of CPU per call for nothing. This dispatcher sends the request body as it is
-(with the deployment's model name and key), over one pooled aiohttp session, and parses
+(with the deployment's model name and key), over one pool of keep-alive connections
+(gateway/upstream_http.py), and parses
 only what the gateway needs: the JSON answer, or each SSE line of a stream as it arrives.
 
 Same interface and same failure vocabulary (`UpstreamError`) as the litellm dispatcher, so
@@ -19,12 +20,18 @@ from __future__ import annotations
 import asyncio
 from typing import Any, AsyncIterator
 
-import aiohttp
 import orjson
 
 from gateway.config import ModelEntry
 from gateway.dispatch import UpstreamError, retry_after_seconds
 from gateway.errors import redact
+from gateway.upstream_http import (
+    Response,
+    Target,
+    UpstreamConnectionError,
+    UpstreamHTTP,
+    UpstreamProtocolError,
+)
 
 OPENAI_DEFAULT_BASE = "https://api.openai.com/v1"
 _DONE = b"[DONE]"
@@ -65,70 +72,84 @@ def _json_object(raw: bytes, what: str) -> dict[str, Any]:
 
 
 class NativeOpenAIDispatcher:
-    """OpenAI wire format, pass-through. One shared, pooled ClientSession per gateway."""
+    """OpenAI wire format, pass-through. One shared connection pool per gateway
+    (gateway/upstream_http.py)."""
 
     def __init__(self) -> None:
-        self._session: aiohttp.ClientSession | None = None
-        self._targets: dict[tuple[int, str, bool], tuple[ModelEntry, str, dict[str, str], aiohttp.ClientTimeout]] = {}
+        self._http: UpstreamHTTP | None = None
+        self._targets: dict[tuple[int, str, bool], tuple[ModelEntry, Target, bytes, float, float]] = {}
 
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=60)
-            self._session = aiohttp.ClientSession(
-                connector=connector, json_serialize=lambda o: orjson.dumps(o).decode(), auto_decompress=True,
-                skip_auto_headers=("User-Agent",))
-        return self._session
+    def http(self) -> UpstreamHTTP:
+        if self._http is None or self._http.closed:
+            self._http = UpstreamHTTP()
+        return self._http
 
     async def close(self) -> None:
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
+        if self._http is not None and not self._http.closed:
+            await self._http.close()
 
     def _target(self, deployment: ModelEntry, path: str,
-                stream: bool = False) -> tuple[str, dict[str, str], aiohttp.ClientTimeout]:
-        # Built once per deployment and path (a config reload brings new ModelEntry objects).
+                stream: bool = False) -> tuple[Target, bytes, float, float]:
+        """(where, header lines, total timeout, connect timeout) for one deployment and
+        path; built once (a config reload brings new ModelEntry objects)."""
         key = (id(deployment), path, stream)
         cached = self._targets.get(key)
         if cached is not None and cached[0] is deployment:
-            return cached[1], dict(cached[2]), cached[3]
+            return cached[1:]
         params = deployment.litellm_params
         base = (params.api_base or OPENAI_DEFAULT_BASE).rstrip("/")
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        lines = ["Content-Type: application/json",
+                 "Accept: text/event-stream" if stream else "Accept: application/json"]
         if params.api_key:
-            headers["Authorization"] = f"Bearer {params.api_key}"
+            lines.append(f"Authorization: Bearer {params.api_key}")
         timeouts = deployment.timeouts
         total = min(params.timeout or timeouts.total, timeouts.total)
         if not stream:
             # A non-streamed answer must arrive within first_byte (as the router enforces for
             # litellm); streams get first_byte and idle from the router, per chunk.
             total = min(total, timeouts.first_byte)
-        timeout = aiohttp.ClientTimeout(total=total, sock_connect=min(timeouts.connect, total))
         if len(self._targets) > 1024:
             self._targets.clear()
-        self._targets[key] = (deployment, base + path, headers, timeout)
-        return base + path, dict(headers), timeout
+        entry = (deployment, Target(base + path), "".join(f"{line}\r\n" for line in lines).encode("latin-1"),
+                 total, min(timeouts.connect, total))
+        self._targets[key] = entry
+        return entry[1:]
 
     def _body(self, deployment: ModelEntry, body: dict[str, Any]) -> bytes:
         payload = dict(body)
         payload["model"] = upstream_model(deployment)
         return orjson.dumps(payload)
 
-    async def _post_json(self, deployment: ModelEntry, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        url, headers, timeout = self._target(deployment, path)
+    async def _send(self, target: Target, headers: bytes, body: bytes, connect_timeout: float) -> Response:
+        """The request sent and the response's head received; failures as UpstreamError
+        (the router retries them like any other connection error)."""
         try:
-            async with self.session().post(url, data=self._body(deployment, body), headers=headers,
-                                           timeout=timeout) as resp:
-                raw = await resp.read()
-                if resp.status >= 400:
-                    raise _error_from(resp.status, resp.headers, raw)
-        except UpstreamError:
-            raise
-        except asyncio.TimeoutError:
-            raise UpstreamError("timeout", f"the upstream did not answer within {timeout.total:g}s",
-                                status=504) from None
-        except aiohttp.ClientPayloadError as exc:
+            return await self.http().post(target, headers, body, connect_timeout=connect_timeout)
+        except UpstreamConnectionError as exc:
+            raise UpstreamError("connection", f"could not reach the upstream: {exc}") from None
+        except UpstreamProtocolError as exc:
+            raise UpstreamError("bad_response", f"the upstream response was not valid: {exc}") from None
+
+    async def _post_json(self, deployment: ModelEntry, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        target, headers, total, connect = self._target(deployment, path)
+        response = None
+        try:
+            async with asyncio.timeout(total):
+                response = await self._send(target, headers, self._body(deployment, body), connect)
+                raw = await response.read()
+            response.release()
+        except TimeoutError:
+            if response is not None:
+                response.close()
+            raise UpstreamError("timeout", f"the upstream did not answer within {total:g}s", status=504) from None
+        except UpstreamProtocolError as exc:
             raise UpstreamError("bad_response", f"the upstream response was cut off: {exc}") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamError("connection", f"could not reach the upstream: {type(exc).__name__}") from None
+        except BaseException:
+            if response is not None:
+                response.close()
+            raise
+        if response.status >= 400:
+            raise _error_from(response.status, response.headers, raw)
         return _json_object(raw, "response")
 
     async def chat(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
@@ -144,22 +165,19 @@ class NativeOpenAIDispatcher:
         return payload
 
     async def chat_stream(self, deployment: ModelEntry, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        url, headers, timeout = self._target(deployment, "/chat/completions", stream=True)
-        headers["Accept"] = "text/event-stream"
+        target, headers, total, connect = self._target(deployment, "/chat/completions", stream=True)
         payload = dict(body)
         payload["stream"] = True
         try:
-            resp = await self.session().post(url, data=self._body(deployment, payload), headers=headers,
-                                             timeout=timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(total):
+                resp = await self._send(target, headers, self._body(deployment, payload), connect)
+        except TimeoutError:
             raise UpstreamError("timeout", "the upstream did not answer in time", status=504) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamError("connection", f"could not reach the upstream: {type(exc).__name__}") from None
         done = False
         try:
             if resp.status >= 400:
                 raise _error_from(resp.status, resp.headers, await resp.read())
-            async for line in resp.content:
+            async for line in resp.iter_lines():
                 line = line.strip()
                 if not line.startswith(b"data:"):
                     continue  # blank separators, ": keep-alive" comments, "event:" lines
@@ -175,14 +193,15 @@ class NativeOpenAIDispatcher:
                 yield chunk
             if not done:
                 raise UpstreamError("truncated", "the upstream stream ended without [DONE]")
+            # [DONE] is the last event: read the body's end, so the connection can be reused.
+            async for _ in resp.iter_chunks():
+                pass
         except UpstreamError:
             raise
-        except asyncio.TimeoutError:
-            raise UpstreamError("timeout", "the upstream stream stalled", status=504) from None
-        except (aiohttp.ClientError, OSError) as exc:
+        except (UpstreamProtocolError, OSError) as exc:
             raise UpstreamError("truncated", f"the upstream stream broke off: {type(exc).__name__}") from None
         finally:
             if done:
-                resp.release()  # fully read: the connection goes back to the pool
+                resp.release()  # back to the pool if read to its end, else closed
             else:
                 resp.close()  # abandoned or broken mid-body: never reuse this connection
