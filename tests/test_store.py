@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import secrets
 import sqlite3
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -36,6 +37,7 @@ from gateway.store import (
     compute_refill,
     open_store,
 )
+from gateway.store_sqlite import SQLiteStore
 
 PG_URL = os.environ.get("GATEWAY_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 T0 = 1_700_000_000.0  # a fixed "now" for tests that move time
@@ -688,7 +690,8 @@ async def test_usage_insert_batch_and_duplicates(store):
 
 @pytest_asyncio.fixture
 async def sqlite_store(tmp_path):
-    async with open_store(f"sqlite:///{tmp_path}/grouped.db") as s:
+    """Every operation on the database thread (reservations too): the grouping tests."""
+    async with SQLiteStore(f"{tmp_path}/grouped.db", loop_writes=False) as s:
         yield s
 
 
@@ -902,6 +905,111 @@ async def test_a_call_whose_caller_is_cancelled_still_completes(sqlite_store, mo
     assert await sqlite_store.settle_energy("req") is None
     assert await sqlite_store.balance(user.id) == 90
     await assert_ledger_consistent(sqlite_store, user.id)
+
+
+# ------------------------------------------------ reservations on the loop's thread
+
+
+@pytest_asyncio.fixture
+async def loop_store(tmp_path):
+    async with open_store(f"sqlite:///{tmp_path}/loop.db") as s:
+        assert s._inline is not None  # the default for a file database
+        yield s
+
+
+def _record_groups(monkeypatch):
+    """Records (connection is the loop's, group size) for every write group."""
+    from gateway import store_sqlite
+
+    groups = []
+    run_writes = store_sqlite._Database._run_writes
+
+    def recording(db, writes):
+        groups.append((threading.current_thread() is threading.main_thread(), len(writes)))
+        return run_writes(db, writes)
+
+    monkeypatch.setattr(store_sqlite._Database, "_run_writes", staticmethod(recording))
+    return groups
+
+
+@pytest.mark.asyncio
+async def test_reservations_of_one_loop_turn_are_one_transaction_with_one_by_one_results(
+        loop_store, tmp_path, monkeypatch):
+    ws = await loop_store.create_workspace("acme")
+    user = await loop_store.create_user(ws.id, "free", energy=20, now=T0)
+    await loop_store.reserve_energy(user.id, 1, "dup", now=T0)
+
+    def scenario(store, user_id):
+        return [store.reserve_energy(user_id, 5, "a", now=T0),
+                store.reserve_energy(user_id, 5, "dup", now=T0),  # StoreConflict
+                store.reserve_energy("usr_missing", 1, "b", now=T0),  # NotFound
+                store.reserve_energy(user_id, 50, "too-big", now=T0),  # not ok
+                store.reserve_energy(user_id, 7, "c", now=T0),
+                store.reserve_energy(user_id, 7, "d", now=T0)]  # 20-1-5-7 = 7: just enough
+
+    groups = _record_groups(monkeypatch)
+    together = [_outcome(r) for r in await asyncio.gather(*scenario(loop_store, user.id), return_exceptions=True)]
+    assert groups == [(True, 6)]  # one group, run on the loop's (main) thread
+
+    async with SQLiteStore(f"{tmp_path}/ref.db", loop_writes=False) as ref:
+        ws2 = await ref.create_workspace("acme")
+        user2 = await ref.create_user(ws2.id, "free", energy=20, now=T0)
+        await ref.reserve_energy(user2.id, 1, "dup", now=T0)
+        one_by_one = []
+        for call in scenario(ref, user2.id):
+            try:
+                one_by_one.append(_outcome(await call))
+            except Exception as exc:
+                one_by_one.append(_outcome(exc))
+        ref_ledger = await ref.ledger(user2.id)
+    assert together == one_by_one
+    assert together[1:3] == ["StoreConflict", "NotFound"]
+    assert [r.ok for r in together if not isinstance(r, str)] == [True, False, True, True]
+    strip = lambda es: [(e.request_id, e.kind, e.amount, e.balance_after) for e in es]
+    assert strip(await loop_store.ledger(user.id)) == strip(ref_ledger)
+    assert await loop_store.balance(user.id) == 0
+    await assert_ledger_consistent(loop_store, user.id)
+
+
+@pytest.mark.asyncio
+async def test_a_locked_file_sends_reservations_to_the_thread_and_never_blocks_the_loop(loop_store):
+    """Another process (here: another connection) holds the write lock. The loop's
+    connection must not wait for it (the loop keeps running), and the reservations still
+    complete, exactly once each, when the lock is released."""
+    ws = await loop_store.create_workspace("acme")
+    user = await loop_store.create_user(ws.id, "free", energy=100)
+    other = sqlite3.connect(loop_store.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        reserves = asyncio.gather(*(loop_store.reserve_energy(user.id, 1, f"r{i}") for i in range(10)))
+        ticks = 0
+        for _ in range(20):  # the loop stays responsive while the file is locked
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert ticks == 20 and not reserves.done()
+        assert loop_store.inline_fallbacks >= 1
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    results = await asyncio.wait_for(reserves, 15)
+    assert all(r.ok for r in results)
+    assert await loop_store.balance(user.id) == 90
+    await assert_ledger_consistent(loop_store, user.id)
+
+
+@pytest.mark.asyncio
+async def test_reservations_queued_when_the_store_closes_still_run(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path}/closing.db")
+    await store.open()
+    ws = await store.create_workspace("acme")
+    user = await store.create_user(ws.id, "free", energy=100)
+    pending = [asyncio.ensure_future(store.reserve_energy(user.id, 1, f"r{i}")) for i in range(5)]
+    await asyncio.sleep(0)  # queued for this loop turn, not run yet
+    assert store._inline_jobs  # still queued when close() starts
+    await store.close()
+    assert all(r.ok for r in [await p for p in pending])
+    async with open_store(f"sqlite:///{tmp_path}/closing.db") as again:
+        assert await again.balance(user.id) == 95
 
 
 def test_an_in_flight_claim_left_by_a_dead_process_is_reclaimed_after_its_lease():
