@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import gc
 import itertools
 import os
@@ -62,6 +63,9 @@ _VALID_ROLES = {"system", "user", "assistant", "tool", "function", "developer"}
 # The plugin chain
 # --------------------------------------------------------------------------------------
 
+BEHIND_DELAY = 0.001  # seconds an answered request's ending waits (Chain._run_behind)
+
+
 class Chain:
     """Runs the plugins in config order and guarantees exactly one ending per request.
 
@@ -77,6 +81,8 @@ class Chain:
         self._error = [p for p in plugins if p.overrides("on_error")]
         # Shared by every generation of the chain (live reload), so drain() sees them all.
         self.inflight = inflight if inflight is not None else Inflight()
+        self._behind: collections.deque[RequestContext] = collections.deque()  # answered, not ended
+        self._behind_task: asyncio.Task | None = None
 
     @property
     def wants_chunks(self) -> bool:
@@ -132,10 +138,34 @@ class Chain:
             finalize_usage(ctx)  # tokens (estimated if need be) and USD, for every plugin
         except Exception:
             log.exception("finalize_usage_failed", request_id=ctx.request_id)
+        if not wait:
+            self._behind.append(ctx)
+            if self._behind_task is None:
+                self._behind_task = asyncio.ensure_future(self._run_behind())
+                self.inflight.track(self._behind_task, leaves=False)
+            return
         task = asyncio.ensure_future(self._run_ending(ctx))
         self.inflight.track(task)
-        if wait:
-            await asyncio.shield(task)
+        await asyncio.shield(task)
+
+    async def _run_behind(self) -> None:
+        """Endings of answered requests, in batches: they wait a moment so that the
+        connection's next request (already on its way) is served first, then run one
+        after the other in one task instead of one task each."""
+        try:
+            while self._behind:
+                await asyncio.sleep(BEHIND_DELAY)
+                while self._behind:
+                    ctx = self._behind.popleft()
+                    try:
+                        await self._run_ending(ctx)
+                    finally:
+                        self.inflight.leave()
+        finally:
+            self._behind_task = None
+            if self._behind:  # cancelled mid-batch (loop shutting down): run the rest now
+                self._behind_task = asyncio.ensure_future(self._run_behind())
+                self.inflight.track(self._behind_task, leaves=False)
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Wait until every request that entered the chain has run its ending."""
@@ -171,11 +201,12 @@ class Inflight:
         self.count += 1
         self._idle.clear()
 
-    def track(self, task: asyncio.Task) -> None:
-        """`task` is a request's ending: it leaves when the task is done (and the task is
-        referenced until then, so an ending nobody awaits is never garbage-collected)."""
+    def track(self, task: asyncio.Task, leaves: bool = True) -> None:
+        """`task` runs endings: referenced until done, so one nobody awaits is never
+        garbage-collected. `leaves`: it is one request's ending, which leaves when done
+        (a batch task calls leave() per request itself)."""
         self._endings.add(task)
-        task.add_done_callback(self._ended)
+        task.add_done_callback(self._ended if leaves else self._endings.discard)
 
     def _ended(self, task: asyncio.Task) -> None:
         self._endings.discard(task)

@@ -60,7 +60,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 from urllib.parse import parse_qs, urlsplit
 
 # --------------------------------------------------------------------------- errors
@@ -348,31 +348,37 @@ USAGE_DEFAULTS: dict[str, Any] = {
 }
 
 
+def _to_int(value: Any) -> int:
+    return int(round(value)) if isinstance(value, float) else int(value)
+
+
+# (column, the type a valid value already has, converter, default), in column order.
+_USAGE_PLAN: list[tuple[str, type, Callable[[Any], Any], Any]] = [
+    (name, {"text": str, "int": int, "float": float, "time": float, "bool": bool}[kind],
+     {"text": str, "int": _to_int, "float": float, "time": float, "bool": bool}[kind],
+     USAGE_DEFAULTS.get(name))
+    for name, kind in USAGE_COLUMNS.items()
+]
+_USAGE_COLUMN_SET = frozenset(USAGE_COLUMNS)
+
+
 def normalize_usage_row(row: dict[str, Any], now: float) -> dict[str, Any]:
     """Validate and coerce one usage row; `created_at` stays epoch float here.
 
     Unknown keys are errors: a misspelt column would otherwise vanish from billing
     reports silently. Rows without a request_id are accepted but cannot be deduplicated.
+    Runs for every request's row, so a value already of its column's type is kept as is.
     """
-    unknown = set(row) - set(USAGE_COLUMNS)
-    if unknown:
-        raise ValueError(f"unknown usage columns: {sorted(unknown)}")
+    if not _USAGE_COLUMN_SET.issuperset(row):
+        raise ValueError(f"unknown usage columns: {sorted(set(row) - _USAGE_COLUMN_SET)}")
     out: dict[str, Any] = {}
-    for name, kind in USAGE_COLUMNS.items():
-        value = row.get(name)
+    get = row.get
+    for name, kind, convert, default in _USAGE_PLAN:
+        value = get(name)
         if value is None:
-            value = USAGE_DEFAULTS.get(name)
-        if name == "created_at" and value is None:
-            value = now
-        if value is not None:
-            if kind == "text":
-                value = str(value)
-            elif kind == "int":
-                value = int(round(value)) if isinstance(value, float) else int(value)
-            elif kind in ("float", "time"):
-                value = float(value)
-            elif kind == "bool":
-                value = bool(value)
+            value = now if name == "created_at" else default
+        if value is not None and type(value) is not kind:
+            value = convert(value)
         out[name] = value
     return out
 
