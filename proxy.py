@@ -64,6 +64,7 @@ _VALID_ROLES = {"system", "user", "assistant", "tool", "function", "developer"}
 # --------------------------------------------------------------------------------------
 
 BEHIND_DELAY = 0.001  # seconds an answered request's ending waits (Chain._run_behind)
+MAX_BEHIND = 10_000  # answered requests whose endings wait; beyond, a handler runs its own
 
 
 class Chain:
@@ -138,7 +139,7 @@ class Chain:
             finalize_usage(ctx)  # tokens (estimated if need be) and USD, for every plugin
         except Exception:
             log.exception("finalize_usage_failed", request_id=ctx.request_id)
-        if not wait:
+        if not wait and len(self._behind) < MAX_BEHIND:
             self._behind.append(ctx)
             if self._behind_task is None:
                 self._behind_task = asyncio.ensure_future(self._run_behind())
@@ -453,12 +454,7 @@ async def _run(request: web.Request, snap: Snapshot, ctx: RequestContext,
             if not ctx.candidates:
                 raise ApiError(404, f"The model '{ctx.requested_model}' does not exist or you do not have access to it.",
                                code="model_not_found", param="model")
-            ctx.model = ctx.candidates[0]
-            if ctx.model != ctx.requested_model:
-                ctx.downgraded_from = ctx.requested_model
-                ctx.response_headers["X-Model-Downgraded-From"] = ctx.requested_model
-                if ctx.downgrade_reason:
-                    ctx.response_headers["X-Model-Downgrade-Reason"] = ctx.downgrade_reason
+            _choose_model(ctx)
         return await answer()
     except ApiError as err:
         if ctx.ended_at is not None:  # the stream already ended itself
@@ -474,6 +470,29 @@ async def _run(request: web.Request, snap: Snapshot, ctx: RequestContext,
         return await _fail(request, snap, ctx, internal_error(ctx.request_id))
 
 
+def _choose_model(ctx: RequestContext) -> None:
+    ctx.model = ctx.candidates[0]
+    if ctx.model != ctx.requested_model:
+        ctx.downgraded_from = ctx.requested_model
+        ctx.response_headers["X-Model-Downgraded-From"] = ctx.requested_model
+        if ctx.downgrade_reason:
+            ctx.response_headers["X-Model-Downgrade-Reason"] = ctx.downgrade_reason
+
+
+async def _pass_gate(ctx: RequestContext) -> bool:
+    """Wait for a request hook's overlapped check (`ctx.gate`, see plugins/base.py);
+    raises its error. True when it moved the request to another model: dispatch again."""
+    gate, ctx.gate = ctx.gate, None
+    served = ctx.model
+    error = await asyncio.shield(gate)  # a gate is resolved by its plugin, never cancelled by us
+    if error is not None:
+        raise error
+    if ctx.candidates and ctx.candidates[0] != served:
+        _choose_model(ctx)
+        return True
+    return False
+
+
 def _finish_success(ctx: RequestContext, payload: dict[str, Any]) -> None:
     payload["model"] = ctx.model  # the public model that actually served it
     ctx.response = payload
@@ -483,6 +502,8 @@ def _finish_success(ctx: RequestContext, payload: dict[str, Any]) -> None:
 
 async def _complete(request: web.Request, gw: Gateway, snap: Snapshot, ctx: RequestContext) -> web.StreamResponse:
     payload = ctx.short_circuit if ctx.short_circuit is not None else await gw.router.chat(ctx)
+    if ctx.gate is not None and await _pass_gate(ctx):
+        payload = await gw.router.chat(ctx)
     _finish_success(ctx, payload)
     ctx.first_byte_at = time.monotonic()
     response = await _send(request, _json_response(200, payload, ctx.response_headers))
@@ -522,6 +543,15 @@ async def _stream(request: web.Request, gw: Gateway, snap: Snapshot, ctx: Reques
         options["include_usage"] = True
         ctx.body["stream_options"] = options
         first, upstream = await gw.router.open_stream(ctx)  # retried; nothing sent yet
+        if ctx.gate is not None:
+            try:
+                moved = await _pass_gate(ctx)
+            except BaseException:
+                await _close_quietly(upstream)
+                raise
+            if moved:
+                await _close_quietly(upstream)
+                first, upstream = await gw.router.open_stream(ctx)
 
     response = web.StreamResponse(status=200, headers={
         **ctx.response_headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
@@ -663,6 +693,8 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 
     async def answer() -> web.StreamResponse:
         payload = ctx.short_circuit if ctx.short_circuit is not None else await gw.router.embeddings(ctx)
+        if ctx.gate is not None and await _pass_gate(ctx):
+            payload = await gw.router.embeddings(ctx)
         _finish_success(ctx, payload)
         ctx.first_byte_at = time.monotonic()
         response = await _send(request, _json_response(200, payload, ctx.response_headers))

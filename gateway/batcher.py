@@ -9,10 +9,12 @@ sees one call per batch instead of one per request.
 * Bounded: once `max_pending` items wait, `put()` waits for room (back-pressure from a
   slow database, never unbounded memory).
 * A failed write is retried with backoff (0.1 s doubling to 5 s), the batch kept: a
-  database outage delays the writes, it loses none.
+  database outage delays the writes, it loses none. An item the writer refuses as
+  invalid (ValueError/TypeError: a bug upstream of us) is logged and dropped alone.
 * `flush()` writes what is pending now (tests, and anything that must read its own writes).
 * `close()` writes everything still pending, then stops. It is called at shutdown after
-  the in-flight requests have ended, so SIGTERM loses nothing.
+  the in-flight requests have ended, so SIGTERM loses nothing (unless the database stays
+  unreachable past the shutdown deadline: then the count given up on is logged).
 """
 
 from __future__ import annotations
@@ -56,9 +58,12 @@ class WriteBehind(Generic[T]):
             self._task = asyncio.ensure_future(self._run())
 
     async def put(self, item: T) -> None:
-        if self._closing:
-            raise RuntimeError(f"{self.name}: write-behind is closed")
+        if self._closing:  # a late ending (shutdown deadline passed): write it directly
+            await self._write_batch([item])
+            self.written += 1
+            return
         while len(self._pending) >= self.max_pending:
+            self._wake.set()  # full: write now, whatever batch_size says
             self._room.clear()
             await self._room.wait()
         self._pending.append(item)
@@ -74,12 +79,23 @@ class WriteBehind(Generic[T]):
             self._wake.set()
             await self._progress.wait()
 
-    async def close(self) -> None:
-        """Write everything pending, then stop the writer."""
+    async def close(self, timeout: float | None = None) -> None:
+        """Write everything pending, then stop the writer. With a `timeout` (shutdown
+        must end even when the database is gone), what is still unwritten after it is
+        given up on and logged loudly (`write_behind_abandoned`, with the count)."""
         self._closing = True
         self._wake.set()
-        if self._task is not None:
-            await asyncio.shield(self._task)
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout)
+        except TimeoutError:
+            lost = self.depth
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            log.error("write_behind_abandoned", writer=self.name, items=lost,
+                      hint="the database did not take them before the shutdown deadline")
 
     async def _run(self) -> None:
         while True:
@@ -111,7 +127,22 @@ class WriteBehind(Generic[T]):
                 return
             except asyncio.CancelledError:
                 raise
+            except (ValueError, TypeError):  # bad data, not a bad database: never passes
+                await self._write_one_by_one(batch)
+                return
             except Exception:  # the database is down or slow: keep the batch, retry
                 log.exception("write_behind_failed", writer=self.name, items=len(batch), retry_in_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    async def _write_one_by_one(self, batch: list[T]) -> None:
+        """A batch with an invalid item: write the valid ones, log and drop the others
+        (retrying them would block every item behind them forever)."""
+        if len(batch) > 1:
+            for item in batch:
+                await self._write_with_retry([item])  # an invalid one comes back here alone
+            return
+        try:
+            await self._write_batch(batch)
+        except (ValueError, TypeError) as exc:
+            log.error("write_behind_item_dropped", writer=self.name, error=str(exc)[:300])

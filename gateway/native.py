@@ -143,6 +143,8 @@ class NativeOpenAIDispatcher:
                 response.close()
             raise UpstreamError("timeout", f"the upstream did not answer within {total:g}s", status=504) from None
         except UpstreamProtocolError as exc:
+            if response is not None:
+                response.close()
             raise UpstreamError("bad_response", f"the upstream response was cut off: {exc}") from None
         except BaseException:
             if response is not None:
@@ -193,15 +195,14 @@ class NativeOpenAIDispatcher:
                 yield chunk
             if not done:
                 raise UpstreamError("truncated", "the upstream stream ended without [DONE]")
-            # [DONE] is the last event: read the body's end, so the connection can be reused.
-            async for _ in resp.iter_chunks():
-                pass
         except UpstreamError:
             raise
         except (UpstreamProtocolError, OSError) as exc:
             raise UpstreamError("truncated", f"the upstream stream broke off: {type(exc).__name__}") from None
         finally:
             if done:
-                resp.release()  # back to the pool if read to its end, else closed
+                # [DONE] is final: nothing after it is waited for or can fail the answer. The
+                # connection goes back to the pool once the body's end arrives (if it does).
+                resp.release()
             else:
                 resp.close()  # abandoned or broken mid-body: never reuse this connection

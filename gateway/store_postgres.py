@@ -539,14 +539,16 @@ class PostgresStore(Store):
             return 0
         now = now_or(now)
         async with self._tx() as conn:
-            # One statement: close the open reservations, lock their users' rows (the
-            # ledger's balance_after is then the committed balance, as in settle_energy),
-            # and write one amount-0 settle row each. A full settlement gives nothing back.
+            # One statement: close the open reservations, lock their users' rows in id
+            # order (two processes' batches never deadlock; balance_after is then the
+            # committed balance, as in settle_energy), and write one amount-0 settle row
+            # each. A full settlement gives nothing back.
             return await conn.fetchval(
                 "WITH s AS ("
                 "  UPDATE reservations SET status = 'settled', finished_at = $2, final_amount = amount"
                 "  WHERE request_id = ANY($1::text[]) AND status = 'reserved' RETURNING request_id, user_id),"
-                " u AS (UPDATE users SET energy = energy WHERE id IN (SELECT user_id FROM s) RETURNING id, energy),"
+                " u AS (SELECT id, energy FROM users WHERE id IN (SELECT user_id FROM s)"
+                "  ORDER BY id FOR NO KEY UPDATE),"
                 " l AS (INSERT INTO energy_ledger (user_id, request_id, kind, amount, balance_after, reason, created_at)"
                 "  SELECT s.user_id, s.request_id, 'settle', 0, u.energy, NULL, $2"
                 "  FROM s JOIN u ON u.id = s.user_id ORDER BY s.request_id RETURNING 1)"

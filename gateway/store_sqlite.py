@@ -272,6 +272,9 @@ def _connect(path: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS, autocheckpoin
     return db
 
 
+_NOT_STARTED: list = []  # _run_writes: the transaction could not begin (file locked)
+
+
 def _in_memory(path: str) -> bool:
     return path == ":memory:" or path.startswith("file::memory:") or "mode=memory" in path
 
@@ -415,11 +418,15 @@ class _Database:
             return job, None, _map_error(exc)
 
     @staticmethod
-    def _run_writes(db: sqlite3.Connection, writes: list[_Job]) -> list:
-        """All `writes` in one BEGIN IMMEDIATE ... COMMIT, each in its own savepoint."""
+    def _run_writes(db: sqlite3.Connection, writes: list[_Job], busy: list | None = None) -> list:
+        """All `writes` in one BEGIN IMMEDIATE ... COMMIT, each in its own savepoint.
+        With `busy` given, a BEGIN that finds the file locked returns `busy` instead:
+        nothing ran, the caller may take the writes elsewhere."""
         try:
             db.execute("BEGIN IMMEDIATE")
         except Exception as exc:  # e.g. busy_timeout exceeded: nothing ran
+            if busy is not None and _is_busy(exc):
+                return busy
             return [(job, None, exc) for job in writes]
         if len(writes) == 1:  # alone in its transaction: no savepoint needed to undo it alone
             job = writes[0]
@@ -516,8 +523,8 @@ class SQLiteStore(Store):
             return
         for start in range(0, len(jobs), MAX_GROUP):
             group = jobs[start:start + MAX_GROUP]
-            outcomes = _Database._run_writes(self._inline, group)
-            if outcomes and _is_busy(outcomes[0][2]):  # BEGIN found the file locked: nothing ran
+            outcomes = _Database._run_writes(self._inline, group, busy=_NOT_STARTED)
+            if outcomes is _NOT_STARTED:  # BEGIN found the file locked: nothing ran
                 self.inline_fallbacks += 1
                 self._hand_to_thread(group)
                 continue

@@ -35,6 +35,8 @@ from multidict import CIMultiDict
 MAX_BODY = 64 * 1024 * 1024  # a non-streamed answer larger than this is refused
 _PAUSE_AT = 1024 * 1024  # unread streamed bytes at which reading pauses
 _MAX_IDLE_PER_HOST = 256
+MAX_LINE = 16 * 1024 * 1024  # longest SSE line accepted from an upstream
+RELEASE_GRACE = 5.0  # seconds a released, unfinished response may take to end before its connection is closed
 IDLE_TIMEOUT = 30.0  # seconds a kept-alive connection may sit unused before it is dropped
 
 
@@ -95,6 +97,8 @@ class Response:
         self._data.set()
 
     def _body(self, data: bytes) -> None:
+        if self._finished:  # released early: the rest of the body is not wanted
+            return
         self._chunks.append(data)
         self._buffered += len(data)
         self._data.set()
@@ -104,6 +108,8 @@ class Response:
     def _done(self) -> None:
         self._complete = True
         self._data.set()
+        if self._finished and self._conn.response is self:  # released early; now complete
+            self._conn.finished(self, reusable=self._error is None)
 
     # ---- for the caller
 
@@ -132,18 +138,21 @@ class Response:
             if data:
                 yield data
 
-    async def iter_lines(self) -> AsyncIterator[bytes]:
+    async def iter_lines(self, max_line: int = MAX_LINE) -> AsyncIterator[bytes]:
         """The body split after each b"\\n" (the line keeps it), as the pieces arrive."""
-        pending = b""
+        pending = bytearray()
         async for data in self.iter_chunks():
             pending += data
             start = 0
             while (end := pending.find(b"\n", start)) >= 0:
-                yield pending[start:end + 1]
+                yield bytes(pending[start:end + 1])
                 start = end + 1
-            pending = pending[start:]
+            del pending[:start]
+            if len(pending) > max_line:
+                self.close()
+                raise UpstreamProtocolError(f"a line of the response is longer than {max_line} bytes")
         if pending:
-            yield pending
+            yield bytes(pending)
 
     async def read(self, limit: int = MAX_BODY) -> bytes:
         parts, size = [], 0
@@ -157,11 +166,22 @@ class Response:
 
     def release(self) -> None:
         """Done with the response: the connection goes back to the pool when the response
-        was read to its end and keep-alive allows, else it is closed."""
+        was read to its end and keep-alive allows, else it is closed. Released before its
+        end arrived (a stream after [DONE]): the rest is discarded as it comes and the
+        connection is pooled then, or closed if the end does not come within a few seconds."""
         if self._finished:
             return
         self._finished = True
-        self._conn.finished(self, reusable=self._complete and self._error is None and not self._chunks)
+        self._chunks.clear()
+        if self._complete or self._error is not None:
+            self._conn.finished(self, reusable=self._complete and self._error is None)
+            return
+        self._conn.resume()
+        asyncio.get_running_loop().call_later(RELEASE_GRACE, self._give_up)
+
+    def _give_up(self) -> None:
+        if not self._complete and self._conn.response is self:
+            self._conn.finished(self, reusable=False)
 
     def close(self) -> None:
         if self._finished:

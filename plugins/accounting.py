@@ -113,7 +113,8 @@ class Accounting(Plugin):
     async def shutdown(self) -> None:
         if self.rows is None:
             return
-        await self.rows.close()  # everything recorded so far gets written
+        # Everything recorded so far gets written (or, past the deadline, is logged as lost).
+        await self.rows.close(timeout=self.services.config.server.shutdown_grace)
         log.info("usage_log_flushed", rows_written=self.written)
 
     async def flush(self) -> None:

@@ -36,6 +36,8 @@ Invariants the core guarantees (and tests):
   `ctx.client_disconnected = True` and usage counted up to that point.
 * **Gating fails closed.** Any exception other than `Reject` raised by `on_request`
   rejects the request with a 500 `internal_error`; it never lets the request through.
+  The same holds for `ctx.gate` (a check that overlaps the upstream call): nothing of
+  the answer reaches the client before it passed.
 * **Observing fails open.** An exception in `on_stream_chunk`, `on_response` or
   `on_error` is logged and ignored; the client's response is unaffected.
 
@@ -45,6 +47,7 @@ A plugin never imports from `proxy.py` (it runs as `__main__`; a second copy wou
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping
@@ -124,6 +127,14 @@ class RequestContext:
     short_circuit: dict[str, Any] | None = None
     # For GET /v1/models: the names the caller may see; request hooks may filter it.
     visible_models: list[str] = field(default_factory=list)
+    # A request hook whose check is slow but almost surely passes (energy's reservation
+    # commit) may let dispatch start before the check is done: it sets `gate` to a future
+    # and returns. The future resolves to None (passed) or to the ApiError to fail with
+    # (it never raises: the plugin turns its own failures into an error, failing closed).
+    # The core sends nothing of the answer before the gate resolved; a failed gate
+    # discards the upstream's answer. If the gate changed candidates[0] (a downgrade
+    # decided late), the core dispatches again to the new model.
+    gate: "asyncio.Future[ApiError | None] | None" = None
 
     # --- outcome, filled by the core ------------------------------------------------
     status: int | None = None
@@ -197,7 +208,7 @@ class Plugin:
 
     async def flush(self) -> None:
         """Write now whatever this plugin holds behind the answers (write-behind batches).
-        The core calls it for admin reads that must see the latest requests, and tests do."""
+        `Chain.flush()` calls it on every plugin (tests do, to read their own writes)."""
 
     async def on_request(self, ctx: RequestContext) -> None:
         """Gate or rewrite the request. Raise `Reject` to refuse it (fails closed)."""

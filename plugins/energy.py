@@ -27,6 +27,16 @@ Money rules:
 * Success (including a client that disconnected after tokens were produced) settles the
   reservation; any failure refunds it in full. Settle and refund are idempotent in the
   store, so nothing is charged twice.
+* The reservation overlaps the upstream call (`overlap: true`, the default): when this
+  process's last reservation for the user (in the last 5 s, with no other one of theirs
+  in flight since) left a balance that covers the cost, dispatch starts while the
+  reservation commits, and the core releases nothing of the answer before it has committed. It
+  hides the commit from the latency (the bench's stream first byte). If it fails after
+  all (the balance was spent by another process meanwhile), the request carries on down
+  its candidates exactly as without the overlap (re-dispatched to the cheaper model), or
+  gets the 429; the upstream's answer to the first attempt is discarded, unbilled. A
+  store error fails closed (500), and the next requests reserve before dispatch again
+  until the store answers. `overlap: false` always reserves first.
 * Settlements are written behind the answer, in batches (one transaction for many
   requests): at least every `settle_interval` (default 100 ms), at once when `settle_batch`
   are pending, and all of them at shutdown (SIGTERM). A settlement returns nothing to the
@@ -55,9 +65,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.batcher import WriteBehind
 from gateway.config import parse_duration
+from gateway.errors import internal_error
 from plugins.base import Plugin, Reject, RequestContext
 
 BILLABLE = ("chat.completions", "embeddings")
+KNOWN_BALANCE_TTL = 5.0  # seconds a balance seen by this process is trusted to decide an overlap
 
 log = structlog.get_logger("gateway.energy")
 
@@ -68,6 +80,7 @@ class EnergySettings(BaseModel):
     sweep_interval: float = 300.0  # 0 disables the periodic sweep (start-up sweep still runs)
     settle_interval: float = 0.1  # settlements are written in batches at least this often; 0 = one by one
     settle_batch: int = Field(500, ge=1)
+    overlap: bool = True  # reserve while the upstream request is on its way (see the docstring)
 
     @field_validator("stale_after", "sweep_interval", "settle_interval", mode="before")
     @classmethod
@@ -97,6 +110,12 @@ class Energy(Plugin):
         super().__init__(settings, services)
         self._sweeper: asyncio.Task | None = None
         self._settles: WriteBehind[str] | None = None
+        # Overlap bookkeeping (this process only): user -> (balance after this process's
+        # last reservation for them, when), and user -> [reservations in flight, started].
+        self._known: dict[str, tuple[int, float]] = {}
+        self._in_flight: dict[str, list[int]] = {}
+        self._store_ok = False
+        self._tasks: set[asyncio.Task] = set()
 
     async def startup(self) -> None:
         if self.services.store is None:
@@ -117,7 +136,9 @@ class Energy(Plugin):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
         if self._settles is not None:
-            await self._settles.close()  # every settlement queued so far is written
+            # Every settlement queued so far is written; one the database never takes leaves
+            # its reservation open, refunded by the sweeper later (never a double charge).
+            await self._settles.close(timeout=self.services.config.server.shutdown_grace)
 
     async def flush(self) -> None:
         if self._settles is not None:
@@ -159,20 +180,34 @@ class Energy(Plugin):
     async def on_request(self, ctx: RequestContext) -> None:
         if ctx.endpoint not in BILLABLE or ctx.identity is None or not ctx.candidates:
             return
-        store = self.services.store
         action = self._action(ctx)
         ctx.action = action
         tier = ctx.config.tiers.get(ctx.identity.tier)
         refill = (tier.refill.amount, tier.refill.period) if tier is not None and tier.refill else None
-        balance: int | None = None
-        cheapest: int | None = None
-        for model in ctx.candidates:
+        candidates = list(ctx.candidates)
+        cost = ctx.config.energy.cost(action, candidates[0])
+        if self._may_overlap(ctx.identity.user_id, cost):
+            self._overlap(ctx, action, refill, candidates, cost)
+            return
+        error = await self._reserve_first_affordable(ctx, action, refill, candidates, 0, None)
+        if error is not None:
+            raise error
+
+    # --- the reservation ---------------------------------------------------------------
+
+    async def _reserve_first_affordable(self, ctx: RequestContext, action: str, refill: Any,
+                                        candidates: list[str], start: int, balance: int | None) -> Reject | None:
+        """Reserve for the first of candidates[start:] the balance affords; None when
+        reserved, else the 429 to answer with. `balance`: already known to be this low."""
+        store = self.services.store
+        user_id = ctx.identity.user_id
+        for model in candidates[start:]:
             cost = ctx.config.energy.cost(action, model)
-            cheapest = cost if cheapest is None else min(cheapest, cost)
             if balance is not None and balance < cost:
                 continue  # known not to be affordable; skip the round trip
-            reserving = asyncio.ensure_future(
-                store.reserve_energy(ctx.identity.user_id, cost, ctx.request_id, refill=refill))
+            ticket = self._begin(user_id)
+            reserving = asyncio.ensure_future(store.reserve_energy(user_id, cost, ctx.request_id, refill=refill))
+            reserving.add_done_callback(lambda done: self._end(user_id, ticket, done))
             try:
                 result = await asyncio.shield(reserving)
             except asyncio.CancelledError:
@@ -185,32 +220,131 @@ class Energy(Plugin):
                 raise
             balance = result.balance
             if result.ok:
-                scratch = ctx.scratch(self.name)
-                scratch["reserved"] = cost
-                ctx.energy_cost = cost
-                if model != ctx.candidates[0] and ctx.downgrade_reason is None:
-                    ctx.downgrade_reason = (f"insufficient energy for {ctx.candidates[0]} "
-                                            f"(needs {ctx.config.energy.cost(action, ctx.candidates[0])})")
-                elif model != ctx.candidates[0]:
-                    ctx.downgrade_reason += "; insufficient energy for the next step"
-                ctx.candidates = [model]
-                # A fallback after failures must not serve a dearer model than was paid for.
-                allowed = ctx.fallback_allowed if ctx.fallback_allowed is not None else set(ctx.config.model_names())
-                ctx.fallback_allowed = {m for m in allowed if ctx.config.energy.cost(action, m) <= cost}
-                ctx.response_headers["X-Energy-Cost"] = str(cost)
-                ctx.response_headers["X-Energy-Remaining"] = str(result.balance)
-                return
-        needed = ctx.config.energy.cost(action, ctx.candidates[0])
+                self._reserved(ctx, action, candidates, model, cost, result.balance)
+                return None
+        cheapest = min(ctx.config.energy.cost(action, m) for m in candidates)
+        needed = ctx.config.energy.cost(action, candidates[0])
         ctx.response_headers["X-Energy-Cost"] = "0"
         ctx.response_headers["X-Energy-Remaining"] = str(balance)
-        detail = f"'{action}' on {ctx.candidates[0]} needs {needed} energy, {balance} left"
-        if len(ctx.candidates) > 1:
+        detail = f"'{action}' on {candidates[0]} needs {needed} energy, {balance} left"
+        if len(candidates) > 1:
             detail += f" (the cheapest model you may use needs {cheapest})"
-        raise Reject(429, f"Not enough energy: {detail}.", type="insufficient_quota", code="insufficient_energy",
-                     headers={"x-should-retry": "false"})
+        return Reject(429, f"Not enough energy: {detail}.", type="insufficient_quota", code="insufficient_energy",
+                      headers={"x-should-retry": "false"})
+
+    def _reserved(self, ctx: RequestContext, action: str, candidates: list[str], model: str, cost: int,
+                  balance: int) -> None:
+        ctx.scratch(self.name)["reserved"] = cost
+        ctx.energy_cost = cost
+        if model != candidates[0] and ctx.downgrade_reason is None:
+            ctx.downgrade_reason = (f"insufficient energy for {candidates[0]} "
+                                    f"(needs {ctx.config.energy.cost(action, candidates[0])})")
+        elif model != candidates[0]:
+            ctx.downgrade_reason += "; insufficient energy for the next step"
+        ctx.candidates = [model]
+        self._limit_fallbacks(ctx, action, cost)
+        ctx.response_headers["X-Energy-Cost"] = str(cost)
+        ctx.response_headers["X-Energy-Remaining"] = str(balance)
+
+    @staticmethod
+    def _limit_fallbacks(ctx: RequestContext, action: str, cost: int) -> None:
+        # A fallback after failures must not serve a dearer model than was paid for.
+        allowed = ctx.fallback_allowed if ctx.fallback_allowed is not None else set(ctx.config.model_names())
+        ctx.fallback_allowed = {m for m in allowed if ctx.config.energy.cost(action, m) <= cost}
+
+    # --- overlapping the reservation with the upstream call ---------------------------
+
+    def _begin(self, user_id: str) -> int:
+        """A reservation call starts; its ticket is 0 when another one is in flight."""
+        entry = self._in_flight.setdefault(user_id, [0, 0])
+        entry[0] += 1
+        entry[1] += 1
+        return entry[1] if entry[0] == 1 else 0
+
+    def _end(self, user_id: str, ticket: int, done: asyncio.Future) -> None:
+        """A reservation call finished. Its balance is trusted for the next overlap only if
+        no other reservation of this user was in flight at any time during it (results of
+        concurrent calls may arrive out of commit order)."""
+        entry = self._in_flight[user_id]
+        alone = ticket != 0 and entry[0] == 1 and entry[1] == ticket
+        entry[0] -= 1
+        if entry[0] == 0:
+            del self._in_flight[user_id]
+        failed = done.cancelled() or done.exception() is not None
+        self._store_ok = not failed
+        if alone and not failed:
+            if len(self._known) >= 100_000:  # bounded: forgetting only means not overlapping
+                self._known.clear()
+            self._known[user_id] = (done.result().balance, time.monotonic())
+        else:
+            self._known.pop(user_id, None)
+
+    def _may_overlap(self, user_id: str, cost: int) -> bool:
+        """Overlap only when the reservation will almost surely pass: the store answered
+        the last reservation, no other reservation of this user is in flight here, and
+        the balance this process last saw (under KNOWN_BALANCE_TTL ago) covers the cost."""
+        if not self.settings.overlap or not self._store_ok or user_id in self._in_flight:
+            return False
+        known = self._known.get(user_id)
+        return known is not None and time.monotonic() - known[1] <= KNOWN_BALANCE_TTL and known[0] >= cost
+
+    def _overlap(self, ctx: RequestContext, action: str, refill: Any, candidates: list[str], cost: int) -> None:
+        """Start the reservation and let dispatch start too; the core waits for `ctx.gate`
+        before anything reaches the client (plugins/base.py)."""
+        user_id = ctx.identity.user_id
+        ctx.candidates = [candidates[0]]
+        self._limit_fallbacks(ctx, action, cost)
+        gate: asyncio.Future = asyncio.get_running_loop().create_future()
+        ctx.gate = gate
+        scratch = ctx.scratch(self.name)
+        scratch["gate"] = gate
+        ticket = self._begin(user_id)
+        reserving = asyncio.ensure_future(
+            self.services.store.reserve_energy(user_id, cost, ctx.request_id, refill=refill))
+        reserving.add_done_callback(lambda done: self._end(user_id, ticket, done))
+        reserving.add_done_callback(
+            lambda done: self._overlap_done(done, ctx, gate, action, refill, candidates, cost))
+
+    def _overlap_done(self, done: asyncio.Future, ctx: RequestContext, gate: asyncio.Future, action: str,
+                      refill: Any, candidates: list[str], cost: int) -> None:
+        exc = None if done.cancelled() else done.exception()
+        if done.cancelled() or exc is not None:  # fail closed: no answer without a reservation
+            log.error("energy_reservation_failed", request_id=ctx.request_id,
+                      error=type(exc).__name__ if exc else "cancelled")
+            gate.set_result(internal_error(ctx.request_id))
+            return
+        result = done.result()
+        if result.ok:
+            self._reserved(ctx, action, candidates, candidates[0], cost, result.balance)
+            gate.set_result(None)
+            return
+        # The balance moved under us (another process, an admin): carry on down the
+        # candidates exactly as without the overlap; the core re-dispatches if it downgrades.
+        task = asyncio.ensure_future(self._late_reservation(ctx, gate, action, refill, candidates, result.balance))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _late_reservation(self, ctx: RequestContext, gate: asyncio.Future, action: str, refill: Any,
+                                candidates: list[str], balance: int) -> None:
+        try:
+            error = await self._reserve_first_affordable(ctx, action, refill, candidates, 1, balance)
+        except BaseException:
+            log.exception("energy_reservation_failed", request_id=ctx.request_id)
+            error = internal_error(ctx.request_id)
+        gate.set_result(error)
+
+    async def _gate_settled(self, scratch: dict[str, Any]) -> None:
+        """An overlapped reservation decides the ending: wait until its outcome is known."""
+        gate = scratch.get("gate")
+        if gate is not None and not gate.done():
+            await asyncio.shield(gate)
+
+    # --- endings -------------------------------------------------------------------------
 
     async def on_response(self, ctx: RequestContext) -> None:
-        if "reserved" in ctx.scratch(self.name):
+        scratch = ctx.scratch(self.name)
+        await self._gate_settled(scratch)
+        if "reserved" in scratch:
             if self._settles is not None:
                 await self._settles.put(ctx.request_id)  # written behind the answer, in a batch
             else:
@@ -218,12 +352,14 @@ class Energy(Plugin):
 
     async def on_error(self, ctx: RequestContext) -> None:
         scratch = ctx.scratch(self.name)
+        await self._gate_settled(scratch)
         store = self.services.store
         if "reserved" in scratch:
             balance = await store.refund_energy(ctx.request_id, reason=ctx.error.code if ctx.error else None)
             ctx.response_headers["X-Energy-Cost"] = "0"
             if balance is not None:
                 ctx.response_headers["X-Energy-Remaining"] = str(balance)
+            self._known.pop(ctx.identity.user_id, None)  # a refund's result may arrive out of order
         elif ctx.identity is not None and ctx.endpoint in BILLABLE and "X-Energy-Remaining" not in ctx.response_headers:
             ctx.response_headers["X-Energy-Cost"] = "0"
             ctx.response_headers["X-Energy-Remaining"] = str(await store.balance(ctx.identity.user_id))

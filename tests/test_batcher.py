@@ -102,10 +102,47 @@ async def test_a_slow_database_applies_back_pressure():
     assert sorted(sink.items) == [0, 1, 2, 3, 4, 99]
 
 
-async def test_put_after_close_is_refused():
+async def test_put_after_close_writes_directly():
+    """A late ending (shutdown deadline passed while it ran) is still written, not lost."""
     sink = Sink()
     wb = WriteBehind("t", sink.write, batch_size=2, flush_interval=0.01, max_pending=4)
     wb.start()
     await wb.close()
-    with pytest.raises(RuntimeError):
-        await wb.put(1)
+    await wb.put(1)
+    assert sink.batches == [[1]] and wb.written == 1
+
+
+async def test_a_full_buffer_is_written_at_once_even_below_batch_size():
+    sink = Sink()
+    wb = WriteBehind("t", sink.write, batch_size=500, flush_interval=60, max_pending=3)
+    wb.start()
+    for i in range(10):  # would wait a minute per batch if a full buffer did not wake the writer
+        await asyncio.wait_for(wb.put(i), 2)
+    await wb.close()
+    assert sorted(sink.items) == list(range(10))
+
+
+async def test_an_invalid_item_is_dropped_alone_and_the_rest_written():
+    written = []
+
+    async def write(batch):
+        if any(i < 0 for i in batch):
+            raise ValueError("negative")
+        written.extend(batch)
+
+    wb = WriteBehind("t", write, batch_size=4, flush_interval=0.01, max_pending=100)
+    wb.start()
+    for i in (1, -1, 2, 3, 4, 5):
+        await wb.put(i)
+    await asyncio.wait_for(wb.close(), 5)
+    assert sorted(written) == [1, 2, 3, 4, 5]
+
+
+async def test_close_gives_up_after_its_timeout_when_the_database_never_comes_back():
+    sink = Sink(fail_times=10**9)
+    wb = WriteBehind("t", sink.write, batch_size=2, flush_interval=0.01, max_pending=100)
+    wb.start()
+    for i in range(3):
+        await wb.put(i)
+    await asyncio.wait_for(wb.close(timeout=0.3), 5)  # returns: shutdown is not held hostage
+    assert sink.items == [] and sink.calls >= 1

@@ -401,3 +401,122 @@ def test_reservation_orphaned_by_a_dead_process_is_refunded_by_the_sweeper(gatew
     assert [(e.request_id, e.kind, e.amount) for e in ledger if e.kind == "refund"] == [("req_dead_process", "refund", 5)]
     assert gw.balance(user_id) == 18
     assert_ledger_matches_balance(gw, user_id)
+
+
+# ------------------------------------------------ the reservation overlaps the upstream call
+
+
+def _chat(gw, key, model, results, **kw):
+    """One chat call in a thread; its raw response (or exception) lands in `results`."""
+    def run():
+        try:
+            results.append(gw.client(key, timeout=30).chat.completions.with_raw_response.create(
+                model=model, messages=HELLO, **kw))
+        except Exception as exc:  # noqa: BLE001 — the test inspects it
+            results.append(exc)
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_the_reservation_overlaps_the_upstream_call_but_nothing_is_sent_before_it_commits(
+        gateway_factory, upstream, overlap):
+    import sqlite3
+
+    gw = gateway_factory(plugins=["auth", "tier_policy", {"name": "energy", "settings": {"overlap": overlap}}])
+    user_id, key = gw.make_user(energy=20)
+    gw.client(key).chat.completions.create(model="gpt-4o-mini", messages=HELLO)  # reserves first: 18 seen
+    assert upstream.count("/chat/completions") == 1
+    other = sqlite3.connect(gw.store.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process writes: the reservation cannot commit
+    results: list = []
+    try:
+        thread = _chat(gw, key, "gpt-4o-mini", results)
+        if overlap:  # the upstream call went out while the reservation waits for the lock...
+            wait_until(lambda: upstream.count("/chat/completions") == 2)
+        time.sleep(0.3)
+        assert not results  # ...but the client has nothing yet
+        assert upstream.count("/chat/completions") == (2 if overlap else 1)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    thread.join(30)
+    raw = results[0]
+    assert raw.headers["X-Energy-Cost"] == "2" and raw.headers["X-Energy-Remaining"] == "16"
+    assert raw.parse().choices[0].message.content
+    gw.settle()
+    # Settlements are written behind the answers: compare what, not in which order.
+    assert Counter(kinds(gw.ledger(user_id))) == Counter({("grant", 20): 1, ("reserve", -2): 2, ("settle", 0): 2})
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
+def test_an_overlapped_reservation_that_fails_downgrades_and_dispatches_again(gateway_factory, upstream, store_url):
+    """Another process spent the balance this process last saw: the overlapped
+    reservation for gpt-4o fails, so the request goes down its ladder exactly as without
+    the overlap (gpt-4o-mini unaffordable, demo affordable) and is dispatched again.
+    The first upstream answer is discarded and not billed."""
+    from gateway.store import open_store
+
+    gw = gateway_factory()
+    user_id, key = gw.make_user(energy=10)
+    gw.client(key).chat.completions.create(model="gpt-4o", messages=HELLO)  # 5: 5 left, as this process sees it
+
+    async def spend_elsewhere():
+        async with open_store(store_url) as elsewhere:
+            await elsewhere.grant_energy(user_id, -4, kind="adjust", reason="spent by another process")
+    gw.run(spend_elsewhere())
+
+    raw = gw.client(key).chat.completions.with_raw_response.create(model="gpt-4o", messages=HELLO)
+    assert raw.parse().model == "demo"
+    assert raw.headers["X-Model-Downgraded-From"] == "gpt-4o"
+    assert "insufficient energy" in raw.headers["X-Model-Downgrade-Reason"]
+    assert (raw.headers["X-Energy-Cost"], raw.headers["X-Energy-Remaining"]) == ("1", "0")
+    assert [r.json["model"] for r in upstream.requests] == ["gpt-4o", "gpt-4o"]  # 2nd: overlapped, discarded
+    gw.settle()
+    assert Counter(kinds(gw.ledger(user_id))) == Counter(
+        [("grant", 10), ("reserve", -5), ("settle", 0), ("adjust", -4), ("reserve", -1), ("settle", 0)])
+    assert_ledger_matches_balance(gw, user_id)
+
+
+def test_an_overlapped_reservation_with_nothing_affordable_left_is_a_429(gateway_factory, upstream):
+    from gateway.store import open_store
+
+    gw = gateway_factory(plugins=["auth", "tier_policy", "energy"])
+    user_id, key = gw.make_user(energy=4)
+    gw.client(key).chat.completions.create(model="gpt-4o-mini", messages=HELLO)  # 2: 2 left, as seen here
+
+    async def spend_elsewhere():
+        async with open_store(gw.store.url) as elsewhere:
+            await elsewhere.grant_energy(user_id, -2, kind="adjust")
+    gw.run(spend_elsewhere())
+    with pytest.raises(openai.RateLimitError) as info:  # overlapped; then neither gpt-4o-mini nor demo
+        gw.client(key).chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    assert info.value.code == "insufficient_energy"
+    assert info.value.response.headers["X-Energy-Remaining"] == "0"
+    assert upstream.count("/chat/completions") == 2  # the second: overlapped, its answer discarded
+    gw.settle()
+    assert [e.kind for e in gw.ledger(user_id)].count("reserve") == 1  # none for the rejected request
+    assert_ledger_matches_balance(gw, user_id)
+
+
+def test_a_store_failure_during_an_overlapped_reservation_fails_closed(gateway_factory, upstream):
+    import sqlite3
+
+    gw = gateway_factory(plugins=["auth", "tier_policy", "energy"])
+    user_id, key = gw.make_user(energy=20)
+    gw.client(key).chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    db = sqlite3.connect(gw.store.path, isolation_level=None)
+    db.execute("ALTER TABLE reservations RENAME TO reservations_gone")  # the store breaks
+    db.close()
+    for _ in range(2):  # the overlapped one, then (store not trusted any more) one reserved first
+        with pytest.raises(openai.InternalServerError) as info:
+            gw.client(key).chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+        assert info.value.status_code == 500 and info.value.code == "internal_error"
+        assert "Hello" not in info.value.response.text  # the upstream's answer never leaves
+    assert upstream.count("/chat/completions") == 2  # 1 + the overlapped one; the last never went out
+    db = sqlite3.connect(gw.store.path, isolation_level=None)
+    db.execute("ALTER TABLE reservations_gone RENAME TO reservations")  # repaired: it settles
+    db.close()
+    gw.settle()
+    assert [e.kind for e in gw.ledger(user_id)] == ["grant", "reserve", "settle"]

@@ -708,9 +708,9 @@ class HoldDatabaseThread:
         self.entered, self.gate = threading.Event(), threading.Event()
         run_writes = store_sqlite._Database._run_writes
 
-        def recording(db, writes):
+        def recording(db, writes, busy=None):
             self.groups.append(len(writes))
-            return run_writes(db, writes)
+            return run_writes(db, writes, busy)
 
         monkeypatch.setattr(store_sqlite._Database, "_run_writes", staticmethod(recording))
 
@@ -924,9 +924,9 @@ def _record_groups(monkeypatch):
     groups = []
     run_writes = store_sqlite._Database._run_writes
 
-    def recording(db, writes):
+    def recording(db, writes, busy=None):
         groups.append((threading.current_thread() is threading.main_thread(), len(writes)))
-        return run_writes(db, writes)
+        return run_writes(db, writes, busy)
 
     monkeypatch.setattr(store_sqlite._Database, "_run_writes", staticmethod(recording))
     return groups

@@ -240,3 +240,59 @@ def test_targets():
     assert (t.host, t.port, t.path, t.host_header()) == ("::1", 8000, "/v1/embeddings?api-version=2", "[::1]:8000")
     with pytest.raises(ValueError):
         Target("ftp://example.com/x")
+
+
+async def test_a_stream_released_after_its_last_event_does_not_wait_for_the_body_end(monkeypatch):
+    """[DONE] is final: releasing must not wait for the end chunk; the connection is pooled
+    once the end arrives, or closed if it never does."""
+    import gateway.upstream_http as uh
+
+    end_now = asyncio.Event()
+
+    async def answer(writer, n):
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(b"e\r\ndata: [DONE]\n\n\r\n")
+        await writer.drain()
+        if n == 1:
+            await end_now.wait()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    http = UpstreamHTTP()
+    async with RawServer(answer) as server:
+        response = await post(http, server)
+        async for line in response.iter_lines():
+            if line.startswith(b"data: [DONE]"):
+                break
+        response.release()  # returns at once; the end chunk is still to come
+        end_now.set()
+        for _ in range(100):
+            if http._idle.get(server.target().key):
+                break
+            await asyncio.sleep(0.01)
+        assert http._idle.get(server.target().key)  # pooled once the end arrived
+        monkeypatch.setattr(uh, "RELEASE_GRACE", 0.1)
+        second = await post(http, server)  # reuses it; this time the end never comes
+        assert server.connections == 1
+        async for line in second.iter_lines():
+            break
+        second.release()
+        await asyncio.sleep(0.3)
+        assert not http._idle.get(server.target().key) and http._all == set()  # given up: closed
+    await http.close()
+
+
+async def test_an_endless_line_is_refused():
+    async def answer(writer, n):
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(40):
+            writer.write(b"10000\r\n" + b"x" * 0x10000 + b"\r\n")
+            await writer.drain()
+
+    http = UpstreamHTTP()
+    async with RawServer(answer) as server:
+        response = await post(http, server)
+        with pytest.raises(UpstreamProtocolError):
+            async for _ in response.iter_lines(max_line=1024 * 1024):
+                pass
+    await http.close()
