@@ -52,6 +52,7 @@ Decisions callers rely on
 from __future__ import annotations
 
 import abc
+import asyncio
 import os
 import hashlib
 import math
@@ -514,6 +515,15 @@ class Store(abc.ABC):
     async def refund_energy(
         self, request_id: str, reason: str | None = None, *, now: float | None = None
     ) -> int | None: ...
+
+    def reserve_energy_soon(
+        self, user_id: str, amount: int, request_id: str, *,
+        refill: tuple[int, float] | None = None, now: float | None = None,
+    ) -> "asyncio.Future[Reservation]":
+        """`reserve_energy`, started now: returns its future at once (no task hop before the
+        write is queued). The energy plugin uses it to overlap the reservation with the
+        upstream call."""
+        return asyncio.ensure_future(self.reserve_energy(user_id, amount, request_id, refill=refill, now=now))
 
     async def settle_many(self, request_ids: list[str], *, now: float | None = None) -> int:
         """Settle several reservations in full (as reserved); returns how many were open.

@@ -46,8 +46,9 @@ Why it is built this way:
   one turn of the loop are grouped into one transaction (same savepoint rules as above),
   run at the end of that turn. If the file is locked (the database thread, another
   process or the admin CLI is writing) the reservations go to the database thread
-  instead, which waits for the lock as usual. The loop's connection never checkpoints
-  the WAL (``wal_autocheckpoint = 0``); the database thread's commits do. Measured with
+  instead, which waits for the lock as usual. Neither working connection checkpoints the
+  WAL (``wal_autocheckpoint = 0``): a checkpointer thread with its own connection does,
+  every 0.5 s, so no COMMIT of ours ever waits for the checkpoint's fsync. Measured with
   bench/cpu_per_request.py and the stream first-byte probe: the hop cost more than the
   transaction. In-memory databases (one per connection) keep everything on the thread.
 * Once an operation is queued it runs to completion even if the awaiting task is
@@ -272,6 +273,40 @@ def _connect(path: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS, autocheckpoin
     return db
 
 
+class _Checkpointer:
+    """Copies the WAL back into the database file every `interval` seconds, on its own
+    connection and thread. SQLite would otherwise checkpoint inside some COMMIT of ours,
+    fsync included (milliseconds to tens of milliseconds on this VM), stalling the loop
+    (the loop's connection) or every write queued behind it (the database thread)."""
+
+    def __init__(self, path: str, interval: float = 0.5) -> None:
+        self.path = path
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"sqlite-checkpoint:{path}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        db = _connect(self.path, autocheckpoint=False)
+        try:
+            while not self._stop.wait(self.interval):
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error:
+                    pass  # busy or a transient I/O error: the next round tries again
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()  # leave a short WAL behind
+        except sqlite3.Error:
+            pass
+        finally:
+            db.close()
+
+
 _NOT_STARTED: list = []  # _run_writes: the transaction could not begin (file locked)
 
 
@@ -474,6 +509,7 @@ class SQLiteStore(Store):
         self._inline: sqlite3.Connection | None = None
         self._inline_loop: asyncio.AbstractEventLoop | None = None
         self._inline_jobs: list[_Job] = []
+        self._checkpointer: _Checkpointer | None = None
         self.inline_fallbacks = 0  # groups handed to the thread because the file was locked
 
     # ------------------------------------------------------------------ plumbing
@@ -489,11 +525,18 @@ class SQLiteStore(Store):
             if self.loop_writes and not _in_memory(self.path):
                 self._inline = _connect(self.path, busy_timeout_ms=0, autocheckpoint=False)
                 self._inline_loop = asyncio.get_running_loop()
+                # Checkpoints (with their fsync) move off both working connections.
+                await database.submit(lambda db: db.execute("PRAGMA wal_autocheckpoint = 0"), (), False)
+                self._checkpointer = _Checkpointer(self.path)
+                self._checkpointer.start()
         except BaseException:
             await self.close()
             raise
 
     async def close(self) -> None:
+        if self._checkpointer is not None:
+            checkpointer, self._checkpointer = self._checkpointer, None
+            await asyncio.get_running_loop().run_in_executor(None, checkpointer.stop)
         if self._inline is not None:
             self._run_inline()  # reservations queued this turn run before the connection closes
             inline, self._inline, self._inline_loop = self._inline, None, None
@@ -734,8 +777,14 @@ class SQLiteStore(Store):
         return [_entry(r) for r in rows]
 
     async def reserve_energy(self, user_id, amount, request_id, *, refill=None, now=None):
+        return await self.reserve_energy_soon(user_id, amount, request_id, refill=refill, now=now)
+
+    def reserve_energy_soon(self, user_id, amount, request_id, *, refill=None, now=None):
+        # The loop's own connection, at the end of this loop turn: awaited before dispatch,
+        # no thread hop; overlapped with the upstream call, it runs right after the request
+        # went out (the handler's first wait), while the upstream works.
         check_amount(amount)
-        return await self._write_inline(_reserve, (user_id, amount, request_id, refill, now_or(now)))
+        return self._write_inline(_reserve, (user_id, amount, request_id, refill, now_or(now)))
 
     async def settle_energy(self, request_id, final_amount=None, *, now=None):
         if final_amount is not None:

@@ -298,9 +298,8 @@ class Energy(Plugin):
         ctx.gate = gate
         scratch = ctx.scratch(self.name)
         scratch["gate"] = gate
-        ticket = self._begin(user_id)
-        reserving = asyncio.ensure_future(
-            self.services.store.reserve_energy(user_id, cost, ctx.request_id, refill=refill))
+        reserving = self.services.store.reserve_energy_soon(user_id, cost, ctx.request_id, refill=refill)
+        ticket = self._begin(user_id)  # (a future never completes before the next loop turn)
         reserving.add_done_callback(lambda done: self._end(user_id, ticket, done))
         reserving.add_done_callback(
             lambda done: self._overlap_done(done, ctx, gate, action, refill, candidates, cost))

@@ -1021,3 +1021,20 @@ def test_an_in_flight_claim_left_by_a_dead_process_is_reclaimed_after_its_lease(
     assert idempotency_decision(stored_created_at=0.0, now=IN_FLIGHT_LEASE, **common) == "reclaim"
     done = dict(common, stored_status="done")
     assert idempotency_decision(stored_created_at=0.0, now=IN_FLIGHT_LEASE + 1, **done) == "done"
+
+
+@pytest.mark.asyncio
+async def test_the_wal_is_checkpointed_off_the_working_connections(loop_store):
+    """Neither working connection checkpoints (no COMMIT waits for an fsync); the
+    checkpointer thread copies the WAL into the database file within a second or so."""
+    main = Path(loop_store.path)
+    before = main.stat().st_size
+    rows = [{"request_id": f"w{i}", "model": "m" * 200} for i in range(3000)]
+    await loop_store.insert_usage(rows)
+    for _ in range(50):
+        if main.stat().st_size > before + 500_000:
+            break
+        await asyncio.sleep(0.1)
+    assert main.stat().st_size > before + 500_000  # the rows reached the main file
+    with sqlite3.connect(loop_store.path) as db:
+        assert db.execute("SELECT count(*) FROM ai_usage_logs").fetchone()[0] == 3000
