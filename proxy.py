@@ -63,7 +63,7 @@ _VALID_ROLES = {"system", "user", "assistant", "tool", "function", "developer"}
 # The plugin chain
 # --------------------------------------------------------------------------------------
 
-BEHIND_DELAY = 0.001  # seconds an answered request's ending waits (Chain._run_behind)
+BEHIND_DELAY = 0.02  # seconds an answered request's ending waits (Chain._run_behind)
 MAX_BEHIND = 10_000  # answered requests whose endings wait; beyond, a handler runs its own
 
 
@@ -139,7 +139,7 @@ class Chain:
             finalize_usage(ctx)  # tokens (estimated if need be) and USD, for every plugin
         except Exception:
             log.exception("finalize_usage_failed", request_id=ctx.request_id)
-        if not wait and len(self._behind) < MAX_BEHIND:
+        if not wait and not ctx.end_promptly and len(self._behind) < MAX_BEHIND:
             self._behind.append(ctx)
             if self._behind_task is None:
                 self._behind_task = asyncio.ensure_future(self._run_behind())
@@ -147,12 +147,16 @@ class Chain:
             return
         task = asyncio.ensure_future(self._run_ending(ctx))
         self.inflight.track(task)
-        await asyncio.shield(task)
+        if wait:
+            await asyncio.shield(task)
 
     async def _run_behind(self) -> None:
-        """Endings of answered requests, in batches: they wait a moment so that the
-        connection's next request (already on its way) is served first, then run one
-        after the other in one task instead of one task each."""
+        """Endings of answered requests, in batches: they wait BEHIND_DELAY so that the
+        requests arriving meanwhile are served first, then run one after the other in one
+        task instead of one task each. Measured (bench/, quick runs): 1 ms -> 20 ms took
+        the fast path from ~3,200 to ~4,000 req/s at 32 connections and its added p50 at
+        1 connection from ~0.53 to ~0.35 ms: the work is the same, but it no longer lands
+        in the middle of every request."""
         try:
             while self._behind:
                 await asyncio.sleep(BEHIND_DELAY)

@@ -135,6 +135,10 @@ class RequestContext:
     # discards the upstream's answer. If the gate changed candidates[0] (a downgrade
     # decided late), the core dispatches again to the new model.
     gate: "asyncio.Future[ApiError | None] | None" = None
+    # Endings of answered requests run in batches a little after the answer (they add no
+    # latency). A plugin whose ending others wait for (idempotency: a retry must find the
+    # stored answer) sets this to have it run at once instead.
+    end_promptly: bool = False
 
     # --- outcome, filled by the core ------------------------------------------------
     status: int | None = None

@@ -87,6 +87,7 @@ class Idempotency(Plugin):
             raise
         if state.status == "new":
             ctx.scratch(self.name)["key"] = key
+            ctx.end_promptly = True  # a retry must find the stored answer, not "in progress"
         elif state.status == "in_flight":
             raise Reject(409, "A request with this Idempotency-Key is still in progress; retry shortly.",
                          type="invalid_request_error", code="idempotency_key_in_use")
