@@ -48,7 +48,10 @@ Why it is built this way:
   process or the admin CLI is writing) the reservations go to the database thread
   instead, which waits for the lock as usual. Neither working connection checkpoints the
   WAL (``wal_autocheckpoint = 0``): a checkpointer thread with its own connection does,
-  every 0.5 s, so no COMMIT of ours ever waits for the checkpoint's fsync. Measured with
+  every 0.5 s, so no COMMIT of ours ever waits for the checkpoint's fsync. After a
+  complete checkpoint the next write starts the WAL over and fsyncs its header (even with
+  synchronous=NORMAL): the checkpointer makes that write itself (``user_version``), for
+  the same reason. Measured with
   bench/cpu_per_request.py and the stream first-byte probe: the hop cost more than the
   transaction. In-memory databases (one per connection) keep everything on the thread.
 * Once an operation is queued it runs to completion even if the awaiting task is
@@ -273,6 +276,10 @@ def _connect(path: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS, autocheckpoin
     return db
 
 
+RESTART_FRAMES = 1000  # WAL frames (pages) worth starting the WAL over for (SQLite's own default)
+RESTART_EVERY = 5.0  # seconds: start it over at least this often when there is anything in it
+
+
 class _Checkpointer:
     """Copies the WAL back into the database file every `interval` seconds, on its own
     connection and thread. SQLite would otherwise checkpoint inside some COMMIT of ours,
@@ -294,10 +301,20 @@ class _Checkpointer:
 
     def _run(self) -> None:
         db = _connect(self.path, autocheckpoint=False)
+        last_restart = time.monotonic()
         try:
             while not self._stop.wait(self.interval):
                 try:
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    busy, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    if busy or frames <= 0 or copied != frames:
+                        continue
+                    if frames >= RESTART_FRAMES or time.monotonic() - last_restart >= RESTART_EVERY:
+                        # The whole WAL is in the database file: the next write starts it over
+                        # and syncs its header (an fsync). Make that write here, so the fsync
+                        # never lands on the loop's connection. user_version is otherwise unused.
+                        version = db.execute("PRAGMA user_version").fetchone()[0]
+                        db.execute(f"PRAGMA user_version = {(version + 1) % 2**31}")
+                        last_restart = time.monotonic()
                 except sqlite3.Error:
                     pass  # busy or a transient I/O error: the next round tries again
             db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()  # leave a short WAL behind
