@@ -23,6 +23,7 @@ Environment:
     BENCH_QUICK=1            same as --quick
     BENCH_LOADGEN=auto       auto | python | wrk (auto: wrk if on PATH)
     BENCH_STREAMS=20         streamed requests per target; BENCH_CHUNKS=10, BENCH_CHUNK_DELAY_MS=20
+    BENCH_PLUGINS=a,b        run the gateways with only these plugins of config.yaml's chain (ablation)
 Results: a table on stdout and bench/results.json.
 """
 
