@@ -260,12 +260,16 @@ def _ledger_row(db, user_id, request_id, kind, amount, balance_after, reason, no
     )
 
 
-def _connect(path: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS, autocheckpoint: bool = True) -> sqlite3.Connection:
+def _connect(path: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS, autocheckpoint: bool = True,
+             set_wal: bool = True) -> sqlite3.Connection:
+    """A connection with our settings. `set_wal`: switch the file to WAL (the first
+    connection of a store does; WAL then stays the file's mode for every connection)."""
     db = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_ms / 1000, check_same_thread=False)
     try:
         # busy_timeout first: switching to WAL itself needs a lock another process may hold.
         db.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
-        db.execute("PRAGMA journal_mode = WAL")
+        if set_wal:
+            _set_wal(db)
         db.execute(f"PRAGMA synchronous = {SYNCHRONOUS}")
         db.execute("PRAGMA foreign_keys = ON")
         if not autocheckpoint:
@@ -300,7 +304,7 @@ class _Checkpointer:
         self._thread.join(30)
 
     def _run(self) -> None:
-        db = _connect(self.path, autocheckpoint=False)
+        db = _connect(self.path, autocheckpoint=False, set_wal=False)
         last_restart = time.monotonic()
         try:
             while not self._stop.wait(self.interval):
@@ -325,6 +329,19 @@ class _Checkpointer:
 
 
 _NOT_STARTED: list = []  # _run_writes: the transaction could not begin (file locked)
+
+
+def _set_wal(db: sqlite3.Connection) -> None:
+    # Switching a new file to WAL needs an exclusive lock, for which SQLite does not always
+    # call the busy handler (two processes opening a new file at once): retry a while.
+    for attempt in range(100):
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc) or attempt == 99:
+                raise
+            time.sleep(0.05)
 
 
 def _in_memory(path: str) -> bool:
@@ -540,7 +557,7 @@ class SQLiteStore(Store):
         try:
             await self.migrate()
             if self.loop_writes and not _in_memory(self.path):
-                self._inline = _connect(self.path, busy_timeout_ms=0, autocheckpoint=False)
+                self._inline = _connect(self.path, busy_timeout_ms=0, autocheckpoint=False, set_wal=False)
                 self._inline_loop = asyncio.get_running_loop()
                 # Checkpoints (with their fsync) move off both working connections.
                 await database.submit(lambda db: db.execute("PRAGMA wal_autocheckpoint = 0"), (), False)
