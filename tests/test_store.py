@@ -752,6 +752,17 @@ def _outcome(result):
     return type(result).__name__ if isinstance(result, Exception) else result
 
 
+async def _one_by_one(calls) -> list:
+    """Await the calls in order, each on its own: the reference a group must equal."""
+    outcomes = []
+    for call in calls:
+        try:
+            outcomes.append(_outcome(await call))
+        except Exception as exc:
+            outcomes.append(_outcome(exc))
+    return outcomes
+
+
 @pytest.mark.asyncio
 async def test_a_failing_operation_in_a_group_leaves_the_others_applied(sqlite_store,
                                                                         tmp_path,
@@ -772,12 +783,7 @@ async def test_a_failing_operation_in_a_group_leaves_the_others_applied(sqlite_s
         ws2 = await ref.create_workspace("acme")
         user2 = await ref.create_user(ws2.id, "free", energy=100, now=T0)
         await ref.reserve_energy(user2.id, 10, "dup", now=T0)
-        one_by_one = []
-        for call in await _grouped_scenario(ref, user2.id):
-            try:
-                one_by_one.append(_outcome(await call))
-            except Exception as exc:
-                one_by_one.append(_outcome(exc))
+        one_by_one = await _one_by_one(await _grouped_scenario(ref, user2.id))
         ref_ledger = await ref.ledger(user2.id)
 
     assert grouped == one_by_one
@@ -955,12 +961,7 @@ async def test_reservations_of_one_loop_turn_are_one_transaction_with_one_by_one
         ws2 = await ref.create_workspace("acme")
         user2 = await ref.create_user(ws2.id, "free", energy=20, now=T0)
         await ref.reserve_energy(user2.id, 1, "dup", now=T0)
-        one_by_one = []
-        for call in scenario(ref, user2.id):
-            try:
-                one_by_one.append(_outcome(await call))
-            except Exception as exc:
-                one_by_one.append(_outcome(exc))
+        one_by_one = await _one_by_one(scenario(ref, user2.id))
         ref_ledger = await ref.ledger(user2.id)
     assert together == one_by_one
     assert together[1:3] == ["StoreConflict", "NotFound"]
