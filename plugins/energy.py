@@ -205,9 +205,9 @@ class Energy(Plugin):
             cost = ctx.config.energy.cost(action, model)
             if balance is not None and balance < cost:
                 continue  # known not to be affordable; skip the round trip
+            reserving = store.reserve_energy_soon(user_id, cost, ctx.request_id, refill=refill)
             ticket = self._begin(user_id)
-            reserving = asyncio.ensure_future(store.reserve_energy(user_id, cost, ctx.request_id, refill=refill))
-            reserving.add_done_callback(lambda done: self._end(user_id, ticket, done))
+            reserving.add_done_callback(lambda done, ticket=ticket: self._end(user_id, ticket, done))
             try:
                 result = await asyncio.shield(reserving)
             except asyncio.CancelledError:
