@@ -925,3 +925,11 @@ class ServerThread:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+async def eventually(predicate, timeout: float = 1.0) -> None:
+    """Wait (polling) until predicate() holds; the assertion after it says what failed."""
+    for _ in range(int(timeout / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from gateway.batcher import WriteBehind
+from tests.fakes import eventually
 
 
 class Sink:
@@ -34,10 +35,7 @@ async def test_a_full_batch_is_written_without_waiting_for_the_interval():
     wb.start()
     for i in range(7):
         await wb.put(i)
-    for _ in range(100):
-        if len(sink.items) >= 6:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: len(sink.items) >= 6)
     assert sink.batches[:2] == [[0, 1, 2], [3, 4, 5]]
     assert wb.depth == 1  # 6 waits for the interval (or flush/close)
     await wb.close()
@@ -49,10 +47,7 @@ async def test_a_partial_batch_is_written_after_the_interval():
     wb = WriteBehind("t", sink.write, batch_size=100, flush_interval=0.05, max_pending=100)
     wb.start()
     await wb.put(1)
-    for _ in range(100):
-        if sink.items:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: sink.items)
     assert sink.items == [1]
     await wb.close()
 
@@ -85,10 +80,7 @@ async def test_a_slow_database_applies_back_pressure():
     wb = WriteBehind("t", sink.write, batch_size=2, flush_interval=0.01, max_pending=4)
     wb.start()
     await wb.put(0)
-    for _ in range(100):  # the writer takes [0] after the interval, and blocks on the database
-        if sink.calls:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: sink.calls)  # the writer takes [0] after the interval, and blocks on the database
     for i in range(1, 5):  # 4 pending: the limit
         await asyncio.wait_for(wb.put(i), 1)
     blocked = asyncio.ensure_future(wb.put(99))

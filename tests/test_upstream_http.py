@@ -18,6 +18,7 @@ from gateway.upstream_http import (
     UpstreamHTTP,
     UpstreamProtocolError,
 )
+from tests.fakes import eventually
 
 HEADERS = b"Content-Type: application/json\r\nAuthorization: Bearer sk-test\r\n"
 
@@ -266,10 +267,7 @@ async def test_a_stream_released_after_its_last_event_does_not_wait_for_the_body
                 break
         response.release()  # returns at once; the end chunk is still to come
         end_now.set()
-        for _ in range(100):
-            if http._idle.get(server.target().key):
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: http._idle.get(server.target().key))
         assert http._idle.get(server.target().key)  # pooled once the end arrived
         monkeypatch.setattr(uh, "RELEASE_GRACE", 0.1)
         second = await post(http, server)  # reuses it; this time the end never comes
