@@ -327,6 +327,40 @@ class Config(_Strict):
             index[name] = (entries, merged)
         return index
 
+    @functools.cached_property
+    def _memo(self) -> dict[tuple, frozenset[str] | tuple[str, ...]]:
+        """Per-request answers that depend only on this config (bounded by its size)."""
+        return {}
+
+    def tier_models(self, tier: str) -> frozenset[str]:
+        """The public models tier `tier` (a configured one) may use."""
+        key = ("tier", tier)
+        found = self._memo.get(key)
+        if found is None:
+            allows = self.tiers[tier].allows
+            found = self._memo[key] = frozenset(m for m in self._index if allows(m))
+        return found  # type: ignore[return-value]
+
+    def tier_ladder(self, tier: str, model: str) -> tuple[str, ...]:
+        """`model`'s downgrade ladder, only the steps tier `tier` may use."""
+        key = ("ladder", tier, model)
+        found = self._memo.get(key)
+        if found is None:
+            allows = self.tiers[tier].allows
+            found = self._memo[key] = tuple(m for m in self.ladder(model) if allows(m))
+        return found  # type: ignore[return-value]
+
+    def models_within(self, action: str, cost: int) -> frozenset[str]:
+        """The public models whose energy for `action` is at most `cost` (a configured
+        action; `cost` is one of its prices, so the memo stays small)."""
+        key = ("within", action, cost)
+        found = self._memo.get(key)
+        if found is None:
+            if len(self._memo) > 10_000:  # a cost from outside the price book: stay bounded
+                self._memo.clear()
+            found = self._memo[key] = frozenset(m for m in self._index if self.energy.cost(action, m) <= cost)
+        return found  # type: ignore[return-value]
+
     def deployments(self, model: str) -> list[ModelEntry]:
         found = self._index.get(model)
         return found[0] if found is not None else []

@@ -50,7 +50,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping
+from typing import TYPE_CHECKING, AbstractSet, Any, ClassVar, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict
 
@@ -111,7 +111,7 @@ class RequestContext:
     # Models dispatch may fall back to when every deployment failed (None = any configured
     # fallback). tier_policy limits it to the tier's models; energy to models no dearer than
     # what was reserved, so a fallback never serves a forbidden model or costs more.
-    fallback_allowed: set[str] | None = None
+    fallback_allowed: AbstractSet[str] | None = None  # replace it, never change it in place
     model: str = ""  # the public model that served (or would have served) the request
     downgraded_from: str | None = None  # set by the core when request hooks changed the model
     downgrade_reason: str | None = None

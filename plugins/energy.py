@@ -249,8 +249,8 @@ class Energy(Plugin):
     @staticmethod
     def _limit_fallbacks(ctx: RequestContext, action: str, cost: int) -> None:
         # A fallback after failures must not serve a dearer model than was paid for.
-        allowed = ctx.fallback_allowed if ctx.fallback_allowed is not None else set(ctx.config.model_names())
-        ctx.fallback_allowed = {m for m in allowed if ctx.config.energy.cost(action, m) <= cost}
+        within = ctx.config.models_within(action, cost)
+        ctx.fallback_allowed = within if ctx.fallback_allowed is None else ctx.fallback_allowed & within
 
     # --- overlapping the reservation with the upstream call ---------------------------
 

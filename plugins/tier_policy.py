@@ -39,11 +39,11 @@ class TierPolicy(Plugin):
         if not ctx.candidates:
             return  # unknown model: the core answers 404
         requested = ctx.requested_model
-        allowed = [m for m in ctx.config.ladder(requested) if tier.allows(m)]
+        allowed = ctx.config.tier_ladder(ctx.identity.tier, requested)
         if not allowed:
             raise Reject(403, f"Your tier '{ctx.identity.tier}' may not use the model '{requested}'.",
                          type="invalid_request_error", code="model_not_allowed", param="model")
         if allowed[0] != requested:
             ctx.downgrade_reason = f"tier '{ctx.identity.tier}' does not allow {requested}"
-        ctx.candidates = allowed
-        ctx.fallback_allowed = {m for m in ctx.config.model_names() if tier.allows(m)}
+        ctx.candidates = list(allowed)
+        ctx.fallback_allowed = ctx.config.tier_models(ctx.identity.tier)

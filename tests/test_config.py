@@ -44,6 +44,26 @@ def test_a_minimal_config_loads_with_defaults():
     assert config.ladder("gpt-4o") == ["gpt-4o", "demo"]
 
 
+def test_request_time_lookups_follow_the_tier_and_the_price_book():
+    data = config_with(
+        models=MINIMAL["models"] + [{"name": "gpt-4o-mini", "litellm_params": {"model": "openai/gpt-4o-mini"}}],
+        tiers={"free": {"models": ["demo", "gpt-4o-mini"]}, "pro": {"models": ["*"]}},
+        energy={"default_action": "chat", "actions": {"chat": {"default": 1, "models": {"gpt-4o": 5, "demo": 0}}}})
+    config = load_config_data(data)
+    assert config.tier_models("free") == {"demo", "gpt-4o-mini"}
+    assert config.tier_models("pro") == {"demo", "gpt-4o", "gpt-4o-mini"}
+    assert config.tier_ladder("free", "gpt-4o") == ("demo",)  # gpt-4o itself is not the free tier's
+    assert config.tier_ladder("pro", "gpt-4o") == ("gpt-4o", "demo")
+    assert config.models_within("chat", 0) == {"demo"}
+    assert config.models_within("chat", 1) == {"demo", "gpt-4o-mini"}
+    assert config.models_within("chat", 5) == {"demo", "gpt-4o", "gpt-4o-mini"}
+    assert config.tier_models("free") is config.tier_models("free")  # computed once per config
+    # A reload is a new Config: its answers follow the new file, nothing carries over.
+    data["tiers"]["free"]["models"] = ["demo"]
+    assert load_config_data(data).tier_models("free") == {"demo"}
+    assert config.tier_models("free") == {"demo", "gpt-4o-mini"}
+
+
 def test_a_missing_required_field_names_its_path():
     data = config_with()
     data["models"][1]["litellm_params"] = {"api_key": "sk-x"}
