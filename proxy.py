@@ -812,6 +812,7 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
             log.warning("model_price_unknown", models=missing,
                         hint="set models[].pricing in config.yaml; their cost_usd is logged as null")
         await asyncio.get_running_loop().run_in_executor(None, warm_up)
+        await gw.router.warm_up(config)
         # litellm leaves ~400k long-lived objects; without this every full collection walks
         # them all (0.5 s pauses under load). Freeze them out of the collector's sight.
         gc.collect()

@@ -120,6 +120,23 @@ class Router:
             return special
         return self.native if uses_native(deployment) else self.litellm
 
+    async def warm_up(self, config: Config, timeout: float = 30.0) -> None:
+        """Before the first request: one mock call through litellm per provider it serves
+        (see LitellmDispatcher.warm_up). Fails open: a failed warm-up only means a slower
+        first call."""
+        warm = getattr(self.litellm, "warm_up", None)
+        seen: set[str] = set()
+        for entry in config.models:
+            provider = provider_of(entry)
+            if warm is None or provider in seen or self.dispatcher_for(entry) is not self.litellm:
+                continue
+            seen.add(provider)
+            try:
+                async with asyncio.timeout(timeout):
+                    await warm(entry)
+            except Exception as exc:  # noqa: BLE001
+                log.info("litellm_warm_up_failed", provider=provider, error=type(exc).__name__)
+
     async def close(self) -> None:
         await self.native.close()
 

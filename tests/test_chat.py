@@ -654,3 +654,37 @@ def test_either_dispatcher_redacts_an_echoed_key_mid_stream(gateway_factory, ups
 
 async def _post_in_thread(base_url: str) -> tuple[int, dict, bytes]:
     return await post_raw(base_url + "/chat/completions", {"model": "m", "messages": MSGS, "stream": True})
+
+
+async def test_the_litellm_warm_up_runs_once_per_provider_it_serves_and_never_reaches_an_upstream(upstream):
+    """Start-up sends one mock call through litellm per provider (its first real call would
+    otherwise pay litellm's lazy set-up, enough to trip a tight first_byte timeout)."""
+    from gateway.config import load_config_data
+    from gateway.router import Router
+
+    openai_params = {"model": "openai/gpt-4o-mini", "api_base": upstream.url + "/v1", "api_key": "sk-SECRET"}
+    config = load_config_data({"models": [
+        {"name": "native", "dispatch": "native", "litellm_params": openai_params},
+        {"name": "via-litellm", "dispatch": "litellm", "litellm_params": openai_params},
+        {"name": "via-litellm-too", "dispatch": "litellm", "litellm_params": openai_params},
+        {"name": "claude", "litellm_params": {"model": "anthropic/claude-haiku-4-5", "api_base": upstream.url,
+                                              "api_key": "sk-ant-SECRET"}},
+        {"name": "demo", "litellm_params": {"model": "demo/offline"}},
+    ]})
+    router = Router()
+    warmed: list[str] = []
+    real = router.litellm.warm_up
+
+    async def recording(entry: Any) -> None:
+        warmed.append(entry.name)
+        await real(entry)  # a failure would be logged and swallowed: record success only after it
+        warmed.append("ok")
+
+    router.litellm.warm_up = recording
+    try:
+        await router.warm_up(config)
+    finally:
+        await router.close()
+    # openai and anthropic through litellm, each answered by litellm's mock; not native, not demo
+    assert warmed == ["via-litellm", "ok", "claude", "ok"]
+    assert upstream.count() == 0  # a mock answer: nothing was sent
