@@ -56,7 +56,7 @@ from gateway.store import (
     idempotency_decision,
     new_api_key,
     new_id,
-    normalize_usage_row,
+    prepare_usage_rows,
     now_or,
     settlement_return,
 )
@@ -648,16 +648,14 @@ class PostgresStore(Store):
     # --------------------------------------------------------------------- usage
 
     async def insert_usage(self, rows, *, now=None):
-        now = now_or(now)
-        normalized = [normalize_usage_row(row, now) for row in rows]
-        if not normalized:
+        def finish(r: dict[str, Any]) -> tuple:
+            r["created_at"] = datetime.fromtimestamp(r["created_at"], timezone.utc)
+            return tuple(r.values())
+
+        values = await prepare_usage_rows(rows, now_or(now), finish)
+        if not values:
             return 0
-        columns = []
-        for name, kind in USAGE_COLUMNS.items():
-            values = [r[name] for r in normalized]
-            if kind == "time":
-                values = [datetime.fromtimestamp(v, timezone.utc) for v in values]
-            columns.append(values)
+        columns = [list(column) for column in zip(*values)]  # USAGE_COLUMNS order, as the statement
         # One statement for the whole batch, so the count of inserted rows is exact.
         async with self._tx() as conn:
             inserted = await conn.fetch(_USAGE_INSERT, *columns)

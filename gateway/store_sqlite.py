@@ -99,7 +99,7 @@ from gateway.store import (
     iso_utc,
     new_api_key,
     new_id,
-    normalize_usage_row,
+    prepare_usage_rows,
     now_or,
     parse_iso_utc,
     settlement_return,
@@ -935,12 +935,11 @@ class SQLiteStore(Store):
     # --------------------------------------------------------------------- usage
 
     async def insert_usage(self, rows, *, now=None):
-        now = now_or(now)
-        values = []
-        for row in rows:
-            r = normalize_usage_row(row, now)
+        def finish(r: dict[str, Any]) -> tuple:
             r["created_at"] = iso_utc(r["created_at"])
-            values.append(tuple(r.values()))
+            return tuple(r.values())
+
+        values = await prepare_usage_rows(rows, now_or(now), finish)
         if not values:
             return 0
 

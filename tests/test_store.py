@@ -685,6 +685,36 @@ async def test_usage_insert_batch_and_duplicates(store):
     assert await count_rows(store.url, "ai_usage_logs") == 2
 
 
+@pytest.mark.asyncio
+async def test_a_large_usage_batch_is_prepared_in_slices_that_let_requests_run_between():
+    """A flush carries up to a second's rows (thousands at load): preparing them in one go
+    held the event loop ~10 ms per 500 rows, a stall every request then waited out."""
+    from gateway.store import USAGE_SLICE, prepare_usage_rows
+
+    ticks = 0
+    done = False
+
+    async def other_work() -> None:  # stands for the requests the loop is serving
+        nonlocal ticks
+        while not done:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    other = asyncio.ensure_future(other_work())
+    await asyncio.sleep(0)
+    rows = [{"request_id": f"r{i}", "status": 200} for i in range(5 * USAGE_SLICE)]
+    seen: list[int] = []
+    try:
+        prepared = await prepare_usage_rows(rows, T0, lambda r: (seen.append(ticks), r["request_id"])[1])
+    finally:
+        done = True
+        await other
+    assert prepared == [f"r{i}" for i in range(5 * USAGE_SLICE)]  # every row, in order
+    assert len(set(seen)) == 5  # the other work ran between every two slices
+    with pytest.raises(ValueError):
+        await prepare_usage_rows([{"request_id": "x", "modle": "typo"}], T0, dict)
+
+
 # ----------------------------------------------- grouped writes (SQLite write combiner)
 
 
