@@ -59,9 +59,9 @@ Why it is built this way:
   ``USAGE_CHUNK`` items with a turn of the loop between two. On the database thread they
   held the file's write lock 10-50 ms under load (the thread waits for the GIL between
   statements), and every request's reservation, locked out of the loop's connection,
-  queued behind them. Measured at 1 connection (bench/, timeline probe): settle batches
-  of ~60 went from 8-29 ms to 2-5 ms and the client's p99 from 17-20 ms to 5-6 ms; at 32
-  connections the throughput did not move. A locked file sends a chunk to the thread, as
+  queued behind them. Measured at 1 connection: settle batches of ~60 went from 8-29 ms
+  to 2-5 ms, and the fast path's p99 in `BENCH_QUICK=1 make bench` from 12.0 / 8.7 ms to
+  5.7 / 5.7 ms (two runs each); the throughput at 32 connections did not move. A locked file sends a chunk to the thread, as
   for reservations. A batch that fails part-way is retried whole, which is safe: a settle
   only matches reservations still open, and usage rows are unique by request_id.
 * Once an operation is queued it runs to completion even if the awaiting task is
