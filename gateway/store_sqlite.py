@@ -54,15 +54,18 @@ Why it is built this way:
   the same reason. Measured with
   bench/cpu_per_request.py and the stream first-byte probe: the hop cost more than the
   transaction. In-memory databases (one per connection) keep everything on the thread.
-* Write-behind batches (``settle_many``, ``insert_usage``: up to a second's requests) run
-  on the loop's connection too, as short transactions of ``SETTLE_CHUNK`` /
-  ``USAGE_CHUNK`` items with a turn of the loop between two. On the database thread they
-  held the file's write lock 10-50 ms under load (the thread waits for the GIL between
-  statements), and every request's reservation, locked out of the loop's connection,
-  queued behind them. Measured at 1 connection: settle batches of ~60 went from 8-29 ms
-  to 2-5 ms, and the fast path's p99 in `BENCH_QUICK=1 make bench` from 12.0 / 8.7 ms to
-  5.7 / 5.7 ms (two runs each); the throughput at 32 connections did not move. A locked file sends a chunk to the thread, as
-  for reservations. A batch that fails part-way is retried whole, which is safe: a settle
+* Write-behind batches (``settle_many``, ``insert_usage``: up to a second's requests) are
+  written as short transactions of ``SETTLE_CHUNK`` / ``USAGE_CHUNK`` items, one at a
+  time. On the database thread, one whole batch held the file's write lock 10-50 ms under
+  load (the thread waits for the GIL between statements), and every request's
+  reservation, locked out of the loop's connection, queued behind it. Settlements (small,
+  every 0.1 s: the batches most requests waited behind) run on the loop's connection like
+  reservations, a turn of the loop between two chunks; a locked file sends a chunk to the
+  thread. Usage rows (most of the write-behind SQL) stay on the thread: on the loop they
+  cost ~10% of the throughput at 32 connections (CPU per request 878 vs 799 us, medians
+  of four alternated runs). Measured at 1 connection: settle batches of ~60 went from
+  8-29 ms to 2-5 ms, and the fast path's p99 in `BENCH_QUICK=1 make bench` from 12.0 /
+  8.7 ms to 5.2 ms. A batch that fails part-way is retried whole, which is safe: a settle
   only matches reservations still open, and usage rows are unique by request_id.
 * Once an operation is queued it runs to completion even if the awaiting task is
   cancelled (its result is then dropped). A settle must not depend on the client staying
@@ -641,14 +644,20 @@ class SQLiteStore(Store):
         """Run fn(db, *args) on the database thread as one atomic write (see module doc)."""
         return await self._submit(fn, args, True)
 
-    async def _write_chunks(self, tx: Callable[[sqlite3.Connection, list], int], items: list, size: int) -> int:
-        """A write-behind batch as several short transactions on the loop's connection,
-        a turn of the loop between two (module docstring): the sum of what each returns."""
+    async def _write_chunks(self, tx: Callable[[sqlite3.Connection, list], int], items: list, size: int,
+                            *, inline: bool) -> int:
+        """A write-behind batch as several short transactions, on the loop's connection
+        (a turn of the loop between two) or on the thread (module docstring): the sum of
+        what each returns."""
         done = 0
         for start in range(0, len(items), size):
+            part = items[start:start + size]
+            if not inline:
+                done += await self._write(tx, part)
+                continue
             if start:
                 await asyncio.sleep(0)  # requests first, between two chunks
-            done += await self._write_inline(tx, (items[start:start + size],))
+            done += await self._write_inline(tx, (part,))
         return done
 
     async def _read(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -867,7 +876,7 @@ class SQLiteStore(Store):
             db.executemany(_SETTLE_FULL, part)
             return db.total_changes - before
 
-        return await self._write_chunks(tx, ledger, SETTLE_CHUNK)
+        return await self._write_chunks(tx, ledger, SETTLE_CHUNK, inline=True)
 
     async def grant_energy(self, user_id, amount, *, kind="grant", reason=None, now=None):
         check_grant(amount, kind)
@@ -968,7 +977,7 @@ class SQLiteStore(Store):
             db.executemany(_USAGE_INSERT, part)
             return db.total_changes - before
 
-        return await self._write_chunks(tx, values, USAGE_CHUNK)
+        return await self._write_chunks(tx, values, USAGE_CHUNK, inline=False)
 
     async def usage_rows(self, since=None, workspace_id=None):
         where, args = [], []

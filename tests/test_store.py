@@ -1029,10 +1029,11 @@ async def test_a_locked_file_sends_reservations_to_the_thread_and_never_blocks_t
 
 
 @pytest.mark.asyncio
-async def test_write_behind_batches_run_on_the_loop_in_short_transactions(loop_store, monkeypatch):
-    """settle_many and insert_usage hold the file's lock one short chunk at a time, on the
-    loop's connection (a batch on the store thread held it for tens of ms under load while
-    every reservation waited); the results are those of one big transaction."""
+async def test_write_behind_batches_are_written_in_short_transactions(loop_store, monkeypatch):
+    """settle_many and insert_usage hold the file's lock one short chunk at a time (a batch
+    held it for tens of ms under load while every reservation waited); settlements on the
+    loop's connection, usage rows on the store thread; the results are those of one big
+    transaction."""
     from gateway.store_sqlite import SETTLE_CHUNK, USAGE_CHUNK
 
     ws = await loop_store.create_workspace("acme")
@@ -1046,7 +1047,7 @@ async def test_write_behind_batches_run_on_the_loop_in_short_transactions(loop_s
     rows = [{"request_id": f"u{i}", "user_id": user.id, "status": 200} for i in range(2 * USAGE_CHUNK + 1)]
     groups.clear()
     assert await loop_store.insert_usage(rows) == len(rows)
-    assert groups == [(True, 1)] * 3
+    assert groups == [(False, 1)] * 3  # three, on the store thread
     assert await loop_store.insert_usage(rows) == 0  # a retried batch writes nothing twice
     assert await loop_store.settle_many(ids) == 0
     assert await loop_store.balance(user.id) == 1000 - 2 * len(ids)
