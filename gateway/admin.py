@@ -155,10 +155,15 @@ class Admin:
 
     # --- users ----------------------------------------------------------------------
 
-    async def create_user(self, scope: Scope, workspace: str, tier: str | None = None, energy: int = 0,
+    async def create_user(self, scope: Scope, workspace: str, tier: str | None = None, energy: int | None = None,
                           name: str | None = None, role: str = "user") -> dict:
+        """`energy` None: the tier's refill amount (0 on a tier without a refill)."""
         tier = tier or self.config.auth.default_tier
         self._check_tier(tier)
+        refill = self.config.tiers[tier].refill
+        given = energy is not None
+        if energy is None:
+            energy = refill.amount if refill is not None else 0
         if isinstance(energy, bool) or not isinstance(energy, int) or not 0 <= energy <= MAX_ENERGY_AMOUNT:
             raise ApiError(400, f"energy must be an integer from 0 to {MAX_ENERGY_AMOUNT}", param="energy")
         if role not in ("user", "workspace_admin"):
@@ -167,9 +172,12 @@ class Admin:
         if not isinstance(workspace, str):
             raise ApiError(400, "'workspace' must be a workspace name or id", param="workspace")
         ws = await self._workspace(scope, workspace)
-        if not scope.is_master and (energy > 0 or tier != self.config.auth.default_tier):
+        if not scope.is_master and ((given and energy > 0) or tier != self.config.auth.default_tier):
             raise _master_only("giving a new user energy or a tier other than the default")
-        user = await self.store.create_user(ws.id, tier, name=name, energy=energy)
+        # On a tier with a refill, creation starts the first period with the energy given:
+        # `--energy 3` means 3 until the period ends, not a top-up at the first request.
+        user = await self.store.create_user(ws.id, tier, name=name, energy=energy,
+                                            start_refill_period=refill is not None)
         plaintext, key = await self.store.create_key(user.id, role=role)
         out = as_dict(user)
         out["api_key"] = plaintext

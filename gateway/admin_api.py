@@ -112,7 +112,8 @@ def admin_routes(get_admin: AdminFactory) -> list[web.RouteDef]:
         workspace = b.get("workspace") or (s.workspace_id if not s.is_master else None)
         if not workspace:
             raise ApiError(400, "'workspace' is required", param="workspace")
-        return await a.create_user(s, workspace, b.get("tier"), _int_param(b.get("energy"), "energy", 0),
+        energy = None if b.get("energy") is None else _int_param(b["energy"], "energy")
+        return await a.create_user(s, workspace, b.get("tier"), energy,
                                    b.get("name"), b.get("role", "user"))
 
     async def update_user(r, a, s):

@@ -155,7 +155,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "create a user and print its API key (once)")
     p.add_argument("--workspace", required=True)
     p.add_argument("--tier")
-    p.add_argument("--energy", type=int, default=0)
+    p.add_argument("--energy", type=int, help="initial energy (default: the tier's refill amount, else 0)")
     p.add_argument("--name")
     p.add_argument("--admin", action="store_true", help="the key is a workspace admin key")
     p = command(users, "list", lambda a, x, s: a.list_users(s, x.workspace), "list users")

@@ -41,8 +41,13 @@ Decisions callers rely on
   reservation is the ceiling of what a request may cost (no overdraft after the fact).
   Estimate high when reserving.
 * A refill is a top-up: the balance becomes ``max(balance, allowance)``; energy granted
-  above the allowance is kept. ``refilled_at`` advances by whole periods (it stays on the
-  user's schedule) even when the top-up is 0.
+  above the allowance is kept (a refill never takes energy away). ``refilled_at`` advances
+  by whole periods (it stays on the user's schedule) even when the top-up is 0. A user
+  created on a tier with a refill starts their first period at creation, with the energy
+  given (``create_user(start_refill_period=True)``: ``refilled_at = created_at``).
+* A refund never lifts a balance above what it would have been without the request: the
+  energy returned (a refund, or the unused part of a settlement) is reduced by the refills
+  since the reservation (``returned_after_refills``).
 * The store does not check ``users.disabled`` or key revocation when moving energy:
   ``lookup_key`` reports both, and refusing a request is the gateway's decision.
 * Idempotency claims expire ``window`` seconds after they were *claimed* (whatever their
@@ -245,7 +250,8 @@ def compute_refill(
 ) -> RefillOutcome:
     """Lazy refill: top up to the allowance once per elapsed period.
 
-    First use (refilled_at None) refills now and starts the schedule at `now`. Later,
+    First use (refilled_at None: a user created on a tier without a refill, then moved to
+    one) refills now and starts the schedule at `now`. Later,
     refilled_at advances by whole periods so the schedule does not drift with traffic:
     with a daily period, a user seen at 09:00, 15:00 the next day and 08:00 the day after
     is refilled at the first and third visit, each time on the original 09:00 grid.
@@ -271,6 +277,34 @@ def compute_refill(
         return RefillOutcome(False, balance, 0, refilled_at)
     topped = max(balance, allowance)
     return RefillOutcome(True, topped, topped - balance, new_at)
+
+
+def returned_after_refills(back: int, refilled_since: int) -> int:
+    """Energy a refund (or a settlement's unused part) returns when refills added
+    `refilled_since` to the balance while the reservation was open.
+
+    A refill tops up to the allowance, so one that ran while the reservation held `back`
+    also topped that energy up: without the request it would have added that much less
+    (nothing, when the balance was at the allowance). Returning `back` in full would put
+    the balance above what it would have been without the request (allowance 10: 10,
+    reserve 1 -> 9, refill +1 -> 10, refund 1 -> 11). So each refill since the reservation
+    takes its top-up off what is returned: `max(0, back - refilled_since)`. A top-up of 0
+    (the balance was at or above the allowance, e.g. after a grant) takes nothing off.
+
+    Exact for one reservation across any number of refills (the difference a request
+    makes to the balance is `max(0, d - top_up)` after each refill, and those compose to
+    `max(0, back - sum)`). With several reservations open across one partial top-up, each
+    is reduced by the whole top-up, so if they all fail together they may return less
+    than the top-up would have left them: never more than without any one of them.
+    """
+    return max(0, back - refilled_since)
+
+
+def kept_by_refill_reason(reason: str | None, kept: int) -> str:
+    """The ledger reason of a refund/settle row that returned `kept` less (the row's
+    amount is what came back; this says where the rest went)."""
+    note = f"{kept} not returned: a refill since the reservation covered it"
+    return f"{reason}; {note}" if reason else note
 
 
 def settlement_return(reserved: int, final_amount: int | None) -> int:
@@ -473,8 +507,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def create_user(
         self, workspace_id: str, tier: str, *, name: str | None = None, energy: int = 0,
-        now: float | None = None,
-    ) -> User: ...
+        start_refill_period: bool = False, now: float | None = None,
+    ) -> User:
+        """`start_refill_period`: the tier has a refill, and its first period starts now with
+        `energy` (refilled_at = created_at); the first top-up comes a period later. Without
+        it refilled_at stays None and the first request on a tier with a refill tops up."""
 
     @abc.abstractmethod
     async def get_user(self, user_id: str) -> User | None: ...

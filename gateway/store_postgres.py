@@ -54,10 +54,12 @@ from gateway.store import (
     compute_refill,
     hash_key,
     idempotency_decision,
+    kept_by_refill_reason,
     new_api_key,
     new_id,
     prepare_usage_rows,
     now_or,
+    returned_after_refills,
     settlement_return,
 )
 
@@ -329,16 +331,19 @@ class PostgresStore(Store):
 
     # --------------------------------------------------------------------- users
 
-    async def create_user(self, workspace_id, tier, *, name=None, energy=0, now=None):
+    async def create_user(self, workspace_id, tier, *, name=None, energy=0,
+                          start_refill_period=False, now=None):
         check_tier(tier)
         check_amount(energy, "energy")
-        user = User(new_id("usr"), workspace_id, name, tier, energy, None, now_or(now), False)
+        created_at = now_or(now)
+        user = User(new_id("usr"), workspace_id, name, tier, energy,
+                    created_at if start_refill_period else None, created_at, False)
         async with self._tx() as conn:
             if not await conn.fetchval("SELECT 1 FROM workspaces WHERE id = $1", workspace_id):
                 raise NotFound(f"workspace {workspace_id!r}")
             await conn.execute(
-                f"INSERT INTO users ({_USER_COLS}) VALUES ($1, $2, $3, $4, $5, NULL, $6, false)",
-                user.id, workspace_id, name, tier, energy, user.created_at,
+                f"INSERT INTO users ({_USER_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, false)",
+                user.id, workspace_id, name, tier, energy, user.refilled_at, user.created_at,
             )
             if energy > 0:
                 await self._ledger_row(conn, user.id, None, "grant", energy, energy,
@@ -517,6 +522,20 @@ class PostgresStore(Store):
             back = reserved if status == "refunded" else settlement_return(reserved, final_amount)
             await conn.execute("UPDATE reservations SET final_amount = $2 WHERE request_id = $1",
                                request_id, reserved - back)
+            if back > 0:  # refills since the reservation cap what comes back (returned_after_refills)
+                # The user's row first: a refill commits under that lock, so once we hold it
+                # the next statement (a fresh snapshot at READ COMMITTED) sees every refill.
+                await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE", res["user_id"])
+                refilled = await conn.fetchval(
+                    "SELECT COALESCE(SUM(amount), 0)::bigint FROM energy_ledger WHERE user_id = $1"
+                    " AND kind = 'refill' AND id > (SELECT id FROM energy_ledger"
+                    "  WHERE request_id = $2 AND kind = 'reserve')",
+                    res["user_id"], request_id,
+                )
+                returned = returned_after_refills(back, refilled)
+                if returned < back:
+                    reason = kept_by_refill_reason(reason, back - returned)
+                back = returned
             balance = await conn.fetchval(
                 "UPDATE users SET energy = energy + $2 WHERE id = $1 RETURNING energy",
                 res["user_id"], back,

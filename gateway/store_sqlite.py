@@ -110,11 +110,13 @@ from gateway.store import (
     hash_key,
     idempotency_decision,
     iso_utc,
+    kept_by_refill_reason,
     new_api_key,
     new_id,
     prepare_usage_rows,
     now_or,
     parse_iso_utc,
+    returned_after_refills,
     settlement_return,
 )
 
@@ -720,17 +722,20 @@ class SQLiteStore(Store):
 
     # --------------------------------------------------------------------- users
 
-    async def create_user(self, workspace_id, tier, *, name=None, energy=0, now=None):
+    async def create_user(self, workspace_id, tier, *, name=None, energy=0,
+                          start_refill_period=False, now=None):
         check_tier(tier)
         check_amount(energy, "energy")
-        user = User(new_id("usr"), workspace_id, name, tier, energy, None, now_or(now), False)
+        created_at = now_or(now)
+        user = User(new_id("usr"), workspace_id, name, tier, energy,
+                    created_at if start_refill_period else None, created_at, False)
 
         def tx(db):
             if not _one(db, "SELECT 1 FROM workspaces WHERE id = ?", workspace_id):
                 raise NotFound(f"workspace {workspace_id!r}")
             db.execute(
                 f"INSERT INTO users ({_USER_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
-                (user.id, workspace_id, name, tier, energy, None, user.created_at),
+                (user.id, workspace_id, name, tier, energy, user.refilled_at, user.created_at),
             )
             if energy > 0:
                 _ledger_row(db, user.id, None, "grant", energy, energy, "initial energy",
@@ -1103,7 +1108,21 @@ def _finish_reservation(db: sqlite3.Connection, request_id: str, status: str,
     back = reserved if status == "refunded" else settlement_return(reserved, final_amount)
     db.execute("UPDATE reservations SET final_amount = ? WHERE request_id = ?",
                (reserved - back, request_id))
+    if back > 0:  # refills since the reservation cap what comes back (returned_after_refills)
+        (refilled,) = _one(db, _REFILLED_SINCE, user_id, request_id)
+        returned = returned_after_refills(back, refilled)
+        if returned < back:
+            reason = kept_by_refill_reason(reason, back - returned)
+        back = returned
     (balance,) = _one(db, "UPDATE users SET energy = energy + ? WHERE id = ? RETURNING energy",
                       back, user_id)
     _ledger_row(db, user_id, request_id, kind, back, balance, reason, now)
     return balance
+
+
+# Energy the user's refills added after a reservation's `reserve` row (ledger ids are in
+# commit order: every write of a user's balance holds the database's write lock).
+_REFILLED_SINCE = (
+    "SELECT COALESCE(SUM(amount), 0) FROM energy_ledger WHERE user_id = ?1 AND kind = 'refill'"
+    " AND id > (SELECT id FROM energy_ledger WHERE request_id = ?2 AND kind = 'reserve')"
+)
