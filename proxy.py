@@ -47,7 +47,7 @@ from gateway.directory import Directory  # noqa: E402
 from gateway.dispatch import UpstreamError  # noqa: E402
 from gateway.errors import ApiError, bad_request, internal_error  # noqa: E402
 from gateway.router import Router, upstream_to_api_error  # noqa: E402
-from gateway.usage import finalize_usage, unpriced_models, warm_up  # noqa: E402
+from gateway.usage import finalize_usage, unpriced_models, usage_from_payload, warm_up  # noqa: E402
 from plugins import build_plugins, plugin_class, validate_plugin_settings  # noqa: E402
 from plugins.auth import bearer_token, is_master_key  # noqa: E402
 from plugins.base import Plugin, RequestContext, Services, Usage  # noqa: E402
@@ -434,12 +434,8 @@ async def _send(request: web.Request, response: web.StreamResponse) -> web.Strea
 
 
 def _usage_from(payload: dict[str, Any]) -> Usage | None:
-    usage = payload.get("usage")
-    if not isinstance(usage, dict):
-        return None
-    prompt = int(usage.get("prompt_tokens") or 0)
-    completion = int(usage.get("completion_tokens") or 0)
-    return Usage(prompt, completion, int(usage.get("total_tokens") or prompt + completion))
+    """Token classes included (cached, cache write, reasoning, audio): gateway/usage.py."""
+    return usage_from_payload(payload)
 
 
 async def _fail(request: web.Request, snap: Snapshot, ctx: RequestContext, err: ApiError) -> web.StreamResponse:

@@ -124,10 +124,17 @@ class Timeouts(_Strict):
 
 
 class Pricing(_Strict):
-    """USD per million tokens; overrides litellm's bundled price map."""
+    """USD per million tokens; overrides litellm's bundled price map. A token class without
+    a price of its own is billed at the plain input (cached, cache write, audio input) or
+    output (reasoning, audio output) price (README: How USD cost is computed)."""
 
     input_per_million: float = Field(ge=0)
     output_per_million: float = Field(ge=0)
+    cached_input_per_million: float | None = Field(None, ge=0)  # prompt-cache reads
+    cache_write_per_million: float | None = Field(None, ge=0)  # prompt-cache writes (Anthropic)
+    reasoning_per_million: float | None = Field(None, ge=0)
+    audio_input_per_million: float | None = Field(None, ge=0)
+    audio_output_per_million: float | None = Field(None, ge=0)
 
 
 class ModelEntry(_Strict):

@@ -168,9 +168,30 @@ _CHUNK_KEYS = ("id", "object", "created", "model", "system_fingerprint", "servic
 _CHOICE_DELTA_KEYS = ("role", "content", "tool_calls", "function_call", "refusal", "reasoning_content")
 
 
+# Usage keys kept: OpenAI's (with the token-class details), and Anthropic's cache counts
+# where litellm's translation puts them (top level, beside prompt_tokens_details, which
+# it fills too). gateway/usage.py reads them without counting a class twice. litellm's
+# own additions (its "cost" guess, "iterations", "speed", ...) are dropped.
+_USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details",
+               "completion_tokens_details", "cache_read_input_tokens", "cache_creation_input_tokens")
+
+
+def _clean_usage(usage: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key in _USAGE_KEYS:
+        value = usage.get(key)
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if v is not None}
+        if value is not None:
+            out[key] = value
+    return out
+
+
 def _clean_chunk(raw: dict[str, Any]) -> dict[str, Any]:
     chunk = {k: raw[k] for k in _CHUNK_KEYS if k in raw and raw[k] is not None}
     chunk["object"] = "chat.completion.chunk"
+    if isinstance(chunk.get("usage"), dict):
+        chunk["usage"] = _clean_usage(chunk["usage"])
     choices = []
     for choice in raw.get("choices") or []:
         delta = choice.get("delta") or {}
@@ -197,9 +218,7 @@ def _clean_response(raw: dict[str, Any]) -> dict[str, Any]:
                         "logprobs": choice.get("logprobs"), "finish_reason": choice.get("finish_reason")})
     out["choices"] = choices
     if isinstance(out.get("usage"), dict):
-        u = out["usage"]
-        out["usage"] = {k: u[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens",
-                                          "prompt_tokens_details", "completion_tokens_details") if u.get(k) is not None}
+        out["usage"] = _clean_usage(out["usage"])
     return out
 
 

@@ -1,23 +1,53 @@
 """Tokens and USD cost of a request, computed once at its ending for every plugin.
 
-Tokens come from the provider's reported usage. Where it reported nothing (or a stream
-was cut short, or the client left mid-stream), they are counted with litellm's token
-counter over what was actually sent and received, and `Usage.estimated` is set: such a
-request is never silently billed at zero.
+Tokens come from the provider's reported usage (`usage_from_payload`, for every path:
+native and litellm, streamed and not). Where it reported nothing (or a stream was cut
+short, or the client left mid-stream), they are counted with litellm's token counter over
+what was actually sent and received, and `Usage.estimated` is set: such a request is
+never silently billed at zero.
+
+Token classes, and the rule that keeps them from being counted twice: `Usage` is always
+in OpenAI's convention, where every class is a *part of* a total.
+
+* OpenAI (and litellm's translation of every provider): `prompt_tokens` INCLUDES
+  `prompt_tokens_details.cached_tokens` and `.audio_tokens`; `completion_tokens`
+  INCLUDES `completion_tokens_details.reasoning_tokens` and `.audio_tokens`. Taken as
+  they are.
+* Anthropic's own Messages API: `input_tokens` EXCLUDES `cache_read_input_tokens` and
+  `cache_creation_input_tokens`, so prompt_tokens = input + cache read + cache write.
+  litellm 1.110.2 (`AnthropicConfig.calculate_usage`) already does that sum when it
+  translates, and reports the parts twice: as `prompt_tokens_details.cached_tokens` /
+  `.cache_creation_tokens` and as top-level `cache_read_input_tokens` /
+  `cache_creation_input_tokens`. One value is read per class (details first), never both.
+* The Responses API shape (`input_tokens` with `input_tokens_details`) is inclusive, like
+  OpenAI's chat usage.
 
 Cost is USD from config.yaml's `pricing` for the model when given, else litellm's bundled
-(offline) price map for the deployment's model. An unknown price gives `cost_usd = None`
-(logged at start-up by `unpriced_models`), never a made-up zero.
+(offline) price map for the deployment's model. Each class has its own unit price
+(`UnitPrices`); a class without one is billed at the plain input price (cached, cache
+write, audio in) or output price (reasoning, audio out). Plain text tokens are the total
+less its classes:
+
+    cost = (prompt - cached - cache_write - audio_in) * input + cached * cached_input
+         + cache_write * cache_write_price + audio_in * audio_input
+         + (completion - reasoning - audio_out) * output + reasoning * reasoning_price
+         + audio_out * audio_output
+
+Classes are clamped so their sum never exceeds their total (a cached audio token is one
+token, not two). An unknown price gives `cost_usd = None` (logged at start-up by
+`unpriced_models`), never a made-up zero.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import asdict, dataclass
 from typing import Any
 
+import orjson
 import structlog
 
-from gateway.config import Config
+from gateway.config import Config, Pricing
 from gateway.dispatch import load_litellm
 from plugins.base import RequestContext, Usage
 
@@ -27,11 +57,98 @@ log = structlog.get_logger("gateway.usage")
 _FREE_PROVIDERS = ("demo/",)
 
 
+def _int(value: Any) -> int:
+    return int(value) if isinstance(value, (int, float)) and value > 0 else 0
+
+
+def usage_from_payload(payload: dict[str, Any]) -> Usage | None:
+    """The `Usage` of a response or stream chunk (`payload["usage"]`), or None when it
+    carries none. Reads OpenAI chat usage, litellm's translations (which add Anthropic's
+    top-level cache keys), the Responses API shape and Anthropic's own; see the module
+    docstring for which totals include which classes."""
+    usage = payload.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    get = usage.get
+    if "prompt_tokens" not in usage and "input_tokens" in usage:
+        if "input_tokens_details" in usage or "output_tokens_details" in usage:  # Responses API: inclusive
+            prompt, completion = _int(get("input_tokens")), _int(get("output_tokens"))
+            prompt_details = get("input_tokens_details") or {}
+            completion_details = get("output_tokens_details") or {}
+            return Usage(prompt, completion, _int(get("total_tokens")) or prompt + completion,
+                         cached_tokens=_int(prompt_details.get("cached_tokens")),
+                         reasoning_tokens=_int(completion_details.get("reasoning_tokens")))
+        # Anthropic: input_tokens excludes the cache reads and writes.
+        cached, written = _int(get("cache_read_input_tokens")), _int(get("cache_creation_input_tokens"))
+        prompt = _int(get("input_tokens")) + cached + written
+        completion = _int(get("output_tokens"))
+        return Usage(prompt, completion, prompt + completion, cached_tokens=cached, cache_write_tokens=written)
+    prompt, completion = _int(get("prompt_tokens")), _int(get("completion_tokens"))
+    prompt_details = get("prompt_tokens_details")
+    prompt_details = prompt_details if isinstance(prompt_details, dict) else {}
+    completion_details = get("completion_tokens_details")
+    completion_details = completion_details if isinstance(completion_details, dict) else {}
+    return Usage(
+        prompt, completion, _int(get("total_tokens")) or prompt + completion,
+        cached_tokens=_int(prompt_details.get("cached_tokens")) or _int(get("cache_read_input_tokens")),
+        cache_write_tokens=(_int(prompt_details.get("cache_creation_tokens"))
+                            or _int(get("cache_creation_input_tokens"))),
+        reasoning_tokens=_int(completion_details.get("reasoning_tokens")),
+        audio_in_tokens=_int(prompt_details.get("audio_tokens")),
+        audio_out_tokens=_int(completion_details.get("audio_tokens")),
+    )
+
+
+@dataclass(frozen=True)
+class UnitPrices:
+    """USD per token of each class, fallbacks already applied (every field is a price)."""
+
+    input: float
+    output: float
+    cached_input: float
+    cache_write: float
+    reasoning: float
+    audio_input: float
+    audio_output: float
+
+    @classmethod
+    def of(cls, input: float, output: float, *, cached_input: float | None = None,
+           cache_write: float | None = None, reasoning: float | None = None,
+           audio_input: float | None = None, audio_output: float | None = None) -> "UnitPrices":
+        """Prices of the classes that have one; the others fall back to input / output."""
+        return cls(input, output,
+                   input if cached_input is None else cached_input,
+                   input if cache_write is None else cache_write,
+                   output if reasoning is None else reasoning,
+                   input if audio_input is None else audio_input,
+                   output if audio_output is None else audio_output)
+
+    def cost(self, usage: Usage) -> float:
+        prompt, completion = usage.prompt_tokens, usage.completion_tokens
+        cached = min(usage.cached_tokens, prompt)
+        written = min(usage.cache_write_tokens, prompt - cached)
+        audio_in = min(usage.audio_in_tokens, prompt - cached - written)
+        reasoning = min(usage.reasoning_tokens, completion)
+        audio_out = min(usage.audio_out_tokens, completion - reasoning)
+        return round((prompt - cached - written - audio_in) * self.input + cached * self.cached_input
+                     + written * self.cache_write + audio_in * self.audio_input
+                     + (completion - reasoning - audio_out) * self.output + reasoning * self.reasoning
+                     + audio_out * self.audio_output, 9)
+
+    @functools.cached_property
+    def per_million_json(self) -> str:
+        """What a usage row keeps (`unit_prices`): USD per million tokens of each class."""
+        return orjson.dumps({k: round(v * 1e6, 9) for k, v in asdict(self).items()}).decode()
+
+
+FREE = UnitPrices.of(0.0, 0.0)
+
+
 @functools.lru_cache(maxsize=1024)
-def _litellm_prices(model: str) -> tuple[float, float] | None:
-    """(USD per input token, USD per output token) from litellm's map, or None."""
+def _litellm_prices(model: str) -> UnitPrices | None:
+    """Prices from litellm's map, or None."""
     if model.startswith(_FREE_PROVIDERS):
-        return (0.0, 0.0)
+        return FREE
     candidates = [model]
     if "/" in model:
         candidates.append(model.split("/", 1)[1])
@@ -42,16 +159,38 @@ def _litellm_prices(model: str) -> tuple[float, float] | None:
             continue
         inp, out = info.get("input_cost_per_token"), info.get("output_cost_per_token")
         if inp is not None or out is not None:
-            return (float(inp or 0.0), float(out or 0.0))
+            def price(key: str) -> float | None:
+                value = info.get(key)
+                return None if value is None else float(value)
+
+            return UnitPrices.of(float(inp or 0.0), float(out or 0.0),
+                                 cached_input=price("cache_read_input_token_cost"),
+                                 cache_write=price("cache_creation_input_token_cost"),
+                                 reasoning=price("output_cost_per_reasoning_token"),
+                                 audio_input=price("input_cost_per_audio_token"),
+                                 audio_output=price("output_cost_per_audio_token"))
     return None
 
 
-def prices_for(config: Config, public_model: str, deployment_model: str | None) -> tuple[float, float] | None:
+@functools.lru_cache(maxsize=1024)
+def _config_prices(pricing: Pricing) -> UnitPrices:
+    def per_token(value: float | None) -> float | None:
+        return None if value is None else value / 1e6
+
+    return UnitPrices.of(pricing.input_per_million / 1e6, pricing.output_per_million / 1e6,
+                         cached_input=per_token(pricing.cached_input_per_million),
+                         cache_write=per_token(pricing.cache_write_per_million),
+                         reasoning=per_token(pricing.reasoning_per_million),
+                         audio_input=per_token(pricing.audio_input_per_million),
+                         audio_output=per_token(pricing.audio_output_per_million))
+
+
+def prices_for(config: Config, public_model: str, deployment_model: str | None) -> UnitPrices | None:
     entries = config.deployments(public_model)
     if entries:
         pricing = config.model_settings(public_model).pricing
         if pricing is not None:
-            return (pricing.input_per_million / 1e6, pricing.output_per_million / 1e6)
+            return _config_prices(pricing)
     if deployment_model is None:
         return None
     return _litellm_prices(deployment_model)
@@ -63,7 +202,7 @@ def cost_usd(config: Config, public_model: str, deployment_model: str | None, us
     prices = prices_for(config, public_model, deployment_model)
     if prices is None:
         return None
-    return round(usage.prompt_tokens * prices[0] + usage.completion_tokens * prices[1], 9)
+    return prices.cost(usage)
 
 
 def unpriced_models(config: Config) -> list[str]:
@@ -122,7 +261,11 @@ def finalize_usage(ctx: RequestContext) -> None:
         except Exception:  # noqa: BLE001 — accounting fails open, loudly
             log.exception("usage_estimate_failed", request_id=ctx.request_id, model=ctx.model)
             return
-    ctx.cost_usd = cost_usd(ctx.config, ctx.model, ctx.deployment, ctx.usage)
+    if ctx.usage is None:
+        ctx.cost_usd = 0.0
+        return
+    ctx.unit_prices = prices_for(ctx.config, ctx.model, ctx.deployment)
+    ctx.cost_usd = None if ctx.unit_prices is None else ctx.unit_prices.cost(ctx.usage)
 
 
 def warm_up() -> None:

@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from gateway.config import Config
     from gateway.directory import Directory
     from gateway.store import Store
+    from gateway.usage import UnitPrices
 
 Endpoint = Literal["chat.completions", "embeddings", "models"]
 
@@ -86,12 +87,27 @@ class Identity:
 
 @dataclass
 class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    """Tokens of one request, in OpenAI's convention whatever the provider: the token
+    classes below are *parts of* `prompt_tokens` / `completion_tokens`, never added to
+    them (gateway/usage.py turns Anthropic's exclusive `input_tokens` into this form).
+    A class the provider did not report is 0, and its tokens are billed as plain text."""
+
+    prompt_tokens: int = 0  # every input token, cached and audio ones included
+    completion_tokens: int = 0  # every output token, reasoning and audio ones included
     total_tokens: int = 0
     # True when the provider reported nothing (or the stream was cut) and we counted the
     # tokens ourselves over what was actually sent.
     estimated: bool = False
+    # Prompt tokens read from the provider's prompt cache (OpenAI
+    # prompt_tokens_details.cached_tokens, Anthropic cache_read_input_tokens): cheaper.
+    cached_tokens: int = 0
+    # Prompt tokens written into the prompt cache (Anthropic cache_creation_input_tokens):
+    # dearer than plain input.
+    cache_write_tokens: int = 0
+    # Hidden reasoning tokens of the completion (completion_tokens_details.reasoning_tokens).
+    reasoning_tokens: int = 0
+    audio_in_tokens: int = 0  # audio prompt tokens (prompt_tokens_details.audio_tokens)
+    audio_out_tokens: int = 0  # audio completion tokens (completion_tokens_details.audio_tokens)
 
 
 @dataclass
@@ -155,6 +171,9 @@ class RequestContext:
     error: ApiError | None = None
     energy_cost: int = 0  # energy reserved for this request (refunded if it ends in error)
     cost_usd: float | None = None  # provider cost of the tokens; None = price unknown
+    # The USD price of each token class that cost_usd was computed with (usage rows keep
+    # it, so a later price change does not rewrite history). None when nothing was priced.
+    unit_prices: "UnitPrices | None" = None
     started_at: float = field(default_factory=time.monotonic)
     first_byte_at: float | None = None
     ended_at: float | None = None
