@@ -368,6 +368,15 @@ USAGE_COLUMNS: dict[str, str] = {
     "cache_hit": "bool",
     "retries": "int",
     "usage_estimated": "bool",
+    # Token classes (parts of tokens_prompt / tokens_completion, see plugins/base.py Usage)
+    # and the USD per million tokens of each class that cost_usd was computed with, as JSON
+    # text ({"input": 2.5, "cached_input": 1.25, ...}; NULL when nothing was priced).
+    "tokens_cached": "int",
+    "tokens_cache_write": "int",
+    "tokens_reasoning": "int",
+    "tokens_audio_in": "int",
+    "tokens_audio_out": "int",
+    "unit_prices": "text",
     "created_at": "time",
 }
 # Columns that are NOT NULL with a default: a missing or None value becomes the default.
@@ -380,6 +389,11 @@ USAGE_DEFAULTS: dict[str, Any] = {
     "streamed": False,
     "cache_hit": False,
     "usage_estimated": False,
+    "tokens_cached": 0,
+    "tokens_cache_write": 0,
+    "tokens_reasoning": 0,
+    "tokens_audio_in": 0,
+    "tokens_audio_out": 0,
 }
 
 

@@ -167,6 +167,18 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX ai_usage_logs_workspace_created ON ai_usage_logs (workspace_id, created_at);
         """,
     ),
+    (
+        2,  # token classes and the unit prices a row was priced with (gateway/usage.py)
+        """
+        ALTER TABLE ai_usage_logs
+            ADD COLUMN tokens_cached      bigint NOT NULL DEFAULT 0,
+            ADD COLUMN tokens_cache_write bigint NOT NULL DEFAULT 0,
+            ADD COLUMN tokens_reasoning   bigint NOT NULL DEFAULT 0,
+            ADD COLUMN tokens_audio_in    bigint NOT NULL DEFAULT 0,
+            ADD COLUMN tokens_audio_out   bigint NOT NULL DEFAULT 0,
+            ADD COLUMN unit_prices        text;   -- JSON, USD per million tokens
+        """,
+    ),
 ]
 
 # Array types for the one-statement batch insert (unnest of one array per column).

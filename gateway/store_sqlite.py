@@ -235,6 +235,17 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                ON ai_usage_logs (workspace_id, created_at)""",
         ],
     ),
+    (
+        2,  # token classes and the unit prices a row was priced with (gateway/usage.py)
+        [
+            "ALTER TABLE ai_usage_logs ADD COLUMN tokens_cached INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE ai_usage_logs ADD COLUMN tokens_cache_write INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE ai_usage_logs ADD COLUMN tokens_reasoning INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE ai_usage_logs ADD COLUMN tokens_audio_in INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE ai_usage_logs ADD COLUMN tokens_audio_out INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE ai_usage_logs ADD COLUMN unit_prices TEXT",  # JSON: USD per million tokens
+        ],
+    ),
 ]
 
 _USER_COLS = "id, workspace_id, name, tier, energy, refilled_at, created_at, disabled"

@@ -14,7 +14,10 @@ Every request that reached the chain (success or failure, billable endpoints) be
 row: the columns ops already query (`id, user_id, workspace_id, prospect_id, action,
 provider, model, tokens_prompt, tokens_completion, tokens_total, cost_usd, created_at`)
 plus request id, requested model, downgraded-from, status, error type, latency, time to
-first byte, streamed, energy cost, cache hit, retries and whether usage was estimated.
+first byte, streamed, energy cost, cache hit, retries and whether usage was estimated,
+the token classes (`tokens_cached, tokens_cache_write, tokens_reasoning, tokens_audio_in,
+tokens_audio_out`: parts of the prompt / completion totals) and `unit_prices`, the USD per
+million tokens of each class that `cost_usd` was computed with (gateway/usage.py).
 
 Rows never sit on the request's hot path: the ending hook appends the row to a bounded
 buffer and returns; a writer task (gateway/batcher.py) inserts batches in one transaction
@@ -77,6 +80,12 @@ def usage_row(ctx: RequestContext) -> dict[str, Any]:
         "cache_hit": ctx.short_circuit is not None,
         "retries": max(0, ctx.attempts - 1),
         "usage_estimated": bool(usage and usage.estimated),
+        "tokens_cached": usage.cached_tokens if usage else 0,
+        "tokens_cache_write": usage.cache_write_tokens if usage else 0,
+        "tokens_reasoning": usage.reasoning_tokens if usage else 0,
+        "tokens_audio_in": usage.audio_in_tokens if usage else 0,
+        "tokens_audio_out": usage.audio_out_tokens if usage else 0,
+        "unit_prices": ctx.unit_prices.per_million_json if ctx.unit_prices is not None else None,
         "created_at": time.time(),
     }
 

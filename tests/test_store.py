@@ -37,7 +37,12 @@ from gateway.store import (
     compute_refill,
     open_store,
 )
+from gateway.store_postgres import MIGRATIONS as POSTGRES_MIGRATIONS
+from gateway.store_sqlite import MIGRATIONS as SQLITE_MIGRATIONS
 from gateway.store_sqlite import SQLiteStore
+
+# Both backends carry the same migrations, version for version.
+assert [v for v, _ in SQLITE_MIGRATIONS] == [v for v, _ in POSTGRES_MIGRATIONS]
 
 PG_URL = os.environ.get("GATEWAY_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 T0 = 1_700_000_000.0  # a fixed "now" for tests that move time
@@ -117,7 +122,7 @@ async def test_migrations_are_idempotent_and_safe_when_two_processes_start(store
         assert await a.ping() and await b.ping()
         assert await a.migrate() == []
         assert await b.migrate() == []
-        assert await count_rows(store_url, "schema_migrations") == 1
+        assert await count_rows(store_url, "schema_migrations") == len(SQLITE_MIGRATIONS)
         ws = await a.create_workspace("acme")
         assert (await b.get_workspace("acme")) == ws
     finally:
@@ -127,7 +132,7 @@ async def test_migrations_are_idempotent_and_safe_when_two_processes_start(store
     async with c:
         assert await c.migrate() == []
         assert [w.name for w in await c.list_workspaces()] == ["acme"]
-    assert await count_rows(store_url, "schema_migrations") == 1
+    assert await count_rows(store_url, "schema_migrations") == len(SQLITE_MIGRATIONS)
 
 
 @pytest.mark.asyncio
