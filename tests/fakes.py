@@ -38,6 +38,13 @@ Wire-format notes (deliberate choices, keep them in mind when asserting):
   ``invalid_request_error``.
 * OpenAI endpoints require an ``Authorization`` header (401
   ``invalid_api_key`` otherwise) unless ``require_auth=False``.
+* Token classes (``cached_tokens``, ``cache_write_tokens``, ``reasoning_tokens``,
+  ``audio_in_tokens``, ``audio_out_tokens``; all 0 by default) are reported the way each
+  provider does.  OpenAI: ``prompt_tokens_details`` / ``completion_tokens_details``
+  (sent only when one of them is non-zero), and ``prompt_tokens`` /
+  ``completion_tokens`` are the totals that *include* them.  Anthropic:
+  ``cache_read_input_tokens`` / ``cache_creation_input_tokens`` beside ``input_tokens``,
+  which *excludes* them (``input_tokens = prompt_tokens``).
 """
 
 from __future__ import annotations
@@ -373,6 +380,11 @@ class FakeUpstream:
         prompt_tokens: int = 11,
         completion_tokens: int = 7,
         report_usage: bool = True,
+        cached_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        reasoning_tokens: int = 0,
+        audio_in_tokens: int = 0,
+        audio_out_tokens: int = 0,
         model_echo: str | None = None,
         require_auth: bool = True,
         shutdown_timeout: float = 0.5,
@@ -385,6 +397,11 @@ class FakeUpstream:
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
         self.report_usage = report_usage
+        self.cached_tokens = cached_tokens
+        self.cache_write_tokens = cache_write_tokens
+        self.reasoning_tokens = reasoning_tokens
+        self.audio_in_tokens = audio_in_tokens
+        self.audio_out_tokens = audio_out_tokens
         self.model_echo = model_echo
         self.require_auth = require_auth
         self.shutdown_timeout = shutdown_timeout
@@ -642,12 +659,20 @@ class FakeUpstream:
                                code="invalid_api_key")
         return None
 
-    def _openai_usage(self) -> dict[str, int]:
-        return {
+    def _openai_usage(self) -> dict[str, Any]:
+        usage: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
+        if self.cached_tokens or self.audio_in_tokens or self.reasoning_tokens or self.audio_out_tokens:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens,
+                                              "audio_tokens": self.audio_in_tokens}
+            usage["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens,
+                                                  "audio_tokens": self.audio_out_tokens,
+                                                  "accepted_prediction_tokens": 0,
+                                                  "rejected_prediction_tokens": 0}
+        return usage
 
     def _chat_completion(self, body: dict[str, Any], seq: int) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -798,8 +823,8 @@ class FakeUpstream:
     def _anthropic_usage(self) -> dict[str, int]:
         return {
             "input_tokens": self.prompt_tokens,
-            "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": 0,
+            "cache_creation_input_tokens": self.cache_write_tokens,
+            "cache_read_input_tokens": self.cached_tokens,
             "output_tokens": self.completion_tokens,
         }
 
@@ -840,8 +865,8 @@ class FakeUpstream:
         if kind == "garbage":
             await resp.write(b"event: message_start\ndata: not-json\n\n")
             return resp
-        start_usage = {"input_tokens": self.prompt_tokens, "cache_creation_input_tokens": 0,
-                       "cache_read_input_tokens": 0, "output_tokens": 1}
+        start_usage = {"input_tokens": self.prompt_tokens, "cache_creation_input_tokens": self.cache_write_tokens,
+                       "cache_read_input_tokens": self.cached_tokens, "output_tokens": 1}
         message = {
             "id": f"msg_fake_{request['fake_seq']}",
             "type": "message",
