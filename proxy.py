@@ -34,8 +34,9 @@ from aiohttp import web  # noqa: E402
 
 from gateway.admin import Admin  # noqa: E402
 from gateway.admin_api import admin_routes  # noqa: E402
+from gateway import http_server  # noqa: E402
+from gateway.client_body import read_json, require_model, validate_chat, validate_embeddings  # noqa: E402
 from gateway.config import (  # noqa: E402
-    FORBIDDEN_CLIENT_FIELDS,
     RESTART_ONLY,
     Config,
     ConfigError,
@@ -44,8 +45,8 @@ from gateway.config import (  # noqa: E402
     redacted_config,
 )
 from gateway.directory import Directory  # noqa: E402
-from gateway.dispatch import UpstreamError  # noqa: E402
-from gateway.errors import ApiError, bad_request, internal_error  # noqa: E402
+from gateway.dispatch import UpstreamError, use_blocking_executor  # noqa: E402
+from gateway.errors import ApiError, internal_error  # noqa: E402
 from gateway.router import Router, upstream_to_api_error  # noqa: E402
 from gateway.usage import finalize_usage, unpriced_models, usage_from_payload, warm_up  # noqa: E402
 from plugins import build_plugins, plugin_class, validate_plugin_settings  # noqa: E402
@@ -56,7 +57,6 @@ log = structlog.get_logger("gateway")
 
 DEFAULT_CONFIG = "config.yaml"
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
-_VALID_ROLES = {"system", "user", "assistant", "tool", "function", "developer"}
 
 
 # --------------------------------------------------------------------------------------
@@ -89,10 +89,16 @@ class Chain:
     def wants_chunks(self) -> bool:
         return bool(self._chunk)
 
-    async def run_request(self, ctx: RequestContext) -> None:
+    async def run_request(self, ctx: RequestContext,
+                          read_body: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Request hooks in order. `read_body` runs before the first plugin that needs the
+        body (`Plugin.needs_body`), or after them all; its ApiError rejects the request."""
         for plugin in self._request:
             if ctx.short_circuit is not None:
-                return
+                break
+            if read_body is not None and plugin.needs_body:
+                await read_body()
+                read_body = None
             try:
                 await plugin.on_request(ctx)
             except ApiError:
@@ -100,6 +106,8 @@ class Chain:
             except Exception:  # fail closed: a broken gate rejects, never admits
                 log.exception("plugin_request_hook_failed", plugin=plugin.name, request_id=ctx.request_id)
                 raise internal_error(ctx.request_id) from None
+        if read_body is not None:
+            await read_body()
 
     async def run_chunk(self, ctx: RequestContext, chunk: dict[str, Any]) -> None:
         for plugin in self._chunk:
@@ -302,86 +310,6 @@ def _request_id(request: web.Request) -> str:
     return f"{_REQUEST_ID_PREFIX}{next(_request_counter):010x}"
 
 
-async def _read_json(request: web.Request, limit: int) -> dict[str, Any]:
-    if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, f"request body is larger than the {limit} byte limit", code="request_too_large")
-    try:
-        # read(n) returns what is buffered so far: loop until EOF or just past the limit,
-        # so a body uploaded in pieces (chunked, no Content-Length) is read whole.
-        blocks, size = [], 0
-        while size <= limit:
-            block = await request.content.read(limit + 1 - size)
-            if not block:
-                break
-            blocks.append(block)
-            size += len(block)
-        raw = b"".join(blocks)
-    except (asyncio.TimeoutError, ConnectionError):
-        raise bad_request("could not read the request body") from None
-    if len(raw) > limit:
-        raise ApiError(413, f"request body is larger than the {limit} byte limit", code="request_too_large")
-    if not raw.strip():
-        raise bad_request("request body is empty; expected a JSON object")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise bad_request(f"request body is not valid JSON: {exc.args[0] if exc.args else 'parse error'}") from None
-    if not isinstance(body, dict):
-        raise bad_request("request body must be a JSON object")
-    return body
-
-
-def _check_forbidden(body: dict[str, Any]) -> None:
-    for key in body:
-        if key in FORBIDDEN_CLIENT_FIELDS:
-            raise bad_request(f"'{key}' is not allowed: the gateway chooses the upstream and its credentials",
-                              param=key, code="forbidden_parameter")
-
-
-def _require_model(body: dict[str, Any]) -> str:
-    model = body.get("model")
-    if not isinstance(model, str) or not model.strip():
-        raise bad_request("'model' is required and must be a non-empty string", param="model")
-    return model
-
-
-def _positive_int(body: dict[str, Any], key: str) -> None:
-    value = body.get(key)
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value > 10_000_000:
-        raise bad_request(f"'{key}' must be a positive integer", param=key)
-
-
-def _validate_chat(body: dict[str, Any]) -> None:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("'messages' is required and must be a non-empty array", param="messages")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise bad_request(f"messages[{i}] must be an object", param=f"messages[{i}]")
-        role = message.get("role")
-        if not isinstance(role, str) or role not in _VALID_ROLES:
-            raise bad_request(f"messages[{i}].role must be one of {sorted(_VALID_ROLES)}", param=f"messages[{i}].role")
-        content = message.get("content")
-        if content is not None and not isinstance(content, (str, list)):
-            raise bad_request(f"messages[{i}].content must be a string or an array", param=f"messages[{i}].content")
-    if "stream" in body and not isinstance(body["stream"], bool) and body["stream"] is not None:
-        raise bad_request("'stream' must be a boolean", param="stream")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise bad_request("'stream_options' must be an object", param="stream_options")
-    for key in ("max_tokens", "max_completion_tokens", "n"):
-        _positive_int(body, key)
-    for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
-        value = body.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise bad_request(f"'{key}' must be a number", param=key)
-    metadata = body.get("metadata")
-    if metadata is not None and not isinstance(metadata, dict):
-        raise bad_request("'metadata' must be an object", param="metadata")
-
-
 def _take_gateway_fields(ctx: RequestContext, request: web.Request) -> None:
     """`metadata.action` / `X-Action` and `prospect_id` are the gateway's, not the
     provider's: read them, then drop `metadata` so it never reaches the upstream."""
@@ -445,11 +373,13 @@ async def _fail(request: web.Request, snap: Snapshot, ctx: RequestContext, err: 
 
 
 async def _run(request: web.Request, snap: Snapshot, ctx: RequestContext,
-               answer: Callable[[], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """The chain around one request: request hooks, `answer()`, exactly one ending."""
+               answer: Callable[[], Awaitable[web.StreamResponse]],
+               read_body: Callable[[], Awaitable[None]] | None = None) -> web.StreamResponse:
+    """The chain around one request: request hooks (the body read before the first one
+    that needs it), `answer()`, exactly one ending."""
     snap.chain.enter(ctx)
     try:
-        await snap.chain.run_request(ctx)
+        await snap.chain.run_request(ctx, read_body)
         if ctx.short_circuit is None and ctx.endpoint != "models":
             if not ctx.candidates:
                 raise ApiError(404, f"The model '{ctx.requested_model}' does not exist or you do not have access to it.",
@@ -657,47 +587,44 @@ async def _close_quietly(stream: Any) -> None:
 # Handlers
 # --------------------------------------------------------------------------------------
 
-async def _parse(request: web.Request, snap: Snapshot, endpoint: str,
-                 validate: Callable[[dict[str, Any]], None]) -> RequestContext:
-    """Body -> a RequestContext, or an ApiError (400/413) before the chain is entered."""
-    body = await _read_json(request, snap.config.server.max_body_bytes)
-    _check_forbidden(body)
-    model = _require_model(body)
-    validate(body)
-    ctx = _new_context(request, snap, endpoint, body)
-    ctx.requested_model = ctx.model = model
-    ctx.candidates = [model] if snap.config.deployments(model) else []
-    _take_gateway_fields(ctx, request)
-    return ctx
+BodyCheck = Callable[[dict[str, Any], frozenset[str]], None]
 
 
-def _validate_embeddings(body: dict[str, Any]) -> None:
-    value = body.get("input")
-    if not (isinstance(value, str) and value) and not (isinstance(value, list) and value):
-        raise bad_request("'input' is required: a non-empty string or array", param="input")
+def _body_reader(request: web.Request, snap: Snapshot, ctx: RequestContext,
+                 validate: BodyCheck) -> Callable[[], Awaitable[None]]:
+    """Reads, parses and checks the body into `ctx` when the chain first needs it: after
+    the plugins that judge a request by its headers (auth), so an unknown caller's body is
+    never parsed. Raises ApiError (400/413/415), which ends the request like any rejection."""
+
+    async def read_body() -> None:
+        body = await read_json(request, snap.config.server.max_body_bytes)
+        model = require_model(body)
+        validate(body, snap.config.extra_params(model))
+        ctx.body = body
+        ctx.requested_model = ctx.model = model
+        ctx.candidates = [model] if snap.config.deployments(model) else []
+        _take_gateway_fields(ctx, request)
+        ctx.stream = bool(body.get("stream"))
+        ctx.client_wants_usage = ctx.stream and bool((body.get("stream_options") or {}).get("include_usage"))
+
+    return read_body
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     snap = gw.snapshot
-    try:
-        ctx = await _parse(request, snap, "chat.completions", _validate_chat)
-    except ApiError as err:
-        return error_response(err, {"X-Request-Id": _request_id(request)})
-    ctx.stream = bool(ctx.body.get("stream"))
-    ctx.client_wants_usage = ctx.stream and bool((ctx.body.get("stream_options") or {}).get("include_usage"))
-    if ctx.stream:
-        return await _run(request, snap, ctx, lambda: _stream(request, gw, snap, ctx))
-    return await _run(request, snap, ctx, lambda: _complete(request, gw, snap, ctx))
+    ctx = _new_context(request, snap, "chat.completions", {})
+
+    def answer() -> Awaitable[web.StreamResponse]:
+        return (_stream if ctx.stream else _complete)(request, gw, snap, ctx)
+
+    return await _run(request, snap, ctx, answer, _body_reader(request, snap, ctx, validate_chat))
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     snap = gw.snapshot
-    try:
-        ctx = await _parse(request, snap, "embeddings", _validate_embeddings)
-    except ApiError as err:
-        return error_response(err, {"X-Request-Id": _request_id(request)})
+    ctx = _new_context(request, snap, "embeddings", {})
 
     async def answer() -> web.StreamResponse:
         payload = ctx.short_circuit if ctx.short_circuit is not None else await gw.router.embeddings(ctx)
@@ -709,7 +636,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         await snap.chain.end(ctx, wait=False)
         return response
 
-    return await _run(request, snap, ctx, answer)
+    return await _run(request, snap, ctx, answer, _body_reader(request, snap, ctx, validate_embeddings))
 
 
 async def list_models(request: web.Request) -> web.StreamResponse:
@@ -780,7 +707,8 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
     """Build the gateway. `store` may be passed in (tests); otherwise it is opened from
     `config.store.url` at start-up and closed at cleanup. With `config_path`, SIGHUP and
     changes of that file reload the config live (see `reload_config`)."""
-    app = web.Application(middlewares=[openai_errors], client_max_size=config.server.max_body_bytes + 1024)
+    app = http_server.Application(middlewares=[openai_errors], client_max_size=config.server.max_body_bytes + 1024,
+                                  handler_args={"header_timeout": config.server.header_timeout})
     services = Services(store=store, config=config)
     plugins = build_plugins(config.plugins, services)
     services.plugins = plugins
@@ -848,6 +776,11 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
         await asyncio.gather(*tasks, return_exceptions=True)
         logs.flush()
 
+    async def executor_ctx(app: web.Application) -> AsyncIterator[None]:
+        use_blocking_executor(asyncio.get_running_loop())
+        yield
+
+    app.cleanup_ctx.append(executor_ctx)
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(plugins_ctx)
     app.cleanup_ctx.append(reload_ctx)
@@ -986,7 +919,29 @@ def _serve(args: argparse.Namespace) -> int:
         return _supervise(args, config, host, port, workers)
     _run_worker(config, str(args.config), host, port, reuse_port=False)
     log.info("gateway_stopped")
+    _leave_despite_blocked_threads()
     return 0
+
+
+def _leave_despite_blocked_threads(wait: float = 2.0) -> None:
+    """The store is closed and every ending ran; only threads still inside a blocking
+    call (a litellm call the router gave up on) remain. Python would join them at exit,
+    however long they take: shutdown must end within shutdown_grace, so leave without them."""
+    import threading
+
+    deadline = time.monotonic() + wait
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if stuck:
+        log.warning("exit_without_blocked_threads", threads=stuck[:10], count=len(stuck))
+        from gateway import logs
+
+        logs.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _run_worker(config: Config, config_path: str, host: str, port: int, *, reuse_port: bool) -> None:

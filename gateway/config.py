@@ -14,27 +14,16 @@ from __future__ import annotations
 import functools
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gateway.client_body import CHAT_PARAMS, EMBEDDINGS_PARAMS, FORBIDDEN_FIELDS
+
 ENV_PREFIX = "os.environ/"
-
-# Body fields that would let a client choose the upstream, its credentials or a canned
-# answer. They are only legal in config.yaml's litellm_params.
-FORBIDDEN_CLIENT_FIELDS = frozenset(
-    {
-        "api_base", "base_url", "api_key", "api_version", "custom_llm_provider",
-        "mock_response", "mock_tool_calls", "azure_ad_token", "aws_access_key_id",
-        "aws_secret_access_key", "aws_session_token", "vertex_credentials",
-        "litellm_params", "extra_headers", "headers", "organization", "deployment_id",
-        "input_cost_per_token", "output_cost_per_token", "litellm_logging_obj",
-        "num_retries", "fallbacks", "timeout", "client", "proxy_server_request", "model_list",
-    }
-)
-
 
 class ConfigError(Exception):
     """config.yaml is invalid. `errors` holds one "path: message" line per problem."""
@@ -72,6 +61,7 @@ class ServerConfig(_Strict):
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0, description="413 above this")
     shutdown_grace: float = Field(30.0, ge=0, description="seconds in-flight requests get on SIGTERM")
     workers: int = Field(1, ge=1, le=64, description="processes sharing the port")
+    header_timeout: float = Field(10.0, gt=0, description="seconds a client has to send a request's headers (slowloris)")
 
 
 class StoreConfig(_Strict):
@@ -152,6 +142,26 @@ class ModelEntry(_Strict):
     downgrade_to: str | None = None
     pricing: Pricing | None = None
     description: str | None = None
+    # Body fields beyond the OpenAI API's that clients may send to this deployment; they
+    # reach the provider as body fields (litellm: extra_body), never as litellm arguments.
+    allow_extra_params: list[str] = Field(default_factory=list)
+
+    @field_validator("allow_extra_params")
+    @classmethod
+    def _extra_params_are_body_fields(cls, v: list[str]) -> list[str]:
+        for name in v:
+            lowered = name.lower()
+            if (name in FORBIDDEN_FIELDS or any(w in lowered for w in _NOT_BODY_FIELDS)
+                    or lowered.endswith(("_key", "_token")) or lowered in ("key", "token")):
+                raise ValueError(f"{name!r} chooses an upstream, a credential or a callback; it cannot be a client field")
+            if name in CHAT_PARAMS or name in EMBEDDINGS_PARAMS:
+                raise ValueError(f"{name!r} is an OpenAI parameter: it is always allowed")
+        return v
+
+
+# Words in a name that make it configuration, not a provider body field.
+_NOT_BODY_FIELDS = ("api_", "secret", "password", "credential", "callback", "_url", "_base", "litellm", "mock_",
+                    "header", "proxy", "logger", "logging")
 
 
 class Refill(_Strict):
@@ -258,6 +268,17 @@ class PluginEntry(_Strict):
         return {"name": v} if isinstance(v, str) else v
 
 
+# A request's time outside the router: the plugin chain and its store writes (a locked
+# SQLite file is waited for up to 10 s), the answer's last bytes to the client.
+REQUEST_MARGIN = 60.0
+
+
+@dataclass(frozen=True)
+class RequestBound:
+    seconds: float
+    why: str  # which request takes that long, and the config paths its time is made of
+
+
 class Config(_Strict):
     server: ServerConfig = ServerConfig()
     store: StoreConfig = StoreConfig()
@@ -314,6 +335,97 @@ class Config(_Strict):
             raise ValueError("; ".join(errors))
         return self
 
+    @model_validator(mode="after")
+    def _time_constants(self) -> "Config":
+        """Durations that must outlast any request, checked against the longest one.
+
+        An idempotency key that expires while its first request still runs lets a retry run
+        (and be charged) a second time; a reservation swept as orphaned while its request
+        still runs is refunded, then served for free. Plugins name such settings in
+        `Plugin.outlives_requests` (the energy plugin's `stale_after`)."""
+        from plugins import plugin_class  # plugins import this module: load them only now
+
+        longest = self.longest_request
+        errors: list[str] = []
+        enabled = [(i, entry) for i, entry in enumerate(self.plugins) if entry.enabled]
+        window = self.energy.idempotency_window
+        if any(entry.name == "idempotency" for _, entry in enabled) and window < longest.seconds:
+            errors.append(f"energy.idempotency_window: {window:g}s is shorter than the longest request "
+                          f"({longest.why}): a retry could run and be charged again")
+        for i, entry in enabled:
+            try:
+                cls = plugin_class(entry.name)
+                settings = cls.Settings.model_validate(entry.settings)
+            except (ValueError, ValidationError):
+                continue  # reported by plugins.validate_plugin_settings
+            for name in getattr(cls, "outlives_requests", ()):
+                value = getattr(settings, name)
+                if value is not None and value < longest.seconds:
+                    errors.append(f"plugins[{i}].settings.{name}: {value:g}s is shorter than the longest "
+                                  f"request ({longest.why})")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    @functools.cached_property
+    def longest_request(self) -> "RequestBound":
+        """The longest the router can work on one request, by its rules (gateway/router.py):
+        for the requested model, then each of its fallbacks, `retries.max_attempts` calls
+        (each bounded by the deployment's timeouts) with a wait before every call to a
+        deployment already tried (at most `retries.retry_after_max` or the backoff's
+        ceiling, whichever is larger). An upper bound, reached by a model with one
+        deployment (more deployments mean fewer waits):
+
+        * a stream: every failed call ends by `timeouts.first_byte` (a stream is not retried
+          after its first chunk), and the one that answers then streams for up to
+          `timeouts.total` after its first chunk;
+        * embeddings: each call ends by `timeouts.total`;
+        * a chat completion without streaming: by min(first_byte, total), never longer
+          than the stream, so it is not computed.
+        The native pass-through's own limits can only end a call sooner."""
+        worst = RequestBound(0.0, "no model")
+        for model in self._index:
+            chain = [model] + [fb for fb in dict.fromkeys(self.model_settings(model).fallbacks or []) if fb != model]
+            for kind in ("stream", "embeddings"):
+                bound = self._request_bound(kind, chain)
+                if bound.seconds > worst.seconds:
+                    worst = bound
+        return worst
+
+    def _request_bound(self, kind: str, chain: list[str]) -> "RequestBound":
+        retries = self.retries
+        attempts = retries.max_attempts
+        waits = sum(max(retries.retry_after_max, min(retries.backoff_max, retries.backoff_base * 2 ** r))
+                    for r in range(attempts - 1))
+        field = "first_byte" if kind == "stream" else "total"
+        positions = {id(entry): i for i, entry in enumerate(self.models)}
+
+        def slowest(model: str, which: str) -> tuple[float, str]:
+            entry = max(self.deployments(model), key=lambda e: getattr(e.timeouts, which))
+            value = getattr(entry.timeouts, which)
+            return value, f"models[{positions[id(entry)]}].timeouts.{which} {value:g}s"
+
+        elapsed, parts, best, best_parts = 0.0, [], 0.0, []
+        for model in chain:
+            per_call, path = slowest(model, field)
+            elapsed += attempts * per_call + waits
+            wait_text = f" + {attempts - 1} waits {waits:g}s (retries)" if attempts > 1 else ""
+            parts.append(f"{model!r} {attempts} × {path}{wait_text}")
+            ending, ending_parts = elapsed, list(parts)
+            if kind == "stream":
+                streaming, total_path = slowest(model, "total")
+                ending += streaming
+                ending_parts.append(f"streaming {total_path}")
+            if ending > best:
+                best, best_parts = ending, ending_parts
+        return RequestBound(best, f"{best:g}s: {'a stream' if kind == 'stream' else 'embeddings'} "
+                                  f"on {chain[0]!r}: " + ", then ".join(best_parts))
+
+    def outlasting_requests(self, floor: float) -> float:
+        """A duration that outlasts every request: `floor`, or the longest request plus
+        REQUEST_MARGIN when that is longer. The default of the settings checked above."""
+        return max(floor, self.longest_request.seconds + REQUEST_MARGIN)
+
     # --- lookups used at request time: indexed once per config, O(1) per request ----------
 
     @functools.cached_property
@@ -366,6 +478,16 @@ class Config(_Strict):
             if len(self._memo) > 10_000:  # a cost from outside the price book: stay bounded
                 self._memo.clear()
             found = self._memo[key] = frozenset(m for m in self._index if self.energy.cost(action, m) <= cost)
+        return found  # type: ignore[return-value]
+
+    def extra_params(self, model: str) -> frozenset[str]:
+        """Non-OpenAI body fields some deployment of `model` accepts (allow_extra_params)."""
+        key = ("extra", model)
+        found = self._memo.get(key)
+        if found is None:
+            found = frozenset(p for e in self.deployments(model) for p in e.allow_extra_params)
+            if len(self._memo) < 10_000:
+                self._memo[key] = found
         return found  # type: ignore[return-value]
 
     def deployments(self, model: str) -> list[ModelEntry]:

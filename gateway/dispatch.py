@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Protocol
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch prices at import
 
+from gateway.client_body import DISPATCH_PARAMS  # noqa: E402
 from gateway.config import ModelEntry  # noqa: E402
 from gateway.errors import redact  # noqa: E402
 
@@ -31,6 +33,25 @@ def load_litellm() -> Any:
     litellm.suppress_debug_info = True
     litellm.drop_params = True  # a param one provider lacks is dropped, not an error
     return litellm
+
+
+# Threads of the loop's default executor, where litellm runs the synchronous half of every
+# call (`acompletion` hands `completion()` to `run_in_executor(None, ...)`). Python's default
+# is min(32, cores + 4): 6 here, so six calls that block in it (a slow credential refresh,
+# a provider's sync client) stalled every litellm-dispatched model for everyone. Idle
+# threads cost nothing; a blocked call holds one of 64, and the router's timeouts
+# release the request waiting on it (the thread finishes on its own).
+BLOCKING_THREADS = 64
+_executors: dict[int, ThreadPoolExecutor] = {}
+
+
+def use_blocking_executor(loop: asyncio.AbstractEventLoop) -> None:
+    """Give `loop` a default executor of BLOCKING_THREADS threads (once per loop)."""
+    if id(loop) in _executors:
+        return
+    executor = ThreadPoolExecutor(BLOCKING_THREADS, thread_name_prefix="gateway-blocking")
+    loop.set_default_executor(executor)
+    _executors[id(loop)] = executor
 
 
 class UpstreamError(Exception):
@@ -225,10 +246,17 @@ def _clean_response(raw: dict[str, Any]) -> dict[str, Any]:
 class LitellmDispatcher:
     """Every provider, through litellm. Retries are ours (the router's), never litellm's."""
 
-    def _kwargs(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
-        params = deployment.litellm_params.model_dump(exclude_none=True)
-        kwargs = {k: v for k, v in body.items() if k != "model"}
-        kwargs.update(params)  # config wins over the body, always
+    def _kwargs(self, deployment: ModelEntry, body: dict[str, Any],
+                endpoint: str = "chat.completions") -> dict[str, Any]:
+        """litellm's keyword arguments: the OpenAI parameters of the body (nothing else
+        from a client ever becomes a litellm argument: see gateway/client_body.py), the
+        deployment's opted-in extra fields as provider body fields, then the config's."""
+        allowed = DISPATCH_PARAMS[endpoint]
+        kwargs = {k: v for k, v in body.items() if k in allowed}
+        extra = {k: body[k] for k in deployment.allow_extra_params if k in body}
+        if extra:
+            kwargs["extra_body"] = extra
+        kwargs.update(deployment.litellm_params.model_dump(exclude_none=True))  # config wins, always
         kwargs["num_retries"] = 0
         kwargs["max_retries"] = 0
         return kwargs
@@ -239,6 +267,8 @@ class LitellmDispatcher:
         534 ms for a first call, 47 ms after this), enough to trip a tight first_byte timeout."""
         kwargs = self._kwargs(deployment, {"messages": [{"role": "user", "content": "warm up"}], "max_tokens": 1})
         kwargs["mock_response"] = "ok"
+        for slow in ("mock_delay", "mock_timeout"):  # a test deployment's; not for warming up
+            kwargs.pop(slow, None)
         await load_litellm().acompletion(**kwargs)
 
     async def chat(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
@@ -288,12 +318,8 @@ class LitellmDispatcher:
                     pass
 
     async def embeddings(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
-        params = deployment.litellm_params.model_dump(exclude_none=True)
-        params.pop("mock_response", None)
-        kwargs = {k: v for k, v in body.items() if k != "model"}
-        kwargs.update(params)
-        kwargs["num_retries"] = 0
-        kwargs["max_retries"] = 0
+        kwargs = self._kwargs(deployment, body, "embeddings")
+        kwargs.pop("mock_response", None)
         try:
             response = await load_litellm().aembedding(**kwargs)
         except Exception as exc:  # noqa: BLE001

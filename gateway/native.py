@@ -22,6 +22,7 @@ from typing import Any, AsyncIterator
 
 import orjson
 
+from gateway.client_body import DISPATCH_PARAMS
 from gateway.config import ModelEntry
 from gateway.dispatch import UpstreamError, retry_after_seconds
 from gateway.errors import redact
@@ -34,6 +35,7 @@ from gateway.upstream_http import (
 )
 
 OPENAI_DEFAULT_BASE = "https://api.openai.com/v1"
+_PASSED = {endpoint: params | {"model"} for endpoint, params in DISPATCH_PARAMS.items()}  # model: replaced
 _DONE = b"[DONE]"
 
 
@@ -115,8 +117,15 @@ class NativeOpenAIDispatcher:
         self._targets[key] = entry
         return entry[1:]
 
-    def _body(self, deployment: ModelEntry, body: dict[str, Any]) -> bytes:
-        payload = dict(body)
+    def _body(self, deployment: ModelEntry, body: dict[str, Any], endpoint: str = "chat.completions") -> bytes:
+        """The body as the upstream gets it: the OpenAI parameters, plus the fields this
+        deployment opted in to (a fallback may not take what the requested model did)."""
+        allowed = _PASSED[endpoint]
+        if body.keys() <= allowed:
+            payload = dict(body)
+        else:
+            extra = deployment.allow_extra_params
+            payload = {k: v for k, v in body.items() if k in allowed or k in extra}
         payload["model"] = upstream_model(deployment)
         return orjson.dumps(payload)
 
@@ -130,12 +139,13 @@ class NativeOpenAIDispatcher:
         except UpstreamProtocolError as exc:
             raise UpstreamError("bad_response", f"the upstream response was not valid: {exc}") from None
 
-    async def _post_json(self, deployment: ModelEntry, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _post_json(self, deployment: ModelEntry, path: str, body: dict[str, Any],
+                         endpoint: str) -> dict[str, Any]:
         target, headers, total, connect = self._target(deployment, path)
         response = None
         try:
             async with asyncio.timeout(total):
-                response = await self._send(target, headers, self._body(deployment, body), connect)
+                response = await self._send(target, headers, self._body(deployment, body, endpoint), connect)
                 raw = await response.read()
             response.release()
         except TimeoutError:
@@ -155,13 +165,13 @@ class NativeOpenAIDispatcher:
         return _json_object(raw, "response")
 
     async def chat(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
-        payload = await self._post_json(deployment, "/chat/completions", body)
+        payload = await self._post_json(deployment, "/chat/completions", body, "chat.completions")
         if not isinstance(payload.get("choices"), list) or not payload["choices"]:
             raise UpstreamError("bad_response", "the upstream response had no choices")
         return payload
 
     async def embeddings(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
-        payload = await self._post_json(deployment, "/embeddings", body)
+        payload = await self._post_json(deployment, "/embeddings", body, "embeddings")
         if not isinstance(payload.get("data"), list) or not payload["data"]:
             raise UpstreamError("bad_response", "the upstream embeddings response had no data")
         return payload

@@ -43,6 +43,7 @@ def unauthorized(message: str) -> Reject:
 
 class Auth(Plugin):
     name = "auth"
+    needs_body = False  # a caller is known (or refused) before its body is read
 
     async def on_request(self, ctx: RequestContext) -> None:
         token = bearer_token(ctx.headers.get("Authorization"))

@@ -218,6 +218,14 @@ class Plugin:
 
     name: ClassVar[str]
     Settings: ClassVar[type[BaseModel]] = NoSettings
+    # False for a plugin whose on_request judges by headers alone (auth): the core reads
+    # and parses the body only after such plugins ran, so an unknown caller's body is
+    # never parsed. While they run, ctx.body is {} and ctx.requested_model is "".
+    needs_body: ClassVar[bool] = True
+    # Settings (durations, seconds) that must outlast any request, such as the age at which
+    # a reservation counts as orphaned. Config load fails naming the setting when one is
+    # shorter than the longest request the timeouts and retries allow (Config.longest_request).
+    outlives_requests: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, settings: BaseModel, services: Services):
         self.settings = settings

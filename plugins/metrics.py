@@ -47,6 +47,7 @@ class MetricsSettings(BaseModel):
 
 class Metrics(Plugin):
     name = "metrics"
+    needs_body = False  # counts every request, also one refused for its body
     Settings = MetricsSettings
 
     def __init__(self, settings: MetricsSettings, services: Any):

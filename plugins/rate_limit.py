@@ -122,6 +122,7 @@ def _reset(seconds: float) -> str:
 
 class RateLimit(Plugin):
     name = "rate_limit"
+    needs_body = False  # a caller over its limit is refused before its body is parsed
 
     def __init__(self, settings: Any, services: Any):
         super().__init__(settings, services)
