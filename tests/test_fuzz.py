@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.config import load_config_data
-from tests.conftest import FULL_CHAIN, RunningGateway, _start, base_config
+from tests.conftest import FULL_CHAIN, MASTER_KEY, RunningGateway, _start, base_config
 from tests.fakes import FakeUpstream
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -166,7 +166,8 @@ def test_any_headers_get_a_4xx_openai_error_or_a_200_never_a_5xx(target, data):
 @FUZZ
 @given(body=st.fixed_dictionaries({"model": st.one_of(st.sampled_from(MODELS), json_values),
                                    "input": json_values}, optional={"encoding_format": json_values,
-                                                                    "dimensions": ints}))
+                                                                    "dimensions": ints, "metadata": json_values,
+                                                                    "user": json_values}))
 def test_any_embeddings_body_gets_a_4xx_openai_error_or_a_200_never_a_5xx(target, body):
     gw, key = target
     assert_well_answered(*send(gw, "/v1/embeddings", json.dumps(body).encode(),
@@ -195,3 +196,54 @@ def test_a_message_role_that_is_an_array_or_object_is_a_400(target, role):
     body = json.dumps({"model": "demo", "messages": [{"role": role, "content": "hi"}]}).encode()
     status, raw = send(gw, "/v1/chat/completions", body, {"Authorization": f"Bearer {key}"})
     assert status == 400 and json.loads(raw)["error"]["param"] == "messages[0].role"
+
+
+# ------------------------------------------------------------------------------ every other endpoint
+
+ADMIN_WRITES = ["/admin/workspaces", "/admin/users", "/admin/workspaces/acme", "/admin/users/{user}",
+                "/admin/users/{user}/energy", "/admin/users/{user}/keys"]
+ADMIN_READS = ["/admin/usage/daily", "/admin/usage/top-users", "/admin/usage/actions", "/admin/usage/weekly",
+               "/admin/metrics", "/admin/users", "/admin/keys", "/admin/workspaces", "/admin/users/{user}/ledger",
+               "/v1/models", "/models", "/health", "/health/ready", "/admin/config"]
+query_text = st.text(st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="#&=%+"), max_size=12)
+
+
+def request(gw: RunningGateway, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", int(gw.url.rsplit(":", 1)[1]), timeout=CLIENT_TIMEOUT)
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+@FUZZ
+@given(data=st.data())
+def test_any_admin_write_gets_a_4xx_or_a_2xx_never_a_5xx(target, data):
+    gw, _ = target
+    user_id = data.draw(st.sampled_from(["usr_missing", "x" * 300, "%00", "acme"]))
+    path = data.draw(st.sampled_from(ADMIN_WRITES)).replace("{user}", user_id)
+    method = "PATCH" if path.count("/") == 3 and not path.endswith(("workspaces", "users")) else "POST"
+    body = data.draw(st.one_of(json_values.map(lambda v: json.dumps(v).encode()), st.binary(max_size=200),
+                               st.fixed_dictionaries({}, optional={
+                                   "name": json_values, "workspace": json_values, "tier": json_values,
+                                   "energy": ints, "amount": ints, "reason": json_values, "role": json_values,
+                                   "disabled": json_values}).map(lambda d: json.dumps(d).encode())))
+    status, raw = request(gw, method, path, body, {"Authorization": f"Bearer {MASTER_KEY}",
+                                                   "Content-Type": "application/json"})
+    assert status < 500, (method, path, body[:200], status, raw[:300])
+
+
+@FUZZ
+@given(data=st.data())
+def test_any_read_with_any_query_gets_a_4xx_or_a_2xx_never_a_5xx(target, data):
+    gw, key = target
+    path = data.draw(st.sampled_from(ADMIN_READS)).replace("{user}", "usr_missing")
+    params = data.draw(st.dictionaries(st.sampled_from(["days", "window", "workspace", "user", "limit", "since",
+                                                        "weeks", "x"]), query_text, max_size=3))
+    query = "&".join(f"{k}={v}" for k, v in params.items())
+    auth = data.draw(st.sampled_from([f"Bearer {MASTER_KEY}", f"Bearer {key}", "Bearer nope", ""]))
+    status, raw = request(gw, "GET", path + ("?" + query if query else ""), None,
+                          {"Authorization": auth} if auth else {})
+    assert status < 500 or (path == "/health/ready" and status == 503), (path, query, status, raw[:300])
