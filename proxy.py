@@ -409,15 +409,19 @@ def _choose_model(ctx: RequestContext) -> None:
             ctx.response_headers["X-Model-Downgrade-Reason"] = ctx.downgrade_reason
 
 
-async def _pass_gate(ctx: RequestContext) -> bool:
+async def _pass_gate(ctx: RequestContext, dispatched: str) -> bool:
     """Wait for a request hook's overlapped check (`ctx.gate`, see plugins/base.py);
-    raises its error. True when it moved the request to another model: dispatch again."""
+    raises its error. True when it moved the request to another model: dispatch again.
+
+    `dispatched` is the model dispatch started with; `ctx.model` is the one that served
+    (a fallback, perhaps). The gate moved the request only if it chose neither: comparing
+    with the server alone re-ran the whole retry-and-fallback chain of a request a
+    fallback had served (the upstream saw every attempt twice)."""
     gate, ctx.gate = ctx.gate, None
-    served = ctx.model
     error = await asyncio.shield(gate)  # a gate is resolved by its plugin, never cancelled by us
     if error is not None:
         raise error
-    if ctx.candidates and ctx.candidates[0] != served:
+    if ctx.candidates and ctx.candidates[0] not in (dispatched, ctx.model):
         _choose_model(ctx)
         return True
     return False
@@ -431,8 +435,9 @@ def _finish_success(ctx: RequestContext, payload: dict[str, Any]) -> None:
 
 
 async def _complete(request: web.Request, gw: Gateway, snap: Snapshot, ctx: RequestContext) -> web.StreamResponse:
+    dispatched = ctx.model
     payload = ctx.short_circuit if ctx.short_circuit is not None else await gw.router.chat(ctx)
-    if ctx.gate is not None and await _pass_gate(ctx):
+    if ctx.gate is not None and await _pass_gate(ctx, dispatched):
         payload = await gw.router.chat(ctx)
     _finish_success(ctx, payload)
     ctx.first_byte_at = time.monotonic()
@@ -480,10 +485,11 @@ async def _stream(request: web.Request, gw: Gateway, snap: Snapshot, ctx: Reques
         options = dict(ctx.body.get("stream_options") or {})
         options["include_usage"] = True
         ctx.body["stream_options"] = options
+        dispatched = ctx.model
         first, upstream = await gw.router.open_stream(ctx)  # retried; nothing sent yet
         if ctx.gate is not None:
             try:
-                moved = await _pass_gate(ctx)
+                moved = await _pass_gate(ctx, dispatched)
             except BaseException:
                 await _close_quietly(upstream)
                 raise
@@ -627,8 +633,9 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     ctx = _new_context(request, snap, "embeddings", {})
 
     async def answer() -> web.StreamResponse:
+        dispatched = ctx.model
         payload = ctx.short_circuit if ctx.short_circuit is not None else await gw.router.embeddings(ctx)
-        if ctx.gate is not None and await _pass_gate(ctx):
+        if ctx.gate is not None and await _pass_gate(ctx, dispatched):
             payload = await gw.router.embeddings(ctx)
         _finish_success(ctx, payload)
         ctx.first_byte_at = time.monotonic()
