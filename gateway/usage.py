@@ -65,7 +65,10 @@ def usage_from_payload(payload: dict[str, Any]) -> Usage | None:
     """The `Usage` of a response or stream chunk (`payload["usage"]`), or None when it
     carries none. Reads OpenAI chat usage, litellm's translations (which add Anthropic's
     top-level cache keys), the Responses API shape and Anthropic's own; see the module
-    docstring for which totals include which classes."""
+    docstring for which totals include which classes. One usage object is read as it is:
+    an Anthropic stream reports input and cache counts in `message_start` and the output
+    count in `message_delta`, so a native Anthropic path merges the two first (as
+    litellm's stream handler does) rather than calling this on each."""
     usage = payload.get("usage")
     if not isinstance(usage, dict):
         return None
