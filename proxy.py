@@ -45,7 +45,7 @@ from gateway.config import (  # noqa: E402
     redacted_config,
 )
 from gateway.directory import Directory  # noqa: E402
-from gateway.dispatch import UpstreamError, use_blocking_executor  # noqa: E402
+from gateway.dispatch import StreamEnd, UpstreamError, use_blocking_executor  # noqa: E402
 from gateway.errors import ApiError, internal_error  # noqa: E402
 from gateway.router import Router, upstream_to_api_error  # noqa: E402
 from gateway.usage import finalize_usage, unpriced_models, usage_from_payload, warm_up  # noqa: E402
@@ -501,7 +501,7 @@ async def _stream(request: web.Request, gw: Gateway, snap: Snapshot, ctx: Reques
         **ctx.response_headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no"})
     error: ApiError | None = None
-    saw_finish = False
+    end = StreamEnd()
     chunk: dict[str, Any] | None = first
     try:
         await response.prepare(request)
@@ -513,8 +513,8 @@ async def _stream(request: web.Request, gw: Gateway, snap: Snapshot, ctx: Reques
                 if content:
                     ctx.streamed_text.append(content)
                 if choice.get("finish_reason"):
-                    saw_finish = True
                     ctx.finish_reason = choice["finish_reason"]
+            end.observe(chunk)
             send = True
             if not ctx.client_wants_usage:
                 if not chunk.get("choices"):
@@ -532,8 +532,8 @@ async def _stream(request: web.Request, gw: Gateway, snap: Snapshot, ctx: Reques
                 chunk = await upstream.__anext__()
             except StopAsyncIteration:
                 chunk = None
-        if not saw_finish:
-            raise UpstreamError("truncated", "the upstream stream ended before its final chunk")
+        if not end.complete:
+            raise UpstreamError("truncated", "the upstream stream ended before every choice finished")
         await response.write(_SSE_DONE)
         ctx.status = 200
     except UpstreamError as err:

@@ -19,6 +19,8 @@ from typing import Any, AsyncIterator, Protocol
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch prices at import
 
+import structlog  # noqa: E402
+
 from gateway.client_body import DISPATCH_PARAMS  # noqa: E402
 from gateway.config import ModelEntry  # noqa: E402
 from gateway.errors import redact  # noqa: E402
@@ -34,6 +36,8 @@ def load_litellm() -> Any:
     litellm.drop_params = True  # a param one provider lacks is dropped, not an error
     return litellm
 
+
+log = structlog.get_logger("gateway.dispatch")
 
 # Threads of the loop's default executor, where litellm runs the synchronous half of every
 # call (`acompletion` hands `completion()` to `run_in_executor(None, ...)`). Python's default
@@ -84,6 +88,33 @@ class UpstreamError(Exception):
 
     def __repr__(self) -> str:
         return f"UpstreamError({self.kind}, status={self.status}, {self.message[:80]!r})"
+
+
+class StreamEnd:
+    """One end-of-stream rule for every path: a stream is complete when every choice it
+    carried has its `finish_reason`. A `[DONE]` (or Anthropic's `message_stop`) missing
+    after that, or the connection closing there, is logged, not treated as a cut: the
+    client has the whole answer and is billed for it. A choice left open is a cut-off
+    answer (an error event, and a refund)."""
+
+    __slots__ = ("open", "seen")
+
+    def __init__(self) -> None:
+        self.open: set[int] = set()
+        self.seen = False
+
+    def observe(self, chunk: dict[str, Any]) -> None:
+        for choice in chunk.get("choices") or ():
+            index = choice.get("index", 0)
+            if choice.get("finish_reason"):
+                self.open.discard(index)
+            elif index not in self.open:
+                self.open.add(index)
+            self.seen = True
+
+    @property
+    def complete(self) -> bool:
+        return self.seen and not self.open
 
 
 class Dispatcher(Protocol):
@@ -289,10 +320,12 @@ class LitellmDispatcher:
         except Exception as exc:  # noqa: BLE001
             raise normalise_litellm_error(exc) from None
         carried = False  # litellm skips unparseable lines and invents a final "stop" chunk
+        end = StreamEnd()
         try:
             async for chunk in stream:
                 raw = chunk.model_dump() if hasattr(chunk, "model_dump") else dict(chunk)
                 cleaned = _clean_chunk(raw)
+                end.observe(cleaned)
                 if not carried:
                     carried = bool(cleaned.get("usage")) or any(
                         c["delta"].get("content") or c["delta"].get("tool_calls") or c["delta"].get("function_call")
@@ -304,6 +337,11 @@ class LitellmDispatcher:
                 yield cleaned
         except Exception as exc:  # noqa: BLE001
             err = normalise_litellm_error(exc)
+            if end.complete and err.kind != "status":
+                # The same rule as the native path (StreamEnd): the answer was whole.
+                log.warning("upstream_stream_without_done", deployment=deployment.name, error=type(exc).__name__,
+                            note="the stream broke after every choice had finished: the answer is complete")
+                return
             # After the first chunk every failure is a stream that broke off (litellm
             # raises MidStreamFallbackError, status 500, for a cut connection).
             if err.kind in ("connection", "bad_response") or "MidStream" in type(exc).__name__:

@@ -21,10 +21,11 @@ import asyncio
 from typing import Any, AsyncIterator
 
 import orjson
+import structlog
 
 from gateway.client_body import DISPATCH_PARAMS
 from gateway.config import ModelEntry
-from gateway.dispatch import UpstreamError, retry_after_seconds
+from gateway.dispatch import StreamEnd, UpstreamError, retry_after_seconds
 from gateway.errors import redact
 from gateway.upstream_http import (
     Response,
@@ -33,6 +34,8 @@ from gateway.upstream_http import (
     UpstreamHTTP,
     UpstreamProtocolError,
 )
+
+log = structlog.get_logger("gateway.native")
 
 OPENAI_DEFAULT_BASE = "https://api.openai.com/v1"
 _PASSED = {endpoint: params | {"model"} for endpoint, params in DISPATCH_PARAMS.items()}  # model: replaced
@@ -186,6 +189,7 @@ class NativeOpenAIDispatcher:
         except TimeoutError:
             raise UpstreamError("timeout", "the upstream did not answer in time", status=504) from None
         done = False
+        end = StreamEnd()
         try:
             if resp.status >= 400:
                 raise _error_from(resp.status, resp.headers, await resp.read())
@@ -202,13 +206,20 @@ class NativeOpenAIDispatcher:
                     err = chunk["error"]
                     message = err.get("message") if isinstance(err, dict) else str(err)
                     raise UpstreamError("truncated", f"the upstream stream failed: {redact(str(message))}")
+                end.observe(chunk)
                 yield chunk
+            if not done and not end.complete:
+                raise UpstreamError("truncated", "the upstream stream ended before every choice finished")
             if not done:
-                raise UpstreamError("truncated", "the upstream stream ended without [DONE]")
+                log.warning("upstream_stream_without_done", deployment=deployment.name,
+                            note="every choice had finished: the answer is complete")
         except UpstreamError:
             raise
         except (UpstreamProtocolError, OSError) as exc:
-            raise UpstreamError("truncated", f"the upstream stream broke off: {type(exc).__name__}") from None
+            if not end.complete:
+                raise UpstreamError("truncated", f"the upstream stream broke off: {type(exc).__name__}") from None
+            log.warning("upstream_stream_without_done", deployment=deployment.name, error=type(exc).__name__,
+                        note="the connection broke after every choice had finished: the answer is complete")
         finally:
             if done:
                 # [DONE] is final: nothing after it is waited for or can fail the answer. The

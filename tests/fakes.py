@@ -185,6 +185,13 @@ class Fault:
         return cls("no_choices")
 
     @classmethod
+    def no_done(cls, cut: bool = False) -> "Fault":
+        """Streaming only: the whole answer (finish chunk and usage; Anthropic:
+        ``message_delta``), then the end of the body without ``[DONE]`` (Anthropic:
+        without ``message_stop``). ``cut``: the TCP connection is killed instead."""
+        return cls("no_done", seconds=1.0 if cut else 0.0)
+
+    @classmethod
     def drop(cls) -> "Fault":
         """Close the connection without sending a single byte of response."""
         return cls("drop")
@@ -759,8 +766,16 @@ class FakeUpstream:
                                       "finish_reason": "stop"}])))
         if include_usage and self.report_usage:
             await resp.write(_sse(chunk([], usage=self._openai_usage())))
+        if kind == "no_done":
+            await self._end_without_done(request, resp, fault)
         await resp.write(b"data: [DONE]\n\n")
         return resp
+
+    async def _end_without_done(self, request: web.Request, resp: web.StreamResponse, fault: Fault) -> None:
+        """The answer is complete; its end-of-stream marker never comes. Never returns."""
+        if fault.seconds:
+            self._kill(request)  # close() flushes the chunks written, then EOF mid-body
+        raise _Done(resp)
 
     async def _stream_fault(self, request: web.Request, resp: web.StreamResponse,
                             fault: Fault, flavour: str) -> None:
@@ -903,6 +918,8 @@ class FakeUpstream:
         if self.report_usage:
             delta_evt["usage"] = {"output_tokens": self.completion_tokens}
         await resp.write(_sse_event("message_delta", delta_evt))
+        if kind == "no_done":
+            await self._end_without_done(request, resp, fault)
         await resp.write(_sse_event("message_stop", {"type": "message_stop"}))
         return resp
 
