@@ -318,7 +318,10 @@ def settlement_return(reserved: int, final_amount: int | None) -> int:
     return reserved - min(final_amount, reserved)
 
 
-IN_FLIGHT_LEASE = 900.0  # seconds an in-flight idempotency claim blocks retries at most
+# Seconds an in-flight idempotency claim blocks retries at most, unless the caller passes
+# its own `lease`: the gateway passes Config.outlasting_requests(IN_FLIGHT_LEASE), longer
+# than any request its timeouts allow (README: Operating it).
+IN_FLIGHT_LEASE = 900.0
 
 
 def idempotency_decision(
@@ -329,13 +332,15 @@ def idempotency_decision(
     fingerprint: str,
     window: float,
     now: float,
+    lease: float = IN_FLIGHT_LEASE,
 ) -> Literal["reclaim", "mismatch", "in_flight", "done"]:
     """What an existing claim means for a new attempt with the same key."""
     if now - stored_created_at >= window:
         return "reclaim"  # expired: the key is free again
-    if stored_status == "in_flight" and now - stored_created_at >= IN_FLIGHT_LEASE:
-        # The process holding it died mid-request (no request lives this long: the longest
-        # upstream timeout is well below the lease). Its energy is refunded by the sweeper.
+    if stored_status == "in_flight" and now - stored_created_at >= lease:
+        # The process holding it died mid-request (no request lives this long: the lease is
+        # longer than the longest request the config allows). Its energy is refunded by the
+        # sweeper.
         return "reclaim"
     if stored_fingerprint != fingerprint:
         return "mismatch"  # same key, different request: a client bug, never replay
@@ -624,8 +629,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def begin_idempotent(
         self, user_id: str, key: str, request_id: str, *, fingerprint: str, window: float,
-        now: float | None = None,
-    ) -> IdempotencyState: ...
+        lease: float = IN_FLIGHT_LEASE, now: float | None = None,
+    ) -> IdempotencyState:
+        """Claim `key` for `request_id`, or say what an existing claim means. An in-flight
+        claim older than `lease` belongs to a dead process and is taken over."""
 
     @abc.abstractmethod
     async def finish_idempotent(

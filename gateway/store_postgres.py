@@ -34,6 +34,7 @@ from typing import Any, AsyncIterator
 import asyncpg
 
 from gateway.store import (
+    IN_FLIGHT_LEASE,
     USAGE_COLUMNS,
     ApiKey,
     EnergyEntry,
@@ -613,7 +614,8 @@ class PostgresStore(Store):
 
     # --------------------------------------------------------------- idempotency
 
-    async def begin_idempotent(self, user_id, key, request_id, *, fingerprint, window, now=None):
+    async def begin_idempotent(self, user_id, key, request_id, *, fingerprint, window,
+                               lease=IN_FLIGHT_LEASE, now=None):
         now = now_or(now)
         async with self._tx() as conn:
             if not await conn.fetchval("SELECT 1 FROM users WHERE id = $1", user_id):
@@ -639,7 +641,7 @@ class PostgresStore(Store):
             decision = idempotency_decision(
                 stored_status=row["status"], stored_fingerprint=row["fingerprint"],
                 stored_created_at=row["created_at"], fingerprint=fingerprint, window=window,
-                now=now,
+                now=now, lease=lease,
             )
             if decision == "reclaim":
                 await conn.execute(

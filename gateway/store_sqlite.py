@@ -89,6 +89,7 @@ import time
 from typing import Any, Callable
 
 from gateway.store import (
+    IN_FLIGHT_LEASE,
     USAGE_COLUMNS,
     ApiKey,
     EnergyEntry,
@@ -921,7 +922,8 @@ class SQLiteStore(Store):
 
     # --------------------------------------------------------------- idempotency
 
-    async def begin_idempotent(self, user_id, key, request_id, *, fingerprint, window, now=None):
+    async def begin_idempotent(self, user_id, key, request_id, *, fingerprint, window,
+                               lease=IN_FLIGHT_LEASE, now=None):
         now = now_or(now)
 
         def tx(db):
@@ -945,6 +947,7 @@ class SQLiteStore(Store):
             decision = idempotency_decision(
                 stored_status=status, stored_fingerprint=stored_fp,
                 stored_created_at=created_at, fingerprint=fingerprint, window=window, now=now,
+                lease=lease,
             )
             if decision == "reclaim":
                 db.execute(

@@ -48,8 +48,9 @@ Money rules:
 * Every answer to an authenticated request carries `X-Energy-Cost` and `X-Energy-Remaining`.
 * A process killed between reserve and settle (SIGKILL, OOM, power) leaves its
   reservations `reserved` forever, and the user's energy locked. A sweeper in every
-  process refunds reservations older than `stale_after` (far above any request's
-  duration: a refunded reservation can no longer be settled), at start-up and then
+  process refunds reservations older than `stale_after` (default: an hour, or the longest
+  request the config's timeouts and retries allow plus a minute; shorter than that longest
+  request is a config error: a refunded reservation can no longer be settled), at start-up and then
   every `sweep_interval`. Refunds are idempotent, so several processes may sweep at once.
 """
 
@@ -69,6 +70,7 @@ from gateway.errors import internal_error
 from plugins.base import Plugin, Reject, RequestContext
 
 BILLABLE = ("chat.completions", "embeddings")
+STALE_AFTER = 3600.0  # the least `stale_after` defaults to (EnergySettings)
 KNOWN_BALANCE_TTL = 5.0  # seconds a balance seen by this process is trusted to decide an overlap
 
 log = structlog.get_logger("gateway.energy")
@@ -76,7 +78,10 @@ log = structlog.get_logger("gateway.energy")
 
 class EnergySettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    stale_after: float = 3600.0  # a reservation this old belongs to a dead process
+    # A reservation this old belongs to a dead process. None: an hour, or the longest request
+    # the config allows plus a minute if that is longer. Shorter than the longest request
+    # is a config error (Energy.outlives_requests).
+    stale_after: float | None = None
     sweep_interval: float = 300.0  # 0 disables the periodic sweep (start-up sweep still runs)
     settle_interval: float = 0.1  # settlements are written in batches at least this often; 0 = one by one
     settle_batch: int = Field(500, ge=1)
@@ -84,13 +89,13 @@ class EnergySettings(BaseModel):
 
     @field_validator("stale_after", "sweep_interval", "settle_interval", mode="before")
     @classmethod
-    def _duration(cls, v: Any) -> float:
-        return parse_duration(v)
+    def _duration(cls, v: Any) -> float | None:
+        return None if v is None else parse_duration(v)
 
     @field_validator("stale_after")
     @classmethod
-    def _positive(cls, v: float) -> float:
-        if v <= 0:
+    def _positive(cls, v: float | None) -> float | None:
+        if v is not None and v <= 0:
             raise ValueError("must be positive")
         return v
 
@@ -105,6 +110,7 @@ class EnergySettings(BaseModel):
 class Energy(Plugin):
     name = "energy"
     Settings = EnergySettings
+    outlives_requests = ("stale_after",)
 
     def __init__(self, settings: EnergySettings, services: Any):
         super().__init__(settings, services)
@@ -153,7 +159,10 @@ class Energy(Plugin):
         store = self.services.store
         refunded = 0
         try:
-            for request_id in await store.stale_reservations(time.time() - self.settings.stale_after):
+            stale_after = self.settings.stale_after
+            if stale_after is None:
+                stale_after = self.services.config.outlasting_requests(STALE_AFTER)
+            for request_id in await store.stale_reservations(time.time() - stale_after):
                 if await store.refund_energy(request_id, reason="stale") is not None:
                     refunded += 1
         except Exception:  # a sweep must never take the gateway down; the next one retries

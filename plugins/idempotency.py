@@ -14,6 +14,10 @@ it succeeded gets the first result again (`Idempotent-Replayed: true`), without 
 upstream call or charge; a stream is replayed as a short stream. A retry after the
 first *failed* runs normally: failures refund, so there is nothing to protect. The same
 key with a different body is a client bug: 422 `idempotency_key_reused`.
+
+A claim whose process died mid-request is taken over after a lease longer than any request
+the config's timeouts and retries allow (`Config.longest_request` plus a minute, at least
+15 minutes); `idempotency_window` shorter than the longest request is a config error.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import time
 
 import orjson
 
+from gateway.store import IN_FLIGHT_LEASE
 from plugins.base import Plugin, Reject, RequestContext
 
 MAX_KEY_LENGTH = 255
@@ -74,7 +79,7 @@ class Idempotency(Plugin):
                          param="Idempotency-Key", code="invalid_idempotency_key")
         claiming = asyncio.ensure_future(self.services.store.begin_idempotent(
             ctx.identity.user_id, key, ctx.request_id, fingerprint=fingerprint(ctx),
-            window=ctx.config.energy.idempotency_window))
+            window=ctx.config.energy.idempotency_window, lease=ctx.config.outlasting_requests(IN_FLIGHT_LEASE)))
         try:
             state = await asyncio.shield(claiming)
         except asyncio.CancelledError:

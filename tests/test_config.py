@@ -240,3 +240,78 @@ def test_load_config_on_a_missing_file_fails_naming_it(tmp_path):
     with pytest.raises(ConfigError) as excinfo:
         load_config(tmp_path / "nope.yaml")
     assert "nope.yaml: cannot read" in excinfo.value.errors[0]
+
+
+# ------------------------------------------------ time constants against the longest request
+# Default timeouts: first_byte 120 s, total 600 s; retries: 3 attempts, waits of at most
+# retry_after_max 30 s (the backoff's ceiling, 8 s, is lower).
+
+
+def test_the_longest_request_follows_the_routers_attempts_waits_and_fallbacks():
+    """A stream: every failed call ends by first_byte, the last one streams for up to total
+    after its first chunk; embeddings: every call ends by total. Fallbacks add their own."""
+    alone = load_config_data(config_with(models=[{"name": "m", "litellm_params": {"model": "openai/m"},
+                                                  "timeouts": {"first_byte": 100, "total": 200}}],
+                                         tiers={"free": {"models": ["*"]}}))
+    assert alone.longest_request.seconds == 3 * 200 + 2 * 30  # embeddings 660 > stream 3 × 100 + 60 + 200
+    assert alone.longest_request.why == ("660s: embeddings on 'm': 'm' 3 × models[0].timeouts.total 200s"
+                                         " + 2 waits 60s (retries)")
+
+    streams = config_with(retries={"max_attempts": 2, "retry_after_max": 5, "backoff_max": 1},
+                          models=[{"name": "a", "litellm_params": {"model": "openai/a"}, "fallbacks": ["b"],
+                                   "timeouts": {"first_byte": 300, "total": 100}},
+                                  {"name": "b", "litellm_params": {"model": "openai/b"},
+                                   "timeouts": {"first_byte": 200, "total": 50}}],
+                          tiers={"free": {"models": ["*"]}})
+    bound = load_config_data(streams).longest_request
+    assert bound.seconds == (2 * 300 + 5) + (2 * 200 + 5) + 50  # stream: 1060 > embeddings 2 × 100 + 5 + 2 × 50 + 5
+    assert bound.why.startswith("1060s: a stream on 'a': 'a' 2 × models[0].timeouts.first_byte 300s")
+    assert bound.why.endswith("then streaming models[1].timeouts.total 50s")
+
+
+def test_a_stale_after_shorter_than_the_longest_request_is_an_error_naming_both_paths():
+    errors = errors_of(config_with(plugins=["auth", {"name": "energy", "settings": {"stale_after": "5m"}}]))
+    assert errors == ["plugins[1].settings.stale_after: 300s is shorter than the longest request (1860s: embeddings"
+                      " on 'demo': 'demo' 3 × models[0].timeouts.total 600s + 2 waits 60s (retries))"]
+
+
+def test_an_idempotency_window_shorter_than_the_longest_request_is_an_error():
+    data = config_with(plugins=["auth", "idempotency", "energy"], energy={"idempotency_window": "10m"})
+    errors = errors_of(data)
+    assert len(errors) == 1 and errors[0].startswith(
+        "energy.idempotency_window: 600s is shorter than the longest request (1860s: ")
+    del data["plugins"][1]
+    load_config_data(data)  # without the idempotency plugin the window is not used
+
+
+def test_a_disabled_plugin_or_bad_settings_are_left_to_the_plugin_checks():
+    load_config_data(config_with(plugins=[{"name": "energy", "enabled": False, "settings": {"stale_after": "1s"}}]))
+    load_config_data(config_with(plugins=[{"name": "energy", "settings": {"stale_aftr": "1s"}}]))
+
+
+def test_the_idempotency_lease_and_stale_after_default_to_outlast_the_longest_request():
+    """The lease (how long a crashed process's claim blocks its key) and the sweeper's
+    stale_after are derived: at least 15 min / 1 h, longer when the timeouts allow longer
+    requests (the default timeouts: 3 × (120 s + 30 s) + 600 s for one stream already
+    exceed the old fixed 15-minute lease)."""
+    from gateway.store import IN_FLIGHT_LEASE, idempotency_decision
+    from plugins.energy import STALE_AFTER
+
+    quick = load_config_data(config_with(models=[{"name": "demo", "litellm_params": {"model": "demo/offline"},
+                                                  "timeouts": {"first_byte": 5, "total": 10}}],
+                                         tiers={"free": {"models": ["*"]}}))
+    assert quick.outlasting_requests(IN_FLIGHT_LEASE) == IN_FLIGHT_LEASE
+    default = load_config_data(config_with())
+    lease = default.outlasting_requests(IN_FLIGHT_LEASE)
+    assert lease == 1860 + 60 and default.outlasting_requests(STALE_AFTER) == STALE_AFTER
+    common = dict(stored_status="in_flight", stored_fingerprint="f", fingerprint="f", window=86400.0,
+                  stored_created_at=0.0, lease=lease)
+    assert idempotency_decision(now=default.longest_request.seconds, **common) == "in_flight"
+    assert idempotency_decision(now=lease, **common) == "reclaim"
+
+
+def test_the_repos_config_yaml_and_the_test_config_pass_the_time_checks(upstream):
+    from tests.conftest import base_config
+
+    assert load_config(ROOT / "config.yaml").longest_request.seconds > 0
+    load_config_data(base_config(upstream, store_url="sqlite:///:memory:"))
