@@ -45,6 +45,7 @@ from gateway.config import (  # noqa: E402
     redacted_config,
 )
 from gateway.directory import Directory  # noqa: E402
+from gateway.journal import EndingsJournal, journal_dir  # noqa: E402
 from gateway.dispatch import StreamEnd, UpstreamError, use_blocking_executor  # noqa: E402
 from gateway.errors import ApiError, internal_error  # noqa: E402
 from gateway.router import Router, upstream_to_api_error  # noqa: E402
@@ -74,8 +75,11 @@ class Chain:
     for it, so an idle hook costs nothing per request or per chunk.
     """
 
-    def __init__(self, plugins: list[Plugin], inflight: "Inflight | None" = None):
+    def __init__(self, plugins: list[Plugin], inflight: "Inflight | None" = None,
+                 journal: EndingsJournal | None = None):
         self.plugins = plugins
+        self.journal = journal  # shared by every generation of the chain, like inflight
+        self._journaling = [p for p in plugins if p.overrides("journal")]
         self._request = [p for p in plugins if p.overrides("on_request")]
         self._chunk = [p for p in plugins if p.overrides("on_stream_chunk")]
         self._response = [p for p in plugins if p.overrides("on_response")]
@@ -124,6 +128,31 @@ class Chain:
             except Exception:  # fail open
                 log.exception("plugin_ending_hook_failed", plugin=plugin.name, request_id=ctx.request_id,
                               hook="on_error" if failed else "on_response")
+        segment = ctx._scratch.get("core.journal")
+        if segment is not None:
+            EndingsJournal.ended(segment["segment"])  # its writes are queued behind it now
+
+    def answered(self, ctx: RequestContext) -> None:
+        """The answer is about to leave: journal what the endings will write (see
+        gateway/journal.py), so a crash right after cannot give the answer away. Fails open."""
+        if self.journal is None or not self._journaling:
+            return
+        try:
+            finalize_usage(ctx)
+            records = {}
+            for plugin in self._journaling:
+                record = plugin.journal(ctx)
+                if record is not None:
+                    records[plugin.name] = record
+            if records:
+                segment = self.journal.record(ctx.request_id, records)
+                if segment is not None:
+                    ctx._scratch["core.journal"] = {"segment": segment}
+        except Exception:
+            log.exception("journal_record_failed", request_id=ctx.request_id)
+
+    def pending_writes(self) -> int:
+        return sum(plugin.pending_writes() for plugin in self.plugins)
 
     def enter(self, ctx: RequestContext) -> None:
         """The request entered the chain: it now owes exactly one ending."""
@@ -441,6 +470,7 @@ async def _complete(request: web.Request, gw: Gateway, snap: Snapshot, ctx: Requ
         payload = await gw.router.chat(ctx)
     _finish_success(ctx, payload)
     ctx.first_byte_at = time.monotonic()
+    snap.chain.answered(ctx)
     response = await _send(request, _json_response(200, payload, ctx.response_headers))
     await snap.chain.end(ctx, wait=False)
     return response
@@ -534,8 +564,9 @@ async def _stream(request: web.Request, gw: Gateway, snap: Snapshot, ctx: Reques
                 chunk = None
         if not end.complete:
             raise UpstreamError("truncated", "the upstream stream ended before every choice finished")
-        await response.write(_SSE_DONE)
         ctx.status = 200
+        chain.answered(ctx)
+        await response.write(_SSE_DONE)
     except UpstreamError as err:
         api_error = upstream_to_api_error(err, ctx.attempts)
         if err.kind == "truncated":
@@ -639,6 +670,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
             payload = await gw.router.embeddings(ctx)
         _finish_success(ctx, payload)
         ctx.first_byte_at = time.monotonic()
+        snap.chain.answered(ctx)
         response = await _send(request, _json_response(200, payload, ctx.response_headers))
         await snap.chain.end(ctx, wait=False)
         return response
@@ -749,6 +781,7 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
         gc.collect()
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)  # per-request garbage is short-lived; collect it in bulk
+        journal = await _open_journal(config, gw)
         await gw.chain.startup()
         gw.ready = True
         yield
@@ -763,6 +796,9 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
                 await plugin.shutdown()
             except Exception:
                 log.exception("plugin_shutdown_failed", plugin=plugin.name)
+        if journal is not None:
+            pending = gw.chain.pending_writes() + sum(p.pending_writes() for p in gw.retired_plugins)
+            await journal.close(None, pending)
         await gw.router.close()
 
     async def reload_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -804,6 +840,26 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
     for plugin in plugins:
         app.router.add_routes(plugin.routes())
     return app
+
+
+async def _open_journal(config: Config, gw: Gateway) -> EndingsJournal | None:
+    """The endings journal, when a plugin journals: replays what a dead process left
+    (before the plugins start: the sweeper must not refund answered requests), then
+    journals this process's answers."""
+    plugins = gw.chain.plugins
+    if not any(p.overrides("journal") for p in plugins):
+        return None
+    journal = EndingsJournal(journal_dir(config.store.url, config.store.journal_dir))
+    journal.open()
+    await journal.replay({p.name: p.replay for p in plugins if p.overrides("replay")})
+
+    async def flush_all() -> None:
+        for plugin in [*gw.chain.plugins, *gw.retired_plugins]:
+            await plugin.flush()
+
+    journal.start(flush_all)
+    gw.chain.journal = journal
+    return journal
 
 
 SERVICES = web.AppKey("services", Services)
@@ -862,7 +918,7 @@ async def reload_config(app: web.Application, reason: str = "manual") -> bool:
     services.plugins = plugins
     if gw.directory is not None:
         gw.directory.ttl = new.auth.cache_ttl
-    gw.snapshot = Snapshot(new, Chain(plugins, inflight=gw.chain.inflight))
+    gw.snapshot = Snapshot(new, Chain(plugins, inflight=gw.chain.inflight, journal=gw.chain.journal))
     log.info("config_reloaded", reason=reason, changes=changes)
     return True
 

@@ -67,6 +67,9 @@ class ServerConfig(_Strict):
 class StoreConfig(_Strict):
     # sqlite:///relative/path.db, sqlite:////absolute/path.db or postgresql://...
     url: str = "sqlite:///data/gateway.db"
+    # The local endings journal (gateway/journal.py); default: beside the SQLite file, or
+    # ./data/journal/<hash of the URL> for PostgreSQL.
+    journal_dir: str | None = None
 
     @field_validator("url")
     @classmethod

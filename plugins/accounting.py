@@ -130,6 +130,24 @@ class Accounting(Plugin):
         if self.rows is not None:
             await self.rows.flush()
 
+    # --- the endings journal (gateway/journal.py) -------------------------------------
+
+    def journal(self, ctx: RequestContext) -> Any:
+        if ctx.endpoint not in BILLABLE:
+            return None
+        row = usage_row(ctx)
+        row["latency_ms"] = (time.monotonic() - ctx.started_at) * 1000  # the ending is not yet stamped
+        return row
+
+    async def replay(self, records: list[Any]) -> None:
+        """A dead process's answered requests get their rows (keyed by request id: a row
+        already written is not written twice)."""
+        await self.services.store.insert_usage(records)
+        log.info("usage_rows_replayed", journaled=len(records))
+
+    def pending_writes(self) -> int:
+        return self.depth
+
     # --- endings ---------------------------------------------------------------------
 
     async def on_response(self, ctx: RequestContext) -> None:

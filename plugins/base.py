@@ -244,6 +244,23 @@ class Plugin:
     async def on_request(self, ctx: RequestContext) -> None:
         """Gate or rewrite the request. Raise `Reject` to refuse it (fails closed)."""
 
+    def journal(self, ctx: RequestContext) -> Any:
+        """The request is about to be answered (the body, or a stream's end): return, as
+        JSON-able data, what this plugin's `on_response` will write to the store, or None.
+        The core appends it to the local endings journal (gateway/journal.py) *before* the
+        answer leaves, so a process killed before the write-behind ran loses nothing.
+        Synchronous and cheap: it runs on every answered request's path. Fails open."""
+        return None
+
+    async def replay(self, records: list[Any]) -> None:
+        """At start-up, before `startup()`: the `journal()` records of answered requests
+        whose process died before their endings were written. Write them; must be
+        idempotent (a record may already be in the store)."""
+
+    def pending_writes(self) -> int:
+        """Items this plugin holds that are not in the store yet (write-behind batches)."""
+        return 0
+
     async def on_stream_chunk(self, ctx: RequestContext, chunk: dict[str, Any]) -> None:
         """Observe (or edit in place) one streamed chunk before it is sent. Fails open."""
 
@@ -266,6 +283,8 @@ HOOKS = {
     "on_stream_chunk": "observe each streamed chunk before the client gets it (fails open)",
     "on_response": "the request succeeded and the client has its answer (fails open)",
     "on_error": "the request failed; ctx.error says why (fails open)",
+    "journal": "what on_response will write, journaled locally before the answer leaves (fails open)",
+    "replay": "at start-up, journaled records of a process that died before writing them",
     "startup": "once at start, after the store is open",
     "shutdown": "once at stop, after in-flight requests finished",
 }

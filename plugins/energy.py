@@ -347,6 +347,20 @@ class Energy(Plugin):
         if gate is not None and not gate.done():
             await asyncio.shield(gate)
 
+    # --- the endings journal (gateway/journal.py) -----------------------------------------
+
+    def journal(self, ctx: RequestContext) -> Any:
+        return ctx.request_id if "reserved" in ctx.scratch(self.name) else None
+
+    async def replay(self, records: list[Any]) -> None:
+        """Settle what a dead process answered (settle_many skips any reservation no
+        longer open), before the sweeper could take them for orphans and refund them."""
+        settled = await self.services.store.settle_many([str(r) for r in records])
+        log.info("energy_settlements_replayed", journaled=len(records), settled=settled)
+
+    def pending_writes(self) -> int:
+        return self.pending_settlements
+
     # --- endings -------------------------------------------------------------------------
 
     async def on_response(self, ctx: RequestContext) -> None:
