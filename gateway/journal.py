@@ -108,9 +108,14 @@ class EndingsJournal:
 
     def _rotate(self) -> None:
         self._serial += 1
-        path = self.directory / f"{_PREFIX}{os.getpid()}-{int(time.time() * 1000)}-{self._serial}.jsonl"
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        name = f"{_PREFIX}{os.getpid()}-{int(time.time() * 1000)}-{self._serial}.jsonl"
+        # Locked under a name replay does not look at, then renamed: another process
+        # starting up never finds this segment unlocked (and takes it for a dead one).
+        hidden = self.directory / f".{name}"
+        fd = os.open(hidden, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours: no other process replays it
+        path = self.directory / name
+        os.rename(hidden, path)
         if self._current is not None:
             self._current.closed = True
             self._closed.append(self._current)
@@ -207,9 +212,14 @@ class EndingsJournal:
             if unknown:
                 log.warning("journal_records_without_plugin", path=str(path), plugins=unknown,
                             hint="the plugin that journaled them is no longer configured")
-            for plugin, records in by_plugin.items():
-                if plugin in replayers:
-                    await replayers[plugin](records)
+            try:
+                for plugin, records in by_plugin.items():
+                    if plugin in replayers:
+                        await replayers[plugin](records)
+            except Exception:  # noqa: BLE001 — the store refused: keep the segment for the next start
+                log.exception("journal_replay_failed", path=str(path), requests=requests,
+                              hint="kept; replayed at the next start (replays are idempotent)")
+                continue
             with contextlib.suppress(OSError):
                 path.unlink()
             replayed += requests

@@ -172,3 +172,32 @@ def test_journal_segments_go_once_their_endings_are_in_the_database(gateway_fact
         time.sleep(0.05)
     assert entries() == 0
     assert len(gw.run(gw.store.usage_rows())) == 3
+
+
+async def test_a_live_processs_segment_is_never_replayed_and_a_failed_replay_keeps_the_dead_one(tmp_path):
+    from gateway.journal import EndingsJournal
+
+    writer = EndingsJournal(tmp_path)
+    writer.open()
+    writer.record("req_1", {"energy": "req_1", "accounting": {"request_id": "req_1"}})
+    starting = EndingsJournal(tmp_path)
+    starting.open()
+    assert starting.dead_segments() == []  # the writer holds its segment
+    os.close(writer._current.fd)  # the writer dies
+    dead = starting.dead_segments()
+    assert len(dead) == 1
+
+    async def refuse(records):
+        raise ConnectionError("the store is down")
+
+    assert await starting.replay({"energy": refuse}) == 0
+    assert dead[0].exists()  # kept for the next start
+    got: dict[str, list] = {}
+
+    async def take(name, records):
+        got[name] = records
+
+    replayers = {name: (lambda records, name=name: take(name, records)) for name in ("energy", "accounting")}
+    assert await starting.replay(replayers) == 1
+    assert got == {"energy": ["req_1"], "accounting": [{"request_id": "req_1"}]}
+    assert not dead[0].exists()
