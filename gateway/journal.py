@@ -30,6 +30,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -108,7 +109,7 @@ class EndingsJournal:
 
     def _rotate(self) -> None:
         self._serial += 1
-        name = f"{_PREFIX}{os.getpid()}-{int(time.time() * 1000)}-{self._serial}.jsonl"
+        name = f"{_PREFIX}{os.getpid()}-{int(time.time() * 1000)}-{self._serial}-{secrets.token_hex(4)}.jsonl"
         # Locked under a name replay does not look at, then renamed: another process
         # starting up never finds this segment unlocked (and takes it for a dead one).
         hidden = self.directory / f".{name}"
