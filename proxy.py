@@ -679,16 +679,25 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 
 
 async def list_models(request: web.Request) -> web.StreamResponse:
+    """GET /v1/models, and GET /v1/models/{model} (`client.models.retrieve`): the model if
+    the caller's tier may use it, else 404 model_not_found (as for an unknown one)."""
     gw = request.app[GATEWAY]
     snap = gw.snapshot
     ctx = _new_context(request, snap, "models", {})
     ctx.visible_models = snap.config.model_names()
+    wanted = request.match_info.get("model")
 
     async def answer() -> web.StreamResponse:
         created = int(gw.started_at)
-        payload = {"object": "list", "data": [
-            {"id": name, "object": "model", "created": created, "owned_by": "gateway"}
-            for name in ctx.visible_models]}
+        if wanted is not None:
+            if wanted not in ctx.visible_models:
+                raise ApiError(404, f"The model '{_clean_text(wanted)}' does not exist or you do not have access to it.",
+                               code="model_not_found", param="model")
+            payload = {"id": wanted, "object": "model", "created": created, "owned_by": "gateway"}
+        else:
+            payload = {"object": "list", "data": [
+                {"id": name, "object": "model", "created": created, "owned_by": "gateway"}
+                for name in ctx.visible_models]}
         ctx.status = 200
         response = await _send(request, _json_response(200, payload, ctx.response_headers))
         await snap.chain.end(ctx, wait=False)
@@ -833,6 +842,8 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
     app.router.add_post("/embeddings", embeddings)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/models", list_models)
+    app.router.add_get("/v1/models/{model:.+}", list_models)
+    app.router.add_get("/models/{model:.+}", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/health/ready", health_ready)
     app.router.add_routes(admin_routes(lambda request: Admin(gw.store, gw.config, gw.directory)))

@@ -22,6 +22,19 @@ def test_models_list_shows_only_the_models_the_tier_allows(gateway):
     assert pro == ["claude", "demo", "embed", "gpt-4o", "gpt-4o-mini"]
 
 
+def test_models_retrieve_returns_a_model_the_tier_allows_and_404s_the_others(gateway):
+    _, free_key = gateway.make_user(tier="free")
+    client = gateway.client(free_key)
+    model = client.models.retrieve("gpt-4o-mini")
+    assert (model.id, model.object, model.owned_by) == ("gpt-4o-mini", "model", "gateway")
+    for hidden in ("gpt-4o", "no-such-model", "openai/gpt-4o"):  # forbidden to the tier, unknown, a path
+        with pytest.raises(openai.NotFoundError) as excinfo:
+            client.models.retrieve(hidden)
+        assert excinfo.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.AuthenticationError):
+        gateway.client("gw-nobody").models.retrieve("gpt-4o-mini")
+
+
 def test_free_tier_asking_gpt_4o_is_served_by_gpt_4o_mini(gateway, upstream):
     _, key = gateway.make_user(tier="free", energy=100)
     raw = gateway.client(key).chat.completions.with_raw_response.create(model="gpt-4o", messages=HELLO)
