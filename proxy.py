@@ -44,6 +44,7 @@ from gateway.config import (  # noqa: E402
     load_config,
     redacted_config,
 )
+from gateway import anthropic_inbound  # noqa: E402
 from gateway.directory import Directory  # noqa: E402
 from gateway.journal import EndingsJournal, journal_dir  # noqa: E402
 from gateway.dispatch import StreamEnd, UpstreamError, use_blocking_executor  # noqa: E402
@@ -398,6 +399,9 @@ def _usage_from(payload: dict[str, Any]) -> Usage | None:
 async def _fail(request: web.Request, snap: Snapshot, ctx: RequestContext, err: ApiError) -> web.StreamResponse:
     """Error endings run before the error is sent, so a refund shows in its headers."""
     await snap.chain.end(ctx, err)
+    if ctx.inbound == "anthropic":
+        return await _send(request, _json_response(err.status, anthropic_inbound.error_body(err),
+                                                   {**ctx.response_headers, **err.headers}))
     return await _send(request, error_response(err, ctx.response_headers))
 
 
@@ -471,6 +475,8 @@ async def _complete(request: web.Request, gw: Gateway, snap: Snapshot, ctx: Requ
     _finish_success(ctx, payload)
     ctx.first_byte_at = time.monotonic()
     snap.chain.answered(ctx)
+    if ctx.inbound == "anthropic":
+        payload = anthropic_inbound.from_openai(payload, ctx.model, ctx.usage)
     response = await _send(request, _json_response(200, payload, ctx.response_headers))
     await snap.chain.end(ctx, wait=False)
     return response
@@ -505,7 +511,10 @@ async def _replayed_stream(payload: dict[str, Any]) -> AsyncIterator[dict[str, A
         yield {**base, "object": "chat.completion.chunk", "choices": [], "usage": payload["usage"]}
 
 
-async def _stream(request: web.Request, gw: Gateway, snap: Snapshot, ctx: RequestContext) -> web.StreamResponse:
+async def _stream(request: web.Request, gw: Gateway, snap: Snapshot, ctx: RequestContext,
+                  encoder: Any = None) -> web.StreamResponse:
+    """The answer as a stream: OpenAI's chunks as they come, or, with an `encoder`
+    (another inbound API's, e.g. gateway/anthropic_inbound.py), its events for them."""
     chain = snap.chain
     if ctx.short_circuit is not None:
         upstream = _replayed_stream(ctx.short_circuit)
@@ -554,7 +563,10 @@ async def _stream(request: web.Request, gw: Gateway, snap: Snapshot, ctx: Reques
                 chunk["model"] = ctx.model
                 if chain.wants_chunks:
                     await chain.run_chunk(ctx, chunk)
-                await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+                if encoder is None:
+                    await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+                else:
+                    await response.write(encoder.chunk(chunk))
                 if ctx.first_byte_at is None:
                     ctx.first_byte_at = time.monotonic()
                     ctx.stream_started = True
@@ -566,7 +578,7 @@ async def _stream(request: web.Request, gw: Gateway, snap: Snapshot, ctx: Reques
             raise UpstreamError("truncated", "the upstream stream ended before every choice finished")
         ctx.status = 200
         chain.answered(ctx)
-        await response.write(_SSE_DONE)
+        await response.write(_SSE_DONE if encoder is None else encoder.done())
     except UpstreamError as err:
         api_error = upstream_to_api_error(err, ctx.attempts)
         if err.kind == "truncated":
@@ -605,6 +617,9 @@ async def _write_error_event(response: web.StreamResponse, ctx: RequestContext, 
     """A stream that fails after it started ends with an error event and no [DONE]: the
     OpenAI SDKs raise on it, so a cut-off answer never looks complete."""
     try:
+        if ctx.inbound == "anthropic":
+            await response.write(anthropic_inbound.StreamEncoder.error(err))
+            return
         await response.write(b"data: " + orjson.dumps(err.body()) + b"\n\n")
     except (ConnectionError, RuntimeError):
         ctx.client_disconnected = True
@@ -627,14 +642,16 @@ async def _close_quietly(stream: Any) -> None:
 BodyCheck = Callable[[dict[str, Any], frozenset[str]], None]
 
 
-def _body_reader(request: web.Request, snap: Snapshot, ctx: RequestContext,
-                 validate: BodyCheck) -> Callable[[], Awaitable[None]]:
+def _body_reader(request: web.Request, snap: Snapshot, ctx: RequestContext, validate: BodyCheck,
+                 translate: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Callable[[], Awaitable[None]]:
     """Reads, parses and checks the body into `ctx` when the chain first needs it: after
     the plugins that judge a request by its headers (auth), so an unknown caller's body is
     never parsed. Raises ApiError (400/413/415), which ends the request like any rejection."""
 
     async def read_body() -> None:
         body = await read_json(request, snap.config.server.max_body_bytes)
+        if translate is not None:
+            body = translate(body)  # another API's request, as an OpenAI body
         model = require_model(body)
         validate(body, snap.config.extra_params(model))
         ctx.body = body
@@ -656,6 +673,41 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return (_stream if ctx.stream else _complete)(request, gw, snap, ctx)
 
     return await _run(request, snap, ctx, answer, _body_reader(request, snap, ctx, validate_chat))
+
+
+async def anthropic_messages(request: web.Request) -> web.StreamResponse:
+    """POST /v1/messages (gateway/anthropic_inbound.py): the chat chain, Anthropic's shapes."""
+    gw = request.app[GATEWAY]
+    snap = gw.snapshot
+    ctx = _new_context(request, snap, "chat.completions", {})
+    ctx.inbound = "anthropic"
+
+    def answer() -> Awaitable[web.StreamResponse]:
+        if ctx.stream:
+            return _stream(request, gw, snap, ctx, anthropic_inbound.StreamEncoder(ctx))
+        return _complete(request, gw, snap, ctx)
+
+    return await _run(request, snap, ctx, answer,
+                      _body_reader(request, snap, ctx, validate_chat, anthropic_inbound.to_openai))
+
+
+async def anthropic_count_tokens(request: web.Request) -> web.StreamResponse:
+    """POST /v1/messages/count_tokens: authenticated like every endpoint, free of charge."""
+    gw = request.app[GATEWAY]
+    snap = gw.snapshot
+    ctx = _new_context(request, snap, "models", {})
+    ctx.inbound = "anthropic"
+
+    async def answer() -> web.StreamResponse:
+        body = await read_json(request, snap.config.server.max_body_bytes)
+        require_model(body)
+        tokens = await asyncio.get_running_loop().run_in_executor(None, anthropic_inbound.count_tokens, body)
+        ctx.status = 200
+        response = await _send(request, _json_response(200, {"input_tokens": tokens}, ctx.response_headers))
+        await snap.chain.end(ctx, wait=False)
+        return response
+
+    return await _run(request, snap, ctx, answer)
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
@@ -838,6 +890,8 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
     app.cleanup_ctx.append(reload_ctx)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/chat/completions", chat_completions)
+    app.router.add_post("/v1/messages", anthropic_messages)
+    app.router.add_post("/v1/messages/count_tokens", anthropic_count_tokens)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post("/embeddings", embeddings)
     app.router.add_get("/v1/models", list_models)

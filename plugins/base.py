@@ -133,6 +133,9 @@ class RequestContext:
     downgrade_reason: str | None = None
     stream: bool = False
     client_wants_usage: bool = False  # client sent stream_options.include_usage
+    # The API the client speaks: "openai", or "anthropic" on POST /v1/messages (its body is
+    # translated to an OpenAI one before the plugins that need it run; ctx.body is OpenAI's).
+    inbound: str = "openai"
     identity: Identity | None = None
     action: str | None = None  # metadata.action / X-Action (energy price book)
     prospect_id: str | None = None

@@ -410,6 +410,8 @@ class FakeUpstream:
         self.audio_in_tokens = audio_in_tokens
         self.audio_out_tokens = audio_out_tokens
         self.model_echo = model_echo
+        # {"name": ..., "arguments": {...}}: OpenAI chat answers (non-stream) with that call.
+        self.tool_call: dict[str, Any] | None = None
         self.require_auth = require_auth
         self.shutdown_timeout = shutdown_timeout
 
@@ -697,6 +699,12 @@ class FakeUpstream:
                 }
             ],
         }
+        if self.tool_call is not None:  # answer with one function call instead of text
+            message = out["choices"][0]["message"]
+            message["content"] = None
+            message["tool_calls"] = [{"id": "call_fake_1", "type": "function", "function": {
+                "name": self.tool_call["name"], "arguments": json.dumps(self.tool_call["arguments"])}}]
+            out["choices"][0]["finish_reason"] = "tool_calls"
         if self.report_usage:
             out["usage"] = self._openai_usage()
         return out

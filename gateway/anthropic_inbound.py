@@ -1,0 +1,328 @@
+"""`POST /v1/messages`: Anthropic's Messages API, inbound.
+
+Anthropic-native clients (the `anthropic` SDKs, Claude Code) call the gateway as they
+would call Anthropic. The request is translated to an OpenAI chat completions body and
+runs the very same chain as `/v1/chat/completions` (auth by `x-api-key` or Bearer, energy,
+tiers, downgrades, rate limits, idempotency, accounting); the answer, streamed or not, is
+translated back: a `message` object, or Anthropic's SSE events (`message_start`,
+`content_block_start/delta/stop`, `message_delta`, `message_stop`), tool use included.
+Errors on this endpoint are Anthropic-shaped: `{"type": "error", "error": {"type", "message"}}`.
+
+Every upstream works this way (OpenAI-wire ones and, through litellm, Anthropic itself).
+For an Anthropic upstream that is two translations (Anthropic -> OpenAI here, OpenAI ->
+Anthropic in litellm) where a pass-through would need none: correct, not yet fast.
+
+Like the chat endpoint, only the API's own parameters are accepted (`MESSAGES_PARAMS`);
+`top_k` and `thinking`, which an OpenAI-wire model cannot take, are accepted and dropped.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import orjson
+
+from gateway.errors import ApiError, bad_request
+
+MESSAGES_PARAMS = frozenset({
+    "model", "messages", "max_tokens", "system", "stop_sequences", "stream", "temperature", "top_p",
+    "top_k", "tools", "tool_choice", "metadata", "thinking", "service_tier",
+})
+_DROPPED = ("top_k", "thinking", "service_tier")
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 409: "invalid_request_error", 413: "request_too_large",
+                415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+                503: "overloaded_error", 529: "overloaded_error"}
+
+_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
+                 "content_filter": "refusal"}
+
+
+def error_body(err: ApiError) -> dict[str, Any]:
+    """The Anthropic shape of a gateway error (its OpenAI code kept in the message)."""
+    kind = _ERROR_TYPES.get(err.status, "api_error" if err.status >= 500 else "invalid_request_error")
+    body = err.body()["error"]
+    message = body["message"] + (f" ({body['code']})" if body.get("code") else "")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+# --------------------------------------------------------------------------------------
+# Request: Anthropic -> OpenAI chat completions
+# --------------------------------------------------------------------------------------
+
+def _text_of(blocks: Any, where: str) -> str:
+    if isinstance(blocks, str):
+        return blocks
+    if not isinstance(blocks, list):
+        raise bad_request(f"{where} must be a string or an array of text blocks", param=where)
+    texts = []
+    for i, block in enumerate(blocks):
+        if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
+            raise bad_request(f"{where}[{i}] must be a text block", param=f"{where}[{i}]")
+        texts.append(block["text"])
+    return "\n".join(texts)
+
+
+def _image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
+    source = block.get("source")
+    if isinstance(source, dict) and source.get("type") == "base64" and isinstance(source.get("data"), str):
+        url = f"data:{source.get('media_type') or 'image/png'};base64,{source['data']}"
+    elif isinstance(source, dict) and source.get("type") == "url" and isinstance(source.get("url"), str):
+        url = source["url"]
+    else:
+        raise bad_request(f"{where}.source must be a base64 or url image source", param=f"{where}.source")
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _tool_result_text(content: Any, where: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text")
+    raise bad_request(f"{where}.content must be a string or an array of blocks", param=f"{where}.content")
+
+
+def _messages(messages: Any) -> list[dict[str, Any]]:
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' is required and must be a non-empty array", param="messages")
+    out: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+            raise bad_request(f"{where}.role must be 'user' or 'assistant'", param=f"{where}.role")
+        role, content = message["role"], message.get("content")
+        if isinstance(content, str):
+            out.append({"role": role, "content": content})
+            continue
+        if not isinstance(content, list):
+            raise bad_request(f"{where}.content must be a string or an array of blocks", param=f"{where}.content")
+        parts: list[dict[str, Any]] = []
+        tool_calls: list[dict[str, Any]] = []
+        tool_results: list[dict[str, Any]] = []
+        for j, block in enumerate(content):
+            bwhere = f"{where}.content[{j}]"
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind == "text" and isinstance(block.get("text"), str):
+                parts.append({"type": "text", "text": block["text"]})
+            elif kind == "image" and role == "user":
+                parts.append(_image_part(block, bwhere))
+            elif kind == "tool_use" and role == "assistant":
+                if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
+                    raise bad_request(f"{bwhere} needs a string 'id' and 'name'", param=bwhere)
+                tool_calls.append({"id": block["id"], "type": "function", "function": {
+                    "name": block["name"], "arguments": orjson.dumps(block.get("input") or {}).decode()}})
+            elif kind == "tool_result" and role == "user":
+                if not isinstance(block.get("tool_use_id"), str):
+                    raise bad_request(f"{bwhere}.tool_use_id must be a string", param=f"{bwhere}.tool_use_id")
+                tool_results.append({"role": "tool", "tool_call_id": block["tool_use_id"],
+                                     "content": _tool_result_text(block.get("content"), bwhere)})
+            elif kind in ("thinking", "redacted_thinking"):
+                continue  # a previous turn's reasoning: not something an OpenAI model takes back
+            else:
+                raise bad_request(f"{bwhere}: block type {kind!r} is not supported for role {role!r}", param=bwhere)
+        out.extend(tool_results)  # answers to the previous assistant turn's calls come first
+        if role == "assistant":
+            text = "".join(p["text"] for p in parts if p["type"] == "text")
+            entry: dict[str, Any] = {"role": "assistant", "content": text or None}
+            if tool_calls:
+                entry["tool_calls"] = tool_calls
+            if text or tool_calls:
+                out.append(entry)
+        elif parts:
+            out.append({"role": "user", "content": parts})
+    return out
+
+
+def _tools(tools: Any) -> list[dict[str, Any]]:
+    if not isinstance(tools, list):
+        raise bad_request("'tools' must be an array", param="tools")
+    out = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
+            raise bad_request(f"tools[{i}] needs a string 'name'", param=f"tools[{i}]")
+        function: dict[str, Any] = {"name": tool["name"], "parameters": tool.get("input_schema") or {"type": "object"}}
+        if isinstance(tool.get("description"), str):
+            function["description"] = tool["description"]
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def _tool_choice(choice: Any) -> Any:
+    if not isinstance(choice, dict):
+        raise bad_request("'tool_choice' must be an object", param="tool_choice")
+    kind = choice.get("type")
+    if kind == "auto":
+        return "auto"
+    if kind == "any":
+        return "required"
+    if kind == "none":
+        return "none"
+    if kind == "tool" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise bad_request("'tool_choice.type' must be auto, any, tool (with a name) or none", param="tool_choice")
+
+
+def to_openai(body: dict[str, Any]) -> dict[str, Any]:
+    """An Anthropic Messages request as an OpenAI chat completions body (400 if invalid)."""
+    for key in body:
+        if key not in MESSAGES_PARAMS:
+            raise bad_request(f"{key}: Extra inputs are not permitted", param=key, code="unknown_parameter")
+    max_tokens = body.get("max_tokens")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise bad_request("'max_tokens' is required and must be a positive integer", param="max_tokens")
+    messages = _messages(body.get("messages"))
+    system = body.get("system")
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": _text_of(system, "system")})
+    out: dict[str, Any] = {"model": body.get("model"), "messages": messages, "max_tokens": max_tokens}
+    for key in ("temperature", "top_p"):
+        if body.get(key) is not None:
+            out[key] = body[key]
+    stops = body.get("stop_sequences")
+    if stops is not None:
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise bad_request("'stop_sequences' must be an array of strings", param="stop_sequences")
+        out["stop"] = stops
+    if body.get("tools") is not None:
+        out["tools"] = _tools(body["tools"])
+    if body.get("tool_choice") is not None:
+        out["tool_choice"] = _tool_choice(body["tool_choice"])
+    metadata = body.get("metadata")
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise bad_request("'metadata' must be an object", param="metadata")
+        if isinstance(metadata.get("user_id"), str):
+            out["user"] = metadata["user_id"]
+        gateway_fields = {k: metadata[k] for k in ("action", "prospect_id") if k in metadata}
+        if gateway_fields:
+            out["metadata"] = gateway_fields
+    if body.get("stream") is not None:
+        if not isinstance(body["stream"], bool):
+            raise bad_request("'stream' must be a boolean", param="stream")
+        out["stream"] = body["stream"]
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Response: OpenAI -> Anthropic
+# --------------------------------------------------------------------------------------
+
+def _usage(usage: Any) -> dict[str, int]:
+    """Anthropic's usage: input_tokens excludes the cache reads and writes."""
+    if usage is None:
+        return {"input_tokens": 0, "output_tokens": 0}
+    cached = getattr(usage, "cached_tokens", 0) or 0
+    written = getattr(usage, "cache_write_tokens", 0) or 0
+    return {"input_tokens": max(0, usage.prompt_tokens - cached - written), "output_tokens": usage.completion_tokens,
+            "cache_read_input_tokens": cached, "cache_creation_input_tokens": written}
+
+
+def _arguments(raw: Any) -> Any:
+    if isinstance(raw, dict):
+        return raw
+    try:
+        value = orjson.loads(raw or "{}")
+    except orjson.JSONDecodeError:
+        return {"_raw": raw}
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def from_openai(payload: dict[str, Any], model: str, usage: Any) -> dict[str, Any]:
+    """An OpenAI chat completion as an Anthropic `message`."""
+    choice = (payload.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    content: list[dict[str, Any]] = []
+    if message.get("content"):
+        content.append({"type": "text", "text": message["content"]})
+    for call in message.get("tool_calls") or ():
+        function = call.get("function") or {}
+        content.append({"type": "tool_use", "id": call.get("id") or f"toolu_{secrets.token_hex(8)}",
+                        "name": function.get("name"), "input": _arguments(function.get("arguments"))})
+    return {"id": "msg_" + str(payload.get("id") or secrets.token_hex(12)), "type": "message", "role": "assistant",
+            "model": model, "content": content,
+            "stop_reason": _STOP_REASONS.get(choice.get("finish_reason") or "stop", "end_turn"),
+            "stop_sequence": None, "usage": _usage(usage)}
+
+
+def _event(name: str, data: dict[str, Any]) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+class StreamEncoder:
+    """OpenAI chunks in, Anthropic SSE events out (for `proxy._stream`)."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+        self.started = False
+        self.block = -1  # index of the open content block
+        self.open_kind: str | None = None  # "text" or the OpenAI tool call index ("tool:N")
+        self.stop_reason = "end_turn"
+
+    def _start(self, chunk: dict[str, Any]) -> bytes:
+        self.started = True
+        message = {"id": "msg_" + str(chunk.get("id") or secrets.token_hex(12)), "type": "message",
+                   "role": "assistant", "model": self.ctx.model, "content": [], "stop_reason": None,
+                   "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}
+        return _event("message_start", {"type": "message_start", "message": message})
+
+    def _open(self, kind: str, block: dict[str, Any]) -> bytes:
+        out = self._close()
+        self.block += 1
+        self.open_kind = kind
+        return out + _event("content_block_start", {"type": "content_block_start", "index": self.block,
+                                                    "content_block": block})
+
+    def _close(self) -> bytes:
+        if self.open_kind is None:
+            return b""
+        self.open_kind = None
+        return _event("content_block_stop", {"type": "content_block_stop", "index": self.block})
+
+    def chunk(self, chunk: dict[str, Any]) -> bytes:
+        out = b"" if self.started else self._start(chunk)
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                continue  # Anthropic has one answer per message
+            delta = choice.get("delta") or {}
+            text = delta.get("content")
+            if text:
+                if self.open_kind != "text":
+                    out += self._open("text", {"type": "text", "text": ""})
+                out += _event("content_block_delta", {"type": "content_block_delta", "index": self.block,
+                                                      "delta": {"type": "text_delta", "text": text}})
+            for call in delta.get("tool_calls") or ():
+                kind = f"tool:{call.get('index', 0)}"
+                function = call.get("function") or {}
+                if self.open_kind != kind:
+                    out += self._open(kind, {"type": "tool_use", "id": call.get("id") or f"toolu_{secrets.token_hex(8)}",
+                                             "name": function.get("name"), "input": {}})
+                if function.get("arguments"):
+                    out += _event("content_block_delta", {"type": "content_block_delta", "index": self.block,
+                                                          "delta": {"type": "input_json_delta",
+                                                                    "partial_json": function["arguments"]}})
+            if choice.get("finish_reason"):
+                self.stop_reason = _STOP_REASONS.get(choice["finish_reason"], "end_turn")
+        return out
+
+    def done(self) -> bytes:
+        out = (b"" if self.started else self._start({})) + self._close()
+        out += _event("message_delta", {"type": "message_delta",
+                                        "delta": {"stop_reason": self.stop_reason, "stop_sequence": None},
+                                        "usage": _usage(self.ctx.usage)})
+        return out + _event("message_stop", {"type": "message_stop"})
+
+    @staticmethod
+    def error(err: ApiError) -> bytes:
+        return _event("error", error_body(err))
+
+
+def count_tokens(body: dict[str, Any]) -> int:
+    """`POST /v1/messages/count_tokens`: the prompt's tokens by litellm's counter."""
+    from gateway.dispatch import load_litellm
+
+    request = to_openai({**body, "max_tokens": 1})
+    return int(load_litellm().token_counter(model="gpt-4o", messages=request["messages"]))
