@@ -1,0 +1,85 @@
+"""The dashboard page: GET /dashboard, static files served by the gateway itself.
+
+    GET /dashboard                 the page (static/index.html)
+    GET /dashboard/static/...      its JS and CSS, and the vendored chart library (static/vendor/)
+    GET /admin/dashboard/live      in-flight count and recent errors (admin key, like /admin/...)
+
+No build step and nothing fetched from the network at run time: the page is plain
+HTML/CSS/JS and uPlot is vendored with its license (static/vendor/uplot/). The operator
+signs in with an admin key (master: every workspace; workspace admin: its own); the page
+keeps it in sessionStorage and sends it as a Bearer header to the same /admin JSON API the
+CLI uses, so every number it shows is one the API returns. Fields the API does not return
+(yet) are shown as "—".
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import orjson
+from aiohttp import web
+
+from gateway.admin import Admin
+from gateway.admin_api import admin_scope
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+RECENT_ERRORS = 20
+# Recent errors are looked for in this much of the log, so the read stays small until the
+# store answers "the last N errors" itself (see recent_errors below).
+RECENT_ERRORS_WINDOW = 3600.0
+ERROR_FIELDS = ("request_id", "created_at", "user_id", "workspace_id", "model", "provider", "action",
+                "status", "error_type")
+
+
+def _iso(ts: Any) -> Any:
+    if isinstance(ts, (int, float)):
+        return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return ts
+
+
+async def recent_errors(store: Any, workspace_id: str | None, limit: int = RECENT_ERRORS) -> list[dict[str, Any]]:
+    """The newest failed requests, newest first. Uses `store.recent_errors` when the store
+    has one (a LIMITed query); otherwise the last hour of rows."""
+    native = getattr(store, "recent_errors", None)
+    if native is not None:
+        rows = await native(limit=limit, workspace_id=workspace_id)
+    else:
+        rows = await store.usage_rows(since=time.time() - RECENT_ERRORS_WINDOW, workspace_id=workspace_id)
+        rows = [r for r in rows if r.get("error_type")][-limit:][::-1]
+    return [{**{k: r.get(k) for k in ERROR_FIELDS}, "created_at": _iso(r.get("created_at"))} for r in rows]
+
+
+def dashboard_routes(get_admin: Callable[[web.Request], Admin],
+                     inflight_count: Callable[[], int]) -> list[web.AbstractRouteDef]:
+    """Routes for create_app. `inflight_count` reads the chain's live in-flight counter; it
+    spans every workspace, so only the master key sees it."""
+
+    async def page(request: web.Request) -> web.FileResponse:
+        response = web.FileResponse(STATIC_DIR / "index.html")
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["X-Frame-Options"] = "DENY"
+        return response
+
+    async def live(request: web.Request) -> web.Response:
+        admin = get_admin(request)
+        scope = await admin_scope(request, admin)
+        workspace_id = await admin._report_workspace(scope, request.query.get("workspace"))
+        payload = {
+            "inFlight": inflight_count() if scope.is_master and workspace_id is None else None,
+            "recentErrors": await recent_errors(admin.store, workspace_id),
+            "recentErrorsWindowSeconds": RECENT_ERRORS_WINDOW,
+            "workspaceId": workspace_id,
+            "scope": scope.role,
+            "now": _iso(time.time()),
+        }
+        return web.Response(body=orjson.dumps(payload, default=str), content_type="application/json")
+
+    return [
+        web.get("/dashboard", page),
+        web.get("/dashboard/", page),
+        web.static("/dashboard/static", STATIC_DIR),
+        web.get("/admin/dashboard/live", live),
+    ]

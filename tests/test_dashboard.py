@@ -1,0 +1,245 @@
+"""The dashboard page (GET /dashboard) in a real browser: headless Chromium from Debian's
+packages, driven by selenium through chromium-driver.
+
+Usage is seeded by real requests (OpenAI SDK -> gateway -> fake upstream), then the page is
+read the way an operator reads it and every number is compared with what the /admin JSON
+API answers for the same key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import MASTER_KEY
+from tests.test_accounting import HELLO, start, usage_rows
+
+PRICING = {"input_per_million": 1000, "output_per_million": 2000}
+THRESHOLD = 1.0
+WAIT = 20  # seconds for the page to sign in and render
+
+
+def find_chromium() -> tuple[str, str] | None:
+    """(chromium, chromedriver); installs Debian's packages when missing and we may."""
+    def found() -> tuple[str, str] | None:
+        browser = shutil.which("chromium") or shutil.which("chromium-browser")
+        driver = shutil.which("chromedriver")
+        return (browser, driver) if browser and driver else None
+
+    if found() is None and shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run(["apt-get", "install", "-y", "chromium", "chromium-driver"],
+                       capture_output=True, timeout=600, check=False)
+    return found()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    webdriver = pytest.importorskip("selenium.webdriver")
+    paths = find_chromium()
+    if paths is None:
+        pytest.skip("chromium and chromium-driver are not installed and could not be installed (apt-get)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = paths[0]
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--window-size=1280,2400", f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=paths[1]))
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def seeded(gateway_factory, upstream):
+    """Two workspaces with traffic: acme (a pro user with gpt-4o and demo calls, a user out of
+    energy) and globex (one gpt-4o-mini call), and an admin key for acme."""
+    gw = start(gateway_factory, upstream, plugins=["metrics", "request_log", "auth", "workspace_prompt",
+                                                   "idempotency", "tier_policy", "energy",
+                                                   {"name": "accounting", "settings": {"flush_interval": 0.05}}],
+               pricing=PRICING, reports={"weekly_cost_threshold_usd": THRESHOLD})
+    acme_user, acme_key = gw.make_user(workspace="acme", energy=100)
+    broke_user, broke_key = gw.make_user(workspace="acme", energy=0)
+    globex_user, globex_key = gw.make_user(workspace="globex", energy=50)
+    _, acme_admin_key = gw.make_user(workspace="acme", role="workspace_admin", energy=0)
+    gw.client(acme_key).chat.completions.create(model="gpt-4o", messages=HELLO)
+    gw.client(acme_key).chat.completions.create(model="gpt-4o", messages=HELLO)
+    gw.client(acme_key).chat.completions.create(model="demo", messages=HELLO)
+    with pytest.raises(openai.RateLimitError):
+        gw.client(broke_key).chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    gw.client(globex_key).chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    usage_rows(gw, 5)
+    return gw, {"acme_user": acme_user, "broke_user": broke_user, "globex_user": globex_user,
+                "acme_admin_key": acme_admin_key, "user_key": acme_key}
+
+
+def api(gw: Any, key: str, path: str) -> Any:
+    response = httpx.get(gw.url + path, headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def sign_in(driver: Any, gw: Any, key: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(gw.url + "/dashboard")
+    driver.execute_script("sessionStorage.clear()")
+    driver.find_element(By.ID, "key").send_keys(key)
+    driver.find_element(By.ID, "signin-button").click()
+    WebDriverWait(driver, WAIT).until(
+        lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-refreshed-at")
+        or d.find_element(By.ID, "signin-error").is_displayed())
+
+
+def text(driver: Any, element_id: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.ID, element_id).text.strip()
+
+
+def table(driver: Any, table_id: str) -> list[list[str]]:
+    from selenium.webdriver.common.by import By
+
+    rows = driver.find_elements(By.CSS_SELECTOR, f"#{table_id} tbody tr")
+    return [[td.text.strip() for td in row.find_elements(By.TAG_NAME, "td")] for row in rows]
+
+
+def number(shown: str) -> float:
+    """The number in '$1,234.5', '12.50%', '3.2 ms' or '1,024'."""
+    assert shown != "—", "expected a number, the page shows none"
+    return float(re.sub(r"[$,%]|\sms$", "", shown))
+
+
+def pick(obj: dict[str, Any], names: list[str]) -> Any:
+    """The page's own rule for fields added later under one of several names."""
+    for name in names:
+        value: Any = obj
+        for part in name.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None:
+            return value
+    return None
+
+
+def assert_totals_match(driver: Any, metrics: dict[str, Any], live: dict[str, Any]) -> None:
+    assert number(text(driver, "total-requests")) == metrics["totalRequests"]
+    assert number(text(driver, "total-tokens")) == metrics["totalTokens"]
+    assert number(text(driver, "total-cost")) == pytest.approx(metrics["totalCost"], abs=1e-9)
+    assert text(driver, "error-rate") == f"{metrics['errorRate'] * 100:.2f}%"
+    assert text(driver, "cache-hit-rate") == f"{metrics['cacheHitRate'] * 100:.2f}%"
+    assert number(text(driver, "latency-avg")) == pytest.approx(metrics["averageLatency"], abs=0.006)
+    later = {"latency-p50": ["latencyP50", "latencyP50Ms", "p50Latency", "latency_p50_ms", "latency.p50", "latencyMs.p50"],
+             "latency-p95": ["latencyP95", "latencyP95Ms", "p95Latency", "latency_p95_ms", "latency.p95", "latencyMs.p95"],
+             "energy-spent": ["energySpent", "energy_spent", "energy.spent", "totalEnergy"]}
+    for element_id, names in later.items():  # fields being added to /admin/metrics: a number, or "—"
+        value = pick(metrics, names)
+        if value is None:
+            assert text(driver, element_id) == "—"
+        else:
+            assert number(text(driver, element_id)) == pytest.approx(value, abs=0.006)
+    if live["inFlight"] is None:
+        assert text(driver, "inflight") == "—"
+    else:
+        assert number(text(driver, "inflight")) == live["inFlight"]
+
+
+def test_the_master_key_sees_every_workspace_with_the_apis_numbers(browser, seeded, tmp_path):
+    """Signed in with the master key, every number on the page equals the API's for the same window."""
+    gw, ids = seeded
+    sign_in(browser, gw, MASTER_KEY)
+    assert browser.find_element("id", "app").is_displayed()
+    assert text(browser, "whoami") == "master key: every workspace"
+
+    metrics = api(gw, MASTER_KEY, "/admin/metrics?window=24h")
+    live = api(gw, MASTER_KEY, "/admin/dashboard/live")
+    assert metrics["totalRequests"] == 5 and live["inFlight"] == 0
+    assert_totals_match(browser, metrics, live)
+
+    daily = api(gw, MASTER_KEY, "/admin/usage/daily?days=1")["rows"]
+    assert [[r[0], number(r[1]), number(r[2]), number(r[3]), number(r[4])] for r in table(browser, "daily-table")] == [
+        [d["date"], d["requests"], d["errors"], d["tokens"], pytest.approx(d["cost_usd"], abs=1e-9)] for d in daily]
+    assert browser.find_elements("css selector", "#daily-chart canvas"), "the chart is drawn"
+
+    models = {r[0]: number(r[1]) for r in table(browser, "models-table")}
+    assert models == metrics["modelDistribution"]
+    assert {r[0]: number(r[1]) for r in table(browser, "providers-table")} == metrics["providerDistribution"]
+
+    top = api(gw, MASTER_KEY, "/admin/usage/top-users?days=1&limit=10")["rows"]
+    users = {u["id"]: u for u in api(gw, MASTER_KEY, "/admin/users")}
+    shown = table(browser, "users-table")
+    assert [r[0] for r in shown] == [t["user_id"] for t in top]
+    for row, expected in zip(shown, top):
+        user = users[expected["user_id"]]
+        assert row[2:] == [user["tier"], f"{user['energy']:,}", f"{expected['requests']:,}", f"{expected['tokens']:,}",
+                           f"{expected['energy']:,}", row[7]]
+        assert number(row[7]) == pytest.approx(expected["cost_usd"], abs=1e-9)
+    assert {r[1] for r in shown} == {"acme", "globex"}
+
+    actions = api(gw, MASTER_KEY, "/admin/usage/actions?days=1")["rows"]
+    assert [(r[0], number(r[1]), number(r[3])) for r in table(browser, "actions-table")] == [
+        (a["action"], a["count"], pytest.approx(a["total_cost_usd"], abs=1e-9)) for a in actions]
+
+    weekly = api(gw, MASTER_KEY, "/admin/usage/weekly?days=28")["rows"]
+    assert [(r[0], number(r[2]), number(r[3])) for r in table(browser, "weekly-table")] == [
+        (w["week"], pytest.approx(w["cost_usd"], abs=1e-9), THRESHOLD) for w in weekly]
+
+    errors = table(browser, "errors-table")
+    assert [(r[1], r[2], r[4]) for r in errors] == [("429", "insufficient_energy", ids["broke_user"])]
+    assert errors[0][6] == live["recentErrors"][0]["request_id"]
+
+    screenshot = tmp_path / "dashboard-master.png"
+    assert browser.save_screenshot(str(screenshot))
+    assert screenshot.stat().st_size > 10_000
+
+
+def test_a_workspace_admin_sees_only_its_own_workspace(browser, seeded, tmp_path):
+    """An acme admin key: acme's numbers, never a globex user or globex's traffic."""
+    gw, ids = seeded
+    key = ids["acme_admin_key"]
+    sign_in(browser, gw, key)
+    assert browser.find_element("id", "app").is_displayed()
+    assert not browser.find_element("id", "workspace-control").is_displayed()
+
+    metrics = api(gw, key, "/admin/metrics?window=24h")
+    live = api(gw, key, "/admin/dashboard/live")
+    assert metrics["totalRequests"] == 4 and live["inFlight"] is None
+    assert_totals_match(browser, metrics, live)
+    assert "gpt-4o-mini" in metrics["modelDistribution"]  # the broke user's refused request
+    shown_users = [r[0] for r in table(browser, "users-table")]
+    assert ids["acme_user"] in shown_users and ids["globex_user"] not in shown_users
+    assert ids["globex_user"] not in browser.page_source
+    assert "globex" not in browser.page_source
+    browser.save_screenshot(str(tmp_path / "dashboard-workspace-admin.png"))
+    assert (tmp_path / "dashboard-workspace-admin.png").stat().st_size > 10_000
+
+
+def test_a_bad_key_gets_a_clear_message_and_no_dashboard(browser, seeded):
+    gw, ids = seeded
+    sign_in(browser, gw, "gw-not-a-real-key")
+    assert not browser.find_element("id", "app").is_displayed()
+    message = text(browser, "signin-error")
+    assert message.startswith("That key was not accepted") and "master key or a workspace admin key" in message
+    assert browser.execute_script("return sessionStorage.length") == 0
+
+    sign_in(browser, gw, ids["user_key"])
+    assert not browser.find_element("id", "app").is_displayed()
+    assert text(browser, "signin-error").startswith("That key is not an admin key")
+
+
+def test_the_page_loads_nothing_from_outside_the_gateway(browser, seeded):
+    """No CDN, no network at run time: every resource the page fetched came from the gateway."""
+    gw, _ = seeded
+    sign_in(browser, gw, MASTER_KEY)
+    urls = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert any(u.endswith("/uPlot.iife.min.js") for u in urls)
+    assert all(u.startswith(gw.url + "/") for u in urls), urls
