@@ -148,6 +148,45 @@ class ModelEntry(_Strict):
     # Body fields beyond the OpenAI API's that clients may send to this deployment; they
     # reach the provider as body fields (litellm: extra_body), never as litellm arguments.
     allow_extra_params: list[str] = Field(default_factory=list)
+    # An http:// egress proxy for this deployment (native path; "" = direct, ignoring
+    # HTTPS_PROXY). Unset: the environment's HTTPS_PROXY/HTTP_PROXY/NO_PROXY apply.
+    proxy: str | None = None
+
+    def uses_native(self) -> bool:
+        """`dispatch: auto` picks the native pass-through for OpenAI-wire upstreams."""
+        if self.dispatch != "auto":
+            return self.dispatch == "native"
+        model = self.litellm_params.model
+        return model.startswith("openai/") or "/" not in model
+
+    @model_validator(mode="after")
+    def _native_forwards_every_param(self) -> "ModelEntry":
+        """A deployment on the native path must not carry a litellm_param it would drop."""
+        if not self.uses_native():
+            if self.proxy is not None:
+                raise ValueError("proxy: only the native path takes a per-deployment proxy "
+                                 "(litellm follows HTTPS_PROXY/NO_PROXY)")
+            return self
+        if self.proxy:
+            from urllib.parse import urlsplit
+            if urlsplit(self.proxy).scheme != "http" or not urlsplit(self.proxy).hostname:
+                raise ValueError(f"proxy: must be an http:// URL, got {self.proxy!r}")
+        for name, value in (self.litellm_params.model_extra or {}).items():
+            if name in NATIVE_BODY_DEFAULTS or name == "organization":
+                continue
+            if name in ("extra_headers", "headers", "extra_body"):
+                if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                    raise ValueError(f"litellm_params.{name}: must be a mapping")
+                if name != "extra_body":
+                    for header, text in value.items():
+                        if (not _HEADER_NAME.match(header) or header.lower() in _OWN_HEADERS
+                                or not isinstance(text, str) or "\r" in text or "\n" in text):
+                            raise ValueError(f"litellm_params.{name}.{header}: not a header the native path can send")
+                continue
+            raise ValueError(f"litellm_params.{name}: the native path does not forward it (it forwards "
+                             f"organization, extra_headers, headers, extra_body and OpenAI body "
+                             f"defaults such as max_tokens); set dispatch: litellm to use it")
+        return self
 
     @field_validator("allow_extra_params")
     @classmethod
@@ -161,6 +200,14 @@ class ModelEntry(_Strict):
                 raise ValueError(f"{name!r} is an OpenAI parameter: it is always allowed")
         return v
 
+
+# litellm_params the native path (gateway/native.py) sends as body fields when the client's
+# body lacks them; organization, extra_headers/headers (headers) and extra_body (body
+# defaults) are forwarded too. Anything else on a native deployment is refused at load.
+NATIVE_BODY_DEFAULTS = (CHAT_PARAMS | EMBEDDINGS_PARAMS) - {"model", "messages", "input", "stream", "metadata"}
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_OWN_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "user-agent", "accept-encoding",
+                "proxy-authorization", "te", "upgrade", "keep-alive"}
 
 # Words in a name that make it configuration, not a provider body field.
 _NOT_BODY_FIELDS = ("api_", "secret", "password", "credential", "callback", "_url", "_base", "litellm", "mock_",

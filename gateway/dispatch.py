@@ -62,8 +62,10 @@ class UpstreamError(Exception):
     """A failed upstream call, normalised.
 
     kind: "status" (the upstream answered with an HTTP error), "connection" (refused,
-    reset), "timeout", "bad_response" (not parseable as the expected format),
-    "truncated" (a stream ended without its final chunk).
+    reset, nothing sent), "timeout", "bad_response" (not parseable as the expected format),
+    "truncated" (a stream ended without its final chunk), "dropped" (the request was sent,
+    then the connection closed before any answer: the upstream may have processed, and
+    billed, it — so it is neither retried nor counted by the circuit breaker).
     """
 
     def __init__(self, kind: str, message: str, *, status: int | None = None,

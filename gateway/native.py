@@ -13,12 +13,24 @@ dispatcher for providers that need translation, and the source of prices and tok
 
 Chosen per deployment (`dispatch: auto | native | litellm`); `auto` means native for
 `openai/...` models (and bare model names), litellm for everything else.
+
+What reaches the upstream from the deployment's `litellm_params`, as litellm would send it:
+`api_key` (Authorization), `organization` (OpenAI-Organization), `extra_headers`/`headers`,
+and body defaults (`max_tokens`, `temperature`, ..., `extra_body`'s fields), each only when
+the client's body lacks that field. Any other litellm_param on a native deployment is a
+config error (gateway/config.py), never silently dropped. `proxy:` (or the environment's
+HTTPS_PROXY/NO_PROXY) picks the egress proxy.
+
+Redirects: 307/308 to the same origin are followed (at most `MAX_REDIRECTS`, the body sent
+again); to another origin, or 301/302/303, they are an error: the API key must not follow
+a redirect elsewhere, and a POST turned into a GET is not the call that was asked for.
 """
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any, AsyncIterator
+from urllib.parse import urljoin
 
 import orjson
 import structlog
@@ -27,10 +39,13 @@ from gateway.client_body import DISPATCH_PARAMS
 from gateway.config import ModelEntry
 from gateway.dispatch import StreamEnd, UpstreamError, retry_after_seconds
 from gateway.errors import redact
+from gateway.config import NATIVE_BODY_DEFAULTS
 from gateway.upstream_http import (
+    MAX_BODY,
     Response,
     Target,
     UpstreamConnectionError,
+    UpstreamDroppedError,
     UpstreamHTTP,
     UpstreamProtocolError,
 )
@@ -40,6 +55,27 @@ log = structlog.get_logger("gateway.native")
 OPENAI_DEFAULT_BASE = "https://api.openai.com/v1"
 _PASSED = {endpoint: params | {"model"} for endpoint, params in DISPATCH_PARAMS.items()}  # model: replaced
 _DONE = b"[DONE]"
+MAX_REDIRECTS = 3
+_ERROR_BODY = 1024 * 1024  # an error answer is read (and its connection reused) up to this size
+
+
+def _body_defaults(deployment: ModelEntry, endpoint: str) -> dict[str, Any]:
+    """The body fields the deployment's litellm_params set for `endpoint` (extra_body's first)."""
+    extra = deployment.litellm_params.model_extra or {}
+    allowed = _PASSED[endpoint]
+    defaults = dict(extra.get("extra_body") or {})
+    defaults.update({k: v for k, v in extra.items() if k in NATIVE_BODY_DEFAULTS and k in allowed})
+    return defaults
+
+
+async def _drain(response: Response) -> None:
+    """Read a small answer we do not use, so its connection can be reused."""
+    try:
+        await response.read(64 * 1024)
+    except UpstreamProtocolError:
+        response.close()
+        return
+    response.release()
 
 
 def upstream_model(deployment: ModelEntry) -> str:
@@ -107,6 +143,14 @@ class NativeOpenAIDispatcher:
                  "Accept: text/event-stream" if stream else "Accept: application/json"]
         if params.api_key:
             lines.append(f"Authorization: Bearer {params.api_key}")
+        extra = params.model_extra or {}
+        if extra.get("organization"):
+            lines.append(f"OpenAI-Organization: {extra['organization']}")
+        configured = {**(extra.get("headers") or {}), **(extra.get("extra_headers") or {})}
+        if configured:  # they replace a default line of the same name (as litellm's do)
+            names = {name.lower() for name in configured}
+            lines = [line for line in lines if line.split(":", 1)[0].lower() not in names]
+            lines.extend(f"{name}: {value}" for name, value in configured.items())
         timeouts = deployment.timeouts
         total = min(params.timeout or timeouts.total, timeouts.total)
         if not stream:
@@ -115,7 +159,7 @@ class NativeOpenAIDispatcher:
             total = min(total, timeouts.first_byte)
         if len(self._targets) > 1024:
             self._targets.clear()
-        entry = (deployment, Target(base + path), "".join(f"{line}\r\n" for line in lines).encode("latin-1"),
+        entry = (deployment, Target(base + path, proxy=deployment.proxy), "".join(f"{line}\r\n" for line in lines).encode("latin-1"),
                  total, min(timeouts.connect, total))
         self._targets[key] = entry
         return entry[1:]
@@ -129,18 +173,42 @@ class NativeOpenAIDispatcher:
         else:
             extra = deployment.allow_extra_params
             payload = {k: v for k, v in body.items() if k in allowed or k in extra}
+        if deployment.litellm_params.model_extra:
+            for key, value in _body_defaults(deployment, endpoint).items():
+                payload.setdefault(key, value)  # the client's own value wins
         payload["model"] = upstream_model(deployment)
         return orjson.dumps(payload)
 
     async def _send(self, target: Target, headers: bytes, body: bytes, connect_timeout: float) -> Response:
-        """The request sent and the response's head received; failures as UpstreamError
-        (the router retries them like any other connection error)."""
-        try:
-            return await self.http().post(target, headers, body, connect_timeout=connect_timeout)
-        except UpstreamConnectionError as exc:
-            raise UpstreamError("connection", f"could not reach the upstream: {exc}") from None
-        except UpstreamProtocolError as exc:
-            raise UpstreamError("bad_response", f"the upstream response was not valid: {exc}") from None
+        """The request sent and the final response's head received (same-origin 307/308
+        followed); failures as UpstreamError. "dropped" (sent, then closed unanswered: the
+        upstream may have processed it) is not retried by the router."""
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                response = await self.http().post(target, headers, body, connect_timeout=connect_timeout)
+            except UpstreamConnectionError as exc:
+                raise UpstreamError("connection", f"could not reach the upstream: {exc}") from None
+            except UpstreamDroppedError as exc:
+                raise UpstreamError("dropped", f"{exc}; it may have been processed, so it is not retried",
+                                    status=502) from None
+            except UpstreamProtocolError as exc:
+                raise UpstreamError("bad_response", f"the upstream response was not valid: {exc}") from None
+            if not 300 <= response.status < 400 or response.status == 304:
+                return response
+            location = response.headers.get("Location", "")
+            await _drain(response)
+            following = None
+            if response.status in (307, 308) and location:
+                try:
+                    following = Target(urljoin(target.url, location), proxy=target.proxy_url)
+                except ValueError:
+                    following = None
+            if following is None or not following.same_origin(target):
+                raise UpstreamError("status", f"the upstream redirected (HTTP {response.status}) to "
+                                              f"{redact(location)[:200]!r}; only 307/308 to the same origin "
+                                              f"are followed", status=response.status)
+            target = following
+        raise UpstreamError("status", f"the upstream redirected more than {MAX_REDIRECTS} times", status=502)
 
     async def _post_json(self, deployment: ModelEntry, path: str, body: dict[str, Any],
                          endpoint: str) -> dict[str, Any]:
@@ -149,7 +217,7 @@ class NativeOpenAIDispatcher:
         try:
             async with asyncio.timeout(total):
                 response = await self._send(target, headers, self._body(deployment, body, endpoint), connect)
-                raw = await response.read()
+                raw = await response.read(_ERROR_BODY if response.status >= 400 else MAX_BODY)
             response.release()
         except TimeoutError:
             if response is not None:
@@ -192,7 +260,9 @@ class NativeOpenAIDispatcher:
         end = StreamEnd()
         try:
             if resp.status >= 400:
-                raise _error_from(resp.status, resp.headers, await resp.read())
+                raw = await resp.read(_ERROR_BODY)
+                done = True  # read to its end: the connection goes back to the pool
+                raise _error_from(resp.status, resp.headers, raw)
             async for line in resp.iter_lines():
                 line = line.strip()
                 if not line.startswith(b"data:"):

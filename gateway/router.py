@@ -60,10 +60,7 @@ def upstream_to_api_error(err: UpstreamError, attempts: int) -> ApiError:
 
 def uses_native(deployment: ModelEntry) -> bool:
     """`dispatch: auto` picks the native pass-through for OpenAI-wire upstreams."""
-    if deployment.dispatch != "auto":
-        return deployment.dispatch == "native"
-    model = deployment.litellm_params.model
-    return model.startswith("openai/") or "/" not in model
+    return deployment.uses_native()
 
 
 class CircuitBreaker:

@@ -14,21 +14,48 @@ only what an OpenAI-wire upstream needs:
 
 A connection is reused only when its previous response was read to the end and the
 server allowed keep-alive; anything else (an abandoned stream, a parse error, a timeout)
-closes it. Errors are `UpstreamConnectionError` (could not connect or send; nothing was
-received) and `UpstreamProtocolError` (the connection broke or the response was not
-HTTP); the native dispatcher maps them to the router's kinds.
+closes it. Errors are `UpstreamConnectionError` (could not connect, or nothing was sent),
+`UpstreamDroppedError` (the request was sent, then the connection closed without a
+response byte: the upstream may have processed it) and `UpstreamProtocolError` (the
+connection broke mid-response or the response was not HTTP); the native dispatcher maps
+them to the router's kinds.
+
+What it does on real networks, each point held by tests/test_upstream_conformance.py
+(a misbehaving loopback server per case) and at least as strict as aiohttp's client:
+
+* proxies: `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` (the standard library's matching, as
+  aiohttp's `trust_env`), or one per deployment; https goes through a CONNECT tunnel
+  (TLS to the origin inside it), http in absolute form; `user:pass@` becomes
+  Proxy-Authorization;
+* limits: at most 128 response headers, 8190 bytes per header line, 64 KiB for the whole
+  head (aiohttp: 128 / 8190); a decompressed body is bounded like a plain one
+  (`MAX_BODY`), decoded in 256 KiB steps, so a gzip bomb costs at most that;
+  only gzip and deflate are offered (`Accept-Encoding`), any other encoding is refused;
+* 1xx interim responses (100, 103) are skipped, the final response is the one returned;
+* retry safety: a pooled connection is checked before reuse (closed or with unexpected
+  bytes: discarded); if writing to a reused connection fails (nothing was sent) the
+  request goes once more, at once, on a fresh connection. Nothing else is retried here;
+* connecting: addresses from a DNS cache (`DNS_TTL`), tried with Happy Eyeballs
+  (RFC 8305 via aiohappyeyeballs, the library aiohttp uses: 250 ms stagger, families
+  interleaved), so a blackholed IPv6 address costs 250 ms, not the connect timeout;
+* every request carries a `User-Agent`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import ipaddress
+import socket
 import ssl
 import time
 import zlib
 from collections import deque
 from typing import AsyncIterator
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
+from urllib.request import getproxies_environment, proxy_bypass_environment
 
+import aiohappyeyeballs
 import httptools
 from multidict import CIMultiDict
 
@@ -38,30 +65,90 @@ _MAX_IDLE_PER_HOST = 256
 MAX_LINE = 16 * 1024 * 1024  # longest SSE line accepted from an upstream
 RELEASE_GRACE = 5.0  # seconds a released, unfinished response may take to end before its connection is closed
 IDLE_TIMEOUT = 30.0  # seconds a kept-alive connection may sit unused before it is dropped
+MAX_HEADERS = 128  # response header lines (aiohttp's default)
+MAX_FIELD = 8190  # bytes in one header line (aiohttp's default)
+MAX_HEAD = 64 * 1024  # bytes of the status line and every header, 1xx heads included
+MAX_INTERIM = 8  # 1xx responses before the final one
+_DECODE_STEP = 256 * 1024  # decompressed bytes produced per step
+HAPPY_EYEBALLS_DELAY = 0.25  # RFC 8305's recommended connection attempt delay
+DNS_TTL = 10.0  # seconds a resolved address list is reused (aiohttp's default ttl_dns_cache)
+USER_AGENT = "llm-gateway/1 (native path; httptools)"
+ACCEPT_ENCODING = "gzip, deflate"  # exactly what the decoder below handles
 
 
 class UpstreamConnectionError(OSError):
     """Could not connect, or the connection failed before any response byte arrived."""
 
 
+class UpstreamDroppedError(OSError):
+    """The request was written, then the connection closed before any response byte: the
+    upstream may have received and processed it (and billed it), so it is not resent."""
+
+
 class UpstreamProtocolError(Exception):
     """The response broke off, or was not valid HTTP."""
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def proxy_from_env(scheme: str, host: str) -> str | None:
+    """The proxy URL `HTTPS_PROXY`/`HTTP_PROXY` (any case) name for this origin, unless
+    `NO_PROXY` matches its host (suffix match, `*` for all): the standard library's rules,
+    which aiohttp's `trust_env` also uses."""
+    proxies = getproxies_environment()
+    url = proxies.get(scheme)
+    if not url or proxy_bypass_environment(host, proxies):
+        return None
+    return url if "://" in url else f"http://{url}"
+
+
 class Target:
-    """A parsed upstream URL: what a request needs, computed once per deployment."""
+    """A parsed upstream URL: what a request needs, computed once per deployment.
 
-    __slots__ = ("scheme", "host", "port", "path", "key")
+    `proxy`: an http:// proxy URL; None reads the environment (`proxy_from_env`), "" goes
+    direct whatever the environment says."""
 
-    def __init__(self, url: str) -> None:
+    __slots__ = ("scheme", "host", "port", "path", "key", "proxy", "proxy_auth", "request_target", "url", "proxy_url")
+
+    def __init__(self, url: str, proxy: str | None = None) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
+        self.url = url
         self.scheme = parts.scheme
         self.host = parts.hostname
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        self.key = (self.scheme, self.host, self.port)
+        if proxy is None:
+            proxy = proxy_from_env(self.scheme, self.host) or ""
+        self.proxy_url = proxy
+        self.proxy: tuple[str, int] | None = None
+        self.proxy_auth = ""
+        self.request_target = self.path
+        if proxy:
+            pp = urlsplit(proxy)
+            if pp.scheme != "http" or not pp.hostname:
+                raise ValueError(f"a proxy must be an http:// URL: {proxy!r}")
+            self.proxy = (pp.hostname, pp.port or 80)
+            if pp.username is not None:
+                credentials = f"{unquote(pp.username)}:{unquote(pp.password or '')}".encode()
+                self.proxy_auth = "Basic " + base64.b64encode(credentials).decode("ascii")
+        if self.proxy is None:
+            self.key: tuple = (self.scheme, self.host, self.port)
+        elif self.scheme == "https":  # one tunnel per origin
+            self.key = (self.scheme, self.host, self.port, *self.proxy)
+        else:  # plain http: the proxy forwards absolute-form requests to any origin
+            self.key = ("http-proxy", *self.proxy, self.proxy_auth)
+            self.request_target = f"http://{self.host_header()}{self.path}"
+
+    def same_origin(self, other: "Target") -> bool:
+        return (self.scheme, self.host, self.port) == (other.scheme, other.host, other.port)
 
     def host_header(self) -> str:
         default = 443 if self.scheme == "https" else 80
@@ -84,6 +171,7 @@ class Response:
         self._complete = False
         self._error: BaseException | None = None
         self._decoder = None
+        self._decoded = 0
         self._finished = False
 
     # ---- fed by the connection
@@ -128,9 +216,16 @@ class Response:
             self._conn.resume()
         if self._decoder is not None:
             try:
-                data = self._decoder.decompress(data)
+                data, tail = self._decoder.decompress(data, _DECODE_STEP), self._decoder.unconsumed_tail
             except zlib.error as exc:
                 raise UpstreamProtocolError(f"bad compressed body: {exc}") from None
+            if tail:  # more output pending: decoded on the next call, never all at once
+                self._chunks.appendleft(tail)
+                self._buffered += len(tail)
+            self._decoded += len(data)
+            if self._decoded > MAX_BODY:
+                self.close()
+                raise UpstreamProtocolError(f"the decompressed response is larger than {MAX_BODY} bytes")
         return data
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
@@ -162,7 +257,7 @@ class Response:
                 self.close()
                 raise UpstreamProtocolError(f"the response body is larger than {limit} bytes")
             parts.append(data)
-        return b"".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def release(self) -> None:
         """Done with the response: the connection goes back to the pool when the response
@@ -199,7 +294,12 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.lost = False
         self.idle_since = 0.0
+        self.reused = False  # served a response before the current one
         self.received = False  # any byte of the current response
+        self._head_bytes = 0
+        self._header_count = 0
+        self._interim = 0
+        self._in_interim = False
         self._paused = False
         self._eof_body = False
         self._keep_alive = False
@@ -215,10 +315,19 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
             return
         self.received = True
+        in_head = not response._headers_done.done()
+        if in_head:
+            self._head_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            response._fail(UpstreamProtocolError(f"invalid HTTP response: {exc}"))
+            cause = exc.__context__
+            response._fail(cause if isinstance(cause, UpstreamProtocolError)
+                           else UpstreamProtocolError(f"invalid HTTP response: {exc}"))
+            self.transport.close()
+            return
+        if in_head and self._head_bytes > MAX_HEAD and not response._headers_done.done():
+            response._fail(UpstreamProtocolError(f"the response head is larger than {MAX_HEAD} bytes"))
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -229,8 +338,9 @@ class _Connection(asyncio.Protocol):
             return
         if self._eof_body and exc is None and response._headers_done.done():
             response._done()  # a body delimited by the end of the connection
-        elif not self.received:
-            response._fail(UpstreamConnectionError(f"the upstream closed the connection{_reason(exc)}"))
+        elif not self.received:  # the request was written: it may have been processed
+            response._fail(UpstreamDroppedError(
+                f"the upstream closed the connection after the request was sent, before answering{_reason(exc)}"))
         else:
             response._fail(UpstreamProtocolError(f"the upstream connection broke off{_reason(exc)}"))
 
@@ -243,11 +353,25 @@ class _Connection(asyncio.Protocol):
     # ---- httptools callbacks
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > MAX_HEADERS:
+            raise UpstreamProtocolError(f"the response has more than {MAX_HEADERS} headers")
+        if len(name) + len(value) + 2 > MAX_FIELD:
+            raise UpstreamProtocolError(f"a response header is longer than {MAX_FIELD} bytes")
         self.response.headers.add(name.decode("latin-1"), value.decode("latin-1"))
 
     def on_headers_complete(self) -> None:
         response = self.response
-        response.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:  # interim (100 Continue, 103 Early Hints): the final one follows
+            self._interim += 1
+            if self._interim > MAX_INTERIM:
+                raise UpstreamProtocolError(f"more than {MAX_INTERIM} interim (1xx) responses")
+            self._in_interim = True
+            self._header_count = 0
+            response.headers = CIMultiDict()
+            return
+        response.status = status
         self._keep_alive = self.parser.should_keep_alive()
         headers = response.headers
         chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
@@ -257,6 +381,8 @@ class _Connection(asyncio.Protocol):
             response._decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
         elif encoding == "deflate":
             response._decoder = zlib.decompressobj()
+        elif encoding not in ("", "identity"):
+            raise UpstreamProtocolError(f"the response's Content-Encoding {encoding!r} was not offered")
         if not response._headers_done.done():
             response._headers_done.set_result(None)
 
@@ -264,7 +390,15 @@ class _Connection(asyncio.Protocol):
         self.response._body(body)
 
     def on_message_complete(self) -> None:
+        if self._in_interim:
+            self._in_interim = False
+            return
         self.response._done()
+
+    def eof_received(self) -> bool:
+        if self.response is None:  # an idle connection the upstream closed: never reuse it
+            self.lost = True
+        return False  # close the transport (read-until-close bodies end in connection_lost)
 
     # ---- for the pool and the response
 
@@ -281,12 +415,32 @@ class _Connection(asyncio.Protocol):
     def send(self, data: bytes) -> Response:
         self.response = Response(self)
         self.received = False
+        self._head_bytes = self._header_count = self._interim = 0
+        self._in_interim = False
         self.parser = httptools.HttpResponseParser(self)
         self.transport.write(data)
         return self.response
 
+    def stale(self) -> bool:
+        """A pooled connection the upstream closed, or that holds bytes nobody asked for.
+        A non-blocking peek at the socket: the close may have arrived since the loop last
+        polled it."""
+        if self.lost or self.transport.is_closing():
+            return True
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            getattr(sock, "_sock", sock).recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False  # nothing to read: alive and quiet
+        except OSError:
+            return True
+        return True  # b"" (closed) or unexpected bytes (a TLS close_notify, garbage)
+
     def finished(self, response: Response, reusable: bool) -> None:
         self.response = None
+        self.reused = True
         if reusable and self._keep_alive and not self.lost and not self._eof_body:
             self.pool._put_back(self)
         elif self.transport is not None:
@@ -304,6 +458,7 @@ class UpstreamHTTP:
         self._idle: dict[tuple, list[_Connection]] = {}
         self._all: set[_Connection] = set()
         self._ssl: ssl.SSLContext | None = None
+        self._dns: dict[tuple[str, int], tuple[float, object]] = {}
         self.closed = False
 
     def _ssl_context(self) -> ssl.SSLContext:
@@ -311,42 +466,122 @@ class UpstreamHTTP:
             self._ssl = ssl.create_default_context()
         return self._ssl
 
-    async def _connection(self, target: Target, connect_timeout: float) -> _Connection:
+    async def _resolve(self, host: str, port: int) -> list:
+        """getaddrinfo's answer, cached for DNS_TTL seconds (one lookup in flight per name)."""
+        if _is_ip(host):
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
+        key = (host, port)
+        cached = self._dns.get(key)
+        if cached is not None:
+            expires, infos = cached
+            if isinstance(infos, asyncio.Future):
+                return await asyncio.shield(infos)
+            if expires > time.monotonic():
+                return infos
+        pending = asyncio.get_running_loop().create_future()
+        self._dns[key] = (0.0, pending)
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except BaseException as exc:
+            self._dns.pop(key, None)
+            if not pending.done():
+                pending.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
+                pending.exception()  # retrieved: no "never retrieved" warning when nobody waits
+            raise
+        if len(self._dns) > 1024:
+            self._dns.clear()
+        self._dns[key] = (time.monotonic() + DNS_TTL, infos)
+        pending.set_result(infos)
+        return infos
+
+    async def _open(self, target: Target) -> _Connection:
+        """A new connection: TCP (Happy Eyeballs over the cached addresses), through the
+        proxy's CONNECT tunnel if any, then TLS to the origin for https."""
+        loop = asyncio.get_running_loop()
+        host, port = target.proxy or (target.host, target.port)
+        infos = await self._resolve(host, port)
+        sock = await aiohappyeyeballs.start_connection(
+            infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1)
+        try:
+            if target.proxy is not None and target.scheme == "https":
+                await self._tunnel(loop, sock, target)
+            tls = target.scheme == "https"
+            _, conn = await loop.create_connection(
+                lambda: _Connection(self, target.key), sock=sock,
+                ssl=self._ssl_context() if tls else None, server_hostname=target.host if tls else None)
+        except BaseException:
+            sock.close()
+            raise
+        return conn
+
+    @staticmethod
+    async def _tunnel(loop: asyncio.AbstractEventLoop, sock: socket.socket, target: Target) -> None:
+        """CONNECT host:port through the proxy; returns once it answered 2xx."""
+        authority = target.host_header() if target.port != 443 else f"{target.host_header()}:443"
+        lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}", f"User-Agent: {USER_AGENT}"]
+        if target.proxy_auth:
+            lines.append(f"Proxy-Authorization: {target.proxy_auth}")
+        await loop.sock_sendall(sock, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        head = b""
+        while b"\r\n\r\n" not in head:  # the proxy sends nothing past its head before we speak TLS
+            data = await loop.sock_recv(sock, 4096)
+            if not data:
+                raise UpstreamConnectionError("the proxy closed the connection during CONNECT")
+            head += data
+            if len(head) > MAX_HEAD:
+                raise UpstreamConnectionError("the proxy's answer to CONNECT is too long")
+        status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        parts = status_line.split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].startswith("2"):
+            raise UpstreamConnectionError(f"the proxy refused CONNECT {authority}: {status_line[:200]!r}")
+        if not head.endswith(b"\r\n\r\n"):
+            raise UpstreamConnectionError("the proxy sent bytes after its answer to CONNECT")
+
+    async def _connection(self, target: Target, connect_timeout: float, fresh: bool = False) -> _Connection:
         idle = self._idle.get(target.key)
-        if idle:
+        if idle and not fresh:
             now = time.monotonic()
             while idle:
                 conn = idle.pop()
-                if conn.lost or conn.transport.is_closing():
-                    continue
-                if now - conn.idle_since > IDLE_TIMEOUT:  # the upstream may be closing it now
+                if now - conn.idle_since > IDLE_TIMEOUT or conn.stale():  # closed, or the upstream may be closing it now
                     conn.transport.close()
                     continue
                 return conn
-        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(connect_timeout):
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(self, target.key), target.host, target.port,
-                    ssl=self._ssl_context() if target.scheme == "https" else None,
-                    server_hostname=target.host if target.scheme == "https" else None)
+                conn = await self._open(target)
         except TimeoutError:
             raise
+        except UpstreamConnectionError:
+            raise
         except (OSError, ssl.SSLError) as exc:
-            raise UpstreamConnectionError(f"could not connect to the upstream: {type(exc).__name__}") from None
+            raise UpstreamConnectionError(f"could not connect to the upstream: {type(exc).__name__}"
+                                          f"{': ' + str(exc)[:200] if isinstance(exc, ssl.SSLError) else ''}") from None
         self._all.add(conn)
         return conn
 
     async def post(self, target: Target, headers: bytes, body: bytes, *, connect_timeout: float) -> Response:
-        """Send the request; returns once the response's status and headers arrived.
-        `headers` are complete header lines (b"Name: value\\r\\n"...), Host and
-        Content-Length excluded."""
+        """Send the request; returns once the final response's status and headers arrived.
+        `headers` are complete header lines (b"Name: value\\r\\n"...), Host, Content-Length,
+        User-Agent and Accept-Encoding excluded.
+
+        If the write to a reused connection fails (it broke while pooled; nothing was sent),
+        the request goes once more, at once, on a fresh connection."""
         if self.closed:
             raise UpstreamConnectionError("the upstream client is closed")
+        head = (f"POST {target.request_target} HTTP/1.1\r\nHost: {target.host_header()}\r\n"
+                f"Content-Length: {len(body)}\r\nUser-Agent: {USER_AGENT}\r\n"
+                f"Accept-Encoding: {ACCEPT_ENCODING}\r\n").encode("latin-1")
+        if target.proxy_auth and target.scheme == "http":
+            head += f"Proxy-Authorization: {target.proxy_auth}\r\n".encode("latin-1")
+        request = head + headers + b"\r\n" + body
         conn = await self._connection(target, connect_timeout)
-        head = (f"POST {target.path} HTTP/1.1\r\nHost: {target.host_header()}\r\n"
-                f"Content-Length: {len(body)}\r\n").encode("latin-1") + headers + b"\r\n"
-        response = conn.send(head + body)
+        response = conn.send(request)
+        if conn.reused and (conn.lost or conn.transport.is_closing()) and not conn.received:
+            response.close()  # the write failed at once: nothing reached the upstream
+            conn = await self._connection(target, connect_timeout, fresh=True)
+            response = conn.send(request)
         try:
             await response._headers_done
         except BaseException:

@@ -15,6 +15,7 @@ import pytest
 from gateway.upstream_http import (
     Target,
     UpstreamConnectionError,
+    UpstreamDroppedError,
     UpstreamHTTP,
     UpstreamProtocolError,
 )
@@ -155,14 +156,17 @@ async def test_error_status_headers_are_readable():
     await http.close()
 
 
-async def test_a_connection_closed_before_any_answer_is_a_connection_error():
+async def test_a_connection_closed_after_the_request_before_any_answer_may_have_been_delivered():
+    """The server read the whole request, then closed: it may have processed it, so this is
+    not "could not connect" (which is retried) but UpstreamDroppedError."""
     async def answer(writer, n):
         return "close"
 
     http = UpstreamHTTP()
     async with RawServer(answer) as server:
-        with pytest.raises(UpstreamConnectionError):
+        with pytest.raises(UpstreamDroppedError):
             await post(http, server)
+        assert len(server.requests) == 1
     await http.close()
 
 
