@@ -34,7 +34,6 @@ from aiohttp import web  # noqa: E402
 
 from gateway.admin import Admin  # noqa: E402
 from gateway.admin_api import admin_routes  # noqa: E402
-from gateway.dashboard import dashboard_routes  # noqa: E402
 from gateway import http_server  # noqa: E402
 from gateway.client_body import read_json, require_model, validate_chat, validate_embeddings  # noqa: E402
 from gateway.config import (  # noqa: E402
@@ -419,6 +418,8 @@ async def _run(request: web.Request, snap: Snapshot, ctx: RequestContext,
                 raise ApiError(404, f"The model '{ctx.requested_model}' does not exist or you do not have access to it.",
                                code="model_not_found", param="model")
             _choose_model(ctx)
+            if ctx.cache_hit is not None:
+                _serve_cache_hit(ctx)
         return await answer()
     except ApiError as err:
         if ctx.ended_at is not None:  # the stream already ended itself
@@ -432,6 +433,17 @@ async def _run(request: web.Request, snap: Snapshot, ctx: RequestContext,
         if ctx.ended_at is not None:
             raise
         return await _fail(request, snap, ctx, internal_error(ctx.request_id))
+
+
+def _serve_cache_hit(ctx: RequestContext) -> None:
+    """The response cache's answer serves the request if it is for the model the request
+    hooks settled on (energy may have moved it to a cheaper one it could afford)."""
+    if ctx.model == ctx.cache_hit_model:
+        ctx.short_circuit = ctx.cache_hit
+        ctx.response_headers["X-Cache"] = "HIT"
+    else:
+        ctx.cache_hit = None
+        ctx.response_headers["X-Cache"] = "MISS"
 
 
 def _choose_model(ctx: RequestContext) -> None:
@@ -903,8 +915,6 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
     app.router.add_get("/health/ready", health_ready)
     app.router.add_routes(admin_routes(lambda request: Admin(gw.store, gw.config, gw.directory)))
     app.router.add_get("/admin/config", admin_config)
-    app.router.add_routes(dashboard_routes(lambda request: Admin(gw.store, gw.config, gw.directory),
-                                           lambda: gw.chain.inflight.count))
     for plugin in plugins:
         app.router.add_routes(plugin.routes())
     return app
@@ -1075,6 +1085,21 @@ def _leave_despite_blocked_threads(wait: float = 2.0) -> None:
         os._exit(0)
 
 
+def ready_line(config: Config, config_path: str, base: str) -> str:
+    """The one human line printed once the gateway listens (the JSON logs carry the rest)."""
+    store_shown = re.sub(r"(//[^/:@]*):[^/@]*@", r"\1@", config.store.url.split("?")[0])  # no password
+    missing: dict[str, list[str]] = {}
+    for entry in config.models:
+        provider = entry.litellm_params.model.split("/", 1)[0] if "/" in entry.litellm_params.model else "openai"
+        env = f"{provider.upper()}_API_KEY"
+        if provider != "demo" and not entry.litellm_params.api_key and not os.environ.get(env):
+            missing.setdefault(env, []).append(entry.name)
+    keys = "; ".join(f"{', '.join(dict.fromkeys(names))} (no {env})" for env, names in missing.items())
+    return (f"gateway ready on {base} · config {config_path} · store {store_shown} · "
+            f"{len(config.model_names())} models" + (f", without keys: {keys}" if keys else "") +
+            f" · dashboard {base}/dashboard")
+
+
 def _run_worker(config: Config, config_path: str, host: str, port: int, *, reuse_port: bool) -> None:
     try:
         import uvloop
@@ -1082,8 +1107,16 @@ def _run_worker(config: Config, config_path: str, host: str, port: int, *, reuse
         uvloop.install()
     except ImportError:
         pass
+
+    def print_ready(aiohttp_banner: str) -> None:  # "Running on http://host:port", the bound port
+        bound = re.findall(r"https?://[^\s,]+", aiohttp_banner)
+        # stderr: stdout carries one JSON log object per line, for log shippers.
+        print(ready_line(config, config_path, bound[0] if bound else f"http://{host}:{port}"), file=sys.stderr,
+              flush=True)
+
     web.run_app(create_app(config, config_path=config_path), host=host, port=port, reuse_port=reuse_port,
-                shutdown_timeout=config.server.shutdown_grace, print=None, access_log=None, handle_signals=True)
+                shutdown_timeout=config.server.shutdown_grace, access_log=None, handle_signals=True,
+                print=print_ready)
 
 
 def _supervise(args: argparse.Namespace, config: Config, host: str, port: int, workers: int) -> int:

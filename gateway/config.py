@@ -247,6 +247,9 @@ class TierConfig(_Strict):
 class ActionPrice(_Strict):
     default: int = Field(ge=0, description="energy when the model has no entry")
     models: dict[str, int] = Field(default_factory=dict)
+    # Energy for an answer served from the response cache (plugins/cache.py); None = the
+    # same price as a fresh answer.
+    cache_hit_price: int | None = Field(None, ge=0)
 
     @field_validator("models")
     @classmethod
@@ -279,6 +282,10 @@ class EnergyConfig(_Strict):
     def cost(self, action: str, model: str) -> int:
         price = self.actions[action]
         return price.models.get(model, price.default)
+
+    def cache_hit_cost(self, action: str, model: str) -> int:
+        price = self.actions[action]
+        return price.cache_hit_price if price.cache_hit_price is not None else self.cost(action, model)
 
 
 class AuthConfig(_Strict):

@@ -22,6 +22,7 @@ BUILTIN = {
     "workspace_prompt": "plugins.workspace_prompt:WorkspacePrompt",
     "accounting": "plugins.accounting:Accounting",
     "metrics": "plugins.metrics:Metrics",
+    "cache": "plugins.cache:ResponseCache",
 }
 
 

@@ -144,6 +144,12 @@ class RequestContext:
     # A request hook may answer the request itself (e.g. an idempotent replay) by setting
     # this to the response body; dispatch is skipped and on_response hooks run.
     short_circuit: dict[str, Any] | None = None
+    # An answer the response cache holds (plugins/cache.py), found for `cache_hit_model`
+    # (candidates[0] then). Unlike short_circuit the later hooks still run (energy prices
+    # it at the action's cache_hit_price); the core serves it only if candidates[0] is
+    # still that model after them, else dispatches as usual.
+    cache_hit: dict[str, Any] | None = None
+    cache_hit_model: str | None = None
     # For GET /v1/models: the names the caller may see; request hooks may filter it.
     visible_models: list[str] = field(default_factory=list)
     # A request hook whose check is slow but almost surely passes (energy's reservation

@@ -194,6 +194,8 @@ class Energy(Plugin):
         tier = ctx.config.tiers.get(ctx.identity.tier)
         refill = (tier.refill.amount, tier.refill.period) if tier is not None and tier.refill else None
         candidates = list(ctx.candidates)
+        if ctx.cache_hit is not None and await self._reserve_cache_hit(ctx, action, refill, candidates):
+            return
         cost = ctx.config.energy.cost(action, candidates[0])
         if self._may_overlap(ctx.identity.user_id, cost):
             self._overlap(ctx, action, refill, candidates, cost)
@@ -201,6 +203,24 @@ class Energy(Plugin):
         error = await self._reserve_first_affordable(ctx, action, refill, candidates, 0, None)
         if error is not None:
             raise error
+
+    async def _reserve_cache_hit(self, ctx: RequestContext, action: str, refill: Any, candidates: list[str]) -> bool:
+        """An answer from the response cache costs the action's `cache_hit_price` (by
+        default the normal price). False when the balance cannot afford it: the request
+        then goes the usual way (down the ladder, or a 429), without the cached answer."""
+        store = self.services.store
+        price = ctx.config.energy.cache_hit_cost(action, ctx.cache_hit_model or candidates[0])
+        if price == 0:
+            ctx.candidates = [ctx.cache_hit_model or candidates[0]]
+            ctx.response_headers["X-Energy-Cost"] = "0"
+            ctx.response_headers["X-Energy-Remaining"] = str(await store.balance(ctx.identity.user_id))
+            return True
+        result = await store.reserve_energy(ctx.identity.user_id, price, ctx.request_id, refill=refill)
+        if not result.ok:
+            ctx.cache_hit = None
+            return False
+        self._reserved(ctx, action, candidates, candidates[0], price, result.balance)
+        return True
 
     # --- the reservation ---------------------------------------------------------------
 

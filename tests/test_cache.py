@@ -1,0 +1,150 @@
+"""The response cache (plugins/cache.py): hits and misses counted at the fake upstream,
+never across workspaces, streams and JSON answers served from each other, one upstream
+call for a burst of identical misses, energy on hits per config, Redis shared by two
+gateways."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import uuid
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import base_config
+from tests.fakes import Fault
+
+MSGS = [{"role": "user", "content": "What is the capital of France?"}]
+REPLY = "Hello from fake upstream"
+
+
+def chain(**settings):
+    return ["auth", "tier_policy", {"name": "cache", "settings": {"models": ["gpt-4o-mini"], **settings}},
+            "energy", {"name": "accounting", "settings": {"flush_interval": 0.05}}]
+
+
+def energy(cache_hit_price=None):
+    price = {"default": 2}
+    if cache_hit_price is not None:
+        price["cache_hit_price"] = cache_hit_price
+    return {"default_action": "ai_message", "actions": {"ai_message": price}}
+
+
+def ask(gw, key, **kw):
+    kw.setdefault("temperature", 0)
+    raw = gw.client(key).chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MSGS, **kw)
+    return raw.headers.get("X-Cache"), raw.parse()
+
+
+def test_a_repeated_request_is_served_from_the_cache(gateway_factory, upstream):
+    gw = gateway_factory(plugins=chain(), energy=energy())
+    user_id, key = gw.make_user(energy=100)
+    first, answer = ask(gw, key)
+    second, again = ask(gw, key, metadata={"prospect_id": "p1"}, user="someone-else")  # fields that do not count
+    assert (first, second) == ("MISS", "HIT")
+    assert again.choices[0].message.content == answer.choices[0].message.content == REPLY
+    assert again.usage.total_tokens == answer.usage.total_tokens
+    assert upstream.count("/chat/completions") == 1
+    gw.settle()
+    rows = sorted(gw.run(gw.store.usage_rows()), key=lambda r: r["created_at"])
+    assert [r["cache_hit"] for r in rows] == [False, True]
+    assert rows[1]["cost_usd"] == 0 and rows[1]["tokens_total"] == rows[0]["tokens_total"]
+    assert gw.balance(user_id) == 100 - 2 - 2  # a hit costs the full price by default
+
+
+def test_energy_on_a_hit_is_the_actions_cache_hit_price(gateway_factory, upstream):
+    gw = gateway_factory(plugins=chain(), energy=energy(cache_hit_price=0))
+    user_id, key = gw.make_user(energy=100)
+    ask(gw, key)
+    raw = gw.client(key).chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MSGS, temperature=0)
+    assert raw.headers["X-Cache"] == "HIT" and raw.headers["X-Energy-Cost"] == "0"
+    gw.settle()
+    assert gw.balance(user_id) == 98
+
+
+def test_a_cached_answer_never_crosses_workspaces(gateway_factory, upstream):
+    gw = gateway_factory(plugins=chain(), energy=energy())
+    _, mine = gw.make_user(workspace="acme")
+    _, theirs = gw.make_user(workspace="globex")
+    assert [ask(gw, k)[0] for k in (mine, theirs, mine, theirs)] == ["MISS", "MISS", "HIT", "HIT"]
+    assert upstream.count("/chat/completions") == 2
+
+
+def test_streams_and_json_answers_are_served_from_each_other(gateway_factory, upstream):
+    gw = gateway_factory(plugins=chain(), energy=energy())
+    _, key = gw.make_user()
+    ask(gw, key)  # a JSON answer, then a stream from it, with the usage chunk asked for
+    chunks = list(gw.client(key).chat.completions.create(model="gpt-4o-mini", messages=MSGS, temperature=0,
+                                                         stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == REPLY
+    assert chunks[-1].usage is not None and chunks[0].model == "gpt-4o-mini"
+    other = [{"role": "user", "content": "And of Spain?"}]  # a stream first, then JSON from it
+    list(gw.client(key).chat.completions.create(model="gpt-4o-mini", messages=other, temperature=0, stream=True))
+    raw = gw.client(key).chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=other, temperature=0)
+    assert raw.headers["X-Cache"] == "HIT" and raw.parse().choices[0].message.content == REPLY
+    assert raw.parse().choices[0].finish_reason == "stop"
+    assert upstream.count("/chat/completions") == 2
+
+
+def test_a_burst_of_identical_misses_makes_one_upstream_call(gateway_factory, upstream):
+    gw = gateway_factory(plugins=chain(), energy=energy())
+    _, key = gw.make_user()
+    upstream.push(Fault.slow(0.5))
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda _: ask(gw, key), range(6)))
+    assert upstream.count("/chat/completions") == 1
+    assert sorted(r[0] for r in results) == ["HIT"] * 5 + ["MISS"]
+    assert {r[1].choices[0].message.content for r in results} == {REPLY}
+
+
+@pytest.mark.parametrize("header,first,second,calls", [
+    ("no-cache", "MISS", "MISS", 2),   # lookup skipped (the entry refreshed)
+    ("no-store", "BYPASS", "BYPASS", 2),
+])
+def test_cache_control_is_honoured(gateway_factory, upstream, header, first, second, calls):
+    gw = gateway_factory(plugins=chain(), energy=energy())
+    _, key = gw.make_user()
+    got = [ask(gw, key, extra_headers={"Cache-Control": header})[0] for _ in range(2)]
+    assert got == [first, second] and upstream.count("/chat/completions") == calls
+    assert ask(gw, key)[0] == ("HIT" if header == "no-cache" else "MISS")
+
+
+def test_sampled_requests_are_not_cached_unless_configured(gateway_factory, upstream):
+    gw = gateway_factory(plugins=chain(), energy=energy())
+    _, key = gw.make_user()
+    assert [ask(gw, key, temperature=0.7)[0] for _ in range(2)] == ["BYPASS", "BYPASS"]
+    assert [ask(gw, key, temperature=None)[0] for _ in range(2)] == ["BYPASS", "BYPASS"]  # OpenAI's default is 1
+    gw2 = gateway_factory(plugins=chain(cache_sampled=True), energy=energy())
+    _, key2 = gw2.make_user(workspace="other")
+    assert [ask(gw2, key2, temperature=0.7)[0] for _ in range(2)] == ["MISS", "HIT"]
+
+
+def test_a_model_not_listed_and_a_workspace_switched_off_are_not_cached(gateway_factory, upstream):
+    gw = gateway_factory(plugins=chain(workspaces={"quiet": {"enabled": False}}), energy=energy())
+    _, key = gw.make_user(workspace="quiet")
+    assert [ask(gw, key)[0] for _ in range(2)] == [None, None]
+    _, loud = gw.make_user(workspace="loud")
+    raw = gw.client(loud).chat.completions.with_raw_response.create(model="gpt-4o", messages=MSGS, temperature=0)
+    assert raw.headers.get("X-Cache") is None
+
+
+def test_a_redis_cache_is_shared_by_two_gateways(gateway_factory, upstream):
+    prefix = "gw:test-cache:" + uuid.uuid4().hex[:8]
+    settings = {"backend": "redis", "redis_url": "redis://127.0.0.1:6379/0", "key_prefix": prefix}
+    one = gateway_factory(plugins=chain(**settings), energy=energy())
+    two = gateway_factory(plugins=chain(**settings), energy=energy())  # same store, its own process state
+    _, key = one.make_user()
+    assert ask(one, key)[0] == "MISS"
+    assert ask(two, key)[0] == "HIT"
+    assert upstream.count("/chat/completions") == 1
+
+
+def test_a_failed_answer_is_not_cached(gateway_factory, upstream):
+    gw = gateway_factory(plugins=chain(), energy=energy(), retries={"max_attempts": 1})
+    _, key = gw.make_user()
+    upstream.push(Fault.status(500, "down"))
+    with pytest.raises(openai.InternalServerError):
+        ask(gw, key)
+    assert ask(gw, key)[0] == "MISS"
+    assert httpx.get(gw.url + "/health").status_code == 200
