@@ -299,8 +299,8 @@ class Admin:
         from gateway.reports import dashboard
 
         workspace_id = await self._report_workspace(scope, workspace)
-        rows = await self.store.usage_rows(since=time.time() - window_seconds, workspace_id=workspace_id)
-        return {**dashboard(rows), "windowSeconds": window_seconds, "workspaceId": workspace_id}
+        numbers = await dashboard(self.store, time.time() - window_seconds, workspace_id)
+        return {**numbers, "windowSeconds": window_seconds, "workspaceId": workspace_id}
 
     async def _report_workspace(self, scope: Scope, workspace: str | None) -> str | None:
         if workspace is not None:

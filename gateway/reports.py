@@ -1,17 +1,19 @@
-"""Usage reports and the dashboard numbers, computed from `ai_usage_logs`.
+"""Usage reports and the dashboard numbers, computed by the database.
 
 Shared by `python proxy.py usage ...` and `GET /admin/usage/...`, `GET /admin/metrics`.
-Rows are fetched for the window asked for and aggregated here: simple and identical on
-SQLite and PostgreSQL. (At tens of millions of rows a window, move the GROUP BYs into
-the store.)
+Each report is one GROUP BY over the hourly rollup (gateway/usage_rollup.py) plus the raw
+rows of the window's first partial hour, run off the event loop (`Store.report_query`);
+only the groups (days, users, actions, models) come back to Python, never a window of
+rows. Measured with bench/reports_bench.py (README "Usage log, cost, metrics").
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter, defaultdict
 from datetime import datetime, timedelta, timezone
-from typing import Any, Iterable
+from typing import Any
+
+from gateway.usage_rollup import BUCKETS, percentile
 
 REPORTS = ("daily", "top-users", "actions", "weekly")
 
@@ -26,55 +28,34 @@ def week_start(ts: float) -> float:
     return (day - timedelta(days=day.weekday())).timestamp()
 
 
-def _cost(row: dict[str, Any]) -> float:
-    return float(row.get("cost_usd") or 0.0)
+def _date(day_number: int) -> str:
+    return datetime.fromtimestamp(day_number * 86400, timezone.utc).strftime("%Y-%m-%d")
 
 
-def daily(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    days: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        date = datetime.fromtimestamp(row["created_at"], timezone.utc).strftime("%Y-%m-%d")
-        d = days.setdefault(date, {"date": date, "requests": 0, "errors": 0, "tokens": 0, "cost_usd": 0.0})
-        d["requests"] += 1
-        d["errors"] += 1 if row.get("error_type") else 0
-        d["tokens"] += int(row.get("tokens_total") or 0)
-        d["cost_usd"] += _cost(row)
-    return [{**d, "cost_usd": round(d["cost_usd"], 6)} for d in sorted(days.values(), key=lambda d: d["date"])]
+def daily(days: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"date": _date(d["key"]), "requests": d["requests"], "errors": d["errors"], "tokens": d["tokens_total"],
+             "cost_usd": round(d["cost_usd"], 6)} for d in sorted(days, key=lambda d: d["key"])]
 
 
-def top_users(rows: Iterable[dict[str, Any]], limit: int = 10) -> list[dict[str, Any]]:
-    users: dict[Any, dict[str, Any]] = {}
-    for row in rows:
-        u = users.setdefault(row.get("user_id"), {"user_id": row.get("user_id"), "workspace_id": row.get("workspace_id"),
-                                                  "requests": 0, "tokens": 0, "cost_usd": 0.0, "energy": 0})
-        u["requests"] += 1
-        u["tokens"] += int(row.get("tokens_total") or 0)
-        u["cost_usd"] += _cost(row)
-        u["energy"] += int(row.get("energy_cost") or 0)
-    ranked = sorted(users.values(), key=lambda u: (-u["cost_usd"], -u["requests"]))[:limit]
-    return [{**u, "cost_usd": round(u["cost_usd"], 6)} for u in ranked]
+def top_users(users: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"user_id": u["key"], "workspace_id": u["workspace_id"], "requests": u["requests"],
+             "tokens": u["tokens_total"], "cost_usd": round(u["cost_usd"], 6), "energy": u["energy"]} for u in users]
 
 
-def actions(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    acc: dict[Any, list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        acc[row.get("action")].append(row)
-    out = []
-    for action, items in acc.items():
-        total = sum(_cost(r) for r in items)
-        out.append({"action": action, "count": len(items), "total_cost_usd": round(total, 6),
-                    "avg_cost_usd": round(total / len(items), 8),
-                    "avg_tokens": round(sum(int(r.get("tokens_total") or 0) for r in items) / len(items), 1)})
-    return sorted(out, key=lambda a: (-a["avg_cost_usd"], -a["count"]))
+def actions(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = [{"action": a["key"], "count": a["requests"], "total_cost_usd": round(a["cost_usd"], 6),
+            "avg_cost_usd": round(a["cost_usd"] / a["requests"], 8),
+            "avg_tokens": round(a["tokens_total"] / a["requests"], 1)} for a in groups]
+    return sorted(out, key=lambda a: (-a["avg_cost_usd"], -a["count"], a["action"] or ""))
 
 
-def weekly(rows: Iterable[dict[str, Any]], threshold: float | None = None) -> list[dict[str, Any]]:
+def weekly(days: list[dict[str, Any]], threshold: float | None = None) -> list[dict[str, Any]]:
     weeks: dict[tuple[int, int], dict[str, Any]] = {}
-    for row in rows:
-        year, week = iso_week(row["created_at"])
+    for d in days:
+        year, week = iso_week(d["key"] * 86400)
         w = weeks.setdefault((year, week), {"week": f"{year}-W{week:02d}", "requests": 0, "cost_usd": 0.0})
-        w["requests"] += 1
-        w["cost_usd"] += _cost(row)
+        w["requests"] += d["requests"]
+        w["cost_usd"] += d["cost_usd"]
     out = []
     for key in sorted(weeks):
         w = weeks[key]
@@ -85,19 +66,55 @@ def weekly(rows: Iterable[dict[str, Any]], threshold: float | None = None) -> li
     return out
 
 
-def dashboard(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The fields the old in-app dashboard showed (camelCase on purpose)."""
-    total = len(rows)
-    latencies = [r["latency_ms"] for r in rows if r.get("latency_ms") is not None]
+def _rate(part: int, whole: int) -> float:
+    return round(part / whole, 4) if whole else 0.0
+
+
+def _percentiles(t: dict[str, Any], prefix: str, largest: str) -> dict[str, float | None]:
+    counts = [t[f"{prefix}_{i}"] for i in range(BUCKETS)]
+    return {p: percentile(counts, p, t[largest]) for p in (50, 95, 99)}
+
+
+async def dashboard(store: Any, since: float, workspace_id: str | None = None, limit: int = 10) -> dict[str, Any]:
+    """The fields the old in-app dashboard showed (camelCase on purpose), and what the
+    dashboard page adds: percentiles (gateway.usage_rollup), energy, balances."""
+    totals = await store.usage_totals(None, since, workspace_id)
+    t = totals[0] if totals else None
+    providers = await store.usage_totals("provider", since, workspace_id)
+    models = await store.usage_totals("model", since, workspace_id)
+    users = await store.usage_totals("user", since, workspace_id, limit=limit)
+    refunded = await store.energy_refunded(since, workspace_id)
+    balances = await store.energy_balances(workspace_id, [u["key"] for u in users if u["key"]], limit)
+    total = t["requests"] if t else 0
+    lat = _percentiles(t, "lat", "latency_max") if t else {50: None, 95: None, 99: None}
+    ttfb = _percentiles(t, "ttfb", "ttfb_max") if t else {50: None, 95: None, 99: None}
+    g = (lambda name: t[name] if t else 0)
+    by_user = {b["user_id"]: b for b in balances["users"]}
     return {
         "totalRequests": total,
-        "totalTokens": sum(int(r.get("tokens_total") or 0) for r in rows),
-        "totalCost": round(sum(_cost(r) for r in rows), 6),
-        "averageLatency": round(sum(latencies) / len(latencies), 2) if latencies else 0.0,
-        "errorRate": round(sum(1 for r in rows if r.get("error_type")) / total, 4) if total else 0.0,
-        "cacheHitRate": round(sum(1 for r in rows if r.get("cache_hit")) / total, 4) if total else 0.0,
-        "providerDistribution": dict(Counter(r.get("provider") or "none" for r in rows)),
-        "modelDistribution": dict(Counter(r.get("model") or "none" for r in rows)),
+        "totalTokens": g("tokens_total"),
+        "totalCost": round(t["cost_usd"], 6) if t else 0.0,
+        "averageLatency": round(g("latency_sum") / g("latency_count"), 2) if g("latency_count") else 0.0,
+        "errorRate": _rate(g("errors"), total),
+        "cacheHitRate": _rate(g("cache_hits"), total),
+        "providerDistribution": {p["key"] or "none": p["requests"] for p in providers},
+        "modelDistribution": {m["key"] or "none": m["requests"] for m in models},
+        "latencyP50": lat[50], "latencyP95": lat[95], "latencyP99": lat[99],
+        "ttfbP50": ttfb[50], "ttfbP95": ttfb[95], "ttfbP99": ttfb[99],
+        "averageTtfb": round(g("ttfb_sum") / g("ttfb_count"), 2) if g("ttfb_count") else 0.0,
+        "tokens": {name: g(f"tokens_{name}") for name in ("prompt", "completion", "cached", "cache_write",
+                                                           "reasoning", "audio_in", "audio_out")},
+        "errors": g("errors"),
+        "energySpent": g("energy"),
+        "energyRefunded": refunded,
+        "downgrades": g("downgrades"),
+        "retries": g("retries"),
+        "retriedRequests": g("retried"),
+        "streamedRequests": g("streamed"),
+        "unpricedRequests": g("unpriced"),
+        "topUsers": [{**top_users([u])[0], "tier": by_user.get(u["key"], {}).get("tier"),
+                      "balance": by_user.get(u["key"], {}).get("energy")} for u in users],
+        "workspaceBalances": balances["workspaces"],
     }
 
 
@@ -107,15 +124,14 @@ async def build_report(store: Any, kind: str, *, days: int = 7, workspace_id: st
     since = now - days * 86400
     if kind == "weekly":
         since = week_start(since)
-    rows = await store.usage_rows(since=since, workspace_id=workspace_id)
     if kind == "daily":
-        data: Any = daily(rows)
+        data: Any = daily(await store.usage_totals("day", since, workspace_id))
     elif kind == "top-users":
-        data = top_users(rows, limit)
+        data = top_users(await store.usage_totals("user", since, workspace_id, limit=limit))
     elif kind == "actions":
-        data = actions(rows)
+        data = actions(await store.usage_totals("action", since, workspace_id))
     elif kind == "weekly":
-        data = weekly(rows, threshold)
+        data = weekly(await store.usage_totals("day", since, workspace_id), threshold)
     else:
         raise ValueError(f"unknown report {kind!r} (one of {', '.join(REPORTS)})")
     report: dict[str, Any] = {"report": kind, "days": days, "workspace_id": workspace_id, "rows": data}

@@ -69,6 +69,8 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Literal, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
+from gateway import usage_rollup
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -658,7 +660,75 @@ class Store(abc.ABC):
     async def usage_rows(
         self, since: float | None = None, workspace_id: str | None = None
     ) -> list[dict[str, Any]]:
-        """Rows with created_at >= since, oldest first; created_at as epoch float."""
+        """Rows with created_at >= since, oldest first; created_at as epoch float.
+        Tests and small tools only: reports read `usage_totals` (never a window of rows)."""
+
+    # reports (gateway/reports.py): computed by the database, off the event loop -------
+
+    dialect = ""  # "sqlite" or "postgres": which SQL gateway.usage_rollup writes
+
+    @abc.abstractmethod
+    async def report_query(self, sql: str, args: list[Any]) -> list[dict[str, Any]]:
+        """One read-only query (`?` placeholders) on a connection that serves neither the
+        event loop's requests nor the write path: SQLite, a read connection on its own
+        thread; PostgreSQL, the pool."""
+
+    @abc.abstractmethod
+    def report_time(self, epoch: float) -> Any:
+        """`epoch` as the store compares ai_usage_logs.created_at."""
+
+    @abc.abstractmethod
+    async def prune_usage(self, before: float) -> int:
+        """Drop raw usage rows older than `before` (PostgreSQL: whole months, SQLite: in
+        small transactions); the rollup keeps their numbers. Returns the rows dropped."""
+
+    async def usage_totals(self, by: str | None, since: float, workspace_id: str | None = None,
+                           limit: int | None = None) -> list[dict[str, Any]]:
+        """Every rollup measure summed over created_at >= since, grouped by `by` (None, "day",
+        "user", "action", "model", "provider", "workspace"; the group's value as "key"); with
+        `limit`, the costliest groups only. See gateway.usage_rollup."""
+        h0, edge = usage_rollup.window_params(since)
+        sql = usage_rollup.totals_query(self.dialect, by, edge=edge, workspace=workspace_id is not None,
+                                        limit=limit is not None)
+        ws = [workspace_id] if workspace_id is not None else []
+        args: list[Any] = [h0, *ws]
+        if edge:
+            args += [self.report_time(since), self.report_time(h0), *ws]
+        if limit is not None:
+            args.append(limit)
+        rows = await self.report_query(sql, args)
+        for row in rows:
+            for name in ("key", "workspace_id"):
+                if name in row:
+                    row[name] = usage_rollup.none_if_empty(row[name])
+        return [r for r in rows if r["requests"]]  # an empty window sums to one row of NULLs/0
+
+    async def energy_refunded(self, since: float, workspace_id: str | None = None) -> int:
+        """Energy returned by refunds since `since` (the ledger's partial refund index)."""
+        sql = "SELECT COALESCE(SUM(l.amount), 0) AS refunded FROM energy_ledger l"
+        args: list[Any] = []
+        if workspace_id is not None:
+            sql += " JOIN users u ON u.id = l.user_id AND u.workspace_id = ?"
+            args.append(workspace_id)
+        rows = await self.report_query(sql + " WHERE l.kind = 'refund' AND l.created_at >= ?", [*args, since])
+        return int(rows[0]["refunded"] or 0)
+
+    async def energy_balances(self, workspace_id: str | None = None, user_ids: list[str] | None = None,
+                              limit: int = 10) -> dict[str, Any]:
+        """Balances: per workspace (users, energy; the largest `limit`) and of `user_ids`."""
+        where, args = "", []
+        if workspace_id is not None:
+            where, args = " WHERE u.workspace_id = ?", [workspace_id]
+        workspaces = await self.report_query(
+            "SELECT u.workspace_id, w.name, COUNT(*) AS users, CAST(SUM(u.energy) AS BIGINT) AS energy"
+            f" FROM users u JOIN workspaces w ON w.id = u.workspace_id{where}"
+            " GROUP BY u.workspace_id, w.name ORDER BY energy DESC, u.workspace_id LIMIT ?", [*args, limit])
+        users: list[dict[str, Any]] = []
+        if user_ids:
+            marks = ", ".join("?" for _ in user_ids)
+            users = await self.report_query(
+                f"SELECT id AS user_id, workspace_id, tier, energy FROM users WHERE id IN ({marks})", list(user_ids))
+        return {"workspaces": workspaces, "users": users}
 
 
 # ---------------------------------------------------------------------- factory

@@ -33,6 +33,7 @@ from typing import Any, AsyncIterator
 
 import asyncpg
 
+from gateway import usage_rollup
 from gateway.store import (
     IN_FLIGHT_LEASE,
     USAGE_COLUMNS,
@@ -180,18 +181,118 @@ MIGRATIONS: list[tuple[int, str]] = [
             ADD COLUMN unit_prices        text;   -- JSON, USD per million tokens
         """,
     ),
+    (
+        # ai_usage_logs partitioned by month (retention drops whole months); reports from
+        # the hourly rollup (gateway/usage_rollup.py). A unique index of a partitioned table
+        # must hold the partition key, and a retried row may carry another created_at (the
+        # journal's copy of a row is stamped apart from the written one): request ids are
+        # claimed in ai_usage_request_ids instead, in the insert statement itself.
+        3,
+        """
+        ALTER TABLE ai_usage_logs RENAME TO ai_usage_logs_unpartitioned;
+        DROP INDEX ai_usage_logs_created;
+        DROP INDEX ai_usage_logs_workspace_created;
+        ALTER SEQUENCE ai_usage_logs_id_seq OWNED BY NONE;
+        CREATE TABLE ai_usage_logs (
+            id                bigint NOT NULL DEFAULT nextval('ai_usage_logs_id_seq'),
+            request_id        text,
+            user_id           text,
+            workspace_id      text,
+            prospect_id       text,
+            action            text,
+            provider          text,
+            model             text,
+            requested_model   text,
+            downgraded_from   text,
+            tokens_prompt     bigint NOT NULL DEFAULT 0,
+            tokens_completion bigint NOT NULL DEFAULT 0,
+            tokens_total      bigint NOT NULL DEFAULT 0,
+            cost_usd          double precision,
+            status            integer,
+            error_type        text,
+            latency_ms        integer,
+            ttfb_ms           integer,
+            streamed          boolean NOT NULL DEFAULT false,
+            energy_cost       bigint NOT NULL DEFAULT 0,
+            cache_hit         boolean NOT NULL DEFAULT false,
+            retries           integer NOT NULL DEFAULT 0,
+            usage_estimated   boolean NOT NULL DEFAULT false,
+            created_at        timestamptz NOT NULL DEFAULT now(),
+            tokens_cached      bigint NOT NULL DEFAULT 0,
+            tokens_cache_write bigint NOT NULL DEFAULT 0,
+            tokens_reasoning   bigint NOT NULL DEFAULT 0,
+            tokens_audio_in    bigint NOT NULL DEFAULT 0,
+            tokens_audio_out   bigint NOT NULL DEFAULT 0,
+            unit_prices        text,
+            PRIMARY KEY (id, created_at)
+        ) PARTITION BY RANGE (created_at);
+        ALTER SEQUENCE ai_usage_logs_id_seq OWNED BY ai_usage_logs.id;
+        CREATE INDEX ai_usage_logs_created ON ai_usage_logs (created_at);
+        CREATE INDEX ai_usage_logs_workspace_created ON ai_usage_logs (workspace_id, created_at);
+        CREATE INDEX ai_usage_logs_user_created ON ai_usage_logs (user_id, created_at);
+        CREATE INDEX ai_usage_logs_request ON ai_usage_logs (request_id);
+        CREATE TABLE ai_usage_request_ids (
+            request_id text PRIMARY KEY,
+            created_at timestamptz NOT NULL
+        );
+        CREATE INDEX ai_usage_request_ids_created ON ai_usage_request_ids (created_at);
+        -- The month partition holding `ts` (UTC months), created if missing.
+        CREATE FUNCTION ai_usage_partition(ts timestamptz) RETURNS text LANGUAGE plpgsql AS $$
+        DECLARE
+            m    timestamp := date_trunc('month', ts AT TIME ZONE 'UTC');
+            name text := 'ai_usage_logs_p' || to_char(m, 'YYYYMM');
+        BEGIN
+            IF to_regclass(name) IS NULL THEN
+                PERFORM pg_advisory_xact_lock(hashtext('ai_usage_partition:' || current_schema()));
+                IF to_regclass(name) IS NULL THEN
+                    EXECUTE format('CREATE TABLE %I PARTITION OF ai_usage_logs FOR VALUES FROM (%L) TO (%L)',
+                                   name, m AT TIME ZONE 'UTC', (m + interval '1 month') AT TIME ZONE 'UTC');
+                END IF;
+            END IF;
+            RETURN name;
+        END $$;
+        SELECT ai_usage_partition(m) FROM (
+            SELECT DISTINCT date_trunc('month', created_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS m
+            FROM ai_usage_logs_unpartitioned UNION SELECT now()) AS months;
+        INSERT INTO ai_usage_logs SELECT id, request_id, user_id, workspace_id, prospect_id, action, provider,
+            model, requested_model, downgraded_from, tokens_prompt, tokens_completion, tokens_total, cost_usd,
+            status, error_type, latency_ms, ttfb_ms, streamed, energy_cost, cache_hit, retries, usage_estimated,
+            created_at, tokens_cached, tokens_cache_write, tokens_reasoning, tokens_audio_in, tokens_audio_out,
+            unit_prices
+            FROM ai_usage_logs_unpartitioned;
+        INSERT INTO ai_usage_request_ids (request_id, created_at)
+            SELECT request_id, created_at FROM ai_usage_logs_unpartitioned WHERE request_id IS NOT NULL;
+        DROP TABLE ai_usage_logs_unpartitioned;
+        CREATE INDEX energy_ledger_refunds ON energy_ledger (created_at) WHERE kind = 'refund';
+        """
+        + usage_rollup.table_ddl("postgres") + ";\n"
+        + usage_rollup.upsert("postgres", usage_rollup.rollup_select("postgres", "ai_usage_logs")) + ";",
+    ),
 ]
 
 # Array types for the one-statement batch insert (unnest of one array per column).
 _PG_ARRAY = {"text": "text[]", "int": "bigint[]", "float": "float8[]", "bool": "bool[]",
              "time": "timestamptz[]"}
+_COLS = ", ".join(USAGE_COLUMNS)
+# One statement per batch: claim the request ids (a retried row finds its id claimed and is
+# skipped; the first of two copies in one batch wins), insert the rows, add them to the
+# rollup (migration 3). Its one result is the count of rows inserted.
 _USAGE_INSERT = (
-    f"INSERT INTO ai_usage_logs ({', '.join(USAGE_COLUMNS)})"
-    f" SELECT * FROM unnest("
+    "WITH batch AS (SELECT * FROM unnest("
     + ", ".join(f"${i}::{_PG_ARRAY[kind]}" for i, kind in enumerate(USAGE_COLUMNS.values(), 1))
-    + ") ON CONFLICT (request_id) DO NOTHING RETURNING 1"
+    + f") WITH ORDINALITY AS b({_COLS}, n)),"
+    " claimed AS (INSERT INTO ai_usage_request_ids (request_id, created_at)"
+    "  SELECT request_id, min(created_at) FROM batch WHERE request_id IS NOT NULL GROUP BY request_id"
+    "  ON CONFLICT DO NOTHING RETURNING request_id),"
+    f" ins AS (INSERT INTO ai_usage_logs ({_COLS})"
+    f"  SELECT {_COLS} FROM (SELECT DISTINCT ON (request_id) * FROM batch"
+    "   WHERE request_id IN (SELECT request_id FROM claimed) ORDER BY request_id, n) AS fresh"
+    f"  UNION ALL SELECT {_COLS} FROM batch WHERE request_id IS NULL RETURNING *),"
+    " roll AS (" + usage_rollup.upsert("postgres", usage_rollup.rollup_select("postgres", "ins")) + ")"
+    " SELECT count(*) FROM ins"
 )
 
+_CREATED_AT = list(USAGE_COLUMNS).index("created_at")
 _USER_COLS = "id, workspace_id, name, tier, energy, refilled_at, created_at, disabled"
 _KEY_COLS = "id, user_id, workspace_id, prefix, role, created_at, revoked_at"
 _LEDGER_COLS = "id, user_id, request_id, kind, amount, balance_after, reason, created_at"
@@ -223,6 +324,7 @@ class PostgresStore(Store):
         self.schema = schema
         self.url = url or dsn
         self._pool: asyncpg.Pool | None = None
+        self._partitions: set[tuple[int, int]] = set()  # (year, month) of the usage partitions made
 
     # ------------------------------------------------------------------ plumbing
 
@@ -689,10 +791,21 @@ class PostgresStore(Store):
         if not values:
             return 0
         columns = [list(column) for column in zip(*values)]  # USAGE_COLUMNS order, as the statement
+        await self._ensure_partitions(columns[_CREATED_AT])
         # One statement for the whole batch, so the count of inserted rows is exact.
         async with self._tx() as conn:
-            inserted = await conn.fetch(_USAGE_INSERT, *columns)
-        return len(inserted)
+            return await conn.fetchval(_USAGE_INSERT, *columns)
+
+    async def _ensure_partitions(self, times: list[datetime]) -> None:
+        """The month partitions these rows go to, in a transaction of their own (creating
+        one locks the parent table): once per month and process."""
+        months = {(t.year, t.month) for t in times} - self._partitions
+        if not months:
+            return
+        async with self._tx() as conn:
+            for year, month in sorted(months):
+                await conn.execute("SELECT ai_usage_partition($1)", datetime(year, month, 1, tzinfo=timezone.utc))
+        self._partitions |= months
 
     async def usage_rows(self, since=None, workspace_id=None):
         # Built per call rather than "$1 IS NULL OR ...", so the (workspace_id, created_at)
@@ -714,3 +827,39 @@ class PostgresStore(Store):
             d["created_at"] = d["created_at"].timestamp()
             out.append(d)
         return out
+
+    # ------------------------------------------------------------------- reports
+
+    dialect = "postgres"
+
+    def report_time(self, epoch):
+        return datetime.fromtimestamp(epoch, timezone.utc)
+
+    async def report_query(self, sql, args):
+        parts = sql.split("?")
+        numbered = "".join(f"{part}${i}" for i, part in enumerate(parts[:-1], 1)) + parts[-1]
+        return [dict(r) for r in await self._fetch(numbered, *args)]
+
+    async def prune_usage(self, before):
+        """Whole month partitions ending at or before `before`, and the request ids older than it."""
+        cutoff = datetime.fromtimestamp(before, timezone.utc)
+        dropped = 0
+        partitions = await self._fetch(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = 'ai_usage_logs'::regclass ORDER BY c.relname")
+        for (name,) in partitions:
+            year, month = int(name[-6:-2]), int(name[-2:])
+            end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=timezone.utc)
+            if end > cutoff:
+                continue
+            async with self._tx() as conn:
+                dropped += await conn.fetchval(f'SELECT count(*) FROM "{name}"')
+                await conn.execute(f'DROP TABLE "{name}"')
+            self._partitions.discard((year, month))
+        while True:  # the ids of dropped rows, in small transactions (no long lock)
+            async with self._tx() as conn:
+                status = await conn.execute(
+                    "DELETE FROM ai_usage_request_ids WHERE request_id IN (SELECT request_id"
+                    " FROM ai_usage_request_ids WHERE created_at < $1 LIMIT 5000)", cutoff)
+            if int(status.split()[-1]) < 5000:
+                return dropped

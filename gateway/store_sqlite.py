@@ -86,8 +86,10 @@ import queue
 import sqlite3
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+from gateway import usage_rollup
 from gateway.store import (
     IN_FLIGHT_LEASE,
     USAGE_COLUMNS,
@@ -128,6 +130,14 @@ BUSY_TIMEOUT_MS = 10_000
 MAX_GROUP = 256
 SETTLE_CHUNK = 32  # settlements per transaction of a write-behind batch (module docstring)
 USAGE_CHUNK = 64  # usage rows per transaction of a write-behind batch
+
+# Every inserted usage row (never one skipped as a duplicate) is added to its rollup row in
+# the same transaction. ~25 us per row on the store thread (bench/reports_bench.py).
+ROLLUP_TRIGGER = (
+    "CREATE TRIGGER ai_usage_logs_rollup AFTER INSERT ON ai_usage_logs BEGIN "
+    + usage_rollup.upsert("sqlite", usage_rollup.rollup_select("sqlite", "ai_usage_logs", "id = NEW.id"))
+    + "; END"
+)
 
 # Each migration is a list of statements, applied in one transaction with its version row.
 MIGRATIONS: list[tuple[int, list[str]]] = [
@@ -247,7 +257,18 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "ALTER TABLE ai_usage_logs ADD COLUMN unit_prices TEXT",  # JSON: USD per million tokens
         ],
     ),
+    (
+        3,  # reports from the hourly rollup (gateway/usage_rollup.py), kept by a trigger
+        [
+            usage_rollup.table_ddl("sqlite"),
+            "CREATE INDEX ai_usage_logs_user_created ON ai_usage_logs (user_id, created_at)",
+            "CREATE INDEX energy_ledger_refunds ON energy_ledger (created_at) WHERE kind = 'refund'",
+            usage_rollup.upsert("sqlite", usage_rollup.rollup_select("sqlite", "ai_usage_logs")),
+            ROLLUP_TRIGGER,
+        ],
+    ),
 ]
+USAGE_PRUNE_CHUNK = 2000  # raw rows deleted per transaction by prune_usage
 
 _USER_COLS = "id, workspace_id, name, tier, energy, refilled_at, created_at, disabled"
 _KEY_COLS = "id, user_id, workspace_id, prefix, role, created_at, revoked_at"
@@ -559,6 +580,36 @@ class _Database:
         return outcomes
 
 
+class _ReportReader:
+    """Admin reads (reports, /admin/metrics) on a connection and thread of their own: a
+    report's seconds of SQL never queue a reservation behind them on the store thread, and
+    sqlite3 releases the GIL while a statement runs, so the event loop keeps serving. WAL
+    lets it read while the other connections write."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-reports:{path}")
+        self._db: sqlite3.Connection | None = None
+
+    def _call(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        if self._db is None:
+            self._db = _connect(self.path, autocheckpoint=False, set_wal=False)
+            self._db.execute("PRAGMA query_only = ON")
+        return fn(self._db)
+
+    async def run(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn)
+
+    async def stop(self) -> None:
+        def close() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, close)
+        self._executor.shutdown(wait=True)
+
+
 # ----------------------------------------------------------------------- the Store
 
 
@@ -573,6 +624,7 @@ class SQLiteStore(Store):
         self._inline_loop: asyncio.AbstractEventLoop | None = None
         self._inline_jobs: list[_Job] = []
         self._checkpointer: _Checkpointer | None = None
+        self._reports: _ReportReader | None = None
         self.inline_fallbacks = 0  # groups handed to the thread because the file was locked
 
     # ------------------------------------------------------------------ plumbing
@@ -597,6 +649,9 @@ class SQLiteStore(Store):
             raise
 
     async def close(self) -> None:
+        if self._reports is not None:
+            reports, self._reports = self._reports, None
+            await reports.stop()
         if self._checkpointer is not None:
             checkpointer, self._checkpointer = self._checkpointer, None
             await asyncio.get_running_loop().run_in_executor(None, checkpointer.stop)
@@ -992,9 +1047,7 @@ class SQLiteStore(Store):
         values = await prepare_usage_rows(rows, now_or(now), finish)
 
         def tx(db, part):
-            before = db.total_changes
-            db.executemany(_USAGE_INSERT, part)
-            return db.total_changes - before
+            return db.executemany(_USAGE_INSERT, part).rowcount  # the trigger's rollup writes not counted
 
         return await self._write_chunks(tx, values, USAGE_CHUNK, inline=False)
 
@@ -1022,6 +1075,41 @@ class SQLiteStore(Store):
             for name in _USAGE_BOOLS:
                 d[name] = bool(d[name])
         return out
+
+    # ------------------------------------------------------------------- reports
+
+    dialect = "sqlite"
+
+    def report_time(self, epoch):
+        return iso_utc(epoch)
+
+    async def report_query(self, sql, args):
+        def query(db: sqlite3.Connection) -> list[dict[str, Any]]:
+            cur = db.execute(sql, args)
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, r)) for r in cur.fetchall()]
+
+        if _in_memory(self.path):  # one database per connection: only the store thread's has the data
+            return await self._read(query)
+        if self._reports is None:
+            self._reports = _ReportReader(self.path)
+        return await self._reports.run(query)
+
+    async def prune_usage(self, before):
+        cutoff = iso_utc(before)
+
+        def tx(db):
+            return db.execute(
+                "DELETE FROM ai_usage_logs WHERE id IN (SELECT id FROM ai_usage_logs WHERE created_at < ?"
+                " ORDER BY created_at LIMIT ?)", (cutoff, USAGE_PRUNE_CHUNK)).rowcount
+
+        dropped = 0
+        while True:  # short transactions, so reservations queued behind one wait ~ms, not seconds
+            n = await self._write(tx)
+            dropped += n
+            if n < USAGE_PRUNE_CHUNK:
+                return dropped
+            await asyncio.sleep(0.01)
 
 
 # ------------------------------------------- transactions (run on the database thread)

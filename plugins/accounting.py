@@ -195,9 +195,9 @@ class Accounting(Plugin):
         """Seed this week's running cost from the log, so a restart does not reset it."""
         try:
             now = time.time()
-            rows = await self.services.store.usage_rows(since=week_start(now))
+            totals = await self.services.store.usage_totals(None, week_start(now))  # one row, from the rollup
             self._week = iso_week(now)
-            self._week_cost = sum(r.get("cost_usd") or 0.0 for r in rows)
+            self._week_cost = totals[0]["cost_usd"] if totals else 0.0
         except Exception:  # noqa: BLE001 — reporting fails open
             log.exception("weekly_cost_load_failed")
 
