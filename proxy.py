@@ -34,6 +34,7 @@ from aiohttp import web  # noqa: E402
 
 from gateway.admin import Admin  # noqa: E402
 from gateway.admin_api import admin_routes  # noqa: E402
+from gateway.dashboard import dashboard_routes  # noqa: E402
 from gateway import http_server  # noqa: E402
 from gateway.client_body import read_json, require_model, validate_chat, validate_embeddings  # noqa: E402
 from gateway.config import (  # noqa: E402
@@ -915,6 +916,8 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
     app.router.add_get("/health/ready", health_ready)
     app.router.add_routes(admin_routes(lambda request: Admin(gw.store, gw.config, gw.directory)))
     app.router.add_get("/admin/config", admin_config)
+    app.router.add_routes(dashboard_routes(lambda request: Admin(gw.store, gw.config, gw.directory),
+                                           lambda: gw.chain.inflight.count))
     for plugin in plugins:
         app.router.add_routes(plugin.routes())
     return app
