@@ -315,3 +315,20 @@ def test_the_repos_config_yaml_and_the_test_config_pass_the_time_checks(upstream
 
     assert load_config(ROOT / "config.yaml").longest_request.seconds > 0
     load_config_data(base_config(upstream, store_url="sqlite:///:memory:"))
+
+
+def test_the_ready_line_names_address_config_store_and_models_without_keys(monkeypatch):
+    """`serve` prints one human line once it listens (stderr; stdout is JSON logs)."""
+    from proxy import ready_line
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-set")
+    config = load_config_data({
+        "store": {"url": "postgresql://gw:s3cret@db:5432/gateway?schema=x"},
+        "models": [{"name": "demo", "litellm_params": {"model": "demo/offline"}},
+                   {"name": "gpt-4o", "litellm_params": {"model": "openai/gpt-4o", "api_key": "os.environ/OPENAI_API_KEY"}},
+                   {"name": "claude", "litellm_params": {"model": "anthropic/claude-haiku-4-5"}}]})
+    line = ready_line(config, "config.yaml", "http://127.0.0.1:8080")
+    assert line == ("gateway ready on http://127.0.0.1:8080 · config config.yaml · store postgresql://gw@db:5432/gateway"
+                    " · 3 models, without keys: gpt-4o (no OPENAI_API_KEY) · dashboard http://127.0.0.1:8080/dashboard")
+    assert "s3cret" not in line
