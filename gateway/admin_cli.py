@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import sys
+from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
 
 from gateway.errors import ApiError
@@ -36,6 +37,23 @@ def _json_arg(value: str) -> dict:
     if not isinstance(parsed, dict):
         raise argparse.ArgumentTypeError("must be a JSON object")
     return parsed
+
+
+def iso_times(result: Any) -> Any:
+    """Every `*_at` epoch in a result as ISO-8601 UTC ("2026-11-30T05:09:52Z"): what a person
+    (and `date -d`) reads, unlike 1795928992.31."""
+    if isinstance(result, list):
+        return [iso_times(item) for item in result]
+    if isinstance(result, dict):
+        return {k: (_iso(v) if k.endswith("_at") else iso_times(v)) for k, v in result.items()}
+    return result
+
+
+def _iso(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    text = datetime.fromtimestamp(value, timezone.utc).isoformat(timespec="milliseconds")
+    return text.replace(".000+00:00", "Z").replace("+00:00", "Z")
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -108,7 +126,7 @@ def run_operation(args: argparse.Namespace, operation: Operation) -> int:
             await store.close()
 
     try:
-        result = asyncio.run(go())
+        result = iso_times(asyncio.run(go()))
     except ApiError as err:
         if args.json:
             print(json.dumps(err.body()), file=sys.stderr)

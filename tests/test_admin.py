@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 
 import httpx
@@ -86,6 +87,16 @@ def acme_user(cli) -> dict:
 
 
 # --------------------------------------------------------------------------- CLI
+
+
+def test_cli_shows_times_as_iso_8601_not_epoch_floats(cli, acme_user):
+    iso = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3})?Z$")
+    shown = cli.json("users", "show", acme_user["id"])
+    assert iso.match(shown["created_at"]) and iso.match(shown["keys"][0]["created_at"])
+    assert shown["keys"][0]["revoked_at"] is None
+    rc, out, _ = cli("users", "show", acme_user["id"])
+    created = next(line for line in out.splitlines() if line.startswith("created_at"))
+    assert rc == 0 and iso.match(created.split()[-1]), created
 
 
 def test_cli_users_create_json_carries_the_key_and_show_never_does(cli, acme_user):
