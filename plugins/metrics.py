@@ -4,7 +4,12 @@
       - metrics                     # first in the list, so in-flight counts every request
         settings:
           path: /metrics
+          require_key: false          # true: scrapes need `Authorization: Bearer <master key>`
           latency_buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+
+Like Prometheus exporters, /metrics is open by default: bind the gateway to a private
+address or set `require_key: true` and give Prometheus the master key
+(`authorization: {credentials_file: ...}` in its scrape config).
 
 Each gateway has its own registry (tests start many). Labels are public model names,
 providers, HTTP statuses and fixed words: never a key, a user id or a prompt, so label
@@ -32,6 +37,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.errors import ApiError
+from plugins.auth import bearer_token, is_master_key
 from plugins.base import Plugin, RequestContext
 
 disable_created_metrics()  # the *_created series only add noise to every scrape
@@ -42,6 +49,7 @@ DEFAULT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 class MetricsSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     path: str = "/metrics"
+    require_key: bool = False
     latency_buckets: list[float] = Field(default_factory=lambda: list(DEFAULT_BUCKETS), min_length=1)
 
 
@@ -89,6 +97,12 @@ class Metrics(Plugin):
 
     def routes(self) -> list[Any]:
         async def scrape(request: web.Request) -> web.Response:
+            if self.settings.require_key:
+                token = bearer_token(request.headers.get("Authorization"))
+                # services.config follows live reloads: a rotated master key applies at once.
+                if token is None or not is_master_key(token, self.services.config.auth.master_key):
+                    raise ApiError(401, f"{self.settings.path} needs 'Authorization: Bearer <master key>' "
+                                        "(metrics.require_key is true)", code="invalid_api_key")
             return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
         return [web.get(self.settings.path, scrape)]

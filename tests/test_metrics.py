@@ -181,3 +181,21 @@ def test_metrics_alone_counts_requests_without_accounting(gateway_factory, upstr
     _, families = scrape(gw)
     assert total(families["gateway_requests"], "gateway_requests_total", model="gpt-4o", status="200") == 1
     assert total(families["gateway_usage_write_queue_depth"], "gateway_usage_write_queue_depth") == 0
+
+
+@pytest.mark.parametrize("require_key", [False, True])
+def test_the_scrape_needs_the_master_key_only_with_require_key(gateway_factory, upstream, require_key):
+    """Open by default, as Prometheus exporters are; `require_key: true` wants the master key."""
+    gw = start(gateway_factory, upstream, plugins=[{"name": "metrics", "settings": {"require_key": require_key}},
+                                                   *CHAIN[1:]])
+    _, user_key = gw.make_user()
+    anonymous = httpx.get(gw.url + "/metrics", timeout=10)
+    as_user = httpx.get(gw.url + "/metrics", headers={"Authorization": f"Bearer {user_key}"}, timeout=10)
+    as_master = httpx.get(gw.url + "/metrics", headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=10)
+    assert as_master.status_code == 200 and "gateway_in_flight_requests" in as_master.text
+    if require_key:
+        assert (anonymous.status_code, as_user.status_code) == (401, 401)
+        assert anonymous.json()["error"]["code"] == "invalid_api_key"
+        assert "require_key" in anonymous.json()["error"]["message"]
+    else:
+        assert (anonymous.status_code, as_user.status_code) == (200, 200)
