@@ -70,6 +70,9 @@ class StoreConfig(_Strict):
     # The local endings journal (gateway/journal.py); default: beside the SQLite file, or
     # ./data/journal/<hash of the URL> for PostgreSQL.
     journal_dir: str | None = None
+    # Raw usage rows older than this are dropped (e.g. 90d; PostgreSQL: whole months once
+    # past it); the hourly rollup the reports read keeps their numbers. Unset: keep all.
+    usage_retention: float | None = None
 
     @field_validator("url")
     @classmethod
@@ -77,6 +80,16 @@ class StoreConfig(_Strict):
         if not (v.startswith("sqlite:///") or v.startswith(("postgresql://", "postgres://"))):
             raise ValueError("must start with sqlite:/// or postgresql://")
         return v
+
+    @field_validator("usage_retention", mode="before")
+    @classmethod
+    def _retention(cls, v: Any) -> float | None:
+        if v is None:
+            return None
+        seconds = parse_duration(v)
+        if seconds < 86400:
+            raise ValueError("must be at least 1d")
+        return seconds
 
 
 class RetryConfig(_Strict):

@@ -25,10 +25,14 @@ each. If the database is slow the buffer fills and endings wait (back-pressure) 
 growing memory. A failed batch is retried (rows are keyed by request id, so a retry never
 writes twice). At shutdown the core first lets in-flight requests finish, then
 `shutdown()` writes what is buffered: zero rows lost.
+
+With `store.usage_retention` (e.g. 90d) a task drops older raw rows at start and hourly
+(`Store.prune_usage`); reports read the hourly rollup, which keeps their numbers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -102,6 +106,7 @@ class Accounting(Plugin):
         self._week: tuple[int, int] | None = None
         self._week_cost = 0.0
         self._week_warned = False
+        self._pruner: asyncio.Task | None = None
 
     @property
     def depth(self) -> int:
@@ -118,8 +123,27 @@ class Accounting(Plugin):
                                 max_pending=self.settings.queue_size)
         self.rows.start()
         await self._load_week_cost()
+        if self.services.config.store.usage_retention is not None:
+            self._pruner = asyncio.create_task(self._prune_usage_hourly(), name="usage-retention")
+
+    PRUNE_INTERVAL = 3600.0
+
+    async def _prune_usage_hourly(self) -> None:
+        while True:
+            retention = self.services.config.store.usage_retention
+            if retention is not None:
+                try:
+                    dropped = await self.services.store.prune_usage(time.time() - retention)
+                    if dropped:
+                        log.info("usage_rows_pruned", rows=dropped, retention_seconds=retention)
+                except Exception:  # noqa: BLE001 — housekeeping fails open, retried next hour
+                    log.exception("usage_prune_failed")
+            await asyncio.sleep(self.PRUNE_INTERVAL)
 
     async def shutdown(self) -> None:
+        if self._pruner is not None:
+            self._pruner.cancel()
+            self._pruner = None
         if self.rows is None:
             return
         # Everything recorded so far gets written (or, past the deadline, is logged as lost).

@@ -369,3 +369,37 @@ def test_window_edges_are_exact():
 
     with tempfile.TemporaryDirectory() as tmp:
         assert asyncio.run(check(f"{tmp}/edge.db")) == 2
+
+
+def test_a_gateway_with_usage_retention_drops_old_rows_at_start(gateway_factory, store_url):
+    """store.usage_retention: 90d -> rows from months before are gone soon after start, and
+    /admin/metrics over a longer window still counts them (the rollup)."""
+    import time
+
+    from tests.test_accounting import CHAIN
+
+    old = time.time() - 200 * DAY
+
+    async def seed():
+        async with open_store(store_url) as store:
+            await store.insert_usage([{"request_id": f"old_{i}", "cost_usd": 1.0, "created_at": old + i}
+                                      for i in range(4)])
+
+    asyncio.run(seed())
+    gw = gateway_factory(plugins=CHAIN, store={"url": store_url, "usage_retention": "90d"})
+    deadline = time.monotonic() + 10
+    while gw.run(gw.store.usage_rows()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gw.run(gw.store.usage_rows()) == []
+    totals = gw.run(gw.store.usage_totals(None, old - 7200))
+    assert totals[0]["requests"] == 4 and totals[0]["cost_usd"] == 4.0
+
+
+def test_usage_retention_is_a_duration_of_at_least_a_day():
+    from gateway.config import ConfigError, load_config_data
+
+    base = {"models": [{"name": "demo", "litellm_params": {"model": "demo/offline"}}]}
+    assert load_config_data({**base, "store": {"usage_retention": "90d"}}).store.usage_retention == 90 * DAY
+    assert load_config_data(base).store.usage_retention is None
+    with pytest.raises(ConfigError, match="usage_retention"):
+        load_config_data({**base, "store": {"usage_retention": "1h"}})
