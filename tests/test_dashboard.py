@@ -140,7 +140,8 @@ def assert_totals_match(driver: Any, metrics: dict[str, Any], live: dict[str, An
     assert number(text(driver, "latency-avg")) == pytest.approx(metrics["averageLatency"], abs=0.006)
     later = {"latency-p50": ["latencyP50", "latencyP50Ms", "p50Latency", "latency_p50_ms", "latency.p50", "latencyMs.p50"],
              "latency-p95": ["latencyP95", "latencyP95Ms", "p95Latency", "latency_p95_ms", "latency.p95", "latencyMs.p95"],
-             "energy-spent": ["energySpent", "energy_spent", "energy.spent", "totalEnergy"]}
+             "energy-spent": ["energySpent", "energy_spent", "energy.spent", "totalEnergy"],
+             "energy-refunded": ["energyRefunded"], "downgrades": ["downgrades"], "retries": ["retries"]}
     for element_id, names in later.items():  # fields being added to /admin/metrics: a number, or "—"
         value = pick(metrics, names)
         if value is None:
@@ -174,16 +175,24 @@ def test_the_master_key_sees_every_workspace_with_the_apis_numbers(browser, seed
     assert models == metrics["modelDistribution"]
     assert {r[0]: number(r[1]) for r in table(browser, "providers-table")} == metrics["providerDistribution"]
 
-    top = api(gw, MASTER_KEY, "/admin/usage/top-users?days=1&limit=10")["rows"]
+    # /admin/metrics' topUsers (tier and balance included) when it has them, else the report.
+    top = metrics.get("topUsers") or api(gw, MASTER_KEY, "/admin/usage/top-users?days=1&limit=10")["rows"]
     users = {u["id"]: u for u in api(gw, MASTER_KEY, "/admin/users")}
     shown = table(browser, "users-table")
     assert [r[0] for r in shown] == [t["user_id"] for t in top]
     for row, expected in zip(shown, top):
         user = users[expected["user_id"]]
-        assert row[2:] == [user["tier"], f"{user['energy']:,}", f"{expected['requests']:,}", f"{expected['tokens']:,}",
+        tier, balance = expected.get("tier", user["tier"]), expected.get("balance", user["energy"])
+        assert (tier, balance) == (user["tier"], user["energy"])
+        assert row[2:] == [tier, f"{balance:,}", f"{expected['requests']:,}", f"{expected['tokens']:,}",
                            f"{expected['energy']:,}", row[7]]
         assert number(row[7]) == pytest.approx(expected["cost_usd"], abs=1e-9)
     assert {r[1] for r in shown} == {"acme", "globex"}
+
+    balances = metrics.get("workspaceBalances")
+    if balances is not None:  # added to /admin/metrics with the reports in the database
+        assert [(r[0], number(r[1]), number(r[2])) for r in table(browser, "balances-table")] == [
+            (b["name"], b["users"], b["energy"]) for b in balances]
 
     actions = api(gw, MASTER_KEY, "/admin/usage/actions?days=1")["rows"]
     assert [(r[0], number(r[1]), number(r[3])) for r in table(browser, "actions-table")] == [
@@ -243,3 +252,19 @@ def test_the_page_loads_nothing_from_outside_the_gateway(browser, seeded):
     urls = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert any(u.endswith("/uPlot.iife.min.js") for u in urls)
     assert all(u.startswith(gw.url + "/") for u in urls), urls
+
+
+def test_the_page_refreshes_itself(browser, seeded):
+    """A request made after sign-in shows up without a reload (here every second: ?refresh=1)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    gw, ids = seeded
+    browser.get(gw.url + "/dashboard?refresh=1")
+    browser.execute_script("sessionStorage.clear()")
+    browser.find_element(By.ID, "key").send_keys(MASTER_KEY)
+    browser.find_element(By.ID, "signin-button").click()
+    WebDriverWait(browser, WAIT).until(lambda d: text(d, "total-requests") == "5")
+    gw.client(ids["user_key"]).chat.completions.create(model="demo", messages=HELLO)
+    usage_rows(gw, 6)
+    WebDriverWait(browser, WAIT).until(lambda d: text(d, "total-requests") == "6")

@@ -113,6 +113,8 @@ function renderTotals(m, live) {
                                             "latency." + p, "latencyMs." + p])));
   }
   setText("#ttfb-p50", fmtMs(pick(m, ["ttfbP50", "ttfbP50Ms", "timeToFirstByteP50", "ttfb_p50_ms", "ttfb.p50", "ttfbMs.p50"])));
+  setText("#downgrades", fmtInt(pick(m, ["downgrades"])));
+  setText("#retries", fmtInt(pick(m, ["retries"])));
   setText("#inflight", fmtInt(live.inFlight));
   $("#inflight").title = live.inFlight == null ? "the gateway-wide in-flight count is shown to the master key only" : "";
 }
@@ -177,6 +179,13 @@ function renderUsers(rows, users, workspaces) {
   ]);
 }
 
+function renderBalances(m) {
+  const rows = pick(m, ["workspaceBalances"]);
+  fillTable("#balances-table", rows || [], [
+    (r) => [r.name || r.workspace_id], (r) => [fmtInt(r.users), true], (r) => [fmtInt(r.energy), true],
+  ], rows ? "no users" : "not reported by this gateway's /admin/metrics");
+}
+
 function renderActions(rows) {
   fillTable("#actions-table", rows, [
     (r) => [r.action == null ? "(none)" : r.action], (r) => [fmtInt(r.count), true],
@@ -223,20 +232,27 @@ async function refresh() {
   const windowValue = $("#window").value;
   const days = WINDOW_DAYS[windowValue] || 1;
   try {
-    const [metrics, daily, top, actions, weekly, users, workspaces, live] = await Promise.all([
+    const [metrics, daily, actions, weekly, workspaces, live] = await Promise.all([
       api("/admin/metrics" + query({ window: windowValue })),
       api("/admin/usage/daily" + query({ days })),
-      api("/admin/usage/top-users" + query({ days, limit: 10 })),
       api("/admin/usage/actions" + query({ days })),
       api("/admin/usage/weekly" + query({ days: WEEKLY_DAYS })),
-      api("/admin/users" + query({})),
       api("/admin/workspaces"),
       api("/admin/dashboard/live" + query({})),
     ]);
+    // /admin/metrics' own top users (the chosen window, with tier and balance) when it has
+    // them; otherwise the top-users report joined with the user list.
+    let top = pick(metrics, ["topUsers"]);
+    let users = [];
+    if (top === undefined) {
+      [top, users] = await Promise.all([api("/admin/usage/top-users" + query({ days, limit: 10 })).then((r) => r.rows),
+                                        api("/admin/users" + query({}))]);
+    }
     renderTotals(metrics, live);
     renderDaily(daily.rows);
     renderDistributions(metrics);
-    renderUsers(top.rows, users, workspaces);
+    renderUsers(top, users, workspaces);
+    renderBalances(metrics);
     renderActions(actions.rows);
     renderWeekly(weekly.rows);
     renderErrors(live);
