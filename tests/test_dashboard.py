@@ -268,3 +268,24 @@ def test_the_page_refreshes_itself(browser, seeded):
     gw.client(ids["user_key"]).chat.completions.create(model="demo", messages=HELLO)
     usage_rows(gw, 6)
     WebDriverWait(browser, WAIT).until(lambda d: text(d, "total-requests") == "6")
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
+def test_live_answers_recent_errors_newest_first_and_scoped_to_the_workspace(gateway_factory, upstream):
+    """GET /admin/dashboard/live (no browser): errors newest first with ISO times; the
+    in-flight count for the master key only; another workspace's admin sees none of them."""
+    gw = start(gateway_factory, upstream)
+    broke_user, broke_key = gw.make_user(workspace="acme", energy=0)
+    _, globex_admin = gw.make_user(workspace="globex", role="workspace_admin", energy=0)
+    for model in ("gpt-4o-mini", "demo"):
+        with pytest.raises(openai.RateLimitError):
+            gw.client(broke_key).chat.completions.create(model=model, messages=HELLO)
+    usage_rows(gw, 2)
+    live = api(gw, MASTER_KEY, "/admin/dashboard/live")
+    assert live["inFlight"] == 0 and live["scope"] == "master"
+    assert [(e["model"], e["status"], e["error_type"], e["user_id"]) for e in live["recentErrors"]] == [
+        ("demo", 429, "insufficient_energy", broke_user), ("gpt-4o-mini", 429, "insufficient_energy", broke_user)]
+    assert all(re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", e["created_at"]) for e in live["recentErrors"])
+    other = api(gw, globex_admin, "/admin/dashboard/live")
+    assert (other["inFlight"], other["recentErrors"], other["scope"]) == (None, [], "workspace_admin")
+    assert httpx.get(gw.url + "/admin/dashboard/live", timeout=10).status_code == 401

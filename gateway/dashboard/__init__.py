@@ -27,27 +27,35 @@ from gateway.admin_api import admin_scope
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 RECENT_ERRORS = 20
-# Recent errors are looked for in this much of the log, so the read stays small until the
-# store answers "the last N errors" itself (see recent_errors below).
+# Recent errors are looked for in the last hour of the log: a LIMITed query on the store's
+# report connection, so a busy hour costs the database a short index scan, never the loop.
 RECENT_ERRORS_WINDOW = 3600.0
 ERROR_FIELDS = ("request_id", "created_at", "user_id", "workspace_id", "model", "provider", "action",
                 "status", "error_type")
 
 
 def _iso(ts: Any) -> Any:
-    if isinstance(ts, (int, float)):
-        return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    """Epoch, datetime (PostgreSQL) or the SQLite store's ISO text -> '2026-11-30T05:09:52Z'."""
+    if isinstance(ts, (int, float)) and not isinstance(ts, bool):
+        ts = datetime.fromtimestamp(ts, timezone.utc)
+    if isinstance(ts, datetime):
+        return ts.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if isinstance(ts, str) and len(ts) > 20 and ts.endswith("Z"):
+        return ts[:19] + "Z"
     return ts
 
 
 async def recent_errors(store: Any, workspace_id: str | None, limit: int = RECENT_ERRORS) -> list[dict[str, Any]]:
-    """The newest failed requests, newest first. Uses `store.recent_errors` when the store
-    has one (a LIMITed query); otherwise the last hour of rows."""
-    native = getattr(store, "recent_errors", None)
-    if native is not None:
-        rows = await native(limit=limit, workspace_id=workspace_id)
-    else:
-        rows = await store.usage_rows(since=time.time() - RECENT_ERRORS_WINDOW, workspace_id=workspace_id)
+    """The newest failed requests of the last hour, newest first."""
+    since = time.time() - RECENT_ERRORS_WINDOW
+    if hasattr(store, "report_query"):
+        where = " AND workspace_id = ?" if workspace_id is not None else ""
+        rows = await store.report_query(
+            f"SELECT {', '.join(ERROR_FIELDS)} FROM ai_usage_logs WHERE created_at >= ?"
+            f" AND error_type IS NOT NULL{where} ORDER BY created_at DESC LIMIT ?",
+            [store.report_time(since), *([workspace_id] if workspace_id is not None else []), limit])
+    else:  # a store without report queries: the hour's rows
+        rows = await store.usage_rows(since=since, workspace_id=workspace_id)
         rows = [r for r in rows if r.get("error_type")][-limit:][::-1]
     return [{**{k: r.get(k) for k in ERROR_FIELDS}, "created_at": _iso(r.get("created_at"))} for r in rows]
 
