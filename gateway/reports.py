@@ -9,6 +9,7 @@ rows. Measured with bench/reports_bench.py (README "Usage log, cost, metrics").
 
 from __future__ import annotations
 
+import functools
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 from gateway.usage_rollup import BUCKETS, percentile
 
 REPORTS = ("daily", "top-users", "actions", "weekly")
+# Each query sums only what its report shows: SQLite's cost is per row *and* column summed.
+USER_MEASURES = ("tokens_total", "cost_usd", "energy")
 
 
 def iso_week(ts: float) -> tuple[int, int]:
@@ -80,9 +83,9 @@ async def dashboard(store: Any, since: float, workspace_id: str | None = None, l
     dashboard page adds: percentiles (gateway.usage_rollup), energy, balances."""
     totals = await store.usage_totals(None, since, workspace_id)
     t = totals[0] if totals else None
-    providers = await store.usage_totals("provider", since, workspace_id)
-    models = await store.usage_totals("model", since, workspace_id)
-    users = await store.usage_totals("user", since, workspace_id, limit=limit)
+    providers = await store.usage_totals("provider", since, workspace_id, measures=())
+    models = await store.usage_totals("model", since, workspace_id, measures=())
+    users = await store.usage_totals("user", since, workspace_id, limit=limit, measures=USER_MEASURES)
     refunded = await store.energy_refunded(since, workspace_id)
     balances = await store.energy_balances(workspace_id, [u["key"] for u in users if u["key"]], limit)
     total = t["requests"] if t else 0
@@ -124,14 +127,15 @@ async def build_report(store: Any, kind: str, *, days: int = 7, workspace_id: st
     since = now - days * 86400
     if kind == "weekly":
         since = week_start(since)
+    totals = functools.partial(store.usage_totals, since=since, workspace_id=workspace_id, now=now)
     if kind == "daily":
-        data: Any = daily(await store.usage_totals("day", since, workspace_id))
+        data: Any = daily(await totals("day", measures=("errors", "tokens_total", "cost_usd")))
     elif kind == "top-users":
-        data = top_users(await store.usage_totals("user", since, workspace_id, limit=limit))
+        data = top_users(await totals("user", limit=limit, measures=USER_MEASURES))
     elif kind == "actions":
-        data = actions(await store.usage_totals("action", since, workspace_id))
+        data = actions(await totals("action", measures=("tokens_total", "cost_usd")))
     elif kind == "weekly":
-        data = weekly(await store.usage_totals("day", since, workspace_id), threshold)
+        data = weekly(await totals("day", measures=("cost_usd",)), threshold)
     else:
         raise ValueError(f"unknown report {kind!r} (one of {', '.join(REPORTS)})")
     report: dict[str, Any] = {"report": kind, "days": days, "workspace_id": workspace_id, "rows": data}

@@ -683,17 +683,21 @@ class Store(abc.ABC):
         small transactions); the rollup keeps their numbers. Returns the rows dropped."""
 
     async def usage_totals(self, by: str | None, since: float, workspace_id: str | None = None,
-                           limit: int | None = None) -> list[dict[str, Any]]:
-        """Every rollup measure summed over created_at >= since, grouped by `by` (None, "day",
-        "user", "action", "model", "provider", "workspace"; the group's value as "key"); with
-        `limit`, the costliest groups only. See gateway.usage_rollup."""
-        h0, edge = usage_rollup.window_params(since)
-        sql = usage_rollup.totals_query(self.dialect, by, edge=edge, workspace=workspace_id is not None,
-                                        limit=limit is not None)
+                           limit: int | None = None, *, measures: tuple[str, ...] | None = None,
+                           now: float | None = None) -> list[dict[str, Any]]:
+        """`measures` (default: every rollup measure; "requests" always) summed over
+        created_at >= since, grouped by `by` (None, "day", "user", "action", "model",
+        "provider", "workspace"; the group's value as "key"); with `limit`, the costliest
+        groups only. See gateway.usage_rollup."""
+        ranges, edge = usage_rollup.window_plan(since, now_or(now))
+        sql = usage_rollup.totals_query(self.dialect, by, ranges, edge=edge, workspace=workspace_id is not None,
+                                        limit=limit is not None, measures=measures)
         ws = [workspace_id] if workspace_id is not None else []
-        args: list[Any] = [h0, *ws]
+        args: list[Any] = []
+        for _, start, stop in ranges:
+            args += [start, stop, *ws]
         if edge:
-            args += [self.report_time(since), self.report_time(h0), *ws]
+            args += [self.report_time(since), self.report_time(ranges[0][1]), *ws]
         if limit is not None:
             args.append(limit)
         rows = await self.report_query(sql, args)

@@ -265,8 +265,8 @@ MIGRATIONS: list[tuple[int, str]] = [
         DROP TABLE ai_usage_logs_unpartitioned;
         CREATE INDEX energy_ledger_refunds ON energy_ledger (created_at) WHERE kind = 'refund';
         """
-        + usage_rollup.table_ddl("postgres") + ";\n"
-        + usage_rollup.upsert("postgres", usage_rollup.rollup_select("postgres", "ai_usage_logs")) + ";",
+        + ";\n".join(usage_rollup.all_tables_ddl("postgres")) + ";\n"
+        + ";\n".join(usage_rollup.backfill("postgres")) + ";",
     ),
 ]
 
@@ -276,7 +276,7 @@ _PG_ARRAY = {"text": "text[]", "int": "bigint[]", "float": "float8[]", "bool": "
 _COLS = ", ".join(USAGE_COLUMNS)
 # One statement per batch: claim the request ids (a retried row finds its id claimed and is
 # skipped; the first of two copies in one batch wins), insert the rows, add them to the
-# rollup (migration 3). Its one result is the count of rows inserted.
+# rollups (migration 3). Its one result is the count of rows inserted.
 _USAGE_INSERT = (
     "WITH batch AS (SELECT * FROM unnest("
     + ", ".join(f"${i}::{_PG_ARRAY[kind]}" for i, kind in enumerate(USAGE_COLUMNS.values(), 1))
@@ -287,9 +287,9 @@ _USAGE_INSERT = (
     f" ins AS (INSERT INTO ai_usage_logs ({_COLS})"
     f"  SELECT {_COLS} FROM (SELECT DISTINCT ON (request_id) * FROM batch"
     "   WHERE request_id IN (SELECT request_id FROM claimed) ORDER BY request_id, n) AS fresh"
-    f"  UNION ALL SELECT {_COLS} FROM batch WHERE request_id IS NULL RETURNING *),"
-    " roll AS (" + usage_rollup.upsert("postgres", usage_rollup.rollup_select("postgres", "ins")) + ")"
-    " SELECT count(*) FROM ins"
+    f"  UNION ALL SELECT {_COLS} FROM batch WHERE request_id IS NULL RETURNING *), "
+    + ", ".join(f"roll_{i} AS ({sql})" for i, sql in enumerate(usage_rollup.backfill("postgres", "ins")))
+    + " SELECT count(*) FROM ins"
 )
 
 _CREATED_AT = list(USAGE_COLUMNS).index("created_at")

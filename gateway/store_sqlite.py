@@ -131,11 +131,11 @@ MAX_GROUP = 256
 SETTLE_CHUNK = 32  # settlements per transaction of a write-behind batch (module docstring)
 USAGE_CHUNK = 64  # usage rows per transaction of a write-behind batch
 
-# Every inserted usage row (never one skipped as a duplicate) is added to its rollup row in
-# the same transaction. ~25 us per row on the store thread (bench/reports_bench.py).
+# Every inserted usage row (never one skipped as a duplicate) is added to its rollup rows
+# (hourly and daily) in the same transaction.
 ROLLUP_TRIGGER = (
     "CREATE TRIGGER ai_usage_logs_rollup AFTER INSERT ON ai_usage_logs BEGIN "
-    + usage_rollup.upsert("sqlite", usage_rollup.rollup_select("sqlite", "ai_usage_logs", "id = NEW.id"))
+    + "; ".join(usage_rollup.backfill("sqlite", where="id = NEW.id"))
     + "; END"
 )
 
@@ -260,10 +260,10 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     (
         3,  # reports from the hourly rollup (gateway/usage_rollup.py), kept by a trigger
         [
-            usage_rollup.table_ddl("sqlite"),
+            *usage_rollup.all_tables_ddl("sqlite"),
             "CREATE INDEX ai_usage_logs_user_created ON ai_usage_logs (user_id, created_at)",
             "CREATE INDEX energy_ledger_refunds ON energy_ledger (created_at) WHERE kind = 'refund'",
-            usage_rollup.upsert("sqlite", usage_rollup.rollup_select("sqlite", "ai_usage_logs")),
+            *usage_rollup.backfill("sqlite"),
             ROLLUP_TRIGGER,
         ],
     ),

@@ -1,16 +1,20 @@
-"""The hourly usage rollup: what the reports and /admin/metrics read instead of raw rows.
+"""The usage rollups: what the reports and /admin/metrics read instead of raw rows.
 
-``usage_rollup`` holds one row per UTC hour x workspace x user x model x provider x action
-with every number a report needs: requests, errors, cache hits, downgrades, retries,
-tokens by class, USD cost, energy, latency and time-to-first-byte sums, maxima and
-histograms. The store keeps it up to date in the same transaction as the usage rows
-(SQLite: a trigger; PostgreSQL: the insert statement itself), so it is never behind the
-log, a retried (duplicate) row is counted once, and it outlives the raw rows that
-``store.usage_retention`` drops.
+``usage_rollup`` holds one row per UTC hour x workspace x user x model x provider x action,
+``usage_rollup_daily`` the same per UTC day, with every number a report needs: requests,
+errors, cache hits, downgrades, retries, tokens by class, USD cost, energy, latency and
+time-to-first-byte sums, maxima and histograms. The store keeps both up to date in the
+same transaction as the usage rows (SQLite: a trigger; PostgreSQL: the insert statement
+itself), so they are never behind the log, a retried (duplicate) row is counted once, and
+they outlive the raw rows that ``store.usage_retention`` drops.
 
-A report over ``[since, now]`` reads the rollup from the first whole hour after ``since``
-on, plus the raw rows of the partial hour before it (at most an hour of rows, grouped by
-the same SELECT): exact windows, never a whole window of rows. Measured with
+A report over ``[since, now]`` reads the whole days from the daily rollup, the whole hours
+around them from the hourly one, and the raw rows of the partial hour after ``since`` (at
+most an hour of rows, grouped by the same SELECT): exact windows, never a whole window of
+rows. The daily table is there because of the bench: with 500 users nearly every raw row
+opens its own hourly row at low rates, and a 30-day /admin/metrics over the hourly rollup
+alone (every measure summed) took 0.8 s on SQLite with only 20,000 rows; each query now
+also sums only the measures its report shows. Measured with
 bench/reports_bench.py (README "Usage log, cost, metrics").
 
 Percentiles (``latencyP50`` ...) come from the histogram: the nearest-rank percentile
@@ -26,6 +30,7 @@ key columns (NULLs would never conflict in the upsert) and read back as None.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 # Upper bounds (ms, inclusive) of the histogram buckets; a last bucket holds the rest.
@@ -35,8 +40,8 @@ LATENCY_BOUNDS_MS: tuple[int, ...] = (
 )
 BUCKETS = len(LATENCY_BOUNDS_MS) + 1
 HOUR = 3600
+DAY = 86400
 
-KEYS = ("workspace_id", "user_id", "model", "provider", "action")
 # Measures summed across rollup rows (MAXIMA are combined with max()).
 SUMS: tuple[str, ...] = (
     "requests", "errors", "cache_hits", "streamed", "downgrades", "retries", "retried", "estimated",
@@ -46,118 +51,171 @@ SUMS: tuple[str, ...] = (
     *(f"lat_{i}" for i in range(BUCKETS)), *(f"ttfb_{i}" for i in range(BUCKETS)),
 )
 MAXIMA = ("latency_max", "ttfb_max")
-COLUMNS = ("hour", *KEYS, *SUMS, *MAXIMA)
 
 
-def table_ddl(dialect: str) -> str:
+@dataclass(frozen=True)
+class Family:
+    """Rollups of one set of keys and measures, at an hourly and a daily grain."""
+
+    keys: tuple[str, ...]
+    sums: tuple[str, ...]
+    maxima: tuple[str, ...]
+    tables: dict[str, str]  # grain -> table
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return ("period", *self.keys, *self.sums, *self.maxima)
+
+
+# Everything but the user: few keys per hour (workspaces x models x providers x actions), so
+# the totals, percentiles and distributions of a window read a few thousand rows at most.
+MAIN = Family(("workspace_id", "model", "provider", "action"), SUMS, MAXIMA,
+              {"hour": "usage_rollup", "day": "usage_rollup_daily"})
+# Per user (top users): only what that report shows.
+USERS = Family(("workspace_id", "user_id"), ("requests", "errors", "tokens_total", "cost_usd", "energy"), (),
+               {"hour": "usage_rollup_users", "day": "usage_rollup_users_daily"})
+FAMILIES = (MAIN, USERS)
+
+
+def table_ddl(dialect: str, family: Family, grain: str) -> str:
     big = "INTEGER" if dialect == "sqlite" else "bigint"
     real = "REAL" if dialect == "sqlite" else "double precision"
-    measures = ",\n".join(f"    {m} {real if m == 'cost_usd' else big} NOT NULL DEFAULT 0" for m in (*SUMS, *MAXIMA))
-    keys = ",\n".join(f"    {k} text NOT NULL" for k in KEYS)
-    return (f"CREATE TABLE usage_rollup (\n    hour {big} NOT NULL,  -- epoch seconds of the UTC hour\n{keys},\n"
-            f"{measures},\n    PRIMARY KEY (hour, {', '.join(KEYS)})\n)")
+    measures = ",\n".join(f"    {m} {real if m == 'cost_usd' else big} NOT NULL DEFAULT 0"
+                           for m in (*family.sums, *family.maxima))
+    keys = ",\n".join(f"    {k} text NOT NULL" for k in family.keys)
+    return (f"CREATE TABLE {family.tables[grain]} (\n    period {big} NOT NULL,  -- epoch seconds of the UTC {grain}\n"
+            f"{keys},\n{measures},\n    PRIMARY KEY (period, {', '.join(family.keys)})\n)")
 
 
-def _buckets(column: str, prefix: str) -> list[str]:
-    out = []
+def all_tables_ddl(dialect: str) -> list[str]:
+    return [table_ddl(dialect, f, grain) for f in FAMILIES for grain in f.tables]
+
+
+def _buckets(column: str, prefix: str) -> dict[str, str]:
+    out = {}
     for i in range(BUCKETS):
         lo = LATENCY_BOUNDS_MS[i - 1] if i else None
         hi = LATENCY_BOUNDS_MS[i] if i < len(LATENCY_BOUNDS_MS) else None
         cond = " AND ".join(c for c in (f"{column} > {lo}" if lo is not None else "",
                                          f"{column} <= {hi}" if hi is not None else f"{column} IS NOT NULL") if c)
-        out.append(f"SUM(CASE WHEN {cond} THEN 1 ELSE 0 END) AS {prefix}_{i}")
+        out[f"{prefix}_{i}"] = f"SUM(CASE WHEN {cond} THEN 1 ELSE 0 END)"
     return out
 
 
-def hour_expr(dialect: str) -> str:
-    """The UTC hour (epoch seconds) of a raw row's created_at."""
+def period_expr(dialect: str, grain: str = "hour") -> str:
+    """The UTC hour or day (epoch seconds) of a raw row's created_at."""
     if dialect == "sqlite":  # ISO-8601 text: 2024-05-01T12:34:56.000000Z
+        if grain == "day":
+            return "CAST(strftime('%s', substr(created_at, 1, 10)) AS INTEGER)"
         return "CAST(strftime('%s', substr(created_at, 1, 13) || ':00:00') AS INTEGER)"
-    return "CAST(floor(extract(epoch FROM created_at) / 3600) * 3600 AS bigint)"
+    seconds = 86400 if grain == "day" else 3600
+    return f"CAST(floor(extract(epoch FROM created_at) / {seconds}) * {seconds} AS bigint)"
 
 
-def rollup_select(dialect: str, source: str, where: str = "") -> str:
-    """Raw usage rows of `source` grouped into rollup rows (COLUMNS order)."""
-    flag = (lambda c: f"SUM(CASE WHEN {c} THEN 1 ELSE 0 END)")
-    parts = [
-        f"{hour_expr(dialect)} AS hour",
-        *(f"COALESCE({k}, '') AS {k}" for k in KEYS),
-        "COUNT(*) AS requests",
-        f"{flag('error_type IS NOT NULL')} AS errors",
-        f"{flag('cache_hit')} AS cache_hits",
-        f"{flag('streamed')} AS streamed",
-        f"{flag('downgraded_from IS NOT NULL')} AS downgrades",
-        "SUM(retries) AS retries",
-        f"{flag('retries > 0')} AS retried",
-        f"{flag('usage_estimated')} AS estimated",
-        *(f"SUM({c}) AS {c}" for c in ("tokens_prompt", "tokens_completion", "tokens_total", "tokens_cached",
-                                        "tokens_cache_write", "tokens_reasoning", "tokens_audio_in",
-                                        "tokens_audio_out")),
-        "COALESCE(SUM(cost_usd), 0) AS cost_usd",
-        f"{flag('cost_usd IS NULL')} AS unpriced",
-        "SUM(energy_cost) AS energy",
-        "COUNT(latency_ms) AS latency_count", "COALESCE(SUM(latency_ms), 0) AS latency_sum",
-        "COUNT(ttfb_ms) AS ttfb_count", "COALESCE(SUM(ttfb_ms), 0) AS ttfb_sum",
-        *_buckets("latency_ms", "lat"), *_buckets("ttfb_ms", "ttfb"),
-        "COALESCE(MAX(latency_ms), 0) AS latency_max", "COALESCE(MAX(ttfb_ms), 0) AS ttfb_max",
-    ]
+def _flag(condition: str) -> str:
+    return f"SUM(CASE WHEN {condition} THEN 1 ELSE 0 END)"
+
+
+# How each measure is computed from raw rows.
+_MEASURES: dict[str, str] = {
+    "requests": "COUNT(*)",
+    "errors": _flag("error_type IS NOT NULL"),
+    "cache_hits": _flag("cache_hit"),
+    "streamed": _flag("streamed"),
+    "downgrades": _flag("downgraded_from IS NOT NULL"),
+    "retries": "SUM(retries)",
+    "retried": _flag("retries > 0"),
+    "estimated": _flag("usage_estimated"),
+    **{c: f"SUM({c})" for c in ("tokens_prompt", "tokens_completion", "tokens_total", "tokens_cached",
+                                 "tokens_cache_write", "tokens_reasoning", "tokens_audio_in", "tokens_audio_out")},
+    "cost_usd": "COALESCE(SUM(cost_usd), 0)",
+    "unpriced": _flag("cost_usd IS NULL"),
+    "energy": "SUM(energy_cost)",
+    "latency_count": "COUNT(latency_ms)", "latency_sum": "COALESCE(SUM(latency_ms), 0)",
+    "ttfb_count": "COUNT(ttfb_ms)", "ttfb_sum": "COALESCE(SUM(ttfb_ms), 0)",
+    **_buckets("latency_ms", "lat"), **_buckets("ttfb_ms", "ttfb"),
+    "latency_max": "COALESCE(MAX(latency_ms), 0)", "ttfb_max": "COALESCE(MAX(ttfb_ms), 0)",
+}
+
+
+def rollup_select(dialect: str, family: Family, source: str, where: str = "", grain: str = "hour") -> str:
+    """Raw usage rows of `source` grouped into rollup rows of `family` (its column order)."""
+    parts = [f"{period_expr(dialect, grain)} AS period", *(f"COALESCE({k}, '') AS {k}" for k in family.keys),
+             *(f"{_MEASURES[m]} AS {m}" for m in (*family.sums, *family.maxima))]
     sql = f"SELECT {', '.join(parts)} FROM {source}"
     if where:
         sql += f" WHERE {where}"
+    positions = ", ".join(str(i + 1) for i in range(len(family.keys) + 1))
     # Ordered: concurrent PostgreSQL inserters upsert shared rollup rows in one order (no deadlock).
-    return sql + f" GROUP BY 1, {', '.join(str(i + 2) for i in range(len(KEYS)))} ORDER BY 1, 2, 3, 4, 5, 6"
+    return sql + f" GROUP BY {positions} ORDER BY {positions}"
 
 
-def upsert(dialect: str, select_sql: str) -> str:
-    """INSERT the rows of `select_sql` into the rollup, adding to the rows already there."""
+def upsert(dialect: str, family: Family, select_sql: str, grain: str) -> str:
+    """INSERT the rows of `select_sql` into a rollup, adding to the rows already there."""
+    table = family.tables[grain]
     greatest = "MAX" if dialect == "sqlite" else "GREATEST"
-    sets = [f"{m} = usage_rollup.{m} + excluded.{m}" for m in SUMS]
-    sets += [f"{m} = {greatest}(usage_rollup.{m}, excluded.{m})" for m in MAXIMA]
+    sets = [f"{m} = {table}.{m} + excluded.{m}" for m in family.sums]
+    sets += [f"{m} = {greatest}({table}.{m}, excluded.{m})" for m in family.maxima]
     # "WHERE true": SQLite's parser needs it between an INSERT's SELECT and ON CONFLICT.
-    return (f"INSERT INTO usage_rollup ({', '.join(COLUMNS)}) SELECT * FROM ({select_sql}) AS r WHERE true"
-            f" ON CONFLICT (hour, {', '.join(KEYS)}) DO UPDATE SET {', '.join(sets)}")
+    return (f"INSERT INTO {table} ({', '.join(family.columns)}) SELECT * FROM ({select_sql}) AS r WHERE true"
+            f" ON CONFLICT (period, {', '.join(family.keys)}) DO UPDATE SET {', '.join(sets)}")
 
 
-# What a report groups by -> the expression over rollup-shaped rows.
-GROUPS = {None: None, "day": "hour / 86400", "user": "user_id", "action": "action", "model": "model",
-          "provider": "provider", "workspace": "workspace_id"}
+def backfill(dialect: str, source: str = "ai_usage_logs", where: str = "") -> list[str]:
+    """The statements adding the rows of `source` to every rollup."""
+    return [upsert(dialect, f, rollup_select(dialect, f, source, where, grain), grain)
+            for f in FAMILIES for grain in f.tables]
 
 
-def totals_query(dialect: str, by: str | None, *, edge: bool, workspace: bool, limit: bool) -> str:
-    """Totals over [since, now] grouped by `by`: the rollup from hour `h0` on, plus (`edge`)
-    the raw rows in [since, h0). Parameters (`?`; the PostgreSQL store numbers them), in
-    order: h0, [workspace], [since, h0 as a time, [workspace]], [limit]."""
+# What a report groups by -> (family, expression over its rows).
+GROUPS = {None: (MAIN, None), "day": (MAIN, "period / 86400"), "user": (USERS, "user_id"),
+          "action": (MAIN, "action"), "model": (MAIN, "model"), "provider": (MAIN, "provider"),
+          "workspace": (MAIN, "workspace_id")}
+FAR = 2**62  # "no upper bound" for a period range
 
-    def p() -> str:
-        return "?"
 
-    where = f"hour >= {p()}"
-    if workspace:
-        where += f" AND workspace_id = {p()}"
-    source = f"SELECT {', '.join(COLUMNS)} FROM usage_rollup WHERE {where}"
+def window_plan(since: float, now: float) -> tuple[list[tuple[str, int, int]], bool]:
+    """Where the numbers of [since, now] are read: (grain, from, to) period ranges, and
+    whether the raw rows of [since, first whole hour) are read too. Whole days come from
+    the daily rollup, the hours around them from the hourly one; rows stamped after `now`
+    are counted, as before."""
+    h0 = int(math.ceil(since / HOUR) * HOUR)
+    d0 = int(math.ceil(h0 / DAY) * DAY)
+    dl = int(now // DAY * DAY)
+    if d0 < dl:
+        ranges = [("hour", h0, d0), ("day", d0, dl), ("hour", dl, FAR)]
+    else:
+        ranges = [("hour", h0, FAR)]
+    return ranges, h0 > since
+
+
+def totals_query(dialect: str, by: str | None, ranges: list[tuple[str, int, int]], *, edge: bool,
+                 workspace: bool, limit: bool, measures: tuple[str, ...] | None = None) -> str:
+    """`measures` (default: all of the family's) summed over the `ranges` of the rollups
+    and (`edge`) the raw rows of the first partial hour, grouped by `by`. Parameters (`?`;
+    the PostgreSQL store numbers them), in order: per range (from, to, [workspace]); if
+    `edge`: since, first whole hour as a time, [workspace]; [limit]."""
+    family, key = GROUPS[by]
+    sums = family.sums if measures is None else tuple(dict.fromkeys(("requests", *measures)))
+    maxima = family.maxima if measures is None else tuple(m for m in family.maxima if m in measures)
+    columns = ", ".join(("period", *family.keys, *sums, *maxima))
+    ws = " AND workspace_id = ?" if workspace else ""
+    sources = [f"SELECT {columns} FROM {family.tables[grain]} WHERE period >= ? AND period < ?{ws}"
+               for grain, _, _ in ranges]
     if edge:
-        raw_where = f"created_at >= {p()} AND created_at < {p()}"
-        if workspace:
-            raw_where += f" AND workspace_id = {p()}"
-        source += f" UNION ALL SELECT * FROM ({rollup_select(dialect, 'ai_usage_logs', raw_where)}) AS edge"
-    key = GROUPS[by]
+        raw = rollup_select(dialect, family, "ai_usage_logs", f"created_at >= ? AND created_at < ?{ws}")
+        sources.append(f"SELECT {columns} FROM ({raw}) AS edge")
     cols = [f"{key} AS key"] if key else []
     if by == "user":
         cols.append("MAX(workspace_id) AS workspace_id")
-    cols += [f"CAST(SUM({m}) AS {'DOUBLE PRECISION' if m == 'cost_usd' else 'BIGINT'}) AS {m}" for m in SUMS]
-    cols += [f"CAST(MAX({m}) AS BIGINT) AS {m}" for m in MAXIMA]
-    sql = f"SELECT {', '.join(cols)} FROM ({source}) AS u"
+    cols += [f"CAST(SUM({m}) AS {'DOUBLE PRECISION' if m == 'cost_usd' else 'BIGINT'}) AS {m}" for m in sums]
+    cols += [f"CAST(MAX({m}) AS BIGINT) AS {m}" for m in maxima]
+    sql = f"SELECT {', '.join(cols)} FROM ({' UNION ALL '.join(sources)}) AS u"
     if key:
         sql += f" GROUP BY {key}"
     if limit:  # the costliest first; ties by requests, then name, so both stores agree
-        sql += f" ORDER BY cost_usd DESC, requests DESC, {key} LIMIT {p()}"
+        sql += f" ORDER BY cost_usd DESC, requests DESC, {key} LIMIT ?"
     return sql
-
-
-def window_params(since: float) -> tuple[int, bool]:
-    """The first whole hour of the window, and whether a partial hour of raw rows precedes it."""
-    h0 = int(math.ceil(since / HOUR) * HOUR)
-    return h0, h0 > since
 
 
 def none_if_empty(value: Any) -> Any:
