@@ -189,8 +189,7 @@ class NativeOpenAIDispatcher:
             except UpstreamConnectionError as exc:
                 raise UpstreamError("connection", f"could not reach the upstream: {exc}") from None
             except UpstreamDroppedError as exc:
-                raise UpstreamError("dropped", f"{exc}; it may have been processed, so it is not retried",
-                                    status=502) from None
+                raise UpstreamError("dropped", f"{exc}; it may have been processed, so it is not retried") from None
             except UpstreamProtocolError as exc:
                 raise UpstreamError("bad_response", f"the upstream response was not valid: {exc}") from None
             if not 300 <= response.status < 400 or response.status == 304:

@@ -300,6 +300,8 @@ class _Connection(asyncio.Protocol):
         self._header_count = 0
         self._interim = 0
         self._in_interim = False
+        self._ended = False  # the final response's end was parsed: anything after it is garbage
+        self._garbage = False
         self._paused = False
         self._eof_body = False
         self._keep_alive = False
@@ -352,7 +354,13 @@ class _Connection(asyncio.Protocol):
 
     # ---- httptools callbacks
 
+    def on_message_begin(self) -> None:
+        if self._ended:  # a second response nobody asked for: ignore it, never reuse the connection
+            self._garbage = True
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._ended:
+            return
         self._header_count += 1
         if self._header_count > MAX_HEADERS:
             raise UpstreamProtocolError(f"the response has more than {MAX_HEADERS} headers")
@@ -361,6 +369,8 @@ class _Connection(asyncio.Protocol):
         self.response.headers.add(name.decode("latin-1"), value.decode("latin-1"))
 
     def on_headers_complete(self) -> None:
+        if self._ended:
+            return
         response = self.response
         status = self.parser.get_status_code()
         if 100 <= status < 200:  # interim (100 Continue, 103 Early Hints): the final one follows
@@ -387,12 +397,16 @@ class _Connection(asyncio.Protocol):
             response._headers_done.set_result(None)
 
     def on_body(self, body: bytes) -> None:
-        self.response._body(body)
+        if not self._ended:
+            self.response._body(body)
 
     def on_message_complete(self) -> None:
         if self._in_interim:
             self._in_interim = False
             return
+        if self._ended:
+            return
+        self._ended = True
         self.response._done()
 
     def eof_received(self) -> bool:
@@ -416,7 +430,7 @@ class _Connection(asyncio.Protocol):
         self.response = Response(self)
         self.received = False
         self._head_bytes = self._header_count = self._interim = 0
-        self._in_interim = False
+        self._in_interim = self._ended = False
         self.parser = httptools.HttpResponseParser(self)
         self.transport.write(data)
         return self.response
@@ -424,24 +438,31 @@ class _Connection(asyncio.Protocol):
     def stale(self) -> bool:
         """A pooled connection the upstream closed, or that holds bytes nobody asked for.
         A non-blocking peek at the socket: the close may have arrived since the loop last
-        polled it."""
+        polled it. (Through a socket object wrapped around the fd and detached again:
+        uvloop's transports hand out a pseudo-socket that cannot recv.)"""
         if self.lost or self.transport.is_closing():
             return True
         sock = self.transport.get_extra_info("socket")
         if sock is None:
             return False
         try:
-            getattr(sock, "_sock", sock).recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=sock.fileno())
+        except (OSError, ValueError):
+            return True
+        try:
+            probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return False  # nothing to read: alive and quiet
         except OSError:
             return True
+        finally:
+            probe.detach()  # the fd stays the transport's
         return True  # b"" (closed) or unexpected bytes (a TLS close_notify, garbage)
 
     def finished(self, response: Response, reusable: bool) -> None:
         self.response = None
         self.reused = True
-        if reusable and self._keep_alive and not self.lost and not self._eof_body:
+        if reusable and self._keep_alive and not self.lost and not self._eof_body and not self._garbage:
             self.pool._put_back(self)
         elif self.transport is not None:
             self.transport.close()
