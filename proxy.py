@@ -36,7 +36,13 @@ from gateway.admin import Admin  # noqa: E402
 from gateway.admin_api import admin_routes  # noqa: E402
 from gateway.dashboard import dashboard_routes  # noqa: E402
 from gateway import http_server  # noqa: E402
-from gateway.client_body import read_json, require_model, validate_chat, validate_embeddings  # noqa: E402
+from gateway.client_body import (  # noqa: E402
+    read_json,
+    require_model,
+    validate_chat,
+    validate_embeddings,
+    validate_responses,
+)
 from gateway.config import (  # noqa: E402
     RESTART_ONLY,
     Config,
@@ -45,7 +51,7 @@ from gateway.config import (  # noqa: E402
     load_config,
     redacted_config,
 )
-from gateway import anthropic_inbound  # noqa: E402
+from gateway import anthropic_inbound, responses_inbound  # noqa: E402
 from gateway.directory import Directory  # noqa: E402
 from gateway.journal import EndingsJournal, journal_dir  # noqa: E402
 from gateway.dispatch import StreamEnd, UpstreamError, use_blocking_executor  # noqa: E402
@@ -689,6 +695,127 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _run(request, snap, ctx, answer, _body_reader(request, snap, ctx, validate_chat))
 
 
+async def responses_create(request: web.Request) -> web.StreamResponse:
+    """POST /v1/responses (gateway/responses_inbound.py): passed through, the chain around it."""
+    gw = request.app[GATEWAY]
+    snap = gw.snapshot
+    ctx = _new_context(request, snap, "chat.completions", {})
+    ctx.inbound = "responses"
+
+    async def answer() -> web.StreamResponse:
+        if ctx.stream:
+            return await _responses_stream(request, gw, snap, ctx)
+        dispatched = ctx.model
+        payload = ctx.short_circuit if ctx.short_circuit is not None else await responses_inbound.create(gw.router, ctx)
+        if ctx.gate is not None and await _pass_gate(ctx, dispatched):
+            payload = await responses_inbound.create(gw.router, ctx)
+        payload["model"] = ctx.model
+        ctx.response = payload
+        ctx.usage = _usage_from(payload)
+        ctx.status = 200
+        ctx.first_byte_at = time.monotonic()
+        snap.chain.answered(ctx)
+        response = await _send(request, _json_response(200, payload, ctx.response_headers))
+        await snap.chain.end(ctx, wait=False)
+        return response
+
+    return await _run(request, snap, ctx, answer, _body_reader(request, snap, ctx, validate_responses))
+
+
+async def _responses_stream(request: web.Request, gw: Gateway, snap: Snapshot,
+                            ctx: RequestContext) -> web.StreamResponse:
+    """The Responses API's events, forwarded as they come; billed once `response.completed`
+    (or `response.incomplete`) arrived, refunded otherwise."""
+    chain = snap.chain
+    if ctx.short_circuit is not None:
+        upstream = None  # an idempotent replay: the stored response, whole
+        created, completed = responses_inbound.replay_events(ctx.short_circuit)
+        first = ("response.created", {}, created)
+        pending = [("response.completed", {"response": ctx.short_circuit}, completed)]
+    else:
+        dispatched = ctx.model
+        first, upstream = await responses_inbound.open_stream(gw.router, ctx)
+        if ctx.gate is not None:
+            try:
+                moved = await _pass_gate(ctx, dispatched)
+            except BaseException:
+                await _close_quietly(upstream)
+                raise
+            if moved:
+                await _close_quietly(upstream)
+                first, upstream = await responses_inbound.open_stream(gw.router, ctx)
+        pending = []
+    response = _EventStream(status=200, headers={
+        **ctx.response_headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no"})
+    error: ApiError | None = None
+    event: tuple[str, dict[str, Any], bytes] | None = first
+    try:
+        await response.prepare(request)
+        while event is not None:
+            name, data, raw = event
+            if name == "response.output_text.delta" and isinstance(data.get("delta"), str):
+                ctx.streamed_text.append(data["delta"])
+            if name in responses_inbound.TERMINAL:
+                ctx.usage = _usage_from(data.get("response") or {})
+                ctx.finish_reason = "stop" if name == "response.completed" else "length"
+                ctx.status = 200
+                chain.answered(ctx)
+            await response.write(raw)
+            if ctx.first_byte_at is None:
+                ctx.first_byte_at = time.monotonic()
+                ctx.stream_started = True
+            if name in responses_inbound.FAILED:
+                error = ApiError(502, "the upstream failed the response", type="server_error", code="upstream_error")
+                break
+            if name in responses_inbound.TERMINAL:
+                break
+            if pending:
+                event = pending.pop(0)
+                continue
+            try:
+                event = await upstream.__anext__() if upstream is not None else None
+            except StopAsyncIteration:
+                event = None
+        if ctx.status != 200 and error is None:
+            raise UpstreamError("truncated", "the upstream stream ended before response.completed")
+    except UpstreamError as err:
+        error = upstream_to_api_error(err, ctx.attempts)
+        if err.kind == "truncated":
+            error = ApiError(502, "the upstream stream broke off before the answer was complete",
+                             type="server_error", code="upstream_stream_truncated")
+        await _write_raw(response, ctx, responses_inbound.error_event(error))
+    except (ConnectionError, RuntimeError):
+        ctx.client_disconnected = True
+    except Exception:
+        log.exception("stream_failed", request_id=ctx.request_id)
+        error = internal_error(ctx.request_id)
+        await _write_raw(response, ctx, responses_inbound.error_event(error))
+    except asyncio.CancelledError:
+        ctx.client_disconnected = True
+        await _close_quietly(upstream)
+        await chain.end(ctx, None if ctx.stream_started and ctx.status == 200 else
+                        ApiError(499, "cancelled before the answer was complete", type="server_error", code="cancelled"))
+        raise
+    finally:
+        await _close_quietly(upstream)
+    if error is not None:
+        ctx.status = None
+    try:
+        await response.write_eof()
+    except (ConnectionError, RuntimeError):
+        ctx.client_disconnected = True
+    await chain.end(ctx, error, wait=False)
+    return response
+
+
+async def _write_raw(response: web.StreamResponse, ctx: RequestContext, data: bytes) -> None:
+    try:
+        await response.write(data)
+    except (ConnectionError, RuntimeError):
+        ctx.client_disconnected = True
+
+
 async def anthropic_messages(request: web.Request) -> web.StreamResponse:
     """POST /v1/messages (gateway/anthropic_inbound.py): the chat chain, Anthropic's shapes."""
     gw = request.app[GATEWAY]
@@ -904,6 +1031,8 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
     app.cleanup_ctx.append(reload_ctx)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/chat/completions", chat_completions)
+    app.router.add_post("/v1/responses", responses_create)
+    app.router.add_post("/responses", responses_create)
     app.router.add_post("/v1/messages", anthropic_messages)
     app.router.add_post("/v1/messages/count_tokens", anthropic_count_tokens)
     app.router.add_post("/v1/embeddings", embeddings)

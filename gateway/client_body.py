@@ -45,11 +45,22 @@ CHAT_PARAMS = frozenset({
 # `metadata` (action, prospect_id), which the chat endpoint accepts too.
 EMBEDDINGS_PARAMS = frozenset({"dimensions", "encoding_format", "input", "model", "user", "metadata"})
 
+# POST /v1/responses: openai-python 3.57's ResponseCreateParams, plus `stream`.
+RESPONSES_PARAMS = frozenset({
+    "access_programs", "background", "background_options", "context_management", "conversation", "image",
+    "include", "input", "instructions", "max_output_tokens", "max_tool_calls", "metadata", "model",
+    "moderation", "parallel_tool_calls", "previous_response_id", "prompt", "prompt_cache_key",
+    "prompt_cache_options", "prompt_cache_retention", "reasoning", "safety_identifier", "service_tier",
+    "store", "stream", "stream_options", "temperature", "text", "tool_choice", "tools", "top_logprobs",
+    "top_p", "truncation", "user",
+})
+
 # What a dispatcher may hand on. `metadata` is the gateway's (read, then removed from the
 # body); to litellm it would be callback configuration, so it never reaches one.
 DISPATCH_PARAMS = {
     "chat.completions": CHAT_PARAMS - {"metadata", "model"},
     "embeddings": EMBEDDINGS_PARAMS - {"metadata", "model"},
+    "responses": RESPONSES_PARAMS - {"metadata", "model"},
 }
 
 # Body fields that would let a client choose the upstream, its credentials or a canned
@@ -251,5 +262,30 @@ def validate_embeddings(body: dict[str, Any], extra: Iterable[str] = ()) -> None
         raise bad_request("'input' is required: a non-empty string, array of strings or array of token arrays",
                           param="input")
     _positive_int(body, "dimensions")
+    _check_metadata(body)
+    check_nesting(body)
+
+
+_RESPONSES_TYPES: dict[str, tuple[type, ...]] = {
+    "input": (str, list), "instructions": (str,), "max_output_tokens": (int,), "metadata": (dict,),
+    "parallel_tool_calls": (bool,), "previous_response_id": (str,), "reasoning": (dict,), "store": (bool,),
+    "stream": (bool,), "stream_options": (dict,), "temperature": _NUMBER, "text": (dict,),
+    "tool_choice": (str, dict), "tools": (list,), "top_p": _NUMBER, "truncation": (str,), "user": (str,),
+    "include": (list,), "background": (bool,), "service_tier": (str,), "prompt_cache_key": (str,),
+    "safety_identifier": (str,), "top_logprobs": (int,), "max_tool_calls": (int,), "conversation": (str, dict),
+}
+
+
+def validate_responses(body: dict[str, Any], extra: Iterable[str] = ()) -> None:
+    """A Responses API body: its parameters and their types; `input` required."""
+    check_params(body, RESPONSES_PARAMS, extra)
+    _check_types(body, _RESPONSES_TYPES)
+    value = body.get("input")
+    if not (isinstance(value, str) and value) and not (isinstance(value, list) and value):
+        raise bad_request("'input' is required: a non-empty string or array", param="input")
+    if body.get("background"):
+        raise bad_request("'background' responses are not supported by the gateway (their cost could not be "
+                          "settled with the request)", param="background", code="unsupported_parameter")
+    _positive_int(body, "max_output_tokens")
     _check_metadata(body)
     check_nesting(body)

@@ -225,8 +225,9 @@ class ResponseCache(Plugin):
             await self.backend.close()
 
     async def _applies(self, ctx: RequestContext) -> WorkspaceCache | None:
-        if ctx.endpoint != "chat.completions" or ctx.identity is None or not ctx.candidates:
-            return None
+        if ctx.endpoint != "chat.completions" or ctx.inbound == "responses" or ctx.identity is None \
+                or not ctx.candidates:
+            return None  # chat completions (also /v1/messages, translated to one) only
         settings = self.settings
         model, action = ctx.candidates[0], ctx.action or ctx.config.energy.default_action
         if not ("*" in settings.models or model in settings.models or action in settings.actions):

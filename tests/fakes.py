@@ -560,6 +560,8 @@ class FakeUpstream:
             flavour, handler = "openai", self._openai_chat
         elif path.endswith("/embeddings") and request.method == "POST":
             flavour, handler = "openai", self._openai_embeddings
+        elif path.endswith("/responses") and request.method == "POST":
+            flavour, handler = "openai", self._openai_responses
         elif path.endswith("/models") and request.method == "GET":
             flavour, handler = "openai", self._openai_models
         else:
@@ -667,6 +669,47 @@ class FakeUpstream:
             return self._error("openai", 401, "You didn't provide an API key.",
                                code="invalid_api_key")
         return None
+
+    async def _openai_responses(self, request: web.Request, body: dict[str, Any],
+                                fault: Fault | None) -> web.StreamResponse:
+        """OpenAI's Responses API: a `response` object, or its SSE events
+        (response.created, output_text deltas, response.completed with usage)."""
+        if err := self._openai_auth_error(request):
+            return err
+        if not body.get("model") or body.get("input") is None:
+            return self._error("openai", 400, "Missing required parameter: 'input'.")
+        rid = f"resp_fake_{request['fake_seq']}"
+        usage = {"input_tokens": self.prompt_tokens, "output_tokens": self.completion_tokens,
+                 "total_tokens": self.prompt_tokens + self.completion_tokens,
+                 "input_tokens_details": {"cached_tokens": self.cached_tokens},
+                 "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens}}
+        message = {"id": f"msg_fake_{request['fake_seq']}", "type": "message", "role": "assistant",
+                   "status": "completed", "content": [{"type": "output_text", "text": self.reply, "annotations": []}]}
+        response = {"id": rid, "object": "response", "created_at": int(time.time()), "status": "completed",
+                    "model": self._model(body, "gpt-fake"), "output": [message], "usage": usage,
+                    "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}
+        if not body.get("stream"):
+            return web.json_response(response)
+        resp = await self._start_sse(request)
+        pending = {**response, "status": "in_progress", "output": [], "usage": None}
+        seq = 0
+
+        async def event(name: str, data: dict[str, Any]) -> None:
+            nonlocal seq
+            await resp.write(_sse_event(name, {"type": name, "sequence_number": seq, **data}))
+            seq += 1
+
+        await event("response.created", {"response": pending})
+        await event("response.output_item.added", {"output_index": 0, "item": {**message, "status": "in_progress",
+                                                                                 "content": []}})
+        for piece in split_reply(self.reply, self.chunks):
+            if fault is not None and fault.kind == "truncate":
+                self._kill(request)
+            await event("response.output_text.delta", {"item_id": message["id"], "output_index": 0,
+                                                        "content_index": 0, "delta": piece})
+        await event("response.output_item.done", {"output_index": 0, "item": message})
+        await event("response.completed", {"response": response})
+        return resp
 
     def _openai_usage(self) -> dict[str, Any]:
         usage: dict[str, Any] = {

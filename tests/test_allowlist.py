@@ -64,6 +64,10 @@ def test_the_allowlists_are_exactly_the_sdks_documented_parameters():
     assert CHAT_PARAMS == sdk_params(completion_create_params.CompletionCreateParamsBase) | {"stream"}
     assert EMBEDDINGS_PARAMS == sdk_params(embedding_create_params.EmbeddingCreateParams) | {"metadata"}
     assert set(CHAT_SAMPLES) == CHAT_PARAMS - {"model", "messages", "stream"}
+    from openai.types.responses import response_create_params
+
+    from gateway.client_body import RESPONSES_PARAMS
+    assert RESPONSES_PARAMS == sdk_params(response_create_params.ResponseCreateParamsBase) | {"stream"}
 
 
 def test_every_documented_chat_parameter_reaches_a_native_upstream(gateway_factory, upstream):
