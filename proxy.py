@@ -1308,7 +1308,9 @@ def _supervise(args: argparse.Namespace, config: Config, host: str, port: int, w
         if not stopping:
             spawn(slot)
     log.info("gateway_stopped", workers=workers, exit_codes=exit_codes)
-    return 0 if all(c == 0 for c in exit_codes) else 1
+    # A worker still starting when SIGTERM came (before its loop installed the handler, e.g.
+    # one just restarted) dies of the signal itself: it served nothing, so that is clean too.
+    return 0 if all(c in (0, -signal.SIGTERM) for c in exit_codes) else 1
 
 
 def _check(args: argparse.Namespace) -> int:
