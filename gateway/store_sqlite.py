@@ -67,6 +67,10 @@ Why it is built this way:
   8-29 ms to 2-5 ms, and the fast path's p99 in `BENCH_QUICK=1 make bench` from 12.0 /
   8.7 ms to 5.2 ms. A batch that fails part-way is retried whole, which is safe: a settle
   only matches reservations still open, and usage rows are unique by request_id.
+* Admin reads (reports, /admin/metrics: ``report_query``) run on a fourth connection, on a
+  thread of their own, read-only: a report's GROUP BY never queues a reservation behind it
+  on the database thread, and sqlite3 lets go of the GIL while a statement runs, so the
+  loop keeps serving. Reports read the rollup tables a trigger keeps (gateway/usage_rollup.py).
 * Once an operation is queued it runs to completion even if the awaiting task is
   cancelled (its result is then dropped). A settle must not depend on the client staying
   connected; a reservation whose caller vanished is a stale reservation, refunded by the

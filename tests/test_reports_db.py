@@ -403,3 +403,38 @@ def test_usage_retention_is_a_duration_of_at_least_a_day():
     assert load_config_data(base).store.usage_retention is None
     with pytest.raises(ConfigError, match="usage_retention"):
         load_config_data({**base, "store": {"usage_retention": "1h"}})
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_a_v1_request_is_answered_while_an_admin_metrics_read_is_stuck(gateway_factory, upstream, store_url):
+    """The report connection's thread is held; /admin/metrics waits for it, and a /v1
+    request sent meanwhile is answered before the admin request is (SQLite: the reads that
+    used to run on the store thread and the event loop)."""
+    import httpx
+
+    from tests.conftest import MASTER_KEY
+    from tests.test_accounting import HELLO, start
+
+    gw = start(gateway_factory, upstream)
+    _, key = gw.make_user(energy=100)
+    gw.run(gw.store.report_query("SELECT 1", []))  # the report connection and thread exist
+    release = threading.Event()
+    gw.store._reports._executor.submit(release.wait, 30)  # the thread is busy until released
+    admin: dict[str, Any] = {}
+
+    def ask_metrics() -> None:
+        admin["response"] = httpx.get(gw.url + "/admin/metrics?window=30d", timeout=30,
+                                      headers={"Authorization": f"Bearer {MASTER_KEY}"})
+
+    asker = threading.Thread(target=ask_metrics)
+    asker.start()
+    try:
+        answer = gw.client(key).chat.completions.create(model="gpt-4o", messages=HELLO)
+        assert answer.choices[0].message.content
+        assert gw.client(key).with_options(max_retries=0).models.list().data
+        assert "response" not in admin and asker.is_alive()  # still waiting for its read
+    finally:
+        release.set()
+        asker.join(30)
+    assert admin["response"].status_code == 200
+    assert "totalRequests" in admin["response"].json()
