@@ -321,8 +321,8 @@ class StreamEncoder:
 
 
 def count_tokens(body: dict[str, Any]) -> int:
-    """`POST /v1/messages/count_tokens`: the prompt's tokens by litellm's counter."""
-    from gateway.dispatch import load_litellm
+    """`POST /v1/messages/count_tokens`: the prompt's tokens by litellm's (bundled) counter."""
+    from gateway.price_map import count_messages
 
     request = to_openai({**body, "max_tokens": 1})
-    return int(load_litellm().token_counter(model="gpt-4o", messages=request["messages"]))
+    return count_messages(request["messages"], "gpt-4o")

@@ -48,7 +48,7 @@ import orjson
 import structlog
 
 from gateway.config import Config, Pricing
-from gateway.dispatch import load_litellm
+from gateway.price_map import count_messages, count_text, model_info
 from plugins.base import RequestContext, Usage
 
 log = structlog.get_logger("gateway.usage")
@@ -156,9 +156,8 @@ def _litellm_prices(model: str) -> UnitPrices | None:
     if "/" in model:
         candidates.append(model.split("/", 1)[1])
     for name in candidates:
-        try:
-            info = load_litellm().get_model_info(name)
-        except Exception:  # noqa: BLE001 — "not mapped" is the expected failure
+        info = model_info(name)
+        if info is None:
             continue
         inp, out = info.get("input_cost_per_token"), info.get("output_cost_per_token")
         if inp is not None or out is not None:
@@ -217,11 +216,10 @@ def unpriced_models(config: Config) -> list[str]:
     return missing
 
 
-def _count(model: str | None, **kw: Any) -> int:
-    try:
-        return int(load_litellm().token_counter(model=model or "gpt-4o-mini", **kw))
-    except Exception:  # noqa: BLE001 — unknown tokenizer: fall back to the default one
-        return int(load_litellm().token_counter(model="gpt-4o-mini", **kw))
+def _count(model: str | None, *, text: str | None = None, messages: list[Any] | None = None) -> int:
+    """Tokens by litellm's bundled tiktoken files, counted as its token_counter does, without
+    importing litellm (gateway/price_map.py)."""
+    return count_messages(messages, model) if messages is not None else count_text(text or "", model)
 
 
 def estimate_usage(ctx: RequestContext) -> Usage:
@@ -274,7 +272,7 @@ def finalize_usage(ctx: RequestContext) -> None:
 def warm_up() -> None:
     """Load the default tokenizer now, not on the first cut-off stream (~0.4 s)."""
     try:
-        load_litellm().token_counter(model="gpt-4o-mini", text="warm up")
+        count_text("warm up", "gpt-4o-mini")
     except Exception:  # noqa: BLE001
         pass
 
