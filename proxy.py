@@ -314,12 +314,38 @@ GATEWAY = web.AppKey("gateway", Gateway)
 
 
 def check_config(path: str | Path) -> Config:
-    """Load and validate config.yaml, plugin settings included; raises ConfigError."""
-    config = load_config(path)
-    errors = validate_plugin_settings(config.plugins)
-    if errors:
+    """Load and validate config.yaml, plugin settings included; raises ConfigError with
+    every error found in one run (schema, environment, references, plugin settings)."""
+    errors: list[str] = []
+    config: Config | None = None
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        errors.extend(exc.errors)
+    entries = config.plugins if config is not None else _plugin_entries_of(path)
+    errors.extend(e for e in validate_plugin_settings(entries) if e not in errors)
+    if errors or config is None:
         raise ConfigError(errors)
     return config
+
+
+def _plugin_entries_of(path: str | Path) -> list[Any]:
+    """The plugin entries of a config that did not load as a whole (to check them too)."""
+    import yaml
+
+    from gateway.config import PluginEntry
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    entries = []
+    for item in (raw.get("plugins") if isinstance(raw, dict) else None) or []:
+        try:
+            entries.append(PluginEntry.model_validate(item))
+        except Exception:  # noqa: BLE001 — its shape is already among the schema errors
+            continue
+    return entries
 
 
 # --------------------------------------------------------------------------------------
@@ -976,6 +1002,10 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
         if missing:
             log.warning("model_price_unknown", models=missing,
                         hint="set models[].pricing in config.yaml; their cost_usd is logged as null")
+        keyless = {e.name: config.missing_key(e) for e in config.models if config.missing_key(e) is not None}
+        if keyless:
+            log.warning("provider_key_missing", models=keyless,
+                        hint="these deployments answer 502 upstream_auth_error until the variable is set")
         await asyncio.get_running_loop().run_in_executor(None, warm_up)
         await gw.router.warm_up(config)
         # litellm leaves ~400k long-lived objects; without this every full collection walks
@@ -1222,9 +1252,8 @@ def ready_line(config: Config, config_path: str, base: str) -> str:
     store_shown = re.sub(r"(//[^/:@]*):[^/@]*@", r"\1@", config.store.url.split("?")[0])  # no password
     missing: dict[str, list[str]] = {}
     for entry in config.models:
-        provider = entry.litellm_params.model.split("/", 1)[0] if "/" in entry.litellm_params.model else "openai"
-        env = f"{provider.upper()}_API_KEY"
-        if provider != "demo" and not entry.litellm_params.api_key and not os.environ.get(env):
+        env = config.missing_key(entry)  # its api_key names an unset variable
+        if env is not None:
             missing.setdefault(env, []).append(entry.name)
     keys = "; ".join(f"{', '.join(dict.fromkeys(names))} (no {env})" for env, names in missing.items())
     return (f"gateway ready on {base} · config {config_path} · store {store_shown} · "

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from gateway.client_body import CHAT_PARAMS, EMBEDDINGS_PARAMS, FORBIDDEN_FIELDS
 
@@ -350,6 +350,10 @@ class RequestBound:
 
 
 class Config(_Strict):
+    # models[i] whose api_key names an unset environment variable -> that variable's name
+    # (load_config_data): such a deployment is refused at dispatch, naming it.
+    _missing_keys: dict[int, str] = PrivateAttr(default_factory=dict)
+
     server: ServerConfig = ServerConfig()
     store: StoreConfig = StoreConfig()
     auth: AuthConfig = AuthConfig()
@@ -560,6 +564,15 @@ class Config(_Strict):
                 self._memo[key] = found
         return found  # type: ignore[return-value]
 
+    def missing_key(self, deployment: ModelEntry) -> str | None:
+        """The unset environment variable this deployment's api_key names, if any."""
+        if not self._missing_keys:
+            return None
+        for i, entry in enumerate(self.models):
+            if entry is deployment:
+                return self._missing_keys.get(i)
+        return None
+
     def deployments(self, model: str) -> list[ModelEntry]:
         found = self._index.get(model)
         return found[0] if found is not None else []
@@ -612,28 +625,36 @@ def load_config_data(raw: Any) -> Config:
     """Validate an already-parsed YAML document."""
     if not isinstance(raw, dict):
         raise ConfigError(["(top level): expected a mapping"])
-    errors: list[str] = []
-    resolved = _resolve_env(raw, "", errors)
-    # A missing provider key is not fatal: that deployment fails at call time with a clear
-    # upstream-auth error, and the gateway (and its demo model) still starts offline.
-    # An unset GATEWAY_MASTER_KEY just means there is no master key.
-    errors = [e for e in errors if not e.split(":")[0].endswith((".api_key", "auth.master_key"))]
-    if errors:
-        raise ConfigError(errors)
+    env_errors: list[str] = []
+    resolved = _resolve_env(raw, "", env_errors)
+    # A missing provider key is not fatal: that deployment is refused at dispatch with an
+    # upstream_auth_error naming the variable (never a network call that trips the breaker),
+    # and the gateway (and its demo model) still starts offline. An unset
+    # GATEWAY_MASTER_KEY just means there is no master key.
+    missing_keys: dict[int, str] = {}
+    for line in env_errors:
+        match = re.match(r"^models\[(\d+)\]\.litellm_params\.api_key: environment variable (\S+) is not set", line)
+        if match:
+            missing_keys[int(match.group(1))] = match.group(2)
+    errors = [e for e in env_errors if not e.split(":")[0].endswith((".api_key", "auth.master_key"))]
+    failed_paths = {e.split(":")[0] for e in errors}
     try:
-        return Config.model_validate(resolved)
-    except ValidationError as exc:
-        lines = []
+        config = Config.model_validate(resolved)
+    except ValidationError as exc:  # reported together with the environment's errors
         for err in exc.errors():
             msg = err["msg"].removeprefix("Value error, ")
             path = _error_path(err["loc"])
             if err["type"] == "extra_forbidden":
                 msg = "unknown key (typo?)"
             if not err["loc"]:  # cross-reference checks carry their own paths
-                lines.extend(msg.split("; "))
-            else:
-                lines.append(f"{path}: {msg}")
-        raise ConfigError(lines) from None
+                errors.extend(msg.split("; "))
+            elif path not in failed_paths:
+                errors.append(f"{path}: {msg}")
+        raise ConfigError(errors) from None
+    if errors:
+        raise ConfigError(errors)
+    config._missing_keys.update(missing_keys)
+    return config
 
 
 def load_config(path: str | Path) -> Config:

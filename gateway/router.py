@@ -47,6 +47,8 @@ def upstream_to_api_error(err: UpstreamError, attempts: int) -> ApiError:
     if err.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(err.retry_after)))
     if err.is_auth:
+        if err.error_type == "missing_key":
+            return ApiError(502, message, type="server_error", code="upstream_auth_error")
         return ApiError(502, "the upstream refused the gateway's provider credentials" + suffix,
                         type="server_error", code="upstream_auth_error")
     if err.kind == "timeout":
@@ -174,6 +176,15 @@ class Router:
                     break
                 index = live[attempt % len(live)]
                 deployment = deployments[index]
+                missing = config.missing_key(deployment)
+                if missing is not None:
+                    # No network call that would fail as a DNS or 401 error and trip the
+                    # breaker: the deployment cannot work until its key is set.
+                    last = UpstreamError("status", f"no provider API key is configured for model '{model}': "
+                                                   f"the environment variable {missing} is not set",
+                                         status=401, error_type="missing_key")
+                    dead.add(index)
+                    continue
                 if tries_per_deployment[index] > 0 and last is not None:
                     await self._sleep(self._backoff(config, tries_per_deployment[index] - 1, last))
                 elif attempt > 0:
