@@ -53,6 +53,7 @@ from gateway.config import (  # noqa: E402
 )
 from gateway import anthropic_inbound, responses_inbound  # noqa: E402
 from gateway.directory import Directory  # noqa: E402
+from gateway.feedback import feedback_routes  # noqa: E402
 from gateway.journal import EndingsJournal, journal_dir  # noqa: E402
 from gateway.dispatch import StreamEnd, UpstreamError, use_blocking_executor  # noqa: E402
 from gateway.errors import ApiError, internal_error  # noqa: E402
@@ -1075,6 +1076,11 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
     app.router.add_get("/health/ready", health_ready)
     app.router.add_routes(admin_routes(lambda request: Admin(gw.store, gw.config, gw.directory)))
     app.router.add_get("/admin/config", admin_config)
+    async def write_behind_now() -> None:  # feedback on an answer whose usage row is not written yet
+        await gw.chain.drain(timeout=2.0)
+        await gw.chain.flush()
+
+    app.router.add_routes(feedback_routes(lambda: (gw.store, gw.directory, gw.config, write_behind_now)))
     app.router.add_routes(dashboard_routes(lambda request: Admin(gw.store, gw.config, gw.directory),
                                            lambda: gw.chain.inflight.count))
     for plugin in plugins:

@@ -290,6 +290,10 @@ class Admin:
         if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 3660:
             raise ApiError(400, "days must be an integer between 1 and 3660", param="days")
         workspace_id = await self._report_workspace(scope, workspace)
+        if kind == "experiments":
+            from gateway.feedback import experiments_report
+
+            return await experiments_report(self.store, self.config, days=days, workspace_id=workspace_id)
         return await build_report(self.store, kind, days=days, workspace_id=workspace_id, limit=limit,
                                   threshold=self.config.reports.weekly_cost_threshold_usd)
 

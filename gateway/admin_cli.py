@@ -11,7 +11,7 @@ picks up changes within `auth.cache_ttl` (its cache is per process).
     python proxy.py users set-tier USER pro
     python proxy.py energy grant USER 100 [--reason R] | adjust USER -20 | ledger USER
     python proxy.py keys create USER [--admin] | list [--user USER] | revoke KEY | rotate KEY
-    python proxy.py usage daily|top-users|actions|weekly [--days N] [--workspace W] [--json]
+    python proxy.py usage daily|top-users|actions|weekly|experiments [--days N] [--workspace W] [--json]
 """
 
 from __future__ import annotations
@@ -68,7 +68,28 @@ def _print_table(rows: list[dict]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
+def _experiment_rows(rows: list[dict]) -> list[dict]:
+    """The experiments report, one line per variant (its feedback metrics in one cell)."""
+    flat = []
+    for experiment in rows:
+        for v in experiment["variants"]:
+            metrics = []
+            for name, m in v["feedback"].items():
+                cell = f"{name} {m['mean']:.3g} [{m['ci95'][0]}, {m['ci95'][1]}] n={m['n']}"
+                if "vs_control" in m:
+                    cell += f" Δ{m['vs_control']['diff']:+.3g}"
+                metrics.append(cell)
+            flat.append({"experiment": experiment["experiment"],
+                         "variant": v["variant"] + (" (control)" if v["variant"] == experiment["control"] else ""),
+                         "requests": v["requests"], "cost_usd": v["cost_usd"], "energy": v["energy"],
+                         "tokens": v["tokens"], "error_rate": v["error_rate"], "p50_ms": v["latency_p50_ms"],
+                         "p95_ms": v["latency_p95_ms"], "feedback": "; ".join(metrics)})
+    return flat
+
+
 def _print_human(result: Any) -> None:
+    if isinstance(result, dict) and result.get("report") == "experiments":
+        result = {**result, "rows": _experiment_rows(result["rows"])}
     if isinstance(result, dict) and "report" in result and isinstance(result.get("rows"), list):
         print(f"{result['report']} report, last {result['days']} days"
               + (f", workspace {result['workspace_id']}" if result.get("workspace_id") else ""))
@@ -215,7 +236,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     # usage reports
     usage = sub.add_parser("usage", help="usage and cost reports").add_subparsers(dest="action", required=True)
-    for report in ("daily", "top-users", "actions", "weekly"):
+    for report in ("daily", "top-users", "actions", "weekly", "experiments"):
         p = command(usage, report, lambda a, x, s: a.usage_report(s, x.action, x.days, x.workspace, x.limit),
                     f"{report} report")
         p.add_argument("--days", type=int, default=7)

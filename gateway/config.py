@@ -325,6 +325,56 @@ class ReportsConfig(_Strict):
     weekly_cost_threshold_usd: float | None = Field(None, ge=0, description="warn when a week's cost exceeds it")
 
 
+class ExperimentMatch(_Strict):
+    """Which requests an experiment applies to; an empty list matches everything."""
+
+    actions: list[str] = Field(default_factory=list)
+    models: list[str] = Field(default_factory=list, description="requested public models")
+    workspaces: list[str] = Field(default_factory=list, description="workspace names or ids")
+    tiers: list[str] = Field(default_factory=list)
+
+
+class Variant(_Strict):
+    """One arm. `model` (a public model), `system_prompt` (replaces the request's system
+    message, or is put first) and `params` (OpenAI chat parameters) change the request;
+    a variant that sets none of them is a control."""
+
+    name: str = Field(min_length=1, max_length=64)
+    weight: float = Field(gt=0)
+    model: str | None = None
+    system_prompt: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("params")
+    @classmethod
+    def _openai_params(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in v:
+            if key not in CHAT_PARAMS or key in ("model", "messages", "stream", "metadata", "stream_options"):
+                raise ValueError(f"{key!r} is not a chat parameter a variant may set")
+        return v
+
+
+class ExperimentConfig(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    match: ExperimentMatch = ExperimentMatch()
+    variants: list[Variant] = Field(min_length=2)
+    control: str | None = Field(None, description="the variant others are compared with (default: the first)")
+    enabled: bool = True
+
+    @model_validator(mode="after")
+    def _names(self) -> "ExperimentConfig":
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"experiment {self.name!r}: variant names must be unique")
+        if self.control is not None and self.control not in names:
+            raise ValueError(f"experiment {self.name!r}: control {self.control!r} is not one of its variants")
+        return self
+
+    @property
+    def control_variant(self) -> Variant:
+        return next(v for v in self.variants if v.name == (self.control or self.variants[0].name))
+
+
 class PluginEntry(_Strict):
     """`- request_log` or `- {name: request_log, settings: {...}}`."""
 
@@ -363,6 +413,7 @@ class Config(_Strict):
     energy: EnergyConfig = EnergyConfig()
     rate_limits: RateLimitsConfig = RateLimitsConfig()
     reports: ReportsConfig = ReportsConfig()
+    experiments: list[ExperimentConfig] = Field(default_factory=list)
     plugins: list[PluginEntry] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -378,6 +429,14 @@ class Config(_Strict):
                 if mine is not None and theirs is not None and mine != theirs:
                     errors.append(f"models[{i}].{key}: disagrees with the first {entry.name!r} entry")
         names = set(by_name)
+        seen_experiments: set[str] = set()
+        for i, experiment in enumerate(self.experiments):
+            if experiment.name in seen_experiments:
+                errors.append(f"experiments[{i}].name: {experiment.name!r} is listed twice")
+            seen_experiments.add(experiment.name)
+            for j, variant in enumerate(experiment.variants):
+                if variant.model is not None and variant.model not in names:
+                    errors.append(f"experiments[{i}].variants[{j}].model: unknown model {variant.model!r}")
         for i, entry in enumerate(self.models):
             for j, fb in enumerate(entry.fallbacks or []):
                 if fb not in names:
@@ -725,6 +784,10 @@ def config_changes(old: Config, new: Config) -> dict[str, Any]:
     prices_new = {e.name: e.pricing for e in new.models}
     if prices_old != prices_new:
         changes["prices"] = sorted(n for n in set(prices_old) | set(prices_new) if prices_old.get(n) != prices_new.get(n))
+    if old.experiments != new.experiments:
+        before, after = {e.name: e for e in old.experiments}, {e.name: e for e in new.experiments}
+        changes["experiments"] = {"started": sorted(set(after) - set(before)), "stopped": sorted(set(before) - set(after)),
+                                  "changed": sorted(n for n in set(before) & set(after) if before[n] != after[n])}
     if old.plugins != new.plugins:
         changes["plugins"] = {"before": [p.name for p in old.plugins if p.enabled],
                               "after": [p.name for p in new.plugins if p.enabled]}

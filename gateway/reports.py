@@ -16,7 +16,7 @@ from typing import Any
 
 from gateway.usage_rollup import BUCKETS, percentile
 
-REPORTS = ("daily", "top-users", "actions", "weekly")
+REPORTS = ("daily", "top-users", "actions", "weekly", "experiments")  # experiments: gateway/feedback.py
 # Each query sums only what its report shows: SQLite's cost is per row *and* column summed.
 USER_MEASURES = ("tokens_total", "cost_usd", "energy")
 

@@ -384,6 +384,9 @@ USAGE_COLUMNS: dict[str, str] = {
     "tokens_audio_in": "int",
     "tokens_audio_out": "int",
     "unit_prices": "text",
+    # The A/B experiment and variant that served the request (plugins/experiments.py).
+    "experiment": "text",
+    "variant": "text",
     "created_at": "time",
 }
 # Columns that are NOT NULL with a default: a missing or None value becomes the default.
@@ -666,6 +669,12 @@ class Store(abc.ABC):
     # reports (gateway/reports.py): computed by the database, off the event loop -------
 
     dialect = ""  # "sqlite" or "postgres": which SQL gateway.usage_rollup writes
+
+    @abc.abstractmethod
+    async def record_feedback(self, request_id: str, user_id: str, metric: str, value: float,
+                              *, now: float | None = None) -> None:
+        """One outcome of a request (POST /v1/feedback); the same (request, metric) again
+        replaces the value: idempotent."""
 
     @abc.abstractmethod
     async def report_query(self, sql: str, args: list[Any]) -> list[dict[str, Any]]:

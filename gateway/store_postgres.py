@@ -268,6 +268,21 @@ MIGRATIONS: list[tuple[int, str]] = [
         + ";\n".join(usage_rollup.all_tables_ddl("postgres")) + ";\n"
         + ";\n".join(usage_rollup.backfill("postgres")) + ";",
     ),
+    (
+        4,  # A/B experiments (plugins/experiments.py) and feedback (gateway/feedback.py)
+        """
+        ALTER TABLE ai_usage_logs ADD COLUMN experiment text, ADD COLUMN variant text;
+        CREATE INDEX ai_usage_logs_experiment ON ai_usage_logs (experiment, variant) WHERE experiment IS NOT NULL;
+        CREATE TABLE feedback (
+            request_id text NOT NULL,
+            metric     text NOT NULL,
+            user_id    text NOT NULL,
+            value      double precision NOT NULL,
+            created_at double precision NOT NULL,
+            PRIMARY KEY (request_id, metric)
+        );
+        """,
+    ),
 ]
 
 # Array types for the one-statement batch insert (unnest of one array per column).
@@ -834,6 +849,13 @@ class PostgresStore(Store):
 
     def report_time(self, epoch):
         return datetime.fromtimestamp(epoch, timezone.utc)
+
+    async def record_feedback(self, request_id, user_id, metric, value, *, now=None):
+        async with self._tx() as conn:
+            await conn.execute(
+                "INSERT INTO feedback (request_id, metric, user_id, value, created_at) VALUES ($1, $2, $3, $4, $5)"
+                " ON CONFLICT (request_id, metric) DO UPDATE SET value = excluded.value, created_at = excluded.created_at",
+                request_id, metric, user_id, float(value), now_or(now))
 
     async def report_query(self, sql, args):
         parts = sql.split("?")

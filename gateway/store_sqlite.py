@@ -271,6 +271,23 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             ROLLUP_TRIGGER,
         ],
     ),
+    (
+        4,  # A/B experiments (plugins/experiments.py) and feedback (gateway/feedback.py)
+        [
+            "ALTER TABLE ai_usage_logs ADD COLUMN experiment TEXT",
+            "ALTER TABLE ai_usage_logs ADD COLUMN variant TEXT",
+            "CREATE INDEX ai_usage_logs_experiment ON ai_usage_logs (experiment, variant)"
+            " WHERE experiment IS NOT NULL",
+            """CREATE TABLE feedback (
+                request_id TEXT NOT NULL,
+                metric     TEXT NOT NULL,
+                user_id    TEXT NOT NULL,
+                value      REAL NOT NULL,
+                created_at REAL NOT NULL,
+                PRIMARY KEY (request_id, metric)
+            )""",
+        ],
+    ),
 ]
 USAGE_PRUNE_CHUNK = 2000  # raw rows deleted per transaction by prune_usage
 
@@ -1086,6 +1103,14 @@ class SQLiteStore(Store):
 
     def report_time(self, epoch):
         return iso_utc(epoch)
+
+    async def record_feedback(self, request_id, user_id, metric, value, *, now=None):
+        def tx(db):
+            db.execute("INSERT INTO feedback (request_id, metric, user_id, value, created_at) VALUES (?, ?, ?, ?, ?)"
+                       " ON CONFLICT (request_id, metric) DO UPDATE SET value = excluded.value,"
+                       " created_at = excluded.created_at", (request_id, metric, user_id, float(value), now_or(now)))
+
+        await self._write(tx)
 
     async def report_query(self, sql, args):
         def query(db: sqlite3.Connection) -> list[dict[str, Any]]:

@@ -23,6 +23,7 @@ BUILTIN = {
     "accounting": "plugins.accounting:Accounting",
     "metrics": "plugins.metrics:Metrics",
     "cache": "plugins.cache:ResponseCache",
+    "experiments": "plugins.experiments:Experiments",
 }
 
 

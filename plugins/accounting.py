@@ -90,6 +90,8 @@ def usage_row(ctx: RequestContext) -> dict[str, Any]:
         "tokens_audio_in": usage.audio_in_tokens if usage else 0,
         "tokens_audio_out": usage.audio_out_tokens if usage else 0,
         "unit_prices": ctx.unit_prices.per_million_json if ctx.unit_prices is not None else None,
+        "experiment": ctx.experiment,
+        "variant": ctx.variant,
         "created_at": time.time(),
     }
 

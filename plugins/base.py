@@ -138,6 +138,8 @@ class RequestContext:
     inbound: str = "openai"
     identity: Identity | None = None
     action: str | None = None  # metadata.action / X-Action (energy price book)
+    experiment: str | None = None  # the A/B experiment and variant serving it (plugins/experiments.py)
+    variant: str | None = None
     prospect_id: str | None = None
     # Headers added to the client's response (success and error alike).
     response_headers: dict[str, str] = field(default_factory=dict)
