@@ -90,7 +90,8 @@ def test_a_variant_the_tier_may_not_use_falls_back_to_the_control(gateway_factor
     assert raw.headers["X-Experiment"] == "x=control" and upstream.last.json["model"] == "gpt-4o-mini"
 
 
-def test_feedback_is_only_for_ones_own_requests_and_idempotent(gateway_factory, upstream):
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
+def test_feedback_is_only_for_ones_own_requests_and_idempotent(gateway_factory, upstream, store_url):
     gw = gateway(gateway_factory)
     users = users_in_both_variants(gw)
     (mine, my_key), (_, their_key) = users["current"], users["mini"]
@@ -113,7 +114,8 @@ def test_feedback_is_only_for_ones_own_requests_and_idempotent(gateway_factory, 
     assert rows == [{"request_id": request_id, "metric": "reply_sent", "value": 1.0}]
 
 
-def test_the_experiments_report_matches_the_seeded_data(gateway_factory, upstream):
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
+def test_the_experiments_report_matches_the_seeded_data(gateway_factory, upstream, store_url):
     gw = gateway(gateway_factory)
     users = users_in_both_variants(gw)
     ratings = {"current": [1, 0, 1, 1], "mini": [0, 0, 1]}
