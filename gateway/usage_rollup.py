@@ -138,10 +138,13 @@ _MEASURES: dict[str, str] = {
 }
 
 
-def rollup_select(dialect: str, family: Family, source: str, where: str = "", grain: str = "hour") -> str:
-    """Raw usage rows of `source` grouped into rollup rows of `family` (its column order)."""
+def rollup_select(dialect: str, family: Family, source: str, where: str = "", grain: str = "hour",
+                  measures: tuple[str, ...] | None = None) -> str:
+    """Raw usage rows of `source` grouped into rollup rows of `family` (its column order;
+    only `measures` when given)."""
+    measures = (*family.sums, *family.maxima) if measures is None else measures
     parts = [f"{period_expr(dialect, grain)} AS period", *(f"COALESCE({k}, '') AS {k}" for k in family.keys),
-             *(f"{_MEASURES[m]} AS {m}" for m in (*family.sums, *family.maxima))]
+             *(f"{_MEASURES[m]} AS {m}" for m in measures)]
     sql = f"SELECT {', '.join(parts)} FROM {source}"
     if where:
         sql += f" WHERE {where}"
@@ -203,7 +206,8 @@ def totals_query(dialect: str, by: str | None, ranges: list[tuple[str, int, int]
     sources = [f"SELECT {columns} FROM {family.tables[grain]} WHERE period >= ? AND period < ?{ws}"
                for grain, _, _ in ranges]
     if edge:
-        raw = rollup_select(dialect, family, "ai_usage_logs", f"created_at >= ? AND created_at < ?{ws}")
+        raw = rollup_select(dialect, family, "ai_usage_logs", f"created_at >= ? AND created_at < ?{ws}",
+                            measures=(*sums, *maxima))
         sources.append(f"SELECT {columns} FROM ({raw}) AS edge")
     cols = [f"{key} AS key"] if key else []
     if by == "user":
