@@ -480,8 +480,31 @@ def _serve_cache_hit(ctx: RequestContext) -> None:
         ctx.response_headers["X-Cache"] = "MISS"
 
 
+def _bound_output_tokens(ctx: RequestContext) -> None:
+    """The model's `max_tokens_default` when the client named no limit, its `max_tokens_cap`
+    over a larger one (config.yaml models[]; an answer's length is its cost)."""
+    settings = ctx.config.model_settings(ctx.model)
+    default, cap = settings.max_tokens_default, settings.max_tokens_cap
+    if default is None and cap is None:
+        return
+    body = ctx.body
+    if ctx.inbound == "responses":
+        key = "max_output_tokens"
+    else:
+        key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    value = body.get(key)
+    if value is None:
+        if default is not None:
+            body[key] = default if cap is None else min(default, cap)
+    elif cap is not None and isinstance(value, int) and value > cap:
+        body[key] = cap
+        ctx.response_headers["X-Max-Tokens-Capped"] = str(cap)
+
+
 def _choose_model(ctx: RequestContext) -> None:
     ctx.model = ctx.candidates[0]
+    if ctx.endpoint == "chat.completions":
+        _bound_output_tokens(ctx)
     if ctx.model != ctx.requested_model:
         ctx.downgraded_from = ctx.requested_model
         ctx.response_headers["X-Model-Downgraded-From"] = ctx.requested_model

@@ -158,6 +158,11 @@ class ModelEntry(_Strict):
     downgrade_to: str | None = None
     pricing: Pricing | None = None
     description: str | None = None
+    # Output token bounds: `max_tokens_default` is sent when the client names no limit (an
+    # Anthropic call without one would get litellm's, up to 128,000: unbounded cost for a
+    # flat energy price); `max_tokens_cap` lowers any larger limit a client asks for.
+    max_tokens_default: int | None = Field(None, ge=1)
+    max_tokens_cap: int | None = Field(None, ge=1)
     # Body fields beyond the OpenAI API's that clients may send to this deployment; they
     # reach the provider as body fields (litellm: extra_body), never as litellm arguments.
     allow_extra_params: list[str] = Field(default_factory=list)
@@ -424,7 +429,8 @@ class Config(_Strict):
             first = by_name.setdefault(entry.name, entry)
             if first is entry:
                 continue
-            for key in ("fallbacks", "downgrade_to", "pricing", "description"):
+            for key in ("fallbacks", "downgrade_to", "pricing", "description", "max_tokens_default",
+                        "max_tokens_cap"):
                 mine, theirs = getattr(entry, key), getattr(first, key)
                 if mine is not None and theirs is not None and mine != theirs:
                     errors.append(f"models[{i}].{key}: disagrees with the first {entry.name!r} entry")
@@ -443,6 +449,9 @@ class Config(_Strict):
                     errors.append(f"models[{i}].fallbacks[{j}]: unknown model {fb!r}")
                 elif fb == entry.name:
                     errors.append(f"models[{i}].fallbacks[{j}]: a model cannot fall back to itself")
+            if entry.max_tokens_default and entry.max_tokens_cap and entry.max_tokens_default > entry.max_tokens_cap:
+                errors.append(f"models[{i}].max_tokens_default: {entry.max_tokens_default} is above "
+                              f"max_tokens_cap {entry.max_tokens_cap}")
             if entry.downgrade_to is not None and entry.downgrade_to not in names:
                 errors.append(f"models[{i}].downgrade_to: unknown model {entry.downgrade_to!r}")
         for tier_name, tier in self.tiers.items():
@@ -570,7 +579,8 @@ class Config(_Strict):
         index = {}
         for name, entries in groups.items():
             merged = entries[0]
-            for key in ("fallbacks", "downgrade_to", "pricing", "description"):
+            for key in ("fallbacks", "downgrade_to", "pricing", "description", "max_tokens_default",
+                        "max_tokens_cap"):
                 if getattr(merged, key) is None:
                     for e in entries[1:]:
                         if getattr(e, key) is not None:
