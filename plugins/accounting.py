@@ -221,7 +221,7 @@ class Accounting(Plugin):
         """Seed this week's running cost from the log, so a restart does not reset it."""
         try:
             now = time.time()
-            totals = await self.services.store.usage_totals(None, week_start(now))  # one row, from the rollup
+            totals = await self.services.store.usage_totals(None, week_start(now), measures=("cost_usd",))
             self._week = iso_week(now)
             self._week_cost = totals[0]["cost_usd"] if totals else 0.0
         except Exception:  # noqa: BLE001 — reporting fails open
