@@ -26,6 +26,7 @@ import structlog
 from gateway.config import Config, ModelEntry
 from gateway.dispatch import Dispatcher, LitellmDispatcher, UpstreamError, deployment_secrets, provider_of
 from gateway.demo import DemoDispatcher
+from gateway.anthropic_native import AnthropicNativeDispatcher
 from gateway.native import NativeOpenAIDispatcher
 from gateway.errors import ApiError, redact
 from plugins.base import RequestContext
@@ -63,6 +64,14 @@ def upstream_to_api_error(err: UpstreamError, attempts: int) -> ApiError:
 def uses_native(deployment: ModelEntry) -> bool:
     """`dispatch: auto` picks the native pass-through for OpenAI-wire upstreams."""
     return deployment.uses_native()
+
+
+def uses_anthropic_native(deployment: ModelEntry) -> bool:
+    """`dispatch: auto` (or `native`) serves `anthropic/...` models by the native Anthropic
+    translation (gateway/anthropic_native.py) when the deployment sets no other
+    litellm_params (which only litellm would know how to apply)."""
+    return (deployment.dispatch != "litellm" and deployment.litellm_params.model.startswith("anthropic/")
+            and not deployment.litellm_params.model_extra)
 
 
 class CircuitBreaker:
@@ -109,6 +118,7 @@ class Router:
     def __init__(self, dispatchers: dict[str, Dispatcher] | None = None, sleep: Sleep = asyncio.sleep):
         self.litellm: Dispatcher = LitellmDispatcher()
         self.native = NativeOpenAIDispatcher()
+        self.anthropic = AnthropicNativeDispatcher(self.native, self.litellm)
         self.dispatchers: dict[str, Dispatcher] = {"demo": DemoDispatcher(), **(dispatchers or {})}
         self.breaker = CircuitBreaker()
         self._sleep = sleep
@@ -117,6 +127,8 @@ class Router:
         special = self.dispatchers.get(provider_of(deployment))
         if special is not None:
             return special
+        if uses_anthropic_native(deployment):
+            return self.anthropic
         return self.native if uses_native(deployment) else self.litellm
 
     async def warm_up(self, config: Config, timeout: float = 30.0) -> None:

@@ -29,7 +29,7 @@ CHAIN = ["metrics", *FULL_CHAIN, ACCOUNTING]
 
 def models(upstream: Any, *, pricing: dict[str, Any] | None = None, dispatch: str = "auto") -> list[dict[str, Any]]:
     """The test models, on the fake upstream; `pricing` adds a config price to gpt-4o,
-    `dispatch` picks how gpt-4o is called (auto = the native OpenAI-wire pass-through)."""
+    `dispatch` picks how gpt-4o and claude are called (auto = the native paths)."""
     openai_params = {"api_base": upstream.openai_base, "api_key": "sk-upstream-openai-SECRET"}
     gpt4o: dict[str, Any] = {"name": "gpt-4o", "litellm_params": {"model": "openai/gpt-4o", **openai_params},
                              "downgrade_to": "gpt-4o-mini", "dispatch": dispatch}
@@ -40,7 +40,7 @@ def models(upstream: Any, *, pricing: dict[str, Any] | None = None, dispatch: st
         {"name": "gpt-4o-mini", "litellm_params": {"model": "openai/gpt-4o-mini", **openai_params},
          "downgrade_to": "demo"},
         {"name": "claude", "litellm_params": {"model": "anthropic/claude-haiku-4-5", "api_base": upstream.url,
-                                             "api_key": "sk-ant-upstream-SECRET"}},
+                                             "api_key": "sk-ant-upstream-SECRET"}, "dispatch": dispatch},
         {"name": "embed", "litellm_params": {"model": "openai/text-embedding-3-small", **openai_params}},
         {"name": "demo", "litellm_params": {"model": "demo/offline"}},
     ]

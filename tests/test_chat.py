@@ -667,8 +667,10 @@ async def test_the_litellm_warm_up_runs_once_per_provider_it_serves_and_never_re
         {"name": "native", "dispatch": "native", "litellm_params": openai_params},
         {"name": "via-litellm", "dispatch": "litellm", "litellm_params": openai_params},
         {"name": "via-litellm-too", "dispatch": "litellm", "litellm_params": openai_params},
-        {"name": "claude", "litellm_params": {"model": "anthropic/claude-haiku-4-5", "api_base": upstream.url,
-                                              "api_key": "sk-ant-SECRET"}},
+        {"name": "claude", "dispatch": "litellm", "litellm_params": {
+            "model": "anthropic/claude-haiku-4-5", "api_base": upstream.url, "api_key": "sk-ant-SECRET"}},
+        {"name": "claude-native", "litellm_params": {"model": "anthropic/claude-haiku-4-5", "api_base": upstream.url,
+                                                     "api_key": "sk-ant-SECRET"}},  # native: nothing to warm
         {"name": "demo", "litellm_params": {"model": "demo/offline"}},
     ]})
     router = Router()

@@ -31,12 +31,13 @@ RETRY_AFTER_MAX = 0.3
 START_ENERGY = 10
 
 # Public model name per dispatch path; "<path>-down" is the same deployment on a dead port.
-PATHS = ["native", "litellm", "anthropic"]
+PATHS = ["native", "litellm", "anthropic", "anthropic-litellm"]  # anthropic: the native translation
 
 
 def _deployment(name: str, path: str, base: str, openai_base: str) -> dict[str, Any]:
-    if path == "anthropic":
-        return {"name": name, "timeouts": TIMEOUTS, "litellm_params": {
+    if path.startswith("anthropic"):
+        return {"name": name, "timeouts": TIMEOUTS, "dispatch": "litellm" if path == "anthropic-litellm" else "auto",
+                "litellm_params": {
             "model": "anthropic/claude-haiku-4-5", "api_base": base, "api_key": "sk-ant-upstream-SECRET"}}
     return {"name": name, "timeouts": TIMEOUTS, "dispatch": "native" if path == "native" else "litellm",
             "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": openai_base,
@@ -196,7 +197,7 @@ def _table() -> list[Any]:
 def test_an_upstream_fault_ends_in_the_right_answer_attempts_energy_and_one_usage_row(table, name, path):
     gw, upstream = table
     case = CASES[name]
-    if path == "native" and case.native is not None:
+    if path in ("native", "anthropic") and case.native is not None:  # the gateway's own HTTP client
         case = case.native
     upstream.reset()
     user_id, key = gw.make_user(workspace="faults", tier="pro", energy=START_ENERGY)
@@ -209,7 +210,7 @@ def test_an_upstream_fault_ends_in_the_right_answer_attempts_energy_and_one_usag
     assert (outcome, status) == (case.outcome, 200 if case.outcome != "status" else case.status)
     if case.code is not None:
         assert code == case.code
-    endpoint = "/messages" if path == "anthropic" else "/chat/completions"
+    endpoint = "/messages" if path.startswith("anthropic") else "/chat/completions"
     assert upstream.count(endpoint) == (0 if case.down else case.attempts)
     assert upstream.pending_faults == 0
     if name.startswith("429-retry-after"):

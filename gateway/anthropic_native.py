@@ -1,0 +1,331 @@
+"""The native Anthropic path: OpenAI chat completions to Anthropic's Messages API and back,
+over the gateway's own HTTP client, without litellm's per-call overhead.
+
+`litellm.acompletion` spends ~3 ms of CPU per call (request building, logging objects,
+its executor hop) to do what this module does in a few dozen microseconds: translate the
+OpenAI body to a Messages request, and the answer (or each SSE event) back to OpenAI's
+shapes. `dispatch: auto` sends `anthropic/...` models here; requests using something this
+translation does not cover (`n > 1`, `response_format` other than text, `logprobs`, audio,
+the legacy `functions`) go to litellm as before, so every request still works.
+
+Usage is reported as litellm reports it (tests/test_anthropic_parity.py holds both paths
+to the same client-visible results): `prompt_tokens` includes the cache reads and writes,
+which also appear in `prompt_tokens_details` and Anthropic's own top-level keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, AsyncIterator
+
+import orjson
+
+from gateway.config import ModelEntry
+from gateway.dispatch import StreamEnd, UpstreamError
+from gateway.errors import redact
+from gateway.native import _ERROR_BODY, _error_from, _json_object
+from gateway.upstream_http import Target, UpstreamProtocolError
+
+ANTHROPIC_DEFAULT_BASE = "https://api.anthropic.com"
+ANTHROPIC_VERSION = "2023-06-01"
+DEFAULT_MAX_TOKENS = 4096  # Anthropic requires one; models[].max_tokens_default sets the gateway's
+_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
+           "refusal": "content_filter", "pause_turn": "stop"}
+
+
+def covers(body: dict[str, Any]) -> bool:
+    """Whether this translation serves the request as litellm would (else litellm does)."""
+    if (body.get("n") or 1) > 1 or body.get("logprobs") or body.get("functions") or body.get("function_call"):
+        return False
+    if body.get("audio") or body.get("modalities") or body.get("prediction") or body.get("web_search_options"):
+        return False
+    fmt = body.get("response_format")
+    return not (isinstance(fmt, dict) and fmt.get("type") not in (None, "text"))
+
+
+def _model(deployment: ModelEntry) -> str:
+    model = deployment.litellm_params.model
+    return model.split("/", 1)[1] if model.startswith("anthropic/") else model
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+def _blocks(content: Any) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    blocks = []
+    for part in content or ():
+        if not isinstance(part, dict):
+            continue
+        if part.get("type") == "text":
+            blocks.append({"type": "text", "text": part.get("text", "")})
+        elif part.get("type") == "image_url":
+            url = (part.get("image_url") or {}).get("url", "") if isinstance(part.get("image_url"), dict) \
+                else str(part.get("image_url") or "")
+            if url.startswith("data:") and ";base64," in url:
+                media, data = url[5:].split(";base64,", 1)
+                blocks.append({"type": "image", "source": {"type": "base64", "media_type": media, "data": data}})
+            else:
+                blocks.append({"type": "image", "source": {"type": "url", "url": url}})
+    return blocks
+
+
+def _arguments(raw: Any) -> Any:
+    if isinstance(raw, dict):
+        return raw
+    try:
+        value = orjson.loads(raw or "{}")
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def to_messages_request(deployment: ModelEntry, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
+    system: list[str] = []
+    messages: list[dict[str, Any]] = []
+
+    def add(role: str, blocks: list[dict[str, Any]]) -> None:
+        if messages and messages[-1]["role"] == role:  # Anthropic alternates roles: merge runs
+            messages[-1]["content"].extend(blocks)
+        else:
+            messages.append({"role": role, "content": blocks})
+
+    for message in body.get("messages") or ():
+        role = message.get("role")
+        if role in ("system", "developer"):
+            system.append(_text(message.get("content")))
+        elif role == "user":
+            add("user", _blocks(message.get("content")))
+        elif role == "assistant":
+            blocks = _blocks(message.get("content"))
+            for call in message.get("tool_calls") or ():
+                function = call.get("function") or {}
+                blocks.append({"type": "tool_use", "id": call.get("id"), "name": function.get("name"),
+                               "input": _arguments(function.get("arguments"))})
+            if blocks:
+                add("assistant", blocks)
+        elif role == "tool":
+            add("user", [{"type": "tool_result", "tool_use_id": message.get("tool_call_id"),
+                          "content": _text(message.get("content"))}])
+    request: dict[str, Any] = {"model": _model(deployment), "messages": messages,
+                               "max_tokens": body.get("max_tokens") or body.get("max_completion_tokens")
+                               or DEFAULT_MAX_TOKENS}
+    if system:
+        request["system"] = "\n".join(system)
+    for key in ("temperature", "top_p"):
+        if body.get(key) is not None:
+            request[key] = body[key]
+    stop = body.get("stop")
+    if stop:  # Anthropic refuses whitespace-only stop sequences (litellm drops them too)
+        stops = [s for s in ([stop] if isinstance(stop, str) else stop) if isinstance(s, str) and s.strip()]
+        if stops:
+            request["stop_sequences"] = stops
+    if body.get("tools"):
+        request["tools"] = [{"name": t["function"]["name"], "description": t["function"].get("description", ""),
+                             "input_schema": t["function"].get("parameters") or {"type": "object", "properties": {}}}
+                            for t in body["tools"] if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+    choice = body.get("tool_choice")
+    if choice is not None and request.get("tools"):
+        if choice == "required":
+            request["tool_choice"] = {"type": "any"}
+        elif choice == "none":
+            request["tool_choice"] = {"type": "none"}
+        elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+            request["tool_choice"] = {"type": "tool", "name": choice["function"].get("name")}
+        else:
+            request["tool_choice"] = {"type": "auto"}
+        if body.get("parallel_tool_calls") is False:
+            request["tool_choice"]["disable_parallel_tool_use"] = True
+    if isinstance(body.get("user"), str):
+        request["metadata"] = {"user_id": body["user"]}
+    if stream:
+        request["stream"] = True
+    return request
+
+
+def _usage(usage: dict[str, Any]) -> dict[str, Any]:
+    read = int(usage.get("cache_read_input_tokens") or 0)
+    written = int(usage.get("cache_creation_input_tokens") or 0)
+    prompt = int(usage.get("input_tokens") or 0) + read + written
+    completion = int(usage.get("output_tokens") or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": read, "cache_creation_tokens": written},
+            "cache_read_input_tokens": read, "cache_creation_input_tokens": written}
+
+
+def from_message(message: dict[str, Any], model: str) -> dict[str, Any]:
+    text, calls = [], []
+    for block in message.get("content") or ():
+        if block.get("type") == "text":
+            text.append(block.get("text", ""))
+        elif block.get("type") == "tool_use":
+            calls.append({"id": block.get("id"), "type": "function", "function": {
+                "name": block.get("name"), "arguments": orjson.dumps(block.get("input") or {}).decode()}})
+    out_message: dict[str, Any] = {"role": "assistant", "content": "".join(text) or None}
+    if calls:
+        out_message["tool_calls"] = calls
+    return {"id": message.get("id"), "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": out_message, "logprobs": None,
+                         "finish_reason": _FINISH.get(message.get("stop_reason") or "end_turn", "stop")}],
+            "usage": _usage(message.get("usage") or {})}
+
+
+class AnthropicNativeDispatcher:
+    """Anthropic's Messages API over the shared native HTTP client; litellm for the rest."""
+
+    def __init__(self, native: Any, litellm: Any) -> None:
+        self.native = native
+        self.litellm = litellm
+        self._targets: dict[int, tuple[ModelEntry, Target, bytes, bytes]] = {}
+
+    def _target(self, deployment: ModelEntry) -> tuple[Target, bytes, bytes]:
+        cached = self._targets.get(id(deployment))
+        if cached is not None and cached[0] is deployment:
+            return cached[1:]
+        params = deployment.litellm_params
+        base = (params.api_base or ANTHROPIC_DEFAULT_BASE).rstrip("/")
+        url = base if base.endswith("/messages") else base + ("/messages" if base.endswith("/v1") else "/v1/messages")
+        lines = ["Content-Type: application/json", f"anthropic-version: {ANTHROPIC_VERSION}"]
+        if params.api_key:
+            lines.append(f"x-api-key: {params.api_key}")
+        head = "".join(f"{line}\r\n" for line in lines)
+        entry = (deployment, Target(url, proxy=getattr(deployment, "proxy", None)),
+                 (head + "Accept: application/json\r\n").encode("latin-1"),
+                 (head + "Accept: text/event-stream\r\n").encode("latin-1"))
+        if len(self._targets) > 1024:
+            self._targets.clear()
+        self._targets[id(deployment)] = entry
+        return entry[1:]
+
+    def _timeouts(self, deployment: ModelEntry, stream: bool) -> tuple[float, float]:
+        timeouts = deployment.timeouts
+        total = min(deployment.litellm_params.timeout or timeouts.total, timeouts.total)
+        if not stream:
+            total = min(total, timeouts.first_byte)
+        return total, min(timeouts.connect, total)
+
+    async def chat(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
+        if not covers(body):
+            return await self.litellm.chat(deployment, body)
+        target, headers, _ = self._target(deployment)
+        total, connect = self._timeouts(deployment, False)
+        payload = orjson.dumps(to_messages_request(deployment, body, stream=False))
+        response = None
+        try:
+            async with asyncio.timeout(total):
+                response = await self.native._send(target, headers, payload, connect)
+                raw = await response.read(_ERROR_BODY if response.status >= 400 else 64 * 1024 * 1024)
+            response.release()
+        except TimeoutError:
+            if response is not None:
+                response.close()
+            raise UpstreamError("timeout", f"the upstream did not answer within {total:g}s", status=504) from None
+        except UpstreamProtocolError as exc:
+            if response is not None:
+                response.close()
+            raise UpstreamError("bad_response", f"the upstream response was cut off: {exc}") from None
+        except BaseException:
+            if response is not None:
+                response.close()
+            raise
+        if response.status >= 400:
+            raise _error_from(response.status, response.headers, raw)
+        message = _json_object(raw, "response")
+        if not isinstance(message.get("content"), list):
+            raise UpstreamError("bad_response", "the upstream response had no content")
+        return from_message(message, _model(deployment))
+
+    async def embeddings(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
+        return await self.litellm.embeddings(deployment, body)
+
+    async def chat_stream(self, deployment: ModelEntry, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        if not covers(body):
+            async for chunk in self.litellm.chat_stream(deployment, body):
+                yield chunk
+            return
+        target, _, headers = self._target(deployment)
+        total, connect = self._timeouts(deployment, True)
+        payload = orjson.dumps(to_messages_request(deployment, body, stream=True))
+        try:
+            async with asyncio.timeout(total):
+                resp = await self.native._send(target, headers, payload, connect)
+        except TimeoutError:
+            raise UpstreamError("timeout", "the upstream did not answer in time", status=504) from None
+        finished = False
+        end = StreamEnd()
+        model = _model(deployment)
+        base: dict[str, Any] = {"id": None, "object": "chat.completion.chunk", "created": int(time.time()),
+                                "model": model}
+        usage: dict[str, Any] = {}
+        tools: dict[int, int] = {}  # Anthropic content block index -> OpenAI tool call index
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+        try:
+            if resp.status >= 400:
+                raw = await resp.read(_ERROR_BODY)
+                finished = True
+                raise _error_from(resp.status, resp.headers, raw)
+            data = b""
+            async for line in resp.iter_lines():
+                line = line.strip()
+                if line.startswith(b"data:"):
+                    data = line[5:].strip()
+                    continue
+                if line or not data:
+                    continue  # "event:" lines (the data names its type too), comments
+                event = _json_object(data, "stream event")
+                data = b""
+                kind = event.get("type")
+                if kind == "message_start":
+                    message = event.get("message") or {}
+                    base["id"] = message.get("id")
+                    usage.update(message.get("usage") or {})
+                    yield chunk({"role": "assistant", "content": ""})
+                elif kind == "content_block_start":
+                    block = event.get("content_block") or {}
+                    if block.get("type") == "tool_use":
+                        tools[event.get("index", 0)] = len(tools)
+                        yield chunk({"tool_calls": [{"index": tools[event.get("index", 0)], "id": block.get("id"),
+                                                     "type": "function", "function": {"name": block.get("name"),
+                                                                                      "arguments": ""}}]})
+                elif kind == "content_block_delta":
+                    delta = event.get("delta") or {}
+                    if delta.get("type") == "text_delta" and delta.get("text"):
+                        yield chunk({"content": delta["text"]})
+                    elif delta.get("type") == "input_json_delta" and event.get("index", 0) in tools:
+                        yield chunk({"tool_calls": [{"index": tools[event.get("index", 0)],
+                                                     "function": {"arguments": delta.get("partial_json", "")}}]})
+                elif kind == "message_delta":
+                    usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
+                    reason = (event.get("delta") or {}).get("stop_reason")
+                    final = chunk({}, _FINISH.get(reason or "end_turn", "stop"))
+                    end.observe(final)
+                    yield final
+                    yield {**base, "choices": [], "usage": _usage(usage)}
+                elif kind == "message_stop":
+                    finished = True
+                    return
+                elif kind == "error":
+                    error = event.get("error") or {}
+                    raise UpstreamError("truncated", f"the upstream stream failed: {redact(str(error.get('message')))}")
+            if not end.complete:
+                raise UpstreamError("truncated", "the upstream stream ended before message_delta")
+        except UpstreamError:
+            raise
+        except (UpstreamProtocolError, OSError) as exc:
+            if not end.complete:
+                raise UpstreamError("truncated", f"the upstream stream broke off: {type(exc).__name__}") from None
+        finally:
+            if finished:
+                resp.release()
+            else:
+                resp.close()
