@@ -98,6 +98,7 @@ def test_an_unknown_key_on_a_model_entry_is_an_error():
 
 def test_litellm_params_accept_provider_specific_keys():
     data = config_with()
+    data["models"][1]["dispatch"] = "litellm"  # on the native path it would be refused (test_upstream_conformance)
     data["models"][1]["litellm_params"]["api_version"] = "2024-06-01"
     assert load_config_data(data).models[1].litellm_params.model_dump()["api_version"] == "2024-06-01"
 
