@@ -92,6 +92,12 @@ class InsufficientEnergy(StoreError):
     """An adjustment would take a balance below zero. Nothing was changed."""
 
 
+class StoreUnavailable(StoreError):
+    """The database did not answer in time (store.timeout) or could not be reached. The
+    request fails closed; what was written, if anything, is settled by the usual paths
+    (a reservation left open is refunded by the stale-reservation sweeper)."""
+
+
 # ------------------------------------------------------------------------- entities
 
 ROLES = ("user", "workspace_admin")

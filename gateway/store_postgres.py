@@ -2,13 +2,20 @@
 
 Why it is built this way:
 
-* An asyncpg pool (1..10 connections). Unlike SQLite, concurrency is the database's job:
-  each operation runs in its own transaction on its own pooled connection, at READ
-  COMMITTED, and correctness comes from row locks, not from serializing the process.
-* Energy moves lock the user row first (``SELECT ... FOR UPDATE``), then do the lazy
-  refill, the check and the debit in Python and write them back in the same transaction.
-  Every balance change of one user is thus serialized, and ledger ids (taken under the
-  lock) are in the same order as the changes, so ``balance_after`` reads as a running sum.
+* An asyncpg pool (``store.pool_min_size``..``store.pool_max_size``, 1..10). Unlike
+  SQLite, concurrency is the database's job: each operation runs in its own transaction on
+  its own pooled connection, at READ COMMITTED, and correctness comes from row locks, not
+  from serializing the process. No session state (no reset query on release, only SET
+  LOCAL and transaction-scoped advisory locks), so it runs behind PgBouncer in transaction
+  pooling mode (``store.pgbouncer``: no prepared statement cache).
+* The hot path is one round trip: the reservations of one loop turn are one call of the
+  ``gw_reserve`` function (migration 5: refill, check, debit, ledger and reservation rows,
+  per request, as the Python version did); a full settlement batch (``settle_many``) and a
+  usage batch are one statement each, hence one implicit transaction.
+* Energy moves lock the user row first (``SELECT ... FOR UPDATE``), then refill, check and
+  debit in the same transaction. Every balance change of one user is thus serialized,
+  and ledger ids (taken under the lock) are in the same order as the changes, so
+  ``balance_after`` reads as a running sum.
 * Settle/refund is a conditional ``UPDATE reservations ... WHERE status = 'reserved'``: a
   concurrent second attempt waits for the first, re-checks the condition on the committed
   row and finds nothing to do.
@@ -25,6 +32,7 @@ Time columns are ``double precision`` epoch seconds, except ``ai_usage_logs.crea
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from contextlib import asynccontextmanager
@@ -46,6 +54,7 @@ from gateway.store import (
     Reservation,
     Store,
     StoreConflict,
+    StoreUnavailable,
     User,
     Workspace,
     check_amount,
@@ -283,6 +292,94 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         """,
     ),
+    (
+        # The reservation hot path as one call (PostgresStore.reserve_energy_soon): the
+        # reservations of one event-loop turn, in one statement and one transaction. Per
+        # element, exactly what reserve_energy did in six statements: lock the user row,
+        # refuse a duplicate request id, the lazy refill (gateway.store.compute_refill, in
+        # the same float arithmetic), the balance check, the debit with its ledger rows and
+        # the reservation row. The users' rows are locked first, in id order (two processes'
+        # groups lock in one order: no deadlock), then the elements run in input order, so
+        # the outcomes are those of reserving one after the other. An outcome
+        # per element, no exception: 'ok', 'short' (the refill, if any, is kept),
+        # 'not_found', 'conflict' (nothing written, as the rolled-back transaction did).
+        5,
+        """
+        CREATE FUNCTION gw_reserve(p_users text[], p_amounts bigint[], p_requests text[],
+                                   p_allowances bigint[], p_periods float8[], p_now float8[])
+        RETURNS TABLE (o_n integer, o_status text, o_balance bigint, o_refilled bigint)
+        LANGUAGE plpgsql AS $$
+        DECLARE
+            k        integer;
+            v_energy bigint;
+            v_at     float8;
+            v_new_at float8;
+            v_now    float8;
+            v_period float8;
+            v_due    boolean;
+            v_bal    bigint;
+        BEGIN
+            PERFORM 1 FROM users u WHERE u.id = ANY(p_users) ORDER BY u.id FOR UPDATE;
+            FOR k IN 1 .. coalesce(array_length(p_users, 1), 0) LOOP
+                o_n := k;
+                o_refilled := 0;
+                SELECT u.energy, u.refilled_at INTO v_energy, v_at
+                    FROM users u WHERE u.id = p_users[k] FOR UPDATE;
+                IF NOT FOUND THEN
+                    o_status := 'not_found'; o_balance := NULL; RETURN NEXT; CONTINUE;
+                END IF;
+                IF EXISTS (SELECT 1 FROM reservations r WHERE r.request_id = p_requests[k]) THEN
+                    o_status := 'conflict'; o_balance := v_energy; RETURN NEXT; CONTINUE;
+                END IF;
+                v_now := p_now[k];
+                v_period := p_periods[k];
+                v_due := false;
+                v_bal := v_energy;
+                v_new_at := v_at;
+                IF p_allowances[k] IS NOT NULL THEN
+                    IF v_at IS NULL THEN
+                        v_due := true; v_new_at := v_now;
+                    ELSIF v_now - v_at >= v_period THEN
+                        v_due := true;
+                        v_new_at := v_at + floor((v_now - v_at) / v_period) * v_period;
+                        WHILE v_new_at > v_now LOOP v_new_at := v_new_at - v_period; END LOOP;
+                        WHILE v_new_at + v_period <= v_now LOOP v_new_at := v_new_at + v_period; END LOOP;
+                    END IF;
+                    IF v_due THEN
+                        v_bal := greatest(v_energy, p_allowances[k]);
+                        o_refilled := v_bal - v_energy;
+                    END IF;
+                END IF;
+                IF v_bal < p_amounts[k] THEN
+                    IF v_due THEN
+                        UPDATE users SET energy = v_bal, refilled_at = v_new_at WHERE id = p_users[k];
+                        IF o_refilled > 0 THEN
+                            INSERT INTO energy_ledger (user_id, request_id, kind, amount, balance_after, reason, created_at)
+                            VALUES (p_users[k], NULL, 'refill', o_refilled, v_bal, NULL, v_now);
+                        END IF;
+                    END IF;
+                    o_status := 'short'; o_balance := v_bal; RETURN NEXT; CONTINUE;
+                END IF;
+                -- The reservation row first: a racing transaction that reuses this request
+                -- id (another user's) makes it a conflict here, before anything is written.
+                INSERT INTO reservations (request_id, user_id, amount, status, created_at)
+                    VALUES (p_requests[k], p_users[k], p_amounts[k], 'reserved', v_now)
+                    ON CONFLICT DO NOTHING;
+                IF NOT FOUND THEN
+                    o_status := 'conflict'; o_balance := v_energy; RETURN NEXT; CONTINUE;
+                END IF;
+                UPDATE users SET energy = v_bal - p_amounts[k], refilled_at = v_new_at WHERE id = p_users[k];
+                IF o_refilled > 0 THEN
+                    INSERT INTO energy_ledger (user_id, request_id, kind, amount, balance_after, reason, created_at)
+                    VALUES (p_users[k], NULL, 'refill', o_refilled, v_bal, NULL, v_now);
+                END IF;
+                INSERT INTO energy_ledger (user_id, request_id, kind, amount, balance_after, reason, created_at)
+                VALUES (p_users[k], p_requests[k], 'reserve', -p_amounts[k], v_bal - p_amounts[k], NULL, v_now);
+                o_status := 'ok'; o_balance := v_bal - p_amounts[k]; RETURN NEXT;
+            END LOOP;
+        END $$;
+        """,
+    ),
 ]
 
 # Array types for the one-statement batch insert (unnest of one array per column).
@@ -307,6 +404,7 @@ _USAGE_INSERT = (
     + " SELECT count(*) FROM ins"
 )
 
+_RESERVE = "SELECT o_n, o_status, o_balance, o_refilled FROM gw_reserve($1, $2, $3, $4, $5, $6)"
 _CREATED_AT = list(USAGE_COLUMNS).index("created_at")
 _USER_COLS = "id, workspace_id, name, tier, energy, refilled_at, created_at, disabled"
 _KEY_COLS = "id, user_id, workspace_id, prefix, role, created_at, revoked_at"
@@ -333,30 +431,75 @@ def _entry(r: asyncpg.Record) -> EnergyEntry:
                        r["balance_after"], r["reason"], r["created_at"])
 
 
+# Reservations sent in one gw_reserve call at most (a busier loop turn makes several).
+RESERVE_GROUP = 256
+
+
+class _Connection(asyncpg.Connection):
+    """No reset query on release: the store keeps no session state (every setting it makes
+    is SET LOCAL, every lock transaction-scoped), so asyncpg's default reset (advisory
+    unlock, CLOSE ALL, UNLISTEN, RESET ALL) would only cost a round trip per operation, and
+    behind PgBouncer in transaction mode it would run on whichever server it lands on. An
+    open transaction is still rolled back (asyncpg does that whatever this returns)."""
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
 class PostgresStore(Store):
-    def __init__(self, dsn: str, *, schema: str | None = None, url: str | None = None) -> None:
+    def __init__(self, dsn: str, *, schema: str | None = None, url: str | None = None,
+                 pool_min_size: int = 1, pool_max_size: int = 10, timeout: float | None = None,
+                 connect_timeout: float = 10.0, pgbouncer: bool = False,
+                 statement_cache_size: int | None = None) -> None:
         self.dsn = dsn
         self.schema = schema
         self.url = url or dsn
+        self.pool_min_size = pool_min_size
+        self.pool_max_size = pool_max_size
+        # Seconds a reservation may take (a pooled connection and the gw_reserve call); past
+        # it the request fails (closed) with StoreUnavailable. None: no bound.
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.pgbouncer = pgbouncer
+        # Behind PgBouncer (transaction pooling) a named prepared statement would outlive
+        # its transaction on a server connection the next transaction may not get.
+        self.statement_cache_size = (0 if pgbouncer else 100) if statement_cache_size is None \
+            else statement_cache_size
         self._pool: asyncpg.Pool | None = None
         self._partitions: set[tuple[int, int]] = set()  # (year, month) of the usage partitions made
+        self._reserving: list[tuple] = []  # this loop turn's reservations (reserve_energy_soon)
+        self._reserve_tasks: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------------ plumbing
 
     async def open(self) -> None:
         if self._pool is not None:
             return
-        settings = {"search_path": self.schema} if self.schema else None
+        # Behind PgBouncer a startup parameter is not carried to the server connections a
+        # transaction lands on: there the schema comes from PgBouncer (connect_query) or
+        # the role's search_path, and open() checks it is the configured one.
+        settings = {"search_path": self.schema} if self.schema and not self.pgbouncer else None
         self._pool = await asyncpg.create_pool(
-            self.dsn, min_size=1, max_size=10, server_settings=settings
+            self.dsn, min_size=min(self.pool_min_size, self.pool_max_size), max_size=self.pool_max_size,
+            server_settings=settings, statement_cache_size=self.statement_cache_size,
+            timeout=self.connect_timeout, connection_class=_Connection,
         )
         try:
             await self.migrate()
+            if self.schema and self.pgbouncer:
+                current = await self._fetchrow("SELECT current_schema() AS s")
+                if current["s"] != self.schema:
+                    raise RuntimeError(
+                        f"store.pgbouncer: the server connections' schema is {current['s']!r},"
+                        f" not {self.schema!r}: set it in PgBouncer (connect_query) or on the role")
         except BaseException:
             await self.close()
             raise
 
     async def close(self) -> None:
+        self._send_reservations()  # the ones queued this turn go out before the pool closes
+        if self._reserve_tasks:
+            await asyncio.gather(*self._reserve_tasks, return_exceptions=True)
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
@@ -382,6 +525,18 @@ class PostgresStore(Store):
             async with self.pool.acquire() as conn:
                 async with conn.transaction():
                     yield conn
+        except asyncpg.UniqueViolationError as exc:
+            raise StoreConflict(exc.detail or str(exc)) from exc
+        except asyncpg.ForeignKeyViolationError as exc:
+            raise NotFound(exc.detail or str(exc)) from exc
+
+    @asynccontextmanager
+    async def _single(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection for one statement, its own (implicit) transaction: no
+        BEGIN/COMMIT round trips. Errors reported as by _tx."""
+        try:
+            async with self.pool.acquire() as conn:
+                yield conn
         except asyncpg.UniqueViolationError as exc:
             raise StoreConflict(exc.detail or str(exc)) from exc
         except asyncpg.ForeignKeyViolationError as exc:
@@ -601,39 +756,78 @@ class PostgresStore(Store):
         return [_entry(r) for r in rows]
 
     async def reserve_energy(self, user_id, amount, request_id, *, refill=None, now=None):
+        return await self.reserve_energy_soon(user_id, amount, request_id, refill=refill, now=now)
+
+    def reserve_energy_soon(self, user_id, amount, request_id, *, refill=None, now=None):
+        # Queued for the end of this loop turn, then sent with the turn's other reservations
+        # as one gw_reserve call (migration 5): one round trip for all of them.
         check_amount(amount)
         now = now_or(now)
-        async with self._tx() as conn:
-            u = await conn.fetchrow(
-                "SELECT energy, refilled_at FROM users WHERE id = $1 FOR UPDATE", user_id
-            )
-            if u is None:
-                raise NotFound(f"user {user_id!r}")
-            # Checked under the user lock (a fresh snapshot at READ COMMITTED); the primary
-            # key still catches a race between two users reusing one request_id.
-            if await conn.fetchval("SELECT 1 FROM reservations WHERE request_id = $1",
-                                   request_id):
-                raise StoreConflict(f"request {request_id!r} already has a reservation")
-            r = compute_refill(u["energy"], u["refilled_at"], refill, now)
-            balance = r.balance
-            if r.due:
-                await conn.execute("UPDATE users SET energy = $2, refilled_at = $3 WHERE id = $1",
-                                   user_id, balance, r.refilled_at)
-                if r.delta > 0:
-                    await self._ledger_row(conn, user_id, None, "refill", r.delta, balance,
-                                           None, now)
-            if balance < amount:
-                return Reservation(False, balance, r.delta)  # the refill (if any) is kept
-            balance -= amount
-            await conn.execute("UPDATE users SET energy = $2 WHERE id = $1", user_id, balance)
-            await self._ledger_row(conn, user_id, request_id, "reserve", -amount, balance,
-                                   None, now)
-            await conn.execute(
-                "INSERT INTO reservations (request_id, user_id, amount, status, created_at)"
-                " VALUES ($1, $2, $3, 'reserved', $4)",
-                request_id, user_id, amount, now,
-            )
-        return Reservation(True, balance, r.delta)
+        compute_refill(0, None, refill, now)  # a bad refill is the caller's error, raised here
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        if not self._reserving:
+            loop.call_soon(self._send_reservations)
+        self._reserving.append((user_id, amount, request_id, refill, now, fut))
+        return fut
+
+    def _send_reservations(self) -> None:
+        jobs, self._reserving = self._reserving, []
+        for start in range(0, len(jobs), RESERVE_GROUP):
+            task = asyncio.ensure_future(self._reserve_group(jobs[start:start + RESERVE_GROUP]))
+            self._reserve_tasks.add(task)
+            task.add_done_callback(self._reserve_tasks.discard)
+
+    async def _reserve_group(self, jobs: list[tuple]) -> None:
+        try:
+            rows = await self._call_reserve(jobs)
+        except BaseException as exc:
+            if isinstance(exc, asyncpg.PostgresError) and len(jobs) > 1:
+                # The server refused the group, so nothing of it was written: each on its
+                # own, so one bad reservation fails only its own request.
+                for job in jobs:
+                    await self._reserve_group([job])
+                return
+            for job in jobs:
+                if not job[-1].done():
+                    job[-1].set_exception(self._unavailable(exc))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for row in rows:
+            user_id, _, request_id, _, _, fut = jobs[row["o_n"] - 1]
+            if fut.done():  # the caller gave up (cancelled); the sweeper refunds what it reserved
+                continue
+            status = row["o_status"]
+            if status == "ok":
+                fut.set_result(Reservation(True, row["o_balance"], row["o_refilled"]))
+            elif status == "short":
+                fut.set_result(Reservation(False, row["o_balance"], row["o_refilled"]))
+            elif status == "not_found":
+                fut.set_exception(NotFound(f"user {user_id!r}"))
+            else:
+                fut.set_exception(StoreConflict(f"request {request_id!r} already has a reservation"))
+
+    async def _call_reserve(self, jobs: list[tuple]) -> list[asyncpg.Record]:
+        args = ([j[0] for j in jobs], [j[1] for j in jobs], [j[2] for j in jobs],
+                [None if j[3] is None else j[3][0] for j in jobs],
+                [None if j[3] is None else float(j[3][1]) for j in jobs],
+                [j[4] for j in jobs])
+        # One statement is its own transaction: no BEGIN/COMMIT round trips.
+        if self.timeout is None:
+            async with self._single() as conn:
+                return await conn.fetch(_RESERVE, *args)
+        async with asyncio.timeout(self.timeout):
+            async with self._single() as conn:
+                return await conn.fetch(_RESERVE, *args)
+
+    def _unavailable(self, exc: BaseException) -> BaseException:
+        """What a reservation that could not reach the database raises."""
+        if isinstance(exc, (asyncio.TimeoutError, OSError, asyncpg.InterfaceError,
+                            asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError)):
+            return StoreUnavailable(f"the database did not answer the reservation"
+                                    f" ({type(exc).__name__}: {exc})")
+        return exc
 
     async def _finish_reservation(self, request_id, status, final_amount, kind, reason, now):
         """reserved -> settled/refunded, returning energy; None if not reserved."""
@@ -687,8 +881,9 @@ class PostgresStore(Store):
         if not request_ids:
             return 0
         now = now_or(now)
-        async with self._tx() as conn:
-            # One statement: close the open reservations, lock their users' rows in id
+        async with self._single() as conn:
+            # One statement, so one transaction and one round trip: close the open
+            # reservations, lock their users' rows in id
             # order (two processes' batches never deadlock; balance_after is then the
             # committed balance, as in settle_energy), and write one amount-0 settle row
             # each. A full settlement gives nothing back.
@@ -808,7 +1003,7 @@ class PostgresStore(Store):
         columns = [list(column) for column in zip(*values)]  # USAGE_COLUMNS order, as the statement
         await self._ensure_partitions(columns[_CREATED_AT])
         # One statement for the whole batch, so the count of inserted rows is exact.
-        async with self._tx() as conn:
+        async with self._single() as conn:
             return await conn.fetchval(_USAGE_INSERT, *columns)
 
     async def _ensure_partitions(self, times: list[datetime]) -> None:

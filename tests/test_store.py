@@ -38,6 +38,7 @@ from gateway.store import (
     open_store,
 )
 from gateway.store_postgres import MIGRATIONS as POSTGRES_MIGRATIONS
+from gateway.store_postgres import PostgresStore
 from gateway.store_sqlite import MIGRATIONS as SQLITE_MIGRATIONS
 from gateway.store_sqlite import SQLiteStore
 
@@ -1079,6 +1080,78 @@ async def test_a_locked_file_sends_write_behind_chunks_to_the_thread(loop_store)
     assert await asyncio.wait_for(settling, 15) == 40
     assert await loop_store.stale_reservations(time.time() + 10) == []
     await assert_ledger_consistent(loop_store, user.id)
+
+
+@pytest.mark.asyncio
+async def test_reservations_of_one_loop_turn_equal_one_by_one_on_each_backend(store, tmp_path, monkeypatch):
+    """The reservations of one loop turn go to PostgreSQL as one gw_reserve call (SQLite:
+    one group on the loop's connection); every outcome, ledger row and balance equals
+    reserving one at a time, refills, duplicates and unknown users included."""
+    calls = []
+    if isinstance(store, PostgresStore):
+        call = PostgresStore._call_reserve
+
+        async def recording(self, jobs):
+            calls.append(len(jobs))
+            return await call(self, jobs)
+
+        monkeypatch.setattr(PostgresStore, "_call_reserve", recording)
+    day = (10, 86400.0)
+
+    async def setup(s):
+        ws = await s.create_workspace("acme")
+        a = await s.create_user(ws.id, "free", energy=20, now=T0)
+        b = await s.create_user(ws.id, "free", energy=2, start_refill_period=True, now=T0)
+        await s.reserve_energy(a.id, 1, "dup", now=T0)
+        return a.id, b.id
+
+    def scenario(s, a, b):
+        later = T0 + 86400 * 2.5  # b is due a refill (top-up to 10) at its first reservation
+        return [s.reserve_energy(b, 4, "b1", refill=day, now=later),
+                s.reserve_energy(a, 5, "a1", now=T0),
+                s.reserve_energy(a, 5, "dup", now=T0),  # StoreConflict
+                s.reserve_energy(b, 4, "a1", refill=day, now=later),  # StoreConflict (a's id)
+                s.reserve_energy("usr_missing", 1, "m", now=T0),  # NotFound
+                s.reserve_energy(a, 50, "too-big", now=T0),  # not ok
+                s.reserve_energy(b, 4, "b2", refill=day, now=later),  # no second refill
+                s.reserve_energy(b, 4, "b3", refill=day, now=later),  # 10-4-4 = 2: short
+                s.reserve_energy(a, 7, "c", now=T0),
+                s.reserve_energy(a, 7, "d", now=T0)]  # 20-1-5-7 = 7: just enough
+
+    a, b = await setup(store)
+    calls.clear()
+    together = [_outcome(r) for r in await asyncio.gather(*scenario(store, a, b), return_exceptions=True)]
+    if isinstance(store, PostgresStore):
+        assert calls == [10]  # one call, one round trip
+    async with SQLiteStore(f"{tmp_path}/ref.db", loop_writes=False) as ref:
+        ra, rb = await setup(ref)
+        one_by_one = await _one_by_one(scenario(ref, ra, rb))
+        ref_ledgers = [await ref.ledger(ra), await ref.ledger(rb)]
+    assert together == one_by_one
+    assert [r if isinstance(r, str) else (r.ok, r.balance, r.refilled) for r in together] == [
+        (True, 6, 8), (True, 14, 0), "StoreConflict", "StoreConflict", "NotFound", (False, 14, 0),
+        (True, 2, 0), (False, 2, 0), (True, 7, 0), (True, 0, 0)]
+    strip = lambda es: [(e.request_id, e.kind, e.amount, e.balance_after, e.created_at) for e in es]
+    assert [strip(await store.ledger(a)), strip(await store.ledger(b))] == [strip(x) for x in ref_ledgers]
+    assert (await store.get_user(b)).refilled_at == T0 + 86400 * 2
+    for user_id in (a, b):
+        await assert_ledger_consistent(store, user_id)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("store_url", ["postgres"], indirect=True)
+async def test_postgres_reservations_queued_when_the_store_closes_still_run(store_url):
+    store = open_store(store_url)
+    await store.open()
+    ws = await store.create_workspace("acme")
+    user = await store.create_user(ws.id, "free", energy=100)
+    pending = [asyncio.ensure_future(store.reserve_energy(user.id, 1, f"r{i}")) for i in range(5)]
+    await asyncio.sleep(0)  # queued for this loop turn, not sent yet
+    assert store._reserving
+    await store.close()
+    assert all(r.ok for r in [await p for p in pending])
+    async with open_store(store_url) as again:
+        assert await again.balance(user.id) == 95
 
 
 @pytest.mark.asyncio
