@@ -1013,7 +1013,7 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
         if owns_store:
             from gateway.store import open_store
 
-            gw.store = open_store(config.store.url)
+            gw.store = open_store(config.store.url, **config.store.backend_options())
             await gw.store.open()
             services.store = gw.store
         services.directory = gw.directory = Directory(gw.store, config.auth.cache_ttl)

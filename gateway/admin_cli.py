@@ -119,7 +119,7 @@ async def open_store_or_explain(config: Any) -> Any:
     ApiError the commands print), not a traceback."""
     from gateway.store import open_store
 
-    store = open_store(config.store.url)
+    store = open_store(config.store.url, **config.store.backend_options())
     try:
         await store.open()
     except (OSError, asyncio.TimeoutError, ImportError) as exc:

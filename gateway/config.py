@@ -73,6 +73,25 @@ class StoreConfig(_Strict):
     # Raw usage rows older than this are dropped (e.g. 90d; PostgreSQL: whole months once
     # past it); the hourly rollup the reports read keeps their numbers. Unset: keep all.
     usage_retention: float | None = None
+    # PostgreSQL only (SQLite ignores them). The pool of each gateway process: behind
+    # PgBouncer, size it against PgBouncer's max_client_conn, not the server's.
+    pool_min_size: int = Field(1, ge=0)
+    pool_max_size: int = Field(10, ge=1)
+    # Seconds a reservation may wait for the database (a pooled connection and the call);
+    # past it the request fails closed with a 503 (store_unavailable).
+    timeout: float = Field(5.0, gt=0)
+    connect_timeout: float = Field(10.0, gt=0, description="seconds to open one connection")
+    # PgBouncer in transaction pooling mode in front: no prepared statements kept across
+    # transactions (statement_cache_size 0), the schema of ?schema= set by PgBouncer.
+    pgbouncer: bool = False
+    # asyncpg's prepared statement cache per connection; default 100, or 0 with pgbouncer.
+    statement_cache_size: int | None = Field(None, ge=0)
+
+    def backend_options(self) -> dict[str, Any]:
+        """Keyword arguments of gateway.store.open_store for these settings."""
+        return {"pool_min_size": self.pool_min_size, "pool_max_size": self.pool_max_size,
+                "timeout": self.timeout, "connect_timeout": self.connect_timeout,
+                "pgbouncer": self.pgbouncer, "statement_cache_size": self.statement_cache_size}
 
     @field_validator("url")
     @classmethod

@@ -755,12 +755,14 @@ class Store(abc.ABC):
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, **options: Any) -> Store:
     """A Store for `url` (not yet opened: call `await store.open()` or use `async with`).
 
     ``sqlite:///relative.db``, ``sqlite:////abs/path.db``, ``sqlite:///:memory:``,
-    ``postgresql://user@host:port/db[?schema=name]`` (``postgres://`` too). With
-    ``schema``, PostgreSQL tables live in that schema (created if missing).
+    ``postgresql://user@host:port/db[?schema=name][&pgbouncer=true]`` (``postgres://``
+    too). With ``schema``, PostgreSQL tables live in that schema (created if missing).
+    `options`: PostgreSQL's pool and timeout settings (StoreConfig.backend_options);
+    SQLite has none and ignores them.
     """
     if url.startswith("sqlite:///"):
         from gateway.store_sqlite import SQLiteStore
@@ -781,7 +783,9 @@ def open_store(url: str) -> Store:
             schema = query.pop("schema")[-1]
             if not _SCHEMA_NAME.match(schema):
                 raise ValueError(f"invalid schema name {schema!r}")
+        if "pgbouncer" in query:
+            options["pgbouncer"] = query.pop("pgbouncer")[-1].lower() in ("1", "true", "yes", "on")
         rest = "&".join(f"{k}={v}" for k, vs in query.items() for v in vs)
         dsn = parts._replace(query=rest).geturl()
-        return PostgresStore(dsn, schema=schema, url=url)
+        return PostgresStore(dsn, schema=schema, url=url, **options)
     raise ValueError(f"unsupported store URL {url!r} (sqlite:/// or postgresql://)")

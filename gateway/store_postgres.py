@@ -485,13 +485,13 @@ class PostgresStore(Store):
             timeout=self.connect_timeout, connection_class=_Connection,
         )
         try:
-            await self.migrate()
             if self.schema and self.pgbouncer:
-                current = await self._fetchrow("SELECT current_schema() AS s")
-                if current["s"] != self.schema:
+                path = (await self._fetchrow("SELECT current_setting('search_path') AS p"))["p"]
+                if path.split(",")[0].strip().strip('"') != self.schema:
                     raise RuntimeError(
-                        f"store.pgbouncer: the server connections' schema is {current['s']!r},"
+                        f"store.pgbouncer: the server connections' search_path is {path!r},"
                         f" not {self.schema!r}: set it in PgBouncer (connect_query) or on the role")
+            await self.migrate()
         except BaseException:
             await self.close()
             raise

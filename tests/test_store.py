@@ -24,6 +24,7 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import pytest
@@ -104,8 +105,9 @@ async def count_rows(url: str, table: str) -> int:
     if url.startswith("sqlite"):
         with sqlite3.connect(url[len("sqlite:///"):]) as db:
             return db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-    base, schema = url.split("?schema=")
-    conn = await asyncpg.connect(base)
+    parts = urlsplit(url)  # ?schema=...[&pgbouncer=true]
+    schema = parse_qs(parts.query)["schema"][-1]
+    conn = await asyncpg.connect(parts._replace(query="").geturl(), statement_cache_size=0)
     try:
         return await conn.fetchval(f'SELECT count(*) FROM "{schema}".{table}')
     finally:
