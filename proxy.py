@@ -56,7 +56,8 @@ from gateway.directory import Directory  # noqa: E402
 from gateway.feedback import feedback_routes  # noqa: E402
 from gateway.journal import EndingsJournal, journal_dir  # noqa: E402
 from gateway.dispatch import StreamEnd, UpstreamError, use_blocking_executor  # noqa: E402
-from gateway.errors import ApiError, internal_error  # noqa: E402
+from gateway.errors import ApiError, internal_error, store_unavailable  # noqa: E402
+from gateway.store import StoreUnavailable  # noqa: E402
 from gateway.router import Router, upstream_to_api_error  # noqa: E402
 from gateway.usage import finalize_usage, unpriced_models, usage_from_payload, warm_up  # noqa: E402
 from plugins import build_plugins, plugin_class, validate_plugin_settings  # noqa: E402
@@ -116,6 +117,9 @@ class Chain:
                 await plugin.on_request(ctx)
             except ApiError:
                 raise
+            except StoreUnavailable:  # fail closed, and say so: a 503 worth retrying
+                log.warning("plugin_request_store_unavailable", plugin=plugin.name, request_id=ctx.request_id)
+                raise store_unavailable(ctx.request_id) from None
             except Exception:  # fail closed: a broken gate rejects, never admits
                 log.exception("plugin_request_hook_failed", plugin=plugin.name, request_id=ctx.request_id)
                 raise internal_error(ctx.request_id) from None

@@ -77,3 +77,15 @@ def internal_error(request_id: str) -> ApiError:
         type="server_error",
         code="internal_error",
     )
+
+
+def store_unavailable(request_id: str) -> ApiError:
+    """The database did not answer a gating write (the reservation) within store.timeout:
+    the request fails closed, and says it is worth retrying."""
+    return ApiError(
+        503,
+        f"The gateway's database did not answer in time; retry shortly (request id {request_id}).",
+        type="server_error",
+        code="store_unavailable",
+        headers={"Retry-After": "1"},
+    )

@@ -66,7 +66,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.batcher import WriteBehind
 from gateway.config import parse_duration
-from gateway.errors import internal_error
+from gateway.errors import internal_error, store_unavailable
+from gateway.store import StoreUnavailable
 from plugins.base import Plugin, Reject, RequestContext
 
 BILLABLE = ("chat.completions", "embeddings")
@@ -339,7 +340,8 @@ class Energy(Plugin):
         if done.cancelled() or exc is not None:  # fail closed: no answer without a reservation
             log.error("energy_reservation_failed", request_id=ctx.request_id,
                       error=type(exc).__name__ if exc else "cancelled")
-            gate.set_result(internal_error(ctx.request_id))
+            gate.set_result(store_unavailable(ctx.request_id) if isinstance(exc, StoreUnavailable)
+                            else internal_error(ctx.request_id))
             return
         result = done.result()
         if result.ok:
@@ -356,9 +358,9 @@ class Energy(Plugin):
                                 candidates: list[str], balance: int) -> None:
         try:
             error = await self._reserve_first_affordable(ctx, action, refill, candidates, 1, balance)
-        except BaseException:
+        except BaseException as exc:
             log.exception("energy_reservation_failed", request_id=ctx.request_id)
-            error = internal_error(ctx.request_id)
+            error = store_unavailable(ctx.request_id) if isinstance(exc, StoreUnavailable) else internal_error(ctx.request_id)
         gate.set_result(error)
 
     async def _gate_settled(self, scratch: dict[str, Any]) -> None:
