@@ -24,6 +24,9 @@ Environment:
     BENCH_LOADGEN=auto       auto | python | wrk (auto: wrk if on PATH)
     BENCH_STREAMS=20         streamed requests per target; BENCH_CHUNKS=10, BENCH_CHUNK_DELAY_MS=20
     BENCH_PLUGINS=a,b        run the gateways with only these plugins of config.yaml's chain (ablation)
+    BENCH_STORE=sqlite       sqlite | postgres: the gateways' store (postgres: a fresh schema per
+                             gateway in BENCH_PG_URL, default postgresql://postgres@127.0.0.1:5432/test,
+                             dropped at the end)
 Results: a table on stdout and bench/results.json.
 """
 
@@ -219,10 +222,40 @@ class Target:
     pid: int | None = None
 
 
+PG_SCHEMAS: list[str] = []  # made by store_url, dropped by drop_pg_schemas
+
+
+def store_url(workdir: Path, variant: str) -> str:
+    if os.environ.get("BENCH_STORE", "sqlite") != "postgres":
+        return "sqlite:///" + str(workdir / f"{variant}.db")
+    schema = f"bench_{variant}_{os.getpid()}_{len(PG_SCHEMAS)}"
+    PG_SCHEMAS.append(schema)
+    return f"{os.environ.get('BENCH_PG_URL', 'postgresql://postgres@127.0.0.1:5432/test')}?schema={schema}"
+
+
+def drop_pg_schemas() -> None:
+    if not PG_SCHEMAS:
+        return
+    import asyncio
+
+    import asyncpg
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test"))
+        try:
+            for schema in PG_SCHEMAS:
+                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())
+    PG_SCHEMAS.clear()
+
+
 def gateway_config(workdir: Path, variant: str, upstream: str, dispatch: str) -> Path:
     config = {
         "server": {"host": "127.0.0.1", "port": 8080, "shutdown_grace": 2, "workers": 1},
-        "store": {"url": "sqlite:///" + str(workdir / f"{variant}.db")},
+        "store": {"url": store_url(workdir, variant)},
         "auth": {"default_tier": "pro"},
         "models": [
             {"name": GATEWAY_MODEL, "dispatch": dispatch,
@@ -593,6 +626,7 @@ def main() -> int:
         return 1
     finally:
         procs.stop_all()
+        drop_pg_schemas()
         if args.keep:
             log(f"kept {workdir}")
         else:

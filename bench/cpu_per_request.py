@@ -7,6 +7,9 @@ temp SQLite store, a pro user with huge energy; the same set-up as bench.py's fa
 then per run drives it with wrk at 32 connections for --seconds and reads the gateway's CPU time
 (utime + stime from /proc/PID/stat) before and after. Throughput depends on how busy the
 machine is; CPU per request much less so, which is why changes are compared by it.
+
+With BENCH_STORE=postgres (bench/bench.py) the gateway runs on PostgreSQL, and the CPU of
+the local server's processes (every `postgres` process, read the same way) is reported too.
 """
 
 from __future__ import annotations
@@ -25,6 +28,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu_seconds() -> float:
+    """utime + stime of every process named postgres (server, backends, background workers)."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if stat[stat.index("(") + 1:stat.rindex(")")] == "postgres":
+            fields = stat[stat.rindex(")") + 2:].split()
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return total
 
 
 def cpu_seconds(pid: int) -> float:
@@ -77,7 +97,8 @@ def main() -> int:
                               {"Authorization": f"Bearer {key}"}, pid=pid)
         bench.smoke_check(target)
         wrk_load(target, workdir, 2, args.connections)  # warm-up: caches and lazily built paths
-        per_request = []
+        per_request, pg_per_request = [], []
+        on_postgres = os.environ.get("BENCH_STORE") == "postgres"
         for run in range(args.runs):
             time.sleep(1.5)  # let the accounting writer drain the warm-up
             spy = None
@@ -85,20 +106,27 @@ def main() -> int:
                 spy = procs.start("py-spy", [str(Path(bench.PYTHON).parent / "py-spy"), "record", "-p", str(pid),
                                              "-d", str(round(args.seconds)), "-r", "250", "-f", "raw",
                                              "-o", str(Path(args.py_spy).resolve())])
-            before = cpu_seconds(pid)
+            before, pg_before = cpu_seconds(pid), postgres_cpu_seconds()
             result = wrk_load(target, workdir, args.seconds, args.connections)
             time.sleep(1.5)  # the write-behind flush belongs to these requests
             if spy is not None:
                 spy.wait(timeout=60)  # py-spy writes its file when its duration is over
             used = cpu_seconds(pid) - before  # idle CPU over the sleep is negligible
+            pg_used = postgres_cpu_seconds() - pg_before
             us = used / result["requests"] * 1e6
             rps = result["requests"] / (result["duration_us"] / 1e6)
             per_request.append(us)
+            pg = ""
+            if on_postgres:
+                pg_per_request.append(pg_used / result["requests"] * 1e6)
+                pg = f", PostgreSQL CPU {pg_used:.2f}s = {pg_per_request[-1]:.1f} us/request"
             print(f"run {run + 1}: {result['requests']} requests, {result['errors']} errors, "
-                  f"{rps:.0f} req/s, gateway CPU {used:.2f}s = {us:.1f} us/request", flush=True)
-        print(f"median: {statistics.median(per_request):.1f} us/request")
+                  f"{rps:.0f} req/s, gateway CPU {used:.2f}s = {us:.1f} us/request{pg}", flush=True)
+        print(f"median: {statistics.median(per_request):.1f} us/request"
+              + (f", PostgreSQL {statistics.median(pg_per_request):.1f} us/request" if on_postgres else ""))
     finally:
         procs.stop_all()
+        bench.drop_pg_schemas()
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
