@@ -40,7 +40,6 @@ import httpx  # noqa: E402
 from bench import HUGE_ENERGY, PYTHON, Processes, free_port, rss_kib, run_child, wait_http  # noqa: E402
 from gateway import usage_rollup  # noqa: E402
 from gateway.store import open_store  # noqa: E402
-from gateway.store_sqlite import ROLLUP_TRIGGER  # noqa: E402
 
 PG_URL = os.environ.get("GATEWAY_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 PG_SCHEMA = "bench_reports"
@@ -80,7 +79,7 @@ def seed_sqlite(path: str, n: int, now: float) -> None:
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode = WAL")
     db.execute("PRAGMA synchronous = OFF")
-    db.execute("DROP TRIGGER ai_usage_logs_rollup")  # rows in bulk, then the rollup in one GROUP BY
+    db.execute("DROP TRIGGER IF EXISTS ai_usage_logs_rollup")  # rows in bulk, then the rollup in one GROUP BY
     for start in range(0, n, CHUNK):
         stop = min(n, start + CHUNK)
         db.execute("BEGIN")
@@ -91,7 +90,6 @@ def seed_sqlite(path: str, n: int, now: float) -> None:
     db.execute("BEGIN")
     for sql in usage_rollup.backfill("sqlite"):
         db.execute(sql)
-    db.execute(ROLLUP_TRIGGER)
     db.execute("COMMIT")
     db.execute("ANALYZE")
     db.close()
