@@ -11,7 +11,8 @@ Why it is built this way:
 * The hot path is one round trip: the reservations of one loop turn are one call of the
   ``gw_reserve`` function (migration 5: refill, check, debit, ledger and reservation rows,
   per request, as the Python version did); a full settlement batch (``settle_many``) and a
-  usage batch are one statement each, hence one implicit transaction.
+  usage batch are one statement each, hence one implicit transaction; a refund or partial
+  settlement is one call of ``gw_finish`` (migration 6).
 * Energy moves lock the user row first (``SELECT ... FOR UPDATE``), then refill, check and
   debit in the same transaction. Every balance change of one user is thus serialized,
   and ledger ids (taken under the lock) are in the same order as the changes, so
@@ -65,13 +66,10 @@ from gateway.store import (
     compute_refill,
     hash_key,
     idempotency_decision,
-    kept_by_refill_reason,
     new_api_key,
     new_id,
     prepare_usage_rows,
     now_or,
-    returned_after_refills,
-    settlement_return,
 )
 
 MIGRATIONS: list[tuple[int, str]] = [
@@ -377,6 +375,59 @@ MIGRATIONS: list[tuple[int, str]] = [
                 VALUES (p_users[k], p_requests[k], 'reserve', -p_amounts[k], v_bal - p_amounts[k], NULL, v_now);
                 o_status := 'ok'; o_balance := v_bal - p_amounts[k]; RETURN NEXT;
             END LOOP;
+        END $$;
+        """,
+    ),
+    (
+        # A refund or a partial settlement (PostgresStore._finish_reservation) as one call:
+        # the same statements in the same order (the conditional update is the state
+        # machine; the user's row is locked before the refills since the reservation are
+        # summed, each statement a fresh snapshot), returning the balance, NULL when the
+        # reservation was not open. The reason note is gateway.store.kept_by_refill_reason's.
+        6,
+        """
+        CREATE FUNCTION gw_finish(p_request text, p_status text, p_final bigint, p_kind text,
+                                  p_reason text, p_now float8) RETURNS bigint
+        LANGUAGE plpgsql AS $$
+        DECLARE
+            v_user     text;
+            v_reserved bigint;
+            v_back     bigint;
+            v_refilled bigint;
+            v_returned bigint;
+            v_reason   text := p_reason;
+            v_balance  bigint;
+        BEGIN
+            UPDATE reservations SET status = p_status, finished_at = p_now
+                WHERE request_id = p_request AND status = 'reserved'
+                RETURNING user_id, amount INTO v_user, v_reserved;
+            IF NOT FOUND THEN
+                RETURN NULL;
+            END IF;
+            IF p_status = 'refunded' THEN
+                v_back := v_reserved;
+            ELSIF p_final IS NULL THEN
+                v_back := 0;
+            ELSE
+                v_back := v_reserved - least(p_final, v_reserved);
+            END IF;
+            UPDATE reservations SET final_amount = v_reserved - v_back WHERE request_id = p_request;
+            IF v_back > 0 THEN
+                PERFORM 1 FROM users WHERE id = v_user FOR NO KEY UPDATE;
+                SELECT COALESCE(SUM(amount), 0)::bigint INTO v_refilled FROM energy_ledger
+                    WHERE user_id = v_user AND kind = 'refill' AND id > (SELECT id FROM energy_ledger
+                        WHERE request_id = p_request AND kind = 'reserve');
+                v_returned := greatest(0, v_back - v_refilled);
+                IF v_returned < v_back THEN
+                    v_reason := CASE WHEN p_reason IS NULL OR p_reason = '' THEN '' ELSE p_reason || '; ' END
+                        || (v_back - v_returned) || ' not returned: a refill since the reservation covered it';
+                END IF;
+                v_back := v_returned;
+            END IF;
+            UPDATE users SET energy = energy + v_back WHERE id = v_user RETURNING energy INTO v_balance;
+            INSERT INTO energy_ledger (user_id, request_id, kind, amount, balance_after, reason, created_at)
+                VALUES (v_user, p_request, p_kind, v_back, v_balance, v_reason, p_now);
+            RETURN v_balance;
         END $$;
         """,
     ),
@@ -830,43 +881,11 @@ class PostgresStore(Store):
         return exc
 
     async def _finish_reservation(self, request_id, status, final_amount, kind, reason, now):
-        """reserved -> settled/refunded, returning energy; None if not reserved."""
-        now = now_or(now)
-        async with self._tx() as conn:
-            # The conditional update is the state machine: a concurrent second attempt
-            # blocks on the row, then re-evaluates the WHERE and updates nothing.
-            res = await conn.fetchrow(
-                "UPDATE reservations SET status = $2, finished_at = $3"
-                " WHERE request_id = $1 AND status = 'reserved' RETURNING user_id, amount",
-                request_id, status, now,
-            )
-            if res is None:
-                return None  # unknown, or already settled/refunded: never twice
-            reserved = res["amount"]
-            back = reserved if status == "refunded" else settlement_return(reserved, final_amount)
-            await conn.execute("UPDATE reservations SET final_amount = $2 WHERE request_id = $1",
-                               request_id, reserved - back)
-            if back > 0:  # refills since the reservation cap what comes back (returned_after_refills)
-                # The user's row first: a refill commits under that lock, so once we hold it
-                # the next statement (a fresh snapshot at READ COMMITTED) sees every refill.
-                await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE", res["user_id"])
-                refilled = await conn.fetchval(
-                    "SELECT COALESCE(SUM(amount), 0)::bigint FROM energy_ledger WHERE user_id = $1"
-                    " AND kind = 'refill' AND id > (SELECT id FROM energy_ledger"
-                    "  WHERE request_id = $2 AND kind = 'reserve')",
-                    res["user_id"], request_id,
-                )
-                returned = returned_after_refills(back, refilled)
-                if returned < back:
-                    reason = kept_by_refill_reason(reason, back - returned)
-                back = returned
-            balance = await conn.fetchval(
-                "UPDATE users SET energy = energy + $2 WHERE id = $1 RETURNING energy",
-                res["user_id"], back,
-            )
-            await self._ledger_row(conn, res["user_id"], request_id, kind, back, balance,
-                                   reason, now)
-        return balance
+        """reserved -> settled/refunded, returning energy; None if not reserved. One call of
+        gw_finish (migration 6): one statement, one round trip."""
+        async with self._single() as conn:
+            return await conn.fetchval("SELECT gw_finish($1, $2, $3, $4, $5, $6)", request_id, status,
+                                       final_amount, kind, reason, now_or(now))
 
     async def settle_energy(self, request_id, final_amount=None, *, now=None):
         if final_amount is not None:

@@ -296,6 +296,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     # PostgreSQL's gw_reserve function (one call per loop turn of reservations); here the
     # loop's own connection already groups them (_write_inline): nothing to install.
     (5, []),
+    (6, []),  # PostgreSQL's gw_finish (a refund or partial settlement in one call)
 ]
 USAGE_PRUNE_CHUNK = 2000  # raw rows deleted per transaction by prune_usage
 
