@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from gateway.anthropic_native import tool_input
 from gateway.errors import ApiError, bad_request
 
 MESSAGES_PARAMS = frozenset({
@@ -221,16 +222,6 @@ def _usage(usage: Any) -> dict[str, int]:
             "cache_read_input_tokens": cached, "cache_creation_input_tokens": written}
 
 
-def _arguments(raw: Any) -> Any:
-    if isinstance(raw, dict):
-        return raw
-    try:
-        value = orjson.loads(raw or "{}")
-    except orjson.JSONDecodeError:
-        return {"_raw": raw}
-    return value if isinstance(value, dict) else {"value": value}
-
-
 def from_openai(payload: dict[str, Any], model: str, usage: Any) -> dict[str, Any]:
     """An OpenAI chat completion as an Anthropic `message`."""
     choice = (payload.get("choices") or [{}])[0]
@@ -241,7 +232,7 @@ def from_openai(payload: dict[str, Any], model: str, usage: Any) -> dict[str, An
     for call in message.get("tool_calls") or ():
         function = call.get("function") or {}
         content.append({"type": "tool_use", "id": call.get("id") or f"toolu_{secrets.token_hex(8)}",
-                        "name": function.get("name"), "input": _arguments(function.get("arguments"))})
+                        "name": function.get("name"), "input": tool_input(function.get("arguments"))})
     return {"id": "msg_" + str(payload.get("id") or secrets.token_hex(12)), "type": "message", "role": "assistant",
             "model": model, "content": content,
             "stop_reason": _STOP_REASONS.get(choice.get("finish_reason") or "stop", "end_turn"),

@@ -77,7 +77,9 @@ def _blocks(content: Any) -> list[dict[str, Any]]:
     return blocks
 
 
-def _arguments(raw: Any) -> Any:
+def tool_input(raw: Any) -> dict[str, Any]:
+    """An OpenAI tool call's `arguments` (a JSON string) as an Anthropic tool_use `input`
+    (an object); what is not a JSON object becomes {}."""
     if isinstance(raw, dict):
         return raw
     try:
@@ -108,7 +110,7 @@ def to_messages_request(deployment: ModelEntry, body: dict[str, Any], *, stream:
             for call in message.get("tool_calls") or ():
                 function = call.get("function") or {}
                 blocks.append({"type": "tool_use", "id": call.get("id"), "name": function.get("name"),
-                               "input": _arguments(function.get("arguments"))})
+                               "input": tool_input(function.get("arguments"))})
             if blocks:
                 add("assistant", blocks)
         elif role == "tool":
