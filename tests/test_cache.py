@@ -12,7 +12,6 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import base_config
 from tests.fakes import Fault
 
 MSGS = [{"role": "user", "content": "What is the capital of France?"}]

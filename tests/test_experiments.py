@@ -94,7 +94,7 @@ def test_a_variant_the_tier_may_not_use_falls_back_to_the_control(gateway_factor
 def test_feedback_is_only_for_ones_own_requests_and_idempotent(gateway_factory, upstream, store_url):
     gw = gateway(gateway_factory)
     users = users_in_both_variants(gw)
-    (mine, my_key), (_, their_key) = users["current"], users["mini"]
+    (_, my_key), (_, their_key) = users["current"], users["mini"]
     request_id = ask(gw, my_key).headers["X-Request-Id"]
 
     def send(key, body):
