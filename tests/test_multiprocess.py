@@ -114,7 +114,11 @@ def test_two_processes_on_one_sqlite_file_spend_exactly_the_balance(tmp_path, up
 
         outcomes = asyncio.run(fire())
         assert outcomes.count(True) == AFFORDABLE
-        assert upstream.count("/chat/completions") == AFFORDABLE
+        # An overlapped reservation (plugins/energy.py) that the other process's spending
+        # made fail has had its upstream call discarded, unbilled; only a request that ended
+        # refused can have made one.
+        calls = upstream.count("/chat/completions")
+        assert AFFORDABLE <= calls <= AFFORDABLE + outcomes.count(False)
     finally:
         for server in servers:
             if server.poll() is None:
