@@ -219,27 +219,7 @@ class AnthropicNativeDispatcher:
         target, headers, _ = self._target(deployment)
         total, connect = self._timeouts(deployment, False)
         payload = orjson.dumps(to_messages_request(deployment, body, stream=False))
-        response = None
-        try:
-            async with asyncio.timeout(total):
-                response = await self.native._send(target, headers, payload, connect)
-                raw = await response.read(_ERROR_BODY if response.status >= 400 else 64 * 1024 * 1024)
-            response.release()
-        except TimeoutError:
-            if response is not None:
-                response.close()
-            raise UpstreamError("timeout", f"the upstream did not answer within {total:g}s", status=504) from None
-        except UpstreamProtocolError as exc:
-            if response is not None:
-                response.close()
-            raise UpstreamError("bad_response", f"the upstream response was cut off: {exc}") from None
-        except BaseException:
-            if response is not None:
-                response.close()
-            raise
-        if response.status >= 400:
-            raise _error_from(response.status, response.headers, raw)
-        message = _json_object(raw, "response")
+        message = await self.native.post_json(target, headers, payload, total, connect)
         if not isinstance(message.get("content"), list):
             raise UpstreamError("bad_response", "the upstream response had no content")
         return from_message(message, _model(deployment))

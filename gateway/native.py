@@ -212,10 +212,16 @@ class NativeOpenAIDispatcher:
     async def _post_json(self, deployment: ModelEntry, path: str, body: dict[str, Any],
                          endpoint: str) -> dict[str, Any]:
         target, headers, total, connect = self._target(deployment, path)
+        return await self.post_json(target, headers, self._body(deployment, body, endpoint), total, connect)
+
+    async def post_json(self, target: Target, headers: bytes, payload: bytes, total: float,
+                        connect: float) -> dict[str, Any]:
+        """POST `payload`, read the whole answer within `total`: its JSON object, or the
+        UpstreamError it amounts to (also for the native Anthropic path)."""
         response = None
         try:
             async with asyncio.timeout(total):
-                response = await self._send(target, headers, self._body(deployment, body, endpoint), connect)
+                response = await self._send(target, headers, payload, connect)
                 raw = await response.read(_ERROR_BODY if response.status >= 400 else MAX_BODY)
             response.release()
         except TimeoutError:
