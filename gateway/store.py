@@ -393,6 +393,9 @@ USAGE_COLUMNS: dict[str, str] = {
     # The A/B experiment and variant that served the request (plugins/experiments.py).
     "experiment": "text",
     "variant": "text",
+    # A cache hit's (cache_hit) would-be cost: its tokens at the model's prices, what the
+    # provider was not paid (gateway/usage.py). NULL on other rows and when unpriced.
+    "saved_usd": "float",
     "created_at": "time",
 }
 # Columns that are NOT NULL with a default: a missing or None value becomes the default.

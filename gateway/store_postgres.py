@@ -272,8 +272,8 @@ MIGRATIONS: list[tuple[int, str]] = [
         DROP TABLE ai_usage_logs_unpartitioned;
         CREATE INDEX energy_ledger_refunds ON energy_ledger (created_at) WHERE kind = 'refund';
         """
-        + ";\n".join(usage_rollup.all_tables_ddl("postgres")) + ";\n"
-        + ";\n".join(usage_rollup.backfill("postgres")) + ";",
+        + ";\n".join(usage_rollup.all_tables_ddl("postgres", usage_rollup.as_of(3))) + ";\n"
+        + ";\n".join(usage_rollup.backfill("postgres", families=usage_rollup.as_of(3))) + ";",
     ),
     (
         4,  # A/B experiments (plugins/experiments.py) and feedback (gateway/feedback.py)
@@ -430,6 +430,11 @@ MIGRATIONS: list[tuple[int, str]] = [
             RETURN v_balance;
         END $$;
         """,
+    ),
+    (
+        7,  # USD saved by the response cache: a hit's would-be cost, per row and in the rollups
+        "ALTER TABLE ai_usage_logs ADD COLUMN saved_usd double precision;\n"  # NULL: not a hit, or unpriced
+        + ";\n".join(usage_rollup.add_measure_ddl("postgres", "saved_usd")) + ";",
     ),
 ]
 

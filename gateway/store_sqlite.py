@@ -142,9 +142,9 @@ USAGE_CHUNK = 64  # usage rows per transaction of a write-behind batch
 # request on the fast path (bench/cpu_per_request.py: 451 vs 493 us), so it is dropped at
 # open and the statements run per chunk of up to USAGE_CHUNK rows instead.
 ROLLUP_SINCE = usage_rollup.backfill("sqlite", where="id > ?")
-ROLLUP_TRIGGER = (
+ROLLUP_TRIGGER = (  # as migration 3 made it (dropped at open since)
     "CREATE TRIGGER ai_usage_logs_rollup AFTER INSERT ON ai_usage_logs BEGIN "
-    + "; ".join(usage_rollup.backfill("sqlite", where="id = NEW.id"))
+    + "; ".join(usage_rollup.backfill("sqlite", where="id = NEW.id", families=usage_rollup.as_of(3)))
     + "; END"
 )
 
@@ -269,10 +269,10 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     (
         3,  # reports from the hourly rollup (gateway/usage_rollup.py), kept by a trigger
         [
-            *usage_rollup.all_tables_ddl("sqlite"),
+            *usage_rollup.all_tables_ddl("sqlite", usage_rollup.as_of(3)),
             "CREATE INDEX ai_usage_logs_user_created ON ai_usage_logs (user_id, created_at)",
             "CREATE INDEX energy_ledger_refunds ON energy_ledger (created_at) WHERE kind = 'refund'",
-            *usage_rollup.backfill("sqlite"),
+            *usage_rollup.backfill("sqlite", families=usage_rollup.as_of(3)),
             ROLLUP_TRIGGER,
         ],
     ),
@@ -297,6 +297,13 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     # loop's own connection already groups them (_write_inline): nothing to install.
     (5, []),
     (6, []),  # PostgreSQL's gw_finish (a refund or partial settlement in one call)
+    (
+        7,  # USD saved by the response cache: a hit's would-be cost, per row and in the rollups
+        [
+            "ALTER TABLE ai_usage_logs ADD COLUMN saved_usd REAL",  # NULL: not a hit, or unpriced
+            *usage_rollup.add_measure_ddl("sqlite", "saved_usd"),
+        ],
+    ),
 ]
 USAGE_PRUNE_CHUNK = 2000  # raw rows deleted per transaction by prune_usage
 

@@ -2,7 +2,8 @@
 
 ``usage_rollup`` holds one row per UTC hour x workspace x user x model x provider x action,
 ``usage_rollup_daily`` the same per UTC day, with every number a report needs: requests,
-errors, cache hits, downgrades, retries, tokens by class, USD cost, energy, latency and
+errors, cache hits, downgrades, retries, tokens by class, USD cost, USD saved by the response
+cache (``saved_usd``, what its hits would have cost), energy, latency and
 time-to-first-byte sums, maxima and histograms. The store keeps both up to date in the
 same transaction as the usage rows (SQLite: a trigger; PostgreSQL: the insert statement
 itself), so they are never behind the log, a retried (duplicate) row is counted once, and
@@ -30,7 +31,7 @@ key columns (NULLs would never conflict in the upsert) and read back as None.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 # Upper bounds (ms, inclusive) of the histogram buckets; a last bucket holds the rest.
@@ -49,8 +50,14 @@ SUMS: tuple[str, ...] = (
     "tokens_reasoning", "tokens_audio_in", "tokens_audio_out", "cost_usd", "unpriced", "energy",
     "latency_count", "latency_sum", "ttfb_count", "ttfb_sum",
     *(f"lat_{i}" for i in range(BUCKETS)), *(f"ttfb_{i}" for i in range(BUCKETS)),
+    "saved_usd",
 )
 MAXIMA = ("latency_max", "ttfb_max")
+USD = ("cost_usd", "saved_usd")  # the measures that are floats (the rest are counts)
+# Measures added after migration 3 created the rollups, with the migration that added each
+# (a column of its own in ai_usage_logs too): migration 3 builds and fills the tables as
+# they were then (`as_of(3)`), since an older store's rows have no such column yet.
+ADDED_IN: dict[str, int] = {"saved_usd": 7}
 
 
 @dataclass(frozen=True)
@@ -77,18 +84,35 @@ USERS = Family(("workspace_id", "user_id"), ("requests", "errors", "tokens_total
 FAMILIES = (MAIN, USERS)
 
 
+def as_of(version: int) -> tuple[Family, ...]:
+    """The families as migration `version` left them (without the measures added later)."""
+    return tuple(replace(f, sums=tuple(m for m in f.sums if ADDED_IN.get(m, 0) <= version)) for f in FAMILIES)
+
+
+def _column_type(dialect: str, measure: str) -> str:
+    if measure in USD:
+        return "REAL" if dialect == "sqlite" else "double precision"
+    return "INTEGER" if dialect == "sqlite" else "bigint"
+
+
 def table_ddl(dialect: str, family: Family, grain: str) -> str:
-    big = "INTEGER" if dialect == "sqlite" else "bigint"
-    real = "REAL" if dialect == "sqlite" else "double precision"
-    measures = ",\n".join(f"    {m} {real if m == 'cost_usd' else big} NOT NULL DEFAULT 0"
+    big = _column_type(dialect, "requests")
+    measures = ",\n".join(f"    {m} {_column_type(dialect, m)} NOT NULL DEFAULT 0"
                            for m in (*family.sums, *family.maxima))
     keys = ",\n".join(f"    {k} text NOT NULL" for k in family.keys)
     return (f"CREATE TABLE {family.tables[grain]} (\n    period {big} NOT NULL,  -- epoch seconds of the UTC {grain}\n"
             f"{keys},\n{measures},\n    PRIMARY KEY (period, {', '.join(family.keys)})\n)")
 
 
-def all_tables_ddl(dialect: str) -> list[str]:
-    return [table_ddl(dialect, f, grain) for f in FAMILIES for grain in f.tables]
+def all_tables_ddl(dialect: str, families: tuple[Family, ...] = FAMILIES) -> list[str]:
+    return [table_ddl(dialect, f, grain) for f in families for grain in f.tables]
+
+
+def add_measure_ddl(dialect: str, measure: str) -> list[str]:
+    """The statements adding a later measure (ADDED_IN) to the rollup tables that have it;
+    the rows already there read 0, as their raw rows (NULL in the new column) sum to."""
+    return [f"ALTER TABLE {f.tables[grain]} ADD COLUMN {measure} {_column_type(dialect, measure)} NOT NULL DEFAULT 0"
+            for f in FAMILIES if measure in f.sums for grain in f.tables]
 
 
 def _buckets(column: str, prefix: str) -> dict[str, str]:
@@ -129,6 +153,7 @@ _MEASURES: dict[str, str] = {
     **{c: f"SUM({c})" for c in ("tokens_prompt", "tokens_completion", "tokens_total", "tokens_cached",
                                  "tokens_cache_write", "tokens_reasoning", "tokens_audio_in", "tokens_audio_out")},
     "cost_usd": "COALESCE(SUM(cost_usd), 0)",
+    "saved_usd": "COALESCE(SUM(saved_usd), 0)",
     "unpriced": _flag("cost_usd IS NULL"),
     "energy": "SUM(energy_cost)",
     "latency_count": "COUNT(latency_ms)", "latency_sum": "COALESCE(SUM(latency_ms), 0)",
@@ -164,10 +189,11 @@ def upsert(dialect: str, family: Family, select_sql: str, grain: str) -> str:
             f" ON CONFLICT (period, {', '.join(family.keys)}) DO UPDATE SET {', '.join(sets)}")
 
 
-def backfill(dialect: str, source: str = "ai_usage_logs", where: str = "") -> list[str]:
+def backfill(dialect: str, source: str = "ai_usage_logs", where: str = "",
+             families: tuple[Family, ...] = FAMILIES) -> list[str]:
     """The statements adding the rows of `source` to every rollup."""
     return [upsert(dialect, f, rollup_select(dialect, f, source, where, grain), grain)
-            for f in FAMILIES for grain in f.tables]
+            for f in families for grain in f.tables]
 
 
 # What a report groups by -> (family, expression over its rows).
@@ -212,7 +238,7 @@ def totals_query(dialect: str, by: str | None, ranges: list[tuple[str, int, int]
     cols = [f"{key} AS key"] if key else []
     if by == "user":
         cols.append("MAX(workspace_id) AS workspace_id")
-    cols += [f"CAST(SUM({m}) AS {'DOUBLE PRECISION' if m == 'cost_usd' else 'BIGINT'}) AS {m}" for m in sums]
+    cols += [f"CAST(SUM({m}) AS {'DOUBLE PRECISION' if m in USD else 'BIGINT'}) AS {m}" for m in sums]
     cols += [f"CAST(MAX({m}) AS BIGINT) AS {m}" for m in maxima]
     sql = f"SELECT {', '.join(cols)} FROM ({' UNION ALL '.join(sources)}) AS u"
     if key:

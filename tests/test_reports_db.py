@@ -244,21 +244,28 @@ async def test_retention_drops_old_raw_rows_and_keeps_the_rollup(store_url):
 # ------------------------------------------------------------------------- migrations
 
 
-async def create_previous_release(url: str, rows: list[dict[str, Any]]) -> None:
-    """The schema of the release before the rollup (migrations 1 and 2), with usage rows."""
+async def create_previous_release(url: str, rows: list[dict[str, Any]], through: int = 2) -> None:
+    """The schema of the release before the rollup (migrations 1 and 2), with usage rows;
+    with `through`, the later migrations up to that one applied after the rows were written
+    (a store that went through every release since)."""
     cols = ["request_id", "user_id", "workspace_id", "action", "model", "cost_usd", "latency_ms",
             "tokens_total", "created_at"]
     if url.startswith("sqlite"):
         db = sqlite3.connect(url[len("sqlite:///"):])
         db.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
-        for version, statements in SQLITE_MIGRATIONS[:2]:
-            for sql in statements:
-                db.execute(sql)
-            db.execute("INSERT INTO schema_migrations VALUES (?, 0)", (version,))
+
+        def apply(migrations):
+            for version, statements in migrations:
+                for sql in statements:
+                    db.execute(sql)
+                db.execute("INSERT INTO schema_migrations VALUES (?, 0)", (version,))
+
+        apply(SQLITE_MIGRATIONS[:2])
         for r in rows:
             ts = datetime.fromtimestamp(r["created_at"], timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
             db.execute(f"INSERT INTO ai_usage_logs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                        [r[c] for c in cols[:-1]] + [ts])
+        apply(SQLITE_MIGRATIONS[2:through])
         db.commit()
         db.close()
         return
@@ -267,13 +274,18 @@ async def create_previous_release(url: str, rows: list[dict[str, Any]]) -> None:
     try:
         await conn.execute(f'CREATE SCHEMA "{schema}"')
         await conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY, applied_at double precision)")
-        for version, sql in PG_MIGRATIONS[:2]:
-            await conn.execute(sql)
-            await conn.execute("INSERT INTO schema_migrations VALUES ($1, 0)", version)
+
+        async def apply(migrations):
+            for version, sql in migrations:
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO schema_migrations VALUES ($1, 0)", version)
+
+        await apply(PG_MIGRATIONS[:2])
         for r in rows:
             await conn.execute(f"INSERT INTO ai_usage_logs ({', '.join(cols)}) VALUES "
                                f"({', '.join(f'${i}' for i in range(1, len(cols) + 1))})",
                                *[r[c] for c in cols[:-1]], datetime.fromtimestamp(r["created_at"], timezone.utc))
+        await apply(PG_MIGRATIONS[2:through])
     finally:
         await conn.close()
 
@@ -298,6 +310,30 @@ async def test_a_store_of_the_previous_release_is_migrated_without_losing_a_row(
         assert await store.insert_usage([{"request_id": "r_new", "created_at": base}]) == 1
         assert len(await store.usage_rows()) == 21
         assert (await store.usage_totals(None, base - 3600))[0]["requests"] == 21
+        assert await store.migrate() == []
+
+
+@pytest.mark.asyncio
+async def test_migration_7_adds_saved_usd_to_a_store_with_rollups_without_losing_a_row(store_url):
+    """A store of the release before `saved_usd` (migrations 1-6, its rollups built) moves
+    forward: its rows and report numbers kept, their saved USD 0 (nothing was recorded),
+    and new hits' saved USD summed by the rollups."""
+    base = NOW - 3 * DAY
+    rows = [{"request_id": f"r{i}", "user_id": f"usr_{i % 3}", "workspace_id": "ws_1", "action": "ai_message",
+             "model": "gpt-4o", "cost_usd": i / 8, "latency_ms": 100 + i, "tokens_total": 10 * i,
+             "created_at": base + i * 3600} for i in range(20)]
+    await create_previous_release(store_url, rows, through=6)
+    async with open_store(store_url) as store:
+        got = await store.usage_rows()
+        assert [(r["request_id"], r["cost_usd"], r["saved_usd"]) for r in got] == \
+               [(r["request_id"], r["cost_usd"], None) for r in rows]
+        before = (await store.usage_totals(None, base - 3600, now=NOW))[0]
+        assert (before["requests"], before["cost_usd"], before["saved_usd"]) == (20, sum(i / 8 for i in range(20)), 0)
+        hit = {"request_id": "r_hit", "workspace_id": "ws_1", "model": "gpt-4o", "cache_hit": True,
+               "cost_usd": 0.0, "saved_usd": 0.375, "created_at": base + 3600.5}
+        assert await store.insert_usage([hit]) == 1
+        after = (await store.usage_totals(None, base - 3600, now=NOW))[0]
+        assert (after["requests"], after["cache_hits"], after["saved_usd"]) == (21, 1, 0.375)
         assert await store.migrate() == []
 
 
