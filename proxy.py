@@ -549,8 +549,8 @@ async def _complete(request: web.Request, gw: Gateway, snap: Snapshot, ctx: Requ
     _finish_success(ctx, payload)
     ctx.first_byte_at = time.monotonic()
     snap.chain.answered(ctx)
-    if ctx.inbound == "anthropic":
-        payload = anthropic_inbound.from_openai(payload, ctx.model, ctx.usage)
+    if ctx.inbound == "anthropic":  # as the upstream sent it, or translated
+        payload = ctx.passthrough or anthropic_inbound.from_openai(payload, ctx.model, ctx.usage)
     response = await _send(request, _json_response(200, payload, ctx.response_headers))
     await snap.chain.end(ctx, wait=False)
     return response
@@ -724,8 +724,9 @@ def _body_reader(request: web.Request, snap: Snapshot, ctx: RequestContext, vali
 
     async def read_body() -> None:
         body = await read_json(request, snap.config.server.max_body_bytes)
-        if translate is not None:
-            body = translate(body)  # another API's request, as an OpenAI body
+        if translate is not None:  # another API's request, as an OpenAI body
+            ctx.inbound_body, body = body, translate(body)
+            ctx.inbound_translated = dict(body)
         model = require_model(body)
         validate(body, snap.config.extra_params(model))
         ctx.body = body

@@ -8,12 +8,16 @@ translated back: a `message` object, or Anthropic's SSE events (`message_start`,
 `content_block_start/delta/stop`, `message_delta`, `message_stop`), tool use included.
 Errors on this endpoint are Anthropic-shaped: `{"type": "error", "error": {"type", "message"}}`.
 
-Every upstream works this way (OpenAI-wire ones and, through litellm, Anthropic itself).
-For an Anthropic upstream that is two translations (Anthropic -> OpenAI here, OpenAI ->
-Anthropic in litellm) where a pass-through would need none: correct, not yet fast.
+To an Anthropic upstream on the native path (gateway/anthropic_native.py) the client's
+body is passed through instead (its `cache_control`, `thinking`, `top_k` blocks intact;
+only what the chain changed applied: the output bound, a system prompt a plugin set), and
+the message or the SSE events go back as Anthropic sent them (the model renamed to the
+public one); the chain still sees the OpenAI form, for usage and accounting. Other
+upstreams (OpenAI-wire, litellm-served) get the translation.
 
 Like the chat endpoint, only the API's own parameters are accepted (`MESSAGES_PARAMS`);
-`top_k` and `thinking`, which an OpenAI-wire model cannot take, are accepted and dropped.
+`top_k`, `thinking` and `service_tier`, which an OpenAI-wire model cannot take, reach an
+Anthropic upstream and are dropped for the others.
 """
 
 from __future__ import annotations
@@ -273,7 +277,19 @@ class StreamEncoder:
         self.open_kind = None
         return _event("content_block_stop", {"type": "content_block_stop", "index": self.block})
 
+    def _relayed(self) -> bytes | None:
+        """The upstream's own events (an Anthropic upstream, passed through), if any."""
+        relay = self.ctx.passthrough
+        if relay is None:
+            return None
+        out = b"".join(relay)
+        relay.clear()
+        return out
+
     def chunk(self, chunk: dict[str, Any]) -> bytes:
+        relayed = self._relayed()
+        if relayed is not None:
+            return relayed
         out = b"" if self.started else self._start(chunk)
         for choice in chunk.get("choices") or ():
             if choice.get("index", 0) != 0:
@@ -300,6 +316,9 @@ class StreamEncoder:
         return out
 
     def done(self) -> bytes:
+        relayed = self._relayed()
+        if relayed is not None:
+            return relayed
         out = (b"" if self.started else self._start({})) + self._close()
         out += _event("message_delta", {"type": "message_delta",
                                         "delta": {"stop_reason": self.stop_reason, "stop_sequence": None},

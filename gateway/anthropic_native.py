@@ -152,6 +152,58 @@ def to_messages_request(deployment: ModelEntry, body: dict[str, Any], *, stream:
     return request
 
 
+_FOLLOWS_BODY = frozenset({"model", "stream", "stream_options", "metadata", "user"})
+
+
+def _system_text(system: Any) -> str:
+    return system if isinstance(system, str) else "\n".join(
+        b.get("text", "") for b in system or () if isinstance(b, dict) and b.get("type") == "text")
+
+
+def passthrough_request(deployment: ModelEntry, body: dict[str, Any], inbound: dict[str, Any],
+                        translated: dict[str, Any], *, stream: bool) -> dict[str, Any] | None:
+    """The client's own Messages request for this deployment (POST /v1/messages to an
+    Anthropic upstream): its blocks as sent (`cache_control`, `thinking`, documents'
+    fields, `top_k` ...), with what the chain changed in the OpenAI body since it was
+    translated (`translated`) applied: the output bound, sampling parameters, a system
+    prompt a plugin set. None when the chain changed something else: then the request is
+    translated from the OpenAI body like any other (correct, just not verbatim)."""
+    request = {k: v for k, v in inbound.items() if k not in ("model", "metadata", "stream")}
+    request["model"] = _model(deployment)
+    user = (inbound.get("metadata") or {}).get("user_id")
+    if isinstance(user, str):  # the gateway's own metadata fields (action, ...) stay here
+        request["metadata"] = {"user_id": user}
+    if stream:
+        request["stream"] = True
+    for key in body.keys() | translated.keys():
+        new, old = body.get(key), translated.get(key)
+        if new is old or key in _FOLLOWS_BODY:
+            continue
+        if key in ("max_tokens", "max_completion_tokens"):
+            request["max_tokens"] = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_MAX_TOKENS
+        elif key in ("temperature", "top_p"):
+            if new is None:
+                request.pop(key, None)
+            else:
+                request[key] = new
+        elif key == "messages":
+            if not isinstance(new, list):
+                return None
+            kept = [m for m in new if m.get("role") not in ("system", "developer")]
+            was = [m for m in old if m.get("role") not in ("system", "developer")]
+            if len(kept) != len(was) or any(a is not b for a, b in zip(kept, was)):
+                return None  # the conversation itself was rewritten: translate it
+            system = "\n".join(_text(m.get("content")) for m in new if m.get("role") in ("system", "developer"))
+            if system != _system_text(inbound.get("system")):
+                if system:
+                    request["system"] = system
+                else:
+                    request.pop("system", None)
+        else:
+            return None
+    return request
+
+
 def _usage(usage: dict[str, Any]) -> dict[str, Any]:
     read = int(usage.get("cache_read_input_tokens") or 0)
     written = int(usage.get("cache_creation_input_tokens") or 0)
@@ -216,25 +268,52 @@ class AnthropicNativeDispatcher:
     async def chat(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
         if not covers(body):
             return await self.litellm.chat(deployment, body)
+        message = await self._message(deployment, to_messages_request(deployment, body, stream=False))
+        return from_message(message, _model(deployment))
+
+    async def _message(self, deployment: ModelEntry, request: dict[str, Any]) -> dict[str, Any]:
         target, headers, _ = self._target(deployment)
         total, connect = self._timeouts(deployment, False)
-        payload = orjson.dumps(to_messages_request(deployment, body, stream=False))
-        message = await self.native.post_json(target, headers, payload, total, connect)
+        message = await self.native.post_json(target, headers, orjson.dumps(request), total, connect)
         if not isinstance(message.get("content"), list):
             raise UpstreamError("bad_response", "the upstream response had no content")
+        return message
+
+    async def messages(self, deployment: ModelEntry, ctx: Any) -> dict[str, Any]:
+        """POST /v1/messages: the client's request passed through (`passthrough_request`);
+        the message as Anthropic sent it goes in `ctx.passthrough` for the client, its
+        OpenAI form is returned for the chain (usage, cache, idempotent replays)."""
+        request = passthrough_request(deployment, ctx.body, ctx.inbound_body, ctx.inbound_translated, stream=False)
+        if request is None:
+            return await self.chat(deployment, ctx.body)
+        message = await self._message(deployment, request)
+        ctx.passthrough = {**message, "model": ctx.model}
         return from_message(message, _model(deployment))
+
+    def messages_stream(self, deployment: ModelEntry, ctx: Any) -> AsyncIterator[dict[str, Any]]:
+        """The streamed form of `messages`: OpenAI chunks for the chain, and in
+        `ctx.passthrough` (a list) Anthropic's events as they came, for the client."""
+        request = passthrough_request(deployment, ctx.body, ctx.inbound_body, ctx.inbound_translated, stream=True)
+        if request is None:
+            return self.chat_stream(deployment, ctx.body)
+        ctx.passthrough = relay = []
+        return self._stream(deployment, request, relay, ctx.model)
 
     async def embeddings(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
         return await self.litellm.embeddings(deployment, body)
 
-    async def chat_stream(self, deployment: ModelEntry, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    def chat_stream(self, deployment: ModelEntry, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         if not covers(body):
-            async for chunk in self.litellm.chat_stream(deployment, body):
-                yield chunk
-            return
+            return self.litellm.chat_stream(deployment, body)
+        return self._stream(deployment, to_messages_request(deployment, body, stream=True))
+
+    async def _stream(self, deployment: ModelEntry, request: dict[str, Any], relay: list[bytes] | None = None,
+                      public_model: str = "") -> AsyncIterator[dict[str, Any]]:
+        """Anthropic's events as OpenAI chunks; with a `relay`, each event also appended to
+        it as the client gets it (its message's model named `public_model`)."""
         target, _, headers = self._target(deployment)
         total, connect = self._timeouts(deployment, True)
-        payload = orjson.dumps(to_messages_request(deployment, body, stream=True))
+        payload = orjson.dumps(request)
         try:
             async with asyncio.timeout(total):
                 resp = await self.native._send(target, headers, payload, connect)
@@ -265,8 +344,12 @@ class AnthropicNativeDispatcher:
                 if line or not data:
                     continue  # "event:" lines (the data names its type too), comments
                 event = _json_object(data, "stream event")
-                data = b""
                 kind = event.get("type")
+                if relay is not None and isinstance(kind, str) and kind.isidentifier() and kind != "error":
+                    if kind == "message_start" and isinstance(event.get("message"), dict):
+                        data = orjson.dumps({**event, "message": {**event["message"], "model": public_model}})
+                    relay.append(b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n")
+                data = b""
                 if kind == "message_start":
                     message = event.get("message") or {}
                     base["id"] = message.get("id")

@@ -243,9 +243,12 @@ class Router:
             if dispatcher is self.native:  # enforces the same limit in its ClientTimeout: cheaper
                 return await dispatcher.chat(deployment, ctx.body)
             limit = min(deployment.timeouts.total, deployment.timeouts.first_byte)
+            ctx.passthrough = None  # set again by a dispatcher that passes the body through
             try:
                 async with asyncio.timeout(limit):
-                    return await self.dispatcher_for(deployment).chat(deployment, ctx.body)
+                    if dispatcher is self.anthropic and ctx.inbound_body is not None:
+                        return await dispatcher.messages(deployment, ctx)
+                    return await dispatcher.chat(deployment, ctx.body)
             except TimeoutError:
                 raise UpstreamError("timeout", f"the upstream did not answer within {limit:g}s",
                                     status=504) from None
@@ -262,7 +265,12 @@ class Router:
         """Retries until the upstream produced its first chunk; returns it and the rest."""
 
         async def call(model: str, deployment: ModelEntry):
-            stream = self.dispatcher_for(deployment).chat_stream(deployment, ctx.body)
+            dispatcher = self.dispatcher_for(deployment)
+            ctx.passthrough = None  # set again by a dispatcher that passes the body through
+            if dispatcher is self.anthropic and ctx.inbound_body is not None:
+                stream = dispatcher.messages_stream(deployment, ctx)
+            else:
+                stream = dispatcher.chat_stream(deployment, ctx.body)
             try:
                 first = await self._timed(deployment, stream.__anext__(), "first_byte")
             except StopAsyncIteration:

@@ -136,6 +136,12 @@ class RequestContext:
     # The API the client speaks: "openai", or "anthropic" on POST /v1/messages (its body is
     # translated to an OpenAI one before the plugins that need it run; ctx.body is OpenAI's).
     inbound: str = "openai"
+    # On such an endpoint, the client's own body (its API's shape, allowlisted) and a copy
+    # of the OpenAI body it was translated to before any plugin rewrote ctx.body: a
+    # dispatcher that speaks the client's API (gateway/anthropic_native.py) passes the
+    # client's body through, applying only what the chain changed since.
+    inbound_body: dict[str, Any] | None = None
+    inbound_translated: dict[str, Any] | None = None
     identity: Identity | None = None
     action: str | None = None  # metadata.action / X-Action (energy price book)
     experiment: str | None = None  # the A/B experiment and variant serving it (plugins/experiments.py)
@@ -170,6 +176,10 @@ class RequestContext:
     # --- outcome, filled by the core ------------------------------------------------
     status: int | None = None
     response: dict[str, Any] | None = None  # non-stream response body sent to the client
+    # What the upstream sent in the inbound API's own shape when dispatch passed the body
+    # through (set per attempt; None when the answer was translated): the non-stream
+    # message, or the stream's raw events not yet written to the client.
+    passthrough: Any = None
     usage: Usage | None = None
     provider: str | None = None  # e.g. "openai", "anthropic"
     deployment: str | None = None  # the litellm model string that answered
