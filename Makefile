@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: install run test bench bench-reports lint check-config clean
+.PHONY: install run test bench bench-reports bench-multiprocess lint check-config clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ bench: install                ## throughput/latency table (see README)
 
 bench-reports: install        ## reports and /admin/metrics at 10M usage rows (BENCH_REPORT_ROWS=N to lower)
 	$(BIN)/python bench/reports_bench.py
+
+bench-multiprocess: install   ## req/s of 1, 2 and 3 gateway processes on one PostgreSQL and Redis (see README)
+	$(BIN)/python bench/multiprocess.py
 
 check-config: install
 	$(BIN)/python proxy.py check-config config.yaml

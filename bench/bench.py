@@ -282,14 +282,25 @@ def start_gateway(procs: Processes, workdir: Path, variant: str, upstream: str, 
     """Workspace + pro user via the CLI, then `proxy.py serve`; (base url, api key, pid)."""
     config = str(gateway_config(workdir, variant, upstream, dispatch))
     run_child([PYTHON, "proxy.py", "workspaces", "create", "bench", "--json", "--config", config], timeout=120)
+    api_key = create_user(config)
+    base, pid = serve(procs, config, f"gateway-{variant}")
+    return base, api_key, pid
+
+
+def create_user(config: str) -> str:
+    """A pro user with huge energy in the bench workspace, via the CLI; its API key."""
     created = json.loads(run_child([PYTHON, "proxy.py", "users", "create", "--workspace", "bench", "--tier", "pro",
                                     "--energy", str(HUGE_ENERGY), "--json", "--config", config], timeout=120))
+    return created["api_key"]
+
+
+def serve(procs: Processes, config: str, name: str) -> tuple[str, int]:
+    """`proxy.py serve` on a free port, once ready; (base url, pid)."""
     port = free_port()
-    name = f"gateway-{variant}"
     proc = procs.start(name, [PYTHON, "proxy.py", "serve", "--config", config, "--port", str(port)])
     base = f"http://127.0.0.1:{port}"
-    wait_http(base + "/health/ready", proc, 120, f"gateway ({variant})", procs, name)
-    return base, created["api_key"], proc.pid
+    wait_http(base + "/health/ready", proc, 120, name, procs, name)
+    return base, proc.pid
 
 
 def smoke_check(target: Target) -> None:
@@ -335,13 +346,16 @@ end
 """
 
 
-def wrk_load(target: Target, connections: int, seconds: float, warmup: float, workdir: Path) -> dict:
+def wrk_load(target: Target, connections: int, seconds: float, warmup: float, workdir: Path,
+             threads: int = 1, lua: str = "") -> dict:
+    """wrk at `connections` (split over `threads`); `lua` is added to the script (e.g. a
+    setup() that sends each thread somewhere else, as bench/multiprocess.py does)."""
     headers = {"Content-Type": "application/json", **target.headers}
     script = workdir / f"wrk-{target.name}.lua"
     script.write_text(WRK_SCRIPT.format(
         body=json.dumps(target.body),
-        headers="\n".join(f'wrk.headers["{k}"] = [==[{v}]==]' for k, v in headers.items())))
-    base = ["wrk", "-t1", f"-c{connections}", "--timeout", "30s", "-s", str(script)]
+        headers="\n".join(f'wrk.headers["{k}"] = [==[{v}]==]' for k, v in headers.items())) + lua)
+    base = ["wrk", f"-t{threads}", f"-c{connections}", "--timeout", "30s", "-s", str(script)]
     if warmup > 0:
         run_child(base + [f"-d{max(1, round(warmup))}s", target.url], timeout=warmup + 60)
     out = run_child(base + [f"-d{max(1, round(seconds))}s", target.url], timeout=seconds + 60)
