@@ -35,9 +35,13 @@ def _date(day_number: int) -> str:
     return datetime.fromtimestamp(day_number * 86400, timezone.utc).strftime("%Y-%m-%d")
 
 
+DAILY_MEASURES = ("errors", "tokens_total", "cost_usd", "cache_hits", "saved_usd")
+
+
 def daily(days: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"date": _date(d["key"]), "requests": d["requests"], "errors": d["errors"], "tokens": d["tokens_total"],
-             "cost_usd": round(d["cost_usd"], 6)} for d in sorted(days, key=lambda d: d["key"])]
+             "cost_usd": round(d["cost_usd"], 6), "cache_hits": d["cache_hits"], "saved_usd": round(d["saved_usd"], 6)}
+            for d in sorted(days, key=lambda d: d["key"])]
 
 
 def top_users(users: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -100,6 +104,8 @@ async def dashboard(store: Any, since: float, workspace_id: str | None = None, l
         "averageLatency": round(g("latency_sum") / g("latency_count"), 2) if g("latency_count") else 0.0,
         "errorRate": _rate(g("errors"), total),
         "cacheHitRate": _rate(g("cache_hits"), total),
+        "cacheHits": g("cache_hits"),
+        "savedUsd": round(t["saved_usd"], 6) if t else 0.0,  # what the cache's hits would have cost
         "providerDistribution": {p["key"] or "none": p["requests"] for p in providers},
         "modelDistribution": {m["key"] or "none": m["requests"] for m in models},
         "latencyP50": lat[50], "latencyP95": lat[95], "latencyP99": lat[99],
@@ -129,7 +135,7 @@ async def build_report(store: Any, kind: str, *, days: int = 7, workspace_id: st
         since = week_start(since)
     totals = functools.partial(store.usage_totals, since=since, workspace_id=workspace_id, now=now)
     if kind == "daily":
-        data: Any = daily(await totals("day", measures=("errors", "tokens_total", "cost_usd")))
+        data: Any = daily(await totals("day", measures=DAILY_MEASURES))
     elif kind == "top-users":
         data = top_users(await totals("user", limit=limit, measures=USER_MEASURES))
     elif kind == "actions":

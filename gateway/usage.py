@@ -36,6 +36,11 @@ less its classes:
 Classes are clamped so their sum never exceeds their total (a cached audio token is one
 token, not two). An unknown price gives `cost_usd = None` (logged at start-up by
 `unpriced_models`), never a made-up zero.
+
+An answer served without the provider (a response cache hit, an idempotent replay) costs
+0, and `saved_usd` is what it would have cost: its tokens (the stored answer's usage, its
+classes included) priced by the same rule, at the prices of the model's first deployment,
+the one dispatch tries first (or the model's `pricing`).
 """
 
 from __future__ import annotations
@@ -100,6 +105,23 @@ def usage_from_payload(payload: dict[str, Any]) -> Usage | None:
         audio_in_tokens=_int(prompt_details.get("audio_tokens")),
         audio_out_tokens=_int(completion_details.get("audio_tokens")),
     )
+
+
+def openai_usage(usage: Usage) -> dict[str, Any]:
+    """`usage` as OpenAI's chat usage object, the inverse of `usage_from_payload` (the
+    details only when a class is not 0)."""
+    out: dict[str, Any] = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                           "total_tokens": usage.total_tokens}
+    prompt = {k: v for k, v in (("cached_tokens", usage.cached_tokens),
+                                ("cache_creation_tokens", usage.cache_write_tokens),
+                                ("audio_tokens", usage.audio_in_tokens)) if v}
+    completion = {k: v for k, v in (("reasoning_tokens", usage.reasoning_tokens),
+                                    ("audio_tokens", usage.audio_out_tokens)) if v}
+    if prompt:
+        out["prompt_tokens_details"] = prompt
+    if completion:
+        out["completion_tokens_details"] = completion
+    return out
 
 
 @dataclass(frozen=True)
@@ -243,9 +265,10 @@ def estimate_usage(ctx: RequestContext) -> Usage:
 
 def finalize_usage(ctx: RequestContext) -> None:
     """Fill ctx.usage (estimating where needed) and ctx.cost_usd before the endings run."""
-    if ctx.endpoint == "models" or ctx.short_circuit is not None:
-        if ctx.short_circuit is not None:
-            ctx.cost_usd = 0.0  # a replay costs the provider nothing
+    if ctx.endpoint == "models":
+        return
+    if ctx.short_circuit is not None:
+        _price_saved(ctx)
         return
     dispatched = ctx.attempts > 0
     if not dispatched:
@@ -267,6 +290,17 @@ def finalize_usage(ctx: RequestContext) -> None:
         return
     ctx.unit_prices = prices_for(ctx.config, ctx.model, ctx.deployment)
     ctx.cost_usd = None if ctx.unit_prices is None else ctx.unit_prices.cost(ctx.usage)
+
+
+def _price_saved(ctx: RequestContext) -> None:
+    """A replay costs the provider nothing; `saved_usd` is what it would have cost
+    (module docstring), and `unit_prices` the prices that says."""
+    ctx.cost_usd = 0.0
+    if ctx.error is not None or ctx.usage is None:
+        return
+    entries = ctx.config.deployments(ctx.model)
+    ctx.unit_prices = prices_for(ctx.config, ctx.model, entries[0].litellm_params.model if entries else None)
+    ctx.saved_usd = None if ctx.unit_prices is None else ctx.unit_prices.cost(ctx.usage)
 
 
 def warm_up() -> None:

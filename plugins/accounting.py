@@ -17,7 +17,9 @@ plus request id, requested model, downgraded-from, status, error type, latency, 
 first byte, streamed, energy cost, cache hit, retries and whether usage was estimated,
 the token classes (`tokens_cached, tokens_cache_write, tokens_reasoning, tokens_audio_in,
 tokens_audio_out`: parts of the prompt / completion totals) and `unit_prices`, the USD per
-million tokens of each class that `cost_usd` was computed with (gateway/usage.py).
+million tokens of each class that `cost_usd` was computed with (gateway/usage.py). A row
+served from the response cache (or an idempotent replay) has `cache_hit`, `cost_usd` 0 and
+`saved_usd`, what its tokens would have cost (`unit_prices`: the prices that says).
 
 Rows never sit on the request's hot path: the ending hook appends the row to a bounded
 buffer and returns; a writer task (gateway/batcher.py) inserts batches in one transaction
@@ -92,6 +94,7 @@ def usage_row(ctx: RequestContext) -> dict[str, Any]:
         "unit_prices": ctx.unit_prices.per_million_json if ctx.unit_prices is not None else None,
         "experiment": ctx.experiment,
         "variant": ctx.variant,
+        "saved_usd": ctx.saved_usd,
         "created_at": time.time(),
     }
 
@@ -209,7 +212,7 @@ class Accounting(Plugin):
         fields = {k: row[k] for k in ("request_id", "user_id", "workspace_id", "prospect_id", "action", "provider",
                                       "model", "requested_model", "tokens_prompt", "tokens_completion",
                                       "tokens_total", "cost_usd", "energy_cost", "latency_ms", "usage_estimated",
-                                      "cache_hit", "streamed", "status")}
+                                      "cache_hit", "saved_usd", "streamed", "status")}
         if ctx.error is not None:
             events.info("ai_generation_failed", error_type=row["error_type"], **fields)
         else:

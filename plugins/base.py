@@ -192,6 +192,10 @@ class RequestContext:
     error: ApiError | None = None
     energy_cost: int = 0  # energy reserved for this request (refunded if it ends in error)
     cost_usd: float | None = None  # provider cost of the tokens; None = price unknown
+    # An answer served without the provider (a response cache hit, an idempotent replay):
+    # what it would have cost, its tokens at the model's prices (gateway/usage.py). None
+    # otherwise, or when the model has no known price.
+    saved_usd: float | None = None
     # The USD price of each token class that cost_usd was computed with (usage rows keep
     # it, so a later price change does not rewrite history). None when nothing was priced.
     unit_prices: "UnitPrices | None" = None

@@ -27,15 +27,18 @@ downgrades) and the request body with its keys sorted, minus the fields that do 
 the answer (`metadata`, `user`, `stream`, `stream_options`). An answer never crosses
 workspaces. Not cached (X-Cache: BYPASS): `n > 1`; sampled requests (`temperature` > 0,
 which OpenAI's default of 1 is, unless `cache_sampled: true`); a streamed answer with tool
-calls (its parts are not assembled here); an answer that failed or was cut off.
+calls (its parts are not assembled here); an answer that failed or was cut off, or whose
+usage the provider did not report (a hit's row must carry the real tokens).
 
 A stream is answered from the cache as a stream (one content chunk, the usage chunk when
 asked, `[DONE]`), a JSON request from a cached stream, and the other way round.
 `Cache-Control: no-cache` skips the lookup and refreshes the entry; `no-store` neither
 reads nor writes. Every cacheable request's answer carries `X-Cache: HIT | MISS | BYPASS`.
 
-A hit's usage row has `cache_hit = true`, cost 0 and the tokens the answer had; energy is
-the action's `cache_hit_price`. Concurrent identical misses in one process make one
+A hit's usage row has `cache_hit = true`, cost 0, the tokens the answer had (token classes
+included) and `saved_usd`, what those tokens would have cost at the model's prices
+(gateway/usage.py), which /admin/metrics and the dashboard sum; energy is the action's
+`cache_hit_price`. Concurrent identical misses in one process make one
 upstream call: the others wait for it and are served its answer as hits.
 
 A broken cache never fails a request: lookups and stores fail open (logged).
@@ -54,6 +57,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.config import parse_duration
+from gateway.usage import openai_usage
 from plugins.base import Plugin, RequestContext
 
 log = structlog.get_logger("gateway.cache")
@@ -184,17 +188,19 @@ def _repeatable(body: dict[str, Any], cache_sampled: bool) -> bool:
 
 
 def _answer_of(ctx: RequestContext) -> dict[str, Any] | None:
-    """The complete answer to store, as a chat.completion; None if it must not be."""
+    """The complete answer to store, as a chat.completion; None if it must not be. Its
+    usage is the provider's, token classes included (a hit's row carries those tokens and
+    the USD they would have cost): an answer whose usage was estimated is not stored."""
+    if ctx.usage is None or ctx.usage.estimated:
+        return None
     if ctx.stream:
-        if ctx.finish_reason in (None, "tool_calls", "function_call") or ctx.usage is None or ctx.usage.estimated:
+        if ctx.finish_reason in (None, "tool_calls", "function_call"):
             return None
-        usage = ctx.usage
         return {"id": f"chatcmpl-cache-{ctx.request_id}", "object": "chat.completion", "created": int(time.time()),
                 "model": ctx.model, "choices": [{"index": 0, "message": {"role": "assistant",
                                                                            "content": "".join(ctx.streamed_text)},
                                                  "logprobs": None, "finish_reason": ctx.finish_reason}],
-                "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-                          "total_tokens": usage.total_tokens}}
+                "usage": openai_usage(ctx.usage)}
     payload = ctx.response
     if not payload or not payload.get("choices") or any(not c.get("finish_reason") for c in payload["choices"]):
         return None

@@ -186,6 +186,7 @@ def test_an_idempotent_replay_is_a_cache_hit_row_that_cost_nothing(gateway_facto
     assert (first["cache_hit"], first["energy_cost"]) == (False, 2)
     assert first["cost_usd"] > 0
     assert (replay["cache_hit"], replay["status"], replay["energy_cost"], replay["cost_usd"]) == (True, 200, 0, 0.0)
+    assert replay["saved_usd"] == first["cost_usd"]  # the provider call it did not make
     assert replay["user_id"] == user_id
     assert upstream.count("/chat/completions") == 1
     assert gw.balance(user_id) == 98

@@ -147,3 +147,82 @@ def test_a_failed_answer_is_not_cached(gateway_factory, upstream):
         ask(gw, key)
     assert ask(gw, key)[0] == "MISS"
     assert httpx.get(gw.url + "/health").status_code == 200
+
+
+# --------------------------------------------------------------- USD saved by the cache
+
+# The fake upstream reports token classes; gpt-4o-mini in litellm's map (the test models'
+# deployment openai/gpt-4o-mini): $0.15 input, $0.075 cached input, $0.60 output (reasoning
+# has no price of its own: output) per million tokens.
+PROMPT, CACHED, COMPLETION, REASONING = 1000, 300, 400, 120
+MINI_COST = (PROMPT - CACHED) * 0.15e-6 + CACHED * 0.075e-6 + COMPLETION * 0.6e-6
+
+
+def report_token_classes(upstream):
+    upstream.prompt_tokens, upstream.completion_tokens = PROMPT, COMPLETION
+    upstream.cached_tokens, upstream.reasoning_tokens = CACHED, REASONING
+
+
+def ask_as(gw, key, stream):
+    if not stream:
+        return ask(gw, key)[0]
+    raw = gw.client(key).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=MSGS, temperature=0, stream=True, stream_options={"include_usage": True})
+    list(raw.parse())
+    return raw.headers.get("X-Cache")
+
+
+def admin_get(gw, path, key=None):
+    from tests.conftest import MASTER_KEY
+
+    response = httpx.get(gw.url + path, headers={"Authorization": f"Bearer {key or MASTER_KEY}"}, timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
+@pytest.mark.parametrize("miss_streamed,hit_streamed", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["json-json", "stream-json", "json-stream", "stream-stream"])
+def test_a_hits_usd_saved_is_exactly_what_the_miss_cost(gateway_factory, upstream, miss_streamed, hit_streamed):
+    """The hit's row: cost 0, the miss's tokens (classes included) and saved_usd equal to the
+    miss's cost_usd; /admin/metrics sums it (savedUsd) beside the real hit rate."""
+    report_token_classes(upstream)
+    gw = gateway_factory(plugins=chain(), energy=energy())
+    _, key = gw.make_user()
+    assert [ask_as(gw, key, miss_streamed), ask_as(gw, key, hit_streamed)] == ["MISS", "HIT"]
+    assert upstream.count("/chat/completions") == 1
+    gw.settle()
+    miss, hit = sorted(gw.run(gw.store.usage_rows()), key=lambda r: r["cache_hit"])
+    assert miss["cost_usd"] == pytest.approx(MINI_COST, rel=1e-9) and miss["saved_usd"] is None
+    assert (hit["cache_hit"], hit["cost_usd"], hit["saved_usd"]) == (True, 0.0, miss["cost_usd"])
+    classes = ("tokens_prompt", "tokens_completion", "tokens_cached", "tokens_reasoning")
+    assert [hit[c] for c in classes] == [miss[c] for c in classes] == [PROMPT, COMPLETION, CACHED, REASONING]
+    assert hit["unit_prices"] == miss["unit_prices"]  # the prices the saving was computed with
+    metrics = admin_get(gw, "/admin/metrics?window=1h")
+    assert (metrics["cacheHitRate"], metrics["cacheHits"]) == (0.5, 1)
+    assert metrics["savedUsd"] == metrics["totalCost"] == round(miss["cost_usd"], 6)
+    (today,) = admin_get(gw, "/admin/usage/daily?days=1")["rows"]
+    assert (today["cache_hits"], today["saved_usd"]) == (1, round(miss["cost_usd"], 6))
+
+
+def test_a_workspace_admin_sees_only_its_own_workspaces_savings(gateway_factory, upstream):
+    report_token_classes(upstream)
+    gw = gateway_factory(plugins=chain(), energy=energy())
+    _, acme = gw.make_user(workspace="acme")
+    _, globex = gw.make_user(workspace="globex")
+    _, acme_admin = gw.make_user(workspace="acme", role="workspace_admin")
+    assert [ask(gw, k)[0] for k in (acme, acme, acme, globex, globex)] == ["MISS", "HIT", "HIT", "MISS", "HIT"]
+    gw.settle()
+    everything = admin_get(gw, "/admin/metrics?window=1h")
+    own = admin_get(gw, "/admin/metrics?window=1h", acme_admin)
+    assert (everything["cacheHits"], own["cacheHits"], own["cacheHitRate"]) == (3, 2, round(2 / 3, 4))
+    assert everything["savedUsd"] == round(3 * MINI_COST, 6) and own["savedUsd"] == round(2 * MINI_COST, 6)
+
+
+def test_an_answer_whose_usage_the_provider_did_not_report_is_not_cached(gateway_factory, upstream):
+    """A hit's row must carry real tokens: an estimated answer is not stored."""
+    upstream.report_usage = False
+    gw = gateway_factory(plugins=chain(), energy=energy())
+    _, key = gw.make_user()
+    assert [ask(gw, key)[0], ask(gw, key)[0]] == ["MISS", "MISS"]
+    assert upstream.count("/chat/completions") == 2

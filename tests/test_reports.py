@@ -95,8 +95,9 @@ def cli_json(capsys: Any, config: Path, *args: str) -> dict[str, Any]:
 
 def expected(data: dict[str, Any]) -> dict[str, Any]:
     d3, d1 = day_of(data["t3"]), day_of(data["t1"])
-    daily = [{"date": d3, "requests": 2, "errors": 1, "tokens": 400, "cost_usd": 1.75},
-             {"date": d1, "requests": 2, "errors": 0, "tokens": 450, "cost_usd": 2.25}]
+    nothing_cached = {"cache_hits": 0, "saved_usd": 0.0}
+    daily = [{"date": d3, "requests": 2, "errors": 1, "tokens": 400, "cost_usd": 1.75, **nothing_cached},
+             {"date": d1, "requests": 2, "errors": 0, "tokens": 450, "cost_usd": 2.25, **nothing_cached}]
     if d3 == d1:  # impossible two days apart, but keep the arithmetic honest
         raise AssertionError("seed dates collapsed")
     top = [{"user_id": "usr_c", "workspace_id": data["globex"], "requests": 1, "tokens": 400, "cost_usd": 2.0,
@@ -134,7 +135,7 @@ def test_the_cli_reports_aggregate_the_usage_log_exactly(seeded, capsys):
     acme = cli_json(capsys, config, "usage", "daily", "--workspace", "acme")
     assert acme["workspace_id"] == data["acme"]
     assert acme["rows"] == [want["daily"][0], {"date": day_of(data["t1"]), "requests": 1, "errors": 0,
-                                               "tokens": 50, "cost_usd": 0.25}]
+                                               "tokens": 50, "cost_usd": 0.25, "cache_hits": 0, "saved_usd": 0.0}]
 
 
 def test_the_cli_weekly_report_warns_about_weeks_over_the_threshold(seeded):

@@ -45,12 +45,16 @@ def ref_daily(rows):
     days: dict[str, dict[str, Any]] = {}
     for row in rows:
         date = datetime.fromtimestamp(row["created_at"], timezone.utc).strftime("%Y-%m-%d")
-        d = days.setdefault(date, {"date": date, "requests": 0, "errors": 0, "tokens": 0, "cost_usd": 0.0})
+        d = days.setdefault(date, {"date": date, "requests": 0, "errors": 0, "tokens": 0, "cost_usd": 0.0,
+                                   "cache_hits": 0, "saved_usd": 0.0})
         d["requests"] += 1
         d["errors"] += 1 if row.get("error_type") else 0
         d["tokens"] += int(row.get("tokens_total") or 0)
         d["cost_usd"] += _cost(row)
-    return [{**d, "cost_usd": round(d["cost_usd"], 6)} for d in sorted(days.values(), key=lambda d: d["date"])]
+        d["cache_hits"] += 1 if row.get("cache_hit") else 0
+        d["saved_usd"] += row.get("saved_usd") or 0.0
+    return [{**d, "cost_usd": round(d["cost_usd"], 6), "saved_usd": round(d["saved_usd"], 6)}
+            for d in sorted(days.values(), key=lambda d: d["date"])]
 
 
 def ref_top_users(rows, limit=10):
@@ -107,6 +111,8 @@ def ref_dashboard(rows):
         "averageLatency": round(sum(latencies) / len(latencies), 2) if latencies else 0.0,
         "errorRate": round(sum(1 for r in rows if r.get("error_type")) / total, 4) if total else 0.0,
         "cacheHitRate": round(sum(1 for r in rows if r.get("cache_hit")) / total, 4) if total else 0.0,
+        "cacheHits": sum(1 for r in rows if r.get("cache_hit")),
+        "savedUsd": round(sum(r.get("saved_usd") or 0.0 for r in rows), 6),
         "providerDistribution": dict(Counter(r.get("provider") or "none" for r in rows)),
         "modelDistribution": dict(Counter(r.get("model") or "none" for r in rows)),
         "energySpent": sum(r["energy_cost"] for r in rows),
@@ -152,6 +158,8 @@ def seeded_rows(n: int = 400, seed: int = 7) -> list[dict[str, Any]]:
             "ttfb_ms": int(rnd.lognormvariate(5, 1)), "energy_cost": 0 if error else rnd.randint(0, 9),
             "cache_hit": rnd.random() < 0.2, "retries": rnd.choice([0, 0, 0, 1, 2]), "created_at": ts,
         })
+        if rows[-1]["cache_hit"]:  # what a hit would have cost; unknown (unpriced) for some
+            rows[-1]["saved_usd"] = None if rnd.random() < 0.1 else rnd.randint(1, 640) / 64
     return rows
 
 
