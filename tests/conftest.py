@@ -165,10 +165,17 @@ def second_upstream(server_thread):
 @pytest.fixture(params=["sqlite"])
 def store_url(request, tmp_path):
     """SQLite by default; tests that must hold for both backends parametrize with
-    `@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)`."""
-    if request.param == "postgres":
+    `@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)`
+    ("pgbouncer": PostgreSQL through a PgBouncer in transaction pooling mode)."""
+    if request.param in ("postgres", "pgbouncer"):
         schema = "t_" + uuid.uuid4().hex[:12]
-        yield f"{PG_URL}?schema={schema}"
+        if request.param == "pgbouncer":
+            from tests.pgbouncer import pgbouncer_url
+
+            with pgbouncer_url(schema, PG_URL) as url:
+                yield url
+        else:
+            yield f"{PG_URL}?schema={schema}"
         import asyncio
 
         import asyncpg

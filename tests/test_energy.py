@@ -336,7 +336,7 @@ def test_refill_tops_up_lazily_on_the_first_request_after_its_period(gateway_fac
 # --------------------------------------------------------------------------- concurrency
 
 
-@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres", "pgbouncer"], indirect=True)
 def test_concurrent_requests_spend_exactly_the_balance_and_no_more(gateway_factory, upstream):
     """200 requests at once from 4 users whose balances afford exactly half of them."""
     gw = gateway_factory()
@@ -450,7 +450,7 @@ def test_the_reservation_overlaps_the_upstream_call_but_nothing_is_sent_before_i
     assert Counter(kinds(gw.ledger(user_id))) == Counter({("grant", 20): 1, ("reserve", -2): 2, ("settle", 0): 2})
 
 
-@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres", "pgbouncer"], indirect=True)
 def test_an_overlapped_reservation_that_fails_downgrades_and_dispatches_again(gateway_factory, upstream, store_url):
     """Another process spent the balance this process last saw: the overlapped
     reservation for gpt-4o fails, so the request goes down its ladder exactly as without

@@ -10,7 +10,9 @@ balance_after is the running sum, never negative.
 
 PostgreSQL: GATEWAY_TEST_PG_URL (default postgresql://postgres@127.0.0.1:5432/test); each
 test gets its own schema, dropped afterwards. If the server is unreachable the postgres
-variants are skipped (with the reason shown), never silently passed.
+variants are skipped (with the reason shown), never silently passed. Every PostgreSQL test
+also runs through a PgBouncer in transaction pooling mode (the `pgbouncer` variant), as
+production may run it.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from gateway.store_postgres import MIGRATIONS as POSTGRES_MIGRATIONS
 from gateway.store_postgres import PostgresStore
 from gateway.store_sqlite import MIGRATIONS as SQLITE_MIGRATIONS
 from gateway.store_sqlite import SQLiteStore
+from tests.pgbouncer import pgbouncer_url
 
 # Both backends carry the same migrations, version for version.
 assert [v for v, _ in SQLITE_MIGRATIONS] == [v for v, _ in POSTGRES_MIGRATIONS]
@@ -53,9 +56,10 @@ T0 = 1_700_000_000.0  # a fixed "now" for tests that move time
 # ----------------------------------------------------------------------- fixtures
 
 
-@pytest_asyncio.fixture(params=["sqlite", "postgres"])
+@pytest_asyncio.fixture(params=["sqlite", "postgres", "pgbouncer"])
 async def store_url(request, tmp_path):
-    """A URL to an empty database of each backend."""
+    """A URL to an empty database of each backend; `pgbouncer`: PostgreSQL through a
+    PgBouncer in transaction pooling mode (tests/pgbouncer.py), started for the test."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/gateway.db"  # tmp_path is absolute: sqlite:////...
         return
@@ -67,12 +71,18 @@ async def store_url(request, tmp_path):
         pytest.skip(f"PostgreSQL unreachable at {PG_URL}: {exc}")
     await conn.close()
     schema = f"test_store_{secrets.token_hex(6)}"
-    yield f"{PG_URL}?schema={schema}"
-    conn = await asyncpg.connect(PG_URL)
     try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        if request.param == "pgbouncer":
+            with pgbouncer_url(schema, PG_URL) as url:
+                yield url
+        else:
+            yield f"{PG_URL}?schema={schema}"
     finally:
-        await conn.close()
+        conn = await asyncpg.connect(PG_URL)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
 
 
 @pytest_asyncio.fixture
@@ -1141,7 +1151,7 @@ async def test_reservations_of_one_loop_turn_equal_one_by_one_on_each_backend(st
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("store_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize("store_url", ["postgres", "pgbouncer"], indirect=True)
 async def test_postgres_reservations_queued_when_the_store_closes_still_run(store_url):
     store = open_store(store_url)
     await store.open()
