@@ -758,12 +758,16 @@ async def responses_create(request: web.Request) -> web.StreamResponse:
     ctx.inbound = "responses"
 
     async def answer() -> web.StreamResponse:
+        only = None if ctx.short_circuit is not None else await responses_inbound.previous_upstream(gw.store, ctx)
         if ctx.stream:
-            return await _responses_stream(request, gw, snap, ctx)
+            return await _responses_stream(request, gw, snap, ctx, only)
         dispatched = ctx.model
-        payload = ctx.short_circuit if ctx.short_circuit is not None else await responses_inbound.create(gw.router, ctx)
+        payload = ctx.short_circuit if ctx.short_circuit is not None else \
+            await responses_inbound.create(gw.router, ctx, only)
         if ctx.gate is not None and await _pass_gate(ctx, dispatched):
-            payload = await responses_inbound.create(gw.router, ctx)
+            payload = await responses_inbound.create(gw.router, ctx, only)
+        if ctx.short_circuit is None:
+            await responses_inbound.remember(gw.store, ctx, payload)
         payload["model"] = ctx.model
         ctx.response = payload
         ctx.usage = _usage_from(payload)
@@ -777,8 +781,8 @@ async def responses_create(request: web.Request) -> web.StreamResponse:
     return await _run(request, snap, ctx, answer, _body_reader(request, snap, ctx, validate_responses))
 
 
-async def _responses_stream(request: web.Request, gw: Gateway, snap: Snapshot,
-                            ctx: RequestContext) -> web.StreamResponse:
+async def _responses_stream(request: web.Request, gw: Gateway, snap: Snapshot, ctx: RequestContext,
+                            only: Callable[[Any], bool] | None) -> web.StreamResponse:
     """The Responses API's events, forwarded as they come; billed once `response.completed`
     (or `response.incomplete`) arrived, refunded otherwise."""
     chain = snap.chain
@@ -789,7 +793,7 @@ async def _responses_stream(request: web.Request, gw: Gateway, snap: Snapshot,
         pending = [("response.completed", {"response": ctx.short_circuit}, completed)]
     else:
         dispatched = ctx.model
-        first, upstream = await responses_inbound.open_stream(gw.router, ctx)
+        first, upstream = await responses_inbound.open_stream(gw.router, ctx, only)
         if ctx.gate is not None:
             try:
                 moved = await _pass_gate(ctx, dispatched)
@@ -798,7 +802,7 @@ async def _responses_stream(request: web.Request, gw: Gateway, snap: Snapshot,
                 raise
             if moved:
                 await _close_quietly(upstream)
-                first, upstream = await responses_inbound.open_stream(gw.router, ctx)
+                first, upstream = await responses_inbound.open_stream(gw.router, ctx, only)
         pending = []
     response = _EventStream(status=200, headers={
         **ctx.response_headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
@@ -811,6 +815,8 @@ async def _responses_stream(request: web.Request, gw: Gateway, snap: Snapshot,
             name, data, raw = event
             if name == "response.output_text.delta" and isinstance(data.get("delta"), str):
                 ctx.streamed_text.append(data["delta"])
+            elif name == "response.created" and upstream is not None and isinstance(data.get("response"), dict):
+                await responses_inbound.remember(gw.store, ctx, data["response"])
             if name in responses_inbound.TERMINAL:
                 ctx.usage = _usage_from(data.get("response") or {})
                 ctx.finish_reason = "stop" if name == "response.completed" else "length"
@@ -862,6 +868,26 @@ async def _responses_stream(request: web.Request, gw: Gateway, snap: Snapshot,
         ctx.client_disconnected = True
     await chain.end(ctx, error, wait=False)
     return response
+
+
+async def stored_response(request: web.Request) -> web.StreamResponse:
+    """GET/DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items: at the upstream
+    that stored it, for the user who created it (gateway/responses_inbound.py); free."""
+    gw = request.app[GATEWAY]
+    snap = gw.snapshot
+    ctx = _new_context(request, snap, "models", {})
+    ctx.inbound = "responses"
+
+    async def answer() -> web.StreamResponse:
+        tail = "/input_items" if request.path.endswith("/input_items") else ""
+        payload = await responses_inbound.stored(gw.router, gw.store, ctx, request.method,
+                                                 request.match_info["response_id"], tail, dict(request.query))
+        ctx.status = 200
+        response = await _send(request, _json_response(200, payload, ctx.response_headers))
+        await snap.chain.end(ctx, wait=False)
+        return response
+
+    return await _run(request, snap, ctx, answer)
 
 
 async def _write_raw(response: web.StreamResponse, ctx: RequestContext, data: bytes) -> None:
@@ -1092,6 +1118,10 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
     app.router.add_post("/chat/completions", chat_completions)
     app.router.add_post("/v1/responses", responses_create)
     app.router.add_post("/responses", responses_create)
+    for prefix in ("/v1", ""):
+        app.router.add_get(prefix + "/responses/{response_id}", stored_response, allow_head=False)
+        app.router.add_delete(prefix + "/responses/{response_id}", stored_response)
+        app.router.add_get(prefix + "/responses/{response_id}/input_items", stored_response, allow_head=False)
     app.router.add_post("/v1/messages", anthropic_messages)
     app.router.add_post("/v1/messages/count_tokens", anthropic_count_tokens)
     app.router.add_post("/v1/embeddings", embeddings)

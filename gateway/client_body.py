@@ -286,6 +286,10 @@ def validate_responses(body: dict[str, Any], extra: Iterable[str] = ()) -> None:
     if body.get("background"):
         raise bad_request("'background' responses are not supported by the gateway (their cost could not be "
                           "settled with the request)", param="background", code="unsupported_parameter")
+    if body.get("conversation") is not None:
+        raise bad_request("'conversation' is not supported by the gateway (a conversation is stored at the upstream "
+                          "where the gateway cannot tell whose it is); use previous_response_id",
+                          param="conversation", code="unsupported_parameter")
     _positive_int(body, "max_output_tokens")
     _check_metadata(body)
     check_nesting(body)

@@ -179,13 +179,15 @@ class NativeOpenAIDispatcher:
         payload["model"] = upstream_model(deployment)
         return orjson.dumps(payload)
 
-    async def _send(self, target: Target, headers: bytes, body: bytes, connect_timeout: float) -> Response:
+    async def _send(self, target: Target, headers: bytes, body: bytes, connect_timeout: float,
+                    method: str = "POST") -> Response:
         """The request sent and the final response's head received (same-origin 307/308
         followed); failures as UpstreamError. "dropped" (sent, then closed unanswered: the
         upstream may have processed it) is not retried by the router."""
         for _ in range(MAX_REDIRECTS + 1):
             try:
-                response = await self.http().post(target, headers, body, connect_timeout=connect_timeout)
+                response = await self.http().post(target, headers, body, connect_timeout=connect_timeout,
+                                                  method=method)
             except UpstreamConnectionError as exc:
                 raise UpstreamError("connection", f"could not reach the upstream: {exc}") from None
             except UpstreamDroppedError as exc:
@@ -215,13 +217,14 @@ class NativeOpenAIDispatcher:
         return await self.post_json(target, headers, self._body(deployment, body, endpoint), total, connect)
 
     async def post_json(self, target: Target, headers: bytes, payload: bytes, total: float,
-                        connect: float) -> dict[str, Any]:
-        """POST `payload`, read the whole answer within `total`: its JSON object, or the
-        UpstreamError it amounts to (also for the native Anthropic path)."""
+                        connect: float, method: str = "POST") -> dict[str, Any]:
+        """POST `payload` (or send it with another `method`), read the whole answer within
+        `total`: its JSON object, or the UpstreamError it amounts to (also for the native
+        Anthropic path)."""
         response = None
         try:
             async with asyncio.timeout(total):
-                response = await self._send(target, headers, payload, connect)
+                response = await self._send(target, headers, payload, connect, method)
                 raw = await response.read(_ERROR_BODY if response.status >= 400 else MAX_BODY)
             response.release()
         except TimeoutError:

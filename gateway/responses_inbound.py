@@ -9,23 +9,125 @@ is read from the `response` object or the stream's `response.completed` event.
 
 A model whose deployments are not OpenAI-wire (served through litellm: Anthropic, Bedrock,
 ...) answers a 400 naming it: use /v1/chat/completions or /v1/messages for those.
-`background: true` is refused (its cost could not be settled with the request).
-Retrieving or deleting a stored response (`GET/DELETE /v1/responses/{id}`) is not served yet.
+`background: true` is refused (its cost could not be settled with the request), and so is
+`conversation` (stored at the upstream, where the gateway cannot tell whose it is).
+
+A response the upstream stores (`store` is not false) is recorded in the gateway's store
+(`stored_responses`: its id, the user, the model, the upstream's base URL), so that
+`GET /v1/responses/{id}`, `GET /v1/responses/{id}/input_items` and
+`DELETE /v1/responses/{id}` go to the upstream that holds it, and `previous_response_id`
+continues it there, only for the user who created it: another user's id is a 404, as if
+it did not exist (an upstream account shared by every tenant would otherwise hand one
+user's conversation to another who learned its id).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+import re
+from typing import Any, AsyncIterator, Callable
+
+import structlog
 
 from gateway.config import ModelEntry
 from gateway.dispatch import UpstreamError
 from gateway.errors import ApiError
-from gateway.native import _ERROR_BODY, _error_from, _json_object
-from gateway.upstream_http import UpstreamProtocolError
+from gateway.native import _ERROR_BODY, _error_from, _json_object, OPENAI_DEFAULT_BASE
+from gateway.upstream_http import Target, UpstreamProtocolError
+
+log = structlog.get_logger("gateway.responses")
 
 TERMINAL = ("response.completed", "response.incomplete")  # a whole answer (incomplete: max tokens)
 FAILED = ("response.failed", "error")
+_RESPONSE_ID = re.compile(r"[A-Za-z0-9_-]{1,200}")
+_ITEM_QUERY = ("after", "before", "limit", "order", "include[]", "include")  # input_items' parameters
+_UPSTREAM = "responses"  # ctx.scratch namespace: the upstream that answered
+
+
+def upstream_of(deployment: ModelEntry) -> str:
+    """Where a deployment's stored responses live: its base URL (not its key, so that a
+    rotated provider key still reaches what was stored before)."""
+    return (deployment.litellm_params.api_base or OPENAI_DEFAULT_BASE).rstrip("/")
+
+
+def _caller(ctx: Any) -> tuple[str, str]:
+    identity = ctx.identity
+    return ("", "") if identity is None else (identity.user_id, identity.workspace_id)
+
+
+def _not_found(response_id: str, param: str | None = None) -> ApiError:
+    return ApiError(404, f"No response with id '{response_id}' was found.", type="invalid_request_error",
+                    param=param, code="response_not_found")
+
+
+async def _owned(store: Any, ctx: Any, response_id: str, param: str | None = None) -> dict[str, Any]:
+    """The stored response's record if the caller created it; else 404, whoever's it is."""
+    record = await store.stored_response(response_id) if _RESPONSE_ID.fullmatch(response_id) else None
+    if record is None or record["user_id"] != _caller(ctx)[0]:
+        raise _not_found(response_id, param)
+    return record
+
+
+async def previous_upstream(store: Any, ctx: Any) -> Callable[[ModelEntry], bool] | None:
+    """For a body with `previous_response_id`: the caller's own response, continued on the
+    upstream that holds it (a filter of deployments for the router); None without one."""
+    previous = ctx.body.get("previous_response_id")
+    if previous is None:
+        return None
+    upstream = (await _owned(store, ctx, previous, "previous_response_id"))["upstream"]
+    if not any(upstream_of(d) == upstream for d in ctx.config.deployments(ctx.model)):
+        raise ApiError(400, f"The previous response '{previous}' is stored at an upstream that model "
+                            f"'{ctx.model}' is not served by; continue it with the model that created it.",
+                       param="previous_response_id", code="previous_response_elsewhere")
+    return lambda deployment: upstream_of(deployment) == upstream
+
+
+async def remember(store: Any, ctx: Any, payload: dict[str, Any]) -> None:
+    """Record a response the upstream stored, before the client can ask for it again.
+    Fails open: the answer stands (and is billed) if the record cannot be written."""
+    response_id = payload.get("id")
+    if not isinstance(response_id, str) or payload.get("store") is False or _UPSTREAM not in ctx._scratch:
+        return
+    user_id, workspace_id = _caller(ctx)
+    try:
+        await store.remember_response(response_id, user_id, workspace_id, ctx.model,
+                                      ctx.scratch(_UPSTREAM)["upstream"])
+    except Exception as exc:
+        log.warning("stored_response_not_recorded", request_id=ctx.request_id, error=type(exc).__name__)
+
+
+async def stored(router: Any, store: Any, ctx: Any, method: str, response_id: str, tail: str = "",
+                 query: dict[str, str] | None = None) -> dict[str, Any]:
+    """GET or DELETE a stored response (or GET its input items, `tail`), at the upstream
+    that holds it, for the user who created it."""
+    record = await _owned(store, ctx, response_id)
+    config = ctx.config
+    names = [record["model"], *(m for m in config.model_names() if m != record["model"])]
+    deployments = [d for m in names for d in config.deployments(m)
+                   if upstream_of(d) == record["upstream"] and router.dispatcher_for(d) is router.native]
+    if not deployments:
+        raise ApiError(404, f"The response '{response_id}' is stored at an upstream no configured model uses "
+                            f"any more.", type="invalid_request_error", code="response_not_found")
+    args = "&".join(f"{k}={v}" for k, v in (query or {}).items() if k in _ITEM_QUERY and re.fullmatch(
+        r"[A-Za-z0-9_.,\-]{1,200}", v))
+    for deployment in deployments:  # the same upstream under several keys: the one that has it
+        target, headers, total, connect = router.native._target(deployment, "/responses")
+        url = f"{target.url}/{response_id}{tail}" + (f"?{args}" if args else "")
+        try:
+            payload = await router.native.post_json(Target(url, proxy=deployment.proxy), headers, b"", total,
+                                                    connect, method=method)
+        except UpstreamError as err:
+            if err.status == 404:
+                continue
+            from gateway.router import upstream_to_api_error
+
+            raise upstream_to_api_error(err, 1) from None
+        if payload.get("object") == "response":
+            payload["model"] = record["model"]
+        if method == "DELETE":
+            await store.forget_response(response_id)
+        return payload
+    raise _not_found(response_id)
 
 
 def _require_native(router: Any, model: str, deployment: ModelEntry) -> None:
@@ -37,24 +139,28 @@ def _require_native(router: Any, model: str, deployment: ModelEntry) -> None:
                        code="responses_not_supported")
 
 
-async def create(router: Any, ctx: Any) -> dict[str, Any]:
-    """A non-streamed response, retried and fallen back like a chat completion."""
+async def create(router: Any, ctx: Any, only: Callable[[ModelEntry], bool] | None = None) -> dict[str, Any]:
+    """A non-streamed response, retried and fallen back like a chat completion (on the
+    deployments `only` accepts: see previous_upstream)."""
 
     async def call(model: str, deployment: ModelEntry) -> dict[str, Any]:
         _require_native(router, model, deployment)
         payload = await router.native._post_json(deployment, "/responses", ctx.body, "responses")
         if not isinstance(payload.get("output"), list):
             raise UpstreamError("bad_response", "the upstream response had no output")
+        ctx.scratch(_UPSTREAM)["upstream"] = upstream_of(deployment)
         return payload
 
-    return await router._attempts(ctx, call)
+    return await router._attempts(ctx, call, only)
 
 
-async def open_stream(router: Any, ctx: Any) -> tuple[tuple[str, dict[str, Any], bytes], AsyncIterator]:
+async def open_stream(router: Any, ctx: Any, only: Callable[[ModelEntry], bool] | None = None) -> tuple[
+        tuple[str, dict[str, Any], bytes], AsyncIterator]:
     """Retries until the upstream sent its first event; returns it and the rest."""
 
     async def call(model: str, deployment: ModelEntry) -> Any:
         _require_native(router, model, deployment)
+        ctx.scratch(_UPSTREAM)["upstream"] = upstream_of(deployment)
         stream = _events(router.native, deployment, ctx.body)
         try:
             first = await router._timed(deployment, stream.__anext__(), "first_byte")
@@ -65,7 +171,7 @@ async def open_stream(router: Any, ctx: Any) -> tuple[tuple[str, dict[str, Any],
             raise
         return first, stream
 
-    return await router._attempts(ctx, call)
+    return await router._attempts(ctx, call, only)
 
 
 async def _events(native: Any, deployment: ModelEntry, body: dict[str, Any]) -> AsyncIterator[

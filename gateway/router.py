@@ -167,14 +167,20 @@ class Router:
         ceiling = min(policy.backoff_max, policy.backoff_base * (2 ** retry))
         return random.uniform(ceiling / 2, ceiling)  # jitter, never zero
 
-    async def _attempts(self, ctx: RequestContext, call: Callable[[str, ModelEntry], Awaitable[Any]]) -> Any:
-        """Run `call(public_model, deployment)` until it succeeds, following the policy."""
+    async def _attempts(self, ctx: RequestContext, call: Callable[[str, ModelEntry], Awaitable[Any]],
+                        only: Callable[[ModelEntry], bool] | None = None) -> Any:
+        """Run `call(public_model, deployment)` until it succeeds, following the policy;
+        with `only`, on the deployments it accepts (a stored response's upstream)."""
         config = ctx.config
         last: UpstreamError | None = None
         cooling: list[ModelEntry] = []
         first_model = True
         for model in self.models_to_try(config, ctx.model, ctx.fallback_allowed):
             deployments = config.deployments(model)
+            if only is not None:
+                deployments = [d for d in deployments if only(d)]
+                if not deployments:
+                    continue
             # Skip deployments whose circuit is open; they are retried after the cool-down.
             dead: set[int] = {i for i, d in enumerate(deployments) if self.breaker.is_open(d)}
             cooling.extend(d for i, d in enumerate(deployments) if i in dead)

@@ -686,6 +686,20 @@ class Store(abc.ABC):
         replaces the value: idempotent."""
 
     @abc.abstractmethod
+    async def remember_response(self, response_id: str, user_id: str, workspace_id: str, model: str,
+                                upstream: str, *, now: float | None = None) -> None:
+        """A Responses API response the upstream stored (POST /v1/responses): whose it is
+        and which upstream account holds it (gateway/responses_inbound.py). Idempotent."""
+
+    @abc.abstractmethod
+    async def stored_response(self, response_id: str) -> dict[str, Any] | None:
+        """`remember_response`'s record (user_id, workspace_id, model, upstream, created_at)."""
+
+    @abc.abstractmethod
+    async def forget_response(self, response_id: str) -> None:
+        """After the upstream deleted it (DELETE /v1/responses/{id})."""
+
+    @abc.abstractmethod
     async def report_query(self, sql: str, args: list[Any]) -> list[dict[str, Any]]:
         """One read-only query (`?` placeholders) on a connection that serves neither the
         event loop's requests nor the write path: SQLite, a read connection on its own

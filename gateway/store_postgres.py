@@ -436,6 +436,19 @@ MIGRATIONS: list[tuple[int, str]] = [
         "ALTER TABLE ai_usage_logs ADD COLUMN saved_usd double precision;\n"  # NULL: not a hit, or unpriced
         + ";\n".join(usage_rollup.add_measure_ddl("postgres", "saved_usd")) + ";",
     ),
+    (
+        8,  # stored Responses API responses: whose they are, on which upstream (gateway/responses_inbound.py)
+        """
+        CREATE TABLE stored_responses (
+            response_id  text PRIMARY KEY,
+            user_id      text NOT NULL,
+            workspace_id text NOT NULL,
+            model        text NOT NULL,
+            upstream     text NOT NULL,
+            created_at   double precision NOT NULL
+        );
+        """,
+    ),
 ]
 
 # Array types for the one-statement batch insert (unnest of one array per column).
@@ -1075,6 +1088,22 @@ class PostgresStore(Store):
                 "INSERT INTO feedback (request_id, metric, user_id, value, created_at) VALUES ($1, $2, $3, $4, $5)"
                 " ON CONFLICT (request_id, metric) DO UPDATE SET value = excluded.value, created_at = excluded.created_at",
                 request_id, metric, user_id, float(value), now_or(now))
+
+    async def remember_response(self, response_id, user_id, workspace_id, model, upstream, *, now=None):
+        async with self._tx() as conn:
+            await conn.execute(
+                "INSERT INTO stored_responses (response_id, user_id, workspace_id, model, upstream, created_at)"
+                " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (response_id) DO NOTHING",
+                response_id, user_id, workspace_id, model, upstream, now_or(now))
+
+    async def stored_response(self, response_id):
+        rows = await self._fetch("SELECT user_id, workspace_id, model, upstream, created_at FROM stored_responses"
+                                 " WHERE response_id = $1", response_id)
+        return dict(rows[0]) if rows else None
+
+    async def forget_response(self, response_id):
+        async with self._tx() as conn:
+            await conn.execute("DELETE FROM stored_responses WHERE response_id = $1", response_id)
 
     async def report_query(self, sql, args):
         parts = sql.split("?")

@@ -304,6 +304,19 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             *usage_rollup.add_measure_ddl("sqlite", "saved_usd"),
         ],
     ),
+    (
+        8,  # stored Responses API responses: whose they are, on which upstream (gateway/responses_inbound.py)
+        [
+            """CREATE TABLE stored_responses (
+                response_id  TEXT PRIMARY KEY,
+                user_id      TEXT NOT NULL,
+                workspace_id TEXT NOT NULL,
+                model        TEXT NOT NULL,
+                upstream     TEXT NOT NULL,
+                created_at   REAL NOT NULL
+            )""",
+        ],
+    ),
 ]
 USAGE_PRUNE_CHUNK = 2000  # raw rows deleted per transaction by prune_usage
 
@@ -1132,6 +1145,26 @@ class SQLiteStore(Store):
                        " created_at = excluded.created_at", (request_id, metric, user_id, float(value), now_or(now)))
 
         await self._write(tx)
+
+    async def remember_response(self, response_id, user_id, workspace_id, model, upstream, *, now=None):
+        def tx(db):
+            db.execute("INSERT INTO stored_responses (response_id, user_id, workspace_id, model, upstream, created_at)"
+                       " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (response_id) DO NOTHING",
+                       (response_id, user_id, workspace_id, model, upstream, now_or(now)))
+
+        await self._write(tx)
+
+    async def stored_response(self, response_id):
+        def query(db):
+            row = db.execute("SELECT user_id, workspace_id, model, upstream, created_at FROM stored_responses"
+                             " WHERE response_id = ?", (response_id,)).fetchone()
+            return None if row is None else dict(zip(("user_id", "workspace_id", "model", "upstream", "created_at"),
+                                                      row))
+
+        return await self._read(query)
+
+    async def forget_response(self, response_id):
+        await self._write(lambda db: db.execute("DELETE FROM stored_responses WHERE response_id = ?", (response_id,)))
 
     async def report_query(self, sql, args):
         def query(db: sqlite3.Connection) -> list[dict[str, Any]]:

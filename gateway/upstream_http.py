@@ -585,8 +585,10 @@ class UpstreamHTTP:
         self._all.add(conn)
         return conn
 
-    async def post(self, target: Target, headers: bytes, body: bytes, *, connect_timeout: float) -> Response:
-        """Send the request; returns once the final response's status and headers arrived.
+    async def post(self, target: Target, headers: bytes, body: bytes, *, connect_timeout: float,
+                   method: str = "POST") -> Response:
+        """Send the request (a POST unless `method` says otherwise: GET and DELETE of a
+        stored response); returns once the final response's status and headers arrived.
         `headers` are complete header lines (b"Name: value\\r\\n"...), Host, Content-Length,
         User-Agent and Accept-Encoding excluded.
 
@@ -594,7 +596,7 @@ class UpstreamHTTP:
         the request goes once more, at once, on a fresh connection."""
         if self.closed:
             raise UpstreamConnectionError("the upstream client is closed")
-        head = (f"POST {target.request_target} HTTP/1.1\r\nHost: {target.host_header()}\r\n"
+        head = (f"{method} {target.request_target} HTTP/1.1\r\nHost: {target.host_header()}\r\n"
                 f"Content-Length: {len(body)}\r\nUser-Agent: {USER_AGENT}\r\n"
                 f"Accept-Encoding: {ACCEPT_ENCODING}\r\n").encode("latin-1")
         if target.proxy_auth and target.scheme == "http":

@@ -416,6 +416,8 @@ class FakeUpstream:
         self.shutdown_timeout = shutdown_timeout
 
         self.requests: list[RecordedRequest] = []
+        # Responses API: what the upstream stored (response id -> (response, input items)).
+        self.stored_responses: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
         self._faults: deque[Fault] = deque()
         self._seq = 0
         self._runner: web.AppRunner | None = None
@@ -562,6 +564,8 @@ class FakeUpstream:
             flavour, handler = "openai", self._openai_embeddings
         elif path.endswith("/responses") and request.method == "POST":
             flavour, handler = "openai", self._openai_responses
+        elif re.search(r"/responses/[^/]+(/input_items)?$", path) and request.method in ("GET", "DELETE"):
+            flavour, handler = "openai", self._openai_stored_response
         elif path.endswith("/models") and request.method == "GET":
             flavour, handler = "openai", self._openai_models
         else:
@@ -678,6 +682,10 @@ class FakeUpstream:
             return err
         if not body.get("model") or body.get("input") is None:
             return self._error("openai", 400, "Missing required parameter: 'input'.")
+        previous = body.get("previous_response_id")
+        if previous is not None and previous not in self.stored_responses:
+            return self._error("openai", 400, f"Previous response with id '{previous}' not found.",
+                               code="previous_response_not_found")
         rid = f"resp_fake_{request['fake_seq']}"
         usage = {"input_tokens": self.prompt_tokens, "output_tokens": self.completion_tokens,
                  "total_tokens": self.prompt_tokens + self.completion_tokens,
@@ -687,7 +695,13 @@ class FakeUpstream:
                    "status": "completed", "content": [{"type": "output_text", "text": self.reply, "annotations": []}]}
         response = {"id": rid, "object": "response", "created_at": int(time.time()), "status": "completed",
                     "model": self._model(body, "gpt-fake"), "output": [message], "usage": usage,
-                    "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}
+                    "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+                    "store": body.get("store", True), "previous_response_id": previous}
+        if response["store"]:
+            given = body["input"]
+            items = [{"id": f"msg_in_{request['fake_seq']}", "type": "message", "role": "user",
+                      "content": [{"type": "input_text", "text": given}]}] if isinstance(given, str) else given
+            self.stored_responses[rid] = (response, items)
         if not body.get("stream"):
             return web.json_response(response)
         resp = await self._start_sse(request)
@@ -710,6 +724,25 @@ class FakeUpstream:
         await event("response.output_item.done", {"output_index": 0, "item": message})
         await event("response.completed", {"response": response})
         return resp
+
+    async def _openai_stored_response(self, request: web.Request, body: dict[str, Any],
+                                      fault: Fault | None) -> web.StreamResponse:
+        """GET/DELETE /responses/{id}, GET /responses/{id}/input_items (OpenAI's shapes)."""
+        if err := self._openai_auth_error(request):
+            return err
+        match = re.search(r"/responses/([^/]+)(/input_items)?$", request.path)
+        assert match is not None
+        rid = match.group(1)
+        if rid not in self.stored_responses:
+            return self._error("openai", 404, f"Response with id '{rid}' not found.")
+        response, items = self.stored_responses[rid]
+        if request.method == "DELETE":
+            del self.stored_responses[rid]
+            return web.json_response({"id": rid, "object": "response", "deleted": True})
+        if match.group(2):
+            return web.json_response({"object": "list", "data": items, "first_id": items[0].get("id"),
+                                      "last_id": items[-1].get("id"), "has_more": False})
+        return web.json_response(response)
 
     def _openai_usage(self) -> dict[str, Any]:
         usage: dict[str, Any] = {

@@ -67,3 +67,70 @@ def test_a_model_served_through_litellm_is_a_clear_400_and_unknown_fields_are_re
     assert upstream.count() == 0
     gw.settle()
     assert gw.balance(user_id) == 100
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
+def test_a_stored_response_is_retrieved_listed_and_deleted_only_by_its_creator(gateway_factory, upstream):
+    """GET/DELETE /v1/responses/{id} and its input_items reach the upstream that stored it,
+    with the gateway's key for it; another user (even of the same workspace) gets a 404 as
+    if it did not exist, and the upstream is not asked."""
+    gw = gateway_factory(plugins=CHAIN)
+    user_id, alice = gw.make_user(energy=100)
+    _, bob = gw.make_user(energy=100)
+    created = gw.client(alice).responses.create(model="gpt-4o-mini", input="remember me")
+    assert created.id.startswith("resp_fake_")
+    got = gw.client(alice).responses.retrieve(created.id)
+    assert (got.id, got.output_text, got.model) == (created.id, REPLY, "gpt-4o-mini")
+    assert upstream.last.method == "GET" and upstream.last.headers["authorization"] == "Bearer sk-upstream-openai-SECRET"
+    items = gw.client(alice).responses.input_items.list(created.id)
+    assert [i.content[0].text for i in items.data] == ["remember me"]
+    asked = upstream.count()
+    for call in (lambda c: c.responses.retrieve(created.id), lambda c: c.responses.delete(created.id),
+                 lambda c: c.responses.input_items.list(created.id)):
+        with pytest.raises(openai.NotFoundError) as excinfo:
+            call(gw.client(bob))
+        assert excinfo.value.body["code"] == "response_not_found"
+    assert upstream.count() == asked
+    gw.client(alice).responses.delete(created.id)
+    assert upstream.last.method == "DELETE" and created.id not in upstream.stored_responses
+    with pytest.raises(openai.NotFoundError):
+        gw.client(alice).responses.retrieve(created.id)
+    gw.settle()
+    assert gw.balance(user_id) == 98  # reading and deleting are free
+
+
+def test_a_streamed_response_is_recorded_too_and_store_false_is_not(gateway_factory, upstream):
+    gw = gateway_factory(plugins=CHAIN)
+    _, key = gw.make_user(energy=100)
+    events = list(gw.client(key).responses.create(model="gpt-4o-mini", input="hi", stream=True))
+    streamed_id = events[0].response.id
+    assert gw.client(key).responses.retrieve(streamed_id).id == streamed_id
+    unstored = gw.client(key).responses.create(model="gpt-4o-mini", input="hi", store=False)
+    with pytest.raises(openai.NotFoundError):
+        gw.client(key).responses.retrieve(unstored.id)
+    with pytest.raises(openai.NotFoundError):
+        gw.client(key).responses.retrieve("resp_../../v1/chat")  # never becomes another upstream path
+    assert not any(".." in r.path for r in upstream.requests)
+
+
+def test_previous_response_id_continues_only_ones_own_response(gateway_factory, upstream):
+    """Another user's response id is refused before the upstream is asked: on an upstream
+    account every tenant shares, it would hand them someone else's conversation."""
+    gw = gateway_factory(plugins=CHAIN)
+    alice_id, alice = gw.make_user(energy=100)
+    bob_id, bob = gw.make_user(energy=100)
+    first = gw.client(alice).responses.create(model="gpt-4o-mini", input="my secret is 42")
+    second = gw.client(alice).responses.create(model="gpt-4o-mini", input="what is it?", previous_response_id=first.id)
+    assert upstream.last.json["previous_response_id"] == first.id and second.output_text == REPLY
+    asked = upstream.count()
+    for stream in (False, True):
+        with pytest.raises(openai.NotFoundError) as excinfo:
+            gw.client(bob).responses.create(model="gpt-4o-mini", input="what is it?", previous_response_id=first.id,
+                                            stream=stream)
+        assert excinfo.value.body["param"] == "previous_response_id"
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        gw.client(bob).responses.create(model="gpt-4o-mini", input="hi", extra_body={"conversation": "conv_1"})
+    assert excinfo.value.body["param"] == "conversation"
+    assert upstream.count() == asked
+    gw.settle()
+    assert (gw.balance(alice_id), gw.balance(bob_id)) == (96, 100)
