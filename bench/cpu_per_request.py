@@ -9,7 +9,10 @@ then per run drives it with wrk at 32 connections for --seconds and reads the ga
 machine is; CPU per request much less so, which is why changes are compared by it.
 
 With BENCH_STORE=postgres (bench/bench.py) the gateway runs on PostgreSQL, and the CPU of
-the local server's processes (every `postgres` process, read the same way) is reported too.
+the local server's processes is reported too, read the same way: the backends serving the
+gateway's connections and the server's own processes (WAL writer, checkpointer, ...), not
+the backends of other sessions (a test suite running meanwhile). A backend that ends
+within a run takes its CPU with it: the store's pool keeps its connections open.
 """
 
 from __future__ import annotations
@@ -30,8 +33,11 @@ import bench  # noqa: E402
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def postgres_cpu_seconds() -> float:
-    """utime + stime of every process named postgres (server, backends, background workers)."""
+def postgres_cpu_seconds(clients: list[int]) -> float:
+    """utime + stime of the local PostgreSQL's backends serving these processes' (pids)
+    connections and of the server's own processes (WAL writer, checkpointer, ...): other
+    sessions on the same server (a test suite, another bench) are left out."""
+    ports = client_ports(clients)
     total = 0.0
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -39,12 +45,48 @@ def postgres_cpu_seconds() -> float:
         try:
             with open(f"/proc/{entry}/stat") as f:
                 stat = f.read()
+            if stat[stat.index("(") + 1:stat.rindex(")")] != "postgres":
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                title = f.read().decode(errors="replace")  # "postgres: 15/main: user db 127.0.0.1(PORT) idle"
+            if "[local]" in title:  # a backend of another session, on the Unix socket
+                continue
+            peer = title.rsplit("(", 1)[-1].split(")", 1)[0] if "(" in title else None
+            if peer is not None and peer.isdigit() and int(peer) not in ports:  # another session's backend
+                continue
         except OSError:
             continue
-        if stat[stat.index("(") + 1:stat.rindex(")")] == "postgres":
-            fields = stat[stat.rindex(")") + 2:].split()
-            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        fields = stat[stat.rindex(")") + 2:].split()
+        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
     return total
+
+
+def client_ports(pids: list[int]) -> set[int]:
+    """The local TCP ports of these processes' sockets (their ends of the database connections)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        except OSError:
+            continue
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if fields[9] in inodes:
+                        ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+        except OSError:
+            continue
+    return ports
 
 
 def cpu_seconds(pid: int) -> float:
@@ -106,13 +148,13 @@ def main() -> int:
                 spy = procs.start("py-spy", [str(Path(bench.PYTHON).parent / "py-spy"), "record", "-p", str(pid),
                                              "-d", str(round(args.seconds)), "-r", "250", "-f", "raw",
                                              "-o", str(Path(args.py_spy).resolve())])
-            before, pg_before = cpu_seconds(pid), postgres_cpu_seconds()
+            before, pg_before = cpu_seconds(pid), postgres_cpu_seconds([pid])
             result = wrk_load(target, workdir, args.seconds, args.connections)
             time.sleep(1.5)  # the write-behind flush belongs to these requests
             if spy is not None:
                 spy.wait(timeout=60)  # py-spy writes its file when its duration is over
             used = cpu_seconds(pid) - before  # idle CPU over the sleep is negligible
-            pg_used = postgres_cpu_seconds() - pg_before
+            pg_used = postgres_cpu_seconds([pid]) - pg_before
             us = used / result["requests"] * 1e6
             rps = result["requests"] / (result["duration_us"] / 1e6)
             per_request.append(us)

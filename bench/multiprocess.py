@@ -15,7 +15,7 @@ connections go to its own gateway with its own user's key), at --connections in 
 (rounded up to a multiple of N); the idle gateways cost nothing. Phases alternate (1, 2, 3,
 1, 2, 3, ...) so every count sees the same machine. Per phase: req/s, p50/p99 under that
 load, the gateways' CPU per request (all of them, summed) and, on PostgreSQL, the server's
-(every `postgres` process, as bench/cpu_per_request.py reads it).
+(the gateways' backends and the server's own processes, as bench/cpu_per_request.py reads it).
 
 On a small machine the gateways, PostgreSQL, Redis, the upstream and wrk share the cores:
 more processes than free cores cannot add throughput, only show what contention costs.
@@ -86,7 +86,7 @@ def measure(gateways: list[tuple[int, str, int]], used: int, connections: int, s
     connections = -(-connections // used) * used
     pids = [pid for _, _, pid in gateways]
     time.sleep(1.5)  # the previous phase's write-behind drains first
-    before, pg_before = sum(map(cpu_per_request.cpu_seconds, pids)), cpu_per_request.postgres_cpu_seconds()
+    before, pg_before = sum(map(cpu_per_request.cpu_seconds, pids)), cpu_per_request.postgres_cpu_seconds(pids)
     result = bench.wrk_load(target, connections, seconds, 0, workdir, threads=used, lua=lua)
     time.sleep(1.5)  # the write-behind flush belongs to these requests
     cpu = sum(map(cpu_per_request.cpu_seconds, pids)) - before
@@ -94,14 +94,14 @@ def measure(gateways: list[tuple[int, str, int]], used: int, connections: int, s
            "errors": result["errors"], "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"],
            "gateway_cpu_us": round(cpu / result["requests"] * 1e6, 1)}
     if on_postgres:
-        row["postgres_cpu_us"] = round((cpu_per_request.postgres_cpu_seconds() - pg_before)
+        row["postgres_cpu_us"] = round((cpu_per_request.postgres_cpu_seconds(pids) - pg_before)
                                        / result["requests"] * 1e6, 1)
     return row
 
 
 def print_rows(rows: list[dict]) -> None:
     header = ["processes", "conns", "req/s", "errors", "p50", "p99", "gateway CPU/req", "PostgreSQL CPU/req"]
-    table = [[str(r["processes"]), str(r["connections"]), f"{r['rps']:,.0f}", str(r["errors"]),
+    table = [[str(r["processes"]), str(r["connections"]), f"{r['rps']:,.0f}", f"{r['errors']:.0f}",
               f"{r['p50_ms']:.1f} ms", f"{r['p99_ms']:.1f} ms", f"{r['gateway_cpu_us']:.0f} us",
               f"{r['postgres_cpu_us']:.0f} us" if "postgres_cpu_us" in r else "-"] for r in rows]
     widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(header)]
