@@ -137,6 +137,7 @@ def assert_totals_match(driver: Any, metrics: dict[str, Any], live: dict[str, An
     assert number(text(driver, "total-cost")) == pytest.approx(metrics["totalCost"], abs=1e-9)
     assert text(driver, "error-rate") == f"{metrics['errorRate'] * 100:.2f}%"
     assert text(driver, "cache-hit-rate") == f"{metrics['cacheHitRate'] * 100:.2f}%"
+    assert number(text(driver, "saved-usd")) == pytest.approx(metrics["savedUsd"], abs=1e-9)
     assert number(text(driver, "latency-avg")) == pytest.approx(metrics["averageLatency"], abs=0.006)
     later = {"latency-p50": ["latencyP50", "latencyP50Ms", "p50Latency", "latency_p50_ms", "latency.p50", "latencyMs.p50"],
              "latency-p95": ["latencyP95", "latencyP95Ms", "p95Latency", "latency_p95_ms", "latency.p95", "latencyMs.p95"],
@@ -167,8 +168,9 @@ def test_the_master_key_sees_every_workspace_with_the_apis_numbers(browser, seed
     assert_totals_match(browser, metrics, live)
 
     daily = api(gw, MASTER_KEY, "/admin/usage/daily?days=1")["rows"]
-    assert [[r[0], number(r[1]), number(r[2]), number(r[3]), number(r[4])] for r in table(browser, "daily-table")] == [
-        [d["date"], d["requests"], d["errors"], d["tokens"], pytest.approx(d["cost_usd"], abs=1e-9)] for d in daily]
+    assert [[r[0], *map(number, r[1:])] for r in table(browser, "daily-table")] == [
+        [d["date"], d["requests"], d["errors"], d["tokens"], pytest.approx(d["cost_usd"], abs=1e-9), d["cache_hits"],
+         pytest.approx(d["saved_usd"], abs=1e-9)] for d in daily]
     assert browser.find_elements("css selector", "#daily-chart canvas"), "the chart is drawn"
 
     models = {r[0]: number(r[1]) for r in table(browser, "models-table")}
@@ -289,3 +291,144 @@ def test_live_answers_recent_errors_newest_first_and_scoped_to_the_workspace(gat
     other = api(gw, globex_admin, "/admin/dashboard/live")
     assert (other["inFlight"], other["recentErrors"], other["scope"]) == (None, [], "workspace_admin")
     assert httpx.get(gw.url + "/admin/dashboard/live", timeout=10).status_code == 401
+
+
+# ------------------------------------------------- the response cache and the experiments panel
+
+DRAFTS = {"name": "drafts", "match": {"actions": ["email_draft"]}, "variants": [
+    {"name": "current", "weight": 50},
+    {"name": "mini", "weight": 50, "model": "gpt-4o-mini", "params": {"temperature": 0.3}}]}
+RATINGS = {"current": {"good": [1, 0, 1, 1], "reply_sent": [1, 1, 0, 1]}, "mini": {"good": [0, 0, 1], "reply_sent": [1]}}
+
+
+@pytest.fixture
+def cached_and_experimented(gateway_factory, upstream):
+    """acme: a gpt-4o-mini question asked three times (one miss, two cache hits, the upstream
+    reporting cached and reasoning tokens) and the `drafts` experiment's traffic with feedback
+    (`reply_sent` asked once of `mini`: no interval); a globex admin."""
+    from tests.test_experiments import ask, users_in_both_variants
+
+    upstream.prompt_tokens, upstream.completion_tokens = 1000, 400
+    upstream.cached_tokens, upstream.reasoning_tokens = 300, 120
+    gw = gateway_factory(plugins=["auth", "experiments", "tier_policy",
+                                  {"name": "cache", "settings": {"models": ["gpt-4o-mini"]}}, "energy",
+                                  {"name": "accounting", "settings": {"flush_interval": 0.05}}],
+                         experiments=[DRAFTS])
+    _, asker = gw.make_user(workspace="acme")
+    served = [gw.client(asker).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=HELLO, temperature=0).headers["X-Cache"] for _ in range(3)]
+    assert served == ["MISS", "HIT", "HIT"]
+    users = users_in_both_variants(gw)
+    for variant, metrics in RATINGS.items():
+        key = users[variant][1]
+        request_ids = [ask(gw, key).headers["X-Request-Id"] for _ in range(max(map(len, metrics.values())))]
+        for metric, values in metrics.items():
+            for request_id, value in zip(request_ids, values):
+                httpx.post(gw.url + "/v1/feedback", json={"request_id": request_id, "metric": metric, "value": value},
+                           headers={"Authorization": f"Bearer {key}"}, timeout=10).raise_for_status()
+    gw.settle()
+    _, acme_admin = gw.make_user(workspace="acme", role="workspace_admin", energy=0)
+    _, globex_admin = gw.make_user(workspace="globex", role="workspace_admin", energy=0)
+    return gw, {"acme_admin": acme_admin, "globex_admin": globex_admin}
+
+
+def stat(shown: str) -> float | None:
+    return None if shown == "—" else float(shown.replace(",", "").lstrip("+"))
+
+
+def interval(shown: str) -> list[float | None]:
+    assert shown.startswith("[") and shown.endswith("]"), shown
+    return [stat(part) for part in shown[1:-1].split(", ")]  # "1,234.5": a comma without a space
+
+
+def experiments_panel(driver: Any) -> dict[str, Any]:
+    """What the Experiments panel shows: {experiment: {"control": ..., "variants": {variant:
+    {"usage": [cells], metric: {"mean", "ci95", "n"} and f"{metric} diff": ...}}}}."""
+    from selenium.webdriver.common.by import By
+
+    panel = {}
+    for box in driver.find_elements(By.CSS_SELECTOR, "#experiments .experiment"):
+        headers = [th.text.strip() for th in box.find_elements(By.CSS_SELECTOR, "thead th")]
+        variants = {}
+        for row in box.find_elements(By.CSS_SELECTOR, "tbody tr"):
+            cells = row.find_elements(By.TAG_NAME, "td")
+            shown: dict[str, Any] = {"usage": [td.text.strip() for td in cells[:8]]}
+            for header, td in zip(headers[8:], cells[8:]):
+                metric, _, kind = header.partition(" ")
+                spans = {s.get_attribute("class"): s.text.strip() for s in td.find_elements(By.TAG_NAME, "span")
+                         if s.get_attribute("class")}
+                if kind.startswith("mean"):
+                    shown[metric] = None if td.text.strip() == "—" else {
+                        "mean": stat(spans["mean"]), "ci95": interval(spans["ci"]), "n": int(spans["n"][2:])}
+                else:
+                    shown[metric + " diff"] = td.text.strip() if not spans else {
+                        "diff": stat(spans["diff"]), "ci95": interval(spans["ci"])}
+            variants[shown["usage"][0]] = shown
+        title = box.find_element(By.TAG_NAME, "h3").text
+        panel[box.get_attribute("data-experiment")] = {"control": title.rsplit("control: ", 1)[-1], "variants": variants}
+    return panel
+
+
+def sign_in_again(driver: Any, gw: Any, key: str) -> None:
+    """sign_in on a gateway this tab may already be signed in to (the page would sign in
+    with the stored key as it loads)."""
+    if driver.current_url.startswith(gw.url):
+        driver.execute_script("sessionStorage.clear()")
+    sign_in(driver, gw, key)
+
+
+def four(value: float | None) -> Any:
+    """The page shows feedback statistics to 4 decimals."""
+    return None if value is None else pytest.approx(value, abs=5e-5)
+
+
+def test_the_experiments_panel_shows_the_reports_numbers_per_variant(browser, cached_and_experimented, tmp_path):
+    """Each variant's usage and each feedback metric's mean [95% CI] n and its difference to
+    the control, as GET /admin/usage/experiments answers them (no interval: "—")."""
+    gw, keys = cached_and_experimented
+    sign_in(browser, gw, MASTER_KEY)
+    (report,) = api(gw, MASTER_KEY, "/admin/usage/experiments?days=1")["rows"]
+    panel = experiments_panel(browser)
+    assert list(panel) == ["drafts"] and panel["drafts"]["control"] == report["control"] == "current"
+    shown = panel["drafts"]["variants"]
+    assert list(shown) == [v["variant"] for v in report["variants"]] == ["current", "mini"]
+    for variant in report["variants"]:
+        row = shown[variant["variant"]]
+        usage = row["usage"]
+        assert [number(c) for c in usage[1:5]] == [variant["requests"], pytest.approx(variant["cost_usd"], abs=1e-9),
+                                                   variant["energy"], variant["tokens"]]
+        assert [number(usage[5]), number(usage[6])] == [variant["latency_p50_ms"], variant["latency_p95_ms"]]
+        assert usage[7] == f"{variant['error_rate'] * 100:.2f}%"
+        assert sorted(variant["feedback"]) == ["good", "reply_sent"]
+        for metric, stats in variant["feedback"].items():
+            assert row[metric] == {"mean": four(stats["mean"]), "ci95": [four(x) for x in stats["ci95"]],
+                                   "n": stats["n"]}
+            if variant["variant"] == report["control"]:
+                assert row[metric + " diff"] == "control"
+            else:
+                vs = stats["vs_control"]
+                assert row[metric + " diff"] == {"diff": four(vs["diff"]), "ci95": [four(x) for x in vs["ci95"]]}
+    mini = shown["mini"]
+    assert mini["good"]["n"] == 3 and mini["good"]["mean"] == four(1 / 3)
+    assert mini["good diff"]["diff"] == four(1 / 3 - 3 / 4)
+    assert mini["reply_sent"]["ci95"] == [None, None]  # one value: no interval
+    browser.find_element("id", "experiments-section").screenshot(str(tmp_path / "experiments.png"))
+    assert (tmp_path / "experiments.png").stat().st_size > 5_000
+
+
+def test_the_cache_savings_and_experiments_are_per_workspace(browser, cached_and_experimented):
+    """The saved USD card is what the two hits would have cost (the miss's cost twice); a
+    workspace admin sees its own workspace's savings and experiments, another's none."""
+    gw, keys = cached_and_experimented
+    miss = next(r for r in gw.run(gw.store.usage_rows()) if r["model"] == "gpt-4o-mini" and not r["cache_hit"]
+                and r["experiment"] is None)
+    for key in (MASTER_KEY, keys["acme_admin"]):
+        sign_in_again(browser, gw, key)
+        metrics = api(gw, key, "/admin/metrics?window=24h")
+        assert metrics["savedUsd"] == round(2 * miss["cost_usd"], 6) > 0 and metrics["cacheHits"] == 2
+        assert_totals_match(browser, metrics, api(gw, key, "/admin/dashboard/live"))
+        assert list(experiments_panel(browser)) == ["drafts"]
+    sign_in_again(browser, gw, keys["globex_admin"])
+    assert text(browser, "saved-usd") == "$0.00" and text(browser, "cache-hit-rate") == "0.00%"
+    assert experiments_panel(browser) == {}
+    assert text(browser, "experiments") == "no experiment traffic in this window"

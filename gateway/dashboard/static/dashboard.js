@@ -106,6 +106,7 @@ function renderTotals(m, live) {
   setText("#energy-refunded", fmtInt(pick(m, ["energyRefunded", "energy_refunded", "energy.refunded"])));
   setText("#error-rate", fmtPct(pick(m, ["errorRate", "error_rate"])));
   setText("#cache-hit-rate", fmtPct(pick(m, ["cacheHitRate", "cache_hit_rate"])));
+  setText("#saved-usd", fmtUsd(pick(m, ["savedUsd", "saved_usd"])));
   setText("#latency-avg", fmtMs(pick(m, ["averageLatency", "latency.avg", "latencyMs.avg"])));
   for (const p of ["p50", "p95", "p99"]) {
     const P = p.toUpperCase();
@@ -123,6 +124,7 @@ function renderDaily(rows) {
   fillTable("#daily-table", rows, [
     (r) => [r.date], (r) => [fmtInt(r.requests), true], (r) => [fmtInt(r.errors), true],
     (r) => [fmtInt(r.tokens), true], (r) => [fmtUsd(r.cost_usd), true],
+    (r) => [fmtInt(r.cache_hits), true], (r) => [fmtUsd(r.saved_usd), true],
   ]);
   const holder = $("#daily-chart");
   if (chart) { chart.destroy(); chart = null; }
@@ -211,6 +213,74 @@ function renderWeekly(rows) {
   ]);
 }
 
+// An experiment's variants, one table each (GET /admin/usage/experiments): the usage
+// columns, then per feedback metric its mean [95% CI] n=… and the difference to the control.
+function span(className, text) {
+  const el = document.createElement("span");
+  el.className = className;
+  el.textContent = text;
+  return el;
+}
+
+const fmtStat = (v) => fmtNum(v, 4);
+const fmtInterval = (ci) => "[" + fmtStat((ci || [])[0]) + ", " + fmtStat((ci || [])[1]) + "]";
+
+function metricCell(stats) {
+  if (!stats) return [DASH, true];
+  const wrap = document.createElement("span");
+  wrap.append(span("mean", fmtStat(stats.mean)), " ", span("ci", fmtInterval(stats.ci95)), " ", span("n", "n=" + stats.n));
+  return [wrap, true];
+}
+
+function diffCell(stats, isControl) {
+  if (isControl) return ["control", true];
+  if (!stats || !stats.vs_control) return [DASH, true];
+  const wrap = document.createElement("span");
+  const d = stats.vs_control;
+  const sign = isNumber(d.diff) && d.diff > 0 ? "+" : "";
+  wrap.append(span("diff", sign + fmtStat(d.diff)), " ", span("ci", fmtInterval(d.ci95)));
+  const [lo, hi] = d.ci95 || [];
+  if (isNumber(lo) && isNumber(hi) && (lo > 0 || hi < 0)) wrap.title = "the interval excludes 0";
+  return [wrap, true];
+}
+
+function renderExperiments(rows) {
+  const holder = $("#experiments");
+  holder.replaceChildren();
+  if (!rows.length) {
+    holder.append(span("muted", "no experiment traffic in this window"));
+    return;
+  }
+  rows.forEach((experiment, index) => {
+    const metrics = [...new Set(experiment.variants.flatMap((v) => Object.keys(v.feedback || {})))].sort();
+    const box = document.createElement("div");
+    box.className = "experiment";
+    box.dataset.experiment = experiment.experiment;
+    const title = document.createElement("h3");
+    title.append(experiment.experiment + " ", span("muted", "control: " + (experiment.control ?? DASH)));
+    const table = document.createElement("table");
+    table.id = "experiment-" + index;
+    const head = table.createTHead().insertRow();
+    for (const name of ["Variant", "Requests", "Cost (USD)", "Energy", "Tokens", "Latency p50", "Latency p95",
+                        "Error rate", ...metrics.flatMap((m) => [m + " mean [95% CI]", m + " vs control [95% CI]"])]) {
+      head.appendChild(document.createElement("th")).textContent = name;
+    }
+    table.createTBody();
+    box.append(title, table);
+    holder.append(box);
+    fillTable("#" + table.id, experiment.variants.map((v) => ({ ...v, __class: v.variant === experiment.control ? "control" : "" })), [
+      (v) => [v.variant], (v) => [fmtInt(v.requests), true], (v) => [fmtUsd(v.cost_usd), true],
+      (v) => [fmtInt(v.energy), true], (v) => [fmtInt(v.tokens), true], (v) => [fmtMs(v.latency_p50_ms), true],
+      (v) => [fmtMs(v.latency_p95_ms), true], (v) => [fmtPct(v.error_rate), true],
+      ...metrics.flatMap((m) => [(v) => metricCell((v.feedback || {})[m]),
+                                 (v) => diffCell((v.feedback || {})[m], v.variant === experiment.control)]),
+    ]);
+    for (const td of table.querySelectorAll("td")) {
+      if (td.querySelector("[title]")) td.classList.add("significant");
+    }
+  });
+}
+
 function renderErrors(live) {
   const minutes = Math.round((live.recentErrorsWindowSeconds || 0) / 60);
   setText("#errors-note", minutes ? "(last " + minutes + " min, newest first)" : "");
@@ -232,11 +302,12 @@ async function refresh() {
   const windowValue = $("#window").value;
   const days = WINDOW_DAYS[windowValue] || 1;
   try {
-    const [metrics, daily, actions, weekly, workspaces, live] = await Promise.all([
+    const [metrics, daily, actions, weekly, experiments, workspaces, live] = await Promise.all([
       api("/admin/metrics" + query({ window: windowValue })),
       api("/admin/usage/daily" + query({ days })),
       api("/admin/usage/actions" + query({ days })),
       api("/admin/usage/weekly" + query({ days: WEEKLY_DAYS })),
+      api("/admin/usage/experiments" + query({ days })),
       api("/admin/workspaces"),
       api("/admin/dashboard/live" + query({})),
     ]);
@@ -255,6 +326,7 @@ async function refresh() {
     renderBalances(metrics);
     renderActions(actions.rows);
     renderWeekly(weekly.rows);
+    renderExperiments(experiments.rows);
     renderErrors(live);
     if (scope === "master") fillWorkspaces(workspaces);
     $("#refresh-error").hidden = true;
