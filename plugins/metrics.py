@@ -18,6 +18,7 @@ cardinality stays bounded and nothing secret can leak into a scrape.
     gateway_requests_total{endpoint,model,provider,status}
     gateway_tokens_total{model,direction="prompt"|"completion"}
     gateway_cost_usd_total{model}
+    gateway_cache_saved_usd_total{model}  what answers served without the provider would have cost
     gateway_energy_total{event="reserved"|"settled"|"refunded"}
     gateway_downgrades_total{from_model,to_model}
     gateway_retries_total{model}         upstream calls beyond the first
@@ -66,6 +67,7 @@ class Metrics(Plugin):
                                 ["endpoint", "model", "provider", "status"], registry=r)
         self.tokens = Counter("gateway_tokens", "Tokens", ["model", "direction"], registry=r)
         self.cost = Counter("gateway_cost_usd", "Provider cost in USD", ["model"], registry=r)
+        self.saved = Counter("gateway_cache_saved_usd", "USD the cache's hits would have cost", ["model"], registry=r)
         self.energy = Counter("gateway_energy", "Energy movements", ["event"], registry=r)
         self.downgrades = Counter("gateway_downgrades", "Model downgrades", ["from_model", "to_model"], registry=r)
         self.retries = Counter("gateway_retries", "Upstream calls beyond the first", ["model"], registry=r)
@@ -137,6 +139,8 @@ class Metrics(Plugin):
             child(self.tokens, model, "completion").inc(ctx.usage.completion_tokens)
         if ctx.cost_usd:
             child(self.cost, model).inc(ctx.cost_usd)
+        if ctx.saved_usd:
+            child(self.saved, model).inc(ctx.saved_usd)
         if ctx.energy_cost:
             child(self.energy, "reserved").inc(ctx.energy_cost)
             child(self.energy, "refunded" if ctx.error is not None else "settled").inc(ctx.energy_cost)

@@ -226,3 +226,14 @@ def test_an_answer_whose_usage_the_provider_did_not_report_is_not_cached(gateway
     _, key = gw.make_user()
     assert [ask(gw, key)[0], ask(gw, key)[0]] == ["MISS", "MISS"]
     assert upstream.count("/chat/completions") == 2
+
+
+def test_prometheus_counts_the_usd_saved_per_model(gateway_factory, upstream):
+    report_token_classes(upstream)
+    gw = gateway_factory(plugins=["metrics", *chain()], energy=energy())
+    _, key = gw.make_user()
+    assert [ask(gw, key)[0] for _ in range(3)] == ["MISS", "HIT", "HIT"]
+    gw.settle()
+    scrape = httpx.get(gw.url + "/metrics", timeout=10).text
+    (line,) = [x for x in scrape.splitlines() if x.startswith('gateway_cache_saved_usd_total{model="gpt-4o-mini"}')]
+    assert float(line.split()[-1]) == pytest.approx(2 * MINI_COST, rel=1e-9)
