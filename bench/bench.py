@@ -11,7 +11,8 @@ generator (`wrk` when on PATH, else bench/load.py). The targets compared:
     bare proxy    bench/passthrough.py, a 40-line aiohttp pass-through: the throughput and first-byte floor
     litellm-only  gateway, OpenAI-wire model with `dispatch: litellm`
     fast path     gateway, same model with `dispatch: auto` (native pass-through)
-    anthropic     gateway, anthropic/claude-haiku-4-5 via litellm (upstream speaks /v1/messages)
+    anthropic     gateway, anthropic/claude-haiku-4-5 on the native Anthropic path (upstream speaks /v1/messages)
+    messages      gateway, POST /v1/messages (an Anthropic client) to that model: passed through
 
 The machine is shared and noisy, so the direct baseline is measured twice (first and last)
 and every gateway figure is reported as a ratio or a delta against it.
@@ -68,7 +69,11 @@ def default_plugins() -> list[Any]:
 
 TARGETS = {  # the pass/fail column
     "fast_rps_min": 2500.0,
-    "fast_rps_ratio_min": 0.40,
+    "fast_rps_ratio_min": 0.45,
+    "anthropic_rps_ratio_min": 0.50,  # of the fast path's req/s @32
+    "anthropic_added_p50_ms_max": 0.3,  # over the fast path's p50 @1
+    "messages_rps_ratio_min": 0.80,  # /v1/messages -> Anthropic, of the fast path's
+    "native_rss_mib_max": 150.0,  # a gateway whose models are all native (no litellm import)
     "added_p50_ms_max": 0.5,
     "first_byte_delta_ms_max": 1.0,
     "rss_growth_pct_max": 10.0,
@@ -312,8 +317,8 @@ def smoke_check(target: Target) -> None:
             payload = json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         raise RuntimeError(f"{target.name}: smoke request failed: HTTP {exc.code} {exc.read()[:500]!r}") from None
-    if not payload.get("choices"):
-        raise RuntimeError(f"{target.name}: smoke request returned no choices: {payload}")
+    if not payload.get("choices") and not payload.get("content"):  # OpenAI's or Anthropic's answer
+        raise RuntimeError(f"{target.name}: smoke request returned no answer: {payload}")
 
 
 # --------------------------------------------------------------------------------------
@@ -449,7 +454,22 @@ def verdicts(results: dict) -> list[dict]:
     measured_streams = [name for name, row in rows.items() if row.get("stream_batched") is not None]
     check("chunks never batched", "batched: " + (", ".join(batched) or "none") + f" (of {', '.join(measured_streams)})",
           "none", not batched)
+    fast_rps = fast.get("rps_32")
+    for name, key in (("anthropic", "anthropic_rps_ratio_min"), ("messages", "messages_rps_ratio_min")):
+        row = rows.get(name, {})
+        share = row["rps_32"] / fast_rps if fast_rps and row.get("rps_32") else None
+        added_p50 = (row["p50_1_ms"] - fast["p50_1_ms"]) if row.get("p50_1_ms") is not None and \
+            fast.get("p50_1_ms") is not None else None
+        check(f"{name} throughput @32", f"{fmt(row.get('rps_32'))} req/s, {fmt(share and share * 100)}% of the fast "
+              f"path (p50 @1 {'+' if (added_p50 or 0) >= 0 else ''}{fmt(added_p50, '.3f')} ms over it)",
+              f">= {TARGETS[key]:.0%}" + (f", p50 within {TARGETS['anthropic_added_p50_ms_max']} ms"
+                                          if name == "anthropic" else ""),
+              share is not None and share >= TARGETS[key] and (
+                  name != "anthropic" or (added_p50 is not None and added_p50 <= TARGETS["anthropic_added_p50_ms_max"])))
     rss = results.get("rss", {})
+    after_mib = rss.get("after_kib", 0) / 1024 if rss.get("after_kib") else None
+    check("all-native gateway RSS", f"{fmt(after_mib, '.1f')} MiB after {rss.get('requests', 0):,} requests",
+          f"<= {TARGETS['native_rss_mib_max']:.0f} MiB", after_mib is not None and after_mib <= TARGETS["native_rss_mib_max"])
     growth = rss.get("growth_pct")
     check("fast path RSS growth", f"{fmt(growth, '.1f')}% over {rss.get('requests', 0):,} requests "
           f"({fmt(rss.get('before_kib', 0) / 1024, '.1f')} -> {fmt(rss.get('after_kib', 0) / 1024, '.1f')} MiB)",
@@ -540,8 +560,10 @@ def run(settings: Settings, workdir: Path, procs: Processes) -> dict:
                                {"Authorization": f"Bearer {lit_key}"}, pid=lit_pid),
         "fast path": Target("fast path", fast_base + "/v1/chat/completions", {"model": GATEWAY_MODEL, **message},
                             {"Authorization": f"Bearer {fast_key}"}, pid=fast_pid),
-        "anthropic": Target("anthropic", lit_base + "/v1/chat/completions", {"model": ANTHROPIC_MODEL, **message},
-                            {"Authorization": f"Bearer {lit_key}"}, pid=lit_pid),
+        "anthropic": Target("anthropic", fast_base + "/v1/chat/completions", {"model": ANTHROPIC_MODEL, **message},
+                            {"Authorization": f"Bearer {fast_key}"}, pid=fast_pid),
+        "messages": Target("messages", fast_base + "/v1/messages", {"model": ANTHROPIC_MODEL, **message},
+                           {"x-api-key": fast_key, "anthropic-version": "2023-06-01"}, pid=fast_pid),
     }
     for target in targets.values():
         smoke_check(target)
@@ -566,7 +588,7 @@ def run(settings: Settings, workdir: Path, procs: Processes) -> dict:
                           raw={"c32": many, "c1": one})
 
     # Direct first and last: the drift between the two is the noise floor of this run.
-    for name in ("direct", "bare proxy", "litellm-only", "fast path", "anthropic", "direct"):
+    for name in ("direct", "bare proxy", "litellm-only", "fast path", "anthropic", "messages", "direct"):
         load_phase(name)
     mean = lambda values: sum(values) / len(values)  # noqa: E731
     rows["direct"].update(rps_32=round(mean(direct_runs["rps_32"]), 1),
@@ -581,7 +603,7 @@ def run(settings: Settings, workdir: Path, procs: Processes) -> dict:
         row["added_p50_ms"] = round(row["p50_1_ms"] - base["p50_1_ms"], 3)
         row["added_p99_ms"] = round(row["p99_1_ms"] - base["p99_1_ms"], 3)
     bare_rps = rows["bare proxy"].get("rps_32")
-    for name in ("litellm-only", "fast path", "anthropic"):
+    for name in ("litellm-only", "fast path", "anthropic", "messages"):
         if bare_rps and rows[name].get("rps_32"):
             rows[name]["ratio_vs_bare"] = round(rows[name]["rps_32"] / bare_rps, 3)
     if rows["litellm-only"].get("rps_32"):
