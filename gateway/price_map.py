@@ -56,9 +56,16 @@ def _encoding(model: str | None) -> Any:
     import tiktoken
 
     try:
-        return tiktoken.encoding_for_model(model or "gpt-4o")
+        encoding = tiktoken.encoding_for_model(model or "gpt-4o")
     except KeyError:
-        return tiktoken.get_encoding(_DEFAULT_ENCODING)
+        encoding = tiktoken.get_encoding(_DEFAULT_ENCODING)
+    # The Python copy of the merge table (o200k: ~27 MB of RSS) is only read to list or
+    # decode single tokens, never to encode (the Rust CoreBPE holds its own): counting
+    # needs none of it. The encoding is tiktoken's shared one, litellm's too (it encodes
+    # and decodes whole texts, both through CoreBPE).
+    if getattr(encoding, "_mergeable_ranks", None) is not None:
+        encoding._mergeable_ranks = None
+    return encoding
 
 
 def count_text(text: str, model: str | None = None) -> int:
