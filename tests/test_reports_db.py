@@ -15,6 +15,7 @@ import threading
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta, timezone
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import pytest
@@ -252,6 +253,13 @@ async def test_retention_drops_old_raw_rows_and_keeps_the_rollup(store_url):
 # ------------------------------------------------------------------------- migrations
 
 
+def direct_pg(url: str) -> tuple[str, str]:
+    """PostgreSQL itself and the schema of a PostgreSQL store URL, for a raw connection that
+    sets things up or holds a lock: PgBouncer (the `pgbouncer` variant) refuses a
+    search_path startup parameter, and its server connections are PG_URL's database."""
+    return PG_URL, parse_qs(urlsplit(url).query)["schema"][-1]
+
+
 async def create_previous_release(url: str, rows: list[dict[str, Any]], through: int = 2) -> None:
     """The schema of the release before the rollup (migrations 1 and 2), with usage rows;
     with `through`, the later migrations up to that one applied after the rows were written
@@ -277,7 +285,7 @@ async def create_previous_release(url: str, rows: list[dict[str, Any]], through:
         db.commit()
         db.close()
         return
-    base, schema = url.split("?schema=")
+    base, schema = direct_pg(url)
     conn = await asyncpg.connect(base, server_settings={"search_path": schema})
     try:
         await conn.execute(f'CREATE SCHEMA "{schema}"')
@@ -378,7 +386,8 @@ async def test_an_admin_read_in_flight_does_not_hold_up_the_request_path(store_u
 
             report = asyncio.ensure_future(store._reports.run(stuck))
         else:
-            holder = await asyncpg.connect(store.dsn, server_settings={"search_path": store.schema})
+            base, schema = direct_pg(store_url)
+            holder = await asyncpg.connect(base, server_settings={"search_path": schema})
             await holder.execute("SELECT pg_advisory_lock(4242)")
             report = asyncio.ensure_future(store.report_query(
                 "SELECT pg_advisory_lock_shared(4242), count(*) AS n FROM ai_usage_logs", []))
