@@ -37,11 +37,12 @@ from gateway.store import (
     NotFound,
     Store,
     StoreConflict,
+    StoreUnavailable,
     compute_refill,
     open_store,
 )
 from gateway.store_postgres import MIGRATIONS as POSTGRES_MIGRATIONS
-from gateway.store_postgres import PostgresStore
+from gateway.store_postgres import RESERVE_IN_FLIGHT, PostgresStore
 from gateway.store_sqlite import MIGRATIONS as SQLITE_MIGRATIONS
 from gateway.store_sqlite import SQLiteStore
 from tests.pgbouncer import pgbouncer_url
@@ -1164,6 +1165,64 @@ async def test_postgres_reservations_queued_when_the_store_closes_still_run(stor
     assert all(r.ok for r in [await p for p in pending])
     async with open_store(store_url) as again:
         assert await again.balance(user.id) == 95
+
+
+def _hold_reserve_calls(monkeypatch) -> tuple[list[int], asyncio.Event]:
+    """The first RESERVE_IN_FLIGHT gw_reserve calls wait for the event; the sizes of all calls."""
+    sizes, release = [], asyncio.Event()
+    call = PostgresStore._call_reserve
+
+    async def held(self, jobs):
+        sizes.append(len(jobs))
+        if len(sizes) <= RESERVE_IN_FLIGHT:
+            await release.wait()
+        return await call(self, jobs)
+
+    monkeypatch.setattr(PostgresStore, "_call_reserve", held)
+    return sizes, release
+
+
+async def _reserve_in_turns(store, user_id: str, prefix: str, count: int) -> list[asyncio.Future]:
+    """`count` reservations, each in a loop turn of its own."""
+    pending = []
+    for i in range(count):
+        pending.append(asyncio.ensure_future(store.reserve_energy(user_id, 1, f"{prefix}{i}")))
+        await asyncio.sleep(0.01)
+    return pending
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("store_url", ["postgres", "pgbouncer"], indirect=True)
+async def test_reservations_arriving_while_calls_are_in_flight_go_together(store, user, monkeypatch):
+    """At most RESERVE_IN_FLIGHT gw_reserve calls at once: the reservations arriving
+    meanwhile wait for one to return and go in one call."""
+    sizes, release = _hold_reserve_calls(monkeypatch)
+    first = await _reserve_in_turns(store, user.id, "first", RESERVE_IN_FLIGHT)
+    later = await _reserve_in_turns(store, user.id, "later", 5)
+    assert sizes == [1] * RESERVE_IN_FLIGHT
+    release.set()
+    assert all(r.ok for r in await asyncio.gather(*first, *later))
+    assert sizes == [1] * RESERVE_IN_FLIGHT + [5]
+    assert await store.balance(user.id) == 100 - RESERVE_IN_FLIGHT - 5
+    await assert_ledger_consistent(store, user.id)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("store_url", ["postgres"], indirect=True)
+async def test_waiting_for_a_call_in_flight_counts_toward_the_store_timeout(store, user, monkeypatch):
+    """store.timeout bounds a reservation from its arrival: one that waited it out behind
+    slow calls in flight fails closed (StoreUnavailable) as they do, its own call never
+    started in time, and nothing is reserved."""
+    store.timeout = 0.2
+    sizes, release = _hold_reserve_calls(monkeypatch)
+    pending = await _reserve_in_turns(store, user.id, "r", RESERVE_IN_FLIGHT + 1)
+    await asyncio.sleep(0.3)
+    release.set()
+    outcomes = await asyncio.gather(*pending, return_exceptions=True)
+    assert [type(o) for o in outcomes] == [StoreUnavailable] * len(pending)
+    assert sizes == [1] * len(pending)
+    assert await store.balance(user.id) == 100
+    await assert_ledger_consistent(store, user.id)
 
 
 @pytest.mark.asyncio
