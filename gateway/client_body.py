@@ -140,6 +140,8 @@ async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
         raise bad_request(f"request body is not valid JSON: {exc.args[0] if exc.args else 'parse error'}") from None
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object")
+    if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH:  # fewer brackets cannot nest deeper: no walk
+        check_nesting(body)
     return body
 
 
@@ -245,7 +247,6 @@ def validate_chat(body: dict[str, Any], extra: Iterable[str] = ()) -> None:
             if not isinstance(tool, dict):
                 raise bad_request(f"{key}[{j}] must be an object", param=f"{key}[{j}]", code="invalid_type")
     _check_metadata(body)
-    check_nesting(body)
 
 
 def validate_embeddings(body: dict[str, Any], extra: Iterable[str] = ()) -> None:
@@ -263,7 +264,6 @@ def validate_embeddings(body: dict[str, Any], extra: Iterable[str] = ()) -> None
                           param="input")
     _positive_int(body, "dimensions")
     _check_metadata(body)
-    check_nesting(body)
 
 
 _RESPONSES_TYPES: dict[str, tuple[type, ...]] = {
@@ -292,4 +292,3 @@ def validate_responses(body: dict[str, Any], extra: Iterable[str] = ()) -> None:
                           param="conversation", code="unsupported_parameter")
     _positive_int(body, "max_output_tokens")
     _check_metadata(body)
-    check_nesting(body)

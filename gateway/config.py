@@ -652,14 +652,16 @@ class Config(_Strict):
                 self._memo[key] = found
         return found  # type: ignore[return-value]
 
+    @functools.cached_property
+    def _missing_by_deployment(self) -> dict[int, tuple[ModelEntry, str]]:
+        # Built on the first request (load_config_data fills _missing_keys before): a plain
+        # dict in __dict__, where a private attribute costs pydantic's __getattr__ per call.
+        return {id(self.models[i]): (self.models[i], name) for i, name in self._missing_keys.items()}
+
     def missing_key(self, deployment: ModelEntry) -> str | None:
         """The unset environment variable this deployment's api_key names, if any."""
-        if not self._missing_keys:
-            return None
-        for i, entry in enumerate(self.models):
-            if entry is deployment:
-                return self._missing_keys.get(i)
-        return None
+        found = self._missing_by_deployment.get(id(deployment))
+        return found[1] if found is not None and found[0] is deployment else None
 
     def deployments(self, model: str) -> list[ModelEntry]:
         found = self._index.get(model)

@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import ipaddress
+import select
 import socket
 import ssl
 import time
@@ -68,6 +69,7 @@ MAX_LINE = 16 * 1024 * 1024  # longest SSE line accepted from an upstream
 RELEASE_GRACE = 5.0  # seconds a released, unfinished response may take to end before its connection is closed
 IDLE_TIMEOUT = 30.0  # seconds a kept-alive connection may sit unused before it is dropped
 MAX_HEADERS = 128  # response header lines (aiohttp's default)
+_STALE_EVENTS = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | getattr(select, "POLLRDHUP", 0)
 MAX_FIELD = 8190  # bytes in one header line (aiohttp's default)
 MAX_HEAD = 64 * 1024  # bytes of the status line and every header, 1xx heads included
 MAX_INTERIM = 8  # 1xx responses before the final one
@@ -307,6 +309,7 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._eof_body = False
         self._keep_alive = False
+        self._poll: "select.poll | None" = None  # stale()'s, built on first use
 
     # ---- asyncio.Protocol
 
@@ -439,27 +442,28 @@ class _Connection(asyncio.Protocol):
 
     def stale(self) -> bool:
         """A pooled connection the upstream closed, or that holds bytes nobody asked for.
-        A non-blocking peek at the socket: the close may have arrived since the loop last
-        polled it. (Through a socket object wrapped around the fd and detached again:
-        uvloop's transports hand out a pseudo-socket that cannot recv.)"""
+        A zero-timeout poll of the socket: the close may have arrived since the loop last
+        polled it. Readable means either (EOF, a TLS close_notify, garbage): an idle
+        connection has nothing to say. The poll object is kept per connection and never
+        owns the fd (a socket object wrapped around it would close it if collected);
+        it is asked only while the transport is open, so the fd is still this one."""
         if self.lost or self.transport.is_closing():
             return True
-        sock = self.transport.get_extra_info("socket")
-        if sock is None:
-            return False
+        poller = self._poll
+        if poller is None:
+            sock = self.transport.get_extra_info("socket")
+            if sock is None:
+                return False
+            try:
+                poller = select.poll()
+                poller.register(sock.fileno(), _STALE_EVENTS)
+            except (OSError, ValueError):
+                return True
+            self._poll = poller
         try:
-            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=sock.fileno())
-        except (OSError, ValueError):
-            return True
-        try:
-            probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return False  # nothing to read: alive and quiet
+            return bool(poller.poll(0))
         except OSError:
             return True
-        finally:
-            probe.detach()  # the fd stays the transport's
-        return True  # b"" (closed) or unexpected bytes (a TLS close_notify, garbage)
 
     def finished(self, response: Response, reusable: bool) -> None:
         self.response = None
