@@ -172,9 +172,16 @@ class RedisBackend:
         await self.client.aclose()
 
 
-def cache_key(prefix: str, workspace_id: str, model: str, body: dict[str, Any]) -> str:
+def cache_key(prefix: str, workspace_id: str, model: str, body: dict[str, Any],
+              inbound: dict[str, Any] | None = None) -> str:
+    """`inbound`: the client's own body on another API's endpoint (POST /v1/messages), which
+    may be passed through with fields its OpenAI form lacks (`thinking`, `top_k`, blocks'
+    fields): they change the answer, so they are in the key."""
     request = {k: v for k, v in body.items() if k not in _IGNORED_FIELDS and k != "model"}
-    digest = hashlib.sha256(orjson.dumps([workspace_id, model, request], option=orjson.OPT_SORT_KEYS)).hexdigest()
+    parts: list[Any] = [workspace_id, model, request]
+    if inbound is not None:
+        parts.append({k: v for k, v in inbound.items() if k not in _IGNORED_FIELDS and k != "model"})
+    digest = hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)).hexdigest()
     return f"{prefix}:{digest}"
 
 
@@ -256,7 +263,7 @@ class ResponseCache(Plugin):
             ctx.response_headers["X-Cache"] = "BYPASS"
             return
         model = ctx.candidates[0]
-        key = cache_key(self.settings.key_prefix, ctx.identity.workspace_id, model, ctx.body)
+        key = cache_key(self.settings.key_prefix, ctx.identity.workspace_id, model, ctx.body, ctx.inbound_body)
         scratch = ctx.scratch(self.name)
         scratch["key"], scratch["model"] = key, model
         scratch["ttl"] = workspace.ttl if workspace.ttl is not None else self.settings.ttl

@@ -131,3 +131,24 @@ def test_an_idempotent_retry_replays_the_passed_through_answer(gateway_factory, 
     assert upstream.count("/messages") == 1
     gw.settle()
     assert gw.balance(user_id) == 99
+
+
+def test_the_cache_keys_what_is_passed_through(gateway_factory, upstream):
+    """An Anthropic client's repeat is a hit (answered in Anthropic's shape); a request that
+    differs only in a field the OpenAI form lacks (`top_k`) reaches Anthropic and is a miss."""
+    chain = ["auth", "tier_policy", {"name": "cache", "settings": {"models": ["claude"]}}, "energy"]
+    gw = gateway_factory(plugins=chain)
+    _, key = gw.make_user(energy=100)
+    sdk = client(gw, key)
+
+    def ask(**extra):
+        raw = sdk.messages.with_raw_response.create(model="claude", max_tokens=50, messages=MESSAGES,
+                                                    extra_body={"temperature": 0, **extra})
+        return raw.headers.get("X-Cache"), raw.parse()
+
+    first, answer = ask(top_k=5)
+    second, again = ask(top_k=5)
+    third, _ = ask(top_k=40)
+    assert (first, second, third) == ("MISS", "HIT", "MISS")
+    assert again.type == "message" and again.content[0].text == answer.content[0].text
+    assert upstream.count("/messages") == 2 and upstream.last.json["top_k"] == 40
