@@ -46,6 +46,8 @@ def fingerprint(ctx: RequestContext) -> str:
         body = dict(ctx.body)
         body["model"] = ctx.requested_model
     digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
+    if ctx.inbound_body is not None:  # another API's body: what its OpenAI form lacks counts too
+        digest.update(orjson.dumps(ctx.inbound_body, option=orjson.OPT_SORT_KEYS))
     digest.update(f"|{ctx.endpoint}|{ctx.action}".encode())
     return digest.hexdigest()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import anthropic
 import httpx
+import pytest
 
 from gateway.admin import MASTER
 from tests.conftest import FULL_CHAIN
@@ -152,3 +153,16 @@ def test_the_cache_keys_what_is_passed_through(gateway_factory, upstream):
     assert (first, second, third) == ("MISS", "HIT", "MISS")
     assert again.type == "message" and again.content[0].text == answer.content[0].text
     assert upstream.count("/messages") == 2 and upstream.last.json["top_k"] == 40
+
+
+def test_an_idempotency_key_reused_with_another_passed_through_field_is_refused(gateway_factory, upstream):
+    gw = gateway_factory(plugins=CHAIN)
+    _, key = gw.make_user(energy=100)
+    headers = {"Idempotency-Key": "claude-k"}
+    client(gw, key).messages.create(model="claude", max_tokens=50, messages=MESSAGES, extra_headers=headers,
+                                    extra_body={"top_k": 5})
+    gw.settle()
+    with pytest.raises(anthropic.UnprocessableEntityError):
+        client(gw, key).messages.create(model="claude", max_tokens=50, messages=MESSAGES, extra_headers=headers,
+                                        extra_body={"top_k": 40})
+    assert upstream.count("/messages") == 1
