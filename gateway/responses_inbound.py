@@ -126,6 +126,8 @@ async def stored(router: Any, store: Any, ctx: Any, method: str, response_id: st
             payload["model"] = record["model"]
         if method == "DELETE":
             await store.forget_response(response_id)
+            log.info("stored_response_deleted", request_id=ctx.request_id, response_id=response_id,
+                     user_id=record["user_id"], model=record["model"])
         return payload
     raise _not_found(response_id)
 
