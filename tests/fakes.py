@@ -44,7 +44,17 @@ Wire-format notes (deliberate choices, keep them in mind when asserting):
   (sent only when one of them is non-zero), and ``prompt_tokens`` /
   ``completion_tokens`` are the totals that *include* them.  Anthropic:
   ``cache_read_input_tokens`` / ``cache_creation_input_tokens`` beside ``input_tokens``,
-  which *excludes* them (``input_tokens = prompt_tokens``).
+  which *excludes* them (``input_tokens = prompt_tokens``).  Gemini: ``usageMetadata``
+  with ``cachedContentTokenCount`` (part of ``promptTokenCount``) and
+  ``thoughtsTokenCount`` (beside ``candidatesTokenCount``, both in ``totalTokenCount``).
+* Azure OpenAI (``/openai/deployments/{name}/...``): ``api-key`` header (401 otherwise)
+  and ``?api-version=`` (404 otherwise); answers carry ``prompt_filter_results`` and
+  per-choice ``content_filter_results`` and name the deployment's underlying model
+  (``azure_model``); a stream opens with Azure's ``choices: []`` prompt-filter chunk.
+* Gemini (``/models/{model}:generateContent``, ``:streamGenerateContent?alt=sse``):
+  ``x-goog-api-key`` header or ``?key=`` (403 ``PERMISSION_DENIED`` otherwise), errors as
+  ``{"error": {"code", "message", "status"}}``; ``tool_call`` answers with a
+  ``functionCall`` part; ``gemini_finish_reason`` (default ``STOP``) ends the candidate.
 """
 
 from __future__ import annotations
@@ -72,6 +82,7 @@ __all__ = [
     "RecordedRequest",
     "ServerThread",
     "anthropic_error_body",
+    "gemini_error_body",
     "fake_embedding",
     "free_port",
     "openai_error_body",
@@ -298,6 +309,18 @@ def anthropic_error_body(
     return {"type": "error", "error": {"type": error_type or d_type, "message": message or d_msg}}
 
 
+_GEMINI_STATUS: dict[int, str] = {
+    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+    429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
+}
+
+
+def gemini_error_body(status: int, message: str | None = None, error_type: str | None = None) -> dict[str, Any]:
+    """Google's error shape: {"error": {"code": 400, "message": ..., "status": "INVALID_ARGUMENT"}}."""
+    return {"error": {"code": status, "message": message or f"HTTP {status} (fake upstream)",
+                      "status": error_type or _GEMINI_STATUS.get(status, "UNKNOWN" if status >= 500 else "FAILED_PRECONDITION")}}
+
+
 # --------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------
@@ -412,6 +435,10 @@ class FakeUpstream:
         self.model_echo = model_echo
         # {"name": ..., "arguments": {...}}: OpenAI chat answers (non-stream) with that call.
         self.tool_call: dict[str, Any] | None = None
+        # Azure answers name the model behind the deployment, not the deployment.
+        self.azure_model = "gpt-4o-2024-11-20"
+        # How a Gemini candidate ends: STOP, MAX_TOKENS, SAFETY, RECITATION, ...
+        self.gemini_finish_reason = "STOP"
         self.require_auth = require_auth
         self.shutdown_timeout = shutdown_timeout
 
@@ -556,7 +583,10 @@ class FakeUpstream:
     ) -> web.StreamResponse:
         body: dict[str, Any] = parsed if isinstance(parsed, dict) else {}
         path = request.path.rstrip("/")
-        if path.endswith("/messages") and request.method == "POST":
+        request["azure"] = path.startswith("/openai/deployments/")
+        if re.search(r"/models/[^/:]+:(stream)?[gG]enerateContent$", path) and request.method == "POST":
+            flavour, handler = "gemini", self._gemini_generate
+        elif path.endswith("/messages") and request.method == "POST":
             flavour, handler = "anthropic", self._anthropic_messages
         elif path.endswith("/chat/completions") and request.method == "POST":
             flavour, handler = "openai", self._openai_chat
@@ -610,6 +640,8 @@ class FakeUpstream:
         headers: dict[str, str] | None = None,
         body: Any = None,
     ) -> web.Response:
+        if body is None and flavour == "gemini":
+            body = gemini_error_body(status, message, error_type)
         if body is None:
             body = (
                 anthropic_error_body(status, message, error_type)
@@ -643,6 +675,7 @@ class FakeUpstream:
         full = json.dumps(
             self._anthropic_message(body, request["fake_seq"])
             if flavour == "anthropic"
+            else self._gemini_response(body, request.path) if flavour == "gemini"
             else self._chat_completion(body, request["fake_seq"])
         ).encode()
         resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
@@ -669,6 +702,8 @@ class FakeUpstream:
     # ---- OpenAI ----------------------------------------------------------
 
     def _openai_auth_error(self, request: web.Request) -> web.Response | None:
+        if request.get("azure"):
+            return self._azure_request_error(request)
         if self.require_auth and not request.headers.get("Authorization"):
             return self._error("openai", 401, "You didn't provide an API key.",
                                code="invalid_api_key")
@@ -744,6 +779,24 @@ class FakeUpstream:
                                       "last_id": items[-1].get("id"), "has_more": False})
         return web.json_response(response)
 
+    def _azure_request_error(self, request: web.Request) -> web.Response | None:
+        """Azure OpenAI's own checks: an `api-key` header and an `api-version` query."""
+        if self.require_auth and not request.headers.get("api-key"):
+            return self._error("openai", 401, body={"error": {"code": "401", "message": "Access denied due to "
+                               "invalid subscription key or wrong API endpoint. Make sure to provide a valid key "
+                               "for an active subscription and use a correct regional API endpoint for your resource."}})
+        if not request.query.get("api-version"):
+            return self._error("openai", 404, body={"error": {"code": "404", "message": "Resource not found"}})
+        return None
+
+    @staticmethod
+    def _azure_filtered(out: dict[str, Any]) -> dict[str, Any]:
+        """An OpenAI answer or chunk as Azure sends it: content filter verdicts on each choice."""
+        verdict = {"filtered": False, "severity": "safe"}
+        for choice in out.get("choices") or ():
+            choice["content_filter_results"] = {k: dict(verdict) for k in ("hate", "self_harm", "sexual", "violence")}
+        return out
+
     def _openai_usage(self) -> dict[str, Any]:
         usage: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
@@ -800,12 +853,16 @@ class FakeUpstream:
             completion = self._chat_completion(body, request["fake_seq"])
             if kind == "no_choices":
                 completion.pop("choices")
+            if request["azure"]:
+                completion["model"] = self.azure_model
+                completion["prompt_filter_results"] = [{"prompt_index": 0, "content_filter_results": {}}]
+                self._azure_filtered(completion)
             return web.json_response(completion)
 
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         cid = f"chatcmpl-fake-{request['fake_seq']}"
         created = int(time.time())
-        model = self._model(body, "gpt-fake")
+        model = self.azure_model if request["azure"] else self._model(body, "gpt-fake")
 
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
             c: dict[str, Any] = {
@@ -819,9 +876,12 @@ class FakeUpstream:
             if include_usage:
                 c["usage"] = None
             c.update(extra)
-            return c
+            return self._azure_filtered(c) if request["azure"] else c
 
         resp = await self._start_sse(request)
+        if request["azure"]:  # Azure opens every stream with the prompt's filter verdict
+            await resp.write(_sse({"choices": [], "created": 0, "id": "", "model": "", "object": "",
+                                   "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}]}))
         if kind == "garbage":
             await resp.write(b"data: not-json\n\n")
             await resp.write(b"data: [DONE]\n\n")
@@ -873,6 +933,8 @@ class FakeUpstream:
             if flavour == "anthropic":
                 err = anthropic_error_body(529, fault.message, fault.error_type or "overloaded_error")
                 await resp.write(_sse_event("error", err))
+            elif flavour == "gemini":
+                await resp.write(_sse(gemini_error_body(500, fault.message, fault.error_type)))
             else:
                 await resp.write(_sse(openai_error_body(500, fault.message, fault.error_type)))
                 await resp.write(b"data: [DONE]\n\n")
@@ -1005,6 +1067,80 @@ class FakeUpstream:
         if kind == "no_done":
             await self._end_without_done(request, resp, fault)
         await resp.write(_sse_event("message_stop", {"type": "message_stop"}))
+        return resp
+
+
+    # ---- Gemini ----------------------------------------------------------
+
+    def _gemini_usage(self, final: bool = True) -> dict[str, Any]:
+        usage: dict[str, Any] = {"promptTokenCount": self.prompt_tokens,
+                                 "totalTokenCount": self.prompt_tokens,
+                                 "promptTokensDetails": [{"modality": "TEXT", "tokenCount": self.prompt_tokens}]}
+        if not final:  # a stream's chunks before the last count the prompt only
+            return usage
+        usage["candidatesTokenCount"] = self.completion_tokens
+        usage["totalTokenCount"] = self.prompt_tokens + self.completion_tokens + self.reasoning_tokens
+        if self.cached_tokens:
+            usage["cachedContentTokenCount"] = self.cached_tokens
+            usage["cacheTokensDetails"] = [{"modality": "TEXT", "tokenCount": self.cached_tokens}]
+        if self.reasoning_tokens:
+            usage["thoughtsTokenCount"] = self.reasoning_tokens
+        return {**usage, "promptTokensDetails": usage.pop("promptTokensDetails")}
+
+    def _gemini_response(self, body: dict[str, Any], path: str, parts: list[dict[str, Any]] | None = None,
+                         final: bool = True) -> dict[str, Any]:
+        model = self.model_echo or path.rsplit("/models/", 1)[-1].split(":", 1)[0]
+        if parts is None:
+            parts = [{"text": self.reply}]
+            if self.tool_call is not None:
+                parts = [{"functionCall": {"name": self.tool_call["name"], "args": self.tool_call["arguments"]}}]
+        candidate: dict[str, Any] = {"content": {"parts": parts, "role": "model"}, "index": 0}
+        if final:
+            candidate["finishReason"] = self.gemini_finish_reason
+        out: dict[str, Any] = {"candidates": [candidate]}
+        if self.report_usage:
+            out["usageMetadata"] = self._gemini_usage(final)
+        out["modelVersion"] = model
+        out["responseId"] = "fake-gemini-response"
+        return out
+
+    async def _gemini_generate(self, request: web.Request, body: dict[str, Any],
+                               fault: Fault | None) -> web.StreamResponse:
+        """generateContent, and streamGenerateContent (SSE with ?alt=sse; a JSON array of
+        responses without it), in the Gemini API's shapes."""
+        if self.require_auth and not (request.headers.get("x-goog-api-key") or request.query.get("key")):
+            return self._error("gemini", 403, "Method doesn't allow unregistered callers (callers without "
+                                              "established identity). Please use API Key or other form of API "
+                                              "consumer identity to call this API.")
+        if not isinstance(body.get("contents"), list) or not body["contents"]:
+            return self._error("gemini", 400, "* GenerateContentRequest.contents: contents is not specified")
+        kind = fault.kind if fault else None
+        midstream = fault if kind in _MIDSTREAM_FAULTS else None
+        if not request.path.endswith(":streamGenerateContent"):
+            answer = self._gemini_response(body, request.path)
+            if kind == "no_choices":
+                answer.pop("candidates")
+            return web.json_response(answer)
+        if request.query.get("alt") != "sse":
+            return web.json_response([self._gemini_response(body, request.path)])
+        resp = await self._start_sse(request)
+        if kind == "garbage":
+            await resp.write(b"data: not-json\r\n\r\n")
+            return resp
+        pieces = split_reply(self.reply, self.chunks)
+        if self.tool_call is not None:
+            pieces = [""]
+        for i, piece in enumerate(pieces):
+            if midstream is not None and i == midstream.after_chunks:
+                await self._stream_fault(request, resp, midstream, "gemini")
+            if i and self.chunk_delay:
+                await self._sleep(self.chunk_delay)
+            last = i == len(pieces) - 1 and midstream is None
+            parts = None if self.tool_call is not None else [{"text": piece}]
+            await resp.write(b"data: " + json.dumps(self._gemini_response(body, request.path, parts, final=last),
+                                                    separators=(",", ":")).encode() + b"\r\n\r\n")
+        if midstream is not None:
+            await self._stream_fault(request, resp, midstream, "gemini")
         return resp
 
 
