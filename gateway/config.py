@@ -170,7 +170,8 @@ class ModelEntry(_Strict):
 
     name: str = Field(min_length=1)
     litellm_params: LitellmParams
-    # auto: the native OpenAI-wire pass-through for openai/... models, litellm otherwise.
+    # auto: a native path for openai/, azure/, gemini/ and anthropic/ models (native_path),
+    # litellm otherwise.
     dispatch: Literal["auto", "native", "litellm"] = "auto"
     timeouts: Timeouts = Timeouts()
     fallbacks: list[str] | None = None
@@ -188,18 +189,50 @@ class ModelEntry(_Strict):
     # An http:// egress proxy for this deployment (native path; "" = direct, ignoring
     # HTTPS_PROXY). Unset: the environment's HTTPS_PROXY/HTTP_PROXY/NO_PROXY apply.
     proxy: str | None = None
+    _native_path: str | None = PrivateAttr("")  # "": not decided yet
+
+    def native_path(self) -> str | None:
+        """Which native dispatcher serves this deployment: "openai" (the OpenAI-wire
+        pass-through), "azure" (the same, at Azure OpenAI's URLs) or "gemini" (the native
+        Gemini translation), or None: litellm, or the Anthropic translation, which
+        gateway/router.py picks itself. Under `dispatch: auto` an Azure or Gemini deployment
+        that sets a litellm_param its native path would not apply (azure_ad_token, ...)
+        stays on litellm, as an Anthropic one does; `dispatch: native` refuses it at load.
+        Decided once, at load (the router asks on every call)."""
+        if self._native_path != "":
+            return self._native_path
+        return self._choose_native_path()
+
+    def _choose_native_path(self) -> str | None:
+        if self.dispatch == "litellm":
+            return None
+        model = self.litellm_params.model
+        provider = model.split("/", 1)[0] if "/" in model else "openai"
+        if provider in NATIVE_PROVIDER_PARAMS:
+            if self.dispatch == "native" or not self._unforwarded(provider):
+                return provider
+            return None
+        return "openai" if self.dispatch == "native" or provider == "openai" else None
 
     def uses_native(self) -> bool:
-        """`dispatch: auto` picks the native pass-through for OpenAI-wire upstreams."""
-        if self.dispatch != "auto":
-            return self.dispatch == "native"
-        model = self.litellm_params.model
-        return model.startswith("openai/") or "/" not in model
+        """The native OpenAI-wire pass-through (`openai/...` and bare names under `auto`)."""
+        return self.native_path() == "openai"
+
+    def _unforwarded(self, provider: str) -> list[str]:
+        """The settings an Azure/Gemini native path cannot apply (it needs its own api_key:
+        without one litellm reads the environment or Azure AD)."""
+        allowed = NATIVE_PROVIDER_PARAMS[provider]
+        names = [name for name in (self.litellm_params.model_extra or {}) if name not in allowed
+                 and not (provider == "azure" and name in NATIVE_BODY_DEFAULTS)]
+        if provider == "azure" and not self.litellm_params.api_base:
+            names.insert(0, "api_base")  # litellm would read AZURE_API_BASE
+        return names if self.litellm_params.api_key else ["api_key", *names]
 
     @model_validator(mode="after")
     def _native_forwards_every_param(self) -> "ModelEntry":
         """A deployment on the native path must not carry a litellm_param it would drop."""
-        if not self.uses_native():
+        path = self._native_path = self._choose_native_path()
+        if path is None:
             if self.proxy is not None:
                 raise ValueError("proxy: only the native path takes a per-deployment proxy "
                                  "(litellm follows HTTPS_PROXY/NO_PROXY)")
@@ -208,8 +241,16 @@ class ModelEntry(_Strict):
             from urllib.parse import urlsplit
             if urlsplit(self.proxy).scheme != "http" or not urlsplit(self.proxy).hostname:
                 raise ValueError(f"proxy: must be an http:// URL, got {self.proxy!r}")
+        if path != "openai":
+            unforwarded = self._unforwarded(path)
+            if unforwarded:
+                name = unforwarded[0]
+                what = "is required" if name in ("api_key", "api_base") else "is not forwarded"
+                raise ValueError(f"litellm_params.{name}: {what} on the native {path} path (it takes api_base, "
+                                 f"api_key{', ' if NATIVE_PROVIDER_PARAMS[path] else ''}"
+                                 f"{', '.join(sorted(NATIVE_PROVIDER_PARAMS[path]))}); set dispatch: litellm to use it")
         for name, value in (self.litellm_params.model_extra or {}).items():
-            if name in NATIVE_BODY_DEFAULTS or name == "organization":
+            if name in NATIVE_BODY_DEFAULTS or name == "organization" or (name == "api_version" and path == "azure"):
                 continue
             if name in ("extra_headers", "headers", "extra_body"):
                 if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
@@ -242,6 +283,11 @@ class ModelEntry(_Strict):
 # body lacks them; organization, extra_headers/headers (headers) and extra_body (body
 # defaults) are forwarded too. Anything else on a native deployment is refused at load.
 NATIVE_BODY_DEFAULTS = (CHAT_PARAMS | EMBEDDINGS_PARAMS) - {"model", "messages", "input", "stream", "metadata"}
+# litellm_params the Azure and Gemini native paths apply beyond api_base, api_key and
+# timeout (Azure also takes the OpenAI body defaults above). Gemini's translation takes
+# nothing else: its other settings stay with litellm.
+NATIVE_PROVIDER_PARAMS = {"azure": frozenset({"api_version", "extra_headers", "headers", "extra_body"}),
+                          "gemini": frozenset()}
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _OWN_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "user-agent", "accept-encoding",
                 "proxy-authorization", "te", "upgrade", "keep-alive"}

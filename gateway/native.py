@@ -12,7 +12,10 @@ retries, fallbacks and every plugin behave identically on both paths. litellm re
 dispatcher for providers that need translation, and the source of prices and token counts.
 
 Chosen per deployment (`dispatch: auto | native | litellm`); `auto` means native for
-`openai/...` models (and bare model names), litellm for everything else.
+`openai/...` models (and bare model names), and for `azure/...` ones at Azure OpenAI's URLs
+(`_endpoint`; gateway/azure_native.py decides per request), litellm for everything else
+but Anthropic and Gemini, which have translations of their own (gateway/anthropic_native.py,
+gateway/gemini_native.py).
 
 What reaches the upstream from the deployment's `litellm_params`, as litellm would send it:
 `api_key` (Authorization), `organization` (OpenAI-Organization), `extra_headers`/`headers`,
@@ -29,6 +32,7 @@ a redirect elsewhere, and a POST turned into a GET is not the call that was aske
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any, AsyncIterator
 from urllib.parse import urljoin
 
@@ -53,6 +57,8 @@ from gateway.upstream_http import (
 log = structlog.get_logger("gateway.native")
 
 OPENAI_DEFAULT_BASE = "https://api.openai.com/v1"
+AZURE_DEFAULT_API_VERSION = "2025-02-01-preview"  # litellm.AZURE_DEFAULT_API_VERSION, its default
+_AZURE_V1 = ("v1", "latest", "preview")  # the version-less /openai/v1 API (litellm: an OpenAI client)
 _PASSED = {endpoint: params | {"model"} for endpoint, params in DISPATCH_PARAMS.items()}  # model: replaced
 _DONE = b"[DONE]"
 MAX_REDIRECTS = 3
@@ -79,8 +85,58 @@ async def _drain(response: Response) -> None:
 
 
 def upstream_model(deployment: ModelEntry) -> str:
+    """The body's `model`: OpenAI's model name, or an Azure deployment's name."""
     model = deployment.litellm_params.model
-    return model.split("/", 1)[1] if model.startswith("openai/") else model
+    return model.split("/", 1)[1] if model.startswith(("openai/", "azure/")) else model
+
+
+def call_timeouts(deployment: ModelEntry, stream: bool) -> tuple[float, float]:
+    """(total, connect) seconds for one call: a non-streamed answer must arrive within
+    first_byte (as the router enforces for litellm); streams get first_byte and idle from
+    the router, per chunk."""
+    timeouts = deployment.timeouts
+    total = min(deployment.litellm_params.timeout or timeouts.total, timeouts.total)
+    if not stream:
+        total = min(total, timeouts.first_byte)
+    return total, min(timeouts.connect, total)
+
+
+def azure_api_version(deployment: ModelEntry) -> str:
+    """The deployment's api_version, else AZURE_API_VERSION, else litellm's default."""
+    return (deployment.litellm_params.model_extra or {}).get("api_version") or os.environ.get("AZURE_API_VERSION") \
+        or AZURE_DEFAULT_API_VERSION
+
+
+def _endpoint(deployment: ModelEntry, path: str) -> tuple[str, str | None]:
+    """(URL, credential header line) of `path` (/chat/completions, /embeddings) for this
+    deployment. Azure OpenAI, as litellm calls it: {api_base}/openai/deployments/{name}{path}
+    ?api-version=... with an `api-key` header, or for the v1 API {api_base}/openai/v1{path}
+    with a Bearer key."""
+    params = deployment.litellm_params
+    if not params.model.startswith("azure/"):
+        base = (params.api_base or OPENAI_DEFAULT_BASE).rstrip("/")
+        return base + path, f"Authorization: Bearer {params.api_key}" if params.api_key else None
+    base = (params.api_base or "").rstrip("/")
+    version = azure_api_version(deployment)
+    if version in _AZURE_V1:
+        return (base if base.endswith("/openai/v1") else base + "/openai/v1") + path, \
+            f"Authorization: Bearer {params.api_key}"
+    if "/openai/deployments/" not in base:
+        base += "/openai/deployments/" + upstream_model(deployment)
+    return f"{base}{path}?api-version={version}", f"api-key: {params.api_key}"
+
+
+def _without_azure_filters(answer: dict[str, Any]) -> dict[str, Any] | None:
+    """An Azure answer or chunk as litellm hands it on: without the content filter verdicts
+    (`prompt_filter_results`, each choice's `content_filter_results`), and None for the
+    stream's opening chunk that carries nothing else."""
+    choices = answer.get("choices")
+    if not choices and not answer.get("usage") and "prompt_filter_results" in answer:
+        return None
+    answer.pop("prompt_filter_results", None)
+    for choice in choices or ():
+        choice.pop("content_filter_results", None)
+    return answer
 
 
 def _error_from(status: int, headers: Any, raw: bytes) -> UpstreamError:
@@ -138,11 +194,11 @@ class NativeOpenAIDispatcher:
         if cached is not None and cached[0] is deployment:
             return cached[1:]
         params = deployment.litellm_params
-        base = (params.api_base or OPENAI_DEFAULT_BASE).rstrip("/")
+        url, credential = _endpoint(deployment, path)
         lines = ["Content-Type: application/json",
                  "Accept: text/event-stream" if stream else "Accept: application/json"]
-        if params.api_key:
-            lines.append(f"Authorization: Bearer {params.api_key}")
+        if credential:
+            lines.append(credential)
         extra = params.model_extra or {}
         if extra.get("organization"):
             lines.append(f"OpenAI-Organization: {extra['organization']}")
@@ -151,16 +207,11 @@ class NativeOpenAIDispatcher:
             names = {name.lower() for name in configured}
             lines = [line for line in lines if line.split(":", 1)[0].lower() not in names]
             lines.extend(f"{name}: {value}" for name, value in configured.items())
-        timeouts = deployment.timeouts
-        total = min(params.timeout or timeouts.total, timeouts.total)
-        if not stream:
-            # A non-streamed answer must arrive within first_byte (as the router enforces for
-            # litellm); streams get first_byte and idle from the router, per chunk.
-            total = min(total, timeouts.first_byte)
+        total, connect = call_timeouts(deployment, stream)
         if len(self._targets) > 1024:
             self._targets.clear()
-        entry = (deployment, Target(base + path, proxy=deployment.proxy), "".join(f"{line}\r\n" for line in lines).encode("latin-1"),
-                 total, min(timeouts.connect, total))
+        entry = (deployment, Target(url, proxy=deployment.proxy), "".join(f"{line}\r\n" for line in lines).encode("latin-1"),
+                 total, connect)
         self._targets[key] = entry
         return entry[1:]
 
@@ -243,10 +294,32 @@ class NativeOpenAIDispatcher:
             raise _error_from(response.status, response.headers, raw)
         return _json_object(raw, "response")
 
+    async def open_stream(self, target: Target, headers: bytes, payload: bytes, total: float,
+                          connect: float) -> Response:
+        """POST `payload` and return the response whose head said 2xx, its body (a stream)
+        unread; an error answer is read and raised as its UpstreamError (for translating
+        dispatchers: gateway/gemini_native.py)."""
+        try:
+            async with asyncio.timeout(total):
+                response = await self._send(target, headers, payload, connect)
+        except TimeoutError:
+            raise UpstreamError("timeout", "the upstream did not answer in time", status=504) from None
+        if response.status < 400:
+            return response
+        try:
+            raw = await response.read(_ERROR_BODY)
+        except BaseException:
+            response.close()
+            raise
+        response.release()
+        raise _error_from(response.status, response.headers, raw)
+
     async def chat(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
         payload = await self._post_json(deployment, "/chat/completions", body, "chat.completions")
         if not isinstance(payload.get("choices"), list) or not payload["choices"]:
             raise UpstreamError("bad_response", "the upstream response had no choices")
+        if deployment.litellm_params.model.startswith("azure/"):
+            _without_azure_filters(payload)
         return payload
 
     async def embeddings(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
@@ -266,6 +339,7 @@ class NativeOpenAIDispatcher:
             raise UpstreamError("timeout", "the upstream did not answer in time", status=504) from None
         done = False
         end = StreamEnd()
+        azure = deployment.litellm_params.model.startswith("azure/")
         try:
             if resp.status >= 400:
                 raw = await resp.read(_ERROR_BODY)
@@ -284,6 +358,8 @@ class NativeOpenAIDispatcher:
                     err = chunk["error"]
                     message = err.get("message") if isinstance(err, dict) else str(err)
                     raise UpstreamError("truncated", f"the upstream stream failed: {redact(str(message))}")
+                if azure and _without_azure_filters(chunk) is None:
+                    continue
                 end.observe(chunk)
                 yield chunk
             if not done and not end.complete:

@@ -27,6 +27,8 @@ from gateway.config import Config, ModelEntry
 from gateway.dispatch import Dispatcher, LitellmDispatcher, UpstreamError, deployment_secrets, provider_of
 from gateway.demo import DemoDispatcher
 from gateway.anthropic_native import AnthropicNativeDispatcher
+from gateway.azure_native import AzureNativeDispatcher
+from gateway.gemini_native import GeminiNativeDispatcher
 from gateway.native import NativeOpenAIDispatcher
 from gateway.errors import ApiError, redact
 from plugins.base import RequestContext
@@ -62,7 +64,8 @@ def upstream_to_api_error(err: UpstreamError, attempts: int) -> ApiError:
 
 
 def uses_native(deployment: ModelEntry) -> bool:
-    """`dispatch: auto` picks the native pass-through for OpenAI-wire upstreams."""
+    """`dispatch: auto` picks the native pass-through for OpenAI-wire upstreams (Azure
+    OpenAI's, at its own URLs, is `deployment.native_path() == "azure"`)."""
     return deployment.uses_native()
 
 
@@ -119,6 +122,8 @@ class Router:
         self.litellm: Dispatcher = LitellmDispatcher()
         self.native = NativeOpenAIDispatcher()
         self.anthropic = AnthropicNativeDispatcher(self.native, self.litellm)
+        self.azure = AzureNativeDispatcher(self.native, self.litellm)
+        self.gemini = GeminiNativeDispatcher(self.native, self.litellm)
         self.dispatchers: dict[str, Dispatcher] = {"demo": DemoDispatcher(), **(dispatchers or {})}
         self.breaker = CircuitBreaker()
         self._sleep = sleep
@@ -129,7 +134,12 @@ class Router:
             return special
         if uses_anthropic_native(deployment):
             return self.anthropic
-        return self.native if uses_native(deployment) else self.litellm
+        path = deployment.native_path()
+        if path == "azure":
+            return self.azure
+        if path == "gemini":
+            return self.gemini
+        return self.native if path == "openai" else self.litellm
 
     async def warm_up(self, config: Config, timeout: float = 30.0) -> None:
         """Before the first request: one mock call through litellm per provider it serves
