@@ -57,6 +57,24 @@ _SCHEMA_TYPES = frozenset({"string", "number", "integer", "boolean", "object", "
 _BEFORE_GEMINI_3 = re.compile(r"^gemini-(?:[12](?:\.\d+)?|exp|(?:pro|flash)(?!-(?:lite-)?latest$))(?:-|$)")
 
 
+# What litellm reads in a Gemini error message to status it (exception_mapping_utils's
+# _map_vertex_exception): Google answers a bad key with 400 INVALID_ARGUMENT, for one.
+_STATUS_BY_MESSAGE = (("API key not valid.", 401), ("429 Quota exceeded", 429), ("Quota exceeded for", 429),
+                      ("Resource exhausted", 429), ("The response was blocked.", 400),
+                      ("None Unknown Error.", 500), ("Content has no parts.", 500))
+
+
+def litellm_status(err: UpstreamError) -> UpstreamError:
+    """An upstream HTTP error with the status litellm would give it (the router decides on
+    retries, other deployments and the client's status by it)."""
+    if err.kind == "status":
+        for words, status in _STATUS_BY_MESSAGE:
+            if words in err.message:
+                err.status = status
+                break
+    return err
+
+
 def _model(deployment: ModelEntry) -> str:
     model = deployment.litellm_params.model
     return model.split("/", 1)[1] if model.startswith("gemini/") else model
@@ -426,8 +444,11 @@ class GeminiNativeDispatcher:
             return await self.litellm.chat(deployment, body)
         target, headers = self._target(deployment, False)
         total, connect = call_timeouts(deployment, False)
-        response = await self.native.post_json(target, headers, orjson.dumps(to_generate_request(deployment, body)),
-                                               total, connect)
+        try:
+            response = await self.native.post_json(target, headers,
+                                                   orjson.dumps(to_generate_request(deployment, body)), total, connect)
+        except UpstreamError as err:
+            raise litellm_status(err) from None
         return from_response(response)
 
     async def embeddings(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
@@ -443,7 +464,10 @@ class GeminiNativeDispatcher:
         event's usageMetadata as the usage chunk. The body's end closes the stream."""
         target, headers = self._target(deployment, True)
         total, connect = call_timeouts(deployment, True)
-        resp = await self.native.open_stream(target, headers, orjson.dumps(request), total, connect)
+        try:
+            resp = await self.native.open_stream(target, headers, orjson.dumps(request), total, connect)
+        except UpstreamError as err:
+            raise litellm_status(err) from None
         finished = False
         end = StreamEnd()
         base: dict[str, Any] = {"id": None, "object": "chat.completion.chunk", "created": int(time.time()),

@@ -55,7 +55,8 @@ CASES = {
         {"role": "user", "content": "JSON please"}, {"role": "assistant", "content": "{}"},
         {"role": "user", "content": [{"type": "text", "text": "again"}]}]},
 }
-MODELS = {"azure": AZURE, "gemini": GEMINI, "old gemini": OLD_GEMINI}
+AZURE_V1 = {**AZURE, "api_version": "v1"}  # the version-less API: /openai/v1/..., a Bearer key
+MODELS = {"azure": AZURE, "azure v1": AZURE_V1, "gemini": GEMINI, "old gemini": OLD_GEMINI}
 
 
 @pytest.fixture
@@ -186,6 +187,31 @@ def test_errors_get_the_same_status(both, provider, status, expected, stream):
         assert got == {"native": expected, "litellm": 502}
     else:
         assert got == {"native": expected, "litellm": expected}
+
+
+AZURE_FILTERED = {"error": {"code": "content_filter", "param": "prompt", "status": 400, "message": "The response was "
+                            "filtered due to the prompt triggering Azure OpenAI's content management policy.",
+                            "innererror": {"code": "ResponsibleAIPolicyViolation"}}}
+
+
+@pytest.mark.parametrize("provider,status,message,body,expected", [
+    ("gemini", 400, "API key not valid. Please pass a valid API key.", None, 502),  # Google's answer to a bad key
+    ("gemini", 400, "The response was blocked.", None, 400),
+    ("gemini", 500, "Resource exhausted. Please try again later.", None, 503),
+    ("azure", 400, None, AZURE_FILTERED, 400),
+])
+def test_errors_litellm_statuses_by_their_words_get_the_same_status(both, provider, status, message, body, expected):
+    gw, upstream = both
+    got = {}
+    for path in ("native", "litellm"):
+        upstream.push(*[Fault.status(status, message, body=body)] * 3)
+        with pytest.raises(openai.APIStatusError) as excinfo:
+            gw.client().chat.completions.create(model=f"{provider} {path}", **CASES["plain"])
+        got[path] = (excinfo.value.status_code, excinfo.value.body.get("type"), excinfo.value.body.get("code"))
+        assert (message or body["error"]["message"]) in excinfo.value.message or expected == 502
+        upstream.reset()
+    assert got["native"] == got["litellm"]
+    assert got["native"][0] == expected
 
 
 @pytest.mark.parametrize("fault", [Fault.truncate(after_chunks=2), Fault.stream_error(after_chunks=2)])
