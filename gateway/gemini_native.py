@@ -8,8 +8,8 @@ results (text, tool calls, finish reasons, usage with its cached and reasoning t
 and to the same request reaching Google. The OpenAI-compatible endpoint reports usage and
 finish reasons its own way, which a client switching paths would see.
 
-What is translated here, as litellm does it: system/developer prompts (`systemInstruction`
-where the model takes one, else the first user turn, per litellm's model map), text and
+What is translated here, as litellm does it: system/developer prompts (`systemInstruction`,
+for models litellm's map says take one; litellm serves the others), text and
 base64 images, tool calls and tool results, `tools` with plain JSON schemas, `tool_choice`,
 `max_tokens`, `temperature`, `top_p`, `stop` (Gemini takes four), `seed` and
 `response_format: json_object`. Anything else (`n > 1`, penalties, logprobs, audio,
@@ -124,7 +124,11 @@ def covers(deployment: ModelEntry, body: dict[str, Any]) -> bool:
     fmt = body.get("response_format")
     if isinstance(fmt, dict) and fmt.get("type") not in (None, "text", "json_object"):
         return False
+    system_instruction = (price_map.model_info(deployment.litellm_params.model) or {}).get("supports_system_messages")
     for message in body.get("messages") or ():
+        if system_instruction is not True and isinstance(message, dict) and message.get("role") in ("system",
+                                                                                                      "developer"):
+            return False  # litellm's map (or its guess, for a model the map lacks) decides where it goes
         if not isinstance(message, dict) or message.get("role") not in ("system", "developer", "user",
                                                                          "assistant", "tool"):
             return False
@@ -198,8 +202,6 @@ def _tool_response(content: str) -> dict[str, Any]:
 
 def to_generate_request(deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
     """The generateContent body litellm would send for `body` (one `covers()` accepts)."""
-    info = price_map.model_info(deployment.litellm_params.model) or {}
-    system_instruction = info.get("supports_system_messages") is True
     system: list[dict[str, Any]] = []
     contents: list[dict[str, Any]] = []
     names: dict[str, str] = {}  # tool call id -> function name (a tool result names its function)
@@ -216,10 +218,7 @@ def to_generate_request(deployment: ModelEntry, body: dict[str, Any]) -> dict[st
         role = message.get("role")
         content = message.get("content")
         if role in ("system", "developer"):
-            if system_instruction:
-                system.append({"text": _text(content)})
-            else:
-                add("user", _parts(content))
+            system.append({"text": _text(content)})
         elif role == "user":
             add("user", _parts(content))
         elif role == "assistant":

@@ -23,7 +23,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 AZURE = {"model": "azure/prod-gpt4o", "api_key": "azure-key-0123456789abcdef", "api_version": "2024-10-21"}
 GEMINI = {"model": "gemini/gemini-2.5-flash", "api_key": "AIza-gemini-upstream-SECRET"}
-OLD_GEMINI = {"model": "gemini/gemini-2.0-flash", "api_key": "AIza-gemini-upstream-SECRET"}  # no systemInstruction
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
     "type": "object", "additionalProperties": False, "required": ["city"], "properties": {
         "city": {"type": "string", "description": "City name"},
@@ -56,7 +55,7 @@ CASES = {
         {"role": "user", "content": [{"type": "text", "text": "again"}]}]},
 }
 AZURE_V1 = {**AZURE, "api_version": "v1"}  # the version-less API: /openai/v1/..., a Bearer key
-MODELS = {"azure": AZURE, "azure v1": AZURE_V1, "gemini": GEMINI, "old gemini": OLD_GEMINI}
+MODELS = {"azure": AZURE, "azure v1": AZURE_V1, "gemini": GEMINI}
 
 
 @pytest.fixture
@@ -239,6 +238,21 @@ def test_gemini_requests_the_translation_does_not_cover_go_through_litellm(both)
     assert answer.choices[0].message.content == upstream.reply
     assert not _by_gateway(upstream)
     assert upstream.last.json["generationConfig"]["presence_penalty"] == 0.5
+
+
+@pytest.mark.parametrize("model,system_instruction", [("gemini-2.5-flash-preview-05-20", True),
+                                                       ("gemini-2.0-flash", False)])
+def test_gemini_system_prompts_to_a_model_litellms_map_lacks_go_through_litellm(gateway_factory, upstream, model,
+                                                                                 system_instruction):
+    """litellm guesses whether such a model takes a systemInstruction (else the prompt joins the
+    first user turn); the native path does not guess."""
+    params = {**GEMINI, "model": f"gemini/{model}", "api_base": upstream.url}
+    gw = gateway_factory(plugins=[], models=[{"name": "g", "litellm_params": params}], tiers={"free": {"models": ["*"]}},
+                         energy={"actions": {"ai_message": {"default": 1}}})
+    gw.client().chat.completions.create(model="g", **CASES["system and stop"])
+    assert not _by_gateway(upstream) and ("system_instruction" in upstream.last.json) == system_instruction
+    gw.client().chat.completions.create(model="g", **CASES["plain"])
+    assert _by_gateway(upstream)
 
 
 def test_azure_embeddings_are_the_same(both):
