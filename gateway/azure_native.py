@@ -7,7 +7,8 @@ Azure OpenAI speaks OpenAI's wire format; what differs is where and how to call 
 to answers, which litellm does not hand on (`gateway.native._without_azure_filters`).
 On its way, litellm's Azure provider also rewrites a few things a client would notice
 (tests/test_provider_parity.py holds both paths to the same request and answer):
-`developer` messages become `system` ones, `stop` keeps its first four sequences,
+`developer` messages become `system` ones, an assistant's `content: null` is left out,
+`stop` keeps its first four sequences,
 `tool_choice` without `tools` is dropped. Requests that litellm would treat in ways not
 repeated here go to litellm (`covers()`): reasoning deployments (o1/o3/o4, gpt-5: their
 own parameter rules), tool schemas with combinators or patterns (litellm flattens them),
@@ -70,20 +71,32 @@ def covers(deployment: ModelEntry, body: dict[str, Any]) -> bool:
             return False
         if message.get("role") == "developer" and len(message) > 2:
             return False  # litellm keeps its role and content only
+        if "__thought__" in str(message.get("tool_call_id") or "") or any(
+                "__thought__" in str(call.get("id") or "") for call in message.get("tool_calls") or ()
+                if isinstance(call, dict)):
+            return False  # a Gemini tool call's signature, which litellm cuts off its id
     if body.get("tools") and any(marker in orjson.dumps(body["tools"]) for marker in _REWRITTEN_SCHEMA):
         return False
     return True
 
 
+def _rewritten(message: Any) -> Any:
+    if not isinstance(message, dict):
+        return message
+    if message.get("role") == "developer":
+        return {"role": "system", "content": message.get("content")}
+    if message.get("role") == "assistant" and "content" in message and message["content"] is None:
+        return {k: v for k, v in message.items() if k != "content"}
+    return message
+
+
 def to_azure_body(body: dict[str, Any]) -> dict[str, Any]:
-    """litellm's rewrites of a covered request: developer -> system, stop[:4], no tool_choice
-    without tools."""
+    """litellm's rewrites of a covered request: developer -> system, an assistant's null
+    content left out, stop[:4], no tool_choice without tools."""
     out = body
     messages = body.get("messages")
-    if isinstance(messages, list) and any(isinstance(m, dict) and m.get("role") == "developer" for m in messages):
-        out = {**out, "messages": [{"role": "system", "content": m.get("content")}
-                                   if isinstance(m, dict) and m.get("role") == "developer" else m
-                                   for m in messages]}
+    if isinstance(messages, list) and any(_rewritten(m) is not m for m in messages):
+        out = {**out, "messages": [_rewritten(m) for m in messages]}
     stop = body.get("stop")
     if isinstance(stop, list) and len(stop) > MAX_STOP_SEQUENCES:
         out = {**out, "stop": stop[:MAX_STOP_SEQUENCES]}

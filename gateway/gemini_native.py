@@ -14,7 +14,12 @@ base64 images, tool calls and tool results, `tools` with plain JSON schemas, `to
 `max_tokens`, `temperature`, `top_p`, `stop` (Gemini takes four), `seed` and
 `response_format: json_object`. Anything else (`n > 1`, penalties, logprobs, audio,
 reasoning settings, schemas with $ref/anyOf/..., image URLs litellm would download,
-Gemini 3 models and their thought signatures) goes to litellm as before: `covers()`.
+Gemini's image, speech and live models) goes to litellm as before: `covers()`.
+
+Gemini 3 signs its thinking, and refuses a tool call sent back without its signature:
+the signature travels in the tool call's id (`call_..__thought__<signature>`) and its
+`provider_specific_fields`, as litellm does it, so a client that sends the call back
+sends it back; a call without one gets litellm's placeholder.
 """
 
 from __future__ import annotations
@@ -35,6 +40,13 @@ from gateway.native import _json_object, call_timeouts
 from gateway.upstream_http import Target, UpstreamProtocolError
 
 GEMINI_DEFAULT_BASE = "https://generativelanguage.googleapis.com/v1beta"
+GEMINI_3_DEFAULT_BASE = "https://generativelanguage.googleapis.com/v1alpha"  # litellm's, for Gemini 3+
+# A tool call's id carries Gemini's thought signature after this (litellm's convention), so
+# that a client sending the call back sends the signature back; Gemini 3 refuses a call without.
+THOUGHT_SIGNATURE_SEPARATOR = "__thought__"
+# What litellm sends when a Gemini 3 call has no signature (base64 of
+# "skip_thought_signature_validator"; Google's documented last resort).
+DUMMY_THOUGHT_SIGNATURE = "c2tpcF90aG91Z2h0X3NpZ25hdHVyZV92YWxpZGF0b3I="
 MAX_STOP_SEQUENCES = 4  # Gemini's limit; litellm keeps the first four
 # litellm's map of Gemini finish reasons (litellm_core_utils/core_helpers.py); unknown ones are "stop".
 _FINISH = {"STOP": "stop", "MAX_TOKENS": "length", "CONTINUATION": "length", "SAFETY": "content_filter",
@@ -55,6 +67,8 @@ _SCHEMA_DROPPED = ("additionalProperties", "$schema")
 _SCHEMA_TYPES = frozenset({"string", "number", "integer", "boolean", "object", "array"})
 # Gemini 1.x/2.x (litellm's test for "older than Gemini 3", which changes URLs and tool calls).
 _BEFORE_GEMINI_3 = re.compile(r"^gemini-(?:[12](?:\.\d+)?|exp|(?:pro|flash)(?!-(?:lite-)?latest$))(?:-|$)")
+# The Gemini 3+ chat models served here (not image, speech or live ones).
+_GEMINI_3_CHAT = re.compile(r"^gemini-(?:[3-9]|\d\d)(?:\.\d+)?-(?:pro|flash)(?:-lite)?(?:-preview)?(?:-\d\d-\d\d)?$")
 
 
 # What litellm reads in a Gemini error message to status it (exception_mapping_utils's
@@ -119,12 +133,16 @@ def covers(deployment: ModelEntry, body: dict[str, Any]) -> bool:
     """Whether this translation serves the request as litellm would (else litellm does)."""
     if not body.keys() <= _COVERED or (body.get("n") or 1) > 1:
         return False
-    if not _BEFORE_GEMINI_3.match(_model(deployment).lower()):
+    name = _model(deployment).lower()
+    if not (_BEFORE_GEMINI_3.match(name) or _GEMINI_3_CHAT.match(name)):
         return False
+    info = price_map.model_info(deployment.litellm_params.model) or {}
+    if info.get("supports_sampling_params") is False and ("temperature" in body or "top_p" in body):
+        return False  # litellm drops them for such a model
     fmt = body.get("response_format")
     if isinstance(fmt, dict) and fmt.get("type") not in (None, "text", "json_object"):
         return False
-    system_instruction = (price_map.model_info(deployment.litellm_params.model) or {}).get("supports_system_messages")
+    system_instruction = info.get("supports_system_messages")
     for message in body.get("messages") or ():
         if system_instruction is not True and isinstance(message, dict) and message.get("role") in ("system",
                                                                                                       "developer"):
@@ -140,6 +158,8 @@ def covers(deployment: ModelEntry, body: dict[str, Any]) -> bool:
                 json.loads(arguments or "{}")
             except (TypeError, ValueError):
                 return False
+        if message["role"] == "tool" and str(message.get("content") or "")[:5].lower() == "data:":
+            return False  # litellm sends a data URL tool result as the image it is
         if message["role"] in ("system", "developer", "tool") and not isinstance(message.get("content"), str) \
                 and not all(p.get("type") == "text" for p in message.get("content") or ()):
             return False
@@ -200,8 +220,43 @@ def _tool_response(content: str) -> dict[str, Any]:
     return {"content": content}
 
 
+def gemini_3(deployment: ModelEntry) -> bool:
+    return not _BEFORE_GEMINI_3.match(_model(deployment).lower())
+
+
+def _signature(call: dict[str, Any]) -> str | None:
+    """The thought signature a client sends back with a tool call: where litellm put it
+    (provider_specific_fields, the call's or its function's), else after the id's separator."""
+    for fields in (call.get("provider_specific_fields"), (call.get("function") or {}).get("provider_specific_fields")):
+        if isinstance(fields, dict) and fields.get("thought_signature"):
+            return fields["thought_signature"]
+    call_id = call.get("id")
+    if isinstance(call_id, str) and THOUGHT_SIGNATURE_SEPARATOR in call_id:
+        return call_id.split(THOUGHT_SIGNATURE_SEPARATOR, 1)[1]
+    return None
+
+
+def _function_call(call: dict[str, Any], first: bool, newer: bool) -> dict[str, Any]:
+    """An assistant's tool call as a function_call part, as litellm builds it: Gemini 3
+    gets the call's id (without its signature) and, on the message's first call, a
+    signature (the dummy when the client sent none)."""
+    function = call.get("function") or {}
+    arguments = function.get("arguments")
+    part: dict[str, Any] = {"function_call": {
+        "name": function.get("name") or "",
+        "args": {"type": "object"} if arguments == "" else json.loads(arguments or "{}")}}
+    clean_id = (call.get("id") or "").split(THOUGHT_SIGNATURE_SEPARATOR, 1)[0] if newer else ""
+    if clean_id:
+        part["function_call"]["id"] = clean_id
+    signature = _signature(call) or (DUMMY_THOUGHT_SIGNATURE if newer and first else None)
+    if signature:
+        part["thoughtSignature"] = signature
+    return part
+
+
 def to_generate_request(deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
     """The generateContent body litellm would send for `body` (one `covers()` accepts)."""
+    newer = gemini_3(deployment)
     system: list[dict[str, Any]] = []
     contents: list[dict[str, Any]] = []
     names: dict[str, str] = {}  # tool call id -> function name (a tool result names its function)
@@ -223,18 +278,19 @@ def to_generate_request(deployment: ModelEntry, body: dict[str, Any]) -> dict[st
             add("user", _parts(content))
         elif role == "assistant":
             parts = _parts(content)
-            for call in message.get("tool_calls") or ():
-                function = call.get("function") or {}
-                names[call.get("id")] = function.get("name") or ""
-                arguments = function.get("arguments")
-                args = {"type": "object"} if arguments == "" else json.loads(arguments or "{}")
-                parts.append({"function_call": {"name": function.get("name") or "", "args": args}})
+            for index, call in enumerate(message.get("tool_calls") or ()):
+                names[call.get("id")] = (call.get("function") or {}).get("name") or ""
+                parts.append(_function_call(call, index == 0, newer))
             if parts:
                 add("model", parts)
         elif role == "tool":
-            name = names.get(message.get("tool_call_id")) or message.get("name") or ""
-            add("user", [{"function_response": {"name": name, "response": _tool_response(_text(content))}}],
-                results=True)
+            call_id = message.get("tool_call_id")
+            name = names.get(call_id) or message.get("name") or ""
+            response: dict[str, Any] = {"name": name, "response": _tool_response(_text(content))}
+            clean_id = call_id.split(THOUGHT_SIGNATURE_SEPARATOR, 1)[0] if newer and isinstance(call_id, str) else ""
+            if clean_id:
+                response["id"] = clean_id
+            add("user", [{"function_response": response}], results=True)
     request: dict[str, Any] = {"contents": [{"role": c["role"], "parts": c["parts"]} for c in contents]}
     if system:
         request["system_instruction"] = {"parts": system}
@@ -338,14 +394,22 @@ def usage_from(metadata: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tool_calls(parts: list[dict[str, Any]], first_index: int) -> list[dict[str, Any]]:
+    """functionCall parts as OpenAI tool calls, as litellm reports them: Gemini's id (else
+    call_ and a random hex), its thought signature after the id's separator and in
+    provider_specific_fields."""
     calls = []
     for part in parts:
         call = part.get("functionCall")
         if isinstance(call, dict):
-            calls.append({"id": call.get("id") or f"call_{uuid.uuid4().hex[:28]}", "type": "function",
-                          "function": {"name": call.get("name"),
-                                       "arguments": json.dumps(call.get("args"), ensure_ascii=False)},
-                          "index": first_index + len(calls)})
+            tool_call: dict[str, Any] = {
+                "id": call.get("id") or f"call_{uuid.uuid4().hex[:28]}", "type": "function",
+                "function": {"name": call.get("name"), "arguments": json.dumps(call.get("args"), ensure_ascii=False)},
+                "index": first_index + len(calls)}
+            signature = part.get("thoughtSignature")
+            if signature:
+                tool_call["id"] += THOUGHT_SIGNATURE_SEPARATOR + signature
+                tool_call["provider_specific_fields"] = {"thought_signature": signature}
+            calls.append(tool_call)
     return calls
 
 
@@ -426,7 +490,8 @@ class GeminiNativeDispatcher:
         cached = self._targets.get(id(deployment))
         if cached is None or cached[0] is not deployment:
             params = deployment.litellm_params
-            url = f"{(params.api_base or GEMINI_DEFAULT_BASE).rstrip('/')}/models/{_model(deployment)}"
+            default = GEMINI_3_DEFAULT_BASE if gemini_3(deployment) else GEMINI_DEFAULT_BASE
+            url = f"{(params.api_base or default).rstrip('/')}/models/{_model(deployment)}"
             head = f"Content-Type: application/json\r\nx-goog-api-key: {params.api_key}\r\n"
             proxy = deployment.proxy
             cached = (deployment, Target(url + ":generateContent", proxy=proxy),

@@ -439,6 +439,8 @@ class FakeUpstream:
         self.azure_model = "gpt-4o-2024-11-20"
         # How a Gemini candidate ends: STOP, MAX_TOKENS, SAFETY, RECITATION, ...
         self.gemini_finish_reason = "STOP"
+        # Gemini 3 signs its thinking: the signature rides on the answer's first part.
+        self.gemini_thought_signature: str | None = None
         self.require_auth = require_auth
         self.shutdown_timeout = shutdown_timeout
 
@@ -1094,6 +1096,8 @@ class FakeUpstream:
             parts = [{"text": self.reply}]
             if self.tool_call is not None:
                 parts = [{"functionCall": {"name": self.tool_call["name"], "args": self.tool_call["arguments"]}}]
+        if self.gemini_thought_signature and parts and (final or "functionCall" in parts[0]):
+            parts = [{**parts[0], "thoughtSignature": self.gemini_thought_signature}, *parts[1:]]
         candidate: dict[str, Any] = {"content": {"parts": parts, "role": "model"}, "index": 0}
         if final:
             candidate["finishReason"] = self.gemini_finish_reason
