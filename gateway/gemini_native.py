@@ -16,6 +16,12 @@ base64 images, tool calls and tool results, `tools` with plain JSON schemas, `to
 reasoning settings, schemas with $ref/anyOf/..., image URLs litellm would download,
 Gemini's image, speech and live models) goes to litellm as before: `covers()`.
 
+Measured in one session (2-core machine shared with others; the dispatchers of one Router
+in one process with tests/fakes.FakeUpstream, 300 sequential non-streamed calls after 20
+warm-ups, CPU by getrusage, the fake's own answer included): 198-231 us of CPU per call
+here, against 3,303-3,435 us through litellm; a bare aiohttp request to the same fake costs
+236 us, so the translation itself is within the noise.
+
 Gemini 3 signs its thinking, and refuses a tool call sent back without its signature:
 the signature travels in the tool call's id (`call_..__thought__<signature>`) and its
 `provider_specific_fields`, as litellm does it, so a client that sends the call back
