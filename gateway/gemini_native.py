@@ -66,7 +66,8 @@ _FLAGGED = frozenset({"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT",
                       "IMAGE_PROHIBITED_CONTENT"})
 # Body fields this translation serves; any other field sends the request to litellm.
 _COVERED = frozenset({"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
-                      "temperature", "top_p", "stop", "tools", "tool_choice", "response_format", "seed", "n"})
+                      "temperature", "top_p", "stop", "tools", "tool_choice", "response_format", "seed", "n",
+                      "user"})  # user: litellm drops it for Gemini, as here
 # JSON schema keywords passed as they are; additionalProperties and $schema are dropped (as litellm does).
 _SCHEMA_KEYS = frozenset({"type", "properties", "required", "description", "items", "enum"})
 _SCHEMA_DROPPED = ("additionalProperties", "$schema")
@@ -334,6 +335,8 @@ def to_generate_request(deployment: ModelEntry, body: dict[str, Any]) -> dict[st
         config["max_output_tokens"] = limit
     if body.get("seed") is not None:
         config["seed"] = body["seed"]
+    if body.get("n") is not None:
+        config["candidate_count"] = body["n"]  # 1: covers() sends n > 1 to litellm
     if config:
         request["generationConfig"] = config
     return request

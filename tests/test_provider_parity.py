@@ -41,7 +41,8 @@ CASES = {
     "plain": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 50},
     "system and stop": {"messages": [{"role": "system", "content": "Be brief."}, {"role": "developer", "content": "Dev."},
                                      {"role": "user", "content": "hi"}],
-                        "max_tokens": 50, "stop": ["\n\n", "END", "a", "b", "c"], "temperature": 0.2, "top_p": 0.9},
+                        "max_tokens": 50, "stop": ["\n\n", "END", "a", "b", "c"], "temperature": 0.2, "top_p": 0.9,
+                        "user": "user-1"},
     "multi-turn tools": {"max_tokens": 50, "tools": TOOLS, "tool_choice": "auto", "messages": TURNS},
     "forced tool": {"max_completion_tokens": 50, "tools": TOOLS, "seed": 7,
                     "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
@@ -60,7 +61,7 @@ CASES = {
     "image": {"max_tokens": 50, "messages": [{"role": "user", "content": [
         {"type": "text", "text": "What is this?"},
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]},
-    "json mode": {"response_format": {"type": "json_object"}, "messages": [
+    "json mode": {"response_format": {"type": "json_object"}, "n": 1, "messages": [
         {"role": "user", "content": "JSON please"}, {"role": "assistant", "content": "{}"},
         {"role": "user", "content": [{"type": "text", "text": "again"}]}]},
 }
