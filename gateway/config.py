@@ -199,9 +199,9 @@ class ModelEntry(_Strict):
         that sets a litellm_param its native path would not apply (azure_ad_token, ...)
         stays on litellm, as an Anthropic one does; `dispatch: native` refuses it at load.
         Decided once, at load (the router asks on every call)."""
-        if self._native_path != "":
-            return self._native_path
-        return self._choose_native_path()
+        private = self.__pydantic_private__  # a slot: self._native_path costs pydantic's __getattr__
+        path = private.get("_native_path", "") if private else ""
+        return path if path != "" else self._choose_native_path()
 
     def _choose_native_path(self) -> str | None:
         if self.dispatch == "litellm":
