@@ -323,6 +323,7 @@ class LitellmDispatcher:
             raise normalise_litellm_error(exc) from None
         carried = False  # litellm skips unparseable lines and invents a final "stop" chunk
         end = StreamEnd()
+        yielded = False
         try:
             async for chunk in stream:
                 raw = chunk.model_dump() if hasattr(chunk, "model_dump") else dict(chunk)
@@ -336,8 +337,14 @@ class LitellmDispatcher:
                         # A stream that "finishes" having carried nothing is a broken one:
                         # raise before any byte reaches the client, so it is retried.
                         raise UpstreamError("bad_response", "the upstream stream carried no data")
+                yielded = True
                 yield cleaned
         except Exception as exc:  # noqa: BLE001
+            original = getattr(exc, "original_exception", None)
+            if not yielded and "MidStream" in type(exc).__name__ and isinstance(original, Exception):
+                # Some providers' HTTP errors (Gemini's 429/503) surface at the first chunk,
+                # wrapped: before any chunk they are that error, as without streaming.
+                raise normalise_litellm_error(original) from None
             err = normalise_litellm_error(exc)
             if end.complete and err.kind != "status":
                 # The same rule as the native path (StreamEnd): the answer was whole.
