@@ -15,7 +15,6 @@ which also appear in `prompt_tokens_details` and Anthropic's own top-level keys.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any, AsyncIterator
 
@@ -24,7 +23,7 @@ import orjson
 from gateway.config import ModelEntry
 from gateway.dispatch import StreamEnd, UpstreamError
 from gateway.errors import redact
-from gateway.native import _ERROR_BODY, _error_from, _json_object
+from gateway.native import _json_object, call_timeouts
 from gateway.upstream_http import Target, UpstreamProtocolError
 
 ANTHROPIC_DEFAULT_BASE = "https://api.anthropic.com"
@@ -258,13 +257,6 @@ class AnthropicNativeDispatcher:
         self._targets[id(deployment)] = entry
         return entry[1:]
 
-    def _timeouts(self, deployment: ModelEntry, stream: bool) -> tuple[float, float]:
-        timeouts = deployment.timeouts
-        total = min(deployment.litellm_params.timeout or timeouts.total, timeouts.total)
-        if not stream:
-            total = min(total, timeouts.first_byte)
-        return total, min(timeouts.connect, total)
-
     async def chat(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
         if not covers(body):
             return await self.litellm.chat(deployment, body)
@@ -273,7 +265,7 @@ class AnthropicNativeDispatcher:
 
     async def _message(self, deployment: ModelEntry, request: dict[str, Any]) -> dict[str, Any]:
         target, headers, _ = self._target(deployment)
-        total, connect = self._timeouts(deployment, False)
+        total, connect = call_timeouts(deployment, False)
         message = await self.native.post_json(target, headers, orjson.dumps(request), total, connect)
         if not isinstance(message.get("content"), list):
             raise UpstreamError("bad_response", "the upstream response had no content")
@@ -312,13 +304,8 @@ class AnthropicNativeDispatcher:
         """Anthropic's events as OpenAI chunks; with a `relay`, each event also appended to
         it as the client gets it (its message's model named `public_model`)."""
         target, _, headers = self._target(deployment)
-        total, connect = self._timeouts(deployment, True)
-        payload = orjson.dumps(request)
-        try:
-            async with asyncio.timeout(total):
-                resp = await self.native._send(target, headers, payload, connect)
-        except TimeoutError:
-            raise UpstreamError("timeout", "the upstream did not answer in time", status=504) from None
+        total, connect = call_timeouts(deployment, True)
+        resp = await self.native.open_stream(target, headers, orjson.dumps(request), total, connect)
         finished = False
         end = StreamEnd()
         model = _model(deployment)
@@ -331,10 +318,6 @@ class AnthropicNativeDispatcher:
             return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
         try:
-            if resp.status >= 400:
-                raw = await resp.read(_ERROR_BODY)
-                finished = True
-                raise _error_from(resp.status, resp.headers, raw)
             data = b""
             async for line in resp.iter_lines():
                 line = line.strip()
