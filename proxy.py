@@ -922,8 +922,17 @@ async def anthropic_count_tokens(request: web.Request) -> web.StreamResponse:
 
     async def answer() -> web.StreamResponse:
         body = await read_json(request, snap.config.server.max_body_bytes)
-        require_model(body)
-        tokens = await asyncio.get_running_loop().run_in_executor(None, anthropic_inbound.count_tokens, body)
+        model = require_model(body)
+        anthropic_inbound.to_openai({**body, "max_tokens": 1})  # the same checks as a message (400)
+        tokens = None
+        deployments = snap.config.deployments(model)
+        if deployments and gw.router.dispatcher_for(deployments[0]) is gw.router.anthropic:
+            try:  # Claude's own count for a Claude model; the local estimate if it cannot say
+                tokens = await gw.router.anthropic.count_tokens(deployments[0], body)
+            except UpstreamError as err:
+                log.warning("count_tokens_estimated", request_id=ctx.request_id, model=model, error=err.message[:200])
+        if tokens is None:
+            tokens = await asyncio.get_running_loop().run_in_executor(None, anthropic_inbound.count_tokens, body)
         ctx.status = 200
         response = await _send(request, _json_response(200, {"input_tokens": tokens}, ctx.response_headers))
         await snap.chain.end(ctx, wait=False)

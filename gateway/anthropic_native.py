@@ -151,6 +151,7 @@ def to_messages_request(deployment: ModelEntry, body: dict[str, Any], *, stream:
     return request
 
 
+_COUNTED = frozenset({"messages", "system", "tools", "tool_choice", "thinking"})  # what count_tokens takes
 _FOLLOWS_BODY = frozenset({"model", "stream", "stream_options", "metadata", "user"})
 
 
@@ -290,6 +291,20 @@ class AnthropicNativeDispatcher:
             return self.chat_stream(deployment, ctx.body)
         ctx.passthrough = relay = []
         return self._stream(deployment, request, relay, ctx.model)
+
+    async def count_tokens(self, deployment: ModelEntry, body: dict[str, Any]) -> int:
+        """POST /v1/messages/count_tokens at Anthropic: Claude's own count of the client's
+        request (the fields the endpoint takes; model the deployment's)."""
+        target, headers, _ = self._target(deployment)
+        total, connect = call_timeouts(deployment, False)
+        request = {k: v for k, v in body.items() if k in _COUNTED}
+        request["model"] = _model(deployment)
+        payload = await self.native.post_json(Target(target.url + "/count_tokens", proxy=target.proxy_url),
+                                              headers, orjson.dumps(request), total, connect)
+        tokens = payload.get("input_tokens")
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise UpstreamError("bad_response", "the upstream's token count had no input_tokens")
+        return tokens
 
     async def embeddings(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
         return await self.litellm.embeddings(deployment, body)

@@ -590,6 +590,8 @@ class FakeUpstream:
             flavour, handler = "gemini", self._gemini_generate
         elif path.endswith("/messages") and request.method == "POST":
             flavour, handler = "anthropic", self._anthropic_messages
+        elif path.endswith("/messages/count_tokens") and request.method == "POST":
+            flavour, handler = "anthropic", self._anthropic_count_tokens
         elif path.endswith("/chat/completions") and request.method == "POST":
             flavour, handler = "openai", self._openai_chat
         elif path.endswith("/embeddings") and request.method == "POST":
@@ -1004,6 +1006,15 @@ class FakeUpstream:
         if self.report_usage:
             out["usage"] = self._anthropic_usage()
         return out
+
+    async def _anthropic_count_tokens(self, request: web.Request, body: dict[str, Any],
+                                      fault: Fault | None) -> web.StreamResponse:
+        """Anthropic's POST /v1/messages/count_tokens: {"input_tokens": N} (N = prompt_tokens)."""
+        if not request.headers.get("x-api-key"):
+            return self._error("anthropic", 401, "x-api-key header is required")
+        if not isinstance(body.get("messages"), list) or not body.get("model"):
+            return self._error("anthropic", 400, "messages: Field required")
+        return web.json_response({"input_tokens": self.prompt_tokens})
 
     async def _anthropic_messages(self, request: web.Request, body: dict[str, Any],
                                   fault: Fault | None) -> web.StreamResponse:

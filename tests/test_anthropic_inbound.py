@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from tests.conftest import FULL_CHAIN
+from tests.fakes import Fault
 
 MSGS = [{"role": "user", "content": "hi"}]
 REPLY = "Hello from fake upstream"
@@ -111,3 +112,19 @@ def test_count_tokens_needs_a_key_and_costs_nothing(gateway_factory, upstream):
     with pytest.raises(anthropic.AuthenticationError):
         client(gw, "gw-nobody").messages.count_tokens(model="gpt-4o-mini", messages=MSGS)
     assert gw.balance(user_id) == 10 and upstream.count() == 0
+
+
+def test_count_tokens_for_a_claude_model_is_claudes_own_count(gateway_factory, upstream):
+    """Anthropic counts its own tokens (the client's system, tools, thinking as sent); when
+    it cannot answer, the gateway's estimate stands in."""
+    gw = gateway_factory(plugins=CHAIN)
+    user_id, key = gw.make_user(energy=10)
+    upstream.prompt_tokens = 4321
+    counted = client(gw, key).messages.count_tokens(model="claude", system="Be brief.", messages=MSGS)
+    assert counted.input_tokens == 4321
+    sent = upstream.last
+    assert sent.path.endswith("/v1/messages/count_tokens") and sent.headers["x-api-key"] == "sk-ant-upstream-SECRET"
+    assert sent.json == {"model": "claude-haiku-4-5", "system": "Be brief.", "messages": MSGS}
+    upstream.push(Fault.status(500))
+    assert 0 < client(gw, key).messages.count_tokens(model="claude", messages=MSGS).input_tokens < 100
+    assert gw.balance(user_id) == 10
