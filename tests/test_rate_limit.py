@@ -205,6 +205,20 @@ async def test_50_concurrent_requests_with_rpm_20_admit_exactly_20_with_redis(ga
     assert (result.count(200), result.count(429)) == (20, 30)
 
 
+async def test_more_concurrent_requests_than_the_redis_pool_has_connections_are_all_counted(gateway_factory):
+    """The checks of concurrent requests go to Redis together (one connection per batch):
+    150 in flight at once, beyond redis-py's pool of 100, are neither refused as "Redis
+    down" nor miscounted."""
+    fresh_window()
+    shared = redis_limits()
+    gw = start(gateway_factory, limits={"rpm": 1000}, rate_limits=shared)
+    _, key = gw.make_user(tier="free")
+    result = await statuses(gw, [key] * 150)
+    assert result.count(200) == 150
+    remaining = call(gw, key).headers["x-ratelimit-remaining-requests"]
+    assert remaining == str(1000 - 151)
+
+
 async def test_two_gateways_sharing_redis_admit_exactly_the_limit_between_them(gateway_factory):
     fresh_window()
     shared = redis_limits()
