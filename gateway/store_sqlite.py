@@ -317,6 +317,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             )""",
         ],
     ),
+    (9, []),  # PostgreSQL's gw_reserve, rewritten to write less (same outcomes)
 ]
 USAGE_PRUNE_CHUNK = 2000  # raw rows deleted per transaction by prune_usage
 
