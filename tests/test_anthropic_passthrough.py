@@ -166,3 +166,32 @@ def test_an_idempotency_key_reused_with_another_passed_through_field_is_refused(
         client(gw, key).messages.create(model="claude", max_tokens=50, messages=MESSAGES, extra_headers=headers,
                                         extra_body={"top_k": 40})
     assert upstream.count("/messages") == 1
+
+
+def test_a_downgrade_decided_after_dispatch_answers_with_the_model_that_was_billed(gateway_factory, upstream):
+    """The overlapped reservation fails after Claude answered (another process spent the
+    energy): the request is downgraded and dispatched again to gpt-4o-mini. The client gets
+    gpt-4o-mini's answer, the one it is billed for, never the discarded Claude message."""
+    from gateway.store import open_store
+
+    models = [{"name": "claude", "downgrade_to": "gpt-4o-mini", "litellm_params": {
+        "model": "anthropic/claude-haiku-4-5", "api_base": upstream.url, "api_key": "sk-ant-upstream-SECRET"}},
+              {"name": "gpt-4o-mini", "litellm_params": {"model": "openai/gpt-4o-mini",
+                                                         "api_base": upstream.openai_base, "api_key": "sk-x"}}]
+    gw = gateway_factory(plugins=CHAIN, models=models, tiers=ONLY_THESE["tiers"],
+                         energy={"default_action": "ai_message",
+                                 "actions": {"ai_message": {"default": 1, "models": {"claude": 5, "gpt-4o-mini": 2}}}})
+    user_id, key = gw.make_user(energy=10)
+    sdk = client(gw, key)
+    sdk.messages.create(model="claude", max_tokens=50, messages=MESSAGES)  # 5 left, as this process sees it
+
+    async def spend_elsewhere():
+        async with open_store(gw.store.url) as elsewhere:
+            await elsewhere.grant_energy(user_id, -2, kind="adjust", reason="spent by another process")
+
+    gw.run(spend_elsewhere())
+    raw = sdk.messages.with_raw_response.create(model="claude", max_tokens=50, messages=MESSAGES)
+    assert raw.headers["X-Model-Downgraded-From"] == "claude" and raw.headers["X-Energy-Cost"] == "2"
+    assert [r.path.rsplit("/", 1)[-1] for r in upstream.requests] == ["messages", "messages", "completions"]
+    message = raw.parse()
+    assert message.model == "gpt-4o-mini" and message.id.startswith("msg_chatcmpl")
