@@ -622,9 +622,12 @@ async def _stream(request: web.Request, gw: Gateway, snap: Snapshot, ctx: Reques
             if chunk.get("usage"):
                 ctx.usage = _usage_from(chunk)
             for choice in chunk.get("choices") or ():
-                content = (choice.get("delta") or {}).get("content")
+                delta = choice.get("delta") or {}
+                content = delta.get("content")
                 if content:
                     ctx.streamed_text.append(content)
+                elif delta.get("reasoning_content"):
+                    ctx.streamed_reasoning.append(delta["reasoning_content"])
                 if choice.get("finish_reason"):
                     ctx.finish_reason = choice["finish_reason"]
             end.observe(chunk)
@@ -644,6 +647,10 @@ async def _stream(request: web.Request, gw: Gateway, snap: Snapshot, ctx: Reques
                 if ctx.first_byte_at is None:
                     ctx.first_byte_at = time.monotonic()
                     ctx.stream_started = True
+            elif encoder is not None:
+                held = encoder.flush()  # the upstream's own events a passed-through stream holds
+                if held:
+                    await response.write(held)
             try:
                 chunk = await upstream.__anext__()
             except StopAsyncIteration:

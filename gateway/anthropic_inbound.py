@@ -286,6 +286,10 @@ class StreamEncoder:
         relay.clear()
         return out
 
+    def flush(self) -> bytes:
+        """The relayed events not written yet (for a chunk the client does not get)."""
+        return self._relayed() or b""
+
     def chunk(self, chunk: dict[str, Any]) -> bytes:
         relayed = self._relayed()
         if relayed is not None:

@@ -346,13 +346,19 @@ class AnthropicNativeDispatcher:
                 if relay is not None and isinstance(kind, str) and kind.isidentifier() and kind != "error":
                     if kind == "message_start" and isinstance(event.get("message"), dict):
                         data = orjson.dumps({**event, "message": {**event["message"], "model": public_model}})
+                    elif b"\r" in data:  # JSON whitespace, but a line end to the client's SSE parser
+                        data = orjson.dumps(event)
                     relay.append(b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n")
                 data = b""
+                produced = True
                 if kind == "message_start":
                     message = event.get("message") or {}
                     base["id"] = message.get("id")
                     usage.update(message.get("usage") or {})
-                    yield chunk({"role": "assistant", "content": ""})
+                    first = chunk({"role": "assistant", "content": ""})
+                    if relay is not None:  # the prompt's tokens, known now: billed if the stream is cut
+                        first["usage"] = _usage(usage)
+                    yield first
                 elif kind == "content_block_start":
                     block = event.get("content_block") or {}
                     if block.get("type") == "tool_use":
@@ -360,6 +366,8 @@ class AnthropicNativeDispatcher:
                         yield chunk({"tool_calls": [{"index": tools[event.get("index", 0)], "id": block.get("id"),
                                                      "type": "function", "function": {"name": block.get("name"),
                                                                                       "arguments": ""}}]})
+                    else:
+                        produced = False
                 elif kind == "content_block_delta":
                     delta = event.get("delta") or {}
                     if delta.get("type") == "text_delta" and delta.get("text"):
@@ -367,6 +375,10 @@ class AnthropicNativeDispatcher:
                     elif delta.get("type") == "input_json_delta" and event.get("index", 0) in tools:
                         yield chunk({"tool_calls": [{"index": tools[event.get("index", 0)],
                                                      "function": {"arguments": delta.get("partial_json", "")}}]})
+                    elif delta.get("type") == "thinking_delta" and delta.get("thinking"):
+                        yield chunk({"reasoning_content": delta["thinking"]})  # as litellm names it
+                    else:
+                        produced = False
                 elif kind == "message_delta":
                     usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
                     reason = (event.get("delta") or {}).get("stop_reason")
@@ -380,6 +392,13 @@ class AnthropicNativeDispatcher:
                 elif kind == "error":
                     error = event.get("error") or {}
                     raise UpstreamError("truncated", f"the upstream stream failed: {redact(str(error.get('message')))}")
+                else:
+                    produced = False
+                if relay is not None and not produced:
+                    # An event with no OpenAI form (a ping, a block's start or stop, a
+                    # signature): a chunk of nothing, so the client gets the event now (the
+                    # relay is flushed per chunk) and the idle timer sees the stream alive.
+                    yield {**base, "choices": []}
             if not end.complete:
                 raise UpstreamError("truncated", "the upstream stream ended before message_delta")
         except UpstreamError:

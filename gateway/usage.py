@@ -46,7 +46,7 @@ the one dispatch tries first (or the model's `pricing`).
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import orjson
@@ -254,13 +254,20 @@ def estimate_usage(ctx: RequestContext) -> Usage:
         return Usage(prompt, 0, prompt, estimated=True)
     messages = ctx.body.get("messages") or []
     prompt = _count(model, messages=messages) if messages else 0
+    completion = _estimate_output(ctx, model)
+    return Usage(prompt, completion, prompt + completion, estimated=True)
+
+
+def _estimate_output(ctx: RequestContext, model: str | None) -> int:
+    """The tokens of what was produced: the answer, or what a stream sent so far (its
+    reasoning, a passed-through Anthropic stream's thinking, included)."""
     if ctx.response is not None:
         choices = ctx.response.get("choices") or [{}]
         text = "".join(str((c.get("message") or {}).get("content") or "") for c in choices)
     else:
         text = "".join(ctx.streamed_text)
-    completion = _count(model, text=text) if text else 0
-    return Usage(prompt, completion, prompt + completion, estimated=True)
+    reasoning = "".join(ctx.streamed_reasoning) if ctx.response is None else ""
+    return (_count(model, text=text) if text else 0) + (_count(model, text=reasoning) if reasoning else 0)
 
 
 def finalize_usage(ctx: RequestContext) -> None:
@@ -275,7 +282,19 @@ def finalize_usage(ctx: RequestContext) -> None:
         ctx.cost_usd = 0.0  # rejected before any upstream call: nothing spent (not "price unknown")
         return
     reported = ctx.usage
-    produced = bool(ctx.streamed_text) or ctx.response is not None
+    produced = bool(ctx.streamed_text) or bool(ctx.streamed_reasoning) or ctx.response is not None
+    if reported is not None and ctx.stream and ctx.finish_reason is None and produced:
+        # Cut off after the provider reported the prompt (Anthropic's message_start, on a
+        # passed-through stream): its prompt classes are exact, the output is what was
+        # produced so far, estimated (the provider's output count comes only at the end).
+        try:
+            output = _estimate_output(ctx, (ctx.deployment or "").split("/", 1)[-1] or None)
+        except Exception:  # noqa: BLE001 — accounting fails open, loudly
+            log.exception("usage_estimate_failed", request_id=ctx.request_id, model=ctx.model)
+            output = 0
+        if output > reported.completion_tokens:
+            ctx.usage = reported = replace(reported, completion_tokens=output,
+                                           total_tokens=reported.prompt_tokens + output, estimated=True)
     if reported is None or (reported.total_tokens == 0 and produced):
         if ctx.error is not None and not produced:
             ctx.cost_usd = 0.0  # nothing reached or left the upstream successfully: no tokens to bill

@@ -186,6 +186,7 @@ class RequestContext:
     attempts: int = 0  # upstream calls made, retries and fallbacks included
     fallbacks: int = 0  # times dispatch moved to another deployment or model
     streamed_text: list[str] = field(default_factory=list)  # content sent, for estimates
+    streamed_reasoning: list[str] = field(default_factory=list)  # reasoning sent (thinking), for estimates
     stream_started: bool = False  # bytes of the stream reached the client
     finish_reason: str | None = None  # of a stream: None = it never finished (cut off)
     client_disconnected: bool = False

@@ -4,9 +4,14 @@ as Anthropic sent them, and the chain (energy, accounting, plugins' rewrites) st
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
+
 import anthropic
 import httpx
 import pytest
+from aiohttp import web
 
 from gateway.admin import MASTER
 from tests.conftest import FULL_CHAIN
@@ -195,3 +200,133 @@ def test_a_downgrade_decided_after_dispatch_answers_with_the_model_that_was_bill
     assert [r.path.rsplit("/", 1)[-1] for r in upstream.requests] == ["messages", "messages", "completions"]
     message = raw.parse()
     assert message.model == "gpt-4o-mini" and message.id.startswith("msg_chatcmpl")
+
+
+# --- a scripted Anthropic upstream: exact bytes, pauses between them ------------------
+
+def sse(event: str, data: dict | bytes) -> bytes:
+    raw = data if isinstance(data, bytes) else json.dumps(data, separators=(",", ":")).encode()
+    return b"event: " + event.encode() + b"\ndata: " + raw + b"\n\n"
+
+
+START = sse("message_start", {"type": "message_start", "message": {
+    "id": "msg_x", "type": "message", "role": "assistant", "model": "claude-haiku-4-5", "content": [],
+    "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 10, "output_tokens": 1}}})
+TEXT_BLOCK = sse("content_block_start", {"type": "content_block_start", "index": 1,
+                                         "content_block": {"type": "text", "text": ""}})
+THINKING_BLOCK = sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                             "content_block": {"type": "thinking", "thinking": ""}})
+END = (sse("content_block_stop", {"type": "content_block_stop", "index": 1})
+       + sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                               "usage": {"output_tokens": 2000}})
+       + sse("message_stop", {"type": "message_stop"}))
+
+
+def thinking(text: str) -> bytes:
+    return sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                       "delta": {"type": "thinking_delta", "thinking": text}})
+
+
+def text_delta(text: str, index: int = 1) -> bytes:
+    return sse("content_block_delta", {"type": "content_block_delta", "index": index,
+                                       "delta": {"type": "text_delta", "text": text}})
+
+
+class Scripted:
+    """An Anthropic upstream playing a script: bytes are written, numbers are pauses."""
+
+    def __init__(self, script: list) -> None:
+        self.script = script
+        self.url = ""
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for item in self.script:
+            if isinstance(item, (int, float)):
+                await asyncio.sleep(item)
+            else:
+                await resp.write(item)
+        return resp
+
+    async def start(self) -> "Scripted":
+        app = web.Application()
+        app.router.add_post("/v1/messages", self._handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+        return self
+
+
+@pytest.fixture
+def scripted_gateway(gateway_factory, server_thread):
+    """scripted_gateway(script, **model settings): a gateway whose claude plays `script`."""
+    started: list[Scripted] = []
+
+    def make(script: list, **model_settings):
+        up = server_thread.run(Scripted(script).start())
+        started.append(up)
+        models = [{"name": "claude", **model_settings, "litellm_params": {
+            "model": "anthropic/claude-haiku-4-5", "api_base": up.url, "api_key": "sk-ant-upstream-SECRET"}}]
+        return gateway_factory(plugins=CHAIN, models=models, **ONLY_THESE)
+
+    yield make
+    for up in started:
+        server_thread.run(up.runner.cleanup())
+
+
+def test_a_long_thinking_stream_is_alive_for_the_idle_timer_and_reaches_the_client_as_it_comes(scripted_gateway):
+    """Thinking deltas and pings are upstream bytes: the idle timeout (1 s here) does not
+    cut a stream that thinks for 2.4 s in 0.3 s steps, and the client gets them at once."""
+    script = [START, THINKING_BLOCK]
+    for _ in range(8):
+        script += [0.3, thinking("hmm "), sse("ping", {"type": "ping"})]
+    script += [sse("content_block_stop", {"type": "content_block_stop", "index": 0}), TEXT_BLOCK, text_delta("42"),
+               END]
+    gw = scripted_gateway(script, timeouts={"idle": 1.0})
+    _, key = gw.make_user(energy=100)
+    with client(gw, key).messages.stream(model="claude", max_tokens=4000, messages=MESSAGES,
+                                         thinking={"type": "enabled", "budget_tokens": 2000}) as stream:
+        final = stream.get_final_message()
+    assert final.content[0].thinking == "hmm " * 8 and final.content[-1].text == "42"
+
+
+def test_a_client_that_leaves_after_the_thinking_is_billed_for_it(scripted_gateway):
+    """The prompt's tokens come from message_start (exact); the thinking and text the
+    client received are estimated: a client leaving before message_delta is not billed
+    for the text alone."""
+    thought = "step " * 2000
+    script = [START, THINKING_BLOCK, thinking(thought), sse("content_block_stop", {
+        "type": "content_block_stop", "index": 0}), TEXT_BLOCK]
+    for _ in range(25):
+        script += [text_delta("x"), 0.2]
+    gw = scripted_gateway([*script, END])
+    _, key = gw.make_user(energy=100)
+    got = ""
+    with httpx.stream("POST", gw.url + "/v1/messages", headers={"x-api-key": key, **HEADERS}, timeout=20,
+                      json={"model": "claude", "max_tokens": 4000, "messages": MESSAGES, "stream": True,
+                            "thinking": {"type": "enabled", "budget_tokens": 3000}}) as r:
+        for line in r.iter_lines():
+            got += line
+            if "text_delta" in line:
+                break  # leave with the whole reasoning in hand
+    assert thought.strip() in got
+    deadline = time.monotonic() + 15
+    while not gw.run(gw.store.usage_rows()) and time.monotonic() < deadline:
+        gw.settle()
+    [row] = gw.run(gw.store.usage_rows())
+    assert row["tokens_prompt"] == 10 and row["tokens_completion"] >= 2000 and row["usage_estimated"]
+
+
+def test_a_carriage_return_in_an_upstream_event_does_not_break_the_clients_framing(scripted_gateway):
+    """A bare CR is JSON whitespace but an SSE line end: such an event is re-encoded."""
+    evil = b'{"type":"content_block_delta","index":0,\r\r"delta":{"type":"text_delta","text":"42"}}'
+    first = [TEXT_BLOCK.replace(b'"index":1', b'"index":0'), sse("content_block_delta", evil),
+             END.replace(b'"index":1', b'"index":0')]
+    gw = scripted_gateway([START, *first])
+    _, key = gw.make_user(energy=100)
+    with client(gw, key).messages.stream(model="claude", max_tokens=50, messages=MESSAGES) as stream:
+        assert "".join(stream.text_stream) == "42"
