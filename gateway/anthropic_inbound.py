@@ -149,6 +149,12 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
             raise bad_request(f"tools[{i}] needs a string 'name'", param=f"tools[{i}]")
+        if tool.get("type", "custom") != "custom":
+            # Server tools (web_search, web_fetch, code_execution, MCP) run and are charged at
+            # Anthropic per use, beyond tokens: the gateway could not bill them.
+            raise bad_request(f"tools[{i}]: tool type {str(tool['type'])[:64]!r} is not supported by the gateway "
+                              f"(only custom tools, with an input_schema)", param=f"tools[{i}].type",
+                              code="unsupported_tool_type")
         function: dict[str, Any] = {"name": tool["name"], "parameters": tool.get("input_schema") or {"type": "object"}}
         if isinstance(tool.get("description"), str):
             function["description"] = tool["description"]
