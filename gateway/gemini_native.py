@@ -447,16 +447,16 @@ def _finish(reason: str | None, tool_calls: bool) -> str:
 
 
 def _filtered(response: dict[str, Any]) -> dict[str, Any]:
-    """A blocked prompt or a flagged answer, as litellm reports it: no content, finish
-    content_filter, and the three plain token counts."""
+    """A blocked prompt or a flagged answer: no content, finish content_filter, as litellm
+    reports it; but the usage whole, token classes included, as a streamed one is (litellm
+    keeps only the three plain counts here: a flagged answer's thinking, which Google
+    bills, went unbilled, and its cached prompt was priced as fresh)."""
     metadata = response.get("usageMetadata") or {}
     return {"id": f"chatcmpl-{uuid.uuid4()}", "object": "chat.completion", "created": int(time.time()),
             "model": response.get("modelVersion"),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": None}, "logprobs": None,
                          "finish_reason": "content_filter"}],
-            "usage": {"prompt_tokens": metadata.get("promptTokenCount", 0),
-                      "completion_tokens": metadata.get("candidatesTokenCount", 0),
-                      "total_tokens": metadata.get("totalTokenCount", 0)}}
+            "usage": usage_from(metadata)}
 
 
 def from_response(response: dict[str, Any]) -> dict[str, Any]:

@@ -160,7 +160,19 @@ def test_gemini_finish_reasons_map_the_same(both, reason):
     upstream.gemini_finish_reason = reason
     answers = {path: _answer(gw.client().chat.completions.create(model=f"gemini {path}", **CASES["plain"]))
                for path in ("native", "litellm")}
-    assert answers["native"] == answers["litellm"]
+    if reason in ("SAFETY", "RECITATION"):
+        # The one deliberate difference: a flagged answer's usage is whole natively (token
+        # classes included, as when streamed); litellm keeps only the three plain counts.
+        *native, native_usage = answers.pop("native")
+        *litellm, litellm_usage = answers.pop("litellm")
+        assert native == litellm
+        # litellm's completion_tokens leave the thinking out (its total keeps it: the two
+        # do not add up); the native count has it, as Google bills it.
+        assert (native_usage["prompt_tokens"], native_usage["total_tokens"]) == \
+            (litellm_usage["prompt_tokens"], litellm_usage["total_tokens"])
+        assert native_usage["completion_tokens"] == native_usage["total_tokens"] - native_usage["prompt_tokens"]
+    else:
+        assert answers["native"] == answers["litellm"]
     upstream.chunks = 3
     streams = {path: _stream(gw, f"gemini {path}", **CASES["plain"]) for path in ("native", "litellm")}
     assert streams["native"] == streams["litellm"]
@@ -365,3 +377,24 @@ def test_a_gateway_serving_azure_and_gemini_natively_never_imports_litellm(tmp_p
     assert [line.split()[3] for line in out.stdout.splitlines() if line.startswith("STATUS ")] == ["200"] * 4, \
         out.stdout + out.stderr[-2000:]
     assert "RESULT False" in out.stdout, out.stderr[-2000:]
+
+
+def test_a_flagged_gemini_answer_is_billed_the_same_streamed_or_not(gateway_factory, upstream):
+    """Its thinking (billed by Google as output) and its cached prompt count either way."""
+    upstream.reasoning_tokens, upstream.cached_tokens = 900, 4
+    upstream.gemini_finish_reason = "SAFETY"
+    models = [{"name": "gem", "litellm_params": {"model": "gemini/gemini-2.5-flash", "api_base": upstream.url,
+                                                 "api_key": "AIza-gemini-upstream-SECRET"}}]
+    gw = gateway_factory(plugins=["auth", {"name": "accounting", "settings": {"flush_interval": 0.05}}],
+                         models=models, tiers={"free": {"models": ["*"]}, "pro": {"models": ["*"]}},
+                         energy={"default_action": "ai_message", "actions": {"ai_message": {"default": 1}}})
+    _, key = gw.make_user(energy=100)
+    plain = gw.client(key).chat.completions.create(model="gem", messages=[{"role": "user", "content": "hi"}])
+    assert plain.choices[0].finish_reason == "content_filter"
+    list(gw.client(key).chat.completions.create(model="gem", messages=[{"role": "user", "content": "hi"}],
+                                                stream=True))
+    gw.settle()
+    json_row, stream_row = sorted(gw.run(gw.store.usage_rows()), key=lambda r: r["streamed"])
+    assert json_row["tokens_completion"] == stream_row["tokens_completion"] >= 900
+    assert (json_row["tokens_reasoning"], json_row["tokens_cached"]) == (900, 4)
+    assert json_row["cost_usd"] == pytest.approx(stream_row["cost_usd"])
