@@ -286,6 +286,14 @@ def validate_responses(body: dict[str, Any], extra: Iterable[str] = ()) -> None:
     if body.get("background"):
         raise bad_request("'background' responses are not supported by the gateway (their cost could not be "
                           "settled with the request)", param="background", code="unsupported_parameter")
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            if isinstance(item, dict) and item.get("type") == "item_reference":
+                # An item stored at the upstream, named by id: on an account every tenant
+                # shares, the gateway cannot tell whose it is (previous_response_id can be).
+                raise bad_request("'item_reference' input items are not supported by the gateway; send the item "
+                                  "itself, or continue with previous_response_id", param=f"input[{i}]",
+                                  code="unsupported_parameter")
     if body.get("conversation") is not None:
         raise bad_request("'conversation' is not supported by the gateway (a conversation is stored at the upstream "
                           "where the gateway cannot tell whose it is); use previous_response_id",

@@ -27,11 +27,12 @@ import asyncio
 import re
 from typing import Any, AsyncIterator, Callable
 
+import orjson
 import structlog
 
 from gateway.config import ModelEntry
 from gateway.dispatch import UpstreamError
-from gateway.errors import ApiError
+from gateway.errors import ApiError, store_unavailable
 from gateway.native import _ERROR_BODY, _error_from, _json_object, OPENAI_DEFAULT_BASE
 from gateway.upstream_http import Target, UpstreamProtocolError
 
@@ -40,6 +41,7 @@ log = structlog.get_logger("gateway.responses")
 TERMINAL = ("response.completed", "response.incomplete")  # a whole answer (incomplete: max tokens)
 FAILED = ("response.failed", "error")
 _RESPONSE_ID = re.compile(r"[A-Za-z0-9_-]{1,200}")
+_EVENT_NAME = re.compile(r"[A-Za-z0-9_.]{1,100}")  # response.output_text.delta, error, ...
 _ITEM_QUERY = ("after", "before", "limit", "order", "include[]", "include")  # input_items' parameters
 _UPSTREAM = "responses"  # ctx.scratch namespace: the upstream that answered
 
@@ -61,8 +63,13 @@ def _not_found(response_id: str, param: str | None = None) -> ApiError:
 
 
 async def _owned(store: Any, ctx: Any, response_id: str, param: str | None = None) -> dict[str, Any]:
-    """The stored response's record if the caller created it; else 404, whoever's it is."""
-    record = await store.stored_response(response_id) if _RESPONSE_ID.fullmatch(response_id) else None
+    """The stored response's record if the caller created it; else 404, whoever's it is
+    (503 when the store cannot say: fails closed, and worth retrying)."""
+    try:
+        record = await store.stored_response(response_id) if _RESPONSE_ID.fullmatch(response_id) else None
+    except Exception as exc:  # noqa: BLE001 — whatever the backend raises: the owner is unknown
+        log.warning("stored_response_lookup_failed", request_id=ctx.request_id, error=type(exc).__name__)
+        raise store_unavailable(ctx.request_id) from None
     if record is None or record["user_id"] != _caller(ctx)[0]:
         raise _not_found(response_id, param)
     return record
@@ -201,7 +208,11 @@ async def _events(native: Any, deployment: ModelEntry, body: dict[str, Any]) -> 
                 data = line[5:].strip()
             elif not line.strip() and data:
                 parsed = _json_object(data, "stream event")
-                name = name or str(parsed.get("type") or "")
+                name = str(parsed.get("type") or name or "")
+                if not _EVENT_NAME.fullmatch(name):
+                    raise UpstreamError("bad_response", "the upstream sent an event with an invalid name")
+                if b"\r" in data:  # JSON whitespace, but a line end to the client's SSE parser
+                    data = orjson.dumps(parsed)
                 yield name, parsed, b"event: " + name.encode() + b"\ndata: " + data + b"\n\n"
                 if name in TERMINAL or name in FAILED:
                     finished = True
@@ -219,8 +230,6 @@ async def _events(native: Any, deployment: ModelEntry, body: dict[str, Any]) -> 
 
 def error_event(err: ApiError) -> bytes:
     """The Responses API's stream error event."""
-    import orjson
-
     body = err.body()["error"]
     return b"event: error\ndata: " + orjson.dumps({"type": "error", "code": body.get("code"),
                                                    "message": body["message"], "param": body.get("param")}) + b"\n\n"
@@ -228,8 +237,6 @@ def error_event(err: ApiError) -> bytes:
 
 def replay_events(payload: dict[str, Any]) -> list[bytes]:
     """A stored response (an idempotent replay) as the two events that carry it whole."""
-    import orjson
-
     return [b"event: " + name.encode() + b"\ndata: " + orjson.dumps({"type": name, "sequence_number": i,
                                                                        "response": payload}) + b"\n\n"
             for i, name in enumerate(("response.created", "response.completed"))]

@@ -134,3 +134,63 @@ def test_previous_response_id_continues_only_ones_own_response(gateway_factory, 
     assert upstream.count() == asked
     gw.settle()
     assert (gw.balance(alice_id), gw.balance(bob_id)) == (96, 100)
+
+
+def test_another_users_stored_items_cannot_be_referenced(gateway_factory, upstream):
+    """An item_reference names an item stored at the upstream by id, which the gateway
+    cannot tie to its owner: refused, before the upstream is asked."""
+    gw = gateway_factory(plugins=CHAIN)
+    _, alice = gw.make_user(energy=100)
+    _, mallory = gw.make_user(workspace="other", energy=100)
+    secret = gw.client(alice).responses.create(model="gpt-4o-mini", input="my card is 4111 1111 1111 1111")
+    asked = upstream.count()
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        gw.client(mallory).responses.create(model="gpt-4o-mini", input=[
+            {"type": "item_reference", "id": secret.output[0].id}, {"role": "user", "content": "repeat the above"}])
+    assert excinfo.value.body["param"] == "input[0]" and upstream.count() == asked
+
+
+
+def test_an_upstream_cannot_inject_stream_events_past_the_gateway(gateway_factory, server_thread):
+    """An event name with a CR in it (a line end to the client's SSE parser) would slip an
+    event past the gateway's accounting: the client gets the event under the name its data
+    gives, nothing else, and the stream (never completed) is not billed."""
+    import json
+
+    from aiohttp import web
+
+    created = {"type": "response.created", "sequence_number": 0, "response": {
+        "id": "resp_1", "object": "response", "status": "in_progress", "output": [], "store": False}}
+    injected = (b'response.output_text.delta\rdata: {"type":"response.output_text.delta","delta":"INJECTED",'
+                b'"item_id":"m","output_index":0,"content_index":0,"sequence_number":9}\r\revent: response.created')
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"event: " + injected + b"\ndata: " + json.dumps(created).encode() + b"\n\n")
+        return resp
+
+    async def start() -> web.AppRunner:
+        app = web.Application()
+        app.router.add_post("/v1/responses", handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return runner
+
+    runner = server_thread.run(start())
+    try:
+        base = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+        gw = gateway_factory(plugins=CHAIN, models=[{"name": "gpt", "litellm_params": {
+            "model": "openai/gpt-4o-mini", "api_base": base, "api_key": "sk-x"}}],
+            tiers={"free": {"models": ["*"]}, "pro": {"models": ["*"]}},
+            energy={"default_action": "ai_message", "actions": {"ai_message": {"default": 1}}},
+            retries={"max_attempts": 1})
+        user_id, key = gw.make_user(energy=100)
+        events = [e.type for e in gw.client(key).responses.create(model="gpt", input="hi", stream=True)]
+        assert events == ["response.created", "error"]
+        gw.settle()
+        assert gw.balance(user_id) == 100
+    finally:
+        server_thread.run(runner.cleanup())

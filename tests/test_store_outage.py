@@ -210,3 +210,33 @@ def test_the_gateway_answers_503_while_the_database_is_away_and_catches_up(
     assert len(settles) == served  # every answered request is settled, once
     assert len(reserves) - served <= 16  # at most the 503s' reservations remain open
     assert gw.balance(user_id) == 1000 + sum(e.amount for e in reserves)  # settled as reserved
+
+
+def test_whose_a_stored_response_is_cannot_be_told_while_the_database_is_away(gateway_factory, tcp_proxy, schema):
+    """GET /v1/responses/{id} and previous_response_id need the owner's record: with the
+    database away they fail closed with 503 store_unavailable (Retry-After), not a 500,
+    and the upstream is not asked; they work again once it is back."""
+    import openai
+
+    gw = gateway_factory(plugins=["auth"],
+                         store={"url": _proxied(tcp_proxy, schema), "timeout": 1.0, "connect_timeout": 1.0})
+    _, key = gw.make_user(tier="pro", energy=1000)
+    client = gw.client(key)
+    created = client.responses.create(model="gpt-4o-mini", input="hi")
+    tcp_proxy.stop()
+    for call in (lambda: client.responses.retrieve(created.id),
+                 lambda: client.responses.create(model="gpt-4o-mini", input="again", previous_response_id=created.id)):
+        with pytest.raises(openai.APIStatusError) as excinfo:
+            call()
+        assert (excinfo.value.status_code, excinfo.value.code) == (503, "store_unavailable")
+        assert excinfo.value.response.headers["Retry-After"] == "1"
+    tcp_proxy.start()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            assert client.responses.retrieve(created.id).id == created.id
+            break
+        except openai.APIStatusError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
