@@ -209,8 +209,14 @@ def _usage(usage: dict[str, Any]) -> dict[str, Any]:
     written = int(usage.get("cache_creation_input_tokens") or 0)
     prompt = int(usage.get("input_tokens") or 0) + read + written
     completion = int(usage.get("output_tokens") or 0)
+    details: dict[str, Any] = {"cached_tokens": read, "cache_creation_tokens": written}
+    lifetimes = usage.get("cache_creation")
+    if isinstance(lifetimes, dict):  # the writes by lifetime, 1-hour ones dearer: named as litellm names them
+        details["cache_creation_token_details"] = {
+            "ephemeral_5m_input_tokens": int(lifetimes.get("ephemeral_5m_input_tokens") or 0),
+            "ephemeral_1h_input_tokens": int(lifetimes.get("ephemeral_1h_input_tokens") or 0)}
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": read, "cache_creation_tokens": written},
+            "prompt_tokens_details": details,
             "cache_read_input_tokens": read, "cache_creation_input_tokens": written}
 
 

@@ -157,6 +157,8 @@ class Pricing(_Strict):
     output_per_million: float = Field(ge=0)
     cached_input_per_million: float | None = Field(None, ge=0)  # prompt-cache reads
     cache_write_per_million: float | None = Field(None, ge=0)  # prompt-cache writes (Anthropic)
+    # 1-hour prompt-cache writes (Anthropic `"ttl": "1h"`); unset: cache_write_per_million
+    cache_write_1h_per_million: float | None = Field(None, ge=0)
     reasoning_per_million: float | None = Field(None, ge=0)
     audio_input_per_million: float | None = Field(None, ge=0)
     audio_output_per_million: float | None = Field(None, ge=0)

@@ -15,6 +15,9 @@ in OpenAI's convention, where every class is a *part of* a total.
   they are.
 * Anthropic's own Messages API: `input_tokens` EXCLUDES `cache_read_input_tokens` and
   `cache_creation_input_tokens`, so prompt_tokens = input + cache read + cache write.
+  The cache writes' lifetimes are in `cache_creation` (`ephemeral_5m_input_tokens`,
+  `ephemeral_1h_input_tokens`), parts of `cache_creation_input_tokens`; litellm puts them
+  in `prompt_tokens_details.cache_creation_token_details`, and so does the native path.
   litellm 1.110.2 (`AnthropicConfig.calculate_usage`) already does that sum when it
   translates, and reports the parts twice: as `prompt_tokens_details.cached_tokens` /
   `.cache_creation_tokens` and as top-level `cache_read_input_tokens` /
@@ -25,16 +28,20 @@ in OpenAI's convention, where every class is a *part of* a total.
 Cost is USD from config.yaml's `pricing` for the model when given, else litellm's bundled
 (offline) price map for the deployment's model. Each class has its own unit price
 (`UnitPrices`); a class without one is billed at the plain input price (cached, cache
-write, audio in) or output price (reasoning, audio out). Plain text tokens are the total
-less its classes:
+write, audio in) or output price (reasoning, audio out); a 1-hour cache write without one
+at the cache-write price. Plain text tokens are the total less its classes:
 
     cost = (prompt - cached - cache_write - audio_in) * input + cached * cached_input
-         + cache_write * cache_write_price + audio_in * audio_input
+         + (cache_write - cache_write_1h) * cache_write_price
+         + cache_write_1h * cache_write_1h_price + audio_in * audio_input
          + (completion - reasoning - audio_out) * output + reasoning * reasoning_price
          + audio_out * audio_output
 
 Classes are clamped so their sum never exceeds their total (a cached audio token is one
-token, not two). An unknown price gives `cost_usd = None` (logged at start-up by
+token, not two), and the 1-hour writes to the cache writes. That is litellm's rule
+(`calculate_cache_writing_cost`: 1-hour writes at `cache_creation_input_token_cost_above_1hr`,
+falling back to `cache_creation_input_token_cost`; writes of no stated lifetime at the
+latter), held to litellm's own cost in tests/test_token_classes.py. An unknown price gives `cost_usd = None` (logged at start-up by
 `unpriced_models`), never a made-up zero.
 
 An answer served without the provider (a response cache hit, an idempotent replay) costs
@@ -90,7 +97,8 @@ def usage_from_payload(payload: dict[str, Any]) -> Usage | None:
         cached, written = _int(get("cache_read_input_tokens")), _int(get("cache_creation_input_tokens"))
         prompt = _int(get("input_tokens")) + cached + written
         completion = _int(get("output_tokens"))
-        return Usage(prompt, completion, prompt + completion, cached_tokens=cached, cache_write_tokens=written)
+        return Usage(prompt, completion, prompt + completion, cached_tokens=cached, cache_write_tokens=written,
+                     cache_write_1h_tokens=_written_1h(get("cache_creation")))
     prompt, completion = _int(get("prompt_tokens")), _int(get("completion_tokens"))
     prompt_details = get("prompt_tokens_details")
     prompt_details = prompt_details if isinstance(prompt_details, dict) else {}
@@ -101,10 +109,17 @@ def usage_from_payload(payload: dict[str, Any]) -> Usage | None:
         cached_tokens=_int(prompt_details.get("cached_tokens")) or _int(get("cache_read_input_tokens")),
         cache_write_tokens=(_int(prompt_details.get("cache_creation_tokens"))
                             or _int(get("cache_creation_input_tokens"))),
+        cache_write_1h_tokens=_written_1h(prompt_details.get("cache_creation_token_details")),
         reasoning_tokens=_int(completion_details.get("reasoning_tokens")),
         audio_in_tokens=_int(prompt_details.get("audio_tokens")),
         audio_out_tokens=_int(completion_details.get("audio_tokens")),
     )
+
+
+def _written_1h(lifetimes: Any) -> int:
+    """The 1-hour cache writes of Anthropic's `cache_creation` (or litellm's
+    `cache_creation_token_details`, the same keys)."""
+    return _int(lifetimes.get("ephemeral_1h_input_tokens")) if isinstance(lifetimes, dict) else 0
 
 
 def openai_usage(usage: Usage) -> dict[str, Any]:
@@ -117,6 +132,10 @@ def openai_usage(usage: Usage) -> dict[str, Any]:
                                 ("audio_tokens", usage.audio_in_tokens)) if v}
     completion = {k: v for k, v in (("reasoning_tokens", usage.reasoning_tokens),
                                     ("audio_tokens", usage.audio_out_tokens)) if v}
+    if usage.cache_write_1h_tokens:
+        prompt["cache_creation_token_details"] = {
+            "ephemeral_5m_input_tokens": max(usage.cache_write_tokens - usage.cache_write_1h_tokens, 0),
+            "ephemeral_1h_input_tokens": usage.cache_write_1h_tokens}
     if prompt:
         out["prompt_tokens_details"] = prompt
     if completion:
@@ -135,28 +154,35 @@ class UnitPrices:
     reasoning: float
     audio_input: float
     audio_output: float
+    cache_write_1h: float  # a cache write with a 1-hour lifetime (Anthropic: 2x input, vs 1.25x)
 
     @classmethod
     def of(cls, input: float, output: float, *, cached_input: float | None = None,
            cache_write: float | None = None, reasoning: float | None = None,
-           audio_input: float | None = None, audio_output: float | None = None) -> "UnitPrices":
-        """Prices of the classes that have one; the others fall back to input / output."""
+           audio_input: float | None = None, audio_output: float | None = None,
+           cache_write_1h: float | None = None) -> "UnitPrices":
+        """Prices of the classes that have one; the others fall back to input / output
+        (a 1-hour cache write to the cache-write price)."""
+        write = input if cache_write is None else cache_write
         return cls(input, output,
                    input if cached_input is None else cached_input,
-                   input if cache_write is None else cache_write,
+                   write,
                    output if reasoning is None else reasoning,
                    input if audio_input is None else audio_input,
-                   output if audio_output is None else audio_output)
+                   output if audio_output is None else audio_output,
+                   write if cache_write_1h is None else cache_write_1h)
 
     def cost(self, usage: Usage) -> float:
         prompt, completion = usage.prompt_tokens, usage.completion_tokens
         cached = min(usage.cached_tokens, prompt)
         written = min(usage.cache_write_tokens, prompt - cached)
+        written_1h = min(usage.cache_write_1h_tokens, written)
         audio_in = min(usage.audio_in_tokens, prompt - cached - written)
         reasoning = min(usage.reasoning_tokens, completion)
         audio_out = min(usage.audio_out_tokens, completion - reasoning)
         return round((prompt - cached - written - audio_in) * self.input + cached * self.cached_input
-                     + written * self.cache_write + audio_in * self.audio_input
+                     + (written - written_1h) * self.cache_write + written_1h * self.cache_write_1h
+                     + audio_in * self.audio_input
                      + (completion - reasoning - audio_out) * self.output + reasoning * self.reasoning
                      + audio_out * self.audio_output, 9)
 
@@ -192,7 +218,8 @@ def _litellm_prices(model: str) -> UnitPrices | None:
                                  cache_write=price("cache_creation_input_token_cost"),
                                  reasoning=price("output_cost_per_reasoning_token"),
                                  audio_input=price("input_cost_per_audio_token"),
-                                 audio_output=price("output_cost_per_audio_token"))
+                                 audio_output=price("output_cost_per_audio_token"),
+                                 cache_write_1h=price("cache_creation_input_token_cost_above_1hr"))
     return None
 
 
@@ -206,7 +233,8 @@ def _config_prices(pricing: Pricing) -> UnitPrices:
                          cache_write=per_token(pricing.cache_write_per_million),
                          reasoning=per_token(pricing.reasoning_per_million),
                          audio_input=per_token(pricing.audio_input_per_million),
-                         audio_output=per_token(pricing.audio_output_per_million))
+                         audio_output=per_token(pricing.audio_output_per_million),
+                         cache_write_1h=per_token(pricing.cache_write_1h_per_million))
 
 
 def prices_for(config: Config, public_model: str, deployment_model: str | None) -> UnitPrices | None:

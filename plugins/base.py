@@ -104,6 +104,9 @@ class Usage:
     # Prompt tokens written into the prompt cache (Anthropic cache_creation_input_tokens):
     # dearer than plain input.
     cache_write_tokens: int = 0
+    # The part of cache_write_tokens written with a 1-hour lifetime (Anthropic
+    # usage.cache_creation.ephemeral_1h_input_tokens): dearer again than a 5-minute write.
+    cache_write_1h_tokens: int = 0
     # Hidden reasoning tokens of the completion (completion_tokens_details.reasoning_tokens).
     reasoning_tokens: int = 0
     audio_in_tokens: int = 0  # audio prompt tokens (prompt_tokens_details.audio_tokens)

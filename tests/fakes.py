@@ -44,7 +44,9 @@ Wire-format notes (deliberate choices, keep them in mind when asserting):
   (sent only when one of them is non-zero), and ``prompt_tokens`` /
   ``completion_tokens`` are the totals that *include* them.  Anthropic:
   ``cache_read_input_tokens`` / ``cache_creation_input_tokens`` beside ``input_tokens``,
-  which *excludes* them (``input_tokens = prompt_tokens``).  Gemini: ``usageMetadata``
+  which *excludes* them (``input_tokens = prompt_tokens``); when there are cache writes,
+  ``cache_creation`` splits them by lifetime (``ephemeral_1h_input_tokens`` =
+  ``cache_write_1h_tokens``, the rest ``ephemeral_5m_input_tokens``), as the real API does.  Gemini: ``usageMetadata``
   with ``cachedContentTokenCount`` (part of ``promptTokenCount``) and
   ``thoughtsTokenCount`` (beside ``candidatesTokenCount``, both in ``totalTokenCount``).
 * Azure OpenAI (``/openai/deployments/{name}/...``): ``api-key`` header (401 otherwise)
@@ -412,6 +414,7 @@ class FakeUpstream:
         report_usage: bool = True,
         cached_tokens: int = 0,
         cache_write_tokens: int = 0,
+        cache_write_1h_tokens: int = 0,
         reasoning_tokens: int = 0,
         audio_in_tokens: int = 0,
         audio_out_tokens: int = 0,
@@ -429,6 +432,7 @@ class FakeUpstream:
         self.report_usage = report_usage
         self.cached_tokens = cached_tokens
         self.cache_write_tokens = cache_write_tokens
+        self.cache_write_1h_tokens = cache_write_1h_tokens  # of cache_write_tokens: 1-hour lifetime
         self.reasoning_tokens = reasoning_tokens
         self.audio_in_tokens = audio_in_tokens
         self.audio_out_tokens = audio_out_tokens
@@ -985,13 +989,21 @@ class FakeUpstream:
 
     # ---- Anthropic -------------------------------------------------------
 
-    def _anthropic_usage(self) -> dict[str, int]:
+    def _anthropic_usage(self) -> dict[str, Any]:
         return {
             "input_tokens": self.prompt_tokens,
             "cache_creation_input_tokens": self.cache_write_tokens,
             "cache_read_input_tokens": self.cached_tokens,
+            **self._anthropic_cache_creation(),
             "output_tokens": self.completion_tokens,
         }
+
+    def _anthropic_cache_creation(self) -> dict[str, Any]:
+        """Anthropic's split of the cache writes by lifetime (parts of cache_creation_input_tokens)."""
+        if not self.cache_write_tokens:
+            return {}
+        return {"cache_creation": {"ephemeral_5m_input_tokens": self.cache_write_tokens - self.cache_write_1h_tokens,
+                                   "ephemeral_1h_input_tokens": self.cache_write_1h_tokens}}
 
     def _anthropic_message(self, body: dict[str, Any], seq: int) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -1040,7 +1052,8 @@ class FakeUpstream:
             await resp.write(b"event: message_start\ndata: not-json\n\n")
             return resp
         start_usage = {"input_tokens": self.prompt_tokens, "cache_creation_input_tokens": self.cache_write_tokens,
-                       "cache_read_input_tokens": self.cached_tokens, "output_tokens": 1}
+                       "cache_read_input_tokens": self.cached_tokens, **self._anthropic_cache_creation(),
+                       "output_tokens": 1}
         message = {
             "id": f"msg_fake_{request['fake_seq']}",
             "type": "message",

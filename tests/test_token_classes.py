@@ -15,6 +15,7 @@ import sqlite3
 from dataclasses import asdict
 from typing import Any
 
+import anthropic
 import asyncpg
 import litellm
 import pytest
@@ -23,7 +24,7 @@ from gateway.config import load_config_data
 from gateway.store import open_store
 from gateway.store_postgres import MIGRATIONS as POSTGRES_MIGRATIONS
 from gateway.store_sqlite import MIGRATIONS as SQLITE_MIGRATIONS
-from gateway.usage import UnitPrices, prices_for, usage_from_payload
+from gateway.usage import UnitPrices, openai_usage, prices_for, usage_from_payload
 from plugins.base import Usage
 from tests.test_accounting import only_row, usage_rows
 from tests.test_chat import only_models
@@ -56,6 +57,8 @@ def test_litellms_price_map_has_the_class_prices_these_tests_compute_with():
     haiku = litellm.model_cost["claude-haiku-4-5"]
     assert (haiku["input_cost_per_token"], haiku["output_cost_per_token"]) == pytest.approx((pm(1), pm(5)))
     assert (haiku["cache_read_input_token_cost"], haiku["cache_creation_input_token_cost"]) == pytest.approx((pm(0.1), pm(1.25)))
+    assert haiku["cache_creation_input_token_cost_above_1hr"] == pytest.approx(pm(2))  # 1-hour writes: 2x input
+    assert "cache_creation_input_token_cost_above_1hr" not in gpt4o
     audio = litellm.model_cost["gpt-4o-audio-preview-2024-12-17"]
     assert (audio["input_cost_per_audio_token"], audio["output_cost_per_audio_token"]) == pytest.approx((pm(40), pm(80)))
     assert (audio["input_cost_per_token"], audio["output_cost_per_token"]) == pytest.approx((pm(2.5), pm(10)))
@@ -68,14 +71,14 @@ def _config(models: list[dict[str, Any]]) -> Any:
 
 @pytest.mark.parametrize(("deployment", "expected"), [
     # cached reads at their own price; the other classes fall back to input / output
-    ("openai/gpt-4o", UnitPrices(pm(2.5), pm(10), pm(1.25), pm(2.5), pm(10), pm(2.5), pm(10))),
-    # Anthropic: reads at 10% of input, writes at 125%
-    ("anthropic/claude-haiku-4-5", UnitPrices(pm(1), pm(5), pm(0.1), pm(1.25), pm(5), pm(1), pm(5))),
+    ("openai/gpt-4o", UnitPrices(pm(2.5), pm(10), pm(1.25), pm(2.5), pm(10), pm(2.5), pm(10), pm(2.5))),
+    # Anthropic: reads at 10% of input, writes at 125%, 1-hour writes at 200%
+    ("anthropic/claude-haiku-4-5", UnitPrices(pm(1), pm(5), pm(0.1), pm(1.25), pm(5), pm(1), pm(5), pm(2))),
     # audio in and out at their own prices, no cache price: input
     ("openai/gpt-4o-audio-preview-2024-12-17",
-     UnitPrices(pm(2.5), pm(10), pm(2.5), pm(2.5), pm(10), pm(40), pm(80))),
-    ("gemini/gemini-2.5-flash", UnitPrices(pm(0.3), pm(2.5), pm(0.03), pm(0.3), pm(2.5), pm(1), pm(2.5))),
-    ("demo/offline", UnitPrices(0, 0, 0, 0, 0, 0, 0)),
+     UnitPrices(pm(2.5), pm(10), pm(2.5), pm(2.5), pm(10), pm(40), pm(80), pm(2.5))),
+    ("gemini/gemini-2.5-flash", UnitPrices(pm(0.3), pm(2.5), pm(0.03), pm(0.3), pm(2.5), pm(1), pm(2.5), pm(0.3))),
+    ("demo/offline", UnitPrices(0, 0, 0, 0, 0, 0, 0, 0)),
 ], ids=["gpt-4o", "claude-haiku-4-5", "gpt-4o-audio", "gemini-2.5-flash", "demo"])
 def test_each_class_takes_its_price_from_litellms_map_or_falls_back(deployment, expected):
     config = _config([{"name": "m", "litellm_params": {"model": deployment}}])
@@ -87,7 +90,17 @@ def test_config_pricing_prices_each_class_and_unpriced_classes_fall_back():
                        "pricing": {"input_per_million": 2, "output_per_million": 8,
                                    "cached_input_per_million": 0.5, "reasoning_per_million": 12}}])
     assert asdict(prices_for(config, "m", "openai/gpt-4o")) == pytest.approx(
-        asdict(UnitPrices(pm(2), pm(8), pm(0.5), pm(2), pm(12), pm(2), pm(8))))
+        asdict(UnitPrices(pm(2), pm(8), pm(0.5), pm(2), pm(12), pm(2), pm(8), pm(2))))
+
+
+@pytest.mark.parametrize(("pricing", "write_1h"), [
+    ({"cache_write_per_million": 3.75, "cache_write_1h_per_million": 6}, pm(6)),
+    ({"cache_write_per_million": 3.75}, pm(3.75)),  # unset: a 1-hour write at the cache-write price
+], ids=["own-price", "falls-back-to-cache-write"])
+def test_config_pricing_prices_one_hour_cache_writes(pricing, write_1h):
+    config = _config([{"name": "m", "litellm_params": {"model": "anthropic/claude-sonnet-4-5"},
+                       "pricing": {"input_per_million": 3, "output_per_million": 15, **pricing}}])
+    assert prices_for(config, "m", "anthropic/claude-sonnet-4-5").cache_write_1h == pytest.approx(write_1h)
 
 
 def test_a_negative_class_price_in_config_is_refused_with_its_path():
@@ -101,7 +114,8 @@ def test_a_negative_class_price_in_config_is_refused_with_its_path():
 
 GPT4O = UnitPrices.of(pm(2.5), pm(10), cached_input=pm(1.25))
 HAIKU = UnitPrices.of(pm(1), pm(5), cached_input=pm(0.1), cache_write=pm(1.25))
-DISTINCT = UnitPrices(pm(1), pm(2), pm(3), pm(4), pm(5), pm(6), pm(7))  # every class its own price
+DISTINCT = UnitPrices(pm(1), pm(2), pm(3), pm(4), pm(5), pm(6), pm(7), pm(8))  # every class its own price
+HAIKU_1H = UnitPrices.of(pm(1), pm(5), cached_input=pm(0.1), cache_write=pm(1.25), cache_write_1h=pm(2))
 
 
 @pytest.mark.parametrize(("prices", "usage", "expected"), [
@@ -113,13 +127,23 @@ DISTINCT = UnitPrices(pm(1), pm(2), pm(3), pm(4), pm(5), pm(6), pm(7))  # every 
     (GPT4O, Usage(1000, 400, 1400, reasoning_tokens=120), 1000 * pm(2.5) + 400 * pm(10)),
     (HAIKU, Usage(1500, 400, 1900, cached_tokens=300, cache_write_tokens=200),
      1000 * pm(1) + 300 * pm(0.1) + 200 * pm(1.25) + 400 * pm(5)),
+    # 1-hour writes are part of the cache writes, at their own price; the rest at 5 minutes'
+    (HAIKU_1H, Usage(1500, 400, 1900, cached_tokens=300, cache_write_tokens=200, cache_write_1h_tokens=150),
+     1000 * pm(1) + 300 * pm(0.1) + 50 * pm(1.25) + 150 * pm(2) + 400 * pm(5)),
+    # more 1-hour writes claimed than writes: clamped to the writes
+    (HAIKU_1H, Usage(1500, 400, 1900, cache_write_tokens=200, cache_write_1h_tokens=900),
+     1300 * pm(1) + 200 * pm(2) + 400 * pm(5)),
+    # a model without a 1-hour price bills them as cache writes
+    (HAIKU, Usage(1500, 400, 1900, cache_write_tokens=200, cache_write_1h_tokens=150),
+     1300 * pm(1) + 200 * pm(1.25) + 400 * pm(5)),
     (DISTINCT, Usage(1000, 400, 1400, cached_tokens=300, cache_write_tokens=200, audio_in_tokens=50,
                      reasoning_tokens=120, audio_out_tokens=30),
      450 * pm(1) + 300 * pm(3) + 200 * pm(4) + 50 * pm(6) + 250 * pm(2) + 120 * pm(5) + 30 * pm(7)),
     # classes that claim more than their total are clamped: never more tokens than reported
     (DISTINCT, Usage(100, 10, 110, cached_tokens=80, audio_in_tokens=80, reasoning_tokens=50),
      80 * pm(3) + 20 * pm(6) + 10 * pm(5)),
-], ids=["plain", "cached", "reasoning-unpriced", "anthropic-cache", "every-class", "clamped"])
+], ids=["plain", "cached", "reasoning-unpriced", "anthropic-cache", "anthropic-1h-writes", "1h-writes-clamped",
+        "1h-writes-unpriced", "every-class", "clamped"])
 def test_cost_prices_each_class_once(prices, usage, expected):
     assert prices.cost(usage) == pytest.approx(expected, abs=1e-12)
 
@@ -157,14 +181,32 @@ LITELLM_ANTHROPIC = {  # what litellm 1.110.2 returns for an Anthropic answer (m
       "output_tokens": 400}, Usage(1500, 400, 1900, cached_tokens=300, cache_write_tokens=200)),
     ({"input_tokens": 1000, "cache_read_input_tokens": None, "cache_creation_input_tokens": None,
       "output_tokens": 400}, Usage(1000, 400, 1400)),
+    # Anthropic's split of the writes by lifetime (the 1-hour ones are part of the writes),
+    # and litellm's translation of it
+    ({"input_tokens": 1000, "cache_read_input_tokens": 300, "cache_creation_input_tokens": 200,
+      "cache_creation": {"ephemeral_5m_input_tokens": 50, "ephemeral_1h_input_tokens": 150}, "output_tokens": 400},
+     Usage(1500, 400, 1900, cached_tokens=300, cache_write_tokens=200, cache_write_1h_tokens=150)),
+    ({**LITELLM_ANTHROPIC, "prompt_tokens_details": {
+        **LITELLM_ANTHROPIC["prompt_tokens_details"], "cache_creation_token_details": {
+            "ephemeral_5m_input_tokens": 50, "ephemeral_30m_input_tokens": None, "ephemeral_1h_input_tokens": 150,
+            "ephemeral_12h_input_tokens": None}}},
+     Usage(1500, 400, 1900, cached_tokens=300, cache_write_tokens=200, cache_write_1h_tokens=150)),
     # the Responses API shape: input_tokens includes its cached tokens
     ({"input_tokens": 1000, "input_tokens_details": {"cached_tokens": 300}, "output_tokens": 400,
       "output_tokens_details": {"reasoning_tokens": 120}, "total_tokens": 1400},
      Usage(1000, 400, 1400, cached_tokens=300, reasoning_tokens=120)),
 ], ids=["openai", "openai-no-total", "openai-details", "openai-null-details", "litellm-anthropic",
-        "litellm-anthropic-top-level-only", "anthropic-native", "anthropic-null-cache", "responses-api"])
+        "litellm-anthropic-top-level-only", "anthropic-native", "anthropic-null-cache", "anthropic-1h-writes",
+        "litellm-anthropic-1h-writes", "responses-api"])
 def test_usage_is_read_from_every_providers_shape(usage, expected):
     assert usage_from_payload({"usage": usage}) == expected
+
+
+def test_a_stored_answers_usage_reads_back_with_its_one_hour_writes():
+    """A response-cache hit is priced (saved_usd) from the usage stored with the answer
+    (`openai_usage`): the 1-hour part of its cache writes survives the round trip."""
+    usage = Usage(1500, 400, 1900, cached_tokens=300, cache_write_tokens=200, cache_write_1h_tokens=150)
+    assert usage_from_payload({"usage": openai_usage(usage)}) == usage
 
 
 @pytest.mark.parametrize("payload", [{}, {"usage": None}, {"usage": "n/a"}], ids=["absent", "null", "not-object"])
@@ -202,7 +244,7 @@ def _report_every_class(upstream: Any) -> None:
 OPENAI_CLASSES = (PROMPT, COMPLETION, CACHED, 0, REASONING, AUDIO_IN, AUDIO_OUT)
 GPT4O_COST = 650 * pm(2.5) + 300 * pm(1.25) + 50 * pm(2.5) + 250 * pm(10) + 120 * pm(10) + 30 * pm(10)
 GPT4O_PRICES = {"input": 2.5, "output": 10, "cached_input": 1.25, "cache_write": 2.5, "reasoning": 10,
-                "audio_input": 2.5, "audio_output": 10}
+                "audio_input": 2.5, "audio_output": 10, "cache_write_1h": 2.5}
 CASES = {
     # model: (tokens_prompt, tokens_completion, cached, cache_write, reasoning, audio_in, audio_out),
     #        cost by hand, unit prices per million
@@ -211,16 +253,16 @@ CASES = {
     "audio-native": (OPENAI_CLASSES,
                      650 * pm(2.5) + 300 * pm(2.5) + 50 * pm(40) + 250 * pm(10) + 120 * pm(10) + 30 * pm(80),
                      {"input": 2.5, "output": 10, "cached_input": 2.5, "cache_write": 2.5, "reasoning": 10,
-                      "audio_input": 40, "audio_output": 80}),
+                      "audio_input": 40, "audio_output": 80, "cache_write_1h": 2.5}),
     # Anthropic: input_tokens (1000) excludes reads (300) and writes (200); Anthropic
     # reports no reasoning or audio tokens here.
     "claude": ((PROMPT + CACHED + CACHE_WRITE, COMPLETION, CACHED, CACHE_WRITE, 0, 0, 0),
                1000 * pm(1) + 300 * pm(0.1) + 200 * pm(1.25) + 400 * pm(5),
                {"input": 1, "output": 5, "cached_input": 0.1, "cache_write": 1.25, "reasoning": 5,
-                "audio_input": 1, "audio_output": 5}),
+                "audio_input": 1, "audio_output": 5, "cache_write_1h": 2}),
     "priced": (OPENAI_CLASSES, 650 * pm(2) + 300 * pm(0.5) + 50 * pm(20) + 250 * pm(8) + 120 * pm(12) + 30 * pm(40),
                {"input": 2, "output": 8, "cached_input": 0.5, "cache_write": 2, "reasoning": 12,
-                "audio_input": 20, "audio_output": 40}),
+                "audio_input": 20, "audio_output": 40, "cache_write_1h": 2}),
 }
 CLASS_COLUMNS = ("tokens_prompt", "tokens_completion", "tokens_cached", "tokens_cache_write", "tokens_reasoning",
                  "tokens_audio_in", "tokens_audio_out")
@@ -305,7 +347,8 @@ def test_a_price_change_does_not_rewrite_the_prices_of_earlier_rows(gateway_fact
     assert (old["cost_usd"], old["unit_prices"]) == (before["cost_usd"], before["unit_prices"])
     assert json.loads(old["unit_prices"])["cached_input"] == 0.5
     assert json.loads(new["unit_prices"]) == {"input": 4, "output": 16, "cached_input": 4, "cache_write": 4,
-                                              "reasoning": 16, "audio_input": 4, "audio_output": 16}
+                                              "reasoning": 16, "audio_input": 4, "audio_output": 16,
+                                              "cache_write_1h": 4}
     assert new["cost_usd"] == pytest.approx(PROMPT * pm(4) + COMPLETION * pm(16), abs=1e-12)
 
 
@@ -372,3 +415,102 @@ def test_a_store_of_the_old_schema_moves_forward_without_losing_a_row(store_url)
             assert json.loads(new["unit_prices"]) == GPT4O_PRICES
 
     asyncio.run(scenario())
+
+
+# ------------------------------------------------------------- 1-hour prompt-cache writes
+
+
+WRITES = 100_000  # a large prompt written to Anthropic's cache, on top of 10 input tokens
+
+
+def _haiku(key: str) -> float:
+    return litellm.model_cost["claude-haiku-4-5"][key]
+
+
+def _one_hour_models(upstream: Any) -> list[dict[str, Any]]:
+    params = {"model": "anthropic/claude-haiku-4-5", "api_base": upstream.url, "api_key": "sk-ant-upstream-SECRET"}
+    return [{"name": "claude", "litellm_params": params},
+            {"name": "claude-litellm", "dispatch": "litellm", "litellm_params": params}]
+
+
+def _ask_anthropic(gw: Any, endpoint: str, model: str, stream: bool) -> None:
+    """One answer over real HTTP: the anthropic SDK on /v1/messages (passed through to
+    Anthropic natively, translated by litellm), the openai SDK on /v1/chat/completions."""
+    cached = [{"type": "text", "text": "A long document.", "cache_control": {"type": "ephemeral", "ttl": "1h"}}]
+    if endpoint == "messages":
+        client = anthropic.Anthropic(base_url=gw.url, api_key="no-key", max_retries=0, timeout=20)
+        kwargs = {"model": model, "max_tokens": 50, "system": cached, "messages": HELLO}
+        if stream:
+            with client.messages.stream(**kwargs) as events:
+                assert events.get_final_message().usage.output_tokens == 5
+        else:
+            assert client.messages.create(**kwargs).usage.output_tokens == 5
+        return
+    messages = [{"role": "system", "content": cached}, *HELLO]
+    if stream:
+        chunks = list(gw.client().chat.completions.create(model=model, messages=messages, max_tokens=50, stream=True,
+                                                          stream_options={"include_usage": True}))
+        assert chunks[-1].usage.completion_tokens == 5
+    else:
+        assert gw.client().chat.completions.create(model=model, messages=messages, max_tokens=50).usage \
+            .completion_tokens == 5
+
+
+PATHS = [("messages", "claude"), ("chat", "claude"), ("chat", "claude-litellm"), ("messages", "claude-litellm")]
+PATH_IDS = ["messages-passthrough", "chat-native", "chat-litellm", "messages-litellm"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["non-stream", "stream"])
+@pytest.mark.parametrize(("endpoint", "model"), PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("lifetime", ["1h", "5m"])
+def test_one_hour_cache_writes_are_billed_at_their_own_price(gateway_factory, upstream, endpoint, model, stream,
+                                                             lifetime):
+    """Anthropic bills a 1-hour cache write at `cache_creation_input_token_cost_above_1hr`
+    (2x input for claude-haiku-4-5), a 5-minute one at `cache_creation_input_token_cost`
+    (1.25x): the row's cost says which, on every path, and its unit_prices name both."""
+    upstream.prompt_tokens, upstream.completion_tokens = 10, 5
+    upstream.cache_write_tokens = WRITES
+    upstream.cache_write_1h_tokens = WRITES if lifetime == "1h" else 0
+    gw = gateway_factory(plugins=[ACCOUNTING], **only_models(_one_hour_models(upstream)))
+    _ask_anthropic(gw, endpoint, model, stream)
+    row = only_row(gw)
+    write_price = _haiku("cache_creation_input_token_cost_above_1hr" if lifetime == "1h"
+                         else "cache_creation_input_token_cost")
+    assert (row["tokens_prompt"], row["tokens_completion"], row["tokens_cache_write"]) == (10 + WRITES, 5, WRITES)
+    assert row["cost_usd"] == pytest.approx(
+        10 * _haiku("input_cost_per_token") + WRITES * write_price + 5 * _haiku("output_cost_per_token"), abs=1e-12)
+    prices = json.loads(row["unit_prices"])
+    assert (prices["cache_write"], prices["cache_write_1h"]) == pytest.approx(
+        (_haiku("cache_creation_input_token_cost") * 1e6, _haiku("cache_creation_input_token_cost_above_1hr") * 1e6))
+
+
+def test_the_native_translation_reports_the_write_lifetimes_as_litellm_does(gateway_factory, upstream):
+    """Parity: a chat client sees the same split of the cache writes on both paths."""
+    upstream.cache_write_tokens, upstream.cache_write_1h_tokens = 300, 200
+    gw = gateway_factory(plugins=[], **only_models(_one_hour_models(upstream)))
+    seen = {}
+    for model in ("claude", "claude-litellm"):
+        details = gw.client().chat.completions.create(model=model, messages=HELLO, max_tokens=50) \
+            .usage.prompt_tokens_details.model_extra["cache_creation_token_details"]
+        seen[model] = (details["ephemeral_5m_input_tokens"], details["ephemeral_1h_input_tokens"])
+    assert seen == {"claude": (100, 200), "claude-litellm": (100, 200)}
+
+
+def test_our_cost_of_one_hour_writes_matches_litellms_own(gateway_factory, upstream):
+    """Conformance: litellm's cost_per_token over the same usage, its 5m/1h split included."""
+    upstream.prompt_tokens, upstream.completion_tokens = 10, 5
+    upstream.cached_tokens, upstream.cache_write_tokens, upstream.cache_write_1h_tokens = 300, WRITES, 60_000
+    gw = gateway_factory(plugins=[ACCOUNTING], **only_models(_one_hour_models(upstream)))
+    gw.client().chat.completions.create(model="claude", messages=HELLO, max_tokens=50)
+    row = only_row(gw)
+
+    def litellms_cost(**details: Any) -> float:
+        usage = litellm.Usage(prompt_tokens=row["tokens_prompt"], completion_tokens=row["tokens_completion"],
+                              total_tokens=row["tokens_total"], prompt_tokens_details={
+                                  "cached_tokens": 300, "cache_creation_tokens": WRITES, **details})
+        return sum(litellm.cost_per_token(model="claude-haiku-4-5", custom_llm_provider="anthropic",
+                                          usage_object=usage))
+
+    split = {"ephemeral_5m_input_tokens": WRITES - 60_000, "ephemeral_1h_input_tokens": 60_000}
+    assert row["cost_usd"] == pytest.approx(litellms_cost(cache_creation_token_details=split), abs=1e-12)
+    assert row["cost_usd"] > litellms_cost()  # what every write at the 5-minute price came to
