@@ -34,7 +34,7 @@ from tests.fakes import Fault, free_port
 MSGS = [{"role": "user", "content": "hi"}]
 PROVIDER_KEYS = ("sk-upstream-openai-SECRET", "sk-ant-upstream-SECRET")
 ROOT = Path(__file__).resolve().parent.parent
-RELOAD_WITHIN = 3.0  # seconds; the watcher polls every proxy.CONFIG_POLL_SECONDS (1 s)
+RELOAD_WITHIN = 15.0  # seconds: a bound for a busy machine, not a speed check (the watcher polls every 1 s)
 
 
 def write_config(path: Path, data: dict[str, Any] | str) -> None:
