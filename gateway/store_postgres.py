@@ -11,7 +11,9 @@ Why it is built this way:
 * The hot path is one round trip: the reservations of one loop turn are one call of the
   ``gw_reserve`` function (migration 5: refill, check, debit, ledger and reservation rows,
   per request, as the Python version did), at most ``RESERVE_IN_FLIGHT`` calls at once
-  (the reservations arriving meanwhile go together in the next); a full settlement batch
+  (the reservations arriving meanwhile go together in the next; one waiting on a row lock
+  past ``RESERVE_STALLED`` stops counting, and a user's reservations wait for that user's
+  call in flight, so a locked row holds back no other user); a full settlement batch
   (``settle_many``) and a usage batch are one statement each, hence one implicit
   transaction; a refund or partial settlement is one call of ``gw_finish`` (migration 6).
 * Energy moves lock the user row first (``SELECT ... FOR UPDATE``), then refill, check and
@@ -611,6 +613,14 @@ RESERVE_GROUP = 256
 # reservations, PostgreSQL CPU per request 208-260 -> 148-168 us, the gateway's 351-426 ->
 # 266-336 us (a cap of 1: 16 per call, the same CPU, no two calls ever overlapping).
 RESERVE_IN_FLIGHT = 2
+# Seconds after which a call in flight no longer counts toward RESERVE_IN_FLIGHT: it waits
+# on a row lock (another process's or an admin's transaction, a slow gw_finish), and the
+# other users' reservations must not queue behind it until store.timeout. PostgreSQL
+# answers in ~0.2-1 ms, but the loop sees the answer later when busy: bench/cpu_per_request.py
+# on PostgreSQL (wrk at 32 connections, the gateway's loop saturated), from send to return:
+# median 6-7 ms, p99 22-24 ms, max 39-59 ms. Well past that, so a busy loop does not pass
+# for a lock (more, smaller calls), and short beside store.timeout (seconds).
+RESERVE_STALLED = 0.1
 
 
 class _Connection(asyncpg.Connection):
@@ -645,8 +655,14 @@ class PostgresStore(Store):
             else statement_cache_size
         self._pool: asyncpg.Pool | None = None
         self._partitions: set[tuple[int, int]] = set()  # (year, month) of the usage partitions made
-        self._reserving: list[tuple] = []  # this loop turn's reservations (reserve_energy_soon)
-        self._reserve_tasks: set[asyncio.Task] = set()
+        # The reservation queue (reserve_energy_soon, _send_reservations): the reservations not
+        # sent yet; the gw_reserve calls in flight, each with its start (loop time) and its
+        # users; the users whose last call ran out of store.timeout (a row lock held
+        # elsewhere, most likely).
+        self._reserving: list[tuple] = []
+        self._reserve_calls: dict[asyncio.Task, tuple[float, frozenset[str]]] = {}
+        self._reserve_timed_out: set[str] = set()
+        self._send_handle: asyncio.Handle | None = None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -675,9 +691,12 @@ class PostgresStore(Store):
             raise
 
     async def close(self) -> None:
-        while self._reserving or self._reserve_tasks:  # the queued ones go out before the pool closes
+        while self._reserving or self._reserve_calls:  # the queued ones go out before the pool closes
             self._send_reservations(force=True)
-            await asyncio.gather(*self._reserve_tasks, return_exceptions=True)
+            await asyncio.gather(*self._reserve_calls, return_exceptions=True)
+        if self._send_handle is not None:
+            self._send_handle.cancel()
+            self._send_handle = None
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
@@ -944,41 +963,92 @@ class PostgresStore(Store):
         compute_refill(0, None, refill, now)  # a bad refill is the caller's error, raised here
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        if not self._reserving:
-            loop.call_soon(self._send_reservations)
+        if self._send_handle is None:
+            self._send_handle = loop.call_soon(self._send_reservations)
         self._reserving.append((user_id, amount, request_id, refill, now, fut, loop.time()))
         return fut
 
     def _send_reservations(self, force: bool = False) -> None:
-        if len(self._reserve_tasks) >= RESERVE_IN_FLIGHT and not force:
-            return  # they go with the next ones when a call in flight returns (_reserve_done)
-        jobs, self._reserving = self._reserving, []
-        for start in range(0, len(jobs), RESERVE_GROUP):
-            task = asyncio.ensure_future(self._reserve_group(jobs[start:start + RESERVE_GROUP]))
-            self._reserve_tasks.add(task)
-            task.add_done_callback(self._reserve_done)
+        """Sends the queued reservations that may go now, as few gw_reserve calls as it can.
+
+        * A reservation whose user is in a call in flight waits for that call to return
+          (_reserve_done): it would wait on the user's row lock anyway, and so a call that
+          waits on a locked row never holds back the next group of other users.
+        * At most RESERVE_IN_FLIGHT calls younger than RESERVE_STALLED at once (``force``,
+          at close: no cap): the others wait for one to return or to grow that old.
+        * The users whose last call ran out of store.timeout go in calls of their own, one
+          per user, until one returns in time: a row still locked then holds back only them.
+        * One that waited out store.timeout in the queue fails (closed) without a call.
+
+        Deadlock-free as before: each call locks all its users' rows in id order at its
+        start, so two calls in flight, overlapping or not, never wait on each other in a
+        circle."""
+        if self._send_handle is not None:
+            self._send_handle.cancel()
+            self._send_handle = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        expired = None if self.timeout is None else now - self.timeout
+        queued = []
+        for job in self._reserving:
+            if job[5].done():  # the caller gave up while it was queued: nothing to reserve
+                continue
+            if expired is not None and job[6] <= expired:
+                job[5].set_exception(StoreUnavailable(
+                    f"the reservation waited out store.timeout ({self.timeout} s) in the queue"))
+                continue
+            queued.append(job)
+        busy = set().union(*(users for _, users in self._reserve_calls.values()))
+        ready = [job for job in queued if job[0] not in busy]
+        prompt = [started for started, _ in self._reserve_calls.values()
+                  if now - started < RESERVE_STALLED]
+        if ready and len(prompt) >= RESERVE_IN_FLIGHT and not force:
+            self._reserving = queued  # until a call returns (_reserve_done) or stalls
+            self._send_handle = loop.call_at(min(prompt) + RESERVE_STALLED, self._send_reservations)
+            return
+        self._reserving = [job for job in queued if job[0] in busy]  # until their call returns
+        together: list[tuple] = []
+        alone: dict[str, list[tuple]] = {}
+        for job in ready:
+            if job[0] in self._reserve_timed_out:
+                alone.setdefault(job[0], []).append(job)
+            else:
+                together.append(job)
+        for jobs in (together, *alone.values()):
+            for start in range(0, len(jobs), RESERVE_GROUP):
+                group = jobs[start:start + RESERVE_GROUP]
+                task = asyncio.ensure_future(self._reserve_group(group))
+                self._reserve_calls[task] = (now, frozenset(job[0] for job in group))
+                task.add_done_callback(self._reserve_done)
 
     def _reserve_done(self, task: asyncio.Task) -> None:
-        self._reserve_tasks.discard(task)
+        _, users = self._reserve_calls.pop(task)
+        if not task.cancelled() and task.exception() is None and task.result():
+            self._reserve_timed_out -= users
+        else:
+            self._reserve_timed_out |= users
         if self._reserving:
             self._send_reservations()
 
-    async def _reserve_group(self, jobs: list[tuple]) -> None:
+    async def _reserve_group(self, jobs: list[tuple]) -> bool:
+        """One gw_reserve call for these reservations, its outcomes set on their futures;
+        False if it ran out of store.timeout (waiting on a row lock, most likely)."""
         try:
             rows = await self._call_reserve(jobs)
         except BaseException as exc:
             if isinstance(exc, asyncpg.PostgresError) and len(jobs) > 1:
                 # The server refused the group, so nothing of it was written: each on its
                 # own, so one bad reservation fails only its own request.
+                answered = True
                 for job in jobs:
-                    await self._reserve_group([job])
-                return
+                    answered = await self._reserve_group([job]) and answered
+                return answered
             for job in jobs:
                 if not job[5].done():
                     job[5].set_exception(self._unavailable(exc))
             if not isinstance(exc, Exception):
                 raise
-            return
+            return not isinstance(exc, asyncio.TimeoutError)
         for row in rows:
             user_id, _, request_id, _, _, fut, _ = jobs[row["o_n"] - 1]
             if fut.done():  # the caller gave up (cancelled); the sweeper refunds what it reserved
@@ -992,6 +1062,7 @@ class PostgresStore(Store):
                 fut.set_exception(NotFound(f"user {user_id!r}"))
             else:
                 fut.set_exception(StoreConflict(f"request {request_id!r} already has a reservation"))
+        return True
 
     async def _call_reserve(self, jobs: list[tuple]) -> list[asyncpg.Record]:
         args = ([j[0] for j in jobs], [j[1] for j in jobs], [j[2] for j in jobs],

@@ -25,7 +25,9 @@ import sqlite3
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import AsyncIterator
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
@@ -42,6 +44,7 @@ from gateway.store import (
     open_store,
 )
 from gateway.store_postgres import MIGRATIONS as POSTGRES_MIGRATIONS
+from gateway import store_postgres
 from gateway.store_postgres import RESERVE_IN_FLIGHT, PostgresStore
 from gateway.store_sqlite import MIGRATIONS as SQLITE_MIGRATIONS
 from gateway.store_sqlite import SQLiteStore
@@ -1167,14 +1170,14 @@ async def test_postgres_reservations_queued_when_the_store_closes_still_run(stor
         assert await again.balance(user.id) == 95
 
 
-def _hold_reserve_calls(monkeypatch) -> tuple[list[int], asyncio.Event]:
-    """The first RESERVE_IN_FLIGHT gw_reserve calls wait for the event; the sizes of all calls."""
+def _hold_reserve_calls(monkeypatch, held_calls: int = RESERVE_IN_FLIGHT) -> tuple[list[int], asyncio.Event]:
+    """The first `held_calls` gw_reserve calls wait for the event; the sizes of all calls."""
     sizes, release = [], asyncio.Event()
     call = PostgresStore._call_reserve
 
     async def held(self, jobs):
         sizes.append(len(jobs))
-        if len(sizes) <= RESERVE_IN_FLIGHT:
+        if len(sizes) <= held_calls:
             await release.wait()
         return await call(self, jobs)
 
@@ -1182,13 +1185,18 @@ def _hold_reserve_calls(monkeypatch) -> tuple[list[int], asyncio.Event]:
     return sizes, release
 
 
-async def _reserve_in_turns(store, user_id: str, prefix: str, count: int) -> list[asyncio.Future]:
-    """`count` reservations, each in a loop turn of its own."""
+async def _reserve_in_turns(store, user_ids: list[str], prefix: str) -> list[asyncio.Future]:
+    """A reservation of 1 for each of these users, each in a loop turn of its own."""
     pending = []
-    for i in range(count):
+    for i, user_id in enumerate(user_ids):
         pending.append(asyncio.ensure_future(store.reserve_energy(user_id, 1, f"{prefix}{i}")))
         await asyncio.sleep(0.01)
     return pending
+
+
+async def _more_users(store, user, count: int) -> list[str]:
+    return [(await store.create_user(user.workspace_id, "free", energy=100)).id
+            for _ in range(count)]
 
 
 @pytest.mark.asyncio
@@ -1196,33 +1204,141 @@ async def _reserve_in_turns(store, user_id: str, prefix: str, count: int) -> lis
 async def test_reservations_arriving_while_calls_are_in_flight_go_together(store, user, monkeypatch):
     """At most RESERVE_IN_FLIGHT gw_reserve calls at once: the reservations arriving
     meanwhile wait for one to return and go in one call."""
+    monkeypatch.setattr(store_postgres, "RESERVE_STALLED", 60.0)  # slow calls, not stalled ones
     sizes, release = _hold_reserve_calls(monkeypatch)
-    first = await _reserve_in_turns(store, user.id, "first", RESERVE_IN_FLIGHT)
-    later = await _reserve_in_turns(store, user.id, "later", 5)
+    others = await _more_users(store, user, RESERVE_IN_FLIGHT)
+    first = await _reserve_in_turns(store, others, "first")
+    later = await _reserve_in_turns(store, [user.id] * 5, "later")
     assert sizes == [1] * RESERVE_IN_FLIGHT
     release.set()
     assert all(r.ok for r in await asyncio.gather(*first, *later))
     assert sizes == [1] * RESERVE_IN_FLIGHT + [5]
-    assert await store.balance(user.id) == 100 - RESERVE_IN_FLIGHT - 5
+    assert await store.balance(user.id) == 100 - 5
     await assert_ledger_consistent(store, user.id)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("store_url", ["postgres", "pgbouncer"], indirect=True)
+async def test_a_users_reservations_wait_for_its_call_in_flight_others_do_not(store, user, monkeypatch):
+    """A reservation whose user is in a call in flight waits for that call (it would wait
+    on the user's row lock anyway) and goes with that user's others; another user's goes
+    at once, in a call without them."""
+    sizes, release = _hold_reserve_calls(monkeypatch, held_calls=1)
+    (other,) = await _more_users(store, user, 1)
+    held = await _reserve_in_turns(store, [user.id] * 4, "r")
+    assert sizes == [1]
+    assert (await store.reserve_energy(other, 1, "other")).ok
+    assert sizes == [1, 1]
+    release.set()
+    assert all(r.ok for r in await asyncio.gather(*held))
+    assert sizes == [1, 1, 3]
+    assert [await store.balance(u) for u in (user.id, other)] == [96, 99]
+    await assert_ledger_consistent(store, user.id)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("store_url", ["postgres", "pgbouncer"], indirect=True)
+async def test_calls_in_flight_past_reserve_stalled_do_not_hold_back_the_next(store, user, monkeypatch):
+    """A call in flight longer than RESERVE_STALLED waits on something (a row lock), not
+    for CPU: it stops counting toward RESERVE_IN_FLIGHT, and the reservations queued behind
+    the cap go out then, not when the stalled calls return."""
+    monkeypatch.setattr(store_postgres, "RESERVE_STALLED", 0.05)
+    sizes, release = _hold_reserve_calls(monkeypatch)
+    stalled = await _reserve_in_turns(store, await _more_users(store, user, RESERVE_IN_FLIGHT), "s")
+    queued = asyncio.ensure_future(store.reserve_energy(user.id, 1, "queued"))
+    try:
+        await asyncio.sleep(0)
+        assert store._reserving  # behind the cap: the calls in flight are not 0.05 s old yet
+        assert (await asyncio.wait_for(queued, 5)).ok
+        assert sizes == [1] * RESERVE_IN_FLIGHT + [1]
+    finally:
+        release.set()
+    assert all(r.ok for r in await asyncio.gather(*stalled))
 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("store_url", ["postgres"], indirect=True)
 async def test_waiting_for_a_call_in_flight_counts_toward_the_store_timeout(store, user, monkeypatch):
     """store.timeout bounds a reservation from its arrival: one that waited it out behind
-    slow calls in flight fails closed (StoreUnavailable) as they do, its own call never
-    started in time, and nothing is reserved."""
+    its user's slow call in flight fails closed (StoreUnavailable) as that call does,
+    without a call of its own, and nothing is reserved."""
     store.timeout = 0.2
     sizes, release = _hold_reserve_calls(monkeypatch)
-    pending = await _reserve_in_turns(store, user.id, "r", RESERVE_IN_FLIGHT + 1)
+    pending = await _reserve_in_turns(store, [user.id] * 2, "r")
     await asyncio.sleep(0.3)
     release.set()
     outcomes = await asyncio.gather(*pending, return_exceptions=True)
     assert [type(o) for o in outcomes] == [StoreUnavailable] * len(pending)
-    assert sizes == [1] * len(pending)
+    assert sizes == [1]
     assert await store.balance(user.id) == 100
     await assert_ledger_consistent(store, user.id)
+
+
+@asynccontextmanager
+async def _row_locked_elsewhere(store_url: str, user_id: str) -> AsyncIterator[None]:
+    """The user's row locked (FOR UPDATE) by another session's open transaction, as an
+    admin's transaction or another process's slow call would hold it."""
+    schema = parse_qs(urlsplit(store_url).query)["schema"][-1]
+    holder = await asyncpg.connect(PG_URL)
+    try:
+        async with holder.transaction():
+            await holder.execute(f'SELECT 1 FROM "{schema}".users WHERE id = $1 FOR UPDATE', user_id)
+            yield
+    finally:
+        await holder.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("store_url", ["postgres", "pgbouncer"], indirect=True)
+async def test_one_locked_user_row_does_not_block_other_users_reservations(store_url, store, user):
+    """While one user's row is locked elsewhere and that user keeps sending, the calls in
+    flight wait on the lock; another user's reservation still goes out in a call of its
+    own and succeeds at once, instead of queueing behind them and riding in a group with
+    the locked user's until store.timeout."""
+    hot = await store.create_user(user.workspace_id, "free", name="hot", energy=1000)
+    store.timeout = 1.0
+    loop = asyncio.get_running_loop()
+    hot_pending = []
+    async with _row_locked_elsewhere(store_url, hot.id):
+        for i in range(4):  # more than RESERVE_IN_FLIGHT calls' worth, a loop turn each
+            hot_pending.append(asyncio.ensure_future(store.reserve_energy(hot.id, 1, f"hot{i}")))
+            await asyncio.sleep(0.05)
+        started = loop.time()
+        other = await store.reserve_energy(user.id, 1, "other")
+        waited = loop.time() - started
+        for i in range(4, 8):  # the locked user keeps sending
+            hot_pending.append(asyncio.ensure_future(store.reserve_energy(hot.id, 1, f"hot{i}")))
+            await asyncio.sleep(0.05)
+    assert other.ok and waited < 0.6, waited  # the lock's bound, not a speed one: timeout is 1.0
+    await asyncio.gather(*hot_pending, return_exceptions=True)
+    assert await store.balance(user.id) == 99
+    for user_id in (user.id, hot.id):
+        await assert_ledger_consistent(store, user_id)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("store_url", ["postgres", "pgbouncer"], indirect=True)
+async def test_after_a_call_times_out_on_a_locked_row_its_user_goes_alone(store_url, store, user):
+    """A user whose call ran out of store.timeout (its row locked elsewhere) has its next
+    reservations sent in a call of their own: another user's, arriving in the same loop
+    turn, does not ride with them into the same lock."""
+    hot = await store.create_user(user.workspace_id, "free", name="hot", energy=1000)
+    store.timeout = 0.3
+    others = []
+    async with _row_locked_elsewhere(store_url, hot.id):
+        first = store.reserve_energy_soon(hot.id, 1, "hot0")
+        await asyncio.sleep(0.05)
+        second = store.reserve_energy_soon(hot.id, 1, "hot1")  # waits for hot0's call
+        # Arrives in the loop turn in which hot0's call times out, hot1 still queued.
+        first.add_done_callback(
+            lambda _: others.append(store.reserve_energy_soon(user.id, 1, "other")))
+        outcomes = await asyncio.gather(first, second, return_exceptions=True)
+        other = await others[0]
+    assert [type(o) for o in outcomes] == [StoreUnavailable] * 2
+    assert other.ok
+    assert [await store.balance(u) for u in (user.id, hot.id)] == [99, 1000]
+    for user_id in (user.id, hot.id):
+        await assert_ledger_consistent(store, user_id)
 
 
 @pytest.mark.asyncio
