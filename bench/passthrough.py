@@ -5,7 +5,7 @@
 Forwards POST /v1/chat/completions bytes to the upstream over one pooled ClientSession and
 returns the upstream's bytes; a streamed answer (`text/event-stream`) is forwarded piece by
 piece as it arrives. No parsing, no auth, no plugins: issue 5's "bare pass-through", against
-which the gateway's fast-path throughput target (>= 40%) is read, and the floor of what any
+which the gateway's fast-path throughput target (>= 45%, issue 16) is read, and the floor of what any
 extra hop adds to a stream's first byte on this machine.
 """
 
