@@ -32,9 +32,9 @@ import orjson  # noqa: E402
 import structlog  # noqa: E402
 from aiohttp import web  # noqa: E402
 
-from gateway.admin import Admin  # noqa: E402
-from gateway.admin_api import admin_routes  # noqa: E402
-from gateway.dashboard import dashboard_routes  # noqa: E402
+from gateway.admin.operations import Admin  # noqa: E402
+from gateway.admin.api import admin_routes  # noqa: E402
+from gateway.admin.dashboard import dashboard_routes  # noqa: E402
 from gateway import http_server  # noqa: E402
 from gateway.client_body import (  # noqa: E402
     read_json,
@@ -51,11 +51,11 @@ from gateway.config import (  # noqa: E402
     load_config,
     redacted_config,
 )
-from gateway import anthropic_inbound, responses_inbound  # noqa: E402
+from gateway.inbound import anthropic as anthropic_inbound, responses as responses_inbound  # noqa: E402
 from gateway.directory import Directory  # noqa: E402
 from gateway.feedback import feedback_routes  # noqa: E402
 from gateway.journal import EndingsJournal, journal_dir  # noqa: E402
-from gateway.dispatch import StreamEnd, UpstreamError, use_blocking_executor  # noqa: E402
+from gateway.providers.litellm import StreamEnd, UpstreamError, use_blocking_executor  # noqa: E402
 from gateway.errors import ApiError, internal_error, store_unavailable  # noqa: E402
 from gateway.store import StoreUnavailable  # noqa: E402
 from gateway.router import Router, upstream_to_api_error  # noqa: E402
@@ -588,7 +588,7 @@ async def _replayed_stream(payload: dict[str, Any]) -> AsyncIterator[dict[str, A
 async def _stream(request: web.Request, gw: Gateway, snap: Snapshot, ctx: RequestContext,
                   encoder: Any = None) -> web.StreamResponse:
     """The answer as a stream: OpenAI's chunks as they come, or, with an `encoder`
-    (another inbound API's, e.g. gateway/anthropic_inbound.py), its events for them."""
+    (another inbound API's, e.g. gateway/inbound/anthropic.py), its events for them."""
     chain = snap.chain
     if ctx.short_circuit is not None:
         upstream = _replayed_stream(ctx.short_circuit)
@@ -758,7 +758,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def responses_create(request: web.Request) -> web.StreamResponse:
-    """POST /v1/responses (gateway/responses_inbound.py): passed through, the chain around it."""
+    """POST /v1/responses (gateway/inbound/responses.py): passed through, the chain around it."""
     gw = request.app[GATEWAY]
     snap = gw.snapshot
     ctx = _new_context(request, snap, "chat.completions", {})
@@ -879,7 +879,7 @@ async def _responses_stream(request: web.Request, gw: Gateway, snap: Snapshot, c
 
 async def stored_response(request: web.Request) -> web.StreamResponse:
     """GET/DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items: at the upstream
-    that stored it, for the user who created it (gateway/responses_inbound.py); free."""
+    that stored it, for the user who created it (gateway/inbound/responses.py); free."""
     gw = request.app[GATEWAY]
     snap = gw.snapshot
     ctx = _new_context(request, snap, "models", {})
@@ -905,7 +905,7 @@ async def _write_raw(response: web.StreamResponse, ctx: RequestContext, data: by
 
 
 async def anthropic_messages(request: web.Request) -> web.StreamResponse:
-    """POST /v1/messages (gateway/anthropic_inbound.py): the chat chain, Anthropic's shapes."""
+    """POST /v1/messages (gateway/inbound/anthropic.py): the chat chain, Anthropic's shapes."""
     gw = request.app[GATEWAY]
     snap = gw.snapshot
     ctx = _new_context(request, snap, "chat.completions", {})
@@ -1446,7 +1446,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", nargs="?", default=os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG))
     check.set_defaults(func=_check)
     try:
-        from gateway import admin_cli
+        from gateway.admin import cli as admin_cli
     except ImportError:
         admin_cli = None
     if admin_cli is not None:

@@ -38,7 +38,7 @@ import asyncpg  # noqa: E402
 import httpx  # noqa: E402
 
 from bench import HUGE_ENERGY, PYTHON, Processes, free_port, rss_kib, run_child, wait_http  # noqa: E402
-from gateway import usage_rollup  # noqa: E402
+from gateway.store import rollup as usage_rollup  # noqa: E402
 from gateway.store import open_store  # noqa: E402
 
 PG_URL = os.environ.get("GATEWAY_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")

@@ -10,9 +10,9 @@ core for the whole gateway; >= 5,000 pairs/s for the store at concurrency 32).
 Compared in the same run, on fresh temp database files, alternating so machine noise
 hits every variant alike:
 
-    old          the aiosqlite implementation (gateway/store_sqlite.py at --old-ref, loaded
+    old          the aiosqlite implementation (gateway/store/sqlite.py (gateway/store_sqlite.py at the old ref) at --old-ref, loaded
                  under another module name): one thread hop per statement, asyncio.Lock
-    new FULL     the current gateway/store_sqlite.py as shipped (synchronous=FULL)
+    new FULL     the current gateway/store/sqlite.py (gateway/store_sqlite.py at the old ref) as shipped (synchronous=FULL)
     new NORMAL   the same with synchronous=NORMAL (what FULL costs)
 
 Each variant runs at concurrency 1 (one task doing pairs back to back) and 32 (32 tasks,
@@ -39,7 +39,7 @@ from types import ModuleType
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway import store_sqlite  # noqa: E402  (after the sys.path fix above)
+from gateway.store import sqlite as store_sqlite  # noqa: E402  (after the sys.path fix above)
 
 # The last commit whose gateway/store_sqlite.py is the aiosqlite implementation.
 OLD_REF = "5ee70f1"

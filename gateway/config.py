@@ -281,7 +281,7 @@ class ModelEntry(_Strict):
         return v
 
 
-# litellm_params the native path (gateway/native.py) sends as body fields when the client's
+# litellm_params the native path (gateway/providers/openai.py) sends as body fields when the client's
 # body lacks them; organization, extra_headers/headers (headers) and extra_body (body
 # defaults) are forwarded too. Anything else on a native deployment is refused at load.
 NATIVE_BODY_DEFAULTS = (CHAT_PARAMS | EMBEDDINGS_PARAMS) - {"model", "messages", "input", "stream", "metadata"}

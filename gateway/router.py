@@ -24,12 +24,12 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import structlog
 
 from gateway.config import Config, ModelEntry
-from gateway.dispatch import Dispatcher, LitellmDispatcher, UpstreamError, deployment_secrets, provider_of
-from gateway.demo import DemoDispatcher
-from gateway.anthropic_native import AnthropicNativeDispatcher
-from gateway.azure_native import AzureNativeDispatcher
-from gateway.gemini_native import GeminiNativeDispatcher
-from gateway.native import NativeOpenAIDispatcher
+from gateway.providers.litellm import Dispatcher, LitellmDispatcher, UpstreamError, deployment_secrets, provider_of
+from gateway.providers.demo import DemoDispatcher
+from gateway.providers.anthropic import AnthropicNativeDispatcher
+from gateway.providers.azure import AzureNativeDispatcher
+from gateway.providers.gemini import GeminiNativeDispatcher
+from gateway.providers.openai import NativeOpenAIDispatcher
 from gateway.errors import ApiError, redact
 from plugins.base import RequestContext
 
@@ -71,7 +71,7 @@ def uses_native(deployment: ModelEntry) -> bool:
 
 def uses_anthropic_native(deployment: ModelEntry) -> bool:
     """`dispatch: auto` (or `native`) serves `anthropic/...` models by the native Anthropic
-    translation (gateway/anthropic_native.py) when the deployment sets no other
+    translation (gateway/providers/anthropic.py) when the deployment sets no other
     litellm_params (which only litellm would know how to apply)."""
     return (deployment.dispatch != "litellm" and deployment.litellm_params.model.startswith("anthropic/")
             and not deployment.litellm_params.model_extra)

@@ -41,7 +41,7 @@ from typing import Any
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.reports import iso_week, week_start
+from gateway.admin.reports import iso_week, week_start
 from gateway.batcher import WriteBehind
 from plugins.base import Plugin, RequestContext
 

@@ -141,7 +141,7 @@ class RequestContext:
     inbound: str = "openai"
     # On such an endpoint, the client's own body (its API's shape, allowlisted) and a copy
     # of the OpenAI body it was translated to before any plugin rewrote ctx.body: a
-    # dispatcher that speaks the client's API (gateway/anthropic_native.py) passes the
+    # dispatcher that speaks the client's API (gateway/providers/anthropic.py) passes the
     # client's body through, applying only what the chain changed since.
     inbound_body: dict[str, Any] | None = None
     inbound_translated: dict[str, Any] | None = None

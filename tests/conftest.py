@@ -26,7 +26,7 @@ import openai  # noqa: E402
 import pytest  # noqa: E402
 from aiohttp import web  # noqa: E402
 
-from gateway.admin import MASTER, Admin  # noqa: E402
+from gateway.admin.operations import MASTER, Admin  # noqa: E402
 from gateway.config import Config, load_config_data  # noqa: E402
 from proxy import GATEWAY, create_app  # noqa: E402
 from tests.fakes import FakeUpstream, ServerThread  # noqa: E402

@@ -318,7 +318,7 @@ def test_a_stream_without_provider_usage_is_estimated_over_the_streamed_text(gat
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "gateway/dispatch.py LitellmDispatcher.chat_stream: asked for include_usage, litellm "
+    "gateway/providers/litellm.py LitellmDispatcher.chat_stream: asked for include_usage, litellm "
     "synthesises a usage chunk from its own token count when the provider sent none; the gateway "
     "takes it as the provider's report, so the row says usage_estimated=false"))
 @pytest.mark.parametrize("model", ["gpt-4o", "claude"])

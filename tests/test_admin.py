@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 import proxy
-from gateway.admin import MASTER
+from gateway.admin.operations import MASTER
 from gateway.store import open_store
 from tests.conftest import MASTER_KEY
 

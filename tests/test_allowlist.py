@@ -25,7 +25,7 @@ from openai.types.chat import completion_create_params
 
 from gateway.client_body import CHAT_PARAMS, EMBEDDINGS_PARAMS
 from gateway.config import ConfigError, load_config_data
-from gateway.dispatch import LitellmDispatcher, load_litellm
+from gateway.providers.litellm import LitellmDispatcher, load_litellm
 
 MSGS = [{"role": "user", "content": "hi"}]
 ROOT = Path(__file__).resolve().parent.parent

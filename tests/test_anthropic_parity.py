@@ -1,4 +1,4 @@
-"""Parity: the native Anthropic translation (gateway/anthropic_native.py) and litellm give
+"""Parity: the native Anthropic translation (gateway/providers/anthropic.py) and litellm give
 the same client-visible results and send Anthropic the same request, for the same
 requests against a fake Anthropic upstream speaking the real wire format."""
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from aiohttp import web
 
-from gateway.admin import MASTER
+from gateway.admin.operations import MASTER
 from tests.conftest import FULL_CHAIN
 from tests.fakes import Fault
 

@@ -11,7 +11,7 @@ import time
 import openai
 import pytest
 
-from gateway.admin import MASTER
+from gateway.admin.operations import MASTER
 from tests.conftest import MASTER_KEY
 
 HELLO = [{"role": "user", "content": "hi"}]
@@ -128,7 +128,7 @@ def test_revocation_landing_during_an_in_flight_key_lookup_is_not_undone_by_the_
     request sees the revocation at once, not a TTL later."""
     import asyncio
 
-    from gateway.admin import Admin
+    from gateway.admin.operations import Admin
     from gateway.directory import Directory
 
     user_id, key = gateway.make_user()

@@ -335,7 +335,7 @@ def test_an_upstream_4xx_keeps_its_status_and_is_not_retried(core, upstream):
 LITELLM_422_RESEND = pytest.mark.xfail(strict=True, reason=(
     "litellm's OpenAI handler (llms/openai/openai.py, acompletion: `for _ in range(2)` + "
     "`except UnprocessableEntityError: if litellm.drop_params`) resends a request once on a 422 "
-    "because gateway/dispatch.py sets litellm.drop_params = True: a hidden retry outside the "
+    "because gateway/providers/litellm.py sets litellm.drop_params = True: a hidden retry outside the "
     "router's policy. The native dispatcher does not have it."))
 
 

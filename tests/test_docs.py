@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import reports
+from gateway.admin import reports
 from gateway.config import Config
 from gateway.store import USAGE_COLUMNS, open_store
 from plugins import BUILTIN

@@ -222,7 +222,7 @@ def test_idempotent_retry_of_a_stream_replays_its_text_without_a_second_charge(g
 
 def test_idempotent_retry_replays_even_after_the_workspace_prompt_changed(gateway, upstream):
     """The fingerprint is the client's request, not the gateway's rewrite of it."""
-    from gateway.admin import MASTER
+    from gateway.admin.operations import MASTER
 
     user_id, key = gateway.make_user(energy=20)
     admin = gateway.admin()

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from gateway import price_map
-from gateway.dispatch import load_litellm
+from gateway.providers.litellm import load_litellm
 from tests.test_shutdown import ROOT
 
 PRICE_KEYS = ("input_cost_per_token", "output_cost_per_token", "cache_read_input_token_cost",

@@ -1,4 +1,4 @@
-"""Parity: Azure OpenAI (gateway/native.py at Azure's URLs) and Gemini (gateway/gemini_native.py)
+"""Parity: Azure OpenAI (gateway/providers/openai.py at Azure's URLs) and Gemini (gateway/providers/gemini.py)
 on the native path give the same client-visible results as `dispatch: litellm`, and send the
 provider the same request, for the same requests against a fake upstream that answers in
 each provider's real wire format (tests/fakes.py). tests/test_anthropic_parity.py does the

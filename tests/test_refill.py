@@ -39,7 +39,7 @@ async def store(store_url):
 
 
 async def new_user(store: Store, energy: int = 10, name: str = "ada") -> str:
-    """A user created at T0 on a tier with ALLOWANCE (as gateway/admin.py creates them)."""
+    """A user created at T0 on a tier with ALLOWANCE (as gateway/admin/operations.py creates them)."""
     ws = await store.get_workspace("acme") or await store.create_workspace("acme")
     user = await store.create_user(ws.id, "free", name=name, energy=energy, start_refill_period=True, now=T0)
     return user.id

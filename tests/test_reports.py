@@ -21,7 +21,7 @@ import pytest
 import yaml
 from structlog.testing import capture_logs
 
-from gateway.reports import iso_week
+from gateway.admin.reports import iso_week
 from tests.conftest import MASTER_KEY
 from tests.test_accounting import COMPLETION, HELLO, PROMPT, start, usage_rows
 

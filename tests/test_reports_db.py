@@ -1,4 +1,4 @@
-"""Reports computed by the database (gateway/usage_rollup.py) equal the old computation in
+"""Reports computed by the database (gateway/store/rollup.py) equal the old computation in
 Python over every row of the window, on SQLite and PostgreSQL; percentiles are bucket
 bounds never below the exact value; retention drops raw rows but not the rollup; a store
 made by the previous release is migrated without losing a row; an admin read in flight
@@ -20,11 +20,11 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 import pytest
 
-from gateway import reports
+from gateway.admin import reports
 from gateway.store import open_store
-from gateway.store_postgres import MIGRATIONS as PG_MIGRATIONS
-from gateway.store_sqlite import MIGRATIONS as SQLITE_MIGRATIONS
-from gateway.usage_rollup import LATENCY_BOUNDS_MS
+from gateway.store.postgres import MIGRATIONS as PG_MIGRATIONS
+from gateway.store.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
+from gateway.store.rollup import LATENCY_BOUNDS_MS
 from tests import test_store
 from tests.test_store import PG_URL
 
@@ -215,7 +215,7 @@ async def test_sqlite_and_postgres_give_the_same_reports(tmp_path):
 
 
 def test_percentiles_are_the_bound_of_the_bucket_holding_the_nearest_rank():
-    from gateway.usage_rollup import BUCKETS, percentile
+    from gateway.store.rollup import BUCKETS, percentile
 
     counts = [0] * BUCKETS
     counts[0], counts[4], counts[-1] = 50, 45, 5  # <=10 ms, (75, 100] ms, > 60 s

@@ -43,11 +43,11 @@ from gateway.store import (
     compute_refill,
     open_store,
 )
-from gateway.store_postgres import MIGRATIONS as POSTGRES_MIGRATIONS
-from gateway import store_postgres
-from gateway.store_postgres import RESERVE_IN_FLIGHT, PostgresStore
-from gateway.store_sqlite import MIGRATIONS as SQLITE_MIGRATIONS
-from gateway.store_sqlite import SQLiteStore
+from gateway.store.postgres import MIGRATIONS as POSTGRES_MIGRATIONS
+from gateway.store import postgres as store_postgres
+from gateway.store.postgres import RESERVE_IN_FLIGHT, PostgresStore
+from gateway.store.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
+from gateway.store.sqlite import SQLiteStore
 from tests.pgbouncer import pgbouncer_url
 
 # Both backends carry the same migrations, version for version.
@@ -754,7 +754,7 @@ class HoldDatabaseThread:
     def __init__(self, store, monkeypatch):
         import threading
 
-        from gateway import store_sqlite
+        from gateway.store import sqlite as store_sqlite
 
         self.store, self.groups = store, []
         self.entered, self.gate = threading.Event(), threading.Event()
@@ -977,7 +977,7 @@ async def loop_store(tmp_path):
 
 def _record_groups(monkeypatch):
     """Records (connection is the loop's, group size) for every write group."""
-    from gateway import store_sqlite
+    from gateway.store import sqlite as store_sqlite
 
     groups = []
     run_writes = store_sqlite._Database._run_writes
@@ -1056,7 +1056,7 @@ async def test_write_behind_batches_are_written_in_short_transactions(loop_store
     held it for tens of ms under load while every reservation waited); settlements on the
     loop's connection, usage rows on the store thread; the results are those of one big
     transaction."""
-    from gateway.store_sqlite import SETTLE_CHUNK, USAGE_CHUNK
+    from gateway.store.sqlite import SETTLE_CHUNK, USAGE_CHUNK
 
     ws = await loop_store.create_workspace("acme")
     user = await loop_store.create_user(ws.id, "free", energy=1000)

@@ -1,4 +1,4 @@
-"""One end-of-stream rule on every path (gateway/dispatch.py `StreamEnd`): a stream is
+"""One end-of-stream rule on every path (gateway/providers/litellm.py `StreamEnd`): a stream is
 complete when every choice it carried has its finish_reason. An end marker missing after
 that (`[DONE]`, Anthropic's `message_stop`), or the connection closing there, is logged
 and the request is billed like any answered one; a stream cut before is an error event

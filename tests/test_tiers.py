@@ -104,7 +104,7 @@ def test_tier_without_the_model_and_without_a_ladder_gets_403_model_not_allowed(
 
 
 def test_tier_change_through_admin_applies_to_the_next_request(gateway, upstream):
-    from gateway.admin import MASTER
+    from gateway.admin.operations import MASTER
 
     user_id, key = gateway.make_user(tier="free", energy=100)
     client = gateway.client(key)

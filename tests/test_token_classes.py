@@ -22,8 +22,8 @@ import pytest
 
 from gateway.config import load_config_data
 from gateway.store import open_store
-from gateway.store_postgres import MIGRATIONS as POSTGRES_MIGRATIONS
-from gateway.store_sqlite import MIGRATIONS as SQLITE_MIGRATIONS
+from gateway.store.postgres import MIGRATIONS as POSTGRES_MIGRATIONS
+from gateway.store.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
 from gateway.usage import UnitPrices, openai_usage, prices_for, usage_from_payload
 from plugins.base import Usage
 from tests.test_accounting import only_row, usage_rows

@@ -29,7 +29,7 @@ import openai
 import pytest
 
 from gateway.config import ConfigError, load_config_data
-from gateway.upstream_http import (
+from gateway.providers.http import (
     MAX_BODY,
     Target,
     UpstreamConnectionError,

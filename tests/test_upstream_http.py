@@ -1,4 +1,4 @@
-"""The native path's HTTP/1.1 client (gateway/upstream_http.py), on the wire.
+"""The native path's HTTP/1.1 client (gateway/providers/http.py), on the wire.
 
 Each test runs a raw TCP server on 127.0.0.1 that answers with exact bytes, so framing
 (Content-Length, chunked, read-until-close), compression, keep-alive reuse and broken
@@ -12,7 +12,7 @@ import gzip
 
 import pytest
 
-from gateway.upstream_http import (
+from gateway.providers.http import (
     Target,
     UpstreamConnectionError,
     UpstreamDroppedError,
@@ -250,7 +250,7 @@ def test_targets():
 async def test_a_stream_released_after_its_last_event_does_not_wait_for_the_body_end(monkeypatch):
     """[DONE] is final: releasing must not wait for the end chunk; the connection is pooled
     once the end arrives, or closed if it never does."""
-    import gateway.upstream_http as uh
+    import gateway.providers.http as uh
 
     end_now = asyncio.Event()
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from gateway.admin import MASTER
+from gateway.admin.operations import MASTER
 from tests.conftest import MASTER_KEY
 
 HELLO = [{"role": "user", "content": "hi"}]

@@ -70,7 +70,7 @@ Why it is built this way:
 * Admin reads (reports, /admin/metrics: ``report_query``) run on a fourth connection, on a
   thread of their own, read-only: a report's GROUP BY never queues a reservation behind it
   on the database thread, and sqlite3 lets go of the GIL while a statement runs, so the
-  loop keeps serving. Reports read the rollup tables a trigger keeps (gateway/usage_rollup.py).
+  loop keeps serving. Reports read the rollup tables a trigger keeps (gateway/store/rollup.py).
 * Once an operation is queued it runs to completion even if the awaiting task is
   cancelled (its result is then dropped). A settle must not depend on the client staying
   connected; a reservation whose caller vanished is a stale reservation, refunded by the
@@ -93,8 +93,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from gateway import usage_rollup
-from gateway.store import (
+from gateway.store import rollup as usage_rollup
+from gateway.store.base import (
     IN_FLIGHT_LEASE,
     USAGE_COLUMNS,
     ApiKey,
@@ -267,7 +267,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         ],
     ),
     (
-        3,  # reports from the hourly rollup (gateway/usage_rollup.py), kept by a trigger
+        3,  # reports from the hourly rollup (gateway/store/rollup.py), kept by a trigger
         [
             *usage_rollup.all_tables_ddl("sqlite", usage_rollup.as_of(3)),
             "CREATE INDEX ai_usage_logs_user_created ON ai_usage_logs (user_id, created_at)",
@@ -305,7 +305,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         ],
     ),
     (
-        8,  # stored Responses API responses: whose they are, on which upstream (gateway/responses_inbound.py)
+        8,  # stored Responses API responses: whose they are, on which upstream (gateway/inbound/responses.py)
         [
             """CREATE TABLE stored_responses (
                 response_id  TEXT PRIMARY KEY,

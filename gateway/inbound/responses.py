@@ -31,10 +31,10 @@ import orjson
 import structlog
 
 from gateway.config import ModelEntry
-from gateway.dispatch import UpstreamError
+from gateway.providers.litellm import UpstreamError
 from gateway.errors import ApiError, store_unavailable
-from gateway.native import _ERROR_BODY, _error_from, _json_object, OPENAI_DEFAULT_BASE
-from gateway.upstream_http import Target, UpstreamProtocolError
+from gateway.providers.openai import _ERROR_BODY, _error_from, _json_object, OPENAI_DEFAULT_BASE
+from gateway.providers.http import Target, UpstreamProtocolError
 
 log = structlog.get_logger("gateway.responses")
 

@@ -8,7 +8,7 @@ translated back: a `message` object, or Anthropic's SSE events (`message_start`,
 `content_block_start/delta/stop`, `message_delta`, `message_stop`), tool use included.
 Errors on this endpoint are Anthropic-shaped: `{"type": "error", "error": {"type", "message"}}`.
 
-To an Anthropic upstream on the native path (gateway/anthropic_native.py) the client's
+To an Anthropic upstream on the native path (gateway/providers/anthropic.py) the client's
 body is passed through instead (its `cache_control`, `thinking`, `top_k` blocks intact;
 only what the chain changed applied: the output bound, a system prompt a plugin set), and
 the message or the SSE events go back as Anthropic sent them (the model renamed to the
@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from gateway.anthropic_native import tool_input
+from gateway.providers.anthropic import tool_input
 from gateway.errors import ApiError, bad_request
 
 MESSAGES_PARAMS = frozenset({

@@ -1,7 +1,7 @@
 """Usage reports and the dashboard numbers, computed by the database.
 
 Shared by `python proxy.py usage ...` and `GET /admin/usage/...`, `GET /admin/metrics`.
-Each report is one GROUP BY over the hourly rollup (gateway/usage_rollup.py) plus the raw
+Each report is one GROUP BY over the hourly rollup (gateway/store/rollup.py) plus the raw
 rows of the window's first partial hour, run off the event loop (`Store.report_query`);
 only the groups (days, users, actions, models) come back to Python, never a window of
 rows. Measured with bench/reports_bench.py (README "Usage log, cost, metrics").
@@ -14,7 +14,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from gateway.usage_rollup import BUCKETS, percentile
+from gateway.store.rollup import BUCKETS, percentile
 
 REPORTS = ("daily", "top-users", "actions", "weekly", "experiments")  # experiments: gateway/feedback.py
 # Each query sums only what its report shows: SQLite's cost is per row *and* column summed.
@@ -84,7 +84,7 @@ def _percentiles(t: dict[str, Any], prefix: str, largest: str) -> dict[str, floa
 
 async def dashboard(store: Any, since: float, workspace_id: str | None = None, limit: int = 10) -> dict[str, Any]:
     """The fields the old in-app dashboard showed (camelCase on purpose), and what the
-    dashboard page adds: percentiles (gateway.usage_rollup), energy, balances."""
+    dashboard page adds: percentiles (gateway.store.rollup), energy, balances."""
     totals = await store.usage_totals(None, since, workspace_id)
     t = totals[0] if totals else None
     providers = await store.usage_totals("provider", since, workspace_id, measures=())

@@ -4,7 +4,7 @@ For deployments whose upstream already speaks the OpenAI wire format (OpenAI its
 OpenAI-compatible servers: vLLM, llama.cpp, Ollama's /v1, ...), translating through litellm
 costs ~3 ms of CPU per call for nothing. This dispatcher sends the request body as it is
 (with the deployment's model name and key), over one pool of keep-alive connections
-(gateway/upstream_http.py), and parses
+(gateway/providers/http.py), and parses
 only what the gateway needs: the JSON answer, or each SSE line of a stream as it arrives.
 
 Same interface and same failure vocabulary (`UpstreamError`) as the litellm dispatcher, so
@@ -13,9 +13,9 @@ dispatcher for providers that need translation, and the source of prices and tok
 
 Chosen per deployment (`dispatch: auto | native | litellm`); `auto` means native for
 `openai/...` models (and bare model names), and for `azure/...` ones at Azure OpenAI's URLs
-(`_endpoint`; gateway/azure_native.py decides per request), litellm for everything else
-but Anthropic and Gemini, which have translations of their own (gateway/anthropic_native.py,
-gateway/gemini_native.py).
+(`_endpoint`; gateway/providers/azure.py decides per request), litellm for everything else
+but Anthropic and Gemini, which have translations of their own (gateway/providers/anthropic.py,
+gateway/providers/gemini.py).
 
 What reaches the upstream from the deployment's `litellm_params`, as litellm would send it:
 `api_key` (Authorization), `organization` (OpenAI-Organization), `extra_headers`/`headers`,
@@ -41,10 +41,10 @@ import structlog
 
 from gateway.client_body import DISPATCH_PARAMS
 from gateway.config import ModelEntry
-from gateway.dispatch import StreamEnd, UpstreamError, retry_after_seconds
+from gateway.providers.litellm import StreamEnd, UpstreamError, retry_after_seconds
 from gateway.errors import redact
 from gateway.config import NATIVE_BODY_DEFAULTS
-from gateway.upstream_http import (
+from gateway.providers.http import (
     MAX_BODY,
     Response,
     Target,
@@ -170,7 +170,7 @@ def _json_object(raw: bytes, what: str) -> dict[str, Any]:
 
 class NativeOpenAIDispatcher:
     """OpenAI wire format, pass-through. One shared connection pool per gateway
-    (gateway/upstream_http.py)."""
+    (gateway/providers/http.py)."""
 
     def __init__(self) -> None:
         self._http: UpstreamHTTP | None = None
@@ -298,7 +298,7 @@ class NativeOpenAIDispatcher:
                           connect: float) -> Response:
         """POST `payload` and return the response whose head said 2xx, its body (a stream)
         unread; an error answer is read and raised as its UpstreamError (for translating
-        dispatchers: gateway/gemini_native.py)."""
+        dispatchers: gateway/providers/gemini.py)."""
         try:
             async with asyncio.timeout(total):
                 response = await self._send(target, headers, payload, connect)

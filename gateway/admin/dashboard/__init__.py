@@ -22,8 +22,8 @@ from typing import Any, Callable
 import orjson
 from aiohttp import web
 
-from gateway.admin import Admin
-from gateway.admin_api import admin_scope
+from gateway.admin.operations import Admin
+from gateway.admin.api import admin_scope
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 RECENT_ERRORS = 20

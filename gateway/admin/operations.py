@@ -283,7 +283,7 @@ class Admin:
 
     async def usage_report(self, scope: Scope, kind: str, days: int = 7, workspace: str | None = None,
                            limit: int = 10) -> dict:
-        from gateway.reports import REPORTS, build_report
+        from gateway.admin.reports import REPORTS, build_report
 
         if kind not in REPORTS:
             raise ApiError(404, f"unknown report '{kind}' (one of {', '.join(REPORTS)})", code="not_found")
@@ -300,7 +300,7 @@ class Admin:
     async def dashboard(self, scope: Scope, window_seconds: float, workspace: str | None = None) -> dict:
         import time
 
-        from gateway.reports import dashboard
+        from gateway.admin.reports import dashboard
 
         workspace_id = await self._report_workspace(scope, workspace)
         numbers = await dashboard(self.store, time.time() - window_seconds, workspace_id)

@@ -40,10 +40,10 @@ import orjson
 
 from gateway import price_map
 from gateway.config import ModelEntry
-from gateway.dispatch import StreamEnd, UpstreamError
+from gateway.providers.litellm import StreamEnd, UpstreamError
 from gateway.errors import redact
-from gateway.native import _json_object, call_timeouts
-from gateway.upstream_http import Target, UpstreamProtocolError
+from gateway.providers.openai import _json_object, call_timeouts
+from gateway.providers.http import Target, UpstreamProtocolError
 
 GEMINI_DEFAULT_BASE = "https://generativelanguage.googleapis.com/v1beta"
 GEMINI_3_DEFAULT_BASE = "https://generativelanguage.googleapis.com/v1alpha"  # litellm's, for Gemini 3+

@@ -45,8 +45,8 @@ from typing import Any, AsyncIterator
 
 import asyncpg
 
-from gateway import usage_rollup
-from gateway.store import (
+from gateway.store import rollup as usage_rollup
+from gateway.store.base import (
     IN_FLIGHT_LEASE,
     USAGE_COLUMNS,
     ApiKey,
@@ -193,7 +193,7 @@ MIGRATIONS: list[tuple[int, str]] = [
     ),
     (
         # ai_usage_logs partitioned by month (retention drops whole months); reports from
-        # the hourly rollup (gateway/usage_rollup.py). A unique index of a partitioned table
+        # the hourly rollup (gateway/store/rollup.py). A unique index of a partitioned table
         # must hold the partition key, and a retried row may carry another created_at (the
         # journal's copy of a row is stamped apart from the written one): request ids are
         # claimed in ai_usage_request_ids instead, in the insert statement itself.
@@ -440,7 +440,7 @@ MIGRATIONS: list[tuple[int, str]] = [
         + ";\n".join(usage_rollup.add_measure_ddl("postgres", "saved_usd")) + ";",
     ),
     (
-        8,  # stored Responses API responses: whose they are, on which upstream (gateway/responses_inbound.py)
+        8,  # stored Responses API responses: whose they are, on which upstream (gateway/inbound/responses.py)
         """
         CREATE TABLE stored_responses (
             response_id  text PRIMARY KEY,

@@ -19,7 +19,7 @@ database transaction* and, where the database can, by a constraint as well:
 * Usage rows are keyed by request_id and inserted with ON CONFLICT DO NOTHING, so a
   flush that is retried after an ambiguous failure never writes a row twice.
 
-The backends (``store_sqlite``, ``store_postgres``) each speak their own SQL; what is
+The backends (``gateway.store.sqlite``, ``gateway.store.postgres``) each speak their own SQL; what is
 shared here is what is honestly dialect-free: the entities, the errors, the URL factory,
 and the arithmetic of lazy refill, settlement and idempotency decisions as pure functions
 (so both backends cannot drift apart on the rules, and the rules are testable alone).
@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import os
 import hashlib
 import math
 import re
@@ -67,9 +66,8 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Literal, TypeVar
-from urllib.parse import parse_qs, urlsplit
 
-from gateway import usage_rollup
+from gateway.store import rollup as usage_rollup
 
 # --------------------------------------------------------------------------- errors
 
@@ -675,9 +673,9 @@ class Store(abc.ABC):
         """Rows with created_at >= since, oldest first; created_at as epoch float.
         Tests and small tools only: reports read `usage_totals` (never a window of rows)."""
 
-    # reports (gateway/reports.py): computed by the database, off the event loop -------
+    # reports (gateway/admin/reports.py): computed by the database, off the event loop -------
 
-    dialect = ""  # "sqlite" or "postgres": which SQL gateway.usage_rollup writes
+    dialect = ""  # "sqlite" or "postgres": which SQL gateway.store.rollup writes
 
     @abc.abstractmethod
     async def record_feedback(self, request_id: str, user_id: str, metric: str, value: float,
@@ -689,7 +687,7 @@ class Store(abc.ABC):
     async def remember_response(self, response_id: str, user_id: str, workspace_id: str, model: str,
                                 upstream: str, *, now: float | None = None) -> None:
         """A Responses API response the upstream stored (POST /v1/responses): whose it is
-        and which upstream account holds it (gateway/responses_inbound.py). Idempotent."""
+        and which upstream account holds it (gateway/inbound/responses.py). Idempotent."""
 
     @abc.abstractmethod
     async def stored_response(self, response_id: str) -> dict[str, Any] | None:
@@ -769,40 +767,4 @@ class Store(abc.ABC):
 
 # ---------------------------------------------------------------------- factory
 
-_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-
-
-def open_store(url: str, **options: Any) -> Store:
-    """A Store for `url` (not yet opened: call `await store.open()` or use `async with`).
-
-    ``sqlite:///relative.db``, ``sqlite:////abs/path.db``, ``sqlite:///:memory:``,
-    ``postgresql://user@host:port/db[?schema=name][&pgbouncer=true]`` (``postgres://``
-    too). With ``schema``, PostgreSQL tables live in that schema (created if missing).
-    `options`: PostgreSQL's pool and timeout settings (StoreConfig.backend_options);
-    SQLite has none and ignores them.
-    """
-    if url.startswith("sqlite:///"):
-        from gateway.store_sqlite import SQLiteStore
-
-        path = url[len("sqlite:///"):].split("?", 1)[0]
-        if not path:
-            raise ValueError(f"sqlite URL without a path: {url!r}")
-        if path != ":memory:" and os.path.dirname(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)  # sqlite:///data/x.db on a fresh clone
-        return SQLiteStore(path, url=url)
-    if url.startswith(("postgresql://", "postgres://")):
-        from gateway.store_postgres import PostgresStore
-
-        parts = urlsplit(url)
-        query = parse_qs(parts.query, keep_blank_values=True)
-        schema = None
-        if "schema" in query:
-            schema = query.pop("schema")[-1]
-            if not _SCHEMA_NAME.match(schema):
-                raise ValueError(f"invalid schema name {schema!r}")
-        if "pgbouncer" in query:
-            options["pgbouncer"] = query.pop("pgbouncer")[-1].lower() in ("1", "true", "yes", "on")
-        rest = "&".join(f"{k}={v}" for k, vs in query.items() for v in vs)
-        dsn = parts._replace(query=rest).geturl()
-        return PostgresStore(dsn, schema=schema, url=url, **options)
-    raise ValueError(f"unsupported store URL {url!r} (sqlite:/// or postgresql://)")
+SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")

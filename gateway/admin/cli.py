@@ -1,6 +1,6 @@
 """Admin CLI: `python proxy.py users|keys|workspaces|energy ...`.
 
-Runs the same operations as /admin (gateway/admin.py) with master rights, directly on the
+Runs the same operations as /admin (gateway/admin/operations.py) with master rights, directly on the
 store named in config.yaml. Every command takes `--json` for scripts. A running gateway
 picks up changes within `auth.cache_ttl` (its cache is per process).
 
@@ -130,7 +130,7 @@ async def open_store_or_explain(config: Any) -> Any:
 
 
 def run_operation(args: argparse.Namespace, operation: Operation) -> int:
-    from gateway.admin import MASTER, Admin
+    from gateway.admin.operations import MASTER, Admin
     from gateway.config import ConfigError, load_config
 
     try:
@@ -250,7 +250,7 @@ DEMO_KEY_FILE = "data/demo-key.txt"
 def bootstrap(args: argparse.Namespace) -> int:
     """First-run set-up for `make run`: a `demo` workspace and a free-tier user whose key
     is saved in data/demo-key.txt (mode 600). Does nothing when that key still works."""
-    from gateway.admin import MASTER, Admin
+    from gateway.admin.operations import MASTER, Admin
     from gateway.config import ConfigError, load_config
 
     try:

@@ -1,4 +1,4 @@
-"""The /admin HTTP API: the same operations as the CLI (gateway/admin.py), over HTTP.
+"""The /admin HTTP API: the same operations as the CLI (gateway/admin/operations.py), over HTTP.
 
 Authenticated by `Authorization: Bearer <master key>` (everything) or a workspace admin
 key (its own workspace only; other workspaces' objects answer 404, so they cannot even
@@ -30,7 +30,7 @@ from typing import Any, Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from gateway.admin import Admin, Scope
+from gateway.admin.operations import Admin, Scope
 from gateway.errors import ApiError
 from plugins.auth import bearer_token, is_master_key
 

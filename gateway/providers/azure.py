@@ -1,10 +1,10 @@
-"""The native Azure OpenAI path: the OpenAI-wire pass-through (gateway/native.py) at Azure's
+"""The native Azure OpenAI path: the OpenAI-wire pass-through (gateway/providers/openai.py) at Azure's
 URLs, with the few rewrites litellm's Azure provider makes to a plain request.
 
 Azure OpenAI speaks OpenAI's wire format; what differs is where and how to call it
 (`{api_base}/openai/deployments/{deployment}/chat/completions?api-version=...` and an
-`api-key` header: `gateway.native._endpoint`) and the content filter verdicts Azure adds
-to answers, which litellm does not hand on (`gateway.native._without_azure_filters`).
+`api-key` header: `gateway.providers.openai._endpoint`) and the content filter verdicts Azure adds
+to answers, which litellm does not hand on (`gateway.providers.openai._without_azure_filters`).
 On its way, litellm's Azure provider also rewrites a few things a client would notice
 (tests/test_provider_parity.py holds both paths to the same request and answer):
 `developer` messages become `system` ones, an assistant's `content: null` is left out,
@@ -16,7 +16,7 @@ own parameter rules), tool schemas with combinators or patterns (litellm flatten
 text and images, `cache_control` breakpoints, and OpenAI parameters litellm does not
 send to Azure.
 
-Measured in one session (as gateway/gemini_native.py's, same run): 188-191 us of CPU per
+Measured in one session (as gateway/providers/gemini.py's, same run): 188-191 us of CPU per
 non-streamed call on this path against 4,100-4,305 us through litellm.
 """
 
@@ -28,7 +28,7 @@ from typing import Any, AsyncIterator
 import orjson
 
 from gateway.config import ModelEntry
-from gateway.native import azure_api_version, upstream_model
+from gateway.providers.openai import azure_api_version, upstream_model
 
 # The OpenAI parameters litellm sends to an Azure (non-reasoning) deployment as they are
 # (AzureOpenAIConfig.get_supported_openai_params, less those with rules of their own).

@@ -21,10 +21,10 @@ from typing import Any, AsyncIterator
 import orjson
 
 from gateway.config import ModelEntry
-from gateway.dispatch import StreamEnd, UpstreamError
+from gateway.providers.litellm import StreamEnd, UpstreamError
 from gateway.errors import redact
-from gateway.native import _json_object, call_timeouts
-from gateway.upstream_http import Target, UpstreamProtocolError
+from gateway.providers.openai import _json_object, call_timeouts
+from gateway.providers.http import Target, UpstreamProtocolError
 
 ANTHROPIC_DEFAULT_BASE = "https://api.anthropic.com"
 ANTHROPIC_VERSION = "2023-06-01"
