@@ -24,7 +24,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import structlog
 
 from gateway.config import Config, ModelEntry
-from gateway.providers.litellm import Dispatcher, LitellmDispatcher, UpstreamError, deployment_secrets, provider_of
+from gateway.providers.base import Dispatcher, UpstreamError, deployment_secrets, provider_of
+from gateway.providers.litellm import LitellmDispatcher
 from gateway.providers.demo import DemoDispatcher
 from gateway.providers.anthropic import AnthropicNativeDispatcher
 from gateway.providers.azure import AzureNativeDispatcher

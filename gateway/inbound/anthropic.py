@@ -22,13 +22,31 @@ Anthropic upstream and are dropped for the others.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
-from typing import Any
+from typing import Any, Awaitable
 
 import orjson
+import structlog
+from aiohttp import web
 
 from gateway.providers.anthropic import tool_input
+from gateway.client_body import read_json, require_model, validate_chat
 from gateway.errors import ApiError, bad_request
+from gateway.lifecycle import (
+    Inbound,
+    answer_json,
+    body_reader,
+    json_response,
+    new_context,
+    relay_stream,
+    run_request,
+    send_now,
+)
+from gateway.providers.base import UpstreamError
+from gateway.state import GATEWAY
+
+log = structlog.get_logger("gateway")
 
 MESSAGES_PARAMS = frozenset({
     "model", "messages", "max_tokens", "system", "stop_sequences", "stream", "temperature", "top_p",
@@ -346,3 +364,69 @@ def count_tokens(body: dict[str, Any]) -> int:
 
     request = to_openai({**body, "max_tokens": 1})
     return count_messages(request["messages"], "gpt-4o")
+
+
+class AnthropicInbound(Inbound):
+    """Anthropic's Messages format: answers and stream events as Anthropic shapes them,
+    passed through as the upstream sent them when it was Anthropic."""
+
+    name = "anthropic"
+
+    def error_body(self, err: ApiError) -> dict[str, Any]:
+        return error_body(err)
+
+    def answer_body(self, ctx: Any, payload: dict[str, Any], raw: dict[str, Any] | None) -> dict[str, Any]:
+        return raw or from_openai(payload, ctx.model, ctx.usage)
+
+    def stream_encoder(self, ctx: Any) -> StreamEncoder:
+        return StreamEncoder(ctx)
+
+    def error_event(self, err: ApiError) -> bytes:
+        return StreamEncoder.error(err)
+
+
+ANTHROPIC = AnthropicInbound()
+
+
+async def anthropic_messages(request: web.Request) -> web.StreamResponse:
+    """POST /v1/messages (gateway/inbound/anthropic.py): the chat chain, Anthropic's shapes."""
+    gw = request.app[GATEWAY]
+    snap = gw.snapshot
+    ctx = new_context(request, snap, "chat.completions", {})
+    ctx.inbound = "anthropic"
+
+    def answer() -> Awaitable[web.StreamResponse]:
+        if ctx.stream:
+            return relay_stream(request, gw, snap, ctx, ANTHROPIC)
+        return answer_json(request, gw, snap, ctx, ANTHROPIC)
+
+    return await run_request(request, snap, ctx, answer,
+                             body_reader(request, snap, ctx, validate_chat, to_openai), ANTHROPIC)
+
+
+async def anthropic_count_tokens(request: web.Request) -> web.StreamResponse:
+    """POST /v1/messages/count_tokens: authenticated like every endpoint, free of charge."""
+    gw = request.app[GATEWAY]
+    snap = gw.snapshot
+    ctx = new_context(request, snap, "models", {})
+    ctx.inbound = "anthropic"
+
+    async def answer() -> web.StreamResponse:
+        body = await read_json(request, snap.config.server.max_body_bytes)
+        model = require_model(body)
+        to_openai({**body, "max_tokens": 1})  # the same checks as a message (400)
+        tokens = None
+        deployments = snap.config.deployments(model)
+        if deployments and gw.router.dispatcher_for(deployments[0]) is gw.router.anthropic:
+            try:  # Claude's own count for a Claude model; the local estimate if it cannot say
+                tokens = await gw.router.anthropic.count_tokens(deployments[0], body)
+            except UpstreamError as err:
+                log.warning("count_tokens_estimated", request_id=ctx.request_id, model=model, error=err.message[:200])
+        if tokens is None:
+            tokens = await asyncio.get_running_loop().run_in_executor(None, count_tokens, body)
+        ctx.status = 200
+        response = await send_now(request, json_response(200, {"input_tokens": tokens}, ctx.response_headers))
+        await snap.chain.end(ctx, wait=False)
+        return response
+
+    return await run_request(request, snap, ctx, answer, inbound=ANTHROPIC)

@@ -25,14 +25,32 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from typing import Any, AsyncIterator, Callable
 
 import orjson
 import structlog
+from aiohttp import web
 
 from gateway.config import ModelEntry
-from gateway.providers.litellm import UpstreamError
-from gateway.errors import ApiError, store_unavailable
+from gateway.providers.base import UpstreamError
+from gateway.client_body import validate_responses
+from gateway.errors import ApiError, internal_error, store_unavailable
+from gateway.lifecycle import (
+    EventStream,
+    body_reader,
+    close_quietly,
+    json_response,
+    new_context,
+    pass_gate,
+    run_request,
+    send_now,
+    usage_from,
+    write_raw,
+)
+from gateway.router import upstream_to_api_error
+from gateway.state import GATEWAY, Gateway, Snapshot
+from plugins.base import RequestContext
 from gateway.providers.openai import _ERROR_BODY, _error_from, _json_object, OPENAI_DEFAULT_BASE
 from gateway.providers.http import Target, UpstreamProtocolError
 
@@ -240,3 +258,143 @@ def replay_events(payload: dict[str, Any]) -> list[bytes]:
     return [b"event: " + name.encode() + b"\ndata: " + orjson.dumps({"type": name, "sequence_number": i,
                                                                        "response": payload}) + b"\n\n"
             for i, name in enumerate(("response.created", "response.completed"))]
+
+
+async def responses_create(request: web.Request) -> web.StreamResponse:
+    """POST /v1/responses (gateway/inbound/responses.py): passed through, the chain around it."""
+    gw = request.app[GATEWAY]
+    snap = gw.snapshot
+    ctx = new_context(request, snap, "chat.completions", {})
+    ctx.inbound = "responses"
+
+    async def answer() -> web.StreamResponse:
+        only = None if ctx.short_circuit is not None else await previous_upstream(gw.store, ctx)
+        if ctx.stream:
+            return await _responses_stream(request, gw, snap, ctx, only)
+        dispatched = ctx.model
+        payload = ctx.short_circuit if ctx.short_circuit is not None else \
+            await create(gw.router, ctx, only)
+        if ctx.gate is not None and await pass_gate(ctx, dispatched):
+            payload = await create(gw.router, ctx, only)
+        if ctx.short_circuit is None:
+            await remember(gw.store, ctx, payload)
+        payload["model"] = ctx.model
+        ctx.response = payload
+        ctx.usage = usage_from(payload)
+        ctx.status = 200
+        ctx.first_byte_at = time.monotonic()
+        snap.chain.answered(ctx)
+        response = await send_now(request, json_response(200, payload, ctx.response_headers))
+        await snap.chain.end(ctx, wait=False)
+        return response
+
+    return await run_request(request, snap, ctx, answer, body_reader(request, snap, ctx, validate_responses))
+
+
+async def _responses_stream(request: web.Request, gw: Gateway, snap: Snapshot, ctx: RequestContext,
+                            only: Callable[[Any], bool] | None) -> web.StreamResponse:
+    """The Responses API's events, forwarded as they come; billed once `response.completed`
+    (or `response.incomplete`) arrived, refunded otherwise."""
+    chain = snap.chain
+    if ctx.short_circuit is not None:
+        upstream = None  # an idempotent replay: the stored response, whole
+        created, completed = replay_events(ctx.short_circuit)
+        first = ("response.created", {}, created)
+        pending = [("response.completed", {"response": ctx.short_circuit}, completed)]
+    else:
+        dispatched = ctx.model
+        first, upstream = await open_stream(gw.router, ctx, only)
+        if ctx.gate is not None:
+            try:
+                moved = await pass_gate(ctx, dispatched)
+            except BaseException:
+                await close_quietly(upstream)
+                raise
+            if moved:
+                await close_quietly(upstream)
+                first, upstream = await open_stream(gw.router, ctx, only)
+        pending = []
+    response = EventStream(status=200, headers={
+        **ctx.response_headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no"})
+    error: ApiError | None = None
+    event: tuple[str, dict[str, Any], bytes] | None = first
+    try:
+        await response.prepare(request)
+        while event is not None:
+            name, data, raw = event
+            if name == "response.output_text.delta" and isinstance(data.get("delta"), str):
+                ctx.streamed_text.append(data["delta"])
+            elif name == "response.created" and upstream is not None and isinstance(data.get("response"), dict):
+                await remember(gw.store, ctx, data["response"])
+            if name in TERMINAL:
+                ctx.usage = usage_from(data.get("response") or {})
+                ctx.finish_reason = "stop" if name == "response.completed" else "length"
+                ctx.status = 200
+                chain.answered(ctx)
+            await response.write(raw)
+            if ctx.first_byte_at is None:
+                ctx.first_byte_at = time.monotonic()
+                ctx.stream_started = True
+            if name in FAILED:
+                error = ApiError(502, "the upstream failed the response", type="server_error", code="upstream_error")
+                break
+            if name in TERMINAL:
+                break
+            if pending:
+                event = pending.pop(0)
+                continue
+            try:
+                event = await upstream.__anext__() if upstream is not None else None
+            except StopAsyncIteration:
+                event = None
+        if ctx.status != 200 and error is None:
+            raise UpstreamError("truncated", "the upstream stream ended before response.completed")
+    except UpstreamError as err:
+        error = upstream_to_api_error(err, ctx.attempts)
+        if err.kind == "truncated":
+            error = ApiError(502, "the upstream stream broke off before the answer was complete",
+                             type="server_error", code="upstream_stream_truncated")
+        await write_raw(response, ctx, error_event(error))
+    except (ConnectionError, RuntimeError):
+        ctx.client_disconnected = True
+    except Exception:
+        log.exception("stream_failed", request_id=ctx.request_id)
+        error = internal_error(ctx.request_id)
+        await write_raw(response, ctx, error_event(error))
+    except asyncio.CancelledError:
+        ctx.client_disconnected = True
+        await close_quietly(upstream)
+        await chain.end(ctx, None if ctx.stream_started and ctx.status == 200 else
+                        ApiError(499, "cancelled before the answer was complete", type="server_error", code="cancelled"))
+        raise
+    finally:
+        await close_quietly(upstream)
+    if error is not None:
+        ctx.status = None
+    try:
+        await response.write_eof()
+    except (ConnectionError, RuntimeError):
+        ctx.client_disconnected = True
+    await chain.end(ctx, error, wait=False)
+    return response
+
+
+async def stored_response(request: web.Request) -> web.StreamResponse:
+    """GET/DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items: at the upstream
+    that stored it, for the user who created it (gateway/inbound/responses.py); free."""
+    gw = request.app[GATEWAY]
+    snap = gw.snapshot
+    ctx = new_context(request, snap, "models", {})
+    ctx.inbound = "responses"
+
+    async def answer() -> web.StreamResponse:
+        tail = "/input_items" if request.path.endswith("/input_items") else ""
+        payload = await stored(gw.router, gw.store, ctx, request.method,
+                                                 request.match_info["response_id"], tail, dict(request.query))
+        ctx.status = 200
+        response = await send_now(request, json_response(200, payload, ctx.response_headers))
+        await snap.chain.end(ctx, wait=False)
+        return response
+
+    return await run_request(request, snap, ctx, answer)

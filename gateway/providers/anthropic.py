@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator
 import orjson
 
 from gateway.config import ModelEntry
-from gateway.providers.litellm import StreamEnd, UpstreamError
+from gateway.providers.base import StreamEnd, UpstreamError
 from gateway.errors import redact
 from gateway.providers.openai import _json_object, call_timeouts
 from gateway.providers.http import Target, UpstreamProtocolError

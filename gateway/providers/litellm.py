@@ -15,7 +15,7 @@ import asyncio
 import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch prices at import
 
@@ -23,6 +23,7 @@ import structlog  # noqa: E402
 
 from gateway.client_body import DISPATCH_PARAMS  # noqa: E402
 from gateway.config import ModelEntry  # noqa: E402
+from gateway.providers.base import StreamEnd, UpstreamError, retry_after_seconds  # noqa: E402
 from gateway.errors import redact  # noqa: E402
 
 
@@ -58,84 +59,6 @@ def use_blocking_executor(loop: asyncio.AbstractEventLoop) -> None:
     _executors[id(loop)] = executor
 
 
-class UpstreamError(Exception):
-    """A failed upstream call, normalised.
-
-    kind: "status" (the upstream answered with an HTTP error), "connection" (refused,
-    reset, nothing sent), "timeout", "bad_response" (not parseable as the expected format),
-    "truncated" (a stream ended without its final chunk), "dropped" (the request was sent,
-    then the connection closed before any answer: the upstream may have processed, and
-    billed, it — so it is neither retried nor counted by the circuit breaker).
-    """
-
-    def __init__(self, kind: str, message: str, *, status: int | None = None,
-                 retry_after: float | None = None, error_type: str | None = None):
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-        self.status = status
-        self.retry_after = retry_after
-        self.error_type = error_type
-
-    @property
-    def retryable(self) -> bool:
-        if self.kind in ("connection", "timeout", "bad_response", "truncated"):
-            return True
-        return self.status is not None and (self.status == 429 or self.status >= 500 or self.status == 408)
-
-    @property
-    def is_auth(self) -> bool:
-        """Our provider credentials were refused: another deployment may still work."""
-        return self.kind == "status" and self.status in (401, 403)
-
-    def __repr__(self) -> str:
-        return f"UpstreamError({self.kind}, status={self.status}, {self.message[:80]!r})"
-
-
-class StreamEnd:
-    """One end-of-stream rule for every path: a stream is complete when every choice it
-    carried has its `finish_reason`. A `[DONE]` (or Anthropic's `message_stop`) missing
-    after that, or the connection closing there, is logged, not treated as a cut: the
-    client has the whole answer and is billed for it. A choice left open is a cut-off
-    answer (an error event, and a refund)."""
-
-    __slots__ = ("open", "seen")
-
-    def __init__(self) -> None:
-        self.open: set[int] = set()
-        self.seen = False
-
-    def observe(self, chunk: dict[str, Any]) -> None:
-        for choice in chunk.get("choices") or ():
-            index = choice.get("index", 0)
-            if choice.get("finish_reason"):
-                self.open.discard(index)
-            elif index not in self.open:
-                self.open.add(index)
-            self.seen = True
-
-    @property
-    def complete(self) -> bool:
-        return self.seen and not self.open
-
-
-class Dispatcher(Protocol):
-    async def chat(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
-        """A non-streamed chat completion, as an OpenAI `chat.completion` dict."""
-
-    def chat_stream(self, deployment: ModelEntry, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Chunks as OpenAI `chat.completion.chunk` dicts, as they arrive. The iterator
-        must be closed (`aclose`) by the caller when abandoned."""
-
-    async def embeddings(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
-        """An OpenAI embeddings `list` dict."""
-
-
-def provider_of(deployment: ModelEntry) -> str:
-    model = deployment.litellm_params.model
-    return model.split("/", 1)[0] if "/" in model else "openai"
-
-
 def _headers_of(exc: BaseException) -> dict[str, str]:
     for attr in ("litellm_response_headers", "headers"):
         headers = getattr(exc, attr, None)
@@ -152,23 +75,6 @@ def _headers_of(exc: BaseException) -> dict[str, str]:
         except (TypeError, ValueError):
             return {}
     return {}
-
-
-def retry_after_seconds(headers: dict[str, str]) -> float | None:
-    """`retry-after-ms` (OpenAI) wins over `retry-after` (seconds; HTTP-date ignored)."""
-    value = headers.get("retry-after-ms")
-    if value:
-        try:
-            return max(0.0, float(value) / 1000)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if value:
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            return None
-    return None
 
 
 def _upstream_message(exc: BaseException) -> str:
@@ -206,15 +112,6 @@ def normalise_litellm_error(exc: BaseException) -> UpstreamError:
     if isinstance(exc, (ValueError, KeyError, TypeError, AttributeError)):
         return UpstreamError("bad_response", f"the upstream sent an invalid response: {message}")
     return UpstreamError("connection", f"upstream call failed: {message}")
-
-
-def deployment_secrets(deployment: ModelEntry) -> tuple[str, ...]:
-    """The credential values configured for a deployment, whatever their shape (an Azure
-    key has no `sk-` prefix for the pattern-based `redact` to catch). The router masks them
-    in every upstream error message: an upstream may echo back the key it was given."""
-    params = deployment.litellm_params.model_dump(exclude_none=True)
-    return tuple(str(v) for k, v in params.items()
-                 if isinstance(v, str) and any(w in k.lower() for w in ("key", "secret", "token", "password", "credential")))
 
 
 # Chunk and response fields OpenAI clients know; litellm adds private ones we drop.

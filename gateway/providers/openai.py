@@ -41,7 +41,7 @@ import structlog
 
 from gateway.client_body import DISPATCH_PARAMS
 from gateway.config import ModelEntry
-from gateway.providers.litellm import StreamEnd, UpstreamError, retry_after_seconds
+from gateway.providers.base import StreamEnd, UpstreamError, retry_after_seconds
 from gateway.errors import redact
 from gateway.config import NATIVE_BODY_DEFAULTS
 from gateway.providers.http import (
