@@ -21,13 +21,13 @@ run: install                  ## start the gateway on 127.0.0.1:8080 (SQLite in 
 test: install                 ## the whole suite
 	$(BIN)/python -m pytest
 
-bench: install                ## throughput/latency table (see README)
+bench: install                ## throughput/latency table (docs/performance.md)
 	$(BIN)/python bench/bench.py
 
 bench-reports: install        ## reports and /admin/metrics at 10M usage rows (BENCH_REPORT_ROWS=N to lower)
 	$(BIN)/python bench/reports_bench.py
 
-bench-multiprocess: install   ## req/s of 1, 2 and 3 gateway processes on one PostgreSQL and Redis (see README)
+bench-multiprocess: install   ## req/s of 1, 2 and 3 gateway processes on one PostgreSQL and Redis (docs/performance.md)
 	$(BIN)/python bench/multiprocess.py
 
 check-config: install

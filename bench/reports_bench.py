@@ -14,7 +14,7 @@ of a quiet second before it).
     BENCH_REPORT_STORES=sqlite ...           # or postgres
     GATEWAY_BENCH_PG_URL=postgresql://postgres@127.0.0.1:5432/test (default)
 
-Targets (README): every call <= 1 s at 10M rows, RSS growth <= 50 MB, no /v1 request
+Targets (docs/performance.md): every call <= 1 s at 10M rows, RSS growth <= 50 MB, no /v1 request
 delayed by more than 50 ms. Seeded rows carry no ai_usage_request_ids claims (reports do
 not read them).
 """
