@@ -51,7 +51,8 @@ from gateway.lifecycle import (
 from gateway.router import upstream_to_api_error
 from gateway.state import GATEWAY, Gateway, Snapshot
 from plugins.base import RequestContext
-from gateway.providers.openai import _ERROR_BODY, _error_from, _json_object, OPENAI_DEFAULT_BASE
+from gateway.providers.base import ERROR_BODY_LIMIT, error_from_status, json_object
+from gateway.providers.openai import OPENAI_DEFAULT_BASE
 from gateway.providers.http import Target, UpstreamProtocolError
 
 log = structlog.get_logger("gateway.responses")
@@ -214,9 +215,9 @@ async def _events(native: Any, deployment: ModelEntry, body: dict[str, Any]) -> 
     finished = False
     try:
         if resp.status >= 400:
-            raw = await resp.read(_ERROR_BODY)
+            raw = await resp.read(ERROR_BODY_LIMIT)
             finished = True
-            raise _error_from(resp.status, resp.headers, raw)
+            raise error_from_status(resp.status, resp.headers, raw)
         name, data = "", b""
         async for line in resp.iter_lines():
             line = line.rstrip(b"\r\n")
@@ -225,7 +226,7 @@ async def _events(native: Any, deployment: ModelEntry, body: dict[str, Any]) -> 
             elif line.startswith(b"data:"):
                 data = line[5:].strip()
             elif not line.strip() and data:
-                parsed = _json_object(data, "stream event")
+                parsed = json_object(data, "stream event")
                 name = str(parsed.get("type") or name or "")
                 if not _EVENT_NAME.fullmatch(name):
                     raise UpstreamError("bad_response", "the upstream sent an event with an invalid name")

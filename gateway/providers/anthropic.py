@@ -23,7 +23,8 @@ import orjson
 from gateway.config import ModelEntry
 from gateway.providers.base import StreamEnd, UpstreamError
 from gateway.errors import redact
-from gateway.providers.openai import _json_object, call_timeouts
+from gateway.providers.base import json_object
+from gateway.providers.openai import call_timeouts
 from gateway.providers.http import Target, UpstreamProtocolError
 
 ANTHROPIC_DEFAULT_BASE = "https://api.anthropic.com"
@@ -347,7 +348,7 @@ class AnthropicNativeDispatcher:
                     continue
                 if line or not data:
                     continue  # "event:" lines (the data names its type too), comments
-                event = _json_object(data, "stream event")
+                event = json_object(data, "stream event")
                 kind = event.get("type")
                 if relay is not None and isinstance(kind, str) and kind.isidentifier() and kind != "error":
                     if kind == "message_start" and isinstance(event.get("message"), dict):

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator, Protocol
 
+import orjson
+
 from gateway.config import ModelEntry
+from gateway.errors import redact
+
+ERROR_BODY_LIMIT = 1024 * 1024  # an error answer is read (and its connection reused) up to this size
 
 
 class UpstreamError(Exception):
@@ -116,3 +121,32 @@ def deployment_secrets(deployment: ModelEntry) -> tuple[str, ...]:
     params = deployment.litellm_params.model_dump(exclude_none=True)
     return tuple(str(v) for k, v in params.items()
                  if isinstance(v, str) and any(w in k.lower() for w in ("key", "secret", "token", "password", "credential")))
+
+
+def error_from_status(status: int, headers: Any, raw: bytes) -> UpstreamError:
+    message = ""
+    error_type = None
+    try:
+        payload = orjson.loads(raw)
+        error = payload.get("error") if isinstance(payload, dict) else None
+        if isinstance(error, dict):
+            message = str(error.get("message") or "")
+            error_type = error.get("type")
+        elif isinstance(error, str):
+            message = error
+    except orjson.JSONDecodeError:
+        message = raw[:500].decode("utf-8", "replace")
+    lowered = {k.lower(): v for k, v in headers.items()}
+    return UpstreamError("status", redact(message) or f"upstream returned HTTP {status}", status=status,
+                         retry_after=retry_after_seconds(lowered), error_type=error_type)
+
+
+def json_object(raw: bytes, what: str) -> dict[str, Any]:
+    """A JSON object from the upstream, or a retryable bad_response."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise UpstreamError("bad_response", f"the upstream sent a {what} that is not JSON") from None
+    if not isinstance(value, dict):
+        raise UpstreamError("bad_response", f"the upstream sent a {what} that is not a JSON object")
+    return value

@@ -42,7 +42,8 @@ from gateway import price_map
 from gateway.config import ModelEntry
 from gateway.providers.base import StreamEnd, UpstreamError
 from gateway.errors import redact
-from gateway.providers.openai import _json_object, call_timeouts
+from gateway.providers.base import json_object
+from gateway.providers.openai import call_timeouts
 from gateway.providers.http import Target, UpstreamProtocolError
 
 GEMINI_DEFAULT_BASE = "https://generativelanguage.googleapis.com/v1beta"
@@ -553,7 +554,7 @@ class GeminiNativeDispatcher:
                 line = line.strip()
                 if not line.startswith(b"data:"):
                     continue
-                event = _json_object(line[5:].strip(), "stream event")
+                event = json_object(line[5:].strip(), "stream event")
                 if "error" in event and "candidates" not in event:
                     error = event["error"]
                     message = error.get("message") if isinstance(error, dict) else error

@@ -41,7 +41,7 @@ import structlog
 
 from gateway.client_body import DISPATCH_PARAMS
 from gateway.config import ModelEntry
-from gateway.providers.base import StreamEnd, UpstreamError, retry_after_seconds
+from gateway.providers.base import ERROR_BODY_LIMIT, StreamEnd, UpstreamError, error_from_status, json_object
 from gateway.errors import redact
 from gateway.config import NATIVE_BODY_DEFAULTS
 from gateway.providers.http import (
@@ -62,7 +62,6 @@ _AZURE_V1 = ("v1", "latest", "preview")  # the version-less /openai/v1 API (lite
 _PASSED = {endpoint: params | {"model"} for endpoint, params in DISPATCH_PARAMS.items()}  # model: replaced
 _DONE = b"[DONE]"
 MAX_REDIRECTS = 3
-_ERROR_BODY = 1024 * 1024  # an error answer is read (and its connection reused) up to this size
 
 
 def _body_defaults(deployment: ModelEntry, endpoint: str) -> dict[str, Any]:
@@ -137,35 +136,6 @@ def _without_azure_filters(answer: dict[str, Any]) -> dict[str, Any] | None:
     for choice in choices or ():
         choice.pop("content_filter_results", None)
     return answer
-
-
-def _error_from(status: int, headers: Any, raw: bytes) -> UpstreamError:
-    message = ""
-    error_type = None
-    try:
-        payload = orjson.loads(raw)
-        error = payload.get("error") if isinstance(payload, dict) else None
-        if isinstance(error, dict):
-            message = str(error.get("message") or "")
-            error_type = error.get("type")
-        elif isinstance(error, str):
-            message = error
-    except orjson.JSONDecodeError:
-        message = raw[:500].decode("utf-8", "replace")
-    lowered = {k.lower(): v for k, v in headers.items()}
-    return UpstreamError("status", redact(message) or f"upstream returned HTTP {status}", status=status,
-                         retry_after=retry_after_seconds(lowered), error_type=error_type)
-
-
-def _json_object(raw: bytes, what: str) -> dict[str, Any]:
-    """A JSON object from the upstream, or a retryable bad_response."""
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise UpstreamError("bad_response", f"the upstream sent a {what} that is not JSON") from None
-    if not isinstance(value, dict):
-        raise UpstreamError("bad_response", f"the upstream sent a {what} that is not a JSON object")
-    return value
 
 
 class NativeOpenAIDispatcher:
@@ -276,7 +246,7 @@ class NativeOpenAIDispatcher:
         try:
             async with asyncio.timeout(total):
                 response = await self._send(target, headers, payload, connect, method)
-                raw = await response.read(_ERROR_BODY if response.status >= 400 else MAX_BODY)
+                raw = await response.read(ERROR_BODY_LIMIT if response.status >= 400 else MAX_BODY)
             response.release()
         except TimeoutError:
             if response is not None:
@@ -291,8 +261,8 @@ class NativeOpenAIDispatcher:
                 response.close()
             raise
         if response.status >= 400:
-            raise _error_from(response.status, response.headers, raw)
-        return _json_object(raw, "response")
+            raise error_from_status(response.status, response.headers, raw)
+        return json_object(raw, "response")
 
     async def open_stream(self, target: Target, headers: bytes, payload: bytes, total: float,
                           connect: float) -> Response:
@@ -307,12 +277,12 @@ class NativeOpenAIDispatcher:
         if response.status < 400:
             return response
         try:
-            raw = await response.read(_ERROR_BODY)
+            raw = await response.read(ERROR_BODY_LIMIT)
         except BaseException:
             response.close()
             raise
         response.release()
-        raise _error_from(response.status, response.headers, raw)
+        raise error_from_status(response.status, response.headers, raw)
 
     async def chat(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
         payload = await self._post_json(deployment, "/chat/completions", body, "chat.completions")
@@ -342,9 +312,9 @@ class NativeOpenAIDispatcher:
         azure = deployment.litellm_params.model.startswith("azure/")
         try:
             if resp.status >= 400:
-                raw = await resp.read(_ERROR_BODY)
+                raw = await resp.read(ERROR_BODY_LIMIT)
                 done = True  # read to its end: the connection goes back to the pool
-                raise _error_from(resp.status, resp.headers, raw)
+                raise error_from_status(resp.status, resp.headers, raw)
             async for line in resp.iter_lines():
                 line = line.strip()
                 if not line.startswith(b"data:"):
@@ -353,7 +323,7 @@ class NativeOpenAIDispatcher:
                 if data == _DONE:
                     done = True
                     break
-                chunk = _json_object(data, "stream chunk")
+                chunk = json_object(data, "stream chunk")
                 if "error" in chunk and "choices" not in chunk:
                     err = chunk["error"]
                     message = err.get("message") if isinstance(err, dict) else str(err)
