@@ -22,7 +22,7 @@ from aiohttp import web
 
 from gateway.client_body import read_json, require_model
 from gateway.errors import ApiError, internal_error
-from gateway.providers.base import StreamEnd, UpstreamError
+from gateway.providers.base import Relayed, StreamEnd, UpstreamError
 from gateway.router import upstream_to_api_error
 from gateway.state import Gateway, Snapshot
 from gateway.usage import usage_from_payload
@@ -254,7 +254,7 @@ async def answer_json(request: web.Request, gw: Gateway, snap: Snapshot, ctx: Re
     finish_success(ctx, payload)
     ctx.first_byte_at = time.monotonic()
     snap.chain.answered(ctx)
-    payload = inbound.answer_body(ctx, payload, ctx.passthrough)
+    payload = inbound.answer_body(ctx, payload, payload.raw if isinstance(payload, Relayed) else None)
     response = await send_now(request, json_response(200, payload, ctx.response_headers))
     await snap.chain.end(ctx, wait=False)
     return response
@@ -353,7 +353,7 @@ async def relay_stream(request: web.Request, gw: Gateway, snap: Snapshot, ctx: R
                     ctx.first_byte_at = time.monotonic()
                     ctx.stream_started = True
             elif encoder is not None:
-                held = encoder.flush()  # the upstream's own events a passed-through stream holds
+                held = encoder.unsent(chunk)  # a passed-through piece's event still goes out
                 if held:
                     await response.write(held)
             try:

@@ -257,9 +257,6 @@ class Router:
     async def chat(self, ctx: RequestContext) -> dict[str, Any]:
         async def call(model: str, deployment: ModelEntry) -> dict[str, Any]:
             dispatcher = self.dispatcher_for(deployment)
-            # Set again by a dispatcher that passes the body through; an earlier attempt's
-            # (a dispatch the gate then moved to another model) must not be answered with.
-            ctx.passthrough = None
             if dispatcher is self.native:  # enforces the same limit in its ClientTimeout: cheaper
                 return await dispatcher.chat(deployment, ctx.body)
             limit = min(deployment.timeouts.total, deployment.timeouts.first_byte)
@@ -285,7 +282,6 @@ class Router:
 
         async def call(model: str, deployment: ModelEntry):
             dispatcher = self.dispatcher_for(deployment)
-            ctx.passthrough = None  # set again by a dispatcher that passes the body through
             if dispatcher is self.anthropic and ctx.inbound_body is not None:
                 stream = dispatcher.messages_stream(deployment, ctx)
             else:

@@ -179,10 +179,6 @@ class RequestContext:
     # --- outcome, filled by the core ------------------------------------------------
     status: int | None = None
     response: dict[str, Any] | None = None  # non-stream response body sent to the client
-    # What the upstream sent in the inbound API's own shape when dispatch passed the body
-    # through (set per attempt; None when the answer was translated): the non-stream
-    # message, or the stream's raw events not yet written to the client.
-    passthrough: Any = None
     usage: Usage | None = None
     provider: str | None = None  # e.g. "openai", "anthropic"
     deployment: str | None = None  # the litellm model string that answered

@@ -43,7 +43,7 @@ from gateway.lifecycle import (
     run_request,
     send_now,
 )
-from gateway.providers.base import UpstreamError
+from gateway.providers.base import Relayed, UpstreamError
 from gateway.state import GATEWAY
 
 log = structlog.get_logger("gateway")
@@ -280,6 +280,7 @@ class StreamEncoder:
         self.block = -1  # index of the open content block
         self.open_kind: str | None = None  # "text" or the OpenAI tool call index ("tool:N")
         self.stop_reason = "end_turn"
+        self.relaying = False  # the pieces carry the upstream's own events (Relayed)
 
     def _start(self, chunk: dict[str, Any]) -> bytes:
         self.started = True
@@ -301,23 +302,18 @@ class StreamEncoder:
         self.open_kind = None
         return _event("content_block_stop", {"type": "content_block_stop", "index": self.block})
 
-    def _relayed(self) -> bytes | None:
-        """The upstream's own events (an Anthropic upstream, passed through), if any."""
-        relay = self.ctx.passthrough
-        if relay is None:
-            return None
-        out = b"".join(relay)
-        relay.clear()
-        return out
-
-    def flush(self) -> bytes:
-        """The relayed events not written yet (for a chunk the client does not get)."""
-        return self._relayed() or b""
+    def unsent(self, chunk: dict[str, Any]) -> bytes:
+        """What the client still gets of a chunk it is not sent as such (a usage-only
+        chunk it did not ask for): a passed-through piece's own event."""
+        if isinstance(chunk, Relayed):
+            self.relaying = True
+            return chunk.raw
+        return b""
 
     def chunk(self, chunk: dict[str, Any]) -> bytes:
-        relayed = self._relayed()
-        if relayed is not None:
-            return relayed
+        if isinstance(chunk, Relayed):  # an Anthropic upstream's own events, passed through
+            self.relaying = True
+            return chunk.raw
         out = b"" if self.started else self._start(chunk)
         for choice in chunk.get("choices") or ():
             if choice.get("index", 0) != 0:
@@ -344,9 +340,8 @@ class StreamEncoder:
         return out
 
     def done(self) -> bytes:
-        relayed = self._relayed()
-        if relayed is not None:
-            return relayed
+        if self.relaying:  # message_delta and message_stop came as the upstream's own
+            return b""
         out = (b"" if self.started else self._start({})) + self._close()
         out += _event("message_delta", {"type": "message_delta",
                                         "delta": {"stop_reason": self.stop_reason, "stop_sequence": None},

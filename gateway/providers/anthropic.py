@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator
 import orjson
 
 from gateway.config import ModelEntry
-from gateway.providers.base import StreamEnd, UpstreamError
+from gateway.providers.base import Relayed, StreamEnd, UpstreamError
 from gateway.errors import redact
 from gateway.providers.base import json_object
 from gateway.providers.openai import call_timeouts
@@ -281,23 +281,21 @@ class AnthropicNativeDispatcher:
 
     async def messages(self, deployment: ModelEntry, ctx: Any) -> dict[str, Any]:
         """POST /v1/messages: the client's request passed through (`passthrough_request`);
-        the message as Anthropic sent it goes in `ctx.passthrough` for the client, its
-        OpenAI form is returned for the chain (usage, cache, idempotent replays)."""
+        returned as a `Relayed` answer: its OpenAI form for the chain (usage, cache,
+        idempotent replays), the message as Anthropic sent it for the client."""
         request = passthrough_request(deployment, ctx.body, ctx.inbound_body, ctx.inbound_translated, stream=False)
         if request is None:
             return await self.chat(deployment, ctx.body)
         message = await self._message(deployment, request)
-        ctx.passthrough = {**message, "model": ctx.model}
-        return from_message(message, _model(deployment))
+        return Relayed(from_message(message, _model(deployment)), {**message, "model": ctx.model})
 
     def messages_stream(self, deployment: ModelEntry, ctx: Any) -> AsyncIterator[dict[str, Any]]:
         """The streamed form of `messages`: OpenAI chunks for the chain, and in
-        `ctx.passthrough` (a list) Anthropic's events as they came, for the client."""
+        each piece a `Relayed` chunk carrying Anthropic's events as they came, for the client."""
         request = passthrough_request(deployment, ctx.body, ctx.inbound_body, ctx.inbound_translated, stream=True)
         if request is None:
             return self.chat_stream(deployment, ctx.body)
-        ctx.passthrough = relay = []
-        return self._stream(deployment, request, relay, ctx.model)
+        return self._stream(deployment, request, relay=True, public_model=ctx.model)
 
     async def count_tokens(self, deployment: ModelEntry, body: dict[str, Any]) -> int:
         """POST /v1/messages/count_tokens at Anthropic: Claude's own count of the client's
@@ -321,10 +319,10 @@ class AnthropicNativeDispatcher:
             return self.litellm.chat_stream(deployment, body)
         return self._stream(deployment, to_messages_request(deployment, body, stream=True))
 
-    async def _stream(self, deployment: ModelEntry, request: dict[str, Any], relay: list[bytes] | None = None,
+    async def _stream(self, deployment: ModelEntry, request: dict[str, Any], relay: bool = False,
                       public_model: str = "") -> AsyncIterator[dict[str, Any]]:
-        """Anthropic's events as OpenAI chunks; with a `relay`, each event also appended to
-        it as the client gets it (its message's model named `public_model`)."""
+        """Anthropic's events as OpenAI chunks; with `relay`, `Relayed` pieces: each carries
+        its event's bytes as the client gets them (its message's model named `public_model`)."""
         target, _, headers = self._target(deployment)
         total, connect = call_timeouts(deployment, True)
         resp = await self.native.open_stream(target, headers, orjson.dumps(request), total, connect)
@@ -336,8 +334,17 @@ class AnthropicNativeDispatcher:
         usage: dict[str, Any] = {}
         tools: dict[int, int] = {}  # Anthropic content block index -> OpenAI tool call index
 
+        raw = b""  # the current event's bytes, for the first piece made of it
+
         def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-            return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            return piece({**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
+
+        def piece(openai: dict[str, Any]) -> dict[str, Any]:
+            nonlocal raw
+            if not relay:
+                return openai
+            out, raw = Relayed(openai, raw), b""
+            return out
 
         try:
             data = b""
@@ -350,12 +357,12 @@ class AnthropicNativeDispatcher:
                     continue  # "event:" lines (the data names its type too), comments
                 event = json_object(data, "stream event")
                 kind = event.get("type")
-                if relay is not None and isinstance(kind, str) and kind.isidentifier() and kind != "error":
+                if relay and isinstance(kind, str) and kind.isidentifier() and kind != "error":
                     if kind == "message_start" and isinstance(event.get("message"), dict):
                         data = orjson.dumps({**event, "message": {**event["message"], "model": public_model}})
                     elif b"\r" in data:  # JSON whitespace, but a line end to the client's SSE parser
                         data = orjson.dumps(event)
-                    relay.append(b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n")
+                    raw = b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
                 data = b""
                 produced = True
                 if kind == "message_start":
@@ -363,7 +370,7 @@ class AnthropicNativeDispatcher:
                     base["id"] = message.get("id")
                     usage.update(message.get("usage") or {})
                     first = chunk({"role": "assistant", "content": ""})
-                    if relay is not None:  # the prompt's tokens, known now: billed if the stream is cut
+                    if relay:  # the prompt's tokens, known now: billed if the stream is cut
                         first["usage"] = _usage(usage)
                     yield first
                 elif kind == "content_block_start":
@@ -392,20 +399,22 @@ class AnthropicNativeDispatcher:
                     final = chunk({}, _FINISH.get(reason or "end_turn", "stop"))
                     end.observe(final)
                     yield final
-                    yield {**base, "choices": [], "usage": _usage(usage)}
+                    yield piece({**base, "choices": [], "usage": _usage(usage)})
                 elif kind == "message_stop":
                     finished = True
+                    if relay:
+                        yield piece({**base, "choices": []})
                     return
                 elif kind == "error":
                     error = event.get("error") or {}
                     raise UpstreamError("truncated", f"the upstream stream failed: {redact(str(error.get('message')))}")
                 else:
                     produced = False
-                if relay is not None and not produced:
+                if relay and not produced:
                     # An event with no OpenAI form (a ping, a block's start or stop, a
-                    # signature): a chunk of nothing, so the client gets the event now (the
-                    # relay is flushed per chunk) and the idle timer sees the stream alive.
-                    yield {**base, "choices": []}
+                    # signature): a piece of nothing carrying it, so the client gets the
+                    # event now and the idle timer sees the stream alive.
+                    yield piece({**base, "choices": []})
             if not end.complete:
                 raise UpstreamError("truncated", "the upstream stream ended before message_delta")
         except UpstreamError:

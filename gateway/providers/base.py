@@ -53,6 +53,22 @@ class UpstreamError(Exception):
         return f"UpstreamError({self.kind}, status={self.status}, {self.message[:80]!r})"
 
 
+class Relayed(dict):
+    """An OpenAI-shaped answer or stream chunk (what the chain sees: usage, cache, replays)
+    that also carries what the upstream sent in the client's own wire format (`raw`), when
+    dispatch passed the client's body through: Anthropic's message dict for a whole answer,
+    the SSE bytes of its events for a stream piece. One value, no side channel: the inbound
+    adapter writes `raw` where it has it (gateway/inbound/anthropic.py), the chain reads the
+    dict. A piece of nothing (`choices: []`) carries an event that has no OpenAI form (a ping,
+    a block's start or stop): the client still gets it when it comes."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, openai: dict[str, Any], raw: Any) -> None:
+        super().__init__(openai)
+        self.raw = raw
+
+
 class StreamEnd:
     """One end-of-stream rule for every path: a stream is complete when every choice it
     carried has its `finish_reason`. A `[DONE]` (or Anthropic's `message_stop`) missing
