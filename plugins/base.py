@@ -43,6 +43,9 @@ Invariants the core guarantees (and tests):
 
 A plugin never imports from `proxy.py` (it runs as `__main__`; a second copy would make
 `except Reject` silently stop matching). Shared types live here and in `gateway/`.
+
+To unit-test a plugin, call its hooks on a made-up request with `plugins/testing.py`
+(`make_ctx`, `make_plugin`, `run_hooks`): it runs this contract without a gateway.
 """
 
 from __future__ import annotations
