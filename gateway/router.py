@@ -146,11 +146,11 @@ class Router:
         """Before the first request: one mock call through litellm per provider it serves
         (see LitellmDispatcher.warm_up). Fails open: a failed warm-up only means a slower
         first call."""
-        warm = getattr(self.litellm, "warm_up", None)
         seen: set[str] = set()
         for entry in config.models:
             provider = provider_of(entry)
-            if warm is None or provider in seen or self.dispatcher_for(entry) is not self.litellm:
+            warm = getattr(self.dispatcher_for(entry), "warm_up", None)
+            if warm is None or provider in seen:
                 continue
             seen.add(provider)
             try:
@@ -178,7 +178,7 @@ class Router:
         ceiling = min(policy.backoff_max, policy.backoff_base * (2 ** retry))
         return random.uniform(ceiling / 2, ceiling)  # jitter, never zero
 
-    async def _attempts(self, ctx: RequestContext, call: Callable[[str, ModelEntry], Awaitable[Any]],
+    async def attempts(self, ctx: RequestContext, call: Callable[[str, ModelEntry], Awaitable[Any]],
                         only: Callable[[ModelEntry], bool] | None = None) -> Any:
         """Run `call(public_model, deployment)` until it succeeds, following the policy;
         with `only`, on the deployments it accepts (a stored response's upstream)."""
@@ -245,7 +245,7 @@ class Router:
         raise upstream_to_api_error(last, ctx.attempts) from None
 
     @staticmethod
-    async def _timed(deployment: ModelEntry, call: Awaitable[Any], which: str = "total") -> Any:
+    async def timed(deployment: ModelEntry, call: Awaitable[Any], which: str = "total") -> Any:
         limit = getattr(deployment.timeouts, which)
         try:
             async with asyncio.timeout(limit):
@@ -257,37 +257,37 @@ class Router:
     async def chat(self, ctx: RequestContext) -> dict[str, Any]:
         async def call(model: str, deployment: ModelEntry) -> dict[str, Any]:
             dispatcher = self.dispatcher_for(deployment)
-            if dispatcher is self.native:  # enforces the same limit in its ClientTimeout: cheaper
+            if dispatcher.times_itself:  # enforces the same limit on its own call: cheaper
                 return await dispatcher.chat(deployment, ctx.body)
             limit = min(deployment.timeouts.total, deployment.timeouts.first_byte)
             try:
                 async with asyncio.timeout(limit):
-                    if dispatcher is self.anthropic and ctx.inbound_body is not None:
+                    if dispatcher.passes_through and ctx.inbound_body is not None:
                         return await dispatcher.messages(deployment, ctx)
                     return await dispatcher.chat(deployment, ctx.body)
             except TimeoutError:
                 raise UpstreamError("timeout", f"the upstream did not answer within {limit:g}s",
                                     status=504) from None
 
-        return await self._attempts(ctx, call)
+        return await self.attempts(ctx, call)
 
     async def embeddings(self, ctx: RequestContext) -> dict[str, Any]:
         async def call(model: str, deployment: ModelEntry) -> dict[str, Any]:
-            return await self._timed(deployment, self.dispatcher_for(deployment).embeddings(deployment, ctx.body))
+            return await self.timed(deployment, self.dispatcher_for(deployment).embeddings(deployment, ctx.body))
 
-        return await self._attempts(ctx, call)
+        return await self.attempts(ctx, call)
 
     async def open_stream(self, ctx: RequestContext) -> tuple[dict[str, Any], AsyncIterator[dict[str, Any]]]:
         """Retries until the upstream produced its first chunk; returns it and the rest."""
 
         async def call(model: str, deployment: ModelEntry):
             dispatcher = self.dispatcher_for(deployment)
-            if dispatcher is self.anthropic and ctx.inbound_body is not None:
+            if dispatcher.passes_through and ctx.inbound_body is not None:
                 stream = dispatcher.messages_stream(deployment, ctx)
             else:
                 stream = dispatcher.chat_stream(deployment, ctx.body)
             try:
-                first = await self._timed(deployment, stream.__anext__(), "first_byte")
+                first = await self.timed(deployment, stream.__anext__(), "first_byte")
             except StopAsyncIteration:
                 await stream.aclose()
                 raise UpstreamError("truncated", "the upstream stream ended before any data") from None
@@ -296,7 +296,7 @@ class Router:
                 raise
             return first, _Masked(stream, deployment)
 
-        return await self._attempts(ctx, call)
+        return await self.attempts(ctx, call)
 
 
 def _mask_credentials(err: UpstreamError, deployment: ModelEntry) -> None:

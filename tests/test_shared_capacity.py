@@ -25,6 +25,7 @@ from typing import Any
 import openai
 import yaml
 
+from gateway.providers.base import Dispatcher
 from gateway.router import Router
 from tests.conftest import FULL_CHAIN
 from tests.fakes import free_port
@@ -35,7 +36,7 @@ HOLD = 8.0  # seconds each blocking call keeps its thread
 SLOW = 12  # concurrent blocking calls from one user: twice Python's default executor
 
 
-class BlockingDispatcher:
+class BlockingDispatcher(Dispatcher):
     """A provider whose calls block a default-executor thread for `hold` seconds."""
 
     def __init__(self, hold: float) -> None:

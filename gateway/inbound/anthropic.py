@@ -412,9 +412,12 @@ async def anthropic_count_tokens(request: web.Request) -> web.StreamResponse:
         to_openai({**body, "max_tokens": 1})  # the same checks as a message (400)
         tokens = None
         deployments = snap.config.deployments(model)
-        if deployments and gw.router.dispatcher_for(deployments[0]) is gw.router.anthropic:
-            try:  # Claude's own count for a Claude model; the local estimate if it cannot say
-                tokens = await gw.router.anthropic.count_tokens(deployments[0], body)
+        # Claude's own count where the model's provider can give it; the local estimate else.
+        upstream_count = getattr(gw.router.dispatcher_for(deployments[0]), "count_tokens", None) \
+            if deployments else None
+        if upstream_count is not None:
+            try:
+                tokens = await upstream_count(deployments[0], body)
             except UpstreamError as err:
                 log.warning("count_tokens_estimated", request_id=ctx.request_id, model=model, error=err.message[:200])
         if tokens is None:

@@ -48,19 +48,16 @@ from gateway.lifecycle import (
     usage_from,
     write_raw,
 )
-from gateway.router import upstream_to_api_error
+from gateway.router import upstream_to_api_error, uses_native
 from gateway.state import GATEWAY, Gateway, Snapshot
 from plugins.base import RequestContext
-from gateway.providers.base import ERROR_BODY_LIMIT, error_from_status, json_object
-from gateway.providers.openai import OPENAI_DEFAULT_BASE
-from gateway.providers.http import Target, UpstreamProtocolError
+from gateway.providers.openai import OPENAI_DEFAULT_BASE, RESPONSES_FAILED, RESPONSES_TERMINAL
 
 log = structlog.get_logger("gateway.responses")
 
-TERMINAL = ("response.completed", "response.incomplete")  # a whole answer (incomplete: max tokens)
-FAILED = ("response.failed", "error")
+TERMINAL = RESPONSES_TERMINAL  # a whole answer (incomplete: max tokens)
+FAILED = RESPONSES_FAILED
 _RESPONSE_ID = re.compile(r"[A-Za-z0-9_-]{1,200}")
-_EVENT_NAME = re.compile(r"[A-Za-z0-9_.]{1,100}")  # response.output_text.delta, error, ...
 _ITEM_QUERY = ("after", "before", "limit", "order", "include[]", "include")  # input_items' parameters
 _UPSTREAM = "responses"  # ctx.scratch namespace: the upstream that answered
 
@@ -130,23 +127,19 @@ async def stored(router: Any, store: Any, ctx: Any, method: str, response_id: st
     config = ctx.config
     names = [record["model"], *(m for m in config.model_names() if m != record["model"])]
     deployments = [d for m in names for d in config.deployments(m)
-                   if upstream_of(d) == record["upstream"] and router.dispatcher_for(d) is router.native]
+                   if upstream_of(d) == record["upstream"] and router.dispatcher_for(d).serves_responses]
     if not deployments:
         raise ApiError(404, f"The response '{response_id}' is stored at an upstream no configured model uses "
                             f"any more.", type="invalid_request_error", code="response_not_found")
     args = "&".join(f"{k}={v}" for k, v in (query or {}).items() if k in _ITEM_QUERY and re.fullmatch(
         r"[A-Za-z0-9_.,\-]{1,200}", v))
     for deployment in deployments:  # the same upstream under several keys: the one that has it
-        target, headers, total, connect = router.native._target(deployment, "/responses")
-        url = f"{target.url}/{response_id}{tail}" + (f"?{args}" if args else "")
         try:
-            payload = await router.native.post_json(Target(url, proxy=deployment.proxy), headers, b"", total,
-                                                    connect, method=method)
+            payload = await router.dispatcher_for(deployment).responses_stored(deployment, method, response_id,
+                                                                               tail, args)
         except UpstreamError as err:
             if err.status == 404:
                 continue
-            from gateway.router import upstream_to_api_error
-
             raise upstream_to_api_error(err, 1) from None
         if payload.get("object") == "response":
             payload["model"] = record["model"]
@@ -159,9 +152,7 @@ async def stored(router: Any, store: Any, ctx: Any, method: str, response_id: st
 
 
 def _require_native(router: Any, model: str, deployment: ModelEntry) -> None:
-    from gateway.router import uses_native
-
-    if not uses_native(deployment) or router.dispatcher_for(deployment) is not router.native:
+    if not uses_native(deployment) or not router.dispatcher_for(deployment).serves_responses:
         raise ApiError(400, f"The model '{model}' is not served over the Responses API by this gateway; "
                             f"use /v1/chat/completions (or /v1/messages) for it.", param="model",
                        code="responses_not_supported")
@@ -173,13 +164,11 @@ async def create(router: Any, ctx: Any, only: Callable[[ModelEntry], bool] | Non
 
     async def call(model: str, deployment: ModelEntry) -> dict[str, Any]:
         _require_native(router, model, deployment)
-        payload = await router.native._post_json(deployment, "/responses", ctx.body, "responses")
-        if not isinstance(payload.get("output"), list):
-            raise UpstreamError("bad_response", "the upstream response had no output")
+        payload = await router.dispatcher_for(deployment).responses_create(deployment, ctx.body)
         ctx.scratch(_UPSTREAM)["upstream"] = upstream_of(deployment)
         return payload
 
-    return await router._attempts(ctx, call, only)
+    return await router.attempts(ctx, call, only)
 
 
 async def open_stream(router: Any, ctx: Any, only: Callable[[ModelEntry], bool] | None = None) -> tuple[
@@ -189,9 +178,9 @@ async def open_stream(router: Any, ctx: Any, only: Callable[[ModelEntry], bool] 
     async def call(model: str, deployment: ModelEntry) -> Any:
         _require_native(router, model, deployment)
         ctx.scratch(_UPSTREAM)["upstream"] = upstream_of(deployment)
-        stream = _events(router.native, deployment, ctx.body)
+        stream = router.dispatcher_for(deployment).responses_events(deployment, ctx.body)
         try:
-            first = await router._timed(deployment, stream.__anext__(), "first_byte")
+            first = await router.timed(deployment, stream.__anext__(), "first_byte")
         except StopAsyncIteration:
             raise UpstreamError("truncated", "the upstream stream ended before any event") from None
         except BaseException:
@@ -199,52 +188,7 @@ async def open_stream(router: Any, ctx: Any, only: Callable[[ModelEntry], bool] 
             raise
         return first, stream
 
-    return await router._attempts(ctx, call, only)
-
-
-async def _events(native: Any, deployment: ModelEntry, body: dict[str, Any]) -> AsyncIterator[
-        tuple[str, dict[str, Any], bytes]]:
-    """(event name, its data, its raw bytes as the client gets them), as they arrive."""
-    target, headers, total, connect = native._target(deployment, "/responses", stream=True)
-    try:
-        async with asyncio.timeout(total):
-            resp = await native._send(target, headers, native._body(deployment, {**body, "stream": True},
-                                                                     "responses"), connect)
-    except TimeoutError:
-        raise UpstreamError("timeout", "the upstream did not answer in time", status=504) from None
-    finished = False
-    try:
-        if resp.status >= 400:
-            raw = await resp.read(ERROR_BODY_LIMIT)
-            finished = True
-            raise error_from_status(resp.status, resp.headers, raw)
-        name, data = "", b""
-        async for line in resp.iter_lines():
-            line = line.rstrip(b"\r\n")
-            if line.startswith(b"event:"):
-                name = line[6:].strip().decode("utf-8", "replace")
-            elif line.startswith(b"data:"):
-                data = line[5:].strip()
-            elif not line.strip() and data:
-                parsed = json_object(data, "stream event")
-                name = str(parsed.get("type") or name or "")
-                if not _EVENT_NAME.fullmatch(name):
-                    raise UpstreamError("bad_response", "the upstream sent an event with an invalid name")
-                if b"\r" in data:  # JSON whitespace, but a line end to the client's SSE parser
-                    data = orjson.dumps(parsed)
-                yield name, parsed, b"event: " + name.encode() + b"\ndata: " + data + b"\n\n"
-                if name in TERMINAL or name in FAILED:
-                    finished = True
-                    return
-                name, data = "", b""
-        raise UpstreamError("truncated", "the upstream stream ended before response.completed")
-    except (UpstreamProtocolError, OSError) as exc:
-        raise UpstreamError("truncated", f"the upstream stream broke off: {type(exc).__name__}") from None
-    finally:
-        if finished:
-            resp.release()
-        else:
-            resp.close()
+    return await router.attempts(ctx, call, only)
 
 
 def error_event(err: ApiError) -> bytes:

@@ -21,9 +21,8 @@ from typing import Any, AsyncIterator
 import orjson
 
 from gateway.config import ModelEntry
-from gateway.providers.base import Relayed, StreamEnd, UpstreamError
+from gateway.providers.base import Dispatcher, Relayed, StreamEnd, UpstreamError, json_object
 from gateway.errors import redact
-from gateway.providers.base import json_object
 from gateway.providers.openai import call_timeouts
 from gateway.providers.http import Target, UpstreamProtocolError
 
@@ -238,9 +237,11 @@ def from_message(message: dict[str, Any], model: str) -> dict[str, Any]:
             "usage": _usage(message.get("usage") or {})}
 
 
-class AnthropicNativeDispatcher:
+class AnthropicNativeDispatcher(Dispatcher):
     """Anthropic's Messages API over the shared native HTTP client; litellm for the rest."""
 
+
+    passes_through = True  # POST /v1/messages to Anthropic as the client sent it
     def __init__(self, native: Any, litellm: Any) -> None:
         self.native = native
         self.litellm = litellm

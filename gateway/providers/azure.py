@@ -28,6 +28,7 @@ from typing import Any, AsyncIterator
 import orjson
 
 from gateway.config import ModelEntry
+from gateway.providers.base import Dispatcher
 from gateway.providers.openai import azure_api_version, upstream_model
 
 # The OpenAI parameters litellm sends to an Azure (non-reasoning) deployment as they are
@@ -108,7 +109,7 @@ def to_azure_body(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class AzureNativeDispatcher:
+class AzureNativeDispatcher(Dispatcher):
     """Azure OpenAI through the native dispatcher (its URLs, key header and filters live
     there) for what `covers()` accepts; litellm for the rest."""
 

@@ -9,7 +9,7 @@ comparing it with a known instance.
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator
 
 import orjson
 
@@ -96,16 +96,32 @@ class StreamEnd:
         return self.seen and not self.open
 
 
-class Dispatcher(Protocol):
+class Dispatcher:
+    """One upstream API. The router calls `chat`, `chat_stream` and `embeddings`, and asks
+    the dispatcher what else it can do through the flags below, never by identity."""
+
+    # Enforces the deployment's total / first-byte timeouts on its own call (the router
+    # need not wrap it in asyncio.timeout: cheaper on the fast path).
+    times_itself = False
+    # Can send an inbound request of the client's own wire format as the client sent it
+    # (`messages`, `messages_stream`: Anthropic's /v1/messages to Anthropic), answering
+    # `Relayed` pieces.
+    passes_through = False
+    # Serves OpenAI's Responses API (`responses_create`, `responses_events`, `responses_stored`).
+    serves_responses = False
+
     async def chat(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
         """A non-streamed chat completion, as an OpenAI `chat.completion` dict."""
+        raise UpstreamError("status", "this provider does not serve chat completions", status=400)
 
     def chat_stream(self, deployment: ModelEntry, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Chunks as OpenAI `chat.completion.chunk` dicts, as they arrive. The iterator
         must be closed (`aclose`) by the caller when abandoned."""
+        raise UpstreamError("status", "this provider does not stream chat completions", status=400)
 
     async def embeddings(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
         """An OpenAI embeddings `list` dict."""
+        raise UpstreamError("status", "this provider does not serve embeddings", status=400)
 
 
 def provider_of(deployment: ModelEntry) -> str:

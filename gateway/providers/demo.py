@@ -15,6 +15,7 @@ import uuid
 from typing import Any, AsyncIterator
 
 from gateway.config import ModelEntry
+from gateway.providers.base import Dispatcher
 
 LABEL = "[offline demo model]"
 
@@ -48,7 +49,7 @@ def _usage(body: dict[str, Any], reply: str) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-class DemoDispatcher:
+class DemoDispatcher(Dispatcher):
     async def chat(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
         reply = demo_reply(body)
         return {

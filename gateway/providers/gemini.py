@@ -40,9 +40,8 @@ import orjson
 
 from gateway import price_map
 from gateway.config import ModelEntry
-from gateway.providers.base import StreamEnd, UpstreamError
+from gateway.providers.base import Dispatcher, StreamEnd, UpstreamError, json_object
 from gateway.errors import redact
-from gateway.providers.base import json_object
 from gateway.providers.openai import call_timeouts
 from gateway.providers.http import Target, UpstreamProtocolError
 
@@ -487,7 +486,7 @@ def from_response(response: dict[str, Any]) -> dict[str, Any]:
     return answer
 
 
-class GeminiNativeDispatcher:
+class GeminiNativeDispatcher(Dispatcher):
     """generateContent over the native dispatcher's connection pool (`NativeOpenAIDispatcher`)
     for what `covers()` accepts; litellm for the rest."""
 

@@ -23,7 +23,7 @@ import structlog  # noqa: E402
 
 from gateway.client_body import DISPATCH_PARAMS  # noqa: E402
 from gateway.config import ModelEntry  # noqa: E402
-from gateway.providers.base import StreamEnd, UpstreamError, retry_after_seconds  # noqa: E402
+from gateway.providers.base import Dispatcher, StreamEnd, UpstreamError, retry_after_seconds  # noqa: E402
 from gateway.errors import redact  # noqa: E402
 
 
@@ -173,7 +173,7 @@ def _clean_response(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class LitellmDispatcher:
+class LitellmDispatcher(Dispatcher):
     """Every provider, through litellm. Retries are ours (the router's), never litellm's."""
 
     def _kwargs(self, deployment: ModelEntry, body: dict[str, Any],

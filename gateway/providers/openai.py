@@ -32,6 +32,7 @@ a redirect elsewhere, and a POST turned into a GET is not the call that was aske
 from __future__ import annotations
 
 import asyncio
+import re
 import os
 from typing import Any, AsyncIterator
 from urllib.parse import urljoin
@@ -41,7 +42,7 @@ import structlog
 
 from gateway.client_body import DISPATCH_PARAMS
 from gateway.config import ModelEntry
-from gateway.providers.base import ERROR_BODY_LIMIT, StreamEnd, UpstreamError, error_from_status, json_object
+from gateway.providers.base import Dispatcher, ERROR_BODY_LIMIT, StreamEnd, UpstreamError, error_from_status, json_object
 from gateway.errors import redact
 from gateway.config import NATIVE_BODY_DEFAULTS
 from gateway.providers.http import (
@@ -61,6 +62,10 @@ AZURE_DEFAULT_API_VERSION = "2025-02-01-preview"  # litellm.AZURE_DEFAULT_API_VE
 _AZURE_V1 = ("v1", "latest", "preview")  # the version-less /openai/v1 API (litellm: an OpenAI client)
 _PASSED = {endpoint: params | {"model"} for endpoint, params in DISPATCH_PARAMS.items()}  # model: replaced
 _DONE = b"[DONE]"
+# The Responses API's stream: the events that end it whole (incomplete: max tokens), or failed.
+RESPONSES_TERMINAL = ("response.completed", "response.incomplete")
+RESPONSES_FAILED = ("response.failed", "error")
+RESPONSES_EVENT_NAME = re.compile(r"[A-Za-z0-9_.]{1,100}")  # response.output_text.delta, error, ...
 MAX_REDIRECTS = 3
 
 
@@ -138,10 +143,13 @@ def _without_azure_filters(answer: dict[str, Any]) -> dict[str, Any] | None:
     return answer
 
 
-class NativeOpenAIDispatcher:
+class NativeOpenAIDispatcher(Dispatcher):
     """OpenAI wire format, pass-through. One shared connection pool per gateway
     (gateway/providers/http.py)."""
 
+
+    times_itself = True  # the HTTP client enforces the call's timeouts itself
+    serves_responses = True
     def __init__(self) -> None:
         self._http: UpstreamHTTP | None = None
         self._targets: dict[tuple[int, str, bool], tuple[ModelEntry, Target, bytes, float, float]] = {}
@@ -283,6 +291,66 @@ class NativeOpenAIDispatcher:
             raise
         response.release()
         raise error_from_status(response.status, response.headers, raw)
+
+    async def responses_create(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /responses, not streamed: the response object as the upstream sent it."""
+        payload = await self._post_json(deployment, "/responses", body, "responses")
+        if not isinstance(payload.get("output"), list):
+            raise UpstreamError("bad_response", "the upstream response had no output")
+        return payload
+
+    async def responses_stored(self, deployment: ModelEntry, method: str, response_id: str, tail: str = "",
+                               query: str = "") -> dict[str, Any]:
+        """GET or DELETE /responses/{id}[/input_items][?query] at the deployment's upstream."""
+        target, headers, total, connect = self._target(deployment, "/responses")
+        url = f"{target.url}/{response_id}{tail}" + (f"?{query}" if query else "")
+        return await self.post_json(Target(url, proxy=deployment.proxy), headers, b"", total, connect,
+                                    method=method)
+
+    async def responses_events(self, deployment: ModelEntry, body: dict[str, Any]) -> AsyncIterator[
+            tuple[str, dict[str, Any], bytes]]:
+        """POST /responses streamed: (event name, its data, its raw bytes as the client gets
+            them), as they arrive, until response.completed / incomplete / failed."""
+        target, headers, total, connect = self._target(deployment, "/responses", stream=True)
+        try:
+            async with asyncio.timeout(total):
+                resp = await self._send(target, headers, self._body(deployment, {**body, "stream": True},
+                                                                         "responses"), connect)
+        except TimeoutError:
+            raise UpstreamError("timeout", "the upstream did not answer in time", status=504) from None
+        finished = False
+        try:
+            if resp.status >= 400:
+                raw = await resp.read(ERROR_BODY_LIMIT)
+                finished = True
+                raise error_from_status(resp.status, resp.headers, raw)
+            name, data = "", b""
+            async for line in resp.iter_lines():
+                line = line.rstrip(b"\r\n")
+                if line.startswith(b"event:"):
+                    name = line[6:].strip().decode("utf-8", "replace")
+                elif line.startswith(b"data:"):
+                    data = line[5:].strip()
+                elif not line.strip() and data:
+                    parsed = json_object(data, "stream event")
+                    name = str(parsed.get("type") or name or "")
+                    if not RESPONSES_EVENT_NAME.fullmatch(name):
+                        raise UpstreamError("bad_response", "the upstream sent an event with an invalid name")
+                    if b"\r" in data:  # JSON whitespace, but a line end to the client's SSE parser
+                        data = orjson.dumps(parsed)
+                    yield name, parsed, b"event: " + name.encode() + b"\ndata: " + data + b"\n\n"
+                    if name in RESPONSES_TERMINAL or name in RESPONSES_FAILED:
+                        finished = True
+                        return
+                    name, data = "", b""
+            raise UpstreamError("truncated", "the upstream stream ended before response.completed")
+        except (UpstreamProtocolError, OSError) as exc:
+            raise UpstreamError("truncated", f"the upstream stream broke off: {type(exc).__name__}") from None
+        finally:
+            if finished:
+                resp.release()
+            else:
+                resp.close()
 
     async def chat(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
         payload = await self._post_json(deployment, "/chat/completions", body, "chat.completions")
