@@ -153,7 +153,7 @@ async def run_request(request: web.Request, snap: Snapshot, ctx: RequestContext,
     snap.chain.enter(ctx)
     try:
         await snap.chain.run_request(ctx, read_body)
-        if ctx.short_circuit is None and ctx.endpoint != "models":
+        if ctx.short_circuit is None and ctx.billed:
             if not ctx.candidates:
                 raise ApiError(404, f"The model '{ctx.requested_model}' does not exist or you do not have access to it.",
                                code="model_not_found", param="model")
@@ -209,7 +209,7 @@ def _bound_output_tokens(ctx: RequestContext) -> None:
 
 def choose_model(ctx: RequestContext) -> None:
     ctx.model = ctx.candidates[0]
-    if ctx.endpoint == "chat.completions":
+    if ctx.conversation:
         _bound_output_tokens(ctx)
     if ctx.model != ctx.requested_model:
         ctx.downgraded_from = ctx.requested_model

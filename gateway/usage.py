@@ -300,7 +300,7 @@ def _estimate_output(ctx: RequestContext, model: str | None) -> int:
 
 def finalize_usage(ctx: RequestContext) -> None:
     """Fill ctx.usage (estimating where needed) and ctx.cost_usd before the endings run."""
-    if ctx.endpoint == "models":
+    if not ctx.billed:
         return
     if ctx.short_circuit is not None:
         _price_saved(ctx)

@@ -48,7 +48,6 @@ from plugins.base import Plugin, RequestContext
 log = structlog.get_logger("gateway.accounting")
 events = structlog.get_logger("gateway.analytics")
 
-BILLABLE = ("chat.completions", "embeddings")
 
 
 class AccountingSettings(BaseModel):
@@ -162,7 +161,7 @@ class Accounting(Plugin):
     # --- the endings journal (gateway/journal.py) -------------------------------------
 
     def journal(self, ctx: RequestContext) -> Any:
-        if ctx.endpoint not in BILLABLE:
+        if not ctx.billed:
             return None
         row = usage_row(ctx)
         row["latency_ms"] = (time.monotonic() - ctx.started_at) * 1000  # the ending is not yet stamped
@@ -186,7 +185,7 @@ class Accounting(Plugin):
         await self._record(ctx)
 
     async def _record(self, ctx: RequestContext) -> None:
-        if ctx.endpoint not in BILLABLE:
+        if not ctx.billed:
             return
         row = usage_row(ctx)
         if self.settings.analytics_events:

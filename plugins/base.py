@@ -65,7 +65,20 @@ if TYPE_CHECKING:
     from gateway.store import Store
     from gateway.usage import UnitPrices
 
-Endpoint = Literal["chat.completions", "embeddings", "models"]
+# Every endpoint the gateway serves through the chain, as metrics and logs label it.
+Endpoint = Literal[
+    "chat.completions",       # POST /v1/chat/completions
+    "embeddings",             # POST /v1/embeddings
+    "messages",               # POST /v1/messages (Anthropic's Messages API)
+    "responses",              # POST /v1/responses
+    "models",                 # GET /v1/models[/{model}]
+    "messages.count_tokens",  # POST /v1/messages/count_tokens
+    "responses.stored",       # GET/DELETE /v1/responses/{id}[/input_items]
+]
+# Requests that call a model: priced, billed in energy and USD, one usage row each.
+BILLED_ENDPOINTS: AbstractSet[str] = frozenset({"chat.completions", "embeddings", "messages", "responses"})
+# Requests that carry a conversation (the chat chain: workspace prompt, experiments, output caps).
+CONVERSATION_ENDPOINTS: AbstractSet[str] = frozenset({"chat.completions", "messages", "responses"})
 
 
 class Reject(ApiError):
@@ -122,6 +135,10 @@ class RequestContext:
 
     request_id: str
     endpoint: Endpoint
+    # Derived from `endpoint` when the context is made: whether the request calls a model and
+    # is billed (BILLED_ENDPOINTS), and whether it carries a conversation.
+    billed: bool = field(init=False)
+    conversation: bool = field(init=False)
     config: "Config"  # the config snapshot this request started with (live reload safe)
     headers: Mapping[str, str]  # incoming HTTP headers, case-insensitive, read-only
     body: dict[str, Any]  # the OpenAI request body; request hooks may rewrite it
@@ -207,6 +224,10 @@ class RequestContext:
     ended_at: float | None = None
 
     _scratch: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.billed = self.endpoint in BILLED_ENDPOINTS
+        self.conversation = self.endpoint in CONVERSATION_ENDPOINTS
 
     def scratch(self, plugin: str) -> dict[str, Any]:
         """A plugin's private, namespaced space on this request."""

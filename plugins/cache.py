@@ -238,7 +238,7 @@ class ResponseCache(Plugin):
             await self.backend.close()
 
     async def _applies(self, ctx: RequestContext) -> WorkspaceCache | None:
-        if ctx.endpoint != "chat.completions" or ctx.inbound == "responses" or ctx.identity is None \
+        if ctx.endpoint not in ("chat.completions", "messages") or ctx.identity is None \
                 or not ctx.candidates:
             return None  # chat completions (also /v1/messages, translated to one) only
         settings = self.settings

@@ -70,7 +70,6 @@ from gateway.errors import internal_error, store_unavailable
 from gateway.store import StoreUnavailable
 from plugins.base import Plugin, Reject, RequestContext
 
-BILLABLE = ("chat.completions", "embeddings")
 STALE_AFTER = 3600.0  # the least `stale_after` defaults to (EnergySettings)
 KNOWN_BALANCE_TTL = 5.0  # seconds a balance seen by this process is trusted to decide an overlap
 
@@ -188,7 +187,7 @@ class Energy(Plugin):
         return action
 
     async def on_request(self, ctx: RequestContext) -> None:
-        if ctx.endpoint not in BILLABLE or ctx.identity is None or not ctx.candidates:
+        if not ctx.billed or ctx.identity is None or not ctx.candidates:
             return
         action = self._action(ctx)
         ctx.action = action
@@ -404,6 +403,6 @@ class Energy(Plugin):
             if balance is not None:
                 ctx.response_headers["X-Energy-Remaining"] = str(balance)
             self._known.pop(ctx.identity.user_id, None)  # a refund's result may arrive out of order
-        elif ctx.identity is not None and ctx.endpoint in BILLABLE and "X-Energy-Remaining" not in ctx.response_headers:
+        elif ctx.identity is not None and ctx.billed and "X-Energy-Remaining" not in ctx.response_headers:
             ctx.response_headers["X-Energy-Cost"] = "0"
             ctx.response_headers["X-Energy-Remaining"] = str(await store.balance(ctx.identity.user_id))

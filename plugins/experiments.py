@@ -86,7 +86,7 @@ class Experiments(Plugin):
         return True
 
     async def on_request(self, ctx: RequestContext) -> None:
-        if ctx.endpoint != "chat.completions" or ctx.identity is None or not ctx.candidates:
+        if not ctx.conversation or ctx.identity is None or not ctx.candidates:
             return
         for experiment in ctx.config.experiments:
             if experiment.enabled and await self._matches(ctx, experiment):

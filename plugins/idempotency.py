@@ -74,7 +74,7 @@ class Idempotency(Plugin):
 
     async def on_request(self, ctx: RequestContext) -> None:
         key = ctx.headers.get("Idempotency-Key")
-        if not key or ctx.identity is None or ctx.endpoint == "models":
+        if not key or ctx.identity is None or not ctx.billed:
             return
         if len(key) > MAX_KEY_LENGTH or not key.isascii() or not key.isprintable():
             raise Reject(400, f"Idempotency-Key must be printable ASCII of at most {MAX_KEY_LENGTH} characters.",

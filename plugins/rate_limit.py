@@ -229,7 +229,7 @@ class RateLimit(Plugin):
         return scopes
 
     async def on_request(self, ctx: RequestContext) -> None:
-        if ctx.identity is None or ctx.endpoint == "models" or self.counters is None:
+        if ctx.identity is None or not ctx.billed or self.counters is None:
             return
         scopes = await self._scopes(ctx)
         if not scopes:

@@ -338,7 +338,7 @@ async def run_hooks(plugins: Iterable[Plugin], ctx: RequestContext, *, answer: d
     plugins = list(plugins)
     reported, ctx.usage = ctx.usage, None  # what the upstream will report, once dispatched
     error = await run_request(plugins, ctx)
-    if error is None and ctx.short_circuit is None and ctx.endpoint != "models":
+    if error is None and ctx.short_circuit is None and ctx.billed:
         if not ctx.candidates:
             error = ApiError(404, f"The model '{ctx.requested_model}' does not exist or you do not have access to it.",
                              code="model_not_found", param="model")
@@ -354,7 +354,7 @@ async def run_hooks(plugins: Iterable[Plugin], ctx: RequestContext, *, answer: d
         error = await gate
         if error is None and ctx.candidates and ctx.candidates[0] != ctx.model:
             _choose_model(ctx)  # the gate moved the request: it is dispatched to that model
-    if error is None and ctx.endpoint != "models":
+    if error is None and ctx.billed:
         if ctx.short_circuit is not None:
             payload = ctx.short_circuit
         elif upstream_error is not None:

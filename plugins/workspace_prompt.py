@@ -46,7 +46,7 @@ class WorkspacePrompt(Plugin):
     name = "workspace_prompt"
 
     async def on_request(self, ctx: RequestContext) -> None:
-        if ctx.identity is None or ctx.endpoint != "chat.completions" or self.services.directory is None:
+        if ctx.identity is None or not ctx.conversation or self.services.directory is None:
             return
         workspace = await self.services.directory.workspace(ctx.identity.workspace_id)
         if workspace is None:

@@ -387,7 +387,7 @@ async def anthropic_messages(request: web.Request) -> web.StreamResponse:
     """POST /v1/messages (gateway/inbound/anthropic.py): the chat chain, Anthropic's shapes."""
     gw = request.app[GATEWAY]
     snap = gw.snapshot
-    ctx = new_context(request, snap, "chat.completions", {})
+    ctx = new_context(request, snap, "messages", {})
     ctx.inbound = "anthropic"
 
     def answer() -> Awaitable[web.StreamResponse]:
@@ -403,7 +403,7 @@ async def anthropic_count_tokens(request: web.Request) -> web.StreamResponse:
     """POST /v1/messages/count_tokens: authenticated like every endpoint, free of charge."""
     gw = request.app[GATEWAY]
     snap = gw.snapshot
-    ctx = new_context(request, snap, "models", {})
+    ctx = new_context(request, snap, "messages.count_tokens", {})
     ctx.inbound = "anthropic"
 
     async def answer() -> web.StreamResponse:

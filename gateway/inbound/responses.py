@@ -209,7 +209,7 @@ async def responses_create(request: web.Request) -> web.StreamResponse:
     """POST /v1/responses (gateway/inbound/responses.py): passed through, the chain around it."""
     gw = request.app[GATEWAY]
     snap = gw.snapshot
-    ctx = new_context(request, snap, "chat.completions", {})
+    ctx = new_context(request, snap, "responses", {})
     ctx.inbound = "responses"
 
     async def answer() -> web.StreamResponse:
@@ -330,7 +330,7 @@ async def stored_response(request: web.Request) -> web.StreamResponse:
     that stored it, for the user who created it (gateway/inbound/responses.py); free."""
     gw = request.app[GATEWAY]
     snap = gw.snapshot
-    ctx = new_context(request, snap, "models", {})
+    ctx = new_context(request, snap, "responses.stored", {})
     ctx.inbound = "responses"
 
     async def answer() -> web.StreamResponse:
