@@ -36,6 +36,7 @@ from gateway.admin import Admin  # noqa: E402
 from gateway.admin_api import admin_routes  # noqa: E402
 from gateway.dashboard import dashboard_routes  # noqa: E402
 from gateway import http_server  # noqa: E402
+from gateway import exposure  # noqa: E402
 from gateway.client_body import (  # noqa: E402
     read_json,
     require_model,
@@ -1289,6 +1290,10 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     configure_logging()
     host = args.host or config.server.host
+    refused = exposure.bind_errors(config, host)  # `--host` past a loopback-only statement
+    if refused:
+        print(ConfigError(refused), file=sys.stderr)
+        return 1
     port = args.port if args.port is not None else config.server.port
     workers = args.workers if args.workers is not None else config.server.workers
     log.info("gateway_starting", host=host, port=port, workers=workers, models=config.model_names(),
@@ -1338,7 +1343,7 @@ def ready_line(config: Config, config_path: str, base: str) -> str:
     keys = "; ".join(f"{', '.join(dict.fromkeys(names))} (no {env})" for env, names in missing.items())
     return (f"gateway ready on {base} · config {config_path} · store {store_shown} · "
             f"{len(config.model_names())} models" + (f", without keys: {keys}" if keys else "") +
-            f" · dashboard {base}/dashboard")
+            f" · dashboard {base}/dashboard" + exposure.ready_warning(config))
 
 
 def _run_worker(config: Config, config_path: str, host: str, port: int, *, reuse_port: bool) -> None:
