@@ -16,6 +16,7 @@ import sys
 
 import structlog
 
+from gateway import exposure
 from gateway.config import ConfigError
 from gateway.reload import check_config
 from gateway.workers import AppFactory, leave_despite_blocked_threads, run_worker, supervise
@@ -39,6 +40,10 @@ def _serve(args: argparse.Namespace, create_app: AppFactory) -> int:
         return 1
     configure_logging()
     host = args.host or config.server.host
+    refused = exposure.bind_errors(config, host)  # `--host` past a loopback-only statement
+    if refused:
+        print(ConfigError(refused), file=sys.stderr)
+        return 1
     port = args.port if args.port is not None else config.server.port
     workers = args.workers if args.workers is not None else config.server.workers
     log.info("gateway_starting", host=host, port=port, workers=workers, models=config.model_names(),

@@ -22,6 +22,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from gateway.client_body import CHAT_PARAMS, EMBEDDINGS_PARAMS, FORBIDDEN_FIELDS
+from gateway.exposure import STANDARD_CHAIN
+from gateway.exposure import config_errors as exposure_errors
 
 ENV_PREFIX = "os.environ/"
 
@@ -62,6 +64,10 @@ class ServerConfig(_Strict):
     shutdown_grace: float = Field(30.0, ge=0, description="seconds in-flight requests get on SIGTERM")
     workers: int = Field(1, ge=1, le=64, description="processes sharing the port")
     header_timeout: float = Field(10.0, gt=0, description="seconds a client has to send a request's headers (slowloris)")
+    # A chain without auth (or without energy/accounting in front of a model that calls a
+    # provider) is refused unless stated here; accepted on a loopback host only
+    # (gateway/exposure.py, docs/operations.md "Secure by default").
+    allow_unauthenticated: bool = False
 
 
 class StoreConfig(_Strict):
@@ -486,7 +492,13 @@ class Config(_Strict):
     rate_limits: RateLimitsConfig = RateLimitsConfig()
     reports: ReportsConfig = ReportsConfig()
     experiments: list[ExperimentConfig] = Field(default_factory=list)
-    plugins: list[PluginEntry] = Field(default_factory=list)
+    # No `plugins:` section (or an empty key): the standard chain, never an open one.
+    plugins: list[PluginEntry] = Field(default_factory=lambda: [PluginEntry(name=n) for n in STANDARD_CHAIN])
+
+    @field_validator("plugins", mode="before")
+    @classmethod
+    def _standard_when_unset(cls, v: Any) -> Any:
+        return [{"name": n} for n in STANDARD_CHAIN] if v is None else v
 
     @model_validator(mode="after")
     def _cross_references(self) -> "Config":
@@ -572,6 +584,13 @@ class Config(_Strict):
                 if value is not None and value < longest.seconds:
                     errors.append(f"plugins[{i}].settings.{name}: {value:g}s is shorter than the longest "
                                   f"request ({longest.why})")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    @model_validator(mode="after")
+    def _guarded_chain(self) -> "Config":
+        errors = exposure_errors(self)
         if errors:
             raise ValueError("; ".join(errors))
         return self

@@ -2,8 +2,13 @@
 
     POST /v1/feedback  {"request_id": "req_…", "metric": "reply_sent", "value": true}
 
-An app reports what became of an answer ("reply sent", a rating): numbers, or booleans
-(stored as 1 and 0). Only for the caller's own requests (the request id is the
+An app reports what became of an answer ("reply sent", a rating): numbers from
+-VALUE_LIMIT to VALUE_LIMIT (1e9), or booleans (stored as 1 and 0). At most
+METRICS_PER_REQUEST (20) distinct metrics per request, and METRICS_PER_USER_MINUTE (50)
+distinct metrics per user in any minute (counted by each gateway process); past the first
+the answer is a 400, past the second a 429, and nothing is stored. The bounds keep the report's sums of squares
+far from a double's overflow (PostgreSQL answers "value out of range" past 1.8e308) and
+its groups few; the report also skips values stored outside them (before these limits). Only for the caller's own requests (the request id is the
 `X-Request-Id` of the answer; someone else's, or an unknown one, is a 404 either way), and
 idempotent per request and metric (sending it again replaces the value).
 
@@ -16,6 +21,7 @@ and its difference to the control (± 1.96·√(s²/n + s_c²/n_c)).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 import time
@@ -29,6 +35,35 @@ from gateway.errors import ApiError, bad_request
 _METRIC = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 _FIELDS = frozenset({"request_id", "metric", "value"})
 Z95 = 1.96
+VALUE_LIMIT = 1e9
+METRICS_PER_REQUEST = 20
+METRICS_PER_USER_MINUTE = 50
+MINUTE = 60.0
+
+
+class MetricWindow:
+    """The distinct metrics each user reported in the last minute (this process).
+
+    `admit` checks and records in one step, with no await between: two posts of one user
+    in this process cannot both pass the last free place."""
+
+    def __init__(self, limit: int = METRICS_PER_USER_MINUTE, window: float = MINUTE):
+        self.limit, self.window = limit, window
+        self._seen: dict[str, dict[str, float]] = {}  # user -> metric -> last reported (monotonic)
+
+    def admit(self, user_id: str, metric: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        metrics = self._seen.get(user_id)
+        if metrics is None:
+            if len(self._seen) > 10_000:  # forget users idle for a minute (bounded memory)
+                self._seen = {u: m for u, m in self._seen.items() if max(m.values()) > now - self.window}
+            metrics = self._seen[user_id] = {}
+        for name in [name for name, seen in metrics.items() if seen <= now - self.window]:
+            del metrics[name]
+        if metric not in metrics and len(metrics) >= self.limit:
+            return False
+        metrics[metric] = now
+        return True
 
 
 def _token(request: web.Request) -> str | None:
@@ -41,6 +76,20 @@ def _token(request: web.Request) -> str | None:
 
 def feedback_routes(services: Callable[[], tuple[Any, Any, Any, Any]]) -> list[web.RouteDef]:
     """`services()` -> (store, directory, config, flush): the gateway's, at call time."""
+    window = MetricWindow()
+    in_flight: dict[str, list[Any]] = {}  # request id -> [its lock, posts holding or awaiting it]
+
+    async def _record(store: Any, user_id: str, request_id: str, metric: str, value: float) -> None:
+        others = await store.report_query("SELECT COUNT(*) AS n FROM feedback WHERE request_id = ? AND metric <> ?",
+                                          [request_id, metric])
+        if int(others[0]["n"]) >= METRICS_PER_REQUEST:
+            raise bad_request(f"A request takes at most {METRICS_PER_REQUEST} distinct feedback metrics.",
+                              param="metric", code="feedback_metric_limit")
+        if not window.admit(user_id, metric):
+            raise ApiError(429, f"At most {METRICS_PER_USER_MINUTE} distinct feedback metrics per minute; "
+                                "try again later.", type="rate_limit_error", code="feedback_metric_limit",
+                           param="metric", headers={"Retry-After": str(int(MINUTE))})
+        await store.record_feedback(request_id, user_id, metric, value)
 
     async def post_feedback(request: web.Request) -> web.Response:
         store, directory, config, flush = services()
@@ -65,8 +114,9 @@ def feedback_routes(services: Callable[[], tuple[Any, Any, Any, Any]]) -> list[w
             raise bad_request("'metric' is required: 1-64 letters, digits, '_', '.', ':' or '-'", param="metric")
         if isinstance(value, bool):
             value = 1.0 if value else 0.0
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise bad_request("'value' must be a finite number or a boolean", param="value")
+        if not isinstance(value, (int, float)) or abs(value) > VALUE_LIMIT or not math.isfinite(value):
+            raise bad_request(f"'value' must be a number from {-VALUE_LIMIT:g} to {VALUE_LIMIT:g} or a boolean",
+                              param="value")
         owner = await _owner(store, request_id)
         if owner is None:  # its usage row may still be in the write-behind batch
             await flush()
@@ -74,7 +124,17 @@ def feedback_routes(services: Callable[[], tuple[Any, Any, Any, Any]]) -> list[w
         if owner != found.user_id:
             raise ApiError(404, f"No request '{request_id}' of yours was found.", code="request_not_found",
                            param="request_id")
-        await store.record_feedback(request_id, found.user_id, metric, float(value))
+        # One post per request at a time in this process: the count below and the write
+        # after it are not split by another post of the same request.
+        held = in_flight.setdefault(request_id, [asyncio.Lock(), 0])
+        held[1] += 1
+        try:
+            async with held[0]:
+                await _record(store, found.user_id, request_id, metric, float(value))
+        finally:
+            held[1] -= 1
+            if held[1] == 0:
+                del in_flight[request_id]
         return web.json_response({"object": "feedback", "request_id": request_id, "metric": metric,
                                   "value": float(value)})
 
@@ -120,7 +180,8 @@ async def experiments_report(store: Any, config: Any, *, days: int = 7, workspac
     feedback = await store.report_query(
         "SELECT u.experiment, u.variant, f.metric, COUNT(*) AS n, AVG(f.value) AS mean,"
         " AVG(f.value * f.value) AS mean_sq FROM feedback f JOIN ai_usage_logs u ON u.request_id = f.request_id"
-        f" WHERE u.{scope.replace(' AND ', ' AND u.')} GROUP BY u.experiment, u.variant, f.metric", args)
+        f" WHERE u.{scope.replace(' AND ', ' AND u.')} AND f.value BETWEEN ? AND ?"  # no stored value overflows
+        " GROUP BY u.experiment, u.variant, f.metric", [*args, -VALUE_LIMIT, VALUE_LIMIT])
     controls = {e.name: e.control_variant.name for e in config.experiments}
     experiments: dict[str, dict[str, Any]] = {}
     for g in groups:

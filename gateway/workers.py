@@ -14,6 +14,7 @@ from typing import Any, Callable
 import structlog
 from aiohttp import web
 
+from gateway import exposure
 from gateway.config import Config, ConfigError
 from gateway.reload import check_config
 
@@ -33,7 +34,7 @@ def ready_line(config: Config, config_path: str, base: str) -> str:
     keys = "; ".join(f"{', '.join(dict.fromkeys(names))} (no {env})" for env, names in missing.items())
     return (f"gateway ready on {base} · config {config_path} · store {store_shown} · "
             f"{len(config.model_names())} models" + (f", without keys: {keys}" if keys else "") +
-            f" · dashboard {base}/dashboard")
+            f" · dashboard {base}/dashboard" + exposure.ready_warning(config))
 
 
 def run_worker(create_app: AppFactory, config: Config, config_path: str, host: str, port: int, *,

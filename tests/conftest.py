@@ -73,6 +73,10 @@ def base_config(upstream: FakeUpstream, *, plugins: list[Any] | None = None, sto
     }
     for key, value in overrides.items():
         config[key] = value
+    # Test chains are partial on purpose (a test of one plugin lists only it) and the harness
+    # binds 127.0.0.1: it states so (docs/operations.md "Secure by default"), unless the test
+    # says otherwise; tests/test_secure_default.py checks the refusal.
+    config["server"] = {"allow_unauthenticated": True, **config.get("server", {})}
     return config
 
 

@@ -22,6 +22,8 @@ MINIMAL: dict[str, Any] = {
          "downgrade_to": "demo"},
     ],
     "tiers": {"free": {"models": ["demo", "gpt-4o"]}},
+    # Tests here list partial chains to check other rules (test_secure_default.py: the refusal).
+    "server": {"allow_unauthenticated": True},
 }
 
 

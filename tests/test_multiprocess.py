@@ -44,7 +44,7 @@ def write_config(tmp_path: Path, upstream, store_url: str | None = None,
     model = {"litellm_params": {"model": "openai/gpt-4o-mini", "api_base": upstream.openai_base,
                                 "api_key": "sk-upstream-openai-SECRET"}}
     path.write_text(yaml.safe_dump({
-        "server": {"shutdown_grace": 5},
+        "server": {"shutdown_grace": 5, "allow_unauthenticated": True},  # a partial chain, on 127.0.0.1
         "store": {"url": store_url},
         "auth": {"master_key": MASTER_KEY, "cache_ttl": "300s", "default_tier": "pro"},
         "retries": {"max_attempts": 1},

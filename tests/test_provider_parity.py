@@ -353,6 +353,7 @@ def test_a_gateway_serving_azure_and_gemini_natively_never_imports_litellm(tmp_p
             async with FakeUpstream() as up:
                 config = load_config_data({{
                     "store": {{"url": "sqlite:///{tmp_path}/gw.db"}}, "plugins": [],
+                    "server": {{"allow_unauthenticated": True}},
                     "models": [{{"name": "azure", "litellm_params": {{**{AZURE!r}, "api_base": up.url}}}},
                                {{"name": "gemini", "litellm_params": {{**{GEMINI!r}, "api_base": up.url}}}}]}})
                 runner = web.AppRunner(create_app(config))

@@ -66,7 +66,8 @@ def test_litellms_price_map_has_the_class_prices_these_tests_compute_with():
 
 
 def _config(models: list[dict[str, Any]]) -> Any:
-    return load_config_data({"store": {"url": "sqlite:///:memory:"}, "models": models, "plugins": []})
+    return load_config_data({"store": {"url": "sqlite:///:memory:"}, "models": models, "plugins": [],
+                             "server": {"allow_unauthenticated": True}})
 
 
 @pytest.mark.parametrize(("deployment", "expected"), [

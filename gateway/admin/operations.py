@@ -22,6 +22,17 @@ from gateway.store import NotFound, StoreConflict
 # past 2**63 it would surface as a database overflow (a 500 / a CLI traceback).
 MAX_ENERGY_AMOUNT = 10**15
 
+# Ranges of the report and listing parameters (docs/admin.md "Parameter limits"): past
+# them a query asks the database for centuries of rows or a time before year 1 (a 500
+# from a datetime overflow), never for anything an operator needs.
+REPORT_DAYS = (1, 3660)               # usage reports: ten years
+REPORT_LIMIT = (1, 1000)              # rows of top-users, users on the dashboard
+LEDGER_LIMIT = (1, 10000)             # ledger entries shown
+METRICS_WINDOW = (1.0, 3660 * 86400.0)  # /admin/metrics?window=: one second to ten years
+# Identifiers (user, workspace, key ids and names) the store is asked about: longer ones,
+# or ones PostgreSQL cannot hold (NUL), name nothing there.
+MAX_IDENT_CHARS = 200
+
 _WORKSPACE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
@@ -53,7 +64,25 @@ def as_dict(obj: Any) -> Any:
 
 
 def _not_found(what: str, ident: str) -> ApiError:
-    return ApiError(404, f"unknown {what} '{ident}'", code=f"{what}_not_found")
+    return ApiError(404, f"unknown {what} '{str(ident)[:MAX_IDENT_CHARS]}'", code=f"{what}_not_found")
+
+
+def _nameable(ident: Any) -> bool:
+    return isinstance(ident, str) and 0 < len(ident) <= MAX_IDENT_CHARS and "\x00" not in ident
+
+
+def _holds_nul(node: Any) -> bool:
+    stack = [node]  # a loop, not recursion: a body may nest as deep as the JSON parser allows
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str) and "\x00" in item:
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _forbidden() -> ApiError:
@@ -75,7 +104,7 @@ class Admin:
                            code="unknown_tier", param="tier")
 
     async def _workspace(self, scope: Scope, ident: str) -> Any:
-        workspace = await self.store.get_workspace(ident)
+        workspace = await self.store.get_workspace(ident) if _nameable(ident) else None
         if workspace is None:
             raise _forbidden() if not scope.is_master else _not_found("workspace", ident)
         if not scope.is_master and workspace.id != scope.workspace_id:
@@ -84,7 +113,7 @@ class Admin:
 
     async def _user(self, scope: Scope, user_id: str) -> Any:
         try:
-            user = await self.store.get_user(user_id)
+            user = await self.store.get_user(user_id) if _nameable(user_id) else None
         except NotFound:
             user = None
         if user is None:
@@ -145,13 +174,15 @@ class Admin:
     @staticmethod
     def _check_text(value: Any, name: str, limit: int = 500) -> None:
         # JSON bodies can carry anything; the store would fail to bind it (a 500).
-        if value is not None and (not isinstance(value, str) or len(value) > limit):
-            raise ApiError(400, f"'{name}' must be a string of at most {limit} characters", param=name)
+        if value is not None and (not isinstance(value, str) or len(value) > limit or "\x00" in value):
+            raise ApiError(400, f"'{name}' must be a string of at most {limit} characters (no NUL)", param=name)
 
     @staticmethod
     def _check_json_object(value: Any, name: str) -> None:
         if value is not None and not isinstance(value, dict):
             raise ApiError(400, f"'{name}' must be a JSON object", param=name)
+        if value is not None and _holds_nul(value):  # PostgreSQL's jsonb refuses \u0000
+            raise ApiError(400, f"'{name}' must not contain NUL characters", param=name)
 
     # --- users ----------------------------------------------------------------------
 
@@ -237,8 +268,8 @@ class Admin:
 
     async def ledger(self, scope: Scope, user_id: str, limit: int = 100) -> list[dict]:
         # entries[-0:] is the whole list: a limit below 1 must be refused, not obeyed backwards.
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ApiError(400, "limit must be a positive integer", param="limit")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not LEDGER_LIMIT[0] <= limit <= LEDGER_LIMIT[1]:
+            raise ApiError(400, f"limit must be an integer from {LEDGER_LIMIT[0]} to {LEDGER_LIMIT[1]}", param="limit")
         user = await self._user(scope, user_id)
         entries = await self.store.ledger(user.id)
         return [as_dict(e) for e in entries[-limit:]]
@@ -287,8 +318,11 @@ class Admin:
 
         if kind not in REPORTS:
             raise ApiError(404, f"unknown report '{kind}' (one of {', '.join(REPORTS)})", code="not_found")
-        if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 3660:
-            raise ApiError(400, "days must be an integer between 1 and 3660", param="days")
+        if isinstance(days, bool) or not isinstance(days, int) or not REPORT_DAYS[0] <= days <= REPORT_DAYS[1]:
+            raise ApiError(400, f"days must be an integer between {REPORT_DAYS[0]} and {REPORT_DAYS[1]}", param="days")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not REPORT_LIMIT[0] <= limit <= REPORT_LIMIT[1]:
+            raise ApiError(400, f"limit must be an integer between {REPORT_LIMIT[0]} and {REPORT_LIMIT[1]}",
+                           param="limit")
         workspace_id = await self._report_workspace(scope, workspace)
         if kind == "experiments":
             from gateway.feedback import experiments_report
@@ -302,6 +336,10 @@ class Admin:
 
         from gateway.admin.reports import dashboard
 
+        low, high = METRICS_WINDOW
+        if isinstance(window_seconds, bool) or not isinstance(window_seconds, (int, float)) \
+                or not low <= window_seconds <= high:
+            raise ApiError(400, "window must be from 1s to 3660d", param="window")
         workspace_id = await self._report_workspace(scope, workspace)
         numbers = await dashboard(self.store, time.time() - window_seconds, workspace_id)
         return {**numbers, "windowSeconds": window_seconds, "workspaceId": workspace_id}
