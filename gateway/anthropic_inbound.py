@@ -29,6 +29,7 @@ import orjson
 
 from gateway.anthropic_native import tool_input
 from gateway.errors import ApiError, bad_request
+from gateway.object_ids import refuse_object_ids
 
 MESSAGES_PARAMS = frozenset({
     "model", "messages", "max_tokens", "system", "stop_sequences", "stream", "temperature", "top_p",
@@ -182,6 +183,7 @@ def to_openai(body: dict[str, Any]) -> dict[str, Any]:
     for key in body:
         if key not in MESSAGES_PARAMS:
             raise bad_request(f"{key}: Extra inputs are not permitted", param=key, code="unknown_parameter")
+    refuse_object_ids("messages", body)  # the body as sent: it may be passed through to Anthropic whole
     max_tokens = body.get("max_tokens")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise bad_request("'max_tokens' is required and must be a positive integer", param="max_tokens")
