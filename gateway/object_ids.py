@@ -228,8 +228,37 @@ def find_object_id(surface: str, body: dict[str, Any]) -> ApiError | None:
                         and id_field.names(value, node):
                     return _refusal(path + (key,), id_field.kind, id_field.instead)
             if isinstance(value, (dict, list)) and value:
+                if below_skip is None and below_owned is None and below_uris is None and not _holds_id(value):
+                    continue  # the common case, checked without keeping paths (found: walked for its path)
                 stack.append((value, path + (key,), below_skip, below_owned, below_uris))
     return None
+
+
+_WATCHED = frozenset(ID_FIELDS) | URL_FIELDS
+
+
+def _holds_id(node: dict[str, Any] | list[Any]) -> bool:
+    """Whether a subtree with no owned places or client data in it names an object: the
+    walk above without its bookkeeping (a body nests at most client_body.MAX_DEPTH deep)."""
+    if type(node) is dict:
+        kind = node.get("type")
+        if kind == "item_reference" or (kind == "reasoning" and isinstance(node.get("id"), str)
+                                        and not node.get("encrypted_content")):
+            return True
+        for key, value in node.items():
+            if key in _WATCHED:
+                id_field = ID_FIELDS.get(key)
+                if id_field is not None and id_field.names(value, node):
+                    return True
+                if key in URL_FIELDS and isinstance(value, str) and names_stored_object(value):
+                    return True
+            if (type(value) is dict or type(value) is list) and value and _holds_id(value):
+                return True
+        return False
+    for value in node:
+        if (type(value) is dict or type(value) is list) and value and _holds_id(value):
+            return True
+    return False
 
 
 def refuse_object_ids(surface: str, body: dict[str, Any]) -> None:
