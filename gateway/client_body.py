@@ -30,6 +30,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from gateway.errors import ApiError, bad_request
+from gateway.object_ids import refuse_object_ids
 
 # POST /v1/chat/completions: openai-python 3.57's CompletionCreateParams, plus `stream`.
 CHAT_PARAMS = frozenset({
@@ -247,6 +248,7 @@ def validate_chat(body: dict[str, Any], extra: Iterable[str] = ()) -> None:
             if not isinstance(tool, dict):
                 raise bad_request(f"{key}[{j}] must be an object", param=f"{key}[{j}]", code="invalid_type")
     _check_metadata(body)
+    refuse_object_ids("chat.completions", body)
 
 
 def validate_embeddings(body: dict[str, Any], extra: Iterable[str] = ()) -> None:
@@ -264,6 +266,7 @@ def validate_embeddings(body: dict[str, Any], extra: Iterable[str] = ()) -> None
                           param="input")
     _positive_int(body, "dimensions")
     _check_metadata(body)
+    refuse_object_ids("embeddings", body)
 
 
 _RESPONSES_TYPES: dict[str, tuple[type, ...]] = {
@@ -286,17 +289,6 @@ def validate_responses(body: dict[str, Any], extra: Iterable[str] = ()) -> None:
     if body.get("background"):
         raise bad_request("'background' responses are not supported by the gateway (their cost could not be "
                           "settled with the request)", param="background", code="unsupported_parameter")
-    if isinstance(value, list):
-        for i, item in enumerate(value):
-            if isinstance(item, dict) and item.get("type") == "item_reference":
-                # An item stored at the upstream, named by id: on an account every tenant
-                # shares, the gateway cannot tell whose it is (previous_response_id can be).
-                raise bad_request("'item_reference' input items are not supported by the gateway; send the item "
-                                  "itself, or continue with previous_response_id", param=f"input[{i}]",
-                                  code="unsupported_parameter")
-    if body.get("conversation") is not None:
-        raise bad_request("'conversation' is not supported by the gateway (a conversation is stored at the upstream "
-                          "where the gateway cannot tell whose it is); use previous_response_id",
-                          param="conversation", code="unsupported_parameter")
+    refuse_object_ids("responses", body)  # item_reference, conversation, file ids, ... (gateway/object_ids.py)
     _positive_int(body, "max_output_tokens")
     _check_metadata(body)

@@ -20,6 +20,7 @@ import orjson
 import structlog
 from aiohttp import web
 
+from gateway import chat_stream
 from gateway.client_body import read_json, require_model
 from gateway.errors import ApiError, internal_error
 from gateway.providers.base import Relayed, StreamEnd, UpstreamError
@@ -272,21 +273,16 @@ class EventStream(web.StreamResponse):
 
 
 async def _replayed_stream(payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-    """A stored (idempotent) completion, replayed as a stream of one chunk."""
-    choice = (payload.get("choices") or [{}])[0]
-    if not choice.get("finish_reason"):
+    """A stored (idempotent or cached) completion, replayed as a stream: every choice whole
+    (gateway/chat_stream.py)."""
+    if not all(choice.get("finish_reason") for choice in payload.get("choices") or [{}]):
         # The first attempt's client left mid-stream: its answer is incomplete and must not be
         # replayed as if it were whole. It was charged once; only a new key runs it again.
         raise ApiError(409, "The request with this Idempotency-Key was cut off when its client disconnected "
                             "(and was charged once). Use a new Idempotency-Key to run it again.",
                        type="invalid_request_error", code="idempotency_key_incomplete")
-    message = choice.get("message") or {}
-    base = {k: payload.get(k) for k in ("id", "created", "model")}
-    yield {**base, "object": "chat.completion.chunk",
-           "choices": [{"index": 0, "delta": {"role": "assistant", "content": message.get("content") or ""},
-                        "logprobs": None, "finish_reason": choice["finish_reason"]}]}
-    if payload.get("usage"):
-        yield {**base, "object": "chat.completion.chunk", "choices": [], "usage": payload["usage"]}
+    for chunk in chat_stream.replay(payload):
+        yield chunk
 
 
 async def relay_stream(request: web.Request, gw: Gateway, snap: Snapshot, ctx: RequestContext,

@@ -25,13 +25,22 @@ What is cached: a chat completion of a listed model or action that can be repeat
 key is the workspace, the public model that serves the request (after the tier's
 downgrades) and the request body with its keys sorted, minus the fields that do not change
 the answer (`metadata`, `user`, `stream`, `stream_options`). An answer never crosses
-workspaces. Not cached (X-Cache: BYPASS): `n > 1`; sampled requests (`temperature` > 0,
-which OpenAI's default of 1 is, unless `cache_sampled: true`); a streamed answer with tool
-calls (its parts are not assembled here); an answer that failed or was cut off, or whose
-usage the provider did not report (a hit's row must carry the real tokens).
+workspaces. Not cached (X-Cache: BYPASS): sampled requests (`temperature` > 0, which
+OpenAI's default of 1 is, unless `cache_sampled: true`; `n > 1` sampled, always).
 
-A stream is answered from the cache as a stream (one content chunk, the usage chunk when
-asked, `[DONE]`), a JSON request from a cached stream, and the other way round.
+Exact replay: only an answer the cache can give back whole, in either form, is stored.
+A hit equals the miss's answer field for field (every choice of `n > 1`, each choice's
+logprobs, finish reason, refusal, tool calls, `system_fingerprint`, `service_tier`, usage)
+except `id`, `created` and the cache headers (gateway/chat_stream.py assembles a stream
+and replays a stored answer). Not stored: an answer with fewer choices than `n`; one
+without a field the request asked for (`logprobs`, `top_logprobs`: a stream that did not
+carry them); a stream with parts not assembled here (tool calls, audio, annotations) or a
+JSON answer with parts a replayed stream would not carry; an answer that failed or was
+cut off, or whose usage the provider did not report (a hit's row must carry the real
+tokens).
+
+A stream is answered from the cache as a stream (one chunk per choice, the usage chunk
+when asked, `[DONE]`), a JSON request from a cached stream, and the other way round.
 `Cache-Control: no-cache` skips the lookup and refreshes the entry; `no-store` neither
 reads nor writes. Every cacheable request's answer carries `X-Cache: HIT | MISS | BYPASS`.
 
@@ -56,6 +65,7 @@ import orjson
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gateway.chat_stream import StreamAssembler, replayable
 from gateway.config import parse_duration
 from gateway.usage import openai_usage
 from plugins.base import Plugin, RequestContext
@@ -194,24 +204,37 @@ def _repeatable(body: dict[str, Any], cache_sampled: bool) -> bool:
     return cache_sampled or not sampled
 
 
-def _answer_of(ctx: RequestContext) -> dict[str, Any] | None:
-    """The complete answer to store, as a chat.completion; None if it must not be. Its
-    usage is the provider's, token classes included (a hit's row carries those tokens and
-    the USD they would have cost): an answer whose usage was estimated is not stored."""
+def _answer_of(ctx: RequestContext, streamed: StreamAssembler | None) -> dict[str, Any] | None:
+    """The complete answer to store, as a chat.completion; None if it must not be (see
+    "Exact replay" above). Its usage is the provider's, token classes included (a hit's
+    row carries those tokens and the USD they would have cost): an answer whose usage was
+    estimated is not stored."""
     if ctx.usage is None or ctx.usage.estimated:
         return None
     if ctx.stream:
-        if ctx.finish_reason in (None, "tool_calls", "function_call"):
+        if streamed is None or not streamed.exact:
             return None
-        return {"id": f"chatcmpl-cache-{ctx.request_id}", "object": "chat.completion", "created": int(time.time()),
-                "model": ctx.model, "choices": [{"index": 0, "message": {"role": "assistant",
-                                                                           "content": "".join(ctx.streamed_text)},
-                                                 "logprobs": None, "finish_reason": ctx.finish_reason}],
-                "usage": openai_usage(ctx.usage)}
-    payload = ctx.response
-    if not payload or not payload.get("choices") or any(not c.get("finish_reason") for c in payload["choices"]):
+        payload = streamed.completion({"id": f"chatcmpl-cache-{ctx.request_id}", "created": int(time.time()),
+                                       "model": ctx.model, "usage": openai_usage(ctx.usage)})
+    else:
+        payload = ctx.response
+    if not payload or not payload.get("choices") or not replayable(payload):
+        return None
+    choices = payload["choices"]
+    if len(choices) != (ctx.body.get("n") or 1) or any(not c.get("finish_reason") for c in choices):
+        return None
+    if ctx.body.get("logprobs") and not all(_has_logprobs(c, ctx.body.get("top_logprobs") or 0) for c in choices):
         return None
     return payload
+
+
+def _has_logprobs(choice: dict[str, Any], top: int) -> bool:
+    """The choice carries the logprobs a request asked for (`top`: top_logprobs per token)."""
+    logprobs = choice.get("logprobs")
+    tokens = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if not isinstance(tokens, list) or (not tokens and (choice.get("message") or {}).get("content")):
+        return False
+    return not top or all(isinstance(t, dict) and t.get("top_logprobs") for t in tokens)
 
 
 class ResponseCache(Plugin):
@@ -314,7 +337,8 @@ class ResponseCache(Plugin):
         if "key" not in scratch or ctx.short_circuit is not None:
             self._release(ctx, None)
             return
-        answer = _answer_of(ctx) if ctx.model == scratch["model"] else None  # a fallback's is not this key's
+        # A fallback's answer is not this key's.
+        answer = _answer_of(ctx, scratch.get("stream")) if ctx.model == scratch["model"] else None
         self._release(ctx, answer)
         if answer is None:
             return
@@ -325,6 +349,19 @@ class ResponseCache(Plugin):
             await self.backend.set(scratch["key"], raw, scratch["ttl"])
         except Exception:  # noqa: BLE001 — fails open
             log.exception("cache_store_failed")
+
+    async def on_stream_chunk(self, ctx: RequestContext, chunk: dict[str, Any]) -> None:
+        scratch = ctx.scratch(self.name)
+        if "key" not in scratch or ctx.short_circuit is not None:
+            return
+        streamed = scratch.get("stream")
+        if streamed is None:
+            streamed = scratch["stream"] = StreamAssembler()
+        try:
+            streamed.add(chunk)
+        except Exception:
+            streamed.exact = False  # a chunk it could not read: the answer is not stored
+            raise
 
     async def on_error(self, ctx: RequestContext) -> None:
         self._release(ctx, None)

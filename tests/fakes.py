@@ -439,6 +439,10 @@ class FakeUpstream:
         self.model_echo = model_echo
         # {"name": ..., "arguments": {...}}: OpenAI chat answers (non-stream) with that call.
         self.tool_call: dict[str, Any] | None = None
+        # OpenAI chat honours `n` (choice i > 0 answers `reply (choice i)`) and `logprobs` /
+        # `top_logprobs` (made up, the same streamed or not); False: streams carry none (an
+        # upstream whose streams cannot).
+        self.stream_logprobs = True
         # Azure answers name the model behind the deployment, not the deployment.
         self.azure_model = "gpt-4o-2024-11-20"
         # How a Gemini candidate ends: STOP, MAX_TOKENS, SAFETY, RECITATION, ...
@@ -820,6 +824,31 @@ class FakeUpstream:
                                                   "rejected_prediction_tokens": 0}
         return usage
 
+    @staticmethod
+    def _n(body: dict[str, Any]) -> int:
+        n = body.get("n")
+        return n if isinstance(n, int) and n > 1 else 1
+
+    def _choice_reply(self, index: int) -> str:
+        return self.reply if index == 0 else f"{self.reply} (choice {index})"
+
+    @staticmethod
+    def _logprobs(body: dict[str, Any], index: int, pieces: list[str]) -> dict[str, Any] | None:
+        """OpenAI's `logprobs` of a choice whose tokens are `pieces` (None if not asked)."""
+        if not body.get("logprobs"):
+            return None
+        top = body.get("top_logprobs") or 0
+
+        def token(text: str, logprob: float) -> dict[str, Any]:
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        content = []
+        for k, piece in enumerate(pieces):
+            logprob = -round(0.01 * (k + 1) + 0.1 * index, 4)
+            alternatives = [token(piece, logprob)] + [token(f"{piece}~{j}", logprob - j) for j in range(1, top)]
+            content.append({**token(piece, logprob), "top_logprobs": alternatives[:top]})
+        return {"content": content, "refusal": None}
+
     def _chat_completion(self, body: dict[str, Any], seq: int) -> dict[str, Any]:
         out: dict[str, Any] = {
             "id": f"chatcmpl-fake-{seq}",
@@ -829,11 +858,12 @@ class FakeUpstream:
             "system_fingerprint": "fp_fake",
             "choices": [
                 {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": self.reply, "refusal": None},
-                    "logprobs": None,
+                    "index": i,
+                    "message": {"role": "assistant", "content": self._choice_reply(i), "refusal": None},
+                    "logprobs": self._logprobs(body, i, split_reply(self._choice_reply(i), self.chunks)),
                     "finish_reason": "stop",
                 }
+                for i in range(self._n(body))
             ],
         }
         if self.tool_call is not None:  # answer with one function call instead of text
@@ -901,21 +931,31 @@ class FakeUpstream:
             await resp.write(b"data: [DONE]\n\n")
             return resp
 
-        for i, piece in enumerate(split_reply(self.reply, self.chunks)):
+        # n > 1: the choices' chunks interleave, as OpenAI's do.
+        answers = [split_reply(self._choice_reply(c), self.chunks) for c in range(self._n(body))]
+        for i in range(max(len(pieces) for pieces in answers)):
             if midstream is not None and i == midstream.after_chunks:
                 await self._stream_fault(request, resp, midstream, "openai")
             if i and self.chunk_delay:
                 await self._sleep(self.chunk_delay)
-            delta: dict[str, Any] = {"content": piece}
-            if i == 0:
-                delta = {"role": "assistant", "content": piece, "refusal": None}
-            await resp.write(_sse(chunk([{"index": 0, "delta": delta, "logprobs": None,
-                                          "finish_reason": None}])))
+            for c, pieces in enumerate(answers):
+                if i >= len(pieces):
+                    continue
+                piece = pieces[i]
+                delta: dict[str, Any] = {"content": piece}
+                if i == 0:
+                    delta = {"role": "assistant", "content": piece, "refusal": None}
+                logprobs = self._logprobs(body, c, pieces) if self.stream_logprobs else None
+                if logprobs is not None:
+                    logprobs["content"] = logprobs["content"][i:i + 1]
+                await resp.write(_sse(chunk([{"index": c, "delta": delta, "logprobs": logprobs,
+                                              "finish_reason": None}])))
         if midstream is not None:
             # after_chunks >= number of pieces: misbehave before the finish chunk.
             await self._stream_fault(request, resp, midstream, "openai")
-        await resp.write(_sse(chunk([{"index": 0, "delta": {}, "logprobs": None,
-                                      "finish_reason": "stop"}])))
+        for c in range(len(answers)):
+            await resp.write(_sse(chunk([{"index": c, "delta": {}, "logprobs": None,
+                                          "finish_reason": "stop"}])))
         if include_usage and self.report_usage:
             await resp.write(_sse(chunk([], usage=self._openai_usage())))
         if kind == "no_done":

@@ -237,3 +237,121 @@ def test_prometheus_counts_the_usd_saved_per_model(gateway_factory, upstream):
     scrape = httpx.get(gw.url + "/metrics", timeout=10).text
     (line,) = [x for x in scrape.splitlines() if x.startswith('gateway_cache_saved_usd_total{model="gpt-4o-mini"}')]
     assert float(line.split()[-1]) == pytest.approx(2 * MINI_COST, rel=1e-9)
+
+
+# --------------------------------------------------------------- exact replay
+
+# Every parameter a cached request may carry (temperature 0 throughout): the fake answers
+# n choices and logprobs / top_logprobs as OpenAI does, streamed or not.
+CACHEABLE = [
+    {},
+    {"n": 2},
+    {"n": 3, "logprobs": True, "top_logprobs": 2},
+    {"logprobs": True},
+    {"logprobs": True, "top_logprobs": 3},
+    {"logprobs": False},
+    {"max_tokens": 50},
+    {"max_completion_tokens": 50},
+    {"stop": ["\n\n"]},
+    {"seed": 7},
+    {"top_p": 0.5},
+    {"presence_penalty": 0.1, "frequency_penalty": 0.2},
+    {"logit_bias": {"50256": -100}},
+    {"response_format": {"type": "json_object"}},
+    {"reasoning_effort": "low"},
+    {"verbosity": "low"},
+    {"prompt_cache_key": "faq"},
+]
+
+
+def answer_of(gw, key, stream, params):
+    """The answer as the openai SDK gives it (a stream's chunks put together, field by
+    field), minus the fields a hit may change."""
+    client = gw.client(key)
+    if not stream:
+        out = client.chat.completions.create(model="gpt-4o-mini", messages=MSGS, temperature=0, **params).model_dump()
+        for choice in out["choices"]:
+            message = choice["message"]
+            choice["message"] = {k: message[k] for k in ("role", "content", "refusal", "tool_calls")}
+            for call in message["tool_calls"] or ():
+                call.pop("index", None)
+        return {k: out[k] for k in ("object", "model", "choices", "system_fingerprint", "service_tier", "usage")}
+    # Put together here: the SDK's own stream helper (chat.completions.stream) counts the
+    # logprobs of the first chunk of every choice after the first twice (openai 3.57).
+    out = {"object": "chat.completion", "model": None, "system_fingerprint": None, "service_tier": None,
+           "usage": None}
+    choices: dict[int, dict] = {}
+    for chunk in client.chat.completions.create(model="gpt-4o-mini", messages=MSGS, temperature=0, stream=True,
+                                                stream_options={"include_usage": True}, **params):
+        data = chunk.model_dump()
+        for key in ("model", "system_fingerprint", "service_tier", "usage"):
+            if data.get(key) is not None:
+                out[key] = data[key]
+        for choice in data.get("choices") or ():
+            state = choices.setdefault(choice["index"], {
+                "index": choice["index"], "finish_reason": None, "logprobs": None,
+                "message": {"role": None, "content": None, "refusal": None, "tool_calls": None}})
+            message, delta = state["message"], choice.get("delta") or {}
+            for key in ("role",):
+                message[key] = delta.get(key) or message[key]
+            for key in ("content", "refusal"):
+                if delta.get(key) is not None:
+                    message[key] = (message[key] or "") + delta[key]
+            for call in delta.get("tool_calls") or ():
+                calls = message["tool_calls"] = message["tool_calls"] or []
+                if call["index"] == len(calls):
+                    calls.append({"id": None, "type": None, "function": {"name": None, "arguments": ""}})
+                held = calls[call["index"]]
+                held["id"], held["type"] = call.get("id") or held["id"], call.get("type") or held["type"]
+                held["function"]["name"] = (call.get("function") or {}).get("name") or held["function"]["name"]
+                held["function"]["arguments"] += (call.get("function") or {}).get("arguments") or ""
+            if choice.get("logprobs") is not None:
+                held = state["logprobs"] = state["logprobs"] or {"content": None, "refusal": None}
+                for key in ("content", "refusal"):
+                    if choice["logprobs"].get(key) is not None:
+                        held[key] = (held[key] or []) + choice["logprobs"][key]
+            state["finish_reason"] = choice.get("finish_reason") or state["finish_reason"]
+    return {**out, "choices": [choices[i] for i in sorted(choices)]}
+
+
+@pytest.mark.parametrize("miss_streamed,hit_streamed", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["json-json", "stream-json", "json-stream", "stream-stream"])
+@pytest.mark.parametrize("params", CACHEABLE, ids=lambda p: ",".join(p) or "plain")
+def test_a_hit_is_the_misss_answer_field_for_field(gateway_factory, upstream, params, miss_streamed, hit_streamed):
+    """Every choice (a stream interleaves n > 1 of them), its logprobs and top_logprobs,
+    finish reason, system_fingerprint, usage: all as the miss had them, whichever form
+    each of them took."""
+    gw = gateway_factory(plugins=chain(), energy=energy())
+    _, key = gw.make_user()
+    miss = answer_of(gw, key, miss_streamed, params)
+    hit = answer_of(gw, key, hit_streamed, params)
+    assert upstream.count("/chat/completions") == 1  # the second was a hit
+    assert hit == miss
+    assert len(miss["choices"]) == params.get("n", 1)
+    assert all((c["logprobs"] is not None) == bool(params.get("logprobs")) for c in miss["choices"])
+
+
+@pytest.mark.parametrize("hit_streamed", [False, True])
+def test_a_stream_that_did_not_carry_the_asked_logprobs_is_not_stored(gateway_factory, upstream, hit_streamed):
+    """An upstream whose streams carry no logprobs: a later request asking for them (JSON
+    or stream) goes upstream rather than get `logprobs: null` from the cache."""
+    upstream.stream_logprobs = False
+    gw = gateway_factory(plugins=chain(), energy=energy())
+    _, key = gw.make_user()
+    answer_of(gw, key, True, {"logprobs": True})
+    upstream.stream_logprobs = True
+    again = answer_of(gw, key, hit_streamed, {"logprobs": True})
+    assert upstream.count("/chat/completions") == 2
+    assert again["choices"][0]["logprobs"]["content"]
+
+
+def test_a_json_tool_call_is_replayed_to_a_stream_whole(gateway_factory, upstream):
+    upstream.tool_call = {"name": "get_weather", "arguments": {"city": "Paris"}}
+    gw = gateway_factory(plugins=chain(), energy=energy())
+    _, key = gw.make_user()
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    miss = answer_of(gw, key, False, {"tools": tools})
+    hit = answer_of(gw, key, True, {"tools": tools})
+    assert upstream.count("/chat/completions") == 1
+    assert hit == miss and hit["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_weather"

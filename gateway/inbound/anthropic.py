@@ -33,6 +33,7 @@ from aiohttp import web
 from gateway.providers.anthropic import tool_input
 from gateway.client_body import read_json, require_model, validate_chat
 from gateway.errors import ApiError, bad_request
+from gateway.object_ids import refuse_object_ids
 from gateway.lifecycle import (
     Inbound,
     answer_json,
@@ -200,6 +201,7 @@ def to_openai(body: dict[str, Any]) -> dict[str, Any]:
     for key in body:
         if key not in MESSAGES_PARAMS:
             raise bad_request(f"{key}: Extra inputs are not permitted", param=key, code="unknown_parameter")
+    refuse_object_ids("messages", body)  # the body as sent: it may be passed through to Anthropic whole
     max_tokens = body.get("max_tokens")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise bad_request("'max_tokens' is required and must be a positive integer", param="max_tokens")

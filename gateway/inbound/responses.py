@@ -9,8 +9,9 @@ is read from the `response` object or the stream's `response.completed` event.
 
 A model whose deployments are not OpenAI-wire (served through litellm: Anthropic, Bedrock,
 ...) answers a 400 naming it: use /v1/chat/completions or /v1/messages for those.
-`background: true` is refused (its cost could not be settled with the request), and so is
-`conversation` (stored at the upstream, where the gateway cannot tell whose it is).
+`background: true` is refused (its cost could not be settled with the request), and so are
+ids of objects stored at the upstream (`conversation`, `item_reference`, file, vector-store,
+prompt and container ids: gateway/object_ids.py), where the gateway cannot tell whose they are.
 
 A response the upstream stores (`store` is not false) is recorded in the gateway's store
 (`stored_responses`: its id, the user, the model, the upstream's base URL), so that
