@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from gateway.client_body import CHAT_PARAMS, EMBEDDINGS_PARAMS, FORBIDDEN_FIELDS
 from gateway.exposure import STANDARD_CHAIN
 from gateway.exposure import config_errors as exposure_errors
+from gateway.hosted_tools import usd_per_use_in_map
 
 ENV_PREFIX = "os.environ/"
 
@@ -154,10 +155,10 @@ class Timeouts(_Strict):
     total: float = Field(600.0, gt=0)
 
 
-class Pricing(_Strict):
-    """USD per million tokens; overrides litellm's bundled price map. A token class without
-    a price of its own is billed at the plain input (cached, cache write, audio input) or
-    output (reasoning, audio output) price (README: How USD cost is computed)."""
+class TokenPrices(_Strict):
+    """USD per million tokens of each token class. A class without a price of its own is
+    billed at the plain input (cached, cache write, audio input) or output (reasoning,
+    audio output) price (docs/billing.md)."""
 
     input_per_million: float = Field(ge=0)
     output_per_million: float = Field(ge=0)
@@ -168,6 +169,56 @@ class Pricing(_Strict):
     reasoning_per_million: float | None = Field(None, ge=0)
     audio_input_per_million: float | None = Field(None, ge=0)
     audio_output_per_million: float | None = Field(None, ge=0)
+
+
+class LongContextPrices(TokenPrices):
+    """Prices of every token of a request whose prompt has more than `above_tokens` tokens
+    (litellm's `*_above_<N>k_tokens`)."""
+
+    above_tokens: int = Field(ge=1)
+
+
+class ServiceTierPrices(TokenPrices):
+    """Prices of a service tier (`service_tier: priority` / `flex`), with its own
+    long-context steps (ascending; the highest one the prompt exceeds applies)."""
+
+    long_context: tuple[LongContextPrices, ...] = ()
+
+    @field_validator("long_context")
+    @classmethod
+    def _ascending(cls, steps: tuple[LongContextPrices, ...]) -> tuple[LongContextPrices, ...]:
+        thresholds = [step.above_tokens for step in steps]
+        if len(set(thresholds)) != len(thresholds):
+            raise ValueError("two steps have the same above_tokens")
+        return tuple(sorted(steps, key=lambda step: step.above_tokens))
+
+
+# The service tiers a price can be given for (litellm's `*_priority` / `*_flex` keys).
+PRICED_SERVICE_TIERS = ("priority", "flex")
+
+
+class Pricing(ServiceTierPrices):
+    """Overrides litellm's bundled price map for a model: the standard tier's token prices,
+    its long-context steps, and the prices of other service tiers. A service tier with no
+    price here is refused (docs/billing.md: Price dimensions)."""
+
+    priority: ServiceTierPrices | None = None  # `service_tier: priority`
+    flex: ServiceTierPrices | None = None  # `service_tier: flex`
+
+    def tier(self, name: str | None) -> ServiceTierPrices | None:
+        """The prices of service tier `name` (None: the standard tier), or None if not given."""
+        return self if name is None else getattr(self, name, None) if name in PRICED_SERVICE_TIERS else None
+
+
+class HostedTool(_Strict):
+    """A hosted tool the operator allows on a model (gateway/hosted_tools.py)."""
+
+    # USD per use; unset: litellm's map price (check-config refuses a tool with neither).
+    usd_per_use: float | None = Field(None, ge=0)
+    energy_per_use: int = Field(0, ge=0)  # added to the action's energy per use
+    # Uses reserved for (energy) and allowed per request: the Responses API's
+    # max_tool_calls and Anthropic's max_uses are capped to it.
+    max_uses: int = Field(1, ge=1, le=100)
 
 
 class ModelEntry(_Strict):
@@ -185,6 +236,10 @@ class ModelEntry(_Strict):
     fallbacks: list[str] | None = None
     downgrade_to: str | None = None
     pricing: Pricing | None = None
+    # Hosted tools (web_search, file_search, code_interpreter, image_generation) this model
+    # may use; any other is refused (gateway/hosted_tools.py).
+    hosted_tools: dict[Literal["web_search", "file_search", "code_interpreter", "image_generation"],
+                       HostedTool] | None = None
     description: str | None = None
     # Output token bounds: `max_tokens_default` is sent when the client names no limit (an
     # Anthropic call without one would get litellm's, up to 128,000: unbounded cost for a
@@ -509,7 +564,7 @@ class Config(_Strict):
             if first is entry:
                 continue
             for key in ("fallbacks", "downgrade_to", "pricing", "description", "max_tokens_default",
-                        "max_tokens_cap"):
+                        "max_tokens_cap", "hosted_tools"):
                 mine, theirs = getattr(entry, key), getattr(first, key)
                 if mine is not None and theirs is not None and mine != theirs:
                     errors.append(f"models[{i}].{key}: disagrees with the first {entry.name!r} entry")
@@ -531,6 +586,11 @@ class Config(_Strict):
             if entry.max_tokens_default and entry.max_tokens_cap and entry.max_tokens_default > entry.max_tokens_cap:
                 errors.append(f"models[{i}].max_tokens_default: {entry.max_tokens_default} is above "
                               f"max_tokens_cap {entry.max_tokens_cap}")
+            for kind, tool in (entry.hosted_tools or {}).items():
+                model = entry.litellm_params.model
+                if tool.usd_per_use is None and usd_per_use_in_map(kind, model) is None:
+                    errors.append(f"models[{i}].hosted_tools.{kind}.usd_per_use: litellm's price map has no price "
+                                  f"for a {kind} use on {model!r}; set usd_per_use (an allowed tool must be billed)")
             if entry.downgrade_to is not None and entry.downgrade_to not in names:
                 errors.append(f"models[{i}].downgrade_to: unknown model {entry.downgrade_to!r}")
         for tier_name, tier in self.tiers.items():
@@ -666,7 +726,7 @@ class Config(_Strict):
         for name, entries in groups.items():
             merged = entries[0]
             for key in ("fallbacks", "downgrade_to", "pricing", "description", "max_tokens_default",
-                        "max_tokens_cap"):
+                        "max_tokens_cap", "hosted_tools"):
                 if getattr(merged, key) is None:
                     for e in entries[1:]:
                         if getattr(e, key) is not None:

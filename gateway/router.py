@@ -32,6 +32,7 @@ from gateway.providers.azure import AzureNativeDispatcher
 from gateway.providers.gemini import GeminiNativeDispatcher
 from gateway.providers.openai import NativeOpenAIDispatcher
 from gateway.errors import ApiError, redact
+from gateway.usage import admit
 from plugins.base import RequestContext
 
 log = structlog.get_logger("gateway.router")
@@ -186,6 +187,7 @@ class Router:
         last: UpstreamError | None = None
         cooling: list[ModelEntry] = []
         first_model = True
+        first_refusal: ApiError | None = None
         for model in self.models_to_try(config, ctx.model, ctx.fallback_allowed):
             deployments = config.deployments(model)
             if only is not None:
@@ -214,6 +216,12 @@ class Router:
                                          status=401, error_type="missing_key")
                     dead.add(index)
                     continue
+                refused = admit(ctx, model, deployment, takes_inbound_tools=(
+                    ctx.inbound_body is not None and self.dispatcher_for(deployment).passes_through))
+                if refused is not None:  # a price it cannot bill: never served (gateway/usage.py)
+                    first_refusal = first_refusal or refused
+                    dead.add(index)
+                    continue
                 if tries_per_deployment[index] > 0 and last is not None:
                     await self._sleep(self._backoff(config, tries_per_deployment[index] - 1, last))
                 elif attempt > 0:
@@ -238,6 +246,8 @@ class Router:
                     continue
                 self.breaker.success(deployment)
                 return result
+        if first_refusal is not None and ctx.attempts == 0:
+            raise first_refusal
         if last is None:  # every deployment was cooling down: fail fast, say when to retry
             wait = max(1, round(self.breaker.retry_in(cooling)))
             raise ApiError(503, f"every deployment of '{ctx.model}' is cooling down after repeated failures",

@@ -59,7 +59,9 @@ from typing import Any
 import orjson
 import structlog
 
-from gateway.config import Config, Pricing
+from gateway.config import PRICED_SERVICE_TIERS, Config, ModelEntry, TokenPrices
+from gateway.errors import ApiError, bad_request
+from gateway.hosted_tools import cap_uses, requested, search_context_size, usd_per_use_in_map, uses_in
 from gateway.price_map import count_messages, count_text, model_info
 from plugins.base import RequestContext, Usage
 
@@ -74,7 +76,23 @@ def _int(value: Any) -> int:
 
 
 def usage_from_payload(payload: dict[str, Any]) -> Usage | None:
-    """The `Usage` of a response or stream chunk (`payload["usage"]`), or None when it
+    """The `Usage` of a response or stream chunk (`_token_usage`), with the price
+    dimensions the answer reports: the service tier that served it (`service_tier`, of the
+    answer or of Anthropic's usage) and its hosted-tool uses (gateway/hosted_tools.py)."""
+    usage = _token_usage(payload)
+    if usage is None:
+        return None
+    tier = payload.get("service_tier")
+    if tier is None:
+        tier = payload["usage"].get("service_tier")
+    uses = uses_in(payload)
+    if tier is None and not uses:
+        return usage
+    return replace(usage, service_tier=tier if isinstance(tier, str) else None, hosted_tool_uses=uses)
+
+
+def _token_usage(payload: dict[str, Any]) -> Usage | None:
+    """The tokens of a response or stream chunk (`payload["usage"]`), or None when it
     carries none. Reads OpenAI chat usage, litellm's translations (which add Anthropic's
     top-level cache keys), the Responses API shape and Anthropic's own; see the module
     docstring for which totals include which classes. One usage object is read as it is:
@@ -195,36 +213,100 @@ class UnitPrices:
 FREE = UnitPrices.of(0.0, 0.0)
 
 
-@functools.lru_cache(maxsize=1024)
-def _litellm_prices(model: str) -> UnitPrices | None:
-    """Prices from litellm's map, or None."""
-    if model.startswith(_FREE_PROVIDERS):
-        return FREE
-    candidates = [model]
-    if "/" in model:
-        candidates.append(model.split("/", 1)[1])
+# --- price dimensions: service tiers, long-context steps, hosted-tool uses -------------
+#
+# The token prices above are those of one service tier below one long-context step. Which
+# ones apply is decided per request, by litellm's rules (litellm_core_utils/llm_cost_calc/
+# utils.py, `_get_token_base_cost`), held to litellm's own cost in
+# tests/test_price_dimensions.py:
+#
+# * Service tier: the tier that served the request (the answer's `service_tier`; else the
+#   one asked for), `priority` or `flex`, priced by the map's `<key>_<tier>` keys, a class
+#   without one at its standard price (litellm's fallback). A tier the map (or the
+#   config's `pricing.<tier>`) has no input or output price for is not served (`refusal`).
+# * Long context: when the prompt has MORE than N tokens (`*_above_<N>k_tokens`), every
+#   token (input, output, cache read, cache write) is billed at that step's price, a class
+#   without one at the price below. Under a tier, the tier's step key first
+#   (`input_cost_per_token_above_200k_tokens_priority`), then the standard step's.
+# * Hosted-tool uses: USD per use of each tool the answer reports (gateway/hosted_tools.py).
+
+_NON_STANDARD_SUFFIXES = ("_priority", "_flex", "_batches", "_balanced", "_fast", "_ultrafast")
+_STEP_PREFIXES = ("input_cost_per_token_above_", "output_cost_per_token_above_",
+                  "cache_read_input_token_cost_above_", "cache_creation_input_token_cost_above_")
+_WRITE_1H = "cache_creation_input_token_cost_above_1hr"
+
+
+def _map_info(model: str) -> dict[str, Any] | None:
+    """The map's entry for a deployment model (or for it without its provider prefix)
+    that prices tokens, or None."""
+    candidates = [model, model.split("/", 1)[1]] if "/" in model else [model]
     for name in candidates:
         info = model_info(name)
-        if info is None:
-            continue
-        inp, out = info.get("input_cost_per_token"), info.get("output_cost_per_token")
-        if inp is not None or out is not None:
-            def price(key: str) -> float | None:
-                value = info.get(key)
-                return None if value is None else float(value)
-
-            return UnitPrices.of(float(inp or 0.0), float(out or 0.0),
-                                 cached_input=price("cache_read_input_token_cost"),
-                                 cache_write=price("cache_creation_input_token_cost"),
-                                 reasoning=price("output_cost_per_reasoning_token"),
-                                 audio_input=price("input_cost_per_audio_token"),
-                                 audio_output=price("output_cost_per_audio_token"),
-                                 cache_write_1h=price("cache_creation_input_token_cost_above_1hr"))
+        if info is not None and (info.get("input_cost_per_token") is not None
+                                 or info.get("output_cost_per_token") is not None):
+            return info
     return None
 
 
+def _map_has_tier(info: dict[str, Any], tier: str) -> bool:
+    return info.get(f"input_cost_per_token_{tier}") is not None or info.get(f"output_cost_per_token_{tier}") is not None
+
+
 @functools.lru_cache(maxsize=1024)
-def _config_prices(pricing: Pricing) -> UnitPrices:
+def _map_steps(model: str, tier: str | None) -> tuple[tuple[float, str], ...]:
+    """The map's long-context thresholds for `tier`, ascending: (tokens, "200k")."""
+    info = _map_info(model) or {}
+    suffix = f"_{tier}" if tier else ""
+    steps = set()
+    for key in info:
+        if not key.startswith(_STEP_PREFIXES) or "_tokens" not in key or info[key] is None:
+            continue
+        if key.endswith(_NON_STANDARD_SUFFIXES) and not (suffix and key.endswith(suffix)):
+            continue
+        name = key.rsplit("_above_", 1)[1].split("_tokens")[0]
+        try:
+            steps.add((float(name.replace("k", "")) * (1000 if "k" in name else 1), name))
+        except ValueError:
+            continue
+    return tuple(sorted(steps))
+
+
+@functools.lru_cache(maxsize=4096)
+def _litellm_prices(model: str, tier: str | None = None, steps: int = 0) -> UnitPrices | None:
+    """Prices from litellm's map for service tier `tier` (None: standard) once the prompt
+    exceeds the first `steps` long-context thresholds; None when the map has none."""
+    if model.startswith(_FREE_PROVIDERS):
+        return FREE
+    info = _map_info(model)
+    if info is None or (tier is not None and not _map_has_tier(info, tier)):
+        return None
+    suffix = f"_{tier}" if tier else ""
+
+    def price(key: str, fallback: float | None = None) -> float | None:
+        value = info.get(key + suffix) if suffix else None  # litellm's get_cost_per_unit:
+        if value is None:  # the tier's key, else the standard one
+            value = info.get(key)
+        return fallback if value is None else float(value)
+
+    inp, out = price("input_cost_per_token", 0.0), price("output_cost_per_token", 0.0)
+    cached, write = price("cache_read_input_token_cost"), price("cache_creation_input_token_cost")
+    write_1h_key = _WRITE_1H
+    for _, name in _map_steps(model, tier)[:steps]:
+        above = f"_above_{name}_tokens"
+        inp, out = price("input_cost_per_token" + above, inp), price("output_cost_per_token" + above, out)
+        cached, write = price("cache_read_input_token_cost" + above, cached), price(
+            "cache_creation_input_token_cost" + above, write)
+        if info.get(_WRITE_1H + above + suffix) is not None:
+            write_1h_key = _WRITE_1H + above
+    return UnitPrices.of(inp or 0.0, out or 0.0, cached_input=cached, cache_write=write,
+                         reasoning=price("output_cost_per_reasoning_token"),
+                         audio_input=price("input_cost_per_audio_token"),
+                         audio_output=price("output_cost_per_audio_token"),
+                         cache_write_1h=price(write_1h_key))
+
+
+@functools.lru_cache(maxsize=1024)
+def _config_prices(pricing: TokenPrices) -> UnitPrices:
     def per_token(value: float | None) -> float | None:
         return None if value is None else value / 1e6
 
@@ -237,15 +319,140 @@ def _config_prices(pricing: Pricing) -> UnitPrices:
                          cache_write_1h=per_token(pricing.cache_write_1h_per_million))
 
 
-def prices_for(config: Config, public_model: str, deployment_model: str | None) -> UnitPrices | None:
-    entries = config.deployments(public_model)
-    if entries:
+def token_prices(config: Config, public_model: str, deployment_model: str | None, tier: str | None,
+                 prompt_tokens: int) -> tuple[UnitPrices, int | None] | None:
+    """The token prices of service tier `tier` (None: standard) for a prompt of
+    `prompt_tokens`, and the long-context threshold they apply above (None: below every
+    one); None when there is no price: the model's `pricing` when given (all of it: a tier
+    it does not price has none), else litellm's map for the deployment."""
+    if config.deployments(public_model):
         pricing = config.model_settings(public_model).pricing
         if pricing is not None:
-            return _config_prices(pricing)
+            block = pricing.tier(tier)
+            if block is None:
+                return None
+            step = None
+            for candidate in block.long_context:
+                if prompt_tokens > candidate.above_tokens:
+                    step = candidate
+            return _config_prices(step or block), None if step is None else step.above_tokens
     if deployment_model is None:
         return None
-    return _litellm_prices(deployment_model)
+    steps = _map_steps(deployment_model, tier)
+    exceeded = sum(1 for threshold, _ in steps if prompt_tokens > threshold)
+    prices = _litellm_prices(deployment_model, tier, exceeded)
+    return None if prices is None else (prices, int(steps[exceeded - 1][0]) if exceeded else None)
+
+
+def prices_for(config: Config, public_model: str, deployment_model: str | None) -> UnitPrices | None:
+    """The standard tier's token prices below any long-context step."""
+    found = token_prices(config, public_model, deployment_model, None, 0)
+    return None if found is None else found[0]
+
+
+def hosted_tool_price(config: Config, public_model: str, deployment_model: str | None, kind: str,
+                      body: dict[str, Any]) -> float | None:
+    """USD per use of hosted tool `kind`: the model's `hosted_tools.<kind>.usd_per_use`,
+    else litellm's map (gateway/hosted_tools.py); None when neither says."""
+    allowed = (config.model_settings(public_model).hosted_tools or {}) if config.deployments(public_model) else {}
+    tool = allowed.get(kind)
+    if tool is not None and tool.usd_per_use is not None:
+        return tool.usd_per_use
+    if deployment_model is None:
+        return None
+    if deployment_model.startswith(_FREE_PROVIDERS):
+        return 0.0
+    return usd_per_use_in_map(kind, deployment_model, search_context_size(body))
+
+
+@dataclass(frozen=True)
+class BilledPrices:
+    """The prices one request was billed at: its token prices (of the service tier that
+    served it, above the long-context threshold its prompt exceeded) and USD per use of
+    each hosted tool it used. What a usage row's `unit_prices` shows."""
+
+    tokens: UnitPrices
+    service_tier: str | None = None  # "priority" / "flex"; None: the standard tier
+    above_tokens: int | None = None  # the long-context threshold the prompt exceeded
+    per_use: tuple[tuple[str, float], ...] = ()  # (hosted tool, USD per use), for those used
+
+    def cost(self, usage: Usage) -> float:
+        uses = dict(usage.hosted_tool_uses)
+        return round(self.tokens.cost(usage) + sum(price * uses.get(kind, 0) for kind, price in self.per_use), 9)
+
+    @functools.cached_property
+    def per_million_json(self) -> str:
+        """The token prices (USD per million tokens), and, when they apply, the service
+        tier, the long-context threshold and the USD per hosted-tool use."""
+        if self.service_tier is None and self.above_tokens is None and not self.per_use:
+            return self.tokens.per_million_json
+        out = orjson.loads(self.tokens.per_million_json)
+        if self.service_tier is not None:
+            out["service_tier"] = self.service_tier
+        if self.above_tokens is not None:
+            out["above_tokens"] = self.above_tokens
+        if self.per_use:
+            out["usd_per_use"] = dict(self.per_use)
+        return orjson.dumps(out).decode()
+
+
+def billed_tier(usage: Usage, body: dict[str, Any]) -> str | None:
+    """The priced service tier of a request: the one the answer says served it, else the
+    one asked for; None for the standard tier (`default`, `auto`, ...)."""
+    tier = usage.service_tier if usage.service_tier is not None else body.get("service_tier")
+    return tier if tier in PRICED_SERVICE_TIERS else None
+
+
+def billed_prices(config: Config, public_model: str, deployment_model: str | None, usage: Usage,
+                  body: dict[str, Any]) -> BilledPrices | None:
+    """Every price that applies to `usage`; None when one of them is unknown."""
+    tier = billed_tier(usage, body)
+    found = token_prices(config, public_model, deployment_model, tier, usage.prompt_tokens)
+    if found is None:
+        return None
+    per_use = []
+    for kind, _ in usage.hosted_tool_uses:
+        price = hosted_tool_price(config, public_model, deployment_model, kind, body)
+        if price is None:
+            return None
+        per_use.append((kind, price))
+    return BilledPrices(found[0], tier, found[1], tuple(per_use))
+
+
+def admit(ctx: RequestContext, public_model: str, deployment: ModelEntry, *,
+          takes_inbound_tools: bool) -> ApiError | None:
+    """Why `deployment` (of `public_model`) may not serve this request: a service tier it
+    has no price for, or a hosted tool its model does not allow or cannot bill (never
+    billed at the base price instead); None when it may, its hosted-tool uses then capped
+    at the model's `max_uses` (what energy reserved for). `takes_inbound_tools`: the
+    deployment gets a /v1/messages body as the client sent it (Anthropic's server tools
+    reach only such a one)."""
+    body, config = ctx.body, ctx.config
+    tier = body.get("service_tier") if ctx.inbound != "anthropic" else None  # Anthropic's: auto / standard_only
+    if tier is not None and tier not in ("auto", "default"):
+        if tier not in PRICED_SERVICE_TIERS:
+            return bad_request(f"service_tier {str(tier)[:32]!r} is not supported by the gateway (it bills auto, "
+                               f"default, priority and flex)", param="service_tier", code="unsupported_service_tier")
+        if token_prices(config, public_model, deployment.litellm_params.model, tier, 0) is None:
+            return bad_request(f"service_tier '{tier}' has no known price for the model '{public_model}'; the "
+                               f"gateway does not serve a request it cannot bill", param="service_tier",
+                               code="unpriced_service_tier")
+    tools = requested(body, ctx.inbound, ctx.inbound_body)
+    if not tools:
+        return None
+    allowed = config.model_settings(public_model).hosted_tools or {}
+    for kind, param in tools.items():
+        if kind not in allowed:
+            return bad_request(f"the hosted tool '{kind}' is not enabled for the model '{public_model}' (it runs at "
+                               f"the provider, charged per use)", param=param, code="hosted_tool_not_allowed")
+        if hosted_tool_price(config, public_model, deployment.litellm_params.model, kind, body) is None:
+            return bad_request(f"the hosted tool '{kind}' has no known price for the model '{public_model}'",
+                               param=param, code="unpriced_hosted_tool")
+        if ctx.inbound == "anthropic" and not takes_inbound_tools:
+            return bad_request(f"the server tool '{kind}' reaches only an Anthropic deployment; the model "
+                               f"'{public_model}' is not served by one", param=param, code="unsupported_tool_type")
+    cap_uses(body, ctx.inbound, ctx.inbound_body, {kind: allowed[kind].max_uses for kind in tools})
+    return None
 
 
 def cost_usd(config: Config, public_model: str, deployment_model: str | None, usage: Usage | None) -> float | None:
@@ -335,8 +542,19 @@ def finalize_usage(ctx: RequestContext) -> None:
     if ctx.usage is None:
         ctx.cost_usd = 0.0
         return
-    ctx.unit_prices = prices_for(ctx.config, ctx.model, ctx.deployment)
+    ctx.usage = _with_chat_web_search(ctx, ctx.usage)
+    ctx.unit_prices = billed_prices(ctx.config, ctx.model, ctx.deployment, ctx.usage, ctx.body)
     ctx.cost_usd = None if ctx.unit_prices is None else ctx.unit_prices.cost(ctx.usage)
+
+
+def _with_chat_web_search(ctx: RequestContext, usage: Usage) -> Usage:
+    """A chat answer to `web_search_options` searched once when the provider reported no
+    count (OpenAI's search models do not; litellm bills one search too)."""
+    if ctx.inbound != "openai" or ctx.body.get("web_search_options") is None:
+        return usage
+    if any(kind == "web_search" for kind, _ in usage.hosted_tool_uses):
+        return usage
+    return replace(usage, hosted_tool_uses=tuple(sorted((*usage.hosted_tool_uses, ("web_search", 1)))))
 
 
 def _price_saved(ctx: RequestContext) -> None:
@@ -346,7 +564,8 @@ def _price_saved(ctx: RequestContext) -> None:
     if ctx.error is not None or ctx.usage is None:
         return
     entries = ctx.config.deployments(ctx.model)
-    ctx.unit_prices = prices_for(ctx.config, ctx.model, entries[0].litellm_params.model if entries else None)
+    ctx.unit_prices = billed_prices(ctx.config, ctx.model, entries[0].litellm_params.model if entries else None,
+                                    ctx.usage, ctx.body)
     ctx.saved_usd = None if ctx.unit_prices is None else ctx.unit_prices.cost(ctx.usage)
 
 

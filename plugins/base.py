@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     from gateway.config import Config
     from gateway.directory import Directory
     from gateway.store import Store
-    from gateway.usage import UnitPrices
+    from gateway.usage import BilledPrices
 
 # Every endpoint the gateway serves through the chain, as metrics and logs label it.
 Endpoint = Literal[
@@ -127,6 +127,12 @@ class Usage:
     reasoning_tokens: int = 0
     audio_in_tokens: int = 0  # audio prompt tokens (prompt_tokens_details.audio_tokens)
     audio_out_tokens: int = 0  # audio completion tokens (completion_tokens_details.audio_tokens)
+    # The service tier the provider says served the request ("priority", "flex",
+    # "default", ...; the answer's `service_tier`), None when it did not say.
+    service_tier: str | None = None
+    # Hosted-tool uses the answer reports, as sorted (kind, count) pairs: web searches,
+    # file searches, code-interpreter sessions, generated images (gateway/hosted_tools.py).
+    hosted_tool_uses: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass
@@ -218,7 +224,7 @@ class RequestContext:
     saved_usd: float | None = None
     # The USD price of each token class that cost_usd was computed with (usage rows keep
     # it, so a later price change does not rewrite history). None when nothing was priced.
-    unit_prices: "UnitPrices | None" = None
+    unit_prices: "BilledPrices | None" = None
     started_at: float = field(default_factory=time.monotonic)
     first_byte_at: float | None = None
     ended_at: float | None = None

@@ -67,6 +67,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from gateway.batcher import WriteBehind
 from gateway.config import parse_duration
 from gateway.errors import internal_error, store_unavailable
+from gateway.hosted_tools import requested
 from gateway.store import StoreUnavailable
 from plugins.base import Plugin, Reject, RequestContext
 
@@ -191,12 +192,15 @@ class Energy(Plugin):
             return
         action = self._action(ctx)
         ctx.action = action
+        tools = requested(ctx.body, ctx.inbound, ctx.inbound_body)
+        if tools:  # hosted tools: their energy per use, reserved for max_uses (see _price)
+            ctx.scratch(self.name)["tools"] = tuple(tools)
         tier = ctx.config.tiers.get(ctx.identity.tier)
         refill = (tier.refill.amount, tier.refill.period) if tier is not None and tier.refill else None
         candidates = list(ctx.candidates)
         if ctx.cache_hit is not None and await self._reserve_cache_hit(ctx, action, refill, candidates):
             return
-        cost = ctx.config.energy.cost(action, candidates[0])
+        cost = self._price(ctx, action, candidates[0])
         if self._may_overlap(ctx.identity.user_id, cost):
             self._overlap(ctx, action, refill, candidates, cost)
             return
@@ -231,7 +235,7 @@ class Energy(Plugin):
         store = self.services.store
         user_id = ctx.identity.user_id
         for model in candidates[start:]:
-            cost = ctx.config.energy.cost(action, model)
+            cost = self._price(ctx, action, model)
             if balance is not None and balance < cost:
                 continue  # known not to be affordable; skip the round trip
             reserving = store.reserve_energy_soon(user_id, cost, ctx.request_id, refill=refill)
@@ -251,8 +255,8 @@ class Energy(Plugin):
             if result.ok:
                 self._reserved(ctx, action, candidates, model, cost, result.balance)
                 return None
-        cheapest = min(ctx.config.energy.cost(action, m) for m in candidates)
-        needed = ctx.config.energy.cost(action, candidates[0])
+        cheapest = min(self._price(ctx, action, m) for m in candidates)
+        needed = self._price(ctx, action, candidates[0])
         ctx.response_headers["X-Energy-Cost"] = "0"
         ctx.response_headers["X-Energy-Remaining"] = str(balance)
         detail = f"'{action}' on {candidates[0]} needs {needed} energy, {balance} left"
@@ -267,13 +271,28 @@ class Energy(Plugin):
         ctx.energy_cost = cost
         if model != candidates[0] and ctx.downgrade_reason is None:
             ctx.downgrade_reason = (f"insufficient energy for {candidates[0]} "
-                                    f"(needs {ctx.config.energy.cost(action, candidates[0])})")
+                                    f"(needs {self._price(ctx, action, candidates[0])})")
         elif model != candidates[0]:
             ctx.downgrade_reason += "; insufficient energy for the next step"
         ctx.candidates = [model]
         self._limit_fallbacks(ctx, action, cost)
         ctx.response_headers["X-Energy-Cost"] = str(cost)
         ctx.response_headers["X-Energy-Remaining"] = str(balance)
+
+    def _price(self, ctx: RequestContext, action: str, model: str, uses: dict[str, int] | None = None) -> int:
+        """The action's energy on `model`, plus each requested hosted tool's energy per use
+        (config.yaml models[].hosted_tools): for its `max_uses` when reserving, for the
+        `uses` the answer reported (at most max_uses) when settling."""
+        cost = ctx.config.energy.cost(action, model)
+        tools = ctx.scratch(self.name).get("tools")
+        if tools and ctx.config.deployments(model):
+            allowed = ctx.config.model_settings(model).hosted_tools or {}
+            for kind in tools:
+                tool = allowed.get(kind)
+                if tool is not None:
+                    count = tool.max_uses if uses is None else min(uses.get(kind, 0), tool.max_uses)
+                    cost += tool.energy_per_use * count
+        return cost
 
     @staticmethod
     def _limit_fallbacks(ctx: RequestContext, action: str, cost: int) -> None:
@@ -387,6 +406,13 @@ class Energy(Plugin):
     async def on_response(self, ctx: RequestContext) -> None:
         scratch = ctx.scratch(self.name)
         await self._gate_settled(scratch)
+        if "reserved" in scratch and scratch.get("tools") and ctx.action is not None and ctx.usage is not None:
+            # Hosted tools were reserved for at most max_uses each: settle at the uses made.
+            final = self._price(ctx, ctx.action, ctx.model, dict(ctx.usage.hosted_tool_uses))
+            if final < scratch["reserved"]:
+                await self.services.store.settle_energy(ctx.request_id, final)
+                ctx.energy_cost = final
+                return
         if "reserved" in scratch:
             if self._settles is not None:
                 await self._settles.put(ctx.request_id)  # written behind the answer, in a batch

@@ -53,6 +53,17 @@ Wire-format notes (deliberate choices, keep them in mind when asserting):
   and ``?api-version=`` (404 otherwise); answers carry ``prompt_filter_results`` and
   per-choice ``content_filter_results`` and name the deployment's underlying model
   (``azure_model``); a stream opens with Azure's ``choices: []`` prompt-filter chunk.
+* Price dimensions: a request with ``service_tier`` gets the tier that served it back
+  (``service_tier_served``, default: the one asked for; ``auto`` -> ``default``) in the
+  answer and in every stream chunk, as api.openai.com does (not sent when none was asked,
+  so token-only tests see the payloads they always did).  Hosted tools run as the real
+  APIs report them: a Responses request with a ``web_search``/``file_search``/
+  ``code_interpreter``/``image_generation`` tool gets ``hosted_tool_calls`` (default 1)
+  output items of the matching ``*_call`` type (code interpreter: each in its own
+  container) before its message; Anthropic's ``web_search_*`` server tool gets
+  ``usage.server_tool_use.web_search_requests``; a chat request with
+  ``web_search_options`` gets ``url_citation`` annotations and no count (as OpenAI's
+  search models).
 * Gemini (``/models/{model}:generateContent``, ``:streamGenerateContent?alt=sse``):
   ``x-goog-api-key`` header or ``?key=`` (403 ``PERMISSION_DENIED`` otherwise), errors as
   ``{"error": {"code", "message", "status"}}``; ``tool_call`` answers with a
@@ -449,6 +460,8 @@ class FakeUpstream:
         self.gemini_finish_reason = "STOP"
         # Gemini 3 signs its thinking: the signature rides on the answer's first part.
         self.gemini_thought_signature: str | None = None
+        self.service_tier_served: str | None = None  # None: the tier asked for
+        self.hosted_tool_calls = 1  # uses of each hosted tool a request names
         self.require_auth = require_auth
         self.shutdown_timeout = shutdown_timeout
 
@@ -741,9 +754,10 @@ class FakeUpstream:
         message = {"id": f"msg_fake_{request['fake_seq']}", "type": "message", "role": "assistant",
                    "status": "completed", "content": [{"type": "output_text", "text": self.reply, "annotations": []}]}
         response = {"id": rid, "object": "response", "created_at": int(time.time()), "status": "completed",
-                    "model": self._model(body, "gpt-fake"), "output": [message], "usage": usage,
-                    "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+                    "model": self._model(body, "gpt-fake"), "output": [*self._hosted_calls(body), message],
+                    "usage": usage, "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
                     "store": body.get("store", True), "previous_response_id": previous}
+        response.update(self._served_tier(body))
         if response["store"]:
             given = body["input"]
             items = [{"id": f"msg_in_{request['fake_seq']}", "type": "message", "role": "user",
@@ -771,6 +785,33 @@ class FakeUpstream:
         await event("response.output_item.done", {"output_index": 0, "item": message})
         await event("response.completed", {"response": response})
         return resp
+
+    def _served_tier(self, body: dict[str, Any]) -> dict[str, Any]:
+        asked = body.get("service_tier")
+        if asked is None:
+            return {}
+        return {"service_tier": self.service_tier_served or ("default" if asked == "auto" else asked)}
+
+    def _hosted_calls(self, body: dict[str, Any]) -> list[dict[str, Any]]:
+        """The Responses output items of the hosted tools the request names, as OpenAI reports them."""
+        items: list[dict[str, Any]] = []
+        for tool in body.get("tools") or ():
+            kind = str(tool.get("type", "")) if isinstance(tool, dict) else ""
+            for n in range(self.hosted_tool_calls):
+                ident = f"{len(items)}_{n}"
+                if kind.startswith("web_search"):
+                    items.append({"id": f"ws_{ident}", "type": "web_search_call", "status": "completed",
+                                  "action": {"type": "search", "query": "fake"}})
+                elif kind == "file_search":
+                    items.append({"id": f"fs_{ident}", "type": "file_search_call", "status": "completed",
+                                  "queries": ["fake"], "results": None})
+                elif kind == "code_interpreter":
+                    items.append({"id": f"ci_{ident}", "type": "code_interpreter_call", "status": "completed",
+                                  "code": "1+1", "container_id": f"cntr_{ident}", "outputs": None})
+                elif kind == "image_generation":
+                    items.append({"id": f"ig_{ident}", "type": "image_generation_call", "status": "completed",
+                                  "result": base64.b64encode(b"fake-png").decode()})
+        return items
 
     async def _openai_stored_response(self, request: web.Request, body: dict[str, Any],
                                       fault: Fault | None) -> web.StreamResponse:
@@ -866,6 +907,10 @@ class FakeUpstream:
                 for i in range(self._n(body))
             ],
         }
+        out.update(self._served_tier(body))
+        if body.get("web_search_options") is not None:  # OpenAI's search models: citations, no count
+            out["choices"][0]["message"]["annotations"] = [{"type": "url_citation", "url_citation": {
+                "url": "https://example.com/", "title": "Example", "start_index": 0, "end_index": 5}}]
         if self.tool_call is not None:  # answer with one function call instead of text
             message = out["choices"][0]["message"]
             message["content"] = None
@@ -911,6 +956,7 @@ class FakeUpstream:
                 "system_fingerprint": "fp_fake",
                 "choices": choices,
             }
+            c.update(self._served_tier(body))
             if include_usage:
                 c["usage"] = None
             c.update(extra)
@@ -1045,6 +1091,12 @@ class FakeUpstream:
         return {"cache_creation": {"ephemeral_5m_input_tokens": self.cache_write_tokens - self.cache_write_1h_tokens,
                                    "ephemeral_1h_input_tokens": self.cache_write_1h_tokens}}
 
+    def _anthropic_server_tool_use(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Anthropic's count of the web searches a web_search_* server tool made."""
+        searches = any(isinstance(t, dict) and str(t.get("type", "")).startswith("web_search_")
+                       for t in body.get("tools") or ())
+        return {"server_tool_use": {"web_search_requests": self.hosted_tool_calls}} if searches else {}
+
     def _anthropic_message(self, body: dict[str, Any], seq: int) -> dict[str, Any]:
         out: dict[str, Any] = {
             "id": f"msg_fake_{seq}",
@@ -1056,7 +1108,7 @@ class FakeUpstream:
             "stop_sequence": None,
         }
         if self.report_usage:
-            out["usage"] = self._anthropic_usage()
+            out["usage"] = {**self._anthropic_usage(), **self._anthropic_server_tool_use(body)}
         return out
 
     async def _anthropic_count_tokens(self, request: web.Request, body: dict[str, Any],
@@ -1128,7 +1180,7 @@ class FakeUpstream:
             "delta": {"stop_reason": "end_turn", "stop_sequence": None},
         }
         if self.report_usage:
-            delta_evt["usage"] = {"output_tokens": self.completion_tokens}
+            delta_evt["usage"] = {"output_tokens": self.completion_tokens, **self._anthropic_server_tool_use(body)}
         await resp.write(_sse_event("message_delta", delta_evt))
         if kind == "no_done":
             await self._end_without_done(request, resp, fault)

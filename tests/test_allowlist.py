@@ -47,6 +47,8 @@ CHAT_SAMPLES: dict[str, Any] = {
     "top_logprobs": 2, "top_p": 0.9, "user": "end-user-1", "verbosity": "low",
     "web_search_options": {"search_context_size": "low"},
 }
+# web_search_options is a hosted tool: sent only to a model that allows it (gateway/hosted_tools.py).
+WEB_SEARCH = {"web_search": {}}
 # Read by the gateway and removed (metadata: action, prospect_id); stream_options only with stream.
 NOT_FORWARDED = {"metadata", "stream_options"}
 
@@ -71,7 +73,8 @@ def test_the_allowlists_are_exactly_the_sdks_documented_parameters():
 
 
 def test_every_documented_chat_parameter_reaches_a_native_upstream(gateway_factory, upstream):
-    gw = gateway_factory(plugins=[], models=one_model(upstream, "native"), tiers=TIERS, energy=ENERGY)
+    gw = gateway_factory(plugins=[], models=one_model(upstream, "native", hosted_tools=WEB_SEARCH), tiers=TIERS,
+                         energy=ENERGY)
     gw.client().chat.completions.create(model="m", messages=MSGS, extra_body=CHAT_SAMPLES)
     sent = upstream.last.json
     for name, value in CHAT_SAMPLES.items():
@@ -81,7 +84,8 @@ def test_every_documented_chat_parameter_reaches_a_native_upstream(gateway_facto
 
 
 def test_every_chat_parameter_litellm_supports_reaches_it_and_none_is_refused(gateway_factory, upstream):
-    gw = gateway_factory(plugins=[], models=one_model(upstream, "litellm"), tiers=TIERS, energy=ENERGY)
+    gw = gateway_factory(plugins=[], models=one_model(upstream, "litellm", hosted_tools=WEB_SEARCH), tiers=TIERS,
+                         energy=ENERGY)
     gw.client().chat.completions.create(model="m", messages=MSGS, extra_body=CHAT_SAMPLES)
     sent = upstream.last.json
     supported = set(load_litellm().get_supported_openai_params("gpt-4o-mini", "openai"))

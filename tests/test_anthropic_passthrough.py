@@ -335,11 +335,11 @@ def test_a_carriage_return_in_an_upstream_event_does_not_break_the_clients_frami
 def test_server_tools_are_refused_as_their_use_could_not_be_billed(gateway_factory, upstream):
     gw = gateway_factory(plugins=CHAIN)
     user_id, key = gw.make_user(energy=100)
-    for tool in ({"type": "web_search_20250305", "name": "web_search", "max_uses": 50},
-                 {"type": "code_execution_20250522", "name": "code_execution"}):
+    for tool, code in (({"type": "web_search_20250305", "name": "web_search", "max_uses": 50}, "hosted_tool_not_allowed"),
+                       ({"type": "code_execution_20250522", "name": "code_execution"}, "unsupported_tool_type")):
         with pytest.raises(anthropic.BadRequestError) as excinfo:
             client(gw, key).messages.create(model="claude", max_tokens=50, messages=MESSAGES, tools=[tool])
-        assert "not supported" in excinfo.value.body["error"]["message"]
+        assert f"({code})" in excinfo.value.body["error"]["message"]  # web search: unless the model allows it
     custom = {"type": "custom", "name": "lookup", "input_schema": {"type": "object", "properties": {}}}
     client(gw, key).messages.create(model="claude", max_tokens=50, messages=MESSAGES, tools=[custom])
     assert upstream.count("/messages") == 1 and upstream.last.json["tools"] == [custom]

@@ -168,9 +168,14 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
             raise bad_request(f"tools[{i}] needs a string 'name'", param=f"tools[{i}]")
+        if str(tool.get("type", "custom")).startswith("web_search_"):
+            # A server tool: run and charged at Anthropic per use. It reaches an Anthropic
+            # deployment in the client's own body, only where the model allows it
+            # (gateway/hosted_tools.py); it has no OpenAI form.
+            continue
         if tool.get("type", "custom") != "custom":
-            # Server tools (web_search, web_fetch, code_execution, MCP) run and are charged at
-            # Anthropic per use, beyond tokens: the gateway could not bill them.
+            # Other server tools (web_fetch, code_execution, MCP) run and are charged at
+            # Anthropic per use, beyond tokens: the gateway does not bill them.
             raise bad_request(f"tools[{i}]: tool type {str(tool['type'])[:64]!r} is not supported by the gateway "
                               f"(only custom tools, with an input_schema)", param=f"tools[{i}].type",
                               code="unsupported_tool_type")
@@ -219,7 +224,9 @@ def to_openai(body: dict[str, Any]) -> dict[str, Any]:
             raise bad_request("'stop_sequences' must be an array of strings", param="stop_sequences")
         out["stop"] = stops
     if body.get("tools") is not None:
-        out["tools"] = _tools(body["tools"])
+        tools = _tools(body["tools"])
+        if tools or not isinstance(body["tools"], list) or not body["tools"]:
+            out["tools"] = tools
     if body.get("tool_choice") is not None:
         out["tool_choice"] = _tool_choice(body["tool_choice"])
     metadata = body.get("metadata")

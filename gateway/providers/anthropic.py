@@ -215,9 +215,12 @@ def _usage(usage: dict[str, Any]) -> dict[str, Any]:
         details["cache_creation_token_details"] = {
             "ephemeral_5m_input_tokens": int(lifetimes.get("ephemeral_5m_input_tokens") or 0),
             "ephemeral_1h_input_tokens": int(lifetimes.get("ephemeral_1h_input_tokens") or 0)}
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": details,
-            "cache_read_input_tokens": read, "cache_creation_input_tokens": written}
+    out = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+           "prompt_tokens_details": details,
+           "cache_read_input_tokens": read, "cache_creation_input_tokens": written}
+    if isinstance(usage.get("server_tool_use"), dict):  # hosted-tool uses, billed per use (as litellm keeps it)
+        out["server_tool_use"] = usage["server_tool_use"]
+    return out
 
 
 def from_message(message: dict[str, Any], model: str) -> dict[str, Any]:
