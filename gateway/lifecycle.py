@@ -244,14 +244,19 @@ def finish_success(ctx: RequestContext, payload: dict[str, Any]) -> None:
     ctx.status = 200
 
 
+Dispatch = Callable[[RequestContext], Awaitable[dict[str, Any]]]
+
+
 async def answer_json(request: web.Request, gw: Gateway, snap: Snapshot, ctx: RequestContext,
-                      inbound: Inbound = OPENAI) -> web.StreamResponse:
-    """A whole answer: dispatch (again if the gate moved the request), the chain's view of
-    it, the journal, the client's JSON in its wire format, the ending behind it."""
+                      inbound: Inbound = OPENAI, dispatch: Dispatch | None = None) -> web.StreamResponse:
+    """A whole answer, for every inbound API: `dispatch` (the router's chat by default;
+    embeddings, a Responses create), again if the gate moved the request; the chain's view
+    of it, the journal, the client's JSON in its wire format, the ending behind it."""
+    dispatch = dispatch or gw.router.chat
     dispatched = ctx.model
-    payload = ctx.short_circuit if ctx.short_circuit is not None else await gw.router.chat(ctx)
+    payload = ctx.short_circuit if ctx.short_circuit is not None else await dispatch(ctx)
     if ctx.gate is not None and await pass_gate(ctx, dispatched):
-        payload = await gw.router.chat(ctx)
+        payload = await dispatch(ctx)
     finish_success(ctx, payload)
     ctx.first_byte_at = time.monotonic()
     snap.chain.answered(ctx)
@@ -262,6 +267,31 @@ async def answer_json(request: web.Request, gw: Gateway, snap: Snapshot, ctx: Re
 
 
 _SSE_DONE = b"data: [DONE]\n\n"
+
+
+async def open_gated(ctx: RequestContext, open_stream: Callable[[RequestContext], Awaitable[tuple[Any, Any]]]
+                     ) -> tuple[Any, Any]:
+    """Open the upstream stream (retried until its first piece), then pass the gate: nothing
+    reaches the client before it passed; a gate that moved the request opens it again."""
+    dispatched = ctx.model
+    first, upstream = await open_stream(ctx)
+    if ctx.gate is not None:
+        try:
+            moved = await pass_gate(ctx, dispatched)
+        except BaseException:
+            await close_quietly(upstream)
+            raise
+        if moved:
+            await close_quietly(upstream)
+            first, upstream = await open_stream(ctx)
+    return first, upstream
+
+
+def event_stream(ctx: RequestContext) -> "EventStream":
+    """The SSE response every inbound API's stream is written to."""
+    return EventStream(status=200, headers={
+        **ctx.response_headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no"})
 
 
 class EventStream(web.StreamResponse):
@@ -299,21 +329,9 @@ async def relay_stream(request: web.Request, gw: Gateway, snap: Snapshot, ctx: R
         options = dict(ctx.body.get("stream_options") or {})
         options["include_usage"] = True
         ctx.body["stream_options"] = options
-        dispatched = ctx.model
-        first, upstream = await gw.router.open_stream(ctx)  # retried; nothing sent yet
-        if ctx.gate is not None:
-            try:
-                moved = await pass_gate(ctx, dispatched)
-            except BaseException:
-                await close_quietly(upstream)
-                raise
-            if moved:
-                await close_quietly(upstream)
-                first, upstream = await gw.router.open_stream(ctx)
+        first, upstream = await open_gated(ctx, gw.router.open_stream)  # retried; nothing sent yet
 
-    response = EventStream(status=200, headers={
-        **ctx.response_headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-        "X-Accel-Buffering": "no"})
+    response = event_stream(ctx)
     error: ApiError | None = None
     end = StreamEnd()
     chunk: dict[str, Any] | None = first

@@ -8,7 +8,6 @@ reader with this endpoint's allowlist (gateway/client_body.py), then `answer_jso
 
 from __future__ import annotations
 
-import time
 from typing import Awaitable
 
 from aiohttp import web
@@ -19,10 +18,8 @@ from gateway.lifecycle import (
     answer_json,
     body_reader,
     clean_text,
-    finish_success,
     json_response,
     new_context,
-    pass_gate,
     relay_stream,
     run_request,
     send_now,
@@ -46,17 +43,8 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     snap = gw.snapshot
     ctx = new_context(request, snap, "embeddings", {})
 
-    async def answer() -> web.StreamResponse:
-        dispatched = ctx.model
-        payload = ctx.short_circuit if ctx.short_circuit is not None else await gw.router.embeddings(ctx)
-        if ctx.gate is not None and await pass_gate(ctx, dispatched):
-            payload = await gw.router.embeddings(ctx)
-        finish_success(ctx, payload)
-        ctx.first_byte_at = time.monotonic()
-        snap.chain.answered(ctx)
-        response = await send_now(request, json_response(200, payload, ctx.response_headers))
-        await snap.chain.end(ctx, wait=False)
-        return response
+    def answer() -> Awaitable[web.StreamResponse]:
+        return answer_json(request, gw, snap, ctx, dispatch=gw.router.embeddings)
 
     return await run_request(request, snap, ctx, answer, body_reader(request, snap, ctx, validate_embeddings))
 

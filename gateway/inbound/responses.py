@@ -38,12 +38,13 @@ from gateway.providers.base import UpstreamError
 from gateway.client_body import validate_responses
 from gateway.errors import ApiError, internal_error, store_unavailable
 from gateway.lifecycle import (
-    EventStream,
+    answer_json,
     body_reader,
     close_quietly,
+    event_stream,
     json_response,
     new_context,
-    pass_gate,
+    open_gated,
     run_request,
     send_now,
     usage_from,
@@ -217,22 +218,13 @@ async def responses_create(request: web.Request) -> web.StreamResponse:
         only = None if ctx.short_circuit is not None else await previous_upstream(gw.store, ctx)
         if ctx.stream:
             return await _responses_stream(request, gw, snap, ctx, only)
-        dispatched = ctx.model
-        payload = ctx.short_circuit if ctx.short_circuit is not None else \
-            await create(gw.router, ctx, only)
-        if ctx.gate is not None and await pass_gate(ctx, dispatched):
+
+        async def dispatch(ctx: RequestContext) -> dict[str, Any]:
             payload = await create(gw.router, ctx, only)
-        if ctx.short_circuit is None:
-            await remember(gw.store, ctx, payload)
-        payload["model"] = ctx.model
-        ctx.response = payload
-        ctx.usage = usage_from(payload)
-        ctx.status = 200
-        ctx.first_byte_at = time.monotonic()
-        snap.chain.answered(ctx)
-        response = await send_now(request, json_response(200, payload, ctx.response_headers))
-        await snap.chain.end(ctx, wait=False)
-        return response
+            await remember(gw.store, ctx, payload)  # whose it is, also if the gate moves on
+            return payload
+
+        return await answer_json(request, gw, snap, ctx, dispatch=dispatch)
 
     return await run_request(request, snap, ctx, answer, body_reader(request, snap, ctx, validate_responses))
 
@@ -248,21 +240,9 @@ async def _responses_stream(request: web.Request, gw: Gateway, snap: Snapshot, c
         first = ("response.created", {}, created)
         pending = [("response.completed", {"response": ctx.short_circuit}, completed)]
     else:
-        dispatched = ctx.model
-        first, upstream = await open_stream(gw.router, ctx, only)
-        if ctx.gate is not None:
-            try:
-                moved = await pass_gate(ctx, dispatched)
-            except BaseException:
-                await close_quietly(upstream)
-                raise
-            if moved:
-                await close_quietly(upstream)
-                first, upstream = await open_stream(gw.router, ctx, only)
+        first, upstream = await open_gated(ctx, lambda ctx: open_stream(gw.router, ctx, only))
         pending = []
-    response = EventStream(status=200, headers={
-        **ctx.response_headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-        "X-Accel-Buffering": "no"})
+    response = event_stream(ctx)
     error: ApiError | None = None
     event: tuple[str, dict[str, Any], bytes] | None = first
     try:
