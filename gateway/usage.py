@@ -44,6 +44,9 @@ falling back to `cache_creation_input_token_cost`; writes of no stated lifetime 
 latter), held to litellm's own cost in tests/test_token_classes.py. An unknown price gives `cost_usd = None` (logged at start-up by
 `unpriced_models`), never a made-up zero.
 
+The cost is a `Decimal`: exact prices times integer tokens, rounded half-even to 1e-9 USD
+once, at the end of `UnitPrices.cost` (gateway/money.py has the rule).
+
 An answer served without the provider (a response cache hit, an idempotent replay) costs
 0, and `saved_usd` is what it would have cost: its tokens (the stored answer's usage, its
 classes included) priced by the same rule, at the prices of the model's first deployment,
@@ -53,13 +56,15 @@ the one dispatch tries first (or the model's `pricing`).
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
+from decimal import Decimal
 from typing import Any
 
 import orjson
 import structlog
 
 from gateway.config import Config, Pricing
+from gateway.money import USD_ZERO, json_default, price, usd
 from gateway.price_map import count_messages, count_text, model_info
 from plugins.base import RequestContext, Usage
 
@@ -145,16 +150,24 @@ def openai_usage(usage: Usage) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class UnitPrices:
-    """USD per token of each class, fallbacks already applied (every field is a price)."""
+    """USD per token of each class, fallbacks already applied (every field is a price).
+    Given as floats (the map's, the config's), kept as exact decimals (gateway/money.py
+    `price`): converted once per price book, not per request."""
 
-    input: float
-    output: float
-    cached_input: float
-    cache_write: float
-    reasoning: float
-    audio_input: float
-    audio_output: float
-    cache_write_1h: float  # a cache write with a 1-hour lifetime (Anthropic: 2x input, vs 1.25x)
+    input: Decimal
+    output: Decimal
+    cached_input: Decimal
+    cache_write: Decimal
+    reasoning: Decimal
+    audio_input: Decimal
+    audio_output: Decimal
+    cache_write_1h: Decimal  # a cache write with a 1-hour lifetime (Anthropic: 2x input, vs 1.25x)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float):
+                object.__setattr__(self, f.name, price(value))
 
     @classmethod
     def of(cls, input: float, output: float, *, cached_input: float | None = None,
@@ -172,7 +185,7 @@ class UnitPrices:
                    output if audio_output is None else audio_output,
                    write if cache_write_1h is None else cache_write_1h)
 
-    def cost(self, usage: Usage) -> float:
+    def cost(self, usage: Usage) -> Decimal:
         prompt, completion = usage.prompt_tokens, usage.completion_tokens
         cached = min(usage.cached_tokens, prompt)
         written = min(usage.cache_write_tokens, prompt - cached)
@@ -180,18 +193,19 @@ class UnitPrices:
         audio_in = min(usage.audio_in_tokens, prompt - cached - written)
         reasoning = min(usage.reasoning_tokens, completion)
         audio_out = min(usage.audio_out_tokens, completion - reasoning)
-        return round((prompt - cached - written - audio_in) * self.input + cached * self.cached_input
-                     + (written - written_1h) * self.cache_write + written_1h * self.cache_write_1h
-                     + audio_in * self.audio_input
-                     + (completion - reasoning - audio_out) * self.output + reasoning * self.reasoning
-                     + audio_out * self.audio_output, 9)
+        return usd((prompt - cached - written - audio_in) * self.input + cached * self.cached_input
+                   + (written - written_1h) * self.cache_write + written_1h * self.cache_write_1h
+                   + audio_in * self.audio_input
+                   + (completion - reasoning - audio_out) * self.output + reasoning * self.reasoning
+                   + audio_out * self.audio_output)  # the one rounding (gateway/money.py)
 
     @functools.cached_property
     def per_million_json(self) -> str:
         """What a usage row keeps (`unit_prices`): USD per million tokens of each class."""
-        return orjson.dumps({k: round(v * 1e6, 9) for k, v in asdict(self).items()}).decode()
+        return orjson.dumps({k: v * _MILLION for k, v in asdict(self).items()}, default=json_default).decode()
 
 
+_MILLION = Decimal(10**6)
 FREE = UnitPrices.of(0.0, 0.0)
 
 
@@ -248,9 +262,9 @@ def prices_for(config: Config, public_model: str, deployment_model: str | None) 
     return _litellm_prices(deployment_model)
 
 
-def cost_usd(config: Config, public_model: str, deployment_model: str | None, usage: Usage | None) -> float | None:
+def cost_usd(config: Config, public_model: str, deployment_model: str | None, usage: Usage | None) -> Decimal | None:
     if usage is None:
-        return 0.0
+        return USD_ZERO
     prices = prices_for(config, public_model, deployment_model)
     if prices is None:
         return None
@@ -307,7 +321,7 @@ def finalize_usage(ctx: RequestContext) -> None:
         return
     dispatched = ctx.attempts > 0
     if not dispatched:
-        ctx.cost_usd = 0.0  # rejected before any upstream call: nothing spent (not "price unknown")
+        ctx.cost_usd = USD_ZERO  # rejected before any upstream call: nothing spent (not "price unknown")
         return
     reported = ctx.usage
     produced = bool(ctx.streamed_text) or bool(ctx.streamed_reasoning) or ctx.response is not None
@@ -325,7 +339,7 @@ def finalize_usage(ctx: RequestContext) -> None:
                                            total_tokens=reported.prompt_tokens + output, estimated=True)
     if reported is None or (reported.total_tokens == 0 and produced):
         if ctx.error is not None and not produced:
-            ctx.cost_usd = 0.0  # nothing reached or left the upstream successfully: no tokens to bill
+            ctx.cost_usd = USD_ZERO  # nothing reached or left the upstream successfully: no tokens to bill
             return
         try:
             ctx.usage = estimate_usage(ctx)
@@ -333,7 +347,7 @@ def finalize_usage(ctx: RequestContext) -> None:
             log.exception("usage_estimate_failed", request_id=ctx.request_id, model=ctx.model)
             return
     if ctx.usage is None:
-        ctx.cost_usd = 0.0
+        ctx.cost_usd = USD_ZERO
         return
     ctx.unit_prices = prices_for(ctx.config, ctx.model, ctx.deployment)
     ctx.cost_usd = None if ctx.unit_prices is None else ctx.unit_prices.cost(ctx.usage)
@@ -342,7 +356,7 @@ def finalize_usage(ctx: RequestContext) -> None:
 def _price_saved(ctx: RequestContext) -> None:
     """A replay costs the provider nothing; `saved_usd` is what it would have cost
     (module docstring), and `unit_prices` the prices that says."""
-    ctx.cost_usd = 0.0
+    ctx.cost_usd = USD_ZERO
     if ctx.error is not None or ctx.usage is None:
         return
     entries = ctx.config.deployments(ctx.model)
