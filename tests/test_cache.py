@@ -193,7 +193,7 @@ def test_a_hits_usd_saved_is_exactly_what_the_miss_cost(gateway_factory, upstrea
     assert upstream.count("/chat/completions") == 1
     gw.settle()
     miss, hit = sorted(gw.run(gw.store.usage_rows()), key=lambda r: r["cache_hit"])
-    assert miss["cost_usd"] == pytest.approx(MINI_COST, rel=1e-9) and miss["saved_usd"] is None
+    assert float(miss["cost_usd"]) == pytest.approx(MINI_COST, rel=1e-9) and miss["saved_usd"] is None
     assert (hit["cache_hit"], hit["cost_usd"], hit["saved_usd"]) == (True, 0.0, miss["cost_usd"])
     classes = ("tokens_prompt", "tokens_completion", "tokens_cached", "tokens_reasoning")
     assert [hit[c] for c in classes] == [miss[c] for c in classes] == [PROMPT, COMPLETION, CACHED, REASONING]
