@@ -65,11 +65,13 @@ def _values(dialect: str, now: float, n: int) -> str:
         created = f"to_timestamp({ts})"
         rnd = "floor(random() * {m})::int"
         flag = "(i % {m} = 0)"
+    # $0.000-0.099: SQLite keeps USD as INTEGER nano-dollars, PostgreSQL as numeric (gateway/money.py)
+    cost = "(i % 100) * 1000000" if dialect == "sqlite" else "(i % 100) / 1000.0"
     models = "CASE i % 4 WHEN 0 THEN 'gpt-4o' WHEN 1 THEN 'gpt-4o-mini' WHEN 2 THEN 'claude' ELSE 'demo' END"
     return (f"'bench_' || i, 'usr_' || (i % 500), 'ws_' || (i % 10),"
             f" CASE i % 3 WHEN 0 THEN 'ai_message' WHEN 1 THEN 'email_draft' ELSE 'summary' END,"
             f" CASE i % 4 WHEN 2 THEN 'anthropic' ELSE 'openai' END, {models}, 'gpt-4o',"
-            f" 200 + i % 300, 50 + i % 200, 250 + i % 300 + i % 200, (i % 100) / 1000.0,"
+            f" 200 + i % 300, 50 + i % 200, 250 + i % 300 + i % 200, {cost},"
             f" CASE WHEN i % 50 = 0 THEN 502 ELSE 200 END, CASE WHEN i % 50 = 0 THEN 'upstream_error' END,"
             f" 20 + {rnd.format(m=3000)}, 5 + {rnd.format(m=800)}, i % 7, {flag.format(m=5)}, i % 11 / 10,"
             f" {flag.format(m=3)}, {created}")

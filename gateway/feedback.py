@@ -31,6 +31,7 @@ from aiohttp import web
 
 from gateway.client_body import read_json
 from gateway.errors import ApiError, bad_request
+from gateway.money import USD_ZERO
 
 _METRIC = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 _FIELDS = frozenset({"request_id", "metric", "value"})
@@ -187,7 +188,7 @@ async def experiments_report(store: Any, config: Any, *, days: int = 7, workspac
     for g in groups:
         where = f"{scope} AND experiment = ? AND variant = ?"
         cell_args = [*args, g["experiment"], g["variant"]]
-        variant = {"variant": g["variant"], "requests": int(g["requests"]), "cost_usd": round(float(g["cost_usd"] or 0), 6),
+        variant = {"variant": g["variant"], "requests": int(g["requests"]), "cost_usd": store.usd(g["cost_usd"]) or USD_ZERO,
                    "energy": int(g["energy"] or 0), "tokens": int(g["tokens"] or 0),
                    "error_rate": round(int(g["errors"] or 0) / int(g["requests"]), 6),
                    "latency_p50_ms": await _percentile(store, where, cell_args, int(g["timed"]), 0.5),

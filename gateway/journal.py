@@ -38,6 +38,8 @@ from typing import Any, Awaitable, Callable
 import orjson
 import structlog
 
+from gateway.money import json_default
+
 log = structlog.get_logger("gateway.journal")
 
 ROTATE_SECONDS = 5.0
@@ -82,7 +84,8 @@ class EndingsJournal:
         segment = self._current
         if segment is None:
             return None
-        line = orjson.dumps({"request_id": request_id, "at": time.time(), "records": records}) + b"\n"
+        line = orjson.dumps({"request_id": request_id, "at": time.time(), "records": records},
+                            default=json_default) + b"\n"  # a usage row's USD amounts: JSON numbers
         try:
             os.write(segment.fd, line)
         except OSError as exc:

@@ -20,6 +20,8 @@ from typing import Any, BinaryIO
 import orjson
 import structlog
 
+from gateway.money import json_default
+
 FLUSH_SECONDS = 0.2
 
 
@@ -38,7 +40,7 @@ _timestamp.prefix = ""  # type: ignore[attr-defined]
 
 
 def _render(logger: Any, method: str, event: dict[str, Any]) -> bytes:
-    return orjson.dumps(event, default=str, option=orjson.OPT_APPEND_NEWLINE)
+    return orjson.dumps(event, default=json_default, option=orjson.OPT_APPEND_NEWLINE)
 
 
 class BufferedLineLogger:
@@ -111,7 +113,7 @@ def configure(level: str = "info") -> None:
     out = getattr(sys.stdout, "buffer", None)
     if out is None:  # stdout replaced by a text-only stream: fall back to structlog's printer
         factory: Any = structlog.PrintLoggerFactory(file=sys.stdout)
-        renderer: Any = structlog.processors.JSONRenderer(serializer=lambda o, **kw: orjson.dumps(o, default=str).decode())
+        renderer: Any = structlog.processors.JSONRenderer(serializer=lambda o, **kw: orjson.dumps(o, default=json_default).decode())
     else:
         global _line_logger
         if _line_logger is not None:

@@ -44,6 +44,9 @@ falling back to `cache_creation_input_token_cost`; writes of no stated lifetime 
 latter), held to litellm's own cost in tests/test_token_classes.py. An unknown price gives `cost_usd = None` (logged at start-up by
 `unpriced_models`), never a made-up zero.
 
+The cost is a `Decimal`: exact prices times integer tokens, rounded half-even to 1e-9 USD
+once, at the end of `UnitPrices.cost` (gateway/money.py has the rule).
+
 An answer served without the provider (a response cache hit, an idempotent replay) costs
 0, and `saved_usd` is what it would have cost: its tokens (the stored answer's usage, its
 classes included) priced by the same rule, at the prices of the model's first deployment,
@@ -53,7 +56,8 @@ the one dispatch tries first (or the model's `pricing`).
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -62,6 +66,7 @@ import structlog
 from gateway.config import PRICED_SERVICE_TIERS, Config, ModelEntry, TokenPrices
 from gateway.errors import ApiError, bad_request
 from gateway.hosted_tools import cap_uses, requested, search_context_size, usd_per_use_in_map, uses_in
+from gateway.money import USD_ZERO, json_default, price, usd
 from gateway.price_map import count_messages, count_text, model_info
 from plugins.base import RequestContext, Usage
 
@@ -163,16 +168,24 @@ def openai_usage(usage: Usage) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class UnitPrices:
-    """USD per token of each class, fallbacks already applied (every field is a price)."""
+    """USD per token of each class, fallbacks already applied (every field is a price).
+    Given as floats (the map's, the config's), kept as exact decimals (gateway/money.py
+    `price`): converted once per price book, not per request."""
 
-    input: float
-    output: float
-    cached_input: float
-    cache_write: float
-    reasoning: float
-    audio_input: float
-    audio_output: float
-    cache_write_1h: float  # a cache write with a 1-hour lifetime (Anthropic: 2x input, vs 1.25x)
+    input: Decimal
+    output: Decimal
+    cached_input: Decimal
+    cache_write: Decimal
+    reasoning: Decimal
+    audio_input: Decimal
+    audio_output: Decimal
+    cache_write_1h: Decimal  # a cache write with a 1-hour lifetime (Anthropic: 2x input, vs 1.25x)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float):
+                object.__setattr__(self, f.name, price(value))
 
     @classmethod
     def of(cls, input: float, output: float, *, cached_input: float | None = None,
@@ -190,7 +203,7 @@ class UnitPrices:
                    output if audio_output is None else audio_output,
                    write if cache_write_1h is None else cache_write_1h)
 
-    def cost(self, usage: Usage) -> float:
+    def cost(self, usage: Usage) -> Decimal:
         prompt, completion = usage.prompt_tokens, usage.completion_tokens
         cached = min(usage.cached_tokens, prompt)
         written = min(usage.cache_write_tokens, prompt - cached)
@@ -198,18 +211,19 @@ class UnitPrices:
         audio_in = min(usage.audio_in_tokens, prompt - cached - written)
         reasoning = min(usage.reasoning_tokens, completion)
         audio_out = min(usage.audio_out_tokens, completion - reasoning)
-        return round((prompt - cached - written - audio_in) * self.input + cached * self.cached_input
-                     + (written - written_1h) * self.cache_write + written_1h * self.cache_write_1h
-                     + audio_in * self.audio_input
-                     + (completion - reasoning - audio_out) * self.output + reasoning * self.reasoning
-                     + audio_out * self.audio_output, 9)
+        return usd((prompt - cached - written - audio_in) * self.input + cached * self.cached_input
+                   + (written - written_1h) * self.cache_write + written_1h * self.cache_write_1h
+                   + audio_in * self.audio_input
+                   + (completion - reasoning - audio_out) * self.output + reasoning * self.reasoning
+                   + audio_out * self.audio_output)  # the one rounding (gateway/money.py)
 
     @functools.cached_property
     def per_million_json(self) -> str:
         """What a usage row keeps (`unit_prices`): USD per million tokens of each class."""
-        return orjson.dumps({k: round(v * 1e6, 9) for k, v in asdict(self).items()}).decode()
+        return orjson.dumps({k: v * _MILLION for k, v in asdict(self).items()}, default=json_default).decode()
 
 
+_MILLION = Decimal(10**6)
 FREE = UnitPrices.of(0.0, 0.0)
 
 
@@ -374,11 +388,13 @@ class BilledPrices:
     tokens: UnitPrices
     service_tier: str | None = None  # "priority" / "flex"; None: the standard tier
     above_tokens: int | None = None  # the long-context threshold the prompt exceeded
-    per_use: tuple[tuple[str, float], ...] = ()  # (hosted tool, USD per use), for those used
+    per_use: tuple[tuple[str, Decimal], ...] = ()  # (hosted tool, USD per use), for those used
 
-    def cost(self, usage: Usage) -> float:
+    def cost(self, usage: Usage) -> Decimal:
+        if not self.per_use:
+            return self.tokens.cost(usage)
         uses = dict(usage.hosted_tool_uses)
-        return round(self.tokens.cost(usage) + sum(price * uses.get(kind, 0) for kind, price in self.per_use), 9)
+        return usd(self.tokens.cost(usage) + sum((each * uses.get(kind, 0) for kind, each in self.per_use), USD_ZERO))
 
     @functools.cached_property
     def per_million_json(self) -> str:
@@ -393,7 +409,7 @@ class BilledPrices:
             out["above_tokens"] = self.above_tokens
         if self.per_use:
             out["usd_per_use"] = dict(self.per_use)
-        return orjson.dumps(out).decode()
+        return orjson.dumps(out, default=json_default).decode()
 
 
 def billed_tier(usage: Usage, body: dict[str, Any]) -> str | None:
@@ -412,10 +428,10 @@ def billed_prices(config: Config, public_model: str, deployment_model: str | Non
         return None
     per_use = []
     for kind, _ in usage.hosted_tool_uses:
-        price = hosted_tool_price(config, public_model, deployment_model, kind, body)
-        if price is None:
+        per_use_usd = hosted_tool_price(config, public_model, deployment_model, kind, body)
+        if per_use_usd is None:
             return None
-        per_use.append((kind, price))
+        per_use.append((kind, price(per_use_usd)))
     return BilledPrices(found[0], tier, found[1], tuple(per_use))
 
 
@@ -455,9 +471,9 @@ def admit(ctx: RequestContext, public_model: str, deployment: ModelEntry, *,
     return None
 
 
-def cost_usd(config: Config, public_model: str, deployment_model: str | None, usage: Usage | None) -> float | None:
+def cost_usd(config: Config, public_model: str, deployment_model: str | None, usage: Usage | None) -> Decimal | None:
     if usage is None:
-        return 0.0
+        return USD_ZERO
     prices = prices_for(config, public_model, deployment_model)
     if prices is None:
         return None
@@ -514,7 +530,7 @@ def finalize_usage(ctx: RequestContext) -> None:
         return
     dispatched = ctx.attempts > 0
     if not dispatched:
-        ctx.cost_usd = 0.0  # rejected before any upstream call: nothing spent (not "price unknown")
+        ctx.cost_usd = USD_ZERO  # rejected before any upstream call: nothing spent (not "price unknown")
         return
     reported = ctx.usage
     produced = bool(ctx.streamed_text) or bool(ctx.streamed_reasoning) or ctx.response is not None
@@ -532,7 +548,7 @@ def finalize_usage(ctx: RequestContext) -> None:
                                            total_tokens=reported.prompt_tokens + output, estimated=True)
     if reported is None or (reported.total_tokens == 0 and produced):
         if ctx.error is not None and not produced:
-            ctx.cost_usd = 0.0  # nothing reached or left the upstream successfully: no tokens to bill
+            ctx.cost_usd = USD_ZERO  # nothing reached or left the upstream successfully: no tokens to bill
             return
         try:
             ctx.usage = estimate_usage(ctx)
@@ -540,7 +556,7 @@ def finalize_usage(ctx: RequestContext) -> None:
             log.exception("usage_estimate_failed", request_id=ctx.request_id, model=ctx.model)
             return
     if ctx.usage is None:
-        ctx.cost_usd = 0.0
+        ctx.cost_usd = USD_ZERO
         return
     ctx.usage = _with_chat_web_search(ctx, ctx.usage)
     ctx.unit_prices = billed_prices(ctx.config, ctx.model, ctx.deployment, ctx.usage, ctx.body)
@@ -560,7 +576,7 @@ def _with_chat_web_search(ctx: RequestContext, usage: Usage) -> Usage:
 def _price_saved(ctx: RequestContext) -> None:
     """A replay costs the provider nothing; `saved_usd` is what it would have cost
     (module docstring), and `unit_prices` the prices that says."""
-    ctx.cost_usd = 0.0
+    ctx.cost_usd = USD_ZERO
     if ctx.error is not None or ctx.usage is None:
         return
     entries = ctx.config.deployments(ctx.model)

@@ -20,6 +20,7 @@ tokens_audio_out`: parts of the prompt / completion totals) and `unit_prices`, t
 million tokens of each class that `cost_usd` was computed with (gateway/usage.py). A row
 served from the response cache (or an idempotent replay) has `cache_hit`, `cost_usd` 0 and
 `saved_usd`, what its tokens would have cost (`unit_prices`: the prices that says).
+USD amounts are `Decimal`, rounded once where they are computed (gateway/money.py).
 
 Rows never sit on the request's hot path: the ending hook appends the row to a bounded
 buffer and returns; a writer task (gateway/batcher.py) inserts batches in one transaction
@@ -43,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.admin.reports import iso_week, week_start
 from gateway.batcher import WriteBehind
+from gateway.money import USD_ZERO
 from plugins.base import Plugin, RequestContext
 
 log = structlog.get_logger("gateway.accounting")
@@ -108,7 +110,7 @@ class Accounting(Plugin):
         self._unpriced_warned: set[str] = set()
         self._estimate_warned: set[str] = set()
         self._week: tuple[int, int] | None = None
-        self._week_cost = 0.0
+        self._week_cost = USD_ZERO
         self._week_warned = False
         self._pruner: asyncio.Task | None = None
 
@@ -225,7 +227,7 @@ class Accounting(Plugin):
             now = time.time()
             totals = await self.services.store.usage_totals(None, week_start(now), measures=("cost_usd",))
             self._week = iso_week(now)
-            self._week_cost = totals[0]["cost_usd"] if totals else 0.0
+            self._week_cost = totals[0]["cost_usd"] if totals else USD_ZERO
         except Exception:  # noqa: BLE001 — reporting fails open
             log.exception("weekly_cost_load_failed")
 
@@ -233,9 +235,9 @@ class Accounting(Plugin):
         # The running cost is kept even without a threshold: a reload may set one mid-week.
         week = iso_week(row["created_at"])
         if week != self._week:
-            self._week, self._week_cost, self._week_warned = week, 0.0, False
-        self._week_cost += row["cost_usd"] or 0.0
+            self._week, self._week_cost, self._week_warned = week, USD_ZERO, False
+        self._week_cost += row["cost_usd"] or USD_ZERO
         if threshold is not None and self._week_cost > threshold and not self._week_warned:
             self._week_warned = True
             events.warning("weekly_cost_threshold_exceeded", week=f"{week[0]}-W{week[1]:02d}",
-                           week_cost_usd=round(self._week_cost, 6), threshold_usd=threshold)
+                           week_cost_usd=self._week_cost, threshold_usd=threshold)

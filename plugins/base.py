@@ -53,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import TYPE_CHECKING, AbstractSet, Any, ClassVar, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict
@@ -217,11 +218,12 @@ class RequestContext:
     client_disconnected: bool = False
     error: ApiError | None = None
     energy_cost: int = 0  # energy reserved for this request (refunded if it ends in error)
-    cost_usd: float | None = None  # provider cost of the tokens; None = price unknown
+    # Provider cost of the tokens, rounded once to 1e-9 USD (gateway/money.py); None = price unknown.
+    cost_usd: Decimal | None = None
     # An answer served without the provider (a response cache hit, an idempotent replay):
     # what it would have cost, its tokens at the model's prices (gateway/usage.py). None
     # otherwise, or when the model has no known price.
-    saved_usd: float | None = None
+    saved_usd: Decimal | None = None
     # The USD price of each token class that cost_usd was computed with (usage rows keep
     # it, so a later price change does not rewrite history). None when nothing was priced.
     unit_prices: "BilledPrices | None" = None

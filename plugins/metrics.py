@@ -138,9 +138,9 @@ class Metrics(Plugin):
             child(self.tokens, model, "prompt").inc(ctx.usage.prompt_tokens)
             child(self.tokens, model, "completion").inc(ctx.usage.completion_tokens)
         if ctx.cost_usd:
-            child(self.cost, model).inc(ctx.cost_usd)
+            child(self.cost, model).inc(float(ctx.cost_usd))  # a Prometheus counter is a float
         if ctx.saved_usd:
-            child(self.saved, model).inc(ctx.saved_usd)
+            child(self.saved, model).inc(float(ctx.saved_usd))
         if ctx.energy_cost:
             child(self.energy, "reserved").inc(ctx.energy_cost)
             child(self.energy, "refunded" if ctx.error is not None else "settled").inc(ctx.energy_cost)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from decimal import Decimal
 from typing import Any
 
 import litellm
@@ -172,7 +173,7 @@ def test_a_downgrade_by_balance_records_served_and_requested_model(gateway_facto
     row = only_row(gw)
     assert (row["model"], row["requested_model"], row["downgraded_from"], row["energy_cost"]) == (
         "gpt-4o-mini", "gpt-4o", "gpt-4o", 2)
-    assert row["cost_usd"] == pytest.approx(litellm_cost("openai/gpt-4o-mini", PROMPT, COMPLETION), abs=1e-9)
+    assert float(row["cost_usd"]) == pytest.approx(litellm_cost("openai/gpt-4o-mini", PROMPT, COMPLETION), abs=1e-9)
 
 
 def test_an_idempotent_replay_is_a_cache_hit_row_that_cost_nothing(gateway_factory, upstream):
@@ -199,7 +200,7 @@ def test_embeddings_are_logged_with_prompt_tokens_and_cost(gateway_factory, upst
     row = only_row(gw)
     assert (row["model"], row["tokens_prompt"], row["tokens_completion"], row["tokens_total"]) == (
         "embed", PROMPT, 0, PROMPT)
-    assert row["cost_usd"] == pytest.approx(litellm_cost("openai/text-embedding-3-small", PROMPT, 0), abs=1e-12)
+    assert float(row["cost_usd"]) == pytest.approx(litellm_cost("openai/text-embedding-3-small", PROMPT, 0), abs=1e-12)
 
 
 def test_listing_models_writes_no_row(gateway_factory, upstream):
@@ -233,7 +234,7 @@ def test_tokens_and_cost_are_the_providers_report_priced_by_litellm(gateway_fact
     assert (row["tokens_prompt"], row["tokens_completion"], row["tokens_total"]) == (PROMPT, COMPLETION,
                                                                                      PROMPT + COMPLETION)
     assert row["usage_estimated"] is False
-    assert round(row["cost_usd"], 9) == round(litellm_cost(deployment, PROMPT, COMPLETION), 9)
+    assert float(row["cost_usd"]) == round(litellm_cost(deployment, PROMPT, COMPLETION), 9)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["non-stream", "stream"])
@@ -244,8 +245,8 @@ def test_a_pricing_override_in_config_wins_over_litellms_price_map(gateway_facto
     if stream:
         list(response)
     row = only_row(gw)
-    assert round(row["cost_usd"], 9) == round(PROMPT * 3.21e-6 + COMPLETION * 17.5e-6, 9)
-    assert round(row["cost_usd"], 6) != round(litellm_cost("openai/gpt-4o", PROMPT, COMPLETION), 6)
+    assert row["cost_usd"] == Decimal("0.01388364")  # 1234 x $3.21/M + 567 x $17.5/M, exactly
+    assert round(float(row["cost_usd"]), 6) != round(litellm_cost("openai/gpt-4o", PROMPT, COMPLETION), 6)
 
 
 # ----------------------------------------------------------------------------- streams
@@ -299,7 +300,7 @@ def test_a_provider_that_reports_no_usage_is_estimated_not_billed_at_zero(gatewa
     assert row["usage_estimated"] is True
     assert row["tokens_prompt"] > 0 and row["tokens_completion"] > 0
     assert row["tokens_total"] == row["tokens_prompt"] + row["tokens_completion"]
-    assert row["cost_usd"] == pytest.approx(
+    assert float(row["cost_usd"]) == pytest.approx(
         litellm_cost("openai/gpt-4o", row["tokens_prompt"], row["tokens_completion"]), abs=1e-9)
 
 
@@ -313,7 +314,7 @@ def test_a_stream_without_provider_usage_is_estimated_over_the_streamed_text(gat
     assert (row["status"], row["usage_estimated"]) == (200, True)
     assert row["tokens_prompt"] == litellm.token_counter(model="gpt-4o", messages=HELLO)
     assert row["tokens_completion"] == litellm.token_counter(model="gpt-4o", text=upstream.reply)
-    assert row["cost_usd"] == pytest.approx(
+    assert float(row["cost_usd"]) == pytest.approx(
         litellm_cost("openai/gpt-4o", row["tokens_prompt"], row["tokens_completion"]), abs=1e-9)
 
 
@@ -423,7 +424,7 @@ def test_every_call_emits_one_completed_or_failed_analytics_event(gateway_factor
     assert (ok["action"], ok["model"], ok["provider"], ok["energy_cost"]) == ("email_draft", "gpt-4o", "openai", 3)
     assert (ok["tokens_prompt"], ok["tokens_completion"], ok["tokens_total"]) == (PROMPT, COMPLETION,
                                                                                   PROMPT + COMPLETION)
-    assert ok["cost_usd"] == pytest.approx(PROMPT * 1e-6 + COMPLETION * 2e-6, abs=1e-9)
+    assert float(ok["cost_usd"]) == pytest.approx(PROMPT * 1e-6 + COMPLETION * 2e-6, abs=1e-9)
     assert ok["latency_ms"] > 0
     bad = failed[0]
     assert (bad["action"], bad["model"], bad["provider"], bad["energy_cost"]) == ("ai_message", "gpt-4o", "openai", 0)
@@ -493,7 +494,7 @@ def test_crossing_the_weekly_cost_threshold_emits_one_warning_event(gateway_fact
     warnings = [e for e in logs if e["event"] == "weekly_cost_threshold_exceeded"]
     assert len(warnings) == 1
     assert warnings[0]["log_level"] == "warning"
-    assert warnings[0]["week_cost_usd"] == pytest.approx(per_request * 3, abs=1e-6)
+    assert float(warnings[0]["week_cost_usd"]) == pytest.approx(per_request * 3, abs=1e-6)
     assert warnings[0]["threshold_usd"] == pytest.approx(per_request * 2.5)
 
 

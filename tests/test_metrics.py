@@ -5,6 +5,7 @@ agree with the usage log after a known set of requests, and leak no key or user.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -75,11 +76,11 @@ def test_prometheus_counters_match_the_usage_log(gateway_factory, upstream):
     assert total(tokens, "gateway_tokens_total") == 3 * (PROMPT + COMPLETION)
 
     cost = families["gateway_cost_usd"]
-    per_model: dict[str, float] = defaultdict(float)
+    per_model: dict[str, Decimal] = defaultdict(Decimal)
     for r in rows:
         per_model[r["model"]] += r["cost_usd"]
     for model, usd in per_model.items():
-        assert total(cost, "gateway_cost_usd_total", model=model) == pytest.approx(usd, abs=1e-9)
+        assert total(cost, "gateway_cost_usd_total", model=model) == pytest.approx(float(usd), abs=1e-9)
 
     energy = families["gateway_energy"]
     settled = sum(r["energy_cost"] for r in rows)
@@ -146,7 +147,7 @@ def test_the_dashboard_json_has_exact_numbers_for_a_known_set_of_requests(gatewa
     assert body["totalRequests"] == 5
     # 3 upstream answers and 1 replay of one of them carry tokens; the 400 carries none
     assert body["totalTokens"] == 4 * (PROMPT + COMPLETION)
-    assert body["totalCost"] == pytest.approx(round(sum(r["cost_usd"] for r in rows), 6), abs=1e-9)
+    assert body["totalCost"] == float(sum(r["cost_usd"] for r in rows))  # the exact sum, as a JSON number
     assert body["averageLatency"] == round(sum(r["latency_ms"] for r in rows) / 5, 2)
     assert body["errorRate"] == 0.2
     assert body["cacheHitRate"] == 0.2

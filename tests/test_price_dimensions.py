@@ -78,7 +78,7 @@ def test_priority_is_billed_at_the_priority_price(gateway_factory, upstream, sur
     ask(gw, surface, "m", service_tier="priority")
     assert upstream.last.json["service_tier"] == "priority"
     row = only_row(gw)
-    assert row["cost_usd"] == pytest.approx(PROMPT * pm(4.25) + COMPLETION * pm(17), abs=1e-12)
+    assert float(row["cost_usd"]) == pytest.approx(PROMPT * pm(4.25) + COMPLETION * pm(17), abs=1e-12)
     prices = json.loads(row["unit_prices"])
     assert (prices["service_tier"], prices["input"], prices["output"]) == ("priority", 4.25, 17)
 
@@ -88,7 +88,7 @@ def test_flex_is_billed_at_the_flex_price(gateway_factory, upstream, surface):
     gw = gateway(gateway_factory, upstream, model("m", upstream, "openai/gpt-5"))
     ask(gw, surface, "m", service_tier="flex")
     row = only_row(gw)
-    assert row["cost_usd"] == pytest.approx(PROMPT * pm(0.625) + COMPLETION * pm(5), abs=1e-12)
+    assert float(row["cost_usd"]) == pytest.approx(PROMPT * pm(0.625) + COMPLETION * pm(5), abs=1e-12)
     assert json.loads(row["unit_prices"])["service_tier"] == "flex"
 
 
@@ -98,7 +98,7 @@ def test_the_tier_that_served_is_billed_not_the_one_asked_for(gateway_factory, u
     upstream.service_tier_served = "default"
     ask(gw, "chat", "m", service_tier="priority")
     row = only_row(gw)
-    assert row["cost_usd"] == pytest.approx(PROMPT * pm(2.5) + COMPLETION * pm(10), abs=1e-12)
+    assert float(row["cost_usd"]) == pytest.approx(PROMPT * pm(2.5) + COMPLETION * pm(10), abs=1e-12)
     assert "service_tier" not in json.loads(row["unit_prices"])
 
 
@@ -118,7 +118,7 @@ def test_config_pricing_prices_tiers_and_refuses_the_ones_it_omits(gateway_facto
                "priority": {"input_per_million": 3, "output_per_million": 6}}
     gw = gateway(gateway_factory, upstream, model("m", upstream, "openai/gpt-5", pricing=pricing))
     ask(gw, "chat", "m", service_tier="priority")
-    assert only_row(gw)["cost_usd"] == pytest.approx(PROMPT * pm(3) + COMPLETION * pm(6), abs=1e-12)
+    assert float(only_row(gw)["cost_usd"]) == pytest.approx(PROMPT * pm(3) + COMPLETION * pm(6), abs=1e-12)
     with pytest.raises(openai.BadRequestError) as excinfo:  # the map has flex; the operator's pricing does not
         ask(gw, "chat", "m", service_tier="flex")
     assert excinfo.value.body["param"] == "service_tier"
@@ -140,7 +140,7 @@ def test_long_context_prices_equal_litellms_own_cost(tier, prompt):
                           prompt_tokens_details={"cached_tokens": cached})
     theirs = sum(litellm.cost_per_token(model="gpt-5.4", custom_llm_provider="openai", usage_object=usage,
                                         service_tier=tier))
-    assert ours == pytest.approx(theirs, rel=1e-9)
+    assert float(ours) == pytest.approx(theirs, rel=1e-9)
     assert above == (272_000 if prompt > 272_000 else None)
 
 
@@ -149,7 +149,7 @@ def test_a_long_prompt_is_billed_at_the_long_context_price(gateway_factory, upst
     upstream.prompt_tokens = 300_000
     gw.client().chat.completions.create(model="m", messages=HELLO)
     row = only_row(gw)
-    assert row["cost_usd"] == pytest.approx(300_000 * pm(5) + COMPLETION * pm(22.5), abs=1e-9)
+    assert float(row["cost_usd"]) == pytest.approx(300_000 * pm(5) + COMPLETION * pm(22.5), abs=1e-9)
     prices = json.loads(row["unit_prices"])
     assert (prices["above_tokens"], prices["input"]) == (272_000, 5)
 
@@ -159,7 +159,7 @@ def test_config_long_context_steps(gateway_factory, upstream):
                "long_context": [{"above_tokens": 500, "input_per_million": 4, "output_per_million": 8}]}
     gw = gateway(gateway_factory, upstream, model("m", upstream, "openai/gpt-4o", pricing=pricing))
     gw.client().chat.completions.create(model="m", messages=HELLO)
-    assert only_row(gw)["cost_usd"] == pytest.approx(PROMPT * pm(4) + COMPLETION * pm(8), abs=1e-12)
+    assert float(only_row(gw)["cost_usd"]) == pytest.approx(PROMPT * pm(4) + COMPLETION * pm(8), abs=1e-12)
 
 
 # ----------------------------------------------------------------------- hosted tools
@@ -229,7 +229,7 @@ def test_an_allowed_anthropic_web_search_is_billed_per_search(gateway_factory, u
     assert upstream.last.json["tools"] == [{**WEB_SEARCH_TOOL, "max_uses": 3}]
     row = only_row(gw)
     tokens = PROMPT * pm(3) + COMPLETION * pm(15)
-    assert row["cost_usd"] == pytest.approx(tokens + 2 * 0.01, abs=1e-12)
+    assert float(row["cost_usd"]) == pytest.approx(tokens + 2 * 0.01, abs=1e-12)
     assert json.loads(row["unit_prices"])["usd_per_use"] == {"web_search": 0.01}
 
 
@@ -245,13 +245,13 @@ def test_allowed_responses_tools_are_billed_per_use_from_the_output(gateway_fact
     row = only_row(gw)
     tokens = PROMPT * pm(0.15) + COMPLETION * pm(0.6)
     # gpt-4o-mini web search (low): $0.025; an image: $0.04 (config); a code session: $0.03 (map: openai/container)
-    assert row["cost_usd"] == pytest.approx(tokens + 0.025 + 0.04 + 0.03, abs=1e-12)
+    assert float(row["cost_usd"]) == pytest.approx(tokens + 0.025 + 0.04 + 0.03, abs=1e-12)
 
 
 def test_an_allowed_chat_web_search_is_billed_once_per_answer(gateway_factory, upstream):
     gw = gateway(gateway_factory, upstream, model("m", upstream, "openai/gpt-4o-mini", hosted_tools={"web_search": {}}))
     gw.client().chat.completions.create(model="m", messages=HELLO, web_search_options={"search_context_size": "high"})
-    assert only_row(gw)["cost_usd"] == pytest.approx(PROMPT * pm(0.15) + COMPLETION * pm(0.6) + 0.025, abs=1e-12)
+    assert float(only_row(gw)["cost_usd"]) == pytest.approx(PROMPT * pm(0.15) + COMPLETION * pm(0.6) + 0.025, abs=1e-12)
 
 
 def test_energy_is_charged_per_use_of_a_hosted_tool(gateway_factory, upstream):

@@ -203,4 +203,4 @@ def test_the_weekly_cost_already_logged_counts_after_a_restart(gateway_factory, 
         usage_rows(second, 2)
     warnings = [e for e in logs if e["event"] == "weekly_cost_threshold_exceeded"]
     assert len(warnings) == 1
-    assert warnings[0]["week_cost_usd"] == pytest.approx(per_request * 2, abs=1e-6)
+    assert float(warnings[0]["week_cost_usd"]) == pytest.approx(per_request * 2, abs=1e-6)

@@ -14,6 +14,7 @@ import sqlite3
 import threading
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -21,6 +22,7 @@ import asyncpg
 import pytest
 
 from gateway.admin import reports
+from gateway.money import USD_ZERO, usd
 from gateway.store import open_store
 from gateway.store.postgres import MIGRATIONS as PG_MIGRATIONS
 from gateway.store.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
@@ -38,38 +40,43 @@ FOUR = ("daily", "top-users", "actions", "weekly")  # the reports this file comp
 # ------------------------------------------------- the old computation, kept as reference
 
 
-def _cost(row: dict[str, Any]) -> float:
-    return float(row.get("cost_usd") or 0.0)
+# USD sums are exact (gateway/money.py): the reference sums Decimals and never rounds, but
+# an average, by the money rule.
+def _cost(row: dict[str, Any]) -> Decimal:
+    return usd(row.get("cost_usd") or 0)
+
+
+def _saved(row: dict[str, Any]) -> Decimal:
+    return usd(row.get("saved_usd") or 0)
 
 
 def ref_daily(rows):
     days: dict[str, dict[str, Any]] = {}
     for row in rows:
         date = datetime.fromtimestamp(row["created_at"], timezone.utc).strftime("%Y-%m-%d")
-        d = days.setdefault(date, {"date": date, "requests": 0, "errors": 0, "tokens": 0, "cost_usd": 0.0,
-                                   "cache_hits": 0, "saved_usd": 0.0})
+        d = days.setdefault(date, {"date": date, "requests": 0, "errors": 0, "tokens": 0, "cost_usd": USD_ZERO,
+                                   "cache_hits": 0, "saved_usd": USD_ZERO})
         d["requests"] += 1
         d["errors"] += 1 if row.get("error_type") else 0
         d["tokens"] += int(row.get("tokens_total") or 0)
         d["cost_usd"] += _cost(row)
         d["cache_hits"] += 1 if row.get("cache_hit") else 0
-        d["saved_usd"] += row.get("saved_usd") or 0.0
-    return [{**d, "cost_usd": round(d["cost_usd"], 6), "saved_usd": round(d["saved_usd"], 6)}
-            for d in sorted(days.values(), key=lambda d: d["date"])]
+        d["saved_usd"] += _saved(row)
+    return sorted(days.values(), key=lambda d: d["date"])
 
 
 def ref_top_users(rows, limit=10):
     users: dict[Any, dict[str, Any]] = {}
     for row in rows:
         u = users.setdefault(row.get("user_id"), {"user_id": row.get("user_id"), "workspace_id": row.get("workspace_id"),
-                                                  "requests": 0, "tokens": 0, "cost_usd": 0.0, "energy": 0})
+                                                  "requests": 0, "tokens": 0, "cost_usd": USD_ZERO, "energy": 0})
         u["requests"] += 1
         u["tokens"] += int(row.get("tokens_total") or 0)
         u["cost_usd"] += _cost(row)
         u["energy"] += int(row.get("energy_cost") or 0)
     # the database breaks ties by user id (the old code by first appearance)
     ranked = sorted(users.values(), key=lambda u: (-u["cost_usd"], -u["requests"], u["user_id"] or ""))[:limit]
-    return [{**u, "cost_usd": round(u["cost_usd"], 6)} for u in ranked]
+    return ranked
 
 
 def ref_actions(rows):
@@ -79,8 +86,8 @@ def ref_actions(rows):
     out = []
     for action, items in acc.items():
         total = sum(_cost(r) for r in items)
-        out.append({"action": action, "count": len(items), "total_cost_usd": round(total, 6),
-                    "avg_cost_usd": round(total / len(items), 8),
+        out.append({"action": action, "count": len(items), "total_cost_usd": total,
+                    "avg_cost_usd": usd(total / len(items)),
                     "avg_tokens": round(sum(int(r.get("tokens_total") or 0) for r in items) / len(items), 1)})
     return sorted(out, key=lambda a: (-a["avg_cost_usd"], -a["count"], a["action"] or ""))
 
@@ -89,13 +96,12 @@ def ref_weekly(rows, threshold=None):
     weeks: dict[tuple[int, int], dict[str, Any]] = {}
     for row in rows:
         year, week = reports.iso_week(row["created_at"])
-        w = weeks.setdefault((year, week), {"week": f"{year}-W{week:02d}", "requests": 0, "cost_usd": 0.0})
+        w = weeks.setdefault((year, week), {"week": f"{year}-W{week:02d}", "requests": 0, "cost_usd": USD_ZERO})
         w["requests"] += 1
         w["cost_usd"] += _cost(row)
     out = []
     for key in sorted(weeks):
         w = weeks[key]
-        w["cost_usd"] = round(w["cost_usd"], 6)
         w["threshold_usd"] = threshold
         w["over_threshold"] = threshold is not None and w["cost_usd"] > threshold
         out.append(w)
@@ -108,12 +114,12 @@ def ref_dashboard(rows):
     return {
         "totalRequests": total,
         "totalTokens": sum(int(r.get("tokens_total") or 0) for r in rows),
-        "totalCost": round(sum(_cost(r) for r in rows), 6),
+        "totalCost": sum(map(_cost, rows), USD_ZERO),
         "averageLatency": round(sum(latencies) / len(latencies), 2) if latencies else 0.0,
         "errorRate": round(sum(1 for r in rows if r.get("error_type")) / total, 4) if total else 0.0,
         "cacheHitRate": round(sum(1 for r in rows if r.get("cache_hit")) / total, 4) if total else 0.0,
         "cacheHits": sum(1 for r in rows if r.get("cache_hit")),
-        "savedUsd": round(sum(r.get("saved_usd") or 0.0 for r in rows), 6),
+        "savedUsd": sum(map(_saved, rows), USD_ZERO),
         "providerDistribution": dict(Counter(r.get("provider") or "none" for r in rows)),
         "modelDistribution": dict(Counter(r.get("model") or "none" for r in rows)),
         "energySpent": sum(r["energy_cost"] for r in rows),

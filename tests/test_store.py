@@ -26,6 +26,7 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager
+from decimal import Decimal
 from pathlib import Path
 from typing import AsyncIterator
 from urllib.parse import parse_qs, urlsplit
@@ -695,7 +696,7 @@ async def test_usage_insert_batch_and_duplicates(store):
     assert first["created_at"] == pytest.approx(T0, abs=1e-6)
     assert first["streamed"] is True and first["cache_hit"] is False
     assert first["usage_estimated"] is True and first["retries"] == 1
-    assert first["cost_usd"] == pytest.approx(0.00123) and first["tokens_total"] == 15
+    assert first["cost_usd"] == Decimal("0.00123") and first["tokens_total"] == 15
     assert first["model"] == "gpt-4o-mini" and isinstance(first["id"], int)
     assert got[1]["tokens_total"] == 0 and got[1]["streamed"] is False  # defaults
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from dataclasses import asdict
+from decimal import Decimal
 from typing import Any
 
 import anthropic
@@ -101,7 +102,7 @@ def test_config_pricing_prices_each_class_and_unpriced_classes_fall_back():
 def test_config_pricing_prices_one_hour_cache_writes(pricing, write_1h):
     config = _config([{"name": "m", "litellm_params": {"model": "anthropic/claude-sonnet-4-5"},
                        "pricing": {"input_per_million": 3, "output_per_million": 15, **pricing}}])
-    assert prices_for(config, "m", "anthropic/claude-sonnet-4-5").cache_write_1h == pytest.approx(write_1h)
+    assert float(prices_for(config, "m", "anthropic/claude-sonnet-4-5").cache_write_1h) == pytest.approx(write_1h)
 
 
 def test_a_negative_class_price_in_config_is_refused_with_its_path():
@@ -146,7 +147,7 @@ HAIKU_1H = UnitPrices.of(pm(1), pm(5), cached_input=pm(0.1), cache_write=pm(1.25
 ], ids=["plain", "cached", "reasoning-unpriced", "anthropic-cache", "anthropic-1h-writes", "1h-writes-clamped",
         "1h-writes-unpriced", "every-class", "clamped"])
 def test_cost_prices_each_class_once(prices, usage, expected):
-    assert prices.cost(usage) == pytest.approx(expected, abs=1e-12)
+    assert float(prices.cost(usage)) == pytest.approx(expected, abs=1e-12)
 
 
 # ----------------------------------------------------------------------- usage parsing
@@ -291,7 +292,7 @@ def test_every_token_class_is_billed_at_its_price_and_kept_on_the_row(gateway_fa
     assert tuple(row[c] for c in CLASS_COLUMNS) == tokens
     assert row["tokens_total"] == tokens[0] + tokens[1]
     assert row["usage_estimated"] is False
-    assert row["cost_usd"] == pytest.approx(cost, abs=1e-12)
+    assert float(row["cost_usd"]) == pytest.approx(cost, abs=1e-12)
     assert json.loads(row["unit_prices"]) == prices
     # the client sees the classes too (on the litellm path as well: they are not stripped)
     assert usage.prompt_tokens == tokens[0]
@@ -331,7 +332,7 @@ def test_our_cost_matches_litellms_own_over_the_same_usage(gateway_factory, upst
         completion_tokens_details={"reasoning_tokens": row["tokens_reasoning"], "audio_tokens": row["tokens_audio_out"]})
     provider, name = deployment.split("/", 1)
     theirs = sum(litellm.cost_per_token(model=name, custom_llm_provider=provider, usage_object=usage))
-    assert row["cost_usd"] == pytest.approx(theirs, abs=1e-12)
+    assert float(row["cost_usd"]) == pytest.approx(theirs, abs=1e-12)
 
 
 @pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
@@ -350,7 +351,7 @@ def test_a_price_change_does_not_rewrite_the_prices_of_earlier_rows(gateway_fact
     assert json.loads(new["unit_prices"]) == {"input": 4, "output": 16, "cached_input": 4, "cache_write": 4,
                                               "reasoning": 16, "audio_input": 4, "audio_output": 16,
                                               "cache_write_1h": 4}
-    assert new["cost_usd"] == pytest.approx(PROMPT * pm(4) + COMPLETION * pm(16), abs=1e-12)
+    assert float(new["cost_usd"]) == pytest.approx(PROMPT * pm(4) + COMPLETION * pm(16), abs=1e-12)
 
 
 def test_an_unpriced_model_logs_neither_cost_nor_prices(gateway_factory, upstream):
@@ -405,7 +406,7 @@ def test_a_store_of_the_old_schema_moves_forward_without_losing_a_row(store_url)
         async with open_store(store_url) as store:
             assert await store.migrate() == []  # opening applied it; a second run finds nothing to do
             (old,) = await store.usage_rows()
-            assert (old["request_id"], old["tokens_prompt"], old["cost_usd"]) == ("req-old", 10, 0.000075)
+            assert (old["request_id"], old["tokens_prompt"], old["cost_usd"]) == ("req-old", 10, Decimal("0.000075"))
             assert {c: old[c] for c in CLASS_COLUMNS[2:]} == dict.fromkeys(CLASS_COLUMNS[2:], 0)
             assert old["unit_prices"] is None
             await store.insert_usage([{"request_id": "req-new", "model": "gpt-4o", "tokens_prompt": 100,
@@ -478,7 +479,7 @@ def test_one_hour_cache_writes_are_billed_at_their_own_price(gateway_factory, up
     write_price = _haiku("cache_creation_input_token_cost_above_1hr" if lifetime == "1h"
                          else "cache_creation_input_token_cost")
     assert (row["tokens_prompt"], row["tokens_completion"], row["tokens_cache_write"]) == (10 + WRITES, 5, WRITES)
-    assert row["cost_usd"] == pytest.approx(
+    assert float(row["cost_usd"]) == pytest.approx(
         10 * _haiku("input_cost_per_token") + WRITES * write_price + 5 * _haiku("output_cost_per_token"), abs=1e-12)
     prices = json.loads(row["unit_prices"])
     assert (prices["cache_write"], prices["cache_write_1h"]) == pytest.approx(
@@ -513,5 +514,5 @@ def test_our_cost_of_one_hour_writes_matches_litellms_own(gateway_factory, upstr
                                           usage_object=usage))
 
     split = {"ephemeral_5m_input_tokens": WRITES - 60_000, "ephemeral_1h_input_tokens": 60_000}
-    assert row["cost_usd"] == pytest.approx(litellms_cost(cache_creation_token_details=split), abs=1e-12)
+    assert float(row["cost_usd"]) == pytest.approx(litellms_cost(cache_creation_token_details=split), abs=1e-12)
     assert row["cost_usd"] > litellms_cost()  # what every write at the 5-minute price came to

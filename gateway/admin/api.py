@@ -32,6 +32,7 @@ from aiohttp import web
 
 from gateway.admin.operations import Admin, Scope
 from gateway.errors import ApiError
+from gateway.money import json_default
 from plugins.auth import bearer_token, is_master_key
 
 AdminFactory = Callable[[web.Request], Admin]
@@ -66,7 +67,8 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 
 def _json(payload: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(payload, default=str), content_type="application/json")
+    # default: a Decimal (USD) as a JSON number from its digits, anything else as text.
+    return web.Response(status=status, body=orjson.dumps(payload, default=json_default), content_type="application/json")
 
 
 _INTEGER_TEXT = re.compile(r"^-?\d{1,18}$")

@@ -22,9 +22,13 @@ import json
 import os
 import sys
 from datetime import datetime, timezone
+from decimal import Decimal
 from typing import Any, Awaitable, Callable
 
+import orjson
+
 from gateway.errors import ApiError
+from gateway.money import json_default, usd_text
 
 Operation = Callable[[Any, argparse.Namespace], Awaitable[Any]]
 
@@ -56,12 +60,18 @@ def _iso(value: Any) -> Any:
     return text.replace(".000+00:00", "Z").replace("+00:00", "Z")
 
 
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    return usd_text(value) if isinstance(value, Decimal) else str(value)
+
+
 def _print_table(rows: list[dict]) -> None:
     if not rows:
         print("(no usage in this window)")
         return
     columns = list(rows[0])
-    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     for row in cells:
@@ -108,7 +118,9 @@ def _print_human(result: Any) -> None:
         width = max((len(k) for k in result), default=0)
         for key, value in result.items():
             if isinstance(value, (dict, list)):
-                value = json.dumps(value, default=str)
+                value = orjson.dumps(value, default=json_default).decode()
+            elif isinstance(value, Decimal):
+                value = usd_text(value)
             print(f"{key.ljust(width)}  {value}")
         return
     print(result)
@@ -155,7 +167,7 @@ def run_operation(args: argparse.Namespace, operation: Operation) -> int:
             print(f"error: {err.message}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(result, default=str, indent=2))
+        print(orjson.dumps(result, default=json_default, option=orjson.OPT_INDENT_2).decode())  # USD: numbers
     else:
         _print_human(result)
         if isinstance(result, dict) and result.get("api_key"):

@@ -4,7 +4,8 @@ Shared by `python proxy.py usage ...` and `GET /admin/usage/...`, `GET /admin/me
 Each report is one GROUP BY over the hourly rollup (gateway/store/rollup.py) plus the raw
 rows of the window's first partial hour, run off the event loop (`Store.report_query`);
 only the groups (days, users, actions, models) come back to Python, never a window of
-rows. Measured with bench/reports_bench.py (README "Usage log, cost, metrics").
+rows. USD amounts are the exact sums of the rows' (`Decimal`, gateway/money.py), never
+rounded again; an average is rounded by the money rule. Measured with bench/reports_bench.py (README "Usage log, cost, metrics").
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from gateway.money import USD_ZERO, usd
 from gateway.store.rollup import BUCKETS, percentile
 
 REPORTS = ("daily", "top-users", "actions", "weekly", "experiments")  # experiments: gateway/feedback.py
@@ -40,18 +42,18 @@ DAILY_MEASURES = ("errors", "tokens_total", "cost_usd", "cache_hits", "saved_usd
 
 def daily(days: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"date": _date(d["key"]), "requests": d["requests"], "errors": d["errors"], "tokens": d["tokens_total"],
-             "cost_usd": round(d["cost_usd"], 6), "cache_hits": d["cache_hits"], "saved_usd": round(d["saved_usd"], 6)}
+             "cost_usd": d["cost_usd"], "cache_hits": d["cache_hits"], "saved_usd": d["saved_usd"]}
             for d in sorted(days, key=lambda d: d["key"])]
 
 
 def top_users(users: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"user_id": u["key"], "workspace_id": u["workspace_id"], "requests": u["requests"],
-             "tokens": u["tokens_total"], "cost_usd": round(u["cost_usd"], 6), "energy": u["energy"]} for u in users]
+             "tokens": u["tokens_total"], "cost_usd": u["cost_usd"], "energy": u["energy"]} for u in users]
 
 
 def actions(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = [{"action": a["key"], "count": a["requests"], "total_cost_usd": round(a["cost_usd"], 6),
-            "avg_cost_usd": round(a["cost_usd"] / a["requests"], 8),
+    out = [{"action": a["key"], "count": a["requests"], "total_cost_usd": a["cost_usd"],
+            "avg_cost_usd": usd(a["cost_usd"] / a["requests"]),
             "avg_tokens": round(a["tokens_total"] / a["requests"], 1)} for a in groups]
     return sorted(out, key=lambda a: (-a["avg_cost_usd"], -a["count"], a["action"] or ""))
 
@@ -60,13 +62,12 @@ def weekly(days: list[dict[str, Any]], threshold: float | None = None) -> list[d
     weeks: dict[tuple[int, int], dict[str, Any]] = {}
     for d in days:
         year, week = iso_week(d["key"] * 86400)
-        w = weeks.setdefault((year, week), {"week": f"{year}-W{week:02d}", "requests": 0, "cost_usd": 0.0})
+        w = weeks.setdefault((year, week), {"week": f"{year}-W{week:02d}", "requests": 0, "cost_usd": USD_ZERO})
         w["requests"] += d["requests"]
         w["cost_usd"] += d["cost_usd"]
     out = []
     for key in sorted(weeks):
         w = weeks[key]
-        w["cost_usd"] = round(w["cost_usd"], 6)
         w["threshold_usd"] = threshold
         w["over_threshold"] = threshold is not None and w["cost_usd"] > threshold
         out.append(w)
@@ -100,12 +101,12 @@ async def dashboard(store: Any, since: float, workspace_id: str | None = None, l
     return {
         "totalRequests": total,
         "totalTokens": g("tokens_total"),
-        "totalCost": round(t["cost_usd"], 6) if t else 0.0,
+        "totalCost": t["cost_usd"] if t else USD_ZERO,
         "averageLatency": round(g("latency_sum") / g("latency_count"), 2) if g("latency_count") else 0.0,
         "errorRate": _rate(g("errors"), total),
         "cacheHitRate": _rate(g("cache_hits"), total),
         "cacheHits": g("cache_hits"),
-        "savedUsd": round(t["saved_usd"], 6) if t else 0.0,  # what the cache's hits would have cost
+        "savedUsd": t["saved_usd"] if t else USD_ZERO,  # what the cache's hits would have cost
         "providerDistribution": {p["key"] or "none": p["requests"] for p in providers},
         "modelDistribution": {m["key"] or "none": m["requests"] for m in models},
         "latencyP50": lat[50], "latencyP95": lat[95], "latencyP99": lat[99],

@@ -34,6 +34,11 @@ Decisions callers rely on
   text (``2024-05-01T12:00:00.123456Z``, fixed width so it sorts as text) in SQLite and
   ``timestamptz`` in PostgreSQL. ``usage_rows`` returns it as epoch float either way
   (microsecond precision).
+* USD amounts (``cost_usd``, ``saved_usd``, in the rows and the rollups) are ``Decimal``
+  in and out, rounded by gateway/money.py's one rule: ``numeric(20, 9)`` in PostgreSQL,
+  an INTEGER count of nano-dollars in SQLite (whose SUM is then exact and fast; a decimal
+  text column would be summed as REAL). SQL of ours over them reads the stored form and
+  converts with ``Store.usd``; an operator's own SQLite query divides by 1e9.
 * Reserving 0 energy is allowed and recorded like any other reservation: a reservation
   row and a ``reserve`` ledger row of amount 0, later a ``settle``/``refund`` row of 0.
   Every request that went through energy accounting is thus visible in the ledger.
@@ -65,9 +70,11 @@ import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from decimal import Decimal
 from typing import Any, Callable, Literal, TypeVar
 
 from gateway.store import rollup as usage_rollup
+from gateway.money import usd
 
 # --------------------------------------------------------------------------- errors
 
@@ -369,7 +376,7 @@ USAGE_COLUMNS: dict[str, str] = {
     "tokens_prompt": "int",
     "tokens_completion": "int",
     "tokens_total": "int",
-    "cost_usd": "float",
+    "cost_usd": "usd",  # Decimal; NULL: no known price
     "status": "int",
     "error_type": "text",
     "latency_ms": "int",
@@ -393,7 +400,7 @@ USAGE_COLUMNS: dict[str, str] = {
     "variant": "text",
     # A cache hit's (cache_hit) would-be cost: its tokens at the model's prices, what the
     # provider was not paid (gateway/usage.py). NULL on other rows and when unpriced.
-    "saved_usd": "float",
+    "saved_usd": "usd",
     "created_at": "time",
 }
 # Columns that are NOT NULL with a default: a missing or None value becomes the default.
@@ -418,10 +425,14 @@ def _to_int(value: Any) -> int:
     return int(round(value)) if isinstance(value, float) else int(value)
 
 
+class _Unrounded:
+    """No value has this type: every USD amount goes through money.usd (the one rule)."""
+
+
 # (column, the type a valid value already has, converter, default), in column order.
 _USAGE_PLAN: list[tuple[str, type, Callable[[Any], Any], Any]] = [
-    (name, {"text": str, "int": int, "float": float, "time": float, "bool": bool}[kind],
-     {"text": str, "int": _to_int, "float": float, "time": float, "bool": bool}[kind],
+    (name, {"text": str, "int": int, "usd": _Unrounded, "time": float, "bool": bool}[kind],
+     {"text": str, "int": _to_int, "usd": usd, "time": float, "bool": bool}[kind],
      USAGE_DEFAULTS.get(name))
     for name, kind in USAGE_COLUMNS.items()
 ]
@@ -708,6 +719,10 @@ class Store(abc.ABC):
         """`epoch` as the store compares ai_usage_logs.created_at."""
 
     @abc.abstractmethod
+    def usd(self, stored: Any) -> Decimal | None:
+        """A USD column (or a SUM of one) as this store's SQL returns it, as a Decimal."""
+
+    @abc.abstractmethod
     async def prune_usage(self, before: float) -> int:
         """Drop raw usage rows older than `before` (PostgreSQL: whole months, SQLite: in
         small transactions); the rollup keeps their numbers. Returns the rows dropped."""
@@ -735,6 +750,9 @@ class Store(abc.ABC):
             for name in ("key", "workspace_id"):
                 if name in row:
                     row[name] = usage_rollup.none_if_empty(row[name])
+            for name in usage_rollup.USD:
+                if name in row:
+                    row[name] = self.usd(row[name])
         return [r for r in rows if r["requests"]]  # an empty window sums to one row of NULLs/0
 
     async def energy_refunded(self, since: float, workspace_id: str | None = None) -> int:

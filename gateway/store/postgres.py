@@ -31,7 +31,8 @@ Why it is built this way:
   by the first migration run), so tests and tenants can share one database.
 
 Time columns are ``double precision`` epoch seconds, except ``ai_usage_logs.created_at``:
-``timestamptz`` so ops can query usage by date (see gateway.store).
+``timestamptz`` so ops can query usage by date (see gateway.store). USD columns are
+``numeric(20, 9)`` (gateway/money.py), read and written as ``Decimal``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from typing import Any, AsyncIterator
 
 import asyncpg
 
+from gateway import money
 from gateway.store import rollup as usage_rollup
 from gateway.store.base import (
     IN_FLIGHT_LEASE,
@@ -74,6 +76,16 @@ from gateway.store.base import (
     prepare_usage_rows,
     now_or,
 )
+
+def _exact_usd() -> str:
+    """Migration 10: binary-float USD -> numeric, one ALTER (one rewrite) per table."""
+    tables: dict[str, list[str]] = {"ai_usage_logs": ["cost_usd", "saved_usd"]}
+    for table, column in usage_rollup.usd_columns():
+        tables.setdefault(table, []).append(column)
+    return "".join(f"ALTER TABLE {table} "
+                   + ", ".join(f"ALTER COLUMN {c} TYPE {money.SQL_TYPE} USING round({c}::numeric, 9)" for c in columns)
+                   + ";\n" for table, columns in tables.items())
+
 
 MIGRATIONS: list[tuple[int, str]] = [
     (
@@ -552,10 +564,19 @@ MIGRATIONS: list[tuple[int, str]] = [
         END $$;
         """,
     ),
+    (
+        # USD exact (gateway/money.py): cost_usd and saved_usd become numeric(20, 9), in the
+        # rows and the rollups (usage_rollup.EXACT_USD_IN). Every row is kept, each float as
+        # its decimal (PostgreSQL reads 15 significant digits) rounded to 1e-9. Each ALTER
+        # rewrites its table (every partition of ai_usage_logs) under an ACCESS EXCLUSIVE
+        # lock: inserts and reports wait for it (seconds per million rows).
+        usage_rollup.EXACT_USD_IN,
+        _exact_usd(),
+    ),
 ]
 
 # Array types for the one-statement batch insert (unnest of one array per column).
-_PG_ARRAY = {"text": "text[]", "int": "bigint[]", "float": "float8[]", "bool": "bool[]",
+_PG_ARRAY = {"text": "text[]", "int": "bigint[]", "usd": "numeric[]", "bool": "bool[]",
              "time": "timestamptz[]"}
 _COLS = ", ".join(USAGE_COLUMNS)
 # One statement per batch: claim the request ids (a retried row finds its id claimed and is
@@ -1269,6 +1290,9 @@ class PostgresStore(Store):
 
     def report_time(self, epoch):
         return datetime.fromtimestamp(epoch, timezone.utc)
+
+    def usd(self, stored):
+        return stored  # numeric: asyncpg already gives a Decimal (None for NULL)
 
     async def record_feedback(self, request_id, user_id, metric, value, *, now=None):
         async with self._tx() as conn:

@@ -34,6 +34,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
+from gateway import money
+
 # Upper bounds (ms, inclusive) of the histogram buckets; a last bucket holds the rest.
 LATENCY_BOUNDS_MS: tuple[int, ...] = (
     10, 25, 50, 75, 100, 150, 200, 300, 400, 500, 750, 1000, 1500, 2000, 3000, 4000, 5000,
@@ -53,11 +55,17 @@ SUMS: tuple[str, ...] = (
     "saved_usd",
 )
 MAXIMA = ("latency_max", "ttfb_max")
-USD = ("cost_usd", "saved_usd")  # the measures that are floats (the rest are counts)
+# The USD measures (the rest are counts): exact, as in the rows (gateway/money.py). PostgreSQL
+# numeric; SQLite INTEGER nano-dollars, so SUM and the upserts' additions are integer sums,
+# exact and as fast as the counts'. Store.usd turns a sum into a Decimal.
+USD = ("cost_usd", "saved_usd")
 # Measures added after migration 3 created the rollups, with the migration that added each
 # (a column of its own in ai_usage_logs too): migration 3 builds and fills the tables as
 # they were then (`as_of(3)`), since an older store's rows have no such column yet.
 ADDED_IN: dict[str, int] = {"saved_usd": 7}
+# The migration that made the USD measures exact; the migrations before it made them binary
+# floats (REAL / double precision), and are replayed as they were on a new database.
+EXACT_USD_IN = 10
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,7 @@ class Family:
     sums: tuple[str, ...]
     maxima: tuple[str, ...]
     tables: dict[str, str]  # grain -> table
+    exact_usd: bool = True  # USD measures exact (USD above), not floats (before EXACT_USD_IN)
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -86,18 +95,21 @@ FAMILIES = (MAIN, USERS)
 
 def as_of(version: int) -> tuple[Family, ...]:
     """The families as migration `version` left them (without the measures added later)."""
-    return tuple(replace(f, sums=tuple(m for m in f.sums if ADDED_IN.get(m, 0) <= version)) for f in FAMILIES)
+    return tuple(replace(f, sums=tuple(m for m in f.sums if ADDED_IN.get(m, 0) <= version),
+                         exact_usd=version >= EXACT_USD_IN) for f in FAMILIES)
 
 
-def _column_type(dialect: str, measure: str) -> str:
-    if measure in USD:
+def _column_type(dialect: str, measure: str, exact_usd: bool = True) -> str:
+    if measure in USD and not exact_usd:
         return "REAL" if dialect == "sqlite" else "double precision"
+    if measure in USD:
+        return "INTEGER" if dialect == "sqlite" else money.SQL_TYPE
     return "INTEGER" if dialect == "sqlite" else "bigint"
 
 
 def table_ddl(dialect: str, family: Family, grain: str) -> str:
     big = _column_type(dialect, "requests")
-    measures = ",\n".join(f"    {m} {_column_type(dialect, m)} NOT NULL DEFAULT 0"
+    measures = ",\n".join(f"    {m} {_column_type(dialect, m, family.exact_usd)} NOT NULL DEFAULT 0"
                            for m in (*family.sums, *family.maxima))
     keys = ",\n".join(f"    {k} text NOT NULL" for k in family.keys)
     return (f"CREATE TABLE {family.tables[grain]} (\n    period {big} NOT NULL,  -- epoch seconds of the UTC {grain}\n"
@@ -111,8 +123,14 @@ def all_tables_ddl(dialect: str, families: tuple[Family, ...] = FAMILIES) -> lis
 def add_measure_ddl(dialect: str, measure: str) -> list[str]:
     """The statements adding a later measure (ADDED_IN) to the rollup tables that have it;
     the rows already there read 0, as their raw rows (NULL in the new column) sum to."""
-    return [f"ALTER TABLE {f.tables[grain]} ADD COLUMN {measure} {_column_type(dialect, measure)} NOT NULL DEFAULT 0"
+    column = _column_type(dialect, measure, ADDED_IN.get(measure, 0) >= EXACT_USD_IN)
+    return [f"ALTER TABLE {f.tables[grain]} ADD COLUMN {measure} {column} NOT NULL DEFAULT 0"
             for f in FAMILIES if measure in f.sums for grain in f.tables]
+
+
+def usd_columns() -> list[tuple[str, str]]:
+    """(table, measure) of every USD measure of the rollups (what EXACT_USD_IN converted)."""
+    return [(f.tables[grain], m) for f in FAMILIES for grain in f.tables for m in USD if m in f.sums]
 
 
 def _buckets(column: str, prefix: str) -> dict[str, str]:
@@ -238,7 +256,8 @@ def totals_query(dialect: str, by: str | None, ranges: list[tuple[str, int, int]
     cols = [f"{key} AS key"] if key else []
     if by == "user":
         cols.append("MAX(workspace_id) AS workspace_id")
-    cols += [f"CAST(SUM({m}) AS {'DOUBLE PRECISION' if m in USD else 'BIGINT'}) AS {m}" for m in sums]
+    usd = "NUMERIC" if dialect == "postgres" else "BIGINT"
+    cols += [f"CAST(SUM({m}) AS {usd if m in USD else 'BIGINT'}) AS {m}" for m in sums]
     cols += [f"CAST(MAX({m}) AS BIGINT) AS {m}" for m in maxima]
     sql = f"SELECT {', '.join(cols)} FROM ({' UNION ALL '.join(sources)}) AS u"
     if key:

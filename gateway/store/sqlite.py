@@ -80,6 +80,12 @@ Why it is built this way:
 
 Time columns are REAL epoch seconds, except ``ai_usage_logs.created_at``: ISO-8601 UTC
 text so ops can ``GROUP BY date(created_at)`` (see gateway.store).
+
+USD columns (``cost_usd``, ``saved_usd``, in ``ai_usage_logs`` and the rollups) are
+INTEGER nano-dollars (1e-9 USD, gateway/money.py): SQLite has no decimal type, a REAL
+sum is not exact and a decimal TEXT column is summed as REAL, while an integer SUM is
+exact (up to 2^63 nano-dollars, $9.2 billion per sum) and as fast as the token counts'.
+``SELECT SUM(cost_usd) / 1e9`` gives dollars; the store's API gives ``Decimal``.
 """
 
 from __future__ import annotations
@@ -93,6 +99,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+from gateway.money import from_nano, to_nano
 from gateway.store import rollup as usage_rollup
 from gateway.store.base import (
     IN_FLIGHT_LEASE,
@@ -147,6 +154,17 @@ ROLLUP_TRIGGER = (  # as migration 3 made it (dropped at open since)
     + "; ".join(usage_rollup.backfill("sqlite", where="id = NEW.id", families=usage_rollup.as_of(3)))
     + "; END"
 )
+
+
+
+def _exact_usd(table: str, column: str, default: int | None) -> list[str]:
+    """Migration 10 for one column: binary-float USD -> INTEGER nano-dollars, in place."""
+    kept = "" if default is None else f" NOT NULL DEFAULT {default}"
+    return [f"ALTER TABLE {table} RENAME COLUMN {column} TO {column}_float",
+            f"ALTER TABLE {table} ADD COLUMN {column} INTEGER{kept}",
+            f"UPDATE {table} SET {column} = gw_usd_nano({column}_float)",
+            f"ALTER TABLE {table} DROP COLUMN {column}_float"]
+
 
 # Each migration is a list of statements, applied in one transaction with its version row.
 MIGRATIONS: list[tuple[int, list[str]]] = [
@@ -318,6 +336,18 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         ],
     ),
     (9, []),  # PostgreSQL's gw_reserve, rewritten to write less (same outcomes)
+    (
+        # USD exact (gateway/money.py): cost_usd and saved_usd become INTEGER nano-dollars, in
+        # the rows and the rollups (usage_rollup.EXACT_USD_IN). Every row is kept: each float
+        # is converted by the money rule (gw_usd_nano, registered by _migrate). SQLite cannot
+        # change a column's type: a new column takes the old one's place (the table is rewritten).
+        usage_rollup.EXACT_USD_IN,
+        [
+            "DROP TRIGGER IF EXISTS ai_usage_logs_rollup",  # a new file's, from migration 3: reads cost_usd
+            *(sql for column in ("cost_usd", "saved_usd") for sql in _exact_usd("ai_usage_logs", column, None)),
+            *(sql for table, column in usage_rollup.usd_columns() for sql in _exact_usd(table, column, 0)),
+        ],
+    ),
 ]
 USAGE_PRUNE_CHUNK = 2000  # raw rows deleted per transaction by prune_usage
 
@@ -326,6 +356,7 @@ _KEY_COLS = "id, user_id, workspace_id, prefix, role, created_at, revoked_at"
 _LEDGER_COLS = "id, user_id, request_id, kind, amount, balance_after, reason, created_at"
 _WORKSPACE_COLS = "id, name, profile, ai_settings, created_at"
 _USAGE_BOOLS = [n for n, k in USAGE_COLUMNS.items() if k == "bool"]
+_USAGE_USD = [n for n, k in USAGE_COLUMNS.items() if k == "usd"]  # stored as INTEGER nano-dollars
 _USAGE_INSERT = (
     f"INSERT INTO ai_usage_logs ({', '.join(USAGE_COLUMNS)})"
     f" VALUES ({', '.join('?' for _ in USAGE_COLUMNS)}) ON CONFLICT (request_id) DO NOTHING"
@@ -1093,6 +1124,9 @@ class SQLiteStore(Store):
     async def insert_usage(self, rows, *, now=None):
         def finish(r: dict[str, Any]) -> tuple:
             r["created_at"] = iso_utc(r["created_at"])
+            for name in _USAGE_USD:
+                if r[name] is not None:
+                    r[name] = to_nano(r[name])
             return tuple(r.values())
 
         values = await prepare_usage_rows(rows, now_or(now), finish)
@@ -1130,6 +1164,8 @@ class SQLiteStore(Store):
             d["created_at"] = parse_iso_utc(d["created_at"])
             for name in _USAGE_BOOLS:
                 d[name] = bool(d[name])
+            for name in _USAGE_USD:
+                d[name] = from_nano(d[name])
         return out
 
     # ------------------------------------------------------------------- reports
@@ -1138,6 +1174,9 @@ class SQLiteStore(Store):
 
     def report_time(self, epoch):
         return iso_utc(epoch)
+
+    def usd(self, stored):
+        return from_nano(stored)
 
     async def record_feedback(self, request_id, user_id, metric, value, *, now=None):
         def tx(db):
@@ -1200,6 +1239,7 @@ class SQLiteStore(Store):
 
 
 def _migrate(db: sqlite3.Connection) -> list[int]:
+    db.create_function("gw_usd_nano", 1, lambda v: None if v is None else to_nano(v), deterministic=True)
     db.execute(
         """CREATE TABLE IF NOT EXISTS schema_migrations (
                version    INTEGER PRIMARY KEY,

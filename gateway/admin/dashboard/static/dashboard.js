@@ -63,8 +63,8 @@ const fmtPct = (v) => (isNumber(v) ? (v * 100).toFixed(2) + "%" : DASH);
 const fmtMs = (v) => (isNumber(v) ? fmtNum(v, 2) + " ms" : DASH);
 function fmtUsd(v) {
   if (!isNumber(v)) return DASH;
-  // The API rounds costs to 6 decimals; show all of them, without trailing zeros past the cents.
-  let text = v.toFixed(6).replace(/0+$/, "");
+  // Costs are exact to 1e-9 USD (docs/billing.md); show every decimal, without trailing zeros past the cents.
+  let text = v.toFixed(9).replace(/0+$/, "");
   const decimals = text.split(".")[1] || "";
   if (decimals.length < 2) text = v.toFixed(2);
   const [whole, frac] = text.split(".");
