@@ -135,6 +135,19 @@ class Usage:
     hosted_tool_uses: tuple[tuple[str, int], ...] = ()
 
 
+@dataclass(frozen=True)
+class UnbilledCall:
+    """An upstream call whose answer the gateway discarded because `ctx.gate` refused the
+    request (a reservation that lost: a 429) or moved it to another model (dispatched
+    again). The provider bills it all the same; the usage row records it (energy 0)."""
+
+    model: str  # the public model the call went to
+    deployment: str | None  # the litellm model string that answered
+    usage: Usage  # its tokens (estimated for a stream closed after its first chunk)
+    cost_usd: float | None  # their USD price; None = price unknown
+    unit_prices: "BilledPrices | None" = None
+
+
 @dataclass
 class RequestContext:
     """One request's state as it travels the chain. Plugins read and write it."""
@@ -217,7 +230,7 @@ class RequestContext:
     client_disconnected: bool = False
     error: ApiError | None = None
     energy_cost: int = 0  # energy reserved for this request (refunded if it ends in error)
-    cost_usd: float | None = None  # provider cost of the tokens; None = price unknown
+    cost_usd: float | None = None  # provider cost of the tokens (unbilled calls included); None = price unknown
     # An answer served without the provider (a response cache hit, an idempotent replay):
     # what it would have cost, its tokens at the model's prices (gateway/usage.py). None
     # otherwise, or when the model has no known price.
@@ -225,6 +238,10 @@ class RequestContext:
     # The USD price of each token class that cost_usd was computed with (usage rows keep
     # it, so a later price change does not rewrite history). None when nothing was priced.
     unit_prices: "BilledPrices | None" = None
+    # Upstream calls whose answers a failed or moving `gate` discarded (the core records
+    # them, gateway/lifecycle.py pass_gate). Their cost is part of `cost_usd`: the provider
+    # bills them, the user is not charged energy for them (gateway/usage.py finalize_usage).
+    unbilled_calls: list[UnbilledCall] = field(default_factory=list)
     started_at: float = field(default_factory=time.monotonic)
     first_byte_at: float | None = None
     ended_at: float | None = None

@@ -49,7 +49,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     async def answer() -> web.StreamResponse:
         dispatched = ctx.model
         payload = ctx.short_circuit if ctx.short_circuit is not None else await gw.router.embeddings(ctx)
-        if ctx.gate is not None and await pass_gate(ctx, dispatched):
+        if ctx.gate is not None and await pass_gate(ctx, dispatched, payload):
             payload = await gw.router.embeddings(ctx)
         finish_success(ctx, payload)
         ctx.first_byte_at = time.monotonic()

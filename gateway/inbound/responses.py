@@ -220,7 +220,7 @@ async def responses_create(request: web.Request) -> web.StreamResponse:
         dispatched = ctx.model
         payload = ctx.short_circuit if ctx.short_circuit is not None else \
             await create(gw.router, ctx, only)
-        if ctx.gate is not None and await pass_gate(ctx, dispatched):
+        if ctx.gate is not None and await pass_gate(ctx, dispatched, payload):
             payload = await create(gw.router, ctx, only)
         if ctx.short_circuit is None:
             await remember(gw.store, ctx, payload)
@@ -252,7 +252,7 @@ async def _responses_stream(request: web.Request, gw: Gateway, snap: Snapshot, c
         first, upstream = await open_stream(gw.router, ctx, only)
         if ctx.gate is not None:
             try:
-                moved = await pass_gate(ctx, dispatched)
+                moved = await pass_gate(ctx, dispatched, None)  # its prompt, estimated
             except BaseException:
                 await close_quietly(upstream)
                 raise

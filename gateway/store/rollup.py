@@ -3,7 +3,8 @@
 ``usage_rollup`` holds one row per UTC hour x workspace x user x model x provider x action,
 ``usage_rollup_daily`` the same per UTC day, with every number a report needs: requests,
 errors, cache hits, downgrades, retries, tokens by class, USD cost, USD saved by the response
-cache (``saved_usd``, what its hits would have cost), energy, latency and
+cache (``saved_usd``, what its hits would have cost), upstream calls whose answers were
+discarded unbilled in energy (``unbilled_calls``, ``unbilled_cost_usd``), energy, latency and
 time-to-first-byte sums, maxima and histograms. The store keeps both up to date in the
 same transaction as the usage rows (SQLite: a trigger; PostgreSQL: the insert statement
 itself), so they are never behind the log, a retried (duplicate) row is counted once, and
@@ -50,14 +51,14 @@ SUMS: tuple[str, ...] = (
     "tokens_reasoning", "tokens_audio_in", "tokens_audio_out", "cost_usd", "unpriced", "energy",
     "latency_count", "latency_sum", "ttfb_count", "ttfb_sum",
     *(f"lat_{i}" for i in range(BUCKETS)), *(f"ttfb_{i}" for i in range(BUCKETS)),
-    "saved_usd",
+    "saved_usd", "unbilled_calls", "unbilled_cost_usd",
 )
 MAXIMA = ("latency_max", "ttfb_max")
-USD = ("cost_usd", "saved_usd")  # the measures that are floats (the rest are counts)
+USD = ("cost_usd", "saved_usd", "unbilled_cost_usd")  # the measures that are floats (the rest are counts)
 # Measures added after migration 3 created the rollups, with the migration that added each
 # (a column of its own in ai_usage_logs too): migration 3 builds and fills the tables as
 # they were then (`as_of(3)`), since an older store's rows have no such column yet.
-ADDED_IN: dict[str, int] = {"saved_usd": 7}
+ADDED_IN: dict[str, int] = {"saved_usd": 7, "unbilled_calls": 10, "unbilled_cost_usd": 10}
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,8 @@ _MEASURES: dict[str, str] = {
                                  "tokens_cache_write", "tokens_reasoning", "tokens_audio_in", "tokens_audio_out")},
     "cost_usd": "COALESCE(SUM(cost_usd), 0)",
     "saved_usd": "COALESCE(SUM(saved_usd), 0)",
+    "unbilled_calls": "COALESCE(SUM(unbilled_calls), 0)",
+    "unbilled_cost_usd": "COALESCE(SUM(unbilled_cost_usd), 0)",
     "unpriced": _flag("cost_usd IS NULL"),
     "energy": "SUM(energy_cost)",
     "latency_count": "COUNT(latency_ms)", "latency_sum": "COALESCE(SUM(latency_ms), 0)",
