@@ -26,7 +26,7 @@ from gateway.errors import ApiError, internal_error
 from gateway.providers.base import Relayed, StreamEnd, UpstreamError
 from gateway.router import upstream_to_api_error
 from gateway.state import Gateway, Snapshot
-from gateway.usage import usage_from_payload
+from gateway.usage import record_unbilled_call, usage_from_payload
 from plugins.base import RequestContext, Usage
 
 log = structlog.get_logger("gateway")
@@ -219,9 +219,11 @@ def choose_model(ctx: RequestContext) -> None:
             ctx.response_headers["X-Model-Downgrade-Reason"] = ctx.downgrade_reason
 
 
-async def pass_gate(ctx: RequestContext, dispatched: str) -> bool:
+async def pass_gate(ctx: RequestContext, dispatched: str, answer: dict[str, Any] | None) -> bool:
     """Wait for a request hook's overlapped check (`ctx.gate`, see plugins/base.py);
     raises its error. True when it moved the request to another model: dispatch again.
+    Either way the upstream's `answer` (a stream's first chunk) is discarded, and the call
+    is kept on `ctx.unbilled_calls`: the provider bills it, the usage row records it.
 
     `dispatched` is the model dispatch started with; `ctx.model` is the one that served
     (a fallback, perhaps). The gate moved the request only if it chose neither: comparing
@@ -230,8 +232,10 @@ async def pass_gate(ctx: RequestContext, dispatched: str) -> bool:
     gate, ctx.gate = ctx.gate, None
     error = await asyncio.shield(gate)  # a gate is resolved by its plugin, never cancelled by us
     if error is not None:
+        record_unbilled_call(ctx, answer)
         raise error
     if ctx.candidates and ctx.candidates[0] not in (dispatched, ctx.model):
+        record_unbilled_call(ctx, answer)
         choose_model(ctx)
         return True
     return False
@@ -255,7 +259,7 @@ async def answer_json(request: web.Request, gw: Gateway, snap: Snapshot, ctx: Re
     dispatch = dispatch or gw.router.chat
     dispatched = ctx.model
     payload = ctx.short_circuit if ctx.short_circuit is not None else await dispatch(ctx)
-    if ctx.gate is not None and await pass_gate(ctx, dispatched):
+    if ctx.gate is not None and await pass_gate(ctx, dispatched, payload):
         payload = await dispatch(ctx)
     finish_success(ctx, payload)
     ctx.first_byte_at = time.monotonic()
@@ -276,8 +280,8 @@ async def open_gated(ctx: RequestContext, open_stream: Callable[[RequestContext]
     dispatched = ctx.model
     first, upstream = await open_stream(ctx)
     if ctx.gate is not None:
-        try:
-            moved = await pass_gate(ctx, dispatched)
+        try:  # a stream's first chunk: what the discarded call is counted by
+            moved = await pass_gate(ctx, dispatched, first if isinstance(first, dict) else None)
         except BaseException:
             await close_quietly(upstream)
             raise

@@ -68,7 +68,7 @@ from gateway.errors import ApiError, bad_request
 from gateway.hosted_tools import cap_uses, requested, search_context_size, usd_per_use_in_map, uses_in
 from gateway.money import USD_ZERO, json_default, price, usd
 from gateway.price_map import count_messages, count_text, model_info
-from plugins.base import RequestContext, Usage
+from plugins.base import RequestContext, UnbilledCall, Usage
 
 log = structlog.get_logger("gateway.usage")
 
@@ -521,13 +521,72 @@ def _estimate_output(ctx: RequestContext, model: str | None) -> int:
     return (_count(model, text=text) if text else 0) + (_count(model, text=reasoning) if reasoning else 0)
 
 
+def record_unbilled_call(ctx: RequestContext, answer: dict[str, Any] | None) -> None:
+    """The gate discarded the answer of the call just made to `ctx.model` (refused or moved
+    the request): keep its tokens and cost on `ctx.unbilled_calls`. `answer` is the whole
+    answer, or a stream's first chunk (the stream is closed after it: its prompt and what
+    the chunk carried are counted, estimated where the provider reported nothing yet)."""
+    if ctx.attempts == 0 or ctx.short_circuit is not None:
+        return  # nothing reached the provider
+    model = (ctx.deployment or "").split("/", 1)[-1] or None
+    usage = usage_from_payload(answer) if answer is not None else None
+    if ctx.stream or usage is None or usage.total_tokens == 0:
+        try:
+            text = ""
+            for choice in (answer or {}).get("choices") or ():
+                part = choice.get("delta") or choice.get("message") or {}
+                text += str(part.get("content") or "") + str(part.get("reasoning_content") or "")
+            prompt = usage.prompt_tokens if usage is not None and usage.prompt_tokens else 0
+            if not prompt:
+                if ctx.endpoint == "embeddings":
+                    prompt = estimate_usage(ctx).prompt_tokens
+                else:
+                    prompt = _count(model, messages=ctx.body.get("messages") or []) if ctx.body.get("messages") else 0
+            completion = max(usage.completion_tokens if usage is not None else 0,
+                             _count(model, text=text) if text else 0)
+            usage = Usage(prompt, completion, prompt + completion, estimated=True)
+        except Exception:  # noqa: BLE001 — accounting fails open, loudly
+            log.exception("usage_estimate_failed", request_id=ctx.request_id, model=ctx.model)
+            usage = Usage(estimated=True)
+    prices = billed_prices(ctx.config, ctx.model, ctx.deployment, usage, ctx.body)
+    ctx.unbilled_calls.append(UnbilledCall(ctx.model, ctx.deployment, usage,
+                                           None if prices is None else prices.cost(usage), prices))
+
+
+def unbilled_cost_usd(ctx: RequestContext) -> Decimal | None:
+    """The USD of the calls whose answers were discarded (0 without any; None when one
+    of them has no known price)."""
+    total = USD_ZERO
+    for call in ctx.unbilled_calls:
+        if call.cost_usd is None:
+            return None
+        total += call.cost_usd
+    return total
+
+
 def finalize_usage(ctx: RequestContext) -> None:
-    """Fill ctx.usage (estimating where needed) and ctx.cost_usd before the endings run."""
+    """Fill ctx.usage (estimating where needed) and ctx.cost_usd before the endings run.
+    `cost_usd` includes the calls whose answers the gate discarded (`ctx.unbilled_calls`);
+    a request that served nothing else carries the last such call's tokens and prices."""
     if not ctx.billed:
         return
     if ctx.short_circuit is not None:
         _price_saved(ctx)
         return
+    served_nothing = (ctx.error is not None and ctx.response is None and not ctx.streamed_text
+                      and not ctx.streamed_reasoning)
+    if ctx.unbilled_calls and served_nothing:
+        last = ctx.unbilled_calls[-1]
+        ctx.usage, ctx.unit_prices = last.usage, last.unit_prices
+        ctx.cost_usd = unbilled_cost_usd(ctx)
+        return
+    _price_served(ctx)
+    if ctx.unbilled_calls:
+        extra = unbilled_cost_usd(ctx)
+        ctx.cost_usd = None if extra is None or ctx.cost_usd is None else ctx.cost_usd + extra
+
+
+def _price_served(ctx: RequestContext) -> None:
     dispatched = ctx.attempts > 0
     if not dispatched:
         ctx.cost_usd = USD_ZERO  # rejected before any upstream call: nothing spent (not "price unknown")

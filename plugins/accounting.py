@@ -22,6 +22,13 @@ served from the response cache (or an idempotent replay) has `cache_hit`, `cost_
 `saved_usd`, what its tokens would have cost (`unit_prices`: the prices that says).
 USD amounts are `Decimal`, rounded once where they are computed (gateway/money.py).
 
+Every upstream call is on a row, also one whose answer was discarded because the energy
+reservation that overlapped it lost (docs/billing.md "Calls the gateway could not bill"):
+`unbilled_calls` counts them, `unbilled_tokens` and `unbilled_cost_usd` are theirs, and
+`cost_usd` includes that cost, so the sum of `cost_usd` is what the provider bills. A
+request refused for it (429 `insufficient_energy`) has energy 0 and the discarded call's
+tokens; a request moved to a cheaper model has the served answer's tokens.
+
 Rows never sit on the request's hot path: the ending hook appends the row to a bounded
 buffer and returns; a writer task (gateway/batcher.py) inserts batches in one transaction
 each. If the database is slow the buffer fills and endings wait (back-pressure) instead of
@@ -45,6 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway.admin.reports import iso_week, week_start
 from gateway.batcher import WriteBehind
 from gateway.money import USD_ZERO
+from gateway.usage import unbilled_cost_usd
 from plugins.base import Plugin, RequestContext
 
 log = structlog.get_logger("gateway.accounting")
@@ -96,6 +104,9 @@ def usage_row(ctx: RequestContext) -> dict[str, Any]:
         "experiment": ctx.experiment,
         "variant": ctx.variant,
         "saved_usd": ctx.saved_usd,
+        "unbilled_calls": len(ctx.unbilled_calls),
+        "unbilled_tokens": sum(call.usage.total_tokens for call in ctx.unbilled_calls),
+        "unbilled_cost_usd": unbilled_cost_usd(ctx) if ctx.unbilled_calls else None,
         "created_at": time.time(),
     }
 

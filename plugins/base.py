@@ -136,6 +136,19 @@ class Usage:
     hosted_tool_uses: tuple[tuple[str, int], ...] = ()
 
 
+@dataclass(frozen=True)
+class UnbilledCall:
+    """An upstream call whose answer the gateway discarded because `ctx.gate` refused the
+    request (a reservation that lost: a 429) or moved it to another model (dispatched
+    again). The provider bills it all the same; the usage row records it (energy 0)."""
+
+    model: str  # the public model the call went to
+    deployment: str | None  # the litellm model string that answered
+    usage: Usage  # its tokens (estimated for a stream closed after its first chunk)
+    cost_usd: "Decimal | None"  # their USD price (gateway/money.py); None = price unknown
+    unit_prices: "BilledPrices | None" = None
+
+
 @dataclass
 class RequestContext:
     """One request's state as it travels the chain. Plugins read and write it."""
@@ -218,7 +231,8 @@ class RequestContext:
     client_disconnected: bool = False
     error: ApiError | None = None
     energy_cost: int = 0  # energy reserved for this request (refunded if it ends in error)
-    # Provider cost of the tokens, rounded once to 1e-9 USD (gateway/money.py); None = price unknown.
+    # Provider cost of the tokens, rounded once to 1e-9 USD (gateway/money.py), unbilled calls
+    # included; None = price unknown.
     cost_usd: Decimal | None = None
     # An answer served without the provider (a response cache hit, an idempotent replay):
     # what it would have cost, its tokens at the model's prices (gateway/usage.py). None
@@ -227,6 +241,10 @@ class RequestContext:
     # The USD price of each token class that cost_usd was computed with (usage rows keep
     # it, so a later price change does not rewrite history). None when nothing was priced.
     unit_prices: "BilledPrices | None" = None
+    # Upstream calls whose answers a failed or moving `gate` discarded (the core records
+    # them, gateway/lifecycle.py pass_gate). Their cost is part of `cost_usd`: the provider
+    # bills them, the user is not charged energy for them (gateway/usage.py finalize_usage).
+    unbilled_calls: list[UnbilledCall] = field(default_factory=list)
     started_at: float = field(default_factory=time.monotonic)
     first_byte_at: float | None = None
     ended_at: float | None = None

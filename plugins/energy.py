@@ -34,8 +34,9 @@ Money rules:
   hides the commit from the latency (the bench's stream first byte). If it fails after
   all (the balance was spent by another process meanwhile), the request carries on down
   its candidates exactly as without the overlap (re-dispatched to the cheaper model), or
-  gets the 429; the upstream's answer to the first attempt is discarded, unbilled. A
-  store error fails closed (500), and the next requests reserve before dispatch again
+  gets the 429; the upstream's answer to the first attempt is discarded, with no energy
+  charged, and recorded on the request's usage row (`unbilled_calls`, its cost in
+  `cost_usd`: docs/billing.md "Calls the gateway could not bill"). A store error fails closed (500), and the next requests reserve before dispatch again
   until the store answers. `overlap: false` always reserves first.
 * Settlements are written behind the answer, in batches (one transaction for many
   requests): at least every `settle_interval` (default 100 ms), at once when `settle_batch`

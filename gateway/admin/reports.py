@@ -107,6 +107,10 @@ async def dashboard(store: Any, since: float, workspace_id: str | None = None, l
         "cacheHitRate": _rate(g("cache_hits"), total),
         "cacheHits": g("cache_hits"),
         "savedUsd": t["saved_usd"] if t else USD_ZERO,  # what the cache's hits would have cost
+        # Upstream calls whose answers were discarded (a lost overlapped reservation): billed by
+        # the provider, not in energy; their cost is part of totalCost.
+        "unbilledCalls": g("unbilled_calls"),
+        "unbilledCostUsd": t["unbilled_cost_usd"] if t else USD_ZERO,
         "providerDistribution": {p["key"] or "none": p["requests"] for p in providers},
         "modelDistribution": {m["key"] or "none": m["requests"] for m in models},
         "latencyP50": lat[50], "latencyP95": lat[95], "latencyP99": lat[99],

@@ -401,6 +401,12 @@ USAGE_COLUMNS: dict[str, str] = {
     # A cache hit's (cache_hit) would-be cost: its tokens at the model's prices, what the
     # provider was not paid (gateway/usage.py). NULL on other rows and when unpriced.
     "saved_usd": "usd",
+    # Upstream calls whose answers were discarded unbilled in energy (an overlapped
+    # reservation lost: plugins/base.py UnbilledCall), their tokens and USD. cost_usd
+    # includes unbilled_cost_usd; NULL without such a call (or when unpriced).
+    "unbilled_calls": "int",
+    "unbilled_tokens": "int",
+    "unbilled_cost_usd": "usd",
     "created_at": "time",
 }
 # Columns that are NOT NULL with a default: a missing or None value becomes the default.
@@ -418,6 +424,8 @@ USAGE_DEFAULTS: dict[str, Any] = {
     "tokens_reasoning": 0,
     "tokens_audio_in": 0,
     "tokens_audio_out": 0,
+    "unbilled_calls": 0,
+    "unbilled_tokens": 0,
 }
 
 

@@ -573,6 +573,14 @@ MIGRATIONS: list[tuple[int, str]] = [
         usage_rollup.EXACT_USD_IN,
         _exact_usd(),
     ),
+    (
+        11,  # upstream calls whose answers were discarded (a lost overlapped reservation): per row and rolled up
+        "ALTER TABLE ai_usage_logs ADD COLUMN unbilled_calls bigint NOT NULL DEFAULT 0, "
+        "ADD COLUMN unbilled_tokens bigint NOT NULL DEFAULT 0, "
+        f"ADD COLUMN unbilled_cost_usd {money.SQL_TYPE};\n"  # NULL: none, or unpriced
+        + ";\n".join(usage_rollup.add_measure_ddl("postgres", "unbilled_calls")
+                     + usage_rollup.add_measure_ddl("postgres", "unbilled_cost_usd")) + ";",
+    ),
 ]
 
 # Array types for the one-statement batch insert (unnest of one array per column).

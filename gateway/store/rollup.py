@@ -3,7 +3,8 @@
 ``usage_rollup`` holds one row per UTC hour x workspace x user x model x provider x action,
 ``usage_rollup_daily`` the same per UTC day, with every number a report needs: requests,
 errors, cache hits, downgrades, retries, tokens by class, USD cost, USD saved by the response
-cache (``saved_usd``, what its hits would have cost), energy, latency and
+cache (``saved_usd``, what its hits would have cost), upstream calls whose answers were
+discarded unbilled in energy (``unbilled_calls``, ``unbilled_cost_usd``), energy, latency and
 time-to-first-byte sums, maxima and histograms. The store keeps both up to date in the
 same transaction as the usage rows (SQLite: a trigger; PostgreSQL: the insert statement
 itself), so they are never behind the log, a retried (duplicate) row is counted once, and
@@ -52,17 +53,17 @@ SUMS: tuple[str, ...] = (
     "tokens_reasoning", "tokens_audio_in", "tokens_audio_out", "cost_usd", "unpriced", "energy",
     "latency_count", "latency_sum", "ttfb_count", "ttfb_sum",
     *(f"lat_{i}" for i in range(BUCKETS)), *(f"ttfb_{i}" for i in range(BUCKETS)),
-    "saved_usd",
+    "saved_usd", "unbilled_calls", "unbilled_cost_usd",
 )
 MAXIMA = ("latency_max", "ttfb_max")
 # The USD measures (the rest are counts): exact, as in the rows (gateway/money.py). PostgreSQL
 # numeric; SQLite INTEGER nano-dollars, so SUM and the upserts' additions are integer sums,
 # exact and as fast as the counts'. Store.usd turns a sum into a Decimal.
-USD = ("cost_usd", "saved_usd")
+USD = ("cost_usd", "saved_usd", "unbilled_cost_usd")
 # Measures added after migration 3 created the rollups, with the migration that added each
 # (a column of its own in ai_usage_logs too): migration 3 builds and fills the tables as
 # they were then (`as_of(3)`), since an older store's rows have no such column yet.
-ADDED_IN: dict[str, int] = {"saved_usd": 7}
+ADDED_IN: dict[str, int] = {"saved_usd": 7, "unbilled_calls": 11, "unbilled_cost_usd": 11}
 # The migration that made the USD measures exact; the migrations before it made them binary
 # floats (REAL / double precision), and are replayed as they were on a new database.
 EXACT_USD_IN = 10
@@ -130,7 +131,8 @@ def add_measure_ddl(dialect: str, measure: str) -> list[str]:
 
 def usd_columns() -> list[tuple[str, str]]:
     """(table, measure) of every USD measure of the rollups (what EXACT_USD_IN converted)."""
-    return [(f.tables[grain], m) for f in FAMILIES for grain in f.tables for m in USD if m in f.sums]
+    return [(f.tables[grain], m) for f in FAMILIES for grain in f.tables for m in USD
+            if m in f.sums and ADDED_IN.get(m, 0) < EXACT_USD_IN]
 
 
 def _buckets(column: str, prefix: str) -> dict[str, str]:
@@ -172,6 +174,8 @@ _MEASURES: dict[str, str] = {
                                  "tokens_cache_write", "tokens_reasoning", "tokens_audio_in", "tokens_audio_out")},
     "cost_usd": "COALESCE(SUM(cost_usd), 0)",
     "saved_usd": "COALESCE(SUM(saved_usd), 0)",
+    "unbilled_calls": "COALESCE(SUM(unbilled_calls), 0)",
+    "unbilled_cost_usd": "COALESCE(SUM(unbilled_cost_usd), 0)",
     "unpriced": _flag("cost_usd IS NULL"),
     "energy": "SUM(energy_cost)",
     "latency_count": "COUNT(latency_ms)", "latency_sum": "COALESCE(SUM(latency_ms), 0)",

@@ -348,6 +348,16 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             *(sql for table, column in usage_rollup.usd_columns() for sql in _exact_usd(table, column, 0)),
         ],
     ),
+    (
+        11,  # upstream calls whose answers were discarded (a lost overlapped reservation): per row and rolled up
+        [
+            "ALTER TABLE ai_usage_logs ADD COLUMN unbilled_calls INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE ai_usage_logs ADD COLUMN unbilled_tokens INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE ai_usage_logs ADD COLUMN unbilled_cost_usd INTEGER",  # nano-USD; NULL: none, or unpriced
+            *usage_rollup.add_measure_ddl("sqlite", "unbilled_calls"),
+            *usage_rollup.add_measure_ddl("sqlite", "unbilled_cost_usd"),
+        ],
+    ),
 ]
 USAGE_PRUNE_CHUNK = 2000  # raw rows deleted per transaction by prune_usage
 
