@@ -30,7 +30,6 @@ from aiohttp import web  # noqa: E402
 from gateway import http_server  # noqa: E402
 from gateway.admin.api import admin_routes  # noqa: E402
 from gateway.admin.dashboard import dashboard_routes  # noqa: E402
-from gateway.admin.operations import Admin  # noqa: E402
 from gateway.chain import Chain  # noqa: E402
 from gateway.config import Config, redacted_config  # noqa: E402
 from gateway.directory import Directory  # noqa: E402
@@ -226,15 +225,10 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
     app.router.add_get("/models/{model:.+}", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/health/ready", health_ready)
-    app.router.add_routes(admin_routes(lambda request: Admin(gw.store, gw.config, gw.directory)))
+    app.router.add_routes(admin_routes())
     app.router.add_get("/admin/config", admin_config)
-    async def write_behind_now() -> None:  # feedback on an answer whose usage row is not written yet
-        await gw.chain.drain(timeout=2.0)
-        await gw.chain.flush()
-
-    app.router.add_routes(feedback_routes(lambda: (gw.store, gw.directory, gw.config, write_behind_now)))
-    app.router.add_routes(dashboard_routes(lambda request: Admin(gw.store, gw.config, gw.directory),
-                                           lambda: gw.chain.inflight.count))
+    app.router.add_routes(feedback_routes())
+    app.router.add_routes(dashboard_routes())
     for plugin in plugins:
         app.router.add_routes(plugin.routes())
     return app

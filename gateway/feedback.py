@@ -25,13 +25,14 @@ import asyncio
 import math
 import re
 import time
-from typing import Any, Callable
+from typing import Any
 
 from aiohttp import web
 
 from gateway.client_body import read_json
 from gateway.errors import ApiError, bad_request
 from gateway.money import USD_ZERO
+from gateway.state import GATEWAY
 
 _METRIC = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 _FIELDS = frozenset({"request_id", "metric", "value"})
@@ -75,8 +76,8 @@ def _token(request: web.Request) -> str | None:
     return (request.headers.get("x-api-key") or "").strip() or None
 
 
-def feedback_routes(services: Callable[[], tuple[Any, Any, Any, Any]]) -> list[web.RouteDef]:
-    """`services()` -> (store, directory, config, flush): the gateway's, at call time."""
+def feedback_routes() -> list[web.RouteDef]:
+    """Routes for create_app; each reads the gateway from `request.app[GATEWAY]`."""
     window = MetricWindow()
     in_flight: dict[str, list[Any]] = {}  # request id -> [its lock, posts holding or awaiting it]
 
@@ -93,7 +94,8 @@ def feedback_routes(services: Callable[[], tuple[Any, Any, Any, Any]]) -> list[w
         await store.record_feedback(request_id, user_id, metric, value)
 
     async def post_feedback(request: web.Request) -> web.Response:
-        store, directory, config, flush = services()
+        gw = request.app[GATEWAY]
+        store, directory, flush = gw.store, gw.directory, gw.flush_endings
         token = _token(request)
         if token is None:
             raise ApiError(401, "You didn't provide an API key.", code="invalid_api_key")

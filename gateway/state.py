@@ -44,6 +44,12 @@ class Gateway:
     def chain(self) -> Chain:
         return self.snapshot.chain
 
+    async def flush_endings(self, timeout: float = 2.0) -> None:
+        """Run the endings still owed and write what the plugins hold behind the answers
+        (feedback on an answer whose usage row is not written yet)."""
+        await self.chain.drain(timeout=timeout)
+        await self.chain.flush()
+
 
 GATEWAY = web.AppKey("gateway", Gateway)
 

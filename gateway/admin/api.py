@@ -33,9 +33,15 @@ from aiohttp import web
 from gateway.admin.operations import Admin, Scope
 from gateway.errors import ApiError
 from gateway.money import json_default
+from gateway.state import GATEWAY
 from plugins.auth import bearer_token, is_master_key
 
-AdminFactory = Callable[[web.Request], Admin]
+
+
+def admin_of(request: web.Request) -> Admin:
+    """The admin operations on the gateway serving `request` (its store, config, directory)."""
+    gw = request.app[GATEWAY]
+    return Admin(gw.store, gw.config, gw.directory)
 
 
 async def admin_scope(request: web.Request, admin: Admin) -> Scope:
@@ -92,10 +98,10 @@ def _int_param(value: Any, name: str, default: int | None = None, *, minimum: in
     return number
 
 
-def admin_routes(get_admin: AdminFactory) -> list[web.RouteDef]:
+def admin_routes() -> list[web.RouteDef]:
     def endpoint(fn: Callable[[web.Request, Admin, Scope], Awaitable[Any]], status: int = 200):
         async def handler(request: web.Request) -> web.Response:
-            admin = get_admin(request)
+            admin = admin_of(request)
             scope = await admin_scope(request, admin)
             return _json(await fn(request, admin, scope), status)
 

@@ -323,7 +323,7 @@ class Admin:
         if isinstance(limit, bool) or not isinstance(limit, int) or not REPORT_LIMIT[0] <= limit <= REPORT_LIMIT[1]:
             raise ApiError(400, f"limit must be an integer between {REPORT_LIMIT[0]} and {REPORT_LIMIT[1]}",
                            param="limit")
-        workspace_id = await self._report_workspace(scope, workspace)
+        workspace_id = await self.report_workspace(scope, workspace)
         if kind == "experiments":
             from gateway.feedback import experiments_report
 
@@ -340,11 +340,11 @@ class Admin:
         if isinstance(window_seconds, bool) or not isinstance(window_seconds, (int, float)) \
                 or not low <= window_seconds <= high:
             raise ApiError(400, "window must be from 1s to 3660d", param="window")
-        workspace_id = await self._report_workspace(scope, workspace)
+        workspace_id = await self.report_workspace(scope, workspace)
         numbers = await dashboard(self.store, time.time() - window_seconds, workspace_id)
         return {**numbers, "windowSeconds": window_seconds, "workspaceId": workspace_id}
 
-    async def _report_workspace(self, scope: Scope, workspace: str | None) -> str | None:
+    async def report_workspace(self, scope: Scope, workspace: str | None) -> str | None:
         if workspace is not None:
             return (await self._workspace(scope, workspace)).id
         return None if scope.is_master else scope.workspace_id

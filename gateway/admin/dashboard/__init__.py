@@ -17,13 +17,13 @@ from __future__ import annotations
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 from aiohttp import web
 
-from gateway.admin.operations import Admin
-from gateway.admin.api import admin_scope
+from gateway.admin.api import admin_of, admin_scope
+from gateway.state import GATEWAY
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 RECENT_ERRORS = 20
@@ -60,10 +60,9 @@ async def recent_errors(store: Any, workspace_id: str | None, limit: int = RECEN
     return [{**{k: r.get(k) for k in ERROR_FIELDS}, "created_at": _iso(r.get("created_at"))} for r in rows]
 
 
-def dashboard_routes(get_admin: Callable[[web.Request], Admin],
-                     inflight_count: Callable[[], int]) -> list[web.AbstractRouteDef]:
-    """Routes for create_app. `inflight_count` reads the chain's live in-flight counter; it
-    spans every workspace, so only the master key sees it."""
+def dashboard_routes() -> list[web.AbstractRouteDef]:
+    """Routes for create_app; each reads the gateway from `request.app[GATEWAY]`. The live
+    in-flight count spans every workspace, so only the master key sees it."""
 
     async def page(request: web.Request) -> web.FileResponse:
         response = web.FileResponse(STATIC_DIR / "index.html")
@@ -72,11 +71,12 @@ def dashboard_routes(get_admin: Callable[[web.Request], Admin],
         return response
 
     async def live(request: web.Request) -> web.Response:
-        admin = get_admin(request)
+        admin = admin_of(request)
         scope = await admin_scope(request, admin)
-        workspace_id = await admin._report_workspace(scope, request.query.get("workspace"))
+        workspace_id = await admin.report_workspace(scope, request.query.get("workspace"))
         payload = {
-            "inFlight": inflight_count() if scope.is_master and workspace_id is None else None,
+            "inFlight": request.app[GATEWAY].chain.inflight.count if scope.is_master and workspace_id is None
+            else None,
             "recentErrors": await recent_errors(admin.store, workspace_id),
             "recentErrorsWindowSeconds": RECENT_ERRORS_WINDOW,
             "workspaceId": workspace_id,
