@@ -193,7 +193,7 @@ def main() -> int:
                     spy = None
                     if args.py_spy and run == 0 and path == paths[0] and label == "this":
                         # sampling costs the gateway CPU too: read that run's figure as inflated
-                        spy = procs.start("py-spy", [str(Path(bench.PYTHON).parent / "py-spy"), "record", "-p",
+                        spy = procs.start("py-spy", [shutil.which("py-spy") or str(Path(bench.PYTHON).parent / "py-spy"), "record", "-p",
                                                      str(pid), "-d", str(round(args.seconds)), "-r", "250", "-f",
                                                      "raw", "-o", str(Path(args.py_spy).resolve())])
                     before, pg_before = cpu_seconds(pid), postgres_cpu_seconds([pid])
