@@ -123,10 +123,10 @@ class Processes:
         self.workdir = workdir
         self.children: list[subprocess.Popen] = []
 
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def start(self, name: str, argv: list[str], root: Path = ROOT) -> subprocess.Popen:
         out = open(self.workdir / f"{name}.out", "wb")
         err = open(self.workdir / f"{name}.err", "wb")
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(argv, cwd=root, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env=child_env())
         out.close()
         err.close()
@@ -168,9 +168,9 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run_child(argv: list[str], timeout: float) -> str:
+def run_child(argv: list[str], timeout: float, root: Path = ROOT) -> str:
     """A short-lived child (CLI, load generator), bounded in time; its stdout."""
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(argv, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, start_new_session=True, env=child_env())
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -284,26 +284,30 @@ def gateway_config(workdir: Path, variant: str, upstream: str, dispatch: str) ->
     return path
 
 
-def start_gateway(procs: Processes, workdir: Path, variant: str, upstream: str, dispatch: str) -> tuple[str, str, int]:
-    """Workspace + pro user via the CLI, then `proxy.py serve`; (base url, api key, pid)."""
+def start_gateway(procs: Processes, workdir: Path, variant: str, upstream: str, dispatch: str,
+                  root: Path = ROOT) -> tuple[str, str, int]:
+    """Workspace + pro user via the CLI, then `proxy.py serve`; (base url, api key, pid). `root`: the
+    source tree whose proxy.py runs (another release's worktree, to compare against)."""
     config = str(gateway_config(workdir, variant, upstream, dispatch))
-    run_child([PYTHON, "proxy.py", "workspaces", "create", "bench", "--json", "--config", config], timeout=120)
-    api_key = create_user(config)
-    base, pid = serve(procs, config, f"gateway-{variant}")
+    run_child([PYTHON, "proxy.py", "workspaces", "create", "bench", "--json", "--config", config], timeout=120,
+              root=root)
+    api_key = create_user(config, root)
+    base, pid = serve(procs, config, f"gateway-{variant}", root)
     return base, api_key, pid
 
 
-def create_user(config: str) -> str:
+def create_user(config: str, root: Path = ROOT) -> str:
     """A pro user with huge energy in the bench workspace, via the CLI; its API key."""
     created = json.loads(run_child([PYTHON, "proxy.py", "users", "create", "--workspace", "bench", "--tier", "pro",
-                                    "--energy", str(HUGE_ENERGY), "--json", "--config", config], timeout=120))
+                                    "--energy", str(HUGE_ENERGY), "--json", "--config", config], timeout=120,
+                                   root=root))
     return created["api_key"]
 
 
-def serve(procs: Processes, config: str, name: str) -> tuple[str, int]:
+def serve(procs: Processes, config: str, name: str, root: Path = ROOT) -> tuple[str, int]:
     """`proxy.py serve` on a free port, once ready; (base url, pid)."""
     port = free_port()
-    proc = procs.start(name, [PYTHON, "proxy.py", "serve", "--config", config, "--port", str(port)])
+    proc = procs.start(name, [PYTHON, "proxy.py", "serve", "--config", config, "--port", str(port)], root)
     base = f"http://127.0.0.1:{port}"
     wait_http(base + "/health/ready", proc, 120, name, procs, name)
     return base, proc.pid
@@ -318,7 +322,8 @@ def smoke_check(target: Target) -> None:
             payload = json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         raise RuntimeError(f"{target.name}: smoke request failed: HTTP {exc.code} {exc.read()[:500]!r}") from None
-    if not payload.get("choices") and not payload.get("content"):  # OpenAI's or Anthropic's answer
+    if not payload.get("choices") and not payload.get("content") and not payload.get("output"):
+        # OpenAI's chat answer, Anthropic's message or a Responses answer
         raise RuntimeError(f"{target.name}: smoke request returned no answer: {payload}")
 
 

@@ -8,6 +8,18 @@ then per run drives it with wrk at 32 connections for --seconds and reads the ga
 (utime + stime from /proc/PID/stat) before and after. Throughput depends on how busy the
 machine is; CPU per request much less so, which is why changes are compared by it.
 
+    .venv/bin/python bench/cpu_per_request.py --paths fast,anthropic,messages,responses \
+        --against ../perf-old --seconds 5 --runs 5
+
+--paths picks what is driven, each on the same gateway: `fast` (an OpenAI-wire model on the
+native path), `anthropic` (a Claude model through /v1/chat/completions), `messages` (POST
+/v1/messages from an Anthropic client, passed through) and `responses` (POST /v1/responses to
+the OpenAI-wire model). --against DIR also starts a gateway from another source tree (a
+worktree of the previous release: `git worktree add --detach DIR COMMIT`, with its .venv) on
+the same upstream, and alternates the two per run and path (A, B, then B, A, ...): on a
+shared machine only a comparison in one session, alternated, means anything. The medians
+per path and tree, and their ratio, are printed at the end.
+
 With BENCH_STORE=postgres (bench/bench.py) the gateway runs on PostgreSQL, and the CPU of
 the local server's processes is reported too, read the same way: the backends serving the
 gateway's connections and the server's own processes (WAL writer, checkpointer, ...), not
@@ -116,15 +128,43 @@ end
     return json.loads(line[len("BENCHJSON "):])
 
 
+PATHS = ("fast", "anthropic", "messages", "responses")
+
+
+def targets(base: str, key: str, pid: int, label: str) -> dict[str, bench.Target]:
+    """The paths on one gateway, by their --paths name."""
+    chat = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16}
+    bearer = {"Authorization": f"Bearer {key}"}
+    return {
+        "fast": bench.Target(f"{label} fast path", base + "/v1/chat/completions",
+                             {"model": bench.GATEWAY_MODEL, **chat}, bearer, pid=pid),
+        "anthropic": bench.Target(f"{label} anthropic via chat", base + "/v1/chat/completions",
+                                  {"model": bench.ANTHROPIC_MODEL, **chat}, bearer, pid=pid),
+        "messages": bench.Target(f"{label} messages", base + "/v1/messages", {"model": bench.ANTHROPIC_MODEL, **chat},
+                                 {"x-api-key": key, "anthropic-version": "2023-06-01"}, pid=pid),
+        "responses": bench.Target(f"{label} responses", base + "/v1/responses",
+                                  {"model": bench.GATEWAY_MODEL, "input": "Say hello.", "max_output_tokens": 16},
+                                  bearer, pid=pid),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10, help="per run (~20,000 requests at 2,000 req/s)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--paths", default="fast", help=f"comma-separated, of {', '.join(PATHS)}")
+    parser.add_argument("--against", metavar="DIR", help="another source tree (the previous release), alternated")
     parser.add_argument("--py-spy", metavar="FILE", help="also record the first run with py-spy (raw format)")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is not on PATH")
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    if unknown := [p for p in paths if p not in PATHS]:
+        sys.exit(f"unknown path(s) {', '.join(unknown)}: pick from {', '.join(PATHS)}")
+    trees = {"this": bench.ROOT}
+    if args.against:
+        trees = {"against": Path(args.against).resolve(), "this": bench.ROOT}
     workdir = Path(tempfile.mkdtemp(prefix="gateway-cpu-"))
     procs = bench.Processes(workdir)
     try:
@@ -132,40 +172,55 @@ def main() -> int:
         upstream = f"http://127.0.0.1:{port}"
         up = procs.start("upstream", [bench.PYTHON, str(bench.BENCH_DIR / "upstream.py"), "--port", str(port)])
         bench.wait_http(upstream + "/health", up, 30, "upstream", procs, "upstream")
-        base, key, pid = bench.start_gateway(procs, workdir, "fast", upstream, "auto")
-        target = bench.Target("fast path", base + "/v1/chat/completions",
-                              {"model": bench.GATEWAY_MODEL, "messages": [{"role": "user", "content": "Say hello."}],
-                               "max_tokens": 16},
-                              {"Authorization": f"Bearer {key}"}, pid=pid)
-        bench.smoke_check(target)
-        wrk_load(target, workdir, 2, args.connections)  # warm-up: caches and lazily built paths
-        per_request, pg_per_request = [], []
+        gateways = {}
+        for label, root in trees.items():
+            base, key, pid = bench.start_gateway(procs, workdir, f"fast-{label}", upstream, "auto", root)
+            gateways[label] = targets(base, key, pid, label)
+        for label, by_path in gateways.items():
+            for path in paths:
+                bench.smoke_check(by_path[path])
+                wrk_load(by_path[path], workdir, 2, args.connections)  # warm-up: caches and lazily built paths
+        per_request: dict[tuple[str, str], list[float]] = {(l, p): [] for l in gateways for p in paths}
+        pg_per_request: dict[tuple[str, str], list[float]] = {(l, p): [] for l in gateways for p in paths}
         on_postgres = os.environ.get("BENCH_STORE") == "postgres"
         for run in range(args.runs):
-            time.sleep(1.5)  # let the accounting writer drain the warm-up
-            spy = None
-            if args.py_spy and run == 0:  # sampling costs the gateway CPU too: read that run's figure as inflated
-                spy = procs.start("py-spy", [str(Path(bench.PYTHON).parent / "py-spy"), "record", "-p", str(pid),
-                                             "-d", str(round(args.seconds)), "-r", "250", "-f", "raw",
-                                             "-o", str(Path(args.py_spy).resolve())])
-            before, pg_before = cpu_seconds(pid), postgres_cpu_seconds([pid])
-            result = wrk_load(target, workdir, args.seconds, args.connections)
-            time.sleep(1.5)  # the write-behind flush belongs to these requests
-            if spy is not None:
-                spy.wait(timeout=60)  # py-spy writes its file when its duration is over
-            used = cpu_seconds(pid) - before  # idle CPU over the sleep is negligible
-            pg_used = postgres_cpu_seconds([pid]) - pg_before
-            us = used / result["requests"] * 1e6
-            rps = result["requests"] / (result["duration_us"] / 1e6)
-            per_request.append(us)
-            pg = ""
+            order = list(gateways) if run % 2 == 0 else list(reversed(gateways))  # A, B then B, A
+            for path in paths:
+                for label in order:
+                    target = gateways[label][path]
+                    pid = target.pid
+                    time.sleep(1.5)  # let the accounting writer drain the previous load
+                    spy = None
+                    if args.py_spy and run == 0 and path == paths[0] and label == "this":
+                        # sampling costs the gateway CPU too: read that run's figure as inflated
+                        spy = procs.start("py-spy", [shutil.which("py-spy") or str(Path(bench.PYTHON).parent / "py-spy"), "record", "-p",
+                                                     str(pid), "-d", str(round(args.seconds)), "-r", "250", "-f",
+                                                     "raw", "-o", str(Path(args.py_spy).resolve())])
+                    before, pg_before = cpu_seconds(pid), postgres_cpu_seconds([pid])
+                    result = wrk_load(target, workdir, args.seconds, args.connections)
+                    time.sleep(1.5)  # the write-behind flush belongs to these requests
+                    if spy is not None:
+                        spy.wait(timeout=60)  # py-spy writes its file when its duration is over
+                    used = cpu_seconds(pid) - before  # idle CPU over the sleep is negligible
+                    pg_used = postgres_cpu_seconds([pid]) - pg_before
+                    us = used / max(1, result["requests"]) * 1e6
+                    rps = result["requests"] / (result["duration_us"] / 1e6)
+                    per_request[label, path].append(us)
+                    pg = ""
+                    if on_postgres:
+                        pg_per_request[label, path].append(pg_used / max(1, result["requests"]) * 1e6)
+                        pg = f", PostgreSQL CPU {pg_used:.2f}s = {pg_per_request[label, path][-1]:.1f} us/request"
+                    print(f"run {run + 1} {target.name}: {result['requests']} requests, {result['errors']} errors, "
+                          f"{rps:.0f} req/s, gateway CPU {used:.2f}s = {us:.1f} us/request{pg}", flush=True)
+        for path in paths:
+            medians = {label: statistics.median(per_request[label, path]) for label in gateways}
+            line = ", ".join(f"{label} {value:.1f}" for label, value in medians.items())
             if on_postgres:
-                pg_per_request.append(pg_used / result["requests"] * 1e6)
-                pg = f", PostgreSQL CPU {pg_used:.2f}s = {pg_per_request[-1]:.1f} us/request"
-            print(f"run {run + 1}: {result['requests']} requests, {result['errors']} errors, "
-                  f"{rps:.0f} req/s, gateway CPU {used:.2f}s = {us:.1f} us/request{pg}", flush=True)
-        print(f"median: {statistics.median(per_request):.1f} us/request"
-              + (f", PostgreSQL {statistics.median(pg_per_request):.1f} us/request" if on_postgres else ""))
+                line += "; PostgreSQL " + ", ".join(
+                    f"{label} {statistics.median(pg_per_request[label, path]):.1f}" for label in gateways)
+            if "against" in medians:
+                line += f"; this/against {medians['this'] / medians['against']:.3f}"
+            print(f"median {path} ({args.runs} runs): {line} us/request")
     finally:
         procs.stop_all()
         bench.drop_pg_schemas()

@@ -7,6 +7,7 @@ POST /v1/chat/completions  OpenAI wire: a fixed small `chat.completion` with usa
                            apart, a finish chunk, a usage chunk when
                            `stream_options.include_usage`, then `data: [DONE]`.
 POST /v1/messages          Anthropic wire (non-stream), for the litellm path.
+POST /v1/responses         OpenAI's Responses API (non-stream): a fixed small `response` with usage.
 GET  /health               200, for the start-up wait.
 
 Answers are pre-serialised so the upstream costs as little CPU as possible: the benchmark
@@ -37,6 +38,16 @@ ANTHROPIC_MESSAGE = json.dumps({
     "content": [{"type": "text", "text": REPLY}], "stop_reason": "end_turn", "stop_sequence": None,
     "usage": {"input_tokens": 12, "output_tokens": 7, "cache_creation_input_tokens": 0,
               "cache_read_input_tokens": 0},
+}).encode()
+
+
+RESPONSE = json.dumps({
+    "id": "resp_bench", "object": "response", "created_at": 1700000000, "status": "completed",
+    "model": "gpt-bench", "error": None, "incomplete_details": None,
+    "output": [{"type": "message", "id": "msg_bench", "status": "completed", "role": "assistant",
+                "content": [{"type": "output_text", "text": REPLY, "annotations": []}]}],
+    "usage": {"input_tokens": 12, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 7,
+              "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 19},
 }).encode()
 
 
@@ -78,6 +89,10 @@ def make_app(chunks: int, chunk_delay: float) -> web.Application:
         await request.read()
         return web.Response(body=ANTHROPIC_MESSAGE, content_type="application/json")
 
+    async def responses(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=RESPONSE, content_type="application/json")
+
     async def health(request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
@@ -86,6 +101,8 @@ def make_app(chunks: int, chunk_delay: float) -> web.Application:
     app.router.add_post("/chat/completions", chat)
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/messages", messages)
+    app.router.add_post("/v1/responses", responses)
+    app.router.add_post("/responses", responses)
     app.router.add_get("/health", health)
     return app
 

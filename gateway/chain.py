@@ -101,6 +101,7 @@ class Chain:
             return
         try:
             finalize_usage(ctx)
+            ctx._scratch["core.finalized"] = {"inputs": _usage_inputs(ctx)}
             records = {}
             for plugin in self._journaling:
                 record = plugin.journal(ctx)
@@ -135,7 +136,12 @@ class Chain:
         elif ctx.status is None:
             ctx.status = 200
         try:
-            finalize_usage(ctx)  # tokens (estimated if need be) and USD, for every plugin
+            # tokens (estimated if need be) and USD, for every plugin; an answer journaled
+            # since had them finalized by answered(), and unless what they depend on moved
+            # (an error, more text, another usage), that result stands: not computed twice
+            finalized = ctx._scratch.get("core.finalized")
+            if finalized is None or ctx.error is not None or finalized["inputs"] != _usage_inputs(ctx):
+                finalize_usage(ctx)
         except Exception:
             log.exception("finalize_usage_failed", request_id=ctx.request_id)
         if not wait and not ctx.end_promptly and len(self._behind) < MAX_BEHIND:
@@ -190,6 +196,16 @@ class Chain:
                 await plugin.shutdown()
             except Exception:
                 log.exception("plugin_shutdown_failed", plugin=plugin.name)
+
+
+def _usage_inputs(ctx: RequestContext) -> tuple:
+    """What gateway/usage.py's finalize_usage reads off a request that may change between
+    the answer's journal and its ending (the config, body and endpoint do not): compared by
+    equality (the same usage or response object is equal to itself at once; another one
+    equal in value gives the same result)."""
+    return (ctx.usage, ctx.response, ctx.error, ctx.short_circuit is None, ctx.stream, ctx.finish_reason,
+            len(ctx.streamed_text), len(ctx.streamed_reasoning), ctx.attempts, ctx.model, ctx.deployment,
+            len(ctx.unbilled_calls))
 
 
 class Inflight:

@@ -121,6 +121,7 @@ class Accounting(Plugin):
         self._unpriced_warned: set[str] = set()
         self._estimate_warned: set[str] = set()
         self._week: tuple[int, int] | None = None
+        self._week_span = (0.0, 0.0)  # [start, end) of self._week in epoch seconds
         self._week_cost = USD_ZERO
         self._week_warned = False
         self._pruner: asyncio.Task | None = None
@@ -244,7 +245,14 @@ class Accounting(Plugin):
 
     def _track_week(self, row: dict[str, Any], threshold: float | None) -> None:
         # The running cost is kept even without a threshold: a reload may set one mid-week.
-        week = iso_week(row["created_at"])
+        created = row["created_at"]
+        start, end = self._week_span
+        if start <= created < end:  # the week of the previous row: no calendar arithmetic per row
+            week = self._week
+        else:
+            week = iso_week(created)
+            start = week_start(created)
+            self._week_span = (start, start + 7 * 86400)  # UTC: every week is 7 x 86400 s
         if week != self._week:
             self._week, self._week_cost, self._week_warned = week, USD_ZERO, False
         self._week_cost += row["cost_usd"] or USD_ZERO

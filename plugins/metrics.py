@@ -73,6 +73,9 @@ class Metrics(Plugin):
         self.retries = Counter("gateway_retries", "Upstream calls beyond the first", ["model"], registry=r)
         self.fallbacks = Counter("gateway_fallbacks", "Moves to another deployment or model", ["model"], registry=r)
         self.in_flight = Gauge("gateway_in_flight_requests", "Requests inside the chain", registry=r)
+        # Read at scrape time: a plain counter per request instead of two locked Gauge updates.
+        self._in_flight = 0
+        self.in_flight.set_function(lambda: float(self._in_flight))
         self.latency = Histogram("gateway_request_latency_seconds", "Request latency",
                                  ["endpoint", "stream"], buckets=buckets, registry=r)
         self.ttfb = Histogram("gateway_time_to_first_byte_seconds", "Time to first byte",
@@ -110,7 +113,7 @@ class Metrics(Plugin):
         return [web.get(self.settings.path, scrape)]
 
     async def on_request(self, ctx: RequestContext) -> None:
-        self.in_flight.inc()
+        self._in_flight += 1
         ctx.scratch(self.name)["counted"] = True
 
     async def on_response(self, ctx: RequestContext) -> None:
@@ -121,7 +124,7 @@ class Metrics(Plugin):
 
     def _observe(self, ctx: RequestContext) -> None:
         if ctx.scratch(self.name).pop("counted", False):
-            self.in_flight.dec()
+            self._in_flight -= 1
         if ctx.endpoint == "models":
             return
         # A label value comes from config, never from the client: a model the gateway does

@@ -488,8 +488,28 @@ async def prepare_usage_rows(rows: list[dict[str, Any]], now: float,
 
 
 def iso_utc(epoch: float) -> str:
-    """Fixed-width ISO-8601 UTC with microseconds and 'Z' (sorts correctly as text)."""
-    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """Fixed-width ISO-8601 UTC with microseconds and 'Z' (sorts correctly as text).
+
+    Every usage row's `created_at` goes through here: the date and time down to the second
+    are formatted once per second (a row's second is mostly the previous row's), the
+    microseconds rounded as `datetime.fromtimestamp` rounds them (half to even)."""
+    fraction, whole = math.modf(epoch)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        micros -= 1_000_000
+        whole += 1.0
+    elif micros < 0:  # before 1970: what datetime does for a negative fraction
+        micros += 1_000_000
+        whole -= 1.0
+    global _ISO_SECOND
+    second = int(whole)
+    cached = _ISO_SECOND  # one tuple, read once: safe from any thread
+    if cached[0] != second:
+        cached = _ISO_SECOND = (second, datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{cached[1]}.{micros:06d}Z"
+
+
+_ISO_SECOND: tuple[int | None, str] = (None, "")  # the last second iso_utc formatted, and its text
 
 
 def parse_iso_utc(text: str) -> float:
