@@ -21,7 +21,15 @@ from typing import Any, AsyncIterator
 import orjson
 
 from gateway.config import ModelEntry
-from gateway.providers.base import Dispatcher, Relayed, StreamEnd, UpstreamError, json_object
+from gateway.providers.base import (
+    Relayed,
+    StreamEnd,
+    TargetCache,
+    Translation,
+    UpstreamError,
+    json_object,
+    release_or_close,
+)
 from gateway.errors import redact
 from gateway.providers.openai import call_timeouts
 from gateway.providers.http import Target, UpstreamProtocolError
@@ -240,40 +248,42 @@ def from_message(message: dict[str, Any], model: str) -> dict[str, Any]:
             "usage": _usage(message.get("usage") or {})}
 
 
-class AnthropicNativeDispatcher(Dispatcher):
+def _target_of(deployment: ModelEntry) -> tuple[Target, bytes, bytes]:
+    """Where the deployment's Messages API is, and its header lines for a whole answer and
+    for a stream."""
+    params = deployment.litellm_params
+    base = (params.api_base or ANTHROPIC_DEFAULT_BASE).rstrip("/")
+    url = base if base.endswith("/messages") else base + ("/messages" if base.endswith("/v1") else "/v1/messages")
+    lines = ["Content-Type: application/json", f"anthropic-version: {ANTHROPIC_VERSION}"]
+    if params.api_key:
+        lines.append(f"x-api-key: {params.api_key}")
+    head = "".join(f"{line}\r\n" for line in lines)
+    return (Target(url, proxy=getattr(deployment, "proxy", None)),
+            (head + "Accept: application/json\r\n").encode("latin-1"),
+            (head + "Accept: text/event-stream\r\n").encode("latin-1"))
+
+
+class AnthropicNativeDispatcher(Translation):
     """Anthropic's Messages API over the shared native HTTP client; litellm for the rest."""
 
-
     passes_through = True  # POST /v1/messages to Anthropic as the client sent it
+
     def __init__(self, native: Any, litellm: Any) -> None:
-        self.native = native
-        self.litellm = litellm
-        self._targets: dict[int, tuple[ModelEntry, Target, bytes, bytes]] = {}
+        super().__init__(native, litellm)
+        self._targets: TargetCache[tuple[Target, bytes, bytes]] = TargetCache(_target_of)
+
+    def covers(self, deployment: ModelEntry, body: dict[str, Any]) -> bool:
+        return covers(body)
 
     def _target(self, deployment: ModelEntry) -> tuple[Target, bytes, bytes]:
-        cached = self._targets.get(id(deployment))
-        if cached is not None and cached[0] is deployment:
-            return cached[1:]
-        params = deployment.litellm_params
-        base = (params.api_base or ANTHROPIC_DEFAULT_BASE).rstrip("/")
-        url = base if base.endswith("/messages") else base + ("/messages" if base.endswith("/v1") else "/v1/messages")
-        lines = ["Content-Type: application/json", f"anthropic-version: {ANTHROPIC_VERSION}"]
-        if params.api_key:
-            lines.append(f"x-api-key: {params.api_key}")
-        head = "".join(f"{line}\r\n" for line in lines)
-        entry = (deployment, Target(url, proxy=getattr(deployment, "proxy", None)),
-                 (head + "Accept: application/json\r\n").encode("latin-1"),
-                 (head + "Accept: text/event-stream\r\n").encode("latin-1"))
-        if len(self._targets) > 1024:
-            self._targets.clear()
-        self._targets[id(deployment)] = entry
-        return entry[1:]
+        return self._targets.get(deployment)
 
-    async def chat(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
-        if not covers(body):
-            return await self.litellm.chat(deployment, body)
+    async def translated_chat(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
         message = await self._message(deployment, to_messages_request(deployment, body, stream=False))
         return from_message(message, _model(deployment))
+
+    def translated_stream(self, deployment: ModelEntry, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        return self._stream(deployment, to_messages_request(deployment, body, stream=True))
 
     async def _message(self, deployment: ModelEntry, request: dict[str, Any]) -> dict[str, Any]:
         target, headers, _ = self._target(deployment)
@@ -314,14 +324,6 @@ class AnthropicNativeDispatcher(Dispatcher):
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
             raise UpstreamError("bad_response", "the upstream's token count had no input_tokens")
         return tokens
-
-    async def embeddings(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
-        return await self.litellm.embeddings(deployment, body)
-
-    def chat_stream(self, deployment: ModelEntry, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        if not covers(body):
-            return self.litellm.chat_stream(deployment, body)
-        return self._stream(deployment, to_messages_request(deployment, body, stream=True))
 
     async def _stream(self, deployment: ModelEntry, request: dict[str, Any], relay: bool = False,
                       public_model: str = "") -> AsyncIterator[dict[str, Any]]:
@@ -427,7 +429,4 @@ class AnthropicNativeDispatcher(Dispatcher):
             if not end.complete:
                 raise UpstreamError("truncated", f"the upstream stream broke off: {type(exc).__name__}") from None
         finally:
-            if finished:
-                resp.release()
-            else:
-                resp.close()
+            release_or_close(resp, finished)

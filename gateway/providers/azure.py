@@ -28,7 +28,7 @@ from typing import Any, AsyncIterator
 import orjson
 
 from gateway.config import ModelEntry
-from gateway.providers.base import Dispatcher
+from gateway.providers.base import Translation
 from gateway.providers.openai import azure_api_version, upstream_model
 
 # The OpenAI parameters litellm sends to an Azure (non-reasoning) deployment as they are
@@ -109,22 +109,17 @@ def to_azure_body(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class AzureNativeDispatcher(Dispatcher):
+class AzureNativeDispatcher(Translation):
     """Azure OpenAI through the native dispatcher (its URLs, key header and filters live
     there) for what `covers()` accepts; litellm for the rest."""
 
-    def __init__(self, native: Any, litellm: Any) -> None:
-        self.native = native
-        self.litellm = litellm
+    def covers(self, deployment: ModelEntry, body: dict[str, Any]) -> bool:
+        return covers(deployment, body)
 
-    async def chat(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
-        if not covers(deployment, body):
-            return await self.litellm.chat(deployment, body)
+    async def translated_chat(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
         return await self.native.chat(deployment, to_azure_body(body))
 
-    def chat_stream(self, deployment: ModelEntry, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        if not covers(deployment, body):
-            return self.litellm.chat_stream(deployment, body)
+    def translated_stream(self, deployment: ModelEntry, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         return self.native.chat_stream(deployment, to_azure_body(body))
 
     async def embeddings(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:

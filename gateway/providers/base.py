@@ -9,7 +9,7 @@ comparing it with a known instance.
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, Generic, TypeVar
 
 import orjson
 
@@ -182,3 +182,73 @@ def json_object(raw: bytes, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise UpstreamError("bad_response", f"the upstream sent a {what} that is not a JSON object")
     return value
+
+
+T = TypeVar("T")
+
+
+class TargetCache(Generic[T]):
+    """A provider's per-deployment upstream target (URL, proxy, header bytes, timeouts),
+    built once by `build(deployment, *key)`: keyed by the deployment object and the key,
+    checked against the object (a config reload brings new ones), bounded."""
+
+    __slots__ = ("_build", "_entries", "_limit")
+
+    def __init__(self, build: Callable[..., T], limit: int = 1024) -> None:
+        self._build = build
+        self._entries: dict[tuple, tuple[ModelEntry, T]] = {}
+        self._limit = limit
+
+    def get(self, deployment: ModelEntry, *key: Any) -> T:
+        entry = self._entries.get((id(deployment), *key))
+        if entry is not None and entry[0] is deployment:
+            return entry[1]
+        value = self._build(deployment, *key)
+        if len(self._entries) >= self._limit:
+            self._entries.clear()
+        self._entries[(id(deployment), *key)] = (deployment, value)
+        return value
+
+
+def release_or_close(response: Any, finished: bool) -> None:
+    """The one connection rule of every upstream stream: back to the pool only when the
+    answer was read to its end; closed otherwise (cut off, failed, abandoned by the client),
+    since a connection left mid-body can never be reused."""
+    if finished:
+        response.release()
+    else:
+        response.close()
+
+
+class Translation(Dispatcher):
+    """A provider whose OpenAI-chat translation is ours (Anthropic's Messages, Gemini's
+    generateContent, Azure's rewrites), sent over the native HTTP client (`native`): what
+    `covers` accepts goes natively, the rest and embeddings through litellm, which knows
+    every parameter (`litellm`)."""
+
+    def __init__(self, native: Any, litellm: Any) -> None:
+        self.native = native
+        self.litellm = litellm
+
+    def covers(self, deployment: ModelEntry, body: dict[str, Any]) -> bool:
+        """Whether the native translation serves this body exactly as litellm would."""
+        return True
+
+    async def translated_chat(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
+        return await self.litellm.chat(deployment, body)
+
+    def translated_stream(self, deployment: ModelEntry, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        return self.litellm.chat_stream(deployment, body)
+
+    async def chat(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
+        if not self.covers(deployment, body):
+            return await self.litellm.chat(deployment, body)
+        return await self.translated_chat(deployment, body)
+
+    def chat_stream(self, deployment: ModelEntry, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        if not self.covers(deployment, body):
+            return self.litellm.chat_stream(deployment, body)
+        return self.translated_stream(deployment, body)
+
+    async def embeddings(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
+        return await self.litellm.embeddings(deployment, body)

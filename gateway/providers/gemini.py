@@ -40,7 +40,7 @@ import orjson
 
 from gateway import price_map
 from gateway.config import ModelEntry
-from gateway.providers.base import Dispatcher, StreamEnd, UpstreamError, json_object
+from gateway.providers.base import StreamEnd, TargetCache, Translation, UpstreamError, json_object, release_or_close
 from gateway.errors import redact
 from gateway.providers.openai import call_timeouts
 from gateway.providers.http import Target, UpstreamProtocolError
@@ -486,35 +486,35 @@ def from_response(response: dict[str, Any]) -> dict[str, Any]:
     return answer
 
 
-class GeminiNativeDispatcher(Dispatcher):
+def _targets_of(deployment: ModelEntry) -> tuple[Target, Target, bytes, bytes]:
+    """generateContent and streamGenerateContent of the deployment's model, and the header
+    lines for a whole answer and for a stream."""
+    params = deployment.litellm_params
+    default = GEMINI_3_DEFAULT_BASE if gemini_3(deployment) else GEMINI_DEFAULT_BASE
+    url = f"{(params.api_base or default).rstrip('/')}/models/{_model(deployment)}"
+    head = f"Content-Type: application/json\r\nx-goog-api-key: {params.api_key}\r\n"
+    proxy = deployment.proxy
+    return (Target(url + ":generateContent", proxy=proxy), Target(url + ":streamGenerateContent?alt=sse", proxy=proxy),
+            (head + "Accept: application/json\r\n").encode("latin-1"),
+            (head + "Accept: text/event-stream\r\n").encode("latin-1"))
+
+
+class GeminiNativeDispatcher(Translation):
     """generateContent over the native dispatcher's connection pool (`NativeOpenAIDispatcher`)
     for what `covers()` accepts; litellm for the rest."""
 
     def __init__(self, native: Any, litellm: Any) -> None:
-        self.native = native
-        self.litellm = litellm
-        self._targets: dict[int, tuple[ModelEntry, Target, Target, bytes, bytes]] = {}
+        super().__init__(native, litellm)
+        self._targets: TargetCache[tuple[Target, Target, bytes, bytes]] = TargetCache(_targets_of)
+
+    def covers(self, deployment: ModelEntry, body: dict[str, Any]) -> bool:
+        return covers(deployment, body)
 
     def _target(self, deployment: ModelEntry, stream: bool) -> tuple[Target, bytes]:
-        cached = self._targets.get(id(deployment))
-        if cached is None or cached[0] is not deployment:
-            params = deployment.litellm_params
-            default = GEMINI_3_DEFAULT_BASE if gemini_3(deployment) else GEMINI_DEFAULT_BASE
-            url = f"{(params.api_base or default).rstrip('/')}/models/{_model(deployment)}"
-            head = f"Content-Type: application/json\r\nx-goog-api-key: {params.api_key}\r\n"
-            proxy = deployment.proxy
-            cached = (deployment, Target(url + ":generateContent", proxy=proxy),
-                      Target(url + ":streamGenerateContent?alt=sse", proxy=proxy),
-                      (head + "Accept: application/json\r\n").encode("latin-1"),
-                      (head + "Accept: text/event-stream\r\n").encode("latin-1"))
-            if len(self._targets) > 1024:
-                self._targets.clear()
-            self._targets[id(deployment)] = cached
-        return (cached[2], cached[4]) if stream else (cached[1], cached[3])
+        whole, streamed, whole_head, stream_head = self._targets.get(deployment)
+        return (streamed, stream_head) if stream else (whole, whole_head)
 
-    async def chat(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
-        if not covers(deployment, body):
-            return await self.litellm.chat(deployment, body)
+    async def translated_chat(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
         target, headers = self._target(deployment, False)
         total, connect = call_timeouts(deployment, False)
         try:
@@ -524,12 +524,7 @@ class GeminiNativeDispatcher(Dispatcher):
             raise litellm_status(err) from None
         return from_response(response)
 
-    async def embeddings(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
-        return await self.litellm.embeddings(deployment, body)
-
-    def chat_stream(self, deployment: ModelEntry, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        if not covers(deployment, body):
-            return self.litellm.chat_stream(deployment, body)
+    def translated_stream(self, deployment: ModelEntry, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         return self._stream(deployment, to_generate_request(deployment, body))
 
     async def _stream(self, deployment: ModelEntry, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -595,7 +590,4 @@ class GeminiNativeDispatcher(Dispatcher):
             if metadata is not None:
                 yield {**base, "choices": [], "usage": usage_from(metadata)}
         finally:
-            if finished:
-                resp.release()
-            else:
-                resp.close()
+            release_or_close(resp, finished)

@@ -42,7 +42,16 @@ import structlog
 
 from gateway.client_body import DISPATCH_PARAMS
 from gateway.config import ModelEntry
-from gateway.providers.base import Dispatcher, ERROR_BODY_LIMIT, StreamEnd, UpstreamError, error_from_status, json_object
+from gateway.providers.base import (
+    ERROR_BODY_LIMIT,
+    Dispatcher,
+    StreamEnd,
+    TargetCache,
+    UpstreamError,
+    error_from_status,
+    json_object,
+    release_or_close,
+)
 from gateway.errors import redact
 from gateway.config import NATIVE_BODY_DEFAULTS
 from gateway.providers.http import (
@@ -143,6 +152,26 @@ def _without_azure_filters(answer: dict[str, Any]) -> dict[str, Any] | None:
     return answer
 
 
+def _target_of(deployment: ModelEntry, path: str, stream: bool) -> tuple[Target, bytes, float, float]:
+    params = deployment.litellm_params
+    url, credential = _endpoint(deployment, path)
+    lines = ["Content-Type: application/json",
+             "Accept: text/event-stream" if stream else "Accept: application/json"]
+    if credential:
+        lines.append(credential)
+    extra = params.model_extra or {}
+    if extra.get("organization"):
+        lines.append(f"OpenAI-Organization: {extra['organization']}")
+    configured = {**(extra.get("headers") or {}), **(extra.get("extra_headers") or {})}
+    if configured:  # they replace a default line of the same name (as litellm's do)
+        names = {name.lower() for name in configured}
+        lines = [line for line in lines if line.split(":", 1)[0].lower() not in names]
+        lines.extend(f"{name}: {value}" for name, value in configured.items())
+    total, connect = call_timeouts(deployment, stream)
+    return (Target(url, proxy=deployment.proxy), "".join(f"{line}\r\n" for line in lines).encode("latin-1"),
+            total, connect)
+
+
 class NativeOpenAIDispatcher(Dispatcher):
     """OpenAI wire format, pass-through. One shared connection pool per gateway
     (gateway/providers/http.py)."""
@@ -152,7 +181,7 @@ class NativeOpenAIDispatcher(Dispatcher):
     serves_responses = True
     def __init__(self) -> None:
         self._http: UpstreamHTTP | None = None
-        self._targets: dict[tuple[int, str, bool], tuple[ModelEntry, Target, bytes, float, float]] = {}
+        self._targets: TargetCache[tuple[Target, bytes, float, float]] = TargetCache(_target_of)
 
     def http(self) -> UpstreamHTTP:
         if self._http is None or self._http.closed:
@@ -167,31 +196,7 @@ class NativeOpenAIDispatcher(Dispatcher):
                 stream: bool = False) -> tuple[Target, bytes, float, float]:
         """(where, header lines, total timeout, connect timeout) for one deployment and
         path; built once (a config reload brings new ModelEntry objects)."""
-        key = (id(deployment), path, stream)
-        cached = self._targets.get(key)
-        if cached is not None and cached[0] is deployment:
-            return cached[1:]
-        params = deployment.litellm_params
-        url, credential = _endpoint(deployment, path)
-        lines = ["Content-Type: application/json",
-                 "Accept: text/event-stream" if stream else "Accept: application/json"]
-        if credential:
-            lines.append(credential)
-        extra = params.model_extra or {}
-        if extra.get("organization"):
-            lines.append(f"OpenAI-Organization: {extra['organization']}")
-        configured = {**(extra.get("headers") or {}), **(extra.get("extra_headers") or {})}
-        if configured:  # they replace a default line of the same name (as litellm's do)
-            names = {name.lower() for name in configured}
-            lines = [line for line in lines if line.split(":", 1)[0].lower() not in names]
-            lines.extend(f"{name}: {value}" for name, value in configured.items())
-        total, connect = call_timeouts(deployment, stream)
-        if len(self._targets) > 1024:
-            self._targets.clear()
-        entry = (deployment, Target(url, proxy=deployment.proxy), "".join(f"{line}\r\n" for line in lines).encode("latin-1"),
-                 total, connect)
-        self._targets[key] = entry
-        return entry[1:]
+        return self._targets.get(deployment, path, stream)
 
     def _body(self, deployment: ModelEntry, body: dict[str, Any], endpoint: str = "chat.completions") -> bytes:
         """The body as the upstream gets it: the OpenAI parameters, plus the fields this
@@ -347,10 +352,7 @@ class NativeOpenAIDispatcher(Dispatcher):
         except (UpstreamProtocolError, OSError) as exc:
             raise UpstreamError("truncated", f"the upstream stream broke off: {type(exc).__name__}") from None
         finally:
-            if finished:
-                resp.release()
-            else:
-                resp.close()
+            release_or_close(resp, finished)
 
     async def chat(self, deployment: ModelEntry, body: dict[str, Any]) -> dict[str, Any]:
         payload = await self._post_json(deployment, "/chat/completions", body, "chat.completions")
@@ -413,9 +415,6 @@ class NativeOpenAIDispatcher(Dispatcher):
             log.warning("upstream_stream_without_done", deployment=deployment.name, error=type(exc).__name__,
                         note="the connection broke after every choice had finished: the answer is complete")
         finally:
-            if done:
-                # [DONE] is final: nothing after it is waited for or can fail the answer. The
-                # connection goes back to the pool once the body's end arrives (if it does).
-                resp.release()
-            else:
-                resp.close()  # abandoned or broken mid-body: never reuse this connection
+            # [DONE] is final: nothing after it is waited for or can fail the answer. The
+            # connection goes back to the pool once the body's end arrives (if it does).
+            release_or_close(resp, done)
