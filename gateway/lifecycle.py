@@ -319,14 +319,75 @@ async def _replayed_stream(payload: dict[str, Any]) -> AsyncIterator[dict[str, A
         yield chunk
 
 
-async def relay_stream(request: web.Request, gw: Gateway, snap: Snapshot, ctx: RequestContext,
-                       inbound: Inbound = OPENAI) -> web.StreamResponse:
-    """The answer as a stream: OpenAI's chunks as they come, or, with the inbound adapter's
-    encoder (another API's, e.g. gateway/inbound/anthropic.py), its events for them."""
-    chain = snap.chain
-    encoder = inbound.stream_encoder(ctx)
+class StreamRelay:
+    """How one inbound API's stream is relayed (the OpenAI chat one here; Anthropic's through
+    an encoder of the chunks; the Responses API's in gateway/inbound/responses.py): each
+    upstream piece observed into the context and encoded for the client, the piece that makes
+    the answer whole recognised, its error events written. `relay_stream` runs the rest, the
+    same for every API: the SSE response, the journal before the answer's end leaves, the
+    billing rule when it is cut, exactly one ending."""
+
+    # Why a stream cut short (the upstream ended early) is not a whole answer.
+    truncated = "the upstream stream ended before every choice finished"
+    cancelled = "cancelled before the stream started"
+
+    def __init__(self, ctx: RequestContext, chain: Any, inbound: Inbound = OPENAI) -> None:
+        self.ctx = ctx
+        self.chain = chain
+        self.inbound = inbound
+        self.encoder = inbound.stream_encoder(ctx)
+        self.end = StreamEnd()
+        self.final = False  # the piece just observed made the answer whole (it is journaled, then sent)
+        self.failed: ApiError | None = None  # the upstream said it failed (its event is sent, then the error)
+
+    async def piece(self, chunk: dict[str, Any]) -> bytes:
+        """Observe one upstream piece; the bytes the client gets for it (may be none)."""
+        ctx = self.ctx
+        if chunk.get("usage"):
+            ctx.usage = usage_from(chunk)
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            content = delta.get("content")
+            if content:
+                ctx.streamed_text.append(content)
+            elif delta.get("reasoning_content"):
+                ctx.streamed_reasoning.append(delta["reasoning_content"])
+            if choice.get("finish_reason"):
+                ctx.finish_reason = choice["finish_reason"]
+        self.end.observe(chunk)
+        if not ctx.client_wants_usage:
+            if not chunk.get("choices"):  # the usage-only chunk the client did not ask for
+                # (a passed-through piece's own event still goes out)
+                return b"" if self.encoder is None else self.encoder.unsent(chunk)
+            chunk.pop("usage", None)
+        chunk["model"] = ctx.model
+        if self.chain.wants_chunks:
+            await self.chain.run_chunk(ctx, chunk)
+        if self.encoder is None:
+            return b"data: " + orjson.dumps(chunk) + b"\n\n"
+        return self.encoder.chunk(chunk)
+
+    def complete(self) -> bool:
+        """The upstream ended: was the answer whole (every choice finished)?"""
+        return self.end.complete
+
+    def done(self) -> bytes:
+        return _SSE_DONE if self.encoder is None else self.encoder.done()
+
+    def error_event(self, err: ApiError) -> bytes:
+        return self.inbound.error_event(err)
+
+    def billed_if_cut(self) -> bool:
+        """A client gone mid-stream is billed when tokens reached (or were produced for) it."""
+        return self.ctx.stream_started
+
+
+async def answer_stream(request: web.Request, gw: Gateway, snap: Snapshot, ctx: RequestContext,
+                        inbound: Inbound = OPENAI) -> web.StreamResponse:
+    """A chat answer as a stream: OpenAI's chunks as they come, or, with the inbound
+    adapter's encoder (another API's, e.g. gateway/inbound/anthropic.py), its events."""
     if ctx.short_circuit is not None:
-        upstream = _replayed_stream(ctx.short_circuit)
+        upstream: Any = _replayed_stream(ctx.short_circuit)
         first = await upstream.__anext__()
     else:
         # Always ask for usage; the extra chunk is hidden from clients that did not.
@@ -334,97 +395,78 @@ async def relay_stream(request: web.Request, gw: Gateway, snap: Snapshot, ctx: R
         options["include_usage"] = True
         ctx.body["stream_options"] = options
         first, upstream = await open_gated(ctx, gw.router.open_stream)  # retried; nothing sent yet
+    return await relay_stream(request, snap, ctx, StreamRelay(ctx, snap.chain, inbound), first, upstream)
 
+
+async def relay_stream(request: web.Request, snap: Snapshot, ctx: RequestContext, relay: StreamRelay,
+                       first: Any, upstream: Any) -> web.StreamResponse:
+    """The one stream relay of every inbound API: `first` and the rest of `upstream`
+    through `relay` to the client, as they come. The answer is journaled before its end
+    leaves; a stream that breaks gets an error event, never a clean end; exactly one ending,
+    run behind the answer, also when the client leaves (billed by `relay.billed_if_cut`)."""
+    chain = snap.chain
     response = event_stream(ctx)
     error: ApiError | None = None
-    end = StreamEnd()
-    chunk: dict[str, Any] | None = first
+    piece: Any = first
     try:
         await response.prepare(request)
-        while chunk is not None:
-            if chunk.get("usage"):
-                ctx.usage = usage_from(chunk)
-            for choice in chunk.get("choices") or ():
-                delta = choice.get("delta") or {}
-                content = delta.get("content")
-                if content:
-                    ctx.streamed_text.append(content)
-                elif delta.get("reasoning_content"):
-                    ctx.streamed_reasoning.append(delta["reasoning_content"])
-                if choice.get("finish_reason"):
-                    ctx.finish_reason = choice["finish_reason"]
-            end.observe(chunk)
-            send = True
-            if not ctx.client_wants_usage:
-                if not chunk.get("choices"):
-                    send = False  # the usage-only chunk the client did not ask for
-                chunk.pop("usage", None)
-            if send:
-                chunk["model"] = ctx.model
-                if chain.wants_chunks:
-                    await chain.run_chunk(ctx, chunk)
-                if encoder is None:
-                    await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
-                else:
-                    await response.write(encoder.chunk(chunk))
+        while piece is not None:
+            data = await relay.piece(piece)
+            if relay.final and ctx.status != 200:  # whole: journaled before its end leaves
+                ctx.status = 200
+                chain.answered(ctx)
+            if data:
+                await response.write(data)
                 if ctx.first_byte_at is None:
                     ctx.first_byte_at = time.monotonic()
                     ctx.stream_started = True
-            elif encoder is not None:
-                held = encoder.unsent(chunk)  # a passed-through piece's event still goes out
-                if held:
-                    await response.write(held)
+            if relay.failed is not None:
+                error = relay.failed
+                break
+            if relay.final:
+                break
             try:
-                chunk = await upstream.__anext__()
+                piece = await upstream.__anext__()
             except StopAsyncIteration:
-                chunk = None
-        if not end.complete:
-            raise UpstreamError("truncated", "the upstream stream ended before every choice finished")
-        ctx.status = 200
-        chain.answered(ctx)
-        await response.write(_SSE_DONE if encoder is None else encoder.done())
+                piece = None
+        if error is None and ctx.status != 200:
+            if not relay.complete():
+                raise UpstreamError("truncated", relay.truncated)
+            ctx.status = 200
+            chain.answered(ctx)
+            await response.write(relay.done())
     except UpstreamError as err:
-        api_error = upstream_to_api_error(err, ctx.attempts)
+        error = upstream_to_api_error(err, ctx.attempts)
         if err.kind == "truncated":
-            api_error = ApiError(502, "the upstream stream broke off before the answer was complete",
-                                 type="server_error", code="upstream_stream_truncated")
-        error = api_error
-        await _write_error_event(response, ctx, api_error, inbound)
+            error = ApiError(502, "the upstream stream broke off before the answer was complete",
+                             type="server_error", code="upstream_stream_truncated")
+        await write_raw(response, ctx, relay.error_event(error))
     except (ConnectionError, RuntimeError):  # the client went away mid-stream
         ctx.client_disconnected = True
     except ApiError as err:
         error = err
-        await _write_error_event(response, ctx, err, inbound)
+        await write_raw(response, ctx, relay.error_event(err))
     except Exception:
         log.exception("stream_failed", request_id=ctx.request_id)
         error = internal_error(ctx.request_id)
-        await _write_error_event(response, ctx, error, inbound)
+        await write_raw(response, ctx, relay.error_event(error))
     except asyncio.CancelledError:
         ctx.client_disconnected = True
         await close_quietly(upstream)
-        await chain.end(ctx, None if ctx.stream_started else
-                           ApiError(499, "cancelled before the stream started", type="server_error", code="cancelled"))
+        await chain.end(ctx, None if relay.billed_if_cut() else
+                        ApiError(499, relay.cancelled, type="server_error", code="cancelled"))
         raise
     finally:
         await close_quietly(upstream)
+    if error is not None:
+        ctx.status = None
     try:
         await response.write_eof()
     except (ConnectionError, RuntimeError):
         ctx.client_disconnected = True
-    # Tokens reached (or were produced for) the client: success, also when it left early.
     # The answer (or its error event) is sent: the ending runs behind it.
     await chain.end(ctx, error, wait=False)
     return response
-
-
-async def _write_error_event(response: web.StreamResponse, ctx: RequestContext, err: ApiError,
-                             inbound: Inbound) -> None:
-    """A stream that fails after it started ends with an error event and no [DONE]: the
-    OpenAI SDKs raise on it, so a cut-off answer never looks complete."""
-    try:
-        await response.write(inbound.error_event(err))
-    except (ConnectionError, RuntimeError):
-        ctx.client_disconnected = True
 
 
 async def close_quietly(stream: Any) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from decimal import Decimal
 import pytest
 from structlog.testing import capture_logs
 
@@ -444,7 +445,7 @@ async def test_accounting_records_tokens_and_their_cost_at_the_models_prices(sto
         await accounting.flush()
     [row] = await store.usage_rows()
     assert (row["tokens_prompt"], row["tokens_completion"], row["tokens_total"]) == (1000, 200, 1200)
-    assert row["cost_usd"] == pytest.approx(1000 * 2.5 / 1e6 + 200 * 10.0 / 1e6)
+    assert row["cost_usd"] == Decimal("0.0045")  # 1,000 x $2.50/M + 200 x $10/M, exact
     assert (row["model"], row["user_id"], row["workspace_id"]) == ("gpt-4o", "usr_test", "ws_test")
 
 

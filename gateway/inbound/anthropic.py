@@ -37,10 +37,10 @@ from gateway.object_ids import refuse_object_ids
 from gateway.lifecycle import (
     Inbound,
     answer_json,
+    answer_stream,
     body_reader,
     json_response,
     new_context,
-    relay_stream,
     run_request,
     send_now,
 )
@@ -401,7 +401,7 @@ async def anthropic_messages(request: web.Request) -> web.StreamResponse:
 
     def answer() -> Awaitable[web.StreamResponse]:
         if ctx.stream:
-            return relay_stream(request, gw, snap, ctx, ANTHROPIC)
+            return answer_stream(request, gw, snap, ctx, ANTHROPIC)
         return answer_json(request, gw, snap, ctx, ANTHROPIC)
 
     return await run_request(request, snap, ctx, answer,

@@ -3,7 +3,7 @@
 
 Thin handlers over the shared lifecycle (gateway/lifecycle.py): a context, the body
 reader with this endpoint's allowlist (gateway/client_body.py), then `answer_json` or
-`relay_stream`. OpenAI's format is the lifecycle's default `Inbound`.
+`answer_stream` (through the one `relay_stream`). OpenAI's format is the lifecycle's default `Inbound`.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from gateway.client_body import validate_chat, validate_embeddings
 from gateway.errors import ApiError
 from gateway.lifecycle import (
     answer_json,
+    answer_stream,
     body_reader,
     clean_text,
     json_response,
     new_context,
-    relay_stream,
     run_request,
     send_now,
 )
@@ -33,7 +33,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     ctx = new_context(request, snap, "chat.completions", {})
 
     def answer() -> Awaitable[web.StreamResponse]:
-        return (relay_stream if ctx.stream else answer_json)(request, gw, snap, ctx)
+        return (answer_stream if ctx.stream else answer_json)(request, gw, snap, ctx)
 
     return await run_request(request, snap, ctx, answer, body_reader(request, snap, ctx, validate_chat))
 

@@ -24,9 +24,7 @@ user's conversation to another who learned its id).
 
 from __future__ import annotations
 
-import asyncio
 import re
-import time
 from typing import Any, AsyncIterator, Callable
 
 import orjson
@@ -36,19 +34,18 @@ from aiohttp import web
 from gateway.config import ModelEntry
 from gateway.providers.base import UpstreamError
 from gateway.client_body import validate_responses
-from gateway.errors import ApiError, internal_error, store_unavailable
+from gateway.errors import ApiError, store_unavailable
 from gateway.lifecycle import (
+    StreamRelay,
     answer_json,
     body_reader,
-    close_quietly,
-    event_stream,
     json_response,
     new_context,
     open_gated,
+    relay_stream,
     run_request,
     send_now,
     usage_from,
-    write_raw,
 )
 from gateway.router import upstream_to_api_error, uses_native
 from gateway.state import GATEWAY, Gateway, Snapshot
@@ -229,81 +226,64 @@ async def responses_create(request: web.Request) -> web.StreamResponse:
     return await run_request(request, snap, ctx, answer, body_reader(request, snap, ctx, validate_responses))
 
 
+class ResponsesRelay(StreamRelay):
+    """The Responses API's events, forwarded as they come (the upstream's own bytes); the
+    answer is whole at `response.completed` (or `response.incomplete`: max tokens) and billed
+    only then, refunded otherwise; `response.failed` or `error` is an upstream failure."""
+
+    truncated = "the upstream stream ended before response.completed"
+    cancelled = "cancelled before the answer was complete"
+
+    def __init__(self, ctx: RequestContext, chain: Any, store: Any) -> None:
+        super().__init__(ctx, chain)
+        self.store = store  # None on a replay: the stored response is already remembered
+
+    async def piece(self, event: tuple[str, dict[str, Any], bytes]) -> bytes:
+        name, data, raw = event
+        ctx = self.ctx
+        if name == "response.output_text.delta" and isinstance(data.get("delta"), str):
+            ctx.streamed_text.append(data["delta"])
+        elif name == "response.created" and self.store is not None and isinstance(data.get("response"), dict):
+            await remember(self.store, ctx, data["response"])
+        if name in TERMINAL:
+            ctx.usage = usage_from(data.get("response") or {})
+            ctx.finish_reason = "stop" if name == "response.completed" else "length"
+            self.final = True
+        elif name in FAILED:
+            self.failed = ApiError(502, "the upstream failed the response", type="server_error", code="upstream_error")
+        return raw
+
+    def complete(self) -> bool:
+        return False  # the upstream ended without its terminal event
+
+    def done(self) -> bytes:
+        return b""
+
+    def error_event(self, err: ApiError) -> bytes:
+        return error_event(err)
+
+    def billed_if_cut(self) -> bool:
+        return self.ctx.stream_started and self.ctx.status == 200
+
+
+async def _replayed_events(payload: dict[str, Any]) -> AsyncIterator[tuple[str, dict[str, Any], bytes]]:
+    """A stored response (an idempotent replay), whole, as its two events."""
+    created, completed = replay_events(payload)
+    yield "response.created", {}, created
+    yield "response.completed", {"response": payload}, completed
+
+
 async def _responses_stream(request: web.Request, gw: Gateway, snap: Snapshot, ctx: RequestContext,
                             only: Callable[[Any], bool] | None) -> web.StreamResponse:
-    """The Responses API's events, forwarded as they come; billed once `response.completed`
-    (or `response.incomplete`) arrived, refunded otherwise."""
-    chain = snap.chain
+    """The Responses API's events through the one stream relay (gateway/lifecycle.py)."""
     if ctx.short_circuit is not None:
-        upstream = None  # an idempotent replay: the stored response, whole
-        created, completed = replay_events(ctx.short_circuit)
-        first = ("response.created", {}, created)
-        pending = [("response.completed", {"response": ctx.short_circuit}, completed)]
+        upstream: Any = _replayed_events(ctx.short_circuit)
+        first = await upstream.__anext__()
+        store = None
     else:
         first, upstream = await open_gated(ctx, lambda ctx: open_stream(gw.router, ctx, only))
-        pending = []
-    response = event_stream(ctx)
-    error: ApiError | None = None
-    event: tuple[str, dict[str, Any], bytes] | None = first
-    try:
-        await response.prepare(request)
-        while event is not None:
-            name, data, raw = event
-            if name == "response.output_text.delta" and isinstance(data.get("delta"), str):
-                ctx.streamed_text.append(data["delta"])
-            elif name == "response.created" and upstream is not None and isinstance(data.get("response"), dict):
-                await remember(gw.store, ctx, data["response"])
-            if name in TERMINAL:
-                ctx.usage = usage_from(data.get("response") or {})
-                ctx.finish_reason = "stop" if name == "response.completed" else "length"
-                ctx.status = 200
-                chain.answered(ctx)
-            await response.write(raw)
-            if ctx.first_byte_at is None:
-                ctx.first_byte_at = time.monotonic()
-                ctx.stream_started = True
-            if name in FAILED:
-                error = ApiError(502, "the upstream failed the response", type="server_error", code="upstream_error")
-                break
-            if name in TERMINAL:
-                break
-            if pending:
-                event = pending.pop(0)
-                continue
-            try:
-                event = await upstream.__anext__() if upstream is not None else None
-            except StopAsyncIteration:
-                event = None
-        if ctx.status != 200 and error is None:
-            raise UpstreamError("truncated", "the upstream stream ended before response.completed")
-    except UpstreamError as err:
-        error = upstream_to_api_error(err, ctx.attempts)
-        if err.kind == "truncated":
-            error = ApiError(502, "the upstream stream broke off before the answer was complete",
-                             type="server_error", code="upstream_stream_truncated")
-        await write_raw(response, ctx, error_event(error))
-    except (ConnectionError, RuntimeError):
-        ctx.client_disconnected = True
-    except Exception:
-        log.exception("stream_failed", request_id=ctx.request_id)
-        error = internal_error(ctx.request_id)
-        await write_raw(response, ctx, error_event(error))
-    except asyncio.CancelledError:
-        ctx.client_disconnected = True
-        await close_quietly(upstream)
-        await chain.end(ctx, None if ctx.stream_started and ctx.status == 200 else
-                        ApiError(499, "cancelled before the answer was complete", type="server_error", code="cancelled"))
-        raise
-    finally:
-        await close_quietly(upstream)
-    if error is not None:
-        ctx.status = None
-    try:
-        await response.write_eof()
-    except (ConnectionError, RuntimeError):
-        ctx.client_disconnected = True
-    await chain.end(ctx, error, wait=False)
-    return response
+        store = gw.store
+    return await relay_stream(request, snap, ctx, ResponsesRelay(ctx, snap.chain, store), first, upstream)
 
 
 async def stored_response(request: web.Request) -> web.StreamResponse:
