@@ -7,9 +7,9 @@ memory. Each plugin's end-to-end tests (real HTTP, real SDK) stay in its own fil
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
-from decimal import Decimal
 import pytest
 from structlog.testing import capture_logs
 
