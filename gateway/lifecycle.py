@@ -344,6 +344,8 @@ async def relay_stream(request: web.Request, gw: Gateway, snap: Snapshot, ctx: R
         while chunk is not None:
             if chunk.get("usage"):
                 ctx.usage = usage_from(chunk)
+            if ctx.stream_assembler is not None:
+                ctx.stream_assembler.add(chunk)
             for choice in chunk.get("choices") or ():
                 delta = choice.get("delta") or {}
                 content = delta.get("content")

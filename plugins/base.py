@@ -215,6 +215,10 @@ class RequestContext:
     # latency). A plugin whose ending others wait for (idempotency: a retry must find the
     # stored answer) sets this to have it run at once instead.
     end_promptly: bool = False
+    # A plugin that needs a chat stream's whole answer (idempotency: a retry replays it)
+    # sets this to a gateway/chat_stream.py StreamAssembler before dispatch; the core adds
+    # every chunk it relays to it (every choice, logprobs). None: nothing is assembled.
+    stream_assembler: Any = None
 
     # --- outcome, filled by the core ------------------------------------------------
     status: int | None = None
