@@ -96,8 +96,9 @@ class Chain:
 
     def answered(self, ctx: RequestContext) -> None:
         """The answer is about to leave: journal what the endings will write (see
-        gateway/journal.py), so a crash right after cannot give the answer away. Fails open."""
-        if self.journal is None or not self._journaling:
+        gateway/journal.py), so a crash right after cannot give the answer away. Fails open.
+        The journal hooks run also without a journal (energy settles its cost there)."""
+        if not self._journaling:
             return
         try:
             finalize_usage(ctx)
@@ -107,7 +108,7 @@ class Chain:
                 record = plugin.journal(ctx)
                 if record is not None:
                     records[plugin.name] = record
-            if records:
+            if records and self.journal is not None:
                 segment = self.journal.record(ctx.request_id, records)
                 if segment is not None:
                     ctx._scratch["core.journal"] = {"segment": segment}

@@ -29,9 +29,18 @@ class StreamAssembler:
     def __init__(self) -> None:
         self.exact = True
         self.fields: dict[str, Any] = {}
+        self.id: str | None = None  # the stream's, for a replay that says which answer it is
+        self.created: int | None = None
         self._choices: dict[int, dict[str, Any]] = {}
 
+    @property
+    def choices(self) -> int:
+        """How many choices the chunks so far carried."""
+        return len(self._choices)
+
     def add(self, chunk: dict[str, Any]) -> None:
+        if self.id is None and chunk.get("id"):
+            self.id, self.created = chunk["id"], chunk.get("created")
         for key in _TOP_FIELDS:
             if chunk.get(key) is not None:
                 self.fields[key] = chunk[key]

@@ -345,6 +345,8 @@ class StreamRelay:
         ctx = self.ctx
         if chunk.get("usage"):
             ctx.usage = usage_from(chunk)
+        if ctx.stream_assembler is not None:  # the whole answer, rebuilt (idempotency keeps it)
+            ctx.stream_assembler.add(chunk)
         for choice in chunk.get("choices") or ():
             delta = choice.get("delta") or {}
             content = delta.get("content")

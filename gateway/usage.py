@@ -498,15 +498,33 @@ def _count(model: str | None, *, text: str | None = None, messages: list[Any] | 
 def estimate_usage(ctx: RequestContext) -> Usage:
     """Count tokens over what was actually sent upstream and produced so far."""
     model = (ctx.deployment or "").split("/", 1)[-1] or None
+    prompt = _estimate_prompt(ctx, model)
     if ctx.endpoint == "embeddings":
-        value = ctx.body.get("input")
-        text = " ".join(map(str, value)) if isinstance(value, list) else str(value or "")
-        prompt = _count(model, text=text)
         return Usage(prompt, 0, prompt, estimated=True)
-    messages = ctx.body.get("messages") or []
-    prompt = _count(model, messages=messages) if messages else 0
     completion = _estimate_output(ctx, model)
     return Usage(prompt, completion, prompt + completion, estimated=True)
+
+
+def _estimate_prompt(ctx: RequestContext, model: str | None) -> int:
+    """The tokens of the prompt sent upstream: an embeddings `input`; a Responses body's
+    `instructions` and `input` (a string, or a list of items counted as chat messages);
+    a chat body's `messages`."""
+    body = ctx.body
+    if ctx.endpoint == "embeddings":
+        value = body.get("input")
+        return _count(model, text=" ".join(map(str, value)) if isinstance(value, list) else str(value or ""))
+    if ctx.endpoint == "responses":
+        messages: list[Any] = []
+        if isinstance(body.get("instructions"), str) and body["instructions"]:
+            messages.append({"role": "system", "content": body["instructions"]})
+        given = body.get("input")
+        if isinstance(given, str) and given:
+            messages.append({"role": "user", "content": given})
+        elif isinstance(given, list):
+            messages.extend(given)
+    else:
+        messages = body.get("messages") or []
+    return _count(model, messages=messages) if messages else 0
 
 
 def _estimate_output(ctx: RequestContext, model: str | None) -> int:
@@ -538,10 +556,7 @@ def record_unbilled_call(ctx: RequestContext, answer: dict[str, Any] | None) -> 
                 text += str(part.get("content") or "") + str(part.get("reasoning_content") or "")
             prompt = usage.prompt_tokens if usage is not None and usage.prompt_tokens else 0
             if not prompt:
-                if ctx.endpoint == "embeddings":
-                    prompt = estimate_usage(ctx).prompt_tokens
-                else:
-                    prompt = _count(model, messages=ctx.body.get("messages") or []) if ctx.body.get("messages") else 0
+                prompt = _estimate_prompt(ctx, model)
             completion = max(usage.completion_tokens if usage is not None else 0,
                              _count(model, text=text) if text else 0)
             usage = Usage(prompt, completion, prompt + completion, estimated=True)

@@ -215,6 +215,10 @@ class RequestContext:
     # latency). A plugin whose ending others wait for (idempotency: a retry must find the
     # stored answer) sets this to have it run at once instead.
     end_promptly: bool = False
+    # A plugin that needs a chat stream's whole answer (idempotency: a retry replays it)
+    # sets this to a gateway/chat_stream.py StreamAssembler before dispatch; the core adds
+    # every chunk it relays to it (every choice, logprobs). None: nothing is assembled.
+    stream_assembler: Any = None
 
     # --- outcome, filled by the core ------------------------------------------------
     status: int | None = None
@@ -324,7 +328,10 @@ class Plugin:
         JSON-able data, what this plugin's `on_response` will write to the store, or None.
         The core appends it to the local endings journal (gateway/journal.py) *before* the
         answer leaves, so a process killed before the write-behind ran loses nothing.
-        Synchronous and cheap: it runs on every answered request's path. Fails open."""
+        It runs (in list order) also when no journal is kept, and the answer's headers have
+        not left yet for a JSON answer: the last moment to settle what the answer says
+        (energy: hosted tools used fewer times than reserved for). Synchronous and cheap:
+        it runs on every answered request's path. Fails open."""
         return None
 
     async def replay(self, records: list[Any]) -> None:

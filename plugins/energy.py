@@ -391,12 +391,40 @@ class Energy(Plugin):
     # --- the endings journal (gateway/journal.py) -----------------------------------------
 
     def journal(self, ctx: RequestContext) -> Any:
-        return ctx.request_id if "reserved" in ctx.scratch(self.name) else None
+        """The request id (settled as reserved), or [id, amount] when hosted tools were used
+        fewer times than reserved for. The answer is about to leave: `ctx.energy_cost` and
+        the headers become the settled amount now (a JSON answer's headers have not left
+        yet; every plugin's ending, accounting's row included, sees the settled amount)."""
+        scratch = ctx.scratch(self.name)
+        reserved = scratch.get("reserved")
+        if reserved is None:
+            return None
+        final = self._settled(ctx, reserved)
+        if final == reserved:
+            return ctx.request_id
+        if "settled" not in scratch:
+            scratch["settled"] = final
+            ctx.energy_cost = final
+            ctx.response_headers["X-Energy-Cost"] = str(final)
+            remaining = ctx.response_headers.get("X-Energy-Remaining")
+            if remaining is not None and remaining.lstrip("-").isdigit():  # the unused part goes back
+                ctx.response_headers["X-Energy-Remaining"] = str(int(remaining) + reserved - final)
+        return [ctx.request_id, final]
+
+    def _settled(self, ctx: RequestContext, reserved: int) -> int:
+        """What an answer costs: as reserved, or less when its hosted tools were used fewer
+        times than reserved for (at most max_uses each)."""
+        if ctx.scratch(self.name).get("tools") and ctx.action is not None and ctx.usage is not None:
+            return min(reserved, self._price(ctx, ctx.action, ctx.model, dict(ctx.usage.hosted_tool_uses)))
+        return reserved
 
     async def replay(self, records: list[Any]) -> None:
-        """Settle what a dead process answered (settle_many skips any reservation no
-        longer open), before the sweeper could take them for orphans and refund them."""
-        settled = await self.services.store.settle_many([str(r) for r in records])
+        """Settle what a dead process answered (a reservation no longer open is skipped),
+        before the sweeper could take them for orphans and refund them."""
+        store = self.services.store
+        settled = await store.settle_many([str(r) for r in records if not isinstance(r, list)])
+        for request_id, amount in (r for r in records if isinstance(r, list)):
+            settled += await store.settle_energy(str(request_id), int(amount)) is not None
         log.info("energy_settlements_replayed", journaled=len(records), settled=settled)
 
     def pending_writes(self) -> int:
@@ -407,9 +435,10 @@ class Energy(Plugin):
     async def on_response(self, ctx: RequestContext) -> None:
         scratch = ctx.scratch(self.name)
         await self._gate_settled(scratch)
-        if "reserved" in scratch and scratch.get("tools") and ctx.action is not None and ctx.usage is not None:
-            # Hosted tools were reserved for at most max_uses each: settle at the uses made.
-            final = self._price(ctx, ctx.action, ctx.model, dict(ctx.usage.hosted_tool_uses))
+        if "reserved" in scratch and scratch.get("tools"):
+            # Hosted tools were reserved for at most max_uses each: settle at the uses made
+            # (journal() found it when the answer left; a client gone mid-stream never got there).
+            final = scratch.get("settled", self._settled(ctx, scratch["reserved"]))
             if final < scratch["reserved"]:
                 await self.services.store.settle_energy(ctx.request_id, final)
                 ctx.energy_cost = final

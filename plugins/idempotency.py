@@ -29,7 +29,9 @@ import time
 
 import orjson
 
+from gateway.chat_stream import StreamAssembler
 from gateway.store import IN_FLIGHT_LEASE
+from gateway.usage import openai_usage
 from plugins.base import Plugin, Reject, RequestContext
 
 MAX_KEY_LENGTH = 255
@@ -53,19 +55,29 @@ def fingerprint(ctx: RequestContext) -> str:
 
 
 def completion_from_stream(ctx: RequestContext) -> dict:
-    """What a streamed request produced, as a non-streamed completion (for replays)."""
-    response = {
-        "id": f"chatcmpl-{ctx.request_id}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": ctx.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(ctx.streamed_text)},
-                     "logprobs": None, "finish_reason": ctx.finish_reason}],
-    }
-    if ctx.usage is not None:
-        response["usage"] = {"prompt_tokens": ctx.usage.prompt_tokens,
-                             "completion_tokens": ctx.usage.completion_tokens,
-                             "total_tokens": ctx.usage.total_tokens}
+    """What a streamed request produced, as the non-streamed completion it amounts to (for
+    replays): every choice of a chat stream whole, as gateway/chat_stream.py assembled it.
+    A choice the stream never finished (its client left) keeps `finish_reason: null`, and
+    one it never began is there so, so a replayed stream refuses a cut-off answer."""
+    usage = None if ctx.usage is None else openai_usage(ctx.usage)
+    assembled = ctx.stream_assembler
+    if assembled is not None and assembled.choices:
+        response = assembled.completion({"id": assembled.id or f"chatcmpl-{ctx.request_id}",
+                                         "created": assembled.created or int(time.time()), "model": ctx.model})
+        for index in range(len(response["choices"]), ctx.body.get("n") or 1):
+            response["choices"].append({"index": index, "message": {"role": "assistant", "content": None},
+                                        "logprobs": None, "finish_reason": None})
+    else:  # a stream the core does not assemble (another API's events): its text
+        response = {
+            "id": f"chatcmpl-{ctx.request_id}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": ctx.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(ctx.streamed_text)},
+                         "logprobs": None, "finish_reason": ctx.finish_reason}],
+        }
+    if usage is not None:
+        response["usage"] = usage
     return response
 
 
@@ -95,6 +107,8 @@ class Idempotency(Plugin):
         if state.status == "new":
             ctx.scratch(self.name)["key"] = key
             ctx.end_promptly = True  # a retry must find the stored answer, not "in progress"
+            if ctx.stream:
+                ctx.stream_assembler = StreamAssembler()  # the replay gives back every choice whole
         elif state.status == "in_flight":
             raise Reject(409, "A request with this Idempotency-Key is still in progress; retry shortly.",
                          type="invalid_request_error", code="idempotency_key_in_use")

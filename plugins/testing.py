@@ -314,6 +314,8 @@ async def _stream(plugins: list[Plugin], ctx: RequestContext, answer: dict[str, 
                 await plugin.on_stream_chunk(ctx, chunk)
             except Exception:  # fail open
                 log.exception("plugin_chunk_hook_failed", plugin=plugin.name, request_id=ctx.request_id)
+        if ctx.stream_assembler is not None:
+            ctx.stream_assembler.add(chunk)
         for c in chunk["choices"]:
             if c["delta"].get("content"):
                 ctx.streamed_text.append(c["delta"]["content"])

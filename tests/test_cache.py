@@ -265,10 +265,10 @@ CACHEABLE = [
 ]
 
 
-def answer_of(gw, key, stream, params):
+def answer_of(gw, key, stream, params, headers=None):
     """The answer as the openai SDK gives it (a stream's chunks put together, field by
-    field), minus the fields a hit may change."""
-    client = gw.client(key)
+    field), minus the fields a hit may change. `headers`: sent with the request."""
+    client = gw.client(key).with_options(default_headers=headers or {})
     if not stream:
         out = client.chat.completions.create(model="gpt-4o-mini", messages=MSGS, temperature=0, **params).model_dump()
         for choice in out["choices"]:

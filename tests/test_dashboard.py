@@ -135,6 +135,8 @@ def assert_totals_match(driver: Any, metrics: dict[str, Any], live: dict[str, An
     assert number(text(driver, "total-requests")) == metrics["totalRequests"]
     assert number(text(driver, "total-tokens")) == metrics["totalTokens"]
     assert number(text(driver, "total-cost")) == pytest.approx(metrics["totalCost"], abs=1e-9)
+    assert number(text(driver, "unbilled-calls")) == metrics["unbilledCalls"]
+    assert number(text(driver, "unbilled-cost")) == pytest.approx(metrics["unbilledCostUsd"], abs=1e-9)
     assert text(driver, "error-rate") == f"{metrics['errorRate'] * 100:.2f}%"
     assert text(driver, "cache-hit-rate") == f"{metrics['cacheHitRate'] * 100:.2f}%"
     assert number(text(driver, "saved-usd")) == pytest.approx(metrics["savedUsd"], abs=1e-9)
@@ -211,6 +213,28 @@ def test_the_master_key_sees_every_workspace_with_the_apis_numbers(browser, seed
     screenshot = tmp_path / "dashboard-master.png"
     assert browser.save_screenshot(str(screenshot))
     assert screenshot.stat().st_size > 10_000
+
+
+def test_unbilled_calls_are_shown_next_to_the_total_cost(browser, gateway_factory, upstream):
+    """A dispatch whose overlapped reservation lost (another process spent the balance) is
+    on the page: how many such calls, and their USD, which the total cost includes."""
+    from tests.test_unbilled_calls import spend_behind_the_gateways_back
+
+    gw = start(gateway_factory, upstream, plugins=["auth", "energy",
+                                                   {"name": "accounting", "settings": {"flush_interval": 0.05}}],
+               pricing=PRICING)
+    user_id, key = gw.make_user(energy=4)
+    gw.client(key).chat.completions.create(model="gpt-4o-mini", messages=HELLO)  # 2 energy; 2 left, seen
+    spend_behind_the_gateways_back(gw, user_id, 2)
+    with pytest.raises(openai.RateLimitError):
+        gw.client(key).chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    usage_rows(gw, 2)
+    sign_in(browser, gw, MASTER_KEY)
+    metrics = api(gw, MASTER_KEY, "/admin/metrics?window=24h")
+    assert metrics["unbilledCalls"] == 1 and metrics["unbilledCostUsd"] > 0
+    assert text(browser, "unbilled-calls") == "1"
+    assert number(text(browser, "unbilled-cost")) == pytest.approx(metrics["unbilledCostUsd"], abs=1e-9)
+    assert number(text(browser, "total-cost")) == pytest.approx(metrics["totalCost"], abs=1e-9)
 
 
 def test_a_workspace_admin_sees_only_its_own_workspace(browser, seeded, tmp_path):

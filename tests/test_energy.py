@@ -220,6 +220,28 @@ def test_idempotent_retry_of_a_stream_replays_its_text_without_a_second_charge(g
     assert gateway.balance(user_id) == 18
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("params", [{"n": 2}, {"n": 2, "logprobs": True, "top_logprobs": 2}],
+                         ids=["n2", "n2-logprobs"])
+def test_idempotent_retry_of_n_choices_replays_every_choice_whole(gateway, upstream, params, streamed):
+    """A stream interleaves its n choices: the replay gives each of them back as the first
+    answer had it, its logprobs included, not their text run together. (A retry is the
+    same request, so it takes the first one's form: JSON or stream.)"""
+    from tests.test_cache import answer_of
+
+    user_id, key = gateway.make_user(energy=20)
+    headers = {"Idempotency-Key": "n2"}
+    first = answer_of(gateway, key, streamed, params, headers)
+    gateway.settle()
+    again = answer_of(gateway, key, streamed, params, headers)
+    assert upstream.count("/chat/completions") == 1  # the second was the replay
+    assert len(first["choices"]) == 2 and first["choices"][0] != first["choices"][1]
+    assert all((c["logprobs"] is not None) == bool(params.get("logprobs")) for c in first["choices"])
+    assert again == first
+    gateway.settle()
+    assert gateway.balance(user_id) == 18
+
+
 def test_idempotent_retry_replays_even_after_the_workspace_prompt_changed(gateway, upstream):
     """The fingerprint is the client's request, not the gateway's rewrite of it."""
     from gateway.admin.operations import MASTER

@@ -267,6 +267,46 @@ def test_energy_is_charged_per_use_of_a_hosted_tool(gateway_factory, upstream):
     assert gw.balance(user_id) == 100 - 5
 
 
+@pytest.mark.parametrize("accounting_first", [False, True], ids=["energy-then-accounting", "accounting-first"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_settled_energy_of_hosted_tools_is_what_the_answer_and_the_row_say(gateway_factory, upstream, stream,
+                                                                               accounting_first):
+    """Reserved 7 (1 + 3 uses x 2), settled 5 (2 uses made): a JSON answer's X-Energy-Cost
+    says 5 and its X-Energy-Remaining the balance after the settlement; a stream's headers
+    leave before the uses are known, so they say what was reserved. The usage row says 5,
+    in whichever order the chain lists accounting and energy."""
+    allowed = {"web_search": {"energy_per_use": 2, "max_uses": 3}}
+    plugins = ["auth", ACCOUNTING, "energy"] if accounting_first else ["auth", "energy", ACCOUNTING]
+    gw = gateway_factory(plugins=plugins,
+                         **only_models([model("m", upstream, "openai/gpt-4o-mini", hosted_tools=allowed)]))
+    user_id, key = gw.make_user(energy=100)
+    upstream.hosted_tool_calls = 2
+    raw = gw.client(api_key=key).responses.with_raw_response.create(model="m", input="hi", stream=stream,
+                                                                    tools=[{"type": "web_search"}])
+    if stream:
+        list(raw.parse())
+        assert (raw.headers["X-Energy-Cost"], raw.headers["X-Energy-Remaining"]) == ("7", "93")
+    else:
+        assert (raw.headers["X-Energy-Cost"], raw.headers["X-Energy-Remaining"]) == ("5", "95")
+    gw.settle()
+    assert only_row(gw)["energy_cost"] == 5
+    assert gw.balance(user_id) == 100 - 5
+
+
+def test_a_journaled_hosted_tool_answer_is_replayed_at_its_settled_energy(gateway_factory, upstream):
+    """A process killed after the answer left: the journal's record settles the uses made
+    (5), not the reservation (7); a plain record settles as reserved."""
+    gw = gateway_factory(plugins=["auth", "energy"])
+    user_id, _ = gw.make_user(energy=100)
+    assert gw.run(gw.store.reserve_energy(user_id, 7, "req-tools")).ok
+    assert gw.run(gw.store.reserve_energy(user_id, 3, "req-plain")).ok
+    energy = next(p for p in gw.state.chain.plugins if p.name == "energy")
+    gw.run(energy.replay([["req-tools", 5], "req-plain"]))
+    assert gw.balance(user_id) == 100 - 5 - 3
+    gw.run(energy.replay([["req-tools", 5]]))  # a reservation no longer open is left alone
+    assert gw.balance(user_id) == 100 - 5 - 3
+
+
 def test_check_config_refuses_an_allowed_tool_without_a_usd_price(upstream):
     raw = {"store": {"url": "sqlite:///:memory:"},
            "models": [model("m", upstream, "openai/gpt-4o", hosted_tools={"image_generation": {}})]}

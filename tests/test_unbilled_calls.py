@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 
+from gateway.price_map import count_text
 from gateway.usage import cost_usd
 from plugins.base import Usage
 from tests.conftest import FULL_CHAIN, MASTER_KEY
@@ -106,3 +107,29 @@ def test_a_dispatch_moved_to_a_cheaper_model_bills_both_calls_on_one_row(gateway
                                                              rel=1e-9)
     assert gateway.balance(user_id) == 0
     assert metrics(gateway)["unbilledCalls"] == 1
+
+
+LONG = "Summarise the following report in three bullet points, plainly. " * 8
+INSTRUCTIONS = "You are a careful analyst; answer in British English. " * 4
+
+
+@pytest.mark.parametrize("given", ["text", "items"])
+def test_a_discarded_responses_stream_counts_its_input_and_instructions(gateway, upstream, given):
+    """A /v1/responses body has no `messages`: its prompt is `instructions` and `input` (a
+    string or a list of items), and the discarded stream's row counts them."""
+    user_id, key = gateway.make_user(energy=4)
+    client = gateway.client(key)
+    client.chat.completions.create(model="gpt-4o-mini", messages=HELLO)  # 2 energy; 2 left, seen
+    spend_behind_the_gateways_back(gateway, user_id, 2)
+    given_input = LONG if given == "text" else [
+        {"role": "user", "content": [{"type": "input_text", "text": LONG}]}]
+    with pytest.raises(openai.RateLimitError) as refused:
+        list(client.responses.create(model="gpt-4o-mini", input=given_input, instructions=INSTRUCTIONS,
+                                     stream=True))
+    assert refused.value.code == "insufficient_energy"
+    assert [r.path for r in upstream.requests][-1].endswith("/responses")  # the overlap did dispatch
+
+    lost = next(r for r in usage_rows(gateway, 2) if r["status"] == 429)
+    assert lost["unbilled_calls"] == 1 and lost["usage_estimated"]
+    assert lost["tokens_prompt"] > count_text(LONG) + count_text(INSTRUCTIONS)
+    assert lost["cost_usd"] == lost["unbilled_cost_usd"] > 0

@@ -102,6 +102,8 @@ function renderTotals(m, live) {
   setText("#total-requests", fmtInt(pick(m, ["totalRequests", "requests"])));
   setText("#total-tokens", fmtInt(pick(m, ["totalTokens", "tokens"])));
   setText("#total-cost", fmtUsd(pick(m, ["totalCost", "costUsd", "cost_usd"])));
+  setText("#unbilled-calls", fmtInt(pick(m, ["unbilledCalls"])));
+  setText("#unbilled-cost", fmtUsd(pick(m, ["unbilledCostUsd"])));
   setText("#energy-spent", fmtInt(pick(m, ["energySpent", "energy_spent", "energy.spent", "totalEnergy"])));
   setText("#energy-refunded", fmtInt(pick(m, ["energyRefunded", "energy_refunded", "energy.refunded"])));
   setText("#error-rate", fmtPct(pick(m, ["errorRate", "error_rate"])));
