@@ -194,3 +194,25 @@ def test_an_upstream_cannot_inject_stream_events_past_the_gateway(gateway_factor
         assert gw.balance(user_id) == 100
     finally:
         server_thread.run(runner.cleanup())
+
+
+def test_an_idempotent_retry_of_a_streamed_response_replays_the_same_response(gateway_factory, upstream):
+    """The stream's final response is what the key keeps: a retry gets it back, whole, as
+    `response.created` and `response.completed`, without a second upstream call or charge."""
+    gw = gateway_factory(plugins=CHAIN)
+    user_id, key = gw.make_user(energy=100)
+    upstream.chunks = 3
+    headers = {"Idempotency-Key": "resp-stream-1"}
+    first = list(gw.client(key).responses.create(model="gpt-4o-mini", input="hi", stream=True,
+                                                 extra_headers=headers))
+    gw.settle()
+    again = list(gw.client(key).responses.create(model="gpt-4o-mini", input="hi", stream=True,
+                                                 extra_headers=headers))
+    assert [e.type for e in again] == ["response.created", "response.completed"]
+    original, replayed = first[-1].response, again[-1].response
+    assert replayed.object == "response" and replayed.id == original.id
+    assert replayed.output_text == original.output_text == REPLY
+    assert replayed.usage.output_tokens == original.usage.output_tokens
+    assert upstream.count() == 1
+    gw.settle()
+    assert gw.balance(user_id) == 98

@@ -246,6 +246,8 @@ class ResponsesRelay(StreamRelay):
         elif name == "response.created" and self.store is not None and isinstance(data.get("response"), dict):
             await remember(self.store, ctx, data["response"])
         if name in TERMINAL:
+            if isinstance(data.get("response"), dict):  # the answer, as an idempotent replay gives it back
+                ctx.response = {**data["response"], "model": ctx.model}
             ctx.usage = usage_from(data.get("response") or {})
             ctx.finish_reason = "stop" if name == "response.completed" else "length"
             self.final = True
