@@ -215,6 +215,9 @@ class RequestContext:
     # latency). A plugin whose ending others wait for (idempotency: a retry must find the
     # stored answer) sets this to have it run at once instead.
     end_promptly: bool = False
+    # The request's spans while tracing is on (gateway/telemetry.py RequestTrace), else None:
+    # the core's one check before any tracing work. Plugins may add events to it.
+    trace: Any = None
 
     # --- outcome, filled by the core ------------------------------------------------
     status: int | None = None
