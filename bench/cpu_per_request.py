@@ -1,12 +1,16 @@
 """Gateway CPU per request on the fast path: a repeatable number to compare changes by.
 
-    .venv/bin/python bench/cpu_per_request.py [--seconds 10] [--runs 3]
+    .venv/bin/python bench/cpu_per_request.py [--seconds 10] [--runs 3] [--telemetry]
 
 Starts bench/upstream.py and one gateway (`proxy.py serve`, config.yaml's plugin chain, a
 temp SQLite store, a pro user with huge energy; the same set-up as bench.py's fast path),
 then per run drives it with wrk at 32 connections for --seconds and reads the gateway's CPU time
 (utime + stime from /proc/PID/stat) before and after. Throughput depends on how busy the
 machine is; CPU per request much less so, which is why changes are compared by it.
+
+With --telemetry a second gateway, the same but with every request traced to a local OTLP
+collector (bench/collector.py), is driven in each run right after the first: its CPU per
+request (the export thread's included) against the untraced one's is the cost of tracing.
 
 With BENCH_STORE=postgres (bench/bench.py) the gateway runs on PostgreSQL, and the CPU of
 the local server's processes is reported too, read the same way: the backends serving the
@@ -121,6 +125,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10, help="per run (~20,000 requests at 2,000 req/s)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--telemetry", action="store_true",
+                        help="also a gateway tracing every request to a local collector, each run")
     parser.add_argument("--py-spy", metavar="FILE", help="also record the first run with py-spy (raw format)")
     args = parser.parse_args()
     if not shutil.which("wrk"):
@@ -139,6 +145,19 @@ def main() -> int:
                               {"Authorization": f"Bearer {key}"}, pid=pid)
         bench.smoke_check(target)
         wrk_load(target, workdir, 2, args.connections)  # warm-up: caches and lazily built paths
+        traced = None
+        if args.telemetry:
+            collector_port = bench.free_port()
+            coll = procs.start("collector", [bench.PYTHON, str(bench.BENCH_DIR / "collector.py"),
+                                             "--port", str(collector_port)])
+            bench.wait_http(f"http://127.0.0.1:{collector_port}/health", coll, 30, "collector", procs, "collector")
+            t_base, t_key, t_pid = bench.start_gateway(procs, workdir, "traced", upstream, "auto",
+                                                       collector=f"http://127.0.0.1:{collector_port}")
+            traced = bench.Target("fast path +traces", t_base + "/v1/chat/completions", target.body,
+                                  {"Authorization": f"Bearer {t_key}"}, pid=t_pid)
+            bench.smoke_check(traced)
+            wrk_load(traced, workdir, 2, args.connections)
+        traced_per_request: list[float] = []
         per_request, pg_per_request = [], []
         on_postgres = os.environ.get("BENCH_STORE") == "postgres"
         for run in range(args.runs):
@@ -164,8 +183,23 @@ def main() -> int:
                 pg = f", PostgreSQL CPU {pg_used:.2f}s = {pg_per_request[-1]:.1f} us/request"
             print(f"run {run + 1}: {result['requests']} requests, {result['errors']} errors, "
                   f"{rps:.0f} req/s, gateway CPU {used:.2f}s = {us:.1f} us/request{pg}", flush=True)
+            if traced is not None:
+                time.sleep(1.5)
+                before = cpu_seconds(traced.pid)
+                t_result = wrk_load(traced, workdir, args.seconds, args.connections)
+                time.sleep(1.5)  # the export thread's last batches belong to these requests
+                t_used = cpu_seconds(traced.pid) - before
+                traced_per_request.append(t_used / t_result["requests"] * 1e6)
+                t_rps = t_result["requests"] / (t_result["duration_us"] / 1e6)
+                print(f"run {run + 1} traced: {t_result['requests']} requests, {t_result['errors']} errors, "
+                      f"{t_rps:.0f} req/s ({t_rps / rps:.1%} of untraced), gateway CPU {t_used:.2f}s = "
+                      f"{traced_per_request[-1]:.1f} us/request ({us / traced_per_request[-1]:.1%} of the "
+                      f"untraced throughput per CPU)", flush=True)
         print(f"median: {statistics.median(per_request):.1f} us/request"
               + (f", PostgreSQL {statistics.median(pg_per_request):.1f} us/request" if on_postgres else ""))
+        if traced_per_request:
+            on, off = statistics.median(traced_per_request), statistics.median(per_request)
+            print(f"median traced: {on:.1f} us/request: {off / on:.1%} of the untraced requests per CPU second")
     finally:
         procs.stop_all()
         bench.drop_pg_schemas()

@@ -14,6 +14,7 @@ from typing import Any
 
 import anthropic
 import httpx
+import openai
 import pytest
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -427,3 +428,43 @@ def test_the_telemetry_section_is_validated():
         load_config_data(config)
     text = "\n".join(excinfo.value.errors)
     assert "telemetry.otlp_endpoint" in text and "telemetry.sample_ratio" in text
+
+
+def test_a_reload_turns_tracing_on_and_the_stop_flushes_what_is_queued(server_thread, upstream, store_url,
+                                                                        tmp_path, collector):
+    """telemetry is reloaded with the config; spans still queued at stop are exported then
+    (an export interval longer than the test: only the flush at stop can send them)."""
+    import yaml
+
+    import proxy
+
+    data = base_config(upstream, store_url=store_url, plugins=[])
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+
+    async def start() -> tuple[web.AppRunner, web.Application, str]:
+        app = proxy.create_app(proxy.check_config(path), config_path=str(path))
+        runner = web.AppRunner(app, shutdown_timeout=2)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return runner, app, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    runner, app, url = server_thread.run(start())
+    try:
+        sdk = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        sdk.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+        assert "traceparent" not in upstream.last.headers
+
+        data["telemetry"] = telemetry(collector, export_interval="1h")
+        path.write_text(yaml.safe_dump(data))
+        assert server_thread.run(proxy.reload_config(app, reason="test")) is True
+        raw = sdk.chat.completions.with_raw_response.create(model="gpt-4o-mini",
+                                                            messages=[{"role": "user", "content": "hi"}])
+        assert "traceparent" in upstream.last.headers
+        time.sleep(0.3)
+        assert collector.spans == []  # queued, the next export is an hour away
+    finally:
+        server_thread.run(runner.cleanup(), timeout=30)
+    server, (client,) = collector.trace_of(request_id_of(raw), timeout=2)
+    assert client["kind"] == CLIENT
