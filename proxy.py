@@ -44,6 +44,7 @@ from gateway.providers.litellm import use_blocking_executor  # noqa: E402
 from gateway.reload import check_config, reload_config, watch_config_file  # noqa: E402
 from gateway.router import Router  # noqa: E402
 from gateway.state import GATEWAY, SERVICES, Gateway, Snapshot  # noqa: E402
+from gateway.telemetry import build_telemetry, telemetry_cleanup  # noqa: E402
 from gateway.usage import unpriced_models, warm_up  # noqa: E402
 from gateway.workers import ready_line  # noqa: E402
 from plugins import build_plugins  # noqa: E402
@@ -115,8 +116,8 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
     services = Services(store=store, config=config)
     plugins = build_plugins(config.plugins, services)
     services.plugins = plugins
-    gw = Gateway(snapshot=Snapshot(config, Chain(plugins)), router=router or Router(), store=store,
-                 config_path=config_path)
+    gw = Gateway(snapshot=Snapshot(config, Chain(plugins), build_telemetry(config.telemetry)),
+                 router=router or Router(), store=store, config_path=config_path)
     app[GATEWAY] = gw
     app[SERVICES] = services
     owns_store = store is None
@@ -202,6 +203,7 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
         yield
 
     app.cleanup_ctx.append(executor_ctx)
+    app.cleanup_ctx.append(telemetry_cleanup(gw))
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(warm_ctx)
     app.cleanup_ctx.append(journal_ctx)

@@ -25,6 +25,9 @@ Environment:
     BENCH_LOADGEN=auto       auto | python | wrk (auto: wrk if on PATH)
     BENCH_STREAMS=20         streamed requests per target; BENCH_CHUNKS=10, BENCH_CHUNK_DELAY_MS=20
     BENCH_PLUGINS=a,b        run the gateways with only these plugins of config.yaml's chain (ablation)
+    BENCH_TELEMETRY=1        same as --telemetry: a third gateway, the fast path with OpenTelemetry
+                             traces on (every request sampled) to a local collector (bench/collector.py),
+                             measured right after the untraced one: "fast path +traces"
     BENCH_STORE=sqlite       sqlite | postgres: the gateways' store (postgres: a fresh schema per
                              gateway in BENCH_PG_URL, default postgresql://postgres@127.0.0.1:5432/test,
                              dropped at the end)
@@ -77,6 +80,7 @@ TARGETS = {  # the pass/fail column
     "added_p50_ms_max": 0.5,
     "first_byte_delta_ms_max": 1.0,
     "rss_growth_pct_max": 10.0,
+    "traced_rps_ratio_min": 0.85,  # the fast path with every request traced, of the untraced one's req/s
 }
 
 
@@ -92,6 +96,7 @@ class Settings:
     chunk_delay_ms: float
     rss_max_seconds: float = 600.0
     connections: int = 32
+    telemetry: bool = False
 
     @classmethod
     def from_env(cls, args: argparse.Namespace) -> "Settings":
@@ -111,6 +116,7 @@ class Settings:
             chunks=int(os.environ.get("BENCH_CHUNKS", 10)),
             chunk_delay_ms=float(os.environ.get("BENCH_CHUNK_DELAY_MS", 20)),
             rss_max_seconds=float(os.environ.get("BENCH_RSS_MAX_SECONDS", 120 if quick else 600)),
+            telemetry=args.telemetry or os.environ.get("BENCH_TELEMETRY", "") not in ("", "0"),
         )
 
 
@@ -257,7 +263,8 @@ def drop_pg_schemas() -> None:
     PG_SCHEMAS.clear()
 
 
-def gateway_config(workdir: Path, variant: str, upstream: str, dispatch: str) -> Path:
+def gateway_config(workdir: Path, variant: str, upstream: str, dispatch: str,
+                   collector: str | None = None) -> Path:
     config = {
         "server": {"host": "127.0.0.1", "port": 8080, "shutdown_grace": 2, "workers": 1},
         "store": {"url": store_url(workdir, variant)},
@@ -279,16 +286,19 @@ def gateway_config(workdir: Path, variant: str, upstream: str, dispatch: str) ->
         config["plugins"] = [p for p in config["plugins"]
                              if (p if isinstance(p, str) else p["name"]) in os.environ["BENCH_PLUGINS"].split(",")]
         config["server"]["allow_unauthenticated"] = True  # a partial chain on 127.0.0.1, stated (docs/operations.md)
+    if collector is not None:  # every request traced, exported to the local collector
+        config["telemetry"] = {"otlp_endpoint": collector, "sample_ratio": 1.0}
     path = workdir / f"{variant}.yaml"
     path.write_text(json.dumps(config, indent=2))  # JSON is YAML
     return path
 
 
 def start_gateway(procs: Processes, workdir: Path, variant: str, upstream: str, dispatch: str,
-                  root: Path = ROOT) -> tuple[str, str, int]:
+                  root: Path = ROOT, collector: str | None = None) -> tuple[str, str, int]:
     """Workspace + pro user via the CLI, then `proxy.py serve`; (base url, api key, pid). `root`: the
-    source tree whose proxy.py runs (another release's worktree, to compare against)."""
-    config = str(gateway_config(workdir, variant, upstream, dispatch))
+    source tree whose proxy.py runs (another release's worktree, to compare against); `collector`:
+    an OTLP endpoint every request is traced to."""
+    config = str(gateway_config(workdir, variant, upstream, dispatch, collector))
     run_child([PYTHON, "proxy.py", "workspaces", "create", "bench", "--json", "--config", config], timeout=120,
               root=root)
     api_key = create_user(config, root)
@@ -472,6 +482,15 @@ def verdicts(results: dict) -> list[dict]:
                                           if name == "anthropic" else ""),
               share is not None and share >= TARGETS[key] and (
                   name != "anthropic" or (added_p50 is not None and added_p50 <= TARGETS["anthropic_added_p50_ms_max"])))
+    traced = rows.get("fast path +traces")
+    if traced is not None:
+        share = traced.get("ratio_vs_fast")
+        spans = (traced.get("collector") or {}).get("spans")
+        check("fast path with every request traced @32",
+              f"{fmt(traced.get('rps_32'))} req/s, {fmt(share and share * 100)}% of the untraced fast path "
+              f"(p50 @1 {fmt(traced.get('p50_1_ms'), '.3f')} vs {fmt(fast.get('p50_1_ms'), '.3f')} ms; "
+              f"{fmt(spans, 'd')} spans at the collector, {fmt(traced.get('dropped'), '.0f')} dropped)",
+              f">= {TARGETS['traced_rps_ratio_min']:.0%}", share is not None and share >= TARGETS["traced_rps_ratio_min"])
     rss = results.get("rss", {})
     after_mib = rss.get("after_kib", 0) / 1024 if rss.get("after_kib") else None
     check("all-native gateway RSS", f"{fmt(after_mib, '.1f')} MiB after {rss.get('requests', 0):,} requests",
@@ -551,6 +570,16 @@ def run(settings: Settings, workdir: Path, procs: Processes) -> dict:
     lit_base, lit_key, lit_pid = start_gateway(procs, workdir, "litellm", upstream_url, "litellm")
     fast_base, fast_key, fast_pid = start_gateway(procs, workdir, "fast", upstream_url, "auto")
 
+    traced: dict[str, Any] = {}
+    if settings.telemetry:
+        collector_url = f"http://127.0.0.1:{free_port()}"
+        log(f"starting the OTLP collector on {collector_url} and the traced fast path")
+        coll = procs.start("collector", [PYTHON, str(BENCH_DIR / "collector.py"), "--port", collector_url.rsplit(":", 1)[1]])
+        wait_http(collector_url + "/health", coll, 30, "collector", procs, "collector")
+        traced_base, traced_key, traced_pid = start_gateway(procs, workdir, "traced", upstream_url, "auto",
+                                                            collector=collector_url)
+        traced.update(collector=collector_url, base=traced_base, pid=traced_pid, collector_pid=coll.pid)
+
     bare_port = free_port()
     bare = procs.start("bare pass-through", [PYTHON, str(BENCH_DIR / "passthrough.py"), "--port", str(bare_port),
                                              "--upstream", upstream_url])
@@ -571,6 +600,10 @@ def run(settings: Settings, workdir: Path, procs: Processes) -> dict:
         "messages": Target("messages", fast_base + "/v1/messages", {"model": ANTHROPIC_MODEL, **message},
                            {"x-api-key": fast_key, "anthropic-version": "2023-06-01"}, pid=fast_pid),
     }
+    if settings.telemetry:
+        targets["fast path +traces"] = Target("fast path +traces", traced["base"] + "/v1/chat/completions",
+                                              {"model": GATEWAY_MODEL, **message},
+                                              {"Authorization": f"Bearer {traced_key}"}, pid=traced["pid"])
     for target in targets.values():
         smoke_check(target)
 
@@ -594,7 +627,10 @@ def run(settings: Settings, workdir: Path, procs: Processes) -> dict:
                           raw={"c32": many, "c1": one})
 
     # Direct first and last: the drift between the two is the noise floor of this run.
-    for name in ("direct", "bare proxy", "litellm-only", "fast path", "anthropic", "messages", "direct"):
+    phases = ["direct", "bare proxy", "litellm-only", "fast path", "anthropic", "messages", "direct"]
+    if settings.telemetry:  # right after the untraced fast path: the same machine weather
+        phases.insert(phases.index("fast path") + 1, "fast path +traces")
+    for name in phases:
         load_phase(name)
     mean = lambda values: sum(values) / len(values)  # noqa: E731
     rows["direct"].update(rps_32=round(mean(direct_runs["rps_32"]), 1),
@@ -609,7 +645,9 @@ def run(settings: Settings, workdir: Path, procs: Processes) -> dict:
         row["added_p50_ms"] = round(row["p50_1_ms"] - base["p50_1_ms"], 3)
         row["added_p99_ms"] = round(row["p99_1_ms"] - base["p99_1_ms"], 3)
     bare_rps = rows["bare proxy"].get("rps_32")
-    for name in ("litellm-only", "fast path", "anthropic", "messages"):
+    for name in ("litellm-only", "fast path", "anthropic", "messages", "fast path +traces"):
+        if name not in rows:
+            continue
         if bare_rps and rows[name].get("rps_32"):
             rows[name]["ratio_vs_bare"] = round(rows[name]["rps_32"] / bare_rps, 3)
     if rows["litellm-only"].get("rps_32"):
@@ -636,6 +674,17 @@ def run(settings: Settings, workdir: Path, procs: Processes) -> dict:
            "before_kib": before["VmRSS"], "after_kib": after["VmRSS"], "hwm_after_kib": after.get("VmHWM"),
            "growth_pct": round((after["VmRSS"] - before["VmRSS"]) / before["VmRSS"] * 100, 2)}
 
+    if settings.telemetry:
+        traced_row = rows["fast path +traces"]
+        if rows["fast path"].get("rps_32") and traced_row.get("rps_32"):
+            traced_row["ratio_vs_fast"] = round(traced_row["rps_32"] / rows["fast path"]["rps_32"], 3)
+        time.sleep(3)  # the last batches leave (export every second)
+        with urllib.request.urlopen(traced["collector"] + "/stats", timeout=10) as resp:
+            traced_row["collector"] = json.loads(resp.read())
+        with urllib.request.urlopen(traced["base"] + "/metrics", timeout=10) as resp:
+            traced_row["dropped"] = sum(float(line.rsplit(" ", 1)[1]) for line in resp.read().decode().splitlines()
+                                        if line.startswith("gateway_trace_spans_dropped_total"))
+
     results = {
         "settings": settings.__dict__, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "loadavg_start": loadavg_start, "loadavg_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
@@ -652,6 +701,8 @@ def main() -> int:
     parser.add_argument("--loadgen", choices=("auto", "python", "wrk"))
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs, SQLite)")
     parser.add_argument("--strict", action="store_true", help="exit 2 when a target is missed")
+    parser.add_argument("--telemetry", action="store_true",
+                        help="also the fast path with every request traced to a local OTLP collector")
     args = parser.parse_args()
     settings = Settings.from_env(args)
     workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))

@@ -20,6 +20,10 @@ the same upstream, and alternates the two per run and path (A, B, then B, A, ...
 shared machine only a comparison in one session, alternated, means anything. The medians
 per path and tree, and their ratio, are printed at the end.
 
+With --telemetry a third gateway, this tree with every request traced to a local OTLP
+collector (bench/collector.py), is alternated with the others: its CPU per request (the
+export thread's included) against the untraced one's is the cost of tracing.
+
 With BENCH_STORE=postgres (bench/bench.py) the gateway runs on PostgreSQL, and the CPU of
 the local server's processes is reported too, read the same way: the backends serving the
 gateway's connections and the server's own processes (WAL writer, checkpointer, ...), not
@@ -155,6 +159,8 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--paths", default="fast", help=f"comma-separated, of {', '.join(PATHS)}")
     parser.add_argument("--against", metavar="DIR", help="another source tree (the previous release), alternated")
+    parser.add_argument("--telemetry", action="store_true",
+                        help="also this tree tracing every request to a local collector, alternated")
     parser.add_argument("--py-spy", metavar="FILE", help="also record the first run with py-spy (raw format)")
     args = parser.parse_args()
     if not shutil.which("wrk"):
@@ -176,6 +182,14 @@ def main() -> int:
         for label, root in trees.items():
             base, key, pid = bench.start_gateway(procs, workdir, f"fast-{label}", upstream, "auto", root)
             gateways[label] = targets(base, key, pid, label)
+        if args.telemetry:
+            collector_port = bench.free_port()
+            coll = procs.start("collector", [bench.PYTHON, str(bench.BENCH_DIR / "collector.py"),
+                                             "--port", str(collector_port)])
+            bench.wait_http(f"http://127.0.0.1:{collector_port}/health", coll, 30, "collector", procs, "collector")
+            base, key, pid = bench.start_gateway(procs, workdir, "fast-traced", upstream, "auto",
+                                                 collector=f"http://127.0.0.1:{collector_port}")
+            gateways["traced"] = targets(base, key, pid, "traced")
         for label, by_path in gateways.items():
             for path in paths:
                 bench.smoke_check(by_path[path])
@@ -220,6 +234,8 @@ def main() -> int:
                     f"{label} {statistics.median(pg_per_request[label, path]):.1f}" for label in gateways)
             if "against" in medians:
                 line += f"; this/against {medians['this'] / medians['against']:.3f}"
+            if "traced" in medians:
+                line += f"; traced/this {medians['traced'] / medians['this']:.3f}"
             print(f"median {path} ({args.runs} runs): {line} us/request")
     finally:
         procs.stop_all()

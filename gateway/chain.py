@@ -56,20 +56,28 @@ class Chain:
                           read_body: Callable[[], Awaitable[None]] | None = None) -> None:
         """Request hooks in order. `read_body` runs before the first plugin that needs the
         body (`Plugin.needs_body`), or after them all; its ApiError rejects the request."""
+        trace = ctx.trace
         for plugin in self._request:
             if ctx.short_circuit is not None:
                 break
             if read_body is not None and plugin.needs_body:
                 await read_body()
                 read_body = None
+            started = time.time_ns() if trace is not None else 0
             try:
                 await plugin.on_request(ctx)
-            except ApiError:
+                if trace is not None:
+                    trace.phase(plugin.name, started)
+            except ApiError as err:
+                if trace is not None:
+                    trace.phase(plugin.name, started, err)
                 raise
             except StoreUnavailable:  # fail closed, and say so: a 503 worth retrying
                 log.warning("plugin_request_store_unavailable", plugin=plugin.name, request_id=ctx.request_id)
                 raise store_unavailable(ctx.request_id) from None
-            except Exception:  # fail closed: a broken gate rejects, never admits
+            except Exception as exc:  # fail closed: a broken gate rejects, never admits
+                if trace is not None:
+                    trace.phase(plugin.name, started, exc)
                 log.exception("plugin_request_hook_failed", plugin=plugin.name, request_id=ctx.request_id)
                 raise internal_error(ctx.request_id) from None
         if read_body is not None:

@@ -508,6 +508,33 @@ class ExperimentConfig(_Strict):
         return next(v for v in self.variants if v.name == (self.control or self.variants[0].name))
 
 
+class TelemetryConfig(_Strict):
+    """OpenTelemetry traces over OTLP/HTTP (gateway/telemetry.py, docs/telemetry.md).
+    Without `otlp_endpoint` nothing is traced and the request path pays nothing."""
+
+    otlp_endpoint: str | None = Field(None, description="the collector's base URL, e.g. http://127.0.0.1:4318")
+    headers: dict[str, str] = Field(default_factory=dict, description="sent with every export, e.g. a key via os.environ/")
+    service_name: str = Field("ai-gateway", min_length=1)
+    sample_ratio: float = Field(1.0, ge=0, le=1, description="share of traces kept (a client's sampled flag wins)")
+    capture_content: bool = Field(False, description="prompt and completion text in the spans")
+    queue_size: int = Field(2048, ge=1, le=1_000_000, description="spans waiting for export; beyond, dropped and counted")
+    batch_size: int = Field(512, ge=1, le=100_000)
+    export_interval: float = Field(1.0, gt=0, description="seconds between two exports")
+    export_timeout: float = Field(10.0, gt=0, description="seconds one export may take")
+
+    @field_validator("export_interval", "export_timeout", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("expected an http:// or https:// URL (OTLP/HTTP), e.g. http://127.0.0.1:4318")
+        return v
+
+
 class PluginEntry(_Strict):
     """`- request_log` or `- {name: request_log, settings: {...}}`."""
 
@@ -547,6 +574,7 @@ class Config(_Strict):
     rate_limits: RateLimitsConfig = RateLimitsConfig()
     reports: ReportsConfig = ReportsConfig()
     experiments: list[ExperimentConfig] = Field(default_factory=list)
+    telemetry: TelemetryConfig = TelemetryConfig()
     # No `plugins:` section (or an empty key): the standard chain, never an open one.
     plugins: list[PluginEntry] = Field(default_factory=lambda: [PluginEntry(name=n) for n in STANDARD_CHAIN])
 
@@ -918,7 +946,11 @@ def redacted(node: Any, key: str = "") -> Any:
 
 
 def redacted_config(config: Config) -> dict[str, Any]:
-    return redacted(config.model_dump(mode="json"))
+    dump = redacted(config.model_dump(mode="json"))
+    # An exporter's headers carry its credentials, whatever their names (Authorization,
+    # x-honeycomb-team, DD-API-KEY, ...).
+    dump["telemetry"]["headers"] = {name: "***" for name in dump["telemetry"]["headers"]}
+    return dump
 
 
 def config_changes(old: Config, new: Config) -> dict[str, Any]:
@@ -949,7 +981,7 @@ def config_changes(old: Config, new: Config) -> dict[str, Any]:
     if old.plugins != new.plugins:
         changes["plugins"] = {"before": [p.name for p in old.plugins if p.enabled],
                               "after": [p.name for p in new.plugins if p.enabled]}
-    for section in ("server", "store", "auth", "retries", "rate_limits", "reports"):
+    for section in ("server", "store", "auth", "retries", "rate_limits", "reports", "telemetry"):
         if getattr(old, section) != getattr(new, section):
             changes[section] = sorted(
                 k for k in type(getattr(new, section)).model_fields

@@ -150,8 +150,11 @@ async def run_request(request: web.Request, snap: Snapshot, ctx: RequestContext,
                read_body: Callable[[], Awaitable[None]] | None = None,
                inbound: Inbound = OPENAI) -> web.StreamResponse:
     """The chain around one request: request hooks (the body read before the first one
-    that needs it), `answer()`, exactly one ending."""
+    that needs it), `answer()`, exactly one ending. With tracing on, the request's server
+    span opens here and closes once its answer or error is sent (gateway/telemetry.py)."""
     snap.chain.enter(ctx)
+    if snap.telemetry is not None:
+        ctx.trace = snap.telemetry.start(ctx, request)
     try:
         await snap.chain.run_request(ctx, read_body)
         if ctx.short_circuit is None and ctx.billed:
@@ -174,6 +177,9 @@ async def run_request(request: web.Request, snap: Snapshot, ctx: RequestContext,
         if ctx.ended_at is not None:
             raise
         return await fail(request, snap, ctx, internal_error(ctx.request_id), inbound)
+    finally:
+        if ctx.trace is not None:
+            ctx.trace.finish(ctx)
 
 
 def _serve_cache_hit(ctx: RequestContext) -> None:
@@ -185,6 +191,9 @@ def _serve_cache_hit(ctx: RequestContext) -> None:
     else:
         ctx.cache_hit = None
         ctx.response_headers["X-Cache"] = "MISS"
+    if ctx.trace is not None:
+        ctx.trace.event("gateway.cache", {"gateway.cache_hit": ctx.short_circuit is not None,
+                                          "gateway.model": ctx.model})
 
 
 def _bound_output_tokens(ctx: RequestContext) -> None:
@@ -217,6 +226,10 @@ def choose_model(ctx: RequestContext) -> None:
         ctx.response_headers["X-Model-Downgraded-From"] = ctx.requested_model
         if ctx.downgrade_reason:
             ctx.response_headers["X-Model-Downgrade-Reason"] = ctx.downgrade_reason
+        if ctx.trace is not None:
+            ctx.trace.event("gateway.downgrade", {"gateway.downgraded_from": ctx.requested_model,
+                                                  "gateway.model": ctx.model,
+                                                  "gateway.downgrade_reason": ctx.downgrade_reason})
 
 
 async def pass_gate(ctx: RequestContext, dispatched: str, answer: dict[str, Any] | None) -> bool:
@@ -231,6 +244,10 @@ async def pass_gate(ctx: RequestContext, dispatched: str, answer: dict[str, Any]
     fallback had served (the upstream saw every attempt twice)."""
     gate, ctx.gate = ctx.gate, None
     error = await asyncio.shield(gate)  # a gate is resolved by its plugin, never cancelled by us
+    if ctx.trace is not None:
+        ctx.trace.event("gateway.gate", {"error.type": error.code if error is not None else None,
+                                         "gateway.moved_to": ctx.candidates[0] if ctx.candidates
+                                         and ctx.candidates[0] not in (dispatched, ctx.model) else None})
     if error is not None:
         record_unbilled_call(ctx, answer)
         raise error

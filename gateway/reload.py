@@ -15,6 +15,7 @@ from aiohttp import web
 from gateway.chain import Chain
 from gateway.config import RESTART_ONLY, Config, ConfigError, config_changes, load_config
 from gateway.state import GATEWAY, SERVICES, Snapshot
+from gateway.telemetry import build_telemetry
 from plugins import build_plugins, plugin_class, validate_plugin_settings
 from plugins.base import Plugin
 
@@ -110,7 +111,12 @@ async def reload_config(app: web.Application, reason: str = "manual") -> bool:
     services.plugins = plugins
     if gw.directory is not None:
         gw.directory.ttl = new.auth.cache_ttl
-    gw.snapshot = Snapshot(new, Chain(plugins, inflight=gw.chain.inflight, journal=gw.chain.journal))
+    telemetry = gw.snapshot.telemetry
+    if new.telemetry != old.telemetry:  # a new tracer; the old one exports its last spans until stop
+        if telemetry is not None:
+            gw.retired_telemetry.append(telemetry)
+        telemetry = build_telemetry(new.telemetry)
+    gw.snapshot = Snapshot(new, Chain(plugins, inflight=gw.chain.inflight, journal=gw.chain.journal), telemetry)
     log.info("config_reloaded", reason=reason, changes=changes)
     return True
 

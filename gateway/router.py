@@ -184,6 +184,7 @@ class Router:
         """Run `call(public_model, deployment)` until it succeeds, following the policy;
         with `only`, on the deployments it accepts (a stored response's upstream)."""
         config = ctx.config
+        trace = ctx.trace  # gateway/telemetry.py: one client span per attempt
         last: UpstreamError | None = None
         cooling: list[ModelEntry] = []
         first_model = True
@@ -231,10 +232,13 @@ class Router:
                 ctx.model = model
                 ctx.deployment = deployment.litellm_params.model
                 ctx.provider = provider_of(deployment)
+                attempt = trace.attempt(ctx, model, deployment) if trace is not None else None
                 try:
                     result = await call(model, deployment)
                 except UpstreamError as err:
                     _mask_credentials(err, deployment)
+                    if attempt is not None:
+                        trace.attempt_failed(attempt, err)
                     last = err
                     if err.retryable or err.is_auth:
                         self.breaker.failure(deployment, config)
@@ -244,6 +248,12 @@ class Router:
                     if not err.retryable:
                         raise upstream_to_api_error(err, ctx.attempts) from None
                     continue
+                except BaseException as exc:  # cancelled, or a bug: the span ends all the same
+                    if attempt is not None:
+                        trace.attempt_failed(attempt, exc)
+                    raise
+                if attempt is not None:
+                    trace.attempt_ok(attempt, result)
                 self.breaker.success(deployment)
                 return result
         if first_refusal is not None and ctx.attempts == 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -15,6 +15,9 @@ from gateway.directory import Directory
 from gateway.router import Router
 from plugins.base import Plugin, Services
 
+if TYPE_CHECKING:
+    from gateway.telemetry import Telemetry
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -23,6 +26,7 @@ class Snapshot:
 
     config: Config
     chain: Chain
+    telemetry: "Telemetry | None" = None  # the tracer of config.telemetry; None: tracing off
 
 
 @dataclass
@@ -35,6 +39,7 @@ class Gateway:
     ready: bool = False
     config_path: str | None = None
     retired_plugins: list[Plugin] = field(default_factory=list)  # replaced by a reload
+    retired_telemetry: list[Any] = field(default_factory=list)  # tracers a reload replaced: flushed at stop
 
     @property
     def config(self) -> Config:

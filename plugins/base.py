@@ -219,6 +219,9 @@ class RequestContext:
     # sets this to a gateway/chat_stream.py StreamAssembler before dispatch; the core adds
     # every chunk it relays to it (every choice, logprobs). None: nothing is assembled.
     stream_assembler: Any = None
+    # The request's spans while tracing is on (gateway/telemetry.py RequestTrace), else None:
+    # the core's one check before any tracing work. Plugins may add events to it.
+    trace: Any = None
 
     # --- outcome, filled by the core ------------------------------------------------
     status: int | None = None

@@ -27,6 +27,9 @@ cardinality stays bounded and nothing secret can leak into a scrape.
     gateway_request_latency_seconds{endpoint,stream}       histogram
     gateway_time_to_first_byte_seconds{endpoint,stream}    histogram
     gateway_usage_write_queue_depth      rows waiting for the database (accounting)
+    gateway_trace_spans_exported_total   trace spans the OTLP collector took (docs/telemetry.md)
+    gateway_trace_spans_dropped_total{reason="queue_full"|"export_failed"|"shutdown"}
+                                         spans a slow or dead collector lost (never waited for)
 """
 
 from __future__ import annotations
@@ -35,10 +38,12 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.errors import ApiError
+from gateway.telemetry import SPANS
 from plugins.auth import bearer_token, is_master_key
 from plugins.base import Plugin, RequestContext
 
@@ -52,6 +57,21 @@ class MetricsSettings(BaseModel):
     path: str = "/metrics"
     require_key: bool = False
     latency_buckets: list[float] = Field(default_factory=lambda: list(DEFAULT_BUCKETS), min_length=1)
+
+
+class _TraceSpans:
+    """The tracer's export counts (gateway/telemetry.py), per process, read at each scrape."""
+
+    def collect(self) -> Any:
+        exported = CounterMetricFamily("gateway_trace_spans_exported", "Trace spans the OTLP collector took")
+        exported.add_metric([], SPANS["exported"])
+        yield exported
+        dropped = CounterMetricFamily("gateway_trace_spans_dropped",
+                                      "Trace spans dropped: collector slow or down (queue_full, export_failed) "
+                                      "or still queued at stop (shutdown)", labels=["reason"])
+        for reason in ("queue_full", "export_failed", "shutdown"):
+            dropped.add_metric([reason], SPANS[reason])
+        yield dropped
 
 
 class Metrics(Plugin):
@@ -83,6 +103,7 @@ class Metrics(Plugin):
         self.queue_depth = Gauge("gateway_usage_write_queue_depth", "Usage rows waiting for the database",
                                  registry=r)
         self.queue_depth.set_function(self._queue_depth)
+        r.register(_TraceSpans())
         # Label values are bounded (models from config, statuses, fixed words), so is this.
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 

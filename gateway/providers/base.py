@@ -9,6 +9,7 @@ comparing it with a known instance.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any, AsyncIterator, Callable, Generic, TypeVar
 
 import orjson
@@ -17,6 +18,11 @@ from gateway.config import ModelEntry
 from gateway.errors import redact
 
 ERROR_BODY_LIMIT = 1024 * 1024  # an error answer is read (and its connection reused) up to this size
+
+# W3C trace-context headers (traceparent, tracestate) for the upstream call the current task
+# makes: set per attempt by the router when tracing is on (gateway/telemetry.py), sent by the
+# native HTTP client and passed to litellm as extra_headers. None (the default): nothing sent.
+UPSTREAM_TRACE: ContextVar[dict[str, str] | None] = ContextVar("upstream_trace", default=None)
 
 
 class UpstreamError(Exception):

@@ -62,6 +62,8 @@ import aiohappyeyeballs
 import httptools
 from multidict import CIMultiDict
 
+from gateway.providers.base import UPSTREAM_TRACE
+
 MAX_BODY = 64 * 1024 * 1024  # a non-streamed answer larger than this is refused
 _PAUSE_AT = 1024 * 1024  # unread streamed bytes at which reading pauses
 _MAX_IDLE_PER_HOST = 256
@@ -605,6 +607,9 @@ class UpstreamHTTP:
                 f"Accept-Encoding: {ACCEPT_ENCODING}\r\n").encode("latin-1")
         if target.proxy_auth and target.scheme == "http":
             head += f"Proxy-Authorization: {target.proxy_auth}\r\n".encode("latin-1")
+        trace = UPSTREAM_TRACE.get()
+        if trace is not None:  # tracing is on: this call's own traceparent (gateway/telemetry.py)
+            head += "".join(f"{name}: {value}\r\n" for name, value in trace.items()).encode("latin-1")
         request = head + headers + b"\r\n" + body
         conn = await self._connection(target, connect_timeout)
         response = conn.send(request)

@@ -23,7 +23,13 @@ import structlog  # noqa: E402
 
 from gateway.client_body import DISPATCH_PARAMS  # noqa: E402
 from gateway.config import ModelEntry  # noqa: E402
-from gateway.providers.base import Dispatcher, StreamEnd, UpstreamError, retry_after_seconds  # noqa: E402
+from gateway.providers.base import (  # noqa: E402
+    UPSTREAM_TRACE,
+    Dispatcher,
+    StreamEnd,
+    UpstreamError,
+    retry_after_seconds,
+)
 from gateway.errors import redact  # noqa: E402
 
 
@@ -189,6 +195,9 @@ class LitellmDispatcher(Dispatcher):
         kwargs.update(deployment.litellm_params.model_dump(exclude_none=True))  # config wins, always
         kwargs["num_retries"] = 0
         kwargs["max_retries"] = 0
+        trace = UPSTREAM_TRACE.get()
+        if trace is not None:  # tracing is on: the attempt's traceparent (gateway/telemetry.py)
+            kwargs["extra_headers"] = {**trace, **(kwargs.get("extra_headers") or {})}
         return kwargs
 
     async def warm_up(self, deployment: ModelEntry) -> None:

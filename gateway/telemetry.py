@@ -1,0 +1,483 @@
+"""Traces of every call over OTLP/HTTP: OpenTelemetry GenAI spans (docs/telemetry.md).
+
+    telemetry:
+      otlp_endpoint: http://127.0.0.1:4318      # unset: no tracing, no cost
+      headers: {Authorization: os.environ/OTLP_AUTH}
+      sample_ratio: 1.0
+      capture_content: false
+
+One SERVER span per request, opened and closed by the request lifecycle
+(gateway/lifecycle.py `run_request`): the plugins' request hooks are its events, its
+attributes say what the request was, what served it and what it cost. One CLIENT span per
+upstream attempt (gateway/router.py `Router.attempts`), so retries and fallbacks show as
+siblings. A client's W3C `traceparent` is continued; each attempt sends its own to the
+upstream (`UPSTREAM_TRACE`, read by the native HTTP client and the litellm dispatcher).
+
+Off the request path: a span that ends is queued for the SDK's BatchSpanProcessor, whose
+thread encodes and posts it. The queue is bounded by us (`_BoundedExport`): a dead or slow
+collector fills it and further spans are dropped and counted (`SPANS`, exposed by the
+metrics plugin as gateway_trace_spans_dropped_total), never waited for. With tracing off,
+`Snapshot.telemetry` is None and the hot path pays one attribute check per hook site.
+
+Attributes follow the GenAI semantic conventions (experimental; `gen_ai.provider.name`, not
+the deprecated `gen_ai.system`); the gateway's own are under `gateway.`. Never a key or a
+header: prompt and completion text only with `capture_content: true`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from urllib.parse import urlsplit
+
+import orjson
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from gateway.providers.base import UPSTREAM_TRACE, UpstreamError
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from gateway.config import ModelEntry, TelemetryConfig
+    from plugins.base import RequestContext
+
+log = logging.getLogger("gateway.telemetry")
+
+# The exporter logs every failed post; a dead collector is counted (SPANS) and said once a
+# minute by us instead.
+logging.getLogger("opentelemetry.exporter.otlp.proto.http").setLevel(logging.CRITICAL)
+logging.getLogger("opentelemetry.exporter.otlp.common").setLevel(logging.CRITICAL)
+logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+# Per process, across reloads (each reload may build a new exporter): spans exported, and
+# spans dropped by reason ("queue_full": the bounded queue was full, a slow or dead
+# collector; "export_failed": the collector refused or never answered).
+SPANS: collections.Counter[str] = collections.Counter()
+
+# The litellm provider prefix -> the convention's gen_ai.provider.name.
+_PROVIDER_NAMES = {
+    "openai": "openai", "anthropic": "anthropic", "azure": "azure.ai.openai", "azure_ai": "azure.ai.inference",
+    "gemini": "gcp.gemini", "vertex_ai": "gcp.vertex_ai", "bedrock": "aws.bedrock", "groq": "groq",
+    "mistral": "mistral_ai", "cohere": "cohere", "deepseek": "deepseek", "xai": "x_ai",
+    "perplexity": "perplexity", "watsonx": "ibm.watsonx.ai",
+}
+
+
+def provider_name(provider: str | None) -> str | None:
+    if provider is None:
+        return None
+    return _PROVIDER_NAMES.get(provider, provider)
+
+
+def operation_of(endpoint: str) -> str:
+    """gen_ai.operation.name: embeddings, or chat for every conversation API."""
+    return "embeddings" if endpoint == "embeddings" else "chat"
+
+
+@functools.lru_cache(maxsize=256)
+def _server_of(api_base: str | None) -> tuple[str, int] | None:
+    if not api_base:
+        return None
+    parts = urlsplit(api_base)
+    if not parts.hostname:
+        return None
+    return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def traces_url(endpoint: str) -> str:
+    """`otlp_endpoint` is the collector's base URL (OTEL_EXPORTER_OTLP_ENDPOINT's meaning);
+    the traces path is added unless it is there already."""
+    endpoint = endpoint.rstrip("/")
+    return endpoint if endpoint.endswith("/v1/traces") else endpoint + "/v1/traces"
+
+
+class _CountingExporter(SpanExporter):
+    """The OTLP exporter, counting what it took, exported and failed to export."""
+
+    def __init__(self, exporter: SpanExporter):
+        self.exporter = exporter
+        self.taken = 0  # written by the export thread only
+        self._said_at = 0.0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.taken += len(spans)
+        try:
+            result = self.exporter.export(spans)
+        except Exception:  # noqa: BLE001 — a broken collector never breaks the gateway
+            result = SpanExportResult.FAILURE
+        if result is SpanExportResult.SUCCESS:
+            SPANS["exported"] += len(spans)
+        else:
+            SPANS["export_failed"] += len(spans)
+            now = time.monotonic()
+            if now - self._said_at > 60:
+                self._said_at = now
+                log.warning("trace export failed: %d spans dropped (collector down or refusing?)", len(spans))
+        return result
+
+    def shutdown(self) -> None:
+        self.exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.exporter.force_flush(timeout_millis)
+
+
+class _BoundedExport(SpanProcessor):
+    """The SDK's BatchSpanProcessor behind a bound we count: at most `queue_size` spans wait
+    for the export thread; beyond, a span is dropped (SPANS["queue_full"]) at once."""
+
+    def __init__(self, exporter: SpanExporter, queue_size: int, batch_size: int, delay_s: float,
+                 timeout_s: float):
+        self.counting = _CountingExporter(exporter)
+        self.queue_size = queue_size
+        self.queued = 0  # written by the event loop's thread only
+        # Its own queue is larger than our bound, so it never drops silently.
+        self.batch = BatchSpanProcessor(self.counting, max_queue_size=queue_size + batch_size,
+                                        schedule_delay_millis=delay_s * 1000,
+                                        max_export_batch_size=min(batch_size, queue_size),
+                                        export_timeout_millis=timeout_s * 1000)
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        pass
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self.queued - self.counting.taken >= self.queue_size:
+            SPANS["queue_full"] += 1
+            return
+        self.queued += 1
+        self.batch.on_end(span)
+
+    def shutdown(self) -> None:
+        self.batch.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.batch.force_flush(timeout_millis)
+
+
+class Telemetry:
+    """The tracer built from `telemetry:` (one per config generation that changed it)."""
+
+    def __init__(self, settings: "TelemetryConfig", exporter: SpanExporter | None = None):
+        self.settings = settings
+        self.capture_content = settings.capture_content
+        assert settings.otlp_endpoint is not None
+        exporter = exporter or OTLPSpanExporter(endpoint=traces_url(settings.otlp_endpoint),
+                                                headers=dict(settings.headers), timeout=settings.export_timeout)
+        self.processor = _BoundedExport(exporter, settings.queue_size, settings.batch_size,
+                                        settings.export_interval, settings.export_timeout)
+        self.provider = TracerProvider(resource=Resource.create({"service.name": settings.service_name}),
+                                       sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)))
+        self.provider.add_span_processor(self.processor)
+        self.tracer = self.provider.get_tracer("gateway")
+
+    def start(self, ctx: "RequestContext", request: "web.Request") -> "RequestTrace":
+        """The request's SERVER span, continuing the client's `traceparent` if it sent one."""
+        parent = _PROPAGATOR.extract(request.headers) if "traceparent" in request.headers else None
+        span = self.tracer.start_span(ctx.endpoint, context=parent, kind=SpanKind.SERVER, attributes={
+            "gateway.request_id": ctx.request_id, "gateway.endpoint": ctx.endpoint,
+            "http.request.method": request.method, "url.path": request.path})
+        return RequestTrace(self, span)
+
+    async def flush_and_stop(self) -> None:
+        """Export what is queued and stop. In a daemon thread of its own, awaited at most
+        `export_timeout` seconds: a dead collector neither holds the stop nor the loop's
+        executor; what it did not take is counted as dropped ("shutdown")."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def run() -> None:
+            try:
+                self.provider.shutdown()
+            except Exception:  # noqa: BLE001
+                log.exception("trace flush failed")
+            finally:
+                try:
+                    loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+                except RuntimeError:  # the loop is gone: nobody waits any more
+                    pass
+
+        threading.Thread(target=run, name="trace-flush", daemon=True).start()
+        try:
+            await asyncio.wait_for(asyncio.shield(done), self.settings.export_timeout)
+        except asyncio.TimeoutError:
+            unsent = self.processor.queued - self.processor.counting.taken
+            SPANS["shutdown"] += max(0, unsent)
+            log.warning("trace flush at stop timed out: %d spans not exported", unsent)
+
+
+def build_telemetry(settings: "TelemetryConfig") -> Telemetry | None:
+    return Telemetry(settings) if settings.otlp_endpoint else None
+
+
+class Attempt:
+    """One upstream call's CLIENT span, and the `UPSTREAM_TRACE` it set for the call."""
+
+    __slots__ = ("span", "token")
+
+    def __init__(self, span: Any, token: Any):
+        self.span = span
+        self.token = token
+
+
+class RequestTrace:
+    """One request's spans: `ctx.trace` while tracing is on (plugins/base.py)."""
+
+    __slots__ = ("telemetry", "span", "open_stream", "response_id")
+
+    def __init__(self, telemetry: Telemetry, span: Any):
+        self.telemetry = telemetry
+        self.span = span
+        self.open_stream: Any = None  # the CLIENT span of the stream being relayed
+        self.response_id: str | None = None
+
+    # --- the gateway's work ----------------------------------------------------------
+
+    def phase(self, name: str, started_ns: int, error: BaseException | None = None) -> None:
+        """A plugin's request hook ran (an event on the server span, timed)."""
+        attributes: dict[str, Any] = {"gateway.duration_ms": (time.time_ns() - started_ns) / 1e6}
+        if error is not None:
+            attributes["error.type"] = getattr(error, "code", None) or type(error).__name__
+        self.span.add_event("plugin." + name, attributes, timestamp=started_ns)
+
+    def event(self, name: str, attributes: Mapping[str, Any]) -> None:
+        self.span.add_event(name, {k: v for k, v in attributes.items() if v is not None})
+
+    # --- upstream attempts -----------------------------------------------------------
+
+    def attempt(self, ctx: "RequestContext", model: str, deployment: "ModelEntry") -> Attempt:
+        """A CLIENT span for one call to `deployment`; the call carries its traceparent."""
+        self._close_stream(discarded=True)  # a gate that moved the request dispatches again
+        params = deployment.litellm_params
+        upstream_model = params.model.split("/", 1)[1] if "/" in params.model else params.model
+        operation = operation_of(ctx.endpoint)
+        attributes: dict[str, Any] = {
+            "gen_ai.operation.name": operation, "gen_ai.request.model": upstream_model,
+            "gateway.model": model, "gateway.deployment": params.model, "gateway.attempt": ctx.attempts}
+        provider = provider_name(ctx.provider)
+        if provider is not None:
+            attributes["gen_ai.provider.name"] = provider
+        server = _server_of(params.api_base)
+        if server is not None:
+            attributes["server.address"], attributes["server.port"] = server
+        span = self.telemetry.tracer.start_span(f"{operation} {upstream_model}", kind=SpanKind.CLIENT,
+                                                context=set_span_in_context(self.span), attributes=attributes)
+        carrier: dict[str, str] = {}
+        _PROPAGATOR.inject(carrier, context=set_span_in_context(span))
+        return Attempt(span, UPSTREAM_TRACE.set(carrier))
+
+    def attempt_failed(self, attempt: Attempt, err: BaseException) -> None:
+        UPSTREAM_TRACE.reset(attempt.token)
+        span = attempt.span
+        if isinstance(err, UpstreamError):
+            attributes: dict[str, Any] = {"error.type": str(err.status) if err.kind == "status" else err.kind,
+                                          "gateway.retryable": err.retryable}
+            if err.status is not None:
+                attributes["http.response.status_code"] = err.status
+            span.set_attributes(attributes)
+            span.set_status(Status(StatusCode.ERROR, err.kind))
+        else:
+            span.set_attributes({"error.type": type(err).__name__})
+            span.set_status(Status(StatusCode.ERROR))
+        span.end()
+
+    def attempt_ok(self, attempt: Attempt, result: Any) -> None:
+        """JSON answers end their span here, with the answer's attributes; a stream's span
+        stays open until the stream was relayed (`finish`)."""
+        UPSTREAM_TRACE.reset(attempt.token)
+        span = attempt.span
+        if isinstance(result, tuple):  # (first chunk, the rest): Router.open_stream
+            first = result[0] if isinstance(result[0], dict) else {}
+            self.response_id = first.get("id") or self.response_id
+            if first.get("model"):
+                span.set_attribute("gen_ai.response.model", first["model"])
+            self.open_stream = span
+            return
+        if isinstance(result, dict):
+            attributes = _answer_attributes(result)
+            self.response_id = result.get("id") or self.response_id
+            span.set_attributes(attributes)
+        span.end()
+
+    def _close_stream(self, discarded: bool = False, attributes: Mapping[str, Any] | None = None) -> None:
+        span, self.open_stream = self.open_stream, None
+        if span is None:
+            return
+        if discarded:
+            span.set_attribute("gateway.discarded", True)
+        elif attributes:
+            span.set_attributes(attributes)
+        span.end()
+
+    # --- the end -----------------------------------------------------------------------
+
+    def finish(self, ctx: "RequestContext") -> None:
+        """The answer (or error) is sent: the server span's attributes, then its end."""
+        try:
+            attributes = _request_attributes(ctx)
+            if self.response_id and "gen_ai.response.id" not in attributes:
+                attributes["gen_ai.response.id"] = self.response_id
+            if self.telemetry.capture_content:
+                attributes.update(_content_attributes(ctx))
+            if self.open_stream is not None:
+                self._close_stream(attributes={k: v for k, v in attributes.items()
+                                               if k.startswith("gen_ai.usage.") or k in _STREAM_KEYS})
+            span = self.span
+            operation = attributes.get("gen_ai.operation.name")
+            if operation and ctx.requested_model:
+                span.update_name(f"{operation} {ctx.requested_model}")
+            span.set_attributes(attributes)
+            if ctx.error is not None and ctx.error.status >= 500:
+                span.set_status(Status(StatusCode.ERROR, ctx.error.code or ctx.error.type))
+            span.end()
+        except Exception:  # noqa: BLE001 — tracing fails open
+            log.exception("trace_finish_failed")
+
+
+_STREAM_KEYS = frozenset({"gen_ai.response.finish_reasons", "gen_ai.response.id"})
+
+
+def _answer_attributes(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """An upstream answer's id, model, finish reasons and usage (chat, Responses, embeddings)."""
+    out: dict[str, Any] = {}
+    if isinstance(payload.get("id"), str):
+        out["gen_ai.response.id"] = payload["id"]
+    if isinstance(payload.get("model"), str):
+        out["gen_ai.response.model"] = payload["model"]
+    reasons = [c.get("finish_reason") for c in payload.get("choices") or () if isinstance(c, dict)]
+    reasons = [r for r in reasons if isinstance(r, str)]
+    if not reasons and isinstance(payload.get("status"), str) and payload.get("object") == "response":
+        reasons = [payload["status"]]
+    if reasons:
+        out["gen_ai.response.finish_reasons"] = reasons
+    usage = payload.get("usage")
+    if isinstance(usage, dict):
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+        completion = usage.get("completion_tokens", usage.get("output_tokens"))
+        if isinstance(prompt, int):
+            out["gen_ai.usage.input_tokens"] = prompt
+        if isinstance(completion, int):
+            out["gen_ai.usage.output_tokens"] = completion
+    return out
+
+
+def _request_attributes(ctx: "RequestContext") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if ctx.status is not None:
+        out["http.response.status_code"] = ctx.status
+    if ctx.error is not None:
+        out["error.type"] = ctx.error.code or ctx.error.type
+    if ctx.billed:
+        out["gen_ai.operation.name"] = operation_of(ctx.endpoint)
+        body = ctx.body
+        if ctx.requested_model:
+            out["gen_ai.request.model"] = ctx.requested_model
+        if ctx.model:
+            out["gen_ai.response.model"] = ctx.model
+        provider = provider_name(ctx.provider)
+        if provider is not None:
+            out["gen_ai.provider.name"] = provider
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens", body.get("max_output_tokens")))
+        if isinstance(max_tokens, int):
+            out["gen_ai.request.max_tokens"] = max_tokens
+        for key in ("temperature", "top_p"):
+            value = body.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out["gen_ai.request." + key] = float(value)
+        out["gen_ai.request.stream"] = ctx.stream
+        response = ctx.response
+        if isinstance(response, dict):
+            answer = _answer_attributes(response)
+            for key in ("gen_ai.response.id", "gen_ai.response.finish_reasons"):
+                if key in answer:
+                    out[key] = answer[key]
+        elif ctx.finish_reason:
+            out["gen_ai.response.finish_reasons"] = [ctx.finish_reason]
+        usage = ctx.usage
+        if usage is not None:
+            # OpenAI's convention, which the gateway's Usage keeps for every provider: the
+            # prompt's cached and cache-written tokens are part of its input tokens (the
+            # GenAI convention's too; Anthropic's own input_tokens leaves them out).
+            out["gen_ai.usage.input_tokens"] = usage.prompt_tokens
+            out["gen_ai.usage.output_tokens"] = usage.completion_tokens
+            if usage.cached_tokens:
+                out["gen_ai.usage.cache_read.input_tokens"] = usage.cached_tokens
+            if usage.cache_write_tokens:
+                out["gen_ai.usage.cache_creation.input_tokens"] = usage.cache_write_tokens
+            if usage.reasoning_tokens:
+                out["gen_ai.usage.reasoning.output_tokens"] = usage.reasoning_tokens
+            if usage.estimated:
+                out["gateway.usage_estimated"] = True
+        out["gateway.energy"] = ctx.energy_cost if ctx.error is None else 0
+        if ctx.cost_usd is not None:
+            out["gateway.cost_usd"] = float(ctx.cost_usd)
+        out["gateway.cache_hit"] = ctx.response_headers.get("X-Cache") == "HIT"
+        out["gateway.attempts"] = ctx.attempts
+        if ctx.fallbacks:
+            out["gateway.fallbacks"] = ctx.fallbacks
+        if ctx.downgraded_from:
+            out["gateway.downgraded_from"] = ctx.downgraded_from
+            if ctx.downgrade_reason:
+                out["gateway.downgrade_reason"] = ctx.downgrade_reason
+        if ctx.deployment:
+            out["gateway.deployment"] = ctx.deployment
+    identity = ctx.identity
+    if identity is not None:
+        out["gateway.user"] = identity.user_id
+        out["gateway.workspace"] = identity.workspace_id
+        out["gateway.tier"] = identity.tier
+    for key, value in (("gateway.action", ctx.action), ("gateway.experiment", ctx.experiment),
+                       ("gateway.variant", ctx.variant)):
+        if value:
+            out[key] = value
+    if ctx.client_disconnected:
+        out["gateway.client_disconnected"] = True
+    if ctx.unbilled_calls:
+        out["gateway.unbilled_calls"] = len(ctx.unbilled_calls)
+    return out
+
+
+def _content_attributes(ctx: "RequestContext") -> dict[str, Any]:
+    """`capture_content: true`: the conversation in and the answer out, as the convention's
+    gen_ai.input.messages / gen_ai.output.messages (JSON)."""
+    out: dict[str, Any] = {}
+    body = ctx.body
+    messages = body.get("messages") if "messages" in body else body.get("input")
+    if messages is not None:
+        out["gen_ai.input.messages"] = orjson.dumps(messages, default=str).decode()
+    response = ctx.response
+    if isinstance(response, dict) and response.get("choices"):
+        outputs = [c.get("message") for c in response["choices"] if isinstance(c, dict)]
+        out["gen_ai.output.messages"] = orjson.dumps(outputs, default=str).decode()
+    elif isinstance(response, dict) and response.get("output") is not None:
+        out["gen_ai.output.messages"] = orjson.dumps(response["output"], default=str).decode()
+    elif ctx.streamed_text:
+        out["gen_ai.output.messages"] = orjson.dumps(
+            [{"role": "assistant", "content": "".join(ctx.streamed_text)}]).decode()
+    return out
+
+
+
+def telemetry_cleanup(gw: Any) -> Any:
+    """The app's cleanup context (`app.cleanup_ctx`): at stop (SIGTERM included) every
+    tracer flushes what is queued, each for at most `export_timeout` seconds."""
+
+    async def telemetry_ctx(app: Any) -> Any:
+        yield
+        for tracer in [gw.snapshot.telemetry, *gw.retired_telemetry]:
+            if tracer is not None:
+                await tracer.flush_and_stop()
+
+    return telemetry_ctx

@@ -1,0 +1,470 @@
+"""OpenTelemetry traces over OTLP/HTTP (gateway/telemetry.py, docs/telemetry.md).
+
+A fake OTLP/HTTP collector on 127.0.0.1 decodes the ExportTraceServiceRequest protobufs the
+gateway posts; a real gateway in front of the fake upstreams serves the OpenAI (and
+Anthropic) SDKs. Each test reads the span tree one request produced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+from aiohttp import web
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+from gateway.telemetry import SPANS
+from tests.conftest import FULL_CHAIN, base_config
+from tests.fakes import Fault, free_port
+
+SERVER, CLIENT = 2, 3  # Span.SpanKind values of the OTLP protobuf
+
+
+def _value(v: Any) -> Any:
+    kind = v.WhichOneof("value")
+    if kind == "array_value":
+        return [_value(x) for x in v.array_value.values]
+    return getattr(v, kind) if kind else None
+
+
+class FakeCollector:
+    """An OTLP/HTTP trace receiver: POST /v1/traces, protobuf in, spans kept as dicts.
+    `delay` makes every export wait that long before its answer (a slow collector)."""
+
+    def __init__(self, delay: float = 0.0):
+        self.delay = delay
+        self.spans: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.posts = 0
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    async def start(self) -> "FakeCollector":
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/traces", self._traces)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _traces(self, request: web.Request) -> web.Response:
+        self.posts += 1
+        body = await request.read()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        self.headers.append({k.lower(): v for k, v in request.headers.items()})
+        message = ExportTraceServiceRequest()
+        message.ParseFromString(body)
+        for resource_spans in message.resource_spans:
+            resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    self.spans.append({
+                        "name": span.name, "kind": span.kind, "trace_id": span.trace_id.hex(),
+                        "span_id": span.span_id.hex(), "parent": span.parent_span_id.hex(),
+                        "attributes": {a.key: _value(a.value) for a in span.attributes},
+                        "events": [{"name": e.name, "attributes": {a.key: _value(a.value) for a in e.attributes}}
+                                   for e in span.events],
+                        "status": span.status.code, "resource": resource,
+                        "start": span.start_time_unix_nano, "end": span.end_time_unix_nano})
+        return web.Response(body=ExportTraceServiceResponse().SerializeToString(),
+                            content_type="application/x-protobuf")
+
+    def trace_of(self, request_id: str, clients: int = 1, timeout: float = 10.0) -> tuple[dict, list[dict]]:
+        """The server span of the request with that id and its client spans (at least
+        `clients` of them), in start order."""
+        deadline = time.monotonic() + timeout
+        while True:
+            servers = [s for s in self.spans if s["attributes"].get("gateway.request_id") == request_id]
+            if servers:
+                server = servers[0]
+                children = sorted((s for s in self.spans if s["parent"] == server["span_id"]), key=lambda s: s["start"])
+                if len(children) >= clients:
+                    return server, children
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no complete trace for {request_id} ({len(self.spans)} spans received)")
+            time.sleep(0.02)
+
+
+@pytest.fixture
+def collector(server_thread):
+    fake = server_thread.run(FakeCollector().start())
+    yield fake
+    server_thread.run(fake.stop())
+
+
+def telemetry(collector: FakeCollector | str, **settings: Any) -> dict[str, Any]:
+    url = collector if isinstance(collector, str) else collector.url
+    return {"otlp_endpoint": url, "export_interval": 0.05, "export_timeout": 2, **settings}
+
+
+def chat(gw, key: str = "no-key", model: str = "gpt-4o-mini", **kw: Any) -> Any:
+    return gw.client(key).chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": "Say hello, secret-prompt-words"}], **kw)
+
+
+def request_id_of(raw: Any) -> str:
+    return raw.headers["x-request-id"]
+
+
+def traceparent_of(recorded: Any) -> tuple[str, str, bool]:
+    """(trace id, parent span id, sampled) of the traceparent an upstream received."""
+    version, trace_id, span_id, flags = recorded.headers["traceparent"].split("-")
+    assert version == "00"
+    return trace_id, span_id, bool(int(flags, 16) & 1)
+
+
+def events(span: dict) -> list[str]:
+    return [e["name"] for e in span["events"]]
+
+
+# --------------------------------------------------------------------------------------
+# The span tree
+# --------------------------------------------------------------------------------------
+
+
+def test_a_plain_call_is_one_server_span_with_one_client_span(gateway_factory, collector, upstream):
+    gw = gateway_factory(telemetry=telemetry(collector, service_name="gw-test"))
+    user_id, key = gw.make_user(energy=100)
+    raw = chat(gw, key, max_tokens=50, temperature=0.5, extra_headers={"X-Action": "ai_message"})
+    assert raw.parse().choices[0].message.content == "Hello from fake upstream"
+    server, clients = collector.trace_of(request_id_of(raw))
+
+    assert server["kind"] == SERVER and server["name"] == "chat gpt-4o-mini"
+    assert server["resource"]["service.name"] == "gw-test"
+    a = server["attributes"]
+    assert a["gen_ai.operation.name"] == "chat"
+    assert a["gen_ai.provider.name"] == "openai"
+    assert a["gen_ai.request.model"] == a["gen_ai.response.model"] == "gpt-4o-mini"
+    assert a["gen_ai.request.max_tokens"] == 50 and a["gen_ai.request.temperature"] == 0.5
+    assert a["gen_ai.request.stream"] is False
+    assert a["gen_ai.response.id"] == raw.parse().id
+    assert a["gen_ai.response.finish_reasons"] == ["stop"]
+    assert a["gen_ai.usage.input_tokens"] == 11 and a["gen_ai.usage.output_tokens"] == 7
+    assert a["http.response.status_code"] == 200 and "error.type" not in a
+    assert a["gateway.user"] == user_id and a["gateway.workspace"]
+    assert a["gateway.action"] == "ai_message" and a["gateway.energy"] == 2
+    assert a["gateway.cost_usd"] > 0 and a["gateway.cache_hit"] is False and a["gateway.attempts"] == 1
+    assert "gen_ai.system" not in a  # the deprecated name
+    # The plugins' request hooks are the server span's events, in chain order.
+    hooks = [f"plugin.{p.name}" for p in gw.state.chain.plugins if p.overrides("on_request")]
+    assert [e for e in events(server) if e.startswith("plugin.")] == hooks
+    assert {"plugin.auth", "plugin.energy"} <= set(hooks)
+
+    (client,) = clients
+    assert client["kind"] == CLIENT and client["name"] == "chat gpt-4o-mini"
+    assert client["trace_id"] == server["trace_id"]
+    c = client["attributes"]
+    assert c["gen_ai.provider.name"] == "openai" and c["gen_ai.request.model"] == "gpt-4o-mini"
+    assert c["server.address"] == "127.0.0.1" and c["server.port"] == upstream.port
+    assert c["gen_ai.usage.input_tokens"] == 11 and c["gen_ai.response.finish_reasons"] == ["stop"]
+    # The upstream call carried the client span's own traceparent.
+    assert traceparent_of(upstream.last) == (client["trace_id"], client["span_id"], True)
+
+
+def test_a_stream_ends_its_spans_when_the_stream_is_relayed(gateway_factory, collector, upstream):
+    upstream.chunks = 4
+    gw = gateway_factory(telemetry=telemetry(collector))
+    _, key = gw.make_user()
+    with gw.client(key).chat.completions.with_streaming_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True) as response:
+        text = "".join(c.choices[0].delta.content or "" for c in response.parse() if c.choices)
+        request_id = response.headers["x-request-id"]
+    assert text == "Hello from fake upstream"
+    server, (client,) = collector.trace_of(request_id)
+    a = server["attributes"]
+    assert a["gen_ai.request.stream"] is True
+    assert a["gen_ai.response.finish_reasons"] == ["stop"]
+    assert a["gen_ai.usage.output_tokens"] == 7 and a["gen_ai.response.id"].startswith("chatcmpl")
+    assert client["attributes"]["gen_ai.usage.output_tokens"] == 7
+    assert client["end"] <= server["end"] and client["end"] - client["start"] > 0
+
+
+def test_messages_count_cached_tokens_in_the_input_tokens(gateway_factory, collector, upstream):
+    """Anthropic's input_tokens leaves the cache reads and writes out; the convention's
+    gen_ai.usage.input_tokens holds them all."""
+    upstream.prompt_tokens, upstream.cached_tokens, upstream.cache_write_tokens = 10, 30, 5
+    gw = gateway_factory(telemetry=telemetry(collector))
+    _, key = gw.make_user()
+    sdk = anthropic.Anthropic(base_url=gw.url, api_key=key, max_retries=0, timeout=20)
+    raw = sdk.messages.with_raw_response.create(model="claude", max_tokens=64,
+                                                messages=[{"role": "user", "content": "hi"}])
+    server, (client,) = collector.trace_of(raw.headers["x-request-id"])
+    a = server["attributes"]
+    assert server["name"] == "chat claude" and a["gen_ai.provider.name"] == "anthropic"
+    assert a["gen_ai.usage.input_tokens"] == 45
+    assert a["gen_ai.usage.cache_read.input_tokens"] == 30
+    assert a["gen_ai.usage.cache_creation.input_tokens"] == 5
+    assert a["gen_ai.usage.output_tokens"] == 7
+    assert client["attributes"]["gen_ai.provider.name"] == "anthropic"
+    assert upstream.last.headers["traceparent"].split("-")[2] == client["span_id"]
+
+
+def test_responses_are_traced_like_chat(gateway_factory, collector, upstream):
+    gw = gateway_factory(telemetry=telemetry(collector))
+    _, key = gw.make_user()
+    raw = gw.client(key).responses.with_raw_response.create(model="gpt-4o-mini", input="hi")
+    server, (client,) = collector.trace_of(raw.headers["x-request-id"])
+    assert server["name"] == "chat gpt-4o-mini"
+    assert server["attributes"]["gateway.endpoint"] == "responses"
+    assert server["attributes"]["gen_ai.usage.input_tokens"] > 0
+    assert client["kind"] == CLIENT and upstream.last.path.endswith("/responses")
+    assert "traceparent" in upstream.last.headers
+
+
+def test_a_retry_then_a_fallback_are_three_client_spans(gateway_factory, collector, upstream):
+    models = base_config(upstream, store_url="sqlite:///unused")["models"]
+    models[0]["fallbacks"] = ["gpt-4o-mini"]
+    gw = gateway_factory(models=models, telemetry=telemetry(collector),
+                         retries={"max_attempts": 2, "backoff_base": 0.01, "backoff_max": 0.02})
+    _, key = gw.make_user(tier="pro")
+    upstream.push(Fault.status(500), Fault.status(503))
+    raw = chat(gw, key, model="gpt-4o")
+    server, clients = collector.trace_of(request_id_of(raw), clients=3)
+    assert [c["attributes"]["gateway.model"] for c in clients] == ["gpt-4o", "gpt-4o", "gpt-4o-mini"]
+    assert [c["attributes"].get("error.type") for c in clients] == ["500", "503", None]
+    assert [c["status"] for c in clients] == [2, 2, 0]  # STATUS_CODE_ERROR, ERROR, UNSET
+    assert [c["attributes"]["gateway.attempt"] for c in clients] == [1, 2, 3]
+    a = server["attributes"]
+    assert a["gateway.attempts"] == 3 and a["gateway.fallbacks"] == 1
+    assert a["gen_ai.request.model"] == "gpt-4o" and a["gen_ai.response.model"] == "gpt-4o-mini"
+    # Each attempt sent its own span as the parent.
+    sent = [r.headers["traceparent"].split("-")[2] for r in upstream.requests[-3:]]
+    assert sent == [c["span_id"] for c in clients]
+
+
+def test_a_downgrade_is_on_the_server_span(gateway_factory, collector, upstream):
+    gw = gateway_factory(telemetry=telemetry(collector))
+    _, key = gw.make_user(tier="free")
+    raw = chat(gw, key, model="gpt-4o")
+    assert raw.headers["x-model-downgraded-from"] == "gpt-4o"
+    server, (client,) = collector.trace_of(request_id_of(raw))
+    a = server["attributes"]
+    assert a["gateway.downgraded_from"] == "gpt-4o" and a["gen_ai.response.model"] == "gpt-4o-mini"
+    assert "gateway.downgrade" in events(server)
+    assert client["attributes"]["gateway.model"] == "gpt-4o-mini"
+
+
+def test_insufficient_energy_is_a_server_span_without_a_client_span(gateway_factory, collector, upstream):
+    gw = gateway_factory(telemetry=telemetry(collector))
+    _, key = gw.make_user(energy=0)
+    with pytest.raises(Exception) as excinfo:
+        chat(gw, key)
+    assert excinfo.value.status_code == 429
+    request_id = excinfo.value.response.headers["x-request-id"]
+    server, clients = collector.trace_of(request_id, clients=0)
+    time.sleep(0.2)  # a client span, had there been one, would have been exported with it
+    assert [s for s in collector.spans if s["parent"] == server["span_id"]] == []
+    a = server["attributes"]
+    assert a["http.response.status_code"] == 429 and a["error.type"] == "insufficient_energy"
+    assert a["gateway.energy"] == 0
+    energy = next(e for e in server["events"] if e["name"] == "plugin.energy")
+    assert energy["attributes"]["error.type"] == "insufficient_energy"
+    assert upstream.count() == 0
+
+
+def test_a_cache_hit_has_no_client_span(gateway_factory, collector, upstream):
+    plugins = ["auth", "tier_policy", {"name": "cache", "settings": {"models": ["gpt-4o-mini"]}}, "energy"]
+    gw = gateway_factory(plugins=plugins, telemetry=telemetry(collector))
+    _, key = gw.make_user()
+    first = chat(gw, key, temperature=0)
+    second = chat(gw, key, temperature=0)
+    assert second.headers["x-cache"] == "HIT"
+    _, (miss_client,) = collector.trace_of(request_id_of(first))
+    server, _ = collector.trace_of(request_id_of(second), clients=0)
+    time.sleep(0.2)
+    assert [s for s in collector.spans if s["parent"] == server["span_id"]] == []
+    assert server["attributes"]["gateway.cache_hit"] is True
+    assert "plugin.cache" in events(server) and "gateway.cache" in events(server)
+    assert upstream.count() == 1
+
+
+def test_a_client_disconnect_ends_the_spans(gateway_factory, collector, upstream, server_thread):
+    upstream.chunks, upstream.chunk_delay = 20, 0.05
+    gw = gateway_factory(telemetry=telemetry(collector))
+    _, key = gw.make_user()
+
+    with httpx.Client(timeout=10) as http:
+        with http.stream("POST", gw.base_url + "/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                         json={"model": "gpt-4o-mini", "stream": True,
+                               "messages": [{"role": "user", "content": "hi"}]}) as response:
+            request_id = response.headers["x-request-id"]
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    break  # the client leaves after the first chunk
+    server, (client,) = collector.trace_of(request_id)
+    assert server["attributes"]["gateway.client_disconnected"] is True
+    assert client["end"] > 0
+
+
+def test_a_client_traceparent_is_continued(gateway_factory, collector, upstream):
+    gw = gateway_factory(telemetry=telemetry(collector, sample_ratio=0.0))
+    _, key = gw.make_user()
+    trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    raw = chat(gw, key, extra_headers={"traceparent": f"00-{trace_id}-{parent}-01"})
+    server, (client,) = collector.trace_of(request_id_of(raw))
+    # Sampled by its parent, whatever the ratio says (ParentBased).
+    assert server["trace_id"] == trace_id and server["parent"] == parent
+    assert client["trace_id"] == trace_id
+    assert upstream.last.headers["traceparent"].startswith(f"00-{trace_id}-")
+
+
+def test_the_litellm_path_sends_the_traceparent_too(gateway_factory, collector, upstream):
+    models = base_config(upstream, store_url="sqlite:///unused")["models"]
+    models[1]["dispatch"] = "litellm"
+    gw = gateway_factory(models=models, telemetry=telemetry(collector))
+    _, key = gw.make_user()
+    raw = chat(gw, key)
+    _, (client,) = collector.trace_of(request_id_of(raw))
+    assert traceparent_of(upstream.last) == (client["trace_id"], client["span_id"], True)
+
+
+def test_sample_ratio_zero_exports_nothing_and_sends_an_unsampled_traceparent(gateway_factory, collector, upstream):
+    gw = gateway_factory(telemetry=telemetry(collector, sample_ratio=0.0))
+    _, key = gw.make_user()
+    chat(gw, key)
+    time.sleep(0.3)
+    assert collector.spans == []
+    assert traceparent_of(upstream.last)[2] is False
+
+
+# --------------------------------------------------------------------------------------
+# Off the request path, and nothing secret
+# --------------------------------------------------------------------------------------
+
+
+def test_without_an_endpoint_nothing_is_traced(gateway_factory, upstream):
+    gw = gateway_factory()
+    assert gw.state.snapshot.telemetry is None
+    _, key = gw.make_user()
+    chat(gw, key)
+    assert "traceparent" not in upstream.last.headers
+
+
+def test_a_dead_collector_changes_nothing_for_the_client(gateway_factory, upstream):
+    before = SPANS["export_failed"]
+    gw = gateway_factory(telemetry=telemetry(f"http://127.0.0.1:{free_port()}", export_timeout=0.5))
+    _, key = gw.make_user()
+    started = time.monotonic()
+    for _ in range(5):
+        assert chat(gw, key).parse().choices[0].message.content == "Hello from fake upstream"
+    assert time.monotonic() - started < 5
+    deadline = time.monotonic() + 10
+    while SPANS["export_failed"] == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert SPANS["export_failed"] > before
+
+
+def test_a_slow_collector_drops_spans_and_counts_them(gateway_factory, server_thread, upstream):
+    slow = server_thread.run(FakeCollector(delay=3.0).start())
+    try:
+        before = SPANS["queue_full"]
+        gw = gateway_factory(plugins=["metrics", *FULL_CHAIN],
+                             telemetry=telemetry(slow, queue_size=4, batch_size=2, export_timeout=5))
+        _, key = gw.make_user()
+        timings = []
+        for _ in range(10):
+            started = time.monotonic()
+            assert chat(gw, key).parse().choices[0].message.content
+            timings.append(time.monotonic() - started)
+        assert max(timings) < 1.0  # never waits for the collector
+        assert SPANS["queue_full"] > before
+        scrape = urllib.request.urlopen(gw.url + "/metrics", timeout=5).read().decode()
+        assert 'gateway_trace_spans_dropped_total{reason="queue_full"}' in scrape
+    finally:
+        server_thread.run(slow.stop())
+
+
+def test_no_key_and_no_prompt_in_any_span(gateway_factory, collector, upstream):
+    gw = gateway_factory(telemetry=telemetry(collector, headers={"Authorization": "Bearer otlp-secret-token"}))
+    _, key = gw.make_user()
+    raw = chat(gw, key)
+    collector.trace_of(request_id_of(raw))
+    dump = repr(collector.spans)
+    for secret in (key, "sk-upstream-openai-SECRET", "otlp-secret-token", "secret-prompt-words",
+                   "Hello from fake upstream"):
+        assert secret not in dump
+    # The exporter's own headers reached the collector (and only the collector).
+    assert collector.headers[0]["authorization"] == "Bearer otlp-secret-token"
+    from gateway.config import redacted_config
+    assert redacted_config(gw.state.config)["telemetry"]["headers"] == {"Authorization": "***"}
+
+
+def test_capture_content_puts_the_conversation_in_the_span(gateway_factory, collector, upstream):
+    gw = gateway_factory(telemetry=telemetry(collector, capture_content=True))
+    _, key = gw.make_user()
+    raw = chat(gw, key)
+    server, _ = collector.trace_of(request_id_of(raw))
+    assert "secret-prompt-words" in server["attributes"]["gen_ai.input.messages"]
+    assert "Hello from fake upstream" in server["attributes"]["gen_ai.output.messages"]
+    assert key not in repr(collector.spans)
+
+
+def test_the_telemetry_section_is_validated():
+    from gateway.config import ConfigError, load_config_data
+
+    config = {"models": [{"name": "demo", "litellm_params": {"model": "demo/offline"}}],
+              "telemetry": {"otlp_endpoint": "grpc://collector:4317", "sample_ratio": 2}}
+    with pytest.raises(ConfigError) as excinfo:
+        load_config_data(config)
+    text = "\n".join(excinfo.value.errors)
+    assert "telemetry.otlp_endpoint" in text and "telemetry.sample_ratio" in text
+
+
+def test_a_reload_turns_tracing_on_and_the_stop_flushes_what_is_queued(server_thread, upstream, store_url,
+                                                                        tmp_path, collector):
+    """telemetry is reloaded with the config; spans still queued at stop are exported then
+    (an export interval longer than the test: only the flush at stop can send them)."""
+    import yaml
+
+    import proxy
+
+    data = base_config(upstream, store_url=store_url, plugins=[])
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+
+    async def start() -> tuple[web.AppRunner, web.Application, str]:
+        app = proxy.create_app(proxy.check_config(path), config_path=str(path))
+        runner = web.AppRunner(app, shutdown_timeout=2)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return runner, app, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    runner, app, url = server_thread.run(start())
+    try:
+        sdk = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        sdk.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+        assert "traceparent" not in upstream.last.headers
+
+        data["telemetry"] = telemetry(collector, export_interval="1h")
+        path.write_text(yaml.safe_dump(data))
+        assert server_thread.run(proxy.reload_config(app, reason="test")) is True
+        raw = sdk.chat.completions.with_raw_response.create(model="gpt-4o-mini",
+                                                            messages=[{"role": "user", "content": "hi"}])
+        assert "traceparent" in upstream.last.headers
+        time.sleep(0.3)
+        assert collector.spans == []  # queued, the next export is an hour away
+    finally:
+        server_thread.run(runner.cleanup(), timeout=30)
+    server, (client,) = collector.trace_of(request_id_of(raw), timeout=2)
+    assert client["kind"] == CLIENT
