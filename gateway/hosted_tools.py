@@ -17,7 +17,9 @@ Where a client asks for one (`requested`): chat `web_search_options` and chat to
 hosted type, Responses `tools` (web_search[_preview], file_search, code_interpreter,
 image_generation, ...), Anthropic server tools on /v1/messages (`web_search_2025...`).
 Any other tool type that is not the client's own (`function`, `custom`; on /v1/messages
-an untyped or `custom` tool) is refused: the gateway cannot tell what it costs.
+an untyped or `custom` tool) is refused: the gateway cannot tell what it costs. So is a
+client tool with a field its type does not have (`_CLIENT_TOOLS`): litellm runs a tool
+holding `googleSearch` as Gemini's paid built-in search, `"type": "function"` or not.
 
 Where uses are counted (`uses_in`), from the provider's answer: Responses output items
 (`web_search_call`, `file_search_call`, `image_generation_call`; a code-interpreter
@@ -48,8 +50,20 @@ _RESPONSES_TYPES = {
     "web_search_preview_2025_03_11": "web_search", "file_search": "file_search",
     "code_interpreter": "code_interpreter", "image_generation": "image_generation",
 }
-# Tools the client runs itself: no provider charge beyond tokens.
-_CLIENT_TYPES = frozenset({"function", "custom"})
+# Tools the client runs itself (no provider charge beyond tokens), by API and type, with
+# the only fields such a tool has. A tool of a client type with any other field is not
+# the client's own: litellm turns a tool holding `googleSearch`, `google_search`,
+# `codeExecution`, `urlContext`, `googleMaps`, `enterpriseWebSearch` or
+# `googleSearchRetrieval` (with or without `"type": "function"`) into Gemini's built-in
+# tool of that name, run and charged by Google per use. So the shape is the table, not a
+# list of names to refuse: a built-in tool added tomorrow is refused too.
+_CLIENT_TOOLS: dict[str, dict[str, frozenset[str]]] = {
+    "chat": {"function": frozenset({"type", "function"}), "custom": frozenset({"type", "custom"})},
+    "responses": {"function": frozenset({"type", "name", "description", "parameters", "strict"}),
+                  "custom": frozenset({"type", "name", "description", "format"})},
+}
+# The legacy chat `functions`: each a function's own fields, nothing else.
+_FUNCTION_KEYS = frozenset({"name", "description", "parameters"})
 # Responses output items -> the kind they are a use of.
 _OUTPUT_ITEMS = {"web_search_call": "web_search", "file_search_call": "file_search",
                  "image_generation_call": "image_generation"}
@@ -74,11 +88,18 @@ def requested(body: dict[str, Any], inbound: str | None, inbound_body: dict[str,
                 raise _unsupported(kind_name, f"tools[{i}].type")
             found.setdefault(kind, f"tools[{i}]")
         return found
-    if inbound != "responses" and body.get("web_search_options") is not None:
+    api = "responses" if inbound == "responses" else "chat"
+    if api == "chat" and body.get("web_search_options") is not None:
         found["web_search"] = "web_search_options"
+    for i, function in enumerate(body.get("functions") or ()) if api == "chat" else ():
+        if isinstance(function, dict) and not function.keys() <= _FUNCTION_KEYS:
+            raise _not_a_client_tool(function.keys() - _FUNCTION_KEYS, f"functions[{i}]")
     for i, tool in enumerate(body.get("tools") or ()):
         tool_type = tool.get("type", "function") if isinstance(tool, dict) else "function"
-        if tool_type in _CLIENT_TYPES:
+        keys = _CLIENT_TOOLS[api].get(tool_type) if isinstance(tool_type, str) else None
+        if keys is not None:
+            if isinstance(tool, dict) and not tool.keys() <= keys:
+                raise _not_a_client_tool(tool.keys() - keys, f"tools[{i}]")
             continue
         kind = _RESPONSES_TYPES.get(tool_type) if isinstance(tool_type, str) else None
         if kind is None:
@@ -90,6 +111,13 @@ def requested(body: dict[str, Any], inbound: str | None, inbound_body: dict[str,
 def _unsupported(tool_type: Any, param: str) -> Exception:
     return bad_request(f"tool type {str(tool_type)[:64]!r} is not supported by the gateway (it runs at the provider "
                        f"at a price the gateway does not know)", param=param, code="unsupported_tool_type")
+
+
+def _not_a_client_tool(extra: Any, param: str) -> Exception:
+    names = ", ".join(sorted(str(k)[:40] for k in extra)[:3])
+    return bad_request(f"{param} has fields a tool the client runs does not have ({names}): a provider may run it "
+                       f"as a built-in tool of its own, at a price the gateway does not know", param=param,
+                       code="unsupported_tool_type")
 
 
 def search_context_size(body: dict[str, Any]) -> str:

@@ -323,3 +323,44 @@ def test_an_unknown_tool_type_is_refused(gateway_factory, upstream):
                                                                  "tools": [{"type": "computer_use_preview"}]})
     assert response.status_code == 400 and response.json()["error"]["code"] == "unsupported_tool_type"
     assert upstream.count() == 0
+
+
+def gemini_model(upstream: Any, **extra: Any) -> dict[str, Any]:
+    return {"name": "gem", "litellm_params": {"model": "gemini/gemini-2.5-pro", "api_base": upstream.url,
+                                              "api_key": "AIza-gemini-upstream-SECRET"}, **extra}
+
+
+@pytest.mark.parametrize("params", [
+    {"tools": [{"googleSearch": {}}]},
+    {"tools": [{"type": "function", "googleSearch": {}}]},
+    {"tools": [{"google_search": {}}]},
+    {"tools": [{"type": "function", "function": {"name": "f"}, "codeExecution": {}}]},
+    {"tools": [{"urlContext": {}}]},
+    {"functions": [{"googleSearch": {}}]},
+], ids=["googleSearch", "typed-googleSearch", "google_search", "codeExecution-beside-a-function", "urlContext",
+        "functions"])
+def test_a_gemini_built_in_tool_in_a_client_tools_shape_is_refused(gateway_factory, upstream, params):
+    """litellm turns a tool holding `googleSearch` (and its siblings) into Gemini's built-in
+    tool, run and charged by Google per use: passed as a plain function tool, it reached
+    Gemini unbilled. A client tool has its own fields only."""
+    gw = gateway(gateway_factory, upstream, gemini_model(upstream))
+    response = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "gem", "messages": HELLO, **params})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "unsupported_tool_type" and error["param"] in ("tools[0]", "functions[0]")
+    assert upstream.count() == 0
+
+
+def test_a_responses_function_tool_with_foreign_fields_is_refused(gateway_factory, upstream):
+    gw = gateway(gateway_factory, upstream, model("m", upstream, "openai/gpt-4o"))
+    tool = {"type": "function", "name": "f", "parameters": {"type": "object"}, "googleSearch": {}}
+    response = httpx.post(f"{gw.url}/v1/responses", json={"model": "m", "input": "hi", "tools": [tool]})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "tools[0]"
+    assert upstream.count() == 0
+
+
+def test_plain_function_tools_still_pass(gateway_factory, upstream):
+    gw = gateway(gateway_factory, upstream, gemini_model(upstream))
+    gw.client().chat.completions.create(model="gem", messages=HELLO, tools=[{"type": "function", "function": {
+        "name": "f", "description": "d", "parameters": {"type": "object", "properties": {}}}}])
+    assert upstream.count() == 1
