@@ -1082,6 +1082,8 @@ class FakeUpstream:
             "cache_read_input_tokens": self.cached_tokens,
             **self._anthropic_cache_creation(),
             "output_tokens": self.completion_tokens,
+            # Anthropic's usage names the tier that served (standard, priority, batch)
+            **({"service_tier": self.service_tier_served} if self.service_tier_served else {}),
         }
 
     def _anthropic_cache_creation(self) -> dict[str, Any]:
@@ -1145,7 +1147,8 @@ class FakeUpstream:
             return resp
         start_usage = {"input_tokens": self.prompt_tokens, "cache_creation_input_tokens": self.cache_write_tokens,
                        "cache_read_input_tokens": self.cached_tokens, **self._anthropic_cache_creation(),
-                       "output_tokens": 1}
+                       "output_tokens": 1,
+                       **({"service_tier": self.service_tier_served} if self.service_tier_served else {})}
         message = {
             "id": f"msg_fake_{request['fake_seq']}",
             "type": "message",

@@ -21,7 +21,7 @@ import pytest
 from gateway.config import ConfigError, load_config_data
 from gateway.usage import token_prices
 from plugins.base import Usage
-from tests.test_accounting import only_row
+from tests.test_accounting import only_row, usage_rows
 from tests.test_chat import only_models
 
 HELLO = [{"role": "user", "content": "hi"}]
@@ -364,3 +364,37 @@ def test_plain_function_tools_still_pass(gateway_factory, upstream):
     gw.client().chat.completions.create(model="gem", messages=HELLO, tools=[{"type": "function", "function": {
         "name": "f", "description": "d", "parameters": {"type": "object", "properties": {}}}}])
     assert upstream.count() == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_tier_anthropic_says_served_a_passed_through_message_is_billed(gateway_factory, upstream, stream):
+    """Anthropic's default service_tier is `auto`: a Priority Tier account serves at
+    priority, and the answer's usage says so. That tier's price applies (the operator's
+    `pricing.priority`); with no price for it the cost is unknown (null), never the
+    standard price. `standard` is the standard price."""
+    pricing = {"input_per_million": 3, "output_per_million": 15,
+               "priority": {"input_per_million": 5, "output_per_million": 25}}
+    gw = gateway(gateway_factory, upstream, anthropic_model(upstream, pricing=pricing),
+                 {**anthropic_model(upstream), "name": "claude-map"})
+    client = anthropic.Anthropic(base_url=gw.url, api_key="no-key", max_retries=0)
+
+    asked = 0
+
+    def ask(name: str) -> dict[str, Any]:
+        nonlocal asked
+        asked += 1
+        if stream:
+            with client.messages.stream(model=name, max_tokens=50, messages=HELLO) as s:
+                "".join(s.text_stream)
+        else:
+            client.messages.create(model=name, max_tokens=50, messages=HELLO)
+        rows = usage_rows(gw, asked)
+        return max(rows, key=lambda r: r["created_at"])
+
+    upstream.service_tier_served = "priority"
+    row = ask("claude")
+    assert float(row["cost_usd"]) == pytest.approx(PROMPT * pm(5) + COMPLETION * pm(25), abs=1e-12)
+    assert json.loads(row["unit_prices"])["service_tier"] == "priority"
+    assert ask("claude-map")["cost_usd"] is None  # the map has no Claude priority price
+    upstream.service_tier_served = "standard"
+    assert float(ask("claude")["cost_usd"]) == pytest.approx(PROMPT * pm(3) + COMPLETION * pm(15), abs=1e-12)

@@ -228,6 +228,8 @@ def _usage(usage: dict[str, Any]) -> dict[str, Any]:
            "cache_read_input_tokens": read, "cache_creation_input_tokens": written}
     if isinstance(usage.get("server_tool_use"), dict):  # hosted-tool uses, billed per use (as litellm keeps it)
         out["server_tool_use"] = usage["server_tool_use"]
+    if isinstance(usage.get("service_tier"), str):  # the tier that served (standard, priority, batch): billed
+        out["service_tier"] = usage["service_tier"]
     return out
 
 
