@@ -37,7 +37,10 @@ without a field the request asked for (`logprobs`, `top_logprobs`: a stream that
 carry them); a stream with parts not assembled here (tool calls, audio, annotations) or a
 JSON answer with parts a replayed stream would not carry; an answer that failed or was
 cut off, or whose usage the provider did not report (a hit's row must carry the real
-tokens).
+tokens); an answer passed through in the client's own format (POST /v1/messages to an
+Anthropic upstream: a hit would be the gateway's translation of it, without its
+`thinking` blocks, citations, `stop_sequence`, `usage.cache_creation`, `service_tier` or
+events as Anthropic sent them).
 
 A stream is answered from the cache as a stream (one chunk per choice, the usage chunk
 when asked, `[DONE]`), a JSON request from a cached stream, and the other way round.
@@ -67,6 +70,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.chat_stream import StreamAssembler, replayable
 from gateway.config import parse_duration
+from gateway.providers.base import Relayed
 from gateway.usage import openai_usage
 from plugins.base import Plugin, RequestContext
 
@@ -218,6 +222,8 @@ def _answer_of(ctx: RequestContext, streamed: StreamAssembler | None) -> dict[st
                                        "model": ctx.model, "usage": openai_usage(ctx.usage)})
     else:
         payload = ctx.response
+        if isinstance(payload, Relayed) and payload.raw is not None:
+            return None  # passed through as the upstream sent it: a hit could only translate it
     if not payload or not payload.get("choices") or not replayable(payload):
         return None
     choices = payload["choices"]
@@ -357,6 +363,8 @@ class ResponseCache(Plugin):
         streamed = scratch.get("stream")
         if streamed is None:
             streamed = scratch["stream"] = StreamAssembler()
+        if isinstance(chunk, Relayed) and chunk.raw:
+            streamed.exact = False  # the upstream's own events went to the client: not replayable as such
         try:
             streamed.add(chunk)
         except Exception:

@@ -139,25 +139,45 @@ def test_an_idempotent_retry_replays_the_passed_through_answer(gateway_factory, 
     assert gw.balance(user_id) == 99
 
 
-def test_the_cache_keys_what_is_passed_through(gateway_factory, upstream):
-    """An Anthropic client's repeat is a hit (answered in Anthropic's shape); a request that
-    differs only in a field the OpenAI form lacks (`top_k`) reaches Anthropic and is a miss."""
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_passed_through_answer_is_not_cached(gateway_factory, upstream, stream):
+    """A hit would be the gateway's translation of Anthropic's message, not the message:
+    `usage.cache_creation` (and thinking blocks, citations, stop_sequence, service_tier)
+    lost. The cache stores only what it replays exactly, so every repeat reaches Anthropic
+    and gets Anthropic's own answer."""
     chain = ["auth", "tier_policy", {"name": "cache", "settings": {"models": ["claude"]}}, "energy"]
     gw = gateway_factory(plugins=chain)
     _, key = gw.make_user(energy=100)
-    sdk = client(gw, key)
+    upstream.cached_tokens, upstream.cache_write_tokens = 40, 9
+    body = {"model": "claude", "max_tokens": 50, "messages": MESSAGES, "temperature": 0, "stream": stream}
+    headers = {**HEADERS, "x-api-key": key}
+    first = httpx.post(f"{gw.url}/v1/messages", json=body, headers=headers, timeout=20)
+    second = httpx.post(f"{gw.url}/v1/messages", json=body, headers=headers, timeout=20)
+    assert (first.headers["X-Cache"], second.headers["X-Cache"]) == ("MISS", "MISS")
+    assert upstream.count("/messages") == 2
+    if stream:
+        assert second.text.replace("msg_fake_2", "msg_fake_1") == first.text
+    else:
+        assert {**second.json(), "id": None} == {**first.json(), "id": None}
+        assert second.json()["usage"]["cache_creation"] == {"ephemeral_5m_input_tokens": 9,
+                                                            "ephemeral_1h_input_tokens": 0}
 
-    def ask(**extra):
-        raw = sdk.messages.with_raw_response.create(model="claude", max_tokens=50, messages=MESSAGES,
-                                                    extra_body={"temperature": 0, **extra})
-        return raw.headers.get("X-Cache"), raw.parse()
 
-    first, answer = ask(top_k=5)
-    second, again = ask(top_k=5)
-    third, _ = ask(top_k=40)
-    assert (first, second, third) == ("MISS", "HIT", "MISS")
-    assert again.type == "message" and again.content[0].text == answer.content[0].text
-    assert upstream.count("/messages") == 2 and upstream.last.json["top_k"] == 40
+def test_a_translated_messages_answer_is_cached_and_its_hit_equals_the_miss(gateway_factory, upstream):
+    """/v1/messages served by an OpenAI-wire model: the client's message is the gateway's
+    translation either way, so a hit equals the miss (but its id)."""
+    models = [{"name": "claude", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": upstream.openai_base,
+                                                    "api_key": "sk-x"}}]
+    chain = ["auth", "tier_policy", {"name": "cache", "settings": {"models": ["claude"]}}, "energy"]
+    gw = gateway_factory(plugins=chain, models=models, **ONLY_THESE)
+    _, key = gw.make_user(energy=100)
+    body = {"model": "claude", "max_tokens": 50, "messages": MESSAGES, "temperature": 0}
+    headers = {**HEADERS, "x-api-key": key}
+    first = httpx.post(f"{gw.url}/v1/messages", json=body, headers=headers, timeout=20)
+    second = httpx.post(f"{gw.url}/v1/messages", json=body, headers=headers, timeout=20)
+    assert (first.headers["X-Cache"], second.headers["X-Cache"]) == ("MISS", "HIT")
+    assert {**second.json(), "id": None} == {**first.json(), "id": None}
+    assert upstream.count() == 1
 
 
 def test_an_idempotency_key_reused_with_another_passed_through_field_is_refused(gateway_factory, upstream):
