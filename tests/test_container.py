@@ -10,7 +10,8 @@ registry is reachable from CI) and run on the host network against a fake upstre
 - it runs as a non-root user on a read-only root filesystem, and its HEALTHCHECK passes;
 - SIGTERM under load (through tini, PID 1) loses nothing: every answered request has its
   usage row, the container exits 0;
-- the same image serves with PostgreSQL and Redis, two workers from GATEWAY_WORKERS.
+- the Kubernetes migration Job's command migrates a fresh PostgreSQL schema and exits, and
+  the same image serves with PostgreSQL and Redis, two workers from GATEWAY_WORKERS.
 
 Skipped unless GATEWAY_TEST_CONTAINER=1 (the make target sets it), and skipped with the reason
 when podman cannot run containers on this machine. Environment: GATEWAY_TEST_BASE_IMAGE (a
@@ -279,6 +280,14 @@ def test_sigterm_under_load_loses_no_usage_row(image, fake_upstream, tmp_path, v
         db.close()
 
 
+async def migrations(schema: str) -> int:
+    conn = await asyncpg.connect(PG_URL)
+    try:
+        return await conn.fetchval(f'SELECT COUNT(*) FROM "{schema}".schema_migrations')
+    finally:
+        await conn.close()
+
+
 def test_the_same_image_serves_with_postgresql_and_redis_and_two_workers(image, fake_upstream, tmp_path, volume):
     schema = "t_" + uuid.uuid4().hex[:12]
     prefix = f"gw:test:container:{uuid.uuid4().hex[:10]}"
@@ -289,6 +298,10 @@ def test_the_same_image_serves_with_postgresql_and_redis_and_two_workers(image, 
     gateway = Gateway(image, config, volume, env={"GATEWAY_WORKERS": "2"})
     counters = redis.Redis.from_url(REDIS_URL)
     try:
+        # deploy/kubernetes/migration-job.yaml's command migrates the fresh schema and exits
+        job = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "migration-job.yaml").read_text())
+        gateway.cli(*job["spec"]["template"]["spec"]["containers"][0]["args"])
+        assert asyncio.run(migrations(schema)) >= 1
         user = create_user(gateway)
         gateway.start()
         commands = gateway.exec("python", "-c", "import glob; print('\\n'.join(open(p, 'rb').read()"
