@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: install run test bench bench-reports bench-multiprocess lint check-config clean
+.PHONY: install run test test-container bench bench-reports bench-multiprocess lint check-config clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,3 +38,6 @@ lint: install                 ## unused imports/names, syntax
 
 clean:
 	rm -rf $(VENV) data .pytest_cache
+
+test-container: install       ## build the image on a local Debian base, run it with podman (docs/containers.md); skips without podman
+	GATEWAY_TEST_CONTAINER=1 $(BIN)/python -m pytest tests/test_container.py -v -rs -s

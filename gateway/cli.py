@@ -72,14 +72,29 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"{name}: expected an integer, got {value!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="proxy.py", description="OpenAI-compatible AI gateway")
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="run the gateway (default)")
     serve.add_argument("--config", default=os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG))
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--workers", type=int, help="processes sharing the port (default: server.workers)")
+    # GATEWAY_HOST / GATEWAY_PORT / GATEWAY_WORKERS: the container image's way to set them
+    # (Containerfile); a flag wins over its variable, the variable over config.yaml.
+    serve.add_argument("--host", default=os.environ.get("GATEWAY_HOST") or None,
+                       help="bind address (default: $GATEWAY_HOST, else server.host)")
+    serve.add_argument("--port", type=int, default=_env_int("GATEWAY_PORT"),
+                       help="port (default: $GATEWAY_PORT, else server.port)")
+    serve.add_argument("--workers", type=int, default=_env_int("GATEWAY_WORKERS"),
+                       help="processes sharing the port (default: $GATEWAY_WORKERS, else server.workers)")
     serve.set_defaults(func=_serve)
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file", nargs="?", default=os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG))
