@@ -53,11 +53,13 @@ from typing import Any, AsyncIterator, Iterable, Mapping
 import structlog
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.chain import Chain
 from gateway.config import Config, load_config_data
 from gateway.directory import Directory
-from gateway.errors import ApiError, internal_error, store_unavailable
-from gateway.store import Store, StoreUnavailable
-from gateway.usage import finalize_usage, openai_usage, usage_from_payload
+from gateway.errors import ApiError
+from gateway.lifecycle import choose_model
+from gateway.store import Store
+from gateway.usage import openai_usage, usage_from_payload
 from plugins import plugin_class
 from plugins.base import Identity, Plugin, RequestContext, Services, Usage
 
@@ -225,61 +227,27 @@ async def make_user(store: Store, *, tier: str = "free", energy: int = 100, work
     return identity, key
 
 
-def _overriding(plugins: Iterable[Plugin], hook: str) -> list[Plugin]:
-    return [p for p in plugins if p.overrides(hook)]
+def _chain(plugins: Iterable[Plugin]) -> Chain:
+    return Chain(list(plugins))  # the gateway's own runner: its order and failure policy, no journal
 
 
 async def run_request(plugins: Iterable[Plugin], ctx: RequestContext) -> ApiError | None:
-    """The request hooks in list order, as the gateway runs them. Returns the error the
-    request is refused with (a Reject, or a failure turned into one: fails closed), or
-    None when every hook let it through or one answered it (`ctx.short_circuit`)."""
-    for plugin in _overriding(plugins, "on_request"):
-        if ctx.short_circuit is not None:
-            break
-        try:
-            await plugin.on_request(ctx)
-        except ApiError as err:
-            return err
-        except StoreUnavailable:
-            log.warning("plugin_request_store_unavailable", plugin=plugin.name, request_id=ctx.request_id)
-            return store_unavailable(ctx.request_id)
-        except Exception:  # fail closed: a broken gate rejects, never admits
-            log.exception("plugin_request_hook_failed", plugin=plugin.name, request_id=ctx.request_id)
-            return internal_error(ctx.request_id)
+    """The request hooks in list order, by the gateway's own chain (gateway/chain.py).
+    Returns the error the request is refused with (a Reject, or a failure turned into one:
+    fails closed), or None when every hook let it through or one answered it
+    (`ctx.short_circuit`)."""
+    try:
+        await _chain(plugins).run_request(ctx)
+    except ApiError as err:
+        return err
     return None
 
 
 async def run_ending(plugins: Iterable[Plugin], ctx: RequestContext, error: ApiError | None = None) -> None:
-    """Exactly one ending on every plugin: `on_error` when `error` (or `ctx.error`) is set,
-    else `on_response`. Usage is finalized (estimated, priced) first, as the core does.
-    An exception in an ending is logged and ignored (fails open)."""
-    ctx.ended_at = time.monotonic()
-    if error is not None:
-        ctx.error, ctx.status = error, error.status
-    elif ctx.error is not None:
-        ctx.status = ctx.error.status
-    elif ctx.status is None:
-        ctx.status = 200
-    try:
-        finalize_usage(ctx)
-    except Exception:
-        log.exception("finalize_usage_failed", request_id=ctx.request_id)
-    failed = ctx.error is not None
-    hook = "on_error" if failed else "on_response"
-    for plugin in _overriding(plugins, hook):
-        try:
-            await (plugin.on_error(ctx) if failed else plugin.on_response(ctx))
-        except Exception:  # fail open
-            log.exception("plugin_ending_hook_failed", plugin=plugin.name, request_id=ctx.request_id, hook=hook)
-
-
-def _choose_model(ctx: RequestContext) -> None:
-    ctx.model = ctx.candidates[0]
-    if ctx.model != ctx.requested_model:
-        ctx.downgraded_from = ctx.requested_model
-        ctx.response_headers["X-Model-Downgraded-From"] = ctx.requested_model
-        if ctx.downgrade_reason:
-            ctx.response_headers["X-Model-Downgrade-Reason"] = ctx.downgrade_reason
+    """Exactly one ending on every plugin, by the gateway's own chain: `on_error` when
+    `error` (or `ctx.error`) is set, else `on_response`. Usage is finalized (estimated,
+    priced) first. An exception in an ending is logged and ignored (fails open)."""
+    await _chain(plugins).end(ctx, error if error is not None else ctx.error)
 
 
 def _made_up_answer(ctx: RequestContext, reported: Usage | None) -> dict[str, Any]:
@@ -294,7 +262,7 @@ def _made_up_answer(ctx: RequestContext, reported: Usage | None) -> dict[str, An
                          "logprobs": None, "finish_reason": "stop"}]}
 
 
-async def _stream(plugins: list[Plugin], ctx: RequestContext, answer: dict[str, Any]) -> None:
+async def _stream(chain: Chain, ctx: RequestContext, answer: dict[str, Any]) -> None:
     """The answer as a stream: a content chunk, the finishing chunk, the usage chunk,
     each through on_stream_chunk (fails open) before it counts as sent."""
     choice = (answer.get("choices") or [{}])[0]
@@ -309,11 +277,7 @@ async def _stream(plugins: list[Plugin], ctx: RequestContext, answer: dict[str, 
     if answer.get("usage") is not None:
         chunks.append({**base, "choices": [], "usage": answer["usage"]})
     for chunk in chunks:
-        for plugin in plugins:
-            try:
-                await plugin.on_stream_chunk(ctx, chunk)
-            except Exception:  # fail open
-                log.exception("plugin_chunk_hook_failed", plugin=plugin.name, request_id=ctx.request_id)
+        await chain.run_chunk(ctx, chunk)  # fails open
         if ctx.stream_assembler is not None:
             ctx.stream_assembler.add(chunk)
         for c in chunk["choices"]:
@@ -345,7 +309,7 @@ async def run_hooks(plugins: Iterable[Plugin], ctx: RequestContext, *, answer: d
             error = ApiError(404, f"The model '{ctx.requested_model}' does not exist or you do not have access to it.",
                              code="model_not_found", param="model")
         else:
-            _choose_model(ctx)
+            choose_model(ctx)
             if ctx.cache_hit is not None:  # served only if energy left the request on its model
                 hit = ctx.model == ctx.cache_hit_model
                 ctx.short_circuit = ctx.cache_hit if hit else None
@@ -355,7 +319,7 @@ async def run_hooks(plugins: Iterable[Plugin], ctx: RequestContext, *, answer: d
         gate, ctx.gate = ctx.gate, None
         error = await gate
         if error is None and ctx.candidates and ctx.candidates[0] != ctx.model:
-            _choose_model(ctx)  # the gate moved the request: it is dispatched to that model
+            choose_model(ctx)  # the gate moved the request: it is dispatched to that model
     if error is None and ctx.billed:
         if ctx.short_circuit is not None:
             payload = ctx.short_circuit
@@ -369,7 +333,7 @@ async def run_hooks(plugins: Iterable[Plugin], ctx: RequestContext, *, answer: d
         if error is None:
             payload["model"] = ctx.model
             if ctx.stream and ctx.endpoint == "chat.completions" and ctx.short_circuit is None:
-                await _stream(_overriding(plugins, "on_stream_chunk"), ctx, payload)
+                await _stream(_chain(plugins), ctx, payload)
             else:
                 ctx.response = payload
                 ctx.usage = usage_from_payload(payload)
