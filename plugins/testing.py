@@ -50,7 +50,6 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Iterable, Mapping
 
-import structlog
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.chain import Chain
@@ -66,7 +65,6 @@ from plugins.base import Identity, Plugin, RequestContext, Services, Usage
 __all__ = ["DEFAULT_CONFIG", "make_config", "make_ctx", "make_identity", "make_plugin", "make_services",
            "make_user", "run_ending", "run_hooks", "run_request", "running"]
 
-log = structlog.get_logger("plugins.testing")
 
 MESSAGES = [{"role": "user", "content": "Hello"}]
 REPLY = "Hello from the made-up upstream"
