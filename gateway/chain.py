@@ -63,7 +63,7 @@ class Chain:
             if read_body is not None and plugin.needs_body:
                 await read_body()
                 read_body = None
-            started = time.time_ns() if trace is not None else 0
+            started = time.perf_counter() if trace is not None else 0.0
             try:
                 await plugin.on_request(ctx)
                 if trace is not None:

@@ -244,17 +244,19 @@ async def pass_gate(ctx: RequestContext, dispatched: str, answer: dict[str, Any]
     fallback had served (the upstream saw every attempt twice)."""
     gate, ctx.gate = ctx.gate, None
     error = await asyncio.shield(gate)  # a gate is resolved by its plugin, never cancelled by us
-    if ctx.trace is not None:
-        ctx.trace.event("gateway.gate", {"error.type": error.code if error is not None else None,
-                                         "gateway.moved_to": ctx.candidates[0] if ctx.candidates
-                                         and ctx.candidates[0] not in (dispatched, ctx.model) else None})
     if error is not None:
+        if ctx.trace is not None:
+            ctx.trace.gate(error.code or error.type, None)
         record_unbilled_call(ctx, answer)
         raise error
     if ctx.candidates and ctx.candidates[0] not in (dispatched, ctx.model):
+        if ctx.trace is not None:
+            ctx.trace.gate("moved", ctx.candidates[0])
         record_unbilled_call(ctx, answer)
         choose_model(ctx)
         return True
+    if ctx.trace is not None:
+        ctx.trace.gate("passed", None)
     return False
 
 

@@ -235,24 +235,46 @@ class Attempt:
 class RequestTrace:
     """One request's spans: `ctx.trace` while tracing is on (plugins/base.py)."""
 
-    __slots__ = ("telemetry", "span", "open_stream", "response_id")
+    __slots__ = ("telemetry", "span", "recording", "open_stream", "response_id", "plugins", "plugin_ms", "extra")
 
     def __init__(self, telemetry: Telemetry, span: Any):
         self.telemetry = telemetry
         self.span = span
+        # False for a request the sampler dropped: nothing is computed for its attributes,
+        # only the (unsampled) traceparent of each attempt is sent upstream.
+        self.recording: bool = span.is_recording()
         self.open_stream: Any = None  # the CLIENT span of the stream being relayed
         self.response_id: str | None = None
+        # The request hooks that ran, in chain order, and how long each took: two array
+        # attributes of the server span at its end (an event each cost ~10x as much).
+        self.plugins: list[str] = []
+        self.plugin_ms: list[float] = []
+        self.extra: dict[str, Any] = {}  # further attributes for the server span's end
 
     # --- the gateway's work ----------------------------------------------------------
 
-    def phase(self, name: str, started_ns: int, error: BaseException | None = None) -> None:
-        """A plugin's request hook ran (an event on the server span, timed)."""
-        attributes: dict[str, Any] = {"gateway.duration_ms": (time.time_ns() - started_ns) / 1e6}
+    def phase(self, name: str, started: float, error: BaseException | None = None) -> None:
+        """A plugin's request hook ran (`started`: its time.perf_counter())."""
+        if not self.recording:
+            return
+        self.plugins.append(name)
+        self.plugin_ms.append(round((time.perf_counter() - started) * 1000, 3))
         if error is not None:
-            attributes["error.type"] = getattr(error, "code", None) or type(error).__name__
-        self.span.add_event("plugin." + name, attributes, timestamp=started_ns)
+            self.extra["gateway.plugin.failed"] = name
+            self.extra["gateway.plugin.error_type"] = getattr(error, "code", None) or type(error).__name__
+
+    def gate(self, outcome: str, moved_to: str | None) -> None:
+        """An overlapped check's outcome (`ctx.gate`): passed, moved, or its error's code."""
+        if not self.recording:
+            return
+        self.extra["gateway.gate"] = outcome
+        if moved_to is not None:
+            self.extra["gateway.gate_moved_to"] = moved_to
 
     def event(self, name: str, attributes: Mapping[str, Any]) -> None:
+        """A decision off the fast path (a downgrade, a cache hit), timed as an event."""
+        if not self.recording:
+            return
         self.span.add_event(name, {k: v for k, v in attributes.items() if v is not None})
 
     # --- upstream attempts -----------------------------------------------------------
@@ -260,6 +282,9 @@ class RequestTrace:
     def attempt(self, ctx: "RequestContext", model: str, deployment: "ModelEntry") -> Attempt:
         """A CLIENT span for one call to `deployment`; the call carries its traceparent."""
         self._close_stream(discarded=True)  # a gate that moved the request dispatches again
+        if not self.recording:  # an unsampled child: only its traceparent is used
+            span = self.telemetry.tracer.start_span("", kind=SpanKind.CLIENT, context=set_span_in_context(self.span))
+            return Attempt(span, UPSTREAM_TRACE.set(_carrier_of(span)))
         params = deployment.litellm_params
         upstream_model = params.model.split("/", 1)[1] if "/" in params.model else params.model
         operation = operation_of(ctx.endpoint)
@@ -274,13 +299,13 @@ class RequestTrace:
             attributes["server.address"], attributes["server.port"] = server
         span = self.telemetry.tracer.start_span(f"{operation} {upstream_model}", kind=SpanKind.CLIENT,
                                                 context=set_span_in_context(self.span), attributes=attributes)
-        carrier: dict[str, str] = {}
-        _PROPAGATOR.inject(carrier, context=set_span_in_context(span))
-        return Attempt(span, UPSTREAM_TRACE.set(carrier))
+        return Attempt(span, UPSTREAM_TRACE.set(_carrier_of(span)))
 
     def attempt_failed(self, attempt: Attempt, err: BaseException) -> None:
         UPSTREAM_TRACE.reset(attempt.token)
         span = attempt.span
+        if not self.recording:
+            return
         if isinstance(err, UpstreamError):
             attributes: dict[str, Any] = {"error.type": str(err.status) if err.kind == "status" else err.kind,
                                           "gateway.retryable": err.retryable}
@@ -298,6 +323,8 @@ class RequestTrace:
         stays open until the stream was relayed (`finish`)."""
         UPSTREAM_TRACE.reset(attempt.token)
         span = attempt.span
+        if not self.recording:
+            return
         if isinstance(result, tuple):  # (first chunk, the rest): Router.open_stream
             first = result[0] if isinstance(result[0], dict) else {}
             self.response_id = first.get("id") or self.response_id
@@ -325,10 +352,17 @@ class RequestTrace:
 
     def finish(self, ctx: "RequestContext") -> None:
         """The answer (or error) is sent: the server span's attributes, then its end."""
+        if not self.recording:
+            return
         try:
             attributes = _request_attributes(ctx)
             if self.response_id and "gen_ai.response.id" not in attributes:
                 attributes["gen_ai.response.id"] = self.response_id
+            if self.plugins:
+                attributes["gateway.plugin.names"] = self.plugins
+                attributes["gateway.plugin.durations_ms"] = self.plugin_ms
+            if self.extra:
+                attributes.update(self.extra)
             if self.telemetry.capture_content:
                 attributes.update(_content_attributes(ctx))
             if self.open_stream is not None:
@@ -344,6 +378,13 @@ class RequestTrace:
             span.end()
         except Exception:  # noqa: BLE001 — tracing fails open
             log.exception("trace_finish_failed")
+
+
+def _carrier_of(span: Any) -> dict[str, str]:
+    """The W3C headers that make `span` the upstream call's parent."""
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier, context=set_span_in_context(span))
+    return carrier
 
 
 _STREAM_KEYS = frozenset({"gen_ai.response.finish_reasons", "gen_ai.response.id"})

@@ -165,10 +165,12 @@ def test_a_plain_call_is_one_server_span_with_one_client_span(gateway_factory, c
     assert a["gateway.action"] == "ai_message" and a["gateway.energy"] == 2
     assert a["gateway.cost_usd"] > 0 and a["gateway.cache_hit"] is False and a["gateway.attempts"] == 1
     assert "gen_ai.system" not in a  # the deprecated name
-    # The plugins' request hooks are the server span's events, in chain order.
-    hooks = [f"plugin.{p.name}" for p in gw.state.chain.plugins if p.overrides("on_request")]
-    assert [e for e in events(server) if e.startswith("plugin.")] == hooks
-    assert {"plugin.auth", "plugin.energy"} <= set(hooks)
+    # The plugins' request hooks that ran, in chain order, and how long each took.
+    hooks = [p.name for p in gw.state.chain.plugins if p.overrides("on_request")]
+    assert a["gateway.plugin.names"] == hooks and {"auth", "energy"} <= set(hooks)
+    durations = a["gateway.plugin.durations_ms"]
+    assert len(durations) == len(hooks) and all(isinstance(d, float) and d >= 0 for d in durations)
+    assert "gateway.plugin.failed" not in a and server["events"] == []
 
     (client,) = clients
     assert client["kind"] == CLIENT and client["name"] == "chat gpt-4o-mini"
@@ -179,6 +181,18 @@ def test_a_plain_call_is_one_server_span_with_one_client_span(gateway_factory, c
     assert c["gen_ai.usage.input_tokens"] == 11 and c["gen_ai.response.finish_reasons"] == ["stop"]
     # The upstream call carried the client span's own traceparent.
     assert traceparent_of(upstream.last) == (client["trace_id"], client["span_id"], True)
+
+
+def test_an_overlapped_reservation_says_its_outcome(gateway_factory, collector, upstream):
+    """The energy plugin overlaps the reservation with the upstream call once it knows the
+    user's balance (the second request): the gate's outcome is on the server span."""
+    gw = gateway_factory(telemetry=telemetry(collector))
+    _, key = gw.make_user(energy=100)
+    first, second = chat(gw, key), chat(gw, key)
+    server, _ = collector.trace_of(request_id_of(first))
+    assert "gateway.gate" not in server["attributes"]
+    server, _ = collector.trace_of(request_id_of(second))
+    assert server["attributes"]["gateway.gate"] == "passed"
 
 
 def test_a_stream_ends_its_spans_when_the_stream_is_relayed(gateway_factory, collector, upstream):
@@ -277,8 +291,8 @@ def test_insufficient_energy_is_a_server_span_without_a_client_span(gateway_fact
     a = server["attributes"]
     assert a["http.response.status_code"] == 429 and a["error.type"] == "insufficient_energy"
     assert a["gateway.energy"] == 0
-    energy = next(e for e in server["events"] if e["name"] == "plugin.energy")
-    assert energy["attributes"]["error.type"] == "insufficient_energy"
+    assert a["gateway.plugin.names"][-1] == a["gateway.plugin.failed"] == "energy"
+    assert a["gateway.plugin.error_type"] == "insufficient_energy"
     assert upstream.count() == 0
 
 
@@ -294,7 +308,7 @@ def test_a_cache_hit_has_no_client_span(gateway_factory, collector, upstream):
     time.sleep(0.2)
     assert [s for s in collector.spans if s["parent"] == server["span_id"]] == []
     assert server["attributes"]["gateway.cache_hit"] is True
-    assert "plugin.cache" in events(server) and "gateway.cache" in events(server)
+    assert "cache" in server["attributes"]["gateway.plugin.names"] and "gateway.cache" in events(server)
     assert upstream.count() == 1
 
 
