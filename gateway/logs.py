@@ -6,6 +6,11 @@ Here the timestamp's second part is formatted once per second, lines are rendere
 bytes by orjson, and the per-request lines (`BUFFERED_LOGGERS`) are flushed by a
 background task every `FLUSH_SECONDS` (and at exit) rather than once per line; every
 other event is flushed at once. Logging fails open: a write error is ignored.
+
+The per-request events go through `PerRequestLog.emit(method, event, fields)`: the same
+processors and the same line as `structlog.get_logger(name).info(event, **fields)`, but
+the fields dict is handed to them as is. structlog's call path re-packs ~20 keyword
+arguments three times and copies the context once more (~6 µs of the ~9 µs per line).
 """
 
 from __future__ import annotations
@@ -88,6 +93,38 @@ class FlushingLineLogger:
 BUFFERED_LOGGERS = frozenset({"gateway.request", "gateway.analytics"})
 
 _line_logger: BufferedLineLogger | None = None
+# Set by configure(): the processors and the logger factory it gave structlog.
+_pipeline: tuple[list[Any], Any] | None = None
+
+
+class PerRequestLog:
+    """`structlog.get_logger(name)` for an event logged on every request.
+
+    `emit("info", "request_completed", fields)` writes what
+    `structlog.get_logger(name).info("request_completed", **fields)` writes: the event
+    dict is the fields then `event`, run through the processors configure() installed,
+    the result handed to the same line logger. Until configure() ran (tests, with
+    `structlog.testing.capture_logs()`), it is exactly that call. `fields` is consumed.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self.log = structlog.get_logger(name)
+
+    def emit(self, method: str, event: str, fields: dict[str, Any]) -> None:
+        pipeline = _pipeline
+        if pipeline is None:
+            getattr(self.log, method)(event, **fields)
+            return
+        processors, factory = pipeline
+        logger = factory(self.name)
+        fields["event"] = event
+        try:
+            for processor in processors:
+                fields = processor(logger, method, fields)
+        except structlog.DropEvent:
+            return
+        getattr(logger, method)(fields)
 
 
 def flush() -> None:
@@ -107,6 +144,7 @@ async def flush_forever() -> None:
 
 
 def configure(level: str = "info") -> None:
+    global _line_logger, _pipeline
     logging.basicConfig(format="%(message)s", stream=sys.stdout, level=getattr(logging, level.upper(), logging.INFO))
     for noisy in ("LiteLLM", "litellm", "httpx", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -115,22 +153,19 @@ def configure(level: str = "info") -> None:
         factory: Any = structlog.PrintLoggerFactory(file=sys.stdout)
         renderer: Any = structlog.processors.JSONRenderer(serializer=lambda o, **kw: orjson.dumps(o, default=json_default).decode())
     else:
-        global _line_logger
         if _line_logger is not None:
             _line_logger.flush()
         line_logger = _line_logger = BufferedLineLogger(out)
         flushing = FlushingLineLogger(line_logger)
         factory = lambda *args: line_logger if args and args[0] in BUFFERED_LOGGERS else flushing  # noqa: E731
         renderer = _render
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            _timestamp,
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        logger_factory=factory,
-        cache_logger_on_first_use=True,
-    )
+    processors = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        _timestamp,
+        structlog.processors.format_exc_info,
+        renderer,
+    ]
+    structlog.configure(processors=processors, logger_factory=factory, cache_logger_on_first_use=True)
+    _pipeline = (processors, factory) if out is not None else None
     atexit.register(flush)

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-import structlog
 from pydantic import BaseModel, ConfigDict
 
+from gateway.logs import PerRequestLog
 from plugins.base import Plugin, RequestContext
 
-log = structlog.get_logger("gateway.request")
+log = PerRequestLog("gateway.request")
 
 
 class RequestLogSettings(BaseModel):
@@ -31,36 +31,42 @@ class RequestLogSettings(BaseModel):
 
 
 def request_fields(ctx: RequestContext) -> dict:
+    latency_ms = ctx.latency_ms
     fields: dict = {
         "request_id": ctx.request_id,
         "endpoint": ctx.endpoint,
         "status": ctx.status,
-        "latency_ms": round(ctx.latency_ms, 2) if ctx.latency_ms is not None else None,
+        "latency_ms": round(latency_ms, 2) if latency_ms is not None else None,
     }
     if ctx.endpoint != "models":
-        fields.update(
-            model_requested=ctx.requested_model,
-            model_served=ctx.model if ctx.attempts or ctx.short_circuit is not None else None,
-            provider=ctx.provider,
-            stream=ctx.stream,
-            ttfb_ms=round(ctx.ttfb_ms, 2) if ctx.ttfb_ms is not None else None,
-            attempts=ctx.attempts,
-            fallbacks=ctx.fallbacks,
-            action=ctx.action,
-        )
+        ttfb_ms = ctx.ttfb_ms
+        fields["model_requested"] = ctx.requested_model
+        fields["model_served"] = ctx.model if ctx.attempts or ctx.short_circuit is not None else None
+        fields["provider"] = ctx.provider
+        fields["stream"] = ctx.stream
+        fields["ttfb_ms"] = round(ttfb_ms, 2) if ttfb_ms is not None else None
+        fields["attempts"] = ctx.attempts
+        fields["fallbacks"] = ctx.fallbacks
+        fields["action"] = ctx.action
         if ctx.downgraded_from is not None:
             fields["downgraded_from"] = ctx.downgraded_from
             fields["downgrade_reason"] = ctx.downgrade_reason
-    if ctx.usage is not None:
-        fields.update(tokens_prompt=ctx.usage.prompt_tokens, tokens_completion=ctx.usage.completion_tokens,
-                      tokens_total=ctx.usage.total_tokens, usage_estimated=ctx.usage.estimated)
-    if ctx.identity is not None:
-        fields.update(user_id=ctx.identity.user_id, workspace_id=ctx.identity.workspace_id,
-                      key_prefix=ctx.identity.key_prefix)
+    usage = ctx.usage
+    if usage is not None:
+        fields["tokens_prompt"] = usage.prompt_tokens
+        fields["tokens_completion"] = usage.completion_tokens
+        fields["tokens_total"] = usage.total_tokens
+        fields["usage_estimated"] = usage.estimated
+    identity = ctx.identity
+    if identity is not None:
+        fields["user_id"] = identity.user_id
+        fields["workspace_id"] = identity.workspace_id
+        fields["key_prefix"] = identity.key_prefix
     if ctx.client_disconnected:
         fields["client_disconnected"] = True
     if ctx.error is not None:
-        fields.update(error_type=ctx.error.type, error_code=ctx.error.code)
+        fields["error_type"] = ctx.error.type
+        fields["error_code"] = ctx.error.code
     return fields
 
 
@@ -71,11 +77,7 @@ class RequestLog(Plugin):
     def _emit(self, ctx: RequestContext, event: str) -> None:
         if ctx.endpoint == "models" and not self.settings.log_models_listing:
             return
-        fields = request_fields(ctx)
-        if self.settings.level == "debug":
-            log.debug(event, **fields)
-        else:
-            log.info(event, **fields)
+        log.emit(self.settings.level, event, request_fields(ctx))
 
     async def on_response(self, ctx: RequestContext) -> None:
         self._emit(ctx, "request_completed")
