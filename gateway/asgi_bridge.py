@@ -95,6 +95,12 @@ async def serve_asgi(request: web.Request, app: ASGIApp, extra_scope: dict[str, 
 
     try:
         await app(asgi_scope(request, extra_scope), receive, send)
+    except ConnectionError:
+        if not gone():
+            raise
+        # The client left before its answer was written: nothing to send it. (What the
+        # app was doing for it, a tool call and its billing, ended on its own.)
+        return response if response is not None else web.Response(status=499)
     finally:
         finished.set()
     if response is None:

@@ -367,28 +367,33 @@ def test_a_hanging_tool_times_out_as_an_mcp_error_and_is_refunded(mcp_gateway):
     assert gw.balance(user_id) == 10
 
 
-def test_a_client_cut_off_mid_call_is_billed_once_when_the_call_ends(mcp_gateway):
+def test_a_client_cut_off_mid_call_is_billed_once_when_the_call_ends(mcp_gateway, capfd):
     gw = mcp_gateway()
     user_id, key = gw.make_user(tier="pro", energy=10)
 
     async def cut_off():
         import httpx2
 
-        async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"}) as http:
-            async with Client(streamable_http_client(gw.url + "/mcp", http_client=http), cache=None) as client:
-                task = asyncio.create_task(client.call_tool("search__slow", {"seconds": 1.0}))
-                await asyncio.sleep(0.3)
-                task.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await task
+        async def session():
+            async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"}) as http:
+                async with Client(streamable_http_client(gw.url + "/mcp", http_client=http), cache=None) as client:
+                    await client.call_tool("search__slow", {"seconds": 1.0})
+
+        task = asyncio.create_task(session())
+        await asyncio.sleep(0.5)  # the call is on its way upstream: the client goes, connections closed
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
     asyncio.run(cut_off())
     time.sleep(1.5)
     gw.settle()
     ledger = [e.kind for e in gw.ledger(user_id)]
     assert ledger.count("reserve") == 1 and ledger.count("settle") + ledger.count("refund") == 1
-    assert gw.balance(user_id) in (10, 8)
+    assert gw.balance(user_id) == 8, ledger  # the call ran to its end upstream: billed
     assert gw.state.chain.inflight.count == 0
+    out, err = capfd.readouterr()
+    assert "unhandled_error" not in out + err and "Traceback" not in out + err  # a client gone is no error
 
 
 # --------------------------------------------------------------------------- arguments and errors
@@ -496,3 +501,53 @@ def test_rate_limits_apply_to_tool_calls(mcp_gateway):
         return limited.value
 
     assert call(gw, key, work).error.data["status"] == 429
+
+
+# --------------------------------------------------------------------------- hot reload
+
+
+async def start_watching(config: Any, path: str) -> tuple[Any, Any, str]:
+    import proxy
+    from aiohttp import web
+
+    app = proxy.create_app(config, config_path=path)
+    runner = web.AppRunner(app, shutdown_timeout=2)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, app, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+def test_mcp_servers_are_hot_reloaded_with_the_config(fake_servers, store_url, upstream, tmp_path, server_thread,
+                                                     monkeypatch):
+    """A reload that drops the crm server and renames a search tool changes what clients see
+    and call at once; the search session is kept (same server settings) or rebuilt."""
+    import proxy
+    from tests.conftest import RunningGateway
+    from tests.test_reload import write_config
+
+    monkeypatch.setenv("SEARCH_MCP_TOKEN", f"Bearer {UPSTREAM_SECRET}")
+    monkeypatch.setenv("CRM_MCP_TOKEN", f"Bearer {CRM_SECRET}")
+    search, crm = fake_servers
+    tiers = {"free": {"models": ["demo"]}, "pro": {"models": ["*"]}}
+    data = base_config(upstream, store_url=store_url, tiers=tiers, mcp_servers=mcp_config(search, crm),
+                       plugins=["auth", "tier_policy", "energy", "accounting"])
+    path = tmp_path / "config.yaml"
+    write_config(path, data)
+    config = proxy.check_config(path)
+    runner, app, url = server_thread.run(start_watching(config, str(path)))
+    try:
+        gw = RunningGateway(server_thread, runner, app, url, config)
+        user_id, key = gw.make_user(tier="pro", energy=100)
+        assert "crm__lookup" in tool_names(gw, key)
+        data["mcp_servers"] = [dict(data["mcp_servers"][0], rename={"web": "find"}, energy=5)]
+        write_config(path, data)
+        assert gw.run(proxy.reload_config(app, reason="test")) is True
+        assert tool_names(gw, key) == ["search__fail", "search__find", "search__hang", "search__slow",
+                                       "search__whoami"]
+        result = call(gw, key, lambda client: client.call_tool("search__find", {"query": "q"}))
+        assert text_of(result) == "results for q (limit 3)"
+        gw.settle()
+        assert gw.balance(user_id) == 95
+    finally:
+        server_thread.run(runner.cleanup(), timeout=30)
