@@ -11,6 +11,7 @@ a missing variable is a load error naming the path, never a silent empty key.
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import os
 import re
@@ -382,9 +383,15 @@ class Limits(_Strict):
 
 class TierConfig(_Strict):
     models: list[str] = Field(default_factory=lambda: ["*"], description='"*" allows every model')
+    # MCP tools (namespaced `server__tool`, shell-style patterns: "search__*"); like `models`,
+    # "*" allows every tool the mcp_servers expose (docs/mcp.md).
+    mcp_tools: list[str] = Field(default_factory=lambda: ["*"], description='"*" allows every MCP tool')
     refill: Refill | None = None
     limits: Limits | None = None
     description: str | None = None
+
+    def allows_tool(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.mcp_tools)
 
     def allows(self, model: str) -> bool:
         return "*" in self.models or model in self.models
@@ -535,6 +542,118 @@ class TelemetryConfig(_Strict):
         return v
 
 
+# --- MCP servers (gateway/providers/mcp.py, gateway/inbound/mcp.py, docs/mcp.md) -----------
+
+TOOL_SEPARATOR = "__"  # a client sees `server__tool`; server names never contain it
+_SERVER_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class McpToolConfig(_Strict):
+    """One upstream tool's own settings, keyed by the name the upstream gives it."""
+
+    energy: int | None = Field(None, ge=0, description="energy per call; default: the server's")
+    cost_usd: float | None = Field(None, ge=0, description="USD per call; default: the server's")
+    timeout: float | None = Field(None, gt=0, description="seconds; default: the server's")
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float | None:
+        return None if v is None else parse_duration(v)
+
+
+class McpServerConfig(_Strict):
+    """An upstream MCP server: streamable HTTP (`url`) or a local process over stdio
+    (`command`). Its credentials (`headers`, `env`, written as os.environ/NAME) are sent
+    only to it, never shown to a client or written to a log."""
+
+    name: str = Field(description="lowercase letters, digits, '-': the namespace of its tools")
+    url: str | None = Field(None, description="streamable HTTP endpoint, e.g. https://mcp.example.com/mcp")
+    headers: dict[str, str] = Field(default_factory=dict, description="sent with every HTTP request (credentials)")
+    command: str | None = Field(None, description="stdio: the program to start")
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict, description="stdio: the process's environment (credentials)")
+    timeout: float = Field(30.0, gt=0, description="seconds one tool call may take")
+    connect_timeout: float = Field(10.0, gt=0, description="seconds to connect and list the tools")
+    tools_ttl: float = Field(60.0, ge=0, description="seconds the upstream's tool list is cached")
+    allow: list[str] = Field(default_factory=lambda: ["*"], description="upstream tool names (patterns) exposed")
+    deny: list[str] = Field(default_factory=list, description="upstream tool names (patterns) hidden")
+    rename: dict[str, str] = Field(default_factory=dict, description="upstream name -> the name clients see")
+    energy: int = Field(1, ge=0, description="energy per call of any of its tools")
+    cost_usd: float | None = Field(None, ge=0, description="USD per call (usage rows); None: unknown")
+    tools: dict[str, McpToolConfig] = Field(default_factory=dict, description="per upstream tool name")
+
+    @field_validator("timeout", "connect_timeout", "tools_ttl", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+    @field_validator("name")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        if not _SERVER_NAME.match(v) or TOOL_SEPARATOR in v:
+            raise ValueError("expected lowercase letters, digits and '-' (at most 40), e.g. search")
+        return v
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("expected an http:// or https:// URL (streamable HTTP)")
+        return v
+
+    @field_validator("rename")
+    @classmethod
+    def _tool_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for upstream, exposed in v.items():
+            if not _TOOL_NAME.match(exposed):
+                raise ValueError(f"{upstream} -> {exposed!r}: letters, digits, '_', '.', '-' (at most 64)")
+        if len(set(v.values())) != len(v):
+            raise ValueError("two tools renamed to the same name")
+        return v
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> "McpServerConfig":
+        if (self.url is None) == (self.command is None):
+            raise ValueError("set exactly one of url (streamable HTTP) and command (stdio)")
+        if self.url is None and self.headers:
+            raise ValueError("headers are for url servers; a command server takes env")
+        if self.command is None and (self.args or self.env):
+            raise ValueError("args and env are for command servers")
+        return self
+
+    def exposes(self, upstream_name: str) -> bool:
+        """The upstream tool is offered to clients (allow, then deny)."""
+        return (any(fnmatch.fnmatchcase(upstream_name, p) for p in self.allow)
+                and not any(fnmatch.fnmatchcase(upstream_name, p) for p in self.deny))
+
+    def exposed_name(self, upstream_name: str) -> str:
+        """`server__tool` as clients see it (after `rename`)."""
+        return f"{self.name}{TOOL_SEPARATOR}{self.rename.get(upstream_name, upstream_name)}"
+
+    def upstream_name(self, exposed: str) -> str:
+        """The upstream's name of a tool clients call `exposed` (without the namespace)."""
+        for upstream, renamed in self.rename.items():
+            if renamed == exposed:
+                return upstream
+        return exposed
+
+    def tool_settings(self, upstream_name: str) -> McpToolConfig:
+        return self.tools.get(upstream_name) or McpToolConfig()
+
+    def tool_energy(self, upstream_name: str) -> int:
+        own = self.tool_settings(upstream_name).energy
+        return self.energy if own is None else own
+
+    def tool_cost_usd(self, upstream_name: str) -> float | None:
+        own = self.tool_settings(upstream_name).cost_usd
+        return self.cost_usd if own is None else own
+
+    def tool_timeout(self, upstream_name: str) -> float:
+        own = self.tool_settings(upstream_name).timeout
+        return self.timeout if own is None else own
+
+
 class PluginEntry(_Strict):
     """`- request_log` or `- {name: request_log, settings: {...}}`."""
 
@@ -575,6 +694,7 @@ class Config(_Strict):
     reports: ReportsConfig = ReportsConfig()
     experiments: list[ExperimentConfig] = Field(default_factory=list)
     telemetry: TelemetryConfig = TelemetryConfig()
+    mcp_servers: list[McpServerConfig] = Field(default_factory=list)
     # No `plugins:` section (or an empty key): the standard chain, never an open one.
     plugins: list[PluginEntry] = Field(default_factory=lambda: [PluginEntry(name=n) for n in STANDARD_CHAIN])
 
@@ -625,6 +745,11 @@ class Config(_Strict):
             for j, model in enumerate(tier.models):
                 if model != "*" and model not in names:
                     errors.append(f"tiers.{tier_name}.models[{j}]: unknown model {model!r}")
+        seen_servers: set[str] = set()
+        for i, server in enumerate(self.mcp_servers):
+            if server.name in seen_servers:
+                errors.append(f"mcp_servers[{i}].name: {server.name!r} is listed twice")
+            seen_servers.add(server.name)
         if self.auth.default_tier not in self.tiers:
             errors.append(f"auth.default_tier: unknown tier {self.auth.default_tier!r}")
         for action, price in self.energy.actions.items():
@@ -706,6 +831,12 @@ class Config(_Strict):
                 bound = self._request_bound(kind, chain)
                 if bound.seconds > worst.seconds:
                     worst = bound
+        for i, server in enumerate(self.mcp_servers):  # a tool call: connect, then the call
+            for upstream, path in [(None, "timeout"), *((t, f"tools.{t}.timeout") for t in server.tools)]:
+                seconds = server.connect_timeout + (server.timeout if upstream is None else server.tool_timeout(upstream))
+                if seconds > worst.seconds:
+                    worst = RequestBound(seconds, f"{seconds:g}s: a tool call on mcp_servers[{i}]: "
+                                                  f"connect_timeout + {path}")
         return worst
 
     def _request_bound(self, kind: str, chain: list[str]) -> "RequestBound":
@@ -824,6 +955,28 @@ class Config(_Strict):
 
     def model_names(self) -> list[str]:
         return list(self._index)
+
+    @functools.cached_property
+    def _mcp_index(self) -> dict[str, McpServerConfig]:
+        return {server.name: server for server in self.mcp_servers}
+
+    def mcp_server(self, name: str) -> McpServerConfig | None:
+        return self._mcp_index.get(name)
+
+    def mcp_tool(self, namespaced: str) -> tuple[McpServerConfig, str] | None:
+        """`server__tool` (as clients see it) -> its server and the upstream's tool name, or
+        None when no configured server exposes it. Whether the upstream has it is the
+        catalog's to say (gateway/providers/mcp.py)."""
+        server_name, sep, exposed = namespaced.partition(TOOL_SEPARATOR)
+        server = self._mcp_index.get(server_name)
+        if not sep or server is None or not exposed:
+            return None
+        upstream = server.upstream_name(exposed)
+        if server.rename.get(upstream, upstream) != exposed:  # a renamed tool's old name
+            return None
+        if not server.exposes(upstream):
+            return None
+        return server, upstream
 
     def model_settings(self, model: str) -> ModelEntry:
         """The merged model-level keys of a public model (first non-null wins)."""
@@ -950,6 +1103,9 @@ def redacted_config(config: Config) -> dict[str, Any]:
     # An exporter's headers carry its credentials, whatever their names (Authorization,
     # x-honeycomb-team, DD-API-KEY, ...).
     dump["telemetry"]["headers"] = {name: "***" for name in dump["telemetry"]["headers"]}
+    for server in dump["mcp_servers"]:  # an MCP server's credentials, whatever their names
+        server["headers"] = {name: "***" for name in server["headers"]}
+        server["env"] = {name: "***" for name in server["env"]}
     return dump
 
 
@@ -981,6 +1137,10 @@ def config_changes(old: Config, new: Config) -> dict[str, Any]:
     if old.plugins != new.plugins:
         changes["plugins"] = {"before": [p.name for p in old.plugins if p.enabled],
                               "after": [p.name for p in new.plugins if p.enabled]}
+    if old.mcp_servers != new.mcp_servers:
+        before, after = {s.name: s for s in old.mcp_servers}, {s.name: s for s in new.mcp_servers}
+        changes["mcp_servers"] = {"added": sorted(set(after) - set(before)), "removed": sorted(set(before) - set(after)),
+                                  "changed": sorted(n for n in set(before) & set(after) if before[n] != after[n])}
     for section in ("server", "store", "auth", "retries", "rate_limits", "reports", "telemetry"):
         if getattr(old, section) != getattr(new, section):
             changes[section] = sorted(

@@ -68,7 +68,7 @@ from gateway.errors import ApiError, bad_request
 from gateway.hosted_tools import cap_uses, requested, search_context_size, usd_per_use_in_map, uses_in
 from gateway.money import USD_ZERO, json_default, price, usd
 from gateway.price_map import count_messages, count_text, model_info
-from plugins.base import RequestContext, UnbilledCall, Usage
+from plugins.base import TOOL_ENDPOINTS, RequestContext, UnbilledCall, Usage
 
 log = structlog.get_logger("gateway.usage")
 
@@ -585,6 +585,9 @@ def finalize_usage(ctx: RequestContext) -> None:
     a request that served nothing else carries the last such call's tokens and prices."""
     if not ctx.billed:
         return
+    if ctx.endpoint in TOOL_ENDPOINTS:
+        _price_tool_call(ctx)
+        return
     if ctx.short_circuit is not None:
         _price_saved(ctx)
         return
@@ -599,6 +602,20 @@ def finalize_usage(ctx: RequestContext) -> None:
     if ctx.unbilled_calls:
         extra = unbilled_cost_usd(ctx)
         ctx.cost_usd = None if extra is None or ctx.cost_usd is None else ctx.cost_usd + extra
+
+
+def _price_tool_call(ctx: RequestContext) -> None:
+    """An MCP tool call has no tokens: its USD is mcp_servers' `cost_usd` per call made
+    upstream (the tool's, else the server's; None when neither is set), 0 when refused
+    before the upstream saw it."""
+    if ctx.usage is None:
+        ctx.usage = Usage()
+    if ctx.attempts == 0:
+        ctx.cost_usd = USD_ZERO
+        return
+    found = ctx.config.mcp_tool(ctx.model)
+    price = found[0].tool_cost_usd(found[1]) if found is not None else None
+    ctx.cost_usd = None if price is None else usd(price)
 
 
 def _price_served(ctx: RequestContext) -> None:

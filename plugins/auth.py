@@ -17,6 +17,7 @@ bill, so it is refused on the model endpoints.
 from __future__ import annotations
 
 import hmac
+from typing import Any
 
 from plugins.base import Identity, Plugin, Reject, RequestContext
 
@@ -41,39 +42,45 @@ def unauthorized(message: str) -> Reject:
     return Reject(401, message, type="invalid_request_error", code="invalid_api_key")
 
 
+async def identify(headers: Any, config: Any, directory: Any) -> Identity:
+    """The caller a request's key names (`Authorization: Bearer`, or `x-api-key`), or the
+    401 `Reject` that says why not. Shared by this plugin and endpoints that must know
+    the caller before the chain runs (the MCP endpoint, gateway/inbound/mcp.py)."""
+    token = bearer_token(headers.get("Authorization"))
+    if token is None:
+        # openai-python sends `Bearer ` + api_key; some clients use x-api-key.
+        token = (headers.get("x-api-key") or "").strip() or None
+    if token is None:
+        raise unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
+    try:
+        token.encode("utf-8")
+    except UnicodeEncodeError:  # non-UTF-8 header bytes: no key of ours looks like that
+        raise unauthorized("Incorrect API key provided.") from None
+    if is_master_key(token, config.auth.master_key):
+        raise unauthorized("The master key is for /admin endpoints only; use a user's API key here.")
+    if directory is None:  # the store never opened: fail closed
+        raise Reject(503, "The gateway's key store is not available.", type="server_error",
+                     code="store_unavailable")
+    found = await directory.identity(token)
+    if found is None:
+        raise unauthorized("Incorrect API key provided.")
+    if found.revoked:
+        raise unauthorized("This API key has been revoked.")
+    if found.user_disabled:
+        raise unauthorized("This API key's user is disabled.")
+    return Identity(
+        user_id=found.user_id,
+        workspace_id=found.workspace_id,
+        tier=found.tier,
+        key_id=found.key_id,
+        key_prefix=found.prefix,
+        role="workspace_admin" if found.role == "workspace_admin" else "user",
+    )
+
+
 class Auth(Plugin):
     name = "auth"
     needs_body = False  # a caller is known (or refused) before its body is read
 
     async def on_request(self, ctx: RequestContext) -> None:
-        token = bearer_token(ctx.headers.get("Authorization"))
-        if token is None:
-            # openai-python sends `Bearer ` + api_key; some clients use x-api-key.
-            token = (ctx.headers.get("x-api-key") or "").strip() or None
-        if token is None:
-            raise unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
-        try:
-            token.encode("utf-8")
-        except UnicodeEncodeError:  # non-UTF-8 header bytes: no key of ours looks like that
-            raise unauthorized("Incorrect API key provided.") from None
-        if is_master_key(token, ctx.config.auth.master_key):
-            raise unauthorized("The master key is for /admin endpoints only; use a user's API key here.")
-        directory = self.services.directory
-        if directory is None:  # the store never opened: fail closed
-            raise Reject(503, "The gateway's key store is not available.", type="server_error",
-                         code="store_unavailable")
-        found = await directory.identity(token)
-        if found is None:
-            raise unauthorized("Incorrect API key provided.")
-        if found.revoked:
-            raise unauthorized("This API key has been revoked.")
-        if found.user_disabled:
-            raise unauthorized("This API key's user is disabled.")
-        ctx.identity = Identity(
-            user_id=found.user_id,
-            workspace_id=found.workspace_id,
-            tier=found.tier,
-            key_id=found.key_id,
-            key_prefix=found.prefix,
-            role="workspace_admin" if found.role == "workspace_admin" else "user",
-        )
+        ctx.identity = await identify(ctx.headers, ctx.config, self.services.directory)

@@ -75,9 +75,15 @@ Endpoint = Literal[
     "models",                 # GET /v1/models[/{model}]
     "messages.count_tokens",  # POST /v1/messages/count_tokens
     "responses.stored",       # GET/DELETE /v1/responses/{id}[/input_items]
+    "mcp.tools/call",         # an MCP tools/call on POST /mcp (gateway/inbound/mcp.py)
 ]
 # Requests that call a model: priced, billed in energy and USD, one usage row each.
-BILLED_ENDPOINTS: AbstractSet[str] = frozenset({"chat.completions", "embeddings", "messages", "responses"})
+# A tool call is billed too: `ctx.model` is the tool (`server__tool`), `ctx.provider` its server.
+BILLED_ENDPOINTS: AbstractSet[str] = frozenset({"chat.completions", "embeddings", "messages", "responses",
+                                               "mcp.tools/call"})
+# Calls of an MCP tool rather than a model: priced by mcp_servers (energy and USD per call),
+# without tokens, idempotency or the response cache.
+TOOL_ENDPOINTS: AbstractSet[str] = frozenset({"mcp.tools/call"})
 # Requests that carry a conversation (the chat chain: workspace prompt, experiments, output caps).
 CONVERSATION_ENDPOINTS: AbstractSet[str] = frozenset({"chat.completions", "messages", "responses"})
 

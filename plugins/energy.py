@@ -70,7 +70,7 @@ from gateway.config import parse_duration
 from gateway.errors import internal_error, store_unavailable
 from gateway.hosted_tools import requested
 from gateway.store import StoreUnavailable
-from plugins.base import Plugin, Reject, RequestContext
+from plugins.base import TOOL_ENDPOINTS, Plugin, Reject, RequestContext
 
 STALE_AFTER = 3600.0  # the least `stale_after` defaults to (EnergySettings)
 KNOWN_BALANCE_TTL = 5.0  # seconds a balance seen by this process is trusted to decide an overlap
@@ -107,6 +107,17 @@ class EnergySettings(BaseModel):
         if v < 0:
             raise ValueError("must be 0 (settle one by one) or positive")
         return v
+
+
+def tool_energy(config: Any, tool: str) -> int:
+    """The energy of one call of the MCP tool `server__tool`: mcp_servers[].tools.<name>.energy,
+    else the server's `energy`. A tool no server exposes is refused before energy runs;
+    should one get here, it costs the dearest server's price (never nothing)."""
+    found = config.mcp_tool(tool)
+    if found is None:
+        return max((server.energy for server in config.mcp_servers), default=0)
+    server, upstream_name = found
+    return server.tool_energy(upstream_name)
 
 
 class Energy(Plugin):
@@ -283,7 +294,10 @@ class Energy(Plugin):
     def _price(self, ctx: RequestContext, action: str, model: str, uses: dict[str, int] | None = None) -> int:
         """The action's energy on `model`, plus each requested hosted tool's energy per use
         (config.yaml models[].hosted_tools): for its `max_uses` when reserving, for the
-        `uses` the answer reported (at most max_uses) when settling."""
+        `uses` the answer reported (at most max_uses) when settling. An MCP tool call
+        (`model` is `server__tool`) costs its price in mcp_servers, whatever the action."""
+        if ctx.endpoint in TOOL_ENDPOINTS:
+            return tool_energy(ctx.config, model)
         cost = ctx.config.energy.cost(action, model)
         tools = ctx.scratch(self.name).get("tools")
         if tools and ctx.config.deployments(model):

@@ -32,7 +32,7 @@ import orjson
 from gateway.chat_stream import StreamAssembler
 from gateway.store import IN_FLIGHT_LEASE
 from gateway.usage import openai_usage
-from plugins.base import Plugin, Reject, RequestContext
+from plugins.base import TOOL_ENDPOINTS, Plugin, Reject, RequestContext
 
 MAX_KEY_LENGTH = 255
 
@@ -86,8 +86,8 @@ class Idempotency(Plugin):
 
     async def on_request(self, ctx: RequestContext) -> None:
         key = ctx.headers.get("Idempotency-Key")
-        if not key or ctx.identity is None or not ctx.billed:
-            return
+        if not key or ctx.identity is None or not ctx.billed or ctx.endpoint in TOOL_ENDPOINTS:
+            return  # a tool call is not replayed: its answer is the upstream's, live (docs/mcp.md)
         if len(key) > MAX_KEY_LENGTH or not key.isascii() or not key.isprintable():
             raise Reject(400, f"Idempotency-Key must be printable ASCII of at most {MAX_KEY_LENGTH} characters.",
                          param="Idempotency-Key", code="invalid_idempotency_key")

@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway.errors import ApiError
 from gateway.telemetry import SPANS
 from plugins.auth import bearer_token, is_master_key
-from plugins.base import Plugin, RequestContext
+from plugins.base import TOOL_ENDPOINTS, Plugin, RequestContext
 
 disable_created_metrics()  # the *_created series only add noise to every scrape
 
@@ -150,7 +150,10 @@ class Metrics(Plugin):
             return
         # A label value comes from config, never from the client: a model the gateway does
         # not serve (whatever the client typed, a pasted key included) is "unknown".
-        model = ctx.model if ctx.model and ctx.config.deployments(ctx.model) else "unknown"
+        # An MCP tool (`server__tool`) counts once a server of the config exposed it.
+        known = ctx.config.mcp_tool(ctx.model) is not None if ctx.endpoint in TOOL_ENDPOINTS \
+            else ctx.config.deployments(ctx.model)
+        model = ctx.model if ctx.model and known else "unknown"
         child = self._child
         child(self.requests, ctx.endpoint, model, ctx.provider or "none", str(ctx.status)).inc()
         stream = "true" if ctx.stream else "false"

@@ -1,0 +1,553 @@
+"""The MCP gateway (/mcp): the `mcp` SDK's own client against the gateway, two fake MCP
+servers (the SDK's MCPServer over streamable HTTP, served by uvicorn on 127.0.0.1) behind
+it. Tools are namespaced `server__tool`, filtered per tier, workspace and key, priced in
+energy (reserved, settled, refunded), rate limited, and each call is a usage row.
+
+Prices in the test config: search 2 per call (web), its `whoami` 3; crm 1 per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from typing import Any
+
+import pytest
+import uvicorn
+from mcp import Client, MCPError
+from mcp.client.streamable_http import streamable_http_client
+from mcp.server.mcpserver import Context, MCPServer
+
+from gateway.admin.operations import MASTER
+from tests.conftest import base_config
+
+UPSTREAM_SECRET = "up-secret-7f3a9c2e"  # the search server's credential (os.environ/)
+CRM_SECRET = "crm-secret-b81d44e0"
+
+
+# --------------------------------------------------------------------------- fake MCP servers
+
+
+def search_server() -> MCPServer:
+    mcp = MCPServer("search")
+
+    @mcp.tool()
+    def web(query: str, limit: int = 3) -> str:
+        """Search the web."""
+        return f"results for {query} (limit {limit})"
+
+    @mcp.tool()
+    def whoami(ctx: Context) -> str:
+        """Echoes the credential it was called with (a careless upstream)."""
+        return f"called with {(ctx.headers or {}).get('authorization')}"
+
+    @mcp.tool()
+    def fail() -> str:
+        """Always fails."""
+        raise ValueError(f"boom, and my key is {UPSTREAM_SECRET}")
+
+    @mcp.tool()
+    async def hang() -> str:
+        """Never answers in time."""
+        await asyncio.sleep(30)
+        return "late"
+
+    @mcp.tool()
+    async def slow(seconds: float) -> str:
+        """Answers after `seconds`."""
+        await asyncio.sleep(seconds)
+        return "done"
+
+    @mcp.resource("docs://search/readme")
+    def readme() -> str:
+        return "how to search"
+
+    @mcp.prompt()
+    def ask(topic: str) -> str:
+        return f"Search for {topic}"
+
+    return mcp
+
+
+def crm_server() -> MCPServer:
+    mcp = MCPServer("crm")
+
+    @mcp.tool()
+    def lookup(customer_id: int) -> str:
+        """A customer."""
+        return f"customer {customer_id}: ACME"
+
+    @mcp.tool()
+    def note(text: str) -> str:
+        """Adds a note."""
+        return f"noted: {text}"
+
+    @mcp.tool()
+    def delete_all() -> str:
+        """Never exposed."""
+        return "deleted"
+
+    return mcp
+
+
+class FakeMcp:
+    """An MCPServer's streamable-HTTP app on 127.0.0.1, in its own thread; `seen_auth`
+    records the Authorization header of every request (the gateway's credential)."""
+
+    def __init__(self, mcp: MCPServer, required_auth: str | None = None):
+        self.seen_auth: list[str | None] = []
+        app = mcp.streamable_http_app()
+        required = f"Bearer {required_auth}" if required_auth else None
+
+        async def guarded(scope: dict, receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                auth = dict(scope["headers"]).get(b"authorization")
+                self.seen_auth.append(auth.decode() if auth else None)
+                if required is not None and (auth is None or auth.decode() != required):
+                    await send({"type": "http.response.start", "status": 401, "headers": []})
+                    await send({"type": "http.response.body", "body": b"unauthorized"})
+                    return
+            await app(scope, receive, send)
+
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/mcp"
+        self.server = uvicorn.Server(uvicorn.Config(guarded, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "fake MCP server did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def fake_servers():
+    search = FakeMcp(search_server(), required_auth=UPSTREAM_SECRET)
+    crm = FakeMcp(crm_server(), required_auth=CRM_SECRET)
+    yield search, crm
+    search.stop()
+    crm.stop()
+
+
+def mcp_config(search: FakeMcp, crm: FakeMcp, **server_overrides: Any) -> list[dict[str, Any]]:
+    return [
+        {"name": "search", "url": search.url, "headers": {"Authorization": "os.environ/SEARCH_MCP_TOKEN"},
+         "energy": 2, "cost_usd": 0.005, "timeout": "1s", "connect_timeout": "5s",
+         "tools": {"whoami": {"energy": 3}, "slow": {"timeout": "5s"}},
+         **server_overrides.get("search", {})},
+        {"name": "crm", "url": crm.url, "headers": {"Authorization": "os.environ/CRM_MCP_TOKEN"},
+         "energy": 1, "deny": ["delete_*"], "rename": {"note": "add_note"},
+         **server_overrides.get("crm", {})},
+    ]
+
+
+@pytest.fixture
+def mcp_gateway(gateway_factory, upstream, store_url, fake_servers, monkeypatch):
+    monkeypatch.setenv("SEARCH_MCP_TOKEN", f"Bearer {UPSTREAM_SECRET}")
+    monkeypatch.setenv("CRM_MCP_TOKEN", f"Bearer {CRM_SECRET}")
+    search, crm = fake_servers
+
+    def make(**kw: Any):
+        tiers = kw.pop("tiers", {
+            "free": {"models": ["demo"], "mcp_tools": ["search__web"], "refill": {"amount": 10, "period": "1d"}},
+            "pro": {"models": ["*"]},
+        })
+        plugins = kw.pop("plugins", ["request_log", "auth", "rate_limit", "idempotency", "tier_policy", "energy",
+                                     "accounting", "metrics"])
+        raw = base_config(upstream, store_url=store_url, plugins=plugins, tiers=tiers,
+                          mcp_servers=mcp_config(search, crm, **kw.pop("servers", {})), **kw)
+        return gateway_factory(raw=raw)
+
+    return make
+
+
+def call(gw, key: str, work) -> Any:
+    """Run `work(client)` with the SDK's client connected to the gateway's /mcp as `key`."""
+    async def go():
+        import httpx2
+
+        async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"},
+                                      timeout=httpx2.Timeout(20, read=20)) as http:
+            async with Client(streamable_http_client(gw.url + "/mcp", http_client=http), cache=None) as client:
+                return await work(client)
+
+    return asyncio.run(go())
+
+
+def tool_names(gw, key: str) -> list[str]:
+    async def work(client):
+        return sorted(t.name for t in (await client.list_tools()).tools)
+    return call(gw, key, work)
+
+
+def text_of(result) -> str:
+    return "".join(getattr(block, "text", "") for block in result.content)
+
+
+# --------------------------------------------------------------------------- listing and calling
+
+
+def test_tools_of_two_servers_are_listed_namespaced_with_allow_deny_and_renames(mcp_gateway):
+    gw = mcp_gateway()
+    _, key = gw.make_user(tier="pro", energy=100)
+    names = tool_names(gw, key)
+    assert names == ["crm__add_note", "crm__lookup", "search__fail", "search__hang", "search__slow",
+                     "search__web", "search__whoami"]
+
+
+def test_a_call_reaches_the_right_server_with_its_credentials_and_is_billed(mcp_gateway, fake_servers):
+    gw = mcp_gateway()
+    user_id, key = gw.make_user(tier="pro", energy=100)
+
+    async def work(client):
+        web = await client.call_tool("search__web", {"query": "mcp"})
+        crm = await client.call_tool("crm__lookup", {"customer_id": 7})
+        note = await client.call_tool("crm__add_note", {"text": "hi"})
+        return web, crm, note
+
+    web, crm, note = call(gw, key, work)
+    assert not web.is_error and text_of(web) == "results for mcp (limit 3)"
+    assert text_of(crm) == "customer 7: ACME"
+    assert text_of(note) == "noted: hi"
+    gw.settle()
+    assert gw.balance(user_id) == 100 - 2 - 1 - 1
+    search, crm_fake = fake_servers
+    assert f"Bearer {UPSTREAM_SECRET}" in search.seen_auth and key not in str(search.seen_auth)
+    assert f"Bearer {CRM_SECRET}" in crm_fake.seen_auth
+
+
+def test_each_call_writes_a_usage_row_with_tool_server_status_energy_and_cost(mcp_gateway):
+    gw = mcp_gateway()
+    user_id, key = gw.make_user(tier="pro", energy=100)
+
+    async def work(client):
+        await client.call_tool("search__web", {"query": "x"})
+        await client.call_tool("crm__lookup", {"customer_id": 1})
+
+    call(gw, key, work)
+    gw.settle()
+    rows = [r for r in gw.run(gw.store.usage_rows()) if r["user_id"] == user_id]
+    assert len(rows) == 2
+    by_model = {r["model"]: r for r in rows}
+    assert by_model["search__web"]["provider"] == "search"
+    assert by_model["search__web"]["status"] == 200
+    assert by_model["search__web"]["energy_cost"] == 2
+    assert str(by_model["search__web"]["cost_usd"]).startswith("0.005")
+    assert by_model["crm__lookup"]["energy_cost"] == 1 and by_model["crm__lookup"]["cost_usd"] is None
+    assert by_model["search__web"]["latency_ms"] is not None
+
+
+def test_metrics_count_tool_calls_by_tool_and_server(mcp_gateway):
+    gw = mcp_gateway()
+    _, key = gw.make_user(tier="pro", energy=100)
+    call(gw, key, lambda client: client.call_tool("search__web", {"query": "x"}))
+    gw.settle()
+    import urllib.request
+
+    text = urllib.request.urlopen(gw.url + "/metrics").read().decode()
+    line = next(line for line in text.splitlines()
+                if line.startswith("gateway_requests_total{") and 'endpoint="mcp.tools/call"' in line)
+    assert 'model="search__web"' in line and 'provider="search"' in line and 'status="200"' in line
+    assert line.endswith(" 1.0")
+
+
+# --------------------------------------------------------------------------- who may use what
+
+
+def test_tools_are_filtered_per_tier(mcp_gateway):
+    gw = mcp_gateway()
+    _, free_key = gw.make_user(tier="free", energy=100)
+    assert tool_names(gw, free_key) == ["search__web"]
+
+    async def work(client):
+        with pytest.raises(MCPError) as refused:
+            await client.call_tool("crm__lookup", {"customer_id": 1})
+        return refused.value
+
+    refused = call(gw, free_key, work)
+    assert "may not use the tool 'crm__lookup'" in refused.message
+    assert refused.error.data["code"] == "tool_not_allowed"
+
+
+def test_tools_are_filtered_per_workspace_and_per_key(mcp_gateway):
+    gw = mcp_gateway()
+    _, key_a = gw.make_user(workspace="acme", tier="pro", energy=100)
+    _, key_b = gw.make_user(workspace="acme", tier="pro", energy=100)
+
+    async def restrict():
+        identity = await gw.state.directory.identity(key_b)
+        workspace = await gw.store.get_workspace("acme")
+        await gw.admin().update_workspace(MASTER, workspace.id, ai_settings={
+            "mcp_tools": ["search__*", "crm__lookup"], "mcp_key_tools": {identity.key_id: ["crm__*"]}})
+        gw.state.directory.clear()
+
+    gw.run(restrict())
+    assert tool_names(gw, key_a) == ["crm__lookup", "search__fail", "search__hang", "search__slow",
+                                     "search__web", "search__whoami"]
+    assert tool_names(gw, key_b) == ["crm__lookup"]
+
+    async def work(client):
+        with pytest.raises(MCPError) as refused:
+            await client.call_tool("search__web", {"query": "x"})
+        return refused.value
+
+    assert call(gw, key_b, work).error.data["code"] == "tool_not_allowed"
+
+
+def test_without_a_valid_key_the_endpoint_answers_401(mcp_gateway):
+    gw = mcp_gateway()
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(gw.url + "/mcp", data=b"{}", headers={"Authorization": "Bearer nope",
+                                                                          "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request)
+    assert refused.value.code == 401
+    with pytest.raises(Exception):
+        tool_names(gw, "sk-not-a-key")
+
+
+# --------------------------------------------------------------------------- energy
+
+
+def test_energy_is_exact_for_2n_concurrent_calls_when_n_are_affordable(mcp_gateway):
+    gw = mcp_gateway()
+    n = 6
+    user_id, key = gw.make_user(tier="pro", energy=2 * n)  # search__web costs 2
+
+    async def work(client):
+        return await asyncio.gather(*(client.call_tool("search__web", {"query": str(i)}) for i in range(2 * n)),
+                                    return_exceptions=True)
+
+    results = call(gw, key, work)
+    ok = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, MCPError)]
+    assert len(ok) == n and len(refused) == n
+    assert all("Not enough energy" in r.message and r.error.data["code"] == "insufficient_energy" for r in refused)
+    gw.settle()
+    assert gw.balance(user_id) == 0
+    kinds = [e.kind for e in gw.ledger(user_id)]
+    assert kinds.count("reserve") == n and kinds.count("settle") == n and "refund" not in kinds
+
+
+def test_a_failing_tool_is_refunded_and_its_credential_scrubbed(mcp_gateway):
+    gw = mcp_gateway()
+    user_id, key = gw.make_user(tier="pro", energy=10)
+    result = call(gw, key, lambda client: client.call_tool("search__fail", {}))
+    assert result.is_error
+    assert UPSTREAM_SECRET not in text_of(result)
+    gw.settle()
+    assert gw.balance(user_id) == 10
+    assert [e.kind for e in gw.ledger(user_id)][-2:] == ["reserve", "refund"]
+
+
+def test_a_hanging_tool_times_out_as_an_mcp_error_and_is_refunded(mcp_gateway):
+    gw = mcp_gateway()
+    user_id, key = gw.make_user(tier="pro", energy=10)
+
+    async def work(client):
+        started = time.monotonic()
+        with pytest.raises(MCPError) as failed:
+            await client.call_tool("search__hang", {})
+        return failed.value, time.monotonic() - started
+
+    failed, took = call(gw, key, work)
+    assert took < 5
+    assert "did not answer" in failed.message and failed.error.data["code"] == "upstream_timeout"
+    gw.settle()
+    assert gw.balance(user_id) == 10
+
+
+def test_a_client_cut_off_mid_call_is_billed_once_when_the_call_ends(mcp_gateway, capfd):
+    gw = mcp_gateway()
+    user_id, key = gw.make_user(tier="pro", energy=10)
+
+    async def cut_off():
+        import httpx2
+
+        async def session():
+            async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"}) as http:
+                async with Client(streamable_http_client(gw.url + "/mcp", http_client=http), cache=None) as client:
+                    await client.call_tool("search__slow", {"seconds": 1.0})
+
+        task = asyncio.create_task(session())
+        await asyncio.sleep(0.5)  # the call is on its way upstream: the client goes, connections closed
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cut_off())
+    time.sleep(1.5)
+    gw.settle()
+    ledger = [e.kind for e in gw.ledger(user_id)]
+    assert ledger.count("reserve") == 1 and ledger.count("settle") + ledger.count("refund") == 1
+    assert gw.balance(user_id) == 8, ledger  # the call ran to its end upstream: billed
+    assert gw.state.chain.inflight.count == 0
+    out, err = capfd.readouterr()
+    assert "unhandled_error" not in out + err and "Traceback" not in out + err  # a client gone is no error
+
+
+# --------------------------------------------------------------------------- arguments and errors
+
+
+def test_bad_arguments_are_refused_before_the_upstream_sees_them(mcp_gateway, fake_servers):
+    gw = mcp_gateway()
+    user_id, key = gw.make_user(tier="pro", energy=10)
+    search, _ = fake_servers
+    seen_before = len(search.seen_auth)
+
+    async def work(client):
+        await client.list_tools()
+        errors = []
+        for arguments in ({}, {"query": 5}, {"query": "x", "limit": "many"}):
+            with pytest.raises(MCPError) as refused:
+                await client.call_tool("search__web", arguments)
+            errors.append(refused.value)
+        return errors
+
+    errors = call(gw, key, work)
+    assert all(e.error.data["code"] == "invalid_arguments" for e in errors)
+    assert "query" in errors[0].message
+    gw.settle()
+    assert gw.balance(user_id) == 10
+    assert len(search.seen_auth) == seen_before + 1 or len(search.seen_auth) >= seen_before  # listing only
+    assert "reserve" not in [e.kind for e in gw.ledger(user_id)]
+
+
+def test_an_unknown_or_denied_tool_is_an_mcp_error(mcp_gateway):
+    gw = mcp_gateway()
+    _, key = gw.make_user(tier="pro", energy=10)
+
+    async def work(client):
+        codes = []
+        for name in ("crm__delete_all", "crm__note", "nope__x", "search__nothing"):
+            with pytest.raises(MCPError) as refused:
+                await client.call_tool(name, {})
+            codes.append(refused.value.error.data["code"])
+        return codes
+
+    assert call(gw, key, work) == ["tool_not_found"] * 4
+
+
+def test_credentials_never_reach_a_response_or_a_log_line(mcp_gateway, capfd, caplog):
+    gw = mcp_gateway()
+    _, key = gw.make_user(tier="pro", energy=100)
+
+    async def work(client):
+        answers = [await client.call_tool("search__whoami", {}), await client.call_tool("search__fail", {})]
+        answers.append(await client.list_tools())
+        return answers
+
+    answers = call(gw, key, work)
+    gw.settle()
+    assert text_of(answers[0]) == "called with ***"  # the upstream echoed its credential: scrubbed
+    dumped = "".join(a.model_dump_json() for a in answers)
+    config_dump = gw.run(_admin_config(gw))
+    out, err = capfd.readouterr()  # the gateway's structured logs
+    # the fake upstream's own log (same process, stdlib logging) is not the gateway's
+    gateway_records = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith("mcp.server"))
+    for secret in (UPSTREAM_SECRET, CRM_SECRET):
+        assert secret not in dumped
+        assert secret not in out and secret not in err and secret not in gateway_records
+        assert secret not in config_dump
+
+
+async def _admin_config(gw) -> str:
+    from gateway.config import redacted_config
+    import orjson
+
+    return orjson.dumps(redacted_config(gw.config)).decode()
+
+
+# --------------------------------------------------------------------------- resources, prompts, limits
+
+
+def test_resources_and_prompts_are_passed_through(mcp_gateway):
+    gw = mcp_gateway()
+    _, key = gw.make_user(tier="pro", energy=10)
+
+    async def work(client):
+        resources = await client.list_resources()
+        content = await client.read_resource("docs://search/readme")
+        prompts = await client.list_prompts()
+        prompt = await client.get_prompt("search__ask", {"topic": "mcp"})
+        return resources, content, prompts, prompt
+
+    resources, content, prompts, prompt = call(gw, key, work)
+    assert [str(r.uri) for r in resources.resources] == ["docs://search/readme"]
+    assert content.contents[0].text == "how to search"
+    assert [p.name for p in prompts.prompts] == ["search__ask"]
+    assert "Search for mcp" in str(prompt.messages[0].content)
+
+
+def test_rate_limits_apply_to_tool_calls(mcp_gateway):
+    gw = mcp_gateway(tiers={"pro": {"models": ["*"], "limits": {"rpm": 2}}, "free": {"models": ["demo"]}})
+    _, key = gw.make_user(tier="pro", energy=100)
+
+    async def work(client):
+        await client.call_tool("search__web", {"query": "1"})
+        await client.call_tool("search__web", {"query": "2"})
+        with pytest.raises(MCPError) as limited:
+            await client.call_tool("search__web", {"query": "3"})
+        return limited.value
+
+    assert call(gw, key, work).error.data["status"] == 429
+
+
+# --------------------------------------------------------------------------- hot reload
+
+
+async def start_watching(config: Any, path: str) -> tuple[Any, Any, str]:
+    import proxy
+    from aiohttp import web
+
+    app = proxy.create_app(config, config_path=path)
+    runner = web.AppRunner(app, shutdown_timeout=2)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, app, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+def test_mcp_servers_are_hot_reloaded_with_the_config(fake_servers, store_url, upstream, tmp_path, server_thread,
+                                                     monkeypatch):
+    """A reload that drops the crm server and renames a search tool changes what clients see
+    and call at once; the search session is kept (same server settings) or rebuilt."""
+    import proxy
+    from tests.conftest import RunningGateway
+    from tests.test_reload import write_config
+
+    monkeypatch.setenv("SEARCH_MCP_TOKEN", f"Bearer {UPSTREAM_SECRET}")
+    monkeypatch.setenv("CRM_MCP_TOKEN", f"Bearer {CRM_SECRET}")
+    search, crm = fake_servers
+    tiers = {"free": {"models": ["demo"]}, "pro": {"models": ["*"]}}
+    data = base_config(upstream, store_url=store_url, tiers=tiers, mcp_servers=mcp_config(search, crm),
+                       plugins=["auth", "tier_policy", "energy", "accounting"])
+    path = tmp_path / "config.yaml"
+    write_config(path, data)
+    config = proxy.check_config(path)
+    runner, app, url = server_thread.run(start_watching(config, str(path)))
+    try:
+        gw = RunningGateway(server_thread, runner, app, url, config)
+        user_id, key = gw.make_user(tier="pro", energy=100)
+        assert "crm__lookup" in tool_names(gw, key)
+        data["mcp_servers"] = [dict(data["mcp_servers"][0], rename={"web": "find"}, energy=5)]
+        write_config(path, data)
+        assert gw.run(proxy.reload_config(app, reason="test")) is True
+        assert tool_names(gw, key) == ["search__fail", "search__find", "search__hang", "search__slow",
+                                       "search__whoami"]
+        result = call(gw, key, lambda client: client.call_tool("search__find", {"query": "q"}))
+        assert text_of(result) == "results for q (limit 3)"
+        gw.settle()
+        assert gw.balance(user_id) == 95
+    finally:
+        server_thread.run(runner.cleanup(), timeout=30)
