@@ -14,8 +14,9 @@ be probed). Errors are OpenAI-shaped like everywhere else.
     PATCH  /admin/users/{user}               {tier}
     POST   /admin/users/{user}/energy        {amount, reason?, kind?: grant|adjust}
     GET    /admin/users/{user}/ledger[?limit=N]
-    POST   /admin/users/{user}/keys          {role?}                                    -> api_key once
+    POST   /admin/users/{user}/keys          {role?, label?, expires?, models?, rpm?, tpm?} -> api_key once
     GET    /admin/keys[?user=U]
+    PATCH  /admin/keys/{key}                 {label?, expires?, models?, rpm?, tpm?}  (null removes one)
     POST   /admin/keys/{key}/revoke
     POST   /admin/keys/{key}/rotate                                                     -> api_key once
     GET    /admin/usage/{daily|top-users|actions|weekly}[?days=N&workspace=W&limit=N]
@@ -30,7 +31,7 @@ from typing import Any, Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from gateway.admin.operations import Admin, Scope
+from gateway.admin.operations import KEY_CONTROL_FIELDS, Admin, Scope
 from gateway.errors import ApiError
 from gateway.money import json_default
 from gateway.state import GATEWAY
@@ -137,7 +138,12 @@ def admin_routes() -> list[web.RouteDef]:
 
     async def create_key(r, a, s):
         b = await _body(r)
-        return await a.create_key(s, r.match_info["user"], b.get("role", "user"))
+        controls = {name: b[name] for name in KEY_CONTROL_FIELDS if b.get(name) is not None}
+        return await a.create_key(s, r.match_info["user"], b.get("role", "user"), **controls)
+
+    async def update_key(r, a, s):
+        b = await _body(r)
+        return await a.update_key(s, r.match_info["key"], **{name: b[name] for name in KEY_CONTROL_FIELDS if name in b})
 
     async def usage(r, a, s):
         return await a.usage_report(s, r.match_info["report"], _int_param(r.query.get("days"), "days", 7),
@@ -168,6 +174,7 @@ def admin_routes() -> list[web.RouteDef]:
             lambda r, a, s: a.ledger(s, r.match_info["user"], _int_param(r.query.get("limit"), "limit", 100, minimum=1)))),
         web.post("/admin/users/{user}/keys", endpoint(create_key, 201)),
         web.get("/admin/keys", endpoint(lambda r, a, s: a.list_keys(s, r.query.get("user")))),
+        web.patch("/admin/keys/{key}", endpoint(update_key)),
         web.post("/admin/keys/{key}/revoke", endpoint(lambda r, a, s: a.revoke_key(s, r.match_info["key"]))),
         web.post("/admin/keys/{key}/rotate", endpoint(lambda r, a, s: a.rotate_key(s, r.match_info["key"]), 201)),
     ]

@@ -29,6 +29,10 @@ REPORT_DAYS = (1, 3660)               # usage reports: ten years
 REPORT_LIMIT = (1, 1000)              # rows of top-users, users on the dashboard
 LEDGER_LIMIT = (1, 10000)             # ledger entries shown
 METRICS_WINDOW = (1.0, 3660 * 86400.0)  # /admin/metrics?window=: one second to ten years
+KEY_EXPIRES = (1.0, 3660 * 86400.0)   # keys create --expires: one second to ten years
+KEY_PER_MINUTE = (1, 10**9)           # a key's rpm / tpm
+KEY_MODELS_MAX = 100                  # models named on one key
+KEY_CONTROL_FIELDS = ("label", "expires", "models", "rpm", "tpm")  # create_key / update_key
 # Identifiers (user, workspace, key ids and names) the store is asked about: longer ones,
 # or ones PostgreSQL cannot hold (NUL), name nothing there.
 MAX_IDENT_CHARS = 200
@@ -276,12 +280,73 @@ class Admin:
 
     # --- keys -------------------------------------------------------------------------
 
-    async def create_key(self, scope: Scope, user_id: str, role: str = "user") -> dict:
+    async def create_key(self, scope: Scope, user_id: str, role: str = "user", **controls: Any) -> dict:
+        """`controls`: label, expires (a duration from now: "30d", or seconds), models (a
+        list, a subset of the user's tier's), rpm, tpm; docs/admin.md "Per-key controls"."""
         if role not in ("user", "workspace_admin"):
             raise ApiError(400, "role must be 'user' or 'workspace_admin'", param="role")
         user = await self._user(scope, user_id)
-        plaintext, key = await self.store.create_key(user.id, role=role)
+        values = self._key_controls(controls, user.tier)
+        plaintext, key = await self.store.create_key(user.id, role=role, **values)
         return {**as_dict(key), "api_key": plaintext}
+
+    async def update_key(self, scope: Scope, key_id: str, **controls: Any) -> dict:
+        """Set or (with None) remove per-key controls of a live or revoked key."""
+        key = await self._key(scope, key_id)
+        user = await self.store.get_user(key.user_id)
+        values = self._key_controls(controls, user.tier if user is not None else None)
+        updated = await self.store.update_key(key.id, **values)
+        if self.directory is not None:
+            self.directory.forget_key(key.id)
+        return as_dict(updated)
+
+    def _key_controls(self, controls: dict[str, Any], tier: str | None) -> dict[str, Any]:
+        """The API's per-key controls, checked, as the store's columns (expires -> expires_at)."""
+        import time
+
+        from gateway.config import parse_duration
+
+        unknown = set(controls) - set(KEY_CONTROL_FIELDS)
+        if unknown:
+            raise ApiError(400, f"unknown key control '{sorted(unknown)[0]}'", param=sorted(unknown)[0])
+        out: dict[str, Any] = {}
+        if "label" in controls:
+            self._check_text(controls["label"], "label", 200)
+            out["label"] = controls["label"]
+        if "expires" in controls:
+            expires = controls["expires"]
+            if expires is None:
+                out["expires_at"] = None
+            else:
+                try:
+                    seconds = parse_duration(expires)
+                except (ValueError, OverflowError):
+                    seconds = -1.0
+                if not KEY_EXPIRES[0] <= seconds <= KEY_EXPIRES[1]:
+                    raise ApiError(400, "expires must be a duration (30d, 12h, 3600s) from 1s to 3660d",
+                                   param="expires")
+                out["expires_at"] = time.time() + seconds
+        for name in ("rpm", "tpm"):
+            if name in controls:
+                value = controls[name]
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                          or not KEY_PER_MINUTE[0] <= value <= KEY_PER_MINUTE[1]):
+                    raise ApiError(400, f"{name} must be an integer from {KEY_PER_MINUTE[0]} to {KEY_PER_MINUTE[1]}",
+                                   param=name)
+                out[name] = value
+        if "models" in controls:
+            models = controls["models"]
+            if models is not None:
+                if not isinstance(models, list) or not 0 < len(models) <= KEY_MODELS_MAX \
+                        or not all(isinstance(m, str) and 0 < len(m) <= MAX_IDENT_CHARS for m in models):
+                    raise ApiError(400, f"models must be a list of 1 to {KEY_MODELS_MAX} model names", param="models")
+                allowed = self.config.tier_models(tier) if tier in self.config.tiers else frozenset()
+                outside = [m for m in models if m not in allowed]
+                if outside:
+                    raise ApiError(400, f"models: '{outside[0][:MAX_IDENT_CHARS]}' is not a model the user's tier"
+                                        f" '{tier}' allows (a key narrows its tier, never widens it)", param="models")
+            out["models"] = models
+        return out
 
     async def list_keys(self, scope: Scope, user_id: str | None = None) -> list[dict]:
         if user_id is not None:

@@ -64,6 +64,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import hashlib
+import json
 import math
 import re
 import secrets
@@ -140,6 +141,16 @@ class ApiKey:
     role: str
     created_at: float
     revoked_at: float | None
+    # Per-key controls (migration 12); None: no such control on this key.
+    label: str | None = None
+    expires_at: float | None = None
+    models: tuple[str, ...] | None = None  # a subset of the tier's models
+    rpm: int | None = None
+    tpm: int | None = None
+
+
+# The per-key controls a key carries and `update_key` may change.
+KEY_CONTROLS = ("label", "expires_at", "models", "rpm", "tpm")
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +165,10 @@ class KeyIdentity:
     tier: str
     user_disabled: bool
     revoked: bool
+    expires_at: float | None = None
+    models: tuple[str, ...] | None = None
+    rpm: int | None = None
+    tpm: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +232,21 @@ def check_workspace_name(name: str) -> None:
 def check_role(role: str) -> None:
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+
+
+def key_control_values(controls: dict[str, Any]) -> dict[str, Any]:
+    """Per-key controls as stored: `models` as JSON text (both backends), the rest as given."""
+    unknown = set(controls) - set(KEY_CONTROLS)
+    if unknown:
+        raise ValueError(f"unknown key controls {sorted(unknown)} (known: {KEY_CONTROLS})")
+    out = dict(controls)
+    if out.get("models") is not None:
+        out["models"] = json.dumps(sorted(set(out["models"])))
+    return out
+
+
+def stored_key_models(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(json.loads(text))
 
 
 def check_tier(tier: str) -> None:
@@ -598,8 +628,13 @@ class Store(abc.ABC):
     # keys
     @abc.abstractmethod
     async def create_key(
-        self, user_id: str, role: str = "user", *, now: float | None = None
-    ) -> tuple[str, ApiKey]: ...
+        self, user_id: str, role: str = "user", *, now: float | None = None, **controls: Any
+    ) -> tuple[str, ApiKey]:
+        """A new key; `controls` are per-key controls (KEY_CONTROLS), None for none."""
+
+    @abc.abstractmethod
+    async def update_key(self, key_id: str, **controls: Any) -> ApiKey:
+        """Set per-key controls (KEY_CONTROLS; a None value removes that control)."""
 
     @abc.abstractmethod
     async def lookup_key(self, plaintext: str) -> KeyIdentity | None: ...
@@ -610,7 +645,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def rotate_key(self, key_id: str, *, now: float | None = None) -> tuple[str, ApiKey]:
-        """Revoke a live key and issue its successor in one transaction.
+        """Revoke a live key and issue its successor (with the same controls) in one transaction.
 
         A revoked key cannot be rotated (StoreConflict): rotation must not resurrect access."""
 

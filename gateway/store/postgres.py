@@ -55,6 +55,7 @@ from gateway.store.base import (
     EnergyEntry,
     IdempotencyState,
     InsufficientEnergy,
+    KEY_CONTROLS,
     KeyIdentity,
     NotFound,
     Reservation,
@@ -71,6 +72,8 @@ from gateway.store.base import (
     compute_refill,
     hash_key,
     idempotency_decision,
+    key_control_values,
+    stored_key_models,
     new_api_key,
     new_id,
     prepare_usage_rows,
@@ -581,6 +584,11 @@ MIGRATIONS: list[tuple[int, str]] = [
         + ";\n".join(usage_rollup.add_measure_ddl("postgres", "unbilled_calls")
                      + usage_rollup.add_measure_ddl("postgres", "unbilled_cost_usd")) + ";",
     ),
+    (
+        12,  # per-key controls (docs/admin.md "Per-key controls"); models: a JSON list, NULL: the tier's
+        "ALTER TABLE api_keys ADD COLUMN label text, ADD COLUMN expires_at double precision,"
+        " ADD COLUMN models text, ADD COLUMN rpm bigint, ADD COLUMN tpm bigint;",
+    ),
 ]
 
 # Array types for the one-statement batch insert (unnest of one array per column).
@@ -608,7 +616,7 @@ _USAGE_INSERT = (
 _RESERVE = "SELECT o_n, o_status, o_balance, o_refilled FROM gw_reserve($1, $2, $3, $4, $5, $6)"
 _CREATED_AT = list(USAGE_COLUMNS).index("created_at")
 _USER_COLS = "id, workspace_id, name, tier, energy, refilled_at, created_at, disabled"
-_KEY_COLS = "id, user_id, workspace_id, prefix, role, created_at, revoked_at"
+_KEY_COLS = "id, user_id, workspace_id, prefix, role, created_at, revoked_at, label, expires_at, models, rpm, tpm"
 _LEDGER_COLS = "id, user_id, request_id, kind, amount, balance_after, reason, created_at"
 
 
@@ -624,7 +632,8 @@ def _user(r: asyncpg.Record) -> User:
 
 def _key(r: asyncpg.Record) -> ApiKey:
     return ApiKey(r["id"], r["user_id"], r["workspace_id"], r["prefix"], r["role"],
-                  r["created_at"], r["revoked_at"])
+                  r["created_at"], r["revoked_at"], r["label"], r["expires_at"], stored_key_models(r["models"]),
+                  r["rpm"], r["tpm"])
 
 
 def _entry(r: asyncpg.Record) -> EnergyEntry:
@@ -892,30 +901,47 @@ class PostgresStore(Store):
 
     # ---------------------------------------------------------------------- keys
 
-    async def create_key(self, user_id, role="user", *, now=None):
+    async def create_key(self, user_id, role="user", *, now=None, **controls):
         check_role(role)
+        values = key_control_values(controls)
         async with self._tx() as conn:
-            return await self._insert_key(conn, user_id, role, now_or(now))
+            return await self._insert_key(conn, user_id, role, now_or(now), values)
+
+    async def update_key(self, key_id, **controls):
+        values = key_control_values(controls)
+        async with self._tx() as conn:
+            if values:
+                sets = ", ".join(f"{name} = ${i}" for i, name in enumerate(values, 2))
+                r = await conn.fetchrow(f"UPDATE api_keys SET {sets} WHERE id = $1 RETURNING {_KEY_COLS}",
+                                        key_id, *values.values())
+            else:
+                r = await conn.fetchrow(f"SELECT {_KEY_COLS} FROM api_keys WHERE id = $1", key_id)
+            if r is None:
+                raise NotFound(f"key {key_id!r}")
+        return _key(r)
 
     @staticmethod
-    async def _insert_key(conn, user_id: str, role: str, now: float) -> tuple[str, ApiKey]:
+    async def _insert_key(conn, user_id: str, role: str, now: float,
+                          controls: dict[str, Any] | None = None) -> tuple[str, ApiKey]:
+        """`controls`: per-key controls as stored (key_control_values)."""
         workspace_id = await conn.fetchval("SELECT workspace_id FROM users WHERE id = $1",
                                            user_id)
         if workspace_id is None:
             raise NotFound(f"user {user_id!r}")
         plaintext, digest, prefix = new_api_key()
-        key = ApiKey(new_id("key"), user_id, workspace_id, prefix, role, now, None)
-        await conn.execute(
-            "INSERT INTO api_keys (id, user_id, workspace_id, key_hash, prefix, role, created_at)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            key.id, user_id, workspace_id, digest, prefix, role, now,
+        values = [(controls or {}).get(name) for name in KEY_CONTROLS]
+        r = await conn.fetchrow(
+            "INSERT INTO api_keys (id, user_id, workspace_id, key_hash, prefix, role, created_at,"
+            f" {', '.join(KEY_CONTROLS)}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+            f" RETURNING {_KEY_COLS}",
+            new_id("key"), user_id, workspace_id, digest, prefix, role, now, *values,
         )
-        return plaintext, key
+        return plaintext, _key(r)
 
     async def lookup_key(self, plaintext):
         r = await self._fetchrow(
             """SELECT k.id, k.prefix, k.role, k.user_id, k.workspace_id, k.revoked_at,
-                      u.tier, u.disabled
+                      k.expires_at, k.models, k.rpm, k.tpm, u.tier, u.disabled
                  FROM api_keys k JOIN users u ON u.id = k.user_id
                 WHERE k.key_hash = $1""",
             hash_key(plaintext),
@@ -923,7 +949,8 @@ class PostgresStore(Store):
         if r is None:
             return None
         return KeyIdentity(r["id"], r["prefix"], r["role"], r["user_id"], r["workspace_id"],
-                           r["tier"], r["disabled"], r["revoked_at"] is not None)
+                           r["tier"], r["disabled"], r["revoked_at"] is not None,
+                           r["expires_at"], stored_key_models(r["models"]), r["rpm"], r["tpm"])
 
     async def revoke_key(self, key_id, *, now=None):
         async with self._tx() as conn:
@@ -940,14 +967,16 @@ class PostgresStore(Store):
         now = now_or(now)
         async with self._tx() as conn:
             old = await conn.fetchrow(
-                "SELECT user_id, role, revoked_at FROM api_keys WHERE id = $1 FOR UPDATE", key_id
+                f"SELECT user_id, role, revoked_at, {', '.join(KEY_CONTROLS)} FROM api_keys WHERE id = $1 FOR UPDATE",
+                key_id
             )
             if old is None:
                 raise NotFound(f"key {key_id!r}")
             if old["revoked_at"] is not None:
                 raise StoreConflict(f"key {key_id!r} is revoked and cannot be rotated")
             await conn.execute("UPDATE api_keys SET revoked_at = $2 WHERE id = $1", key_id, now)
-            return await self._insert_key(conn, old["user_id"], old["role"], now)
+            return await self._insert_key(conn, old["user_id"], old["role"], now,
+                                          {name: old[name] for name in KEY_CONTROLS})  # the same controls
 
     async def list_keys(self, user_id=None, workspace_id=None):
         rows = await self._fetch(

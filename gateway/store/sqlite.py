@@ -108,6 +108,7 @@ from gateway.store.base import (
     EnergyEntry,
     IdempotencyState,
     InsufficientEnergy,
+    KEY_CONTROLS,
     KeyIdentity,
     NotFound,
     Reservation,
@@ -125,6 +126,8 @@ from gateway.store.base import (
     idempotency_decision,
     iso_utc,
     kept_by_refill_reason,
+    key_control_values,
+    stored_key_models,
     new_api_key,
     new_id,
     prepare_usage_rows,
@@ -358,11 +361,21 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             *usage_rollup.add_measure_ddl("sqlite", "unbilled_cost_usd"),
         ],
     ),
+    (
+        12,  # per-key controls (docs/admin.md "Per-key controls")
+        [
+            "ALTER TABLE api_keys ADD COLUMN label TEXT",
+            "ALTER TABLE api_keys ADD COLUMN expires_at REAL",
+            "ALTER TABLE api_keys ADD COLUMN models TEXT",  # JSON list of model names; NULL: the tier's
+            "ALTER TABLE api_keys ADD COLUMN rpm INTEGER",
+            "ALTER TABLE api_keys ADD COLUMN tpm INTEGER",
+        ],
+    ),
 ]
 USAGE_PRUNE_CHUNK = 2000  # raw rows deleted per transaction by prune_usage
 
 _USER_COLS = "id, workspace_id, name, tier, energy, refilled_at, created_at, disabled"
-_KEY_COLS = "id, user_id, workspace_id, prefix, role, created_at, revoked_at"
+_KEY_COLS = "id, user_id, workspace_id, prefix, role, created_at, revoked_at, label, expires_at, models, rpm, tpm"
 _LEDGER_COLS = "id, user_id, request_id, kind, amount, balance_after, reason, created_at"
 _WORKSPACE_COLS = "id, name, profile, ai_settings, created_at"
 _USAGE_BOOLS = [n for n, k in USAGE_COLUMNS.items() if k == "bool"]
@@ -382,7 +395,7 @@ def _user(r: tuple) -> User:
 
 
 def _key(r: tuple) -> ApiKey:
-    return ApiKey(*r)
+    return ApiKey(*r[:9], stored_key_models(r[9]), *r[10:])
 
 
 def _entry(r: tuple) -> EnergyEntry:
@@ -936,21 +949,37 @@ class SQLiteStore(Store):
 
     # ---------------------------------------------------------------------- keys
 
-    async def create_key(self, user_id, role="user", *, now=None):
+    async def create_key(self, user_id, role="user", *, now=None, **controls):
         check_role(role)
-        return await self._write(_insert_key, user_id, role, now_or(now))
+        return await self._write(_insert_key, user_id, role, now_or(now), key_control_values(controls))
+
+    async def update_key(self, key_id, **controls):
+        values = key_control_values(controls)
+
+        def tx(db):
+            if values:
+                sets = ", ".join(f"{name} = ?" for name in values)
+                r = _one(db, f"UPDATE api_keys SET {sets} WHERE id = ? RETURNING {_KEY_COLS}", *values.values(), key_id)
+            else:
+                r = _one(db, f"SELECT {_KEY_COLS} FROM api_keys WHERE id = ?", key_id)
+            if r is None:
+                raise NotFound(f"key {key_id!r}")
+            return r
+
+        return _key(await self._write(tx))
 
     async def lookup_key(self, plaintext):
         r = await self._fetchone(
             """SELECT k.id, k.prefix, k.role, k.user_id, k.workspace_id, u.tier, u.disabled,
-                      k.revoked_at
+                      k.revoked_at, k.expires_at, k.models, k.rpm, k.tpm
                  FROM api_keys k JOIN users u ON u.id = k.user_id
                 WHERE k.key_hash = ?""",
             hash_key(plaintext),
         )
         if r is None:
             return None
-        return KeyIdentity(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7] is not None)
+        return KeyIdentity(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7] is not None,
+                           r[8], stored_key_models(r[9]), r[10], r[11])
 
     async def revoke_key(self, key_id, *, now=None):
         now = now_or(now)
@@ -968,13 +997,14 @@ class SQLiteStore(Store):
         now = now_or(now)
 
         def tx(db):
-            old = _one(db, "SELECT user_id, role, revoked_at FROM api_keys WHERE id = ?", key_id)
+            old = _one(db, f"SELECT user_id, role, revoked_at, {', '.join(KEY_CONTROLS)} FROM api_keys WHERE id = ?",
+                       key_id)
             if old is None:
                 raise NotFound(f"key {key_id!r}")
             if old[2] is not None:
                 raise StoreConflict(f"key {key_id!r} is revoked and cannot be rotated")
             db.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", (now, key_id))
-            return _insert_key(db, old[0], old[1], now)
+            return _insert_key(db, old[0], old[1], now, dict(zip(KEY_CONTROLS, old[3:])))  # the same controls
 
         return await self._write(tx)
 
@@ -1271,18 +1301,20 @@ def _migrate(db: sqlite3.Connection) -> list[int]:
 
 
 def _insert_key(db: sqlite3.Connection, user_id: str, role: str,
-                now: float) -> tuple[str, ApiKey]:
+                now: float, controls: dict[str, Any] | None = None) -> tuple[str, ApiKey]:
+    """`controls`: per-key controls as stored (key_control_values)."""
     u = _one(db, "SELECT workspace_id FROM users WHERE id = ?", user_id)
     if u is None:
         raise NotFound(f"user {user_id!r}")
     plaintext, digest, prefix = new_api_key()
-    key = ApiKey(new_id("key"), user_id, u[0], prefix, role, now, None)
+    values = [(controls or {}).get(name) for name in KEY_CONTROLS]
+    key_id = new_id("key")
     db.execute(
-        "INSERT INTO api_keys (id, user_id, workspace_id, key_hash, prefix, role, created_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (key.id, user_id, key.workspace_id, digest, prefix, role, now),
+        "INSERT INTO api_keys (id, user_id, workspace_id, key_hash, prefix, role, created_at,"
+        f" {', '.join(KEY_CONTROLS)}) VALUES (?, ?, ?, ?, ?, ?, ?, {', '.join('?' for _ in KEY_CONTROLS)})",
+        (key_id, user_id, u[0], digest, prefix, role, now, *values),
     )
-    return plaintext, key
+    return plaintext, _key((key_id, user_id, u[0], prefix, role, now, None, *values))
 
 
 def _reserve(db: sqlite3.Connection, user_id: str, amount: int, request_id: str,
