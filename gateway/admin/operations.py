@@ -3,8 +3,9 @@
 Every operation takes a `Scope`: the master key (CLI, or the master key over HTTP) may do
 everything; a workspace admin key may manage and read only its own workspace. Bad input
 (unknown tier, negative grant, unknown user) raises an `ApiError` before anything changes.
-Changes that affect identity (tier, revoke, rotate, workspace settings) are pushed into
-this process's Directory cache at once.
+Changes that affect identity (tier, revoke, rotate, key controls, workspace settings) are
+pushed into this process's Directory cache at once and published to every other process
+through the store (gateway/change_feed.py).
 """
 
 from __future__ import annotations
@@ -102,6 +103,14 @@ class Admin:
 
     # --- helpers ------------------------------------------------------------------
 
+    async def _changed(self, kind: str, ident: str) -> None:
+        """An identity-affecting change is committed: forget it here, tell every process."""
+        if self.directory is not None:
+            forget = {"workspace": self.directory.forget_workspace, "user": self.directory.forget_user,
+                      "key": self.directory.forget_key}[kind]
+            forget(ident)
+        await self.store.publish_change(f"{kind}:{ident}")
+
     def _check_tier(self, tier: str) -> None:
         if not isinstance(tier, str) or tier not in self.config.tiers:
             raise ApiError(400, f"unknown tier '{tier}' (configured: {', '.join(sorted(self.config.tiers))})",
@@ -171,8 +180,7 @@ class Admin:
             if model is not None and not self.config.deployments(str(model)):
                 raise ApiError(400, f"ai_settings.default_model: unknown model '{model}'", param="ai_settings")
         await self.store.update_workspace(workspace.id, profile=profile, ai_settings=ai_settings)
-        if self.directory is not None:
-            self.directory.forget_workspace(workspace.id)
+        await self._changed("workspace", workspace.id)
         return as_dict(await self.store.get_workspace(workspace.id))
 
     @staticmethod
@@ -242,8 +250,7 @@ class Admin:
         if not scope.is_master:
             raise _master_only("changing a tier")
         await self.store.set_tier(user.id, tier)
-        if self.directory is not None:
-            self.directory.forget_user(user.id)
+        await self._changed("user", user.id)
         return as_dict(await self.store.get_user(user.id))
 
     async def grant_energy(self, scope: Scope, user_id: str, amount: int, reason: str | None = None,
@@ -296,8 +303,7 @@ class Admin:
         user = await self.store.get_user(key.user_id)
         values = self._key_controls(controls, user.tier if user is not None else None)
         updated = await self.store.update_key(key.id, **values)
-        if self.directory is not None:
-            self.directory.forget_key(key.id)
+        await self._changed("key", key.id)
         return as_dict(updated)
 
     def _key_controls(self, controls: dict[str, Any], tier: str | None) -> dict[str, Any]:
@@ -361,8 +367,7 @@ class Admin:
     async def revoke_key(self, scope: Scope, key_id: str) -> dict:
         key = await self._key(scope, key_id)
         await self.store.revoke_key(key.id)
-        if self.directory is not None:
-            self.directory.forget_key(key.id)
+        await self._changed("key", key.id)
         return {"id": key.id, "revoked": True}
 
     async def rotate_key(self, scope: Scope, key_id: str) -> dict:
@@ -371,8 +376,7 @@ class Admin:
             plaintext, new_key = await self.store.rotate_key(key.id)
         except (NotFound, StoreConflict) as exc:
             raise ApiError(409, f"cannot rotate key '{key_id}': {exc}", code="conflict") from None
-        if self.directory is not None:
-            self.directory.forget_key(key.id)
+        await self._changed("key", key.id)
         return {**as_dict(new_key), "api_key": plaintext, "replaces": key.id}
 
     # --- usage reports ----------------------------------------------------------------

@@ -785,6 +785,24 @@ class Store(abc.ABC):
     def usd(self, stored: Any) -> Decimal | None:
         """A USD column (or a SUM of one) as this store's SQL returns it, as a Decimal."""
 
+    # changes pushed to every process (gateway/change_feed.py)
+    @abc.abstractmethod
+    async def publish_change(self, target: str) -> None:
+        """Tell every gateway process that `target` ("key:<id>", "user:<id>",
+        "workspace:<id>") changed: the change counter is bumped (and, on PostgreSQL, a
+        NOTIFY carries the target). Called after the change is committed."""
+
+    @abc.abstractmethod
+    async def change_counter(self) -> int:
+        """How many changes were published so far (compared between two reads)."""
+
+    async def listen_changes(self, on_change: Callable[[str], None],
+                             on_lost: Callable[[], None]) -> Callable[[], Any] | None:
+        """Push: call `on_change(target)` for each published change, `on_lost()` if the
+        subscription breaks. Returns an async `close()`, or None where this store cannot
+        push (then the counter is polled)."""
+        return None
+
     @abc.abstractmethod
     async def prune_usage(self, before: float) -> int:
         """Drop raw usage rows older than `before` (PostgreSQL: whole months, SQLite: in

@@ -38,6 +38,7 @@ Time columns are ``double precision`` epoch seconds, except ``ai_usage_logs.crea
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from contextlib import asynccontextmanager
@@ -589,6 +590,11 @@ MIGRATIONS: list[tuple[int, str]] = [
         "ALTER TABLE api_keys ADD COLUMN label text, ADD COLUMN expires_at double precision,"
         " ADD COLUMN models text, ADD COLUMN rpm bigint, ADD COLUMN tpm bigint;",
     ),
+    (
+        13,  # the change counter (gateway/change_feed.py): polled behind PgBouncer, a fallback to LISTEN
+        "CREATE TABLE gw_changes (id integer PRIMARY KEY CHECK (id = 1), counter bigint NOT NULL);"
+        " INSERT INTO gw_changes (id, counter) VALUES (1, 0);",
+    ),
 ]
 
 # Array types for the one-statement batch insert (unnest of one array per column).
@@ -811,7 +817,36 @@ class PostgresStore(Store):
                 applied.append(version)
         return applied
 
-    # ---------------------------------------------------------------- workspaces
+    # ------------------------------------------------------------------- changes
+
+    @property
+    def change_channel(self) -> str:
+        """The NOTIFY channel of this schema's gateways (a schema's name may be longer than a channel's)."""
+        return "gw_changes_" + hashlib.sha256((self.schema or "").encode()).hexdigest()[:16]
+
+    async def publish_change(self, target):
+        async with self._tx() as conn:  # NOTIFY is delivered when this commits
+            await conn.execute("UPDATE gw_changes SET counter = counter + 1 WHERE id = 1")
+            await conn.execute("SELECT pg_notify($1, $2)", self.change_channel, target)
+
+    async def change_counter(self):
+        return (await self._fetchrow("SELECT counter FROM gw_changes WHERE id = 1"))["counter"]
+
+    async def listen_changes(self, on_change, on_lost):
+        """LISTEN on a connection of its own (not the pool's). Behind PgBouncer's transaction
+        pooling a LISTEN does not survive its transaction: None there (the counter is polled)."""
+        if self.pgbouncer:
+            return None
+        conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout)
+        conn.add_termination_listener(lambda _conn: on_lost())
+        await conn.add_listener(self.change_channel, lambda _c, _pid, _channel, payload: on_change(payload))
+
+        async def close() -> None:
+            if not conn.is_closed():
+                await conn.close(timeout=2)
+
+        return close
+
 
     async def create_workspace(self, name, profile=None, ai_settings=None, *, now=None):
         check_workspace_name(name)

@@ -371,6 +371,13 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "ALTER TABLE api_keys ADD COLUMN tpm INTEGER",
         ],
     ),
+    (
+        13,  # the change counter every gateway process polls (gateway/change_feed.py)
+        [
+            "CREATE TABLE gw_changes (id INTEGER PRIMARY KEY CHECK (id = 1), counter INTEGER NOT NULL)",
+            "INSERT INTO gw_changes (id, counter) VALUES (1, 0)",
+        ],
+    ),
 ]
 USAGE_PRUNE_CHUNK = 2000  # raw rows deleted per transaction by prune_usage
 
@@ -1020,6 +1027,15 @@ class SQLiteStore(Store):
         if where:
             sql += " WHERE " + " AND ".join(where)
         return [_key(r) for r in await self._fetchall(sql + " ORDER BY created_at, id", *args)]
+
+    # ------------------------------------------------------------------- changes
+
+    async def publish_change(self, target):
+        await self._write(lambda db: db.execute("UPDATE gw_changes SET counter = counter + 1 WHERE id = 1"))
+
+    async def change_counter(self):
+        r = await self._fetchone("SELECT counter FROM gw_changes WHERE id = 1")
+        return r[0]
 
     # -------------------------------------------------------------------- energy
 
