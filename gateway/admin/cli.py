@@ -14,6 +14,7 @@ picks up changes within `auth.cache_ttl` (its cache is per process).
     python proxy.py keys update KEY [--label L] [--expires 30d] [--models a,b] [--rpm N] [--tpm N] [--clear rpm]
     python proxy.py keys list [--user USER] | revoke KEY | rotate KEY
     python proxy.py usage daily|top-users|actions|weekly|experiments [--days N] [--workspace W] [--json]
+    python proxy.py audit [--limit N] [--since 24h] [--workspace W] [--json]
 """
 
 from __future__ import annotations
@@ -256,6 +257,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = command(keys, "rotate", lambda a, x, s: a.rotate_key(s, x.key), "revoke a key and issue its replacement")
     p.add_argument("key")
 
+    # audit log
+    p = command(sub, "audit", lambda a, x, s: a.audit(s, x.limit, _duration_arg(x.since), x.workspace),
+                "the audit log of admin actions, newest first")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--since", help="only the last 24h, 7d, ...")
+    p.add_argument("--workspace")
+
     # usage reports
     usage = sub.add_parser("usage", help="usage and cost reports").add_subparsers(dest="action", required=True)
     for report in ("daily", "top-users", "actions", "weekly", "experiments"):
@@ -264,6 +272,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--days", type=int, default=7)
         p.add_argument("--workspace")
         p.add_argument("--limit", type=int, default=10)
+
+
+def _duration_arg(value: str | None) -> float | None:
+    from gateway.config import parse_duration
+
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except (ValueError, OverflowError) as exc:
+        raise ApiError(400, f"since: {exc}", param="since") from None
 
 
 def _key_control_args(p: argparse.ArgumentParser) -> None:

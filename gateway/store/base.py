@@ -149,6 +149,10 @@ class ApiKey:
     tpm: int | None = None
 
 
+# The audit log's columns besides id and created_at (gateway/admin/operations.py writes them).
+AUDIT_COLUMNS = ("actor", "actor_key_id", "actor_key_prefix", "via", "action", "target", "workspace_id",
+                 "before", "after", "request_id")
+
 # The per-key controls a key carries and `update_key` may change.
 KEY_CONTROLS = ("label", "expires_at", "models", "rpm", "tpm")
 
@@ -784,6 +788,17 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def usd(self, stored: Any) -> Decimal | None:
         """A USD column (or a SUM of one) as this store's SQL returns it, as a Decimal."""
+
+    # the audit log (append-only: there is no method to change or delete a row)
+    @abc.abstractmethod
+    async def append_audit(self, entry: dict[str, Any], *, now: float | None = None) -> None:
+        """One row: actor, actor_key_id, actor_key_prefix, via, action, target, workspace_id,
+        before, after (JSON-able, no secret), request_id (AUDIT_COLUMNS)."""
+
+    @abc.abstractmethod
+    async def audit_entries(self, *, workspace_id: str | None = None, since: float | None = None,
+                            limit: int = 100) -> list[dict[str, Any]]:
+        """The newest rows first (`created_at` epoch seconds); only `workspace_id`'s if given."""
 
     # changes pushed to every process (gateway/change_feed.py)
     @abc.abstractmethod

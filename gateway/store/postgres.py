@@ -56,6 +56,7 @@ from gateway.store.base import (
     EnergyEntry,
     IdempotencyState,
     InsufficientEnergy,
+    AUDIT_COLUMNS,
     KEY_CONTROLS,
     KeyIdentity,
     NotFound,
@@ -595,6 +596,38 @@ MIGRATIONS: list[tuple[int, str]] = [
         "CREATE TABLE gw_changes (id integer PRIMARY KEY CHECK (id = 1), counter bigint NOT NULL);"
         " INSERT INTO gw_changes (id, counter) VALUES (1, 0);",
     ),
+    (
+        # The audit log of admin actions. Append-only: the gateway has no statement that
+        # changes or deletes a row, these triggers refuse one, and docs/admin.md shows the
+        # GRANTs that keep the gateway's role from dropping them.
+        14,
+        """
+        CREATE TABLE audit_log (
+            id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            created_at       double precision NOT NULL,
+            actor            text NOT NULL,
+            actor_key_id     text,
+            actor_key_prefix text,
+            via              text NOT NULL,
+            action           text NOT NULL,
+            target           text,
+            workspace_id     text,
+            before           jsonb,
+            after            jsonb,
+            request_id       text
+        );
+        CREATE INDEX audit_log_time ON audit_log (created_at);
+        CREATE INDEX audit_log_workspace ON audit_log (workspace_id, created_at);
+        CREATE FUNCTION gw_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            RAISE EXCEPTION 'audit_log is append-only';
+        END $$;
+        CREATE TRIGGER audit_log_no_change BEFORE UPDATE OR DELETE ON audit_log
+            FOR EACH ROW EXECUTE FUNCTION gw_audit_append_only();
+        CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log
+            FOR EACH STATEMENT EXECUTE FUNCTION gw_audit_append_only();
+        """,
+    ),
 ]
 
 # Array types for the one-statement batch insert (unnest of one array per column).
@@ -797,14 +830,17 @@ class PostgresStore(Store):
             # Keyed by schema: independent schemas migrate independently.
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))",
                                f"gateway.store.migrations:{self.schema or ''}")
-            if self.schema:
+            # Only what is missing is created: a gateway whose role may not create (docs/admin.md
+            # "Audit log", the GRANTs) opens a schema its owner migrated.
+            if self.schema and not await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", self.schema):
                 await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
-            await conn.execute(
-                """CREATE TABLE IF NOT EXISTS schema_migrations (
-                       version    integer PRIMARY KEY,
-                       applied_at double precision NOT NULL
-                   )"""
-            )
+            if await conn.fetchval("SELECT to_regclass('schema_migrations')") is None:
+                await conn.execute(
+                    """CREATE TABLE IF NOT EXISTS schema_migrations (
+                           version    integer PRIMARY KEY,
+                           applied_at double precision NOT NULL
+                       )"""
+                )
             done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
             for version, sql in MIGRATIONS:
                 if version in done:
@@ -816,6 +852,29 @@ class PostgresStore(Store):
                 )
                 applied.append(version)
         return applied
+
+    # --------------------------------------------------------------------- audit
+
+    async def append_audit(self, entry, *, now=None):
+        values = [json.dumps(entry.get(c)) if c in ("before", "after") else entry.get(c) for c in AUDIT_COLUMNS]
+        async with self._single() as conn:
+            await conn.execute(
+                f"INSERT INTO audit_log (created_at, {', '.join(AUDIT_COLUMNS)}) VALUES ($1, "
+                + ", ".join(f"${i}{'::jsonb' if c in ('before', 'after') else ''}"
+                            for i, c in enumerate(AUDIT_COLUMNS, 2)) + ")",
+                now_or(now), *values)
+
+    async def audit_entries(self, *, workspace_id=None, since=None, limit=100):
+        rows = await self._fetch(
+            f"SELECT id, created_at, {', '.join(AUDIT_COLUMNS)} FROM audit_log"
+            " WHERE ($1::text IS NULL OR workspace_id = $1) AND ($2::float8 IS NULL OR created_at >= $2)"
+            " ORDER BY id DESC LIMIT $3", workspace_id, since, limit)
+        out = []
+        for r in rows:
+            entry = dict(r)
+            entry["before"], entry["after"] = json.loads(entry["before"]), json.loads(entry["after"])
+            out.append(entry)
+        return out
 
     # ------------------------------------------------------------------- changes
 

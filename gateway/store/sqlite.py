@@ -108,6 +108,7 @@ from gateway.store.base import (
     EnergyEntry,
     IdempotencyState,
     InsufficientEnergy,
+    AUDIT_COLUMNS,
     KEY_CONTROLS,
     KeyIdentity,
     NotFound,
@@ -376,6 +377,31 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         [
             "CREATE TABLE gw_changes (id INTEGER PRIMARY KEY CHECK (id = 1), counter INTEGER NOT NULL)",
             "INSERT INTO gw_changes (id, counter) VALUES (1, 0)",
+        ],
+    ),
+    (
+        14,  # the audit log of admin actions: append-only, the triggers refuse any change (docs/admin.md)
+        [
+            """CREATE TABLE audit_log (
+                id               INTEGER PRIMARY KEY AUTOINCREMENT,
+                created_at       REAL NOT NULL,
+                actor            TEXT NOT NULL,
+                actor_key_id     TEXT,
+                actor_key_prefix TEXT,
+                via              TEXT NOT NULL,
+                action           TEXT NOT NULL,
+                target           TEXT,
+                workspace_id     TEXT,
+                before           TEXT,
+                after            TEXT,
+                request_id       TEXT
+            )""",
+            "CREATE INDEX audit_log_time ON audit_log (created_at)",
+            "CREATE INDEX audit_log_workspace ON audit_log (workspace_id, created_at)",
+            "CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log"
+            " BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END",
+            "CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log"
+            " BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END",
         ],
     ),
 ]
@@ -1027,6 +1053,26 @@ class SQLiteStore(Store):
         if where:
             sql += " WHERE " + " AND ".join(where)
         return [_key(r) for r in await self._fetchall(sql + " ORDER BY created_at, id", *args)]
+
+    # --------------------------------------------------------------------- audit
+
+    async def append_audit(self, entry, *, now=None):
+        values = [json.dumps(entry.get(c)) if c in ("before", "after") else entry.get(c) for c in AUDIT_COLUMNS]
+        await self._write(lambda db: db.execute(
+            f"INSERT INTO audit_log (created_at, {', '.join(AUDIT_COLUMNS)})"
+            f" VALUES (?, {', '.join('?' for _ in AUDIT_COLUMNS)})", (now_or(now), *values)))
+
+    async def audit_entries(self, *, workspace_id=None, since=None, limit=100):
+        rows = await self._fetchall(
+            f"SELECT id, created_at, {', '.join(AUDIT_COLUMNS)} FROM audit_log"
+            " WHERE (? IS NULL OR workspace_id = ?) AND (? IS NULL OR created_at >= ?)"
+            " ORDER BY id DESC LIMIT ?", workspace_id, workspace_id, since, since, limit)
+        out = []
+        for r in rows:
+            entry = dict(zip(("id", "created_at", *AUDIT_COLUMNS), r))
+            entry["before"], entry["after"] = json.loads(entry["before"]), json.loads(entry["after"])
+            out.append(entry)
+        return out
 
     # ------------------------------------------------------------------- changes
 
