@@ -32,6 +32,7 @@ from gateway.admin.api import admin_routes  # noqa: E402
 from gateway.admin.dashboard import dashboard_routes  # noqa: E402
 from gateway.chain import Chain  # noqa: E402
 from gateway.config import Config, redacted_config  # noqa: E402
+from gateway.change_feed import ChangeFeed  # noqa: E402
 from gateway.directory import Directory  # noqa: E402
 from gateway.errors import ApiError, internal_error  # noqa: E402
 from gateway.feedback import feedback_routes  # noqa: E402
@@ -131,7 +132,9 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
             await gw.store.open()
             services.store = gw.store
         services.directory = gw.directory = Directory(gw.store, config.auth.cache_ttl)
+        feed = ChangeFeed(gw.store, gw.directory).start()  # admin changes of other processes
         yield
+        await feed.stop()
         if owns_store:
             await gw.store.close()
 

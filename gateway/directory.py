@@ -3,7 +3,8 @@
 A request must not touch the database to learn who is calling. Lookups are cached for
 `auth.cache_ttl` seconds (default 300, like the old in-app ConfigService). An admin change
 made through this process (revoke, tier change, workspace settings) invalidates the
-affected entries at once; other processes see it within the TTL.
+affected entries at once; other processes are told by gateway/change_feed.py (within
+~0.5 s on SQLite, at once on PostgreSQL); the TTL is only the fallback.
 
 Unknown keys are cached too (briefly, `NEGATIVE_TTL`) so a flood of bad keys cannot
 turn into a flood of database queries.

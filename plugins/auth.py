@@ -6,7 +6,8 @@
     plugins:
       - auth                    # before every plugin that needs ctx.identity
 
-Missing, unknown, revoked or disabled keys get 401 `invalid_api_key`. The client's key
+Missing, unknown, revoked or disabled keys get 401 `invalid_api_key`; a key past its
+`expires_at` gets 401 `key_expired`. The client's key
 never reaches an upstream: dispatch sends only the deployment's configured credentials,
 and no client header is forwarded. Keys are looked up by their SHA-256 (the store keeps
 only that hash), through the Directory's TTL cache, so an authenticated request does
@@ -17,6 +18,7 @@ bill, so it is refused on the model endpoints.
 from __future__ import annotations
 
 import hmac
+import time
 from typing import Any
 
 from plugins.base import Identity, Plugin, Reject, RequestContext
@@ -68,6 +70,8 @@ async def identify(headers: Any, config: Any, directory: Any) -> Identity:
         raise unauthorized("This API key has been revoked.")
     if found.user_disabled:
         raise unauthorized("This API key's user is disabled.")
+    if found.expires_at is not None and time.time() >= found.expires_at:
+        raise Reject(401, "This API key has expired.", type="invalid_request_error", code="key_expired")
     return Identity(
         user_id=found.user_id,
         workspace_id=found.workspace_id,
@@ -75,6 +79,9 @@ async def identify(headers: Any, config: Any, directory: Any) -> Identity:
         key_id=found.key_id,
         key_prefix=found.prefix,
         role="workspace_admin" if found.role == "workspace_admin" else "user",
+        key_models=found.models,
+        key_rpm=found.rpm,
+        key_tpm=found.tpm,
     )
 
 

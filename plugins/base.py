@@ -106,6 +106,10 @@ class Identity:
     key_id: str
     key_prefix: str  # safe to log: the first characters of the key, never the key
     role: Literal["user", "workspace_admin", "master"] = "user"
+    # Per-key controls (docs/admin.md "Per-key controls"); None: none on this key.
+    key_models: tuple[str, ...] | None = None  # narrows the tier's models (tier_policy)
+    key_rpm: int | None = None  # the key's own requests and tokens per minute (rate_limit)
+    key_tpm: int | None = None
 
 
 @dataclass

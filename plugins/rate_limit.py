@@ -1,4 +1,5 @@
-"""rate_limit: requests and tokens per minute, per tier, overridable per user and workspace.
+"""rate_limit: requests and tokens per minute, per tier, overridable per user and workspace,
+and per API key.
 
     tiers:
       free: {limits: {rpm: 20, tpm: 40000}}
@@ -11,6 +12,9 @@
     plugins:
       - auth
       - rate_limit                          # after auth, before energy
+
+A key created with its own `rpm` / `tpm` (`keys create --rpm 10`, docs/admin.md "Per-key
+controls") is also held to them, on top of its user's and workspace's limits.
 
 Fixed one-minute windows. A request counts against `rpm` when it is admitted (a rejected
 one does not); its prompt+completion tokens count against `tpm` when it ends, and a
@@ -208,7 +212,7 @@ class RateLimit(Plugin):
             await self.counters.close()
 
     async def _scopes(self, ctx: RequestContext) -> list[tuple[str, Limits]]:
-        """(counter key prefix, limits) for the user and, if capped, the workspace."""
+        """(counter key prefix, limits) for the user and, if capped, the API key and the workspace."""
         identity = ctx.identity
         cfg = ctx.config.rate_limits
         scopes: list[tuple[str, Limits]] = []
@@ -218,6 +222,8 @@ class RateLimit(Plugin):
             user_limits = tier.limits if tier is not None else None
         if user_limits is not None and (user_limits.rpm or user_limits.tpm):
             scopes.append((f"u:{identity.user_id}", user_limits))
+        if identity.key_rpm or identity.key_tpm:
+            scopes.append((f"k:{identity.key_id}", Limits(rpm=identity.key_rpm, tpm=identity.key_tpm)))
         if cfg.workspaces:
             ws_limits = cfg.workspaces.get(identity.workspace_id)
             if ws_limits is None and self.services.directory is not None:
@@ -259,7 +265,7 @@ class RateLimit(Plugin):
                     self._headers(ctx, scopes[0][1], Verdict(True, first.requests - 1, first.tokens), reset_in)
                 which = "tokens" if limits.tpm and verdict.tokens >= limits.tpm else "requests"
                 limit = limits.tpm if which == "tokens" else limits.rpm
-                whose = "your workspace" if scope.startswith("w:") else "you"
+                whose = {"w": "your workspace", "k": "this API key"}.get(scope[0], "you")
                 raise Reject(429, f"Rate limit reached for {whose}: {limit} {which} per minute. "
                                   f"Retry in {math.ceil(reset_in)}s.",
                              type="rate_limit_exceeded", code="rate_limit_exceeded",

@@ -23,6 +23,11 @@ allow a tool: the tier's `mcp_tools` (patterns, default "*"), the workspace's
 id>` (each absent: no restriction). `tools/list` shows only the tools they allow; a call
 of another one is refused with 403 `tool_not_allowed`.
 
+A key may carry its own list of models (`keys create --models a,b`, docs/admin.md "Per-key
+controls"): then only the models both the tier and the key allow are served or listed, and
+a model outside the key's list is a 403 `model_not_allowed` that says it is the key's
+restriction (no downgrade to a model the key was not given).
+
     tiers:
       free: {models: [gpt-4o-mini], mcp_tools: ["search__*"]}
 """
@@ -72,8 +77,10 @@ class TierPolicy(Plugin):
         if tier is None:  # the user's tier was removed from config.yaml: fail closed
             raise Reject(403, f"Your tier '{ctx.identity.tier}' is not configured on this gateway.",
                          type="invalid_request_error", code="tier_not_configured")
+        key_models = ctx.identity.key_models
         if ctx.endpoint == "models":
-            ctx.visible_models = [m for m in ctx.visible_models if tier.allows(m)]
+            ctx.visible_models = [m for m in ctx.visible_models
+                                  if tier.allows(m) and (key_models is None or m in key_models)]
             return
         if ctx.endpoint in TOOL_ENDPOINTS:
             await self._check_tool(ctx)
@@ -81,14 +88,21 @@ class TierPolicy(Plugin):
         if not ctx.candidates:
             return  # unknown model: the core answers 404
         requested = ctx.requested_model
+        if key_models is not None and requested not in key_models:
+            raise Reject(403, f"This API key may only use the models {', '.join(key_models) or '(none)'}; "
+                              f"'{requested}' is not one of them.",
+                         type="invalid_request_error", code="model_not_allowed", param="model")
         allowed = ctx.config.tier_ladder(ctx.identity.tier, requested)
+        if key_models is not None:
+            allowed = tuple(m for m in allowed if m in key_models)
         if not allowed:
             raise Reject(403, f"Your tier '{ctx.identity.tier}' may not use the model '{requested}'.",
                          type="invalid_request_error", code="model_not_allowed", param="model")
         if allowed[0] != requested:
             ctx.downgrade_reason = f"tier '{ctx.identity.tier}' does not allow {requested}"
         ctx.candidates = list(allowed)
-        ctx.fallback_allowed = ctx.config.tier_models(ctx.identity.tier)
+        fallbacks = ctx.config.tier_models(ctx.identity.tier)
+        ctx.fallback_allowed = fallbacks if key_models is None else fallbacks & frozenset(key_models)
 
     async def _check_tool(self, ctx: RequestContext) -> None:
         if not ctx.candidates:

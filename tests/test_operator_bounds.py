@@ -161,6 +161,8 @@ def test_a_metrics_window_outside_one_second_to_ten_years_is_a_400(gateway_facto
     ("/admin/usage/top-users", "limit", ["0", "1001", "99999999999999999", "-5"], "1000"),
     ("/admin/usage/experiments", "days", ["0", "3661", "99999999999999999"], "1"),
     ("/admin/users/{user}/ledger", "limit", ["0", "10001", "99999999999999999", "1e3"], "10000"),
+    ("/admin/audit", "limit", ["0", "1001", "99999999999999999", "1e3"], "1000"),
+    ("/admin/audit", "since", ["0s", "3661d", "1000000000d", "9" * 400 + "h", "x"], "3660d"),
 ])
 def test_numeric_admin_parameters_are_range_checked(gateway_factory, path, param, bad, good):
     gw = start(gateway_factory)
@@ -176,6 +178,7 @@ def test_numeric_admin_parameters_are_range_checked(gateway_factory, path, param
 ADMIN_ROUTES: list[tuple[str, str, tuple[str, ...], tuple[str, ...]]] = [
     ("GET", "/admin/usage/{report}", ("days", "limit", "workspace"), ()),
     ("GET", "/admin/metrics", ("window", "workspace"), ()),
+    ("GET", "/admin/audit", ("limit", "since", "workspace"), ()),
     ("GET", "/admin/dashboard/live", ("workspace",), ()),
     ("GET", "/admin/config", (), ()),
     ("POST", "/admin/workspaces", (), ("name", "profile", "ai_settings")),
@@ -188,8 +191,9 @@ ADMIN_ROUTES: list[tuple[str, str, tuple[str, ...], tuple[str, ...]]] = [
     ("PATCH", "/admin/users/{user}", (), ("tier",)),
     ("POST", "/admin/users/{user}/energy", (), ("amount", "reason", "kind")),
     ("GET", "/admin/users/{user}/ledger", ("limit",), ()),
-    ("POST", "/admin/users/{user}/keys", (), ("role",)),
+    ("POST", "/admin/users/{user}/keys", (), ("role", "label", "expires", "models", "rpm", "tpm")),
     ("GET", "/admin/keys", ("user",), ()),
+    ("PATCH", "/admin/keys/{key}", (), ("label", "expires", "models", "rpm", "tpm")),
     ("POST", "/admin/keys/{key}/revoke", (), ()),
     ("POST", "/admin/keys/{key}/rotate", (), ()),
 ]

@@ -14,12 +14,16 @@ be probed). Errors are OpenAI-shaped like everywhere else.
     PATCH  /admin/users/{user}               {tier}
     POST   /admin/users/{user}/energy        {amount, reason?, kind?: grant|adjust}
     GET    /admin/users/{user}/ledger[?limit=N]
-    POST   /admin/users/{user}/keys          {role?}                                    -> api_key once
+    POST   /admin/users/{user}/keys          {role?, label?, expires?, models?, rpm?, tpm?} -> api_key once
     GET    /admin/keys[?user=U]
+    PATCH  /admin/keys/{key}                 {label?, expires?, models?, rpm?, tpm?}  (null removes one)
     POST   /admin/keys/{key}/revoke
     POST   /admin/keys/{key}/rotate                                                     -> api_key once
     GET    /admin/usage/{daily|top-users|actions|weekly}[?days=N&workspace=W&limit=N]
     GET    /admin/metrics[?window=24h&workspace=W]     dashboard JSON (totalRequests, ...)
+    GET    /admin/audit[?limit=100&since=24h&workspace=W]  the audit log, newest first
+
+Every answer carries `X-Request-Id`; each change is written to the audit log with it.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ from typing import Any, Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from gateway.admin.operations import Admin, Scope
+from gateway.admin.operations import KEY_CONTROL_FIELDS, Admin, Scope
 from gateway.errors import ApiError
+from gateway.lifecycle import new_request_id
 from gateway.money import json_default
 from gateway.state import GATEWAY
 from plugins.auth import bearer_token, is_master_key
@@ -41,7 +46,7 @@ from plugins.auth import bearer_token, is_master_key
 def admin_of(request: web.Request) -> Admin:
     """The admin operations on the gateway serving `request` (its store, config, directory)."""
     gw = request.app[GATEWAY]
-    return Admin(gw.store, gw.config, gw.directory)
+    return Admin(gw.store, gw.config, gw.directory, via="api", request_id=new_request_id(request))
 
 
 async def admin_scope(request: web.Request, admin: Admin) -> Scope:
@@ -56,7 +61,7 @@ async def admin_scope(request: web.Request, admin: Admin) -> Scope:
         raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
     if found.role != "workspace_admin":
         raise ApiError(403, "this key is not an admin key", type="invalid_request_error", code="forbidden")
-    return Scope("workspace_admin", found.workspace_id)
+    return Scope("workspace_admin", found.workspace_id, key_id=found.key_id, key_prefix=found.prefix)
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -103,7 +108,9 @@ def admin_routes() -> list[web.RouteDef]:
         async def handler(request: web.Request) -> web.Response:
             admin = admin_of(request)
             scope = await admin_scope(request, admin)
-            return _json(await fn(request, admin, scope), status)
+            response = _json(await fn(request, admin, scope), status)
+            response.headers["X-Request-Id"] = admin.request_id
+            return response
 
         return handler
 
@@ -137,7 +144,12 @@ def admin_routes() -> list[web.RouteDef]:
 
     async def create_key(r, a, s):
         b = await _body(r)
-        return await a.create_key(s, r.match_info["user"], b.get("role", "user"))
+        controls = {name: b[name] for name in KEY_CONTROL_FIELDS if b.get(name) is not None}
+        return await a.create_key(s, r.match_info["user"], b.get("role", "user"), **controls)
+
+    async def update_key(r, a, s):
+        b = await _body(r)
+        return await a.update_key(s, r.match_info["key"], **{name: b[name] for name in KEY_CONTROL_FIELDS if name in b})
 
     async def usage(r, a, s):
         return await a.usage_report(s, r.match_info["report"], _int_param(r.query.get("days"), "days", 7),
@@ -152,7 +164,20 @@ def admin_routes() -> list[web.RouteDef]:
             raise ApiError(400, f"window: {exc}", param="window") from None
         return await a.dashboard(s, window, r.query.get("workspace"))
 
+    async def audit(r, a, s):
+        from gateway.config import parse_duration
+
+        since = r.query.get("since")
+        if since is not None:
+            try:
+                since = parse_duration(since)
+            except (ValueError, OverflowError) as exc:
+                raise ApiError(400, f"since: {exc}", param="since") from None
+        return await a.audit(s, _int_param(r.query.get("limit"), "limit", 100, minimum=1), since,
+                             r.query.get("workspace"))
+
     return [
+        web.get("/admin/audit", endpoint(audit)),
         web.get("/admin/usage/{report}", endpoint(usage)),
         web.get("/admin/metrics", endpoint(metrics)),
         web.post("/admin/workspaces", endpoint(create_workspace, 201)),
@@ -168,6 +193,7 @@ def admin_routes() -> list[web.RouteDef]:
             lambda r, a, s: a.ledger(s, r.match_info["user"], _int_param(r.query.get("limit"), "limit", 100, minimum=1)))),
         web.post("/admin/users/{user}/keys", endpoint(create_key, 201)),
         web.get("/admin/keys", endpoint(lambda r, a, s: a.list_keys(s, r.query.get("user")))),
+        web.patch("/admin/keys/{key}", endpoint(update_key)),
         web.post("/admin/keys/{key}/revoke", endpoint(lambda r, a, s: a.revoke_key(s, r.match_info["key"]))),
         web.post("/admin/keys/{key}/rotate", endpoint(lambda r, a, s: a.rotate_key(s, r.match_info["key"]), 201)),
     ]

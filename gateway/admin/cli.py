@@ -10,8 +10,11 @@ picks up changes within `auth.cache_ttl` (its cache is per process).
     python proxy.py users list [--workspace acme] | show USER
     python proxy.py users set-tier USER pro
     python proxy.py energy grant USER 100 [--reason R] | adjust USER -20 | ledger USER
-    python proxy.py keys create USER [--admin] | list [--user USER] | revoke KEY | rotate KEY
+    python proxy.py keys create USER [--admin] [--label L] [--expires 30d] [--models a,b] [--rpm N] [--tpm N]
+    python proxy.py keys update KEY [--label L] [--expires 30d] [--models a,b] [--rpm N] [--tpm N] [--clear rpm]
+    python proxy.py keys list [--user USER] | revoke KEY | rotate KEY
     python proxy.py usage daily|top-users|actions|weekly|experiments [--days N] [--workspace W] [--json]
+    python proxy.py audit [--limit N] [--since 24h] [--workspace W] [--json]
 """
 
 from __future__ import annotations
@@ -235,16 +238,31 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     # keys
     keys = sub.add_parser("keys", help="issue, list, revoke, rotate API keys").add_subparsers(dest="action", required=True)
-    p = command(keys, "create", lambda a, x, s: a.create_key(s, x.user, "workspace_admin" if x.admin else "user"),
+    p = command(keys, "create", lambda a, x, s: a.create_key(s, x.user, "workspace_admin" if x.admin else "user",
+                                                               **_key_controls(x)),
                 "issue another key for a user")
     p.add_argument("user")
     p.add_argument("--admin", action="store_true")
+    _key_control_args(p)
+    p = command(keys, "update", lambda a, x, s: a.update_key(s, x.key, **_key_controls(x)),
+                "set a key's label, expiry, models, rpm, tpm (--clear NAME removes one)")
+    p.add_argument("key")
+    _key_control_args(p)
+    p.add_argument("--clear", action="append", default=[], choices=["label", "expires", "models", "rpm", "tpm"],
+                   help="remove this control (repeatable)")
     p = command(keys, "list", lambda a, x, s: a.list_keys(s, x.user), "list keys (prefixes only)")
     p.add_argument("--user")
     p = command(keys, "revoke", lambda a, x, s: a.revoke_key(s, x.key), "revoke a key")
     p.add_argument("key")
     p = command(keys, "rotate", lambda a, x, s: a.rotate_key(s, x.key), "revoke a key and issue its replacement")
     p.add_argument("key")
+
+    # audit log
+    p = command(sub, "audit", lambda a, x, s: a.audit(s, x.limit, _duration_arg(x.since), x.workspace),
+                "the audit log of admin actions, newest first")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--since", help="only the last 24h, 7d, ...")
+    p.add_argument("--workspace")
 
     # usage reports
     usage = sub.add_parser("usage", help="usage and cost reports").add_subparsers(dest="action", required=True)
@@ -254,6 +272,35 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--days", type=int, default=7)
         p.add_argument("--workspace")
         p.add_argument("--limit", type=int, default=10)
+
+
+def _duration_arg(value: str | None) -> float | None:
+    from gateway.config import parse_duration
+
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except (ValueError, OverflowError) as exc:
+        raise ApiError(400, f"since: {exc}", param="since") from None
+
+
+def _key_control_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--label", help="a name for the key (shown in lists)")
+    p.add_argument("--expires", help="refused (401 key_expired) this long from now: 30d, 12h, 3600s")
+    p.add_argument("--models", help="comma-separated models this key may use (a subset of the tier's)")
+    p.add_argument("--rpm", type=int, help="the key's own requests per minute")
+    p.add_argument("--tpm", type=int, help="the key's own tokens per minute")
+
+
+def _key_controls(args: argparse.Namespace) -> dict[str, Any]:
+    controls: dict[str, Any] = {name: None for name in getattr(args, "clear", [])}
+    for name in ("label", "expires", "rpm", "tpm"):
+        if getattr(args, name) is not None:
+            controls[name] = getattr(args, name)
+    if args.models is not None:
+        controls["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
+    return controls
 
 
 DEMO_KEY_FILE = "data/demo-key.txt"

@@ -3,13 +3,15 @@
 Every operation takes a `Scope`: the master key (CLI, or the master key over HTTP) may do
 everything; a workspace admin key may manage and read only its own workspace. Bad input
 (unknown tier, negative grant, unknown user) raises an `ApiError` before anything changes.
-Changes that affect identity (tier, revoke, rotate, workspace settings) are pushed into
-this process's Directory cache at once.
+Changes that affect identity (tier, revoke, rotate, key controls, workspace settings) are
+pushed into this process's Directory cache at once and published to every other process
+through the store (gateway/change_feed.py).
 """
 
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any
 
@@ -29,6 +31,11 @@ REPORT_DAYS = (1, 3660)               # usage reports: ten years
 REPORT_LIMIT = (1, 1000)              # rows of top-users, users on the dashboard
 LEDGER_LIMIT = (1, 10000)             # ledger entries shown
 METRICS_WINDOW = (1.0, 3660 * 86400.0)  # /admin/metrics?window=: one second to ten years
+AUDIT_LIMIT = (1, 1000)               # audit rows shown
+KEY_EXPIRES = (1.0, 3660 * 86400.0)   # keys create --expires: one second to ten years
+KEY_PER_MINUTE = (1, 10**9)           # a key's rpm / tpm
+KEY_MODELS_MAX = 100                  # models named on one key
+KEY_CONTROL_FIELDS = ("label", "expires", "models", "rpm", "tpm")  # create_key / update_key
 # Identifiers (user, workspace, key ids and names) the store is asked about: longer ones,
 # or ones PostgreSQL cannot hold (NUL), name nothing there.
 MAX_IDENT_CHARS = 200
@@ -46,6 +53,8 @@ def _master_only(what: str) -> ApiError:
 class Scope:
     role: str  # "master" | "workspace_admin"
     workspace_id: str | None = None
+    key_id: str | None = None  # the workspace admin key acting (its id and public prefix: the audit's actor)
+    key_prefix: str | None = None
 
     @property
     def is_master(self) -> bool:
@@ -90,13 +99,50 @@ def _forbidden() -> ApiError:
     return ApiError(404, "not found in your workspace", code="not_found")
 
 
+# Fields that are secrets wherever they appear: never written to the audit log.
+_SECRET_FIELDS = ("api_key", "key_hash")
+
+
+def _public(value: Any) -> Any:
+    """An audit value: a dataclass or dict without any secret field."""
+    value = as_dict(value)
+    if isinstance(value, dict):
+        return {k: _public(v) for k, v in value.items() if k not in _SECRET_FIELDS}
+    if isinstance(value, (list, tuple)):
+        return [_public(v) for v in value]
+    return value
+
+
 class Admin:
-    def __init__(self, store: Any, config: Config, directory: Directory | None = None):
+    """`via` ("cli" or "api") and `request_id` say where the actions come from, for the audit
+    log: the HTTP API sets both per request; a CLI invocation has one request id."""
+
+    def __init__(self, store: Any, config: Config, directory: Directory | None = None, *,
+                 via: str = "cli", request_id: str | None = None):
         self.store = store
         self.config = config
         self.directory = directory
+        self.via = via
+        self.request_id = request_id or f"cli-{uuid.uuid4().hex[:16]}"
 
     # --- helpers ------------------------------------------------------------------
+
+    async def _audit(self, scope: Scope, action: str, target: str | None, workspace_id: str | None,
+                     before: Any = None, after: Any = None) -> None:
+        """One audit row for a change that is committed (docs/admin.md "Audit log")."""
+        await self.store.append_audit({
+            "actor": scope.role, "actor_key_id": scope.key_id, "actor_key_prefix": scope.key_prefix,
+            "via": self.via, "action": action, "target": target, "workspace_id": workspace_id,
+            "before": _public(before), "after": _public(after), "request_id": self.request_id,
+        })
+
+    async def _changed(self, kind: str, ident: str) -> None:
+        """An identity-affecting change is committed: forget it here, tell every process."""
+        if self.directory is not None:
+            forget = {"workspace": self.directory.forget_workspace, "user": self.directory.forget_user,
+                      "key": self.directory.forget_key}[kind]
+            forget(ident)
+        await self.store.publish_change(f"{kind}:{ident}")
 
     def _check_tier(self, tier: str) -> None:
         if not isinstance(tier, str) or tier not in self.config.tiers:
@@ -145,6 +191,7 @@ class Admin:
             workspace = await self.store.create_workspace(name, profile=profile, ai_settings=ai_settings)
         except StoreConflict:
             raise ApiError(409, f"workspace '{name}' already exists", code="already_exists") from None
+        await self._audit(scope, "workspace.create", workspace.id, workspace.id, None, workspace)
         return as_dict(workspace)
 
     async def list_workspaces(self, scope: Scope) -> list[dict]:
@@ -166,9 +213,11 @@ class Admin:
             model = ai_settings.get("default_model")
             if model is not None and not self.config.deployments(str(model)):
                 raise ApiError(400, f"ai_settings.default_model: unknown model '{model}'", param="ai_settings")
-        await self.store.update_workspace(workspace.id, profile=profile, ai_settings=ai_settings)
-        if self.directory is not None:
-            self.directory.forget_workspace(workspace.id)
+        updated = await self.store.update_workspace(workspace.id, profile=profile, ai_settings=ai_settings)
+        await self._changed("workspace", workspace.id)
+        changed = [name for name, value in (("profile", profile), ("ai_settings", ai_settings)) if value is not None]
+        await self._audit(scope, "workspace.update", workspace.id, workspace.id,
+                          {n: getattr(workspace, n) for n in changed}, {n: getattr(updated, n) for n in changed})
         return as_dict(await self.store.get_workspace(workspace.id))
 
     @staticmethod
@@ -210,6 +259,7 @@ class Admin:
         user = await self.store.create_user(ws.id, tier, name=name, energy=energy,
                                             start_refill_period=refill is not None)
         plaintext, key = await self.store.create_key(user.id, role=role)
+        await self._audit(scope, "user.create", user.id, ws.id, None, {**as_dict(user), "key": key})
         out = as_dict(user)
         out["api_key"] = plaintext
         out["key"] = as_dict(key)
@@ -238,8 +288,8 @@ class Admin:
         if not scope.is_master:
             raise _master_only("changing a tier")
         await self.store.set_tier(user.id, tier)
-        if self.directory is not None:
-            self.directory.forget_user(user.id)
+        await self._changed("user", user.id)
+        await self._audit(scope, "user.set_tier", user.id, user.workspace_id, {"tier": user.tier}, {"tier": tier})
         return as_dict(await self.store.get_user(user.id))
 
     async def grant_energy(self, scope: Scope, user_id: str, amount: int, reason: str | None = None,
@@ -264,6 +314,8 @@ class Admin:
                 raise ApiError(400, f"cannot remove {-amount} energy: the balance would go below zero",
                                param="amount", code="insufficient_energy") from None
             raise
+        await self._audit(scope, f"energy.{kind}", user.id, user.workspace_id, {"energy": balance - amount},
+                          {"energy": balance, "amount": amount, "reason": reason})
         return {"user_id": user.id, "energy": balance}
 
     async def ledger(self, scope: Scope, user_id: str, limit: int = 100) -> list[dict]:
@@ -276,12 +328,74 @@ class Admin:
 
     # --- keys -------------------------------------------------------------------------
 
-    async def create_key(self, scope: Scope, user_id: str, role: str = "user") -> dict:
+    async def create_key(self, scope: Scope, user_id: str, role: str = "user", **controls: Any) -> dict:
+        """`controls`: label, expires (a duration from now: "30d", or seconds), models (a
+        list, a subset of the user's tier's), rpm, tpm; docs/admin.md "Per-key controls"."""
         if role not in ("user", "workspace_admin"):
             raise ApiError(400, "role must be 'user' or 'workspace_admin'", param="role")
         user = await self._user(scope, user_id)
-        plaintext, key = await self.store.create_key(user.id, role=role)
+        values = self._key_controls(controls, user.tier)
+        plaintext, key = await self.store.create_key(user.id, role=role, **values)
+        await self._audit(scope, "key.create", key.id, key.workspace_id, None, key)
         return {**as_dict(key), "api_key": plaintext}
+
+    async def update_key(self, scope: Scope, key_id: str, **controls: Any) -> dict:
+        """Set or (with None) remove per-key controls of a live or revoked key."""
+        key = await self._key(scope, key_id)
+        user = await self.store.get_user(key.user_id)
+        values = self._key_controls(controls, user.tier if user is not None else None)
+        updated = await self.store.update_key(key.id, **values)
+        await self._changed("key", key.id)
+        await self._audit(scope, "key.update", key.id, key.workspace_id, key, updated)
+        return as_dict(updated)
+
+    def _key_controls(self, controls: dict[str, Any], tier: str | None) -> dict[str, Any]:
+        """The API's per-key controls, checked, as the store's columns (expires -> expires_at)."""
+        import time
+
+        from gateway.config import parse_duration
+
+        unknown = set(controls) - set(KEY_CONTROL_FIELDS)
+        if unknown:
+            raise ApiError(400, f"unknown key control '{sorted(unknown)[0]}'", param=sorted(unknown)[0])
+        out: dict[str, Any] = {}
+        if "label" in controls:
+            self._check_text(controls["label"], "label", 200)
+            out["label"] = controls["label"]
+        if "expires" in controls:
+            expires = controls["expires"]
+            if expires is None:
+                out["expires_at"] = None
+            else:
+                try:
+                    seconds = parse_duration(expires)
+                except (ValueError, OverflowError):
+                    seconds = -1.0
+                if not KEY_EXPIRES[0] <= seconds <= KEY_EXPIRES[1]:
+                    raise ApiError(400, "expires must be a duration (30d, 12h, 3600s) from 1s to 3660d",
+                                   param="expires")
+                out["expires_at"] = time.time() + seconds
+        for name in ("rpm", "tpm"):
+            if name in controls:
+                value = controls[name]
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                          or not KEY_PER_MINUTE[0] <= value <= KEY_PER_MINUTE[1]):
+                    raise ApiError(400, f"{name} must be an integer from {KEY_PER_MINUTE[0]} to {KEY_PER_MINUTE[1]}",
+                                   param=name)
+                out[name] = value
+        if "models" in controls:
+            models = controls["models"]
+            if models is not None:
+                if not isinstance(models, list) or not 0 < len(models) <= KEY_MODELS_MAX \
+                        or not all(isinstance(m, str) and 0 < len(m) <= MAX_IDENT_CHARS for m in models):
+                    raise ApiError(400, f"models must be a list of 1 to {KEY_MODELS_MAX} model names", param="models")
+                allowed = self.config.tier_models(tier) if tier in self.config.tiers else frozenset()
+                outside = [m for m in models if m not in allowed]
+                if outside:
+                    raise ApiError(400, f"models: '{outside[0][:MAX_IDENT_CHARS]}' is not a model the user's tier"
+                                        f" '{tier}' allows (a key narrows its tier, never widens it)", param="models")
+            out["models"] = models
+        return out
 
     async def list_keys(self, scope: Scope, user_id: str | None = None) -> list[dict]:
         if user_id is not None:
@@ -295,9 +409,10 @@ class Admin:
 
     async def revoke_key(self, scope: Scope, key_id: str) -> dict:
         key = await self._key(scope, key_id)
-        await self.store.revoke_key(key.id)
-        if self.directory is not None:
-            self.directory.forget_key(key.id)
+        revoked = await self.store.revoke_key(key.id)
+        await self._changed("key", key.id)
+        await self._audit(scope, "key.revoke", key.id, key.workspace_id, {"revoked_at": key.revoked_at},
+                          {"revoked_at": revoked.revoked_at})
         return {"id": key.id, "revoked": True}
 
     async def rotate_key(self, scope: Scope, key_id: str) -> dict:
@@ -306,9 +421,26 @@ class Admin:
             plaintext, new_key = await self.store.rotate_key(key.id)
         except (NotFound, StoreConflict) as exc:
             raise ApiError(409, f"cannot rotate key '{key_id}': {exc}", code="conflict") from None
-        if self.directory is not None:
-            self.directory.forget_key(key.id)
+        await self._changed("key", key.id)
+        await self._audit(scope, "key.rotate", key.id, key.workspace_id, key, new_key)
         return {**as_dict(new_key), "api_key": plaintext, "replaces": key.id}
+
+    # --- audit log -------------------------------------------------------------------
+
+    async def audit(self, scope: Scope, limit: int = 100, since_seconds: float | None = None,
+                    workspace: str | None = None) -> list[dict]:
+        """The newest audit rows first; `since_seconds`: only the last so many seconds. A
+        workspace admin sees its workspace's rows only."""
+        import time
+
+        if isinstance(limit, bool) or not isinstance(limit, int) or not AUDIT_LIMIT[0] <= limit <= AUDIT_LIMIT[1]:
+            raise ApiError(400, f"limit must be an integer from {AUDIT_LIMIT[0]} to {AUDIT_LIMIT[1]}", param="limit")
+        if since_seconds is not None and (isinstance(since_seconds, bool) or not isinstance(since_seconds, (int, float))
+                                          or not METRICS_WINDOW[0] <= since_seconds <= METRICS_WINDOW[1]):
+            raise ApiError(400, "since must be a duration from 1s to 3660d", param="since")
+        workspace_id = await self.report_workspace(scope, workspace)
+        since = None if since_seconds is None else time.time() - since_seconds
+        return await self.store.audit_entries(workspace_id=workspace_id, since=since, limit=limit)
 
     # --- usage reports ----------------------------------------------------------------
 

@@ -64,6 +64,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import hashlib
+import json
 import math
 import re
 import secrets
@@ -140,6 +141,20 @@ class ApiKey:
     role: str
     created_at: float
     revoked_at: float | None
+    # Per-key controls (migration 12); None: no such control on this key.
+    label: str | None = None
+    expires_at: float | None = None
+    models: tuple[str, ...] | None = None  # a subset of the tier's models
+    rpm: int | None = None
+    tpm: int | None = None
+
+
+# The audit log's columns besides id and created_at (gateway/admin/operations.py writes them).
+AUDIT_COLUMNS = ("actor", "actor_key_id", "actor_key_prefix", "via", "action", "target", "workspace_id",
+                 "before", "after", "request_id")
+
+# The per-key controls a key carries and `update_key` may change.
+KEY_CONTROLS = ("label", "expires_at", "models", "rpm", "tpm")
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +169,10 @@ class KeyIdentity:
     tier: str
     user_disabled: bool
     revoked: bool
+    expires_at: float | None = None
+    models: tuple[str, ...] | None = None
+    rpm: int | None = None
+    tpm: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +236,21 @@ def check_workspace_name(name: str) -> None:
 def check_role(role: str) -> None:
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+
+
+def key_control_values(controls: dict[str, Any]) -> dict[str, Any]:
+    """Per-key controls as stored: `models` as JSON text (both backends), the rest as given."""
+    unknown = set(controls) - set(KEY_CONTROLS)
+    if unknown:
+        raise ValueError(f"unknown key controls {sorted(unknown)} (known: {KEY_CONTROLS})")
+    out = dict(controls)
+    if out.get("models") is not None:
+        out["models"] = json.dumps(sorted(set(out["models"])))
+    return out
+
+
+def stored_key_models(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(json.loads(text))
 
 
 def check_tier(tier: str) -> None:
@@ -598,8 +632,13 @@ class Store(abc.ABC):
     # keys
     @abc.abstractmethod
     async def create_key(
-        self, user_id: str, role: str = "user", *, now: float | None = None
-    ) -> tuple[str, ApiKey]: ...
+        self, user_id: str, role: str = "user", *, now: float | None = None, **controls: Any
+    ) -> tuple[str, ApiKey]:
+        """A new key; `controls` are per-key controls (KEY_CONTROLS), None for none."""
+
+    @abc.abstractmethod
+    async def update_key(self, key_id: str, **controls: Any) -> ApiKey:
+        """Set per-key controls (KEY_CONTROLS; a None value removes that control)."""
 
     @abc.abstractmethod
     async def lookup_key(self, plaintext: str) -> KeyIdentity | None: ...
@@ -610,7 +649,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def rotate_key(self, key_id: str, *, now: float | None = None) -> tuple[str, ApiKey]:
-        """Revoke a live key and issue its successor in one transaction.
+        """Revoke a live key and issue its successor (with the same controls) in one transaction.
 
         A revoked key cannot be rotated (StoreConflict): rotation must not resurrect access."""
 
@@ -749,6 +788,35 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def usd(self, stored: Any) -> Decimal | None:
         """A USD column (or a SUM of one) as this store's SQL returns it, as a Decimal."""
+
+    # the audit log (append-only: there is no method to change or delete a row)
+    @abc.abstractmethod
+    async def append_audit(self, entry: dict[str, Any], *, now: float | None = None) -> None:
+        """One row: actor, actor_key_id, actor_key_prefix, via, action, target, workspace_id,
+        before, after (JSON-able, no secret), request_id (AUDIT_COLUMNS)."""
+
+    @abc.abstractmethod
+    async def audit_entries(self, *, workspace_id: str | None = None, since: float | None = None,
+                            limit: int = 100) -> list[dict[str, Any]]:
+        """The newest rows first (`created_at` epoch seconds); only `workspace_id`'s if given."""
+
+    # changes pushed to every process (gateway/change_feed.py)
+    @abc.abstractmethod
+    async def publish_change(self, target: str) -> None:
+        """Tell every gateway process that `target` ("key:<id>", "user:<id>",
+        "workspace:<id>") changed: the change counter is bumped (and, on PostgreSQL, a
+        NOTIFY carries the target). Called after the change is committed."""
+
+    @abc.abstractmethod
+    async def change_counter(self) -> int:
+        """How many changes were published so far (compared between two reads)."""
+
+    async def listen_changes(self, on_change: Callable[[str], None],
+                             on_lost: Callable[[], None]) -> Callable[[], Any] | None:
+        """Push: call `on_change(target)` for each published change, `on_lost()` if the
+        subscription breaks. Returns an async `close()`, or None where this store cannot
+        push (then the counter is polled)."""
+        return None
 
     @abc.abstractmethod
     async def prune_usage(self, before: float) -> int:

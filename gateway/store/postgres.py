@@ -38,6 +38,7 @@ Time columns are ``double precision`` epoch seconds, except ``ai_usage_logs.crea
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from contextlib import asynccontextmanager
@@ -55,6 +56,8 @@ from gateway.store.base import (
     EnergyEntry,
     IdempotencyState,
     InsufficientEnergy,
+    AUDIT_COLUMNS,
+    KEY_CONTROLS,
     KeyIdentity,
     NotFound,
     Reservation,
@@ -71,6 +74,8 @@ from gateway.store.base import (
     compute_refill,
     hash_key,
     idempotency_decision,
+    key_control_values,
+    stored_key_models,
     new_api_key,
     new_id,
     prepare_usage_rows,
@@ -581,6 +586,48 @@ MIGRATIONS: list[tuple[int, str]] = [
         + ";\n".join(usage_rollup.add_measure_ddl("postgres", "unbilled_calls")
                      + usage_rollup.add_measure_ddl("postgres", "unbilled_cost_usd")) + ";",
     ),
+    (
+        12,  # per-key controls (docs/admin.md "Per-key controls"); models: a JSON list, NULL: the tier's
+        "ALTER TABLE api_keys ADD COLUMN label text, ADD COLUMN expires_at double precision,"
+        " ADD COLUMN models text, ADD COLUMN rpm bigint, ADD COLUMN tpm bigint;",
+    ),
+    (
+        13,  # the change counter (gateway/change_feed.py): polled behind PgBouncer, a fallback to LISTEN
+        "CREATE TABLE gw_changes (id integer PRIMARY KEY CHECK (id = 1), counter bigint NOT NULL);"
+        " INSERT INTO gw_changes (id, counter) VALUES (1, 0);",
+    ),
+    (
+        # The audit log of admin actions. Append-only: the gateway has no statement that
+        # changes or deletes a row, these triggers refuse one, and docs/admin.md shows the
+        # GRANTs that keep the gateway's role from dropping them.
+        14,
+        """
+        CREATE TABLE audit_log (
+            id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            created_at       double precision NOT NULL,
+            actor            text NOT NULL,
+            actor_key_id     text,
+            actor_key_prefix text,
+            via              text NOT NULL,
+            action           text NOT NULL,
+            target           text,
+            workspace_id     text,
+            before           jsonb,
+            after            jsonb,
+            request_id       text
+        );
+        CREATE INDEX audit_log_time ON audit_log (created_at);
+        CREATE INDEX audit_log_workspace ON audit_log (workspace_id, created_at);
+        CREATE FUNCTION gw_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            RAISE EXCEPTION 'audit_log is append-only';
+        END $$;
+        CREATE TRIGGER audit_log_no_change BEFORE UPDATE OR DELETE ON audit_log
+            FOR EACH ROW EXECUTE FUNCTION gw_audit_append_only();
+        CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log
+            FOR EACH STATEMENT EXECUTE FUNCTION gw_audit_append_only();
+        """,
+    ),
 ]
 
 # Array types for the one-statement batch insert (unnest of one array per column).
@@ -608,7 +655,7 @@ _USAGE_INSERT = (
 _RESERVE = "SELECT o_n, o_status, o_balance, o_refilled FROM gw_reserve($1, $2, $3, $4, $5, $6)"
 _CREATED_AT = list(USAGE_COLUMNS).index("created_at")
 _USER_COLS = "id, workspace_id, name, tier, energy, refilled_at, created_at, disabled"
-_KEY_COLS = "id, user_id, workspace_id, prefix, role, created_at, revoked_at"
+_KEY_COLS = "id, user_id, workspace_id, prefix, role, created_at, revoked_at, label, expires_at, models, rpm, tpm"
 _LEDGER_COLS = "id, user_id, request_id, kind, amount, balance_after, reason, created_at"
 
 
@@ -624,7 +671,8 @@ def _user(r: asyncpg.Record) -> User:
 
 def _key(r: asyncpg.Record) -> ApiKey:
     return ApiKey(r["id"], r["user_id"], r["workspace_id"], r["prefix"], r["role"],
-                  r["created_at"], r["revoked_at"])
+                  r["created_at"], r["revoked_at"], r["label"], r["expires_at"], stored_key_models(r["models"]),
+                  r["rpm"], r["tpm"])
 
 
 def _entry(r: asyncpg.Record) -> EnergyEntry:
@@ -782,14 +830,17 @@ class PostgresStore(Store):
             # Keyed by schema: independent schemas migrate independently.
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))",
                                f"gateway.store.migrations:{self.schema or ''}")
-            if self.schema:
+            # Only what is missing is created: a gateway whose role may not create (docs/admin.md
+            # "Audit log", the GRANTs) opens a schema its owner migrated.
+            if self.schema and not await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", self.schema):
                 await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
-            await conn.execute(
-                """CREATE TABLE IF NOT EXISTS schema_migrations (
-                       version    integer PRIMARY KEY,
-                       applied_at double precision NOT NULL
-                   )"""
-            )
+            if await conn.fetchval("SELECT to_regclass('schema_migrations')") is None:
+                await conn.execute(
+                    """CREATE TABLE IF NOT EXISTS schema_migrations (
+                           version    integer PRIMARY KEY,
+                           applied_at double precision NOT NULL
+                       )"""
+                )
             done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
             for version, sql in MIGRATIONS:
                 if version in done:
@@ -802,7 +853,59 @@ class PostgresStore(Store):
                 applied.append(version)
         return applied
 
-    # ---------------------------------------------------------------- workspaces
+    # --------------------------------------------------------------------- audit
+
+    async def append_audit(self, entry, *, now=None):
+        values = [json.dumps(entry.get(c)) if c in ("before", "after") else entry.get(c) for c in AUDIT_COLUMNS]
+        async with self._single() as conn:
+            await conn.execute(
+                f"INSERT INTO audit_log (created_at, {', '.join(AUDIT_COLUMNS)}) VALUES ($1, "
+                + ", ".join(f"${i}{'::jsonb' if c in ('before', 'after') else ''}"
+                            for i, c in enumerate(AUDIT_COLUMNS, 2)) + ")",
+                now_or(now), *values)
+
+    async def audit_entries(self, *, workspace_id=None, since=None, limit=100):
+        rows = await self._fetch(
+            f"SELECT id, created_at, {', '.join(AUDIT_COLUMNS)} FROM audit_log"
+            " WHERE ($1::text IS NULL OR workspace_id = $1) AND ($2::float8 IS NULL OR created_at >= $2)"
+            " ORDER BY id DESC LIMIT $3", workspace_id, since, limit)
+        out = []
+        for r in rows:
+            entry = dict(r)
+            entry["before"], entry["after"] = json.loads(entry["before"]), json.loads(entry["after"])
+            out.append(entry)
+        return out
+
+    # ------------------------------------------------------------------- changes
+
+    @property
+    def change_channel(self) -> str:
+        """The NOTIFY channel of this schema's gateways (a schema's name may be longer than a channel's)."""
+        return "gw_changes_" + hashlib.sha256((self.schema or "").encode()).hexdigest()[:16]
+
+    async def publish_change(self, target):
+        async with self._tx() as conn:  # NOTIFY is delivered when this commits
+            await conn.execute("UPDATE gw_changes SET counter = counter + 1 WHERE id = 1")
+            await conn.execute("SELECT pg_notify($1, $2)", self.change_channel, target)
+
+    async def change_counter(self):
+        return (await self._fetchrow("SELECT counter FROM gw_changes WHERE id = 1"))["counter"]
+
+    async def listen_changes(self, on_change, on_lost):
+        """LISTEN on a connection of its own (not the pool's). Behind PgBouncer's transaction
+        pooling a LISTEN does not survive its transaction: None there (the counter is polled)."""
+        if self.pgbouncer:
+            return None
+        conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout)
+        conn.add_termination_listener(lambda _conn: on_lost())
+        await conn.add_listener(self.change_channel, lambda _c, _pid, _channel, payload: on_change(payload))
+
+        async def close() -> None:
+            if not conn.is_closed():
+                await conn.close(timeout=2)
+
+        return close
+
 
     async def create_workspace(self, name, profile=None, ai_settings=None, *, now=None):
         check_workspace_name(name)
@@ -892,30 +995,47 @@ class PostgresStore(Store):
 
     # ---------------------------------------------------------------------- keys
 
-    async def create_key(self, user_id, role="user", *, now=None):
+    async def create_key(self, user_id, role="user", *, now=None, **controls):
         check_role(role)
+        values = key_control_values(controls)
         async with self._tx() as conn:
-            return await self._insert_key(conn, user_id, role, now_or(now))
+            return await self._insert_key(conn, user_id, role, now_or(now), values)
+
+    async def update_key(self, key_id, **controls):
+        values = key_control_values(controls)
+        async with self._tx() as conn:
+            if values:
+                sets = ", ".join(f"{name} = ${i}" for i, name in enumerate(values, 2))
+                r = await conn.fetchrow(f"UPDATE api_keys SET {sets} WHERE id = $1 RETURNING {_KEY_COLS}",
+                                        key_id, *values.values())
+            else:
+                r = await conn.fetchrow(f"SELECT {_KEY_COLS} FROM api_keys WHERE id = $1", key_id)
+            if r is None:
+                raise NotFound(f"key {key_id!r}")
+        return _key(r)
 
     @staticmethod
-    async def _insert_key(conn, user_id: str, role: str, now: float) -> tuple[str, ApiKey]:
+    async def _insert_key(conn, user_id: str, role: str, now: float,
+                          controls: dict[str, Any] | None = None) -> tuple[str, ApiKey]:
+        """`controls`: per-key controls as stored (key_control_values)."""
         workspace_id = await conn.fetchval("SELECT workspace_id FROM users WHERE id = $1",
                                            user_id)
         if workspace_id is None:
             raise NotFound(f"user {user_id!r}")
         plaintext, digest, prefix = new_api_key()
-        key = ApiKey(new_id("key"), user_id, workspace_id, prefix, role, now, None)
-        await conn.execute(
-            "INSERT INTO api_keys (id, user_id, workspace_id, key_hash, prefix, role, created_at)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            key.id, user_id, workspace_id, digest, prefix, role, now,
+        values = [(controls or {}).get(name) for name in KEY_CONTROLS]
+        r = await conn.fetchrow(
+            "INSERT INTO api_keys (id, user_id, workspace_id, key_hash, prefix, role, created_at,"
+            f" {', '.join(KEY_CONTROLS)}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+            f" RETURNING {_KEY_COLS}",
+            new_id("key"), user_id, workspace_id, digest, prefix, role, now, *values,
         )
-        return plaintext, key
+        return plaintext, _key(r)
 
     async def lookup_key(self, plaintext):
         r = await self._fetchrow(
             """SELECT k.id, k.prefix, k.role, k.user_id, k.workspace_id, k.revoked_at,
-                      u.tier, u.disabled
+                      k.expires_at, k.models, k.rpm, k.tpm, u.tier, u.disabled
                  FROM api_keys k JOIN users u ON u.id = k.user_id
                 WHERE k.key_hash = $1""",
             hash_key(plaintext),
@@ -923,7 +1043,8 @@ class PostgresStore(Store):
         if r is None:
             return None
         return KeyIdentity(r["id"], r["prefix"], r["role"], r["user_id"], r["workspace_id"],
-                           r["tier"], r["disabled"], r["revoked_at"] is not None)
+                           r["tier"], r["disabled"], r["revoked_at"] is not None,
+                           r["expires_at"], stored_key_models(r["models"]), r["rpm"], r["tpm"])
 
     async def revoke_key(self, key_id, *, now=None):
         async with self._tx() as conn:
@@ -940,14 +1061,16 @@ class PostgresStore(Store):
         now = now_or(now)
         async with self._tx() as conn:
             old = await conn.fetchrow(
-                "SELECT user_id, role, revoked_at FROM api_keys WHERE id = $1 FOR UPDATE", key_id
+                f"SELECT user_id, role, revoked_at, {', '.join(KEY_CONTROLS)} FROM api_keys WHERE id = $1 FOR UPDATE",
+                key_id
             )
             if old is None:
                 raise NotFound(f"key {key_id!r}")
             if old["revoked_at"] is not None:
                 raise StoreConflict(f"key {key_id!r} is revoked and cannot be rotated")
             await conn.execute("UPDATE api_keys SET revoked_at = $2 WHERE id = $1", key_id, now)
-            return await self._insert_key(conn, old["user_id"], old["role"], now)
+            return await self._insert_key(conn, old["user_id"], old["role"], now,
+                                          {name: old[name] for name in KEY_CONTROLS})  # the same controls
 
     async def list_keys(self, user_id=None, workspace_id=None):
         rows = await self._fetch(

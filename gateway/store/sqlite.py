@@ -108,6 +108,8 @@ from gateway.store.base import (
     EnergyEntry,
     IdempotencyState,
     InsufficientEnergy,
+    AUDIT_COLUMNS,
+    KEY_CONTROLS,
     KeyIdentity,
     NotFound,
     Reservation,
@@ -125,6 +127,8 @@ from gateway.store.base import (
     idempotency_decision,
     iso_utc,
     kept_by_refill_reason,
+    key_control_values,
+    stored_key_models,
     new_api_key,
     new_id,
     prepare_usage_rows,
@@ -358,11 +362,53 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             *usage_rollup.add_measure_ddl("sqlite", "unbilled_cost_usd"),
         ],
     ),
+    (
+        12,  # per-key controls (docs/admin.md "Per-key controls")
+        [
+            "ALTER TABLE api_keys ADD COLUMN label TEXT",
+            "ALTER TABLE api_keys ADD COLUMN expires_at REAL",
+            "ALTER TABLE api_keys ADD COLUMN models TEXT",  # JSON list of model names; NULL: the tier's
+            "ALTER TABLE api_keys ADD COLUMN rpm INTEGER",
+            "ALTER TABLE api_keys ADD COLUMN tpm INTEGER",
+        ],
+    ),
+    (
+        13,  # the change counter every gateway process polls (gateway/change_feed.py)
+        [
+            "CREATE TABLE gw_changes (id INTEGER PRIMARY KEY CHECK (id = 1), counter INTEGER NOT NULL)",
+            "INSERT INTO gw_changes (id, counter) VALUES (1, 0)",
+        ],
+    ),
+    (
+        14,  # the audit log of admin actions: append-only, the triggers refuse any change (docs/admin.md)
+        [
+            """CREATE TABLE audit_log (
+                id               INTEGER PRIMARY KEY AUTOINCREMENT,
+                created_at       REAL NOT NULL,
+                actor            TEXT NOT NULL,
+                actor_key_id     TEXT,
+                actor_key_prefix TEXT,
+                via              TEXT NOT NULL,
+                action           TEXT NOT NULL,
+                target           TEXT,
+                workspace_id     TEXT,
+                before           TEXT,
+                after            TEXT,
+                request_id       TEXT
+            )""",
+            "CREATE INDEX audit_log_time ON audit_log (created_at)",
+            "CREATE INDEX audit_log_workspace ON audit_log (workspace_id, created_at)",
+            "CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log"
+            " BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END",
+            "CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log"
+            " BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END",
+        ],
+    ),
 ]
 USAGE_PRUNE_CHUNK = 2000  # raw rows deleted per transaction by prune_usage
 
 _USER_COLS = "id, workspace_id, name, tier, energy, refilled_at, created_at, disabled"
-_KEY_COLS = "id, user_id, workspace_id, prefix, role, created_at, revoked_at"
+_KEY_COLS = "id, user_id, workspace_id, prefix, role, created_at, revoked_at, label, expires_at, models, rpm, tpm"
 _LEDGER_COLS = "id, user_id, request_id, kind, amount, balance_after, reason, created_at"
 _WORKSPACE_COLS = "id, name, profile, ai_settings, created_at"
 _USAGE_BOOLS = [n for n, k in USAGE_COLUMNS.items() if k == "bool"]
@@ -382,7 +428,7 @@ def _user(r: tuple) -> User:
 
 
 def _key(r: tuple) -> ApiKey:
-    return ApiKey(*r)
+    return ApiKey(*r[:9], stored_key_models(r[9]), *r[10:])
 
 
 def _entry(r: tuple) -> EnergyEntry:
@@ -936,21 +982,37 @@ class SQLiteStore(Store):
 
     # ---------------------------------------------------------------------- keys
 
-    async def create_key(self, user_id, role="user", *, now=None):
+    async def create_key(self, user_id, role="user", *, now=None, **controls):
         check_role(role)
-        return await self._write(_insert_key, user_id, role, now_or(now))
+        return await self._write(_insert_key, user_id, role, now_or(now), key_control_values(controls))
+
+    async def update_key(self, key_id, **controls):
+        values = key_control_values(controls)
+
+        def tx(db):
+            if values:
+                sets = ", ".join(f"{name} = ?" for name in values)
+                r = _one(db, f"UPDATE api_keys SET {sets} WHERE id = ? RETURNING {_KEY_COLS}", *values.values(), key_id)
+            else:
+                r = _one(db, f"SELECT {_KEY_COLS} FROM api_keys WHERE id = ?", key_id)
+            if r is None:
+                raise NotFound(f"key {key_id!r}")
+            return r
+
+        return _key(await self._write(tx))
 
     async def lookup_key(self, plaintext):
         r = await self._fetchone(
             """SELECT k.id, k.prefix, k.role, k.user_id, k.workspace_id, u.tier, u.disabled,
-                      k.revoked_at
+                      k.revoked_at, k.expires_at, k.models, k.rpm, k.tpm
                  FROM api_keys k JOIN users u ON u.id = k.user_id
                 WHERE k.key_hash = ?""",
             hash_key(plaintext),
         )
         if r is None:
             return None
-        return KeyIdentity(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7] is not None)
+        return KeyIdentity(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7] is not None,
+                           r[8], stored_key_models(r[9]), r[10], r[11])
 
     async def revoke_key(self, key_id, *, now=None):
         now = now_or(now)
@@ -968,13 +1030,14 @@ class SQLiteStore(Store):
         now = now_or(now)
 
         def tx(db):
-            old = _one(db, "SELECT user_id, role, revoked_at FROM api_keys WHERE id = ?", key_id)
+            old = _one(db, f"SELECT user_id, role, revoked_at, {', '.join(KEY_CONTROLS)} FROM api_keys WHERE id = ?",
+                       key_id)
             if old is None:
                 raise NotFound(f"key {key_id!r}")
             if old[2] is not None:
                 raise StoreConflict(f"key {key_id!r} is revoked and cannot be rotated")
             db.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", (now, key_id))
-            return _insert_key(db, old[0], old[1], now)
+            return _insert_key(db, old[0], old[1], now, dict(zip(KEY_CONTROLS, old[3:])))  # the same controls
 
         return await self._write(tx)
 
@@ -990,6 +1053,35 @@ class SQLiteStore(Store):
         if where:
             sql += " WHERE " + " AND ".join(where)
         return [_key(r) for r in await self._fetchall(sql + " ORDER BY created_at, id", *args)]
+
+    # --------------------------------------------------------------------- audit
+
+    async def append_audit(self, entry, *, now=None):
+        values = [json.dumps(entry.get(c)) if c in ("before", "after") else entry.get(c) for c in AUDIT_COLUMNS]
+        await self._write(lambda db: db.execute(
+            f"INSERT INTO audit_log (created_at, {', '.join(AUDIT_COLUMNS)})"
+            f" VALUES (?, {', '.join('?' for _ in AUDIT_COLUMNS)})", (now_or(now), *values)))
+
+    async def audit_entries(self, *, workspace_id=None, since=None, limit=100):
+        rows = await self._fetchall(
+            f"SELECT id, created_at, {', '.join(AUDIT_COLUMNS)} FROM audit_log"
+            " WHERE (? IS NULL OR workspace_id = ?) AND (? IS NULL OR created_at >= ?)"
+            " ORDER BY id DESC LIMIT ?", workspace_id, workspace_id, since, since, limit)
+        out = []
+        for r in rows:
+            entry = dict(zip(("id", "created_at", *AUDIT_COLUMNS), r))
+            entry["before"], entry["after"] = json.loads(entry["before"]), json.loads(entry["after"])
+            out.append(entry)
+        return out
+
+    # ------------------------------------------------------------------- changes
+
+    async def publish_change(self, target):
+        await self._write(lambda db: db.execute("UPDATE gw_changes SET counter = counter + 1 WHERE id = 1"))
+
+    async def change_counter(self):
+        r = await self._fetchone("SELECT counter FROM gw_changes WHERE id = 1")
+        return r[0]
 
     # -------------------------------------------------------------------- energy
 
@@ -1271,18 +1363,20 @@ def _migrate(db: sqlite3.Connection) -> list[int]:
 
 
 def _insert_key(db: sqlite3.Connection, user_id: str, role: str,
-                now: float) -> tuple[str, ApiKey]:
+                now: float, controls: dict[str, Any] | None = None) -> tuple[str, ApiKey]:
+    """`controls`: per-key controls as stored (key_control_values)."""
     u = _one(db, "SELECT workspace_id FROM users WHERE id = ?", user_id)
     if u is None:
         raise NotFound(f"user {user_id!r}")
     plaintext, digest, prefix = new_api_key()
-    key = ApiKey(new_id("key"), user_id, u[0], prefix, role, now, None)
+    values = [(controls or {}).get(name) for name in KEY_CONTROLS]
+    key_id = new_id("key")
     db.execute(
-        "INSERT INTO api_keys (id, user_id, workspace_id, key_hash, prefix, role, created_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (key.id, user_id, key.workspace_id, digest, prefix, role, now),
+        "INSERT INTO api_keys (id, user_id, workspace_id, key_hash, prefix, role, created_at,"
+        f" {', '.join(KEY_CONTROLS)}) VALUES (?, ?, ?, ?, ?, ?, ?, {', '.join('?' for _ in KEY_CONTROLS)})",
+        (key_id, user_id, u[0], digest, prefix, role, now, *values),
     )
-    return plaintext, key
+    return plaintext, _key((key_id, user_id, u[0], prefix, role, now, None, *values))
 
 
 def _reserve(db: sqlite3.Connection, user_id: str, amount: int, request_id: str,
