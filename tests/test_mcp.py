@@ -26,6 +26,9 @@ from tests.conftest import base_config
 UPSTREAM_SECRET = "up-secret-7f3a9c2e"  # the search server's credential (os.environ/)
 CRM_SECRET = "crm-secret-b81d44e0"
 
+# The money-critical tests hold on both store backends.
+BOTH_STORES = pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
+
 
 # --------------------------------------------------------------------------- fake MCP servers
 
@@ -224,6 +227,7 @@ def test_a_call_reaches_the_right_server_with_its_credentials_and_is_billed(mcp_
     assert f"Bearer {CRM_SECRET}" in crm_fake.seen_auth
 
 
+@BOTH_STORES
 def test_each_call_writes_a_usage_row_with_tool_server_status_energy_and_cost(mcp_gateway):
     gw = mcp_gateway()
     user_id, key = gw.make_user(tier="pro", energy=100)
@@ -319,6 +323,7 @@ def test_without_a_valid_key_the_endpoint_answers_401(mcp_gateway):
 # --------------------------------------------------------------------------- energy
 
 
+@BOTH_STORES
 def test_energy_is_exact_for_2n_concurrent_calls_when_n_are_affordable(mcp_gateway):
     gw = mcp_gateway()
     n = 6
@@ -339,6 +344,7 @@ def test_energy_is_exact_for_2n_concurrent_calls_when_n_are_affordable(mcp_gatew
     assert kinds.count("reserve") == n and kinds.count("settle") == n and "refund" not in kinds
 
 
+@BOTH_STORES
 def test_a_failing_tool_is_refunded_and_its_credential_scrubbed(mcp_gateway):
     gw = mcp_gateway()
     user_id, key = gw.make_user(tier="pro", energy=10)
@@ -350,6 +356,7 @@ def test_a_failing_tool_is_refunded_and_its_credential_scrubbed(mcp_gateway):
     assert [e.kind for e in gw.ledger(user_id)][-2:] == ["reserve", "refund"]
 
 
+@BOTH_STORES
 def test_a_hanging_tool_times_out_as_an_mcp_error_and_is_refunded(mcp_gateway):
     gw = mcp_gateway()
     user_id, key = gw.make_user(tier="pro", energy=10)
