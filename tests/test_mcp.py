@@ -558,3 +558,49 @@ def test_mcp_servers_are_hot_reloaded_with_the_config(fake_servers, store_url, u
         assert gw.balance(user_id) == 95
     finally:
         server_thread.run(runner.cleanup(), timeout=30)
+
+
+# --------------------------------------------------------------------------- reports and the dashboard
+
+
+def admin_get(gw, path: str) -> Any:
+    import httpx
+
+    from tests.conftest import MASTER_KEY
+
+    response = httpx.get(gw.url + path, headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@BOTH_STORES
+def test_tool_calls_appear_in_the_usage_reports_and_the_dashboard_metrics(mcp_gateway):
+    """Two search__web calls (2 energy, $0.005 each), one crm__lookup (1 energy, no USD) and
+    one failing search tool (refunded, an error, but called upstream: its $0.005 is spent):
+    the reports and /admin/metrics count them."""
+    gw = mcp_gateway()
+    user_id, key = gw.make_user(tier="pro", energy=100)
+
+    async def work(client):
+        await client.call_tool("search__web", {"query": "a"})
+        await client.call_tool("search__web", {"query": "b"})
+        await client.call_tool("crm__lookup", {"customer_id": 1})
+        await client.call_tool("search__fail", {})
+
+    call(gw, key, work)
+    gw.settle()
+    metrics = admin_get(gw, "/admin/metrics?window=1h")
+    assert metrics["totalRequests"] == 4 and metrics["errors"] == 1
+    assert metrics["modelDistribution"] == {"search__web": 2, "crm__lookup": 1, "search__fail": 1}
+    assert metrics["providerDistribution"] == {"search": 3, "crm": 1}
+    assert metrics["totalCost"] == pytest.approx(0.015)
+    assert metrics["energySpent"] == 2 + 2 + 1 and metrics["energyRefunded"] == 2
+    assert metrics["topUsers"][0]["user_id"] == user_id and metrics["topUsers"][0]["energy"] == 5
+    (today,) = admin_get(gw, "/admin/usage/daily?days=1")["rows"]
+    assert (today["requests"], today["errors"]) == (4, 1)
+    assert today["cost_usd"] == pytest.approx(0.015)
+    (top,) = admin_get(gw, "/admin/usage/top-users?days=1")["rows"]
+    assert (top["user_id"], top["requests"], top["energy"]) == (user_id, 4, 5)
+    assert top["cost_usd"] == pytest.approx(0.015)
+    actions = admin_get(gw, "/admin/usage/actions?days=1")["rows"]
+    assert sum(a["count"] for a in actions) == 4
