@@ -14,6 +14,7 @@ import threading
 import time
 from typing import Any
 
+import orjson
 import pytest
 import uvicorn
 from mcp import Client, MCPError
@@ -99,9 +100,9 @@ class FakeMcp:
     """An MCPServer's streamable-HTTP app on 127.0.0.1, in its own thread; `seen_auth`
     records the Authorization header of every request (the gateway's credential)."""
 
-    def __init__(self, mcp: MCPServer, required_auth: str | None = None):
+    def __init__(self, mcp: MCPServer | Any, required_auth: str | None = None):
         self.seen_auth: list[str | None] = []
-        app = mcp.streamable_http_app()
+        app = mcp.streamable_http_app() if isinstance(mcp, MCPServer) else mcp  # else an ASGI app
         required = f"Bearer {required_auth}" if required_auth else None
 
         async def guarded(scope: dict, receive: Any, send: Any) -> None:
@@ -604,3 +605,112 @@ def test_tool_calls_appear_in_the_usage_reports_and_the_dashboard_metrics(mcp_ga
     assert top["cost_usd"] == pytest.approx(0.015)
     actions = admin_get(gw, "/admin/usage/actions?days=1")["rows"]
     assert sum(a["count"] for a in actions) == 4
+
+
+# --------------------------------------------------------------------------- a malformed upstream
+
+# What the malformed server answers to tools/call of each of its tools (`id` is the request's),
+# and what the client gets: the gateway's error code. An answer for another request's id is
+# dropped by the SDK (it cannot route it): that call ends at its timeout (1s here), no later.
+MALFORMED_ANSWERS: dict[str, tuple[str, Any]] = {
+    "garbage": ("application/json", lambda id_: b"this is not json {{{"),
+    "empty": ("application/json", lambda id_: b""),
+    "not_jsonrpc": ("application/json", lambda id_: b'{"hello": "world"}'),
+    "array": ("application/json", lambda id_: b"[1, 2, 3]"),
+    "wrong_shape": ("application/json",
+                    lambda id_: orjson.dumps({"jsonrpc": "2.0", "id": id_, "result": {"content": "not a list"}})),
+    "bad_error": ("application/json", lambda id_: orjson.dumps({"jsonrpc": "2.0", "id": id_, "error": {"oops": 1}})),
+    "html": ("text/html", lambda id_: b"<html>502 Bad Gateway</html>"),
+    "wrong_id": ("application/json",
+                 lambda id_: orjson.dumps({"jsonrpc": "2.0", "id": 987654, "result": {"content": []}})),
+    "sse_garbage": ("text/event-stream", lambda id_: b"event: message\ndata: {{{ not json\n\n"),
+    "ok": ("application/json", lambda id_: orjson.dumps({"jsonrpc": "2.0", "id": id_,
+                                                        "result": {"content": [{"type": "text", "text": "fine"}]}})),
+}
+MALFORMED_EXPECTED = {"garbage": "upstream_malformed", "empty": "upstream_malformed",
+                      "not_jsonrpc": "upstream_malformed", "array": "upstream_malformed",
+                      "wrong_shape": "upstream_malformed", "bad_error": "upstream_malformed",
+                      "html": "upstream_malformed", "wrong_id": "upstream_timeout",
+                      "sse_garbage": "upstream_malformed"}
+
+
+async def malformed_mcp(scope: dict, receive: Any, send: Any) -> None:
+    """A hand-written MCP server (on purpose: the SDK's would not misbehave) that initializes
+    and lists its tools correctly, then answers tools/call with MALFORMED_ANSWERS."""
+    if scope["type"] == "lifespan":
+        while (message := await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+
+    async def answer(status: int, payload: bytes = b"", content_type: str = "application/json") -> None:
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", content_type.encode())]})
+        await send({"type": "http.response.body", "body": payload})
+
+    if scope["method"] != "POST":
+        return await answer(405)
+    request = orjson.loads(body)
+    method, id_ = request.get("method"), request.get("id")
+    if id_ is None:  # a notification
+        return await answer(202)
+    if method == "initialize":
+        result = {"protocolVersion": request["params"]["protocolVersion"], "capabilities": {"tools": {}},
+                  "serverInfo": {"name": "malformed", "version": "1"}}
+    elif method == "tools/list":
+        result = {"tools": [{"name": name, "inputSchema": {"type": "object"}} for name in MALFORMED_ANSWERS]}
+    elif method == "tools/call":
+        content_type, make = MALFORMED_ANSWERS[request["params"]["name"]]
+        return await answer(200, make(id_), content_type)
+    else:
+        return await answer(200, orjson.dumps({"jsonrpc": "2.0", "id": id_,
+                                               "error": {"code": -32601, "message": "no such method"}}))
+    await answer(200, orjson.dumps({"jsonrpc": "2.0", "id": id_, "result": result}))
+
+
+@pytest.fixture(scope="module")
+def malformed_server():
+    server = FakeMcp(malformed_mcp)
+    yield server
+    server.stop()
+
+
+@BOTH_STORES
+@pytest.mark.parametrize("tool", sorted(MALFORMED_EXPECTED))
+def test_a_malformed_upstream_answer_is_an_mcp_error_and_refunded(gateway_factory, upstream, store_url,
+                                                                 malformed_server, tool):
+    tiers = {"free": {"models": ["demo"]}, "pro": {"models": ["*"], "mcp_tools": ["*"]}}
+    raw = base_config(upstream, store_url=store_url, plugins=["auth", "tier_policy", "energy", "accounting"],
+                      tiers=tiers, mcp_servers=[{"name": "bad", "url": malformed_server.url, "energy": 3,
+                                                 "timeout": "1s"}])
+    gw = gateway_factory(raw=raw)
+    user_id, key = gw.make_user(tier="pro", energy=10)
+
+    async def work(client):
+        started = time.monotonic()
+        with pytest.raises(MCPError) as failed:
+            await client.call_tool(f"bad__{tool}", {})
+        took = time.monotonic() - started
+        fine = await client.call_tool("bad__ok", {})  # the gateway (and its session upstream) still serve
+        return failed.value, took, fine
+
+    failed, took, fine = call(gw, key, work)
+    expected = MALFORMED_EXPECTED[tool]
+    assert failed.error.data == {"status": 504 if expected == "upstream_timeout" else 502, "type": "server_error",
+                                 "code": expected}, failed
+    assert failed.message.startswith("The MCP server 'bad' ") and malformed_server.url not in failed.message
+    assert "validation error" not in failed.message and "{{{" not in failed.message  # no parser dump
+    assert took < (2.5 if expected == "upstream_timeout" else 0.9), f"{tool}: {took:.1f}s"  # never a hang
+    assert text_of(fine) == "fine"
+    gw.settle()
+    assert gw.balance(user_id) == 10 - 3  # the malformed call refunded, the good one paid
+    kinds = [e.kind for e in gw.ledger(user_id)]
+    assert kinds.count("refund") == 1 and kinds.count("settle") == 1
+    row = next(r for r in gw.run(gw.store.usage_rows()) if r["model"] == f"bad__{tool}")
+    assert (row["status"], row["error_type"], row["energy_cost"]) == (failed.error.data["status"], expected, 0)
