@@ -714,3 +714,79 @@ def test_a_malformed_upstream_answer_is_an_mcp_error_and_refunded(gateway_factor
     assert kinds.count("refund") == 1 and kinds.count("settle") == 1
     row = next(r for r in gw.run(gw.store.usage_rows()) if r["model"] == f"bad__{tool}")
     assert (row["status"], row["error_type"], row["energy_cost"]) == (failed.error.data["status"], expected, 0)
+
+
+# --------------------------------------------------------------------------- a stdio upstream
+
+STDIO_SERVER = '''
+import os
+from mcp.server.mcpserver import MCPServer
+
+mcp = MCPServer("files")
+
+
+@mcp.tool()
+def read(path: str) -> str:
+    """Reads a file (pretends to)."""
+    return f"contents of {path} (pid {os.getpid()})"
+
+
+@mcp.tool()
+def token() -> str:
+    """Echoes its credential (a careless server)."""
+    return "token is " + os.environ.get("FILES_TOKEN", "missing")
+
+
+mcp.run("stdio")
+'''
+
+
+def test_a_stdio_server_is_listed_and_called_through_the_gateway(gateway_factory, upstream, store_url, tmp_path,
+                                                                monkeypatch):
+    """A `command:` server: the gateway starts it (one child process, kept for the calls,
+    ended with the gateway), gives it its `env` credential, lists and calls its tools, and
+    bills them."""
+    import sys
+
+    script = tmp_path / "files_mcp.py"
+    script.write_text(STDIO_SERVER)
+    monkeypatch.setenv("FILES_MCP_TOKEN", "files-secret-51c0ffee")
+    tiers = {"free": {"models": ["demo"]}, "pro": {"models": ["*"], "mcp_tools": ["files__*"]}}
+    raw = base_config(upstream, store_url=store_url, plugins=["auth", "tier_policy", "energy", "accounting"],
+                      tiers=tiers, mcp_servers=[{"name": "files", "command": sys.executable, "args": [str(script)],
+                                                 "env": {"FILES_TOKEN": "os.environ/FILES_MCP_TOKEN"},
+                                                 "energy": 2, "connect_timeout": "20s", "timeout": "10s"}])
+    gw = gateway_factory(raw=raw)
+    user_id, key = gw.make_user(tier="pro", energy=10)
+
+    async def work(client):
+        names = sorted(t.name for t in (await client.list_tools()).tools)
+        first = await client.call_tool("files__read", {"path": "/srv/a.txt"})
+        second = await client.call_tool("files__read", {"path": "/srv/b.txt"})
+        echoed = await client.call_tool("files__token", {})
+        return names, first, second, echoed
+
+    names, first, second, echoed = call(gw, key, work)
+    assert names == ["files__read", "files__token"]
+    assert text_of(first).startswith("contents of /srv/a.txt (pid ")
+    assert text_of(second).startswith("contents of /srv/b.txt (pid ")
+    assert text_of(first).split("pid ")[1] == text_of(second).split("pid ")[1]  # one process for both calls
+    assert text_of(echoed) == "token is ***"  # the server got its env credential; the client does not see it
+    gw.settle()
+    assert gw.balance(user_id) == 10 - 3 * 2
+    rows = [r for r in gw.run(gw.store.usage_rows()) if r["user_id"] == user_id]
+    assert sorted((r["model"], r["provider"], r["status"]) for r in rows) == [
+        ("files__read", "files", 200), ("files__read", "files", 200), ("files__token", "files", 200)]
+    import os
+
+    pid = int(text_of(first).split("pid ")[1].rstrip(")"))
+    os.kill(pid, 0)  # running between calls
+    gw.run(gw.runner.cleanup(), timeout=30)  # the gateway stops: its child process with it
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "the stdio server outlived the gateway"
+        time.sleep(0.05)
