@@ -162,7 +162,7 @@ def mcp_gateway(gateway_factory, upstream, store_url, fake_servers, monkeypatch)
     def make(**kw: Any):
         tiers = kw.pop("tiers", {
             "free": {"models": ["demo"], "mcp_tools": ["search__web"], "refill": {"amount": 10, "period": "1d"}},
-            "pro": {"models": ["*"]},
+            "pro": {"models": ["*"], "mcp_tools": ["*"]},
         })
         plugins = kw.pop("plugins", ["request_log", "auth", "rate_limit", "idempotency", "tier_policy", "energy",
                                      "accounting", "metrics"])
@@ -280,6 +280,29 @@ def test_tools_are_filtered_per_tier(mcp_gateway):
     refused = call(gw, free_key, work)
     assert "may not use the tool 'crm__lookup'" in refused.message
     assert refused.error.data["code"] == "tool_not_allowed"
+
+
+def test_a_tier_without_mcp_tools_may_use_no_tool(mcp_gateway):
+    """Fails closed: a tier that lists no `mcp_tools` (here `team`, with every model) sees no
+    tool and calling one is refused before anything is reserved or called."""
+    gw = mcp_gateway(tiers={"free": {"models": ["demo"]}, "team": {"models": ["*"]},
+                            "pro": {"models": ["*"], "mcp_tools": ["*"]}})
+    assert gw.config.tiers["team"].mcp_tools == []
+    user_id, team_key = gw.make_user(tier="team", energy=100)
+    _, free_key = gw.make_user(tier="free", energy=100)
+    _, pro_key = gw.make_user(tier="pro", energy=100)
+    assert tool_names(gw, team_key) == [] and tool_names(gw, free_key) == []
+    assert "search__web" in tool_names(gw, pro_key)
+
+    async def work(client):
+        with pytest.raises(MCPError) as refused:
+            await client.call_tool("search__web", {"query": "x"})
+        return refused.value
+
+    refused = call(gw, team_key, work)
+    assert refused.error.data == {"status": 403, "type": "invalid_request_error", "code": "tool_not_allowed"}
+    gw.settle()
+    assert gw.balance(user_id) == 100 and "reserve" not in [e.kind for e in gw.ledger(user_id)]
 
 
 def test_tools_are_filtered_per_workspace_and_per_key(mcp_gateway):
@@ -498,7 +521,8 @@ def test_resources_and_prompts_are_passed_through(mcp_gateway):
 
 
 def test_rate_limits_apply_to_tool_calls(mcp_gateway):
-    gw = mcp_gateway(tiers={"pro": {"models": ["*"], "limits": {"rpm": 2}}, "free": {"models": ["demo"]}})
+    gw = mcp_gateway(tiers={"pro": {"models": ["*"], "mcp_tools": ["*"], "limits": {"rpm": 2}},
+                            "free": {"models": ["demo"]}})
     _, key = gw.make_user(tier="pro", energy=100)
 
     async def work(client):
@@ -537,7 +561,7 @@ def test_mcp_servers_are_hot_reloaded_with_the_config(fake_servers, store_url, u
     monkeypatch.setenv("SEARCH_MCP_TOKEN", f"Bearer {UPSTREAM_SECRET}")
     monkeypatch.setenv("CRM_MCP_TOKEN", f"Bearer {CRM_SECRET}")
     search, crm = fake_servers
-    tiers = {"free": {"models": ["demo"]}, "pro": {"models": ["*"]}}
+    tiers = {"free": {"models": ["demo"]}, "pro": {"models": ["*"], "mcp_tools": ["*"]}}
     data = base_config(upstream, store_url=store_url, tiers=tiers, mcp_servers=mcp_config(search, crm),
                        plugins=["auth", "tier_policy", "energy", "accounting"])
     path = tmp_path / "config.yaml"
