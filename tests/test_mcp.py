@@ -305,6 +305,31 @@ def test_a_tier_without_mcp_tools_may_use_no_tool(mcp_gateway):
     assert gw.balance(user_id) == 100 and "reserve" not in [e.kind for e in gw.ledger(user_id)]
 
 
+@pytest.mark.parametrize("plugins", [["auth", "tier_policy", "energy", "accounting"], ["auth", "energy", "accounting"]],
+                         ids=["with-tier_policy", "without-tier_policy"])
+def test_a_tool_not_allowed_is_refused_before_its_arguments_are_checked_with_or_without_tier_policy(
+        mcp_gateway, plugins):
+    """The endpoint itself refuses a tool the caller may not use (the same lists that filter
+    tools/list), whether or not `tier_policy` is in the chain, and before validating the
+    arguments: a refusal must not tell the caller the schema of a tool it cannot see."""
+    gw = mcp_gateway(plugins=plugins)
+    user_id, free_key = gw.make_user(tier="free", energy=100)
+
+    async def work(client):
+        refusals = []
+        for arguments in ({"customer_id": 1}, {}):
+            with pytest.raises(MCPError) as refused:
+                await client.call_tool("crm__lookup", arguments)
+            refusals.append(refused.value)
+        return refusals
+
+    for refused in call(gw, free_key, work):
+        assert refused.error.data == {"status": 403, "type": "invalid_request_error", "code": "tool_not_allowed"}
+        assert "customer_id" not in refused.message
+    gw.settle()
+    assert gw.balance(user_id) == 100 and "reserve" not in [e.kind for e in gw.ledger(user_id)]
+
+
 def test_tools_are_filtered_per_workspace_and_per_key(mcp_gateway):
     gw = mcp_gateway()
     _, key_a = gw.make_user(workspace="acme", tier="pro", energy=100)
