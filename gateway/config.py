@@ -383,9 +383,12 @@ class Limits(_Strict):
 
 class TierConfig(_Strict):
     models: list[str] = Field(default_factory=lambda: ["*"], description='"*" allows every model')
-    # MCP tools (namespaced `server__tool`, shell-style patterns: "search__*"); like `models`,
-    # "*" allows every tool the mcp_servers expose (docs/mcp.md).
-    mcp_tools: list[str] = Field(default_factory=lambda: ["*"], description='"*" allows every MCP tool')
+    # MCP tools (namespaced `server__tool`, shell-style patterns: "search__*"); "*" allows
+    # every tool the mcp_servers expose. Unlike `models`, absent allows none: a tool is a
+    # priced action with effects, and a newly configured server is open to no tier until one
+    # lists it (fails closed, docs/mcp.md).
+    mcp_tools: list[str] = Field(default_factory=list,
+                                 description='MCP tools this tier may call ("*" = all; default none)')
     refill: Refill | None = None
     limits: Limits | None = None
     description: str | None = None

@@ -18,7 +18,7 @@ model: 403 `model_not_allowed`. This plugin leaves the whole allowed ladder in
 `GET /v1/models` lists only the models the tier allows.
 
 MCP tools (`server__tool`, docs/mcp.md) are allowed by three lists, all of which must
-allow a tool: the tier's `mcp_tools` (patterns, default "*"), the workspace's
+allow a tool: the tier's `mcp_tools` (patterns; absent: none), the workspace's
 `ai_settings.mcp_tools` and, for one key, the workspace's `ai_settings.mcp_key_tools.<key
 id>` (each absent: no restriction). `tools/list` shows only the tools they allow; a call
 of another one is refused with 403 `tool_not_allowed`.
@@ -51,7 +51,8 @@ def _patterns_allow(patterns: Any, name: str) -> bool:
 def may_use_tool(config: Any, identity: Identity, ai_settings: dict[str, Any] | None, tool: str) -> bool:
     """The caller may see and call the MCP tool `tool` (`server__tool`): its tier's
     `mcp_tools`, its workspace's `ai_settings.mcp_tools` and that workspace's
-    `ai_settings.mcp_key_tools.<key id>` all allow it (an absent list restricts nothing)."""
+    `ai_settings.mcp_key_tools.<key id>` all allow it (the tier's absent list allows no
+    tool; an absent workspace or key list restricts nothing)."""
     tier = config.tiers.get(identity.tier)
     if tier is None or not tier.allows_tool(tool):
         return False

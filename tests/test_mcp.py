@@ -14,6 +14,7 @@ import threading
 import time
 from typing import Any
 
+import orjson
 import pytest
 import uvicorn
 from mcp import Client, MCPError
@@ -25,6 +26,9 @@ from tests.conftest import base_config
 
 UPSTREAM_SECRET = "up-secret-7f3a9c2e"  # the search server's credential (os.environ/)
 CRM_SECRET = "crm-secret-b81d44e0"
+
+# The money-critical tests hold on both store backends.
+BOTH_STORES = pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
 
 
 # --------------------------------------------------------------------------- fake MCP servers
@@ -96,9 +100,9 @@ class FakeMcp:
     """An MCPServer's streamable-HTTP app on 127.0.0.1, in its own thread; `seen_auth`
     records the Authorization header of every request (the gateway's credential)."""
 
-    def __init__(self, mcp: MCPServer, required_auth: str | None = None):
+    def __init__(self, mcp: MCPServer | Any, required_auth: str | None = None):
         self.seen_auth: list[str | None] = []
-        app = mcp.streamable_http_app()
+        app = mcp.streamable_http_app() if isinstance(mcp, MCPServer) else mcp  # else an ASGI app
         required = f"Bearer {required_auth}" if required_auth else None
 
         async def guarded(scope: dict, receive: Any, send: Any) -> None:
@@ -158,7 +162,7 @@ def mcp_gateway(gateway_factory, upstream, store_url, fake_servers, monkeypatch)
     def make(**kw: Any):
         tiers = kw.pop("tiers", {
             "free": {"models": ["demo"], "mcp_tools": ["search__web"], "refill": {"amount": 10, "period": "1d"}},
-            "pro": {"models": ["*"]},
+            "pro": {"models": ["*"], "mcp_tools": ["*"]},
         })
         plugins = kw.pop("plugins", ["request_log", "auth", "rate_limit", "idempotency", "tier_policy", "energy",
                                      "accounting", "metrics"])
@@ -224,6 +228,7 @@ def test_a_call_reaches_the_right_server_with_its_credentials_and_is_billed(mcp_
     assert f"Bearer {CRM_SECRET}" in crm_fake.seen_auth
 
 
+@BOTH_STORES
 def test_each_call_writes_a_usage_row_with_tool_server_status_energy_and_cost(mcp_gateway):
     gw = mcp_gateway()
     user_id, key = gw.make_user(tier="pro", energy=100)
@@ -277,6 +282,54 @@ def test_tools_are_filtered_per_tier(mcp_gateway):
     assert refused.error.data["code"] == "tool_not_allowed"
 
 
+def test_a_tier_without_mcp_tools_may_use_no_tool(mcp_gateway):
+    """Fails closed: a tier that lists no `mcp_tools` (here `team`, with every model) sees no
+    tool and calling one is refused before anything is reserved or called."""
+    gw = mcp_gateway(tiers={"free": {"models": ["demo"]}, "team": {"models": ["*"]},
+                            "pro": {"models": ["*"], "mcp_tools": ["*"]}})
+    assert gw.config.tiers["team"].mcp_tools == []
+    user_id, team_key = gw.make_user(tier="team", energy=100)
+    _, free_key = gw.make_user(tier="free", energy=100)
+    _, pro_key = gw.make_user(tier="pro", energy=100)
+    assert tool_names(gw, team_key) == [] and tool_names(gw, free_key) == []
+    assert "search__web" in tool_names(gw, pro_key)
+
+    async def work(client):
+        with pytest.raises(MCPError) as refused:
+            await client.call_tool("search__web", {"query": "x"})
+        return refused.value
+
+    refused = call(gw, team_key, work)
+    assert refused.error.data == {"status": 403, "type": "invalid_request_error", "code": "tool_not_allowed"}
+    gw.settle()
+    assert gw.balance(user_id) == 100 and "reserve" not in [e.kind for e in gw.ledger(user_id)]
+
+
+@pytest.mark.parametrize("plugins", [["auth", "tier_policy", "energy", "accounting"], ["auth", "energy", "accounting"]],
+                         ids=["with-tier_policy", "without-tier_policy"])
+def test_a_tool_not_allowed_is_refused_before_its_arguments_are_checked_with_or_without_tier_policy(
+        mcp_gateway, plugins):
+    """The endpoint itself refuses a tool the caller may not use (the same lists that filter
+    tools/list), whether or not `tier_policy` is in the chain, and before validating the
+    arguments: a refusal must not tell the caller the schema of a tool it cannot see."""
+    gw = mcp_gateway(plugins=plugins)
+    user_id, free_key = gw.make_user(tier="free", energy=100)
+
+    async def work(client):
+        refusals = []
+        for arguments in ({"customer_id": 1}, {}):
+            with pytest.raises(MCPError) as refused:
+                await client.call_tool("crm__lookup", arguments)
+            refusals.append(refused.value)
+        return refusals
+
+    for refused in call(gw, free_key, work):
+        assert refused.error.data == {"status": 403, "type": "invalid_request_error", "code": "tool_not_allowed"}
+        assert "customer_id" not in refused.message
+    gw.settle()
+    assert gw.balance(user_id) == 100 and "reserve" not in [e.kind for e in gw.ledger(user_id)]
+
+
 def test_tools_are_filtered_per_workspace_and_per_key(mcp_gateway):
     gw = mcp_gateway()
     _, key_a = gw.make_user(workspace="acme", tier="pro", energy=100)
@@ -319,6 +372,7 @@ def test_without_a_valid_key_the_endpoint_answers_401(mcp_gateway):
 # --------------------------------------------------------------------------- energy
 
 
+@BOTH_STORES
 def test_energy_is_exact_for_2n_concurrent_calls_when_n_are_affordable(mcp_gateway):
     gw = mcp_gateway()
     n = 6
@@ -339,6 +393,7 @@ def test_energy_is_exact_for_2n_concurrent_calls_when_n_are_affordable(mcp_gatew
     assert kinds.count("reserve") == n and kinds.count("settle") == n and "refund" not in kinds
 
 
+@BOTH_STORES
 def test_a_failing_tool_is_refunded_and_its_credential_scrubbed(mcp_gateway):
     gw = mcp_gateway()
     user_id, key = gw.make_user(tier="pro", energy=10)
@@ -350,6 +405,7 @@ def test_a_failing_tool_is_refunded_and_its_credential_scrubbed(mcp_gateway):
     assert [e.kind for e in gw.ledger(user_id)][-2:] == ["reserve", "refund"]
 
 
+@BOTH_STORES
 def test_a_hanging_tool_times_out_as_an_mcp_error_and_is_refunded(mcp_gateway):
     gw = mcp_gateway()
     user_id, key = gw.make_user(tier="pro", energy=10)
@@ -490,7 +546,8 @@ def test_resources_and_prompts_are_passed_through(mcp_gateway):
 
 
 def test_rate_limits_apply_to_tool_calls(mcp_gateway):
-    gw = mcp_gateway(tiers={"pro": {"models": ["*"], "limits": {"rpm": 2}}, "free": {"models": ["demo"]}})
+    gw = mcp_gateway(tiers={"pro": {"models": ["*"], "mcp_tools": ["*"], "limits": {"rpm": 2}},
+                            "free": {"models": ["demo"]}})
     _, key = gw.make_user(tier="pro", energy=100)
 
     async def work(client):
@@ -529,7 +586,7 @@ def test_mcp_servers_are_hot_reloaded_with_the_config(fake_servers, store_url, u
     monkeypatch.setenv("SEARCH_MCP_TOKEN", f"Bearer {UPSTREAM_SECRET}")
     monkeypatch.setenv("CRM_MCP_TOKEN", f"Bearer {CRM_SECRET}")
     search, crm = fake_servers
-    tiers = {"free": {"models": ["demo"]}, "pro": {"models": ["*"]}}
+    tiers = {"free": {"models": ["demo"]}, "pro": {"models": ["*"], "mcp_tools": ["*"]}}
     data = base_config(upstream, store_url=store_url, tiers=tiers, mcp_servers=mcp_config(search, crm),
                        plugins=["auth", "tier_policy", "energy", "accounting"])
     path = tmp_path / "config.yaml"
@@ -551,3 +608,234 @@ def test_mcp_servers_are_hot_reloaded_with_the_config(fake_servers, store_url, u
         assert gw.balance(user_id) == 95
     finally:
         server_thread.run(runner.cleanup(), timeout=30)
+
+
+# --------------------------------------------------------------------------- reports and the dashboard
+
+
+def admin_get(gw, path: str) -> Any:
+    import httpx
+
+    from tests.conftest import MASTER_KEY
+
+    response = httpx.get(gw.url + path, headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@BOTH_STORES
+def test_tool_calls_appear_in_the_usage_reports_and_the_dashboard_metrics(mcp_gateway):
+    """Two search__web calls (2 energy, $0.005 each), one crm__lookup (1 energy, no USD) and
+    one failing search tool (refunded, an error, but called upstream: its $0.005 is spent):
+    the reports and /admin/metrics count them."""
+    gw = mcp_gateway()
+    user_id, key = gw.make_user(tier="pro", energy=100)
+
+    async def work(client):
+        await client.call_tool("search__web", {"query": "a"})
+        await client.call_tool("search__web", {"query": "b"})
+        await client.call_tool("crm__lookup", {"customer_id": 1})
+        await client.call_tool("search__fail", {})
+
+    call(gw, key, work)
+    gw.settle()
+    metrics = admin_get(gw, "/admin/metrics?window=1h")
+    assert metrics["totalRequests"] == 4 and metrics["errors"] == 1
+    assert metrics["modelDistribution"] == {"search__web": 2, "crm__lookup": 1, "search__fail": 1}
+    assert metrics["providerDistribution"] == {"search": 3, "crm": 1}
+    assert metrics["totalCost"] == pytest.approx(0.015)
+    assert metrics["energySpent"] == 2 + 2 + 1 and metrics["energyRefunded"] == 2
+    assert metrics["topUsers"][0]["user_id"] == user_id and metrics["topUsers"][0]["energy"] == 5
+    (today,) = admin_get(gw, "/admin/usage/daily?days=1")["rows"]
+    assert (today["requests"], today["errors"]) == (4, 1)
+    assert today["cost_usd"] == pytest.approx(0.015)
+    (top,) = admin_get(gw, "/admin/usage/top-users?days=1")["rows"]
+    assert (top["user_id"], top["requests"], top["energy"]) == (user_id, 4, 5)
+    assert top["cost_usd"] == pytest.approx(0.015)
+    actions = admin_get(gw, "/admin/usage/actions?days=1")["rows"]
+    assert sum(a["count"] for a in actions) == 4
+
+
+# --------------------------------------------------------------------------- a malformed upstream
+
+# What the malformed server answers to tools/call of each of its tools (`id` is the request's),
+# and what the client gets: the gateway's error code. An answer for another request's id is
+# dropped by the SDK (it cannot route it): that call ends at its timeout (1s here), no later.
+MALFORMED_ANSWERS: dict[str, tuple[str, Any]] = {
+    "garbage": ("application/json", lambda id_: b"this is not json {{{"),
+    "empty": ("application/json", lambda id_: b""),
+    "not_jsonrpc": ("application/json", lambda id_: b'{"hello": "world"}'),
+    "array": ("application/json", lambda id_: b"[1, 2, 3]"),
+    "wrong_shape": ("application/json",
+                    lambda id_: orjson.dumps({"jsonrpc": "2.0", "id": id_, "result": {"content": "not a list"}})),
+    "bad_error": ("application/json", lambda id_: orjson.dumps({"jsonrpc": "2.0", "id": id_, "error": {"oops": 1}})),
+    "html": ("text/html", lambda id_: b"<html>502 Bad Gateway</html>"),
+    "wrong_id": ("application/json",
+                 lambda id_: orjson.dumps({"jsonrpc": "2.0", "id": 987654, "result": {"content": []}})),
+    "sse_garbage": ("text/event-stream", lambda id_: b"event: message\ndata: {{{ not json\n\n"),
+    "ok": ("application/json", lambda id_: orjson.dumps({"jsonrpc": "2.0", "id": id_,
+                                                        "result": {"content": [{"type": "text", "text": "fine"}]}})),
+}
+MALFORMED_EXPECTED = {"garbage": "upstream_malformed", "empty": "upstream_malformed",
+                      "not_jsonrpc": "upstream_malformed", "array": "upstream_malformed",
+                      "wrong_shape": "upstream_malformed", "bad_error": "upstream_malformed",
+                      "html": "upstream_malformed", "wrong_id": "upstream_timeout",
+                      "sse_garbage": "upstream_malformed"}
+
+
+async def malformed_mcp(scope: dict, receive: Any, send: Any) -> None:
+    """A hand-written MCP server (on purpose: the SDK's would not misbehave) that initializes
+    and lists its tools correctly, then answers tools/call with MALFORMED_ANSWERS."""
+    if scope["type"] == "lifespan":
+        while (message := await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+
+    async def answer(status: int, payload: bytes = b"", content_type: str = "application/json") -> None:
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", content_type.encode())]})
+        await send({"type": "http.response.body", "body": payload})
+
+    if scope["method"] != "POST":
+        return await answer(405)
+    request = orjson.loads(body)
+    method, id_ = request.get("method"), request.get("id")
+    if id_ is None:  # a notification
+        return await answer(202)
+    if method == "initialize":
+        result = {"protocolVersion": request["params"]["protocolVersion"], "capabilities": {"tools": {}},
+                  "serverInfo": {"name": "malformed", "version": "1"}}
+    elif method == "tools/list":
+        result = {"tools": [{"name": name, "inputSchema": {"type": "object"}} for name in MALFORMED_ANSWERS]}
+    elif method == "tools/call":
+        content_type, make = MALFORMED_ANSWERS[request["params"]["name"]]
+        return await answer(200, make(id_), content_type)
+    else:
+        return await answer(200, orjson.dumps({"jsonrpc": "2.0", "id": id_,
+                                               "error": {"code": -32601, "message": "no such method"}}))
+    await answer(200, orjson.dumps({"jsonrpc": "2.0", "id": id_, "result": result}))
+
+
+@pytest.fixture(scope="module")
+def malformed_server():
+    server = FakeMcp(malformed_mcp)
+    yield server
+    server.stop()
+
+
+@BOTH_STORES
+@pytest.mark.parametrize("tool", sorted(MALFORMED_EXPECTED))
+def test_a_malformed_upstream_answer_is_an_mcp_error_and_refunded(gateway_factory, upstream, store_url,
+                                                                 malformed_server, tool):
+    tiers = {"free": {"models": ["demo"]}, "pro": {"models": ["*"], "mcp_tools": ["*"]}}
+    raw = base_config(upstream, store_url=store_url, plugins=["auth", "tier_policy", "energy", "accounting"],
+                      tiers=tiers, mcp_servers=[{"name": "bad", "url": malformed_server.url, "energy": 3,
+                                                 "timeout": "1s"}])
+    gw = gateway_factory(raw=raw)
+    user_id, key = gw.make_user(tier="pro", energy=10)
+
+    async def work(client):
+        started = time.monotonic()
+        with pytest.raises(MCPError) as failed:
+            await client.call_tool(f"bad__{tool}", {})
+        took = time.monotonic() - started
+        fine = await client.call_tool("bad__ok", {})  # the gateway (and its session upstream) still serve
+        return failed.value, took, fine
+
+    failed, took, fine = call(gw, key, work)
+    expected = MALFORMED_EXPECTED[tool]
+    assert failed.error.data == {"status": 504 if expected == "upstream_timeout" else 502, "type": "server_error",
+                                 "code": expected}, failed
+    assert failed.message.startswith("The MCP server 'bad' ") and malformed_server.url not in failed.message
+    assert "validation error" not in failed.message and "{{{" not in failed.message  # no parser dump
+    assert took < (2.5 if expected == "upstream_timeout" else 0.9), f"{tool}: {took:.1f}s"  # never a hang
+    assert text_of(fine) == "fine"
+    gw.settle()
+    assert gw.balance(user_id) == 10 - 3  # the malformed call refunded, the good one paid
+    kinds = [e.kind for e in gw.ledger(user_id)]
+    assert kinds.count("refund") == 1 and kinds.count("settle") == 1
+    row = next(r for r in gw.run(gw.store.usage_rows()) if r["model"] == f"bad__{tool}")
+    assert (row["status"], row["error_type"], row["energy_cost"]) == (failed.error.data["status"], expected, 0)
+
+
+# --------------------------------------------------------------------------- a stdio upstream
+
+STDIO_SERVER = '''
+import os
+from mcp.server.mcpserver import MCPServer
+
+mcp = MCPServer("files")
+
+
+@mcp.tool()
+def read(path: str) -> str:
+    """Reads a file (pretends to)."""
+    return f"contents of {path} (pid {os.getpid()})"
+
+
+@mcp.tool()
+def token() -> str:
+    """Echoes its credential (a careless server)."""
+    return "token is " + os.environ.get("FILES_TOKEN", "missing")
+
+
+mcp.run("stdio")
+'''
+
+
+def test_a_stdio_server_is_listed_and_called_through_the_gateway(gateway_factory, upstream, store_url, tmp_path,
+                                                                monkeypatch):
+    """A `command:` server: the gateway starts it (one child process, kept for the calls,
+    ended with the gateway), gives it its `env` credential, lists and calls its tools, and
+    bills them."""
+    import sys
+
+    script = tmp_path / "files_mcp.py"
+    script.write_text(STDIO_SERVER)
+    monkeypatch.setenv("FILES_MCP_TOKEN", "files-secret-51c0ffee")
+    tiers = {"free": {"models": ["demo"]}, "pro": {"models": ["*"], "mcp_tools": ["files__*"]}}
+    raw = base_config(upstream, store_url=store_url, plugins=["auth", "tier_policy", "energy", "accounting"],
+                      tiers=tiers, mcp_servers=[{"name": "files", "command": sys.executable, "args": [str(script)],
+                                                 "env": {"FILES_TOKEN": "os.environ/FILES_MCP_TOKEN"},
+                                                 "energy": 2, "connect_timeout": "20s", "timeout": "10s"}])
+    gw = gateway_factory(raw=raw)
+    user_id, key = gw.make_user(tier="pro", energy=10)
+
+    async def work(client):
+        names = sorted(t.name for t in (await client.list_tools()).tools)
+        first = await client.call_tool("files__read", {"path": "/srv/a.txt"})
+        second = await client.call_tool("files__read", {"path": "/srv/b.txt"})
+        echoed = await client.call_tool("files__token", {})
+        return names, first, second, echoed
+
+    names, first, second, echoed = call(gw, key, work)
+    assert names == ["files__read", "files__token"]
+    assert text_of(first).startswith("contents of /srv/a.txt (pid ")
+    assert text_of(second).startswith("contents of /srv/b.txt (pid ")
+    assert text_of(first).split("pid ")[1] == text_of(second).split("pid ")[1]  # one process for both calls
+    assert text_of(echoed) == "token is ***"  # the server got its env credential; the client does not see it
+    gw.settle()
+    assert gw.balance(user_id) == 10 - 3 * 2
+    rows = [r for r in gw.run(gw.store.usage_rows()) if r["user_id"] == user_id]
+    assert sorted((r["model"], r["provider"], r["status"]) for r in rows) == [
+        ("files__read", "files", 200), ("files__read", "files", 200), ("files__token", "files", 200)]
+    import os
+
+    pid = int(text_of(first).split("pid ")[1].rstrip(")"))
+    os.kill(pid, 0)  # running between calls
+    gw.run(gw.runner.cleanup(), timeout=30)  # the gateway stops: its child process with it
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "the stdio server outlived the gateway"
+        time.sleep(0.05)

@@ -25,8 +25,11 @@ energy, accounting, metrics, logs; exactly one ending) as an `mcp.tools/call` re
 whose `model` is the tool and whose `provider` is its server. It does not go through
 `gateway/lifecycle.run_request`: that one writes the HTTP answer (an OpenAI-shaped error,
 a JSON body, a stream) and this answer is an MCP result that the SDK writes. The steps:
-the chain's body step finds the tool (404 `tool_not_found`) and validates the arguments
-against its input schema (400 `invalid_arguments`) before any upstream sees them; energy
+the chain's body step finds the tool (404 `tool_not_found`), refuses it when the caller
+may not use it (403 `tool_not_allowed`: the lists of `tools/list`, whatever the plugin
+chain, and before the arguments, whose errors would show the schema of a tool the caller
+cannot see) and validates the arguments against its input schema (400
+`invalid_arguments`) before any upstream sees them; energy
 reserves the tool's price (an overlapped reservation is waited for before the call: a
 tool has effects); the upstream call (its timeout, every failure a `ToolCallFailed`);
 success settles, any failure (the tool's own `isError` result included) refunds. The
@@ -242,6 +245,9 @@ class McpEndpoint:
             tool = await catalog.find(server_name, exposed) if snap.config.mcp_tool(name) is not None else None
             if tool is None:
                 raise ApiError(404, f"Unknown tool '{clean_text(name)}'.", code="tool_not_found", param="name")
+            if not caller.may_use(name):  # whatever the chain: and before its schema shows in an error
+                raise ApiError(403, f"You may not use the tool '{clean_text(name)}'.", code="tool_not_allowed",
+                               param="name")
             check_arguments(tool, arguments)
             ctx.candidates = [name]
             found.append(tool)

@@ -16,7 +16,9 @@ child process over stdio for a `command` one); nothing here speaks JSON-RPC itse
   URL, headers or command line.
 * **Every failure is a `ToolCallFailed`** with a message fit for the client: unreachable,
   a timeout (`timeout`, per tool `tools.<name>.timeout`), an error answer, a malformed
-  answer. Nothing an upstream does can hang a call past its timeout or crash the gateway.
+  answer (`sdk_says_malformed`: what the SDK could not read). Nothing an upstream does can
+  hang a call past its timeout or crash the gateway; an answer the SDK cannot match to its
+  request (another request's id) is dropped by it, and that call ends at its timeout.
 * **The tool list is cached** for `tools_ttl` seconds per server; a server that cannot be
   reached offers no tools meanwhile (and is asked again on the next listing).
 """
@@ -41,6 +43,16 @@ from pydantic import ValidationError
 from gateway.config import McpServerConfig
 
 log = structlog.get_logger("gateway.mcp")
+
+
+def sdk_says_malformed(exc: MCPError) -> bool:
+    """The SDK's client stands in a JSON-RPC error for an answer it could not read: a
+    parse error (no JSON, no JSON-RPC message, an error object of the wrong shape) or a
+    content type that is neither JSON nor SSE. Those are malformed answers, not the
+    upstream's own error, and their text (a parser's dump of what came back) is not
+    shown to a client."""
+    return exc.code == types.PARSE_ERROR or (exc.code == types.INVALID_REQUEST
+                                             and str(exc.message).startswith("Unexpected content type"))
 
 
 class ToolCallFailed(Exception):
@@ -185,6 +197,9 @@ class McpUpstream:
             raise ToolCallFailed(f"The MCP server '{self.name}' did not answer {what} within {timeout:g}s.",
                                  "upstream_timeout") from None
         except MCPError as exc:
+            if sdk_says_malformed(exc):
+                raise ToolCallFailed(f"The MCP server '{self.name}' answered {what} with something that is not "
+                                     f"an MCP message.", "upstream_malformed") from None
             raise ToolCallFailed(f"The MCP server '{self.name}' answered {what} with an error: "
                                  f"{self.scrub(str(exc.message))[:500]}", "upstream_error") from None
         except ValidationError:
