@@ -200,3 +200,22 @@ def test_service_keys_are_made_by_the_master_key_audited_and_kept_by_a_rotation(
     config.write_text(f"store: {{url: '{gw.config.store.url}'}}\nmodels: [{{name: demo, litellm_params: {{model: demo/offline}}}}]\n")
     assert proxy.main(["keys", "create", owner, "--service", "--json", "--config", str(config)]) == 0
     assert '"service": true' in capsys.readouterr().out
+
+
+def test_end_users_are_limited_each_by_their_own_tier_and_an_operators_change_applies_at_once(
+        gateway_factory, upstream):
+    tiers = {"free": {"models": ["gpt-4o-mini", "demo", "claude", "embed"], "limits": {"rpm": 2}},
+             "pro": {"models": ["*"]}}
+    gw = start(gateway_factory, tiers=tiers)
+    _, key = service_key(gw)
+    client = gw.client(key)
+    for _ in range(2):
+        client.chat.completions.create(model="gpt-4o-mini", messages=MSGS, user="ann")
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="gpt-4o-mini", messages=MSGS, user="ann")
+    client.chat.completions.create(model="gpt-4o-mini", messages=MSGS, user="ben")  # ben's own minute
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MSGS, user="ben")
+    assert raw.headers["X-Model-Downgraded-From"] == "gpt-4o"  # gpt-4o is not on the free tier
+    gw.run(gw.admin().set_tier(MASTER, end_users(gw)["ann"].id, "pro"))  # no limits, every model
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MSGS, user="ann")
+    assert "X-Model-Downgraded-From" not in raw.headers and raw.parse().model
