@@ -55,14 +55,15 @@ class Chain:
     async def run_request(self, ctx: RequestContext,
                           read_body: Callable[[], Awaitable[None]] | None = None) -> None:
         """Request hooks in order. `read_body` runs before the first plugin that needs the
-        body (`Plugin.needs_body`), or after them all; its ApiError rejects the request."""
+        body (`Plugin.needs_body`), or after them all, or when a plugin asks for it
+        (`ctx.need_body()`); its ApiError rejects the request."""
         trace = ctx.trace
+        ctx.body_reader = read_body
         for plugin in self._request:
             if ctx.short_circuit is not None:
                 break
-            if read_body is not None and plugin.needs_body:
-                await read_body()
-                read_body = None
+            if plugin.needs_body and ctx.body_reader is not None:
+                await ctx.need_body()
             started = time.perf_counter() if trace is not None else 0.0
             try:
                 await plugin.on_request(ctx)
@@ -80,8 +81,7 @@ class Chain:
                     trace.phase(plugin.name, started, exc)
                 log.exception("plugin_request_hook_failed", plugin=plugin.name, request_id=ctx.request_id)
                 raise internal_error(ctx.request_id) from None
-        if read_body is not None:
-            await read_body()
+        await ctx.need_body()
 
     async def run_chunk(self, ctx: RequestContext, chunk: dict[str, Any]) -> None:
         for plugin in self._chunk:

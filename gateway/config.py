@@ -455,6 +455,28 @@ class AuthConfig(_Strict):
         return parse_duration(v)
 
 
+class EndUserStart(_Strict):
+    """What an end user a service key names for the first time starts with."""
+
+    tier: str | None = Field(None, description="None: auth.default_tier")
+    energy: int | None = Field(None, ge=0, le=10**15, description="None: the tier's refill amount (0 without one)")
+
+
+class EndUsersConfig(EndUserStart):
+    """End users by the app's own ids (docs/admin.md "End users by your app's ids"): the
+    tier and starting energy of a user a service key provisions, per workspace (name or id)
+    or for every workspace."""
+
+    workspaces: dict[str, EndUserStart] = Field(default_factory=dict, description="per workspace name or id")
+
+    def start(self, workspace_id: str, workspace_name: str | None, default_tier: str) -> EndUserStart:
+        """The tier (resolved) and energy (None: the tier's refill amount) for a new end user."""
+        own = self.workspaces.get(workspace_id) or (self.workspaces.get(workspace_name) if workspace_name else None)
+        tier = (own.tier if own is not None else None) or self.tier or default_tier
+        energy = own.energy if own is not None and own.energy is not None else self.energy
+        return EndUserStart(tier=tier, energy=energy)
+
+
 class RateLimitsConfig(_Strict):
     # Shared counters for several gateway processes; unset = counters in this process only.
     redis_url: str | None = None
@@ -694,6 +716,7 @@ class Config(_Strict):
     tiers: dict[str, TierConfig] = Field(default_factory=lambda: {"free": TierConfig()})
     energy: EnergyConfig = EnergyConfig()
     rate_limits: RateLimitsConfig = RateLimitsConfig()
+    end_users: EndUsersConfig = EndUsersConfig()
     reports: ReportsConfig = ReportsConfig()
     experiments: list[ExperimentConfig] = Field(default_factory=list)
     telemetry: TelemetryConfig = TelemetryConfig()
@@ -755,6 +778,10 @@ class Config(_Strict):
             seen_servers.add(server.name)
         if self.auth.default_tier not in self.tiers:
             errors.append(f"auth.default_tier: unknown tier {self.auth.default_tier!r}")
+        for where, start in [("end_users", self.end_users),
+                             *((f"end_users.workspaces.{name}", w) for name, w in self.end_users.workspaces.items())]:
+            if start.tier is not None and start.tier not in self.tiers:
+                errors.append(f"{where}.tier: unknown tier {start.tier!r}")
         for action, price in self.energy.actions.items():
             for model in price.models:
                 if model not in names:

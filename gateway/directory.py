@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 NEGATIVE_TTL = 5.0
 
@@ -37,6 +37,7 @@ class Directory:
         self.clock = clock
         self._keys: dict[str, _Entry] = {}  # sha256(key) -> KeyIdentity | None
         self._workspaces: dict[str, _Entry] = {}  # workspace id -> Workspace | None
+        self._end_users: dict[tuple[str, str], _Entry] = {}  # (workspace id, app's id) -> User
         # Bumped by every forget_*: a lookup that was already reading the store when an
         # admin change landed must not put its (now stale) answer back into the cache,
         # or a key revoked "at once" would keep working for a whole TTL.
@@ -70,6 +71,23 @@ class Directory:
             self._workspaces[workspace_id] = _Entry(value, now + self.ttl)
         return value
 
+    async def end_user(self, workspace_id: str, external_id: str,
+                       start: Callable[[], Awaitable[dict[str, Any]]]) -> tuple[Any, bool]:
+        """The workspace's end user with the app's id, `(User, created)`: found, or created by
+        the store with `await start()` (tier, energy, start_refill_period) on first sight."""
+        cache_key = (workspace_id, external_id)
+        now = self.clock()
+        entry = self._end_users.get(cache_key)
+        if entry is not None and entry.expires > now:
+            return entry.value, False
+        generation = self._generation
+        user, created = await self.store.end_user(workspace_id, external_id, **await start())
+        if generation == self._generation:
+            self._end_users[cache_key] = _Entry(user, now + self.ttl)
+            if len(self._end_users) > 100_000:
+                self._evict(self._end_users, now)
+        return user, created
+
     @staticmethod
     def _evict(cache: dict[str, _Entry], now: float) -> None:
         for k in [k for k, e in cache.items() if e.expires <= now]:
@@ -81,6 +99,8 @@ class Directory:
 
     def forget_user(self, user_id: str) -> None:
         self._generation += 1
+        for ident in [i for i, e in self._end_users.items() if e.value.id == user_id]:
+            del self._end_users[ident]
         for digest in [d for d, e in self._keys.items() if e.value is not None and e.value.user_id == user_id]:
             del self._keys[digest]
 
@@ -92,6 +112,8 @@ class Directory:
     def forget_workspace(self, workspace_id: str) -> None:
         self._generation += 1
         self._workspaces.pop(workspace_id, None)
+        for ident in [i for i in self._end_users if i[0] == workspace_id]:
+            del self._end_users[ident]
         for digest in [d for d, e in self._keys.items() if e.value is not None and e.value.workspace_id == workspace_id]:
             del self._keys[digest]
 
@@ -99,3 +121,4 @@ class Directory:
         self._generation += 1
         self._keys.clear()
         self._workspaces.clear()
+        self._end_users.clear()

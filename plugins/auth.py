@@ -13,6 +13,11 @@ and no client header is forwarded. Keys are looked up by their SHA-256 (the stor
 only that hash), through the Directory's TTL cache, so an authenticated request does
 not touch the database. The master key authenticates /admin only: it has no user to
 bill, so it is refused on the model endpoints.
+
+A *service key* acts for the end user each request names by the app's own id (OpenAI's
+`user` field, or an `X-End-User-Id` header): that user, found or created on first sight in
+the key's workspace, becomes the request's identity (gateway/end_users.py; docs/admin.md
+"End users by your app's ids"). Only then is the body read before the later plugins.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import hmac
 import time
 from typing import Any
 
+from gateway.end_users import END_USER_HEADER, act_for_end_user
 from plugins.base import Identity, Plugin, Reject, RequestContext
 
 
@@ -82,6 +88,7 @@ async def identify(headers: Any, config: Any, directory: Any) -> Identity:
         key_models=found.models,
         key_rpm=found.rpm,
         key_tpm=found.tpm,
+        service=found.service,
     )
 
 
@@ -90,4 +97,7 @@ class Auth(Plugin):
     needs_body = False  # a caller is known (or refused) before its body is read
 
     async def on_request(self, ctx: RequestContext) -> None:
-        ctx.identity = await identify(ctx.headers, ctx.config, self.services.directory)
+        identity = await identify(ctx.headers, ctx.config, self.services.directory)
+        if identity.service or END_USER_HEADER in ctx.headers:
+            identity = await act_for_end_user(ctx, identity, self.services.directory)
+        ctx.identity = identity

@@ -54,7 +54,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import TYPE_CHECKING, AbstractSet, Any, ClassVar, Literal, Mapping
+from typing import TYPE_CHECKING, AbstractSet, Any, Awaitable, Callable, ClassVar, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict
 
@@ -110,6 +110,11 @@ class Identity:
     key_models: tuple[str, ...] | None = None  # narrows the tier's models (tier_policy)
     key_rpm: int | None = None  # the key's own requests and tokens per minute (rate_limit)
     key_tpm: int | None = None
+    # A service key acts for its workspace's end users (docs/admin.md "End users by your
+    # app's ids"): `service` says the key is one, `end_user` the app's own id of the end user
+    # it acts for on this request (user_id, tier are then that end user's; key_* the key's).
+    service: bool = False
+    end_user: str | None = None
 
 
 @dataclass
@@ -266,7 +271,18 @@ class RequestContext:
     first_byte_at: float | None = None
     ended_at: float | None = None
 
+    # Set by the core while the request hooks run and the body is not read yet; see need_body().
+    body_reader: Callable[[], Awaitable[None]] | None = field(default=None, repr=False)
+
     _scratch: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+
+    async def need_body(self) -> None:
+        """Read, parse and check the body now, if it is not yet: for a plugin that judges by
+        headers (`needs_body = False`) and finds it needs the body after all (auth, for a
+        service key: the end user is named in the body). Its ApiError rejects the request."""
+        reader, self.body_reader = self.body_reader, None
+        if reader is not None:
+            await reader()
 
     def __post_init__(self) -> None:
         self.billed = self.endpoint in BILLED_ENDPOINTS

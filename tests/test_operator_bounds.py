@@ -191,7 +191,7 @@ ADMIN_ROUTES: list[tuple[str, str, tuple[str, ...], tuple[str, ...]]] = [
     ("PATCH", "/admin/users/{user}", (), ("tier",)),
     ("POST", "/admin/users/{user}/energy", (), ("amount", "reason", "kind")),
     ("GET", "/admin/users/{user}/ledger", ("limit",), ()),
-    ("POST", "/admin/users/{user}/keys", (), ("role", "label", "expires", "models", "rpm", "tpm")),
+    ("POST", "/admin/users/{user}/keys", (), ("role", "service", "label", "expires", "models", "rpm", "tpm")),
     ("GET", "/admin/keys", ("user",), ()),
     ("PATCH", "/admin/keys/{key}", (), ("label", "expires", "models", "rpm", "tpm")),
     ("POST", "/admin/keys/{key}/revoke", (), ()),

@@ -14,7 +14,7 @@ be probed). Errors are OpenAI-shaped like everywhere else.
     PATCH  /admin/users/{user}               {tier}
     POST   /admin/users/{user}/energy        {amount, reason?, kind?: grant|adjust}
     GET    /admin/users/{user}/ledger[?limit=N]
-    POST   /admin/users/{user}/keys          {role?, label?, expires?, models?, rpm?, tpm?} -> api_key once
+    POST   /admin/users/{user}/keys          {role?, service?, label?, expires?, models?, rpm?, tpm?} -> api_key once
     GET    /admin/keys[?user=U]
     PATCH  /admin/keys/{key}                 {label?, expires?, models?, rpm?, tpm?}  (null removes one)
     POST   /admin/keys/{key}/revoke
@@ -145,7 +145,8 @@ def admin_routes() -> list[web.RouteDef]:
     async def create_key(r, a, s):
         b = await _body(r)
         controls = {name: b[name] for name in KEY_CONTROL_FIELDS if b.get(name) is not None}
-        return await a.create_key(s, r.match_info["user"], b.get("role", "user"), **controls)
+        return await a.create_key(s, r.match_info["user"], b.get("role", "user"), service=b.get("service", False),
+                                  **controls)
 
     async def update_key(r, a, s):
         b = await _body(r)

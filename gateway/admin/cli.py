@@ -10,7 +10,7 @@ picks up changes within `auth.cache_ttl` (its cache is per process).
     python proxy.py users list [--workspace acme] | show USER
     python proxy.py users set-tier USER pro
     python proxy.py energy grant USER 100 [--reason R] | adjust USER -20 | ledger USER
-    python proxy.py keys create USER [--admin] [--label L] [--expires 30d] [--models a,b] [--rpm N] [--tpm N]
+    python proxy.py keys create USER [--admin | --service] [--label L] [--expires 30d] [--models a,b] [--rpm N] [--tpm N]
     python proxy.py keys update KEY [--label L] [--expires 30d] [--models a,b] [--rpm N] [--tpm N] [--clear rpm]
     python proxy.py keys list [--user USER] | revoke KEY | rotate KEY
     python proxy.py usage daily|top-users|actions|weekly|experiments [--days N] [--workspace W] [--json]
@@ -239,10 +239,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     # keys
     keys = sub.add_parser("keys", help="issue, list, revoke, rotate API keys").add_subparsers(dest="action", required=True)
     p = command(keys, "create", lambda a, x, s: a.create_key(s, x.user, "workspace_admin" if x.admin else "user",
-                                                               **_key_controls(x)),
+                                                               service=x.service, **_key_controls(x)),
                 "issue another key for a user")
     p.add_argument("user")
     p.add_argument("--admin", action="store_true")
+    p.add_argument("--service", action="store_true",
+                   help="a service key: acts for the workspace's end users named by the app's own ids")
     _key_control_args(p)
     p = command(keys, "update", lambda a, x, s: a.update_key(s, x.key, **_key_controls(x)),
                 "set a key's label, expiry, models, rpm, tpm (--clear NAME removes one)")

@@ -328,14 +328,25 @@ class Admin:
 
     # --- keys -------------------------------------------------------------------------
 
-    async def create_key(self, scope: Scope, user_id: str, role: str = "user", **controls: Any) -> dict:
+    async def create_key(self, scope: Scope, user_id: str, role: str = "user", *, service: bool = False,
+                         **controls: Any) -> dict:
         """`controls`: label, expires (a duration from now: "30d", or seconds), models (a
-        list, a subset of the user's tier's), rpm, tpm; docs/admin.md "Per-key controls"."""
+        list, a subset of the user's tier's), rpm, tpm; docs/admin.md "Per-key controls".
+        `service`: the key acts for the workspace's end users (docs/admin.md "End users by
+        your app's ids"); master key only, since each new end user starts with energy."""
         if role not in ("user", "workspace_admin"):
             raise ApiError(400, "role must be 'user' or 'workspace_admin'", param="role")
+        if not isinstance(service, bool):
+            raise ApiError(400, "service must be true or false", param="service")
+        if service and role != "user":
+            raise ApiError(400, "a service key acts for end users: it cannot be a workspace admin key", param="role")
         user = await self._user(scope, user_id)
+        if service and not scope.is_master:
+            raise _master_only("a service key (it provisions end users with energy)")
+        if service and user.external_id is not None:
+            raise ApiError(400, "a service key belongs to a user of the workspace, not to an end user", param="service")
         values = self._key_controls(controls, user.tier)
-        plaintext, key = await self.store.create_key(user.id, role=role, **values)
+        plaintext, key = await self.store.create_key(user.id, role=role, service=service, **values)
         await self._audit(scope, "key.create", key.id, key.workspace_id, None, key)
         return {**as_dict(key), "api_key": plaintext}
 

@@ -130,6 +130,9 @@ class User:
     refilled_at: float | None
     created_at: float
     disabled: bool
+    # The app's own id for an end user a service key provisioned (migration 16); unique in
+    # its workspace. None: a user made by an admin.
+    external_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +150,9 @@ class ApiKey:
     models: tuple[str, ...] | None = None  # a subset of the tier's models
     rpm: int | None = None
     tpm: int | None = None
+    # A service key acts for its workspace's end users, named per request (migration 16;
+    # docs/admin.md "End users by your app's ids"). Set at creation; a rotation keeps it.
+    service: bool = False
 
 
 # The audit log's columns besides id and created_at (gateway/admin/operations.py writes them).
@@ -173,6 +179,7 @@ class KeyIdentity:
     models: tuple[str, ...] | None = None
     rpm: int | None = None
     tpm: int | None = None
+    service: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -618,6 +625,16 @@ class Store(abc.ABC):
         it refilled_at stays None and the first request on a tier with a refill tops up."""
 
     @abc.abstractmethod
+    async def end_user(
+        self, workspace_id: str, external_id: str, *, tier: str, energy: int,
+        start_refill_period: bool = False, now: float | None = None,
+    ) -> tuple[User, bool]:
+        """The workspace's user with the app's id `external_id`, created (as create_user,
+        with `tier` and `energy`) when there is none: `(user, created)`. Exactly one user per
+        (workspace, external id) whatever the concurrency, across processes: a unique index
+        decides, and the loser of a race finds the winner's user."""
+
+    @abc.abstractmethod
     async def get_user(self, user_id: str) -> User | None: ...
 
     @abc.abstractmethod
@@ -632,9 +649,11 @@ class Store(abc.ABC):
     # keys
     @abc.abstractmethod
     async def create_key(
-        self, user_id: str, role: str = "user", *, now: float | None = None, **controls: Any
+        self, user_id: str, role: str = "user", *, service: bool = False, now: float | None = None,
+        **controls: Any
     ) -> tuple[str, ApiKey]:
-        """A new key; `controls` are per-key controls (KEY_CONTROLS), None for none."""
+        """A new key; `controls` are per-key controls (KEY_CONTROLS), None for none;
+        `service`: the key acts for the workspace's end users (ApiKey.service)."""
 
     @abc.abstractmethod
     async def update_key(self, key_id: str, **controls: Any) -> ApiKey:

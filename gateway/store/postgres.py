@@ -628,6 +628,14 @@ MIGRATIONS: list[tuple[int, str]] = [
             FOR EACH STATEMENT EXECUTE FUNCTION gw_audit_append_only();
         """,
     ),
+    # 15: alerts (issue 24), on its own branch.
+    (
+        16,  # end users by the app's own ids (docs/admin.md "End users by your app's ids")
+        "ALTER TABLE api_keys ADD COLUMN service boolean NOT NULL DEFAULT false;"
+        " ALTER TABLE users ADD COLUMN external_id text;"
+        # One user per app id and workspace: what makes find-or-create happen once (ON CONFLICT).
+        " CREATE UNIQUE INDEX users_external_id ON users (workspace_id, external_id) WHERE external_id IS NOT NULL;",
+    ),
 ]
 
 # Array types for the one-statement batch insert (unnest of one array per column).
@@ -654,8 +662,9 @@ _USAGE_INSERT = (
 
 _RESERVE = "SELECT o_n, o_status, o_balance, o_refilled FROM gw_reserve($1, $2, $3, $4, $5, $6)"
 _CREATED_AT = list(USAGE_COLUMNS).index("created_at")
-_USER_COLS = "id, workspace_id, name, tier, energy, refilled_at, created_at, disabled"
-_KEY_COLS = "id, user_id, workspace_id, prefix, role, created_at, revoked_at, label, expires_at, models, rpm, tpm"
+_USER_COLS = "id, workspace_id, name, tier, energy, refilled_at, created_at, disabled, external_id"
+_KEY_COLS = ("id, user_id, workspace_id, prefix, role, created_at, revoked_at, label, expires_at, models, rpm, tpm,"
+             " service")
 _LEDGER_COLS = "id, user_id, request_id, kind, amount, balance_after, reason, created_at"
 
 
@@ -666,13 +675,13 @@ def _workspace(r: asyncpg.Record) -> Workspace:
 
 def _user(r: asyncpg.Record) -> User:
     return User(r["id"], r["workspace_id"], r["name"], r["tier"], r["energy"], r["refilled_at"],
-                r["created_at"], r["disabled"])
+                r["created_at"], r["disabled"], r["external_id"])
 
 
 def _key(r: asyncpg.Record) -> ApiKey:
     return ApiKey(r["id"], r["user_id"], r["workspace_id"], r["prefix"], r["role"],
                   r["created_at"], r["revoked_at"], r["label"], r["expires_at"], stored_key_models(r["models"]),
-                  r["rpm"], r["tpm"])
+                  r["rpm"], r["tpm"], r["service"])
 
 
 def _entry(r: asyncpg.Record) -> EnergyEntry:
@@ -956,13 +965,42 @@ class PostgresStore(Store):
             if not await conn.fetchval("SELECT 1 FROM workspaces WHERE id = $1", workspace_id):
                 raise NotFound(f"workspace {workspace_id!r}")
             await conn.execute(
-                f"INSERT INTO users ({_USER_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, false)",
+                f"INSERT INTO users ({_USER_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, false, NULL)",
                 user.id, workspace_id, name, tier, energy, user.refilled_at, user.created_at,
             )
             if energy > 0:
                 await self._ledger_row(conn, user.id, None, "grant", energy, energy,
                                        "initial energy", user.created_at)
         return user
+
+    async def end_user(self, workspace_id, external_id, *, tier, energy, start_refill_period=False, now=None):
+        check_tier(tier)
+        check_amount(energy, "energy")
+        select = f"SELECT {_USER_COLS} FROM users WHERE workspace_id = $1 AND external_id = $2"
+        found = await self._fetchrow(select, workspace_id, external_id)
+        if found is not None:
+            return _user(found), False
+        created_at = now_or(now)
+        user = User(new_id("usr"), workspace_id, None, tier, energy,
+                    created_at if start_refill_period else None, created_at, False, external_id)
+        async with self._tx() as conn:
+            # A concurrent insert of the same id waits for the other transaction; if it
+            # committed, nothing is inserted here and the next statement (a new snapshot in
+            # READ COMMITTED) reads its user.
+            inserted = await conn.fetchval(
+                f"INSERT INTO users ({_USER_COLS}) SELECT $1, $2, NULL, $3, $4, $5, $6, false, $7"
+                "  WHERE EXISTS (SELECT 1 FROM workspaces WHERE id = $2)"
+                " ON CONFLICT (workspace_id, external_id) WHERE external_id IS NOT NULL DO NOTHING RETURNING 1",
+                user.id, workspace_id, tier, energy, user.refilled_at, created_at, external_id,
+            )
+            if inserted:
+                if energy > 0:
+                    await self._ledger_row(conn, user.id, None, "grant", energy, energy, "initial energy", created_at)
+                return user, True
+            r = await conn.fetchrow(select, workspace_id, external_id)
+            if r is None:
+                raise NotFound(f"workspace {workspace_id!r}")
+            return _user(r), False
 
     async def get_user(self, user_id):
         r = await self._fetchrow(f"SELECT {_USER_COLS} FROM users WHERE id = $1", user_id)
@@ -995,11 +1033,11 @@ class PostgresStore(Store):
 
     # ---------------------------------------------------------------------- keys
 
-    async def create_key(self, user_id, role="user", *, now=None, **controls):
+    async def create_key(self, user_id, role="user", *, service=False, now=None, **controls):
         check_role(role)
         values = key_control_values(controls)
         async with self._tx() as conn:
-            return await self._insert_key(conn, user_id, role, now_or(now), values)
+            return await self._insert_key(conn, user_id, role, now_or(now), values, bool(service))
 
     async def update_key(self, key_id, **controls):
         values = key_control_values(controls)
@@ -1016,7 +1054,7 @@ class PostgresStore(Store):
 
     @staticmethod
     async def _insert_key(conn, user_id: str, role: str, now: float,
-                          controls: dict[str, Any] | None = None) -> tuple[str, ApiKey]:
+                          controls: dict[str, Any] | None = None, service: bool = False) -> tuple[str, ApiKey]:
         """`controls`: per-key controls as stored (key_control_values)."""
         workspace_id = await conn.fetchval("SELECT workspace_id FROM users WHERE id = $1",
                                            user_id)
@@ -1025,17 +1063,17 @@ class PostgresStore(Store):
         plaintext, digest, prefix = new_api_key()
         values = [(controls or {}).get(name) for name in KEY_CONTROLS]
         r = await conn.fetchrow(
-            "INSERT INTO api_keys (id, user_id, workspace_id, key_hash, prefix, role, created_at,"
-            f" {', '.join(KEY_CONTROLS)}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+            "INSERT INTO api_keys (id, user_id, workspace_id, key_hash, prefix, role, created_at, service,"
+            f" {', '.join(KEY_CONTROLS)}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
             f" RETURNING {_KEY_COLS}",
-            new_id("key"), user_id, workspace_id, digest, prefix, role, now, *values,
+            new_id("key"), user_id, workspace_id, digest, prefix, role, now, service, *values,
         )
         return plaintext, _key(r)
 
     async def lookup_key(self, plaintext):
         r = await self._fetchrow(
             """SELECT k.id, k.prefix, k.role, k.user_id, k.workspace_id, k.revoked_at,
-                      k.expires_at, k.models, k.rpm, k.tpm, u.tier, u.disabled
+                      k.expires_at, k.models, k.rpm, k.tpm, k.service, u.tier, u.disabled
                  FROM api_keys k JOIN users u ON u.id = k.user_id
                 WHERE k.key_hash = $1""",
             hash_key(plaintext),
@@ -1044,7 +1082,7 @@ class PostgresStore(Store):
             return None
         return KeyIdentity(r["id"], r["prefix"], r["role"], r["user_id"], r["workspace_id"],
                            r["tier"], r["disabled"], r["revoked_at"] is not None,
-                           r["expires_at"], stored_key_models(r["models"]), r["rpm"], r["tpm"])
+                           r["expires_at"], stored_key_models(r["models"]), r["rpm"], r["tpm"], r["service"])
 
     async def revoke_key(self, key_id, *, now=None):
         async with self._tx() as conn:
@@ -1061,7 +1099,8 @@ class PostgresStore(Store):
         now = now_or(now)
         async with self._tx() as conn:
             old = await conn.fetchrow(
-                f"SELECT user_id, role, revoked_at, {', '.join(KEY_CONTROLS)} FROM api_keys WHERE id = $1 FOR UPDATE",
+                f"SELECT user_id, role, revoked_at, service, {', '.join(KEY_CONTROLS)} FROM api_keys"
+                " WHERE id = $1 FOR UPDATE",
                 key_id
             )
             if old is None:
@@ -1070,7 +1109,8 @@ class PostgresStore(Store):
                 raise StoreConflict(f"key {key_id!r} is revoked and cannot be rotated")
             await conn.execute("UPDATE api_keys SET revoked_at = $2 WHERE id = $1", key_id, now)
             return await self._insert_key(conn, old["user_id"], old["role"], now,
-                                          {name: old[name] for name in KEY_CONTROLS})  # the same controls
+                                          {name: old[name] for name in KEY_CONTROLS},  # the same controls
+                                          old["service"])
 
     async def list_keys(self, user_id=None, workspace_id=None):
         rows = await self._fetch(

@@ -404,11 +404,22 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             " BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END",
         ],
     ),
+    # 15: alerts (issue 24), on its own branch.
+    (
+        16,  # end users by the app's own ids (docs/admin.md "End users by your app's ids")
+        [
+            "ALTER TABLE api_keys ADD COLUMN service INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE users ADD COLUMN external_id TEXT",
+            # One user per app id and workspace: what makes find-or-create happen once.
+            "CREATE UNIQUE INDEX users_external_id ON users (workspace_id, external_id) WHERE external_id IS NOT NULL",
+        ],
+    ),
 ]
 USAGE_PRUNE_CHUNK = 2000  # raw rows deleted per transaction by prune_usage
 
-_USER_COLS = "id, workspace_id, name, tier, energy, refilled_at, created_at, disabled"
-_KEY_COLS = "id, user_id, workspace_id, prefix, role, created_at, revoked_at, label, expires_at, models, rpm, tpm"
+_USER_COLS = "id, workspace_id, name, tier, energy, refilled_at, created_at, disabled, external_id"
+_KEY_COLS = ("id, user_id, workspace_id, prefix, role, created_at, revoked_at, label, expires_at, models, rpm, tpm,"
+             " service")
 _LEDGER_COLS = "id, user_id, request_id, kind, amount, balance_after, reason, created_at"
 _WORKSPACE_COLS = "id, name, profile, ai_settings, created_at"
 _USAGE_BOOLS = [n for n, k in USAGE_COLUMNS.items() if k == "bool"]
@@ -424,11 +435,11 @@ def _workspace(r: tuple) -> Workspace:
 
 
 def _user(r: tuple) -> User:
-    return User(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]))
+    return User(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]), r[8])
 
 
 def _key(r: tuple) -> ApiKey:
-    return ApiKey(*r[:9], stored_key_models(r[9]), *r[10:])
+    return ApiKey(*r[:9], stored_key_models(r[9]), r[10], r[11], bool(r[12]))
 
 
 def _entry(r: tuple) -> EnergyEntry:
@@ -935,19 +946,28 @@ class SQLiteStore(Store):
         user = User(new_id("usr"), workspace_id, name, tier, energy,
                     created_at if start_refill_period else None, created_at, False)
 
-        def tx(db):
-            if not _one(db, "SELECT 1 FROM workspaces WHERE id = ?", workspace_id):
-                raise NotFound(f"workspace {workspace_id!r}")
-            db.execute(
-                f"INSERT INTO users ({_USER_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
-                (user.id, workspace_id, name, tier, energy, user.refilled_at, user.created_at),
-            )
-            if energy > 0:
-                _ledger_row(db, user.id, None, "grant", energy, energy, "initial energy",
-                            user.created_at)
-
-        await self._write(tx)
+        await self._write(_insert_user, user)
         return user
+
+    async def end_user(self, workspace_id, external_id, *, tier, energy, start_refill_period=False, now=None):
+        check_tier(tier)
+        check_amount(energy, "energy")
+        select = f"SELECT {_USER_COLS} FROM users WHERE workspace_id = ? AND external_id = ?"
+        found = await self._fetchone(select, workspace_id, external_id)
+        if found is not None:
+            return _user(found), False
+        created_at = now_or(now)
+        user = User(new_id("usr"), workspace_id, None, tier, energy,
+                    created_at if start_refill_period else None, created_at, False, external_id)
+
+        def tx(db):  # one writer at a time: whoever comes second finds the first's user
+            r = _one(db, select, workspace_id, external_id)
+            if r is not None:
+                return _user(r), False
+            _insert_user(db, user)
+            return user, True
+
+        return await self._write(tx)
 
     async def get_user(self, user_id):
         r = await self._fetchone(f"SELECT {_USER_COLS} FROM users WHERE id = ?", user_id)
@@ -982,9 +1002,9 @@ class SQLiteStore(Store):
 
     # ---------------------------------------------------------------------- keys
 
-    async def create_key(self, user_id, role="user", *, now=None, **controls):
+    async def create_key(self, user_id, role="user", *, service=False, now=None, **controls):
         check_role(role)
-        return await self._write(_insert_key, user_id, role, now_or(now), key_control_values(controls))
+        return await self._write(_insert_key, user_id, role, now_or(now), key_control_values(controls), bool(service))
 
     async def update_key(self, key_id, **controls):
         values = key_control_values(controls)
@@ -1004,7 +1024,7 @@ class SQLiteStore(Store):
     async def lookup_key(self, plaintext):
         r = await self._fetchone(
             """SELECT k.id, k.prefix, k.role, k.user_id, k.workspace_id, u.tier, u.disabled,
-                      k.revoked_at, k.expires_at, k.models, k.rpm, k.tpm
+                      k.revoked_at, k.expires_at, k.models, k.rpm, k.tpm, k.service
                  FROM api_keys k JOIN users u ON u.id = k.user_id
                 WHERE k.key_hash = ?""",
             hash_key(plaintext),
@@ -1012,7 +1032,7 @@ class SQLiteStore(Store):
         if r is None:
             return None
         return KeyIdentity(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7] is not None,
-                           r[8], stored_key_models(r[9]), r[10], r[11])
+                           r[8], stored_key_models(r[9]), r[10], r[11], bool(r[12]))
 
     async def revoke_key(self, key_id, *, now=None):
         now = now_or(now)
@@ -1030,14 +1050,15 @@ class SQLiteStore(Store):
         now = now_or(now)
 
         def tx(db):
-            old = _one(db, f"SELECT user_id, role, revoked_at, {', '.join(KEY_CONTROLS)} FROM api_keys WHERE id = ?",
-                       key_id)
+            old = _one(db, f"SELECT user_id, role, revoked_at, service, {', '.join(KEY_CONTROLS)} FROM api_keys"
+                           " WHERE id = ?", key_id)
             if old is None:
                 raise NotFound(f"key {key_id!r}")
             if old[2] is not None:
                 raise StoreConflict(f"key {key_id!r} is revoked and cannot be rotated")
             db.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", (now, key_id))
-            return _insert_key(db, old[0], old[1], now, dict(zip(KEY_CONTROLS, old[3:])))  # the same controls
+            return _insert_key(db, old[0], old[1], now, dict(zip(KEY_CONTROLS, old[4:])),  # the same controls
+                               bool(old[3]))
 
         return await self._write(tx)
 
@@ -1362,8 +1383,20 @@ def _migrate(db: sqlite3.Connection) -> list[int]:
     return applied
 
 
+def _insert_user(db: sqlite3.Connection, user: User) -> None:
+    if not _one(db, "SELECT 1 FROM workspaces WHERE id = ?", user.workspace_id):
+        raise NotFound(f"workspace {user.workspace_id!r}")
+    db.execute(
+        f"INSERT INTO users ({_USER_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)",
+        (user.id, user.workspace_id, user.name, user.tier, user.energy, user.refilled_at, user.created_at,
+         user.external_id),
+    )
+    if user.energy > 0:
+        _ledger_row(db, user.id, None, "grant", user.energy, user.energy, "initial energy", user.created_at)
+
+
 def _insert_key(db: sqlite3.Connection, user_id: str, role: str,
-                now: float, controls: dict[str, Any] | None = None) -> tuple[str, ApiKey]:
+                now: float, controls: dict[str, Any] | None = None, service: bool = False) -> tuple[str, ApiKey]:
     """`controls`: per-key controls as stored (key_control_values)."""
     u = _one(db, "SELECT workspace_id FROM users WHERE id = ?", user_id)
     if u is None:
@@ -1372,11 +1405,11 @@ def _insert_key(db: sqlite3.Connection, user_id: str, role: str,
     values = [(controls or {}).get(name) for name in KEY_CONTROLS]
     key_id = new_id("key")
     db.execute(
-        "INSERT INTO api_keys (id, user_id, workspace_id, key_hash, prefix, role, created_at,"
-        f" {', '.join(KEY_CONTROLS)}) VALUES (?, ?, ?, ?, ?, ?, ?, {', '.join('?' for _ in KEY_CONTROLS)})",
-        (key_id, user_id, u[0], digest, prefix, role, now, *values),
+        "INSERT INTO api_keys (id, user_id, workspace_id, key_hash, prefix, role, created_at, service,"
+        f" {', '.join(KEY_CONTROLS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, {', '.join('?' for _ in KEY_CONTROLS)})",
+        (key_id, user_id, u[0], digest, prefix, role, now, int(service), *values),
     )
-    return plaintext, _key((key_id, user_id, u[0], prefix, role, now, None, *values))
+    return plaintext, _key((key_id, user_id, u[0], prefix, role, now, None, *values, service))
 
 
 def _reserve(db: sqlite3.Connection, user_id: str, amount: int, request_id: str,
