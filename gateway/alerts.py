@@ -169,9 +169,10 @@ class Alerts:
     `config` is called for the current alerts settings (a live reload changes endpoints,
     thresholds and retries without a restart)."""
 
-    def __init__(self, store: Any, config: Callable[[], "AlertsConfig"]) -> None:
+    def __init__(self, store: Any, config: Callable[[], "AlertsConfig"], *, logger: Any = None) -> None:
         self.store = store
         self.config = config
+        self.log = logger if logger is not None else log
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.errors = ErrorRateWindow()
         self._writes: set[asyncio.Task] = set()
@@ -191,7 +192,7 @@ class Alerts:
             event = new_event(event_type, data, workspace_id=workspace_id, key=key)
             task = asyncio.get_running_loop().create_task(self._write(event, [e.name for e in endpoints]))
         except Exception:  # noqa: BLE001 — alerts fail open
-            log.exception("alert_emit_failed", event_type=event_type)
+            self.log.exception("alert_emit_failed", event_type=event_type)
             return
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
@@ -207,9 +208,9 @@ class Alerts:
         try:
             await self.record(event, endpoints)
         except Exception as exc:  # noqa: BLE001 — the store is away: said loudly, the request goes on
-            log.error("alert_write_failed", event_type=event["type"], event_id=event["id"], error=type(exc).__name__)
+            self.log.error("alert_write_failed", event_type=event["type"], event_id=event["id"], error=type(exc).__name__)
             return
-        log.info("alert_emitted", event_type=event["type"], event_id=event["id"], endpoints=endpoints)
+        self.log.info("alert_emitted", event_type=event["type"], event_id=event["id"], endpoints=endpoints)
         self._wake.set()
 
     def observe_request(self, status: int | None) -> None:
@@ -248,7 +249,7 @@ class Alerts:
             try:
                 delivered_some = await self.deliver_due()
             except Exception as exc:  # noqa: BLE001 — the store is away: try again later
-                log.warning("alert_claim_failed", error=type(exc).__name__)
+                self.log.warning("alert_claim_failed", error=type(exc).__name__)
                 delivered_some = 0
             if delivered_some:
                 continue  # there may be more due
@@ -283,15 +284,15 @@ class Alerts:
             await self.store.finish_alert(row["id"], self.owner, status=outcome, attempts=attempts,
                                           next_attempt_at=due, last_status=status_code, last_error=error, now=now)
         except Exception as exc:  # noqa: BLE001 — the lease ends; the row is posted again (same id)
-            log.warning("alert_finish_failed", event_id=row["event_id"], error=type(exc).__name__)
+            self.log.warning("alert_finish_failed", event_id=row["event_id"], error=type(exc).__name__)
         fields = {"event_id": row["event_id"], "event_type": row["event_type"], "endpoint": row["endpoint"],
                   "attempts": attempts, "status": status_code}
         if outcome == "delivered":
-            log.info("alert_delivered", **fields)
+            self.log.info("alert_delivered", **fields)
         elif outcome == "failed":
-            log.error("alert_delivery_failed", error=error, **fields)
+            self.log.error("alert_delivery_failed", error=error, **fields)
         else:
-            log.warning("alert_delivery_retry", error=error, retry_in_s=round(due - now, 2), **fields)
+            self.log.warning("alert_delivery_retry", error=error, retry_in_s=round(due - now, 2), **fields)
 
     async def _post(self, endpoint: "AlertEndpoint", event_id: str, payload: str) -> tuple[int | None, str | None]:
         """(the HTTP status, an error text or None when acknowledged). The error names the

@@ -487,7 +487,13 @@ class Admin:
             raise ApiError(400, "no alerts endpoint takes the test event" if endpoint is None
                            else f"no alerts endpoint named '{endpoint}' takes the test event",
                            param="endpoint", code="no_alert_endpoint")
-        alerts = Alerts(self.store, lambda: self.config.alerts)
+        import sys
+
+        import structlog
+
+        # Its delivery lines go to stderr: the CLI's stdout is the answer (--json).
+        alerts = Alerts(self.store, lambda: self.config.alerts,
+                        logger=structlog.wrap_logger(structlog.PrintLogger(sys.stderr)))
         event = new_event("test", {"sent_by": self.via})
         await alerts.record(event, endpoints)
         await self._audit(scope, "alerts.test", event["id"], None, None, {"endpoints": endpoints})
