@@ -29,6 +29,7 @@ from aiohttp import web  # noqa: E402
 
 from gateway import http_server  # noqa: E402
 from gateway.admin.api import admin_routes  # noqa: E402
+from gateway.alerts import alerts_cleanup  # noqa: E402
 from gateway.admin.dashboard import dashboard_routes  # noqa: E402
 from gateway.chain import Chain  # noqa: E402
 from gateway.config import Config, redacted_config  # noqa: E402
@@ -209,6 +210,7 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
     app.cleanup_ctx.append(executor_ctx)
     app.cleanup_ctx.append(telemetry_cleanup(gw))
     app.cleanup_ctx.append(store_ctx)
+    app.cleanup_ctx.append(alerts_cleanup(gw, services))  # before the plugins start, after they stop
     app.cleanup_ctx.append(warm_ctx)
     app.cleanup_ctx.append(journal_ctx)
     app.cleanup_ctx.append(plugins_ctx)

@@ -490,6 +490,92 @@ class ReportsConfig(_Strict):
     weekly_cost_threshold_usd: float | None = Field(None, ge=0, description="warn when a week's cost exceeds it")
 
 
+class AlertEndpoint(_Strict):
+    """A webhook the alerts are posted to (gateway/alerts.py, docs/admin.md "Alerts")."""
+
+    name: str = Field(description="what /admin/alerts and the logs show; the URL never is")
+    url: str = Field(description="http:// or https://; a Slack incoming-webhook URL with format: slack")
+    secret: str | None = Field(None, description="the HMAC-SHA256 key of X-Gateway-Signature (os.environ/NAME)")
+    format: Literal["json", "slack"] = "json"
+    events: list[str] = Field(default_factory=lambda: ["*"], min_length=1, description="event types, or *")
+    timeout: float = Field(10.0, gt=0, le=300, description="seconds one delivery may take")
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.match(r"^[a-z0-9][a-z0-9_-]{0,39}$", v):
+            raise ValueError("expected lowercase letters, digits, '-' or '_' (at most 40), e.g. ops")
+        return v
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("expected an http:// or https:// URL")
+        return v
+
+    @field_validator("events")
+    @classmethod
+    def _known_events(cls, v: list[str]) -> list[str]:
+        from gateway.alerts import EVENT_TYPES
+
+        unknown = [e for e in v if e != "*" and e not in EVENT_TYPES]
+        if unknown:
+            raise ValueError(f"unknown event type {unknown[0]!r} (one of *, {', '.join(EVENT_TYPES)})")
+        return v
+
+    @model_validator(mode="after")
+    def _signed(self) -> "AlertEndpoint":
+        if self.format == "json" and not self.secret:
+            raise ValueError("secret: required with format json (the receiver checks the signature)")
+        if self.secret is not None and len(self.secret) < 16:
+            raise ValueError("secret: at least 16 characters")
+        return self
+
+    def takes(self, event_type: str) -> bool:
+        return "*" in self.events or event_type in self.events
+
+
+class ErrorRateAlert(_Strict):
+    threshold: float = Field(gt=0, lt=1, description="share of 5xx answers, e.g. 0.25")
+    window: float = Field(300.0, ge=1, le=86400, description="the sliding window (seconds, or 5m)")
+    min_requests: int = Field(20, ge=1, description="no alert on fewer requests in the window")
+
+    @field_validator("window", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+
+class AlertsConfig(_Strict):
+    """Pushed alerts (gateway/alerts.py, docs/admin.md "Alerts"). No endpoint: nothing is written."""
+
+    endpoints: list[AlertEndpoint] = Field(default_factory=list)
+    energy_low_below: int | None = Field(None, ge=1, description="energy.low when a balance falls below it")
+    error_rate: ErrorRateAlert | None = None
+    max_attempts: int = Field(20, ge=1, le=1000, description="deliveries tried before an event is failed")
+    retry_base: float = Field(5.0, gt=0, description="seconds before the first retry, doubled each time")
+    retry_max: float = Field(3600.0, gt=0, description="the longest wait between two attempts")
+
+    @field_validator("retry_base", "retry_max", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+    @field_validator("endpoints")
+    @classmethod
+    def _unique(cls, v: list[AlertEndpoint]) -> list[AlertEndpoint]:
+        names = [e.name for e in v]
+        if len(set(names)) != len(names):
+            raise ValueError("two endpoints with the same name")
+        return v
+
+
 class ExperimentMatch(_Strict):
     """Which requests an experiment applies to; an empty list matches everything."""
 
@@ -718,6 +804,7 @@ class Config(_Strict):
     rate_limits: RateLimitsConfig = RateLimitsConfig()
     end_users: EndUsersConfig = EndUsersConfig()
     reports: ReportsConfig = ReportsConfig()
+    alerts: AlertsConfig = AlertsConfig()
     experiments: list[ExperimentConfig] = Field(default_factory=list)
     telemetry: TelemetryConfig = TelemetryConfig()
     mcp_servers: list[McpServerConfig] = Field(default_factory=list)
@@ -1133,6 +1220,8 @@ def redacted_config(config: Config) -> dict[str, Any]:
     # An exporter's headers carry its credentials, whatever their names (Authorization,
     # x-honeycomb-team, DD-API-KEY, ...).
     dump["telemetry"]["headers"] = {name: "***" for name in dump["telemetry"]["headers"]}
+    for endpoint in dump["alerts"]["endpoints"]:  # a webhook URL may be a credential (Slack's)
+        endpoint["url"] = re.sub(r"^(https?://[^/]+).*$", r"\1/***", endpoint["url"])
     for server in dump["mcp_servers"]:  # an MCP server's credentials, whatever their names
         server["headers"] = {name: "***" for name in server["headers"]}
         server["env"] = {name: "***" for name in server["env"]}
@@ -1171,7 +1260,7 @@ def config_changes(old: Config, new: Config) -> dict[str, Any]:
         before, after = {s.name: s for s in old.mcp_servers}, {s.name: s for s in new.mcp_servers}
         changes["mcp_servers"] = {"added": sorted(set(after) - set(before)), "removed": sorted(set(before) - set(after)),
                                   "changed": sorted(n for n in set(before) & set(after) if before[n] != after[n])}
-    for section in ("server", "store", "auth", "retries", "rate_limits", "reports", "telemetry"):
+    for section in ("server", "store", "auth", "retries", "rate_limits", "reports", "alerts", "telemetry"):
         if getattr(old, section) != getattr(new, section):
             changes[section] = sorted(
                 k for k in type(getattr(new, section)).model_fields

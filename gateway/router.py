@@ -83,12 +83,17 @@ class CircuitBreaker:
     """Per deployment, per process: after `failures` consecutive transient failures the
     deployment is skipped for `cooldown` seconds, so requests go to healthy deployments
     instead of burning retries on a dead one. After the cool-down it is tried again
-    (half-open): one success closes it, one failure opens it for another cool-down."""
+    (half-open): one success closes it, one failure opens it for another cool-down.
+
+    `on_change(opened, details)` is told when a deployment's breaker opens (not again while
+    it stays open through half-open retries) and when it closes: the alerts
+    (gateway/alerts.py) turn these into provider.circuit_opened / _closed events."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
         self._failures: dict[str, int] = {}
         self._open_until: dict[str, float] = {}
+        self.on_change: Callable[[bool, dict[str, Any]], None] | None = None
 
     @staticmethod
     def key(deployment: ModelEntry) -> str:
@@ -107,16 +112,32 @@ class CircuitBreaker:
     def success(self, deployment: ModelEntry) -> None:
         key = self.key(deployment)
         self._failures.pop(key, None)
-        self._open_until.pop(key, None)
+        if self._open_until.pop(key, None) is not None:
+            log.info("deployment_recovered", model=deployment.name, deployment=deployment.litellm_params.model)
+            self._tell(False, deployment, {})
 
     def failure(self, deployment: ModelEntry, config: Config) -> None:
         key = self.key(deployment)
         count = self._failures.get(key, 0) + 1
         self._failures[key] = count
         if count >= config.retries.breaker_failures and config.retries.breaker_cooldown > 0:
+            was_open = key in self._open_until  # half-open: still the same outage
             self._open_until[key] = self.clock() + config.retries.breaker_cooldown
             log.warning("deployment_cooling_down", model=deployment.name, deployment=deployment.litellm_params.model,
                         consecutive_failures=count, cooldown_s=config.retries.breaker_cooldown)
+            if not was_open:
+                self._tell(True, deployment, {"consecutive_failures": count,
+                                              "cooldown_s": config.retries.breaker_cooldown})
+
+    def _tell(self, opened: bool, deployment: ModelEntry, details: dict[str, Any]) -> None:
+        if self.on_change is None:
+            return
+        # The deployment as config names it: never its api_base (it may carry a credential).
+        details = {"model": deployment.name, "deployment": deployment.litellm_params.model, **details}
+        try:
+            self.on_change(opened, details)
+        except Exception:  # noqa: BLE001 — an alert never breaks routing
+            log.exception("breaker_alert_failed")
 
 
 class Router:

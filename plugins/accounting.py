@@ -264,5 +264,11 @@ class Accounting(Plugin):
         self._week_cost += row["cost_usd"] or USD_ZERO
         if threshold is not None and self._week_cost > threshold and not self._week_warned:
             self._week_warned = True
-            events.warning("weekly_cost_threshold_exceeded", week=f"{week[0]}-W{week[1]:02d}",
+            week_name = f"{week[0]}-W{week[1]:02d}"
+            events.warning("weekly_cost_threshold_exceeded", week=week_name,
                            week_cost_usd=self._week_cost, threshold_usd=threshold)
+            if self.services.alerts is not None:
+                # Keyed by the week: every process (and a restart) that sees it makes one event.
+                self.services.alerts.emit("cost.weekly_over_threshold",
+                                          {"week": week_name, "week_cost_usd": str(self._week_cost),
+                                           "threshold_usd": threshold}, key=week_name)

@@ -61,6 +61,7 @@ from pydantic import BaseModel, ConfigDict
 from gateway.errors import ApiError
 
 if TYPE_CHECKING:
+    from gateway.alerts import Alerts
     from gateway.config import Config
     from gateway.directory import Directory
     from gateway.store import Store
@@ -313,6 +314,9 @@ class Services:
     config: "Config"  # the config at load time; per-request code should use ctx.config
     directory: "Directory | None" = None  # cached key -> identity, workspace lookups
     plugins: list["Plugin"] = field(default_factory=list)  # the whole chain, in order
+    # Pushed alerts (gateway/alerts.py): `alerts.emit(type, data)` when set; None when the
+    # app is not running (unit tests of a hook) — check before emitting.
+    alerts: "Alerts | None" = None
 
 
 class Plugin:

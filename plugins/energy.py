@@ -47,6 +47,8 @@ Money rules:
 * Nothing affordable: 429 `insufficient_energy` with `x-should-retry: false`, so the
   OpenAI SDKs do not retry a request that cannot succeed.
 * Every answer to an authenticated request carries `X-Energy-Cost` and `X-Energy-Remaining`.
+* A reservation that takes the balance below `alerts.energy_low_below` emits one
+  `energy.low` alert (gateway/alerts.py).
 * A process killed between reserve and settle (SIGKILL, OOM, power) leaves its
   reservations `reserved` forever, and the user's energy locked. A sweeper in every
   process refunds reservations older than `stale_after` (default: an hour, or the longest
@@ -290,6 +292,19 @@ class Energy(Plugin):
         self._limit_fallbacks(ctx, action, cost)
         ctx.response_headers["X-Energy-Cost"] = str(cost)
         ctx.response_headers["X-Energy-Remaining"] = str(balance)
+        self._alert_if_low(ctx, cost, balance)
+
+    def _alert_if_low(self, ctx: RequestContext, cost: int, balance: int) -> None:
+        """energy.low when this reservation took the balance below the threshold: the
+        reservation is atomic, so exactly one request crosses it (until a grant, a refill or
+        a refund lifts the balance above again)."""
+        threshold = ctx.config.alerts.energy_low_below
+        alerts = self.services.alerts
+        if threshold is None or alerts is None or ctx.identity is None or not balance < threshold <= balance + cost:
+            return
+        alerts.emit("energy.low", {"user_id": ctx.identity.user_id, "balance": balance, "threshold": threshold,
+                                   "request_id": ctx.request_id},
+                    workspace_id=ctx.identity.workspace_id, key=f"{ctx.identity.user_id}|{ctx.request_id}")
 
     def _price(self, ctx: RequestContext, action: str, model: str, uses: dict[str, int] | None = None) -> int:
         """The action's energy on `model`, plus each requested hosted tool's energy per use

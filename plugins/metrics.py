@@ -148,6 +148,8 @@ class Metrics(Plugin):
             self._in_flight -= 1
         if ctx.endpoint == "models":
             return
+        if self.services.alerts is not None:
+            self.services.alerts.observe_request(ctx.status)  # the error-rate alert's window
         # A label value comes from config, never from the client: a model the gateway does
         # not serve (whatever the client typed, a pasted key included) is "unknown".
         # An MCP tool (`server__tool`) counts once a server of the config exposed it.

@@ -163,6 +163,8 @@ def test_a_metrics_window_outside_one_second_to_ten_years_is_a_400(gateway_facto
     ("/admin/users/{user}/ledger", "limit", ["0", "10001", "99999999999999999", "1e3"], "10000"),
     ("/admin/audit", "limit", ["0", "1001", "99999999999999999", "1e3"], "1000"),
     ("/admin/audit", "since", ["0s", "3661d", "1000000000d", "9" * 400 + "h", "x"], "3660d"),
+    ("/admin/alerts", "limit", ["0", "1001", "99999999999999999", "1e3"], "1000"),
+    ("/admin/alerts", "since", ["0s", "3661d", "1000000000d", "9" * 400 + "h", "x"], "3660d"),
 ])
 def test_numeric_admin_parameters_are_range_checked(gateway_factory, path, param, bad, good):
     gw = start(gateway_factory)
@@ -179,6 +181,7 @@ ADMIN_ROUTES: list[tuple[str, str, tuple[str, ...], tuple[str, ...]]] = [
     ("GET", "/admin/usage/{report}", ("days", "limit", "workspace"), ()),
     ("GET", "/admin/metrics", ("window", "workspace"), ()),
     ("GET", "/admin/audit", ("limit", "since", "workspace"), ()),
+    ("GET", "/admin/alerts", ("limit", "since", "status", "workspace"), ()),
     ("GET", "/admin/dashboard/live", ("workspace",), ()),
     ("GET", "/admin/config", (), ()),
     ("POST", "/admin/workspaces", (), ("name", "profile", "ai_settings")),

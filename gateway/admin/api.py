@@ -22,6 +22,7 @@ be probed). Errors are OpenAI-shaped like everywhere else.
     GET    /admin/usage/{daily|top-users|actions|weekly}[?days=N&workspace=W&limit=N]
     GET    /admin/metrics[?window=24h&workspace=W]     dashboard JSON (totalRequests, ...)
     GET    /admin/audit[?limit=100&since=24h&workspace=W]  the audit log, newest first
+    GET    /admin/alerts[?limit=100&since=24h&status=failed&workspace=W]  alert deliveries, newest first
 
 Every answer carries `X-Request-Id`; each change is written to the audit log with it.
 """
@@ -177,8 +178,21 @@ def admin_routes() -> list[web.RouteDef]:
         return await a.audit(s, _int_param(r.query.get("limit"), "limit", 100, minimum=1), since,
                              r.query.get("workspace"))
 
+    async def alerts(r, a, s):
+        from gateway.config import parse_duration
+
+        since = r.query.get("since")
+        if since is not None:
+            try:
+                since = parse_duration(since)
+            except (ValueError, OverflowError) as exc:
+                raise ApiError(400, f"since: {exc}", param="since") from None
+        return await a.alerts(s, _int_param(r.query.get("limit"), "limit", 100, minimum=1), since,
+                              r.query.get("workspace"), r.query.get("status"))
+
     return [
         web.get("/admin/audit", endpoint(audit)),
+        web.get("/admin/alerts", endpoint(alerts)),
         web.get("/admin/usage/{report}", endpoint(usage)),
         web.get("/admin/metrics", endpoint(metrics)),
         web.post("/admin/workspaces", endpoint(create_workspace, 201)),

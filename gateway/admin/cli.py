@@ -15,6 +15,7 @@ picks up changes within `auth.cache_ttl` (its cache is per process).
     python proxy.py keys list [--user USER] | revoke KEY | rotate KEY
     python proxy.py usage daily|top-users|actions|weekly|experiments [--days N] [--workspace W] [--json]
     python proxy.py audit [--limit N] [--since 24h] [--workspace W] [--json]
+    python proxy.py alerts test [--endpoint NAME] | list [--limit N] [--since 24h] [--status failed] [--workspace W]
 """
 
 from __future__ import annotations
@@ -264,6 +265,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                 "the audit log of admin actions, newest first")
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--since", help="only the last 24h, 7d, ...")
+    p.add_argument("--workspace")
+
+    # alerts
+    alerts = sub.add_parser("alerts", help="pushed alerts: send a test event, list deliveries").add_subparsers(
+        dest="action", required=True)
+    p = command(alerts, "test", lambda a, x, s: a.send_test_alert(s, x.endpoint),
+                "send a test event to the alerts endpoints now")
+    p.add_argument("--endpoint", help="only this endpoint (its name in config.yaml)")
+    p = command(alerts, "list", lambda a, x, s: a.alerts(s, x.limit, _duration_arg(x.since), x.workspace, x.status),
+                "alert deliveries, newest first")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--since", help="only the last 24h, 7d, ...")
+    p.add_argument("--status", choices=["pending", "delivered", "failed"])
     p.add_argument("--workspace")
 
     # usage reports

@@ -32,6 +32,8 @@ REPORT_LIMIT = (1, 1000)              # rows of top-users, users on the dashboar
 LEDGER_LIMIT = (1, 10000)             # ledger entries shown
 METRICS_WINDOW = (1.0, 3660 * 86400.0)  # /admin/metrics?window=: one second to ten years
 AUDIT_LIMIT = (1, 1000)               # audit rows shown
+ALERTS_LIMIT = (1, 1000)              # alert deliveries shown
+ALERT_STATUSES = ("pending", "delivered", "failed")
 KEY_EXPIRES = (1.0, 3660 * 86400.0)   # keys create --expires: one second to ten years
 KEY_PER_MINUTE = (1, 10**9)           # a key's rpm / tpm
 KEY_MODELS_MAX = 100                  # models named on one key
@@ -41,6 +43,16 @@ KEY_CONTROL_FIELDS = ("label", "expires", "models", "rpm", "tpm")  # create_key 
 MAX_IDENT_CHARS = 200
 
 _WORKSPACE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+def _delivery(row: dict) -> dict:
+    """An outbox row as an admin reads it: the event's data, never the endpoint's URL or secret."""
+    import json
+
+    out = {k: v for k, v in row.items() if k != "payload"}
+    event = json.loads(row["payload"])
+    out["summary"], out["data"] = event.get("summary"), event.get("data")
+    return out
 
 
 def _master_only(what: str) -> ApiError:
@@ -452,6 +464,61 @@ class Admin:
         workspace_id = await self.report_workspace(scope, workspace)
         since = None if since_seconds is None else time.time() - since_seconds
         return await self.store.audit_entries(workspace_id=workspace_id, since=since, limit=limit)
+
+    # --- alerts (gateway/alerts.py) ---------------------------------------------------
+
+    async def alerts(self, scope: Scope, limit: int = 100, since_seconds: float | None = None,
+                     workspace: str | None = None, status: str | None = None) -> list[dict]:
+        """The alert deliveries, newest first: each event per endpoint, its status
+        (pending, delivered, failed), attempts and last error. A workspace admin sees its
+        workspace's events only (system events, such as a provider's breaker, carry none)."""
+        import time
+
+        if isinstance(limit, bool) or not isinstance(limit, int) or not ALERTS_LIMIT[0] <= limit <= ALERTS_LIMIT[1]:
+            raise ApiError(400, f"limit must be an integer from {ALERTS_LIMIT[0]} to {ALERTS_LIMIT[1]}", param="limit")
+        if since_seconds is not None and (isinstance(since_seconds, bool) or not isinstance(since_seconds, (int, float))
+                                          or not METRICS_WINDOW[0] <= since_seconds <= METRICS_WINDOW[1]):
+            raise ApiError(400, "since must be a duration from 1s to 3660d", param="since")
+        if status is not None and status not in ALERT_STATUSES:
+            raise ApiError(400, f"status must be one of {', '.join(ALERT_STATUSES)}", param="status")
+        workspace_id = await self.report_workspace(scope, workspace)
+        since = None if since_seconds is None else time.time() - since_seconds
+        rows = await self.store.alert_deliveries(workspace_id=workspace_id, status=status, since=since, limit=limit)
+        return [_delivery(row) for row in rows]
+
+    async def send_test_alert(self, scope: Scope, endpoint: str | None = None) -> dict:
+        """A `test` event to every endpoint that takes it (or the one named), written to the
+        outbox and posted at once; what fails stays pending for the gateways to retry."""
+        from gateway.alerts import Alerts, new_event
+
+        if not scope.is_master:
+            raise _master_only("sending a test alert")
+        endpoints = [e.name for e in self.config.alerts.endpoints if e.takes("test") and endpoint in (None, e.name)]
+        if not endpoints:
+            raise ApiError(400, "no alerts endpoint takes the test event" if endpoint is None
+                           else f"no alerts endpoint named '{endpoint}' takes the test event",
+                           param="endpoint", code="no_alert_endpoint")
+        import sys
+
+        import structlog
+
+        # Its delivery lines go to stderr: the CLI's stdout is the answer (--json).
+        alerts = Alerts(self.store, lambda: self.config.alerts,
+                        logger=structlog.wrap_logger(structlog.PrintLogger(sys.stderr)))
+        event = new_event("test", {"sent_by": self.via})
+        await alerts.record(event, endpoints)
+        await self._audit(scope, "alerts.test", event["id"], None, None, {"endpoints": endpoints})
+        try:
+            for _ in range(20):  # older due rows may be claimed first; the test's are among the next
+                pending = await self.store.alert_deliveries(event_id=event["id"], status="pending")
+                if not pending or not any(row["attempts"] == 0 for row in pending):
+                    break
+                if not await alerts.deliver_due():
+                    break
+        finally:
+            await alerts.stop()
+        rows = await self.store.alert_deliveries(event_id=event["id"])
+        return {"event_id": event["id"], "deliveries": [_delivery(row) for row in rows]}
 
     # --- usage reports ----------------------------------------------------------------
 

@@ -159,6 +159,11 @@ class ApiKey:
 AUDIT_COLUMNS = ("actor", "actor_key_id", "actor_key_prefix", "via", "action", "target", "workspace_id",
                  "before", "after", "request_id")
 
+# The alerts outbox (gateway/alerts.py): what a claim hands the deliverer, what a listing shows.
+OUTBOX_CLAIMED = ("id", "event_id", "endpoint", "event_type", "workspace_id", "payload", "attempts", "created_at")
+OUTBOX_LISTED = ("id", "event_id", "endpoint", "event_type", "workspace_id", "status", "attempts", "last_status",
+                 "last_error", "created_at", "next_attempt_at", "delivered_at", "payload")
+
 # The per-key controls a key carries and `update_key` may change.
 KEY_CONTROLS = ("label", "expires_at", "models", "rpm", "tpm")
 
@@ -818,6 +823,34 @@ class Store(abc.ABC):
     async def audit_entries(self, *, workspace_id: str | None = None, since: float | None = None,
                             limit: int = 100) -> list[dict[str, Any]]:
         """The newest rows first (`created_at` epoch seconds); only `workspace_id`'s if given."""
+
+    # the alerts outbox (gateway/alerts.py)
+    @abc.abstractmethod
+    async def enqueue_alerts(self, rows: list[dict[str, Any]], *, now: float | None = None) -> int:
+        """Add pending deliveries (event_id, endpoint, event_type, workspace_id, payload: the
+        event's JSON text, never a secret), due now. A row whose (event_id, endpoint) is
+        already there is skipped: the same event emitted twice is delivered once. Returns how
+        many were added."""
+
+    @abc.abstractmethod
+    async def claim_alerts(self, owner: str, *, lease: float, limit: int,
+                           now: float | None = None) -> list[dict[str, Any]]:
+        """Up to `limit` due pending rows (OUTBOX_CLAIMED), leased to `owner` for `lease`
+        seconds: no other claim, in any process, returns them before the lease ends."""
+
+    @abc.abstractmethod
+    async def finish_alert(self, row_id: int, owner: str, *, status: str, attempts: int, next_attempt_at: float,
+                           last_status: int | None = None, last_error: str | None = None,
+                           now: float | None = None) -> bool:
+        """Record an attempt of a row `owner` holds: `delivered`, `failed` (given up) or
+        `pending` again (due at `next_attempt_at`); the lease is released. False when the
+        row is no longer this owner's."""
+
+    @abc.abstractmethod
+    async def alert_deliveries(self, *, workspace_id: str | None = None, status: str | None = None,
+                               since: float | None = None, limit: int = 100,
+                               event_id: str | None = None) -> list[dict[str, Any]]:
+        """Outbox rows (OUTBOX_LISTED), newest first; only `workspace_id`'s, ... if given."""
 
     # changes pushed to every process (gateway/change_feed.py)
     @abc.abstractmethod

@@ -58,6 +58,8 @@ from gateway.store.base import (
     InsufficientEnergy,
     AUDIT_COLUMNS,
     KEY_CONTROLS,
+    OUTBOX_CLAIMED,
+    OUTBOX_LISTED,
     KeyIdentity,
     NotFound,
     Reservation,
@@ -628,7 +630,31 @@ MIGRATIONS: list[tuple[int, str]] = [
             FOR EACH STATEMENT EXECUTE FUNCTION gw_audit_append_only();
         """,
     ),
-    # 15: alerts (issue 24), on its own branch.
+    (
+        15,  # the alerts outbox (gateway/alerts.py): one row per event and endpoint, delivered until acknowledged
+        """
+        CREATE TABLE alert_outbox (
+            id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            event_id        text NOT NULL,
+            endpoint        text NOT NULL,
+            event_type      text NOT NULL,
+            workspace_id    text,
+            payload         text NOT NULL,
+            status          text NOT NULL DEFAULT 'pending',
+            attempts        integer NOT NULL DEFAULT 0,
+            next_attempt_at double precision NOT NULL,
+            lease_owner     text,
+            lease_until     double precision,
+            last_status     integer,
+            last_error      text,
+            created_at      double precision NOT NULL,
+            delivered_at    double precision,
+            UNIQUE (event_id, endpoint)
+        );
+        CREATE INDEX alert_outbox_due ON alert_outbox (status, next_attempt_at);
+        CREATE INDEX alert_outbox_workspace ON alert_outbox (workspace_id, created_at);
+        """,
+    ),
     (
         16,  # end users by the app's own ids (docs/admin.md "End users by your app's ids")
         "ALTER TABLE api_keys ADD COLUMN service boolean NOT NULL DEFAULT false;"
@@ -884,6 +910,54 @@ class PostgresStore(Store):
             entry["before"], entry["after"] = json.loads(entry["before"]), json.loads(entry["after"])
             out.append(entry)
         return out
+
+    # -------------------------------------------------------------------- alerts
+
+    async def enqueue_alerts(self, rows, *, now=None):
+        if not rows:
+            return 0
+        now = now_or(now)
+        async with self._single() as conn:
+            inserted = await conn.fetchval(
+                "WITH added AS (INSERT INTO alert_outbox (event_id, endpoint, event_type, workspace_id, payload,"
+                " next_attempt_at, created_at) SELECT *, $6::float8, $6::float8 FROM"
+                " unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])"
+                " ON CONFLICT (event_id, endpoint) DO NOTHING RETURNING 1) SELECT count(*) FROM added",
+                [r["event_id"] for r in rows], [r["endpoint"] for r in rows], [r["event_type"] for r in rows],
+                [r.get("workspace_id") for r in rows], [r["payload"] for r in rows], now)
+        return int(inserted)
+
+    async def claim_alerts(self, owner, *, lease, limit, now=None):
+        now = now_or(now)
+        # SKIP LOCKED: two processes claiming at once take different rows, neither waits;
+        # the lease keeps a claimed row from being claimed again while it is delivered.
+        async with self._single() as conn:
+            rows = await conn.fetch(
+                f"UPDATE alert_outbox SET lease_owner = $1, lease_until = $2 + $3::float8 WHERE id IN ("
+                " SELECT id FROM alert_outbox WHERE status = 'pending' AND next_attempt_at <= $2"
+                " AND (lease_until IS NULL OR lease_until < $2) ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED)"
+                f" RETURNING {', '.join(OUTBOX_CLAIMED)}", owner, now, float(lease), limit)
+        return sorted((dict(r) for r in rows), key=lambda r: r["id"])
+
+    async def finish_alert(self, row_id, owner, *, status, attempts, next_attempt_at, last_status=None,
+                           last_error=None, now=None):
+        now = now_or(now)
+        async with self._single() as conn:
+            done = await conn.execute(
+                "UPDATE alert_outbox SET status = $1, attempts = $2, next_attempt_at = $3, last_status = $4,"
+                " last_error = $5, delivered_at = $6, lease_owner = NULL, lease_until = NULL"
+                " WHERE id = $7 AND lease_owner = $8 AND status = 'pending'",
+                status, attempts, next_attempt_at, last_status, last_error,
+                now if status == "delivered" else None, row_id, owner)
+        return done.endswith(" 1")
+
+    async def alert_deliveries(self, *, workspace_id=None, status=None, since=None, limit=100, event_id=None):
+        rows = await self._fetch(
+            f"SELECT {', '.join(OUTBOX_LISTED)} FROM alert_outbox"
+            " WHERE ($1::text IS NULL OR workspace_id = $1) AND ($2::text IS NULL OR status = $2)"
+            " AND ($3::float8 IS NULL OR created_at >= $3) AND ($5::text IS NULL OR event_id = $5)"
+            " ORDER BY id DESC LIMIT $4", workspace_id, status, since, limit, event_id)
+        return [dict(r) for r in rows]
 
     # ------------------------------------------------------------------- changes
 

@@ -110,6 +110,8 @@ from gateway.store.base import (
     InsufficientEnergy,
     AUDIT_COLUMNS,
     KEY_CONTROLS,
+    OUTBOX_CLAIMED,
+    OUTBOX_LISTED,
     KeyIdentity,
     NotFound,
     Reservation,
@@ -404,7 +406,31 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             " BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END",
         ],
     ),
-    # 15: alerts (issue 24), on its own branch.
+    (
+        15,  # the alerts outbox (gateway/alerts.py): one row per event and endpoint, delivered until acknowledged
+        [
+            """CREATE TABLE alert_outbox (
+                id              INTEGER PRIMARY KEY AUTOINCREMENT,
+                event_id        TEXT NOT NULL,
+                endpoint        TEXT NOT NULL,
+                event_type      TEXT NOT NULL,
+                workspace_id    TEXT,
+                payload         TEXT NOT NULL,
+                status          TEXT NOT NULL DEFAULT 'pending',
+                attempts        INTEGER NOT NULL DEFAULT 0,
+                next_attempt_at REAL NOT NULL,
+                lease_owner     TEXT,
+                lease_until     REAL,
+                last_status     INTEGER,
+                last_error      TEXT,
+                created_at      REAL NOT NULL,
+                delivered_at    REAL,
+                UNIQUE (event_id, endpoint)
+            )""",
+            "CREATE INDEX alert_outbox_due ON alert_outbox (status, next_attempt_at)",
+            "CREATE INDEX alert_outbox_workspace ON alert_outbox (workspace_id, created_at)",
+        ],
+    ),
     (
         16,  # end users by the app's own ids (docs/admin.md "End users by your app's ids")
         [
@@ -422,6 +448,7 @@ _KEY_COLS = ("id, user_id, workspace_id, prefix, role, created_at, revoked_at, l
              " service")
 _LEDGER_COLS = "id, user_id, request_id, kind, amount, balance_after, reason, created_at"
 _WORKSPACE_COLS = "id, name, profile, ai_settings, created_at"
+_OUTBOX_CLAIMED = ", ".join(OUTBOX_CLAIMED)
 _USAGE_BOOLS = [n for n, k in USAGE_COLUMNS.items() if k == "bool"]
 _USAGE_USD = [n for n, k in USAGE_COLUMNS.items() if k == "usd"]  # stored as INTEGER nano-dollars
 _USAGE_INSERT = (
@@ -1094,6 +1121,60 @@ class SQLiteStore(Store):
             entry["before"], entry["after"] = json.loads(entry["before"]), json.loads(entry["after"])
             out.append(entry)
         return out
+
+    # -------------------------------------------------------------------- alerts
+
+    async def enqueue_alerts(self, rows, *, now=None):
+        now = now_or(now)
+        values = [(r["event_id"], r["endpoint"], r["event_type"], r.get("workspace_id"), r["payload"], now, now)
+                  for r in rows]
+
+        def tx(db):
+            before = db.total_changes
+            db.executemany(
+                "INSERT INTO alert_outbox (event_id, endpoint, event_type, workspace_id, payload, next_attempt_at,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id, endpoint) DO NOTHING", values)
+            return db.total_changes - before
+
+        return await self._write(tx) if values else 0
+
+    async def claim_alerts(self, owner, *, lease, limit, now=None):
+        now = now_or(now)
+
+        def tx(db):
+            # BEGIN IMMEDIATE holds the file's write lock: another process's claim waits for
+            # this one's commit and then sees the lease.
+            rows = db.execute(
+                f"SELECT {_OUTBOX_CLAIMED} FROM alert_outbox WHERE status = 'pending' AND next_attempt_at <= ?"
+                " AND (lease_until IS NULL OR lease_until < ?) ORDER BY id LIMIT ?", (now, now, limit)).fetchall()
+            db.executemany("UPDATE alert_outbox SET lease_owner = ?, lease_until = ? WHERE id = ?",
+                           [(owner, now + lease, r[0]) for r in rows])
+            return [dict(zip(OUTBOX_CLAIMED, r)) for r in rows]
+
+        return await self._write(tx)
+
+    async def finish_alert(self, row_id, owner, *, status, attempts, next_attempt_at, last_status=None,
+                           last_error=None, now=None):
+        now = now_or(now)
+
+        def tx(db):
+            cur = db.execute(
+                "UPDATE alert_outbox SET status = ?, attempts = ?, next_attempt_at = ?, last_status = ?,"
+                " last_error = ?, delivered_at = ?, lease_owner = NULL, lease_until = NULL"
+                " WHERE id = ? AND lease_owner = ? AND status = 'pending'",
+                (status, attempts, next_attempt_at, last_status, last_error,
+                 now if status == "delivered" else None, row_id, owner))
+            return cur.rowcount == 1
+
+        return await self._write(tx)
+
+    async def alert_deliveries(self, *, workspace_id=None, status=None, since=None, limit=100, event_id=None):
+        rows = await self._fetchall(
+            f"SELECT {', '.join(OUTBOX_LISTED)} FROM alert_outbox"
+            " WHERE (? IS NULL OR workspace_id = ?) AND (? IS NULL OR status = ?) AND (? IS NULL OR created_at >= ?)"
+            " AND (? IS NULL OR event_id = ?) ORDER BY id DESC LIMIT ?",
+            workspace_id, workspace_id, status, status, since, since, event_id, event_id, limit)
+        return [dict(zip(OUTBOX_LISTED, r)) for r in rows]
 
     # ------------------------------------------------------------------- changes
 
