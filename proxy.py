@@ -35,7 +35,7 @@ from gateway.chain import Chain  # noqa: E402
 from gateway.config import Config, redacted_config  # noqa: E402
 from gateway.change_feed import ChangeFeed  # noqa: E402
 from gateway.directory import Directory  # noqa: E402
-from gateway.errors import ApiError, internal_error  # noqa: E402
+from gateway.errors import ApiError, internal_error, store_unavailable  # noqa: E402
 from gateway.feedback import feedback_routes  # noqa: E402
 from gateway.inbound.anthropic import anthropic_count_tokens, anthropic_messages  # noqa: E402
 from gateway.inbound.mcp import install_mcp  # noqa: E402
@@ -47,6 +47,7 @@ from gateway.providers.litellm import use_blocking_executor  # noqa: E402
 from gateway.reload import check_config, reload_config, watch_config_file  # noqa: E402
 from gateway.router import Router  # noqa: E402
 from gateway.state import GATEWAY, SERVICES, Gateway, Snapshot  # noqa: E402
+from gateway.store import StoreUnavailable  # noqa: E402
 from gateway.telemetry import build_telemetry, telemetry_cleanup  # noqa: E402
 from gateway.usage import unpriced_models, warm_up  # noqa: E402
 from gateway.workers import ready_line  # noqa: E402
@@ -93,6 +94,10 @@ async def openai_errors(request: web.Request, handler: Callable) -> web.StreamRe
         return error_response(ApiError(exc.status, message, code=code))
     except asyncio.CancelledError:
         raise
+    except StoreUnavailable as exc:  # an admin read with the database away: say so, worth retrying
+        request_id = new_request_id(request)
+        log.warning("store_unavailable", path=request.path, request_id=request_id, error=str(exc)[:200])
+        return error_response(store_unavailable(request_id))
     except Exception:
         request_id = new_request_id(request)
         log.exception("unhandled_error", path=request.path, request_id=request_id)

@@ -42,6 +42,7 @@ class ChangeFeed:
         self._task: asyncio.Task | None = None
         self._close_listener: Any = None
         self._lost = False
+        self._stale = False  # a change may have been missed: clear once the store answers
         self._wake = asyncio.Event()
 
     def start(self) -> "ChangeFeed":
@@ -70,7 +71,10 @@ class ChangeFeed:
     def _on_lost(self) -> None:
         self._lost = True
         self._wake.set()  # back to polling now, not after the listening interval
-        self.directory.clear()  # what changed while the connection was down is unknown
+        # What changed while the connection was down is unknown: the cache is cleared when
+        # the store answers again, not now (with the database away, a cleared cache would
+        # turn every cached key into a lookup that cannot be made).
+        self._stale = True
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -91,6 +95,7 @@ class ChangeFeed:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         seen: int | None = None
+        failing = False
         next_listen = loop.time()
         while True:
             if self._lost:
@@ -102,8 +107,17 @@ class ChangeFeed:
             try:
                 counter = await self.store.change_counter()
             except Exception as exc:  # noqa: BLE001 — store away: the TTL is the fallback
-                log.warning("change_feed_read_failed", error=type(exc).__name__)
+                if not failing:  # once per outage, not every poll
+                    log.warning("change_feed_read_failed", error=type(exc).__name__)
+                failing = True
                 counter = seen
+            else:
+                if failing:
+                    log.info("change_feed_read_recovered")
+                failing = False
+                if self._stale:
+                    self._stale = False
+                    self.directory.clear()
             if seen is not None and counter != seen:
                 self.directory.clear()
             seen = counter

@@ -12,12 +12,28 @@ turn into a flood of database queries.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, TypeVar
+
+from gateway.store.base import StoreError, StoreUnavailable
+
+T = TypeVar("T")
 
 NEGATIVE_TTL = 5.0
+
+
+async def _answered(lookup: Awaitable[T]) -> T:
+    """The store's answer; a store that could not answer at all (connection refused, reset)
+    is StoreUnavailable, which the chain turns into a 503 that says so (fails closed)."""
+    try:
+        return await lookup
+    except StoreError:
+        raise
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise StoreUnavailable(f"the store did not answer: {type(exc).__name__}") from exc
 
 
 def key_digest(plaintext: str) -> str:
@@ -52,7 +68,7 @@ class Directory:
         if entry is not None and entry.expires > now:
             return entry.value
         generation = self._generation
-        value = await self.store.lookup_key(plaintext)
+        value = await _answered(self.store.lookup_key(plaintext))
         if generation != self._generation:
             return value  # answer this request, but do not cache what may be stale
         self._keys[digest] = _Entry(value, now + (self.ttl if value is not None else min(self.ttl, NEGATIVE_TTL)))
@@ -66,7 +82,7 @@ class Directory:
         if entry is not None and entry.expires > now:
             return entry.value
         generation = self._generation
-        value = await self.store.get_workspace(workspace_id)
+        value = await _answered(self.store.get_workspace(workspace_id))
         if generation == self._generation:
             self._workspaces[workspace_id] = _Entry(value, now + self.ttl)
         return value
@@ -81,7 +97,7 @@ class Directory:
         if entry is not None and entry.expires > now:
             return entry.value, False
         generation = self._generation
-        user, created = await self.store.end_user(workspace_id, external_id, **await start())
+        user, created = await _answered(self.store.end_user(workspace_id, external_id, **await start()))
         if generation == self._generation:
             self._end_users[cache_key] = _Entry(user, now + self.ttl)
             if len(self._end_users) > 100_000:

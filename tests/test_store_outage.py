@@ -240,3 +240,24 @@ def test_whose_a_stored_response_is_cannot_be_told_while_the_database_is_away(ga
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def test_a_key_not_yet_cached_and_an_admin_read_fail_closed_with_503_while_the_database_is_away(
+        gateway_factory, tcp_proxy, schema):
+    """With the database away, a key the gateway has not cached cannot be checked: 503
+    store_unavailable (Retry-After), never a 500 or a pass; an admin read says the same."""
+    import httpx
+
+    from tests.conftest import MASTER_KEY
+
+    gw = gateway_factory(plugins=["auth"],
+                         store={"url": _proxied(tcp_proxy, schema), "timeout": 1.0, "connect_timeout": 1.0})
+    _, key = gw.make_user(tier="pro", energy=1000)
+    tcp_proxy.stop()
+    chat = httpx.post(gw.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                      json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+    assert (chat.status_code, chat.json()["error"]["code"]) == (503, "store_unavailable")
+    assert chat.headers["Retry-After"] == "1"
+    admin = httpx.get(gw.url + "/admin/users", headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=30)
+    assert (admin.status_code, admin.json()["error"]["code"]) == (503, "store_unavailable")
+    tcp_proxy.start()

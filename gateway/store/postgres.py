@@ -746,6 +746,10 @@ class _Connection(asyncpg.Connection):
         return ""
 
 
+# What a database that cannot answer at all raises (refused, reset, timed out, restarting).
+_UNREACHABLE = (asyncio.TimeoutError, OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+                asyncpg.CannotConnectNowError)
+
 class PostgresStore(Store):
     def __init__(self, dsn: str, *, schema: str | None = None, url: str | None = None,
                  pool_min_size: int = 1, pool_max_size: int = 10, timeout: float | None = None,
@@ -852,12 +856,18 @@ class PostgresStore(Store):
             raise NotFound(exc.detail or str(exc)) from exc
 
     async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
-        async with self.pool.acquire() as conn:
-            return await conn.fetchrow(sql, *args)
+        try:
+            async with self.pool.acquire() as conn:
+                return await conn.fetchrow(sql, *args)
+        except _UNREACHABLE as exc:  # a lookup the request needs (a key, a workspace): fail closed, say so
+            raise StoreUnavailable(f"the database did not answer ({type(exc).__name__})") from exc
 
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        async with self.pool.acquire() as conn:
-            return await conn.fetch(sql, *args)
+        try:
+            async with self.pool.acquire() as conn:
+                return await conn.fetch(sql, *args)
+        except _UNREACHABLE as exc:
+            raise StoreUnavailable(f"the database did not answer ({type(exc).__name__})") from exc
 
     async def migrate(self) -> list[int]:
         applied: list[int] = []
@@ -1346,8 +1356,7 @@ class PostgresStore(Store):
 
     def _unavailable(self, exc: BaseException) -> BaseException:
         """What a reservation that could not reach the database raises."""
-        if isinstance(exc, (asyncio.TimeoutError, OSError, asyncpg.InterfaceError,
-                            asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError)):
+        if isinstance(exc, _UNREACHABLE):
             return StoreUnavailable(f"the database did not answer the reservation"
                                     f" ({type(exc).__name__}: {exc})")
         return exc
