@@ -92,7 +92,9 @@ def _reason(exc: HttpProcessingError) -> str:
 class RequestHandler(web.RequestHandler):
     """One client connection. `header_timeout` seconds (0: off) for each request head."""
 
-    __slots__ = ("_header_timeout", "_head_timer", "_body_in_flight")
+    __slots__ = ("_header_timeout", "_head_timer", "_body_in_flight", "_linger")
+
+    LINGER = 2.0  # seconds a connection answered with a 408 waits for its client to close
 
     def __init__(self, manager: web.Server, *, header_timeout: float = 0, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -100,8 +102,11 @@ class RequestHandler(web.RequestHandler):
         self._head_timer: asyncio.TimerHandle | None = None
         # The payload of the last head parsed, while its body is still arriving.
         self._body_in_flight: Any = None
+        self._linger: asyncio.TimerHandle | None = None  # set: answered and half-closed, discarding
 
     def data_received(self, data: bytes) -> None:
+        if self._linger is not None:
+            return  # answered and half-closed: what the client still sends is discarded
         heads = self._request_count
         body = self._body_in_flight
         if body is not None and body.is_eof():
@@ -144,9 +149,23 @@ class RequestHandler(web.RequestHandler):
         self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
                              b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
         log.info("http_header_timeout", status=408, peer=self._peer())
-        self.force_close()
+        self._linger_close()
+
+    def _linger_close(self) -> None:
+        """Half-close after the answer, discard what the client still sends, and close on
+        its EOF or after LINGER seconds (nginx's lingering close): closing at once, with the
+        client's bytes still arriving, makes the kernel answer them with a reset, which can
+        destroy the answer in the client's buffers before it reads it."""
+        try:
+            self.transport.write_eof()
+        except (OSError, RuntimeError, NotImplementedError):
+            self.force_close()
+            return
+        self._linger = self._loop.call_later(self.LINGER, self.force_close)
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None

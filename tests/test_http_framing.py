@@ -177,3 +177,21 @@ def test_a_slow_body_is_not_cut_off_by_the_header_timeout(gateway_factory):
         time.sleep(0.8)  # idle past the header timeout: keep-alive's business, not the header timer's
         sock.sendall(raw)
         assert read_response(sock)[0] == 200
+
+
+def test_a_client_still_sending_after_its_408_reads_the_whole_answer(gateway_factory):
+    """After the header timeout's 408 the gateway half-closes and discards what the client
+    still sends (a lingering close): closing at once would make the kernel reset the
+    connection on those bytes, and a reset can destroy the 408 before the client reads it."""
+    gw = gateway_factory(plugins=[], server={"max_body_bytes": 65536, "header_timeout": 1})
+    with connect(gw.url, timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(1.5)  # the 408 is written and the write side half-closed
+        for _ in range(20):  # the client, unaware, keeps sending its head
+            sock.sendall(b"X-Padding: " + b"a" * 512 + b"\r\n")
+            time.sleep(0.01)
+        time.sleep(0.2)
+        sock.settimeout(5)
+        response = read_until_closed(sock)
+    assert response.startswith(b"HTTP/1.1 408 "), response[:200]
+    assert json.loads(response.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_header_timeout"
