@@ -104,6 +104,19 @@ def _int_param(value: Any, name: str, default: int | None = None, *, minimum: in
     return number
 
 
+def _since_param(request: web.Request) -> float | None:
+    """`?since=<duration>` (e.g. `24h`, `7d`) in seconds, or None; a bad one is a 400."""
+    from gateway.config import parse_duration
+
+    since = request.query.get("since")
+    if since is None:
+        return None
+    try:
+        return parse_duration(since)
+    except (ValueError, OverflowError) as exc:
+        raise ApiError(400, f"since: {exc}", param="since") from None
+
+
 def admin_routes() -> list[web.RouteDef]:
     def endpoint(fn: Callable[[web.Request, Admin, Scope], Awaitable[Any]], status: int = 200):
         async def handler(request: web.Request) -> web.Response:
@@ -167,27 +180,11 @@ def admin_routes() -> list[web.RouteDef]:
         return await a.dashboard(s, window, r.query.get("workspace"))
 
     async def audit(r, a, s):
-        from gateway.config import parse_duration
-
-        since = r.query.get("since")
-        if since is not None:
-            try:
-                since = parse_duration(since)
-            except (ValueError, OverflowError) as exc:
-                raise ApiError(400, f"since: {exc}", param="since") from None
-        return await a.audit(s, _int_param(r.query.get("limit"), "limit", 100, minimum=1), since,
+        return await a.audit(s, _int_param(r.query.get("limit"), "limit", 100, minimum=1), _since_param(r),
                              r.query.get("workspace"))
 
     async def alerts(r, a, s):
-        from gateway.config import parse_duration
-
-        since = r.query.get("since")
-        if since is not None:
-            try:
-                since = parse_duration(since)
-            except (ValueError, OverflowError) as exc:
-                raise ApiError(400, f"since: {exc}", param="since") from None
-        return await a.alerts(s, _int_param(r.query.get("limit"), "limit", 100, minimum=1), since,
+        return await a.alerts(s, _int_param(r.query.get("limit"), "limit", 100, minimum=1), _since_param(r),
                               r.query.get("workspace"), r.query.get("status"))
 
     return [
