@@ -288,6 +288,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--days", type=int, default=7)
         p.add_argument("--workspace")
         p.add_argument("--limit", type=int, default=10)
+    p = command(usage, "metrics", lambda a, x, s: a.dashboard(s, _window_arg(x.window), x.workspace),
+                "the /admin/metrics numbers: totals, rates, latency percentiles, energy")
+    p.add_argument("--window", default="24h", help="the last 24h (default), 7d, 30d, ...")
+    p.add_argument("--workspace")
+
+
+def _window_arg(value: str) -> float:
+    from gateway.config import parse_duration
+
+    try:
+        return parse_duration(value)
+    except (ValueError, OverflowError) as exc:
+        raise ApiError(400, f"window: {exc}", param="window") from None
 
 
 def _duration_arg(value: str | None) -> float | None:

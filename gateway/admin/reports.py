@@ -16,7 +16,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from gateway.money import USD_ZERO, usd
-from gateway.store.rollup import BUCKETS, percentile
+from gateway.store.rollup import BUCKETS, MAIN, coarse_percentile, hist_percentile
 
 REPORTS = ("daily", "top-users", "actions", "weekly", "experiments")  # experiments: gateway/feedback.py
 # Each query sums only what its report shows: SQLite's cost is per row *and* column summed.
@@ -78,15 +78,34 @@ def _rate(part: int, whole: int) -> float:
     return round(part / whole, 4) if whole else 0.0
 
 
-def _percentiles(t: dict[str, Any], prefix: str, largest: str) -> dict[str, float | None]:
+PERCENTILES = (50, 90, 95, 99)
+# The coarse buckets: summed only when the fine histogram does not cover the window.
+COARSE = tuple(f"{prefix}_{i}" for prefix in ("lat", "ttfb") for i in range(BUCKETS))
+ALL_BUT_COARSE = tuple(m for m in (*MAIN.sums, *MAIN.maxima) if m not in COARSE)
+
+
+def _percentiles(t: dict[str, Any] | None, fine: dict[str, Any], prefix: str,
+                 largest: str) -> dict[int, float | None]:
+    """From the fine histogram (within 4%) where it covers the window, else interpolated
+    in the coarse buckets (approximate). gateway/store/rollup.py"""
+    if t is None:
+        return {p: None for p in PERCENTILES}
+    if fine["covered"]:
+        return {p: hist_percentile(fine["counts"], p, t[largest]) for p in PERCENTILES}
     counts = [t[f"{prefix}_{i}"] for i in range(BUCKETS)]
-    return {p: percentile(counts, p, t[largest]) for p in (50, 95, 99)}
+    return {p: coarse_percentile(counts, p, t[largest]) for p in PERCENTILES}
 
 
 async def dashboard(store: Any, since: float, workspace_id: str | None = None, limit: int = 10) -> dict[str, Any]:
     """The fields the old in-app dashboard showed (camelCase on purpose), and what the
-    dashboard page adds: percentiles (gateway.store.rollup), energy, balances."""
-    totals = await store.usage_totals(None, since, workspace_id)
+    dashboard page adds: percentiles (gateway.store.rollup), energy, balances.
+    `percentilesApproximate`: some were interpolated in the coarse buckets (the fine
+    histogram does not cover the window yet); otherwise each is within 4% of the exact
+    nearest-rank value."""
+    now = time.time()
+    fine = await store.latency_histogram(since, workspace_id, now=now)
+    covered = fine["latency"]["covered"] and fine["ttfb"]["covered"]
+    totals = await store.usage_totals(None, since, workspace_id, now=now, measures=ALL_BUT_COARSE if covered else None)
     t = totals[0] if totals else None
     providers = await store.usage_totals("provider", since, workspace_id, measures=())
     models = await store.usage_totals("model", since, workspace_id, measures=())
@@ -94,8 +113,8 @@ async def dashboard(store: Any, since: float, workspace_id: str | None = None, l
     refunded = await store.energy_refunded(since, workspace_id)
     balances = await store.energy_balances(workspace_id, [u["key"] for u in users if u["key"]], limit)
     total = t["requests"] if t else 0
-    lat = _percentiles(t, "lat", "latency_max") if t else {50: None, 95: None, 99: None}
-    ttfb = _percentiles(t, "ttfb", "ttfb_max") if t else {50: None, 95: None, 99: None}
+    lat = _percentiles(t, fine["latency"], "lat", "latency_max")
+    ttfb = _percentiles(t, fine["ttfb"], "ttfb", "ttfb_max")
     g = (lambda name: t[name] if t else 0)
     by_user = {b["user_id"]: b for b in balances["users"]}
     return {
@@ -113,8 +132,9 @@ async def dashboard(store: Any, since: float, workspace_id: str | None = None, l
         "unbilledCostUsd": t["unbilled_cost_usd"] if t else USD_ZERO,
         "providerDistribution": {p["key"] or "none": p["requests"] for p in providers},
         "modelDistribution": {m["key"] or "none": m["requests"] for m in models},
-        "latencyP50": lat[50], "latencyP95": lat[95], "latencyP99": lat[99],
-        "ttfbP50": ttfb[50], "ttfbP95": ttfb[95], "ttfbP99": ttfb[99],
+        "latencyP50": lat[50], "latencyP90": lat[90], "latencyP95": lat[95], "latencyP99": lat[99],
+        "ttfbP50": ttfb[50], "ttfbP90": ttfb[90], "ttfbP95": ttfb[95], "ttfbP99": ttfb[99],
+        "percentilesApproximate": not covered and t is not None,
         "averageTtfb": round(g("ttfb_sum") / g("ttfb_count"), 2) if g("ttfb_count") else 0.0,
         "tokens": {name: g(f"tokens_{name}") for name in ("prompt", "completion", "cached", "cache_write",
                                                            "reasoning", "audio_in", "audio_out")},

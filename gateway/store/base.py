@@ -903,6 +903,68 @@ class Store(abc.ABC):
                     row[name] = self.usd(row[name])
         return [r for r in rows if r["requests"]]  # an empty window sums to one row of NULLs/0
 
+    async def latency_histogram(self, since: float, workspace_id: str | None = None, *,
+                                now: float | None = None) -> dict[str, dict[str, Any]]:
+        """The fine latency histogram of created_at >= since, per measure ("latency",
+        "ttfb"): {"counts": {bucket: n}, "covered": bool}. `covered`: every request of
+        the window with that measure is in it (its count equals the rollup's, read in the
+        same statement); when not, the counts are partial: use the rollup's coarse buckets.
+        See gateway.store.rollup, "The fine histogram"."""
+        ranges, edge = usage_rollup.window_plan(since, now_or(now))
+        sql = usage_rollup.histogram_query(self.dialect, ranges, edge=edge, workspace=workspace_id is not None)
+        ws = [workspace_id] if workspace_id is not None else []
+        args: list[Any] = []
+        for _ in range(2):  # the fine counts, then the rollup's counts, over the same ranges
+            for _, start, stop in ranges:
+                args += [start, stop, *ws]
+        if edge:
+            args += [self.report_time(since), self.report_time(ranges[0][1]), *ws]
+        counts: list[dict[int, int]] = [{}, {}]
+        fine, rollup = [0, 0], [0, 0]
+        for row in await self.report_query(sql, args):
+            measure, n = int(row["measure"]), int(row["n"] or 0)
+            if row["src"] == 2:
+                rollup[measure] += n
+                continue
+            if row["src"] == 0:
+                fine[measure] += n
+            bucket = int(row["bucket"])
+            counts[measure][bucket] = counts[measure].get(bucket, 0) + n
+        return {name: {"counts": {b: n for b, n in counts[m].items() if n}, "covered": fine[m] == rollup[m]}
+                for m, name in enumerate(("latency", "ttfb"))}
+
+    @abc.abstractmethod
+    async def backfill_latency_histogram(self, lo: int, hi: int) -> int:
+        """Add the usage rows with ids in [lo, hi) to the fine latency histogram, but those
+        at or above the coverage boundary (kept live) and those an earlier call added: one
+        transaction that also records the range, so it is idempotent, resumable, and safe
+        from several processes at once. Returns the usage rows added. What an online
+        backfill runs in chunks (``latency_histogram_coverage()["pending"]``); see
+        gateway.store.rollup, "The fine histogram"."""
+
+    async def latency_histogram_coverage(self) -> dict[str, Any]:
+        """The fine histogram's coverage: `live_from_id` (rows with an id at or above it are
+        kept live, since `started_at`, epoch seconds), the id ranges `backfilled` and those
+        still `pending` (from the oldest usage row kept), `complete` when none is."""
+        (cov,) = await self.report_query(
+            f"SELECT live_from_id, started_at FROM {usage_rollup.HIST_COVERAGE} WHERE id = 1", [])
+        done = [(int(r["lo"]), int(r["hi"])) for r in await self.report_query(
+            f"SELECT lo, hi FROM {usage_rollup.HIST_BACKFILLED} ORDER BY lo", [])]
+        (first,) = await self.report_query("SELECT MIN(id) AS id FROM ai_usage_logs", [])
+        live = int(cov["live_from_id"])
+        pending = usage_rollup.hist_pending(int(first["id"] if first["id"] is not None else live), live, done)
+        return {"live_from_id": live, "started_at": float(cov["started_at"]), "backfilled": done,
+                "pending": pending, "complete": not pending}
+
+    async def run_latency_histogram_backfill(self, chunk: int = 20_000) -> int:
+        """The whole backfill, chunk after chunk of ids, here and now (tests; an operator
+        who would rather not wait for the background one). Returns the usage rows added."""
+        added = 0
+        while pending := (await self.latency_histogram_coverage())["pending"]:
+            lo, hi = pending[0]
+            added += await self.backfill_latency_histogram(lo, min(hi, lo + chunk))
+        return added
+
     async def energy_refunded(self, since: float, workspace_id: str | None = None) -> int:
         """Energy returned by refunds since `since` (the ledger's partial refund index)."""
         sql = "SELECT COALESCE(SUM(l.amount), 0) AS refunded FROM energy_ledger l"

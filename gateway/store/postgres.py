@@ -662,6 +662,24 @@ MIGRATIONS: list[tuple[int, str]] = [
         # One user per app id and workspace: what makes find-or-create happen once (ON CONFLICT).
         " CREATE UNIQUE INDEX users_external_id ON users (workspace_id, external_id) WHERE external_id IS NOT NULL;",
     ),
+    (
+        # 18: the fine latency histogram (gateway/store/rollup.py), kept by a statement-level
+        # trigger over the inserted rows, so an older release's inserts (a rolling deploy) are
+        # counted too. No history is read: the rows below live_from_id are the backfill's
+        # (Store.backfill_latency_histogram). CREATE TRIGGER waits for the inserts in flight
+        # and holds them off until commit, so the sequence's value read after it is exact:
+        # every row with a higher id fires the trigger, no row at or below it did.
+        usage_rollup.HIST_IN,
+        ";\n".join(usage_rollup.hist_ddl("postgres")) + ";\n"
+        "CREATE FUNCTION gw_usage_latency_hist() RETURNS trigger LANGUAGE plpgsql AS $$\nBEGIN\n    "
+        + ";\n    ".join(usage_rollup.hist_keep("postgres", "gw_new_usage")) + ";\n"
+        "    RETURN NULL;\nEND $$;\n"
+        "CREATE TRIGGER ai_usage_logs_latency_hist AFTER INSERT ON ai_usage_logs"
+        " REFERENCING NEW TABLE AS gw_new_usage FOR EACH STATEMENT EXECUTE FUNCTION gw_usage_latency_hist();\n"
+        f"INSERT INTO {usage_rollup.HIST_COVERAGE} (id, live_from_id, started_at)"
+        " SELECT 1, CASE WHEN is_called THEN last_value + 1 ELSE last_value END, extract(epoch FROM now())"
+        " FROM ai_usage_logs_id_seq;",
+    ),
 ]
 
 # Array types for the one-statement batch insert (unnest of one array per column).
@@ -685,6 +703,9 @@ _USAGE_INSERT = (
     + ", ".join(f"roll_{i} AS ({sql})" for i, sql in enumerate(usage_rollup.backfill("postgres", "ins")))
     + " SELECT count(*) FROM ins"
 )
+
+# Store.backfill_latency_histogram: the usage rows with ids in [$1, $2) into the fine histogram.
+_HIST_BACKFILL = usage_rollup.hist_keep("postgres", where="u.id >= $1 AND u.id < $2")
 
 _RESERVE = "SELECT o_n, o_status, o_balance, o_refilled FROM gw_reserve($1, $2, $3, $4, $5, $6)"
 _CREATED_AT = list(USAGE_COLUMNS).index("created_at")
@@ -1575,6 +1596,24 @@ class PostgresStore(Store):
         parts = sql.split("?")
         numbered = "".join(f"{part}${i}" for i, part in enumerate(parts[:-1], 1)) + parts[-1]
         return [dict(r) for r in await self._fetch(numbered, *args)]
+
+    async def backfill_latency_histogram(self, lo, hi):
+        async with self._tx() as conn:
+            # The coverage row's lock: concurrent calls (several processes) run one after the other.
+            live = await conn.fetchval(f"SELECT live_from_id FROM {usage_rollup.HIST_COVERAGE} WHERE id = 1 FOR UPDATE")
+            hi_ = min(hi, live)
+            if lo >= hi_:
+                return 0
+            done = [(r["lo"], r["hi"]) for r in await conn.fetch(f"SELECT lo, hi FROM {usage_rollup.HIST_BACKFILLED}")]
+            added = 0
+            for a, b in usage_rollup.hist_gaps(lo, hi_, done):
+                added += await conn.fetchval("SELECT count(*) FROM ai_usage_logs WHERE id >= $1 AND id < $2", a, b)
+                for sql in _HIST_BACKFILL:
+                    await conn.execute(sql, a, b)
+            replaced, (m_lo, m_hi) = usage_rollup.hist_merge(lo, hi_, done)
+            await conn.execute(f"DELETE FROM {usage_rollup.HIST_BACKFILLED} WHERE lo = ANY($1::bigint[])", replaced)
+            await conn.execute(f"INSERT INTO {usage_rollup.HIST_BACKFILLED} (lo, hi) VALUES ($1, $2)", m_lo, m_hi)
+        return added
 
     async def prune_usage(self, before):
         """Whole month partitions ending at or before `before`, and the request ids older than it."""

@@ -19,11 +19,47 @@ alone (every measure summed) took 0.8 s on SQLite with only 20,000 rows; each qu
 also sums only the measures its report shows. Measured with
 bench/reports_bench.py (README "Usage log, cost, metrics").
 
-Percentiles (``latencyP50`` ...) come from the histogram: the nearest-rank percentile
-(the request at rank ceil(p/100 x n) of the window's requests ordered by latency) is
-reported as the upper bound of the bucket that request falls in, capped by the largest
-latency seen. So a reported p95 is never below the exact p95 and at most one bucket
-above it (bounds in ``LATENCY_BOUNDS_MS``, ~1.5-2x apart).
+Percentiles (``latencyP50`` ...) come from the fine latency histogram (migration 18, below):
+within 4% of the exact nearest-rank percentile (the request at rank ceil(p/100 x n) of the
+window's requests ordered by latency), a bound, not a likelihood. Where that histogram does
+not cover the window (history before migration 18 until its backfill has run, rows written
+by an older release during a rolling deploy), they come from the coarse histogram of the
+rollup rows (``lat_0`` ... ``lat_23``, bounds in ``LATENCY_BOUNDS_MS``, ~1.5-2x apart),
+interpolated inside the bucket as Prometheus's ``histogram_quantile`` does, and the answer
+says they are approximate.
+
+The fine histogram
+------------------
+``usage_latency_hist`` (hourly) and ``usage_latency_hist_daily`` hold one row per period x
+workspace x measure (0 latency, 1 time to first byte) x bucket, with the count of requests in
+it: only the buckets that hold a request, so ~30-80 rows per workspace and period where the
+rollup would need hundreds of columns. The buckets are log-spaced by ``HIST_GAMMA`` = 13/12
+(DDSketch's mapping): bucket ``b >= 1`` holds the values in (γ^(b-2), γ^(b-1)] ms, bucket 0
+the values <= 0, and a bucket is reported as 2γ^(b-1)/(γ+1), at most ``HIST_ALPHA`` = 4%
+(relative) from any value in it; capped by the window's largest value, which only brings it
+closer. No integer lies within 3e-7 of a bucket bound on the log scale up to 3,000,000 ms,
+so SQLite's, PostgreSQL's and Python's ``ln`` put every integer in the same bucket.
+
+Kept as the rollups are: on SQLite by the statements ``insert_usage`` runs per chunk of rows
+(``hist_keep``), on PostgreSQL by a statement-level trigger over the inserted rows (a
+transition table), so the rows of any writer, an older release's too, are counted.
+
+Coverage and backfill. Migration 18 only creates the tables and starts keeping them: it
+records in ``usage_latency_hist_coverage`` the first usage id kept live (``live_from_id``:
+every row with an id at or above it is in the histogram, none below) and processes no
+history. The rows below it are added by ``Store.backfill_latency_histogram(lo, hi)``: the
+rows with ids in [lo, min(hi, live_from_id)) that no earlier call added, in one
+transaction that also records the range in ``usage_latency_hist_backfilled`` (merged with
+the ranges it touches). So a call is idempotent, any order of chunks is fine, a crash loses
+at most the chunk in flight (its transaction), and calls from several processes serialise
+on the coverage row. ``Store.latency_histogram_coverage()`` says what is still pending;
+``Store.run_latency_histogram_backfill()`` runs it to completion (tests, ``./gw``).
+
+A report does not trust the boundary alone: in the same statement as the fine counts it
+reads the rollup's ``latency_count`` / ``ttfb_count`` over the same periods, and uses the
+fine histogram only where the two agree (every row of the rollup is in it: the histogram
+is a subset of the rollup by construction, so equal counts mean the same rows). Rows that
+retention dropped before their backfill stay coarse: their periods report approximate.
 
 Names with no value (a 401 has no user, a replay no provider) are stored as '' in the
 key columns (NULLs would never conflict in the upsert) and read back as None.
@@ -247,7 +283,8 @@ def totals_query(dialect: str, by: str | None, ranges: list[tuple[str, int, int]
     the PostgreSQL store numbers them), in order: per range (from, to, [workspace]); if
     `edge`: since, first whole hour as a time, [workspace]; [limit]."""
     family, key = GROUPS[by]
-    sums = family.sums if measures is None else tuple(dict.fromkeys(("requests", *measures)))
+    sums = family.sums if measures is None else tuple(dict.fromkeys(
+        m for m in ("requests", *measures) if m not in family.maxima))
     maxima = family.maxima if measures is None else tuple(m for m in family.maxima if m in measures)
     columns = ", ".join(("period", *family.keys, *sums, *maxima))
     ws = " AND workspace_id = ?" if workspace else ""
@@ -275,17 +312,179 @@ def none_if_empty(value: Any) -> Any:
     return None if value == "" else value
 
 
-def percentile(counts: Sequence[int], p: float, largest: float) -> float | None:
-    """The bucket bound holding the nearest-rank p-th percentile, capped by `largest`
-    (module docstring); None without a single value."""
+def _interpolate(lower: float, upper: float, rank: int, seen: int, count: int) -> float:
+    """Where the rank-th value lies in (lower, upper], its bucket's `count` values spread evenly."""
+    return lower + (upper - lower) * (rank - seen) / count
+
+
+def coarse_percentile(counts: Sequence[int], p: float, largest: float) -> float | None:
+    """The nearest-rank p-th percentile estimated from the coarse histogram (``lat_0`` ...):
+    interpolated inside the bucket that holds its rank, as Prometheus's histogram_quantile
+    does (the first bucket from 0, the last up to `largest`), capped by `largest`.
+    Approximate: only bounded by the bucket's width. None without a single value."""
     n = sum(counts)
     if not n:
         return None
     rank = max(1, math.ceil(p / 100 * n))
     seen = 0
     for i, c in enumerate(counts):
+        if c and seen + c >= rank:
+            lower = LATENCY_BOUNDS_MS[i - 1] if i else 0
+            upper = LATENCY_BOUNDS_MS[i] if i < len(LATENCY_BOUNDS_MS) else max(largest, lower)
+            return round(min(_interpolate(lower, upper, rank, seen, c), largest), 2)
         seen += c
-        if seen >= rank:
-            bound = LATENCY_BOUNDS_MS[i] if i < len(LATENCY_BOUNDS_MS) else largest
-            return float(min(bound, largest))
     return float(largest)  # unreachable: seen == n >= rank at the end
+
+
+# ---------------------------------------------------------------- the fine histogram
+
+HIST_IN = 18  # the migration that made it
+HIST_ALPHA = 0.04  # the largest relative error of a reported value (module docstring)
+HIST_GAMMA = (1 + HIST_ALPHA) / (1 - HIST_ALPHA)  # = 13/12, the ratio of two bucket bounds
+_LN_GAMMA = math.log(HIST_GAMMA)
+HIST_TABLES = {"hour": "usage_latency_hist", "day": "usage_latency_hist_daily"}
+HIST_COVERAGE = "usage_latency_hist_coverage"
+HIST_BACKFILLED = "usage_latency_hist_backfilled"
+HIST_MEASURES = ("latency_ms", "ttfb_ms")  # measure 0, 1: the raw column each counts
+HIST_KEYS = ("period", "workspace_id", "measure", "bucket")
+_MEASURE_CODES = "(SELECT 0 AS measure UNION ALL SELECT 1)"
+
+
+def hist_bucket(value: float) -> int:
+    """The fine bucket of a value (ms), as the SQL of ``hist_bucket_sql`` computes it."""
+    if value <= 0:
+        return 0
+    return max(1, math.ceil(math.log(value) / _LN_GAMMA) + 1)
+
+
+def hist_value(bucket: int) -> float:
+    """What a bucket is reported as: within HIST_ALPHA of every value in it."""
+    if bucket <= 0:
+        return 0.0
+    return 2 * HIST_GAMMA ** (bucket - 1) / (HIST_GAMMA + 1)
+
+
+def hist_bucket_sql(dialect: str, column: str) -> str:
+    ln = f"ln({column})" if dialect == "sqlite" else f"ln({column}::double precision)"
+    greatest = "MAX" if dialect == "sqlite" else "GREATEST"
+    ceil = f"CAST(ceil({ln} / {_LN_GAMMA!r}) AS INTEGER)"
+    return f"CASE WHEN {column} <= 0 THEN 0 ELSE {greatest}(1, {ceil} + 1) END"
+
+
+def hist_ddl(dialect: str) -> list[str]:
+    """Migration 18: the tables and the coverage record; history is not read (the backfill
+    below does it, off the migration). The backend adds how it keeps the tables and
+    fills in live_from_id, both in the same transaction."""
+    big = _column_type(dialect, "requests")
+    tables = [f"CREATE TABLE {table} (\n    period {big} NOT NULL,  -- epoch seconds of the UTC {grain}\n"
+              f"    workspace_id text NOT NULL,\n    measure {big} NOT NULL,  -- 0 latency_ms, 1 ttfb_ms\n"
+              f"    bucket {big} NOT NULL,  -- gateway/store/rollup.py hist_bucket\n    n {big} NOT NULL,\n"
+              f"    PRIMARY KEY ({', '.join(HIST_KEYS)})\n)" for grain, table in HIST_TABLES.items()]
+    real = "REAL" if dialect == "sqlite" else "double precision"
+    return [*tables,
+            f"CREATE TABLE {HIST_COVERAGE} (\n    id {big} PRIMARY KEY CHECK (id = 1),\n"
+            f"    live_from_id {big} NOT NULL,  -- usage rows with id >= this are kept live\n"
+            f"    started_at {real} NOT NULL\n)",
+            f"CREATE TABLE {HIST_BACKFILLED} (\n    lo {big} PRIMARY KEY,  -- usage ids [lo, hi) added by the backfill\n"
+            f"    hi {big} NOT NULL\n)"]
+
+
+def hist_select(dialect: str, source: str, where: str = "", grain: str = "hour") -> str:
+    """The rows of `source` (usage rows) counted per period, workspace, measure and bucket:
+    one scan for both measures."""
+    value = "CASE m.measure WHEN 0 THEN u.latency_ms ELSE u.ttfb_ms END"
+    inner = (f"SELECT {period_expr(dialect, grain)} AS period, COALESCE(u.workspace_id, '') AS workspace_id,"
+             f" m.measure AS measure, {value} AS v FROM {source} AS u CROSS JOIN {_MEASURE_CODES} AS m")
+    if where:
+        inner += f" WHERE {where}"
+    return (f"SELECT period, workspace_id, measure, {hist_bucket_sql(dialect, 'v')} AS bucket, COUNT(*) AS n"
+            f" FROM ({inner}) AS x WHERE v IS NOT NULL GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4")
+
+
+def hist_upsert(dialect: str, select_sql: str, grain: str) -> str:
+    table = HIST_TABLES[grain]
+    return (f"INSERT INTO {table} ({', '.join(HIST_KEYS)}, n) SELECT * FROM ({select_sql}) AS r WHERE true"
+            f" ON CONFLICT ({', '.join(HIST_KEYS)}) DO UPDATE SET n = {table}.n + excluded.n")
+
+
+def hist_keep(dialect: str, source: str = "ai_usage_logs", where: str = "") -> list[str]:
+    """The statements adding the rows of `source` to both fine histograms (hour, then day:
+    every writer in one order, so concurrent PostgreSQL writers cannot deadlock)."""
+    return [hist_upsert(dialect, hist_select(dialect, source, where, grain), grain) for grain in HIST_TABLES]
+
+
+# The backfill's statements: the usage rows with ids in [?, ?), both histograms.
+HIST_BACKFILL_WHERE = "u.id >= ? AND u.id < ?"
+
+
+def hist_gaps(lo: int, hi: int, done: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of [lo, hi) that no range of `done` covers, in order."""
+    gaps, at = [], lo
+    for a, b in sorted(done):
+        if b <= at or a >= hi:
+            continue
+        if a > at:
+            gaps.append((at, a))
+        at = max(at, b)
+    if at < hi:
+        gaps.append((at, hi))
+    return gaps
+
+
+def hist_merge(lo: int, hi: int, done: Sequence[tuple[int, int]]) -> tuple[list[int], tuple[int, int]]:
+    """Recording [lo, hi) as done: the `lo`s of the done ranges it touches (to delete) and
+    the one range that replaces them, so the record stays a few rows."""
+    touching = [(a, b) for a, b in done if b >= lo and a <= hi]
+    merged = (min([lo, *(a for a, _ in touching)]), max([hi, *(b for _, b in touching)]))
+    return [a for a, _ in touching], merged
+
+
+def hist_pending(first_id: int, live_from_id: int, done: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The id ranges the backfill has still to add, from the oldest usage row kept."""
+    return hist_gaps(first_id, live_from_id, done)
+
+
+def histogram_query(dialect: str, ranges: list[tuple[str, int, int]], *, edge: bool, workspace: bool) -> str:
+    """The fine counts of a window (``usage_totals``'s ranges and edge) and, from the same
+    snapshot, the rollup's counts to check them against: rows (src, measure, bucket, n),
+    src 0 the fine histogram over the ranges, 1 the raw rows of the edge (bucketed the same
+    way), 2 the rollup's latency_count (measure 0) and ttfb_count (1) over the ranges.
+    Parameters: per range (from, to, [workspace]) for src 0, again for src 2; if `edge`:
+    since, first whole hour as a time, [workspace]."""
+    ws = " AND workspace_id = ?" if workspace else ""
+    parts = [f"SELECT 0 AS src, measure, bucket, n FROM {HIST_TABLES[grain]} WHERE period >= ? AND period < ?{ws}"
+             for grain, _, _ in ranges]
+    parts += [f"SELECT 2 AS src, m.measure AS measure, 0 AS bucket,"
+              f" CASE m.measure WHEN 0 THEN latency_count ELSE ttfb_count END AS n"
+              f" FROM {MAIN.tables[grain]} CROSS JOIN {_MEASURE_CODES} AS m WHERE period >= ? AND period < ?{ws}"
+              for grain, _, _ in ranges]
+    if edge:
+        where = "u.created_at >= ? AND u.created_at < ?" + (" AND u.workspace_id = ?" if workspace else "")
+        raw = hist_select(dialect, "ai_usage_logs", where)
+        parts.append(f"SELECT 1 AS src, measure, bucket, n FROM ({raw}) AS edge")
+    return (f"SELECT src, measure, bucket, CAST(SUM(n) AS BIGINT) AS n FROM ({' UNION ALL '.join(parts)}) AS h"
+            " GROUP BY src, measure, bucket")
+
+
+def hist_percentile(counts: dict[int, int], p: float, largest: float) -> float | None:
+    """The nearest-rank p-th percentile from fine bucket counts ({bucket: n}): the value of
+    the bucket that holds its rank (``hist_value``; the integer itself where the bucket's
+    span holds only one, as latencies are whole ms), capped by `largest`. None without a
+    single value."""
+    n = sum(counts.values())
+    if not n:
+        return None
+    rank = max(1, math.ceil(p / 100 * n))
+    seen = 0
+    for bucket in sorted(counts):
+        seen += counts[bucket]
+        if seen >= rank:
+            return round(min(_whole_value(bucket), largest), 2)
+    return float(largest)  # unreachable: seen == n >= rank at the end
+
+
+def _whole_value(bucket: int) -> float:
+    if bucket <= 0:
+        return 0.0
+    low, high = math.floor(HIST_GAMMA ** (bucket - 2)), math.floor(HIST_GAMMA ** (bucket - 1))
+    return float(high) if high - low == 1 else hist_value(bucket)

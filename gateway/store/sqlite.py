@@ -92,6 +92,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import queue
 import sqlite3
 import threading
@@ -154,7 +155,10 @@ USAGE_CHUNK = 64  # usage rows per transaction of a write-behind batch
 # per-row trigger (migration 3) did it first; four upserts per row cost ~40 us of CPU per
 # request on the fast path (bench/cpu_per_request.py: 451 vs 493 us), so it is dropped at
 # open and the statements run per chunk of up to USAGE_CHUNK rows instead.
-ROLLUP_SINCE = usage_rollup.backfill("sqlite", where="id > ?")
+ROLLUP_SINCE = [*usage_rollup.backfill("sqlite", where="id > ?"),
+                *usage_rollup.hist_keep("sqlite", where="u.id > ?")]  # the fine latency histogram (migration 18)
+# Store.backfill_latency_histogram: the usage rows with ids in [?, ?) into the fine histogram.
+HIST_BACKFILL = usage_rollup.hist_keep("sqlite", where=usage_rollup.HIST_BACKFILL_WHERE)
 ROLLUP_TRIGGER = (  # as migration 3 made it (dropped at open since)
     "CREATE TRIGGER ai_usage_logs_rollup AFTER INSERT ON ai_usage_logs BEGIN "
     + "; ".join(usage_rollup.backfill("sqlite", where="id = NEW.id", families=usage_rollup.as_of(3)))
@@ -440,6 +444,16 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE UNIQUE INDEX users_external_id ON users (workspace_id, external_id) WHERE external_id IS NOT NULL",
         ],
     ),
+    (
+        usage_rollup.HIST_IN,  # 18: the fine latency histogram (gateway/store/rollup.py), kept from the next row on
+        [
+            *usage_rollup.hist_ddl("sqlite"),
+            # No history read here: the rows below live_from_id are Store.backfill_latency_histogram's.
+            f"INSERT INTO {usage_rollup.HIST_COVERAGE} (id, live_from_id, started_at)"
+            " SELECT 1, COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'ai_usage_logs'), 0) + 1,"
+            " (julianday('now') - 2440587.5) * 86400.0",
+        ],
+    ),
 ]
 USAGE_PRUNE_CHUNK = 2000  # raw rows deleted per transaction by prune_usage
 
@@ -498,12 +512,23 @@ def _connect(path: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS, autocheckpoin
             _set_wal(db)
         db.execute(f"PRAGMA synchronous = {SYNCHRONOUS}")
         db.execute("PRAGMA foreign_keys = ON")
+        _math_functions(db)
         if not autocheckpoint:
             db.execute("PRAGMA wal_autocheckpoint = 0")
     except BaseException:
         db.close()
         raise
     return db
+
+
+def _math_functions(db: sqlite3.Connection) -> None:
+    """ln() and ceil() for the fine latency histogram's buckets: SQLite's own where it was
+    built with its math functions (Debian's and python.org's are), Python's otherwise."""
+    try:
+        db.execute("SELECT ln(2), ceil(0.5)")
+    except sqlite3.OperationalError:
+        db.create_function("ln", 1, lambda v: None if v is None else math.log(v), deterministic=True)
+        db.create_function("ceil", 1, lambda v: None if v is None else math.ceil(v), deterministic=True)
 
 
 RESTART_FRAMES = 1000  # WAL frames (pages) worth starting the WAL over for (SQLite's own default)
@@ -1421,6 +1446,25 @@ class SQLiteStore(Store):
         if self._reports is None:
             self._reports = _ReportReader(self.path)
         return await self._reports.run(query)
+
+    async def backfill_latency_histogram(self, lo, hi):
+        def tx(db):
+            live = db.execute(f"SELECT live_from_id FROM {usage_rollup.HIST_COVERAGE} WHERE id = 1").fetchone()[0]
+            hi_ = min(hi, live)
+            if lo >= hi_:
+                return 0
+            done = db.execute(f"SELECT lo, hi FROM {usage_rollup.HIST_BACKFILLED}").fetchall()
+            added = 0
+            for a, b in usage_rollup.hist_gaps(lo, hi_, done):
+                added += db.execute("SELECT COUNT(*) FROM ai_usage_logs WHERE id >= ? AND id < ?", (a, b)).fetchone()[0]
+                for sql in HIST_BACKFILL:
+                    db.execute(sql, (a, b))
+            replaced, (m_lo, m_hi) = usage_rollup.hist_merge(lo, hi_, done)
+            db.executemany(f"DELETE FROM {usage_rollup.HIST_BACKFILLED} WHERE lo = ?", [(a,) for a in replaced])
+            db.execute(f"INSERT INTO {usage_rollup.HIST_BACKFILLED} (lo, hi) VALUES (?, ?)", (m_lo, m_hi))
+            return added
+
+        return await self._write(tx)
 
     async def prune_usage(self, before):
         cutoff = iso_utc(before)
