@@ -22,7 +22,7 @@ import asyncpg
 import pytest
 
 from gateway.admin import reports
-from gateway.money import USD_ZERO, usd
+from gateway.money import USD_ZERO, to_nano, usd
 from gateway.store import open_store
 from gateway.store.postgres import MIGRATIONS as PG_MIGRATIONS
 from gateway.store.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
@@ -268,6 +268,7 @@ async def create_previous_release(url: str, rows: list[dict[str, Any]], through:
             "tokens_total", "created_at"]
     if url.startswith("sqlite"):
         db = sqlite3.connect(url[len("sqlite:///"):])
+        db.create_function("gw_usd_nano", 1, lambda v: None if v is None else to_nano(v))  # migration 10's
         db.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
 
         def apply(migrations):
