@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from typing import Any
 
 import httpx
@@ -235,6 +236,36 @@ def test_unbilled_calls_are_shown_next_to_the_total_cost(browser, gateway_factor
     assert text(browser, "unbilled-calls") == "1"
     assert number(text(browser, "unbilled-cost")) == pytest.approx(metrics["unbilledCostUsd"], abs=1e-9)
     assert number(text(browser, "total-cost")) == pytest.approx(metrics["totalCost"], abs=1e-9)
+
+
+def test_the_latency_percentiles_say_when_they_are_approximate(browser, gateway_factory, upstream):
+    """The page shows the API's percentiles (the fine histogram: within 4%), and marks them
+    approximate while the window reaches history its backfill has not added yet."""
+    import asyncio
+
+    from tests.test_latency_percentiles import forget_histogram
+
+    gw = gateway_factory()
+    now = time.time()
+    rows = [{"request_id": f"r{i}", "latency_ms": 1500 + 7 * i, "ttfb_ms": 200 + i, "created_at": now - 60 * i}
+            for i in range(200)]
+    assert gw.run(gw.store.insert_usage(rows)) == 200
+    sign_in(browser, gw, MASTER_KEY)
+    metrics = api(gw, MASTER_KEY, "/admin/metrics?window=24h")
+    assert metrics["percentilesApproximate"] is False
+    for element_id, field in (("latency-p50", "latencyP50"), ("latency-p95", "latencyP95"),
+                              ("latency-p99", "latencyP99"), ("ttfb-p50", "ttfbP50")):
+        assert number(text(browser, element_id)) == pytest.approx(metrics[field], abs=0.006)
+        assert "approximate" not in browser.find_element("id", element_id).get_attribute("class")
+        assert browser.find_element("id", element_id).get_attribute("title") == "within 4% of the exact value"
+
+    asyncio.run(forget_histogram(gw.config.store.url))  # as a store upgraded with history looks
+    sign_in(browser, gw, MASTER_KEY)
+    metrics = api(gw, MASTER_KEY, "/admin/metrics?window=24h")
+    assert metrics["percentilesApproximate"] is True
+    shown = browser.find_element("id", "latency-p95")
+    assert number(shown.text) == pytest.approx(metrics["latencyP95"], abs=0.006)
+    assert "approximate" in shown.get_attribute("class") and shown.get_attribute("title").startswith("approximate")
 
 
 def test_a_workspace_admin_sees_only_its_own_workspace(browser, seeded, tmp_path):

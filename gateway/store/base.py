@@ -914,7 +914,7 @@ class Store(abc.ABC):
         sql = usage_rollup.histogram_query(self.dialect, ranges, edge=edge, workspace=workspace_id is not None)
         ws = [workspace_id] if workspace_id is not None else []
         args: list[Any] = []
-        for _ in range(2):  # the fine counts, then the rollup's counts, over the same ranges
+        for _ in range(3):  # the fine counts, then the rollup's two counts, over the same ranges
             for _, start, stop in ranges:
                 args += [start, stop, *ws]
         if edge:

@@ -376,10 +376,13 @@ def hist_ddl(dialect: str) -> list[str]:
     below does it, off the migration). The backend adds how it keeps the tables and
     fills in live_from_id, both in the same transaction."""
     big = _column_type(dialect, "requests")
+    # SQLite: the rows in their key's b-tree, not a table beside an index (a range read
+    # needs no second lookup per row for `n`, an upsert touches one b-tree).
+    rowid = " WITHOUT ROWID" if dialect == "sqlite" else ""
     tables = [f"CREATE TABLE {table} (\n    period {big} NOT NULL,  -- epoch seconds of the UTC {grain}\n"
               f"    workspace_id text NOT NULL,\n    measure {big} NOT NULL,  -- 0 latency_ms, 1 ttfb_ms\n"
               f"    bucket {big} NOT NULL,  -- gateway/store/rollup.py hist_bucket\n    n {big} NOT NULL,\n"
-              f"    PRIMARY KEY ({', '.join(HIST_KEYS)})\n)" for grain, table in HIST_TABLES.items()]
+              f"    PRIMARY KEY ({', '.join(HIST_KEYS)})\n){rowid}" for grain, table in HIST_TABLES.items()]
     real = "REAL" if dialect == "sqlite" else "double precision"
     return [*tables,
             f"CREATE TABLE {HIST_COVERAGE} (\n    id {big} PRIMARY KEY CHECK (id = 1),\n"
@@ -449,21 +452,23 @@ def histogram_query(dialect: str, ranges: list[tuple[str, int, int]], *, edge: b
     snapshot, the rollup's counts to check them against: rows (src, measure, bucket, n),
     src 0 the fine histogram over the ranges, 1 the raw rows of the edge (bucketed the same
     way), 2 the rollup's latency_count (measure 0) and ttfb_count (1) over the ranges.
-    Parameters: per range (from, to, [workspace]) for src 0, again for src 2; if `edge`:
-    since, first whole hour as a time, [workspace]."""
+    Parameters: per range (from, to, [workspace]) for src 0, again twice for src 2; if
+    `edge`: since, first whole hour as a time, [workspace]. Several rows may share a key
+    (one per part): the caller adds them."""
     ws = " AND workspace_id = ?" if workspace else ""
-    parts = [f"SELECT 0 AS src, measure, bucket, n FROM {HIST_TABLES[grain]} WHERE period >= ? AND period < ?{ws}"
-             for grain, _, _ in ranges]
-    parts += [f"SELECT 2 AS src, m.measure AS measure, 0 AS bucket,"
-              f" CASE m.measure WHEN 0 THEN latency_count ELSE ttfb_count END AS n"
-              f" FROM {MAIN.tables[grain]} CROSS JOIN {_MEASURE_CODES} AS m WHERE period >= ? AND period < ?{ws}"
-              for grain, _, _ in ranges]
+    # Each part sums its own rows (a few hundred groups), so the union carries groups, not
+    # the ~10^4-10^5 histogram rows of a month: half the time on SQLite.
+    parts = [f"SELECT 0 AS src, measure, bucket, SUM(n) AS n FROM {HIST_TABLES[grain]}"
+             f" WHERE period >= ? AND period < ?{ws} GROUP BY measure, bucket" for grain, _, _ in ranges]
+    parts += [f"SELECT 2 AS src, 0 AS measure, 0 AS bucket, SUM(latency_count) AS n FROM {MAIN.tables[grain]}"
+              f" WHERE period >= ? AND period < ?{ws}" for grain, _, _ in ranges]
+    parts += [f"SELECT 2 AS src, 1 AS measure, 0 AS bucket, SUM(ttfb_count) AS n FROM {MAIN.tables[grain]}"
+              f" WHERE period >= ? AND period < ?{ws}" for grain, _, _ in ranges]
     if edge:
         where = "u.created_at >= ? AND u.created_at < ?" + (" AND u.workspace_id = ?" if workspace else "")
         raw = hist_select(dialect, "ai_usage_logs", where)
-        parts.append(f"SELECT 1 AS src, measure, bucket, n FROM ({raw}) AS edge")
-    return (f"SELECT src, measure, bucket, CAST(SUM(n) AS BIGINT) AS n FROM ({' UNION ALL '.join(parts)}) AS h"
-            " GROUP BY src, measure, bucket")
+        parts.append(f"SELECT 1 AS src, measure, bucket, SUM(n) AS n FROM ({raw}) AS edge GROUP BY measure, bucket")
+    return f"SELECT src, measure, bucket, CAST(n AS BIGINT) AS n FROM ({' UNION ALL '.join(parts)}) AS h"
 
 
 def hist_percentile(counts: dict[int, int], p: float, largest: float) -> float | None:

@@ -116,6 +116,12 @@ function renderTotals(m, live) {
                                             "latency." + p, "latencyMs." + p])));
   }
   setText("#ttfb-p50", fmtMs(pick(m, ["ttfbP50", "ttfbP50Ms", "timeToFirstByteP50", "ttfb_p50_ms", "ttfb.p50", "ttfbMs.p50"])));
+  // Within 4% of the exact value, unless the window reaches history not yet in the fine histogram.
+  for (const id of ["#latency-p50", "#latency-p95", "#latency-p99", "#ttfb-p50"]) {
+    $(id).title = m.percentilesApproximate ? "approximate: this window reaches history the fine latency histogram"
+      + " does not cover yet (its backfill), estimated inside the coarse buckets" : "within 4% of the exact value";
+    $(id).classList.toggle("approximate", m.percentilesApproximate === true);
+  }
   setText("#downgrades", fmtInt(pick(m, ["downgrades"])));
   setText("#retries", fmtInt(pick(m, ["retries"])));
   setText("#inflight", fmtInt(live.inFlight));
