@@ -260,6 +260,7 @@ def test_the_latency_percentiles_say_when_they_are_approximate(browser, gateway_
         assert browser.find_element("id", element_id).get_attribute("title") == "within 4% of the exact value"
 
     asyncio.run(forget_histogram(gw.config.store.url))  # as a store upgraded with history looks
+    browser.execute_script("sessionStorage.clear()")  # signed out: the page loads afresh
     sign_in(browser, gw, MASTER_KEY)
     metrics = api(gw, MASTER_KEY, "/admin/metrics?window=24h")
     assert metrics["percentilesApproximate"] is True
