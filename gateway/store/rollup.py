@@ -53,7 +53,7 @@ transaction that also records the range in ``usage_latency_hist_backfilled`` (me
 the ranges it touches). So a call is idempotent, any order of chunks is fine, a crash loses
 at most the chunk in flight (its transaction), and calls from several processes serialise
 on the coverage row. ``Store.latency_histogram_coverage()`` says what is still pending;
-``Store.run_latency_histogram_backfill()`` runs it to completion (tests, ``./gw``).
+``Store.run_latency_histogram_backfill()`` runs it to completion here and now (tests).
 
 A report does not trust the boundary alone: in the same statement as the fine counts it
 reads the rollup's ``latency_count`` / ``ttfb_count`` over the same periods, and uses the
