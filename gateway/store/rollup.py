@@ -22,8 +22,8 @@ bench/reports_bench.py (README "Usage log, cost, metrics").
 Percentiles (``latencyP50`` ...) come from the fine latency histogram (migration 18, below):
 within 4% of the exact nearest-rank percentile (the request at rank ceil(p/100 x n) of the
 window's requests ordered by latency), a bound, not a likelihood. Where that histogram does
-not cover the window (history before migration 18 until its backfill has run, rows written
-by an older release during a rolling deploy), they come from the coarse histogram of the
+not cover the window (history before migration 18 until its backfill has run; on SQLite,
+rows an older release wrote after the upgrade), they come from the coarse histogram of the
 rollup rows (``lat_0`` ... ``lat_23``, bounds in ``LATENCY_BOUNDS_MS``, ~1.5-2x apart),
 interpolated inside the bucket as Prometheus's ``histogram_quantile`` does, and the answer
 says they are approximate.
@@ -36,13 +36,16 @@ it: only the buckets that hold a request, so ~30-80 rows per workspace and perio
 rollup would need hundreds of columns. The buckets are log-spaced by ``HIST_GAMMA`` = 13/12
 (DDSketch's mapping): bucket ``b >= 1`` holds the values in (γ^(b-2), γ^(b-1)] ms, bucket 0
 the values <= 0, and a bucket is reported as 2γ^(b-1)/(γ+1), at most ``HIST_ALPHA`` = 4%
-(relative) from any value in it; capped by the window's largest value, which only brings it
+(relative) from any value in it (as the one whole ms it holds where it spans only one: below
+~12 ms a percentile is exact); capped by the window's largest value, which only brings it
 closer. No integer lies within 3e-7 of a bucket bound on the log scale up to 3,000,000 ms,
 so SQLite's, PostgreSQL's and Python's ``ln`` put every integer in the same bucket.
 
 Kept as the rollups are: on SQLite by the statements ``insert_usage`` runs per chunk of rows
 (``hist_keep``), on PostgreSQL by a statement-level trigger over the inserted rows (a
-transition table), so the rows of any writer, an older release's too, are counted.
+transition table), so the rows of any writer, an older release's too, are counted. (An
+older release writing to a SQLite file after the upgrade leaves its rows out: ids above the
+boundary are never backfilled, and the windows holding them stay approximate.)
 
 Coverage and backfill. Migration 18 only creates the tables and starts keeping them: it
 records in ``usage_latency_hist_coverage`` the first usage id kept live (``live_from_id``:
@@ -57,7 +60,7 @@ on the coverage row. ``Store.latency_histogram_coverage()`` says what is still p
 
 A report does not trust the boundary alone: in the same statement as the fine counts it
 reads the rollup's ``latency_count`` / ``ttfb_count`` over the same periods, and uses the
-fine histogram only where the two agree (every row of the rollup is in it: the histogram
+fine histogram only when the two agree for the whole window (every row of the rollup is in it: the histogram
 is a subset of the rollup by construction, so equal counts mean the same rows). Rows that
 retention dropped before their backfill stay coarse: their periods report approximate.
 
