@@ -956,7 +956,7 @@ class Store(abc.ABC):
         return {"live_from_id": live, "started_at": float(cov["started_at"]), "backfilled": done,
                 "pending": pending, "complete": not pending}
 
-    async def run_latency_histogram_backfill(self, chunk: int = 20_000) -> int:
+    async def run_latency_histogram_backfill(self, chunk: int = 5_000) -> int:
         """The whole backfill, chunk after chunk of ids, here and now (tests; an operator
         who would rather not wait for the background one). Returns the usage rows added."""
         added = 0
