@@ -10,10 +10,12 @@ be probed). Errors are OpenAI-shaped like everywhere else.
     PATCH  /admin/workspaces/{workspace}     {profile?, ai_settings?}
     POST   /admin/users                      {workspace, tier?, energy?, name?, role?}  -> api_key once
     GET    /admin/users[?workspace=W]
+    GET    /admin/users?q=TEXT[&workspace=W&limit=N]  search: id, name, end-user id or key prefix
     GET    /admin/users/{user}
     PATCH  /admin/users/{user}               {tier}
     POST   /admin/users/{user}/energy        {amount, reason?, kind?: grant|adjust}
     GET    /admin/users/{user}/ledger[?limit=N]
+    GET    /admin/users/{user}/requests[?limit=N]   last requests: time, status, model, tokens, cost, energy, latency
     POST   /admin/users/{user}/keys          {role?, service?, label?, expires?, models?, rpm?, tpm?} -> api_key once
     GET    /admin/keys[?user=U]
     PATCH  /admin/keys/{key}                 {label?, expires?, models?, rpm?, tpm?}  (null removes one)
@@ -21,6 +23,7 @@ be probed). Errors are OpenAI-shaped like everywhere else.
     POST   /admin/keys/{key}/rotate                                                     -> api_key once
     GET    /admin/usage/{daily|top-users|actions|weekly}[?days=N&workspace=W&limit=N]
     GET    /admin/metrics[?window=24h&workspace=W]     dashboard JSON (totalRequests, ...)
+    GET    /admin/tiers                      configured tiers and the models each allows
     GET    /admin/audit[?limit=100&since=24h&workspace=W]  the audit log, newest first
     GET    /admin/alerts[?limit=100&since=24h&status=failed&workspace=W]  alert deliveries, newest first
 
@@ -187,7 +190,21 @@ def admin_routes() -> list[web.RouteDef]:
         return await a.alerts(s, _int_param(r.query.get("limit"), "limit", 100, minimum=1), _since_param(r),
                               r.query.get("workspace"), r.query.get("status"))
 
+    async def list_users(r, a, s):
+        if "q" in r.query:
+            return await a.search_users(s, r.query["q"], r.query.get("workspace"),
+                                        _int_param(r.query.get("limit"), "limit", 50, minimum=1))
+        return await a.list_users(s, r.query.get("workspace"))
+
+    async def user_requests(r, a, s):
+        return await a.user_requests(s, r.match_info["user"], _int_param(r.query.get("limit"), "limit", 50, minimum=1))
+
+    async def tiers(r, a, s):
+        return a.tiers(s)
+
     return [
+        web.get("/admin/tiers", endpoint(tiers)),
+        web.get("/admin/users/{user}/requests", endpoint(user_requests)),
         web.get("/admin/audit", endpoint(audit)),
         web.get("/admin/alerts", endpoint(alerts)),
         web.get("/admin/usage/{report}", endpoint(usage)),
@@ -197,7 +214,7 @@ def admin_routes() -> list[web.RouteDef]:
         web.get("/admin/workspaces/{workspace}", endpoint(lambda r, a, s: a.show_workspace(s, r.match_info["workspace"]))),
         web.patch("/admin/workspaces/{workspace}", endpoint(update_workspace)),
         web.post("/admin/users", endpoint(create_user, 201)),
-        web.get("/admin/users", endpoint(lambda r, a, s: a.list_users(s, r.query.get("workspace")))),
+        web.get("/admin/users", endpoint(list_users)),
         web.get("/admin/users/{user}", endpoint(lambda r, a, s: a.show_user(s, r.match_info["user"]))),
         web.patch("/admin/users/{user}", endpoint(update_user)),
         web.post("/admin/users/{user}/energy", endpoint(grant)),

@@ -558,3 +558,78 @@ class Admin:
         if workspace is not None:
             return (await self._workspace(scope, workspace)).id
         return None if scope.is_master else scope.workspace_id
+
+    # --- the console's reads (the dashboard's management pages) -----------------------
+
+    async def search_users(self, scope: Scope, query: str, workspace: str | None = None,
+                           limit: int = SEARCH_LIMIT[1]) -> list[dict]:
+        """Users whose id is or starts with `query`, whose name contains it (any case),
+        whose end-user id is it, or who own a key whose public prefix starts with it;
+        newest first, at most `limit`. A workspace admin finds its own workspace's only.
+        One indexed query on the store's read connection, not every user loaded."""
+        if not isinstance(query, str) or "\x00" in query or not 0 < len(query.strip()) <= MAX_IDENT_CHARS:
+            raise ApiError(400, f"q must be 1 to {MAX_IDENT_CHARS} characters", param="q")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not SEARCH_LIMIT[0] <= limit <= SEARCH_LIMIT[1]:
+            raise ApiError(400, f"limit must be an integer from {SEARCH_LIMIT[0]} to {SEARCH_LIMIT[1]}", param="limit")
+        query = query.strip()
+        workspace_id = await self.report_workspace(scope, workspace)
+        starts = _like_escape(query) + "%"
+        where = ("(u.id = ? OR u.id LIKE ? ESCAPE '\\' OR lower(coalesce(u.name, '')) LIKE ? ESCAPE '\\'"
+                 " OR u.external_id = ?"
+                 " OR EXISTS (SELECT 1 FROM api_keys k WHERE k.user_id = u.id AND k.prefix LIKE ? ESCAPE '\\'))")
+        args: list[Any] = [query, starts, "%" + _like_escape(query.lower()) + "%", query, starts]
+        if workspace_id is not None:
+            where += " AND u.workspace_id = ?"
+            args.append(workspace_id)
+        rows = await self.store.report_query(
+            f"SELECT u.id FROM users u WHERE {where} ORDER BY u.created_at DESC, u.id LIMIT ?", [*args, limit])
+        found = []
+        for row in rows:
+            user = await self.store.get_user(row["id"])
+            if user is not None and (scope.is_master or user.workspace_id == scope.workspace_id):
+                found.append(as_dict(user))
+        return found
+
+    async def user_requests(self, scope: Scope, user_id: str, limit: int = 50) -> list[dict]:
+        """A user's last requests, newest first: when, status, model, tokens, cost, energy,
+        latency; what the usage log holds, never a prompt or an answer (it holds none)."""
+        from gateway.store.base import parse_iso_utc
+
+        if isinstance(limit, bool) or not isinstance(limit, int) or not REQUESTS_LIMIT[0] <= limit <= REQUESTS_LIMIT[1]:
+            raise ApiError(400, f"limit must be an integer from {REQUESTS_LIMIT[0]} to {REQUESTS_LIMIT[1]}",
+                           param="limit")
+        user = await self._user(scope, user_id)
+        rows = await self.store.report_query(
+            f"SELECT {', '.join(REQUEST_FIELDS)} FROM ai_usage_logs WHERE user_id = ?"
+            " ORDER BY created_at DESC, id DESC LIMIT ?", [user.id, limit])
+        out = []
+        for row in rows:
+            created = row["created_at"]
+            if isinstance(created, str):
+                created = parse_iso_utc(created)
+            elif hasattr(created, "timestamp"):
+                created = created.timestamp()
+            out.append({**row, "created_at": created, "cost_usd": self.store.usd(row["cost_usd"]),
+                        "cache_hit": bool(row["cache_hit"]), "streamed": bool(row["streamed"])})
+        return out
+
+    def tiers(self, scope: Scope) -> list[dict]:
+        """The configured tiers and the public models each allows (what a key's `models` may
+        narrow to): the names the console offers in its tier and model pickers."""
+        return [{"name": name, "models": sorted(self.config.tier_models(name)),
+                 "refill": None if tier.refill is None else tier.refill.model_dump(),
+                 "default": name == self.config.auth.default_tier}
+                for name, tier in sorted(self.config.tiers.items())]
+
+
+SEARCH_LIMIT = (1, 200)               # users found by one search
+REQUESTS_LIMIT = (1, 500)             # a user's last requests shown
+# A user's last requests as the console shows them: the usage log's metadata, no content.
+REQUEST_FIELDS = ("request_id", "created_at", "status", "error_type", "model", "provider", "action",
+                  "tokens_prompt", "tokens_completion", "tokens_total", "cost_usd", "energy_cost",
+                  "latency_ms", "ttfb_ms", "cache_hit", "streamed")
+
+
+def _like_escape(text: str) -> str:
+    """`text` matched literally by LIKE ... ESCAPE '\\' ('%' and '_' are not wildcards)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

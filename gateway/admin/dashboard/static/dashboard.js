@@ -3,7 +3,6 @@
 // Every number shown is a number the API returned; a field the API does not return is "—".
 "use strict";
 
-const KEY_STORAGE = "gateway.adminKey";
 const REFRESH_SECONDS = Number(new URLSearchParams(location.search).get("refresh")) || 15;
 const DASH = "—";
 const WINDOW_DAYS = { "1h": 1, "24h": 1, "7d": 7, "30d": 30 };
@@ -14,26 +13,7 @@ let timer = null;
 let chart = null;
 let scope = null;
 
-class ApiFailure extends Error {
-  constructor(status, message) { super(message); this.status = status; }
-}
-
-async function api(path) {
-  const key = sessionStorage.getItem(KEY_STORAGE);
-  let response;
-  try {
-    response = await fetch(path, { headers: { Authorization: "Bearer " + key }, cache: "no-store" });
-  } catch (err) {
-    throw new ApiFailure(0, "could not reach the gateway (" + err.message + ")");
-  }
-  let body = null;
-  try { body = await response.json(); } catch (_) { /* not JSON: described below */ }
-  if (!response.ok) {
-    const message = body && body.error && body.error.message ? body.error.message : "HTTP " + response.status;
-    throw new ApiFailure(response.status, message);
-  }
-  return body;
-}
+// api(method, path, body) and ApiFailure: api.js, the page's one door to the gateway.
 
 function signInMessage(failure) {
   if (failure.status === 401) {
@@ -305,21 +285,21 @@ async function refresh() {
   const days = WINDOW_DAYS[windowValue] || 1;
   try {
     const [metrics, daily, actions, weekly, experiments, workspaces, live] = await Promise.all([
-      api("/admin/metrics" + query({ window: windowValue })),
-      api("/admin/usage/daily" + query({ days })),
-      api("/admin/usage/actions" + query({ days })),
-      api("/admin/usage/weekly" + query({ days: WEEKLY_DAYS })),
-      api("/admin/usage/experiments" + query({ days })),
-      api("/admin/workspaces"),
-      api("/admin/dashboard/live" + query({})),
+      api("GET", "/admin/metrics" + query({ window: windowValue })),
+      api("GET", "/admin/usage/daily" + query({ days })),
+      api("GET", "/admin/usage/actions" + query({ days })),
+      api("GET", "/admin/usage/weekly" + query({ days: WEEKLY_DAYS })),
+      api("GET", "/admin/usage/experiments" + query({ days })),
+      api("GET", "/admin/workspaces"),
+      api("GET", "/admin/dashboard/live" + query({})),
     ]);
     // /admin/metrics' own top users (the chosen window, with tier and balance) when it has
     // them; otherwise the top-users report joined with the user list.
     let top = pick(metrics, ["topUsers"]);
     let users = [];
     if (top === undefined) {
-      [top, users] = await Promise.all([api("/admin/usage/top-users" + query({ days, limit: 10 })).then((r) => r.rows),
-                                        api("/admin/users" + query({}))]);
+      [top, users] = await Promise.all([api("GET", "/admin/usage/top-users" + query({ days, limit: 10 })).then((r) => r.rows),
+                                        api("GET", "/admin/users" + query({}))]);
     }
     renderTotals(metrics, live);
     renderDaily(daily.rows);
@@ -369,7 +349,7 @@ function stopRefreshing() {
 async function signIn(key) {
   sessionStorage.setItem(KEY_STORAGE, key);
   try {
-    const live = await api("/admin/dashboard/live");
+    const live = await api("GET", "/admin/dashboard/live");
     scope = live.scope;
     setText("#whoami", scope === "master" ? "master key: every workspace" : "workspace admin: " + live.workspaceId);
     $("#workspace-control").hidden = scope !== "master";
@@ -378,6 +358,8 @@ async function signIn(key) {
     $("#session").hidden = false;
     $("#app").hidden = false;
     document.body.dataset.scope = scope;
+    // The management pages (console.js) learn who signed in from this event.
+    document.dispatchEvent(new CustomEvent("gateway:signed-in", { detail: { scope, workspaceId: live.workspaceId } }));
     startRefreshing();
   } catch (err) {
     signOut(err instanceof ApiFailure ? signInMessage(err) : String(err));
@@ -390,6 +372,7 @@ function signOut(message) {
   scope = null;
   delete document.body.dataset.scope;
   delete document.body.dataset.refreshedAt;
+  document.dispatchEvent(new CustomEvent("gateway:signed-out"));
   $("#app").hidden = true;
   $("#session").hidden = true;
   $("#signin-panel").hidden = false;
