@@ -33,6 +33,12 @@ LEDGER_LIMIT = (1, 10000)             # ledger entries shown
 METRICS_WINDOW = (1.0, 3660 * 86400.0)  # /admin/metrics?window=: one second to ten years
 AUDIT_LIMIT = (1, 1000)               # audit rows shown
 ALERTS_LIMIT = (1, 1000)              # alert deliveries shown
+SEARCH_LIMIT = (1, 200)               # users found by one search
+REQUESTS_LIMIT = (1, 500)             # a user's last requests shown
+# A user's last requests as the console shows them: the usage log's metadata, no content.
+REQUEST_FIELDS = ("request_id", "created_at", "status", "error_type", "model", "provider", "action",
+                  "tokens_prompt", "tokens_completion", "tokens_total", "cost_usd", "energy_cost",
+                  "latency_ms", "ttfb_ms", "cache_hit", "streamed")
 ALERT_STATUSES = ("pending", "delivered", "failed")
 KEY_EXPIRES = (1.0, 3660 * 86400.0)   # keys create --expires: one second to ten years
 KEY_PER_MINUTE = (1, 10**9)           # a key's rpm / tpm
@@ -562,7 +568,7 @@ class Admin:
     # --- the console's reads (the dashboard's management pages) -----------------------
 
     async def search_users(self, scope: Scope, query: str, workspace: str | None = None,
-                           limit: int = SEARCH_LIMIT[1]) -> list[dict]:
+                           limit: int = 50) -> list[dict]:
         """Users whose id is or starts with `query`, whose name contains it (any case),
         whose end-user id is it, or who own a key whose public prefix starts with it;
         newest first, at most `limit`. A workspace admin finds its own workspace's only.
@@ -621,13 +627,6 @@ class Admin:
                  "default": name == self.config.auth.default_tier}
                 for name, tier in sorted(self.config.tiers.items())]
 
-
-SEARCH_LIMIT = (1, 200)               # users found by one search
-REQUESTS_LIMIT = (1, 500)             # a user's last requests shown
-# A user's last requests as the console shows them: the usage log's metadata, no content.
-REQUEST_FIELDS = ("request_id", "created_at", "status", "error_type", "model", "provider", "action",
-                  "tokens_prompt", "tokens_completion", "tokens_total", "cost_usd", "energy_cost",
-                  "latency_ms", "ttfb_ms", "cache_hit", "streamed")
 
 
 def _like_escape(text: str) -> str:
