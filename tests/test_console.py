@@ -20,7 +20,10 @@ import pytest
 
 from tests.conftest import MASTER_KEY
 from tests.test_accounting import COMPLETION, HELLO, PROMPT, models, usage_rows
-from tests.test_dashboard import browser, sign_in  # noqa: F401  (the module's Chromium fixture)
+from tests import test_dashboard
+from tests.test_dashboard import sign_in
+
+browser = test_dashboard.browser  # the same headless Chromium fixture (Debian's chromium + chromedriver)
 
 WAIT = 20
 BOTH = pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
@@ -46,8 +49,9 @@ def console(gateway_factory, upstream):
     """acme (a user with traffic, a workspace admin) and globex (a user, a workspace admin);
     one configured model is named like an XSS payload (what an operator types is data too)."""
     upstream.prompt_tokens, upstream.completion_tokens = PROMPT, COMPLETION
-    energy = {"default_action": "ai_message", "unknown_action": "default",  # an XSS action is priced, not refused
-              "actions": {"ai_message": {"default": 1, "models": {"gpt-4o": 5, "gpt-4o-mini": 2, "demo": 1}}}}
+    energy = {"default_action": "ai_message",
+              "actions": {"ai_message": {"default": 1, "models": {"gpt-4o": 5, "gpt-4o-mini": 2, "demo": 1}},
+                          XSS: {"default": 1}}}
     gw = gateway_factory(plugins=CHAIN, energy=energy,
                          models=[*models(upstream), {"name": XSS, "litellm_params": {"model": "demo/offline"}}])
     acme_user, acme_key = gw.make_user(workspace="acme", energy=100)
@@ -154,7 +158,7 @@ def answers(gw: Any, key: str, model: str = "gpt-4o-mini") -> bool:
 # ------------------------------------------------------------------ the page, master key
 
 
-def test_the_master_key_manages_everything_from_the_page(browser, console):  # noqa: F811
+def test_the_master_key_manages_everything_from_the_page(browser, console):
     """Create a workspace and a user (the key shown once and working), grant and adjust
     energy with a reason (a removal confirmed first), change the tier, create a key with
     label, expiry and models, rotate and revoke it (each confirmed); every action is in the
@@ -259,7 +263,7 @@ def test_the_master_key_manages_everything_from_the_page(browser, console):  # n
         assert secret not in browser.page_source
 
 
-def test_a_users_page_shows_its_last_requests_and_search_finds_users(browser, console):  # noqa: F811
+def test_a_users_page_shows_its_last_requests_and_search_finds_users(browser, console):
     """Last requests: time, status, model, tokens, cost, energy, latency from the usage log
     (never content); search by name, id and key prefix."""
     gw, ids = console
@@ -292,7 +296,7 @@ def test_a_users_page_shows_its_last_requests_and_search_finds_users(browser, co
     wait(browser, lambda d: rows(d, "users-list") == [["no user found"]])
 
 
-def test_api_errors_are_shown_in_place(browser, console):  # noqa: F811
+def test_api_errors_are_shown_in_place(browser, console):
     gw, ids = console
     sign_in(browser, gw, MASTER_KEY)
     go(browser, "#/workspaces")
@@ -323,7 +327,7 @@ def test_api_errors_are_shown_in_place(browser, console):  # noqa: F811
 # ------------------------------------------------------------------ a workspace admin
 
 
-def test_a_workspace_admin_manages_its_workspace_and_sees_no_other_on_the_page(browser, console):  # noqa: F811
+def test_a_workspace_admin_manages_its_workspace_and_sees_no_other_on_the_page(browser, console):
     gw, ids = console
     sign_in(browser, gw, ids["acme_admin"])
     assert browser.find_element("tag name", "body").get_attribute("data-scope") == "workspace_admin"
@@ -450,7 +454,7 @@ def test_search_and_last_requests_answer_within_the_scope(console):
 # ------------------------------------------------------------------ stored XSS
 
 
-def test_stored_xss_payloads_in_every_user_controlled_field_show_as_text(browser, console):  # noqa: F811
+def test_stored_xss_payloads_in_every_user_controlled_field_show_as_text(browser, console):
     """A name, a key label, an energy reason, a request's action, a model's name and an
     alert's summary carrying `<img src=x onerror=...>`: shown literally on every page, no
     element made of them, no script run."""
@@ -483,7 +487,7 @@ def test_stored_xss_payloads_in_every_user_controlled_field_show_as_text(browser
     assert by_id(browser, "user-title").text == f"{XSS} ({user['id']})"
     label_row = key_row(browser, key["prefix"])
     assert label_row[1] == XSS and label_row[5] == f"{XSS}, gpt-4o-mini"
-    assert rows(browser, "ledger-table")[0][4] == XSS
+    assert [r[4] for r in rows(browser, "ledger-table") if r[1] == "grant"][0] == XSS
     requests = rows(browser, "requests-table")
     assert {(r[2], r[3]) for r in requests} == {(XSS, XSS), ("gpt-4o-mini", XSS)}
     assert XSS in by_id(browser, "key-models").text  # the tier's models, as checkbox labels

@@ -304,7 +304,7 @@
       const body = { amount, kind };
       const reason = $("#energy-reason").value.trim();
       if (reason) body.reason = reason;
-      if (amount < 0 && !(await confirmAction("Remove " + int(-amount) + " energy from " + currentUser.id + "?",
+      if (kind === "adjust" && amount < 0 && !(await confirmAction("Remove " + int(-amount) + " energy from " + currentUser.id + "?",
                                               "Remove energy"))) {
         status("nothing changed");
         return;
@@ -316,8 +316,10 @@
     });
   });
 
+  const keyName = (k) => k.prefix + "…" + (k.label ? " (" + k.label + ")" : "");
+
   async function revokeKey(k) {
-    if (!(await confirmAction("Revoke key " + k.prefix + "…? Requests with it are refused at once; this cannot be undone.",
+    if (!(await confirmAction("Revoke key " + keyName(k) + "? Requests with it are refused at once; this cannot be undone.",
                               "Revoke key"))) {
       status("nothing changed");
       return;
@@ -333,7 +335,7 @@
   }
 
   async function rotateKey(k) {
-    if (!(await confirmAction("Rotate key " + k.prefix + "…? It stops working now; a new key with the same controls replaces it.",
+    if (!(await confirmAction("Rotate key " + keyName(k) + "? It stops working now; a new key with the same controls replaces it.",
                               "Rotate key"))) {
       status("nothing changed");
       return;
@@ -342,7 +344,7 @@
       showError("#keys-error", null);
       const created = await api("POST", "/admin/keys/" + encodeURIComponent(k.id) + "/rotate");
       await reloadUser();
-      showSecret("#key-secret", "New key replacing " + k.prefix + "…", created.api_key);
+      showSecret("#key-secret", "New key replacing " + keyName(k), created.api_key);
       status("key " + k.prefix + "… rotated");
     } catch (err) {
       showError("#keys-error", err);
@@ -363,8 +365,7 @@
       const created = await api("POST", "/admin/users/" + encodeURIComponent(currentUser.id) + "/keys", body);
       form.reset();
       await reloadUser();
-      showSecret("#key-secret", "New key " + created.prefix + "…" + (created.label ? " (" + created.label + ")" : ""),
-                 created.api_key);
+      showSecret("#key-secret", "New key " + keyName(created), created.api_key);
       status("key " + created.prefix + "… created");
     });
   });
