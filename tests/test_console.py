@@ -518,3 +518,47 @@ def test_stored_xss_payloads_in_every_user_controlled_field_show_as_text(browser
     go(browser, "#/users/" + XSS)
     assert XSS in shown_error(browser, "user-error")
     assert_inert("error messages", 1)
+
+
+# ------------------------------------------------------------------ accessible, keyboard, a laptop screen
+
+
+def test_the_console_is_labelled_keyboard_operable_and_fits_a_laptop_screen(browser, console):
+    """Every field has a label, every action is a <button> or a link; a form submits with
+    Enter, the confirmation dialog cancels with Esc (nothing changes); at 1280 px no page
+    scrolls sideways."""
+    from selenium.webdriver.common.keys import Keys
+
+    gw, ids = console
+    sign_in(browser, gw, MASTER_KEY)
+    browser.set_window_size(1280, 800)
+    try:
+        for hash_ in ("#/users", f"#/users/{ids['acme_user']}", "#/workspaces", "#/audit", "#/alerts"):
+            go(browser, hash_)
+            unlabelled = browser.execute_script("""
+                return [...document.querySelectorAll('#app input, #app select')]
+                  .filter((f) => f.offsetParent !== null && !f.labels.length && !f.getAttribute('aria-label'))
+                  .map((f) => f.id || f.outerHTML);""")
+            assert unlabelled == [], (hash_, unlabelled)
+            clickable_divs = browser.execute_script(
+                "return document.querySelectorAll('#app [onclick], #app div[tabindex], #app span[tabindex]').length")
+            assert clickable_divs == 0
+            assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth"), hash_
+
+        go(browser, "#/workspaces")
+        field = by_id(browser, "new-workspace-name")
+        field.send_keys("keyboard-made", Keys.ENTER)
+        wait_status(browser, "workspace keyboard-made created")
+
+        go(browser, f"#/users/{ids['acme_user']}")
+        key_id = next(k["id"] for k in ok(call(gw, "GET", "/admin/keys", params={"user": ids["acme_user"]})))
+        button = browser.find_element("css selector", f'#keys-table button[data-action="revoke"][data-key="{key_id}"]')
+        assert button.tag_name == "button" and button.get_attribute("aria-label").startswith("Revoke key ")
+        button.send_keys(Keys.ENTER)  # a focused button, activated from the keyboard
+        wait(browser, lambda d: by_id(d, "confirm-dialog").is_displayed())
+        assert browser.switch_to.active_element.get_attribute("id") == "confirm-cancel"  # the safe choice first
+        browser.switch_to.active_element.send_keys(Keys.ESCAPE)
+        wait_status(browser, "nothing changed")
+        assert answers(gw, ids["acme_key"])
+    finally:
+        browser.set_window_size(1280, 2400)
