@@ -69,9 +69,10 @@ def console(gateway_factory, upstream):
 
 
 def wait(driver: Any, condition: Any, message: str = "") -> Any:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, WAIT).until(condition, message)
+    return WebDriverWait(driver, WAIT, ignored_exceptions=(StaleElementReferenceException,)).until(condition, message)
 
 
 def go(driver: Any, hash_: str) -> None:
@@ -101,8 +102,9 @@ def choose(driver: Any, element_id: str, value: str) -> None:
 
 
 def rows(driver: Any, table_id: str) -> list[list[str]]:
-    found = driver.find_elements("css selector", f"#{table_id} tbody tr")
-    return [[td.text.strip() for td in row.find_elements("tag name", "td")] for row in found]
+    # One script, one moment: a table re-rendered between reads cannot be half old, half new.
+    return driver.execute_script("return [...document.querySelectorAll(arguments[0])]"
+                                 ".map((tr) => [...tr.cells].map((td) => td.innerText.trim()))", f"#{table_id} tbody tr")
 
 
 def status(driver: Any) -> str:
@@ -259,6 +261,10 @@ def test_the_master_key_manages_everything_from_the_page(browser, console):
     assert [r[3] for r in shown][:8] == ["key.revoke", "key.rotate", "key.create", "user.set_tier", "energy.adjust",
                                          "energy.grant", "user.create", "workspace.create"]
     assert all(r[1] == "master" and r[2] == "api" for r in shown[:8])
+    change = {r[3]: r[6] for r in shown}
+    assert "tier: pro → free" in change["user.set_tier"].splitlines()
+    assert {"amount: 10", "reason: ticket 42", f"energy: {balance} → {balance + 10}"} <= set(change["energy.grant"].splitlines())
+    assert "label: ci runner" in change["key.create"].splitlines()
     for secret in (user_key, second_key, rotated_key):
         assert secret not in browser.page_source
 

@@ -399,7 +399,28 @@
 
   // ---------------------------------------------------------------- audit log, alert deliveries
 
-  const json = (value) => (value === null || value === undefined ? DASH : JSON.stringify(value));
+  // What an audit row changed, one line per field: "tier: pro → free" for an update, the
+  // fields set for a creation (secrets never reach the audit log, so none are shown).
+  function change(before, after) {
+    const show = (v) => (typeof v === "string" ? v : JSON.stringify(v));
+    const lines = [];
+    const isObject = (v) => v !== null && typeof v === "object" && !Array.isArray(v);
+    if (isObject(after)) {
+      for (const [name, value] of Object.entries(after)) {
+        if (isObject(before) && name in before) {
+          if (JSON.stringify(before[name]) !== JSON.stringify(value)) {
+            lines.push(name + ": " + show(before[name]) + " → " + show(value));
+          }
+        } else if (value !== null && name !== "created_at") {
+          lines.push(name + ": " + show(value));
+        }
+      }
+    } else if (after !== null && after !== undefined) {
+      lines.push(show(after));
+    }
+    if (!lines.length) return DASH;
+    return el("div", { className: "change" }, ...lines.map((line) => el("div", { text: line })));
+  }
 
   async function showAudit() {
     showError("#audit-error", null);
@@ -412,7 +433,7 @@
       fill("#audit-table", rows, (r) => [
         when(r.created_at), r.actor === "workspace_admin" ? "workspace admin " + textOr(r.actor_key_prefix) + "…" : r.actor,
         r.via, r.action, r.target, r.workspace_id ? workspaceName(r.workspace_id) : DASH,
-        [json(r.before), "json"], [json(r.after), "json"], r.request_id,
+        [change(r.before, r.after), "json"], r.request_id,
       ], "no audit entries in this window");
     } catch (err) {
       showError("#audit-error", err);
