@@ -12,6 +12,7 @@ user-controlled field come back as text and never run.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import httpx
@@ -568,3 +569,14 @@ def test_the_console_is_labelled_keyboard_operable_and_fits_a_laptop_screen(brow
         assert answers(gw, ids["acme_key"])
     finally:
         browser.set_window_size(1280, 2400)
+
+
+def test_the_page_runs_only_its_own_scripts(console):
+    """A Content-Security-Policy: no inline script, nothing from elsewhere (a second wall
+    behind writing every stored text as text)."""
+    gw, _ = console
+    answer = httpx.get(gw.url + "/dashboard", timeout=10)
+    policy = dict(part.strip().split(" ", 1) for part in answer.headers["Content-Security-Policy"].split(";"))
+    assert policy["script-src"] == "'self'" and policy["default-src"] == "'self'" and policy["object-src"] == "'none'"
+    assert re.search(r"<script(?![^>]*\bsrc=)", answer.text) is None  # no inline script the policy would block
+    assert re.search(r"\son[a-z]+\s*=", answer.text) is None  # no inline event handler either

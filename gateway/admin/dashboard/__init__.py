@@ -30,6 +30,8 @@ RECENT_ERRORS = 20
 # Recent errors are looked for in the last hour of the log: a LIMITed query on the store's
 # report connection, so a busy hour costs the database a short index scan, never the loop.
 RECENT_ERRORS_WINDOW = 3600.0
+PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self';"
+            " object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 ERROR_FIELDS = ("request_id", "created_at", "user_id", "workspace_id", "model", "provider", "action",
                 "status", "error_type")
 
@@ -68,6 +70,9 @@ def dashboard_routes() -> list[web.AbstractRouteDef]:
         response = web.FileResponse(STATIC_DIR / "index.html")
         response.headers["Cache-Control"] = "no-store"
         response.headers["X-Frame-Options"] = "DENY"
+        # The page runs only its own files: text from the store that ever reached the DOM as
+        # HTML could not run a script (console.js writes it as text; this is the second wall).
+        response.headers["Content-Security-Policy"] = PAGE_CSP
         return response
 
     async def live(request: web.Request) -> web.Response:

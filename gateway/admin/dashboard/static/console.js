@@ -87,7 +87,8 @@
 
   function status(message) { $("#console-status").textContent = message; }
 
-  // Runs a form's action with its button disabled, its error box cleared or filled.
+  // Runs a form's action with its button disabled, its error box cleared or filled. An action
+  // reports success in the status line after the page shows the new state.
   async function submitting(form, errorSelector, action) {
     const buttons = form.querySelectorAll("button");
     buttons.forEach((b) => { b.disabled = true; });
@@ -207,8 +208,8 @@
       form.reset();
       showSecret("#create-user-secret", "API key of " + (created.name || created.id), created.api_key);
       $("#create-user-secret .secret").append(el("p", {}, "User ", userLink(created.id), " created in " + created.workspace + "."));
-      status("user " + created.id + " created");
       await searchUsers();
+      status("user " + created.id + " created");
     });
   });
 
@@ -288,8 +289,8 @@
     submitting(event.currentTarget, "#tier-error", async () => {
       const tier = $("#tier-select").value;
       await api("PATCH", "/admin/users/" + encodeURIComponent(currentUser.id), { tier });
-      status("tier of " + currentUser.id + " set to " + tier);
       await reloadUser();
+      status("tier of " + currentUser.id + " set to " + tier);
     });
   });
 
@@ -311,8 +312,8 @@
       }
       const answer = await api("POST", "/admin/users/" + encodeURIComponent(currentUser.id) + "/energy", body);
       form.reset();
-      status("energy of " + answer.user_id + " is now " + int(answer.energy));
       await reloadUser();
+      status("energy of " + answer.user_id + " is now " + int(answer.energy));
     });
   });
 
@@ -327,8 +328,8 @@
     try {
       showError("#keys-error", null);
       await api("POST", "/admin/keys/" + encodeURIComponent(k.id) + "/revoke");
-      status("key " + k.prefix + "… revoked");
       await reloadUser();
+      status("key " + k.prefix + "… revoked");
     } catch (err) {
       showError("#keys-error", err);
     }
@@ -392,8 +393,8 @@
     submitting(form, "#create-workspace-error", async () => {
       const created = await api("POST", "/admin/workspaces", { name: $("#new-workspace-name").value.trim() });
       form.reset();
-      status("workspace " + created.name + " created");
       await showWorkspaces();
+      status("workspace " + created.name + " created");
     });
   });
 
