@@ -161,6 +161,7 @@ def answers(gw: Any, key: str, model: str = "gpt-4o-mini") -> bool:
 # ------------------------------------------------------------------ the page, master key
 
 
+@BOTH
 def test_the_master_key_manages_everything_from_the_page(browser, console):
     """Create a workspace and a user (the key shown once and working), grant and adjust
     energy with a reason (a removal confirmed first), change the tier, create a key with
