@@ -253,16 +253,39 @@ def test_the_master_key_manages_everything_from_the_page(browser, console):
     assert key_row(browser, rotated["prefix"])[6].startswith("revoked")
     assert not answers(gw, rotated_key)
 
+    first = next(k for k in ok(call(gw, "GET", "/admin/keys", params={"user": user_id})) if k["label"] is None)
+    click_key_action(browser, "edit", first["id"])
+    wait(browser, lambda d: by_id(d, "key-edit-form").is_displayed())
+    fill(browser, "key-edit-label", "laptop")
+    fill(browser, "key-edit-expires", "12h")
+    browser.find_element("css selector", '#key-edit-models input[value="demo"]').click()
+    browser.find_element("css selector", "#key-edit-form button[type=submit]").click()
+    wait_status(browser, f"key {first['prefix']}… updated")
+    edited = next(k for k in ok(call(gw, "GET", "/admin/keys", params={"user": user_id})) if k["id"] == first["id"])
+    assert (edited["label"], edited["models"]) == ("laptop", ["demo"]) and edited["expires_at"] is not None
+    assert key_row(browser, first["prefix"])[1:2] == ["laptop"] and key_row(browser, first["prefix"])[5] == "demo"
+    click_key_action(browser, "edit", first["id"])
+    assert by_id(browser, "key-edit-label").get_attribute("value") == "laptop"
+    fill(browser, "key-edit-label", "")
+    by_id(browser, "key-edit-never").click()
+    browser.find_element("css selector", '#key-edit-models input[value="demo"]').click()  # none ticked: the tier's
+    browser.find_element("css selector", "#key-edit-form button[type=submit]").click()
+    wait_status(browser, f"key {first['prefix']}… updated")
+    edited = next(k for k in ok(call(gw, "GET", "/admin/keys", params={"user": user_id})) if k["id"] == first["id"])
+    assert (edited["label"], edited["models"], edited["expires_at"]) == (None, None, None)
+    assert answers(gw, user_key)
+
     actions = audit_actions(gw)
+    assert actions.count("key.update") == 2
     for action in ("workspace.create", "user.create", "energy.grant", "energy.adjust", "user.set_tier",
                    "key.create", "key.rotate", "key.revoke"):
         assert action in actions, action
     assert actions.count("energy.adjust") == 1 and actions.count("key.revoke") == 1  # the cancelled ones did nothing
     go(browser, "#/audit")
     shown = rows(browser, "audit-table")
-    assert [r[3] for r in shown][:8] == ["key.revoke", "key.rotate", "key.create", "user.set_tier", "energy.adjust",
+    assert [r[3] for r in shown][:10] == ["key.update", "key.update", "key.revoke", "key.rotate", "key.create", "user.set_tier", "energy.adjust",
                                          "energy.grant", "user.create", "workspace.create"]
-    assert all(r[1] == "master" and r[2] == "api" for r in shown[:8])
+    assert all(r[1] == "master" and r[2] == "api" for r in shown[:10])
     change = {r[3]: r[6] for r in shown}
     assert "tier: pro → free" in change["user.set_tier"].splitlines()
     assert {"amount: 10", "reason: ticket 42", f"energy: {balance} → {balance + 10}"} <= set(change["energy.grant"].splitlines())

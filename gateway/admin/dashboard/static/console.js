@@ -223,13 +223,16 @@
 
   function keyActions(k) {
     if (k.revoked_at) return "";
+    const edit = el("button", { type: "button", className: "secondary", text: "Edit", dataset: { action: "edit", key: k.id } });
+    edit.setAttribute("aria-label", "Edit key " + k.prefix);
+    edit.addEventListener("click", () => editKey(k));
     const rotate = el("button", { type: "button", className: "secondary", text: "Rotate", dataset: { action: "rotate", key: k.id } });
     rotate.setAttribute("aria-label", "Rotate key " + k.prefix);
     const revoke = el("button", { type: "button", className: "danger", text: "Revoke", dataset: { action: "revoke", key: k.id } });
     revoke.setAttribute("aria-label", "Revoke key " + k.prefix);
     rotate.addEventListener("click", () => rotateKey(k));
     revoke.addEventListener("click", () => revokeKey(k));
-    return el("span", { className: "row-actions" }, rotate, " ", revoke);
+    return el("span", { className: "row-actions" }, edit, " ", rotate, " ", revoke);
   }
 
   function renderUser(user, ledger, requests) {
@@ -248,11 +251,8 @@
       when(k.created_at), k.expires_at ? when(k.expires_at) : "never",
       k.models ? k.models.join(", ") : "every model of the tier", keyStatus(k), keyActions(k),
     ], "no keys");
-    const models = (cache.tiers.find((t) => t.name === user.tier) || { models: [] }).models;
-    $("#key-models").replaceChildren($("#key-models legend"), ...models.map((m, i) => {
-      const box = el("input", { type: "checkbox", id: "key-model-" + i, value: m, name: "models" });
-      return el("label", { className: "check", htmlFor: "key-model-" + i }, box, " " + m);
-    }));
+    modelBoxes("#key-models", "key-model-", user.tier, []);
+    $("#key-edit-form").hidden = true;
     fill("#requests-table", requests, (r) => [
       when(r.created_at), r.error_type ? r.status + " " + r.error_type : r.status, r.model, r.action,
       [int(r.tokens_total), "num"], [usd(r.cost_usd), "num"], [int(r.energy_cost), "num"],
@@ -263,6 +263,18 @@
       e.reason, e.request_id,
     ], "no ledger entries");
   }
+
+  // The tier's models as labelled checkboxes (a key narrows its tier, never widens it).
+  function modelBoxes(selector, idPrefix, tier, ticked) {
+    const models = (cache.tiers.find((t) => t.name === tier) || { models: [] }).models;
+    const holder = $(selector);
+    holder.replaceChildren(holder.querySelector("legend"), ...models.map((m, i) => {
+      const box = el("input", { type: "checkbox", id: idPrefix + i, value: m, name: "models", checked: ticked.includes(m) });
+      return el("label", { className: "check", htmlFor: idPrefix + i }, box, " " + m);
+    }));
+  }
+
+  const tickedModels = (selector) => [...document.querySelectorAll(selector + " input:checked")].map((box) => box.value);
 
   async function showUser(userId) {
     showError("#user-error", null);
@@ -359,7 +371,7 @@
       const body = { role: $("#key-role").value };
       const label = $("#key-label").value.trim();
       const expires = $("#key-expires").value.trim();
-      const models = [...form.querySelectorAll("#key-models input:checked")].map((box) => box.value);
+      const models = tickedModels("#key-models");
       if (label) body.label = label;
       if (expires) body.expires = expires;
       if (models.length) body.models = models;
@@ -368,6 +380,39 @@
       await reloadUser();
       showSecret("#key-secret", "New key " + keyName(created), created.api_key);
       status("key " + created.prefix + "… created");
+    });
+  });
+
+  // Editing a key's label, expiry and models (PATCH /admin/keys/{id}): null removes a control.
+  let editing = null;
+
+  function editKey(k) {
+    editing = k;
+    showError("#key-edit-error", null);
+    $("#key-edit-title").textContent = "Edit key " + keyName(k);
+    $("#key-edit-label").value = k.label || "";
+    $("#key-edit-expires").value = "";
+    $("#key-edit-never").checked = false;
+    modelBoxes("#key-edit-models", "key-edit-model-", currentUser.tier, k.models || []);
+    $("#key-edit-form").hidden = false;
+    $("#key-edit-label").focus();
+  }
+
+  $("#key-edit-cancel").addEventListener("click", () => { $("#key-edit-form").hidden = true; editing = null; });
+
+  $("#key-edit-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    submitting(event.currentTarget, "#key-edit-error", async () => {
+      const label = $("#key-edit-label").value.trim();
+      const models = tickedModels("#key-edit-models");
+      const body = { label: label || null, models: models.length ? models : null };
+      const expires = $("#key-edit-expires").value.trim();
+      if ($("#key-edit-never").checked) body.expires = null;
+      else if (expires) body.expires = expires;
+      const updated = await api("PATCH", "/admin/keys/" + encodeURIComponent(editing.id), body);
+      editing = null;
+      await reloadUser();
+      status("key " + updated.prefix + "… updated");
     });
   });
 
