@@ -192,6 +192,11 @@ def test_the_master_key_manages_everything_from_the_page(browser, console):
     user = ok(call(gw, "GET", f"/admin/users/{user_id}"))
     assert (user["name"], user["tier"], user["workspace_id"]) == ("Ada Lovelace", "pro", initech)
 
+    go(browser, "#/workspaces")
+    browser.find_element("link text", "users of initech").click()
+    energy = ok(call(gw, "GET", f"/admin/users/{user_id}"))["energy"]
+    wait(browser, lambda d: rows(d, "users-list") == [[user_id, "Ada Lovelace", "initech", "pro", f"{energy:,}", "active"]])
+
     go(browser, f"#/users/{user_id}")
     assert by_id(browser, "user-title").text == f"Ada Lovelace ({user_id})"
     balance = ok(call(gw, "GET", f"/admin/users/{user_id}"))["energy"]

@@ -149,10 +149,10 @@
 
   async function loadWorkspaces() {
     cache.workspaces = await api("GET", "/admin/workspaces");
-    for (const selector of ["#new-user-workspace", "#audit-workspace"]) {
+    for (const selector of ["#new-user-workspace", "#audit-workspace", "#users-workspace"]) {
       const select = $(selector);
       const keep = select.value;
-      const options = selector === "#audit-workspace" ? [new Option("all workspaces", "")] : [];
+      const options = selector === "#new-user-workspace" ? [] : [new Option("all workspaces", "")];
       for (const w of cache.workspaces) options.push(new Option(w.name, w.id));
       select.replaceChildren(...options);
       if ([...select.options].some((o) => o.value === keep)) select.value = keep;
@@ -167,8 +167,13 @@
 
   // ---------------------------------------------------------------- users
 
+  const USERS_SHOWN = 200;
+
   function renderUsers(users) {
-    fill("#users-list", users, (u) => [
+    const note = $("#users-list-note");
+    note.hidden = users.length <= USERS_SHOWN;
+    note.textContent = "showing " + USERS_SHOWN + " of " + int(users.length) + " users: search to narrow";
+    fill("#users-list", users.slice(0, USERS_SHOWN), (u) => [
       userLink(u.id), u.name, workspaceName(u.workspace_id), u.tier, [int(u.energy), "num"],
       u.disabled ? "disabled" : "active",
     ], "no user found");
@@ -181,9 +186,12 @@
 
   async function searchUsers() {
     const q = $("#user-search").value.trim();
+    const params = new URLSearchParams();
+    if (q) params.set("q", q);
+    if (session.scope === "master" && $("#users-workspace").value) params.set("workspace", $("#users-workspace").value);
     showError("#users-list-error", null);
     try {
-      renderUsers(await api("GET", "/admin/users" + (q ? "?" + new URLSearchParams({ q }) : "")));
+      renderUsers(await api("GET", "/admin/users" + (params.size ? "?" + params : "")));
     } catch (err) {
       showError("#users-list-error", err);
     }
@@ -418,15 +426,21 @@
 
   // ---------------------------------------------------------------- workspaces
 
+  // A workspace's users: the Users page, narrowed to it.
+  function usersOf(w) {
+    const link = el("a", { href: "#/users", text: "users of " + w.name });
+    link.addEventListener("click", () => {
+      $("#users-workspace").value = w.id;
+      $("#user-search").value = "";
+    });
+    return link;
+  }
+
   async function showWorkspaces() {
     showError("#workspaces-error", null);
     try {
       await loadWorkspaces();
-      const users = await api("GET", "/admin/users");
-      const counts = new Map();
-      for (const u of users) counts.set(u.workspace_id, (counts.get(u.workspace_id) || 0) + 1);
-      fill("#workspaces-list", cache.workspaces, (w) => [w.name, w.id, when(w.created_at), [int(counts.get(w.id) || 0), "num"]],
-           "no workspaces");
+      fill("#workspaces-list", cache.workspaces, (w) => [w.name, w.id, when(w.created_at), usersOf(w)], "no workspaces");
     } catch (err) {
       showError("#workspaces-error", err);
     }
