@@ -10,6 +10,11 @@ signs in with an admin key (master: every workspace; workspace admin: its own); 
 keeps it in sessionStorage and sends it as a Bearer header to the same /admin JSON API the
 CLI uses, so every number it shows is one the API returns. Fields the API does not return
 (yet) are shown as "—".
+
+    static/api.js        api(method, path, body): the page's one door to the API (auth lives there)
+    static/dashboard.js  the overview (totals, charts, reports), sign-in
+    static/console.js    the management pages: users, a user's page, workspaces, audit, alerts
+                         (docs/admin.md "Managing from the page"); every change is an /admin call
 """
 
 from __future__ import annotations
