@@ -21,6 +21,7 @@
   function el(tag, props, ...children) {
     const node = document.createElement(tag);
     for (const [name, value] of Object.entries(props || {})) {
+      if (/^(inner|outer)HTML$/.test(name)) throw new Error("el(): text only, never HTML");
       if (name === "text") node.textContent = value;
       else if (name === "dataset") Object.assign(node.dataset, value);
       else node[name] = value;
@@ -261,6 +262,7 @@
     ], "no keys");
     modelBoxes("#key-models", "key-model-", user.tier, []);
     $("#key-edit-form").hidden = true;
+    // #user-budgets (index.html) is left to the budgets work (/admin/budgets): nothing here fills it.
     fill("#requests-table", requests, (r) => [
       when(r.created_at), r.error_type ? r.status + " " + r.error_type : r.status, r.model, r.action,
       [int(r.tokens_total), "num"], [usd(r.cost_usd), "num"], [int(r.energy_cost), "num"],
