@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -27,6 +27,7 @@ from joserfc.jwk import RSAKey
 
 from gateway.config import ConfigError, load_config_data
 from tests.conftest import MASTER_KEY, base_config
+from tests.test_dashboard import WAIT, find_chromium
 
 CLIENT_ID = "ai-gateway"
 CLIENT_SECRET = "oidc-client-secret-0123456789"
@@ -204,32 +205,32 @@ class Browser:
 
 
 def sign_in(gw: Any, provider: FakeOidcProvider, groups: list[str], *, tamper: str | None = None,
-            sub: str = "user-1", email: str = "ada@example.com", browser: Browser | None = None
+            sub: str = "user-1", email: str = "ada@example.com", tab: Browser | None = None
             ) -> tuple[Browser, httpx.Response]:
     """The whole code flow: the gateway's login redirect, the provider's authorize redirect,
     the gateway's callback. Returns the browser and the callback's answer."""
     provider.user = {"sub": sub, "email": email, "groups": groups}
     provider.tamper = tamper
-    browser = browser or Browser()
-    start = browser.request("GET", gw.url + "/dashboard/oidc/login")
+    tab = tab or Browser()
+    start = tab.request("GET", gw.url + "/dashboard/oidc/login")
     assert start.status_code == 302, start.text
     assert start.headers["location"].startswith(provider.issuer + "/authorize?")
-    authorize = browser.request("GET", start.headers["location"])
+    authorize = tab.request("GET", start.headers["location"])
     assert authorize.status_code == 302
     callback_url = authorize.headers["location"]
     assert callback_url.startswith(gw.url + "/dashboard/oidc/callback?")
-    browser.last_callback = callback_url
-    return browser, browser.request("GET", callback_url)
+    tab.last_callback = callback_url
+    return tab, tab.request("GET", callback_url)
 
 
 def signed_in(gw: Any, provider: FakeOidcProvider, groups: list[str], **kw: Any) -> tuple[Browser, str]:
-    """A signed-in browser and its session's CSRF token."""
-    browser, done = sign_in(gw, provider, groups, **kw)
+    """A signed-in tab and its session's CSRF token."""
+    tab, done = sign_in(gw, provider, groups, **kw)
     assert done.status_code == 303 and done.headers["location"] == "/dashboard", done.text
-    assert "__Host-gw_session" in browser.cookies
-    me = browser.request("GET", gw.url + "/admin/session")
+    assert "__Host-gw_session" in tab.cookies
+    me = tab.request("GET", gw.url + "/admin/session")
     assert me.status_code == 200, me.text
-    return browser, me.json()["csrfToken"]
+    return tab, me.json()["csrfToken"]
 
 
 def refusal_code(response: httpx.Response) -> str:
@@ -245,12 +246,12 @@ def refusal_code(response: httpx.Response) -> str:
 @pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
 def test_the_code_flow_with_pkce_makes_a_session_whose_cookie_is_httponly_secure_strict(oidc_gateway, provider):
     gw = oidc_gateway
-    browser, done = sign_in(gw, provider, ["gw-admins"])
+    tab, done = sign_in(gw, provider, ["gw-admins"])
     assert done.status_code == 303 and done.headers["location"] == "/dashboard"
-    cookie = browser.attributes["__Host-gw_session"]
+    cookie = tab.attributes["__Host-gw_session"]
     assert cookie["httponly"] and cookie["secure"] and cookie["samesite"] == "Strict" and cookie["path"] == "/"
     assert int(cookie["max-age"]) == 8 * 3600
-    assert "__Host-gw_oidc_login" not in browser.cookies  # the pending login's cookie is cleared
+    assert "__Host-gw_oidc_login" not in tab.cookies  # the pending login's cookie is cleared
     # The authorization request carried PKCE (S256), a state and a nonce; the token request
     # the verifier (the fake checks it against the challenge) and the client's secret.
     asked = provider.authorize_requests[-1]
@@ -258,21 +259,21 @@ def test_the_code_flow_with_pkce_makes_a_session_whose_cookie_is_httponly_secure
     assert asked["redirect_uri"] == gw.url + "/dashboard/oidc/callback"
     assert provider.token_requests[-1]["code_verifier"]
     # The store keeps the session id's hash only.
-    session_id = browser.cookies["__Host-gw_session"]
+    session_id = tab.cookies["__Host-gw_session"]
     assert gw.run(gw.store.dashboard_session(session_id)) is None
     assert gw.run(gw.store.dashboard_session(hashlib.sha256(session_id.encode()).hexdigest()))["role"] == "master"
 
-    me = browser.request("GET", gw.url + "/admin/session").json()
+    me = tab.request("GET", gw.url + "/admin/session").json()
     assert (me["role"], me["workspaceId"], me["subject"], me["email"]) == ("master", None, "user-1", "ada@example.com")
     assert me["expiresAt"] > time.time() + 8 * 3600 - 60
     # The session is the master's: every workspace, and changes with the CSRF token.
-    names = {w["name"] for w in browser.request("GET", gw.url + "/admin/workspaces").json()}
+    names = {w["name"] for w in tab.request("GET", gw.url + "/admin/workspaces").json()}
     assert names == {"acme", "globex"}
-    created = browser.request("POST", gw.url + "/admin/workspaces", json={"name": "initech"},
+    created = tab.request("POST", gw.url + "/admin/workspaces", json={"name": "initech"},
                               headers={"X-CSRF-Token": me["csrfToken"]})
     assert created.status_code == 201, created.text
     # The audit names the person and the role.
-    rows = browser.request("GET", gw.url + "/admin/audit").json()
+    rows = tab.request("GET", gw.url + "/admin/audit").json()
     made = next(r for r in rows if r["action"] == "workspace.create")
     assert (made["actor"], made["actor_subject"], made["actor_email"]) == ("master", "user-1", "ada@example.com")
     signed = next(r for r in rows if r["action"] == "session.sign_in")
@@ -293,12 +294,12 @@ def test_the_provider_button_is_offered_only_when_oidc_is_configured(gateway_fac
 
 def test_a_workspace_admin_session_manages_its_workspace_and_cannot_touch_another(oidc_gateway, provider):
     gw = oidc_gateway
-    browser, csrf = signed_in(gw, provider, ["acme-admins"], sub="wa-1", email="wa@example.com")
-    me = browser.request("GET", gw.url + "/admin/session").json()
+    tab, csrf = signed_in(gw, provider, ["acme-admins"], sub="wa-1", email="wa@example.com")
+    me = tab.request("GET", gw.url + "/admin/session").json()
     acme = gw.run(gw.store.get_workspace("acme"))
     assert (me["role"], me["workspaceId"]) == ("workspace_admin", acme.id)
-    assert [w["name"] for w in browser.request("GET", gw.url + "/admin/workspaces").json()] == ["acme"]
-    made = browser.request("POST", gw.url + "/admin/users", json={"name": "new hire"}, headers={"X-CSRF-Token": csrf})
+    assert [w["name"] for w in tab.request("GET", gw.url + "/admin/workspaces").json()] == ["acme"]
+    made = tab.request("POST", gw.url + "/admin/users", json={"name": "new hire"}, headers={"X-CSRF-Token": csrf})
     assert made.status_code == 201, made.text
     assert made.json()["workspace_id"] == acme.id
     # Another workspace's objects: refused exactly as for acme's workspace admin key (the
@@ -312,14 +313,14 @@ def test_a_workspace_admin_session_manages_its_workspace_and_cannot_touch_anothe
                                ("PATCH", f"/admin/users/{globex_user}", {"tier": "free"}),
                                ("PATCH", "/admin/workspaces/globex", {"profile": {"x": 1}}),
                                ("POST", "/admin/users", {"workspace": "globex"})]:
-        refused = browser.request(method, gw.url + path, json=body, headers={"X-CSRF-Token": csrf})
+        refused = tab.request(method, gw.url + path, json=body, headers={"X-CSRF-Token": csrf})
         assert refused.status_code in (403, 404), (method, path, refused.text)
         by_key = httpx.request(method, gw.url + path, json=body, headers={"Authorization": f"Bearer {acme_admin_key}"})
         assert (refused.status_code, refused.json()["error"]["code"]) == (
             by_key.status_code, by_key.json()["error"]["code"]), (method, path)
     assert len(gw.run(gw.store.list_keys(user_id=globex_user))) == 1
     # Energy is the master's, as for a workspace admin key.
-    grant = browser.request("POST", f"{gw.url}/admin/users/{gw.users['acme']}/energy", json={"amount": 5},
+    grant = tab.request("POST", f"{gw.url}/admin/users/{gw.users['acme']}/energy", json={"amount": 5},
                             headers={"X-CSRF-Token": csrf})
     assert grant.status_code == 403
 
@@ -327,14 +328,14 @@ def test_a_workspace_admin_session_manages_its_workspace_and_cannot_touch_anothe
 @pytest.mark.parametrize("groups, workspace", [(["auditors"], None), (["acme-staff"], "acme")])
 def test_a_viewer_session_reads_and_cannot_change_anything(oidc_gateway, provider, groups, workspace):
     gw = oidc_gateway
-    browser, csrf = signed_in(gw, provider, groups, sub="viewer-1")
-    me = browser.request("GET", gw.url + "/admin/session").json()
+    tab, csrf = signed_in(gw, provider, groups, sub="viewer-1")
+    me = tab.request("GET", gw.url + "/admin/session").json()
     assert me["role"] == "viewer"
-    listed = browser.request("GET", gw.url + "/admin/workspaces")
+    listed = tab.request("GET", gw.url + "/admin/workspaces")
     assert listed.status_code == 200
     assert {w["name"] for w in listed.json()} == ({"acme", "globex"} if workspace is None else {"acme"})
-    assert browser.request("GET", gw.url + "/admin/metrics").status_code == 200
-    assert browser.request("GET", gw.url + "/admin/dashboard/live").status_code == 200
+    assert tab.request("GET", gw.url + "/admin/metrics").status_code == 200
+    assert tab.request("GET", gw.url + "/admin/dashboard/live").status_code == 200
     acme_user = gw.users["acme"]
     before = gw.balance(acme_user)
     for method, path, body in [("POST", "/admin/workspaces", {"name": "sneaky"}),
@@ -342,7 +343,7 @@ def test_a_viewer_session_reads_and_cannot_change_anything(oidc_gateway, provide
                                ("PATCH", f"/admin/users/{acme_user}", {"tier": "free"}),
                                ("POST", f"/admin/users/{acme_user}/energy", {"amount": 10}),
                                ("POST", f"/admin/users/{acme_user}/keys", {})]:
-        refused = browser.request(method, gw.url + path, json=body, headers={"X-CSRF-Token": csrf})
+        refused = tab.request(method, gw.url + path, json=body, headers={"X-CSRF-Token": csrf})
         assert refused.status_code == 403, (method, path, refused.text)
         assert refused.json()["error"]["code"] == "forbidden"
     assert gw.balance(acme_user) == before
@@ -352,8 +353,8 @@ def test_a_viewer_session_reads_and_cannot_change_anything(oidc_gateway, provide
 
 def test_the_first_listed_role_the_user_holds_wins_and_no_role_is_refused(oidc_gateway, provider):
     gw = oidc_gateway
-    browser, _ = signed_in(gw, provider, ["auditors", "gw-admins"])  # gw-admins is listed first
-    assert browser.request("GET", gw.url + "/admin/session").json()["role"] == "master"
+    tab, _ = signed_in(gw, provider, ["auditors", "gw-admins"])  # gw-admins is listed first
+    assert tab.request("GET", gw.url + "/admin/session").json()["role"] == "master"
     _, refused = sign_in(gw, provider, ["marketing"])
     assert refused.status_code == 403 and refusal_code(refused) == "no_role"
 
@@ -361,13 +362,13 @@ def test_the_first_listed_role_the_user_holds_wins_and_no_role_is_refused(oidc_g
 def test_a_role_claim_at_a_dotted_path_keycloak_realm_roles(gateway_factory, provider):
     gw = gateway_factory(dashboard=oidc_settings(provider, role_claim="realm_access.roles"))
     provider.user = {}
-    browser = Browser()
-    start = browser.request("GET", gw.url + "/dashboard/oidc/login")
+    tab = Browser()
+    start = tab.request("GET", gw.url + "/dashboard/oidc/login")
     provider.user = {"sub": "kc-1", "realm_access": {"roles": ["offline_access", "gw-admins"]}}
-    authorize = browser.request("GET", start.headers["location"])
-    done = browser.request("GET", authorize.headers["location"])
+    authorize = tab.request("GET", start.headers["location"])
+    done = tab.request("GET", authorize.headers["location"])
     assert done.status_code == 303, done.text
-    assert browser.request("GET", gw.url + "/admin/session").json()["role"] == "master"
+    assert tab.request("GET", gw.url + "/admin/session").json()["role"] == "master"
 
 
 # --------------------------------------------------------------------------- refusals
@@ -387,23 +388,23 @@ def test_an_id_token_that_is_not_valid_makes_no_session(oidc_gateway, provider, 
 
     gw = oidc_gateway
     with capture_logs() as logs:
-        browser, refused = sign_in(gw, provider, ["gw-admins"], tamper=tamper)
+        tab, refused = sign_in(gw, provider, ["gw-admins"], tamper=tamper)
     assert refused.status_code == 403
     assert refusal_code(refused) == "invalid_id_token"
     refusals = [entry for entry in logs if entry["event"] == "oidc_sign_in_refused"]
     assert len(refusals) == 1 and why in refusals[0]["detail"], refusals
-    assert "__Host-gw_session" not in browser.cookies
-    assert browser.request("GET", gw.url + "/admin/session").status_code == 401
+    assert "__Host-gw_session" not in tab.cookies
+    assert tab.request("GET", gw.url + "/admin/session").status_code == 401
 
 
 def test_a_reused_state_is_refused(oidc_gateway, provider):
     gw = oidc_gateway
-    browser, done = sign_in(gw, provider, ["gw-admins"])
+    tab, done = sign_in(gw, provider, ["gw-admins"])
     assert done.status_code == 303
-    # The same callback again (same state, the same browser's login cookie, sent by hand).
+    # The same callback again (same state, the same tab's login cookie, sent by hand).
     replay = Browser()
-    replay.cookies = dict(browser.cookies)
-    again = replay.request("GET", browser.last_callback)
+    replay.cookies = dict(tab.cookies)
+    again = replay.request("GET", tab.last_callback)
     assert again.status_code == 403 and refusal_code(again) == "unknown_state"
     made_up = Browser().request("GET", gw.url + "/dashboard/oidc/callback?code=abc&state=made-up")
     assert made_up.status_code == 403 and refusal_code(made_up) == "unknown_state"
@@ -423,38 +424,38 @@ def test_a_callback_in_another_browser_than_the_login_is_refused(oidc_gateway, p
 @pytest.mark.parametrize("csrf", [None, "wrong", "other-session"])
 def test_a_change_with_the_session_cookie_needs_its_csrf_token(oidc_gateway, provider, csrf):
     gw = oidc_gateway
-    browser, own = signed_in(gw, provider, ["gw-admins"])
+    tab, own = signed_in(gw, provider, ["gw-admins"])
     _, other = signed_in(gw, provider, ["gw-admins"], sub="user-2")
     assert other != own
     headers = {} if csrf is None else {"X-CSRF-Token": other if csrf == "other-session" else csrf}
-    refused = browser.request("POST", gw.url + "/admin/workspaces", json={"name": "forged"}, headers=headers)
+    refused = tab.request("POST", gw.url + "/admin/workspaces", json={"name": "forged"}, headers=headers)
     assert refused.status_code == 403
     assert refused.json()["error"]["code"] == ("csrf_token_missing" if csrf is None else "csrf_token_invalid")
     assert gw.run(gw.store.get_workspace("forged")) is None
     # Reads need none; the right token passes.
-    assert browser.request("GET", gw.url + "/admin/workspaces").status_code == 200
-    assert browser.request("POST", gw.url + "/admin/workspaces", json={"name": "forged"},
+    assert tab.request("GET", gw.url + "/admin/workspaces").status_code == 200
+    assert tab.request("POST", gw.url + "/admin/workspaces", json={"name": "forged"},
                            headers={"X-CSRF-Token": own}).status_code == 201
 
 
 def test_a_key_in_the_authorization_header_needs_no_csrf_and_wins_over_a_cookie(oidc_gateway, provider):
     gw = oidc_gateway
-    browser, _ = signed_in(gw, provider, ["auditors"])  # a viewer's cookie in the same browser
-    made = browser.request("POST", gw.url + "/admin/workspaces", json={"name": "by-key"},
+    tab, _ = signed_in(gw, provider, ["auditors"])  # a viewer's cookie in the same tab
+    made = tab.request("POST", gw.url + "/admin/workspaces", json={"name": "by-key"},
                            headers={"Authorization": f"Bearer {MASTER_KEY}"})
     assert made.status_code == 201, made.text
-    wrong_key = browser.request("GET", gw.url + "/admin/workspaces", headers={"Authorization": "Bearer nope"})
+    wrong_key = tab.request("GET", gw.url + "/admin/workspaces", headers={"Authorization": "Bearer nope"})
     assert wrong_key.status_code == 401  # the header is the credential; the cookie is not a fallback
 
 
 def test_sign_out_ends_the_session_for_the_cookie(oidc_gateway, provider):
     gw = oidc_gateway
-    browser, csrf = signed_in(gw, provider, ["gw-admins"])
-    kept = dict(browser.cookies)
-    assert browser.request("DELETE", gw.url + "/admin/session").status_code == 403  # CSRF needed here too
-    out = browser.request("DELETE", gw.url + "/admin/session", headers={"X-CSRF-Token": csrf})
+    tab, csrf = signed_in(gw, provider, ["gw-admins"])
+    kept = dict(tab.cookies)
+    assert tab.request("DELETE", gw.url + "/admin/session").status_code == 403  # CSRF needed here too
+    out = tab.request("DELETE", gw.url + "/admin/session", headers={"X-CSRF-Token": csrf})
     assert out.status_code == 204
-    assert "__Host-gw_session" not in browser.cookies  # the browser is told to drop it
+    assert "__Host-gw_session" not in tab.cookies  # the tab is told to drop it
     stolen = Browser()
     stolen.cookies = kept  # and a copy of the cookie no longer works
     after = stolen.request("GET", gw.url + "/admin/workspaces")
@@ -470,9 +471,9 @@ def test_an_expired_session_is_refused(oidc_gateway, provider):
     gw.run(gw.store.create_dashboard_session({
         "id_hash": hashlib.sha256(session_id.encode()).hexdigest(), "subject": "old", "email": None,
         "role": "master", "workspace_id": None, "created_at": now - 9 * 3600, "expires_at": now - 3600}))
-    browser = Browser()
-    browser.cookies["__Host-gw_session"] = session_id
-    refused = browser.request("GET", gw.url + "/admin/workspaces")
+    tab = Browser()
+    tab.cookies["__Host-gw_session"] = session_id
+    refused = tab.request("GET", gw.url + "/admin/workspaces")
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "session_expired"
     # A new sign-in clears expired sessions from the store.
     signed_in(gw, provider, ["gw-admins"])
@@ -495,11 +496,11 @@ def test_a_session_works_across_gateway_processes_and_sign_out_ends_it_everywher
                                                                                    store_url):
     first = gateway_factory(dashboard=oidc_settings(provider))
     second = gateway_factory(dashboard=oidc_settings(provider))
-    browser, csrf = signed_in(first, provider, ["gw-admins"])
-    assert browser.request("GET", second.url + "/admin/workspaces").status_code == 200
-    assert browser.request("DELETE", first.url + "/admin/session", headers={"X-CSRF-Token": csrf}).status_code == 204
-    browser.cookies = {"__Host-gw_session": browser.attributes["__Host-gw_session"].value}
-    assert browser.request("GET", second.url + "/admin/workspaces").status_code == 401
+    tab, csrf = signed_in(first, provider, ["gw-admins"])
+    assert tab.request("GET", second.url + "/admin/workspaces").status_code == 200
+    assert tab.request("DELETE", first.url + "/admin/session", headers={"X-CSRF-Token": csrf}).status_code == 204
+    tab.cookies = {"__Host-gw_session": tab.attributes["__Host-gw_session"].value}
+    assert tab.request("GET", second.url + "/admin/workspaces").status_code == 401
 
 
 # --------------------------------------------------------------------------- config
@@ -539,5 +540,74 @@ def test_discovery_naming_another_issuer_is_refused(gateway_factory, provider):
     assert refused.status_code == 502 and refusal_code(refused) == "provider_unreachable"
 
 
-def _query(url: str) -> dict[str, str]:
-    return {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
+# --------------------------------------------------------------------------- in Chromium
+
+
+@pytest.fixture
+def chromium(tmp_path):
+    """Debian's headless Chromium through chromium-driver, as tests/test_dashboard.py drives it."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    paths = find_chromium()
+    if paths is None:
+        pytest.skip("chromium and chromium-driver are not installed and could not be installed (apt-get)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = paths[0]
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--window-size=1280,1000",
+                f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=paths[1]))
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def test_sign_in_with_the_provider_in_chromium_then_change_and_sign_out(oidc_gateway, provider, chromium):
+    """Debian's Chromium, headless: the page's button, the provider's redirects, the session
+    cookie as the browser keeps it (Secure on http://127.0.0.1: a loopback origin is a secure
+    context), a change through the page's api helper (its CSRF token), a forged fetch without
+    it refused, and sign-out."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    gw = oidc_gateway
+    provider.user = {"sub": "ada-1", "email": "ada@example.com", "groups": ["gw-admins"]}
+    driver = chromium
+    driver.get(gw.url + "/dashboard")
+    button = WebDriverWait(driver, WAIT).until(lambda d: d.find_element(By.ID, "sso-button")
+                                               if d.find_element(By.ID, "sso").is_displayed() else None)
+    assert button.text == "Sign in with Fake SSO"
+    button.click()
+    WebDriverWait(driver, WAIT).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-refreshed-at"))
+    assert driver.current_url == gw.url + "/dashboard"
+    assert driver.find_element(By.ID, "whoami").text == "ada@example.com · master: every workspace"
+    assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-role") == "master"
+    cookies = {c["name"]: c for c in driver.get_cookies()}
+    session = cookies["__Host-gw_session"]
+    assert session["httpOnly"] and session["secure"] and session["sameSite"] == "Strict"
+    assert session["expiry"] > time.time() + 7 * 3600
+    assert driver.execute_script("return document.cookie") == ""  # HttpOnly: no script reads it
+
+    made = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "gatewayApi.request('POST', '/admin/workspaces', {name: 'from-the-page'})"
+        ".then((w) => done(w.name), (e) => done('failed: ' + e.status + ' ' + e.message));")
+    assert made == "from-the-page"
+    forged = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "fetch('/admin/workspaces', {method: 'POST', credentials: 'same-origin', body: '{\"name\": \"forged\"}'})"
+        ".then((r) => r.json().then((b) => done(r.status + ' ' + b.error.code)));")
+    assert forged == "403 csrf_token_missing"
+    assert gw.run(gw.store.get_workspace("forged")) is None
+
+    driver.find_element(By.ID, "signout").click()
+    WebDriverWait(driver, WAIT).until(lambda d: d.find_element(By.ID, "signin-panel").is_displayed())
+    WebDriverWait(driver, WAIT).until(lambda d: "__Host-gw_session" not in {c["name"] for c in d.get_cookies()})
+    stolen = Browser()
+    stolen.cookies["__Host-gw_session"] = session["value"]
+    assert stolen.request("GET", gw.url + "/admin/session").status_code == 401
+    audit = httpx.get(gw.url + "/admin/audit", headers={"Authorization": f"Bearer {MASTER_KEY}"}).json()
+    made_row = next(r for r in audit if r["action"] == "workspace.create")
+    assert (made_row["actor"], made_row["actor_email"]) == ("master", "ada@example.com")

@@ -1,9 +1,9 @@
 // The gateway's dashboard: reads the /admin JSON API with the admin key the operator
-// signed in with (kept in sessionStorage: gone when the tab closes) and renders it.
+// signed in with (kept in sessionStorage: gone when the tab closes), or with the session of
+// a sign-in with the identity provider (static/api.js sends either), and renders it.
 // Every number shown is a number the API returned; a field the API does not return is "—".
 "use strict";
 
-const KEY_STORAGE = "gateway.adminKey";
 const REFRESH_SECONDS = Number(new URLSearchParams(location.search).get("refresh")) || 15;
 const DASH = "—";
 const WINDOW_DAYS = { "1h": 1, "24h": 1, "7d": 7, "30d": 30 };
@@ -14,28 +14,17 @@ let timer = null;
 let chart = null;
 let scope = null;
 
-class ApiFailure extends Error {
-  constructor(status, message) { super(message); this.status = status; }
-}
+const ApiFailure = gatewayApi.ApiFailure;
 
-async function api(path) {
-  const key = sessionStorage.getItem(KEY_STORAGE);
-  let response;
-  try {
-    response = await fetch(path, { headers: { Authorization: "Bearer " + key }, cache: "no-store" });
-  } catch (err) {
-    throw new ApiFailure(0, "could not reach the gateway (" + err.message + ")");
-  }
-  let body = null;
-  try { body = await response.json(); } catch (_) { /* not JSON: described below */ }
-  if (!response.ok) {
-    const message = body && body.error && body.error.message ? body.error.message : "HTTP " + response.status;
-    throw new ApiFailure(response.status, message);
-  }
-  return body;
+// api(path) reads; api(method, path, body) for anything else: both through static/api.js.
+function api(methodOrPath, path, body) {
+  return path === undefined ? gatewayApi.request("GET", methodOrPath) : gatewayApi.request(methodOrPath, path, body);
 }
 
 function signInMessage(failure) {
+  if (!gatewayApi.hasKey() && (failure.status === 401 || failure.status === 403)) {
+    return "Your sign-in session has ended (" + failure.message + "). Sign in again.";
+  }
   if (failure.status === 401) {
     return "That key was not accepted (" + failure.message + "). Use the master key or a workspace admin key.";
   }
@@ -366,12 +355,14 @@ function stopRefreshing() {
 
 // ---------------------------------------------------------------- sign-in
 
-async function signIn(key) {
-  sessionStorage.setItem(KEY_STORAGE, key);
+async function signIn(key, session) {
+  if (key) gatewayApi.useKey(key);
   try {
     const live = await api("/admin/dashboard/live");
     scope = live.scope;
-    setText("#whoami", scope === "master" ? "master key: every workspace" : "workspace admin: " + live.workspaceId);
+    setText("#whoami", session ? sessionText(session)
+      : scope === "master" ? "master key: every workspace" : "workspace admin: " + live.workspaceId);
+    document.body.dataset.role = session ? session.role : scope;
     $("#workspace-control").hidden = scope !== "master";
     $("#signin-panel").hidden = true;
     $("#signin-error").hidden = true;
@@ -386,9 +377,10 @@ async function signIn(key) {
 
 function signOut(message) {
   stopRefreshing();
-  sessionStorage.removeItem(KEY_STORAGE);
+  gatewayApi.signOut();
   scope = null;
   delete document.body.dataset.scope;
+  delete document.body.dataset.role;
   delete document.body.dataset.refreshedAt;
   $("#app").hidden = true;
   $("#session").hidden = true;
@@ -408,4 +400,24 @@ $("#signout").addEventListener("click", () => signOut(""));
 $("#window").addEventListener("change", refresh);
 $("#workspace").addEventListener("change", refresh);
 
-if (sessionStorage.getItem(KEY_STORAGE)) signIn(sessionStorage.getItem(KEY_STORAGE));
+// ---------------------------------------------------------------- sign-in with the identity provider
+
+function sessionText(session) {
+  const who = session.email || session.subject;
+  if (session.role === "master") return who + " · master: every workspace";
+  if (session.role === "workspace_admin") return who + " · workspace admin: " + session.workspaceId;
+  return who + " · viewer (read-only)" + (session.workspaceId ? ": " + session.workspaceId : "");
+}
+
+async function boot() {
+  if (gatewayApi.hasKey()) { signIn(null, null); return; }
+  const [session, provider] = await Promise.all([gatewayApi.session().catch(() => null), gatewayApi.provider()]);
+  if (provider) {
+    setText("#sso-name", provider.name);
+    $("#sso-button").href = provider.login;
+    $("#sso").hidden = false;
+  }
+  if (session) signIn(null, session);
+}
+
+boot();
