@@ -371,6 +371,21 @@ def test_a_role_claim_at_a_dotted_path_keycloak_realm_roles(gateway_factory, pro
     assert tab.request("GET", gw.url + "/admin/session").json()["role"] == "master"
 
 
+def test_roles_by_email_count_a_verified_address_only(gateway_factory, provider):
+    gw = gateway_factory(dashboard=oidc_settings(provider, role_claim="email",
+                                                 roles={"ada@example.com": "master"}))
+    provider.user = {"sub": "g-1", "email": "ada@example.com", "email_verified": False}
+    tab = Browser()
+    start = tab.request("GET", gw.url + "/dashboard/oidc/login")
+    refused = tab.request("GET", tab.request("GET", start.headers["location"]).headers["location"])
+    assert refused.status_code == 403 and refusal_code(refused) == "no_role"
+    provider.user["email_verified"] = True
+    start = tab.request("GET", gw.url + "/dashboard/oidc/login")
+    done = tab.request("GET", tab.request("GET", start.headers["location"]).headers["location"])
+    assert done.status_code == 303
+    assert tab.request("GET", gw.url + "/admin/session").json()["role"] == "master"
+
+
 # --------------------------------------------------------------------------- refusals
 
 

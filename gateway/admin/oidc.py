@@ -243,7 +243,11 @@ def claim_values(claims: dict[str, Any], path: str) -> list[str]:
 
 
 def role_for(claims: dict[str, Any], config: OidcConfig) -> OidcRole | None:
-    """The first entry of `roles`, in the config's order, whose value the user's claim holds."""
+    """The first entry of `roles`, in the config's order, whose value the user's claim holds.
+    Roles by e-mail address count only a verified address (`email_verified: true`): where
+    people may type their own address at the provider, an unverified one proves nothing."""
+    if config.role_claim == "email" and claims.get("email_verified") is not True:
+        return None
     held = set(claim_values(claims, config.role_claim))
     for value, role in config.roles.items():
         if value in held:
