@@ -349,6 +349,11 @@ def test_a_viewer_session_reads_and_cannot_change_anything(oidc_gateway, provide
     assert gw.balance(acme_user) == before
     assert gw.run(gw.store.get_workspace("sneaky")) is None
     assert len(gw.run(gw.store.list_keys(user_id=acme_user))) == 1
+    # Its own session it may end.
+    copy = Browser()
+    copy.cookies = dict(tab.cookies)
+    assert tab.request("DELETE", gw.url + "/admin/session", headers={"X-CSRF-Token": csrf}).status_code == 204
+    assert copy.request("GET", gw.url + "/admin/workspaces").status_code == 401
 
 
 def test_the_first_listed_role_the_user_holds_wins_and_no_role_is_refused(oidc_gateway, provider):

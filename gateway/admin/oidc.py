@@ -300,15 +300,20 @@ async def session_scope(request: web.Request) -> Scope | None:
         return None
     session_id, session = found
     if request.method in UNSAFE_METHODS:
-        sent = request.headers.get(CSRF_HEADER)
-        if not sent:
-            raise ApiError(403, f"a change made with the dashboard session needs its {CSRF_HEADER} header",
-                           code="csrf_token_missing")
-        if not hmac.compare_digest(sent.encode(), csrf_token(session_id).encode()):
-            raise ApiError(403, f"the {CSRF_HEADER} header is not this session's", code="csrf_token_invalid")
+        check_csrf(request, session_id)
         if session.role == "viewer":
             raise ApiError(403, "a viewer session can only read", code="forbidden")
     return session.scope()
+
+
+def check_csrf(request: web.Request, session_id: str) -> None:
+    """A change made with the session cookie carries the session's CSRF token, or is a 403."""
+    sent = request.headers.get(CSRF_HEADER)
+    if not sent:
+        raise ApiError(403, f"a change made with the dashboard session needs its {CSRF_HEADER} header",
+                       code="csrf_token_missing")
+    if not hmac.compare_digest(sent.encode(), csrf_token(session_id).encode()):
+        raise ApiError(403, f"the {CSRF_HEADER} header is not this session's", code="csrf_token_invalid")
 
 
 # --------------------------------------------------------------------------- the routes
@@ -412,13 +417,16 @@ def oidc_routes() -> list[web.AbstractRouteDef]:
                             headers={"Cache-Control": "no-store"})
 
     async def sign_out(request: web.Request) -> web.Response:
+        """Any role may end its own session (a viewer too); the CSRF token is needed all the same."""
         gw = request.app[GATEWAY]
-        scope = await session_scope(request) if request.cookies.get(SESSION_COOKIE) else None
-        if scope is None:
+        found = await current_session(request)
+        if found is None:
             raise ApiError(401, "no dashboard session to sign out of", code="invalid_session")
-        await gw.store.delete_dashboard_session(_sha256(request.cookies[SESSION_COOKIE]))
+        session_id, session = found
+        check_csrf(request, session_id)
+        await gw.store.delete_dashboard_session(_sha256(session_id))
         admin = Admin(gw.store, gw.config, gw.directory, via="api", request_id=new_request_id(request))
-        await admin.session_event(scope, "session.sign_out", None)
+        await admin.session_event(session.scope(), "session.sign_out", None)
         response = web.Response(status=204, headers={"Cache-Control": "no-store"})
         response.del_cookie(SESSION_COOKIE, path="/", secure=True, httponly=True, samesite="Strict")
         return response

@@ -850,7 +850,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def create_oidc_login(self, row: dict[str, Any]) -> None:
-        """A pending login (OIDC_LOGIN_COLUMNS), between the redirect to the provider and its callback."""
+        """A pending login (OIDC_LOGIN_COLUMNS), between the redirect to the provider and its
+        callback; logins expired before its `created_at` are deleted in the same transaction."""
 
     @abc.abstractmethod
     async def take_oidc_login(self, state_hash: str) -> dict[str, Any] | None:

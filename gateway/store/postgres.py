@@ -975,7 +975,8 @@ class PostgresStore(Store):
         return done != "DELETE 0"
 
     async def create_oidc_login(self, row):
-        async with self._single() as conn:
+        async with self._tx() as conn:
+            await conn.execute("DELETE FROM oidc_logins WHERE expires_at < $1", row["created_at"])
             await conn.execute(
                 f"INSERT INTO oidc_logins ({', '.join(OIDC_LOGIN_COLUMNS)}) VALUES ("
                 + ", ".join(f"${i}" for i in range(1, len(OIDC_LOGIN_COLUMNS) + 1)) + ")",

@@ -1174,9 +1174,13 @@ class SQLiteStore(Store):
             lambda db: db.execute("DELETE FROM dashboard_sessions WHERE id_hash = ?", (id_hash,)).rowcount > 0)
 
     async def create_oidc_login(self, row):
-        await self._write(lambda db: db.execute(
-            f"INSERT INTO oidc_logins ({', '.join(OIDC_LOGIN_COLUMNS)})"
-            f" VALUES ({', '.join('?' for _ in OIDC_LOGIN_COLUMNS)})", tuple(row.get(c) for c in OIDC_LOGIN_COLUMNS)))
+        def tx(db):
+            db.execute("DELETE FROM oidc_logins WHERE expires_at < ?", (row["created_at"],))
+            db.execute(f"INSERT INTO oidc_logins ({', '.join(OIDC_LOGIN_COLUMNS)})"
+                       f" VALUES ({', '.join('?' for _ in OIDC_LOGIN_COLUMNS)})",
+                       tuple(row.get(c) for c in OIDC_LOGIN_COLUMNS))
+
+        await self._write(tx)
 
     async def take_oidc_login(self, state_hash):
         r = await self._write(lambda db: _one(
