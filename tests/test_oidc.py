@@ -297,7 +297,7 @@ def test_a_workspace_admin_session_manages_its_workspace_and_cannot_touch_anothe
     tab, csrf = signed_in(gw, provider, ["acme-admins"], sub="wa-1", email="wa@example.com")
     me = tab.request("GET", gw.url + "/admin/session").json()
     acme = gw.run(gw.store.get_workspace("acme"))
-    assert (me["role"], me["workspaceId"]) == ("workspace_admin", acme.id)
+    assert (me["role"], me["workspaceId"], me["workspaceName"]) == ("workspace_admin", acme.id, "acme")
     assert [w["name"] for w in tab.request("GET", gw.url + "/admin/workspaces").json()] == ["acme"]
     made = tab.request("POST", gw.url + "/admin/users", json={"name": "new hire"}, headers={"X-CSRF-Token": csrf})
     assert made.status_code == 201, made.text

@@ -341,9 +341,13 @@ def _redirect_uri(request: web.Request, config: OidcConfig) -> str:
 
 def _refusal_page(refused: SignInRefused) -> web.Response:
     message = REFUSALS.get(refused.code, "Sign-in failed.")
-    body = ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Sign-in refused</title></head>"
-            f"<body><main><h1>Sign-in refused</h1><p id=\"signin-refused\" data-code=\"{html.escape(refused.code)}\">"
-            f"{html.escape(message)}</p><p><a href=\"/dashboard\">Back to the dashboard</a></p></main></body></html>")
+    body = ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Sign-in refused</title>"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            "<link rel=\"stylesheet\" href=\"/dashboard/static/dashboard.css\"></head>"
+            "<body><header><h1>AI gateway</h1></header><main><section><h2>Sign-in refused</h2>"
+            f"<p id=\"signin-refused\" class=\"error\" role=\"alert\" data-code=\"{html.escape(refused.code)}\">"
+            f"{html.escape(message)}</p><p><a href=\"/dashboard\">Back to the dashboard</a></p></section></main>"
+            "</body></html>")
     response = web.Response(status=refused.status, text=body, content_type="text/html")
     response.headers["Cache-Control"] = "no-store"
     response.del_cookie(LOGIN_COOKIE, path="/", secure=True, httponly=True, samesite="Lax")
@@ -410,8 +414,11 @@ def oidc_routes() -> list[web.AbstractRouteDef]:
         if found is None:
             raise ApiError(401, "no dashboard session (sign in at /dashboard)", code="invalid_session")
         session_id, session = found
+        workspace = (await request.app[GATEWAY].store.get_workspace(session.workspace_id)
+                     if session.workspace_id is not None else None)
         payload = {"subject": session.subject, "email": session.email, "role": session.role,
-                   "workspaceId": session.workspace_id, "expiresAt": session.expires_at,
+                   "workspaceId": session.workspace_id, "workspaceName": workspace.name if workspace else None,
+                   "expiresAt": session.expires_at,
                    "csrfToken": csrf_token(session_id), "csrfHeader": CSRF_HEADER}
         return web.Response(body=orjson.dumps(payload), content_type="application/json",
                             headers={"Cache-Control": "no-store"})

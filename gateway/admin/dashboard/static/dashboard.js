@@ -405,8 +405,9 @@ $("#workspace").addEventListener("change", refresh);
 function sessionText(session) {
   const who = session.email || session.subject;
   if (session.role === "master") return who + " · master: every workspace";
-  if (session.role === "workspace_admin") return who + " · workspace admin: " + session.workspaceId;
-  return who + " · viewer (read-only)" + (session.workspaceId ? ": " + session.workspaceId : "");
+  const workspace = session.workspaceName || session.workspaceId;
+  if (session.role === "workspace_admin") return who + " · workspace admin: " + workspace;
+  return who + " · viewer (read-only)" + (session.workspaceId ? ": " + workspace : "");
 }
 
 async function boot() {
