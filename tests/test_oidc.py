@@ -354,6 +354,9 @@ def test_a_viewer_session_reads_and_cannot_change_anything(oidc_gateway, provide
     copy.cookies = dict(tab.cookies)
     assert tab.request("DELETE", gw.url + "/admin/session", headers={"X-CSRF-Token": csrf}).status_code == 204
     assert copy.request("GET", gw.url + "/admin/workspaces").status_code == 401
+    audit = httpx.get(gw.url + "/admin/audit", headers={"Authorization": f"Bearer {MASTER_KEY}"}).json()
+    assert [(r["action"], r["actor"], r["actor_subject"]) for r in audit if r["action"].startswith("session.")][:2] == [
+        ("session.sign_out", "viewer", "viewer-1"), ("session.sign_in", "viewer", "viewer-1")]
 
 
 def test_the_first_listed_role_the_user_holds_wins_and_no_role_is_refused(oidc_gateway, provider):

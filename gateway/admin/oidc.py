@@ -42,7 +42,7 @@ import hmac
 import html
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -273,6 +273,10 @@ class Session:
         return Scope(admin_role, self.workspace_id, subject=self.subject, email=self.email,
                      read_only=self.role == "viewer")
 
+    def actor(self) -> Scope:
+        """The audit's actor of a sign-in or sign-out: the session's own role (`viewer` too)."""
+        return replace(self.scope(), role=self.role)
+
 
 async def current_session(request: web.Request) -> tuple[str, Session] | None:
     """(the session id, its session) of the request's cookie, or None when there is no cookie.
@@ -399,7 +403,7 @@ def oidc_routes() -> list[web.AbstractRouteDef]:
                         request_id=new_request_id(request))
             return _refusal_page(refused)
         admin = Admin(gw.store, gw.config, gw.directory, via="api", request_id=new_request_id(request))
-        await admin.session_event(session.scope(), "session.sign_in", {"role": session.role,
+        await admin.session_event(session.actor(), "session.sign_in", {"role": session.role,
                                                                       "expires_at": session.expires_at})
         response = web.HTTPSeeOther("/dashboard")
         response.headers["Cache-Control"] = "no-store"
@@ -433,7 +437,7 @@ def oidc_routes() -> list[web.AbstractRouteDef]:
         check_csrf(request, session_id)
         await gw.store.delete_dashboard_session(_sha256(session_id))
         admin = Admin(gw.store, gw.config, gw.directory, via="api", request_id=new_request_id(request))
-        await admin.session_event(session.scope(), "session.sign_out", None)
+        await admin.session_event(session.actor(), "session.sign_out", None)
         response = web.Response(status=204, headers={"Cache-Control": "no-store"})
         response.del_cookie(SESSION_COOKIE, path="/", secure=True, httponly=True, samesite="Strict")
         return response
