@@ -56,6 +56,10 @@ class FakeOidcProvider:
     token_requests: list[dict[str, str]] = field(default_factory=list)
     jwks_fetches: int = 0
     url: str = ""
+    # The host the browser is sent to for the authorize endpoint: "localhost" makes the
+    # provider another site than the gateway on 127.0.0.1 (its redirects cross sites, as a
+    # real provider's do); the gateway reaches discovery, JWKS and token on 127.0.0.1.
+    browser_host: str = "127.0.0.1"
     _runner: Any = None
 
     @property
@@ -84,7 +88,7 @@ class FakeOidcProvider:
     async def discovery(self, request: web.Request) -> web.Response:
         return web.json_response({
             "issuer": self.issuer,
-            "authorization_endpoint": self.issuer + "/authorize",
+            "authorization_endpoint": self.issuer.replace("127.0.0.1", self.browser_host, 1) + "/authorize",
             "token_endpoint": self.issuer + "/token",
             "jwks_uri": self.issuer + "/jwks",
             "response_types_supported": ["code"],
@@ -99,7 +103,7 @@ class FakeOidcProvider:
 
     async def authorize(self, request: web.Request) -> web.Response:
         q = dict(request.query)
-        self.authorize_requests.append(q)
+        self.authorize_requests.append({**q, "host": request.host})
         assert q["response_type"] == "code" and q["client_id"] == CLIENT_ID
         assert q["code_challenge_method"] == "S256" and len(q["code_challenge"]) >= 43
         assert "openid" in q["scope"].split()
@@ -588,15 +592,16 @@ def chromium(tmp_path):
 
 
 def test_sign_in_with_the_provider_in_chromium_then_change_and_sign_out(oidc_gateway, provider, chromium):
-    """Debian's Chromium, headless: the page's button, the provider's redirects, the session
-    cookie as the browser keeps it (Secure on http://127.0.0.1: a loopback origin is a secure
-    context), a change through the page's api helper (its CSRF token), a forged fetch without
-    it refused, and sign-out."""
+    """Debian's Chromium, headless: the page's button, the provider's redirects across sites
+    (localhost -> 127.0.0.1), the session cookie as the browser keeps it (Secure on
+    http://127.0.0.1: a loopback origin is a secure context), a change through the page's api
+    helper (its CSRF token), a forged fetch without it refused, and sign-out."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     gw = oidc_gateway
     provider.user = {"sub": "ada-1", "email": "ada@example.com", "groups": ["gw-admins"]}
+    provider.browser_host = "localhost"  # another site: the Lax login cookie, the Strict session cookie
     driver = chromium
     driver.get(gw.url + "/dashboard")
     button = WebDriverWait(driver, WAIT).until(lambda d: d.find_element(By.ID, "sso-button")
@@ -605,6 +610,8 @@ def test_sign_in_with_the_provider_in_chromium_then_change_and_sign_out(oidc_gat
     button.click()
     WebDriverWait(driver, WAIT).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-refreshed-at"))
     assert driver.current_url == gw.url + "/dashboard"
+    assert provider.authorize_requests[-1]["redirect_uri"] == gw.url + "/dashboard/oidc/callback"
+    assert provider.authorize_requests[-1]["host"].startswith("localhost:")  # the browser went to another site
     assert driver.find_element(By.ID, "whoami").text == "ada@example.com · master: every workspace"
     assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-role") == "master"
     cookies = {c["name"]: c for c in driver.get_cookies()}
