@@ -224,6 +224,7 @@ def sign_in(gw: Any, provider: FakeOidcProvider, groups: list[str], *, tamper: s
     callback_url = authorize.headers["location"]
     assert callback_url.startswith(gw.url + "/dashboard/oidc/callback?")
     tab.last_callback = callback_url
+    tab.login_cookie = tab.cookies["__Host-gw_oidc_login"]
     return tab, tab.request("GET", callback_url)
 
 
@@ -428,9 +429,9 @@ def test_a_reused_state_is_refused(oidc_gateway, provider):
     gw = oidc_gateway
     tab, done = sign_in(gw, provider, ["gw-admins"])
     assert done.status_code == 303
-    # The same callback again (same state, the same tab's login cookie, sent by hand).
+    # The same callback again: the same state, the same browser's login cookie.
     replay = Browser()
-    replay.cookies = dict(tab.cookies)
+    replay.cookies = {"__Host-gw_oidc_login": tab.login_cookie}
     again = replay.request("GET", tab.last_callback)
     assert again.status_code == 403 and refusal_code(again) == "unknown_state"
     made_up = Browser().request("GET", gw.url + "/dashboard/oidc/callback?code=abc&state=made-up")
@@ -482,7 +483,7 @@ def test_sign_out_ends_the_session_for_the_cookie(oidc_gateway, provider):
     assert tab.request("DELETE", gw.url + "/admin/session").status_code == 403  # CSRF needed here too
     out = tab.request("DELETE", gw.url + "/admin/session", headers={"X-CSRF-Token": csrf})
     assert out.status_code == 204
-    assert "__Host-gw_session" not in tab.cookies  # the tab is told to drop it
+    assert "__Host-gw_session" not in tab.cookies  # the browser is told to drop it
     stolen = Browser()
     stolen.cookies = kept  # and a copy of the cookie no longer works
     after = stolen.request("GET", gw.url + "/admin/workspaces")
@@ -524,6 +525,11 @@ def test_a_session_works_across_gateway_processes_and_sign_out_ends_it_everywher
     first = gateway_factory(dashboard=oidc_settings(provider))
     second = gateway_factory(dashboard=oidc_settings(provider))
     tab, csrf = signed_in(first, provider, ["gw-admins"])
+    # The state used at the first is used up for the second too.
+    replay = Browser()
+    replay.cookies = {"__Host-gw_oidc_login": tab.login_cookie}
+    again = replay.request("GET", tab.last_callback.replace(first.url, second.url, 1))
+    assert again.status_code == 403 and refusal_code(again) == "unknown_state"
     assert tab.request("GET", second.url + "/admin/workspaces").status_code == 200
     assert tab.request("DELETE", first.url + "/admin/session", headers={"X-CSRF-Token": csrf}).status_code == 204
     tab.cookies = {"__Host-gw_session": tab.attributes["__Host-gw_session"].value}

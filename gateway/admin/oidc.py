@@ -354,6 +354,7 @@ def _refusal_page(refused: SignInRefused) -> web.Response:
             "</body></html>")
     response = web.Response(status=refused.status, text=body, content_type="text/html")
     response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Frame-Options"] = "DENY"
     response.del_cookie(LOGIN_COOKIE, path="/", secure=True, httponly=True, samesite="Lax")
     return response
 
