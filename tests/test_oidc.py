@@ -399,6 +399,34 @@ def test_roles_by_email_count_a_verified_address_only(gateway_factory, provider)
     assert tab.request("GET", gw.url + "/admin/session").json()["role"] == "master"
 
 
+@pytest.mark.parametrize("claims, role_claim, expected", [
+    ({"groups": ["auditors", "acme-admins"]}, "groups", ("workspace_admin", "acme")),  # listed before auditors
+    ({"groups": "gw-admins"}, "groups", ("master", None)),  # one string is one value
+    ({"groups": [{"name": "gw-admins"}, 7]}, "groups", None),  # not strings: no value
+    ({"realm_access": {"roles": ["acme-staff"]}}, "realm_access.roles", ("viewer", "acme")),
+    ({"realm_access": ["acme-staff"]}, "realm_access.roles", None),
+    ({}, "groups", None),
+])
+def test_the_role_is_the_first_listed_value_the_claim_holds(provider, claims, role_claim, expected):
+    from gateway.admin.oidc import role_for
+    from gateway.config import OidcConfig
+
+    config = OidcConfig.model_validate(oidc_settings(provider, role_claim=role_claim)["oidc"])
+    role = role_for(claims, config)
+    assert (None if role is None else (role.role, role.workspace)) == expected
+
+
+def test_a_sign_in_the_person_cancels_at_the_provider_is_refused(oidc_gateway, provider):
+    gw = oidc_gateway
+    tab = Browser()
+    start = tab.request("GET", gw.url + "/dashboard/oidc/login")
+    state = dict(httpx.URL(start.headers["location"]).params)["state"]
+    refused = tab.request("GET", gw.url + "/dashboard/oidc/callback?" + urlencode(
+        {"error": "access_denied", "error_description": "<script>alert(1)</script>", "state": state}))
+    assert refused.status_code == 403 and refusal_code(refused) == "provider_error"
+    assert "<script>" not in refused.text  # the provider's words are not echoed
+
+
 # --------------------------------------------------------------------------- refusals
 
 
