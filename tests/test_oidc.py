@@ -60,6 +60,7 @@ class FakeOidcProvider:
     # provider another site than the gateway on 127.0.0.1 (its redirects cross sites, as a
     # real provider's do); the gateway reaches discovery, JWKS and token on 127.0.0.1.
     browser_host: str = "127.0.0.1"
+    public_client: bool = False  # the client has no secret: PKCE alone proves it
     _runner: Any = None
 
     @property
@@ -117,7 +118,10 @@ class FakeOidcProvider:
         self.token_requests.append(form)
         basic = request.headers.get("Authorization", "")
         expected = "Basic " + base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
-        if basic != expected:
+        if self.public_client:
+            if basic or form.get("client_id") != CLIENT_ID or "client_secret" in form:
+                return web.json_response({"error": "invalid_client"}, status=401)
+        elif basic != expected:
             return web.json_response({"error": "invalid_client"}, status=401)
         grant = self.codes.pop(form.get("code", ""), None)  # a code is good once
         if grant is None or form.get("grant_type") != "authorization_code":
@@ -285,6 +289,15 @@ def test_the_code_flow_with_pkce_makes_a_session_whose_cookie_is_httponly_secure
     assert (signed["actor_subject"], signed["after"]["role"]) == ("user-1", "master")
 
 
+def test_a_public_client_without_a_secret_signs_in_with_pkce_alone(gateway_factory, provider):
+    settings = oidc_settings(provider)
+    del settings["oidc"]["client_secret"]
+    gw = gateway_factory(dashboard=settings)
+    provider.public_client = True
+    tab, _ = signed_in(gw, provider, ["gw-admins"])
+    assert provider.token_requests[-1]["client_id"] == CLIENT_ID and provider.token_requests[-1]["code_verifier"]
+
+
 def test_the_provider_button_is_offered_only_when_oidc_is_configured(gateway_factory, provider):
     with_oidc = gateway_factory(dashboard=oidc_settings(provider))
     assert httpx.get(with_oidc.url + "/dashboard/oidc/provider").json() == {
@@ -425,6 +438,17 @@ def test_a_sign_in_the_person_cancels_at_the_provider_is_refused(oidc_gateway, p
         {"error": "access_denied", "error_description": "<script>alert(1)</script>", "state": state}))
     assert refused.status_code == 403 and refusal_code(refused) == "provider_error"
     assert "<script>" not in refused.text  # the provider's words are not echoed
+
+
+def test_a_code_the_provider_does_not_honour_makes_no_session(oidc_gateway, provider):
+    gw = oidc_gateway
+    provider.user = {"sub": "u", "groups": ["gw-admins"]}
+    tab = Browser()
+    start = tab.request("GET", gw.url + "/dashboard/oidc/login")
+    callback = tab.request("GET", start.headers["location"]).headers["location"]
+    provider.codes.clear()  # expired or already used at the provider: invalid_grant
+    refused = tab.request("GET", callback)
+    assert refused.status_code == 403 and refusal_code(refused) == "code_exchange_failed"
 
 
 # --------------------------------------------------------------------------- refusals
