@@ -69,6 +69,7 @@ LOGIN_COOKIE = "__Host-gw_oidc_login"  # binds a pending login to the browser th
 CSRF_HEADER = "X-CSRF-Token"
 LOGIN_TTL = 600.0  # seconds between the redirect to the provider and its callback
 METADATA_TTL = 3600.0  # the discovery document and the JWKS are read again after this long
+MAX_DOCUMENT_BYTES = 1 << 20  # a discovery document or a JWKS is a few KB
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 CALLBACK_PATH = "/dashboard/oidc/callback"
 _CSRF_CONTEXT = b"gateway dashboard csrf v1"
@@ -130,13 +131,19 @@ class OidcClient:
             trust_env=False, **kw)
 
     async def _get_json(self, url: str) -> dict[str, Any]:
+        """A discovery document or a JWKS: a JSON object of at most MAX_DOCUMENT_BYTES."""
         async with httpx.AsyncClient(timeout=self.config.timeout, trust_env=False, follow_redirects=False) as http:
-            response = await http.get(url, headers={"Accept": "application/json"})
-        if response.status_code != 200:
-            raise SignInRefused("provider_unreachable", f"GET {url}: HTTP {response.status_code}", 502)
+            async with http.stream("GET", url, headers={"Accept": "application/json"}) as response:
+                if response.status_code != 200:
+                    raise SignInRefused("provider_unreachable", f"GET {url}: HTTP {response.status_code}", 502)
+                raw = bytearray()
+                async for chunk in response.aiter_bytes():
+                    raw += chunk
+                    if len(raw) > MAX_DOCUMENT_BYTES:
+                        raise SignInRefused("provider_unreachable", f"GET {url}: over {MAX_DOCUMENT_BYTES} bytes", 502)
         try:
-            body = response.json()
-        except ValueError:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
             raise SignInRefused("provider_unreachable", f"GET {url}: not JSON", 502) from None
         if not isinstance(body, dict):
             raise SignInRefused("provider_unreachable", f"GET {url}: not a JSON object", 502)
