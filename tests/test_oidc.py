@@ -619,6 +619,13 @@ def test_the_oidc_config_is_validated_at_load_with_paths(upstream, tmp_path, mon
     assert config.dashboard.oidc.display_name == "sso.example.com"
 
 
+def test_discovery_with_a_plain_http_endpoint_off_this_machine_is_refused(gateway_factory, provider):
+    gw = gateway_factory(dashboard=oidc_settings(provider))
+    provider.browser_host = "sso.example.com"  # authorization_endpoint: http://sso.example.com:.../authorize
+    refused = Browser().request("GET", gw.url + "/dashboard/oidc/login")
+    assert refused.status_code == 502 and refusal_code(refused) == "provider_unreachable"
+
+
 def test_discovery_naming_another_issuer_is_refused(gateway_factory, provider):
     gw = gateway_factory(dashboard=oidc_settings(provider, issuer=provider.issuer + "/"))  # not what it says
     refused = Browser().request("GET", gw.url + "/dashboard/oidc/login")
