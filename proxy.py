@@ -31,6 +31,7 @@ from gateway import http_server  # noqa: E402
 from gateway.admin.api import admin_routes  # noqa: E402
 from gateway.alerts import alerts_cleanup  # noqa: E402
 from gateway.admin.dashboard import dashboard_routes  # noqa: E402
+from gateway.admin.oidc import install_oidc  # noqa: E402
 from gateway.chain import Chain  # noqa: E402
 from gateway.config import Config, redacted_config  # noqa: E402
 from gateway.change_feed import ChangeFeed  # noqa: E402
@@ -242,6 +243,7 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
     app.router.add_get("/admin/config", admin_config)
     app.router.add_routes(feedback_routes())
     app.router.add_routes(dashboard_routes())
+    install_oidc(app)  # dashboard sign-in with an OIDC provider, /admin/session
     install_mcp(app)  # /mcp: the MCP gateway (gateway/inbound/mcp.py)
     for plugin in plugins:
         app.router.add_routes(plugin.routes())

@@ -184,6 +184,8 @@ ADMIN_ROUTES: list[tuple[str, str, tuple[str, ...], tuple[str, ...]]] = [
     ("GET", "/admin/audit", ("limit", "since", "workspace"), ()),
     ("GET", "/admin/alerts", ("limit", "since", "status", "workspace"), ()),
     ("GET", "/admin/dashboard/live", ("workspace",), ()),
+    ("GET", "/admin/session", (), ()),  # a dashboard OIDC session (tests/test_oidc.py); a key gets a 401
+    ("DELETE", "/admin/session", (), ()),
     ("GET", "/admin/config", (), ()),
     ("POST", "/admin/workspaces", (), ("name", "profile", "ai_settings")),
     ("GET", "/admin/workspaces", (), ()),

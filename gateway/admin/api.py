@@ -2,7 +2,9 @@
 
 Authenticated by `Authorization: Bearer <master key>` (everything) or a workspace admin
 key (its own workspace only; other workspaces' objects answer 404, so they cannot even
-be probed). Errors are OpenAI-shaped like everywhere else.
+be probed), or by a dashboard sign-in session's cookie (gateway/admin/oidc.py: the role
+its identity provider grants; changes carry X-CSRF-Token). Errors are OpenAI-shaped like
+everywhere else.
 
     POST   /admin/workspaces                 {name, profile?, ai_settings?}
     GET    /admin/workspaces
@@ -38,6 +40,7 @@ from typing import Any, Awaitable, Callable
 import orjson
 from aiohttp import web
 
+from gateway.admin.oidc import session_scope
 from gateway.admin.operations import KEY_CONTROL_FIELDS, Admin, Scope
 from gateway.errors import ApiError
 from gateway.lifecycle import new_request_id
@@ -54,7 +57,14 @@ def admin_of(request: web.Request) -> Admin:
 
 
 async def admin_scope(request: web.Request, admin: Admin) -> Scope:
-    token = bearer_token(request.headers.get("Authorization"))
+    """Who is asking: the key in the Authorization header, or else a dashboard sign-in
+    session's cookie (gateway/admin/oidc.py: the same Scope, plus its CSRF and read-only rules)."""
+    header = request.headers.get("Authorization")
+    if header is None:
+        session = await session_scope(request)
+        if session is not None:
+            return session
+    token = bearer_token(header)
     if token is None:
         raise ApiError(401, "admin endpoints need 'Authorization: Bearer <master or workspace admin key>'",
                        code="invalid_api_key")

@@ -73,6 +73,13 @@ class Scope:
     workspace_id: str | None = None
     key_id: str | None = None  # the workspace admin key acting (its id and public prefix: the audit's actor)
     key_prefix: str | None = None
+    # A dashboard sign-in session (gateway/admin/oidc.py): who signed in (the identity
+    # provider's subject and e-mail, the audit's actor), and whether the session only reads
+    # (a viewer: the master's or a workspace admin's reads, no change; the /admin API
+    # refuses its other methods before any operation runs).
+    subject: str | None = None
+    email: str | None = None
+    read_only: bool = False
 
     @property
     def is_master(self) -> bool:
@@ -152,7 +159,12 @@ class Admin:
             "actor": scope.role, "actor_key_id": scope.key_id, "actor_key_prefix": scope.key_prefix,
             "via": self.via, "action": action, "target": target, "workspace_id": workspace_id,
             "before": _public(before), "after": _public(after), "request_id": self.request_id,
+            "actor_subject": scope.subject, "actor_email": scope.email,
         })
+
+    async def session_event(self, scope: Scope, action: str, detail: Any = None) -> None:
+        """A dashboard sign-in or sign-out (gateway/admin/oidc.py), audited as its actor."""
+        await self._audit(scope, action, scope.subject, scope.workspace_id, None, detail)
 
     async def _changed(self, kind: str, ident: str) -> None:
         """An identity-affecting change is committed: forget it here, tell every process."""

@@ -156,8 +156,17 @@ class ApiKey:
 
 
 # The audit log's columns besides id and created_at (gateway/admin/operations.py writes them).
+# actor_subject / actor_email (migration 22): who acted through a dashboard sign-in session
+# (gateway/admin/oidc.py), the identity provider's subject and e-mail; NULL for a key.
 AUDIT_COLUMNS = ("actor", "actor_key_id", "actor_key_prefix", "via", "action", "target", "workspace_id",
-                 "before", "after", "request_id")
+                 "before", "after", "request_id", "actor_subject", "actor_email")
+
+# Dashboard sign-in (gateway/admin/oidc.py, migration 22). A session is found by the SHA-256
+# of its cookie value (the value itself is never stored); a pending login by the SHA-256 of
+# its `state`, and it is taken (deleted) by the one callback that uses it.
+DASHBOARD_SESSION_COLUMNS = ("id_hash", "subject", "email", "role", "workspace_id", "created_at", "expires_at")
+OIDC_LOGIN_COLUMNS = ("state_hash", "browser_hash", "nonce", "code_verifier", "redirect_uri", "created_at",
+                      "expires_at")
 
 # The alerts outbox (gateway/alerts.py): what a claim hands the deliverer, what a listing shows.
 OUTBOX_CLAIMED = ("id", "event_id", "endpoint", "event_type", "workspace_id", "payload", "attempts", "created_at")
@@ -823,6 +832,31 @@ class Store(abc.ABC):
     async def audit_entries(self, *, workspace_id: str | None = None, since: float | None = None,
                             limit: int = 100) -> list[dict[str, Any]]:
         """The newest rows first (`created_at` epoch seconds); only `workspace_id`'s if given."""
+
+    # dashboard sign-in sessions and pending OIDC logins (gateway/admin/oidc.py)
+    @abc.abstractmethod
+    async def create_dashboard_session(self, row: dict[str, Any]) -> None:
+        """Insert one session (DASHBOARD_SESSION_COLUMNS); sessions and logins expired before
+        its `created_at` are deleted in the same transaction."""
+
+    @abc.abstractmethod
+    async def dashboard_session(self, id_hash: str) -> dict[str, Any] | None:
+        """The session whose id hashes to `id_hash`, expired or not (the caller compares
+        `expires_at`), or None."""
+
+    @abc.abstractmethod
+    async def delete_dashboard_session(self, id_hash: str) -> bool:
+        """Sign-out: the session is gone for every process. True when there was one."""
+
+    @abc.abstractmethod
+    async def create_oidc_login(self, row: dict[str, Any]) -> None:
+        """A pending login (OIDC_LOGIN_COLUMNS), between the redirect to the provider and its
+        callback; logins expired before its `created_at` are deleted in the same transaction."""
+
+    @abc.abstractmethod
+    async def take_oidc_login(self, state_hash: str) -> dict[str, Any] | None:
+        """Delete and return the pending login of `state_hash`: one callback can use it, a
+        second (a replayed `state`) finds nothing, also in another process."""
 
     # the alerts outbox (gateway/alerts.py)
     @abc.abstractmethod

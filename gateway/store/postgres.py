@@ -57,6 +57,8 @@ from gateway.store.base import (
     IdempotencyState,
     InsufficientEnergy,
     AUDIT_COLUMNS,
+    DASHBOARD_SESSION_COLUMNS,
+    OIDC_LOGIN_COLUMNS,
     KEY_CONTROLS,
     OUTBOX_CLAIMED,
     OUTBOX_LISTED,
@@ -662,6 +664,35 @@ MIGRATIONS: list[tuple[int, str]] = [
         # One user per app id and workspace: what makes find-or-create happen once (ON CONFLICT).
         " CREATE UNIQUE INDEX users_external_id ON users (workspace_id, external_id) WHERE external_id IS NOT NULL;",
     ),
+    (
+        # Dashboard sign-in (gateway/admin/oidc.py): sessions by the hash of their id, pending
+        # logins. A schema step only: two new tables, and two nullable columns on audit_log
+        # (a catalog change, no rewrite of the table; its lock is held for an instant).
+        22,
+        """
+        CREATE TABLE dashboard_sessions (
+            id_hash      text PRIMARY KEY,
+            subject      text NOT NULL,
+            email        text,
+            role         text NOT NULL,
+            workspace_id text,
+            created_at   double precision NOT NULL,
+            expires_at   double precision NOT NULL
+        );
+        CREATE INDEX dashboard_sessions_expiry ON dashboard_sessions (expires_at);
+        CREATE TABLE oidc_logins (
+            state_hash    text PRIMARY KEY,
+            browser_hash  text NOT NULL,
+            nonce         text NOT NULL,
+            code_verifier text NOT NULL,
+            redirect_uri  text NOT NULL,
+            created_at    double precision NOT NULL,
+            expires_at    double precision NOT NULL
+        );
+        CREATE INDEX oidc_logins_expiry ON oidc_logins (expires_at);
+        ALTER TABLE audit_log ADD COLUMN actor_subject text, ADD COLUMN actor_email text;
+        """,
+    ),
 ]
 
 # Array types for the one-statement batch insert (unnest of one array per column).
@@ -920,6 +951,42 @@ class PostgresStore(Store):
             entry["before"], entry["after"] = json.loads(entry["before"]), json.loads(entry["after"])
             out.append(entry)
         return out
+
+    # ------------------------------------------------------ dashboard sign-in sessions
+
+    async def create_dashboard_session(self, row):
+        async with self._tx() as conn:
+            now = row["created_at"]
+            await conn.execute("DELETE FROM dashboard_sessions WHERE expires_at < $1", now)
+            await conn.execute("DELETE FROM oidc_logins WHERE expires_at < $1", now)
+            await conn.execute(
+                f"INSERT INTO dashboard_sessions ({', '.join(DASHBOARD_SESSION_COLUMNS)}) VALUES ("
+                + ", ".join(f"${i}" for i in range(1, len(DASHBOARD_SESSION_COLUMNS) + 1)) + ")",
+                *(row.get(c) for c in DASHBOARD_SESSION_COLUMNS))
+
+    async def dashboard_session(self, id_hash):
+        r = await self._fetchrow(
+            f"SELECT {', '.join(DASHBOARD_SESSION_COLUMNS)} FROM dashboard_sessions WHERE id_hash = $1", id_hash)
+        return None if r is None else dict(r)
+
+    async def delete_dashboard_session(self, id_hash):
+        async with self._single() as conn:
+            done = await conn.execute("DELETE FROM dashboard_sessions WHERE id_hash = $1", id_hash)
+        return done != "DELETE 0"
+
+    async def create_oidc_login(self, row):
+        async with self._tx() as conn:
+            await conn.execute("DELETE FROM oidc_logins WHERE expires_at < $1", row["created_at"])
+            await conn.execute(
+                f"INSERT INTO oidc_logins ({', '.join(OIDC_LOGIN_COLUMNS)}) VALUES ("
+                + ", ".join(f"${i}" for i in range(1, len(OIDC_LOGIN_COLUMNS) + 1)) + ")",
+                *(row.get(c) for c in OIDC_LOGIN_COLUMNS))
+
+    async def take_oidc_login(self, state_hash):
+        async with self._single() as conn:
+            r = await conn.fetchrow(
+                f"DELETE FROM oidc_logins WHERE state_hash = $1 RETURNING {', '.join(OIDC_LOGIN_COLUMNS)}", state_hash)
+        return None if r is None else dict(r)
 
     # -------------------------------------------------------------------- alerts
 

@@ -109,6 +109,8 @@ from gateway.store.base import (
     IdempotencyState,
     InsufficientEnergy,
     AUDIT_COLUMNS,
+    DASHBOARD_SESSION_COLUMNS,
+    OIDC_LOGIN_COLUMNS,
     KEY_CONTROLS,
     OUTBOX_CLAIMED,
     OUTBOX_LISTED,
@@ -438,6 +440,33 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "ALTER TABLE users ADD COLUMN external_id TEXT",
             # One user per app id and workspace: what makes find-or-create happen once.
             "CREATE UNIQUE INDEX users_external_id ON users (workspace_id, external_id) WHERE external_id IS NOT NULL",
+        ],
+    ),
+    (
+        22,  # dashboard sign-in (gateway/admin/oidc.py): sessions by the hash of their id, pending logins
+        [
+            """CREATE TABLE dashboard_sessions (
+                id_hash      TEXT PRIMARY KEY,
+                subject      TEXT NOT NULL,
+                email        TEXT,
+                role         TEXT NOT NULL,
+                workspace_id TEXT,
+                created_at   REAL NOT NULL,
+                expires_at   REAL NOT NULL
+            )""",
+            "CREATE INDEX dashboard_sessions_expiry ON dashboard_sessions (expires_at)",
+            """CREATE TABLE oidc_logins (
+                state_hash    TEXT PRIMARY KEY,
+                browser_hash  TEXT NOT NULL,
+                nonce         TEXT NOT NULL,
+                code_verifier TEXT NOT NULL,
+                redirect_uri  TEXT NOT NULL,
+                created_at    REAL NOT NULL,
+                expires_at    REAL NOT NULL
+            )""",
+            "CREATE INDEX oidc_logins_expiry ON oidc_logins (expires_at)",
+            "ALTER TABLE audit_log ADD COLUMN actor_subject TEXT",
+            "ALTER TABLE audit_log ADD COLUMN actor_email TEXT",
         ],
     ),
 ]
@@ -1121,6 +1150,42 @@ class SQLiteStore(Store):
             entry["before"], entry["after"] = json.loads(entry["before"]), json.loads(entry["after"])
             out.append(entry)
         return out
+
+    # ------------------------------------------------------ dashboard sign-in sessions
+
+    async def create_dashboard_session(self, row):
+        def tx(db):
+            now = row["created_at"]
+            db.execute("DELETE FROM dashboard_sessions WHERE expires_at < ?", (now,))
+            db.execute("DELETE FROM oidc_logins WHERE expires_at < ?", (now,))
+            db.execute(f"INSERT INTO dashboard_sessions ({', '.join(DASHBOARD_SESSION_COLUMNS)})"
+                       f" VALUES ({', '.join('?' for _ in DASHBOARD_SESSION_COLUMNS)})",
+                       tuple(row.get(c) for c in DASHBOARD_SESSION_COLUMNS))
+
+        await self._write(tx)
+
+    async def dashboard_session(self, id_hash):
+        r = await self._fetchone(
+            f"SELECT {', '.join(DASHBOARD_SESSION_COLUMNS)} FROM dashboard_sessions WHERE id_hash = ?", id_hash)
+        return None if r is None else dict(zip(DASHBOARD_SESSION_COLUMNS, r))
+
+    async def delete_dashboard_session(self, id_hash):
+        return await self._write(
+            lambda db: db.execute("DELETE FROM dashboard_sessions WHERE id_hash = ?", (id_hash,)).rowcount > 0)
+
+    async def create_oidc_login(self, row):
+        def tx(db):
+            db.execute("DELETE FROM oidc_logins WHERE expires_at < ?", (row["created_at"],))
+            db.execute(f"INSERT INTO oidc_logins ({', '.join(OIDC_LOGIN_COLUMNS)})"
+                       f" VALUES ({', '.join('?' for _ in OIDC_LOGIN_COLUMNS)})",
+                       tuple(row.get(c) for c in OIDC_LOGIN_COLUMNS))
+
+        await self._write(tx)
+
+    async def take_oidc_login(self, state_hash):
+        r = await self._write(lambda db: _one(
+            db, f"DELETE FROM oidc_logins WHERE state_hash = ? RETURNING {', '.join(OIDC_LOGIN_COLUMNS)}", state_hash))
+        return None if r is None else dict(zip(OIDC_LOGIN_COLUMNS, r))
 
     # -------------------------------------------------------------------- alerts
 

@@ -9,7 +9,8 @@ HTML/CSS/JS and uPlot is vendored with its license (static/vendor/uplot/). The o
 signs in with an admin key (master: every workspace; workspace admin: its own); the page
 keeps it in sessionStorage and sends it as a Bearer header to the same /admin JSON API the
 CLI uses, so every number it shows is one the API returns. Fields the API does not return
-(yet) are shown as "—".
+(yet) are shown as "—". With `dashboard.oidc` set the page also offers sign-in with the
+identity provider (gateway/admin/oidc.py: a session cookie instead of the key).
 
     static/api.js        api(method, path, body): the page's one door to the API (auth lives there)
     static/dashboard.js  the overview (totals, charts, reports), sign-in

@@ -1,5 +1,6 @@
 // The gateway's dashboard: reads the /admin JSON API with the admin key the operator
-// signed in with (kept in sessionStorage: gone when the tab closes) and renders it.
+// signed in with (kept in sessionStorage: gone when the tab closes), or with the session of
+// a sign-in with the identity provider (static/api.js sends either), and renders it.
 // Every number shown is a number the API returned; a field the API does not return is "—".
 "use strict";
 
@@ -16,6 +17,9 @@ let scope = null;
 // api(method, path, body) and ApiFailure: api.js, the page's one door to the gateway.
 
 function signInMessage(failure) {
+  if (!gatewayApi.hasKey() && (failure.status === 401 || failure.status === 403)) {
+    return "Your sign-in session has ended (" + failure.message + "). Sign in again.";
+  }
   if (failure.status === 401) {
     return "That key was not accepted (" + failure.message + "). Use the master key or a workspace admin key.";
   }
@@ -346,12 +350,14 @@ function stopRefreshing() {
 
 // ---------------------------------------------------------------- sign-in
 
-async function signIn(key) {
-  sessionStorage.setItem(KEY_STORAGE, key);
+async function signIn(key, session) {
+  if (key) gatewayApi.useKey(key);
   try {
     const live = await api("GET", "/admin/dashboard/live");
     scope = live.scope;
-    setText("#whoami", scope === "master" ? "master key: every workspace" : "workspace admin: " + live.workspaceId);
+    setText("#whoami", session ? sessionText(session)
+      : scope === "master" ? "master key: every workspace" : "workspace admin: " + live.workspaceId);
+    document.body.dataset.role = session ? session.role : scope;
     $("#workspace-control").hidden = scope !== "master";
     $("#signin-panel").hidden = true;
     $("#signin-error").hidden = true;
@@ -368,9 +374,10 @@ async function signIn(key) {
 
 function signOut(message) {
   stopRefreshing();
-  sessionStorage.removeItem(KEY_STORAGE);
+  gatewayApi.signOut();
   scope = null;
   delete document.body.dataset.scope;
+  delete document.body.dataset.role;
   delete document.body.dataset.refreshedAt;
   document.dispatchEvent(new CustomEvent("gateway:signed-out"));
   $("#app").hidden = true;
@@ -391,4 +398,25 @@ $("#signout").addEventListener("click", () => signOut(""));
 $("#window").addEventListener("change", refresh);
 $("#workspace").addEventListener("change", refresh);
 
-if (sessionStorage.getItem(KEY_STORAGE)) signIn(sessionStorage.getItem(KEY_STORAGE));
+// ---------------------------------------------------------------- sign-in with the identity provider
+
+function sessionText(session) {
+  const who = session.email || session.subject;
+  if (session.role === "master") return who + " · master: every workspace";
+  const workspace = session.workspaceName || session.workspaceId;
+  if (session.role === "workspace_admin") return who + " · workspace admin: " + workspace;
+  return who + " · viewer (read-only)" + (session.workspaceId ? ": " + workspace : "");
+}
+
+async function boot() {
+  if (gatewayApi.hasKey()) { signIn(null, null); return; }
+  const [session, provider] = await Promise.all([gatewayApi.session().catch(() => null), gatewayApi.provider()]);
+  if (provider) {
+    setText("#sso-name", provider.name);
+    $("#sso-button").href = provider.login;
+    $("#sso").hidden = false;
+  }
+  if (session) signIn(null, session);
+}
+
+boot();
