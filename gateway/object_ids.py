@@ -138,6 +138,11 @@ SURFACES: dict[str, Surface] = {
         routes=("/v1/messages", "/v1/messages/count_tokens"),
         client_data=("metadata", "tools[*].input_schema", "messages[*].content[*].input"),
     ),
+    "batches": Surface(  # the create's own body; each line of its input file is walked as its endpoint's body
+        routes=("/v1/batches", "/v1/batches/{batch_id}/cancel", "/v1/files"),
+        owned={"input_file_id": "gateway/batches.py BatchService.owned_file: the caller's own, else 404"},
+        client_data=("metadata",),
+    ),
     "responses": Surface(
         routes=("/v1/responses", "/responses"),
         owned={"previous_response_id": "gateway/responses_inbound.py previous_upstream: the caller's own, "

@@ -77,6 +77,8 @@ Endpoint = Literal[
     "messages.count_tokens",  # POST /v1/messages/count_tokens
     "responses.stored",       # GET/DELETE /v1/responses/{id}[/input_items]
     "mcp.tools/call",         # an MCP tools/call on POST /mcp (gateway/inbound/mcp.py)
+    "files",                  # /v1/files[/{id}[/content]] (gateway/inbound/files.py)
+    "batches",                # /v1/batches[/{id}[/cancel]] (gateway/inbound/batches.py); billed per line when settled
 ]
 # Requests that call a model: priced, billed in energy and USD, one usage row each.
 # A tool call is billed too: `ctx.model` is the tool (`server__tool`), `ctx.provider` its server.
