@@ -1,0 +1,205 @@
+"""A fake OpenAI account that holds files and runs batches, in OpenAI's wire format.
+
+A real aiohttp server on 127.0.0.1 (`FakeBatchProvider().start()`, base URL `.base`):
+`POST/GET /v1/files`, `GET/DELETE /v1/files/{id}`, `GET /v1/files/{id}/content`,
+`POST/GET /v1/batches`, `GET /v1/batches/{id}`, `POST /v1/batches/{id}/cancel`, each
+requiring `Authorization: Bearer ...` (401 otherwise). Every request is recorded
+(`requests`: (method, path)).
+
+A batch is `in_progress` once created; the test decides how it ends with `finish(batch_id,
+outcome=..., fail=..., run=...)`: `completed` (the lines in `fail` answer 400, in the error
+file), `expired` or `cancelled` (only the first `run` lines ran; the rest are in the error
+file with `batch_expired` / `batch_cancelled`), or `failed` (nothing ran, no files).
+
+Answers name the upstream's dated model (`gpt-4o-mini-2024-07-18`: `dated`), as the real
+API does; usage per line is `10 + index` prompt tokens and 5 completion tokens (chat), or
+`7 + index` prompt tokens (embeddings), index counting the input's lines from 0.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+
+_ids = itertools.count(1)
+
+
+def dated(model: str) -> str:
+    return model + "-2024-07-18"
+
+
+def usage_of(index: int, url: str) -> dict[str, int]:
+    if url == "/v1/embeddings":
+        return {"prompt_tokens": 7 + index, "completion_tokens": 0, "total_tokens": 7 + index}
+    return {"prompt_tokens": 10 + index, "completion_tokens": 5, "total_tokens": 15 + index}
+
+
+class FakeBatchProvider:
+    def __init__(self) -> None:
+        self.files: dict[str, dict[str, Any]] = {}
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.requests: list[tuple[str, str]] = []
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    @property
+    def base(self) -> str:
+        return self.url + "/v1"
+
+    async def start(self) -> "FakeBatchProvider":
+        app = web.Application(client_max_size=1024 ** 3)
+        app.router.add_post("/v1/files", self._upload)
+        app.router.add_get("/v1/files/{id}", self._file)
+        app.router.add_delete("/v1/files/{id}", self._delete)
+        app.router.add_get("/v1/files/{id}/content", self._content)
+        app.router.add_post("/v1/batches", self._create)
+        app.router.add_get("/v1/batches/{id}", self._batch)
+        app.router.add_post("/v1/batches/{id}/cancel", self._cancel)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # --- helpers for tests -----------------------------------------------------------
+
+    def count(self, method: str | None = None, prefix: str = "") -> int:
+        return sum(1 for m, p in self.requests if (method is None or m == method) and p.startswith(prefix))
+
+    def lines_of(self, file_id: str) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.files[file_id]["content"].splitlines() if line.strip()]
+
+    def _new_file(self, content: bytes, purpose: str, filename: str) -> dict[str, Any]:
+        file_id = f"file-fake{next(_ids):06d}"
+        self.files[file_id] = {"id": file_id, "object": "file", "bytes": len(content), "created_at": int(time.time()),
+                               "filename": filename, "purpose": purpose, "status": "processed", "content": content}
+        return self.files[file_id]
+
+    def finish(self, batch_id: str, outcome: str = "completed", fail: set[str] | frozenset[str] = frozenset(),
+               run: int | None = None) -> None:
+        """End a batch as the real API would (see the module)."""
+        batch = self.batches[batch_id]
+        lines = self.lines_of(batch["input_file_id"])
+        now = int(time.time())
+        if outcome == "failed":
+            batch.update(status="failed", failed_at=now, errors={"object": "list", "data": [
+                {"code": "invalid_request", "message": "the fake failed the batch", "param": None, "line": None}]})
+            return
+        ran = len(lines) if run is None else run
+        output, errors = [], []
+        for index, line in enumerate(lines):
+            request_id = f"req_fake_{batch_id}_{index}"
+            if index >= ran:
+                code = "batch_expired" if outcome == "expired" else "batch_cancelled"
+                errors.append({"id": f"batch_req_{index}", "custom_id": line["custom_id"], "response": None,
+                               "error": {"code": code, "message": f"This line was not executed ({code})."}})
+            elif line["custom_id"] in fail:
+                errors.append({"id": f"batch_req_{index}", "custom_id": line["custom_id"], "response": {
+                    "status_code": 400, "request_id": request_id, "body": {"error": {
+                        "message": "the fake refused this line", "type": "invalid_request_error", "param": None,
+                        "code": "invalid_value"}}}, "error": None})
+            else:
+                output.append({"id": f"batch_req_{index}", "custom_id": line["custom_id"], "response": {
+                    "status_code": 200, "request_id": request_id, "body": self._answer(index, line)}, "error": None})
+        counts = {"total": len(lines), "completed": len(output), "failed": len(errors)}
+        batch.update(status=outcome, request_counts=counts, finalizing_at=now, **{
+            {"completed": "completed_at", "expired": "expired_at", "cancelled": "cancelled_at"}[outcome]: now})
+        if output:
+            batch["output_file_id"] = self._new_file(b"".join(json.dumps(o).encode() + b"\n" for o in output),
+                                                     "batch_output", "batch_output.jsonl")["id"]
+        if errors:
+            batch["error_file_id"] = self._new_file(b"".join(json.dumps(e).encode() + b"\n" for e in errors),
+                                                    "batch_output", "batch_error.jsonl")["id"]
+
+    @staticmethod
+    def _answer(index: int, line: dict[str, Any]) -> dict[str, Any]:
+        model = dated(line["body"]["model"])
+        usage = usage_of(index, line["url"])
+        if line["url"] == "/v1/embeddings":
+            return {"object": "list", "model": model, "usage": usage,
+                    "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}]}
+        return {"id": f"chatcmpl-fake{index}", "object": "chat.completion", "created": int(time.time()),
+                "model": model, "usage": usage, "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                    "role": "assistant", "content": f"answer {index}"}}]}
+
+    # --- the wire ---------------------------------------------------------------------
+
+    def _check(self, request: web.Request) -> None:
+        self.requests.append((request.method, request.path))
+        if not request.headers.get("Authorization", "").startswith("Bearer "):
+            raise web.HTTPUnauthorized(text=json.dumps({"error": {"message": "no key", "type": "invalid_request_error",
+                                                                  "code": "invalid_api_key"}}),
+                                       content_type="application/json")
+
+    @staticmethod
+    def _not_found(what: str) -> web.Response:
+        return web.json_response({"error": {"message": f"No such {what}", "type": "invalid_request_error",
+                                            "param": None, "code": None}}, status=404)
+
+    @staticmethod
+    def _public(file: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in file.items() if k != "content"}
+
+    async def _upload(self, request: web.Request) -> web.Response:
+        self._check(request)
+        form = await request.post()
+        upload = form["file"]
+        content = upload.file.read()
+        return web.json_response(self._public(self._new_file(content, str(form["purpose"]), upload.filename)))
+
+    async def _file(self, request: web.Request) -> web.Response:
+        self._check(request)
+        file = self.files.get(request.match_info["id"])
+        return self._not_found("file") if file is None else web.json_response(self._public(file))
+
+    async def _delete(self, request: web.Request) -> web.Response:
+        self._check(request)
+        if self.files.pop(request.match_info["id"], None) is None:
+            return self._not_found("file")
+        return web.json_response({"id": request.match_info["id"], "object": "file", "deleted": True})
+
+    async def _content(self, request: web.Request) -> web.Response:
+        self._check(request)
+        file = self.files.get(request.match_info["id"])
+        if file is None:
+            return self._not_found("file")
+        return web.Response(body=file["content"], content_type="application/octet-stream")
+
+    async def _create(self, request: web.Request) -> web.Response:
+        self._check(request)
+        body = await request.json()
+        if body.get("input_file_id") not in self.files:
+            return self._not_found("file")
+        batch_id = f"batch_fake{next(_ids):06d}"
+        lines = self.lines_of(body["input_file_id"])
+        self.batches[batch_id] = {
+            "id": batch_id, "object": "batch", "endpoint": body["endpoint"], "errors": None,
+            "input_file_id": body["input_file_id"], "completion_window": body["completion_window"],
+            "status": "in_progress", "output_file_id": None, "error_file_id": None, "created_at": int(time.time()),
+            "in_progress_at": int(time.time()), "expires_at": int(time.time()) + 86400, "finalizing_at": None,
+            "completed_at": None, "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,
+            "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
+            "metadata": body.get("metadata"), "model": dated(lines[0]["body"]["model"]) if lines else None}
+        return web.json_response(self.batches[batch_id])
+
+    async def _batch(self, request: web.Request) -> web.Response:
+        self._check(request)
+        batch = self.batches.get(request.match_info["id"])
+        return self._not_found("batch") if batch is None else web.json_response(batch)
+
+    async def _cancel(self, request: web.Request) -> web.Response:
+        self._check(request)
+        batch = self.batches.get(request.match_info["id"])
+        if batch is None:
+            return self._not_found("batch")
+        batch.update(status="cancelling", cancelling_at=int(time.time()))
+        return web.json_response(batch)
