@@ -138,11 +138,6 @@ SURFACES: dict[str, Surface] = {
         routes=("/v1/messages", "/v1/messages/count_tokens"),
         client_data=("metadata", "tools[*].input_schema", "messages[*].content[*].input"),
     ),
-    "batches": Surface(  # the create's own body; each line of its input file is walked as its endpoint's body
-        routes=("/v1/batches", "/v1/batches/{batch_id}/cancel", "/v1/files"),
-        owned={"input_file_id": "gateway/batches.py BatchService.owned_file: the caller's own, else 404"},
-        client_data=("metadata",),
-    ),
     "responses": Surface(
         routes=("/v1/responses", "/responses"),
         owned={"previous_response_id": "gateway/responses_inbound.py previous_upstream: the caller's own, "
@@ -153,7 +148,11 @@ SURFACES: dict[str, Surface] = {
 
 # POST routes whose body the gateway keeps (never forwarded to a provider), besides the
 # operator's /admin routes.
-NOT_FORWARDED = frozenset({"/v1/feedback", "/feedback"})
+# Files and batches are not forwarded either: the gateway builds the upstream's request from
+# checked fields (`input_file_id` must be the caller's own file, else 404), and every line
+# of a batch's input file is walked as its endpoint's body before the batch is created
+# (gateway/batches.py).
+NOT_FORWARDED = frozenset({"/v1/feedback", "/feedback", "/v1/files", "/v1/batches", "/v1/batches/{batch_id}/cancel"})
 
 
 _END = None  # a trie node's key marking that a path ends there

@@ -20,7 +20,6 @@ import pytest
 
 from gateway.batches import BATCHES, usage_key
 from gateway.money import usd
-from tests.conftest import base_config
 from tests.fake_batches import FakeBatchProvider, dated, usage_of
 
 MINI_IN, MINI_OUT = Decimal("7.5e-08"), Decimal("3e-07")  # gpt-4o-mini's *_batches prices in litellm's map
