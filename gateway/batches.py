@@ -468,7 +468,7 @@ class BatchService:
                 except orjson.JSONDecodeError:
                     continue
                 if isinstance(line, dict) and isinstance(line.get("custom_id"), str):
-                    outcomes.setdefault(line["custom_id"], line)
+                    outcomes.setdefault(line["custom_id"], _outcome(line))  # its bill only, not its answer
         per_line = record["energy_per_line"]
         rows, succeeded, now = [], 0, time.time()
         status = str(payload.get("status"))
@@ -483,13 +483,10 @@ class BatchService:
         log.info("batch_settled", batch=record["id"], batch_id=record["batch_id"], status=status,
                  lines=len(rows), succeeded=succeeded, energy=per_line * succeeded)
 
-    def _usage_row(self, record: dict[str, Any], custom_id: str, outcome: dict[str, Any] | None, status: str,
-                   deployment: ModelEntry, now: float) -> tuple[dict[str, Any], bool]:
-        response = (outcome or {}).get("response") or {}
-        code = response.get("status_code") if isinstance(response, dict) else None
-        body = response.get("body") if isinstance(response, dict) and isinstance(response.get("body"), dict) else {}
+    def _usage_row(self, record: dict[str, Any], custom_id: str, outcome: tuple[Any, Any, str | None] | None,
+                   status: str, deployment: ModelEntry, now: float) -> tuple[dict[str, Any], bool]:
+        code, usage, error_type = outcome if outcome is not None else (None, None, None)
         ok = code == 200
-        usage = usage_from_payload(body) if ok else None
         cost, prices = USD_ZERO, None
         if usage is not None:
             found = batch_prices(self.gw.config, record["model"], deployment.litellm_params.model, usage.prompt_tokens)
@@ -498,13 +495,12 @@ class BatchService:
                 cost = found.cost(usage)
             else:
                 cost = None
-        error_type = None
-        if not ok:
-            error = (outcome or {}).get("error") or (body.get("error") if isinstance(body, dict) else None)
-            error_type = (error.get("code") or error.get("type")) if isinstance(error, dict) else None
-            error_type = str(error_type or ("not_run" if outcome is None else "failed"))[:64]
-            if outcome is None and status in ("expired", "cancelled"):
-                error_type = f"batch_{status}"
+        elif ok:
+            cost = None  # an answer without usage: its price is unknown, not 0
+        if ok:
+            error_type = None
+        elif outcome is None:
+            error_type = f"batch_{status}" if status in ("expired", "cancelled") else "not_run"
         return {
             "request_id": usage_key(record["id"], custom_id), "user_id": record["user_id"],
             "workspace_id": record["workspace_id"], "prospect_id": None, "action": record["action"],
@@ -526,6 +522,18 @@ class BatchService:
             "experiment": None, "variant": None, "saved_usd": None,
             "unbilled_calls": 0, "unbilled_tokens": 0, "unbilled_cost_usd": None, "created_at": now,
         }, ok
+
+
+def _outcome(line: dict[str, Any]) -> tuple[Any, Any, str | None]:
+    """What settles one line of an output or error file: (HTTP status, Usage, error code)."""
+    response = line.get("response") if isinstance(line.get("response"), dict) else {}
+    code = response.get("status_code")
+    body = response.get("body") if isinstance(response.get("body"), dict) else {}
+    if code == 200:
+        return code, usage_from_payload(body), None
+    error = line.get("error") or body.get("error")
+    kind = (error.get("code") or error.get("type")) if isinstance(error, dict) else None
+    return code, None, str(kind or "failed")[:64]
 
 
 async def _public_lines(lines: AsyncIterator[bytes], model: str) -> AsyncIterator[bytes]:
