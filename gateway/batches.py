@@ -50,8 +50,9 @@ from aiohttp import web
 
 from gateway.client_body import check_params, require_model, validate_chat, validate_embeddings
 from gateway.config import Config, ModelEntry
-from gateway.errors import ApiError, bad_request
+from gateway.errors import ApiError, bad_request, store_unavailable
 from gateway.money import USD_ZERO
+from gateway.object_ids import FILE_ID_FIELDS, file_ids_in
 from gateway.providers.base import UpstreamError
 from gateway.providers.openai import upstream_model
 from gateway.providers.openai_files import FilesUpstream, account_of, holds_files
@@ -109,6 +110,44 @@ def may_use(ctx: Any, model: str) -> bool:
     if identity.tier not in config.tiers or model not in config.tier_models(identity.tier):
         return False
     return identity.key_models is None or model in identity.key_models
+
+
+def refers_to_file(refused: ApiError) -> bool:
+    """The object-id refusal of a file id (the only ids a caller may own)."""
+    return refused.code == "object_id_not_allowed" and (refused.param or "").endswith(FILE_ID_FIELDS)
+
+
+async def owned_files(store: Any, ctx: Any, body: dict[str, Any], model: str) -> frozenset[str]:
+    """The file ids `body` names that the caller owns (uploaded through /v1/files; not a
+    batch's output), all held at one upstream account: the request is then served only by
+    deployments reaching it (`ctx.deployment_filter`). Empty: none is the caller's."""
+    if ctx.identity is None or store is None:
+        return frozenset()
+    owned: dict[str, dict[str, Any]] = {}
+    try:
+        for file_id in file_ids_in(body):
+            record = await store.stored_file(file_id) if len(file_id) <= 200 else None
+            if record is not None and record["user_id"] == ctx.identity.user_id and record.get("batch_id") is None:
+                owned[file_id] = record
+    except Exception as exc:  # noqa: BLE001 — whatever the backend raises: the owner is unknown
+        log.warning("stored_file_lookup_failed", request_id=ctx.request_id, error=type(exc).__name__)
+        raise store_unavailable(ctx.request_id) from None
+    if not owned:
+        return frozenset()
+    accounts = {record["upstream"] for record in owned.values()}
+    if len(accounts) > 1:
+        raise bad_request("The files named are held at different upstream accounts; one request can use the files "
+                          "of one account", code="files_elsewhere")
+    account = accounts.pop()
+
+    def reaches(deployment: ModelEntry) -> bool:
+        return holds_files(deployment) and account_of(deployment) == account
+
+    if not any(reaches(d) for d in ctx.config.deployments(model)):
+        raise bad_request(f"The file '{next(iter(owned))}' is held at an upstream account that the model '{model}' is "
+                          f"not served from; use the model it was uploaded for", param="model", code="file_elsewhere")
+    ctx.deployment_filter = reaches
+    return frozenset(owned)
 
 
 def _line_error(number: int, message: str, param: str | None = None) -> ApiError:

@@ -237,6 +237,10 @@ class RequestContext:
     # sets this to a gateway/chat_stream.py StreamAssembler before dispatch; the core adds
     # every chunk it relays to it (every choice, logprobs). None: nothing is assembled.
     stream_assembler: Any = None
+    # Which deployments may serve the request, when it names objects held at one upstream
+    # account (a file the caller owns: gateway/batches.py owned_files); None: any. The
+    # router applies it to every model it tries, fallbacks included.
+    deployment_filter: "Callable[[Any], bool] | None" = None
     # The request's spans while tracing is on (gateway/telemetry.py RequestTrace), else None:
     # the core's one check before any tracing work. Plugins may add events to it.
     trace: Any = None

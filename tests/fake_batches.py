@@ -2,7 +2,8 @@
 
 A real aiohttp server on 127.0.0.1 (`FakeBatchProvider().start()`, base URL `.base`):
 `POST/GET /v1/files`, `GET/DELETE /v1/files/{id}`, `GET /v1/files/{id}/content`,
-`POST/GET /v1/batches`, `GET /v1/batches/{id}`, `POST /v1/batches/{id}/cancel`, each
+`POST/GET /v1/batches`, `GET /v1/batches/{id}`, `POST /v1/batches/{id}/cancel`, and a
+plain `POST /v1/chat/completions` and `POST /v1/responses` (a request naming a file), each
 requiring `Authorization: Bearer ...` (401 otherwise). Every request is recorded
 (`requests`: (method, path)).
 
@@ -43,6 +44,7 @@ class FakeBatchProvider:
         self.files: dict[str, dict[str, Any]] = {}
         self.batches: dict[str, dict[str, Any]] = {}
         self.requests: list[tuple[str, str]] = []
+        self.bodies: list[dict[str, Any]] = []  # chat and responses bodies, as received
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -59,6 +61,8 @@ class FakeBatchProvider:
         app.router.add_post("/v1/batches", self._create)
         app.router.add_get("/v1/batches/{id}", self._batch)
         app.router.add_post("/v1/batches/{id}/cancel", self._cancel)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/responses", self._responses)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -203,3 +207,20 @@ class FakeBatchProvider:
             return self._not_found("batch")
         batch.update(status="cancelling", cancelling_at=int(time.time()))
         return web.json_response(batch)
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        self._check(request)
+        body = await request.json()
+        self.bodies.append(body)
+        return web.json_response(self._answer(0, {"url": "/v1/chat/completions", "body": body}))
+
+    async def _responses(self, request: web.Request) -> web.Response:
+        self._check(request)
+        body = await request.json()
+        self.bodies.append(body)
+        return web.json_response({
+            "id": f"resp_fake{next(_ids):06d}", "object": "response", "created_at": int(time.time()),
+            "status": "completed", "model": dated(body["model"]), "store": False,
+            "output": [{"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
+                        "content": [{"type": "output_text", "text": "read it", "annotations": []}]}],
+            "usage": {"input_tokens": 12, "output_tokens": 3, "total_tokens": 15}})

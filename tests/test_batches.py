@@ -345,3 +345,28 @@ def test_usage_key_is_bounded_and_distinct():
     assert usage_key("gwb_1", "a") == "gwb_1:a"
     long_a, long_b = usage_key("gwb_1", "a" * 400), usage_key("gwb_1", "a" * 399 + "b")
     assert long_a != long_b and len(long_a) < 100
+
+
+def test_a_file_the_caller_owns_may_be_named_in_a_request_on_the_account_that_holds_it(batch_gateway, provider):
+    gw = batch_gateway()
+    _, key_a = gw.make_user(energy=100)
+    _, key_b = gw.make_user(energy=100)
+    alice, bob = gw.client(key_a), gw.client(key_b)
+    uploaded = alice.files.create(file=("doc.pdf", io.BytesIO(b"%PDF-1.4 fake")), purpose="user_data",
+                                  extra_body={"model": "gpt-4o-mini"})
+    part = {"type": "file", "file": {"file_id": uploaded.id}}
+    answer = alice.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": [
+        {"type": "text", "text": "summarise"}, part]}])
+    assert answer.choices[0].message.content == "answer 0"
+    assert provider.bodies[-1]["messages"][0]["content"][1] == part
+    response = alice.responses.create(model="gpt-4o-mini", store=False, input=[{"role": "user", "content": [
+        {"type": "input_text", "text": "summarise"}, {"type": "input_file", "file_id": uploaded.id}]}])
+    assert response.output_text == "read it" and provider.bodies[-1]["input"][0]["content"][1]["file_id"] == uploaded.id
+    sent = len(provider.bodies)
+    # Someone else's file (or one the gateway never recorded) is refused as before, the provider not asked.
+    for client, file_id in ((bob, uploaded.id), (alice, "file-unknown")):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": [
+                {"type": "file", "file": {"file_id": file_id}}]}])
+        assert caught.value.body["code"] == "object_id_not_allowed"
+    assert len(provider.bodies) == sent
