@@ -370,3 +370,64 @@ def test_a_file_the_caller_owns_may_be_named_in_a_request_on_the_account_that_ho
                 {"type": "file", "file": {"file_id": file_id}}]}])
         assert caught.value.body["code"] == "object_id_not_allowed"
     assert len(provider.bodies) == sent
+
+
+def test_a_batch_whose_creation_died_is_refunded_by_the_poller_and_never_by_the_sweeper(batch_gateway):
+    gw = batch_gateway()
+    user, _ = gw.make_user(energy=100)
+    now = time.time()
+    row = {"id": "gwb_dead0001", "batch_id": None, "user_id": user, "workspace_id": "ws", "model": "gpt-4o-mini",
+           "upstream": "http://127.0.0.1:9/v1", "endpoint": "/v1/chat/completions", "input_file_id": "file-x",
+           "action": "ai_message", "energy_per_line": 2, "status": "creating", "payload": None,
+           "next_poll_at": now + 3600, "created_at": now - 7200}
+    gw.run(gw.store.insert_batch(row, ["a", "b"]))
+    gw.run(gw.store.reserve_energy(user, 4, "gwb_dead0001", now=now - 7200))  # two hours old: stale for the sweeper
+    energy = next(p for p in gw.state.chain.plugins if p.name == "energy")
+    assert gw.run(energy.sweep_stale_reservations()) == 0  # a batch's reservation is the poller's to settle
+    assert gw.balance(user) == 96
+    gw.run(gw.store.update_batch("gwb_dead0001", {"next_poll_at": now - 1}))  # its creation's grace is over
+    deadline = time.monotonic() + 15
+    while gw.run(gw.store.batch_record(id="gwb_dead0001"))["settled_at"] is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert gw.run(gw.store.batch_record(id="gwb_dead0001"))["status"] == "failed"
+    assert gw.balance(user) == 100
+    assert [(e.kind, e.amount) for e in gw.ledger(user) if e.request_id == "gwb_dead0001"] == [
+        ("reserve", -4), ("refund", 4)]
+
+
+@pytest.fixture
+def other_account(server_thread):
+    fake = server_thread.run(FakeBatchProvider().start())
+    yield fake
+    server_thread.run(fake.stop())
+
+
+def test_with_two_accounts_an_upload_names_its_model_and_stays_on_that_account(gateway_factory, provider,
+                                                                              other_account):
+    key = "sk-fake-account-SECRET"
+    gw = gateway_factory(models=[
+        {"name": "gpt-4o-mini", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": provider.base,
+                                                   "api_key": key}},
+        {"name": "gpt-4o", "litellm_params": {"model": "openai/gpt-4o", "api_base": other_account.base,
+                                              "api_key": key}},
+        {"name": "demo", "litellm_params": {"model": "demo/offline"}},
+    ], tiers={"pro": {"models": ["*"]}}, auth={"master_key": "gw-master-test-0123456789abcdef", "cache_ttl": 300,
+                                               "default_tier": "pro"},
+        batches={"poll_interval": 0.05})
+    _, api_key = gw.make_user(energy=100)
+    client = gw.client(api_key)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.files.create(file=("a.jsonl", io.BytesIO(chat_lines(1))), purpose="batch")
+    assert caught.value.body["code"] == "model_required"
+    uploaded = client.files.create(file=("a.jsonl", io.BytesIO(chat_lines(1))), purpose="batch",
+                                   extra_body={"model": "gpt-4o"})
+    assert uploaded.id in other_account.files and provider.files == {}
+    with pytest.raises(openai.BadRequestError) as caught:  # its lines name a model of the other account
+        client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert "line 1 " in caught.value.body["message"] and "upstream account" in caught.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": [
+            {"type": "file", "file": {"file_id": uploaded.id}}]}])
+    assert caught.value.body["code"] == "file_elsewhere"
+    assert provider.bodies == [] and other_account.batches == {}
