@@ -13,6 +13,7 @@ API lives at other URLs with other rules; not served yet: docs/batches.md).
 from __future__ import annotations
 
 import asyncio
+import mimetypes
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -101,7 +102,9 @@ class FilesUpstream:
             with path.open("rb") as handle:
                 form = aiohttp.FormData()
                 form.add_field("purpose", purpose)
-                form.add_field("file", handle, filename=filename, content_type="application/jsonl")
+                kind = "application/jsonl" if filename.endswith(".jsonl") else (
+                    mimetypes.guess_type(filename)[0] or "application/octet-stream")
+                form.add_field("file", handle, filename=filename, content_type=kind)
                 async with self.session().post(url, headers=headers, data=form) as r:
                     return await self._json(r)
         except (aiohttp.ClientError, OSError) as exc:
