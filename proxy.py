@@ -41,6 +41,7 @@ from gateway.feedback import feedback_routes  # noqa: E402
 from gateway.inbound.anthropic import anthropic_count_tokens, anthropic_messages  # noqa: E402
 from gateway.inbound.batches import batches_routes  # noqa: E402
 from gateway.inbound.files import files_routes  # noqa: E402
+from gateway.inbound.message_batches import message_batches_routes  # noqa: E402
 from gateway.inbound.mcp import install_mcp  # noqa: E402
 from gateway.inbound.openai import chat_completions, embeddings, list_models  # noqa: E402
 from gateway.inbound.responses import responses_create, stored_response  # noqa: E402
@@ -247,6 +248,7 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
     app.router.add_get("/admin/config", admin_config)
     app.router.add_routes(files_routes())
     app.router.add_routes(batches_routes())
+    app.router.add_routes(message_batches_routes())
     app.router.add_routes(feedback_routes())
     app.router.add_routes(dashboard_routes())
     install_mcp(app)  # /mcp: the MCP gateway (gateway/inbound/mcp.py)

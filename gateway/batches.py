@@ -55,6 +55,12 @@ from gateway.money import USD_ZERO
 from gateway.object_ids import FILE_ID_FIELDS, file_ids_in
 from gateway.providers.base import UpstreamError
 from gateway.providers.openai import upstream_model
+from gateway.providers.anthropic_batches import (
+    MessageBatchesUpstream,
+    holds_message_batches,
+    message_batches_account,
+    message_outcome,
+)
 from gateway.providers.openai_files import FilesUpstream, account_of, holds_files
 from gateway.router import upstream_to_api_error
 from gateway.state import Gateway
@@ -65,6 +71,7 @@ log = structlog.get_logger("gateway.batches")
 
 RESERVATION_PREFIX = "gwb_"  # the gateway's batch ids: their energy reservations outlive the sweeper's bound
 ENDPOINTS = {"/v1/chat/completions": "chat.completions", "/v1/embeddings": "embeddings"}
+MESSAGES = "/v1/messages"  # a row of Anthropic's Message Batches (gateway/message_batches.py)
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 CREATE_GRACE = 3600.0  # a batch row still without an upstream id after this: its creation died
 CREATE_PARAMS = frozenset({"input_file_id", "endpoint", "completion_window", "metadata"})
@@ -89,14 +96,17 @@ def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
-def holder(config: Config, model: str, account: str) -> ModelEntry | None:
-    """The deployment that reaches the account holding a file: the first of `model`'s that
-    does, else the first of any model's (the model was removed from the config)."""
+def holder(config: Config, model: str, account: str, endpoint: str | None = None) -> ModelEntry | None:
+    """The deployment that reaches the account holding a file (or, for `endpoint`
+    /v1/messages, running an Anthropic message batch): the first of `model`'s that does,
+    else the first of any model's (the model was removed from the config)."""
+    holds, account_of_ = (holds_message_batches, message_batches_account) if endpoint == MESSAGES else (
+        holds_files, account_of)
     names = [model, *(m for m in config.model_names() if m != model)] if config.deployments(model) else \
         config.model_names()
     for name in names:
         for deployment in config.deployments(name):
-            if holds_files(deployment) and account_of(deployment) == account:
+            if holds(deployment) and account_of_(deployment) == account:
                 return deployment
     return None
 
@@ -181,6 +191,7 @@ class BatchService:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         self.upstream = FilesUpstream()
+        self.messages = MessageBatchesUpstream(self.upstream)
         self.owner = owner_id()
         self._task: asyncio.Task | None = None
 
@@ -282,7 +293,7 @@ class BatchService:
         record = await self.owned_file(ctx, file_id)
         if record["purpose"] != "batch" or record.get("batch_id") is not None:
             raise bad_request(f"The file '{file_id}' was not uploaded with purpose 'batch'", param="input_file_id")
-        action = self._action(ctx, metadata)
+        action = self.action_of(ctx, metadata)
         deployment = holder(config, record["model"], record["upstream"])
         if deployment is None:
             raise ApiError(404, f"The file '{file_id}' is held at an upstream no configured model uses any more.",
@@ -294,7 +305,7 @@ class BatchService:
             if batch_prices(config, model, target.litellm_params.model, 0) is None:
                 raise bad_request(f"The model '{model}' has no known batch price; the gateway does not run a batch it "
                                   f"cannot bill", param="input_file_id", code="unpriced_batch")
-            per_line = config.energy.cost(action, model) if self._meters_energy() else 0
+            per_line = config.energy.cost(action, model) if self.meters_energy() else 0
             now = time.time()
             gw_id = RESERVATION_PREFIX + secrets.token_hex(12)
             row = {"id": gw_id, "batch_id": None, "user_id": ctx.identity.user_id,
@@ -302,7 +313,7 @@ class BatchService:
                    "endpoint": endpoint, "input_file_id": file_id, "action": action, "energy_per_line": per_line,
                    "status": "creating", "payload": None, "next_poll_at": now + CREATE_GRACE, "created_at": now}
             await store.insert_batch(row, custom_ids)
-            reserved = await self._reserve(ctx, gw_id, per_line * len(custom_ids))
+            reserved = await self.reserve(ctx, gw_id, per_line * len(custom_ids))
             try:
                 uploaded = await self.upstream.upload(target, rewritten, "batch_input.jsonl", "batch")
                 upstream_body = {"input_file_id": uploaded["id"], "endpoint": endpoint, "completion_window": "24h"}
@@ -312,10 +323,10 @@ class BatchService:
                 if not isinstance(payload.get("id"), str):
                     raise UpstreamError("bad_response", "the upstream's batch had no id")
             except UpstreamError as err:
-                await self._abandon(gw_id, reserved, "batch_not_created")
+                await self.abandon(gw_id, reserved, "batch_not_created")
                 raise upstream_to_api_error(err, 1) from None
             except BaseException:
-                await self._abandon(gw_id, reserved, "batch_not_created")
+                await self.abandon(gw_id, reserved, "batch_not_created")
                 raise
         fields = {"batch_id": payload["id"], "status": str(payload.get("status") or "validating"),
                   "payload": orjson.dumps(payload).decode(), "next_poll_at": time.time() + config.batches.poll_interval}
@@ -325,10 +336,10 @@ class BatchService:
                  lines=len(custom_ids), energy=per_line * len(custom_ids), user_id=ctx.identity.user_id)
         return public_batch({**row, **fields})
 
-    def _meters_energy(self) -> bool:
+    def meters_energy(self) -> bool:
         return any(plugin.name == "energy" for plugin in self.gw.chain.plugins)
 
-    def _action(self, ctx: Any, metadata: dict[str, Any] | None) -> str:
+    def action_of(self, ctx: Any, metadata: dict[str, Any] | None) -> str:
         energy = ctx.config.energy
         action = (metadata or {}).get("action") or ctx.headers.get("X-Action") or energy.default_action
         if action not in energy.actions:
@@ -338,8 +349,8 @@ class BatchService:
                               param="metadata.action", code="unknown_action")
         return action
 
-    async def _reserve(self, ctx: Any, gw_id: str, amount: int) -> bool:
-        if not self._meters_energy():
+    async def reserve(self, ctx: Any, gw_id: str, amount: int) -> bool:
+        if not self.meters_energy():
             return False
         store = self.gw.store
         tier = ctx.config.tiers.get(ctx.identity.tier)
@@ -357,7 +368,7 @@ class BatchService:
         ctx.response_headers["X-Energy-Remaining"] = str(reservation.balance)
         return True
 
-    async def _abandon(self, gw_id: str, reserved: bool, reason: str) -> None:
+    async def abandon(self, gw_id: str, reserved: bool, reason: str) -> None:
         """A batch that never ran: its energy back, its row closed."""
         store = self.gw.store
         if reserved:
@@ -472,13 +483,19 @@ class BatchService:
                                                     "lease_until": None}, owner=self.owner)
             log.warning("batch_creation_abandoned", batch=record["id"])
             return
-        deployment = holder(config, record["model"], record["upstream"])
+        deployment = holder(config, record["model"], record["upstream"], record["endpoint"])
         if deployment is None:
             raise RuntimeError(f"no configured deployment reaches {record['upstream']}")
-        payload = await self.upstream.call(deployment, "GET", f"/batches/{record['batch_id']}")
-        status = str(payload.get("status") or "")
+        if record["endpoint"] == MESSAGES:
+            payload = await self.messages.call(deployment, "GET", f"/{record['batch_id']}")
+            status = str(payload.get("processing_status") or "")
+            ended = status == "ended"
+        else:
+            payload = await self.upstream.call(deployment, "GET", f"/batches/{record['batch_id']}")
+            status = str(payload.get("status") or "")
+            ended = status in TERMINAL
         fields: dict[str, Any] = {"status": status, "payload": orjson.dumps(payload).decode()}
-        if status in TERMINAL:
+        if ended:
             await self.settle(record, payload, deployment)
             fields["settled_at"] = time.time()
         else:
@@ -491,7 +508,15 @@ class BatchService:
         that succeeded (the rest returned). Idempotent: see the module's invariants."""
         store = self.gw.store
         full = await store.batch_record(id=record["id"], with_lines=True)
-        outcomes: dict[str, dict[str, Any]] = {}
+        outcomes: dict[str, tuple[Any, Any, str | None]] = {}
+        if record["endpoint"] == MESSAGES:
+            async for raw in self.messages.results(deployment, record["batch_id"]):
+                try:
+                    line = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(line, dict) and isinstance(line.get("custom_id"), str):
+                    outcomes.setdefault(line["custom_id"], message_outcome(line))
         for key in ("output_file_id", "error_file_id"):
             file_id = payload.get(key)
             if not isinstance(file_id, str) or not file_id:
@@ -510,7 +535,7 @@ class BatchService:
                     outcomes.setdefault(line["custom_id"], _outcome(line))  # its bill only, not its answer
         per_line = record["energy_per_line"]
         rows, succeeded, now = [], 0, time.time()
-        status = str(payload.get("status"))
+        status = str(payload.get("status") or payload.get("processing_status"))
         for custom_id in full["lines"]:
             row, ok = self._usage_row(record, custom_id, outcomes.get(custom_id), status, deployment, now)
             succeeded += ok
@@ -543,7 +568,7 @@ class BatchService:
         return {
             "request_id": usage_key(record["id"], custom_id), "user_id": record["user_id"],
             "workspace_id": record["workspace_id"], "prospect_id": None, "action": record["action"],
-            "provider": "openai", "model": record["model"], "requested_model": record["model"],
+            "provider": "anthropic" if record["endpoint"] == MESSAGES else "openai", "model": record["model"], "requested_model": record["model"],
             "downgraded_from": None,
             "tokens_prompt": usage.prompt_tokens if usage else 0,
             "tokens_completion": usage.completion_tokens if usage else 0,

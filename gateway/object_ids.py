@@ -136,7 +136,7 @@ SURFACES: dict[str, Surface] = {
         uri_inputs=("input", "input[*]"),
     ),
     "messages": Surface(  # Anthropic's Messages API, as the client sent it (also passed through)
-        routes=("/v1/messages", "/v1/messages/count_tokens"),
+        routes=("/v1/messages", "/v1/messages/count_tokens", "/v1/messages/batches"),  # a batch: each request's params
         client_data=("metadata", "tools[*].input_schema", "messages[*].content[*].input"),
     ),
     "responses": Surface(
@@ -153,7 +153,8 @@ SURFACES: dict[str, Surface] = {
 # checked fields (`input_file_id` must be the caller's own file, else 404), and every line
 # of a batch's input file is walked as its endpoint's body before the batch is created
 # (gateway/batches.py).
-NOT_FORWARDED = frozenset({"/v1/feedback", "/feedback", "/v1/files", "/v1/batches", "/v1/batches/{batch_id}/cancel"})
+NOT_FORWARDED = frozenset({"/v1/feedback", "/feedback", "/v1/files", "/v1/batches", "/v1/batches/{batch_id}/cancel",
+                           "/v1/messages/batches/{batch_id}/cancel"})
 
 
 _END = None  # a trie node's key marking that a path ends there

@@ -4,7 +4,10 @@ A real aiohttp server on 127.0.0.1 (`FakeBatchProvider().start()`, base URL `.ba
 `POST/GET /v1/files`, `GET/DELETE /v1/files/{id}`, `GET /v1/files/{id}/content`,
 `POST/GET /v1/batches`, `GET /v1/batches/{id}`, `POST /v1/batches/{id}/cancel`, and a
 plain `POST /v1/chat/completions` and `POST /v1/responses` (a request naming a file), each
-requiring `Authorization: Bearer ...` (401 otherwise). Every request is recorded
+requiring `Authorization: Bearer ...` (401 otherwise); and Anthropic's Message Batches
+(`/v1/messages/batches[/{id}[/cancel|/results]]`, `x-api-key` and `anthropic-version`
+required), ended by `finish_message_batch` (`errored` ids fail, requests past `run` are
+`expired` or `canceled`; usage `20 + index` input tokens, 4 output tokens). Every request is recorded
 (`requests`: (method, path)).
 
 A batch is `in_progress` once created; the test decides how it ends with `finish(batch_id,
@@ -45,6 +48,7 @@ class FakeBatchProvider:
         self.batches: dict[str, dict[str, Any]] = {}
         self.requests: list[tuple[str, str]] = []
         self.bodies: list[dict[str, Any]] = []  # chat and responses bodies, as received
+        self.message_batches: dict[str, dict[str, Any]] = {}  # Anthropic's: the batch, its requests, its results
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -62,6 +66,10 @@ class FakeBatchProvider:
         app.router.add_get("/v1/batches/{id}", self._batch)
         app.router.add_post("/v1/batches/{id}/cancel", self._cancel)
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/messages/batches", self._message_batch_create)
+        app.router.add_get("/v1/messages/batches/{id}", self._message_batch)
+        app.router.add_post("/v1/messages/batches/{id}/cancel", self._message_batch_cancel)
+        app.router.add_get("/v1/messages/batches/{id}/results", self._message_batch_results)
         app.router.add_post("/v1/responses", self._responses)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
@@ -224,3 +232,79 @@ class FakeBatchProvider:
             "output": [{"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
                         "content": [{"type": "output_text", "text": "read it", "annotations": []}]}],
             "usage": {"input_tokens": 12, "output_tokens": 3, "total_tokens": 15}})
+
+    # --- Anthropic's Message Batches ----------------------------------------------------
+
+    def _check_anthropic(self, request: web.Request) -> web.Response | None:
+        self.requests.append((request.method, request.path))
+        if not request.headers.get("x-api-key") or not request.headers.get("anthropic-version"):
+            return web.json_response({"type": "error", "error": {"type": "authentication_error",
+                                                                  "message": "x-api-key and anthropic-version"}},
+                                     status=401)
+        return None
+
+    def finish_message_batch(self, batch_id: str, errored: set[str] | frozenset[str] = frozenset(),
+                             run: int | None = None, reason: str = "expired") -> None:
+        entry = self.message_batches[batch_id]
+        counts = {"processing": 0, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
+        results = []
+        for index, item in enumerate(entry["requests"]):
+            custom_id = item["custom_id"]
+            if run is not None and index >= run:
+                result: dict[str, Any] = {"type": reason}
+                counts[reason] += 1
+            elif custom_id in errored:
+                result = {"type": "errored", "error": {"type": "error", "error": {
+                    "type": "invalid_request_error", "message": "the fake refused this request"}}}
+                counts["errored"] += 1
+            else:
+                result = {"type": "succeeded", "message": {
+                    "id": f"msg_fake{index}", "type": "message", "role": "assistant",
+                    "model": item["params"]["model"] + "-20251001", "stop_reason": "end_turn", "stop_sequence": None,
+                    "content": [{"type": "text", "text": f"answer {index}"}],
+                    "usage": {"input_tokens": 20 + index, "output_tokens": 4}}}
+                counts["succeeded"] += 1
+            results.append({"custom_id": custom_id, "result": result})
+        entry["batch"].update(processing_status="ended", request_counts=counts, ended_at="2026-12-07T00:00:00Z",
+                              results_url=f"{self.url}/v1/messages/batches/{batch_id}/results")
+        entry["results"] = results
+
+    async def _message_batch_create(self, request: web.Request) -> web.Response:
+        refused = self._check_anthropic(request)
+        if refused is not None:
+            return refused
+        body = await request.json()
+        batch_id = f"msgbatch_fake{next(_ids):06d}"
+        batch = {"id": batch_id, "type": "message_batch", "processing_status": "in_progress",
+                 "request_counts": {"processing": len(body["requests"]), "succeeded": 0, "errored": 0,
+                                    "canceled": 0, "expired": 0},
+                 "ended_at": None, "created_at": "2026-12-07T00:00:00Z", "expires_at": "2026-12-08T00:00:00Z",
+                 "archived_at": None, "cancel_initiated_at": None, "results_url": None}
+        self.message_batches[batch_id] = {"batch": batch, "requests": body["requests"], "results": None}
+        return web.json_response(batch)
+
+    async def _message_batch(self, request: web.Request) -> web.Response:
+        refused = self._check_anthropic(request)
+        if refused is not None:
+            return refused
+        entry = self.message_batches.get(request.match_info["id"])
+        if entry is None:
+            return web.json_response({"type": "error", "error": {"type": "not_found_error", "message": "no"}},
+                                     status=404)
+        return web.json_response(entry["batch"])
+
+    async def _message_batch_cancel(self, request: web.Request) -> web.Response:
+        refused = self._check_anthropic(request)
+        if refused is not None:
+            return refused
+        entry = self.message_batches[request.match_info["id"]]
+        entry["batch"].update(processing_status="canceling", cancel_initiated_at="2026-12-07T00:00:01Z")
+        return web.json_response(entry["batch"])
+
+    async def _message_batch_results(self, request: web.Request) -> web.Response:
+        refused = self._check_anthropic(request)
+        if refused is not None:
+            return refused
+        entry = self.message_batches[request.match_info["id"]]
+        return web.Response(body=b"".join(json.dumps(r).encode() + b"\n" for r in entry["results"]),
+                            content_type="application/binary")

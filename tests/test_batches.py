@@ -15,6 +15,7 @@ import tracemalloc
 from decimal import Decimal
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 
@@ -45,6 +46,8 @@ def batch_gateway(gateway_factory, upstream, store_url, provider):
                                                  "api_key": key}},
             {"name": "gpt-4o", "litellm_params": {"model": "openai/gpt-4o", "api_base": provider.base,
                                                   "api_key": key}},
+            {"name": "claude", "litellm_params": {"model": "anthropic/claude-haiku-4-5", "api_base": provider.url,
+                                                  "api_key": "sk-ant-fake-SECRET"}},
             {"name": "demo", "litellm_params": {"model": "demo/offline"}},
         ]
         settings = {"poll_interval": 0.05, "lease": 5, **batches}
@@ -431,3 +434,77 @@ def test_with_two_accounts_an_upload_names_its_model_and_stays_on_that_account(g
             {"type": "file", "file": {"file_id": uploaded.id}}]}])
     assert caught.value.body["code"] == "file_elsewhere"
     assert provider.bodies == [] and other_account.batches == {}
+
+
+HAIKU_IN, HAIKU_OUT = Decimal("5e-07"), Decimal("2.5e-06")  # claude-haiku-4-5's *_batches prices in litellm's map
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
+def test_an_anthropic_message_batch_is_billed_per_request_at_batch_prices(batch_gateway, provider):
+    gw = batch_gateway()
+    user, key = gw.make_user(energy=100)
+    _, other_key = gw.make_user(energy=100)
+    client = anthropic.Anthropic(base_url=gw.url, api_key=key, max_retries=0)
+    requests = [{"custom_id": f"r{i}", "params": {"model": "claude", "max_tokens": 50,
+                                                  "messages": [{"role": "user", "content": f"hi {i}"}]}}
+                for i in range(3)]
+    batch = client.messages.batches.create(requests=requests)
+    assert batch.processing_status == "in_progress" and batch.results_url is None
+    assert [r["params"]["model"] for r in provider.message_batches[batch.id]["requests"]] == ["claude-haiku-4-5"] * 3
+    assert gw.balance(user) == 97  # ai_message's default energy, per request
+
+    provider.finish_message_batch(batch.id, errored={"r1"}, run=2)  # r2 expired
+    record = wait_settled(gw, batch.id)
+    done = client.messages.batches.retrieve(batch.id)
+    assert done.processing_status == "ended" and done.results_url.startswith(gw.url)
+    rows = line_rows(gw, record)
+    assert rows["r0"]["cost_usd"] == usd(20 * HAIKU_IN + 4 * HAIKU_OUT) and rows["r0"]["energy_cost"] == 1
+    assert rows["r0"]["provider"] == "anthropic" and rows["r0"]["model"] == "claude"
+    assert (rows["r1"]["energy_cost"], rows["r1"]["error_type"]) == (0, "invalid_request_error")
+    assert (rows["r2"]["energy_cost"], rows["r2"]["error_type"]) == (0, "batch_expired")
+    assert gw.balance(user) == 99
+    assert batch_ledger(gw, user, record) == [("reserve", -3), ("settle", 2)]
+    results = {r.custom_id: r for r in client.messages.batches.results(batch.id)}
+    assert results["r0"].result.type == "succeeded" and results["r0"].result.message.model == "claude"
+    assert results["r1"].result.type == "errored" and results["r2"].result.type == "expired"
+    assert [b.id for b in client.messages.batches.list().data] == [batch.id]
+
+    other = anthropic.Anthropic(base_url=gw.url, api_key=other_key, max_retries=0)
+    asked = len(provider.requests)
+    with pytest.raises(anthropic.NotFoundError):
+        other.messages.batches.retrieve(batch.id)
+    with pytest.raises(anthropic.NotFoundError):
+        other.messages.batches.cancel(batch.id)
+    assert other.messages.batches.list().data == []
+    with pytest.raises(openai.NotFoundError):  # nor is it an OpenAI batch
+        gw.client(key).batches.retrieve(batch.id)
+    assert len(provider.requests) == asked
+
+
+def test_a_bad_anthropic_batch_request_refuses_the_batch_naming_it(batch_gateway, provider):
+    gw = batch_gateway()
+    user, key = gw.make_user(energy=100)
+    client = anthropic.Anthropic(base_url=gw.url, api_key=key, max_retries=0)
+    good = {"model": "claude", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+    for bad, words in (({**good, "bogus": 1}, "bogus"), ({**good, "max_tokens": None}, "max_tokens"),
+                       ({**good, "model": "gpt-4o-mini"}, "same model")):
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            client.messages.batches.create(requests=[{"custom_id": "a", "params": good},
+                                                     {"custom_id": "b", "params": bad}])
+        assert "requests[1]" in caught.value.message and words in caught.value.message
+    assert provider.message_batches == {} and gw.balance(user) == 100
+
+
+def test_a_cancelled_anthropic_batch_bills_what_ran(batch_gateway, provider):
+    gw = batch_gateway()
+    user, key = gw.make_user(energy=100)
+    client = anthropic.Anthropic(base_url=gw.url, api_key=key, max_retries=0)
+    batch = client.messages.batches.create(requests=[{"custom_id": f"r{i}", "params": {
+        "model": "claude", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}} for i in range(4)])
+    assert client.messages.batches.cancel(batch.id).processing_status == "canceling"
+    provider.finish_message_batch(batch.id, run=1, reason="canceled")
+    record = wait_settled(gw, batch.id)
+    rows = line_rows(gw, record)
+    assert [rows[f"r{i}"]["energy_cost"] for i in range(4)] == [1, 0, 0, 0]
+    assert rows["r3"]["error_type"] == "batch_cancelled"
+    assert gw.balance(user) == 99

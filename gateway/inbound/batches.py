@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.batches import BATCHES, holder, public_batch
+from gateway.batches import BATCHES, MESSAGES, holder, public_batch
 from gateway.client_body import read_json
 from gateway.errors import ApiError, bad_request
 from gateway.inbound.files import serve
@@ -25,7 +25,7 @@ from plugins.base import RequestContext
 
 async def _owned(gw: Gateway, ctx: RequestContext, batch_id: str) -> dict[str, Any]:
     record = await gw.store.batch_record(batch_id=batch_id) if 0 < len(batch_id) <= 200 else None
-    if record is None or record["user_id"] != ctx.identity.user_id:
+    if record is None or record["user_id"] != ctx.identity.user_id or record["endpoint"] == MESSAGES:
         raise ApiError(404, f"No batch found with id '{batch_id[:200]}'.", param="batch_id", code="batch_not_found")
     return record
 

@@ -24,7 +24,7 @@ from aiohttp import BodyPartReader, web
 
 from gateway.batches import BATCHES, FILE_PURPOSES, holder, public_file
 from gateway.errors import ApiError, bad_request
-from gateway.lifecycle import json_response, new_context, run_request, send_now
+from gateway.lifecycle import OPENAI, Inbound, json_response, new_context, run_request, send_now
 from gateway.providers.base import UpstreamError
 from gateway.providers.openai_files import account_of
 from gateway.router import upstream_to_api_error
@@ -43,7 +43,7 @@ def _caller(ctx: RequestContext) -> None:
                             "whose they are", code="invalid_api_key")
 
 
-async def serve(request: web.Request, endpoint: str, work: Work) -> web.StreamResponse:
+async def serve(request: web.Request, endpoint: str, work: Work, inbound: Inbound = OPENAI) -> web.StreamResponse:
     """The chain around a files or batches request (auth, rate limits, logs; not billed as
     a request): `work` answers a JSON object, or sends its own response."""
     gw = request.app[GATEWAY]
@@ -61,7 +61,7 @@ async def serve(request: web.Request, endpoint: str, work: Work) -> web.StreamRe
         await snap.chain.end(ctx, wait=False)
         return response
 
-    return await run_request(request, snap, ctx, answer)
+    return await run_request(request, snap, ctx, answer, inbound=inbound)
 
 
 async def _field(part: BodyPartReader, name: str) -> str:

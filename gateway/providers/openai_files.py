@@ -86,9 +86,14 @@ class FilesUpstream:
                    body: dict[str, Any] | None = None) -> dict[str, Any]:
         """One JSON call (GET /files/{id}, POST /batches, ...): its object, or UpstreamError."""
         url, headers = self._where(deployment, path)
+        return await self.request_json(method, url, headers, body, deployment.timeouts.total)
+
+    async def request_json(self, method: str, url: str, headers: dict[str, str], body: dict[str, Any] | None,
+                           timeout: float) -> dict[str, Any]:
+        """One JSON call to `url` with `headers` (the Anthropic batches client uses it too)."""
         try:
             async with self.session().request(method, url, headers=headers, json=body,
-                                              timeout=aiohttp.ClientTimeout(total=deployment.timeouts.total)) as r:
+                                              timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 return await self._json(r)
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamError("connection", f"could not reach the upstream: {type(exc).__name__}") from None
@@ -115,6 +120,11 @@ class FilesUpstream:
     async def content(self, deployment: ModelEntry, file_id: str) -> AsyncIterator[bytes]:
         """GET /files/{id}/content, line by line (each with its newline, if it had one)."""
         url, headers = self._where(deployment, f"/files/{file_id}/content")
+        async for line in self.lines(url, headers):
+            yield line
+
+    async def lines(self, url: str, headers: dict[str, str]) -> AsyncIterator[bytes]:
+        """GET `url`, its body line by line, streamed (at most MAX_LINE bytes a line)."""
         try:
             async with self.session().get(url, headers=headers) as r:
                 if r.status >= 400:

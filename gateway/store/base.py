@@ -842,8 +842,10 @@ class Store(abc.ABC):
         (the custom_ids) if asked."""
 
     @abc.abstractmethod
-    async def list_batches(self, user_id: str, *, limit: int = 20, after: str | None = None) -> list[dict[str, Any]]:
-        """The user's batches that reached the upstream, newest first; `after`: a batch_id."""
+    async def list_batches(self, user_id: str, *, limit: int = 20, after: str | None = None,
+                           messages: bool = False) -> list[dict[str, Any]]:
+        """The user's batches that reached the upstream, newest first; `after`: a batch_id;
+        `messages`: Anthropic's message batches, else OpenAI's."""
 
     @abc.abstractmethod
     async def update_batch(self, id: str, fields: dict[str, Any], *, owner: str | None = None) -> bool:

@@ -1660,9 +1660,10 @@ class PostgresStore(Store):
             out["lines"] = json.loads(out["lines"])
         return out
 
-    async def list_batches(self, user_id, *, limit=20, after=None):
+    async def list_batches(self, user_id, *, limit=20, after=None, messages=False):
         rows = await self._fetch(
             f"SELECT {', '.join(BATCH_COLUMNS)} FROM gw_batches WHERE user_id = $1 AND batch_id IS NOT NULL"
+            f" AND endpoint {'=' if messages else '<>'} '/v1/messages'"
             " AND ($2::text IS NULL OR (created_at, id) <"
             " (SELECT created_at, id FROM gw_batches WHERE batch_id = $2 AND user_id = $1))"
             " ORDER BY created_at DESC, id DESC LIMIT $3", user_id, after, limit)

@@ -1504,9 +1504,9 @@ class SQLiteStore(Store):
             out["lines"] = json.loads(out["lines"])
         return out
 
-    async def list_batches(self, user_id, *, limit=20, after=None):
-        sql, args = f"SELECT {', '.join(BATCH_COLUMNS)} FROM gw_batches WHERE user_id = ? AND batch_id IS NOT NULL", \
-            [user_id]
+    async def list_batches(self, user_id, *, limit=20, after=None, messages=False):
+        sql, args = f"SELECT {', '.join(BATCH_COLUMNS)} FROM gw_batches WHERE user_id = ? AND batch_id IS NOT NULL" \
+            f" AND endpoint {'=' if messages else '<>'} '/v1/messages'", [user_id]
         if after is not None:
             sql += (" AND (created_at, id) < (SELECT created_at, id FROM gw_batches WHERE batch_id = ?"
                     " AND user_id = ?)")
