@@ -11,6 +11,8 @@ price, within 24 hours. The gateway owns both ends of it (docs/batches.md):
   `gateway/client_body.py`'s allowlist and object-id refusal); the file is then rewritten
   with the deployment's upstream model name and uploaded again, and that copy runs. Its
   estimated energy (the action's energy on the model, times the lines) is reserved first.
+* **Anthropic's message batches** (gateway/message_batches.py) are rows of the same table
+  (`endpoint` /v1/messages), polled and settled here the same way.
 * **The poller** (one task per process) asks the provider about running batches. Which
   process polls a batch is decided by a lease in the store (`claim_batches`), so a batch is
   polled and settled by one process at a time, also across restarts.
@@ -174,8 +176,10 @@ def public_batch(record: dict[str, Any]) -> dict[str, Any]:
                endpoint=record["endpoint"])
     if "model" in out:
         out["model"] = record["model"]
-    if out.get("status") in TERMINAL and record.get("settled_at") is None:
-        out["status"] = "finalizing"
+    if record.get("settled_at") is None:  # its files become the user's when it is settled
+        out["output_file_id"] = out["error_file_id"] = None
+        if out.get("status") in TERMINAL:
+            out["status"] = "finalizing"
     return out
 
 
@@ -498,6 +502,10 @@ class BatchService:
         if ended:
             await self.settle(record, payload, deployment)
             fields["settled_at"] = time.time()
+            copy = payload.get("input_file_id")  # the rewritten input, the gateway's own: not kept
+            if record["endpoint"] != MESSAGES and isinstance(copy, str) and copy != record["input_file_id"]:
+                with contextlib.suppress(UpstreamError):
+                    await self.upstream.call(deployment, "DELETE", f"/files/{copy}")
         else:
             fields["next_poll_at"] = time.time() + config.batches.poll_interval
         fields.update(lease_owner=None, lease_until=None)

@@ -109,6 +109,8 @@ def test_a_completed_batch_bills_each_line_at_batch_prices_and_refunds_the_faile
     record = wait_settled(gw, batch.id)
     done = client.batches.retrieve(batch.id)
     assert done.status == "completed" and done.request_counts.completed == 3
+    assert upstream_input and provider.batches[batch.id]["input_file_id"] not in provider.files  # the copy is deleted
+    assert uploaded.id in provider.files  # the user's own file is theirs to delete
 
     rows = line_rows(gw, record)
     assert sorted(rows) == ["line-0", "line-1", "line-2", "line-3"]
