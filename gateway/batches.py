@@ -85,6 +85,7 @@ BATCH_FIELDS = ("id", "object", "endpoint", "errors", "input_file_id", "completi
                 "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at", "request_counts",
                 "metadata", "model", "usage")
 FILE_PURPOSES = frozenset({"batch", "user_data", "assistants", "vision"})
+GATEWAY_FIELDS = ("action", "prospect_id")  # a batch's metadata keys that are the gateway's, not the provider's
 
 
 def usage_key(batch: str, custom_id: str) -> str:
@@ -318,16 +319,21 @@ class BatchService:
                    "status": "creating", "payload": None, "next_poll_at": now + CREATE_GRACE, "created_at": now}
             await store.insert_batch(row, custom_ids)
             reserved = await self.reserve(ctx, gw_id, per_line * len(custom_ids))
+            uploaded: dict[str, Any] = {}
             try:
                 uploaded = await self.upstream.upload(target, rewritten, "batch_input.jsonl", "batch")
                 upstream_body = {"input_file_id": uploaded["id"], "endpoint": endpoint, "completion_window": "24h"}
-                if metadata:
-                    upstream_body["metadata"] = metadata
+                provider_metadata = {k: v for k, v in (metadata or {}).items() if k not in GATEWAY_FIELDS}
+                if provider_metadata:
+                    upstream_body["metadata"] = provider_metadata
                 payload = await self.upstream.call(target, "POST", "/batches", upstream_body)
                 if not isinstance(payload.get("id"), str):
                     raise UpstreamError("bad_response", "the upstream's batch had no id")
             except UpstreamError as err:
                 await self.abandon(gw_id, reserved, "batch_not_created")
+                if isinstance(uploaded.get("id"), str):  # the copy of a batch that was not created
+                    with contextlib.suppress(UpstreamError):
+                        await self.upstream.call(target, "DELETE", f"/files/{uploaded['id']}")
                 raise upstream_to_api_error(err, 1) from None
             except BaseException:
                 await self.abandon(gw_id, reserved, "batch_not_created")

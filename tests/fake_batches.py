@@ -48,7 +48,8 @@ class FakeBatchProvider:
         self.batches: dict[str, dict[str, Any]] = {}
         self.requests: list[tuple[str, str]] = []
         self.bodies: list[dict[str, Any]] = []  # chat and responses bodies, as received
-        self.message_batches: dict[str, dict[str, Any]] = {}  # Anthropic's: the batch, its requests, its results
+        self.message_batches: dict[str, dict[str, Any]] = {}
+        self.refuse_batches = 0  # the next N batch creations answer 500  # Anthropic's: the batch, its requests, its results
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -189,6 +190,10 @@ class FakeBatchProvider:
     async def _create(self, request: web.Request) -> web.Response:
         self._check(request)
         body = await request.json()
+        if self.refuse_batches:
+            self.refuse_batches -= 1
+            return web.json_response({"error": {"message": "the fake is down", "type": "server_error",
+                                                "param": None, "code": None}}, status=500)
         if body.get("input_file_id") not in self.files:
             return self._not_found("file")
         batch_id = f"batch_fake{next(_ids):06d}"

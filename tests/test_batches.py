@@ -510,3 +510,35 @@ def test_a_cancelled_anthropic_batch_bills_what_ran(batch_gateway, provider):
     assert [rows[f"r{i}"]["energy_cost"] for i in range(4)] == [1, 0, 0, 0]
     assert rows["r3"]["error_type"] == "batch_cancelled"
     assert gw.balance(user) == 99
+
+
+def test_a_batch_the_provider_would_not_create_costs_nothing_and_leaves_no_copy(batch_gateway, provider):
+    gw = batch_gateway()
+    user, key = gw.make_user(energy=100)
+    client = gw.client(key)
+    uploaded = client.files.create(file=("in.jsonl", io.BytesIO(chat_lines(2))), purpose="batch")
+    provider.refuse_batches = 1
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
+                              metadata={"action": "ai_message", "team": "sales"})
+    assert caught.value.status_code == 502 and caught.value.body["code"] == "upstream_error"
+    assert gw.balance(user) == 100 and client.batches.list().data == []
+    assert list(provider.files) == [uploaded.id]  # the rewritten copy was deleted
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
+                                  metadata={"action": "ai_message", "team": "sales"})
+    assert provider.batches[batch.id]["metadata"] == {"team": "sales"}  # the gateway's fields stay here
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
+def test_two_gateways_on_one_store_settle_a_batch_once(batch_gateway, provider):
+    first, second = batch_gateway(), batch_gateway()  # two processes' pollers, one database
+    user, key = first.make_user(energy=100)
+    _, batch = start_batch(first.client(key), chat_lines(3))
+    provider.finish(batch.id)
+    record = wait_settled(second, batch.id)
+    time.sleep(0.3)  # both pollers had their turns after it
+    output = provider.batches[batch.id]["output_file_id"]
+    assert provider.count("GET", f"/v1/files/{output}/content") == 1  # one settlement read the results
+    assert len(line_rows(first, record)) == 3
+    assert batch_ledger(first, user, record) == [("reserve", -6), ("settle", 0)]
+    assert first.balance(user) == 94
