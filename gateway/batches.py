@@ -521,6 +521,10 @@ class BatchService:
         """One usage row per input line at the batch prices, the energy settled at the lines
         that succeeded (the rest returned). Idempotent: see the module's invariants."""
         store = self.gw.store
+        # A settlement outlasting the lease would be run again by another process: harmless
+        # (see the invariants), but the lease is renewed first so it does not happen.
+        await store.update_batch(record["id"], {"lease_until": time.time() + self.gw.config.batches.lease},
+                                 owner=self.owner)
         full = await store.batch_record(id=record["id"], with_lines=True)
         outcomes: dict[str, tuple[Any, Any, str | None]] = {}
         if record["endpoint"] == MESSAGES:
