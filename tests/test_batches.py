@@ -542,3 +542,25 @@ def test_two_gateways_on_one_store_settle_a_batch_once(batch_gateway, provider):
     assert len(line_rows(first, record)) == 3
     assert batch_ledger(first, user, record) == [("reserve", -6), ("settle", 0)]
     assert first.balance(user) == 94
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
+def test_a_claimed_batch_is_no_other_claims_until_its_lease_ends(batch_gateway):
+    gw = batch_gateway()
+    now = time.time() + 7200  # due two hours from now: the gateway's own poller (at the real time) never claims them
+    for i in range(3):
+        gw.run(gw.store.insert_batch({
+            "id": f"gwb_claim{i}", "batch_id": f"batch_claim{i}", "user_id": "u", "workspace_id": "w",
+            "model": "gpt-4o-mini", "upstream": "http://x/v1", "endpoint": "/v1/chat/completions",
+            "input_file_id": "file-x", "action": "ai_message", "energy_per_line": 1, "status": "in_progress",
+            "payload": None, "next_poll_at": now - 10 + i, "created_at": now}, ["a"]))
+    store = gw.store
+    first = gw.run(store.claim_batches("A", lease=60, limit=2, now=now))
+    second = gw.run(store.claim_batches("B", lease=60, limit=5, now=now))
+    assert [r["id"] for r in first] == ["gwb_claim0", "gwb_claim1"] and [r["id"] for r in second] == ["gwb_claim2"]
+    assert gw.run(store.claim_batches("C", lease=60, limit=5, now=now + 30)) == []
+    assert not gw.run(store.update_batch("gwb_claim0", {"status": "x"}, owner="B"))  # not B's
+    assert gw.run(store.update_batch("gwb_claim0", {"lease_owner": None, "lease_until": None}, owner="A"))
+    assert [r["id"] for r in gw.run(store.claim_batches("C", lease=60, limit=5, now=now + 30))] == ["gwb_claim0"]
+    assert {r["id"] for r in gw.run(store.claim_batches("D", lease=60, limit=5, now=now + 61))} == {
+        "gwb_claim1", "gwb_claim2"}  # leases ended
