@@ -205,6 +205,7 @@ class Pricing(ServiceTierPrices):
 
     priority: ServiceTierPrices | None = None  # `service_tier: priority`
     flex: ServiceTierPrices | None = None  # `service_tier: flex`
+    batches: ServiceTierPrices | None = None  # a line of a provider batch (gateway/batches.py)
 
     def tier(self, name: str | None) -> ServiceTierPrices | None:
         """The prices of service tier `name` (None: the standard tier), or None if not given."""
@@ -576,6 +577,22 @@ class AlertsConfig(_Strict):
         return v
 
 
+class BatchesConfig(_Strict):
+    """Files and batches (gateway/files.py, gateway/batches.py, docs/batches.md)."""
+
+    max_file_bytes: int = Field(200 * 1024 * 1024, gt=0, description="413 above this, enforced while uploading")
+    files_model: str | None = Field(None, description="the model whose upstream an upload goes to without a "
+                                                      "`model` form field")
+    max_lines: int = Field(50_000, ge=1, description="lines of one batch input file")
+    poll_interval: float = Field(30.0, gt=0, description="seconds between two polls of a running batch")
+    lease: float = Field(300.0, gt=0, description="seconds one process holds a batch it polls or settles")
+
+    @field_validator("poll_interval", "lease", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+
 class ExperimentMatch(_Strict):
     """Which requests an experiment applies to; an empty list matches everything."""
 
@@ -941,6 +958,7 @@ class Config(_Strict):
     telemetry: TelemetryConfig = TelemetryConfig()
     dashboard: DashboardConfig = DashboardConfig()
     mcp_servers: list[McpServerConfig] = Field(default_factory=list)
+    batches: BatchesConfig = BatchesConfig()
     # No `plugins:` section (or an empty key): the standard chain, never an open one.
     plugins: list[PluginEntry] = Field(default_factory=lambda: [PluginEntry(name=n) for n in STANDARD_CHAIN])
 
@@ -953,6 +971,8 @@ class Config(_Strict):
     def _cross_references(self) -> "Config":
         errors: list[str] = []
         by_name: dict[str, ModelEntry] = {}
+        if self.batches.files_model is not None and not any(e.name == self.batches.files_model for e in self.models):
+            errors.append(f"batches.files_model: unknown model {self.batches.files_model!r}")
         for i, entry in enumerate(self.models):
             first = by_name.setdefault(entry.name, entry)
             if first is entry:

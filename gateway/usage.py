@@ -358,6 +358,33 @@ def token_prices(config: Config, public_model: str, deployment_model: str | None
     return None if prices is None else (prices, int(steps[exceeded - 1][0]) if exceeded else None)
 
 
+def batch_prices(config: Config, public_model: str, deployment_model: str | None,
+                 prompt_tokens: int) -> BilledPrices | None:
+    """The token prices of a line of a provider batch (gateway/batches.py): the model's
+    `pricing.batches` when its pricing is given, else litellm's `*_batches` keys for the
+    deployment (above the long-context step the prompt exceeds); None when neither says."""
+    if config.deployments(public_model):
+        pricing = config.model_settings(public_model).pricing
+        if pricing is not None:
+            block = pricing.batches
+            if block is None:
+                return None
+            step = None
+            for candidate in block.long_context:
+                if prompt_tokens > candidate.above_tokens:
+                    step = candidate
+            return BilledPrices(_config_prices(step or block), "batches",
+                                None if step is None else step.above_tokens)
+    if deployment_model is None:
+        return None
+    steps = _map_steps(deployment_model, "batches")
+    exceeded = sum(1 for threshold, _ in steps if prompt_tokens > threshold)
+    prices = _litellm_prices(deployment_model, "batches", exceeded)
+    if prices is None:
+        return None
+    return BilledPrices(prices, "batches", int(steps[exceeded - 1][0]) if exceeded else None)
+
+
 def prices_for(config: Config, public_model: str, deployment_model: str | None) -> UnitPrices | None:
     """The standard tier's token prices below any long-context step."""
     found = token_prices(config, public_model, deployment_model, None, 0)

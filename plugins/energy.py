@@ -68,6 +68,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.batcher import WriteBehind
+from gateway.batches import RESERVATION_PREFIX as BATCH_RESERVATION
 from gateway.config import parse_duration
 from gateway.errors import internal_error, store_unavailable
 from gateway.hosted_tools import requested
@@ -178,6 +179,8 @@ class Energy(Plugin):
             if stale_after is None:
                 stale_after = self.services.config.outlasting_requests(STALE_AFTER)
             for request_id in await store.stale_reservations(time.time() - stale_after):
+                if request_id.startswith(BATCH_RESERVATION):
+                    continue  # a provider batch runs up to a day; its poller settles it (gateway/batches.py)
                 if await store.refund_energy(request_id, reason="stale") is not None:
                     refunded += 1
         except Exception:  # a sweep must never take the gateway down; the next one retries

@@ -173,6 +173,17 @@ OUTBOX_CLAIMED = ("id", "event_id", "endpoint", "event_type", "workspace_id", "p
 OUTBOX_LISTED = ("id", "event_id", "endpoint", "event_type", "workspace_id", "status", "attempts", "last_status",
                  "last_error", "created_at", "next_attempt_at", "delivered_at", "payload")
 
+# Files and batches (gateway/files.py, gateway/batches.py, migration 19): whose each is and
+# which upstream account holds it. A batch row's `lines` (JSON: the input's custom_ids, in
+# order) is read only by `batch_record`; claims and listings leave it out.
+FILE_COLUMNS = ("file_id", "user_id", "workspace_id", "purpose", "filename", "bytes", "upstream", "model",
+                "batch_id", "created_at")
+BATCH_COLUMNS = ("id", "batch_id", "user_id", "workspace_id", "model", "upstream", "endpoint", "input_file_id",
+                 "action", "energy_per_line", "status", "payload", "next_poll_at", "lease_owner", "lease_until",
+                 "settled_at", "created_at")
+BATCH_UPDATABLE = frozenset({"batch_id", "status", "payload", "next_poll_at", "lease_owner", "lease_until",
+                             "settled_at"})
+
 # The per-key controls a key carries and `update_key` may change.
 KEY_CONTROLS = ("label", "expires_at", "models", "rpm", "tpm")
 
@@ -807,6 +818,55 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def forget_response(self, response_id: str) -> None:
         """After the upstream deleted it (DELETE /v1/responses/{id})."""
+
+    # files and batches (gateway/files.py, gateway/batches.py)
+    @abc.abstractmethod
+    async def remember_file(self, record: dict[str, Any]) -> None:
+        """A file the gateway uploaded for a user (FILE_COLUMNS), or a batch's output or error
+        file the gateway found (`batch_id` set: its content is rewritten when served).
+        Idempotent (the same file_id again is skipped)."""
+
+    @abc.abstractmethod
+    async def stored_file(self, file_id: str) -> dict[str, Any] | None:
+        """`remember_file`'s record, or None."""
+
+    @abc.abstractmethod
+    async def list_files(self, user_id: str, *, purpose: str | None = None, limit: int = 100,
+                         after: str | None = None) -> list[dict[str, Any]]:
+        """The user's files, newest first; `after`: those listed after that file id."""
+
+    @abc.abstractmethod
+    async def forget_file(self, file_id: str) -> None:
+        """After the upstream deleted it."""
+
+    @abc.abstractmethod
+    async def insert_batch(self, record: dict[str, Any], lines: list[str]) -> None:
+        """A batch being created (BATCH_COLUMNS; `batch_id` None until the upstream named it),
+        with its input's custom_ids (`lines`, in order)."""
+
+    @abc.abstractmethod
+    async def batch_record(self, *, batch_id: str | None = None, id: str | None = None,
+                           with_lines: bool = False) -> dict[str, Any] | None:
+        """A batch by the upstream's id (`batch_id`) or the gateway's (`id`); with `lines`
+        (the custom_ids) if asked."""
+
+    @abc.abstractmethod
+    async def list_batches(self, user_id: str, *, limit: int = 20, after: str | None = None,
+                           messages: bool = False) -> list[dict[str, Any]]:
+        """The user's batches that reached the upstream, newest first; `after`: a batch_id;
+        `messages`: Anthropic's message batches, else OpenAI's."""
+
+    @abc.abstractmethod
+    async def update_batch(self, id: str, fields: dict[str, Any], *, owner: str | None = None) -> bool:
+        """Set BATCH_UPDATABLE fields; with `owner`, only while that owner holds its lease.
+        True if the row was updated."""
+
+    @abc.abstractmethod
+    async def claim_batches(self, owner: str, *, lease: float, limit: int,
+                            now: float | None = None) -> list[dict[str, Any]]:
+        """Up to `limit` unsettled batches due for a poll (`next_poll_at` passed), leased to
+        `owner` for `lease` seconds: no other claim, in any process, returns them before the
+        lease ends (gateway/batches.py: one poller per batch across processes)."""
 
     @abc.abstractmethod
     async def report_query(self, sql: str, args: list[Any]) -> list[dict[str, Any]]:

@@ -61,6 +61,9 @@ from gateway.store.base import (
     OIDC_LOGIN_COLUMNS,
     KEY_CONTROLS,
     OUTBOX_CLAIMED,
+    BATCH_COLUMNS,
+    BATCH_UPDATABLE,
+    FILE_COLUMNS,
     OUTBOX_LISTED,
     KeyIdentity,
     NotFound,
@@ -663,6 +666,48 @@ MIGRATIONS: list[tuple[int, str]] = [
         " ALTER TABLE users ADD COLUMN external_id text;"
         # One user per app id and workspace: what makes find-or-create happen once (ON CONFLICT).
         " CREATE UNIQUE INDEX users_external_id ON users (workspace_id, external_id) WHERE external_id IS NOT NULL;",
+    ),
+    (
+        # files and batches: whose each is, on which upstream; a batch's lease and settlement
+        # (gateway/batches.py). New tables only: no lock on a table in use.
+        19,
+        """
+        CREATE TABLE gw_files (
+            file_id      text PRIMARY KEY,
+            user_id      text NOT NULL,
+            workspace_id text NOT NULL,
+            purpose      text NOT NULL,
+            filename     text,
+            bytes        bigint,
+            upstream     text NOT NULL,
+            model        text NOT NULL,
+            batch_id     text,
+            created_at   double precision NOT NULL
+        );
+        CREATE INDEX gw_files_user ON gw_files (user_id, created_at);
+        CREATE TABLE gw_batches (
+            id              text PRIMARY KEY,
+            batch_id        text UNIQUE,
+            user_id         text NOT NULL,
+            workspace_id    text NOT NULL,
+            model           text NOT NULL,
+            upstream        text NOT NULL,
+            endpoint        text NOT NULL,
+            input_file_id   text NOT NULL,
+            action          text NOT NULL,
+            energy_per_line bigint NOT NULL,
+            status          text NOT NULL,
+            payload         text,
+            lines           text NOT NULL,
+            next_poll_at    double precision NOT NULL,
+            lease_owner     text,
+            lease_until     double precision,
+            settled_at      double precision,
+            created_at      double precision NOT NULL
+        );
+        CREATE INDEX gw_batches_user ON gw_batches (user_id, created_at);
+        CREATE INDEX gw_batches_due ON gw_batches (next_poll_at) WHERE settled_at IS NULL;
+        """,
     ),
     (
         # Dashboard sign-in (gateway/admin/oidc.py): sessions by the hash of their id, pending
@@ -1637,6 +1682,85 @@ class PostgresStore(Store):
     async def forget_response(self, response_id):
         async with self._tx() as conn:
             await conn.execute("DELETE FROM stored_responses WHERE response_id = $1", response_id)
+
+    # ------------------------------------------------------------ files and batches
+
+    async def remember_file(self, record):
+        async with self._single() as conn:
+            await conn.execute(
+                f"INSERT INTO gw_files ({', '.join(FILE_COLUMNS)}) VALUES"
+                f" ({', '.join(f'${i}' for i in range(1, len(FILE_COLUMNS) + 1))}) ON CONFLICT (file_id) DO NOTHING",
+                *(record.get(c) for c in FILE_COLUMNS))
+
+    async def stored_file(self, file_id):
+        rows = await self._fetch(f"SELECT {', '.join(FILE_COLUMNS)} FROM gw_files WHERE file_id = $1", file_id)
+        return dict(rows[0]) if rows else None
+
+    async def list_files(self, user_id, *, purpose=None, limit=100, after=None):
+        rows = await self._fetch(
+            f"SELECT {', '.join(FILE_COLUMNS)} FROM gw_files WHERE user_id = $1"
+            " AND ($2::text IS NULL OR purpose = $2) AND ($3::text IS NULL OR (created_at, file_id) <"
+            " (SELECT created_at, file_id FROM gw_files WHERE file_id = $3 AND user_id = $1))"
+            " ORDER BY created_at DESC, file_id DESC LIMIT $4", user_id, purpose, after, limit)
+        return [dict(r) for r in rows]
+
+    async def forget_file(self, file_id):
+        async with self._single() as conn:
+            await conn.execute("DELETE FROM gw_files WHERE file_id = $1", file_id)
+
+    async def insert_batch(self, record, lines):
+        columns = [*BATCH_COLUMNS, "lines"]
+        async with self._single() as conn:
+            await conn.execute(
+                f"INSERT INTO gw_batches ({', '.join(columns)}) VALUES"
+                f" ({', '.join(f'${i}' for i in range(1, len(columns) + 1))})",
+                *(record.get(c) for c in BATCH_COLUMNS), json.dumps(lines))
+
+    async def batch_record(self, *, batch_id=None, id=None, with_lines=False):
+        columns = [*BATCH_COLUMNS, "lines"] if with_lines else list(BATCH_COLUMNS)
+        key, value = ("batch_id", batch_id) if batch_id is not None else ("id", id)
+        rows = await self._fetch(f"SELECT {', '.join(columns)} FROM gw_batches WHERE {key} = $1", value)
+        if not rows:
+            return None
+        out = dict(rows[0])
+        if with_lines:
+            out["lines"] = json.loads(out["lines"])
+        return out
+
+    async def list_batches(self, user_id, *, limit=20, after=None, messages=False):
+        rows = await self._fetch(
+            f"SELECT {', '.join(BATCH_COLUMNS)} FROM gw_batches WHERE user_id = $1 AND batch_id IS NOT NULL"
+            f" AND endpoint {'=' if messages else '<>'} '/v1/messages'"
+            " AND ($2::text IS NULL OR (created_at, id) <"
+            " (SELECT created_at, id FROM gw_batches WHERE batch_id = $2 AND user_id = $1))"
+            " ORDER BY created_at DESC, id DESC LIMIT $3", user_id, after, limit)
+        return [dict(r) for r in rows]
+
+    async def update_batch(self, id, fields, *, owner=None):
+        unknown = set(fields) - BATCH_UPDATABLE
+        if unknown:
+            raise ValueError(f"not updatable: {sorted(unknown)}")
+        sets = ", ".join(f"{name} = ${i}" for i, name in enumerate(fields, 1))
+        args = [*fields.values(), id]
+        sql = f"UPDATE gw_batches SET {sets} WHERE id = ${len(args)}"
+        if owner is not None:
+            args.append(owner)
+            sql += f" AND lease_owner = ${len(args)}"
+        async with self._single() as conn:
+            done = await conn.execute(sql, *args)
+        return done.endswith(" 1")
+
+    async def claim_batches(self, owner, *, lease, limit, now=None):
+        now = now_or(now)
+        # SKIP LOCKED: two processes claiming at once take different rows, neither waits;
+        # the lease keeps a claimed batch from being polled by another while it is settled.
+        async with self._single() as conn:
+            rows = await conn.fetch(
+                "UPDATE gw_batches SET lease_owner = $1, lease_until = $2 + $3::float8 WHERE id IN ("
+                " SELECT id FROM gw_batches WHERE settled_at IS NULL AND next_poll_at <= $2"
+                " AND (lease_until IS NULL OR lease_until < $2) ORDER BY next_poll_at LIMIT $4 FOR UPDATE SKIP LOCKED)"
+                f" RETURNING {', '.join(BATCH_COLUMNS)}", owner, now, float(lease), limit)
+        return [dict(r) for r in rows]
 
     async def report_query(self, sql, args):
         parts = sql.split("?")

@@ -113,6 +113,9 @@ from gateway.store.base import (
     OIDC_LOGIN_COLUMNS,
     KEY_CONTROLS,
     OUTBOX_CLAIMED,
+    BATCH_COLUMNS,
+    BATCH_UPDATABLE,
+    FILE_COLUMNS,
     OUTBOX_LISTED,
     KeyIdentity,
     NotFound,
@@ -440,6 +443,46 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "ALTER TABLE users ADD COLUMN external_id TEXT",
             # One user per app id and workspace: what makes find-or-create happen once.
             "CREATE UNIQUE INDEX users_external_id ON users (workspace_id, external_id) WHERE external_id IS NOT NULL",
+        ],
+    ),
+    (
+        19,  # files and batches: whose each is, on which upstream; a batch's lease and settlement (gateway/batches.py)
+        [
+            """CREATE TABLE gw_files (
+                file_id      TEXT PRIMARY KEY,
+                user_id      TEXT NOT NULL,
+                workspace_id TEXT NOT NULL,
+                purpose      TEXT NOT NULL,
+                filename     TEXT,
+                bytes        INTEGER,
+                upstream     TEXT NOT NULL,
+                model        TEXT NOT NULL,
+                batch_id     TEXT,           -- a batch's output or error file: served rewritten
+                created_at   REAL NOT NULL
+            )""",
+            "CREATE INDEX gw_files_user ON gw_files (user_id, created_at)",
+            """CREATE TABLE gw_batches (
+                id              TEXT PRIMARY KEY,   -- the gateway's: its energy reservation's request_id
+                batch_id        TEXT UNIQUE,        -- the upstream's, once created
+                user_id         TEXT NOT NULL,
+                workspace_id    TEXT NOT NULL,
+                model           TEXT NOT NULL,
+                upstream        TEXT NOT NULL,
+                endpoint        TEXT NOT NULL,
+                input_file_id   TEXT NOT NULL,
+                action          TEXT NOT NULL,
+                energy_per_line INTEGER NOT NULL,
+                status          TEXT NOT NULL,
+                payload         TEXT,               -- the upstream's last batch object (JSON)
+                lines           TEXT NOT NULL,      -- JSON: the input's custom_ids
+                next_poll_at    REAL NOT NULL,
+                lease_owner     TEXT,
+                lease_until     REAL,
+                settled_at      REAL,
+                created_at      REAL NOT NULL
+            )""",
+            "CREATE INDEX gw_batches_user ON gw_batches (user_id, created_at)",
+            "CREATE INDEX gw_batches_due ON gw_batches (next_poll_at) WHERE settled_at IS NULL",
         ],
     ),
     (
@@ -1474,6 +1517,97 @@ class SQLiteStore(Store):
 
     async def forget_response(self, response_id):
         await self._write(lambda db: db.execute("DELETE FROM stored_responses WHERE response_id = ?", (response_id,)))
+
+    # ------------------------------------------------------------ files and batches
+
+    async def remember_file(self, record):
+        values = tuple(record.get(c) for c in FILE_COLUMNS)
+        await self._write(lambda db: db.execute(
+            f"INSERT INTO gw_files ({', '.join(FILE_COLUMNS)}) VALUES ({', '.join('?' for _ in FILE_COLUMNS)})"
+            " ON CONFLICT (file_id) DO NOTHING", values))
+
+    async def stored_file(self, file_id):
+        row = await self._fetchone(f"SELECT {', '.join(FILE_COLUMNS)} FROM gw_files WHERE file_id = ?", file_id)
+        return None if row is None else dict(zip(FILE_COLUMNS, row))
+
+    async def list_files(self, user_id, *, purpose=None, limit=100, after=None):
+        sql, args = f"SELECT {', '.join(FILE_COLUMNS)} FROM gw_files WHERE user_id = ?", [user_id]
+        if purpose is not None:
+            sql += " AND purpose = ?"
+            args.append(purpose)
+        if after is not None:
+            sql += (" AND (created_at, file_id) < (SELECT created_at, file_id FROM gw_files WHERE file_id = ?"
+                    " AND user_id = ?)")
+            args += [after, user_id]
+        rows = await self._fetchall(sql + " ORDER BY created_at DESC, file_id DESC LIMIT ?", *args, limit)
+        return [dict(zip(FILE_COLUMNS, r)) for r in rows]
+
+    async def forget_file(self, file_id):
+        await self._write(lambda db: db.execute("DELETE FROM gw_files WHERE file_id = ?", (file_id,)))
+
+    async def insert_batch(self, record, lines):
+        columns = [*BATCH_COLUMNS, "lines"]
+        values = tuple(record.get(c) for c in BATCH_COLUMNS) + (json.dumps(lines),)
+
+        def tx(db):
+            try:
+                db.execute(f"INSERT INTO gw_batches ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})",
+                           values)
+            except sqlite3.IntegrityError as exc:
+                raise StoreConflict(str(exc)) from None
+
+        await self._write(tx)
+
+    async def batch_record(self, *, batch_id=None, id=None, with_lines=False):
+        columns = [*BATCH_COLUMNS, "lines"] if with_lines else list(BATCH_COLUMNS)
+        key, value = ("batch_id", batch_id) if batch_id is not None else ("id", id)
+        row = await self._fetchone(f"SELECT {', '.join(columns)} FROM gw_batches WHERE {key} = ?", value)
+        if row is None:
+            return None
+        out = dict(zip(columns, row))
+        if with_lines:
+            out["lines"] = json.loads(out["lines"])
+        return out
+
+    async def list_batches(self, user_id, *, limit=20, after=None, messages=False):
+        sql, args = f"SELECT {', '.join(BATCH_COLUMNS)} FROM gw_batches WHERE user_id = ? AND batch_id IS NOT NULL" \
+            f" AND endpoint {'=' if messages else '<>'} '/v1/messages'", [user_id]
+        if after is not None:
+            sql += (" AND (created_at, id) < (SELECT created_at, id FROM gw_batches WHERE batch_id = ?"
+                    " AND user_id = ?)")
+            args += [after, user_id]
+        rows = await self._fetchall(sql + " ORDER BY created_at DESC, id DESC LIMIT ?", *args, limit)
+        return [dict(zip(BATCH_COLUMNS, r)) for r in rows]
+
+    async def update_batch(self, id, fields, *, owner=None):
+        unknown = set(fields) - BATCH_UPDATABLE
+        if unknown:
+            raise ValueError(f"not updatable: {sorted(unknown)}")
+        sets = ", ".join(f"{name} = ?" for name in fields)
+        sql, args = f"UPDATE gw_batches SET {sets} WHERE id = ?", [*fields.values(), id]
+        if owner is not None:
+            sql += " AND lease_owner = ?"
+            args.append(owner)
+        return await self._write(lambda db: db.execute(sql, args).rowcount == 1)
+
+    async def claim_batches(self, owner, *, lease, limit, now=None):
+        now = now_or(now)
+
+        def tx(db):
+            # BEGIN IMMEDIATE holds the file's write lock: another process's claim waits for
+            # this one's commit and then sees the lease.
+            rows = db.execute(
+                f"SELECT {', '.join(BATCH_COLUMNS)} FROM gw_batches WHERE settled_at IS NULL AND next_poll_at <= ?"
+                " AND (lease_until IS NULL OR lease_until < ?) ORDER BY next_poll_at LIMIT ?",
+                (now, now, limit)).fetchall()
+            db.executemany("UPDATE gw_batches SET lease_owner = ?, lease_until = ? WHERE id = ?",
+                           [(owner, now + lease, r[0]) for r in rows])
+            out = [dict(zip(BATCH_COLUMNS, r)) for r in rows]
+            for record in out:
+                record["lease_owner"], record["lease_until"] = owner, now + lease
+            return out
+
+        return await self._write(tx)
 
     async def report_query(self, sql, args):
         def query(db: sqlite3.Connection) -> list[dict[str, Any]]:
