@@ -359,5 +359,5 @@ def test_the_dashboard_shows_the_budgets(gateway_factory):
     set_budget(gw, user=user, unit="usd", amount=12.5, period="month")
     page = httpx.get(gw.url + "/dashboard", timeout=30).text
     assert 'id="budgets"' in page
-    script = httpx.get(gw.url + "/dashboard/dashboard.js", timeout=30).text
+    script = httpx.get(gw.url + "/dashboard/static/dashboard.js", timeout=30).text
     assert "/admin/budgets" in script
