@@ -361,3 +361,75 @@ def test_the_dashboard_shows_the_budgets(gateway_factory):
     assert 'id="budgets"' in page
     script = httpx.get(gw.url + "/dashboard/static/dashboard.js", timeout=30).text
     assert "/admin/budgets" in script
+
+
+# ------------------------------------------------------------------ the store, and the previous release
+
+
+def _store_case(store_url, body):
+    from gateway.store import open_store
+
+    async def go():
+        async with open_store(store_url) as store:
+            ws = await store.create_workspace("acme")
+            user = await store.create_user(ws.id, "pro", energy=100)
+            _, b = await store.set_budget(workspace_id=ws.id, scope="user", scope_id=user.id, unit="energy",
+                                          amount=10, period="life", timezone="UTC", alerts=(), hard="refuse")
+            return await body(store, user, b)
+
+    return asyncio.run(go())
+
+
+def _hold(b, amount):
+    from gateway.store.base import BudgetHold
+
+    return (BudgetHold(b.id, 0.0, b.amount, amount, True, b.unit),)
+
+
+@BOTH
+def test_a_hold_refused_by_its_budget_writes_nothing_and_one_that_fits_is_finished_once(store_url):
+    async def body(store, user, b):
+        refused = await store.reserve_energy(user.id, 3, "r-big", budgets=_hold(b, 11))
+        assert (refused.ok, refused.budget_refused, refused.balance) == (False, b.id, 100)
+        assert await store.ledger(user.id) and await store.balance(user.id) == 100
+        ok = await store.reserve_energy(user.id, 3, "r1", budgets=_hold(b, 3))
+        assert ok.ok and ok.budget_spent == (3,)
+        assert await store.settle_energy("r1", 2) == 98  # a partial settlement: the hold too
+        assert await store.refund_energy("r1") is None  # finished once: nothing more moves
+        assert await store.budget_spent([(b.id, 0.0)]) == {(b.id, 0.0): 2}
+        short = await store.reserve_energy(user.id, 500, "r2", budgets=_hold(b, 1))  # the energy refuses
+        assert (short.ok, short.budget_refused) == (False, None)
+        assert await store.budget_spent([(b.id, 0.0)]) == {(b.id, 0.0): 2}
+
+    _store_case(store_url, body)
+
+
+@BOTH
+def test_holds_a_previous_release_left_open_follow_their_reservation(store_url):
+    """A process of the previous release settles or refunds with the statements it knows (on
+    PostgreSQL gw_finish and its settle statement, unchanged by migration 17), leaving the
+    holds a new process made open: the sweeper's finish_orphan_holds finishes them as their
+    reservation ended, once."""
+
+    async def body(store, user, b):
+        for request_id in ("old-refund", "old-settle"):
+            assert (await store.reserve_energy(user.id, 2, request_id, budgets=_hold(b, 2))).ok
+        old_reserved = await store.reserve_energy(user.id, 1, "old-plain")  # the old release's own reservation
+        assert old_reserved.ok and old_reserved.budget_spent is None
+        if store.dialect == "postgres":
+            async with store.pool.acquire() as conn:
+                await conn.fetchval("SELECT gw_finish($1, 'refunded', NULL, 'refund', NULL, $2)", "old-refund", 1.0)
+                await conn.fetchval("SELECT gw_finish($1, 'settled', NULL, 'settle', NULL, $2)", "old-settle", 1.0)
+                await conn.fetchval("SELECT gw_finish($1, 'settled', NULL, 'settle', NULL, $2)", "old-plain", 1.0)
+        else:
+            def old_release(db):  # the previous release's statements: the reservation alone
+                db.execute("UPDATE reservations SET status = 'refunded' WHERE request_id = 'old-refund'")
+                db.execute("UPDATE users SET energy = energy + 2 WHERE id = ?", (user.id,))
+                db.execute("UPDATE reservations SET status = 'settled' WHERE request_id IN ('old-settle', 'old-plain')")
+            await store._write(old_release)  # noqa: SLF001 — the test plays the old process
+        assert await store.budget_spent([(b.id, 0.0)]) == {(b.id, 0.0): 4}  # the refunded hold still counted
+        assert await store.finish_orphan_holds() == 2
+        assert await store.finish_orphan_holds() == 0
+        assert await store.budget_spent([(b.id, 0.0)]) == {(b.id, 0.0): 2}
+
+    _store_case(store_url, body)
