@@ -25,7 +25,7 @@ import yaml
 from gateway import budgets as rules
 from gateway.store.base import Budget
 from tests.conftest import MASTER_KEY
-from tests.test_alerts import SECRET, Receiver, endpoint, wait_for
+from tests.test_alerts import SECRET, Receiver, documented_verify, endpoint, wait_for
 
 BOTH = pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
 CHAIN = ["auth", "tier_policy", "energy"]
@@ -256,6 +256,8 @@ def test_soft_alerts_are_sent_once_per_threshold_and_period(gateway_factory, ser
         assert {e["json"]["data"]["budget"] for e in events} == {b["id"]}
         assert events[0]["json"]["workspace_id"] == b["workspace_id"]
         assert SECRET not in json.dumps([e["json"] for e in events])
+        verify = documented_verify()
+        assert all(verify(SECRET, e["signature"], e["body"]) for e in events)
         # The same crossing again (a refund, another process) is the same event: not sent twice.
         energy = energy_plugin(gw)
         energy.services.alerts.emit("budget.threshold_crossed", {"percent": 50}, workspace_id=b["workspace_id"],
