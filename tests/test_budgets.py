@@ -435,3 +435,25 @@ def test_holds_a_previous_release_left_open_follow_their_reservation(store_url):
         assert await store.budget_spent([(b.id, 0.0)]) == {(b.id, 0.0): 2}
 
     _store_case(store_url, body)
+
+
+def test_a_service_keys_budget_caps_all_its_end_users_and_each_end_user_has_its_own(gateway_factory):
+    """End users by the app's ids (docs/admin.md): the service key's budget counts every end
+    user it acts for; an end user's own budget counts only them."""
+    gw = gateway_factory(plugins=CHAIN, end_users={"tier": "free", "energy": 20})
+    owner, _ = gw.make_user(tier="pro", energy=0)
+    service = admin(gw, "POST", f"/admin/users/{owner}/keys", json={"service": True}).json()
+    set_budget(gw, key=service["id"], unit="energy", amount=8, period="day")
+    client = gw.client(service["api_key"])
+    client.chat.completions.create(model="gpt-4o-mini", messages=MSGS, user="app-1")
+    client.chat.completions.create(model="gpt-4o-mini", messages=MSGS, user="app-2")
+    end_user = next(u for u in gw.run(gw.store.list_users()) if u.external_id == "app-2")
+    set_budget(gw, user=end_user.id, unit="energy", amount=2, period="day")  # counts from now on
+    client.chat.completions.create(model="gpt-4o-mini", messages=MSGS, user="app-2")
+    with pytest.raises(openai.RateLimitError) as own:  # app-2's own budget: 2 of 2 spent
+        client.chat.completions.create(model="gpt-4o-mini", messages=MSGS, user="app-2")
+    assert own.value.code == "budget_exceeded" and "user budget" in own.value.response.json()["error"]["message"]
+    client.chat.completions.create(model="gpt-4o-mini", messages=MSGS, user="app-3")  # the key's: 8 of 8
+    with pytest.raises(openai.RateLimitError) as keys:
+        client.chat.completions.create(model="gpt-4o-mini", messages=MSGS, user="app-4")
+    assert "key budget" in keys.value.response.json()["error"]["message"]
