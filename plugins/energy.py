@@ -584,6 +584,9 @@ class Energy(Plugin):
         store = self.services.store
         if "reserved" in scratch:
             balance = await store.refund_energy(ctx.request_id, reason=ctx.error.code if ctx.error else None)
+            # The holds came back too: what the reservation's header said is no longer true.
+            ctx.response_headers.pop("X-Budget-Remaining", None)
+            ctx.response_headers.pop("X-Budget-Unit", None)
             ctx.response_headers["X-Energy-Cost"] = "0"
             if balance is not None:
                 ctx.response_headers["X-Energy-Remaining"] = str(balance)
