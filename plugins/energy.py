@@ -285,6 +285,7 @@ class Energy(Plugin):
         if not budgets or not holds or result.budget_spent is None:
             return
         scratch = ctx.scratch(self.name)
+        scratch["held"] = True
         scratch["usd_held"] = any(h.unit == "usd" for h in holds)
         found = budget_rules.tightest(budgets, result.budget_spent)
         if found is not None:
@@ -566,8 +567,8 @@ class Energy(Plugin):
                 return
         if "reserved" in scratch:
             usd_final = self._usd_final(ctx)
-            if self._settles is not None:  # written behind the answer, in a batch
-                await self._settles.put(ctx.request_id if usd_final is None else (ctx.request_id, usd_final))
+            if self._settles is not None:  # written behind the answer, in a batch; with holds: finished with it
+                await self._settles.put((ctx.request_id, usd_final) if scratch.get("held") else ctx.request_id)
             else:
                 await self.services.store.settle_energy(ctx.request_id, usd_final=usd_final)
 

@@ -57,6 +57,8 @@ async def _spent(store_url: str, user_ids: list[str]) -> tuple[dict, list[int], 
         budgets = await store.list_budgets()
         spent = await store.budget_spent([(b.id, 0.0) for b in budgets])
         balances = [await store.balance(u) for u in user_ids]
+        holds = await store.report_query("SELECT status, COUNT(*) AS n FROM budget_holds GROUP BY status", [])
+        assert {r["status"] for r in holds} <= {"settled"}, holds  # every hold finished with its request
         return {b.unit: spent[(b.id, 0.0)] for b in budgets}, balances, budgets
 
 

@@ -1607,8 +1607,8 @@ class PostgresStore(Store):
         now = now_or(now)
         if any(isinstance(item, tuple) for item in request_ids):
             # Some carry budget holds: gw_settle_b (migration 17), the same settlement and the
-            # holds in one transaction. A plain id's holds settle as held either way: a hold
-            # is already counted in its budget's spend when it is reserved.
+            # holds in one transaction. (A plain id's holds, should it have any, stay counted
+            # as held; the sweeper's finish_orphan_holds marks them settled.)
             ids = [item[0] if isinstance(item, tuple) else item for item in request_ids]
             usd = [item for item in request_ids if isinstance(item, tuple) and item[1] is not None]
             async with self._single() as conn:
