@@ -26,6 +26,7 @@ from gateway import budgets as rules
 from gateway.store.base import Budget
 from tests.conftest import MASTER_KEY
 from tests.test_alerts import SECRET, Receiver, documented_verify, endpoint, wait_for
+from tests.test_mcp import fake_servers, mcp_gateway  # noqa: F401 — fixtures: an MCP gateway and its upstreams
 
 BOTH = pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
 CHAIN = ["auth", "tier_policy", "energy"]
@@ -457,3 +458,28 @@ def test_a_service_keys_budget_caps_all_its_end_users_and_each_end_user_has_its_
     with pytest.raises(openai.RateLimitError) as keys:
         client.chat.completions.create(model="gpt-4o-mini", messages=MSGS, user="app-4")
     assert "key budget" in keys.value.response.json()["error"]["message"]
+
+
+def test_mcp_tool_calls_count_against_energy_and_usd_budgets(mcp_gateway):
+    """An MCP tool call (docs/mcp.md) holds its energy and its `cost_usd` like a model call."""
+    from mcp import MCPError
+
+    from tests.test_mcp import call
+
+    gw = mcp_gateway()
+    user, key = gw.make_user(tier="pro", energy=100)
+    usd = set_budget(gw, user=user, unit="usd", amount="0.01", period="day")  # search costs $0.005 a call
+    energy = set_budget(gw, workspace="acme", unit="energy", amount=100, period="day")
+
+    async def work(client):
+        served = [await client.call_tool("search__web", {"query": str(i)}) for i in range(2)]
+        with pytest.raises(MCPError) as refused:
+            await client.call_tool("search__web", {"query": "third"})
+        return served, refused.value
+
+    served, refused = call(gw, key, work)
+    assert all(not r.is_error for r in served)
+    assert refused.error.data["code"] == "budget_exceeded"
+    gw.settle()
+    assert Decimal(str(budget_row(gw, usd["id"])["spent"])) == Decimal("0.01")
+    assert budget_row(gw, energy["id"])["spent"] == 4 == 100 - gw.balance(user)
