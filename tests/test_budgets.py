@@ -26,12 +26,13 @@ from gateway import budgets as rules
 from gateway.store.base import Budget
 from tests.conftest import MASTER_KEY
 from tests.test_alerts import SECRET, Receiver, documented_verify, endpoint, wait_for
-from tests.test_mcp import fake_servers, mcp_gateway  # noqa: F401 — fixtures: an MCP gateway and its upstreams
+from tests import test_mcp
 
 BOTH = pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
 CHAIN = ["auth", "tier_policy", "energy"]
 MSGS = [{"role": "user", "content": "hi"}]
 ROOT = Path(__file__).resolve().parent.parent
+fake_servers, mcp_gateway = test_mcp.fake_servers, test_mcp.mcp_gateway  # fixtures: an MCP gateway, its upstreams
 
 
 def admin(gw, method: str, path: str, key: str = MASTER_KEY, **kw) -> httpx.Response:
@@ -464,8 +465,6 @@ def test_mcp_tool_calls_count_against_energy_and_usd_budgets(mcp_gateway):
     """An MCP tool call (docs/mcp.md) holds its energy and its `cost_usd` like a model call."""
     from mcp import MCPError
 
-    from tests.test_mcp import call
-
     gw = mcp_gateway()
     user, key = gw.make_user(tier="pro", energy=100)
     usd = set_budget(gw, user=user, unit="usd", amount="0.01", period="day")  # search costs $0.005 a call
@@ -477,7 +476,7 @@ def test_mcp_tool_calls_count_against_energy_and_usd_budgets(mcp_gateway):
             await client.call_tool("search__web", {"query": "third"})
         return served, refused.value
 
-    served, refused = call(gw, key, work)
+    served, refused = test_mcp.call(gw, key, work)
     assert all(not r.is_error for r in served)
     assert refused.error.data["code"] == "budget_exceeded"
     gw.settle()
