@@ -561,7 +561,7 @@ class Admin:
         for budget, (start, end) in zip(budgets, bounds):
             used = spent[(budget.id, start)]
             row = _budget_public(budget)
-            row.update(period_start=start, period_end=end, spent=_budget_amount(budget.unit, used),
+            row.update(period_starts_at=None if budget.period == "life" else start, period_ends_at=end, spent=_budget_amount(budget.unit, used),
                        remaining=_budget_amount(budget.unit, max(0, budget.amount - used)))
             rows.append(row)
         return rows
