@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 from datetime import datetime
@@ -482,3 +483,17 @@ def test_mcp_tool_calls_count_against_energy_and_usd_budgets(mcp_gateway):
     gw.settle()
     assert Decimal(str(budget_row(gw, usd["id"])["spent"])) == Decimal("0.01")
     assert budget_row(gw, energy["id"])["spent"] == 4 == 100 - gw.balance(user)
+
+
+def test_migration_17_only_adds_so_the_previous_release_keeps_running():
+    """Rolling deploys (docs/budgets.md): migration 17 creates tables, indexes and functions; it
+    alters no existing table and redefines none of the functions the previous release calls."""
+    from gateway.store import postgres, sqlite
+
+    pg = dict(postgres.MIGRATIONS)[17]
+    lite = " ".join(dict(sqlite.MIGRATIONS)[17])
+    for sql in (pg, lite):
+        assert "ALTER TABLE" not in sql.upper() and "DROP " not in sql.upper()
+    created = sorted(set(re.findall(r"CREATE (?:OR REPLACE )?FUNCTION (\w+)", pg)))
+    assert created == ["gw_finish_b", "gw_finish_holds", "gw_reserve_b", "gw_settle_b"]
+    assert "OR REPLACE" not in pg
