@@ -183,6 +183,10 @@ ADMIN_ROUTES: list[tuple[str, str, tuple[str, ...], tuple[str, ...]]] = [
     ("GET", "/admin/metrics", ("window", "workspace"), ()),
     ("GET", "/admin/audit", ("limit", "since", "workspace"), ()),
     ("GET", "/admin/alerts", ("limit", "since", "status", "workspace"), ()),
+    ("GET", "/admin/budgets", ("workspace",), ()),
+    ("POST", "/admin/budgets", (), ("workspace", "user", "key", "unit", "amount", "period", "timezone", "alerts",
+                                    "hard")),
+    ("DELETE", "/admin/budgets/{budget}", (), ()),
     ("GET", "/admin/dashboard/live", ("workspace",), ()),
     ("GET", "/admin/session", (), ()),  # a dashboard OIDC session (tests/test_oidc.py); a key gets a 401
     ("DELETE", "/admin/session", (), ()),
@@ -243,7 +247,8 @@ def test_fuzzing_every_admin_route_and_parameter_never_answers_5xx_nor_runs_long
     workspace = gw.run(gw.store.get_workspace("acme")).id
     key_ids = [k.id for k in gw.run(gw.store.list_keys())]
     real = {"report": ["daily", "top-users", "actions", "weekly", "experiments", "nope"],
-            "workspace": [workspace, "acme", "globex"], "user": [user, "usr_nope"], "key": [*key_ids, "key_nope"]}
+            "workspace": [workspace, "acme", "globex"], "user": [user, "usr_nope"], "key": [*key_ids, "key_nope"],
+            "budget": ["bud_nope"]}
     # The baseline: the heaviest normal calls (every report over its longest window), timed here.
     baseline_calls = [("/admin/usage/" + r, {"days": "3660"}) for r in real["report"][:5]]
     baseline_calls.append(("/admin/metrics", {"window": "3660d"}))
@@ -260,7 +265,7 @@ def test_fuzzing_every_admin_route_and_parameter_never_answers_5xx_nor_runs_long
     def calls(draw):
         method, template, query_names, body_names = draw(st.sampled_from(ADMIN_ROUTES))
         path = template
-        for name in ("report", "workspace", "user", "key"):
+        for name in ("report", "workspace", "user", "key", "budget"):
             if "{" + name + "}" in path:
                 path = path.replace("{" + name + "}", urllib.parse.quote(draw(_ident(real[name])), safe=""))
         query = {name: draw(NUMBER_TEXT | _ident(real.get(name, ["x"])))

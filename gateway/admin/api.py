@@ -28,6 +28,9 @@ everywhere else.
     GET    /admin/tiers                      configured tiers and the models each allows
     GET    /admin/audit[?limit=100&since=24h&workspace=W]  the audit log, newest first
     GET    /admin/alerts[?limit=100&since=24h&status=failed&workspace=W]  alert deliveries, newest first
+    GET    /admin/budgets[?workspace=W]      budgets with their period, spent and remaining
+    POST   /admin/budgets                    {workspace|user|key, unit, amount, period, timezone?, alerts?, hard?}
+    DELETE /admin/budgets/{budget}
 
 Every answer carries `X-Request-Id`; each change is written to the audit log with it.
 """
@@ -212,9 +215,21 @@ def admin_routes() -> list[web.RouteDef]:
     async def tiers(r, a, s):
         return a.tiers(s)
 
+    async def set_budget(r, a, s):
+        b = await _body(r)
+        unknown = set(b) - {"workspace", "user", "key", "unit", "amount", "period", "timezone", "alerts", "hard"}
+        if unknown:
+            raise ApiError(400, f"unknown field '{sorted(unknown)[0]}'", param=sorted(unknown)[0])
+        return await a.set_budget(s, workspace=b.get("workspace"), user=b.get("user"), key=b.get("key"),
+                                  unit=b.get("unit"), amount=b.get("amount"), period=b.get("period"),
+                                  timezone=b.get("timezone", "UTC"), alerts=b.get("alerts"), hard=b.get("hard", "refuse"))
+
     return [
         web.get("/admin/tiers", endpoint(tiers)),
         web.get("/admin/users/{user}/requests", endpoint(user_requests)),
+        web.get("/admin/budgets", endpoint(lambda r, a, s: a.list_budgets(s, r.query.get("workspace")))),
+        web.post("/admin/budgets", endpoint(set_budget)),
+        web.delete("/admin/budgets/{budget}", endpoint(lambda r, a, s: a.delete_budget(s, r.match_info["budget"]))),
         web.get("/admin/audit", endpoint(audit)),
         web.get("/admin/alerts", endpoint(alerts)),
         web.get("/admin/usage/{report}", endpoint(usage)),

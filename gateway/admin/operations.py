@@ -61,6 +61,24 @@ def _delivery(row: dict) -> dict:
     return out
 
 
+def _budget_amount(unit: str, value: int) -> Any:
+    """A budget amount as the API shows it: energy an integer, USD a Decimal of dollars."""
+    from decimal import Decimal
+
+    return Decimal(value).scaleb(-9).normalize() if unit == "usd" else value
+
+
+def _budget_public(budget: Any, *, text: bool = False) -> dict:
+    """A budget as the API shows it; `text`: USD as text (the audit log's JSON)."""
+    from gateway.budgets import display
+
+    row = as_dict(budget)
+    row["alerts"] = list(budget.alerts)
+    row["amount"] = display(budget.unit, budget.amount) if text and budget.unit == "usd" \
+        else _budget_amount(budget.unit, budget.amount)
+    return row
+
+
 def _master_only(what: str) -> ApiError:
     # Energy and tiers are what the operator sells: a workspace admin manages its people
     # and keys, but cannot mint energy or upgrade tiers (not even its own).
@@ -465,6 +483,106 @@ class Admin:
         await self._changed("key", key.id)
         await self._audit(scope, "key.rotate", key.id, key.workspace_id, key, new_key)
         return {**as_dict(new_key), "api_key": plaintext, "replaces": key.id}
+
+    # --- budgets (gateway/budgets.py, docs/budgets.md) ------------------------------------
+
+    async def set_budget(self, scope: Scope, *, workspace: str | None = None, user: str | None = None,
+                         key: str | None = None, unit: Any = None, amount: Any = None, period: Any = None,
+                         timezone: Any = "UTC", alerts: Any = None, hard: Any = "refuse") -> dict:
+        """Create or change the budget of one workspace, user or key (exactly one named) for
+        (unit, period): `amount` (energy, or USD dollars), `timezone` (IANA) of the period's
+        midnight, `alerts` (percentages), `hard` (refuse, downgrade, none). A workspace
+        admin sets its own users' and keys' budgets; a workspace's needs the master key."""
+        from gateway import budgets as rules
+        from gateway.store.base import BUDGET_PERIODS
+
+        named = [(kind, ident) for kind, ident in (("workspace", workspace), ("user", user), ("key", key))
+                 if ident is not None]
+        if len(named) != 1:
+            raise ApiError(400, "name exactly one of 'workspace', 'user' or 'key'", param="workspace")
+        kind, ident = named[0]
+        if unit not in ("usd", "energy"):
+            raise ApiError(400, "unit must be 'usd' or 'energy'", param="unit")
+        if period not in BUDGET_PERIODS:
+            raise ApiError(400, f"period must be one of {', '.join(BUDGET_PERIODS)}", param="period")
+        try:
+            stored_amount = rules.parse_amount(unit, amount)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="amount") from None
+        timezone = "UTC" if timezone is None else timezone
+        try:
+            rules.check_timezone(timezone)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="timezone") from None
+        try:
+            percents = rules.parse_alerts(alerts)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="alerts") from None
+        try:
+            rules.check_hard("refuse" if hard is None else hard)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="hard") from None
+        if not isinstance(ident, str):
+            raise ApiError(400, f"'{kind}' must be a {kind} id" + (" or name" if kind == "workspace" else ""), param=kind)
+        if kind == "workspace":
+            target = await self._workspace(scope, ident)
+            workspace_id = scope_id = target.id
+            if not scope.is_master:
+                raise _master_only("a workspace's budget")
+        elif kind == "user":
+            target = await self._user(scope, ident)
+            workspace_id, scope_id = target.workspace_id, target.id
+        else:
+            target = await self._key(scope, ident)
+            workspace_id, scope_id = target.workspace_id, target.id
+        before, after = await self.store.set_budget(
+            workspace_id=workspace_id, scope=kind, scope_id=scope_id, unit=unit, amount=stored_amount, period=period,
+            timezone=timezone, alerts=percents, hard=hard or "refuse")
+        await self._changed("workspace", workspace_id)
+        await self._audit(scope, "budget.set", after.id, workspace_id,
+                          None if before is None else _budget_public(before, text=True), _budget_public(after, text=True))
+        return (await self._budget_rows([after]))[0]
+
+    async def delete_budget(self, scope: Scope, budget_id: str) -> dict:
+        budget = await self._budget(scope, budget_id)
+        if budget.scope == "workspace" and not scope.is_master:
+            raise _master_only("a workspace's budget")
+        deleted = await self.store.delete_budget(budget.id)
+        if deleted is None:
+            raise _not_found("budget", budget_id)
+        await self._changed("workspace", budget.workspace_id)
+        await self._audit(scope, "budget.delete", budget.id, budget.workspace_id, _budget_public(budget, text=True), None)
+        return {"id": budget.id, "deleted": True}
+
+    async def list_budgets(self, scope: Scope, workspace: str | None = None) -> list[dict]:
+        """Every budget (a workspace admin: its workspace's) with its current period, what
+        it spent in it and what is left."""
+        workspace_id = await self.report_workspace(scope, workspace)
+        return await self._budget_rows(await self.store.list_budgets(workspace_id))
+
+    async def _budget(self, scope: Scope, budget_id: str) -> Any:
+        if _nameable(budget_id):
+            for budget in await self.store.list_budgets(None if scope.is_master else scope.workspace_id):
+                if budget.id == budget_id:
+                    return budget
+        raise _forbidden() if not scope.is_master else _not_found("budget", budget_id)
+
+    async def _budget_rows(self, budgets: list[Any]) -> list[dict]:
+        import time
+
+        from gateway import budgets as rules
+
+        now = time.time()
+        bounds = [rules.period_bounds(b.period, b.timezone, now) for b in budgets]
+        spent = await self.store.budget_spent([(b.id, start) for b, (start, _) in zip(budgets, bounds)])
+        rows = []
+        for budget, (start, end) in zip(budgets, bounds):
+            used = spent[(budget.id, start)]
+            row = _budget_public(budget)
+            row.update(period_starts_at=None if budget.period == "life" else start, period_ends_at=end, spent=_budget_amount(budget.unit, used),
+                       remaining=_budget_amount(budget.unit, max(0, budget.amount - used)))
+            rows.append(row)
+        return rows
 
     # --- audit log -------------------------------------------------------------------
 

@@ -224,6 +224,62 @@ class Reservation:
     ok: bool
     balance: int  # after the reservation (ok) or the current balance (not ok)
     refilled: int  # energy added by a lazy refill in the same transaction (0 if none)
+    # Budgets (migration 17, gateway/budgets.py): with holds, what each budget has spent in
+    # its period after this reservation (ok; in the holds' order), or the id of the first
+    # budget whose hard limit refused it (not ok; nothing was written, the energy untouched).
+    budget_spent: tuple[int, ...] | None = None
+    budget_refused: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """A spending ceiling (docs/budgets.md): `amount` of `unit` ("energy", or "usd" in
+    nano-dollars) per `period` ("day", "week", "month" in `timezone`, or "life") for a
+    workspace, a user or an API key (`scope`, `scope_id`). `hard`: "refuse" (429
+    budget_exceeded), "downgrade" (down the ladder while a cheaper model fits, then 429) or
+    "none" (alerts only); `alerts`: the percentages that emit budget.threshold_crossed."""
+
+    id: str
+    workspace_id: str
+    scope: str
+    scope_id: str
+    unit: str
+    amount: int
+    period: str
+    timezone: str
+    alerts: tuple[int, ...]
+    hard: str
+    created_at: float
+    updated_at: float
+
+
+BUDGET_SCOPES = ("workspace", "user", "key")
+BUDGET_UNITS = ("energy", "usd")
+BUDGET_PERIODS = ("day", "week", "month", "life")
+BUDGET_HARD = ("refuse", "downgrade", "none")
+BUDGET_COLUMNS = ("id", "workspace_id", "scope", "scope_id", "unit", "amount", "period", "timezone", "alerts",
+                  "hard", "created_at", "updated_at")
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetHold:
+    """What one reservation holds against one budget: `amount` (the budget's unit) in the
+    period that starts at `period_start` (epoch seconds; 0 for life). `enforce`: the budget
+    refuses the reservation when spent + amount would pass `limit`."""
+
+    budget_id: str
+    period_start: float
+    limit: int
+    amount: int
+    enforce: bool
+    unit: str = "energy"
+
+
+def budget_row(values: tuple | dict) -> Budget:
+    """A budgets row (BUDGET_COLUMNS order, or a mapping) as a Budget."""
+    row = dict(values) if isinstance(values, dict) else dict(zip(BUDGET_COLUMNS, values))
+    row["alerts"] = tuple(json.loads(row["alerts"])) if isinstance(row["alerts"], str) else tuple(row["alerts"])
+    return Budget(**row)
 
 
 @dataclass(frozen=True, slots=True)
@@ -713,12 +769,21 @@ class Store(abc.ABC):
     async def reserve_energy(
         self, user_id: str, amount: int, request_id: str, *,
         refill: tuple[int, float] | None = None, now: float | None = None,
-    ) -> Reservation: ...
+        budgets: tuple[BudgetHold, ...] = (),
+    ) -> Reservation:
+        """Reserve `amount` energy and, in the same transaction, hold each of `budgets`
+        (gateway/budgets.py): every enforced budget must have room (spent + amount <= limit)
+        and the balance must cover `amount`, or nothing is written. Budgets are checked
+        first: a refused budget is `Reservation(ok=False, budget_refused=id)`."""
 
     @abc.abstractmethod
     async def settle_energy(
-        self, request_id: str, final_amount: int | None = None, *, now: float | None = None
-    ) -> int | None: ...
+        self, request_id: str, final_amount: int | None = None, *, usd_final: int | None = None,
+        now: float | None = None,
+    ) -> int | None:
+        """Settle: energy as reserved, or `final_amount` (at most the reservation); the
+        request's budget holds in the same transaction (energy ones at the energy settled, USD
+        ones at `usd_final` nano-dollars, as held when None)."""
 
     @abc.abstractmethod
     async def refund_energy(
@@ -728,23 +793,53 @@ class Store(abc.ABC):
     def reserve_energy_soon(
         self, user_id: str, amount: int, request_id: str, *,
         refill: tuple[int, float] | None = None, now: float | None = None,
+        budgets: tuple[BudgetHold, ...] = (),
     ) -> "asyncio.Future[Reservation]":
         """`reserve_energy`, started now: returns its future at once (no task hop before the
         write is queued). The energy plugin uses it to overlap the reservation with the
         upstream call."""
-        return asyncio.ensure_future(self.reserve_energy(user_id, amount, request_id, refill=refill, now=now))
+        return asyncio.ensure_future(self.reserve_energy(user_id, amount, request_id, refill=refill, now=now,
+                                                         budgets=budgets))
 
-    async def settle_many(self, request_ids: list[str], *, now: float | None = None) -> int:
+    async def settle_many(self, request_ids: list[str | tuple[str, int | None]], *, now: float | None = None) -> int:
         """Settle several reservations in full (as reserved); returns how many were open.
+        An item `(request_id, usd_final)` also settles the request's USD budget holds at
+        `usd_final` nano-dollars (None: as held); a plain id settles its holds as held.
 
         The same state transition as `settle_energy(id)` for each id (a settled or refunded
         one is left alone, never settled twice), batched: the gateway settles behind the
         answer, many requests per call. Backends override this with one transaction."""
         settled = 0
-        for request_id in request_ids:
-            if await self.settle_energy(request_id, now=now) is not None:
+        for item in request_ids:
+            request_id, usd_final = item if isinstance(item, tuple) else (item, None)
+            if await self.settle_energy(request_id, usd_final=usd_final, now=now) is not None:
                 settled += 1
         return settled
+
+    # budgets (gateway/budgets.py, docs/budgets.md)
+    @abc.abstractmethod
+    async def set_budget(self, *, workspace_id: str, scope: str, scope_id: str, unit: str, amount: int,
+                         period: str, timezone: str, alerts: tuple[int, ...], hard: str,
+                         now: float | None = None) -> tuple[Budget | None, Budget]:
+        """Create the budget of (scope, scope_id, unit, period), or change its amount,
+        timezone, alerts and hard limit: `(before, after)`. What it spent is kept."""
+
+    @abc.abstractmethod
+    async def delete_budget(self, budget_id: str) -> Budget | None:
+        """Remove a budget (its spend rows go too); None when there was none."""
+
+    @abc.abstractmethod
+    async def list_budgets(self, workspace_id: str | None = None) -> list[Budget]: ...
+
+    @abc.abstractmethod
+    async def budget_spent(self, periods: list[tuple[str, float]]) -> dict[tuple[str, float], int]:
+        """What each (budget id, period start) has spent, reserved holds included (0: nothing)."""
+
+    @abc.abstractmethod
+    async def finish_orphan_holds(self, *, now: float | None = None) -> int:
+        """Budget holds still open whose reservation was settled or refunded without them (by
+        a process of the previous release, which knows no budgets): finished as their
+        reservation was (settled: as held; refunded: returned). Returns how many."""
 
     @abc.abstractmethod
     async def grant_energy(

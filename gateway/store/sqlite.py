@@ -111,6 +111,7 @@ from gateway.store.base import (
     AUDIT_COLUMNS,
     DASHBOARD_SESSION_COLUMNS,
     OIDC_LOGIN_COLUMNS,
+    BUDGET_COLUMNS,
     KEY_CONTROLS,
     OUTBOX_CLAIMED,
     BATCH_COLUMNS,
@@ -129,6 +130,7 @@ from gateway.store.base import (
     check_role,
     check_tier,
     check_workspace_name,
+    budget_row,
     compute_refill,
     hash_key,
     idempotency_decision,
@@ -443,6 +445,47 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "ALTER TABLE users ADD COLUMN external_id TEXT",
             # One user per app id and workspace: what makes find-or-create happen once.
             "CREATE UNIQUE INDEX users_external_id ON users (workspace_id, external_id) WHERE external_id IS NOT NULL",
+        ],
+    ),
+    (
+        17,  # budgets (gateway/budgets.py, docs/budgets.md): new tables only, nothing rewritten
+        [
+            """CREATE TABLE budgets (
+                id           TEXT PRIMARY KEY,
+                workspace_id TEXT NOT NULL,
+                scope        TEXT NOT NULL,      -- workspace | user | key
+                scope_id     TEXT NOT NULL,
+                unit         TEXT NOT NULL,      -- energy | usd (nano-dollars)
+                amount       INTEGER NOT NULL,
+                period       TEXT NOT NULL,      -- day | week | month | life
+                timezone     TEXT NOT NULL,
+                alerts       TEXT NOT NULL,      -- JSON list of percentages
+                hard         TEXT NOT NULL,      -- refuse | downgrade | none
+                created_at   REAL NOT NULL,
+                updated_at   REAL NOT NULL,
+                UNIQUE (scope, scope_id, unit, period)
+            )""",
+            "CREATE INDEX budgets_workspace ON budgets (workspace_id)",
+            # What a budget spent in one period (held reservations included).
+            """CREATE TABLE budget_spend (
+                budget_id    TEXT NOT NULL,
+                period_start REAL NOT NULL,
+                spent        INTEGER NOT NULL DEFAULT 0,
+                PRIMARY KEY (budget_id, period_start)
+            )""",
+            # One row per reservation and budget: finished with its reservation, once.
+            """CREATE TABLE budget_holds (
+                request_id   TEXT NOT NULL,
+                budget_id    TEXT NOT NULL,
+                period_start REAL NOT NULL,
+                unit         TEXT NOT NULL,
+                amount       INTEGER NOT NULL,
+                final_amount INTEGER,
+                status       TEXT NOT NULL DEFAULT 'reserved',
+                created_at   REAL NOT NULL,
+                PRIMARY KEY (request_id, budget_id)
+            )""",
+            "CREATE INDEX budget_holds_open ON budget_holds (created_at) WHERE status = 'reserved'",
         ],
     ),
     (
@@ -1307,21 +1350,26 @@ class SQLiteStore(Store):
         )
         return [_entry(r) for r in rows]
 
-    async def reserve_energy(self, user_id, amount, request_id, *, refill=None, now=None):
-        return await self.reserve_energy_soon(user_id, amount, request_id, refill=refill, now=now)
+    async def reserve_energy(self, user_id, amount, request_id, *, refill=None, now=None, budgets=()):
+        return await self.reserve_energy_soon(user_id, amount, request_id, refill=refill, now=now, budgets=budgets)
 
-    def reserve_energy_soon(self, user_id, amount, request_id, *, refill=None, now=None):
+    def reserve_energy_soon(self, user_id, amount, request_id, *, refill=None, now=None, budgets=()):
         # The loop's own connection, at the end of this loop turn: awaited before dispatch,
         # no thread hop; overlapped with the upstream call, it runs right after the request
         # went out (the handler's first wait), while the upstream works.
         check_amount(amount)
+        if budgets:
+            for hold in budgets:
+                check_amount(hold.amount, "budget hold")
+            return self._write_inline(_reserve_with_budgets, (user_id, amount, request_id, refill, now_or(now),
+                                                              tuple(budgets)))
         return self._write_inline(_reserve, (user_id, amount, request_id, refill, now_or(now)))
 
-    async def settle_energy(self, request_id, final_amount=None, *, now=None):
+    async def settle_energy(self, request_id, final_amount=None, *, usd_final=None, now=None):
         if final_amount is not None:
             check_amount(final_amount, "final_amount")
         return await self._write(_finish_reservation, request_id, "settled", final_amount,
-                                 "settle", None, now_or(now))
+                                 "settle", None, now_or(now), usd_final)
 
     async def refund_energy(self, request_id, reason=None, *, now=None):
         return await self._write(_finish_reservation, request_id, "refunded", None, "refund",
@@ -1331,12 +1379,15 @@ class SQLiteStore(Store):
         if not request_ids:
             return 0
         now = now_or(now)
+        usd = {item[0]: item[1] for item in request_ids if isinstance(item, tuple)}
+        request_ids = [item[0] if isinstance(item, tuple) else item for item in request_ids]
         # executemany: the per-id loop runs in C. The ledger rows first, while the
         # reservations are still 'reserved' (that condition is what makes it once only),
         # so an id must appear once in the batch.
         ledger = [(now, request_id) for request_id in dict.fromkeys(request_ids)]
 
         def tx(db, part):
+            _finish_holds(db, [request_id for _, request_id in part], "settled", None, usd)
             db.executemany(_SETTLE_LEDGER, part)
             before = db.total_changes
             db.executemany(_SETTLE_FULL, part)
@@ -1358,6 +1409,74 @@ class SQLiteStore(Store):
             db.execute("UPDATE users SET energy = ? WHERE id = ?", (balance, user_id))
             _ledger_row(db, user_id, None, kind, amount, balance, reason, now)
             return balance
+
+        return await self._write(tx)
+
+    # ------------------------------------------------------------------- budgets
+
+    async def set_budget(self, *, workspace_id, scope, scope_id, unit, amount, period, timezone, alerts, hard,
+                         now=None):
+        now = now_or(now)
+        alerts_json = json.dumps(sorted(set(alerts)))
+
+        def tx(db):
+            row = _one(db, f"SELECT {', '.join(BUDGET_COLUMNS)} FROM budgets"
+                           " WHERE scope = ? AND scope_id = ? AND unit = ? AND period = ?", scope, scope_id, unit, period)
+            before = None if row is None else budget_row(row)
+            if before is None:
+                budget_id = new_id("bud")
+                db.execute(f"INSERT INTO budgets ({', '.join(BUDGET_COLUMNS)}) VALUES ({', '.join('?' * len(BUDGET_COLUMNS))})",
+                           (budget_id, workspace_id, scope, scope_id, unit, amount, period, timezone, alerts_json, hard,
+                            now, now))
+            else:
+                budget_id = before.id
+                db.execute("UPDATE budgets SET amount = ?, timezone = ?, alerts = ?, hard = ?, updated_at = ?"
+                           " WHERE id = ?", (amount, timezone, alerts_json, hard, now, budget_id))
+            after = budget_row(_one(db, f"SELECT {', '.join(BUDGET_COLUMNS)} FROM budgets WHERE id = ?", budget_id))
+            return before, after
+
+        return await self._write(tx)
+
+    async def delete_budget(self, budget_id):
+        def tx(db):
+            row = _one(db, f"SELECT {', '.join(BUDGET_COLUMNS)} FROM budgets WHERE id = ?", budget_id)
+            if row is None:
+                return None
+            db.execute("DELETE FROM budgets WHERE id = ?", (budget_id,))
+            db.execute("DELETE FROM budget_spend WHERE budget_id = ?", (budget_id,))
+            return budget_row(row)
+
+        return await self._write(tx)
+
+    async def list_budgets(self, workspace_id=None):
+        rows = await self._fetchall(
+            f"SELECT {', '.join(BUDGET_COLUMNS)} FROM budgets WHERE (? IS NULL OR workspace_id = ?)"
+            " ORDER BY workspace_id, scope, scope_id, unit, period", workspace_id, workspace_id)
+        return [budget_row(r) for r in rows]
+
+    async def budget_spent(self, periods):
+        if not periods:
+            return {}
+
+        def read(db):
+            out = {}
+            for budget_id, start in periods:
+                r = _one(db, "SELECT spent FROM budget_spend WHERE budget_id = ? AND period_start = ?", budget_id, start)
+                out[(budget_id, start)] = r[0] if r else 0
+            return out
+
+        return await self._read(read)
+
+    async def finish_orphan_holds(self, *, now=None):
+        def tx(db):
+            rows = db.execute(
+                "SELECT h.request_id, r.status FROM budget_holds h LEFT JOIN reservations r ON r.request_id = h.request_id"
+                " WHERE h.status = 'reserved' AND (r.status IS NULL OR r.status <> 'reserved')").fetchall()
+            done = 0
+            for status in ("settled", "refunded"):
+                ids = [rid for rid, st in rows if (st == "settled") == (status == "settled")]
+                done += _finish_holds(db, ids, status, None, {}, open_only=False)
+            return done
 
         return await self._write(tx)
 
@@ -1737,10 +1856,71 @@ _SETTLE_FULL = (
 )
 
 
+def _reserve_with_budgets(db: sqlite3.Connection, user_id: str, amount: int, request_id: str,
+                          refill: tuple[int, float] | None, now: float, holds: tuple) -> Reservation:
+    """_reserve and the budget holds, in one savepoint: the budgets first (each enforced one
+    must have room), then the energy; the holds are written only when both passed."""
+    spent = []
+    for hold in holds:
+        r = _one(db, "SELECT spent FROM budget_spend WHERE budget_id = ? AND period_start = ?",
+                 hold.budget_id, hold.period_start)
+        current = r[0] if r else 0
+        if hold.enforce and current + hold.amount > hold.limit:
+            u = _one(db, "SELECT energy FROM users WHERE id = ?", user_id)
+            if u is None:
+                raise NotFound(f"user {user_id!r}")
+            return Reservation(False, u[0], 0, budget_refused=hold.budget_id)
+        spent.append(current)
+    result = _reserve(db, user_id, amount, request_id, refill, now)
+    if not result.ok:
+        return result
+    after = []
+    for hold, current in zip(holds, spent):
+        db.execute("INSERT INTO budget_spend (budget_id, period_start, spent) VALUES (?, ?, ?)"
+                   " ON CONFLICT (budget_id, period_start) DO UPDATE SET spent = spent + excluded.spent",
+                   (hold.budget_id, hold.period_start, hold.amount))
+        db.execute("INSERT INTO budget_holds (request_id, budget_id, period_start, unit, amount, created_at)"
+                   " VALUES (?, ?, ?, ?, ?, ?)",
+                   (request_id, hold.budget_id, hold.period_start, hold.unit, hold.amount, now))
+        after.append(current + hold.amount)
+    return Reservation(True, result.balance, result.refilled, budget_spent=tuple(after))
+
+
+def _finish_holds(db: sqlite3.Connection, request_ids: list[str], status: str, energy_final: int | None,
+                  usd: dict[str, int | None], *, open_only: bool = True) -> int:
+    """The budget holds of these requests follow their reservation (before it is finished:
+    `open_only`, only those whose reservation is still reserved): refunded, each hold's
+    amount leaves its period's spend; settled, an energy hold at `energy_final` (None: as
+    held), a USD one at `usd[request_id]` nano-dollars (None or absent: as held)."""
+    done = 0
+    for request_id in request_ids:
+        if open_only and not _one(db, "SELECT 1 FROM reservations WHERE request_id = ? AND status = 'reserved'",
+                                  request_id):
+            continue
+        for budget_id, start, unit, amount in db.execute(
+                "SELECT budget_id, period_start, unit, amount FROM budget_holds"
+                " WHERE request_id = ? AND status = 'reserved'", (request_id,)).fetchall():
+            if status == "refunded":
+                final = 0
+            elif unit == "usd":
+                final = amount if usd.get(request_id) is None else usd[request_id]
+            else:
+                final = amount if energy_final is None else min(energy_final, amount)
+            db.execute("UPDATE budget_holds SET status = ?, final_amount = ? WHERE request_id = ? AND budget_id = ?",
+                       (status, final, request_id, budget_id))
+            if final != amount:
+                db.execute("UPDATE budget_spend SET spent = spent + ? WHERE budget_id = ? AND period_start = ?",
+                           (final - amount, budget_id, start))
+            done += 1
+    return done
+
+
 def _finish_reservation(db: sqlite3.Connection, request_id: str, status: str,
                         final_amount: int | None, kind: str, reason: str | None,
-                        now: float) -> int | None:
-    """reserved -> settled/refunded, returning `back` energy; None if not reserved."""
+                        now: float, usd_final: int | None = None) -> int | None:
+    """reserved -> settled/refunded, returning `back` energy; None if not reserved. The
+    request's budget holds follow in the same transaction (_finish_holds)."""
+    _finish_holds(db, [request_id], status, final_amount, {request_id: usd_final})
     # The conditional update is the state machine: only one caller ever sees the row in
     # 'reserved', every later settle/refund finds nothing to do.
     res = _one(db, "UPDATE reservations SET status = ?, finished_at = ?"

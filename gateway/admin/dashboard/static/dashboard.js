@@ -278,6 +278,30 @@ function renderErrors(live) {
 
 // ---------------------------------------------------------------- refresh loop
 
+// Budgets (GET /admin/budgets): a read-only table; text only through textContent (fillTable).
+function fmtBudget(unit, v) {
+  return unit === "usd" ? fmtUsd(v) : fmtInt(v) + " energy";
+}
+
+async function refreshBudgets() {
+  let rows;
+  try {
+    rows = await api("/admin/budgets" + query({}));
+  } catch (err) {
+    if (err instanceof ApiFailure && (err.status === 401 || err.status === 403)) throw err;
+    rows = [];
+  }
+  fillTable("#budgets-table", rows, [
+    (b) => [b.id],
+    (b) => [b.scope + " " + b.scope_id],
+    (b) => [b.period === "life" ? "lifetime" : b.period + " (" + b.timezone + ")"],
+    (b) => [fmtBudget(b.unit, b.amount), true],
+    (b) => [fmtBudget(b.unit, b.spent), true],
+    (b) => [fmtBudget(b.unit, b.remaining), true],
+    (b) => [b.hard === "none" ? "alerts only" : b.hard],
+  ], "no budgets");
+}
+
 function query(params) {
   const workspace = $("#workspace").value;
   const all = workspace ? { ...params, workspace } : params;
@@ -314,6 +338,7 @@ async function refresh() {
     renderWeekly(weekly.rows);
     renderExperiments(experiments.rows);
     renderErrors(live);
+    await refreshBudgets();
     if (scope === "master") fillWorkspaces(workspaces);
     $("#refresh-error").hidden = true;
     const now = new Date();
