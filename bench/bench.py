@@ -239,7 +239,7 @@ PG_SCHEMAS: list[str] = []  # made by store_url, dropped by drop_pg_schemas
 def store_url(workdir: Path, variant: str) -> str:
     if os.environ.get("BENCH_STORE", "sqlite") != "postgres":
         return "sqlite:///" + str(workdir / f"{variant}.db")
-    schema = f"bench_{variant}_{os.getpid()}_{len(PG_SCHEMAS)}"
+    schema = f"bench_{variant}_{os.getpid()}_{len(PG_SCHEMAS)}".replace("-", "_")  # fast-this: not a schema name
     PG_SCHEMAS.append(schema)
     return f"{os.environ.get('BENCH_PG_URL', 'postgresql://postgres@127.0.0.1:5432/test')}?schema={schema}"
 
