@@ -19,12 +19,12 @@ import pytest
 
 from tests.conftest import MASTER_KEY
 from tests.test_accounting import HELLO
-from tests.test_console import (BOTH, XSS, by_id, call, choose, confirm, console, fill, go, ok, rows,  # noqa: F401
-                                shown_error, status, wait, wait_status)
+from tests.test_console import BOTH, XSS, by_id, call, choose, confirm, fill, go, ok, rows, shown_error, status, wait_status
 from tests.test_dashboard import sign_in
-from tests import test_dashboard
+from tests import test_console, test_dashboard
 
 browser = test_dashboard.browser  # the same headless Chromium fixture (Debian's chromium + chromedriver)
+console = test_console.console  # acme and globex, each a user with traffic and a workspace admin
 
 
 def set_on_page(driver: Any, prefix: str, *, unit: str, amount: str, period: str, tz: str = "UTC",
@@ -35,8 +35,6 @@ def set_on_page(driver: Any, prefix: str, *, unit: str, amount: str, period: str
     fill(driver, f"{prefix}-timezone", tz)
     fill(driver, f"{prefix}-alerts", alerts)
     choose(driver, f"{prefix}-hard", hard)
-    by_id(driver, "console-status")  # the page is there
-    driver.execute_script("document.getElementById('console-status').textContent = ''")
     driver.find_element("css selector", button).click()
 
 

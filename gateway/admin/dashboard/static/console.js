@@ -89,11 +89,13 @@
   function status(message) { $("#console-status").textContent = message; }
 
   // Runs a form's action with its button disabled, its error box cleared or filled. An action
-  // reports success in the status line after the page shows the new state.
+  // reports success in the status line after the page shows the new state; the previous
+  // action's line is cleared first, so the same words twice mean two actions done.
   async function submitting(form, errorSelector, action) {
     const buttons = form.querySelectorAll("button");
     buttons.forEach((b) => { b.disabled = true; });
     showError(errorSelector, null);
+    status("");
     try {
       await action();
     } catch (err) {
