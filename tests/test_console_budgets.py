@@ -219,8 +219,15 @@ def test_a_workspace_admin_sets_its_users_budgets_but_not_its_workspaces_nor_ano
     delete_on_page(browser, mine["id"], accept=True)
     wait_status(browser, f"budget {mine['id']} deleted")
 
-    # Edited requests: another workspace's user or budget, or a workspace's own budget.
+    # The page's own form aimed at globex's user (the option's value edited in the page):
+    # the API's 404 beside the form, nothing set.
     before = budgets(gw)
+    browser.execute_script("document.querySelector('#budget-target option').value = arguments[0]", f"user:{globex_user}")
+    set_on_page(browser, "budget", unit="energy", amount="1", period="day")
+    assert shown_error(browser, "budget-error").endswith("(HTTP 404)")
+    assert budgets(gw) == before
+
+    # Edited requests: another workspace's user or budget, or a workspace's own budget.
     for body in ({"user": globex_user}, {"workspace": "globex"}):
         answer = call(gw, "POST", "/admin/budgets", admin, json={**body, "unit": "energy", "amount": 1, "period": "day"})
         assert answer.status_code == 404 and answer.json()["error"]["message"], answer.text
