@@ -119,11 +119,26 @@ def test_the_master_key_sets_lists_and_deletes_budgets_from_the_page(browser, co
     u, k = listed[user_budget["id"]], listed[key_budget["id"]]
     assert (u["spent"], u["remaining"]) == (2, 28)  # gpt-4o-mini costs 2 energy here
     assert shown[u["id"]] == [f"user {user}", "day (Europe/Berlin)", "30 energy", "2 energy", "28 energy",
-                              utc(u["period_ends_at"]), "50%, 80%, 100%", "refuse (429)", "Delete"]
+                              utc(u["period_ends_at"]), "50%, 80%, 100%", "refuse (429)", "Edit Delete"]
     assert 0 < k["spent"] < 2.5 and Decimal(str(k["spent"])) + Decimal(str(k["remaining"])) == Decimal("2.5")
     assert shown[k["id"]] == [f"key {prefix}…", "month (UTC)", "$2.50", usd(k["spent"]), usd(k["remaining"]),
-                              utc(k["period_ends_at"]), "—", "alerts only", "Delete"]
+                              utc(k["period_ends_at"]), "—", "alerts only", "Edit Delete"]
     assert u["period_ends_at"] > datetime.now().timestamp()
+
+    # Edit: the form takes the budget's values; set again, the same budget changes and keeps its spend.
+    browser.find_element("css selector", f'button[data-action="edit-budget"][data-budget="{k["id"]}"]').click()
+    assert by_id(browser, "budget-amount").get_attribute("value") == "2.5"
+    browser.find_element("css selector", f'button[data-action="edit-budget"][data-budget="{u["id"]}"]').click()
+    form = {name: by_id(browser, f"budget-{name}").get_attribute("value")
+            for name in ("target", "unit", "amount", "period", "timezone", "alerts", "hard")}
+    assert form == {"target": f"user:{user}", "unit": "energy", "amount": "30", "period": "day",
+                    "timezone": "Europe/Berlin", "alerts": "50,80,100", "hard": "refuse"}
+    fill(browser, "budget-amount", "40")
+    browser.find_element("css selector", "#budget-form button[type=submit]").click()
+    wait_status(browser, f"budget {u['id']} set: user {user}: 40 energy per day")
+    edited = {b["id"]: b for b in budgets(gw)}[u["id"]]
+    assert (edited["amount"], edited["spent"], edited["remaining"], len(budgets(gw))) == (40, 2, 38, 2)
+    assert budget_rows(browser, "user-budgets-table")[u["id"]][2:5] == ["40 energy", "2 energy", "38 energy"]
 
     # The workspace's budget: the workspaces page.
     acme = ok(call(gw, "GET", "/admin/workspaces/acme"))["id"]
@@ -156,8 +171,10 @@ def test_the_master_key_sets_lists_and_deletes_budgets_from_the_page(browser, co
     audit = ok(call(gw, "GET", "/admin/audit", params={"limit": 1000}))
     made = [(r["action"], r["target"], r["via"]) for r in reversed(audit) if r["action"].startswith("budget.")]
     assert made == [("budget.set", user_budget["id"], "api"), ("budget.set", key_budget["id"], "api"),
-                    ("budget.set", ws_budget["id"], "api"), ("budget.delete", ws_budget["id"], "api"),
+                    ("budget.set", user_budget["id"], "api"), ("budget.set", ws_budget["id"], "api"), ("budget.delete", ws_budget["id"], "api"),
                     ("budget.delete", key_budget["id"], "api")]
+    change = next(r for r in audit if r["action"] == "budget.set" and r["before"] is not None)
+    assert (change["target"], change["before"]["amount"], change["after"]["amount"]) == (user_budget["id"], 30, 40)
 
 
 def test_a_budget_set_on_the_page_refuses_a_request(browser, console):

@@ -459,7 +459,8 @@
     return budgetTarget(b) + ": " + budgetAmount(b.unit, b.amount) + (b.period === "life" ? " for life" : " per " + b.period);
   }
 
-  function budgetTable(tableSelector, errorSelector, budgets, deletable, reload) {
+  // `form`: the prefix of the form a row's Edit fills (null: the rows are read-only).
+  function budgetTable(tableSelector, errorSelector, budgets, form, reload) {
     fill(tableSelector, budgets, (b) => [
       budgetTarget(b), budgetPeriod(b),
       [budgetAmount(b.unit, b.amount), "num"], [budgetAmount(b.unit, b.spent), "num"],
@@ -467,8 +468,33 @@
       b.period_ends_at === null || b.period_ends_at === undefined ? "never (life)" : when(b.period_ends_at),
       b.alerts && b.alerts.length ? b.alerts.map((p) => p + "%").join(", ") : DASH,
       AT_CEILING[b.hard] || b.hard,
-      deletable ? deleteBudgetButton(b, errorSelector, reload) : "",
+      form ? el("span", { className: "row-actions" }, editBudgetButton(b, form), " ", deleteBudgetButton(b, errorSelector, reload)) : "",
     ], "no budgets");
+  }
+
+  // Edit: the budget's values into its form (the same target, unit and period set again
+  // change it; another unit or period makes a second budget). A revoked key's budget can
+  // only be deleted: its key takes no requests and is not among the form's choices.
+  function editBudgetButton(b, prefix) {
+    const target = prefix === "ws-budget" ? $("#ws-budget-workspace") : $("#budget-target");
+    const value = prefix === "ws-budget" ? b.scope_id : b.scope + ":" + b.scope_id;
+    if (![...target.options].some((o) => o.value === value)) return "";
+    const button = el("button", { type: "button", className: "secondary", text: "Edit",
+                                  dataset: { action: "edit-budget", budget: b.id } });
+    button.setAttribute("aria-label", "Edit budget of " + budgetTarget(b));
+    button.addEventListener("click", () => {
+      target.value = value;
+      const field = (name) => $("#" + prefix + "-" + name);
+      field("unit").value = b.unit;
+      field("amount").value = b.unit === "usd" ? Number(b.amount).toFixed(9).replace(/\.?0+$/, "") : String(b.amount);
+      field("period").value = b.period;
+      field("timezone").value = b.timezone;
+      field("alerts").value = (b.alerts || []).join(",");
+      field("hard").value = b.hard;
+      field("amount").focus();
+      status("editing the budget of " + describeBudget(b) + ": change the fields and set it");
+    });
+    return button;
   }
 
   function deleteBudgetButton(b, errorSelector, reload) {
@@ -523,7 +549,7 @@
       if (currentUser !== user) return;
       const mine = all.filter((b) => (b.scope === "user" && b.scope_id === user.id) || (b.scope === "key" && keys.has(b.scope_id)));
       mine.sort((a, b) => (a.scope === b.scope ? 0 : a.scope === "user" ? -1 : 1));
-      budgetTable("#user-budgets-table", "#user-budgets-error", mine, true, showUserBudgets);
+      budgetTable("#user-budgets-table", "#user-budgets-error", mine, "budget", showUserBudgets);
     } catch (err) {
       fill("#user-budgets-table", [], () => [], DASH);
       showError("#user-budgets-error", err);
@@ -550,7 +576,7 @@
     try {
       const all = await api("GET", "/admin/budgets");
       budgetTable("#workspace-budgets-table", "#workspace-budgets-error", all.filter((b) => b.scope === "workspace"),
-                  session.scope === "master", showWorkspaceBudgets);
+                  session.scope === "master" ? "ws-budget" : null, showWorkspaceBudgets);
     } catch (err) {
       fill("#workspace-budgets-table", [], () => [], DASH);
       showError("#workspace-budgets-error", err);
