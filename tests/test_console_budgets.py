@@ -278,3 +278,28 @@ def test_a_key_label_with_markup_shows_as_text_in_the_budget_list(browser, conso
     assert XSS in delete_on_page(browser, budget["id"], accept=False)
     assert browser.execute_script("return window.__xss") is None
     assert browser.execute_script("return document.querySelectorAll('#app img').length") == 0
+
+
+
+def test_edit_puts_a_usd_amount_into_the_form_exactly_or_not_at_all(browser, console):
+    """The page reads a USD amount as a JSON number (a double: 15 significant digits): one
+    it holds exactly goes into the form to the nano-dollar; a longer one leaves the field
+    empty for the operator to type, so setting the budget again never rounds it silently."""
+    gw, ids = console
+    user = ids["acme_user"]
+    (key,) = ok(call(gw, "GET", "/admin/keys", params={"user": user}))
+    exact = ok(call(gw, "POST", "/admin/budgets", json={"user": user, "unit": "usd", "amount": "999999.123456789",
+                                                       "period": "day"}))
+    longer = ok(call(gw, "POST", "/admin/budgets", json={"key": key["id"], "unit": "usd", "amount": "1234567.123456789",
+                                                        "period": "day"}))
+    sign_in(browser, gw, MASTER_KEY)
+    go(browser, f"#/users/{user}")
+    browser.find_element("css selector", f'button[data-action="edit-budget"][data-budget="{exact["id"]}"]').click()
+    assert by_id(browser, "budget-amount").get_attribute("value") == "999999.123456789"
+    browser.find_element("css selector", f'button[data-action="edit-budget"][data-budget="{longer["id"]}"]').click()
+    assert by_id(browser, "budget-target").get_attribute("value") == f"key:{key['id']}"
+    assert by_id(browser, "budget-amount").get_attribute("value") == ""
+    browser.find_element("css selector", "#budget-form button[type=submit]").click()  # required: not sent
+    assert browser.execute_script("return document.getElementById('budget-amount').validity.valueMissing")
+    actions = [r["action"] for r in ok(call(gw, "GET", "/admin/audit", params={"limit": 1000}))]
+    assert actions.count("budget.set") == 2  # the two made above; nothing from the page

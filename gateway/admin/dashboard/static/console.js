@@ -486,7 +486,7 @@
       target.value = value;
       const field = (name) => $("#" + prefix + "-" + name);
       field("unit").value = b.unit;
-      field("amount").value = b.unit === "usd" ? Number(b.amount).toFixed(9).replace(/\.?0+$/, "") : String(b.amount);
+      field("amount").value = b.unit === "usd" ? dollarsText(b.amount) : String(b.amount);
       field("period").value = b.period;
       field("timezone").value = b.timezone;
       field("alerts").value = (b.alerts || []).join(",");
@@ -495,6 +495,14 @@
       status("editing the budget of " + describeBudget(b) + ": change the fields and set it");
     });
     return button;
+  }
+
+  // A USD amount as the form's text. A JSON number reaches the page as a double, exact to 15
+  // significant digits: a longer amount (over $1M to the nano-dollar) is left for the
+  // operator to type rather than rounded behind their back.
+  function dollarsText(v) {
+    const text = Number(v).toFixed(9).replace(/\.?0+$/, "");
+    return text.replace(/^0\.0*|\./g, "").length <= 15 ? text : "";
   }
 
   function deleteBudgetButton(b, errorSelector, reload) {
