@@ -89,11 +89,13 @@
   function status(message) { $("#console-status").textContent = message; }
 
   // Runs a form's action with its button disabled, its error box cleared or filled. An action
-  // reports success in the status line after the page shows the new state.
+  // reports success in the status line after the page shows the new state; the previous
+  // action's line is cleared first, so the same words twice mean two actions done.
   async function submitting(form, errorSelector, action) {
     const buttons = form.querySelectorAll("button");
     buttons.forEach((b) => { b.disabled = true; });
     showError(errorSelector, null);
+    status("");
     try {
       await action();
     } catch (err) {
@@ -150,10 +152,10 @@
 
   async function loadWorkspaces() {
     cache.workspaces = await api("GET", "/admin/workspaces");
-    for (const selector of ["#new-user-workspace", "#audit-workspace", "#users-workspace"]) {
+    for (const selector of ["#new-user-workspace", "#audit-workspace", "#users-workspace", "#ws-budget-workspace"]) {
       const select = $(selector);
       const keep = select.value;
-      const options = selector === "#new-user-workspace" ? [] : [new Option("all workspaces", "")];
+      const options = ["#audit-workspace", "#users-workspace"].includes(selector) ? [new Option("all workspaces", "")] : [];
       for (const w of cache.workspaces) options.push(new Option(w.name, w.id));
       select.replaceChildren(...options);
       if ([...select.options].some((o) => o.value === keep)) select.value = keep;
@@ -262,7 +264,7 @@
     ], "no keys");
     modelBoxes("#key-models", "key-model-", user.tier, []);
     $("#key-edit-form").hidden = true;
-    // #user-budgets (index.html) is left to the budgets work (/admin/budgets): nothing here fills it.
+    budgetTargets(user);
     fill("#requests-table", requests, (r) => [
       when(r.created_at), r.error_type ? r.status + " " + r.error_type : r.status, r.model, r.action,
       [int(r.tokens_total), "num"], [usd(r.cost_usd), "num"], [int(r.energy_cost), "num"],
@@ -288,7 +290,7 @@
 
   async function showUser(userId) {
     showError("#user-error", null);
-    for (const id of ["#tier-error", "#energy-error", "#keys-error", "#key-error"]) showError(id, null);
+    for (const id of ["#tier-error", "#energy-error", "#keys-error", "#key-error", "#budget-error"]) showError(id, null);
     const path = "/admin/users/" + encodeURIComponent(userId);
     try {
       if (!cache.workspaces.length) await loadWorkspaces();
@@ -299,9 +301,12 @@
       currentUser = null;
       $("#user-title").textContent = "User";
       $("#user-facts").replaceChildren();
-      for (const table of ["#keys-table", "#requests-table", "#ledger-table"]) fill(table, [], () => [], DASH);
+      $("#budget-target").replaceChildren();
+      for (const table of ["#keys-table", "#requests-table", "#ledger-table", "#user-budgets-table"]) fill(table, [], () => [], DASH);
       showError("#user-error", err);
+      return;
     }
+    await showUserBudgets();
   }
 
   const reloadUser = () => (currentUser ? showUser(currentUser.id) : Promise.resolve());
@@ -426,6 +431,185 @@
     });
   });
 
+  // ---------------------------------------------------------------- budgets (docs/budgets.md)
+
+  // A budget's ceiling, spend and remainder: USD in dollars, energy as a whole number. The
+  // form sends what was typed (amount, alerts) as text: the API parses and checks it (USD to
+  // the nano-dollar, no float on the way), and its 400 names the field.
+  const budgetAmount = (unit, v) => (unit === "usd" ? usd(v) : int(v) + " energy");
+  const AT_CEILING = { refuse: "refuse (429)", downgrade: "downgrade", none: "alerts only" };
+
+  // Who a budget applies to, in words; a key by its prefix and label (shown as text).
+  function budgetTarget(b) {
+    if (b.scope === "workspace") return "workspace " + workspaceName(b.scope_id);
+    if (b.scope === "user") {
+      return "user " + (currentUser && currentUser.id === b.scope_id && currentUser.name
+        ? currentUser.name + " (" + b.scope_id + ")" : b.scope_id);
+    }
+    const key = currentUser ? currentUser.keys.find((k) => k.id === b.scope_id) : null;
+    if (!key) return "key " + b.scope_id;
+    return "key " + keyName(key) + (key.revoked_at ? ", revoked" : "");
+  }
+
+  function budgetPeriod(b) {
+    return b.period === "life" ? "life" : b.period + " (" + b.timezone + ")";
+  }
+
+  function describeBudget(b) {
+    return budgetTarget(b) + ": " + budgetAmount(b.unit, b.amount) + (b.period === "life" ? " for life" : " per " + b.period);
+  }
+
+  // `form`: the prefix of the form a row's Edit fills (null: the rows are read-only).
+  function budgetTable(tableSelector, errorSelector, budgets, form, reload) {
+    fill(tableSelector, budgets, (b) => [
+      budgetTarget(b), budgetPeriod(b),
+      [budgetAmount(b.unit, b.amount), "num"], [budgetAmount(b.unit, b.spent), "num"],
+      [budgetAmount(b.unit, b.remaining), "num"],
+      b.period_ends_at === null || b.period_ends_at === undefined ? "never (life)" : when(b.period_ends_at),
+      b.alerts && b.alerts.length ? b.alerts.map((p) => p + "%").join(", ") : DASH,
+      AT_CEILING[b.hard] || b.hard,
+      form ? el("span", { className: "row-actions" }, editBudgetButton(b, form), " ", deleteBudgetButton(b, errorSelector, reload)) : "",
+    ], "no budgets");
+  }
+
+  // Edit: the budget's values into its form (the same target, unit and period set again
+  // change it; another unit or period makes a second budget). A revoked key's budget can
+  // only be deleted: its key takes no requests and is not among the form's choices.
+  function editBudgetButton(b, prefix) {
+    const target = prefix === "ws-budget" ? $("#ws-budget-workspace") : $("#budget-target");
+    const value = prefix === "ws-budget" ? b.scope_id : b.scope + ":" + b.scope_id;
+    if (![...target.options].some((o) => o.value === value)) return "";
+    const button = el("button", { type: "button", className: "secondary", text: "Edit",
+                                  dataset: { action: "edit-budget", budget: b.id } });
+    button.setAttribute("aria-label", "Edit budget of " + budgetTarget(b));
+    button.addEventListener("click", () => {
+      target.value = value;
+      const field = (name) => $("#" + prefix + "-" + name);
+      field("unit").value = b.unit;
+      field("amount").value = b.unit === "usd" ? dollarsText(b.amount) : String(b.amount);
+      field("period").value = b.period;
+      field("timezone").value = b.timezone;
+      field("alerts").value = (b.alerts || []).join(",");
+      field("hard").value = b.hard;
+      field("amount").focus();
+      status("editing the budget of " + describeBudget(b) + ": change the fields and set it");
+    });
+    return button;
+  }
+
+  // A USD amount as the form's text. A JSON number reaches the page as a double, exact to 15
+  // significant digits: a longer amount (over $1M to the nano-dollar) is left for the
+  // operator to type rather than rounded behind their back.
+  function dollarsText(v) {
+    const text = Number(v).toFixed(9).replace(/\.?0+$/, "");
+    return text.replace(/^0\.0*|\./g, "").length <= 15 ? text : "";
+  }
+
+  function deleteBudgetButton(b, errorSelector, reload) {
+    const button = el("button", { type: "button", className: "danger", text: "Delete",
+                                  dataset: { action: "delete-budget", budget: b.id } });
+    button.setAttribute("aria-label", "Delete budget of " + budgetTarget(b));
+    button.addEventListener("click", async () => {
+      if (!(await confirmAction("Delete the budget of " + describeBudget(b) + "? Requests are no longer limited by it; "
+                                + "what it spent is kept.", "Delete budget"))) {
+        status("nothing changed");
+        return;
+      }
+      try {
+        showError(errorSelector, null);
+        await api("DELETE", "/admin/budgets/" + encodeURIComponent(b.id));
+        await reload();
+        status("budget " + b.id + " deleted");
+      } catch (err) {
+        showError(errorSelector, err);
+      }
+    });
+    return button;
+  }
+
+  // The fields of a budget form (ids `${prefix}-unit`, ...) as the body of POST /admin/budgets.
+  function budgetFields(prefix) {
+    const value = (name) => $("#" + prefix + "-" + name).value.trim();
+    return { unit: value("unit"), amount: value("amount"), period: value("period"), timezone: value("timezone") || "UTC",
+             alerts: value("alerts"), hard: value("hard") };
+  }
+
+  // The user's page: a budget for the user or one of its live keys.
+  function budgetTargets(user) {
+    const select = $("#budget-target");
+    const keep = select.value;
+    const options = [new Option("this user (" + (user.name ? user.name + ", " : "") + user.id + ")", "user:" + user.id)];
+    for (const k of user.keys) {
+      if (!k.revoked_at) options.push(new Option("key " + keyName(k), "key:" + k.id));
+    }
+    select.replaceChildren(...options);
+    if ([...select.options].some((o) => o.value === keep)) select.value = keep;
+  }
+
+  // The budgets of the user on show and of its keys (revoked ones' too: they keep their rows).
+  async function showUserBudgets() {
+    showError("#user-budgets-error", null);
+    if (!currentUser) return;
+    const user = currentUser;
+    const keys = new Set(user.keys.map((k) => k.id));
+    try {
+      const all = await api("GET", "/admin/budgets?" + new URLSearchParams({ workspace: user.workspace_id }));
+      if (currentUser !== user) return;
+      const mine = all.filter((b) => (b.scope === "user" && b.scope_id === user.id) || (b.scope === "key" && keys.has(b.scope_id)));
+      mine.sort((a, b) => (a.scope === b.scope ? 0 : a.scope === "user" ? -1 : 1));
+      budgetTable("#user-budgets-table", "#user-budgets-error", mine, "budget", showUserBudgets);
+    } catch (err) {
+      fill("#user-budgets-table", [], () => [], DASH);
+      showError("#user-budgets-error", err);
+    }
+  }
+
+  $("#budget-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const form = event.currentTarget;
+    submitting(form, "#budget-error", async () => {
+      const [kind, id] = $("#budget-target").value.split(/:(.*)/s);
+      if (!id) throw new Error("choose the user or a key");
+      const saved = await api("POST", "/admin/budgets", { [kind]: id, ...budgetFields("budget") });
+      form.reset();
+      await showUserBudgets();
+      status("budget " + saved.id + " set: " + describeBudget(saved));
+    });
+  });
+
+  // The workspaces page: each workspace's budget. Setting or deleting one needs the master
+  // key (a workspace admin's request answers 403), so a workspace admin only reads its own.
+  async function showWorkspaceBudgets() {
+    showError("#workspace-budgets-error", null);
+    try {
+      const all = await api("GET", "/admin/budgets");
+      budgetTable("#workspace-budgets-table", "#workspace-budgets-error", all.filter((b) => b.scope === "workspace"),
+                  session.scope === "master" ? "ws-budget" : null, showWorkspaceBudgets);
+    } catch (err) {
+      fill("#workspace-budgets-table", [], () => [], DASH);
+      showError("#workspace-budgets-error", err);
+    }
+  }
+
+  $("#workspace-budget-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const form = event.currentTarget;
+    submitting(form, "#ws-budget-error", async () => {
+      const workspace = $("#ws-budget-workspace").value;
+      const saved = await api("POST", "/admin/budgets", { workspace, ...budgetFields("ws-budget") });
+      form.reset();
+      $("#ws-budget-workspace").value = workspace;
+      await showWorkspaceBudgets();
+      status("budget " + saved.id + " set: " + describeBudget(saved));
+    });
+  });
+
+  // The IANA time zones this browser knows, offered as the time zone fields' suggestions.
+  (() => {
+    const zones = typeof Intl.supportedValuesOf === "function" ? Intl.supportedValuesOf("timeZone") : [];
+    $("#timezones").replaceChildren(...["UTC", ...zones.filter((z) => z !== "UTC")].map((z) => el("option", { value: z })));
+  })();
+
   // ---------------------------------------------------------------- workspaces
 
   // A workspace's users: the Users page, narrowed to it.
@@ -445,7 +629,9 @@
       fill("#workspaces-list", cache.workspaces, (w) => [w.name, w.id, when(w.created_at), usersOf(w)], "no workspaces");
     } catch (err) {
       showError("#workspaces-error", err);
+      return;
     }
+    await showWorkspaceBudgets();
   }
 
   $("#create-workspace").addEventListener("submit", (event) => {
@@ -577,5 +763,6 @@
     status("");
     for (const table of document.querySelectorAll("#app > .view:not(#view-overview) table tbody")) table.replaceChildren();
     $("#user-facts").replaceChildren();
+    $("#budget-target").replaceChildren();
   });
 })();
