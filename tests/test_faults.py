@@ -27,19 +27,24 @@ PLUGINS = ["auth", "energy", ACCOUNTING]
 ATTEMPTS = 3  # retries.max_attempts in base_config
 FIRST_BYTE = IDLE = 0.25
 TIMEOUTS = {"connect": 1, "first_byte": FIRST_BYTE, "idle": IDLE, "total": 10}
+# The cases that are not about time run on "<path>-patient", the same deployment with timeouts
+# far from what a loaded machine takes to answer or drop: on "<path>" a litellm call that took
+# 0.25 s to see a dropped connection was a timeout (504), not the 502 the case is about.
+PATIENT = {"connect": 5, "first_byte": 10, "idle": 10, "total": 30}
 RETRY_AFTER_MAX = 0.3
 START_ENERGY = 10
 
-# Public model name per dispatch path; "<path>-down" is the same deployment on a dead port.
+# Public model name per dispatch path; "<path>-down" is the same deployment on a dead port,
+# "<path>-patient" the same with PATIENT timeouts.
 PATHS = ["native", "litellm", "anthropic", "anthropic-litellm"]  # anthropic: the native translation
 
 
-def _deployment(name: str, path: str, base: str, openai_base: str) -> dict[str, Any]:
+def _deployment(name: str, path: str, base: str, openai_base: str, timeouts: dict = TIMEOUTS) -> dict[str, Any]:
     if path.startswith("anthropic"):
-        return {"name": name, "timeouts": TIMEOUTS, "dispatch": "litellm" if path == "anthropic-litellm" else "auto",
+        return {"name": name, "timeouts": timeouts, "dispatch": "litellm" if path == "anthropic-litellm" else "auto",
                 "litellm_params": {
             "model": "anthropic/claude-haiku-4-5", "api_base": base, "api_key": "sk-ant-upstream-SECRET"}}
-    return {"name": name, "timeouts": TIMEOUTS, "dispatch": "native" if path == "native" else "litellm",
+    return {"name": name, "timeouts": timeouts, "dispatch": "native" if path == "native" else "litellm",
             "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": openai_base,
                                "api_key": "sk-upstream-openai-SECRET"}}
 
@@ -50,6 +55,7 @@ def fault_models(upstream: Any) -> list[dict[str, Any]]:
     for path in PATHS:
         out.append(_deployment(path, path, upstream.url, upstream.openai_base))
         out.append(_deployment(f"{path}-down", path, dead, dead + "/v1"))
+        out.append(_deployment(f"{path}-patient", path, upstream.url, upstream.openai_base, PATIENT))
     return out
 
 
@@ -75,7 +81,7 @@ def table(server_thread, tmp_path_factory):
     data = base_config(up, store_url=f"sqlite:///{tmp_path_factory.mktemp('faults')}/gw.db",
                        **gateway_config(up, retries={"breaker_failures": 10_000}))
     config = load_config_data(data)
-    runner, app, url = server_thread.run(_start(config))
+    runner, app, url = server_thread.run(_start(config), timeout=60)  # a loaded machine starts slowly
     yield RunningGateway(server_thread, runner, app, url, config), up
     server_thread.run(runner.cleanup(), timeout=30)
     server_thread.run(up.stop())
@@ -120,6 +126,7 @@ class Case:
     code: str | None = None
     down: bool = False  # call the model whose upstream port is closed
     native: "Case | None" = None  # where the native path rightly differs (issue 15)
+    timing: bool = False  # about the gateway's timeouts: runs on "<path>" (else "<path>-patient")
 
 
 def _n(fault: Fault, n: int = ATTEMPTS) -> tuple[Fault, ...]:
@@ -137,11 +144,11 @@ CASES: dict[str, Case] = {
                                           "status", 3, 503, "upstream_unavailable"),
     "connection-refused": Case((), False, "status", 3, 502, "upstream_error", down=True),
     "connection-refused-stream": Case((), True, "status", 3, 502, "upstream_error", down=True),
-    "slow-first-byte": Case(_n(Fault.slow(FIRST_BYTE * 3)), False, "status", 3, 504, "upstream_timeout"),
-    "slow-first-byte-then-ok": Case((Fault.slow(FIRST_BYTE * 3),), False, "ok", 2),
-    "slow-first-byte-stream": Case(_n(Fault.slow(FIRST_BYTE * 3)), True, "status", 3, 504, "upstream_timeout"),
-    "hang-no-answer": Case(_n(Fault.hang()), False, "status", 3, 504, "upstream_timeout"),
-    "hang-mid-stream": Case((Fault.hang(after_chunks=1),), True, "event", 1, 504, "upstream_timeout"),
+    "slow-first-byte": Case(_n(Fault.slow(FIRST_BYTE * 3)), False, "status", 3, 504, "upstream_timeout", timing=True),
+    "slow-first-byte-then-ok": Case((Fault.slow(FIRST_BYTE * 3),), False, "ok", 2, timing=True),
+    "slow-first-byte-stream": Case(_n(Fault.slow(FIRST_BYTE * 3)), True, "status", 3, 504, "upstream_timeout", timing=True),
+    "hang-no-answer": Case(_n(Fault.hang()), False, "status", 3, 504, "upstream_timeout", timing=True),
+    "hang-mid-stream": Case((Fault.hang(after_chunks=1),), True, "event", 1, 504, "upstream_timeout", timing=True),
     "truncated-stream": Case((Fault.truncate(after_chunks=2),), True, "event", 1, 502,
                              "upstream_stream_truncated"),
     "truncated-body": Case(_n(Fault.truncate()), False, "status", 3, 502, "upstream_error"),
@@ -202,7 +209,7 @@ def test_an_upstream_fault_ends_in_the_right_answer_attempts_energy_and_one_usag
     upstream.reset()
     user_id, key = gw.make_user(workspace="faults", tier="pro", energy=START_ENERGY)
     upstream.push(*case.faults)
-    model = f"{path}-down" if case.down else path
+    model = f"{path}-down" if case.down else path if case.timing else f"{path}-patient"
     started = time.monotonic()
 
     outcome, status, code, headers = _call(gw, key, model, case.stream)
