@@ -214,3 +214,17 @@ class BackfillRunner:
         if not progressed:
             await asyncio.sleep(min(self.lease / 3, 5.0))
         return True
+
+
+def runner_ctx(get_store: Callable[[], Any], pace: float) -> Callable[[Any], Any]:
+    """An aiohttp cleanup context running the backfills in the background (none when
+    `pace` is 0); cancelled at shutdown (the progress is committed per chunk)."""
+    async def ctx(app: Any) -> Any:
+        task = None
+        if pace > 0:
+            task = asyncio.create_task(BackfillRunner(get_store(), pace=pace).run())
+        yield
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    return ctx

@@ -30,13 +30,13 @@ statements). This module holds what the two backends share about them:
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import Any, Iterable
 
 # Names of the migrations (./gw migrate --plan). A migration without one is shown by number.
 NAMES: dict[int, str] = {
     1: "workspaces, users, keys, energy ledger, reservations, idempotency, usage log",
     2: "token classes and unit prices per usage row",
-    3: "usage log partitioned by month, hourly and daily rollups",
+    3: "hourly and daily usage rollups (PostgreSQL: the usage log partitioned by month)",
     4: "A/B experiments and feedback",
     5: "gw_reserve: the reservation hot path in one call",
     6: "gw_finish: a refund or partial settlement in one call",
@@ -164,3 +164,37 @@ def forbidden(sql: str | list[str]) -> list[str]:
     text = _strip_bodies(sql if isinstance(sql, str) else ";\n".join(sql))
     text = re.sub(r"--[^\n]*", "", text)
     return [rule for rule, pattern in RULES if pattern.search(text)]
+
+
+async def plan(store: Any, pace: float) -> dict[str, Any]:
+    """What ``./gw migrate`` would do on an opened (not migrated) `store`: the migrations
+    to apply, the backfills then left (rows, estimated time at full pace and at `pace`).
+    Raises SchemaTooNew like a start would."""
+    from gateway.store import backfill  # backfill imports rollup only; kept local: a plan is rare
+
+    applied = await store.schema_versions()
+    known = latest(store.schema_known)
+    check_compatible(applied, known)
+    pending = [v for v in store.schema_known if v not in applied]
+    rate = backfill.ROWS_PER_SECOND[store.dialect]
+    jobs = []
+    for state in await store.backfill_states():
+        if state["finished_at"] is None:
+            jobs.append((state["name"], state["migration"],
+                         await store.usage_id_rows(state["lo"], state["next_id"])))
+    fresh = [b for b in backfill.BACKFILLS if b.migration in pending]
+    if fresh:
+        everything = await store.usage_id_rows()
+        jobs += [(b.name, b.migration, everything) for b in fresh]
+    return {
+        "dialect": store.dialect,
+        "schema": {"applied": latest(applied), "known": known,
+                   "newerExpandOnly": sorted(v for v in applied if v > known)},
+        "migrations": [{"version": v, "name": NAMES.get(v, f"migration {v}"), "minCode": MIN_CODE.get(v)}
+                       for v in pending],
+        "backfills": [{"name": name, "migration": migration, "rows": rows,
+                       "seconds": round(rows / rate, 1),
+                       "secondsWhileServing": round(rows / rate / pace, 1) if pace > 0 else None}
+                      for name, migration, rows in jobs],
+        "lockTimeout": LOCK_TIMEOUT if store.dialect == "postgres" else None,
+    }

@@ -778,6 +778,7 @@ _UNREACHABLE = (asyncio.TimeoutError, OSError, asyncpg.InterfaceError, asyncpg.P
                 asyncpg.CannotConnectNowError)
 
 class PostgresStore(Store):
+    schema_known: tuple[int, ...] = tuple(v for v, _ in MIGRATIONS)
     def __init__(self, dsn: str, *, schema: str | None = None, url: str | None = None,
                  pool_min_size: int = 1, pool_max_size: int = 10, timeout: float | None = None,
                  connect_timeout: float = 10.0, pgbouncer: bool = False,

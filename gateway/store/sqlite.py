@@ -810,6 +810,7 @@ class _ReportReader:
 
 
 class SQLiteStore(Store):
+    schema_known: tuple[int, ...] = tuple(v for v, _ in MIGRATIONS)
     def __init__(self, path: str, *, url: str | None = None, loop_writes: bool = True) -> None:
         self.path = path
         self.url = url or f"sqlite:///{path}"
