@@ -169,7 +169,11 @@ def _migrate(args: argparse.Namespace) -> int:
                     last[0] = time.monotonic()
                     print(f"  {state['name']}: {backfill.percent(state):g}% ({state['done_rows']:,} rows)", flush=True)
 
-            await backfill.BackfillRunner(store, pace=args.pace, start_delay=0, on_progress=progress).run()
+            if not 0 < args.pace <= 1:
+                print("migrate: --pace must be above 0 and at most 1", file=sys.stderr)
+                return 1
+            await backfill.BackfillRunner(store, pace=args.pace, start_delay=0, on_progress=progress,
+                                          chunk_seconds=backfill.CHUNK_SECONDS_ALONE).run()
             print("backfills complete", flush=True)
             return 0
         finally:

@@ -27,7 +27,7 @@ years of rows is not, so it is a *backfill*, run by every serving process after 
   process finds it held and waits, taking over only once it expires (its holder died). The
   row lock makes two steps of one backfill impossible at once even without the lease.
 * **Throttled.** A chunk aims at `CHUNK_SECONDS` of database time (its size adapts to the
-  measured time), and after each the runner sleeps so that backfills use at most `pace` of
+  measured time, so a loaded database gets smaller chunks), and after each the runner sleeps so that backfills use at most `pace` of
   the wall clock (``store.backfill_pace``): the requests' transactions never queue behind
   more than one short chunk. Measured in bench/backfill_bench.py.
 
@@ -50,7 +50,11 @@ from gateway.store import rollup as usage_rollup
 
 log = structlog.get_logger("gateway.backfill")
 
-CHUNK_SECONDS = 0.02  # database time per chunk the size adapts to
+# Database time per chunk the size adapts to: while serving, what a request's transaction
+# may wait behind one chunk at most (bench/upgrade_bench.py); ./gw migrate --backfill, with
+# no requests to protect, takes bigger chunks (less overhead per row).
+CHUNK_SECONDS = 0.01
+CHUNK_SECONDS_ALONE = 0.25
 FIRST_ROWS = 500  # rows of the first chunk
 MIN_ROWS, MAX_ROWS = 100, 50_000
 LEASE_SECONDS = 30.0
@@ -144,11 +148,11 @@ def usage_iso(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
-def next_rows(rows: int, took: float) -> int:
-    """The next chunk's size: toward CHUNK_SECONDS of database time, at most doubling."""
+def next_rows(rows: int, took: float, target: float = CHUNK_SECONDS) -> int:
+    """The next chunk's size: toward `target` seconds of database time, at most doubling."""
     if took <= 0:
         return min(MAX_ROWS, rows * 2)
-    return max(MIN_ROWS, min(MAX_ROWS, rows * 2, int(rows * CHUNK_SECONDS / took)))
+    return max(MIN_ROWS, min(MAX_ROWS, rows * 2, int(rows * target / took)))
 
 
 class BackfillRunner:
@@ -156,11 +160,13 @@ class BackfillRunner:
     using at most `pace` (0 < pace <= 1) of the wall clock. `on_progress(state)` after each chunk."""
 
     def __init__(self, store: Any, *, pace: float = 0.25, start_delay: float = 0.5, lease: float = LEASE_SECONDS,
-                 owner: str | None = None, on_progress: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 owner: str | None = None, on_progress: Callable[[dict[str, Any]], None] | None = None,
+                 chunk_seconds: float = CHUNK_SECONDS) -> None:
         if not 0 < pace <= 1:
             raise ValueError("pace must be in (0, 1]")
         self.store = store
         self.pace = pace
+        self.chunk_seconds = chunk_seconds
         self.start_delay = start_delay
         self.lease = lease
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
@@ -205,7 +211,7 @@ class BackfillRunner:
             if state is None:
                 continue  # another process holds it
             progressed = True
-            self.rows = next_rows(self.rows, took)
+            self.rows = next_rows(self.rows, took, self.chunk_seconds)
             if state["finished_at"] is not None:
                 log.info("backfill_finished", name=backfill.name, rows=state["done_rows"])
             if self.on_progress is not None:
