@@ -6,9 +6,9 @@ years of rows is not, so it is a *backfill*, run by every serving process after 
 
 * **Registered in one line.** A backfill names the migration that needs it and a chunk
   function ``(dialect, lo, hi) -> [statements]`` that processes the usage rows with
-  ``lo <= id < hi`` (literal integers in the SQL)::
+  ``lo <= id < hi`` (literal integers in the SQL), one line in `BACKFILLS` below::
 
-      BACKFILLS.append(Backfill("latency_histogram", 18, usage_rollup.histogram_chunk, ("usage_latency_histogram",)))
+      Backfill("latency_histogram", 18, usage_rollup.histogram_chunk, ("usage_latency_histogram",)),
 
   (`rollup_chunk(families)` builds the chunk function of a new rollup family.)
 * **History is a fixed id range.** In the transaction that applies the migration (the same
@@ -85,8 +85,11 @@ def rollup_chunk(families: tuple[usage_rollup.Family, ...]) -> Callable[[str, in
     return chunk
 
 
-# The registry: one line per backfill (the migration that needs it, its chunk function).
-BACKFILLS: list[Backfill] = []
+# The registry: one line per backfill (its name, the migration that needs it, its chunk
+# function, the tables it fills), e.g. for a rollup migration 18 adds:
+#     Backfill("latency_histogram", 18, usage_rollup.histogram_chunk, ("usage_latency_histogram",)),
+BACKFILLS: list[Backfill] = [
+]
 
 
 def register(backfill: Backfill) -> Backfill:
