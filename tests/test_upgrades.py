@@ -297,7 +297,7 @@ def test_a_previous_release_store_serves_at_once_and_its_backfill_survives_sigki
         asyncio.run(sql(store_url, ddl))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    config = write_config(tmp_path, "current", upstream, store_url, port, backfill_pace=0.5)
+    config = write_config(tmp_path, "current", upstream, store_url, port, backfill_pace=1.0)
 
     plan = run_cli(ROOT, config, "migrate", "--plan", script="tests/upgrade_launcher.py").stdout
     assert "20  background backfills (gw_backfills)" in plan

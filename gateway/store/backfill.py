@@ -26,10 +26,10 @@ years of rows is not, so it is a *backfill*, run by every serving process after 
 * **Once across processes.** The step holds a lease (owner, until) on the row; another
   process finds it held and waits, taking over only once it expires (its holder died). The
   row lock makes two steps of one backfill impossible at once even without the lease.
-* **Throttled.** A chunk aims at `CHUNK_SECONDS` of database time (its size adapts to the
-  measured time, so a loaded database gets smaller chunks), and after each the runner sleeps so that backfills use at most `pace` of
+* **Throttled.** A chunk aims at `CHUNK_SECONDS` of database time (10 ms on SQLite, 50 ms on
+  PostgreSQL; its size adapts to the measured time, so a loaded database gets smaller chunks), and after each the runner sleeps so that backfills use at most `pace` of
   the wall clock (``store.backfill_pace``): the requests' transactions never queue behind
-  more than one short chunk. Measured in bench/backfill_bench.py.
+  more than one short chunk. Measured in bench/upgrade_bench.py.
 
 While one runs, ``/admin/metrics`` and the dashboard say "backfilling, 42%" (`summary`).
 """
@@ -50,17 +50,20 @@ from gateway.store import rollup as usage_rollup
 
 log = structlog.get_logger("gateway.backfill")
 
-# Database time per chunk the size adapts to: while serving, what a request's transaction
-# may wait behind one chunk at most (bench/upgrade_bench.py); ./gw migrate --backfill, with
-# no requests to protect, takes bigger chunks (less overhead per row).
-CHUNK_SECONDS = 0.01
+# Database time per chunk the size adapts to, while serving. SQLite: what a reservation may
+# wait behind one chunk at most (a write transaction holds the file). PostgreSQL: a chunk
+# locks only the rollup rows it adds to (the live usage inserts, written behind the
+# answers, may wait on those), so longer chunks, less overhead per row. ./gw migrate
+# --backfill, with no requests to protect, takes bigger ones still.
+CHUNK_SECONDS = {"sqlite": 0.01, "postgres": 0.05}
 CHUNK_SECONDS_ALONE = 0.25
 FIRST_ROWS = 500  # rows of the first chunk
 MIN_ROWS, MAX_ROWS = 100, 50_000
 LEASE_SECONDS = 30.0
-# Rows per second of database time (one core), measured by bench/backfill_bench.py with the
-# rollups' backfill (./gw migrate --plan's estimate divides by the pace).
-ROWS_PER_SECOND = {"sqlite": 60_000, "postgres": 45_000}
+# Rows per second at pace 1 with the serving chunk sizes, the main and per-user rollups
+# rebuilt (a heavy backfill): bench/storage_growth.py, 1,000,000 rows on this shared 2-core
+# VM. ./gw migrate --plan's estimate divides by it (and by the pace while serving).
+ROWS_PER_SECOND = {"sqlite": 7_000, "postgres": 9_700}
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
@@ -151,7 +154,7 @@ def usage_iso(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
-def next_rows(rows: int, took: float, target: float = CHUNK_SECONDS) -> int:
+def next_rows(rows: int, took: float, target: float) -> int:
     """The next chunk's size: toward `target` seconds of database time, at most doubling."""
     if took <= 0:
         return min(MAX_ROWS, rows * 2)
@@ -164,12 +167,12 @@ class BackfillRunner:
 
     def __init__(self, store: Any, *, pace: float = 0.25, start_delay: float = 0.5, lease: float = LEASE_SECONDS,
                  owner: str | None = None, on_progress: Callable[[dict[str, Any]], None] | None = None,
-                 chunk_seconds: float = CHUNK_SECONDS) -> None:
+                 chunk_seconds: float | None = None) -> None:
         if not 0 < pace <= 1:
             raise ValueError("pace must be in (0, 1]")
         self.store = store
         self.pace = pace
-        self.chunk_seconds = chunk_seconds
+        self.chunk_seconds = chunk_seconds or CHUNK_SECONDS.get(getattr(store, "dialect", ""), 0.01)
         self.start_delay = start_delay
         self.lease = lease
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
