@@ -472,6 +472,9 @@ def test_serve_refuses_a_schema_with_a_contract_step_it_does_not_know_naming_bot
     assert "Traceback" not in result.stderr
     refused = run_cli(ROOT, config, "migrate", check=False)
     assert refused.returncode == 2 and f"this gateway knows schema version {known}" in refused.stderr
+    admin = run_cli(ROOT, config, "workspaces", "list", check=False)  # the admin commands: the same words
+    assert admin.returncode != 0 and f"this gateway knows schema version {known}" in admin.stderr
+    assert "Traceback" not in admin.stderr
 
 
 # ------------------------------------------------------------------ the machinery, in process
@@ -546,4 +549,26 @@ async def test_a_concurrent_index_is_built_outside_the_transaction_and_rebuilt_i
         valid = await sql(store_url, "SELECT indisvalid FROM pg_index WHERE indexrelid = 'gw_test_big_a'::regclass")
         assert valid == [(True,)]
     finally:
+        await store.close()
+
+
+async def test_a_report_over_a_rollup_being_backfilled_says_so(tmp_path):
+    store_url = f"sqlite:///{tmp_path}/gateway.db"
+    store = open_store(store_url)
+    await store.open()
+    try:
+        from gateway.admin.reports import build_report
+        from gateway.store import rollup
+
+        await store.insert_usage([{"request_id": f"r{i}", "model": "m", "status": 200, "created_at": time.time()}
+                                  for i in range(10)])
+        assert "backfill" not in await build_report(store, "daily")
+        job = backfill.Backfill("rollup_rebuild_test", 20, backfill.rollup_chunk(rollup.FAMILIES), ("usage_rollup",))
+        await sql(store_url, backfill.registration_sql("sqlite", job, time.time()))
+        backfill.register(job)
+        report = await build_report(store, "daily")
+        assert report["backfill"]["note"].startswith("backfilling, 0%: usage_rollup without the history yet")
+        assert report["backfill"]["backfills"][0]["name"] == "rollup_rebuild_test"
+    finally:
+        backfill.BACKFILLS[:] = [b for b in backfill.BACKFILLS if b.name != "rollup_rebuild_test"]
         await store.close()

@@ -145,8 +145,8 @@ def summary(states: list[dict[str, Any]]) -> dict[str, Any] | None:
     note = f"backfilling, {overall:g}%"
     tables = sorted({t for i in items for t in i["tables"]})
     if tables:
-        note += (f": {', '.join(tables)} cover" + (f" only rows since {usage_iso(oldest)}" if oldest else " no history")
-                 + " yet; the other reports are exact")
+        note += f": {', '.join(tables)} " + (f"complete only from {usage_iso(oldest)} on" if oldest
+                                            else "without the history yet")
     return {"state": "backfilling", "percent": overall, "note": note, "backfills": items}
 
 
