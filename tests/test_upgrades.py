@@ -384,17 +384,20 @@ def test_the_previous_release_and_this_one_serve_one_postgres_schema_with_money_
     user_id, key = previous_store(previous_release, tmp_path, upstream, store_url, energy=affordable)
     ports = free_port(), free_port()
     urls = [f"http://127.0.0.1:{p}" for p in ports]
-    current = start(ROOT, write_config(tmp_path, "current", upstream, store_url, ports[0]))
+    # As a deploy rolls: the previous release serves, this one starts beside it and migrates
+    # the schema under it (expand-only), then both take the load.
+    previous = start(previous_release, write_config(tmp_path, "previous", upstream, store_url, ports[1]))
     try:
-        wait_health(urls[0], current)  # the schema is migrated (expand-only) before the old one starts
-        previous = start(previous_release, write_config(tmp_path, "previous", upstream, store_url, ports[1]))
+        wait_health(urls[1], previous)
+        current = start(ROOT, write_config(tmp_path, "current", upstream, store_url, ports[0]))
         try:
-            wait_health(urls[1], previous)
+            wait_health(urls[0], current)
+            assert asyncio.run(sql(store_url, "SELECT max(version) FROM schema_migrations"))[0][0] > 16
             results = asyncio.run(_spread(urls, key, 2 * affordable))
         finally:
-            out_previous = stop(previous)
+            out_current = stop(current)
     finally:
-        out_current = stop(current)
+        out_previous = stop(previous)
     assert "write_behind_abandoned" not in out_previous + out_current
     answered = [rid for status, rid in results if status == 200]
     assert len(answered) == affordable, sorted(s for s, _ in results)
