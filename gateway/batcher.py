@@ -82,10 +82,13 @@ class WriteBehind(Generic[T]):
             self._wake.set()
             await self._progress.wait()
 
-    async def close(self, timeout: float | None = None) -> None:
+    async def close(self, timeout: float | None = None,
+                    spill: Callable[[list[T]], Awaitable[Any]] | None = None) -> None:
         """Write everything pending, then stop the writer. With a `timeout` (shutdown
         must end even when the database is gone), what is still unwritten after it is
-        given up on and logged loudly (`write_behind_abandoned`, with the count)."""
+        given up on and logged loudly (`write_behind_abandoned`, with the count), then
+        handed to `spill` (a last resort elsewhere: the usage spool) if given; what that
+        does not take stays pending, for the endings journal to keep."""
         self._closing = True
         self._wake.set()
         if self._task is None:
@@ -103,7 +106,16 @@ class WriteBehind(Generic[T]):
             self.abandoned = lost
             log.error("write_behind_abandoned", writer=self.name, items=lost,
                       hint="the database did not take them before the shutdown deadline;"
-                           " kept in the endings journal, written by the next start")
+                           " spooled, or kept in the endings journal, written by a later process")
+            if spill is not None and self._pending:
+                try:
+                    await asyncio.wait_for(spill(list(self._pending)), 5.0)
+                except Exception:  # noqa: BLE001 — the journal keeps them
+                    log.exception("write_behind_spill_failed", writer=self.name, items=len(self._pending))
+                else:
+                    log.warning("write_behind_spooled", writer=self.name, items=len(self._pending),
+                                hint="written by the next process whose database takes them")
+                    self._pending.clear()
 
     async def _run(self) -> None:
         while True:

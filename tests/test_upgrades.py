@@ -415,36 +415,68 @@ def test_the_previous_release_and_this_one_serve_one_postgres_schema_with_money_
 # ---------------------------------------------- a refused row survives, a newer schema refused
 
 
-def test_a_usage_row_the_database_refuses_is_kept_at_shutdown_and_written_by_the_next_start(upstream, tmp_path):
+def _refusing_gateway(upstream, tmp_path, *, spool_refused: bool) -> tuple[str, Path, list[str], str]:
+    """A gateway whose usage rows the database refuses (a trigger, as a schema the process
+    does not fit would), three answered requests, then SIGTERM: (store url, config, ids, log)."""
     store_url = f"sqlite:///{tmp_path}/gateway.db"
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    config = write_config(tmp_path, "current", upstream, store_url, port)
+    config = write_config(tmp_path, "first", upstream, store_url, port)
     run_cli(ROOT, config, "workspaces", "create", "acme")
     user = json.loads(run_cli(ROOT, config, "users", "create", "--workspace", "acme", "--tier", "pro",
                               "--energy", "10", "--json").stdout)
-    asyncio.run(sql(store_url, "CREATE TRIGGER refuse_usage BEFORE INSERT ON ai_usage_logs"
-                               " BEGIN SELECT RAISE(ABORT, 'refused by a newer schema'); END"))
+    for table in ("ai_usage_logs", *(("gw_usage_spool",) if spool_refused else ())):
+        asyncio.run(sql(store_url, f"CREATE TRIGGER refuse_{table} BEFORE INSERT ON {table}"
+                                   " BEGIN SELECT RAISE(ABORT, 'refused by a newer schema'); END"))
     proc = start(ROOT, config)
     try:
-        wait_health(url, proc)
-        ids = [ask(url, user["api_key"]).id for _ in range(3)]
+        wait_health(f"http://127.0.0.1:{port}", proc)
+        ids = [ask(f"http://127.0.0.1:{port}", user["api_key"]).id for _ in range(3)]
     finally:
         out = stop(proc)
     assert proc.returncode == 0, out[-2000:]
-    assert "write_behind_abandoned" in out and "journal_kept_for_replay" in out
+    assert "write_behind_abandoned" in out
     assert asyncio.run(sql(store_url, "SELECT count(*) FROM ai_usage_logs"))[0][0] == 0
-    assert list((tmp_path / "journal-current").glob("endings-*.jsonl")), "kept in the journal"
+    asyncio.run(sql(store_url, "DROP TRIGGER refuse_ai_usage_logs"))  # a process that fits the schema
+    return store_url, config, ids, out
 
-    asyncio.run(sql(store_url, "DROP TRIGGER refuse_usage"))  # the database takes them again
-    proc = start(ROOT, config)
+
+def _written(store_url: str, proc: subprocess.Popen, count: int) -> None:
+    deadline = time.monotonic() + 60
+    while asyncio.run(sql(store_url, "SELECT count(*) FROM ai_usage_logs WHERE status = 200"))[0][0] < count:
+        assert proc.poll() is None and time.monotonic() < deadline, "the refused rows were never written"
+        time.sleep(0.2)
+
+
+def test_a_usage_row_the_database_refuses_is_spooled_at_shutdown_and_written_by_another_process(
+        upstream, tmp_path):
+    store_url, _, ids, out = _refusing_gateway(upstream, tmp_path, spool_refused=False)
+    assert "write_behind_spooled" in out
+    assert asyncio.run(sql(store_url, "SELECT count(*) FROM gw_usage_spool"))[0][0] == len(ids) == 3
+    # Another process, with a journal of its own (another pod): the spool is in the database.
+    port = free_port()
+    proc = start(ROOT, write_config(tmp_path, "other", upstream, store_url, port))
     try:
-        wait_health(url, proc)
+        wait_health(f"http://127.0.0.1:{port}", proc)
+        _written(store_url, proc, len(ids))
     finally:
-        out = stop(proc)
-    rows = asyncio.run(sql(store_url, "SELECT count(*) FROM ai_usage_logs WHERE status = 200"))[0][0]
-    assert rows == len(ids) == 3, out[-2000:]
-    assert not list((tmp_path / "journal-current").glob("endings-*.jsonl"))
+        stop(proc)
+    logged = {r[0] for r in asyncio.run(sql(store_url, "SELECT request_id FROM ai_usage_logs"))}
+    assert len(logged) == 3 and asyncio.run(sql(store_url, "SELECT count(*) FROM gw_usage_spool"))[0][0] == 0
+
+
+def test_a_usage_row_refused_and_not_spooled_stays_in_the_journal_for_the_next_start(upstream, tmp_path):
+    store_url, config, ids, out = _refusing_gateway(upstream, tmp_path, spool_refused=True)
+    assert "write_behind_spill_failed" in out and "journal_kept_for_replay" in out
+    assert list((tmp_path / "journal-first").glob("endings-*.jsonl")), "kept in the journal"
+    port = free_port()
+    config = write_config(tmp_path, "first", upstream, store_url, port)  # the same journal directory
+    proc = start(ROOT, config)  # the next start on that journal replays it
+    try:
+        wait_health(f"http://127.0.0.1:{port}", proc)
+        _written(store_url, proc, len(ids))
+    finally:
+        stop(proc)
+    assert not list((tmp_path / "journal-first").glob("endings-*.jsonl"))
 
 
 @pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)

@@ -615,6 +615,17 @@ class Store(abc.ABC):
     async def usage_id_rows(self, lo: int | None = None, hi: int | None = None) -> int:
         """Usage rows with lo <= id < hi (a bound None: open)."""
 
+    # the usage spool (migration 21)
+    @abc.abstractmethod
+    async def spool_usage(self, rows: list[dict[str, Any]], *, now: float | None = None) -> int:
+        """Keep usage rows the usage log refused, as JSON, for a later process (a shutdown's
+        last resort before the local journal)."""
+
+    @abc.abstractmethod
+    async def drain_usage_spool(self, limit: int = 500) -> int:
+        """Write up to `limit` spooled rows to the usage log (idempotent: keyed by request
+        id) and delete them; the number drained. Raises what insert_usage raises."""
+
     async def __aenter__(self) -> "Store":
         await self.open()
         return self

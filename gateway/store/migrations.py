@@ -54,6 +54,7 @@ NAMES: dict[int, str] = {
     18: "latency histogram",
     19: "files and batches",
     20: "background backfills (gw_backfills)",
+    21: "the usage spool (rows refused until a shutdown, written by a later process)",
     22: "dashboard sessions",
 }
 

@@ -46,6 +46,7 @@ from datetime import datetime, timezone
 from typing import Any, AsyncIterator
 
 import asyncpg
+import orjson
 import structlog
 
 from gateway import money
@@ -689,6 +690,19 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         """,
     ),
+    (
+        # The usage spool (Store.spool_usage): rows the database refused until a process's
+        # shutdown, as JSON, for any later process (another host, a newer release) to write.
+        # Never changed by a later migration: it takes what the usage log would not.
+        21,
+        """
+        CREATE TABLE gw_usage_spool (
+            id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            row        text NOT NULL,
+            spooled_at double precision NOT NULL
+        );
+        """,
+    ),
 ]
 
 # Array types for the one-statement batch insert (unnest of one array per column).
@@ -1039,6 +1053,22 @@ class PostgresStore(Store):
                 job.name, lo, count, covered, None if finished else owner, None if finished else now + lease,
                 now, finished)
         return dict(row)
+
+    async def spool_usage(self, rows, *, now=None):
+        texts = [orjson.dumps(r, default=money.json_default).decode() for r in rows]
+        async with self._single() as conn:
+            await conn.execute("INSERT INTO gw_usage_spool (row, spooled_at) SELECT unnest($1::text[]), $2",
+                               texts, now_or(now))
+        return len(texts)
+
+    async def drain_usage_spool(self, limit=500):
+        spooled = await self._fetch("SELECT id, row FROM gw_usage_spool ORDER BY id LIMIT $1", limit)
+        if not spooled:
+            return 0
+        await self.insert_usage([orjson.loads(r["row"]) for r in spooled])
+        async with self._single() as conn:
+            await conn.execute("DELETE FROM gw_usage_spool WHERE id = ANY($1::bigint[])", [r["id"] for r in spooled])
+        return len(spooled)
 
     async def usage_id_rows(self, lo=None, hi=None):
         row = await self._fetchrow(

@@ -99,7 +99,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from gateway.money import from_nano, to_nano
+import orjson
+
+from gateway.money import from_nano, json_default, to_nano
 from gateway.store import backfill, migrations
 from gateway.store import rollup as usage_rollup
 from gateway.store.base import (
@@ -459,6 +461,10 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                 finished_at   REAL
             )""",
         ],
+    ),
+    (
+        21,  # the usage spool (Store.spool_usage): rows refused until a shutdown, for a later process to write
+        ["CREATE TABLE gw_usage_spool (id INTEGER PRIMARY KEY, row TEXT NOT NULL, spooled_at REAL NOT NULL)"],
     ),
 ]
 USAGE_PRUNE_CHUNK = 2000  # raw rows deleted per transaction by prune_usage
@@ -950,6 +956,21 @@ class SQLiteStore(Store):
 
     async def backfill_step(self, job, owner, rows, *, lease, now=None):
         return await self._write(_backfill_step, job, owner, rows, lease, now_or(now))
+
+    async def spool_usage(self, rows, *, now=None):
+        texts = [(orjson.dumps(r, default=json_default).decode(), now_or(now)) for r in rows]
+        await self._write(lambda db: db.executemany("INSERT INTO gw_usage_spool (row, spooled_at) VALUES (?, ?)",
+                                                    texts))
+        return len(texts)
+
+    async def drain_usage_spool(self, limit=500):
+        spooled = await self._fetchall("SELECT id, row FROM gw_usage_spool ORDER BY id LIMIT ?", limit)
+        if not spooled:
+            return 0
+        await self.insert_usage([orjson.loads(row) for _, row in spooled])
+        ids = [(i,) for i, _ in spooled]
+        await self._write(lambda db: db.executemany("DELETE FROM gw_usage_spool WHERE id = ?", ids))
+        return len(spooled)
 
     async def usage_id_rows(self, lo=None, hi=None):
         row = await self._fetchone("SELECT count(*) FROM ai_usage_logs WHERE (?1 IS NULL OR id >= ?1)"
