@@ -992,6 +992,10 @@ class PostgresStore(Store):
                                             name)
                 if valid:
                     continue
+                if self.pgbouncer:  # a session lock would outlive its transaction on a shared server connection
+                    raise migrations.MigrationError(
+                        f"index {name} (migration {version}) must be built concurrently, which needs a"
+                        " session of its own: run ./gw migrate with a store.url that bypasses PgBouncer")
                 lock = f"gateway.store.indexes:{self.schema or ''}"
                 await conn.execute("SELECT pg_advisory_lock(hashtext($1))", lock)
                 try:  # under the lock, again: another process may have built it meanwhile
