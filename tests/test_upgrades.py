@@ -359,6 +359,26 @@ def test_a_previous_release_store_serves_at_once_and_its_backfill_survives_sigki
         assert [tuple(r) for r in rolled] == [tuple(r) for r in raw], grain
 
 
+def test_migrate_applies_the_schema_step_and_with_backfill_runs_the_history_to_its_end(
+        previous_release, upstream, tmp_path):
+    store_url = f"sqlite:///{tmp_path}/gateway.db"
+    previous_store(previous_release, tmp_path, upstream, store_url)
+    seed_usage(store_url, 5000)
+    for ddl in table_ddl("sqlite"):
+        asyncio.run(sql(store_url, ddl))
+    config = write_config(tmp_path, "current", upstream, store_url, free_port())
+    plan = json.loads(run_cli(ROOT, config, "migrate", "--plan", "--json", script="tests/upgrade_launcher.py").stdout)
+    assert [m["version"] for m in plan["migrations"]] == [20, 21]
+    assert plan["schema"] == {"applied": 16, "known": 21, "newerExpandOnly": []}
+    assert plan["backfills"][0]["name"] == "test_rollup_models" and plan["backfills"][0]["rows"] == 5000
+    out = run_cli(ROOT, config, "migrate", "--backfill", script="tests/upgrade_launcher.py").stdout
+    assert "applied migrations 20, 21 in " in out
+    assert "  test_rollup_models: 100% (5,000 rows)" in out and out.rstrip().endswith("backfills complete")
+    assert backfill_state(store_url)["finished_at"] is not None
+    again = run_cli(ROOT, config, "migrate", script="tests/upgrade_launcher.py").stdout
+    assert "migrations to apply: none" in again and "schema up to date" in again
+
+
 # ------------------------------------------------------------ rolling deploy, both releases
 
 
