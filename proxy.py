@@ -31,6 +31,8 @@ from gateway import http_server  # noqa: E402
 from gateway.admin.api import admin_routes  # noqa: E402
 from gateway.alerts import alerts_cleanup  # noqa: E402
 from gateway.admin.dashboard import dashboard_routes  # noqa: E402
+from gateway.admin.oidc import install_oidc  # noqa: E402
+from gateway.batches import BATCHES, BatchService, batches_cleanup  # noqa: E402
 from gateway.chain import Chain  # noqa: E402
 from gateway.config import Config, redacted_config  # noqa: E402
 from gateway.change_feed import ChangeFeed  # noqa: E402
@@ -38,6 +40,9 @@ from gateway.directory import Directory  # noqa: E402
 from gateway.errors import ApiError, internal_error, store_unavailable  # noqa: E402
 from gateway.feedback import feedback_routes  # noqa: E402
 from gateway.inbound.anthropic import anthropic_count_tokens, anthropic_messages  # noqa: E402
+from gateway.inbound.batches import batches_routes  # noqa: E402
+from gateway.inbound.files import files_routes  # noqa: E402
+from gateway.inbound.message_batches import message_batches_routes  # noqa: E402
 from gateway.inbound.mcp import install_mcp  # noqa: E402
 from gateway.inbound.openai import chat_completions, embeddings, list_models  # noqa: E402
 from gateway.inbound.responses import responses_create, stored_response  # noqa: E402
@@ -219,6 +224,8 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
     app.cleanup_ctx.append(warm_ctx)
     app.cleanup_ctx.append(journal_ctx)
     app.cleanup_ctx.append(plugins_ctx)
+    app[BATCHES] = BatchService(gw)  # files and batches: the upstream client, the poller (gateway/batches.py)
+    app.cleanup_ctx.append(batches_cleanup(app[BATCHES]))
     app.cleanup_ctx.append(reload_ctx)
     # After everything else started, stopped first: history after the gateway listens.
     app.cleanup_ctx.append(backfill.runner_ctx(lambda: gw.store, config.store.backfill_pace))
@@ -242,8 +249,12 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
     app.router.add_get("/health/ready", health_ready)
     app.router.add_routes(admin_routes())
     app.router.add_get("/admin/config", admin_config)
+    app.router.add_routes(files_routes())
+    app.router.add_routes(batches_routes())
+    app.router.add_routes(message_batches_routes())
     app.router.add_routes(feedback_routes())
     app.router.add_routes(dashboard_routes())
+    install_oidc(app)  # dashboard sign-in with an OIDC provider, /admin/session
     install_mcp(app)  # /mcp: the MCP gateway (gateway/inbound/mcp.py)
     for plugin in plugins:
         app.router.add_routes(plugin.routes())

@@ -213,7 +213,7 @@ def _check_metadata(body: dict[str, Any]) -> None:
             raise bad_request(f"'metadata.{key}' must be a string", param=f"metadata.{key}", code="invalid_type")
 
 
-def validate_chat(body: dict[str, Any], extra: Iterable[str] = ()) -> None:
+def validate_chat(body: dict[str, Any], extra: Iterable[str] = (), owned_files: frozenset[str] = frozenset()) -> None:
     """A chat completions body: its parameters, their types, the messages' shape."""
     check_params(body, CHAT_PARAMS, extra)
     _check_types(body, _CHAT_TYPES)
@@ -248,10 +248,10 @@ def validate_chat(body: dict[str, Any], extra: Iterable[str] = ()) -> None:
             if not isinstance(tool, dict):
                 raise bad_request(f"{key}[{j}] must be an object", param=f"{key}[{j}]", code="invalid_type")
     _check_metadata(body)
-    refuse_object_ids("chat.completions", body)
+    refuse_object_ids("chat.completions", body, owned_files)
 
 
-def validate_embeddings(body: dict[str, Any], extra: Iterable[str] = ()) -> None:
+def validate_embeddings(body: dict[str, Any], extra: Iterable[str] = (), owned_files: frozenset[str] = frozenset()) -> None:
     """An embeddings body: a non-empty string, array of strings, or array(s) of token ids."""
     check_params(body, EMBEDDINGS_PARAMS, extra)
     _check_types(body, _EMBEDDINGS_TYPES)
@@ -279,7 +279,7 @@ _RESPONSES_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def validate_responses(body: dict[str, Any], extra: Iterable[str] = ()) -> None:
+def validate_responses(body: dict[str, Any], extra: Iterable[str] = (), owned_files: frozenset[str] = frozenset()) -> None:
     """A Responses API body: its parameters and their types; `input` required."""
     check_params(body, RESPONSES_PARAMS, extra)
     _check_types(body, _RESPONSES_TYPES)
@@ -289,6 +289,6 @@ def validate_responses(body: dict[str, Any], extra: Iterable[str] = ()) -> None:
     if body.get("background"):
         raise bad_request("'background' responses are not supported by the gateway (their cost could not be "
                           "settled with the request)", param="background", code="unsupported_parameter")
-    refuse_object_ids("responses", body)  # item_reference, conversation, file ids, ... (gateway/object_ids.py)
+    refuse_object_ids("responses", body, owned_files)  # item_reference, conversation, file ids, ... (gateway/object_ids.py)
     _positive_int(body, "max_output_tokens")
     _check_metadata(body)

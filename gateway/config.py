@@ -208,6 +208,7 @@ class Pricing(ServiceTierPrices):
 
     priority: ServiceTierPrices | None = None  # `service_tier: priority`
     flex: ServiceTierPrices | None = None  # `service_tier: flex`
+    batches: ServiceTierPrices | None = None  # a line of a provider batch (gateway/batches.py)
 
     def tier(self, name: str | None) -> ServiceTierPrices | None:
         """The prices of service tier `name` (None: the standard tier), or None if not given."""
@@ -579,6 +580,22 @@ class AlertsConfig(_Strict):
         return v
 
 
+class BatchesConfig(_Strict):
+    """Files and batches (gateway/files.py, gateway/batches.py, docs/batches.md)."""
+
+    max_file_bytes: int = Field(200 * 1024 * 1024, gt=0, description="413 above this, enforced while uploading")
+    files_model: str | None = Field(None, description="the model whose upstream an upload goes to without a "
+                                                      "`model` form field")
+    max_lines: int = Field(50_000, ge=1, description="lines of one batch input file")
+    poll_interval: float = Field(30.0, gt=0, description="seconds between two polls of a running batch")
+    lease: float = Field(300.0, gt=0, description="seconds one process holds a batch it polls or settles")
+
+    @field_validator("poll_interval", "lease", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+
 class ExperimentMatch(_Strict):
     """Which requests an experiment applies to; an empty list matches everything."""
 
@@ -768,6 +785,138 @@ class McpServerConfig(_Strict):
         return self.timeout if own is None else own
 
 
+# The algorithms an ID token may be signed with: asymmetric only, checked against the
+# provider's published keys (JWKS). `none` (unsigned) and the HMAC ones (keyed with the
+# client secret, which any holder of it could forge) are refused at load.
+OIDC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+
+
+def _loopback_host(host: str | None) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
+
+
+def https_or_loopback(url: str) -> str:
+    """An https:// URL, or http:// on this machine only (a provider for tests and local setups)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if not parts.hostname or parts.scheme not in ("https", "http") or parts.query or parts.fragment:
+        raise ValueError("expected an https:// URL without a query, e.g. https://sso.example.com/realms/acme")
+    if parts.scheme == "http" and not _loopback_host(parts.hostname):
+        raise ValueError("must be https:// (http:// only on 127.0.0.1 or localhost)")
+    return url
+
+
+class OidcRole(_Strict):
+    """What a value of the role claim grants: `master`, `viewer` (read-only; of one workspace
+    or of all), or `{role: workspace_admin, workspace: NAME}`."""
+
+    role: Literal["master", "workspace_admin", "viewer"]
+    workspace: str | None = Field(None, description="a workspace name or id; required for workspace_admin")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            if v == "workspace_admin":
+                raise ValueError("workspace_admin needs its workspace: {role: workspace_admin, workspace: NAME}")
+            return {"role": v}
+        return v
+
+    @model_validator(mode="after")
+    def _workspace(self) -> "OidcRole":
+        if self.role == "workspace_admin" and not self.workspace:
+            raise ValueError("workspace: required with role workspace_admin")
+        if self.role == "master" and self.workspace is not None:
+            raise ValueError("workspace: master is every workspace; use workspace_admin or viewer for one")
+        return self
+
+
+class OidcConfig(_Strict):
+    """Dashboard sign-in with an OpenID Connect provider (gateway/admin/oidc.py, docs/sso.md)."""
+
+    issuer: str = Field(description="the provider's issuer URL; its /.well-known/openid-configuration is read")
+    client_id: str = Field(min_length=1)
+    client_secret: str | None = Field(None, description="os.environ/NAME; unset: a public client (PKCE alone)")
+    role_claim: str = Field("groups", min_length=1, description="an ID token claim (dotted path: realm_access.roles)")
+    roles: dict[str, OidcRole] = Field(min_length=1, description="claim value -> role; the first listed that matches wins")
+    name: str | None = Field(None, max_length=60, description="the button's 'Sign in with <name>'; unset: the issuer's host")
+    scopes: list[str] = Field(default_factory=lambda: ["openid", "email", "profile"])
+    redirect_uri: str | None = Field(None, description="unset: <the gateway's origin>/dashboard/oidc/callback")
+    session_ttl: float = Field(8 * 3600.0, ge=60, le=30 * 86400, description="how long a session lasts (8h)")
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "PS256", "ES256", "EdDSA"], min_length=1)
+    leeway: float = Field(60.0, ge=0, le=600, description="clock skew allowed on exp/iat (seconds)")
+    timeout: float = Field(10.0, gt=0, le=120, description="seconds for one call to the provider")
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer(cls, v: str) -> str:
+        # Kept as written: the ID token's `iss` must equal it exactly (Auth0's ends with "/").
+        return https_or_loopback(v)
+
+    @field_validator("redirect_uri")
+    @classmethod
+    def _redirect(cls, v: str | None) -> str | None:
+        if v is not None:
+            https_or_loopback(v)
+            if not v.split("?")[0].endswith("/dashboard/oidc/callback"):
+                raise ValueError("must end with /dashboard/oidc/callback (the gateway's callback route)")
+        return v
+
+    @field_validator("session_ttl", "leeway", "timeout", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+    @field_validator("scopes")
+    @classmethod
+    def _openid(cls, v: list[str]) -> list[str]:
+        if "openid" not in v:
+            raise ValueError("must include openid")
+        bad = [s for s in v if not re.match(r"^[\x21\x23-\x5b\x5d-\x7e]+$", s)]
+        if bad:
+            raise ValueError(f"not a scope token: {bad[0]!r}")
+        return v
+
+    @field_validator("algorithms")
+    @classmethod
+    def _asymmetric(cls, v: list[str]) -> list[str]:
+        for alg in v:
+            if alg not in OIDC_ALGORITHMS:
+                raise ValueError(f"{alg!r} is not allowed (an ID token is checked against the provider's public "
+                                 f"keys: one of {', '.join(OIDC_ALGORITHMS)})")
+        return v
+
+    @field_validator("roles", mode="before")
+    @classmethod
+    def _role_keys(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            for key in v:
+                if not isinstance(key, str) or not key:
+                    raise ValueError(f"a claim value must be a non-empty string, got {key!r}")
+        return v
+
+    @property
+    def display_name(self) -> str:
+        from urllib.parse import urlsplit
+
+        return self.name or urlsplit(self.issuer).hostname or self.issuer
+
+
+class DashboardConfig(_Strict):
+    """The dashboard page (gateway/admin/dashboard/). `oidc`: sign-in with the company's
+    identity provider besides the admin keys (docs/sso.md)."""
+
+    oidc: OidcConfig | None = None
+
+
 class PluginEntry(_Strict):
     """`- request_log` or `- {name: request_log, settings: {...}}`."""
 
@@ -810,7 +959,9 @@ class Config(_Strict):
     alerts: AlertsConfig = AlertsConfig()
     experiments: list[ExperimentConfig] = Field(default_factory=list)
     telemetry: TelemetryConfig = TelemetryConfig()
+    dashboard: DashboardConfig = DashboardConfig()
     mcp_servers: list[McpServerConfig] = Field(default_factory=list)
+    batches: BatchesConfig = BatchesConfig()
     # No `plugins:` section (or an empty key): the standard chain, never an open one.
     plugins: list[PluginEntry] = Field(default_factory=lambda: [PluginEntry(name=n) for n in STANDARD_CHAIN])
 
@@ -823,6 +974,8 @@ class Config(_Strict):
     def _cross_references(self) -> "Config":
         errors: list[str] = []
         by_name: dict[str, ModelEntry] = {}
+        if self.batches.files_model is not None and not any(e.name == self.batches.files_model for e in self.models):
+            errors.append(f"batches.files_model: unknown model {self.batches.files_model!r}")
         for i, entry in enumerate(self.models):
             first = by_name.setdefault(entry.name, entry)
             if first is entry:

@@ -54,6 +54,7 @@ class Directory:
         self._keys: dict[str, _Entry] = {}  # sha256(key) -> KeyIdentity | None
         self._workspaces: dict[str, _Entry] = {}  # workspace id -> Workspace | None
         self._end_users: dict[tuple[str, str], _Entry] = {}  # (workspace id, app's id) -> User
+        self._budgets: dict[str, _Entry] = {}  # workspace id -> [Budget] (gateway/budgets.py)
         # Bumped by every forget_*: a lookup that was already reading the store when an
         # admin change landed must not put its (now stale) answer back into the cache,
         # or a key revoked "at once" would keep working for a whole TTL.
@@ -85,6 +86,21 @@ class Directory:
         value = await _answered(self.store.get_workspace(workspace_id))
         if generation == self._generation:
             self._workspaces[workspace_id] = _Entry(value, now + self.ttl)
+        return value
+
+    async def budgets(self, workspace_id: str) -> list[Any]:
+        """Every budget of the workspace (its own, its users', its keys'); a budget change
+        is published as a change of the workspace (gateway/admin/operations.py)."""
+        now = self.clock()
+        entry = self._budgets.get(workspace_id)
+        if entry is not None and entry.expires > now:
+            return entry.value
+        generation = self._generation
+        value = await _answered(self.store.list_budgets(workspace_id))
+        if generation == self._generation:
+            self._budgets[workspace_id] = _Entry(value, now + self.ttl)
+            if len(self._budgets) > 100_000:
+                self._evict(self._budgets, now)
         return value
 
     async def end_user(self, workspace_id: str, external_id: str,
@@ -128,6 +144,7 @@ class Directory:
     def forget_workspace(self, workspace_id: str) -> None:
         self._generation += 1
         self._workspaces.pop(workspace_id, None)
+        self._budgets.pop(workspace_id, None)
         for ident in [i for i in self._end_users if i[0] == workspace_id]:
             del self._end_users[ident]
         for digest in [d for d, e in self._keys.items() if e.value is not None and e.value.workspace_id == workspace_id]:
@@ -138,3 +155,4 @@ class Directory:
         self._keys.clear()
         self._workspaces.clear()
         self._end_users.clear()
+        self._budgets.clear()

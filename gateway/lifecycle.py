@@ -25,7 +25,8 @@ from gateway.client_body import read_json, require_model
 from gateway.errors import ApiError, internal_error
 from gateway.providers.base import Relayed, StreamEnd, UpstreamError
 from gateway.router import upstream_to_api_error
-from gateway.state import Gateway, Snapshot
+from gateway.batches import owned_files, refers_to_file
+from gateway.state import GATEWAY, Gateway, Snapshot
 from gateway.usage import record_unbilled_call, usage_from_payload
 from plugins.base import RequestContext, Usage
 
@@ -500,7 +501,7 @@ async def close_quietly(stream: Any) -> None:
         pass
 
 
-BodyCheck = Callable[[dict[str, Any], frozenset[str]], None]
+BodyCheck = Callable[..., None]  # (body, the model's extra params[, the caller's own file ids])
 
 
 def body_reader(request: web.Request, snap: Snapshot, ctx: RequestContext, validate: BodyCheck,
@@ -515,7 +516,17 @@ def body_reader(request: web.Request, snap: Snapshot, ctx: RequestContext, valid
             ctx.inbound_body, body = body, translate(body)
             ctx.inbound_translated = dict(body)
         model = require_model(body)
-        validate(body, snap.config.extra_params(model))
+        try:
+            validate(body, snap.config.extra_params(model))
+        except ApiError as refused:
+            if not refers_to_file(refused):
+                raise
+            # Only a body naming a file pays for this: the caller's own files pass, on the
+            # deployments that reach the account holding them (gateway/batches.py).
+            owned = await owned_files(request.app[GATEWAY].store, ctx, body, model)
+            if not owned:
+                raise
+            validate(body, snap.config.extra_params(model), owned)
         ctx.body = body
         ctx.requested_model = ctx.model = model
         ctx.candidates = [model] if snap.config.deployments(model) else []

@@ -5,8 +5,9 @@ Every tenant of the gateway shares the operator's provider accounts. An object s
 answer, a conversation) is named by an id, and the provider hands whatever the id names to
 whoever sends it: one tenant who learned another's `file-...` id could have the model read
 that file back. The gateway knows whose an object is only for the responses it recorded
-itself (`previous_response_id`, gateway/responses_inbound.py); files it uploads for a user
-come later. Until the gateway knows the caller owns an object, its id is refused: a 400
+itself (`previous_response_id`, gateway/responses_inbound.py) and the files it uploaded for
+them (gateway/batches.py `owned_files`: a `file_id` of the caller's own passes, on chat and
+Responses bodies). Until the gateway knows the caller owns an object, its id is refused: a 400
 `object_id_not_allowed` whose `param` is the JSON path of the id
 (`input[0].content[1].file_id`).
 
@@ -135,7 +136,7 @@ SURFACES: dict[str, Surface] = {
         uri_inputs=("input", "input[*]"),
     ),
     "messages": Surface(  # Anthropic's Messages API, as the client sent it (also passed through)
-        routes=("/v1/messages", "/v1/messages/count_tokens"),
+        routes=("/v1/messages", "/v1/messages/count_tokens", "/v1/messages/batches"),  # a batch: each request's params
         client_data=("metadata", "tools[*].input_schema", "messages[*].content[*].input"),
     ),
     "responses": Surface(
@@ -148,7 +149,12 @@ SURFACES: dict[str, Surface] = {
 
 # POST routes whose body the gateway keeps (never forwarded to a provider), besides the
 # operator's /admin routes.
-NOT_FORWARDED = frozenset({"/v1/feedback", "/feedback"})
+# Files and batches are not forwarded either: the gateway builds the upstream's request from
+# checked fields (`input_file_id` must be the caller's own file, else 404), and every line
+# of a batch's input file is walked as its endpoint's body before the batch is created
+# (gateway/batches.py).
+NOT_FORWARDED = frozenset({"/v1/feedback", "/feedback", "/v1/files", "/v1/batches", "/v1/batches/{batch_id}/cancel",
+                           "/v1/messages/batches/{batch_id}/cancel"})
 
 
 _END = None  # a trie node's key marking that a path ends there
@@ -190,9 +196,40 @@ def _refusal(path: tuple[Any, ...], kind: str, instead: str) -> ApiError:
                        param=where, code="object_id_not_allowed")
 
 
-def find_object_id(surface: str, body: dict[str, Any]) -> ApiError | None:
+FILE_ID_FIELDS = ("file_id", "file_ids")
+
+
+def _owned_file(key: str, value: Any, owned_files: frozenset[str]) -> bool:
+    """A file id field naming only files the caller owns (gateway/batches.py records them)."""
+    if not owned_files or key not in FILE_ID_FIELDS:
+        return False
+    if isinstance(value, str):
+        return value in owned_files
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) and v in owned_files for v in value)
+
+
+def file_ids_in(body: Any, limit: int = 64) -> set[str]:
+    """The file ids a body names (`file_id`, `file_ids`, at any depth), at most `limit`:
+    those the gateway may find the caller owns before the walk below refuses the rest."""
+    found: set[str] = set()
+    stack = [body]
+    while stack and len(found) < limit:
+        node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            if key == "file_id" and isinstance(value, str):
+                found.add(value)
+            elif key == "file_ids" and isinstance(value, list):
+                found.update(v for v in value[:limit] if isinstance(v, str))
+            elif isinstance(value, (dict, list)) and value:
+                stack.append(value)
+    return found
+
+
+def find_object_id(surface: str, body: dict[str, Any], owned_files: frozenset[str] = frozenset()) -> ApiError | None:
     """The first provider-side object id in `body` that `surface` does not let pass, as
-    the 400 that refuses it; None when there is none."""
+    the 400 that refuses it; None when there is none. A file id the caller owns
+    (`owned_files`: the inbound adapter looked them up) passes."""
     compiled = _COMPILED[surface]
     # (node, its path, the client_data / owned / uri_inputs trie nodes at that path or None)
     stack: list[tuple[Any, tuple[Any, ...], Any, Any, Any]] = [
@@ -225,7 +262,7 @@ def find_object_id(surface: str, body: dict[str, Any]) -> ApiError | None:
             if isinstance(key, str):
                 id_field = ID_FIELDS.get(key)
                 if id_field is not None and not (below_owned and _END in below_owned) \
-                        and id_field.names(value, node):
+                        and id_field.names(value, node) and not _owned_file(key, value, owned_files):
                     return _refusal(path + (key,), id_field.kind, id_field.instead)
             if isinstance(value, (dict, list)) and value:
                 if below_skip is None and below_owned is None and below_uris is None and not _holds_id(value):
@@ -261,8 +298,8 @@ def _holds_id(node: dict[str, Any] | list[Any]) -> bool:
     return False
 
 
-def refuse_object_ids(surface: str, body: dict[str, Any]) -> None:
+def refuse_object_ids(surface: str, body: dict[str, Any], owned_files: frozenset[str] = frozenset()) -> None:
     """Raise the 400 for the first provider-side object id in `body` (see the module)."""
-    refusal = find_object_id(surface, body)
+    refusal = find_object_id(surface, body, owned_files)
     if refusal is not None:
         raise refusal

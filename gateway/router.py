@@ -206,6 +206,9 @@ class Router:
         with `only`, on the deployments it accepts (a stored response's upstream)."""
         config = ctx.config
         trace = ctx.trace  # gateway/telemetry.py: one client span per attempt
+        if ctx.deployment_filter is not None:  # the account holding the caller's files (gateway/batches.py)
+            narrow, wanted = ctx.deployment_filter, only
+            only = narrow if wanted is None else (lambda d: wanted(d) and narrow(d))
         last: UpstreamError | None = None
         cooling: list[ModelEntry] = []
         first_model = True

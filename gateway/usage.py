@@ -358,6 +358,33 @@ def token_prices(config: Config, public_model: str, deployment_model: str | None
     return None if prices is None else (prices, int(steps[exceeded - 1][0]) if exceeded else None)
 
 
+def batch_prices(config: Config, public_model: str, deployment_model: str | None,
+                 prompt_tokens: int) -> BilledPrices | None:
+    """The token prices of a line of a provider batch (gateway/batches.py): the model's
+    `pricing.batches` when its pricing is given, else litellm's `*_batches` keys for the
+    deployment (above the long-context step the prompt exceeds); None when neither says."""
+    if config.deployments(public_model):
+        pricing = config.model_settings(public_model).pricing
+        if pricing is not None:
+            block = pricing.batches
+            if block is None:
+                return None
+            step = None
+            for candidate in block.long_context:
+                if prompt_tokens > candidate.above_tokens:
+                    step = candidate
+            return BilledPrices(_config_prices(step or block), "batches",
+                                None if step is None else step.above_tokens)
+    if deployment_model is None:
+        return None
+    steps = _map_steps(deployment_model, "batches")
+    exceeded = sum(1 for threshold, _ in steps if prompt_tokens > threshold)
+    prices = _litellm_prices(deployment_model, "batches", exceeded)
+    if prices is None:
+        return None
+    return BilledPrices(prices, "batches", int(steps[exceeded - 1][0]) if exceeded else None)
+
+
 def prices_for(config: Config, public_model: str, deployment_model: str | None) -> UnitPrices | None:
     """The standard tier's token prices below any long-context step."""
     found = token_prices(config, public_model, deployment_model, None, 0)
@@ -503,6 +530,41 @@ def estimate_usage(ctx: RequestContext) -> Usage:
         return Usage(prompt, 0, prompt, estimated=True)
     completion = _estimate_output(ctx, model)
     return Usage(prompt, completion, prompt + completion, estimated=True)
+
+
+# Output tokens a USD budget holds for a request that names no limit on a model without
+# max_tokens_default / max_tokens_cap (gateway/budgets.py).
+OUTPUT_CEILING_TOKENS = 4096
+
+
+def estimate_usd_ceiling(ctx: RequestContext, public_model: str) -> Decimal | None:
+    """What a request may cost on `public_model`, held by a USD budget before the call: the
+    prompt counted, the output at the request's limit (max_tokens, max_completion_tokens,
+    max_output_tokens), else the model's cap or default, else OUTPUT_CEILING_TOKENS, at the
+    model's standard prices; embeddings only their input. None: no known price (or an
+    MCP tool without a `cost_usd`)."""
+    if ctx.endpoint in TOOL_ENDPOINTS:
+        found = ctx.config.mcp_tool(public_model)
+        cost = found[0].tool_cost_usd(found[1]) if found is not None else None
+        return None if cost is None else usd(cost)
+    deployments = ctx.config.deployments(public_model)
+    deployment = deployments[0].litellm_params.model if deployments else None
+    prices = prices_for(ctx.config, public_model, deployment)
+    if prices is None:
+        return None
+    prompt = _estimate_prompt(ctx, None)
+    output = 0
+    if ctx.endpoint != "embeddings":
+        body = ctx.body
+        asked = [body.get(k) for k in ("max_tokens", "max_completion_tokens", "max_output_tokens")]
+        limits = [v for v in asked if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+        settings = ctx.config.model_settings(public_model) if deployments else None
+        cap = settings.max_tokens_cap if settings is not None else None
+        default = settings.max_tokens_default if settings is not None else None
+        output = min(limits) if limits else (default or cap or OUTPUT_CEILING_TOKENS)
+        if cap is not None:
+            output = min(output, cap)
+    return prices.cost(Usage(prompt, output, prompt + output))
 
 
 def _estimate_prompt(ctx: RequestContext, model: str | None) -> int:

@@ -77,6 +77,8 @@ Endpoint = Literal[
     "messages.count_tokens",  # POST /v1/messages/count_tokens
     "responses.stored",       # GET/DELETE /v1/responses/{id}[/input_items]
     "mcp.tools/call",         # an MCP tools/call on POST /mcp (gateway/inbound/mcp.py)
+    "files",                  # /v1/files[/{id}[/content]] (gateway/inbound/files.py)
+    "batches",                # /v1/batches[/{id}[/cancel]] (gateway/inbound/batches.py); billed per line when settled
 ]
 # Requests that call a model: priced, billed in energy and USD, one usage row each.
 # A tool call is billed too: `ctx.model` is the tool (`server__tool`), `ctx.provider` its server.
@@ -235,6 +237,10 @@ class RequestContext:
     # sets this to a gateway/chat_stream.py StreamAssembler before dispatch; the core adds
     # every chunk it relays to it (every choice, logprobs). None: nothing is assembled.
     stream_assembler: Any = None
+    # Which deployments may serve the request, when it names objects held at one upstream
+    # account (a file the caller owns: gateway/batches.py owned_files); None: any. The
+    # router applies it to every model it tries, fallbacks included.
+    deployment_filter: "Callable[[Any], bool] | None" = None
     # The request's spans while tracing is on (gateway/telemetry.py RequestTrace), else None:
     # the core's one check before any tracing work. Plugins may add events to it.
     trace: Any = None

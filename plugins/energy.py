@@ -49,6 +49,12 @@ Money rules:
 * Every answer to an authenticated request carries `X-Energy-Cost` and `X-Energy-Remaining`.
 * A reservation that takes the balance below `alerts.energy_low_below` emits one
   `energy.low` alert (gateway/alerts.py).
+* Budgets (gateway/budgets.py, docs/budgets.md): the budgets over the request (its
+  workspace's, user's, key's) are held in the same store transaction as the energy, tried
+  down the candidates like the balance (`hard: downgrade`), or refused at once with 429
+  `budget_exceeded` (`hard: refuse`); settled and refunded with the reservation. Every
+  answer then carries `X-Budget-Remaining` and `X-Budget-Unit`. A request under a budget
+  always reserves before dispatch (no overlap).
 * A process killed between reserve and settle (SIGKILL, OOM, power) leaves its
   reservations `reserved` forever, and the user's energy locked. A sweeper in every
   process refunds reservations older than `stale_after` (default: an hour, or the longest
@@ -67,11 +73,15 @@ from typing import Any
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gateway import budgets as budget_rules
 from gateway.batcher import WriteBehind
+from gateway.batches import RESERVATION_PREFIX as BATCH_RESERVATION
 from gateway.config import parse_duration
 from gateway.errors import internal_error, store_unavailable
 from gateway.hosted_tools import requested
+from gateway.money import to_nano
 from gateway.store import StoreUnavailable
+from gateway.usage import estimate_usd_ceiling
 from plugins.base import TOOL_ENDPOINTS, Plugin, Reject, RequestContext
 
 STALE_AFTER = 3600.0  # the least `stale_after` defaults to (EnergySettings)
@@ -137,6 +147,8 @@ class Energy(Plugin):
         self._in_flight: dict[str, list[int]] = {}
         self._store_ok = False
         self._tasks: set[asyncio.Task] = set()
+        # The wall clock budgets' periods are read on (tests move it to a period's boundary).
+        self.clock = time.time
 
     async def startup(self) -> None:
         if self.services.store is None:
@@ -178,8 +190,15 @@ class Energy(Plugin):
             if stale_after is None:
                 stale_after = self.services.config.outlasting_requests(STALE_AFTER)
             for request_id in await store.stale_reservations(time.time() - stale_after):
+                if request_id.startswith(BATCH_RESERVATION):
+                    continue  # a provider batch runs up to a day; its poller settles it (gateway/batches.py)
                 if await store.refund_energy(request_id, reason="stale") is not None:
                     refunded += 1
+            # Budget holds whose reservation a process of the previous release finished
+            # (it knows no budgets): they follow their reservation now.
+            orphans = await store.finish_orphan_holds()
+            if orphans:
+                log.warning("budget_orphan_holds_finished", count=orphans)
         except Exception:  # a sweep must never take the gateway down; the next one retries
             log.exception("energy_sweep_failed")
         if refunded:
@@ -212,10 +231,13 @@ class Energy(Plugin):
         tier = ctx.config.tiers.get(ctx.identity.tier)
         refill = (tier.refill.amount, tier.refill.period) if tier is not None and tier.refill else None
         candidates = list(ctx.candidates)
+        budgets = await self._budgets(ctx)
+        if budgets:
+            ctx.scratch(self.name)["budgets"] = budgets
         if ctx.cache_hit is not None and await self._reserve_cache_hit(ctx, action, refill, candidates):
             return
         cost = self._price(ctx, action, candidates[0])
-        if self._may_overlap(ctx.identity.user_id, cost):
+        if not budgets and self._may_overlap(ctx.identity.user_id, cost):
             self._overlap(ctx, action, refill, candidates, cost)
             return
         error = await self._reserve_first_affordable(ctx, action, refill, candidates, 0, None)
@@ -233,12 +255,71 @@ class Energy(Plugin):
             ctx.response_headers["X-Energy-Cost"] = "0"
             ctx.response_headers["X-Energy-Remaining"] = str(await store.balance(ctx.identity.user_id))
             return True
-        result = await store.reserve_energy(ctx.identity.user_id, price, ctx.request_id, refill=refill)
+        budgets = ctx.scratch(self.name).get("budgets")
+        holds = budget_rules.holds(budgets, self.clock(), price, 0) if budgets else ()  # a hit costs no USD
+        result = await store.reserve_energy(ctx.identity.user_id, price, ctx.request_id, refill=refill, budgets=holds)
         if not result.ok:
             ctx.cache_hit = None
             return False
         self._reserved(ctx, action, candidates, candidates[0], price, result.balance)
+        self._budgets_held(ctx, holds, result)
         return True
+
+    # --- budgets (gateway/budgets.py) --------------------------------------------------
+
+    async def _budgets(self, ctx: RequestContext) -> list[Any]:
+        """The budgets over this request: its workspace's, its user's and its key's."""
+        directory = self.services.directory
+        workspace_id = ctx.identity.workspace_id
+        found = await directory.budgets(workspace_id) if directory is not None \
+            else await self.services.store.list_budgets(workspace_id)
+        return budget_rules.applying(found, ctx.identity) if found else []
+
+    def _holds(self, ctx: RequestContext, budgets: list[Any], model: str, cost: int) -> tuple:
+        usd = 0
+        if any(b.unit == "usd" for b in budgets):
+            ceiling = estimate_usd_ceiling(ctx, model)
+            usd = 0 if ceiling is None else max(0, to_nano(ceiling))
+        return budget_rules.holds(budgets, self.clock(), cost, usd)
+
+    def _budgets_held(self, ctx: RequestContext, holds: tuple, result: Any) -> None:
+        """After a reservation with holds: the header, and the alerts it crossed."""
+        budgets = ctx.scratch(self.name).get("budgets")
+        if not budgets or not holds or result.budget_spent is None:
+            return
+        scratch = ctx.scratch(self.name)
+        scratch["held"] = True
+        scratch["usd_held"] = any(h.unit == "usd" for h in holds)
+        found = budget_rules.tightest(budgets, result.budget_spent)
+        if found is not None:
+            ctx.response_headers["X-Budget-Remaining"] = budget_rules.display(found[0].unit, found[1])
+            ctx.response_headers["X-Budget-Unit"] = found[0].unit
+        alerts = self.services.alerts
+        if alerts is None:
+            return
+        for budget, hold, after in zip(budgets, holds, result.budget_spent):
+            for percent in budget_rules.crossed(budget, after - hold.amount, after):
+                alerts.emit("budget.threshold_crossed", {
+                    "budget": budget.id, "scope": budget.scope, "scope_id": budget.scope_id, "unit": budget.unit,
+                    "amount": budget_rules.display(budget.unit, budget.amount), "period": budget.period,
+                    "period_start": hold.period_start, "timezone": budget.timezone, "percent": percent,
+                    "spent": budget_rules.display(budget.unit, after), "request_id": ctx.request_id},
+                    workspace_id=budget.workspace_id, key=f"{budget.id}|{hold.period_start}|{percent}")
+
+    async def _budget_refusal(self, ctx: RequestContext, budget: Any, hold: Any, balance: int) -> Reject:
+        """429 budget_exceeded: the budget that refused, what it has left, what was needed."""
+        spent = (await self.services.store.budget_spent([(budget.id, hold.period_start)]))[(budget.id, hold.period_start)]
+        left = max(0, budget.amount - spent)
+        ctx.response_headers["X-Energy-Cost"] = "0"
+        ctx.response_headers["X-Energy-Remaining"] = str(balance)
+        ctx.response_headers["X-Budget-Remaining"] = budget_rules.display(budget.unit, left)
+        ctx.response_headers["X-Budget-Unit"] = budget.unit
+        unit = "USD" if budget.unit == "usd" else "energy"
+        per = "in total" if budget.period == "life" else f"per {budget.period}"
+        return Reject(429, f"Budget exceeded: the {budget.scope} budget of {budget_rules.display(budget.unit, budget.amount)}"
+                           f" {unit} {per} has {budget_rules.display(budget.unit, left)} left; this request needs"
+                           f" {budget_rules.display(budget.unit, hold.amount)}.",
+                      type="insufficient_quota", code="budget_exceeded", headers={"x-should-retry": "false"})
 
     # --- the reservation ---------------------------------------------------------------
 
@@ -248,11 +329,14 @@ class Energy(Plugin):
         reserved, else the 429 to answer with. `balance`: already known to be this low."""
         store = self.services.store
         user_id = ctx.identity.user_id
+        budgets = ctx.scratch(self.name).get("budgets")
+        refused = None  # (budget, hold): the last refusal was a budget's
         for model in candidates[start:]:
             cost = self._price(ctx, action, model)
             if balance is not None and balance < cost:
                 continue  # known not to be affordable; skip the round trip
-            reserving = store.reserve_energy_soon(user_id, cost, ctx.request_id, refill=refill)
+            holds = self._holds(ctx, budgets, model, cost) if budgets else ()
+            reserving = store.reserve_energy_soon(user_id, cost, ctx.request_id, refill=refill, budgets=holds)
             ticket = self._begin(user_id)
             reserving.add_done_callback(lambda done, ticket=ticket: self._end(user_id, ticket, done))
             try:
@@ -267,8 +351,20 @@ class Energy(Plugin):
                 raise
             balance = result.balance
             if result.ok:
+                if model != candidates[0] and refused is not None and ctx.downgrade_reason is None:
+                    ctx.downgrade_reason = f"budget {refused[0].id} exhausted for {candidates[0]}"
                 self._reserved(ctx, action, candidates, model, cost, result.balance)
+                self._budgets_held(ctx, holds, result)
                 return None
+            refused = None
+            if result.budget_refused is not None:
+                budget = next(b for b in budgets if b.id == result.budget_refused)
+                refused = (budget, next(h for h in holds if h.budget_id == budget.id))
+                if budget.hard != "downgrade":
+                    break  # refuse: no cheaper model instead
+                balance = None  # the balance was not what refused: the next model is tried
+        if refused is not None:
+            return await self._budget_refusal(ctx, refused[0], refused[1], result.balance)
         cheapest = min(self._price(ctx, action, m) for m in candidates)
         needed = self._price(ctx, action, candidates[0])
         ctx.response_headers["X-Energy-Cost"] = "0"
@@ -286,7 +382,7 @@ class Energy(Plugin):
         if model != candidates[0] and ctx.downgrade_reason is None:
             ctx.downgrade_reason = (f"insufficient energy for {candidates[0]} "
                                     f"(needs {self._price(ctx, action, candidates[0])})")
-        elif model != candidates[0]:
+        elif model != candidates[0] and "budget" not in ctx.downgrade_reason:
             ctx.downgrade_reason += "; insufficient energy for the next step"
         ctx.candidates = [model]
         self._limit_fallbacks(ctx, action, cost)
@@ -469,14 +565,22 @@ class Energy(Plugin):
             # (journal() found it when the answer left; a client gone mid-stream never got there).
             final = scratch.get("settled", self._settled(ctx, scratch["reserved"]))
             if final < scratch["reserved"]:
-                await self.services.store.settle_energy(ctx.request_id, final)
+                await self.services.store.settle_energy(ctx.request_id, final, usd_final=self._usd_final(ctx))
                 ctx.energy_cost = final
                 return
         if "reserved" in scratch:
-            if self._settles is not None:
-                await self._settles.put(ctx.request_id)  # written behind the answer, in a batch
+            usd_final = self._usd_final(ctx)
+            if self._settles is not None:  # written behind the answer, in a batch; with holds: finished with it
+                await self._settles.put((ctx.request_id, usd_final) if scratch.get("held") else ctx.request_id)
             else:
-                await self.services.store.settle_energy(ctx.request_id)
+                await self.services.store.settle_energy(ctx.request_id, usd_final=usd_final)
+
+    def _usd_final(self, ctx: RequestContext) -> int | None:
+        """A USD budget hold settles at the request's cost (nano-dollars); None: as held
+        (no USD hold, or no known price)."""
+        if not ctx.scratch(self.name).get("usd_held") or ctx.cost_usd is None:
+            return None
+        return max(0, to_nano(ctx.cost_usd))
 
     async def on_error(self, ctx: RequestContext) -> None:
         scratch = ctx.scratch(self.name)
@@ -484,6 +588,9 @@ class Energy(Plugin):
         store = self.services.store
         if "reserved" in scratch:
             balance = await store.refund_energy(ctx.request_id, reason=ctx.error.code if ctx.error else None)
+            # The holds came back too: what the reservation's header said is no longer true.
+            ctx.response_headers.pop("X-Budget-Remaining", None)
+            ctx.response_headers.pop("X-Budget-Unit", None)
             ctx.response_headers["X-Energy-Cost"] = "0"
             if balance is not None:
                 ctx.response_headers["X-Energy-Remaining"] = str(balance)

@@ -161,6 +161,7 @@ def test_a_metrics_window_outside_one_second_to_ten_years_is_a_400(gateway_facto
     ("/admin/usage/top-users", "limit", ["0", "1001", "99999999999999999", "-5"], "1000"),
     ("/admin/usage/experiments", "days", ["0", "3661", "99999999999999999"], "1"),
     ("/admin/users/{user}/ledger", "limit", ["0", "10001", "99999999999999999", "1e3"], "10000"),
+    ("/admin/users/{user}/requests", "limit", ["0", "501", "99999999999999999", "1e3"], "500"),
     ("/admin/audit", "limit", ["0", "1001", "99999999999999999", "1e3"], "1000"),
     ("/admin/audit", "since", ["0s", "3661d", "1000000000d", "9" * 400 + "h", "x"], "3660d"),
     ("/admin/alerts", "limit", ["0", "1001", "99999999999999999", "1e3"], "1000"),
@@ -182,18 +183,26 @@ ADMIN_ROUTES: list[tuple[str, str, tuple[str, ...], tuple[str, ...]]] = [
     ("GET", "/admin/metrics", ("window", "workspace"), ()),
     ("GET", "/admin/audit", ("limit", "since", "workspace"), ()),
     ("GET", "/admin/alerts", ("limit", "since", "status", "workspace"), ()),
+    ("GET", "/admin/budgets", ("workspace",), ()),
+    ("POST", "/admin/budgets", (), ("workspace", "user", "key", "unit", "amount", "period", "timezone", "alerts",
+                                    "hard")),
+    ("DELETE", "/admin/budgets/{budget}", (), ()),
     ("GET", "/admin/dashboard/live", ("workspace",), ()),
+    ("GET", "/admin/session", (), ()),  # a dashboard OIDC session (tests/test_oidc.py); a key gets a 401
+    ("DELETE", "/admin/session", (), ()),
     ("GET", "/admin/config", (), ()),
     ("POST", "/admin/workspaces", (), ("name", "profile", "ai_settings")),
     ("GET", "/admin/workspaces", (), ()),
     ("GET", "/admin/workspaces/{workspace}", (), ()),
     ("PATCH", "/admin/workspaces/{workspace}", (), ("profile", "ai_settings")),
     ("POST", "/admin/users", (), ("workspace", "tier", "energy", "name", "role")),
-    ("GET", "/admin/users", ("workspace",), ()),
+    ("GET", "/admin/users", ("workspace", "q", "limit"), ()),
     ("GET", "/admin/users/{user}", (), ()),
     ("PATCH", "/admin/users/{user}", (), ("tier",)),
     ("POST", "/admin/users/{user}/energy", (), ("amount", "reason", "kind")),
     ("GET", "/admin/users/{user}/ledger", ("limit",), ()),
+    ("GET", "/admin/users/{user}/requests", ("limit",), ()),
+    ("GET", "/admin/tiers", (), ()),
     ("POST", "/admin/users/{user}/keys", (), ("role", "service", "label", "expires", "models", "rpm", "tpm")),
     ("GET", "/admin/keys", ("user",), ()),
     ("PATCH", "/admin/keys/{key}", (), ("label", "expires", "models", "rpm", "tpm")),
@@ -238,7 +247,8 @@ def test_fuzzing_every_admin_route_and_parameter_never_answers_5xx_nor_runs_long
     workspace = gw.run(gw.store.get_workspace("acme")).id
     key_ids = [k.id for k in gw.run(gw.store.list_keys())]
     real = {"report": ["daily", "top-users", "actions", "weekly", "experiments", "nope"],
-            "workspace": [workspace, "acme", "globex"], "user": [user, "usr_nope"], "key": [*key_ids, "key_nope"]}
+            "workspace": [workspace, "acme", "globex"], "user": [user, "usr_nope"], "key": [*key_ids, "key_nope"],
+            "budget": ["bud_nope"]}
     # The baseline: the heaviest normal calls (every report over its longest window), timed here.
     baseline_calls = [("/admin/usage/" + r, {"days": "3660"}) for r in real["report"][:5]]
     baseline_calls.append(("/admin/metrics", {"window": "3660d"}))
@@ -255,7 +265,7 @@ def test_fuzzing_every_admin_route_and_parameter_never_answers_5xx_nor_runs_long
     def calls(draw):
         method, template, query_names, body_names = draw(st.sampled_from(ADMIN_ROUTES))
         path = template
-        for name in ("report", "workspace", "user", "key"):
+        for name in ("report", "workspace", "user", "key", "budget"):
             if "{" + name + "}" in path:
                 path = path.replace("{" + name + "}", urllib.parse.quote(draw(_ident(real[name])), safe=""))
         query = {name: draw(NUMBER_TEXT | _ident(real.get(name, ["x"])))

@@ -2,7 +2,9 @@
 
 Authenticated by `Authorization: Bearer <master key>` (everything) or a workspace admin
 key (its own workspace only; other workspaces' objects answer 404, so they cannot even
-be probed). Errors are OpenAI-shaped like everywhere else.
+be probed), or by a dashboard sign-in session's cookie (gateway/admin/oidc.py: the role
+its identity provider grants; changes carry X-CSRF-Token). Errors are OpenAI-shaped like
+everywhere else.
 
     POST   /admin/workspaces                 {name, profile?, ai_settings?}
     GET    /admin/workspaces
@@ -10,10 +12,12 @@ be probed). Errors are OpenAI-shaped like everywhere else.
     PATCH  /admin/workspaces/{workspace}     {profile?, ai_settings?}
     POST   /admin/users                      {workspace, tier?, energy?, name?, role?}  -> api_key once
     GET    /admin/users[?workspace=W]
+    GET    /admin/users?q=TEXT[&workspace=W&limit=N]  search: id, name, end-user id or key prefix
     GET    /admin/users/{user}
     PATCH  /admin/users/{user}               {tier}
     POST   /admin/users/{user}/energy        {amount, reason?, kind?: grant|adjust}
     GET    /admin/users/{user}/ledger[?limit=N]
+    GET    /admin/users/{user}/requests[?limit=N]   last requests: time, status, model, tokens, cost, energy, latency
     POST   /admin/users/{user}/keys          {role?, service?, label?, expires?, models?, rpm?, tpm?} -> api_key once
     GET    /admin/keys[?user=U]
     PATCH  /admin/keys/{key}                 {label?, expires?, models?, rpm?, tpm?}  (null removes one)
@@ -21,8 +25,12 @@ be probed). Errors are OpenAI-shaped like everywhere else.
     POST   /admin/keys/{key}/rotate                                                     -> api_key once
     GET    /admin/usage/{daily|top-users|actions|weekly}[?days=N&workspace=W&limit=N]
     GET    /admin/metrics[?window=24h&workspace=W]     dashboard JSON (totalRequests, ...)
+    GET    /admin/tiers                      configured tiers and the models each allows
     GET    /admin/audit[?limit=100&since=24h&workspace=W]  the audit log, newest first
     GET    /admin/alerts[?limit=100&since=24h&status=failed&workspace=W]  alert deliveries, newest first
+    GET    /admin/budgets[?workspace=W]      budgets with their period, spent and remaining
+    POST   /admin/budgets                    {workspace|user|key, unit, amount, period, timezone?, alerts?, hard?}
+    DELETE /admin/budgets/{budget}
 
 Every answer carries `X-Request-Id`; each change is written to the audit log with it.
 """
@@ -35,6 +43,7 @@ from typing import Any, Awaitable, Callable
 import orjson
 from aiohttp import web
 
+from gateway.admin.oidc import session_scope
 from gateway.admin.operations import KEY_CONTROL_FIELDS, Admin, Scope
 from gateway.errors import ApiError
 from gateway.lifecycle import new_request_id
@@ -51,7 +60,14 @@ def admin_of(request: web.Request) -> Admin:
 
 
 async def admin_scope(request: web.Request, admin: Admin) -> Scope:
-    token = bearer_token(request.headers.get("Authorization"))
+    """Who is asking: the key in the Authorization header, or else a dashboard sign-in
+    session's cookie (gateway/admin/oidc.py: the same Scope, plus its CSRF and read-only rules)."""
+    header = request.headers.get("Authorization")
+    if header is None:
+        session = await session_scope(request)
+        if session is not None:
+            return session
+    token = bearer_token(header)
     if token is None:
         raise ApiError(401, "admin endpoints need 'Authorization: Bearer <master or workspace admin key>'",
                        code="invalid_api_key")
@@ -187,7 +203,33 @@ def admin_routes() -> list[web.RouteDef]:
         return await a.alerts(s, _int_param(r.query.get("limit"), "limit", 100, minimum=1), _since_param(r),
                               r.query.get("workspace"), r.query.get("status"))
 
+    async def list_users(r, a, s):
+        if "q" in r.query:
+            return await a.search_users(s, r.query["q"], r.query.get("workspace"),
+                                        _int_param(r.query.get("limit"), "limit", 50, minimum=1))
+        return await a.list_users(s, r.query.get("workspace"))
+
+    async def user_requests(r, a, s):
+        return await a.user_requests(s, r.match_info["user"], _int_param(r.query.get("limit"), "limit", 50, minimum=1))
+
+    async def tiers(r, a, s):
+        return a.tiers(s)
+
+    async def set_budget(r, a, s):
+        b = await _body(r)
+        unknown = set(b) - {"workspace", "user", "key", "unit", "amount", "period", "timezone", "alerts", "hard"}
+        if unknown:
+            raise ApiError(400, f"unknown field '{sorted(unknown)[0]}'", param=sorted(unknown)[0])
+        return await a.set_budget(s, workspace=b.get("workspace"), user=b.get("user"), key=b.get("key"),
+                                  unit=b.get("unit"), amount=b.get("amount"), period=b.get("period"),
+                                  timezone=b.get("timezone", "UTC"), alerts=b.get("alerts"), hard=b.get("hard", "refuse"))
+
     return [
+        web.get("/admin/tiers", endpoint(tiers)),
+        web.get("/admin/users/{user}/requests", endpoint(user_requests)),
+        web.get("/admin/budgets", endpoint(lambda r, a, s: a.list_budgets(s, r.query.get("workspace")))),
+        web.post("/admin/budgets", endpoint(set_budget)),
+        web.delete("/admin/budgets/{budget}", endpoint(lambda r, a, s: a.delete_budget(s, r.match_info["budget"]))),
         web.get("/admin/audit", endpoint(audit)),
         web.get("/admin/alerts", endpoint(alerts)),
         web.get("/admin/usage/{report}", endpoint(usage)),
@@ -197,7 +239,7 @@ def admin_routes() -> list[web.RouteDef]:
         web.get("/admin/workspaces/{workspace}", endpoint(lambda r, a, s: a.show_workspace(s, r.match_info["workspace"]))),
         web.patch("/admin/workspaces/{workspace}", endpoint(update_workspace)),
         web.post("/admin/users", endpoint(create_user, 201)),
-        web.get("/admin/users", endpoint(lambda r, a, s: a.list_users(s, r.query.get("workspace")))),
+        web.get("/admin/users", endpoint(list_users)),
         web.get("/admin/users/{user}", endpoint(lambda r, a, s: a.show_user(s, r.match_info["user"]))),
         web.patch("/admin/users/{user}", endpoint(update_user)),
         web.post("/admin/users/{user}/energy", endpoint(grant)),

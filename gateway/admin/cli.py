@@ -16,6 +16,9 @@ picks up changes within `auth.cache_ttl` (its cache is per process).
     python proxy.py usage daily|top-users|actions|weekly|experiments [--days N] [--workspace W] [--json]
     python proxy.py audit [--limit N] [--since 24h] [--workspace W] [--json]
     python proxy.py alerts test [--endpoint NAME] | list [--limit N] [--since 24h] [--status failed] [--workspace W]
+    python proxy.py budgets set (--workspace W | --user U | --key K) (--usd 50 | --energy 500) --period day|week|month|life
+                                [--timezone Europe/Berlin] [--alerts 50,80,100] [--hard refuse|downgrade|none]
+    python proxy.py budgets list [--workspace W] | delete BUDGET
 """
 
 from __future__ import annotations
@@ -282,6 +285,31 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--since", help="only the last 24h, 7d, ...")
     p.add_argument("--status", choices=["pending", "delivered", "failed"])
     p.add_argument("--workspace")
+
+    # budgets
+    budgets = sub.add_parser("budgets", help="spending ceilings per workspace, user or key").add_subparsers(
+        dest="action", required=True)
+    p = command(budgets, "set", lambda a, x, s: a.set_budget(
+        s, workspace=x.workspace, user=x.user, key=x.key, unit="usd" if x.usd is not None else "energy",
+        amount=x.usd if x.usd is not None else x.energy, period=x.period, timezone=x.timezone, alerts=x.alerts,
+        hard=x.hard), "create or change the budget of a workspace, user or key for a unit and period")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--workspace")
+    target.add_argument("--user")
+    target.add_argument("--key")
+    amount = p.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--usd", help="the ceiling in dollars (e.g. 50 or 12.5)")
+    amount.add_argument("--energy", type=int, help="the ceiling in energy")
+    p.add_argument("--period", required=True, choices=["day", "week", "month", "life"])
+    p.add_argument("--timezone", default="UTC", help="IANA time zone of the period's midnight (default UTC)")
+    p.add_argument("--alerts", default="", help="percentages that send budget.threshold_crossed, e.g. 50,80,100")
+    p.add_argument("--hard", default="refuse", choices=["refuse", "downgrade", "none"],
+                   help="at the ceiling: refuse (429), downgrade (cheaper models), none (alerts only)")
+    p = command(budgets, "list", lambda a, x, s: a.list_budgets(s, x.workspace),
+                "budgets with their current period, spent and remaining")
+    p.add_argument("--workspace")
+    p = command(budgets, "delete", lambda a, x, s: a.delete_budget(s, x.budget), "remove a budget")
+    p.add_argument("budget")
 
     # usage reports
     usage = sub.add_parser("usage", help="usage and cost reports").add_subparsers(dest="action", required=True)

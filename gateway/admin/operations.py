@@ -33,6 +33,12 @@ LEDGER_LIMIT = (1, 10000)             # ledger entries shown
 METRICS_WINDOW = (1.0, 3660 * 86400.0)  # /admin/metrics?window=: one second to ten years
 AUDIT_LIMIT = (1, 1000)               # audit rows shown
 ALERTS_LIMIT = (1, 1000)              # alert deliveries shown
+SEARCH_LIMIT = (1, 200)               # users found by one search
+REQUESTS_LIMIT = (1, 500)             # a user's last requests shown
+# A user's last requests as the console shows them: the usage log's metadata, no content.
+REQUEST_FIELDS = ("request_id", "created_at", "status", "error_type", "model", "provider", "action",
+                  "tokens_prompt", "tokens_completion", "tokens_total", "cost_usd", "energy_cost",
+                  "latency_ms", "ttfb_ms", "cache_hit", "streamed")
 ALERT_STATUSES = ("pending", "delivered", "failed")
 KEY_EXPIRES = (1.0, 3660 * 86400.0)   # keys create --expires: one second to ten years
 KEY_PER_MINUTE = (1, 10**9)           # a key's rpm / tpm
@@ -55,6 +61,24 @@ def _delivery(row: dict) -> dict:
     return out
 
 
+def _budget_amount(unit: str, value: int) -> Any:
+    """A budget amount as the API shows it: energy an integer, USD a Decimal of dollars."""
+    from decimal import Decimal
+
+    return Decimal(value).scaleb(-9).normalize() if unit == "usd" else value
+
+
+def _budget_public(budget: Any, *, text: bool = False) -> dict:
+    """A budget as the API shows it; `text`: USD as text (the audit log's JSON)."""
+    from gateway.budgets import display
+
+    row = as_dict(budget)
+    row["alerts"] = list(budget.alerts)
+    row["amount"] = display(budget.unit, budget.amount) if text and budget.unit == "usd" \
+        else _budget_amount(budget.unit, budget.amount)
+    return row
+
+
 def _master_only(what: str) -> ApiError:
     # Energy and tiers are what the operator sells: a workspace admin manages its people
     # and keys, but cannot mint energy or upgrade tiers (not even its own).
@@ -67,6 +91,13 @@ class Scope:
     workspace_id: str | None = None
     key_id: str | None = None  # the workspace admin key acting (its id and public prefix: the audit's actor)
     key_prefix: str | None = None
+    # A dashboard sign-in session (gateway/admin/oidc.py): who signed in (the identity
+    # provider's subject and e-mail, the audit's actor), and whether the session only reads
+    # (a viewer: the master's or a workspace admin's reads, no change; the /admin API
+    # refuses its other methods before any operation runs).
+    subject: str | None = None
+    email: str | None = None
+    read_only: bool = False
 
     @property
     def is_master(self) -> bool:
@@ -146,7 +177,12 @@ class Admin:
             "actor": scope.role, "actor_key_id": scope.key_id, "actor_key_prefix": scope.key_prefix,
             "via": self.via, "action": action, "target": target, "workspace_id": workspace_id,
             "before": _public(before), "after": _public(after), "request_id": self.request_id,
+            "actor_subject": scope.subject, "actor_email": scope.email,
         })
+
+    async def session_event(self, scope: Scope, action: str, detail: Any = None) -> None:
+        """A dashboard sign-in or sign-out (gateway/admin/oidc.py), audited as its actor."""
+        await self._audit(scope, action, scope.subject, scope.workspace_id, None, detail)
 
     async def _changed(self, kind: str, ident: str) -> None:
         """An identity-affecting change is committed: forget it here, tell every process."""
@@ -448,6 +484,106 @@ class Admin:
         await self._audit(scope, "key.rotate", key.id, key.workspace_id, key, new_key)
         return {**as_dict(new_key), "api_key": plaintext, "replaces": key.id}
 
+    # --- budgets (gateway/budgets.py, docs/budgets.md) ------------------------------------
+
+    async def set_budget(self, scope: Scope, *, workspace: str | None = None, user: str | None = None,
+                         key: str | None = None, unit: Any = None, amount: Any = None, period: Any = None,
+                         timezone: Any = "UTC", alerts: Any = None, hard: Any = "refuse") -> dict:
+        """Create or change the budget of one workspace, user or key (exactly one named) for
+        (unit, period): `amount` (energy, or USD dollars), `timezone` (IANA) of the period's
+        midnight, `alerts` (percentages), `hard` (refuse, downgrade, none). A workspace
+        admin sets its own users' and keys' budgets; a workspace's needs the master key."""
+        from gateway import budgets as rules
+        from gateway.store.base import BUDGET_PERIODS
+
+        named = [(kind, ident) for kind, ident in (("workspace", workspace), ("user", user), ("key", key))
+                 if ident is not None]
+        if len(named) != 1:
+            raise ApiError(400, "name exactly one of 'workspace', 'user' or 'key'", param="workspace")
+        kind, ident = named[0]
+        if unit not in ("usd", "energy"):
+            raise ApiError(400, "unit must be 'usd' or 'energy'", param="unit")
+        if period not in BUDGET_PERIODS:
+            raise ApiError(400, f"period must be one of {', '.join(BUDGET_PERIODS)}", param="period")
+        try:
+            stored_amount = rules.parse_amount(unit, amount)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="amount") from None
+        timezone = "UTC" if timezone is None else timezone
+        try:
+            rules.check_timezone(timezone)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="timezone") from None
+        try:
+            percents = rules.parse_alerts(alerts)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="alerts") from None
+        try:
+            rules.check_hard("refuse" if hard is None else hard)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="hard") from None
+        if not isinstance(ident, str):
+            raise ApiError(400, f"'{kind}' must be a {kind} id" + (" or name" if kind == "workspace" else ""), param=kind)
+        if kind == "workspace":
+            target = await self._workspace(scope, ident)
+            workspace_id = scope_id = target.id
+            if not scope.is_master:
+                raise _master_only("a workspace's budget")
+        elif kind == "user":
+            target = await self._user(scope, ident)
+            workspace_id, scope_id = target.workspace_id, target.id
+        else:
+            target = await self._key(scope, ident)
+            workspace_id, scope_id = target.workspace_id, target.id
+        before, after = await self.store.set_budget(
+            workspace_id=workspace_id, scope=kind, scope_id=scope_id, unit=unit, amount=stored_amount, period=period,
+            timezone=timezone, alerts=percents, hard=hard or "refuse")
+        await self._changed("workspace", workspace_id)
+        await self._audit(scope, "budget.set", after.id, workspace_id,
+                          None if before is None else _budget_public(before, text=True), _budget_public(after, text=True))
+        return (await self._budget_rows([after]))[0]
+
+    async def delete_budget(self, scope: Scope, budget_id: str) -> dict:
+        budget = await self._budget(scope, budget_id)
+        if budget.scope == "workspace" and not scope.is_master:
+            raise _master_only("a workspace's budget")
+        deleted = await self.store.delete_budget(budget.id)
+        if deleted is None:
+            raise _not_found("budget", budget_id)
+        await self._changed("workspace", budget.workspace_id)
+        await self._audit(scope, "budget.delete", budget.id, budget.workspace_id, _budget_public(budget, text=True), None)
+        return {"id": budget.id, "deleted": True}
+
+    async def list_budgets(self, scope: Scope, workspace: str | None = None) -> list[dict]:
+        """Every budget (a workspace admin: its workspace's) with its current period, what
+        it spent in it and what is left."""
+        workspace_id = await self.report_workspace(scope, workspace)
+        return await self._budget_rows(await self.store.list_budgets(workspace_id))
+
+    async def _budget(self, scope: Scope, budget_id: str) -> Any:
+        if _nameable(budget_id):
+            for budget in await self.store.list_budgets(None if scope.is_master else scope.workspace_id):
+                if budget.id == budget_id:
+                    return budget
+        raise _forbidden() if not scope.is_master else _not_found("budget", budget_id)
+
+    async def _budget_rows(self, budgets: list[Any]) -> list[dict]:
+        import time
+
+        from gateway import budgets as rules
+
+        now = time.time()
+        bounds = [rules.period_bounds(b.period, b.timezone, now) for b in budgets]
+        spent = await self.store.budget_spent([(b.id, start) for b, (start, _) in zip(budgets, bounds)])
+        rows = []
+        for budget, (start, end) in zip(budgets, bounds):
+            used = spent[(budget.id, start)]
+            row = _budget_public(budget)
+            row.update(period_starts_at=None if budget.period == "life" else start, period_ends_at=end, spent=_budget_amount(budget.unit, used),
+                       remaining=_budget_amount(budget.unit, max(0, budget.amount - used)))
+            rows.append(row)
+        return rows
+
     # --- audit log -------------------------------------------------------------------
 
     async def audit(self, scope: Scope, limit: int = 100, since_seconds: float | None = None,
@@ -560,3 +696,71 @@ class Admin:
         if workspace is not None:
             return (await self._workspace(scope, workspace)).id
         return None if scope.is_master else scope.workspace_id
+
+    # --- the console's reads (the dashboard's management pages) -----------------------
+
+    async def search_users(self, scope: Scope, query: str, workspace: str | None = None,
+                           limit: int = 50) -> list[dict]:
+        """Users whose id is or starts with `query`, whose name contains it (any case),
+        whose end-user id is it, or who own a key whose public prefix starts with it;
+        newest first, at most `limit`. A workspace admin finds its own workspace's only.
+        One indexed query on the store's read connection, not every user loaded."""
+        if not isinstance(query, str) or "\x00" in query or not 0 < len(query.strip()) <= MAX_IDENT_CHARS:
+            raise ApiError(400, f"q must be 1 to {MAX_IDENT_CHARS} characters", param="q")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not SEARCH_LIMIT[0] <= limit <= SEARCH_LIMIT[1]:
+            raise ApiError(400, f"limit must be an integer from {SEARCH_LIMIT[0]} to {SEARCH_LIMIT[1]}", param="limit")
+        query = query.strip()
+        workspace_id = await self.report_workspace(scope, workspace)
+        starts = _like_escape(query) + "%"
+        where = ("(u.id = ? OR u.id LIKE ? ESCAPE '\\' OR lower(coalesce(u.name, '')) LIKE ? ESCAPE '\\'"
+                 " OR u.external_id = ?"
+                 " OR EXISTS (SELECT 1 FROM api_keys k WHERE k.user_id = u.id AND k.prefix LIKE ? ESCAPE '\\'))")
+        args: list[Any] = [query, starts, "%" + _like_escape(query.lower()) + "%", query, starts]
+        if workspace_id is not None:
+            where += " AND u.workspace_id = ?"
+            args.append(workspace_id)
+        rows = await self.store.report_query(
+            f"SELECT u.id FROM users u WHERE {where} ORDER BY u.created_at DESC, u.id LIMIT ?", [*args, limit])
+        found = []
+        for row in rows:
+            user = await self.store.get_user(row["id"])
+            if user is not None and (scope.is_master or user.workspace_id == scope.workspace_id):
+                found.append(as_dict(user))
+        return found
+
+    async def user_requests(self, scope: Scope, user_id: str, limit: int = 50) -> list[dict]:
+        """A user's last requests, newest first: when, status, model, tokens, cost, energy,
+        latency; what the usage log holds, never a prompt or an answer (it holds none)."""
+        from gateway.store.base import parse_iso_utc
+
+        if isinstance(limit, bool) or not isinstance(limit, int) or not REQUESTS_LIMIT[0] <= limit <= REQUESTS_LIMIT[1]:
+            raise ApiError(400, f"limit must be an integer from {REQUESTS_LIMIT[0]} to {REQUESTS_LIMIT[1]}",
+                           param="limit")
+        user = await self._user(scope, user_id)
+        rows = await self.store.report_query(
+            f"SELECT {', '.join(REQUEST_FIELDS)} FROM ai_usage_logs WHERE user_id = ?"
+            " ORDER BY created_at DESC, id DESC LIMIT ?", [user.id, limit])
+        out = []
+        for row in rows:
+            created = row["created_at"]
+            if isinstance(created, str):
+                created = parse_iso_utc(created)
+            elif hasattr(created, "timestamp"):
+                created = created.timestamp()
+            out.append({**row, "created_at": created, "cost_usd": self.store.usd(row["cost_usd"]),
+                        "cache_hit": bool(row["cache_hit"]), "streamed": bool(row["streamed"])})
+        return out
+
+    def tiers(self, scope: Scope) -> list[dict]:
+        """The configured tiers and the public models each allows (what a key's `models` may
+        narrow to): the names the console offers in its tier and model pickers."""
+        return [{"name": name, "models": sorted(self.config.tier_models(name)),
+                 "refill": None if tier.refill is None else tier.refill.model_dump(),
+                 "default": name == self.config.auth.default_tier}
+                for name, tier in sorted(self.config.tiers.items())]
+
+
+
+def _like_escape(text: str) -> str:
+    """`text` matched literally by LIKE ... ESCAPE '\\' ('%' and '_' are not wildcards)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

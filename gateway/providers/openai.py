@@ -139,6 +139,12 @@ def _endpoint(deployment: ModelEntry, path: str) -> tuple[str, str | None]:
     return f"{base}{path}?api-version={version}", f"api-key: {params.api_key}"
 
 
+def endpoint_url(deployment: ModelEntry, path: str) -> tuple[str, str | None]:
+    """(URL, credential header line) of `path` at the deployment's upstream (the files and
+    batches client, gateway/providers/openai_files.py, talks to the same account)."""
+    return _endpoint(deployment, path)
+
+
 def _without_azure_filters(answer: dict[str, Any]) -> dict[str, Any] | None:
     """An Azure answer or chunk as litellm hands it on: without the content filter verdicts
     (`prompt_filter_results`, each choice's `content_filter_results`), and None for the

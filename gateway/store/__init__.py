@@ -15,6 +15,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from gateway.store.base import (
     ApiKey,
+    Budget,
+    BudgetHold,
     EnergyEntry,
     IN_FLIGHT_LEASE,
     IdempotencyState,
@@ -50,7 +52,7 @@ from gateway.store.base import (
     settlement_return,
 )
 
-__all__ = ["ApiKey", "EnergyEntry", "IN_FLIGHT_LEASE", "IdempotencyState", "InsufficientEnergy", "KeyIdentity", "NotFound", "Reservation", "SCHEMA_NAME", "Store", "StoreConflict", "StoreError", "StoreUnavailable", "USAGE_COLUMNS", "USAGE_SLICE", "User", "Workspace", "check_amount", "check_grant", "check_role", "check_tier", "check_workspace_name", "compute_refill", "hash_key", "idempotency_decision", "iso_utc", "kept_by_refill_reason", "new_api_key", "new_id", "now_or", "parse_iso_utc", "prepare_usage_rows", "returned_after_refills", "settlement_return", "open_store"]
+__all__ = ["ApiKey", "Budget", "BudgetHold", "EnergyEntry", "IN_FLIGHT_LEASE", "IdempotencyState", "InsufficientEnergy", "KeyIdentity", "NotFound", "Reservation", "SCHEMA_NAME", "Store", "StoreConflict", "StoreError", "StoreUnavailable", "USAGE_COLUMNS", "USAGE_SLICE", "User", "Workspace", "check_amount", "check_grant", "check_role", "check_tier", "check_workspace_name", "compute_refill", "hash_key", "idempotency_decision", "iso_utc", "kept_by_refill_reason", "new_api_key", "new_id", "now_or", "parse_iso_utc", "prepare_usage_rows", "returned_after_refills", "settlement_return", "open_store"]
 
 
 def open_store(url: str, **options: Any) -> Store:

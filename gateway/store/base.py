@@ -156,13 +156,33 @@ class ApiKey:
 
 
 # The audit log's columns besides id and created_at (gateway/admin/operations.py writes them).
+# actor_subject / actor_email (migration 22): who acted through a dashboard sign-in session
+# (gateway/admin/oidc.py), the identity provider's subject and e-mail; NULL for a key.
 AUDIT_COLUMNS = ("actor", "actor_key_id", "actor_key_prefix", "via", "action", "target", "workspace_id",
-                 "before", "after", "request_id")
+                 "before", "after", "request_id", "actor_subject", "actor_email")
+
+# Dashboard sign-in (gateway/admin/oidc.py, migration 22). A session is found by the SHA-256
+# of its cookie value (the value itself is never stored); a pending login by the SHA-256 of
+# its `state`, and it is taken (deleted) by the one callback that uses it.
+DASHBOARD_SESSION_COLUMNS = ("id_hash", "subject", "email", "role", "workspace_id", "created_at", "expires_at")
+OIDC_LOGIN_COLUMNS = ("state_hash", "browser_hash", "nonce", "code_verifier", "redirect_uri", "created_at",
+                      "expires_at")
 
 # The alerts outbox (gateway/alerts.py): what a claim hands the deliverer, what a listing shows.
 OUTBOX_CLAIMED = ("id", "event_id", "endpoint", "event_type", "workspace_id", "payload", "attempts", "created_at")
 OUTBOX_LISTED = ("id", "event_id", "endpoint", "event_type", "workspace_id", "status", "attempts", "last_status",
                  "last_error", "created_at", "next_attempt_at", "delivered_at", "payload")
+
+# Files and batches (gateway/files.py, gateway/batches.py, migration 19): whose each is and
+# which upstream account holds it. A batch row's `lines` (JSON: the input's custom_ids, in
+# order) is read only by `batch_record`; claims and listings leave it out.
+FILE_COLUMNS = ("file_id", "user_id", "workspace_id", "purpose", "filename", "bytes", "upstream", "model",
+                "batch_id", "created_at")
+BATCH_COLUMNS = ("id", "batch_id", "user_id", "workspace_id", "model", "upstream", "endpoint", "input_file_id",
+                 "action", "energy_per_line", "status", "payload", "next_poll_at", "lease_owner", "lease_until",
+                 "settled_at", "created_at")
+BATCH_UPDATABLE = frozenset({"batch_id", "status", "payload", "next_poll_at", "lease_owner", "lease_until",
+                             "settled_at"})
 
 # The per-key controls a key carries and `update_key` may change.
 KEY_CONTROLS = ("label", "expires_at", "models", "rpm", "tpm")
@@ -204,6 +224,62 @@ class Reservation:
     ok: bool
     balance: int  # after the reservation (ok) or the current balance (not ok)
     refilled: int  # energy added by a lazy refill in the same transaction (0 if none)
+    # Budgets (migration 17, gateway/budgets.py): with holds, what each budget has spent in
+    # its period after this reservation (ok; in the holds' order), or the id of the first
+    # budget whose hard limit refused it (not ok; nothing was written, the energy untouched).
+    budget_spent: tuple[int, ...] | None = None
+    budget_refused: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """A spending ceiling (docs/budgets.md): `amount` of `unit` ("energy", or "usd" in
+    nano-dollars) per `period` ("day", "week", "month" in `timezone`, or "life") for a
+    workspace, a user or an API key (`scope`, `scope_id`). `hard`: "refuse" (429
+    budget_exceeded), "downgrade" (down the ladder while a cheaper model fits, then 429) or
+    "none" (alerts only); `alerts`: the percentages that emit budget.threshold_crossed."""
+
+    id: str
+    workspace_id: str
+    scope: str
+    scope_id: str
+    unit: str
+    amount: int
+    period: str
+    timezone: str
+    alerts: tuple[int, ...]
+    hard: str
+    created_at: float
+    updated_at: float
+
+
+BUDGET_SCOPES = ("workspace", "user", "key")
+BUDGET_UNITS = ("energy", "usd")
+BUDGET_PERIODS = ("day", "week", "month", "life")
+BUDGET_HARD = ("refuse", "downgrade", "none")
+BUDGET_COLUMNS = ("id", "workspace_id", "scope", "scope_id", "unit", "amount", "period", "timezone", "alerts",
+                  "hard", "created_at", "updated_at")
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetHold:
+    """What one reservation holds against one budget: `amount` (the budget's unit) in the
+    period that starts at `period_start` (epoch seconds; 0 for life). `enforce`: the budget
+    refuses the reservation when spent + amount would pass `limit`."""
+
+    budget_id: str
+    period_start: float
+    limit: int
+    amount: int
+    enforce: bool
+    unit: str = "energy"
+
+
+def budget_row(values: tuple | dict) -> Budget:
+    """A budgets row (BUDGET_COLUMNS order, or a mapping) as a Budget."""
+    row = dict(values) if isinstance(values, dict) else dict(zip(BUDGET_COLUMNS, values))
+    row["alerts"] = tuple(json.loads(row["alerts"])) if isinstance(row["alerts"], str) else tuple(row["alerts"])
+    return Budget(**row)
 
 
 @dataclass(frozen=True, slots=True)
@@ -726,12 +802,21 @@ class Store(abc.ABC):
     async def reserve_energy(
         self, user_id: str, amount: int, request_id: str, *,
         refill: tuple[int, float] | None = None, now: float | None = None,
-    ) -> Reservation: ...
+        budgets: tuple[BudgetHold, ...] = (),
+    ) -> Reservation:
+        """Reserve `amount` energy and, in the same transaction, hold each of `budgets`
+        (gateway/budgets.py): every enforced budget must have room (spent + amount <= limit)
+        and the balance must cover `amount`, or nothing is written. Budgets are checked
+        first: a refused budget is `Reservation(ok=False, budget_refused=id)`."""
 
     @abc.abstractmethod
     async def settle_energy(
-        self, request_id: str, final_amount: int | None = None, *, now: float | None = None
-    ) -> int | None: ...
+        self, request_id: str, final_amount: int | None = None, *, usd_final: int | None = None,
+        now: float | None = None,
+    ) -> int | None:
+        """Settle: energy as reserved, or `final_amount` (at most the reservation); the
+        request's budget holds in the same transaction (energy ones at the energy settled, USD
+        ones at `usd_final` nano-dollars, as held when None)."""
 
     @abc.abstractmethod
     async def refund_energy(
@@ -741,23 +826,53 @@ class Store(abc.ABC):
     def reserve_energy_soon(
         self, user_id: str, amount: int, request_id: str, *,
         refill: tuple[int, float] | None = None, now: float | None = None,
+        budgets: tuple[BudgetHold, ...] = (),
     ) -> "asyncio.Future[Reservation]":
         """`reserve_energy`, started now: returns its future at once (no task hop before the
         write is queued). The energy plugin uses it to overlap the reservation with the
         upstream call."""
-        return asyncio.ensure_future(self.reserve_energy(user_id, amount, request_id, refill=refill, now=now))
+        return asyncio.ensure_future(self.reserve_energy(user_id, amount, request_id, refill=refill, now=now,
+                                                         budgets=budgets))
 
-    async def settle_many(self, request_ids: list[str], *, now: float | None = None) -> int:
+    async def settle_many(self, request_ids: list[str | tuple[str, int | None]], *, now: float | None = None) -> int:
         """Settle several reservations in full (as reserved); returns how many were open.
+        An item `(request_id, usd_final)` also settles the request's USD budget holds at
+        `usd_final` nano-dollars (None: as held); a plain id settles its holds as held.
 
         The same state transition as `settle_energy(id)` for each id (a settled or refunded
         one is left alone, never settled twice), batched: the gateway settles behind the
         answer, many requests per call. Backends override this with one transaction."""
         settled = 0
-        for request_id in request_ids:
-            if await self.settle_energy(request_id, now=now) is not None:
+        for item in request_ids:
+            request_id, usd_final = item if isinstance(item, tuple) else (item, None)
+            if await self.settle_energy(request_id, usd_final=usd_final, now=now) is not None:
                 settled += 1
         return settled
+
+    # budgets (gateway/budgets.py, docs/budgets.md)
+    @abc.abstractmethod
+    async def set_budget(self, *, workspace_id: str, scope: str, scope_id: str, unit: str, amount: int,
+                         period: str, timezone: str, alerts: tuple[int, ...], hard: str,
+                         now: float | None = None) -> tuple[Budget | None, Budget]:
+        """Create the budget of (scope, scope_id, unit, period), or change its amount,
+        timezone, alerts and hard limit: `(before, after)`. What it spent is kept."""
+
+    @abc.abstractmethod
+    async def delete_budget(self, budget_id: str) -> Budget | None:
+        """Remove a budget (its spend rows go too); None when there was none."""
+
+    @abc.abstractmethod
+    async def list_budgets(self, workspace_id: str | None = None) -> list[Budget]: ...
+
+    @abc.abstractmethod
+    async def budget_spent(self, periods: list[tuple[str, float]]) -> dict[tuple[str, float], int]:
+        """What each (budget id, period start) has spent, reserved holds included (0: nothing)."""
+
+    @abc.abstractmethod
+    async def finish_orphan_holds(self, *, now: float | None = None) -> int:
+        """Budget holds still open whose reservation was settled or refunded without them (by
+        a process of the previous release, which knows no budgets): finished as their
+        reservation was (settled: as held; refunded: returned). Returns how many."""
 
     @abc.abstractmethod
     async def grant_energy(
@@ -832,6 +947,55 @@ class Store(abc.ABC):
     async def forget_response(self, response_id: str) -> None:
         """After the upstream deleted it (DELETE /v1/responses/{id})."""
 
+    # files and batches (gateway/files.py, gateway/batches.py)
+    @abc.abstractmethod
+    async def remember_file(self, record: dict[str, Any]) -> None:
+        """A file the gateway uploaded for a user (FILE_COLUMNS), or a batch's output or error
+        file the gateway found (`batch_id` set: its content is rewritten when served).
+        Idempotent (the same file_id again is skipped)."""
+
+    @abc.abstractmethod
+    async def stored_file(self, file_id: str) -> dict[str, Any] | None:
+        """`remember_file`'s record, or None."""
+
+    @abc.abstractmethod
+    async def list_files(self, user_id: str, *, purpose: str | None = None, limit: int = 100,
+                         after: str | None = None) -> list[dict[str, Any]]:
+        """The user's files, newest first; `after`: those listed after that file id."""
+
+    @abc.abstractmethod
+    async def forget_file(self, file_id: str) -> None:
+        """After the upstream deleted it."""
+
+    @abc.abstractmethod
+    async def insert_batch(self, record: dict[str, Any], lines: list[str]) -> None:
+        """A batch being created (BATCH_COLUMNS; `batch_id` None until the upstream named it),
+        with its input's custom_ids (`lines`, in order)."""
+
+    @abc.abstractmethod
+    async def batch_record(self, *, batch_id: str | None = None, id: str | None = None,
+                           with_lines: bool = False) -> dict[str, Any] | None:
+        """A batch by the upstream's id (`batch_id`) or the gateway's (`id`); with `lines`
+        (the custom_ids) if asked."""
+
+    @abc.abstractmethod
+    async def list_batches(self, user_id: str, *, limit: int = 20, after: str | None = None,
+                           messages: bool = False) -> list[dict[str, Any]]:
+        """The user's batches that reached the upstream, newest first; `after`: a batch_id;
+        `messages`: Anthropic's message batches, else OpenAI's."""
+
+    @abc.abstractmethod
+    async def update_batch(self, id: str, fields: dict[str, Any], *, owner: str | None = None) -> bool:
+        """Set BATCH_UPDATABLE fields; with `owner`, only while that owner holds its lease.
+        True if the row was updated."""
+
+    @abc.abstractmethod
+    async def claim_batches(self, owner: str, *, lease: float, limit: int,
+                            now: float | None = None) -> list[dict[str, Any]]:
+        """Up to `limit` unsettled batches due for a poll (`next_poll_at` passed), leased to
+        `owner` for `lease` seconds: no other claim, in any process, returns them before the
+        lease ends (gateway/batches.py: one poller per batch across processes)."""
+
     @abc.abstractmethod
     async def report_query(self, sql: str, args: list[Any]) -> list[dict[str, Any]]:
         """One read-only query (`?` placeholders) on a connection that serves neither the
@@ -856,6 +1020,31 @@ class Store(abc.ABC):
     async def audit_entries(self, *, workspace_id: str | None = None, since: float | None = None,
                             limit: int = 100) -> list[dict[str, Any]]:
         """The newest rows first (`created_at` epoch seconds); only `workspace_id`'s if given."""
+
+    # dashboard sign-in sessions and pending OIDC logins (gateway/admin/oidc.py)
+    @abc.abstractmethod
+    async def create_dashboard_session(self, row: dict[str, Any]) -> None:
+        """Insert one session (DASHBOARD_SESSION_COLUMNS); sessions and logins expired before
+        its `created_at` are deleted in the same transaction."""
+
+    @abc.abstractmethod
+    async def dashboard_session(self, id_hash: str) -> dict[str, Any] | None:
+        """The session whose id hashes to `id_hash`, expired or not (the caller compares
+        `expires_at`), or None."""
+
+    @abc.abstractmethod
+    async def delete_dashboard_session(self, id_hash: str) -> bool:
+        """Sign-out: the session is gone for every process. True when there was one."""
+
+    @abc.abstractmethod
+    async def create_oidc_login(self, row: dict[str, Any]) -> None:
+        """A pending login (OIDC_LOGIN_COLUMNS), between the redirect to the provider and its
+        callback; logins expired before its `created_at` are deleted in the same transaction."""
+
+    @abc.abstractmethod
+    async def take_oidc_login(self, state_hash: str) -> dict[str, Any] | None:
+        """Delete and return the pending login of `state_hash`: one callback can use it, a
+        second (a replayed `state`) finds nothing, also in another process."""
 
     # the alerts outbox (gateway/alerts.py)
     @abc.abstractmethod

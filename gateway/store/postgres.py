@@ -60,8 +60,14 @@ from gateway.store.base import (
     IdempotencyState,
     InsufficientEnergy,
     AUDIT_COLUMNS,
+    DASHBOARD_SESSION_COLUMNS,
+    OIDC_LOGIN_COLUMNS,
+    BUDGET_COLUMNS,
     KEY_CONTROLS,
     OUTBOX_CLAIMED,
+    BATCH_COLUMNS,
+    BATCH_UPDATABLE,
+    FILE_COLUMNS,
     OUTBOX_LISTED,
     KeyIdentity,
     NotFound,
@@ -76,6 +82,7 @@ from gateway.store.base import (
     check_role,
     check_tier,
     check_workspace_name,
+    budget_row,
     compute_refill,
     hash_key,
     idempotency_decision,
@@ -669,6 +676,254 @@ MIGRATIONS: list[tuple[int, str]] = [
         " CREATE UNIQUE INDEX users_external_id ON users (workspace_id, external_id) WHERE external_id IS NOT NULL;",
     ),
     (
+        # Budgets (gateway/budgets.py, docs/budgets.md). Rolling deploys: new tables and new
+        # functions only; gw_reserve, gw_finish and the settle statement the previous release
+        # calls are unchanged (the new functions call gw_reserve and gw_finish). Nothing is
+        # rewritten or locked beyond the new objects. Lock order, every new function:
+        # reservations, then budget_spend rows (by budget id, period), then users (by id),
+        # as gw_reserve and gw_finish take them: no deadlock among them.
+        17,
+        """
+        CREATE TABLE budgets (
+            id           text PRIMARY KEY,
+            workspace_id text NOT NULL,
+            scope        text NOT NULL,
+            scope_id     text NOT NULL,
+            unit         text NOT NULL,
+            amount       bigint NOT NULL,
+            period       text NOT NULL,
+            timezone     text NOT NULL,
+            alerts       text NOT NULL,
+            hard         text NOT NULL,
+            created_at   double precision NOT NULL,
+            updated_at   double precision NOT NULL,
+            UNIQUE (scope, scope_id, unit, period)
+        );
+        CREATE INDEX budgets_workspace ON budgets (workspace_id);
+        CREATE TABLE budget_spend (
+            budget_id    text NOT NULL,
+            period_start double precision NOT NULL,
+            spent        bigint NOT NULL DEFAULT 0,
+            PRIMARY KEY (budget_id, period_start)
+        );
+        CREATE TABLE budget_holds (
+            request_id   text NOT NULL,
+            budget_id    text NOT NULL,
+            period_start double precision NOT NULL,
+            unit         text NOT NULL,
+            amount       bigint NOT NULL,
+            final_amount bigint,
+            status       text NOT NULL DEFAULT 'reserved',
+            created_at   double precision NOT NULL,
+            PRIMARY KEY (request_id, budget_id)
+        );
+        CREATE INDEX budget_holds_open ON budget_holds (created_at) WHERE status = 'reserved';
+
+        -- gw_reserve with budget holds: p_bk[j] names the element (1-based) hold j belongs to.
+        -- Per element, in input order: its enforced budgets must have room ('budget' and the
+        -- first refusing budget's id otherwise, nothing written), then gw_reserve decides the
+        -- energy; when it is 'ok' the holds are written and o_spent is each hold's budget
+        -- spent after it (in the element's hold order).
+        CREATE FUNCTION gw_reserve_b(p_users text[], p_amounts bigint[], p_requests text[],
+                                     p_allowances bigint[], p_periods float8[], p_now float8[],
+                                     p_bk integer[], p_bid text[], p_bstart float8[], p_blimit bigint[],
+                                     p_bamount bigint[], p_benforce boolean[], p_bunit text[])
+        RETURNS TABLE (o_n integer, o_status text, o_balance bigint, o_refilled bigint, o_budget text,
+                       o_spent bigint[])
+        LANGUAGE plpgsql AS $$
+        #variable_conflict use_column
+        DECLARE
+            k        integer;
+            j        integer;
+            i        integer;
+            s_ids    text[];
+            s_starts float8[];
+            s_spent  bigint[];
+            s_start  bigint[];
+            s_keys   text[];
+            v_refuse text;
+            v_spent  bigint[];
+            r        record;
+        BEGIN
+            INSERT INTO budget_spend (budget_id, period_start, spent)
+                SELECT DISTINCT x.b, x.s, 0::bigint FROM unnest(p_bid, p_bstart) AS x(b, s) ORDER BY 1, 2
+                ON CONFLICT DO NOTHING;
+            SELECT array_agg(l.budget_id ORDER BY l.budget_id, l.period_start),
+                   array_agg(l.period_start ORDER BY l.budget_id, l.period_start),
+                   array_agg(l.spent ORDER BY l.budget_id, l.period_start),
+                   array_agg(l.budget_id || '|' || l.period_start::text ORDER BY l.budget_id, l.period_start)
+                INTO s_ids, s_starts, s_spent, s_keys
+                FROM (SELECT bs.budget_id, bs.period_start, bs.spent FROM budget_spend bs
+                      WHERE (bs.budget_id, bs.period_start) IN (SELECT x.b, x.s FROM unnest(p_bid, p_bstart) AS x(b, s))
+                      ORDER BY bs.budget_id, bs.period_start FOR UPDATE) AS l;
+            s_start := s_spent;
+            PERFORM 1 FROM users u WHERE u.id = ANY(p_users) ORDER BY u.id FOR UPDATE;
+            FOR k IN 1 .. coalesce(array_length(p_users, 1), 0) LOOP
+                o_n := k; o_budget := NULL; o_spent := NULL; v_refuse := NULL; v_spent := '{}';
+                FOR j IN 1 .. coalesce(array_length(p_bk, 1), 0) LOOP
+                    IF p_bk[j] = k AND v_refuse IS NULL THEN
+                        i := array_position(s_keys, p_bid[j] || '|' || p_bstart[j]::text);
+                        IF p_benforce[j] AND s_spent[i] + p_bamount[j] > p_blimit[j] THEN
+                            v_refuse := p_bid[j];
+                        END IF;
+                    END IF;
+                END LOOP;
+                IF v_refuse IS NOT NULL THEN
+                    o_status := 'budget'; o_budget := v_refuse; o_refilled := 0;
+                    SELECT u.energy INTO o_balance FROM users u WHERE u.id = p_users[k];
+                    IF NOT FOUND THEN o_status := 'not_found'; o_balance := NULL; END IF;
+                    RETURN NEXT; CONTINUE;
+                END IF;
+                SELECT g.o_status AS st, g.o_balance AS bal, g.o_refilled AS ref INTO r
+                    FROM gw_reserve(ARRAY[p_users[k]], ARRAY[p_amounts[k]], ARRAY[p_requests[k]],
+                                    ARRAY[p_allowances[k]], ARRAY[p_periods[k]], ARRAY[p_now[k]]) AS g;
+                o_status := r.st; o_balance := r.bal; o_refilled := r.ref;
+                IF r.st = 'ok' THEN
+                    FOR j IN 1 .. coalesce(array_length(p_bk, 1), 0) LOOP
+                        IF p_bk[j] = k THEN
+                            i := array_position(s_keys, p_bid[j] || '|' || p_bstart[j]::text);
+                            s_spent[i] := s_spent[i] + p_bamount[j];
+                            v_spent := v_spent || s_spent[i];
+                            INSERT INTO budget_holds (request_id, budget_id, period_start, unit, amount, created_at)
+                                VALUES (p_requests[k], p_bid[j], p_bstart[j], p_bunit[j], p_bamount[j], p_now[k]);
+                        END IF;
+                    END LOOP;
+                    o_spent := v_spent;
+                END IF;
+                RETURN NEXT;
+            END LOOP;
+            UPDATE budget_spend bs SET spent = d.spent
+                FROM unnest(s_ids, s_starts, s_spent, s_start) AS d(b, s, spent, was)
+                WHERE d.spent <> d.was AND bs.budget_id = d.b AND bs.period_start = d.s;
+        END $$;
+
+        -- A request's open budget holds follow its reservation, which must still be reserved
+        -- (locked here first): refunded, each hold leaves its period's spend; settled, an
+        -- energy hold at p_final (NULL: as held), a USD one at p_usd (NULL: as held).
+        CREATE FUNCTION gw_finish_holds(p_request text, p_status text, p_final bigint, p_usd bigint)
+        RETURNS integer LANGUAGE plpgsql AS $$
+        #variable_conflict use_column
+        DECLARE
+            v_n integer;
+        BEGIN
+            PERFORM 1 FROM budget_spend bs
+                WHERE (bs.budget_id, bs.period_start) IN
+                    (SELECT h.budget_id, h.period_start FROM budget_holds h
+                     WHERE h.request_id = p_request AND h.status = 'reserved')
+                ORDER BY bs.budget_id, bs.period_start FOR UPDATE;
+            WITH f AS (
+                SELECT h.budget_id, h.period_start, h.amount,
+                       CASE WHEN p_status = 'refunded' THEN 0
+                            WHEN h.unit = 'usd' THEN coalesce(p_usd, h.amount)
+                            ELSE least(coalesce(p_final, h.amount), h.amount) END AS final
+                FROM budget_holds h WHERE h.request_id = p_request AND h.status = 'reserved'),
+            upd AS (
+                UPDATE budget_holds h SET status = p_status, final_amount = f.final FROM f
+                WHERE h.request_id = p_request AND h.budget_id = f.budget_id RETURNING 1)
+            UPDATE budget_spend bs SET spent = bs.spent + (f.final - f.amount) FROM f
+                WHERE f.final <> f.amount AND bs.budget_id = f.budget_id AND bs.period_start = f.period_start;
+            SELECT count(*) INTO v_n FROM budget_holds h WHERE h.request_id = p_request AND h.status = p_status;
+            RETURN v_n;
+        END $$;
+
+        -- gw_finish with the request's budget holds, in one transaction.
+        CREATE FUNCTION gw_finish_b(p_request text, p_status text, p_final bigint, p_kind text,
+                                    p_reason text, p_now float8, p_usd bigint) RETURNS bigint
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM 1 FROM reservations WHERE request_id = p_request AND status = 'reserved' FOR UPDATE;
+            IF NOT FOUND THEN
+                RETURN NULL;
+            END IF;
+            PERFORM gw_finish_holds(p_request, p_status, p_final, p_usd);
+            RETURN gw_finish(p_request, p_status, p_final, p_kind, p_reason, p_now);
+        END $$;
+
+        -- The settle batch (settle_many) with budget holds: p_usd_ids/p_usd the USD finals.
+        CREATE FUNCTION gw_settle_b(p_ids text[], p_usd_ids text[], p_usd bigint[], p_now float8)
+        RETURNS bigint LANGUAGE plpgsql AS $$
+        #variable_conflict use_column
+        DECLARE
+            v_open text[];
+            v_n    bigint;
+        BEGIN
+            SELECT array_agg(x.request_id ORDER BY x.request_id) INTO v_open
+                FROM (SELECT r.request_id FROM reservations r WHERE r.request_id = ANY(p_ids) AND r.status = 'reserved'
+                      ORDER BY r.request_id FOR UPDATE) AS x;
+            IF v_open IS NULL THEN
+                RETURN 0;
+            END IF;
+            PERFORM 1 FROM budget_spend bs
+                WHERE (bs.budget_id, bs.period_start) IN
+                    (SELECT h.budget_id, h.period_start FROM budget_holds h
+                     WHERE h.request_id = ANY(v_open) AND h.status = 'reserved')
+                ORDER BY bs.budget_id, bs.period_start FOR UPDATE;
+            WITH f AS (
+                SELECT h.request_id, h.budget_id, h.period_start, h.amount,
+                       CASE WHEN h.unit = 'usd' THEN coalesce(u.usd, h.amount) ELSE h.amount END AS final
+                FROM budget_holds h LEFT JOIN unnest(p_usd_ids, p_usd) AS u(id, usd) ON u.id = h.request_id
+                WHERE h.request_id = ANY(v_open) AND h.status = 'reserved'),
+            upd AS (
+                UPDATE budget_holds h SET status = 'settled', final_amount = f.final FROM f
+                WHERE h.request_id = f.request_id AND h.budget_id = f.budget_id RETURNING 1),
+            d AS (SELECT f.budget_id, f.period_start, sum(f.final - f.amount) AS delta FROM f GROUP BY 1, 2)
+            UPDATE budget_spend bs SET spent = bs.spent + d.delta FROM d
+                WHERE d.delta <> 0 AND bs.budget_id = d.budget_id AND bs.period_start = d.period_start;
+            WITH s AS (
+                UPDATE reservations SET status = 'settled', finished_at = p_now, final_amount = amount
+                WHERE request_id = ANY(v_open) AND status = 'reserved' RETURNING request_id, user_id),
+            u AS (SELECT id, energy FROM users WHERE id IN (SELECT user_id FROM s) ORDER BY id FOR NO KEY UPDATE),
+            l AS (INSERT INTO energy_ledger (user_id, request_id, kind, amount, balance_after, reason, created_at)
+                  SELECT s.user_id, s.request_id, 'settle', 0, u.energy, NULL, p_now
+                  FROM s JOIN u ON u.id = s.user_id ORDER BY s.request_id RETURNING 1)
+            SELECT count(*) INTO v_n FROM l;
+            RETURN v_n;
+        END $$;
+        """,
+    ),
+    (
+        # files and batches: whose each is, on which upstream; a batch's lease and settlement
+        # (gateway/batches.py). New tables only: no lock on a table in use.
+        19,
+        """
+        CREATE TABLE gw_files (
+            file_id      text PRIMARY KEY,
+            user_id      text NOT NULL,
+            workspace_id text NOT NULL,
+            purpose      text NOT NULL,
+            filename     text,
+            bytes        bigint,
+            upstream     text NOT NULL,
+            model        text NOT NULL,
+            batch_id     text,
+            created_at   double precision NOT NULL
+        );
+        CREATE INDEX gw_files_user ON gw_files (user_id, created_at);
+        CREATE TABLE gw_batches (
+            id              text PRIMARY KEY,
+            batch_id        text UNIQUE,
+            user_id         text NOT NULL,
+            workspace_id    text NOT NULL,
+            model           text NOT NULL,
+            upstream        text NOT NULL,
+            endpoint        text NOT NULL,
+            input_file_id   text NOT NULL,
+            action          text NOT NULL,
+            energy_per_line bigint NOT NULL,
+            status          text NOT NULL,
+            payload         text,
+            lines           text NOT NULL,
+            next_poll_at    double precision NOT NULL,
+            lease_owner     text,
+            lease_until     double precision,
+            settled_at      double precision,
+            created_at      double precision NOT NULL
+        );
+        CREATE INDEX gw_batches_user ON gw_batches (user_id, created_at);
+        CREATE INDEX gw_batches_due ON gw_batches (next_poll_at) WHERE settled_at IS NULL;
+        """,
+    ),
+    (
         # Background backfills (gateway/store/backfill.py): one row each, registered with the
         # usage id range [lo, hi) it covers in the transaction of the migration that needs it;
         # next_id moves down chunk by chunk, in the chunk's own transaction.
@@ -703,6 +958,35 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         """,
     ),
+    (
+        # Dashboard sign-in (gateway/admin/oidc.py): sessions by the hash of their id, pending
+        # logins. A schema step only: two new tables, and two nullable columns on audit_log
+        # (a catalog change, no rewrite of the table; its lock is held for an instant).
+        22,
+        """
+        CREATE TABLE dashboard_sessions (
+            id_hash      text PRIMARY KEY,
+            subject      text NOT NULL,
+            email        text,
+            role         text NOT NULL,
+            workspace_id text,
+            created_at   double precision NOT NULL,
+            expires_at   double precision NOT NULL
+        );
+        CREATE INDEX dashboard_sessions_expiry ON dashboard_sessions (expires_at);
+        CREATE TABLE oidc_logins (
+            state_hash    text PRIMARY KEY,
+            browser_hash  text NOT NULL,
+            nonce         text NOT NULL,
+            code_verifier text NOT NULL,
+            redirect_uri  text NOT NULL,
+            created_at    double precision NOT NULL,
+            expires_at    double precision NOT NULL
+        );
+        CREATE INDEX oidc_logins_expiry ON oidc_logins (expires_at);
+        ALTER TABLE audit_log ADD COLUMN actor_subject text, ADD COLUMN actor_email text;
+        """,
+    ),
 ]
 
 # Array types for the one-statement batch insert (unnest of one array per column).
@@ -728,6 +1012,8 @@ _USAGE_INSERT = (
 )
 
 _RESERVE = "SELECT o_n, o_status, o_balance, o_refilled FROM gw_reserve($1, $2, $3, $4, $5, $6)"
+_RESERVE_B = ("SELECT o_n, o_status, o_balance, o_refilled, o_budget, o_spent"
+              " FROM gw_reserve_b($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)")
 _CREATED_AT = list(USAGE_COLUMNS).index("created_at")
 _USER_COLS = "id, workspace_id, name, tier, energy, refilled_at, created_at, disabled, external_id"
 _KEY_COLS = ("id, user_id, workspace_id, prefix, role, created_at, revoked_at, label, expires_at, models, rpm, tpm,"
@@ -1103,6 +1389,42 @@ class PostgresStore(Store):
             out.append(entry)
         return out
 
+    # ------------------------------------------------------ dashboard sign-in sessions
+
+    async def create_dashboard_session(self, row):
+        async with self._tx() as conn:
+            now = row["created_at"]
+            await conn.execute("DELETE FROM dashboard_sessions WHERE expires_at < $1", now)
+            await conn.execute("DELETE FROM oidc_logins WHERE expires_at < $1", now)
+            await conn.execute(
+                f"INSERT INTO dashboard_sessions ({', '.join(DASHBOARD_SESSION_COLUMNS)}) VALUES ("
+                + ", ".join(f"${i}" for i in range(1, len(DASHBOARD_SESSION_COLUMNS) + 1)) + ")",
+                *(row.get(c) for c in DASHBOARD_SESSION_COLUMNS))
+
+    async def dashboard_session(self, id_hash):
+        r = await self._fetchrow(
+            f"SELECT {', '.join(DASHBOARD_SESSION_COLUMNS)} FROM dashboard_sessions WHERE id_hash = $1", id_hash)
+        return None if r is None else dict(r)
+
+    async def delete_dashboard_session(self, id_hash):
+        async with self._single() as conn:
+            done = await conn.execute("DELETE FROM dashboard_sessions WHERE id_hash = $1", id_hash)
+        return done != "DELETE 0"
+
+    async def create_oidc_login(self, row):
+        async with self._tx() as conn:
+            await conn.execute("DELETE FROM oidc_logins WHERE expires_at < $1", row["created_at"])
+            await conn.execute(
+                f"INSERT INTO oidc_logins ({', '.join(OIDC_LOGIN_COLUMNS)}) VALUES ("
+                + ", ".join(f"${i}" for i in range(1, len(OIDC_LOGIN_COLUMNS) + 1)) + ")",
+                *(row.get(c) for c in OIDC_LOGIN_COLUMNS))
+
+    async def take_oidc_login(self, state_hash):
+        async with self._single() as conn:
+            r = await conn.fetchrow(
+                f"DELETE FROM oidc_logins WHERE state_hash = $1 RETURNING {', '.join(OIDC_LOGIN_COLUMNS)}", state_hash)
+        return None if r is None else dict(r)
+
     # -------------------------------------------------------------------- alerts
 
     async def enqueue_alerts(self, rows, *, now=None):
@@ -1410,20 +1732,22 @@ class PostgresStore(Store):
         )
         return [_entry(r) for r in rows]
 
-    async def reserve_energy(self, user_id, amount, request_id, *, refill=None, now=None):
-        return await self.reserve_energy_soon(user_id, amount, request_id, refill=refill, now=now)
+    async def reserve_energy(self, user_id, amount, request_id, *, refill=None, now=None, budgets=()):
+        return await self.reserve_energy_soon(user_id, amount, request_id, refill=refill, now=now, budgets=budgets)
 
-    def reserve_energy_soon(self, user_id, amount, request_id, *, refill=None, now=None):
+    def reserve_energy_soon(self, user_id, amount, request_id, *, refill=None, now=None, budgets=()):
         # Queued for the end of this loop turn, then sent with the turn's other reservations
         # as one gw_reserve call (migration 5): one round trip for all of them.
         check_amount(amount)
         now = now_or(now)
         compute_refill(0, None, refill, now)  # a bad refill is the caller's error, raised here
+        for hold in budgets:
+            check_amount(hold.amount, "budget hold")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         if self._send_handle is None:
             self._send_handle = loop.call_soon(self._send_reservations)
-        self._reserving.append((user_id, amount, request_id, refill, now, fut, loop.time()))
+        self._reserving.append((user_id, amount, request_id, refill, now, fut, loop.time(), tuple(budgets)))
         return fut
 
     def _send_reservations(self, force: bool = False) -> None:
@@ -1508,12 +1832,16 @@ class PostgresStore(Store):
                 raise
             return not isinstance(exc, asyncio.TimeoutError)
         for row in rows:
-            user_id, _, request_id, _, _, fut, _ = jobs[row["o_n"] - 1]
+            user_id, _, request_id, _, _, fut, _, _ = jobs[row["o_n"] - 1]
             if fut.done():  # the caller gave up (cancelled); the sweeper refunds what it reserved
                 continue
             status = row["o_status"]
+            spent = row.get("o_spent") if "o_spent" in row.keys() else None
             if status == "ok":
-                fut.set_result(Reservation(True, row["o_balance"], row["o_refilled"]))
+                fut.set_result(Reservation(True, row["o_balance"], row["o_refilled"],
+                                           budget_spent=None if spent is None else tuple(spent)))
+            elif status == "budget":
+                fut.set_result(Reservation(False, row["o_balance"], 0, budget_refused=row["o_budget"]))
             elif status == "short":
                 fut.set_result(Reservation(False, row["o_balance"], row["o_refilled"]))
             elif status == "not_found":
@@ -1527,14 +1855,21 @@ class PostgresStore(Store):
                 [None if j[3] is None else j[3][0] for j in jobs],
                 [None if j[3] is None else float(j[3][1]) for j in jobs],
                 [j[4] for j in jobs])
+        sql = _RESERVE
+        if any(j[7] for j in jobs):  # budget holds (migration 17): gw_reserve_b, with one row per hold
+            holds = [(k, hold) for k, j in enumerate(jobs, 1) for hold in j[7]]
+            args += ([k for k, _ in holds], [h.budget_id for _, h in holds], [float(h.period_start) for _, h in holds],
+                     [h.limit for _, h in holds], [h.amount for _, h in holds], [h.enforce for _, h in holds],
+                     [h.unit for _, h in holds])
+            sql = _RESERVE_B
         # One statement is its own transaction: no BEGIN/COMMIT round trips.
         if self.timeout is None:
             async with self._single() as conn:
-                return await conn.fetch(_RESERVE, *args)
+                return await conn.fetch(sql, *args)
         # From the oldest one's arrival: waiting for a call in flight counts too.
         async with asyncio.timeout_at(min(j[6] for j in jobs) + self.timeout):
             async with self._single() as conn:
-                return await conn.fetch(_RESERVE, *args)
+                return await conn.fetch(sql, *args)
 
     def _unavailable(self, exc: BaseException) -> BaseException:
         """What a reservation that could not reach the database raises."""
@@ -1543,18 +1878,19 @@ class PostgresStore(Store):
                                     f" ({type(exc).__name__}: {exc})")
         return exc
 
-    async def _finish_reservation(self, request_id, status, final_amount, kind, reason, now):
+    async def _finish_reservation(self, request_id, status, final_amount, kind, reason, now, usd_final=None):
         """reserved -> settled/refunded, returning energy; None if not reserved. One call of
-        gw_finish (migration 6): one statement, one round trip."""
+        gw_finish_b (migration 17: gw_finish of migration 6 and the request's budget holds):
+        one statement, one round trip."""
         async with self._single() as conn:
-            return await conn.fetchval("SELECT gw_finish($1, $2, $3, $4, $5, $6)", request_id, status,
-                                       final_amount, kind, reason, now_or(now))
+            return await conn.fetchval("SELECT gw_finish_b($1, $2, $3, $4, $5, $6, $7)", request_id, status,
+                                       final_amount, kind, reason, now_or(now), usd_final)
 
-    async def settle_energy(self, request_id, final_amount=None, *, now=None):
+    async def settle_energy(self, request_id, final_amount=None, *, usd_final=None, now=None):
         if final_amount is not None:
             check_amount(final_amount, "final_amount")
         return await self._finish_reservation(request_id, "settled", final_amount, "settle",
-                                              None, now)
+                                              None, now, usd_final)
 
     async def refund_energy(self, request_id, reason=None, *, now=None):
         return await self._finish_reservation(request_id, "refunded", None, "refund", reason, now)
@@ -1563,6 +1899,15 @@ class PostgresStore(Store):
         if not request_ids:
             return 0
         now = now_or(now)
+        if any(isinstance(item, tuple) for item in request_ids):
+            # Some carry budget holds: gw_settle_b (migration 17), the same settlement and the
+            # holds in one transaction. (A plain id's holds, should it have any, stay counted
+            # as held; the sweeper's finish_orphan_holds marks them settled.)
+            ids = [item[0] if isinstance(item, tuple) else item for item in request_ids]
+            usd = [item for item in request_ids if isinstance(item, tuple) and item[1] is not None]
+            async with self._single() as conn:
+                return await conn.fetchval("SELECT gw_settle_b($1::text[], $2::text[], $3::bigint[], $4)",
+                                           list(dict.fromkeys(ids)), [i for i, _ in usd], [v for _, v in usd], now)
         async with self._single() as conn:
             # One statement, so one transaction and one round trip: close the open
             # reservations, lock their users' rows in id
@@ -1597,6 +1942,65 @@ class PostgresStore(Store):
             await conn.execute("UPDATE users SET energy = $2 WHERE id = $1", user_id, balance)
             await self._ledger_row(conn, user_id, None, kind, amount, balance, reason, now)
         return balance
+
+    # ------------------------------------------------------------------- budgets
+
+    async def set_budget(self, *, workspace_id, scope, scope_id, unit, amount, period, timezone, alerts, hard,
+                         now=None):
+        now = now_or(now)
+        alerts_json = json.dumps(sorted(set(alerts)))
+        cols = ", ".join(BUDGET_COLUMNS)
+        async with self._tx() as conn:
+            row = await conn.fetchrow(f"SELECT {cols} FROM budgets WHERE scope = $1 AND scope_id = $2 AND unit = $3"
+                                      " AND period = $4 FOR UPDATE", scope, scope_id, unit, period)
+            before = None if row is None else budget_row(dict(row))
+            if before is None:
+                after = await conn.fetchrow(
+                    f"INSERT INTO budgets ({cols}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11)"
+                    f" RETURNING {cols}", new_id("bud"), workspace_id, scope, scope_id, unit, amount, period,
+                    timezone, alerts_json, hard, now)
+            else:
+                after = await conn.fetchrow(
+                    f"UPDATE budgets SET amount = $2, timezone = $3, alerts = $4, hard = $5, updated_at = $6"
+                    f" WHERE id = $1 RETURNING {cols}", before.id, amount, timezone, alerts_json, hard, now)
+        return before, budget_row(dict(after))
+
+    async def delete_budget(self, budget_id):
+        async with self._tx() as conn:
+            row = await conn.fetchrow(f"DELETE FROM budgets WHERE id = $1 RETURNING {', '.join(BUDGET_COLUMNS)}",
+                                      budget_id)
+            if row is None:
+                return None
+            await conn.execute("DELETE FROM budget_spend WHERE budget_id = $1", budget_id)
+        return budget_row(dict(row))
+
+    async def list_budgets(self, workspace_id=None):
+        rows = await self._fetch(
+            f"SELECT {', '.join(BUDGET_COLUMNS)} FROM budgets WHERE ($1::text IS NULL OR workspace_id = $1)"
+            " ORDER BY workspace_id, scope, scope_id, unit, period", workspace_id)
+        return [budget_row(dict(r)) for r in rows]
+
+    async def budget_spent(self, periods):
+        if not periods:
+            return {}
+        rows = await self._fetch(
+            "SELECT budget_id, period_start, spent FROM budget_spend"
+            " WHERE (budget_id, period_start) IN (SELECT * FROM unnest($1::text[], $2::float8[]))",
+            [b for b, _ in periods], [float(t) for _, t in periods])
+        found = {(r["budget_id"], r["period_start"]): r["spent"] for r in rows}
+        return {(b, t): found.get((b, float(t)), 0) for b, t in periods}
+
+    async def finish_orphan_holds(self, *, now=None):
+        rows = await self._fetch(
+            "SELECT DISTINCT h.request_id, r.status FROM budget_holds h"
+            " LEFT JOIN reservations r ON r.request_id = h.request_id"
+            " WHERE h.status = 'reserved' AND (r.status IS NULL OR r.status <> 'reserved')")
+        done = 0
+        for row in rows:
+            async with self._tx() as conn:
+                status = "settled" if row["status"] == "settled" else "refunded"
+                done += await conn.fetchval("SELECT gw_finish_holds($1, $2, NULL, NULL)", row["request_id"], status)
+        return done
 
     async def stale_reservations(self, older_than):
         rows = await self._fetch(
@@ -1752,6 +2156,85 @@ class PostgresStore(Store):
     async def forget_response(self, response_id):
         async with self._tx() as conn:
             await conn.execute("DELETE FROM stored_responses WHERE response_id = $1", response_id)
+
+    # ------------------------------------------------------------ files and batches
+
+    async def remember_file(self, record):
+        async with self._single() as conn:
+            await conn.execute(
+                f"INSERT INTO gw_files ({', '.join(FILE_COLUMNS)}) VALUES"
+                f" ({', '.join(f'${i}' for i in range(1, len(FILE_COLUMNS) + 1))}) ON CONFLICT (file_id) DO NOTHING",
+                *(record.get(c) for c in FILE_COLUMNS))
+
+    async def stored_file(self, file_id):
+        rows = await self._fetch(f"SELECT {', '.join(FILE_COLUMNS)} FROM gw_files WHERE file_id = $1", file_id)
+        return dict(rows[0]) if rows else None
+
+    async def list_files(self, user_id, *, purpose=None, limit=100, after=None):
+        rows = await self._fetch(
+            f"SELECT {', '.join(FILE_COLUMNS)} FROM gw_files WHERE user_id = $1"
+            " AND ($2::text IS NULL OR purpose = $2) AND ($3::text IS NULL OR (created_at, file_id) <"
+            " (SELECT created_at, file_id FROM gw_files WHERE file_id = $3 AND user_id = $1))"
+            " ORDER BY created_at DESC, file_id DESC LIMIT $4", user_id, purpose, after, limit)
+        return [dict(r) for r in rows]
+
+    async def forget_file(self, file_id):
+        async with self._single() as conn:
+            await conn.execute("DELETE FROM gw_files WHERE file_id = $1", file_id)
+
+    async def insert_batch(self, record, lines):
+        columns = [*BATCH_COLUMNS, "lines"]
+        async with self._single() as conn:
+            await conn.execute(
+                f"INSERT INTO gw_batches ({', '.join(columns)}) VALUES"
+                f" ({', '.join(f'${i}' for i in range(1, len(columns) + 1))})",
+                *(record.get(c) for c in BATCH_COLUMNS), json.dumps(lines))
+
+    async def batch_record(self, *, batch_id=None, id=None, with_lines=False):
+        columns = [*BATCH_COLUMNS, "lines"] if with_lines else list(BATCH_COLUMNS)
+        key, value = ("batch_id", batch_id) if batch_id is not None else ("id", id)
+        rows = await self._fetch(f"SELECT {', '.join(columns)} FROM gw_batches WHERE {key} = $1", value)
+        if not rows:
+            return None
+        out = dict(rows[0])
+        if with_lines:
+            out["lines"] = json.loads(out["lines"])
+        return out
+
+    async def list_batches(self, user_id, *, limit=20, after=None, messages=False):
+        rows = await self._fetch(
+            f"SELECT {', '.join(BATCH_COLUMNS)} FROM gw_batches WHERE user_id = $1 AND batch_id IS NOT NULL"
+            f" AND endpoint {'=' if messages else '<>'} '/v1/messages'"
+            " AND ($2::text IS NULL OR (created_at, id) <"
+            " (SELECT created_at, id FROM gw_batches WHERE batch_id = $2 AND user_id = $1))"
+            " ORDER BY created_at DESC, id DESC LIMIT $3", user_id, after, limit)
+        return [dict(r) for r in rows]
+
+    async def update_batch(self, id, fields, *, owner=None):
+        unknown = set(fields) - BATCH_UPDATABLE
+        if unknown:
+            raise ValueError(f"not updatable: {sorted(unknown)}")
+        sets = ", ".join(f"{name} = ${i}" for i, name in enumerate(fields, 1))
+        args = [*fields.values(), id]
+        sql = f"UPDATE gw_batches SET {sets} WHERE id = ${len(args)}"
+        if owner is not None:
+            args.append(owner)
+            sql += f" AND lease_owner = ${len(args)}"
+        async with self._single() as conn:
+            done = await conn.execute(sql, *args)
+        return done.endswith(" 1")
+
+    async def claim_batches(self, owner, *, lease, limit, now=None):
+        now = now_or(now)
+        # SKIP LOCKED: two processes claiming at once take different rows, neither waits;
+        # the lease keeps a claimed batch from being polled by another while it is settled.
+        async with self._single() as conn:
+            rows = await conn.fetch(
+                "UPDATE gw_batches SET lease_owner = $1, lease_until = $2 + $3::float8 WHERE id IN ("
+                " SELECT id FROM gw_batches WHERE settled_at IS NULL AND next_poll_at <= $2"
+                " AND (lease_until IS NULL OR lease_until < $2) ORDER BY next_poll_at LIMIT $4 FOR UPDATE SKIP LOCKED)"
+                f" RETURNING {', '.join(BATCH_COLUMNS)}", owner, now, float(lease), limit)
+        return [dict(r) for r in rows]
 
     async def report_query(self, sql, args):
         parts = sql.split("?")

@@ -112,8 +112,14 @@ from gateway.store.base import (
     IdempotencyState,
     InsufficientEnergy,
     AUDIT_COLUMNS,
+    DASHBOARD_SESSION_COLUMNS,
+    OIDC_LOGIN_COLUMNS,
+    BUDGET_COLUMNS,
     KEY_CONTROLS,
     OUTBOX_CLAIMED,
+    BATCH_COLUMNS,
+    BATCH_UPDATABLE,
+    FILE_COLUMNS,
     OUTBOX_LISTED,
     KeyIdentity,
     NotFound,
@@ -127,6 +133,7 @@ from gateway.store.base import (
     check_role,
     check_tier,
     check_workspace_name,
+    budget_row,
     compute_refill,
     hash_key,
     idempotency_decision,
@@ -444,6 +451,87 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         ],
     ),
     (
+        17,  # budgets (gateway/budgets.py, docs/budgets.md): new tables only, nothing rewritten
+        [
+            """CREATE TABLE budgets (
+                id           TEXT PRIMARY KEY,
+                workspace_id TEXT NOT NULL,
+                scope        TEXT NOT NULL,      -- workspace | user | key
+                scope_id     TEXT NOT NULL,
+                unit         TEXT NOT NULL,      -- energy | usd (nano-dollars)
+                amount       INTEGER NOT NULL,
+                period       TEXT NOT NULL,      -- day | week | month | life
+                timezone     TEXT NOT NULL,
+                alerts       TEXT NOT NULL,      -- JSON list of percentages
+                hard         TEXT NOT NULL,      -- refuse | downgrade | none
+                created_at   REAL NOT NULL,
+                updated_at   REAL NOT NULL,
+                UNIQUE (scope, scope_id, unit, period)
+            )""",
+            "CREATE INDEX budgets_workspace ON budgets (workspace_id)",
+            # What a budget spent in one period (held reservations included).
+            """CREATE TABLE budget_spend (
+                budget_id    TEXT NOT NULL,
+                period_start REAL NOT NULL,
+                spent        INTEGER NOT NULL DEFAULT 0,
+                PRIMARY KEY (budget_id, period_start)
+            )""",
+            # One row per reservation and budget: finished with its reservation, once.
+            """CREATE TABLE budget_holds (
+                request_id   TEXT NOT NULL,
+                budget_id    TEXT NOT NULL,
+                period_start REAL NOT NULL,
+                unit         TEXT NOT NULL,
+                amount       INTEGER NOT NULL,
+                final_amount INTEGER,
+                status       TEXT NOT NULL DEFAULT 'reserved',
+                created_at   REAL NOT NULL,
+                PRIMARY KEY (request_id, budget_id)
+            )""",
+            "CREATE INDEX budget_holds_open ON budget_holds (created_at) WHERE status = 'reserved'",
+        ],
+    ),
+    (
+        19,  # files and batches: whose each is, on which upstream; a batch's lease and settlement (gateway/batches.py)
+        [
+            """CREATE TABLE gw_files (
+                file_id      TEXT PRIMARY KEY,
+                user_id      TEXT NOT NULL,
+                workspace_id TEXT NOT NULL,
+                purpose      TEXT NOT NULL,
+                filename     TEXT,
+                bytes        INTEGER,
+                upstream     TEXT NOT NULL,
+                model        TEXT NOT NULL,
+                batch_id     TEXT,           -- a batch's output or error file: served rewritten
+                created_at   REAL NOT NULL
+            )""",
+            "CREATE INDEX gw_files_user ON gw_files (user_id, created_at)",
+            """CREATE TABLE gw_batches (
+                id              TEXT PRIMARY KEY,   -- the gateway's: its energy reservation's request_id
+                batch_id        TEXT UNIQUE,        -- the upstream's, once created
+                user_id         TEXT NOT NULL,
+                workspace_id    TEXT NOT NULL,
+                model           TEXT NOT NULL,
+                upstream        TEXT NOT NULL,
+                endpoint        TEXT NOT NULL,
+                input_file_id   TEXT NOT NULL,
+                action          TEXT NOT NULL,
+                energy_per_line INTEGER NOT NULL,
+                status          TEXT NOT NULL,
+                payload         TEXT,               -- the upstream's last batch object (JSON)
+                lines           TEXT NOT NULL,      -- JSON: the input's custom_ids
+                next_poll_at    REAL NOT NULL,
+                lease_owner     TEXT,
+                lease_until     REAL,
+                settled_at      REAL,
+                created_at      REAL NOT NULL
+            )""",
+            "CREATE INDEX gw_batches_user ON gw_batches (user_id, created_at)",
+            "CREATE INDEX gw_batches_due ON gw_batches (next_poll_at) WHERE settled_at IS NULL",
+        ],
+    ),
+    (
         20,  # background backfills (gateway/store/backfill.py): progress per backfill, with its chunks' writes
         [
             """CREATE TABLE gw_backfills (
@@ -465,6 +553,33 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     (
         21,  # the usage spool (Store.spool_usage): rows refused until a shutdown, for a later process to write
         ["CREATE TABLE gw_usage_spool (id INTEGER PRIMARY KEY, row TEXT NOT NULL, spooled_at REAL NOT NULL)"],
+    ),
+    (
+        22,  # dashboard sign-in (gateway/admin/oidc.py): sessions by the hash of their id, pending logins
+        [
+            """CREATE TABLE dashboard_sessions (
+                id_hash      TEXT PRIMARY KEY,
+                subject      TEXT NOT NULL,
+                email        TEXT,
+                role         TEXT NOT NULL,
+                workspace_id TEXT,
+                created_at   REAL NOT NULL,
+                expires_at   REAL NOT NULL
+            )""",
+            "CREATE INDEX dashboard_sessions_expiry ON dashboard_sessions (expires_at)",
+            """CREATE TABLE oidc_logins (
+                state_hash    TEXT PRIMARY KEY,
+                browser_hash  TEXT NOT NULL,
+                nonce         TEXT NOT NULL,
+                code_verifier TEXT NOT NULL,
+                redirect_uri  TEXT NOT NULL,
+                created_at    REAL NOT NULL,
+                expires_at    REAL NOT NULL
+            )""",
+            "CREATE INDEX oidc_logins_expiry ON oidc_logins (expires_at)",
+            "ALTER TABLE audit_log ADD COLUMN actor_subject TEXT",
+            "ALTER TABLE audit_log ADD COLUMN actor_email TEXT",
+        ],
     ),
 ]
 USAGE_PRUNE_CHUNK = 2000  # raw rows deleted per transaction by prune_usage
@@ -1181,6 +1296,42 @@ class SQLiteStore(Store):
             out.append(entry)
         return out
 
+    # ------------------------------------------------------ dashboard sign-in sessions
+
+    async def create_dashboard_session(self, row):
+        def tx(db):
+            now = row["created_at"]
+            db.execute("DELETE FROM dashboard_sessions WHERE expires_at < ?", (now,))
+            db.execute("DELETE FROM oidc_logins WHERE expires_at < ?", (now,))
+            db.execute(f"INSERT INTO dashboard_sessions ({', '.join(DASHBOARD_SESSION_COLUMNS)})"
+                       f" VALUES ({', '.join('?' for _ in DASHBOARD_SESSION_COLUMNS)})",
+                       tuple(row.get(c) for c in DASHBOARD_SESSION_COLUMNS))
+
+        await self._write(tx)
+
+    async def dashboard_session(self, id_hash):
+        r = await self._fetchone(
+            f"SELECT {', '.join(DASHBOARD_SESSION_COLUMNS)} FROM dashboard_sessions WHERE id_hash = ?", id_hash)
+        return None if r is None else dict(zip(DASHBOARD_SESSION_COLUMNS, r))
+
+    async def delete_dashboard_session(self, id_hash):
+        return await self._write(
+            lambda db: db.execute("DELETE FROM dashboard_sessions WHERE id_hash = ?", (id_hash,)).rowcount > 0)
+
+    async def create_oidc_login(self, row):
+        def tx(db):
+            db.execute("DELETE FROM oidc_logins WHERE expires_at < ?", (row["created_at"],))
+            db.execute(f"INSERT INTO oidc_logins ({', '.join(OIDC_LOGIN_COLUMNS)})"
+                       f" VALUES ({', '.join('?' for _ in OIDC_LOGIN_COLUMNS)})",
+                       tuple(row.get(c) for c in OIDC_LOGIN_COLUMNS))
+
+        await self._write(tx)
+
+    async def take_oidc_login(self, state_hash):
+        r = await self._write(lambda db: _one(
+            db, f"DELETE FROM oidc_logins WHERE state_hash = ? RETURNING {', '.join(OIDC_LOGIN_COLUMNS)}", state_hash))
+        return None if r is None else dict(zip(OIDC_LOGIN_COLUMNS, r))
+
     # -------------------------------------------------------------------- alerts
 
     async def enqueue_alerts(self, rows, *, now=None):
@@ -1258,21 +1409,26 @@ class SQLiteStore(Store):
         )
         return [_entry(r) for r in rows]
 
-    async def reserve_energy(self, user_id, amount, request_id, *, refill=None, now=None):
-        return await self.reserve_energy_soon(user_id, amount, request_id, refill=refill, now=now)
+    async def reserve_energy(self, user_id, amount, request_id, *, refill=None, now=None, budgets=()):
+        return await self.reserve_energy_soon(user_id, amount, request_id, refill=refill, now=now, budgets=budgets)
 
-    def reserve_energy_soon(self, user_id, amount, request_id, *, refill=None, now=None):
+    def reserve_energy_soon(self, user_id, amount, request_id, *, refill=None, now=None, budgets=()):
         # The loop's own connection, at the end of this loop turn: awaited before dispatch,
         # no thread hop; overlapped with the upstream call, it runs right after the request
         # went out (the handler's first wait), while the upstream works.
         check_amount(amount)
+        if budgets:
+            for hold in budgets:
+                check_amount(hold.amount, "budget hold")
+            return self._write_inline(_reserve_with_budgets, (user_id, amount, request_id, refill, now_or(now),
+                                                              tuple(budgets)))
         return self._write_inline(_reserve, (user_id, amount, request_id, refill, now_or(now)))
 
-    async def settle_energy(self, request_id, final_amount=None, *, now=None):
+    async def settle_energy(self, request_id, final_amount=None, *, usd_final=None, now=None):
         if final_amount is not None:
             check_amount(final_amount, "final_amount")
         return await self._write(_finish_reservation, request_id, "settled", final_amount,
-                                 "settle", None, now_or(now))
+                                 "settle", None, now_or(now), usd_final)
 
     async def refund_energy(self, request_id, reason=None, *, now=None):
         return await self._write(_finish_reservation, request_id, "refunded", None, "refund",
@@ -1282,12 +1438,15 @@ class SQLiteStore(Store):
         if not request_ids:
             return 0
         now = now_or(now)
+        usd = {item[0]: item[1] for item in request_ids if isinstance(item, tuple)}
+        request_ids = [item[0] if isinstance(item, tuple) else item for item in request_ids]
         # executemany: the per-id loop runs in C. The ledger rows first, while the
         # reservations are still 'reserved' (that condition is what makes it once only),
         # so an id must appear once in the batch.
         ledger = [(now, request_id) for request_id in dict.fromkeys(request_ids)]
 
         def tx(db, part):
+            _finish_holds(db, [request_id for _, request_id in part], "settled", None, usd)
             db.executemany(_SETTLE_LEDGER, part)
             before = db.total_changes
             db.executemany(_SETTLE_FULL, part)
@@ -1309,6 +1468,74 @@ class SQLiteStore(Store):
             db.execute("UPDATE users SET energy = ? WHERE id = ?", (balance, user_id))
             _ledger_row(db, user_id, None, kind, amount, balance, reason, now)
             return balance
+
+        return await self._write(tx)
+
+    # ------------------------------------------------------------------- budgets
+
+    async def set_budget(self, *, workspace_id, scope, scope_id, unit, amount, period, timezone, alerts, hard,
+                         now=None):
+        now = now_or(now)
+        alerts_json = json.dumps(sorted(set(alerts)))
+
+        def tx(db):
+            row = _one(db, f"SELECT {', '.join(BUDGET_COLUMNS)} FROM budgets"
+                           " WHERE scope = ? AND scope_id = ? AND unit = ? AND period = ?", scope, scope_id, unit, period)
+            before = None if row is None else budget_row(row)
+            if before is None:
+                budget_id = new_id("bud")
+                db.execute(f"INSERT INTO budgets ({', '.join(BUDGET_COLUMNS)}) VALUES ({', '.join('?' * len(BUDGET_COLUMNS))})",
+                           (budget_id, workspace_id, scope, scope_id, unit, amount, period, timezone, alerts_json, hard,
+                            now, now))
+            else:
+                budget_id = before.id
+                db.execute("UPDATE budgets SET amount = ?, timezone = ?, alerts = ?, hard = ?, updated_at = ?"
+                           " WHERE id = ?", (amount, timezone, alerts_json, hard, now, budget_id))
+            after = budget_row(_one(db, f"SELECT {', '.join(BUDGET_COLUMNS)} FROM budgets WHERE id = ?", budget_id))
+            return before, after
+
+        return await self._write(tx)
+
+    async def delete_budget(self, budget_id):
+        def tx(db):
+            row = _one(db, f"SELECT {', '.join(BUDGET_COLUMNS)} FROM budgets WHERE id = ?", budget_id)
+            if row is None:
+                return None
+            db.execute("DELETE FROM budgets WHERE id = ?", (budget_id,))
+            db.execute("DELETE FROM budget_spend WHERE budget_id = ?", (budget_id,))
+            return budget_row(row)
+
+        return await self._write(tx)
+
+    async def list_budgets(self, workspace_id=None):
+        rows = await self._fetchall(
+            f"SELECT {', '.join(BUDGET_COLUMNS)} FROM budgets WHERE (? IS NULL OR workspace_id = ?)"
+            " ORDER BY workspace_id, scope, scope_id, unit, period", workspace_id, workspace_id)
+        return [budget_row(r) for r in rows]
+
+    async def budget_spent(self, periods):
+        if not periods:
+            return {}
+
+        def read(db):
+            out = {}
+            for budget_id, start in periods:
+                r = _one(db, "SELECT spent FROM budget_spend WHERE budget_id = ? AND period_start = ?", budget_id, start)
+                out[(budget_id, start)] = r[0] if r else 0
+            return out
+
+        return await self._read(read)
+
+    async def finish_orphan_holds(self, *, now=None):
+        def tx(db):
+            rows = db.execute(
+                "SELECT h.request_id, r.status FROM budget_holds h LEFT JOIN reservations r ON r.request_id = h.request_id"
+                " WHERE h.status = 'reserved' AND (r.status IS NULL OR r.status <> 'reserved')").fetchall()
+            done = 0
+            for status in ("settled", "refunded"):
+                ids = [rid for rid, st in rows if (st == "settled") == (status == "settled")]
+                done += _finish_holds(db, ids, status, None, {}, open_only=False)
+            return done
 
         return await self._write(tx)
 
@@ -1468,6 +1695,97 @@ class SQLiteStore(Store):
 
     async def forget_response(self, response_id):
         await self._write(lambda db: db.execute("DELETE FROM stored_responses WHERE response_id = ?", (response_id,)))
+
+    # ------------------------------------------------------------ files and batches
+
+    async def remember_file(self, record):
+        values = tuple(record.get(c) for c in FILE_COLUMNS)
+        await self._write(lambda db: db.execute(
+            f"INSERT INTO gw_files ({', '.join(FILE_COLUMNS)}) VALUES ({', '.join('?' for _ in FILE_COLUMNS)})"
+            " ON CONFLICT (file_id) DO NOTHING", values))
+
+    async def stored_file(self, file_id):
+        row = await self._fetchone(f"SELECT {', '.join(FILE_COLUMNS)} FROM gw_files WHERE file_id = ?", file_id)
+        return None if row is None else dict(zip(FILE_COLUMNS, row))
+
+    async def list_files(self, user_id, *, purpose=None, limit=100, after=None):
+        sql, args = f"SELECT {', '.join(FILE_COLUMNS)} FROM gw_files WHERE user_id = ?", [user_id]
+        if purpose is not None:
+            sql += " AND purpose = ?"
+            args.append(purpose)
+        if after is not None:
+            sql += (" AND (created_at, file_id) < (SELECT created_at, file_id FROM gw_files WHERE file_id = ?"
+                    " AND user_id = ?)")
+            args += [after, user_id]
+        rows = await self._fetchall(sql + " ORDER BY created_at DESC, file_id DESC LIMIT ?", *args, limit)
+        return [dict(zip(FILE_COLUMNS, r)) for r in rows]
+
+    async def forget_file(self, file_id):
+        await self._write(lambda db: db.execute("DELETE FROM gw_files WHERE file_id = ?", (file_id,)))
+
+    async def insert_batch(self, record, lines):
+        columns = [*BATCH_COLUMNS, "lines"]
+        values = tuple(record.get(c) for c in BATCH_COLUMNS) + (json.dumps(lines),)
+
+        def tx(db):
+            try:
+                db.execute(f"INSERT INTO gw_batches ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})",
+                           values)
+            except sqlite3.IntegrityError as exc:
+                raise StoreConflict(str(exc)) from None
+
+        await self._write(tx)
+
+    async def batch_record(self, *, batch_id=None, id=None, with_lines=False):
+        columns = [*BATCH_COLUMNS, "lines"] if with_lines else list(BATCH_COLUMNS)
+        key, value = ("batch_id", batch_id) if batch_id is not None else ("id", id)
+        row = await self._fetchone(f"SELECT {', '.join(columns)} FROM gw_batches WHERE {key} = ?", value)
+        if row is None:
+            return None
+        out = dict(zip(columns, row))
+        if with_lines:
+            out["lines"] = json.loads(out["lines"])
+        return out
+
+    async def list_batches(self, user_id, *, limit=20, after=None, messages=False):
+        sql, args = f"SELECT {', '.join(BATCH_COLUMNS)} FROM gw_batches WHERE user_id = ? AND batch_id IS NOT NULL" \
+            f" AND endpoint {'=' if messages else '<>'} '/v1/messages'", [user_id]
+        if after is not None:
+            sql += (" AND (created_at, id) < (SELECT created_at, id FROM gw_batches WHERE batch_id = ?"
+                    " AND user_id = ?)")
+            args += [after, user_id]
+        rows = await self._fetchall(sql + " ORDER BY created_at DESC, id DESC LIMIT ?", *args, limit)
+        return [dict(zip(BATCH_COLUMNS, r)) for r in rows]
+
+    async def update_batch(self, id, fields, *, owner=None):
+        unknown = set(fields) - BATCH_UPDATABLE
+        if unknown:
+            raise ValueError(f"not updatable: {sorted(unknown)}")
+        sets = ", ".join(f"{name} = ?" for name in fields)
+        sql, args = f"UPDATE gw_batches SET {sets} WHERE id = ?", [*fields.values(), id]
+        if owner is not None:
+            sql += " AND lease_owner = ?"
+            args.append(owner)
+        return await self._write(lambda db: db.execute(sql, args).rowcount == 1)
+
+    async def claim_batches(self, owner, *, lease, limit, now=None):
+        now = now_or(now)
+
+        def tx(db):
+            # BEGIN IMMEDIATE holds the file's write lock: another process's claim waits for
+            # this one's commit and then sees the lease.
+            rows = db.execute(
+                f"SELECT {', '.join(BATCH_COLUMNS)} FROM gw_batches WHERE settled_at IS NULL AND next_poll_at <= ?"
+                " AND (lease_until IS NULL OR lease_until < ?) ORDER BY next_poll_at LIMIT ?",
+                (now, now, limit)).fetchall()
+            db.executemany("UPDATE gw_batches SET lease_owner = ?, lease_until = ? WHERE id = ?",
+                           [(owner, now + lease, r[0]) for r in rows])
+            out = [dict(zip(BATCH_COLUMNS, r)) for r in rows]
+            for record in out:
+                record["lease_owner"], record["lease_until"] = owner, now + lease
+            return out
+
+        return await self._write(tx)
 
     async def report_query(self, sql, args):
         def query(db: sqlite3.Connection) -> list[dict[str, Any]]:
@@ -1647,10 +1965,71 @@ _SETTLE_FULL = (
 )
 
 
+def _reserve_with_budgets(db: sqlite3.Connection, user_id: str, amount: int, request_id: str,
+                          refill: tuple[int, float] | None, now: float, holds: tuple) -> Reservation:
+    """_reserve and the budget holds, in one savepoint: the budgets first (each enforced one
+    must have room), then the energy; the holds are written only when both passed."""
+    spent = []
+    for hold in holds:
+        r = _one(db, "SELECT spent FROM budget_spend WHERE budget_id = ? AND period_start = ?",
+                 hold.budget_id, hold.period_start)
+        current = r[0] if r else 0
+        if hold.enforce and current + hold.amount > hold.limit:
+            u = _one(db, "SELECT energy FROM users WHERE id = ?", user_id)
+            if u is None:
+                raise NotFound(f"user {user_id!r}")
+            return Reservation(False, u[0], 0, budget_refused=hold.budget_id)
+        spent.append(current)
+    result = _reserve(db, user_id, amount, request_id, refill, now)
+    if not result.ok:
+        return result
+    after = []
+    for hold, current in zip(holds, spent):
+        db.execute("INSERT INTO budget_spend (budget_id, period_start, spent) VALUES (?, ?, ?)"
+                   " ON CONFLICT (budget_id, period_start) DO UPDATE SET spent = spent + excluded.spent",
+                   (hold.budget_id, hold.period_start, hold.amount))
+        db.execute("INSERT INTO budget_holds (request_id, budget_id, period_start, unit, amount, created_at)"
+                   " VALUES (?, ?, ?, ?, ?, ?)",
+                   (request_id, hold.budget_id, hold.period_start, hold.unit, hold.amount, now))
+        after.append(current + hold.amount)
+    return Reservation(True, result.balance, result.refilled, budget_spent=tuple(after))
+
+
+def _finish_holds(db: sqlite3.Connection, request_ids: list[str], status: str, energy_final: int | None,
+                  usd: dict[str, int | None], *, open_only: bool = True) -> int:
+    """The budget holds of these requests follow their reservation (before it is finished:
+    `open_only`, only those whose reservation is still reserved): refunded, each hold's
+    amount leaves its period's spend; settled, an energy hold at `energy_final` (None: as
+    held), a USD one at `usd[request_id]` nano-dollars (None or absent: as held)."""
+    done = 0
+    for request_id in request_ids:
+        if open_only and not _one(db, "SELECT 1 FROM reservations WHERE request_id = ? AND status = 'reserved'",
+                                  request_id):
+            continue
+        for budget_id, start, unit, amount in db.execute(
+                "SELECT budget_id, period_start, unit, amount FROM budget_holds"
+                " WHERE request_id = ? AND status = 'reserved'", (request_id,)).fetchall():
+            if status == "refunded":
+                final = 0
+            elif unit == "usd":
+                final = amount if usd.get(request_id) is None else usd[request_id]
+            else:
+                final = amount if energy_final is None else min(energy_final, amount)
+            db.execute("UPDATE budget_holds SET status = ?, final_amount = ? WHERE request_id = ? AND budget_id = ?",
+                       (status, final, request_id, budget_id))
+            if final != amount:
+                db.execute("UPDATE budget_spend SET spent = spent + ? WHERE budget_id = ? AND period_start = ?",
+                           (final - amount, budget_id, start))
+            done += 1
+    return done
+
+
 def _finish_reservation(db: sqlite3.Connection, request_id: str, status: str,
                         final_amount: int | None, kind: str, reason: str | None,
-                        now: float) -> int | None:
-    """reserved -> settled/refunded, returning `back` energy; None if not reserved."""
+                        now: float, usd_final: int | None = None) -> int | None:
+    """reserved -> settled/refunded, returning `back` energy; None if not reserved. The
+    request's budget holds follow in the same transaction (_finish_holds)."""
+    _finish_holds(db, [request_id], status, final_amount, {request_id: usd_final})
     # The conditional update is the state machine: only one caller ever sees the row in
     # 'reserved', every later settle/refund finds nothing to do.
     res = _one(db, "UPDATE reservations SET status = ?, finished_at = ?"

@@ -9,7 +9,13 @@ HTML/CSS/JS and uPlot is vendored with its license (static/vendor/uplot/). The o
 signs in with an admin key (master: every workspace; workspace admin: its own); the page
 keeps it in sessionStorage and sends it as a Bearer header to the same /admin JSON API the
 CLI uses, so every number it shows is one the API returns. Fields the API does not return
-(yet) are shown as "—".
+(yet) are shown as "—". With `dashboard.oidc` set the page also offers sign-in with the
+identity provider (gateway/admin/oidc.py: a session cookie instead of the key).
+
+    static/api.js        api(method, path, body): the page's one door to the API (auth lives there)
+    static/dashboard.js  the overview (totals, charts, reports), sign-in
+    static/console.js    the management pages: users, a user's page, workspaces, audit, alerts
+                         (docs/admin.md "Managing from the page"); every change is an /admin call
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ RECENT_ERRORS = 20
 # Recent errors are looked for in the last hour of the log: a LIMITed query on the store's
 # report connection, so a busy hour costs the database a short index scan, never the loop.
 RECENT_ERRORS_WINDOW = 3600.0
+PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self';"
+            " object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 ERROR_FIELDS = ("request_id", "created_at", "user_id", "workspace_id", "model", "provider", "action",
                 "status", "error_type")
 
@@ -68,6 +76,9 @@ def dashboard_routes() -> list[web.AbstractRouteDef]:
         response = web.FileResponse(STATIC_DIR / "index.html")
         response.headers["Cache-Control"] = "no-store"
         response.headers["X-Frame-Options"] = "DENY"
+        # The page runs only its own files: text from the store that ever reached the DOM as
+        # HTML could not run a script (console.js writes it as text; this is the second wall).
+        response.headers["Content-Security-Policy"] = PAGE_CSP
         return response
 
     async def live(request: web.Request) -> web.Response:

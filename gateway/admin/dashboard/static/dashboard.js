@@ -1,9 +1,9 @@
 // The gateway's dashboard: reads the /admin JSON API with the admin key the operator
-// signed in with (kept in sessionStorage: gone when the tab closes) and renders it.
+// signed in with (kept in sessionStorage: gone when the tab closes), or with the session of
+// a sign-in with the identity provider (static/api.js sends either), and renders it.
 // Every number shown is a number the API returned; a field the API does not return is "—".
 "use strict";
 
-const KEY_STORAGE = "gateway.adminKey";
 const REFRESH_SECONDS = Number(new URLSearchParams(location.search).get("refresh")) || 15;
 const DASH = "—";
 const WINDOW_DAYS = { "1h": 1, "24h": 1, "7d": 7, "30d": 30 };
@@ -14,28 +14,12 @@ let timer = null;
 let chart = null;
 let scope = null;
 
-class ApiFailure extends Error {
-  constructor(status, message) { super(message); this.status = status; }
-}
-
-async function api(path) {
-  const key = sessionStorage.getItem(KEY_STORAGE);
-  let response;
-  try {
-    response = await fetch(path, { headers: { Authorization: "Bearer " + key }, cache: "no-store" });
-  } catch (err) {
-    throw new ApiFailure(0, "could not reach the gateway (" + err.message + ")");
-  }
-  let body = null;
-  try { body = await response.json(); } catch (_) { /* not JSON: described below */ }
-  if (!response.ok) {
-    const message = body && body.error && body.error.message ? body.error.message : "HTTP " + response.status;
-    throw new ApiFailure(response.status, message);
-  }
-  return body;
-}
+// api(method, path, body) and ApiFailure: api.js, the page's one door to the gateway.
 
 function signInMessage(failure) {
+  if (!gatewayApi.hasKey() && (failure.status === 401 || failure.status === 403)) {
+    return "Your sign-in session has ended (" + failure.message + "). Sign in again.";
+  }
   if (failure.status === 401) {
     return "That key was not accepted (" + failure.message + "). Use the master key or a workspace admin key.";
   }
@@ -297,6 +281,30 @@ function renderErrors(live) {
 
 // ---------------------------------------------------------------- refresh loop
 
+// Budgets (GET /admin/budgets): a read-only table; text only through textContent (fillTable).
+function fmtBudget(unit, v) {
+  return unit === "usd" ? fmtUsd(v) : fmtInt(v) + " energy";
+}
+
+async function refreshBudgets() {
+  let rows;
+  try {
+    rows = await api("/admin/budgets" + query({}));
+  } catch (err) {
+    if (err instanceof ApiFailure && (err.status === 401 || err.status === 403)) throw err;
+    rows = [];
+  }
+  fillTable("#budgets-table", rows, [
+    (b) => [b.id],
+    (b) => [b.scope + " " + b.scope_id],
+    (b) => [b.period === "life" ? "lifetime" : b.period + " (" + b.timezone + ")"],
+    (b) => [fmtBudget(b.unit, b.amount), true],
+    (b) => [fmtBudget(b.unit, b.spent), true],
+    (b) => [fmtBudget(b.unit, b.remaining), true],
+    (b) => [b.hard === "none" ? "alerts only" : b.hard],
+  ], "no budgets");
+}
+
 function query(params) {
   const workspace = $("#workspace").value;
   const all = workspace ? { ...params, workspace } : params;
@@ -308,21 +316,21 @@ async function refresh() {
   const days = WINDOW_DAYS[windowValue] || 1;
   try {
     const [metrics, daily, actions, weekly, experiments, workspaces, live] = await Promise.all([
-      api("/admin/metrics" + query({ window: windowValue })),
-      api("/admin/usage/daily" + query({ days })),
-      api("/admin/usage/actions" + query({ days })),
-      api("/admin/usage/weekly" + query({ days: WEEKLY_DAYS })),
-      api("/admin/usage/experiments" + query({ days })),
-      api("/admin/workspaces"),
-      api("/admin/dashboard/live" + query({})),
+      api("GET", "/admin/metrics" + query({ window: windowValue })),
+      api("GET", "/admin/usage/daily" + query({ days })),
+      api("GET", "/admin/usage/actions" + query({ days })),
+      api("GET", "/admin/usage/weekly" + query({ days: WEEKLY_DAYS })),
+      api("GET", "/admin/usage/experiments" + query({ days })),
+      api("GET", "/admin/workspaces"),
+      api("GET", "/admin/dashboard/live" + query({})),
     ]);
     // /admin/metrics' own top users (the chosen window, with tier and balance) when it has
     // them; otherwise the top-users report joined with the user list.
     let top = pick(metrics, ["topUsers"]);
     let users = [];
     if (top === undefined) {
-      [top, users] = await Promise.all([api("/admin/usage/top-users" + query({ days, limit: 10 })).then((r) => r.rows),
-                                        api("/admin/users" + query({}))]);
+      [top, users] = await Promise.all([api("GET", "/admin/usage/top-users" + query({ days, limit: 10 })).then((r) => r.rows),
+                                        api("GET", "/admin/users" + query({}))]);
     }
     renderTotals(metrics, live);
     renderDaily(daily.rows);
@@ -333,6 +341,7 @@ async function refresh() {
     renderWeekly(weekly.rows);
     renderExperiments(experiments.rows);
     renderErrors(live);
+    await refreshBudgets();
     if (scope === "master") fillWorkspaces(workspaces);
     $("#refresh-error").hidden = true;
     const now = new Date();
@@ -369,18 +378,22 @@ function stopRefreshing() {
 
 // ---------------------------------------------------------------- sign-in
 
-async function signIn(key) {
-  sessionStorage.setItem(KEY_STORAGE, key);
+async function signIn(key, session) {
+  if (key) gatewayApi.useKey(key);
   try {
-    const live = await api("/admin/dashboard/live");
+    const live = await api("GET", "/admin/dashboard/live");
     scope = live.scope;
-    setText("#whoami", scope === "master" ? "master key: every workspace" : "workspace admin: " + live.workspaceId);
+    setText("#whoami", session ? sessionText(session)
+      : scope === "master" ? "master key: every workspace" : "workspace admin: " + live.workspaceId);
+    document.body.dataset.role = session ? session.role : scope;
     $("#workspace-control").hidden = scope !== "master";
     $("#signin-panel").hidden = true;
     $("#signin-error").hidden = true;
     $("#session").hidden = false;
     $("#app").hidden = false;
     document.body.dataset.scope = scope;
+    // The management pages (console.js) learn who signed in from this event.
+    document.dispatchEvent(new CustomEvent("gateway:signed-in", { detail: { scope, workspaceId: live.workspaceId } }));
     startRefreshing();
   } catch (err) {
     signOut(err instanceof ApiFailure ? signInMessage(err) : String(err));
@@ -389,10 +402,12 @@ async function signIn(key) {
 
 function signOut(message) {
   stopRefreshing();
-  sessionStorage.removeItem(KEY_STORAGE);
+  gatewayApi.signOut();
   scope = null;
   delete document.body.dataset.scope;
+  delete document.body.dataset.role;
   delete document.body.dataset.refreshedAt;
+  document.dispatchEvent(new CustomEvent("gateway:signed-out"));
   $("#app").hidden = true;
   $("#session").hidden = true;
   $("#signin-panel").hidden = false;
@@ -411,4 +426,25 @@ $("#signout").addEventListener("click", () => signOut(""));
 $("#window").addEventListener("change", refresh);
 $("#workspace").addEventListener("change", refresh);
 
-if (sessionStorage.getItem(KEY_STORAGE)) signIn(sessionStorage.getItem(KEY_STORAGE));
+// ---------------------------------------------------------------- sign-in with the identity provider
+
+function sessionText(session) {
+  const who = session.email || session.subject;
+  if (session.role === "master") return who + " · master: every workspace";
+  const workspace = session.workspaceName || session.workspaceId;
+  if (session.role === "workspace_admin") return who + " · workspace admin: " + workspace;
+  return who + " · viewer (read-only)" + (session.workspaceId ? ": " + workspace : "");
+}
+
+async function boot() {
+  if (gatewayApi.hasKey()) { signIn(null, null); return; }
+  const [session, provider] = await Promise.all([gatewayApi.session().catch(() => null), gatewayApi.provider()]);
+  if (provider) {
+    setText("#sso-name", provider.name);
+    $("#sso-button").href = provider.login;
+    $("#sso").hidden = false;
+  }
+  if (session) signIn(null, session);
+}
+
+boot();
