@@ -52,7 +52,7 @@ from gateway.providers.litellm import use_blocking_executor  # noqa: E402
 from gateway.reload import check_config, reload_config, watch_config_file  # noqa: E402
 from gateway.router import Router  # noqa: E402
 from gateway.state import GATEWAY, SERVICES, Gateway, Snapshot  # noqa: E402
-from gateway.store import StoreUnavailable  # noqa: E402
+from gateway.store import StoreUnavailable, backfill  # noqa: E402
 from gateway.telemetry import build_telemetry, telemetry_cleanup  # noqa: E402
 from gateway.usage import unpriced_models, warm_up  # noqa: E402
 from gateway.workers import ready_line  # noqa: E402
@@ -227,6 +227,8 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
     app[BATCHES] = BatchService(gw)  # files and batches: the upstream client, the poller (gateway/batches.py)
     app.cleanup_ctx.append(batches_cleanup(app[BATCHES]))
     app.cleanup_ctx.append(reload_ctx)
+    # After everything else started, stopped first: history after the gateway listens.
+    app.cleanup_ctx.append(backfill.runner_ctx(lambda: gw.store, config.store.backfill_pace))
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/chat/completions", chat_completions)
     app.router.add_post("/v1/responses", responses_create)

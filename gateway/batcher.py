@@ -13,8 +13,10 @@ sees one call per batch instead of one per request.
   invalid (ValueError/TypeError: a bug upstream of us) is logged and dropped alone.
 * `flush()` writes what is pending now (tests, and anything that must read its own writes).
 * `close()` writes everything still pending, then stops. It is called at shutdown after
-  the in-flight requests have ended, so SIGTERM loses nothing (unless the database stays
-  unreachable past the shutdown deadline: then the count given up on is logged).
+  the in-flight requests have ended, so SIGTERM loses nothing. When the database stays
+  unreachable (or refuses the rows) past the shutdown deadline, the items stay counted in
+  `depth`: the endings journal then keeps its segments and the next start replays them
+  (``write_behind_abandoned`` logs the count).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class WriteBehind(Generic[T]):
         self.flush_interval = flush_interval
         self.max_pending = max(max_pending, 1)
         self.written = 0
+        self.abandoned = 0  # items close() gave up on (left to the endings journal)
         self._pending: list[T] = []
         self._writing = 0
         self._wake = asyncio.Event()  # the writer: a batch is full, or closing
@@ -79,10 +82,13 @@ class WriteBehind(Generic[T]):
             self._wake.set()
             await self._progress.wait()
 
-    async def close(self, timeout: float | None = None) -> None:
+    async def close(self, timeout: float | None = None,
+                    spill: Callable[[list[T]], Awaitable[Any]] | None = None) -> None:
         """Write everything pending, then stop the writer. With a `timeout` (shutdown
         must end even when the database is gone), what is still unwritten after it is
-        given up on and logged loudly (`write_behind_abandoned`, with the count)."""
+        given up on and logged loudly (`write_behind_abandoned`, with the count), then
+        handed to `spill` (a last resort elsewhere: the usage spool) if given; what that
+        does not take stays pending, for the endings journal to keep."""
         self._closing = True
         self._wake.set()
         if self._task is None:
@@ -94,8 +100,22 @@ class WriteBehind(Generic[T]):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+            # Still counted in `depth` (the batch being written is put back): the endings
+            # journal keeps its segments while anything is unwritten, so the next process
+            # replays them (gateway/journal.py) instead of this shutdown dropping them.
+            self.abandoned = lost
             log.error("write_behind_abandoned", writer=self.name, items=lost,
-                      hint="the database did not take them before the shutdown deadline")
+                      hint="the database did not take them before the shutdown deadline;"
+                           " spooled, or kept in the endings journal, written by a later process")
+            if spill is not None and self._pending:
+                try:
+                    await asyncio.wait_for(spill(list(self._pending)), 5.0)
+                except Exception:  # noqa: BLE001 — the journal keeps them
+                    log.exception("write_behind_spill_failed", writer=self.name, items=len(self._pending))
+                else:
+                    log.warning("write_behind_spooled", writer=self.name, items=len(self._pending),
+                                hint="written by the next process whose database takes them")
+                    self._pending.clear()
 
     async def _run(self) -> None:
         while True:
@@ -114,6 +134,9 @@ class WriteBehind(Generic[T]):
             self._room.set()
             try:
                 await self._write_with_retry(batch)
+            except asyncio.CancelledError:
+                self._pending[:0] = batch  # not written: pending again (close() counts it)
+                raise
             finally:
                 self._writing = 0
             self.written += len(batch)

@@ -94,6 +94,9 @@ class StoreConfig(_Strict):
     pgbouncer: bool = False
     # asyncpg's prepared statement cache per connection; default 100, or 0 with pgbouncer.
     statement_cache_size: int | None = Field(None, ge=0)
+    # Background backfills (gateway/store/backfill.py, docs/upgrades.md): the share of the
+    # wall clock a serving process gives them after a migration; 0: this process runs none.
+    backfill_pace: float = Field(0.25, ge=0, le=1)
 
     def backend_options(self) -> dict[str, Any]:
         """Keyword arguments of gateway.store.open_store for these settings."""

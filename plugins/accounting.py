@@ -133,6 +133,7 @@ class Accounting(Plugin):
         self._week_cost = USD_ZERO
         self._week_warned = False
         self._pruner: asyncio.Task | None = None
+        self._drainer: asyncio.Task | None = None
 
     @property
     def depth(self) -> int:
@@ -151,6 +152,22 @@ class Accounting(Plugin):
         await self._load_week_cost()
         if self.services.config.store.usage_retention is not None:
             self._pruner = asyncio.create_task(self._prune_usage_hourly(), name="usage-retention")
+        self._drainer = asyncio.create_task(self._drain_spool_forever(), name="usage-spool")
+
+    SPOOL_INTERVAL = 30.0
+
+    async def _drain_spool_forever(self) -> None:
+        """Rows another process could not write before it stopped (the usage spool): written
+        here, at start and every SPOOL_INTERVAL, as soon as this process's database takes them."""
+        while True:
+            try:
+                while (drained := await self.services.store.drain_usage_spool()):
+                    log.warning("usage_spool_drained", rows=drained)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 — still refused: kept, tried again later
+                log.warning("usage_spool_not_drained", error=f"{type(exc).__name__}: {str(exc)[:200]}")
+            await asyncio.sleep(self.SPOOL_INTERVAL)
 
     PRUNE_INTERVAL = 3600.0
 
@@ -172,8 +189,13 @@ class Accounting(Plugin):
             self._pruner = None
         if self.rows is None:
             return
-        # Everything recorded so far gets written (or, past the deadline, is logged as lost).
-        await self.rows.close(timeout=self.services.config.server.shutdown_grace)
+        if self._drainer is not None:
+            self._drainer.cancel()
+            self._drainer = None
+        # Everything recorded so far gets written; past the deadline the rows the database
+        # still refuses go to the usage spool (docs/upgrades.md), else stay in the journal.
+        await self.rows.close(timeout=self.services.config.server.shutdown_grace,
+                              spill=self.services.store.spool_usage)
         log.info("usage_log_flushed", rows_written=self.written)
 
     async def flush(self) -> None:

@@ -98,16 +98,15 @@ def test_pods_run_as_non_root_on_a_read_only_root_filesystem(workload):
         assert {"secretRef": {"name": only("Secret")["metadata"]["name"]}} in container["envFrom"]
 
 
-def test_the_migration_job_opens_the_store_with_the_deployments_image_and_config():
-    """No `migrate` command yet: an admin command that opens the store (which migrates it,
-    versioned and locked) and exits is the migration (docs/containers.md)."""
+def test_the_migration_job_runs_migrate_with_the_deployments_image_and_config():
+    """`migrate` applies the schema step ahead of the rollout (docs/upgrades.md)."""
     job = only("Job")["spec"]["template"]["spec"]
     pod = only("Deployment")["spec"]["template"]["spec"]
     (migrate,), (gateway,) = job["containers"], pod["containers"]
     assert migrate["image"] == gateway["image"]
     assert job["restartPolicy"] == "Never"
     args = build_parser().parse_args(migrate["args"])
-    assert args.command == "workspaces" and args.action == "list"
+    assert args.command == "migrate" and not args.plan
     assert job["volumes"][0]["configMap"] == pod["volumes"][0]["configMap"]
 
 

@@ -137,6 +137,7 @@ async def open_store_or_explain(config: Any) -> Any:
     """The opened store; an unreachable database is an operator error stated plainly (an
     ApiError the commands print), not a traceback."""
     from gateway.store import open_store
+    from gateway.store.migrations import MigrationError
 
     store = open_store(config.store.url, **config.store.backend_options())
     try:
@@ -145,6 +146,8 @@ async def open_store_or_explain(config: Any) -> Any:
         where = config.store.url.split("?")[0].split("@")[-1]  # never print credentials
         raise ApiError(503, f"cannot open the store at {where}: {exc}", type="server_error",
                        code="store_unavailable") from None
+    except MigrationError as exc:  # a newer release's schema, a migration behind a lock (docs/upgrades.md)
+        raise ApiError(503, str(exc), type="server_error", code="store_schema") from None
     return store
 
 

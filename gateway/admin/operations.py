@@ -18,7 +18,7 @@ from typing import Any
 from gateway.config import Config
 from gateway.directory import Directory
 from gateway.errors import ApiError
-from gateway.store import NotFound, StoreConflict
+from gateway.store import NotFound, StoreConflict, backfill
 
 # Balances are 64-bit integers in both stores; an amount past this bound is a typo, and
 # past 2**63 it would surface as a database overflow (a 500 / a CLI traceback).
@@ -688,7 +688,9 @@ class Admin:
             raise ApiError(400, "window must be from 1s to 3660d", param="window")
         workspace_id = await self.report_workspace(scope, workspace)
         numbers = await dashboard(self.store, time.time() - window_seconds, workspace_id)
-        return {**numbers, "windowSeconds": window_seconds, "workspaceId": workspace_id}
+        # "backfilling, 42%" while a migration's history is filled in (gateway/store/backfill.py)
+        progress = backfill.summary(await self.store.backfill_states())
+        return {**numbers, "windowSeconds": window_seconds, "workspaceId": workspace_id, "backfill": progress}
 
     async def report_workspace(self, scope: Scope, workspace: str | None) -> str | None:
         if workspace is not None:

@@ -16,7 +16,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from gateway.money import USD_ZERO, usd
-from gateway.store.rollup import BUCKETS, MAIN, coarse_percentile, hist_percentile
+from gateway.store import backfill
+from gateway.store.rollup import BUCKETS, GROUPS, MAIN, coarse_percentile, hist_percentile
 
 REPORTS = ("daily", "top-users", "actions", "weekly", "experiments")  # experiments: gateway/feedback.py
 # Each query sums only what its report shows: SQLite's cost is per row *and* column summed.
@@ -172,4 +173,9 @@ async def build_report(store: Any, kind: str, *, days: int = 7, workspace_id: st
     report: dict[str, Any] = {"report": kind, "days": days, "workspace_id": workspace_id, "rows": data}
     if kind == "weekly" and threshold is not None:
         report["threshold_exceeded"] = [w["week"] for w in data if w["over_threshold"]]
+    # A rollup these numbers come from still being backfilled: say so (docs/upgrades.md).
+    progress = backfill.summary(await store.backfill_states())
+    read = {table for family, _ in GROUPS.values() for table in family.tables.values()}
+    if progress and any(read & set(b["tables"]) for b in progress["backfills"]):
+        report["backfill"] = progress
     return report

@@ -655,8 +655,10 @@ class Store(abc.ABC):
 
     # lifecycle
     @abc.abstractmethod
-    async def open(self) -> None:
-        """Connect and apply pending migrations."""
+    async def open(self, *, migrate: bool = True) -> None:
+        """Connect and apply pending migrations (`migrate=False`: connect only, for
+        ``./gw migrate --plan``). Raises gateway.store.migrations.SchemaTooNew when a later
+        release applied a step this gateway cannot serve on."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...
@@ -668,6 +670,37 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def migrate(self) -> list[int]:
         """Apply pending migrations (serialized across processes); return those applied."""
+
+    @abc.abstractmethod
+    async def schema_versions(self) -> dict[int, int | None]:
+        """The applied migrations, each with its min_code (gateway/store/migrations.py)."""
+
+    # background backfills (gateway/store/backfill.py)
+    @abc.abstractmethod
+    async def backfill_states(self) -> list[dict[str, Any]]:
+        """Every registered backfill's row (backfill.STATE_COLUMNS); [] before migration 20."""
+
+    @abc.abstractmethod
+    async def backfill_step(self, job: Any, owner: str, rows: int, *, lease: float,
+                            now: float | None = None) -> dict[str, Any] | None:
+        """One chunk of `job` (a backfill.Backfill) over the next `rows` usage ids below its
+        cursor, and the moved cursor, in one transaction; the new state, or None when
+        another owner's lease holds it."""
+
+    @abc.abstractmethod
+    async def usage_id_rows(self, lo: int | None = None, hi: int | None = None) -> int:
+        """Usage rows with lo <= id < hi (a bound None: open)."""
+
+    # the usage spool (migration 21)
+    @abc.abstractmethod
+    async def spool_usage(self, rows: list[dict[str, Any]], *, now: float | None = None) -> int:
+        """Keep usage rows the usage log refused, as JSON, for a later process (a shutdown's
+        last resort before the local journal)."""
+
+    @abc.abstractmethod
+    async def drain_usage_spool(self, limit: int = 500) -> int:
+        """Write up to `limit` spooled rows to the usage log (idempotent: keyed by request
+        id) and delete them; the number drained. Raises what insert_usage raises."""
 
     async def __aenter__(self) -> "Store":
         await self.open()

@@ -46,8 +46,11 @@ from datetime import datetime, timezone
 from typing import Any, AsyncIterator
 
 import asyncpg
+import orjson
+import structlog
 
 from gateway import money
+from gateway.store import backfill, migrations
 from gateway.store import rollup as usage_rollup
 from gateway.store.base import (
     IN_FLIGHT_LEASE,
@@ -90,6 +93,9 @@ from gateway.store.base import (
     prepare_usage_rows,
     now_or,
 )
+
+log = structlog.get_logger("gateway.store")
+
 
 def _exact_usd() -> str:
     """Migration 10: binary-float USD -> numeric, one ALTER (one rewrite) per table."""
@@ -936,6 +942,41 @@ MIGRATIONS: list[tuple[int, str]] = [
         """,
     ),
     (
+        # Background backfills (gateway/store/backfill.py): one row each, registered with the
+        # usage id range [lo, hi) it covers in the transaction of the migration that needs it;
+        # next_id moves down chunk by chunk, in the chunk's own transaction.
+        20,
+        """
+        CREATE TABLE gw_backfills (
+            name          text PRIMARY KEY,
+            migration     integer NOT NULL,
+            lo            bigint NOT NULL,
+            hi            bigint NOT NULL,
+            next_id       bigint NOT NULL,
+            done_rows     bigint NOT NULL DEFAULT 0,
+            covered_since double precision,
+            lease_owner   text,
+            lease_until   double precision,
+            registered_at double precision NOT NULL,
+            started_at    double precision,
+            finished_at   double precision
+        );
+        """,
+    ),
+    (
+        # The usage spool (Store.spool_usage): rows the database refused until a process's
+        # shutdown, as JSON, for any later process (another host, a newer release) to write.
+        # Never changed by a later migration: it takes what the usage log would not.
+        21,
+        """
+        CREATE TABLE gw_usage_spool (
+            id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            row        text NOT NULL,
+            spooled_at double precision NOT NULL
+        );
+        """,
+    ),
+    (
         # Dashboard sign-in (gateway/admin/oidc.py): sessions by the hash of their id, pending
         # logins. A schema step only: two new tables, and two nullable columns on audit_log
         # (a catalog change, no rewrite of the table; its lock is held for an instant).
@@ -1058,6 +1099,7 @@ _UNREACHABLE = (asyncio.TimeoutError, OSError, asyncpg.InterfaceError, asyncpg.P
                 asyncpg.CannotConnectNowError)
 
 class PostgresStore(Store):
+    schema_known: tuple[int, ...] = tuple(v for v, _ in MIGRATIONS)
     def __init__(self, dsn: str, *, schema: str | None = None, url: str | None = None,
                  pool_min_size: int = 1, pool_max_size: int = 10, timeout: float | None = None,
                  connect_timeout: float = 10.0, pgbouncer: bool = False,
@@ -1089,7 +1131,7 @@ class PostgresStore(Store):
 
     # ------------------------------------------------------------------ plumbing
 
-    async def open(self) -> None:
+    async def open(self, *, migrate: bool = True) -> None:
         if self._pool is not None:
             return
         # Behind PgBouncer a startup parameter is not carried to the server connections a
@@ -1108,7 +1150,8 @@ class PostgresStore(Store):
                     raise RuntimeError(
                         f"store.pgbouncer: the server connections' search_path is {path!r},"
                         f" not {self.schema!r}: set it in PgBouncer (connect_query) or on the role")
-            await self.migrate()
+            if migrate:
+                await self.migrate()
         except BaseException:
             await self.close()
             raise
@@ -1177,11 +1220,32 @@ class PostgresStore(Store):
             raise StoreUnavailable(f"the database did not answer ({type(exc).__name__})") from exc
 
     async def migrate(self) -> list[int]:
+        """Apply the pending migrations in one transaction under the schema's advisory lock
+        (gateway/store/migrations.py): with `lock_timeout`, retried LOCK_TRIES times, then
+        MigrationLockTimeout; the concurrent indexes after it; SchemaTooNew when a later
+        release's contract step is applied."""
+        for attempt in range(1, migrations.LOCK_TRIES + 1):
+            try:
+                applied = await self._migrate_once()
+                break
+            except asyncpg.LockNotAvailableError as exc:
+                if attempt == migrations.LOCK_TRIES:
+                    raise migrations.MigrationLockTimeout(
+                        f"the migration could not take its locks in {attempt} tries (lock_timeout"
+                        f" {migrations.LOCK_TIMEOUT} each): a long transaction holds a table it changes ({exc});"
+                        " find it in pg_stat_activity, then run ./gw migrate again") from exc
+                log.warning("migration_lock_timeout", attempt=attempt, retry_in_s=0.5 * attempt)
+                await asyncio.sleep(0.5 * attempt)
+        await self._ensure_concurrent_indexes()
+        return applied
+
+    async def _migrate_once(self) -> list[int]:
         applied: list[int] = []
         async with self._tx() as conn:
             # Keyed by schema: independent schemas migrate independently.
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))",
                                f"gateway.store.migrations:{self.schema or ''}")
+            await conn.execute(f"SET LOCAL lock_timeout = '{migrations.LOCK_TIMEOUT}'")
             # Only what is missing is created: a gateway whose role may not create (docs/admin.md
             # "Audit log", the GRANTs) opens a schema its owner migrated.
             if self.schema and not await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", self.schema):
@@ -1193,17 +1257,135 @@ class PostgresStore(Store):
                            applied_at double precision NOT NULL
                        )"""
                 )
-            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            if not await conn.fetchval("SELECT 1 FROM pg_attribute WHERE attrelid = 'schema_migrations'::regclass"
+                                       " AND attname = 'min_code'"):
+                # The lowest schema version a gateway must know to serve on it (migrations.MIN_CODE).
+                await conn.execute("ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS min_code integer")
+            done = {r["version"]: r["min_code"]
+                    for r in await conn.fetch("SELECT version, min_code FROM schema_migrations")}
+            unknown = migrations.check_compatible(done, migrations.latest(v for v, _ in MIGRATIONS))
+            if unknown:
+                log.warning("schema_newer_expand_only", unknown=unknown,
+                            hint="a newer release migrated this store; its steps are expand-only, so this one serves")
             for version, sql in MIGRATIONS:
                 if version in done:
                     continue
-                await conn.execute(sql)
+                await conn.execute(migrations.split_concurrent(sql)[0])
                 await conn.execute(
-                    "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
-                    version, time.time(),
+                    "INSERT INTO schema_migrations (version, applied_at, min_code) VALUES ($1, $2, $3)",
+                    version, time.time(), migrations.MIN_CODE.get(version),
                 )
                 applied.append(version)
+            for job in backfill.BACKFILLS:  # the history of what these migrations added, for later
+                if job.migration in applied:
+                    await conn.execute(backfill.registration_sql("postgres", job, time.time()))
         return applied
+
+    async def _ensure_concurrent_indexes(self) -> None:
+        """The migrations' CREATE INDEX CONCURRENTLY statements, outside any transaction:
+        built when missing, rebuilt when a build died half-way (an invalid index). A catalog
+        lookup when all are there."""
+        wanted = [(version, statement) for version, sql in MIGRATIONS
+                  for statement in migrations.split_concurrent(sql)[1]]
+        if not wanted:
+            return
+        async with self.pool.acquire() as conn:
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            for version, statement in wanted:
+                if version not in done:
+                    continue
+                name = migrations.index_name(statement)
+                valid = await conn.fetchval("SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass($1)",
+                                            name)
+                if valid:
+                    continue
+                if self.pgbouncer:  # a session lock would outlive its transaction on a shared server connection
+                    raise migrations.MigrationError(
+                        f"index {name} (migration {version}) must be built concurrently, which needs a"
+                        " session of its own: run ./gw migrate with a store.url that bypasses PgBouncer")
+                lock = f"gateway.store.indexes:{self.schema or ''}"
+                await conn.execute("SELECT pg_advisory_lock(hashtext($1))", lock)
+                try:  # under the lock, again: another process may have built it meanwhile
+                    valid = await conn.fetchval(
+                        "SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass($1)", name)
+                    if valid is False:
+                        await conn.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{name}"')
+                    if not valid:
+                        log.info("index_building", index=name, migration=version)
+                        await conn.execute(migrations.if_not_exists(statement))
+                finally:
+                    await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", lock)
+
+    async def schema_versions(self) -> dict[int, int | None]:
+        """Applied migration -> its min_code ({} for a new database); changes nothing."""
+        async with self.pool.acquire() as conn:
+            if await conn.fetchval("SELECT to_regclass('schema_migrations')") is None:
+                return {}
+            has_min = await conn.fetchval("SELECT 1 FROM pg_attribute WHERE attrelid = 'schema_migrations'::regclass"
+                                          " AND attname = 'min_code'")
+            rows = await conn.fetch("SELECT version, " + ("min_code" if has_min else "NULL::integer AS min_code")
+                                    + " FROM schema_migrations")
+        return {r["version"]: r["min_code"] for r in rows}
+
+    # ----------------------------------------------------------------- backfills
+
+    async def backfill_states(self):
+        async with self.pool.acquire() as conn:
+            if await conn.fetchval("SELECT to_regclass('gw_backfills')") is None:
+                return []
+            rows = await conn.fetch(f"SELECT {', '.join(backfill.STATE_COLUMNS)} FROM gw_backfills ORDER BY name")
+        return [dict(r) for r in rows]
+
+    async def backfill_step(self, job, owner, rows, *, lease, now=None):
+        now = now_or(now)
+        async with self._tx() as conn:
+            state = await conn.fetchrow(f"SELECT {', '.join(backfill.STATE_COLUMNS)} FROM gw_backfills"
+                                        " WHERE name = $1 FOR UPDATE", job.name)
+            if state is None:
+                return None
+            state = dict(state)
+            if state["finished_at"] is not None:
+                return state
+            if state["lease_owner"] not in (None, owner) and (state["lease_until"] or 0) > now:
+                return None
+            hi = state["next_id"]
+            lo = max(state["lo"], hi - int(rows))
+            for sql in job.chunk("postgres", lo, hi):
+                await conn.execute(sql)
+            count, oldest = await conn.fetchrow(
+                "SELECT count(*), extract(epoch FROM min(created_at))::float8 FROM ai_usage_logs"
+                " WHERE id >= $1 AND id < $2", lo, hi)
+            covered = state["covered_since"] if oldest is None else min(oldest, state["covered_since"] or oldest)
+            finished = now if lo <= state["lo"] else None
+            row = await conn.fetchrow(
+                "UPDATE gw_backfills SET next_id = $2, done_rows = done_rows + $3, covered_since = $4,"
+                " lease_owner = $5, lease_until = $6, started_at = COALESCE(started_at, $7), finished_at = $8"
+                f" WHERE name = $1 RETURNING {', '.join(backfill.STATE_COLUMNS)}",
+                job.name, lo, count, covered, None if finished else owner, None if finished else now + lease,
+                now, finished)
+        return dict(row)
+
+    async def spool_usage(self, rows, *, now=None):
+        texts = [orjson.dumps(r, default=money.json_default).decode() for r in rows]
+        async with self._single() as conn:
+            await conn.execute("INSERT INTO gw_usage_spool (row, spooled_at) SELECT unnest($1::text[]), $2",
+                               texts, now_or(now))
+        return len(texts)
+
+    async def drain_usage_spool(self, limit=500):
+        spooled = await self._fetch("SELECT id, row FROM gw_usage_spool ORDER BY id LIMIT $1", limit)
+        if not spooled:
+            return 0
+        await self.insert_usage([orjson.loads(r["row"]) for r in spooled])
+        async with self._single() as conn:
+            await conn.execute("DELETE FROM gw_usage_spool WHERE id = ANY($1::bigint[])", [r["id"] for r in spooled])
+        return len(spooled)
+
+    async def usage_id_rows(self, lo=None, hi=None):
+        row = await self._fetchrow(
+            "SELECT count(*) AS n FROM ai_usage_logs"
+            " WHERE ($1::bigint IS NULL OR id >= $1) AND ($2::bigint IS NULL OR id < $2)", lo, hi)
+        return row["n"]
 
     # --------------------------------------------------------------------- audit
 

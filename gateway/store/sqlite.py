@@ -100,7 +100,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from gateway.money import from_nano, to_nano
+import orjson
+
+from gateway.money import from_nano, json_default, to_nano
+from gateway.store import backfill, migrations
 from gateway.store import rollup as usage_rollup
 from gateway.store.base import (
     IN_FLIGHT_LEASE,
@@ -543,6 +546,29 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         ],
     ),
     (
+        20,  # background backfills (gateway/store/backfill.py): progress per backfill, with its chunks' writes
+        [
+            """CREATE TABLE gw_backfills (
+                name          TEXT PRIMARY KEY,
+                migration     INTEGER NOT NULL,
+                lo            INTEGER NOT NULL,
+                hi            INTEGER NOT NULL,
+                next_id       INTEGER NOT NULL,
+                done_rows     INTEGER NOT NULL DEFAULT 0,
+                covered_since REAL,
+                lease_owner   TEXT,
+                lease_until   REAL,
+                registered_at REAL NOT NULL,
+                started_at    REAL,
+                finished_at   REAL
+            )""",
+        ],
+    ),
+    (
+        21,  # the usage spool (Store.spool_usage): rows refused until a shutdown, for a later process to write
+        ["CREATE TABLE gw_usage_spool (id INTEGER PRIMARY KEY, row TEXT NOT NULL, spooled_at REAL NOT NULL)"],
+    ),
+    (
         22,  # dashboard sign-in (gateway/admin/oidc.py): sessions by the hash of their id, pending logins
         [
             """CREATE TABLE dashboard_sessions (
@@ -930,6 +956,7 @@ class _ReportReader:
 
 
 class SQLiteStore(Store):
+    schema_known: tuple[int, ...] = tuple(v for v, _ in MIGRATIONS)
     def __init__(self, path: str, *, url: str | None = None, loop_writes: bool = True) -> None:
         self.path = path
         self.url = url or f"sqlite:///{path}"
@@ -945,14 +972,15 @@ class SQLiteStore(Store):
 
     # ------------------------------------------------------------------ plumbing
 
-    async def open(self) -> None:
+    async def open(self, *, migrate: bool = True) -> None:
         if self._database is not None:
             return
         database = _Database(self.path)
         await database.start()
         self._database = database
         try:
-            await self.migrate()
+            if migrate:
+                await self.migrate()
             if self.loop_writes and not _in_memory(self.path):
                 self._inline = _connect(self.path, busy_timeout_ms=0, autocheckpoint=False, set_wal=False)
                 self._inline_loop = asyncio.get_running_loop()
@@ -1057,6 +1085,37 @@ class SQLiteStore(Store):
 
     async def migrate(self) -> list[int]:
         return await self._write(_migrate)
+
+    async def schema_versions(self) -> dict[int, int | None]:
+        return await self._read(_schema_versions)
+
+    # ----------------------------------------------------------------- backfills
+
+    async def backfill_states(self):
+        return await self._read(_backfill_states)
+
+    async def backfill_step(self, job, owner, rows, *, lease, now=None):
+        return await self._write(_backfill_step, job, owner, rows, lease, now_or(now))
+
+    async def spool_usage(self, rows, *, now=None):
+        texts = [(orjson.dumps(r, default=json_default).decode(), now_or(now)) for r in rows]
+        await self._write(lambda db: db.executemany("INSERT INTO gw_usage_spool (row, spooled_at) VALUES (?, ?)",
+                                                    texts))
+        return len(texts)
+
+    async def drain_usage_spool(self, limit=500):
+        spooled = await self._fetchall("SELECT id, row FROM gw_usage_spool ORDER BY id LIMIT ?", limit)
+        if not spooled:
+            return 0
+        await self.insert_usage([orjson.loads(row) for _, row in spooled])
+        ids = [(i,) for i, _ in spooled]
+        await self._write(lambda db: db.executemany("DELETE FROM gw_usage_spool WHERE id = ?", ids))
+        return len(spooled)
+
+    async def usage_id_rows(self, lo=None, hi=None):
+        row = await self._fetchone("SELECT count(*) FROM ai_usage_logs WHERE (?1 IS NULL OR id >= ?1)"
+                                   " AND (?2 IS NULL OR id < ?2)", lo, hi)
+        return row[0]
 
     # ---------------------------------------------------------------- workspaces
 
@@ -1812,18 +1871,68 @@ def _migrate(db: sqlite3.Connection) -> list[int]:
                applied_at REAL NOT NULL
            )"""
     )
-    done = {r[0] for r in db.execute("SELECT version FROM schema_migrations")}
+    if "min_code" not in {r[1] for r in db.execute("PRAGMA table_info(schema_migrations)")}:
+        # The lowest schema version a gateway must know to serve on it (migrations.MIN_CODE).
+        db.execute("ALTER TABLE schema_migrations ADD COLUMN min_code INTEGER")
+    done = dict(db.execute("SELECT version, min_code FROM schema_migrations").fetchall())
+    migrations.check_compatible(done, migrations.latest(v for v, _ in MIGRATIONS))
     applied: list[int] = []
     for version, statements in MIGRATIONS:
         if version in done:
             continue
         for sql in statements:
             db.execute(sql)
-        db.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
-                   (version, time.time()))
+        db.execute("INSERT INTO schema_migrations (version, applied_at, min_code) VALUES (?, ?, ?)",
+                   (version, time.time(), migrations.MIN_CODE.get(version)))
         applied.append(version)
+    for job in backfill.BACKFILLS:  # the history of what these migrations added, for later
+        if job.migration in applied:
+            db.execute(backfill.registration_sql("sqlite", job, time.time()))
     db.execute("DROP TRIGGER IF EXISTS ai_usage_logs_rollup")  # insert_usage keeps the rollups (ROLLUP_SINCE)
     return applied
+
+
+def _schema_versions(db: sqlite3.Connection) -> dict[int, int | None]:
+    if _one(db, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'") is None:
+        return {}
+    has_min = "min_code" in {r[1] for r in db.execute("PRAGMA table_info(schema_migrations)")}
+    return dict(db.execute("SELECT version, " + ("min_code" if has_min else "NULL")
+                           + " FROM schema_migrations").fetchall())
+
+
+def _backfill_states(db: sqlite3.Connection) -> list[dict[str, Any]]:
+    if _one(db, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'gw_backfills'") is None:
+        return []
+    rows = db.execute(f"SELECT {', '.join(backfill.STATE_COLUMNS)} FROM gw_backfills ORDER BY name").fetchall()
+    return [dict(zip(backfill.STATE_COLUMNS, r)) for r in rows]
+
+
+def _backfill_step(db: sqlite3.Connection, job: Any, owner: str, rows: int, lease: float,
+                   now: float) -> dict[str, Any] | None:
+    """One chunk and its progress in one transaction (the caller's: a write holds the file)."""
+    found = _one(db, f"SELECT {', '.join(backfill.STATE_COLUMNS)} FROM gw_backfills WHERE name = ?", job.name)
+    if found is None:
+        return None
+    state = dict(zip(backfill.STATE_COLUMNS, found))
+    if state["finished_at"] is not None:
+        return state
+    if state["lease_owner"] not in (None, owner) and (state["lease_until"] or 0) > now:
+        return None
+    hi = state["next_id"]
+    lo = max(state["lo"], hi - int(rows))
+    for sql in job.chunk("sqlite", lo, hi):
+        db.execute(sql)
+    count, oldest = _one(db, "SELECT count(*), min(created_at) FROM ai_usage_logs WHERE id >= ? AND id < ?", lo, hi)
+    oldest = None if oldest is None else parse_iso_utc(oldest)
+    covered = state["covered_since"] if oldest is None else min(oldest, state["covered_since"] or oldest)
+    finished = now if lo <= state["lo"] else None
+    db.execute("UPDATE gw_backfills SET next_id = ?, done_rows = done_rows + ?, covered_since = ?, lease_owner = ?,"
+               " lease_until = ?, started_at = COALESCE(started_at, ?), finished_at = ? WHERE name = ?",
+               (lo, count, covered, None if finished else owner, None if finished else now + lease, now, finished,
+                job.name))
+    return {**state, "next_id": lo, "done_rows": state["done_rows"] + count, "covered_since": covered,
+            "lease_owner": None if finished else owner, "lease_until": None if finished else now + lease,
+            "started_at": state["started_at"] or now, "finished_at": finished}
 
 
 def _insert_user(db: sqlite3.Connection, user: User) -> None:

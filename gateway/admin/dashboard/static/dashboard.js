@@ -83,6 +83,9 @@ function fillTable(selector, rows, columns, emptyText) {
 // ---------------------------------------------------------------- sections
 
 function renderTotals(m, live) {
+  // "backfilling, 42%" while a migration's history is filled in (docs/upgrades.md)
+  $("#backfill").hidden = !m.backfill;
+  setText("#backfill", m.backfill ? m.backfill.note : "");
   setText("#total-requests", fmtInt(pick(m, ["totalRequests", "requests"])));
   setText("#total-tokens", fmtInt(pick(m, ["totalTokens", "tokens"])));
   setText("#total-cost", fmtUsd(pick(m, ["totalCost", "costUsd", "cost_usd"])));
