@@ -205,7 +205,7 @@ def main() -> int:
                     pid = target.pid
                     time.sleep(1.5)  # let the accounting writer drain the previous load
                     spy = None
-                    if args.py_spy and run == 0 and path == paths[0] and label == "this":
+                    if args.py_spy and run == 0 and path == paths[0] and label == os.environ.get("BENCH_SPY_LABEL", "this"):
                         # sampling costs the gateway CPU too: read that run's figure as inflated
                         spy = procs.start("py-spy", [shutil.which("py-spy") or str(Path(bench.PYTHON).parent / "py-spy"), "record", "-p",
                                                      str(pid), "-d", str(round(args.seconds)), "-r", "250", "-f",
