@@ -112,6 +112,29 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def child_pids(pid: int) -> list[int]:
+    """The process's children (the trace exporter process of a traced gateway)."""
+    found: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                found += [int(p) for p in fh.read().split()]
+    except OSError:
+        pass
+    return found
+
+
+def children_cpu_seconds(pid: int) -> float:
+    """utime + stime of the process's live children (a child that ends takes its CPU with it)."""
+    total = 0.0
+    for child in child_pids(pid):
+        try:
+            total += cpu_seconds(child)
+        except OSError:
+            continue
+    return total
+
+
 def wrk_load(target: bench.Target, workdir: Path, seconds: float, connections: int) -> dict:
     """wrk for a fixed time (it cannot stop at a request count); the count comes back with the result."""
     headers = {"Content-Type": "application/json", **target.headers}
@@ -195,6 +218,10 @@ def main() -> int:
                 bench.smoke_check(by_path[path])
                 wrk_load(by_path[path], workdir, 2, args.connections)  # warm-up: caches and lazily built paths
         per_request: dict[tuple[str, str], list[float]] = {(l, p): [] for l in gateways for p in paths}
+        # With --telemetry: the exporter process's and the collector's CPU per traced request.
+        exporter_per_request: list[float] = []
+        collector_per_request: list[float] = []
+        throughput: dict[tuple[str, str], list[float]] = {(l, p): [] for l in gateways for p in paths}
         pg_per_request: dict[tuple[str, str], list[float]] = {(l, p): [] for l in gateways for p in paths}
         on_postgres = os.environ.get("BENCH_STORE") == "postgres"
         for run in range(args.runs):
@@ -211,6 +238,7 @@ def main() -> int:
                                                      str(pid), "-d", str(round(args.seconds)), "-r", "250", "-f",
                                                      "raw", "-o", str(Path(args.py_spy).resolve())])
                     before, pg_before = cpu_seconds(pid), postgres_cpu_seconds([pid])
+                    side_before = (children_cpu_seconds(pid), cpu_seconds(coll.pid)) if label == "traced" else None
                     result = wrk_load(target, workdir, args.seconds, args.connections)
                     time.sleep(1.5)  # the write-behind flush belongs to these requests
                     if spy is not None:
@@ -220,12 +248,20 @@ def main() -> int:
                     us = used / max(1, result["requests"]) * 1e6
                     rps = result["requests"] / (result["duration_us"] / 1e6)
                     per_request[label, path].append(us)
+                    throughput[label, path].append(rps)
+                    side = ""
+                    if side_before is not None:
+                        exporter = (children_cpu_seconds(pid) - side_before[0]) / max(1, result["requests"]) * 1e6
+                        collector = (cpu_seconds(coll.pid) - side_before[1]) / max(1, result["requests"]) * 1e6
+                        exporter_per_request.append(exporter)
+                        collector_per_request.append(collector)
+                        side = f", exporter process {exporter:.1f}, collector {collector:.1f} us/request"
                     pg = ""
                     if on_postgres:
                         pg_per_request[label, path].append(pg_used / max(1, result["requests"]) * 1e6)
                         pg = f", PostgreSQL CPU {pg_used:.2f}s = {pg_per_request[label, path][-1]:.1f} us/request"
                     print(f"run {run + 1} {target.name}: {result['requests']} requests, {result['errors']} errors, "
-                          f"{rps:.0f} req/s, gateway CPU {used:.2f}s = {us:.1f} us/request{pg}", flush=True)
+                          f"{rps:.0f} req/s, gateway CPU {used:.2f}s = {us:.1f} us/request{side}{pg}", flush=True)
         for path in paths:
             medians = {label: statistics.median(per_request[label, path]) for label in gateways}
             line = ", ".join(f"{label} {value:.1f}" for label, value in medians.items())
@@ -236,6 +272,12 @@ def main() -> int:
                 line += f"; this/against {medians['this'] / medians['against']:.3f}"
             if "traced" in medians:
                 line += f"; traced/this {medians['traced'] / medians['this']:.3f}"
+                if exporter_per_request:
+                    line += (f"; exporter process {statistics.median(exporter_per_request):.1f}, "
+                             f"collector {statistics.median(collector_per_request):.1f}")
+                rps = {label: statistics.median(throughput[label, path]) for label in ("this", "traced")}
+                line += (f"; req/s this {rps['this']:.0f}, traced {rps['traced']:.0f} "
+                         f"({rps['traced'] / rps['this']:.1%})")
             print(f"median {path} ({args.runs} runs): {line} us/request")
     finally:
         procs.stop_all()

@@ -310,7 +310,6 @@ def child_main() -> int:
     from opentelemetry.sdk.trace import Event, ReadableSpan
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-    from opentelemetry.attributes import BoundedAttributes
     from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
     source, sink = sys.stdin.buffer, sys.stdout
@@ -351,7 +350,15 @@ def child_main() -> int:
                                    schedule_delay_millis=settings["export_interval"] * 1000,
                                    max_export_batch_size=settings["batch_size"],
                                    export_timeout_millis=settings["export_timeout"] * 1000)
-    resource = Resource.create({"service.name": settings["service_name"]})
+    class _Resource(Resource):  # the encoder hashes the resource once per span: hashed once here
+        def __init__(self, resource: Resource):
+            super().__init__(resource.attributes, resource.schema_url)
+            self._hash = super().__hash__()
+
+        def __hash__(self) -> int:
+            return self._hash
+
+    resource = _Resource(Resource.create({"service.name": settings["service_name"]}))
     scope = InstrumentationScope("gateway")
     sampled = TraceFlags(TraceFlags.SAMPLED)
     kinds = {k.value: k for k in SpanKind}
@@ -366,10 +373,6 @@ def child_main() -> int:
             states[header] = TraceState.from_header([header])
         return states[header]
 
-    def attributes_of(values: dict[str, Any]) -> BoundedAttributes:
-        # The SDK's own checks and limits, as a live span's set_attributes applies them.
-        return BoundedAttributes(128, values, immutable=True, max_value_len=None)
-
     while True:
         records = _read_frame(source)
         if records is None:
@@ -381,8 +384,8 @@ def child_main() -> int:
                 name=name,
                 context=SpanContext(trace_id, span_id, False, sampled, state),
                 parent=SpanContext(trace_id, parent_id, parent_remote, sampled, state) if parent_id else None,
-                resource=resource, attributes=attributes_of(attributes),
-                events=[Event(n, attributes_of(a), t) for n, a, t in events] if events else (),
+                resource=resource, attributes=attributes,
+                events=[Event(n, a, t) for n, a, t in events] if events else (),
                 kind=kinds[kind], status=Status(statuses[status], description),
                 start_time=start, end_time=end, instrumentation_scope=scope))
     processor.shutdown()  # exports everything still queued
