@@ -43,16 +43,7 @@ from urllib.parse import urlsplit
 import orjson
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import (
-    NonRecordingSpan,
-    SpanContext,
-    SpanKind,
-    StatusCode,
-    TraceFlags,
-    TraceState,
-    get_current_span,
-    set_span_in_context,
-)
+from opentelemetry.trace import SpanKind, StatusCode, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from gateway.providers.base import UPSTREAM_TRACE, UpstreamError
@@ -119,7 +110,10 @@ class Telemetry:
         self.settings = settings
         self.capture_content = settings.capture_content
         assert settings.otlp_endpoint is not None
-        self.sampler = ParentBased(TraceIdRatioBased(settings.sample_ratio))
+        # ParentBased: a client's traceparent decides; without one (no SDK span is ever
+        # current in the gateway) its root sampler does, called directly.
+        self.root_sampler = TraceIdRatioBased(settings.sample_ratio)
+        self.sampler = ParentBased(self.root_sampler)
         self.ids = RandomIdGenerator()
         self.pipe = ExportPipe({
             "endpoint": traces_url(settings.otlp_endpoint), "headers": dict(settings.headers),
@@ -144,7 +138,8 @@ class Telemetry:
                 parent_context = None
         if not trace_id:
             trace_id = self.ids.generate_trace_id()
-        sampled = self.sampler.should_sample(parent_context, trace_id, ctx.endpoint, SpanKind.SERVER).decision.is_sampled()
+        sampler = self.sampler if parent_context is not None else self.root_sampler
+        sampled = sampler.should_sample(parent_context, trace_id, ctx.endpoint, SpanKind.SERVER).decision.is_sampled()
         trace = RequestTrace(self, trace_id, self.ids.generate_span_id(), parent_id, trace_state, sampled)
         if sampled:
             trace.attributes = {"gateway.request_id": ctx.request_id, "gateway.endpoint": ctx.endpoint,
@@ -202,7 +197,7 @@ class RequestTrace:
     plain values; `finish` turns them into span records for the exporter process."""
 
     __slots__ = ("telemetry", "trace_id", "span_id", "parent_id", "trace_state", "recording", "start_ns",
-                 "attributes", "events", "spans", "open_stream", "response_id", "plugins", "plugin_ms", "extra")
+                 "attributes", "events", "spans", "open_stream", "response_id", "answer", "plugins", "plugin_ms", "extra")
 
     def __init__(self, telemetry: Telemetry, trace_id: int, span_id: int, parent_id: int,
                  trace_state: str | None, sampled: bool):
@@ -220,6 +215,7 @@ class RequestTrace:
         self.spans: list[tuple] = []  # the ended CLIENT spans' records
         self.open_stream: Attempt | None = None  # the CLIENT span of the stream being relayed
         self.response_id: str | None = None
+        self.answer: tuple[Any, dict[str, Any]] | None = None  # the last answer and its attributes
         # The request hooks that ran, in chain order, and how long each took: two array
         # attributes of the server span at its end (an event each cost ~10x as much).
         self.plugins: list[str] = []
@@ -276,12 +272,12 @@ class RequestTrace:
         return Attempt(span_id, token, f"{operation} {upstream_model}", time_ns(), attributes)
 
     def _carrier(self, span_id: int) -> dict[str, str]:
-        """The W3C headers that make the span `span_id` the upstream call's parent."""
-        carrier: dict[str, str] = {}
-        flags = TraceFlags(TraceFlags.SAMPLED if self.recording else TraceFlags.DEFAULT)
-        state = TraceState.from_header([self.trace_state]) if self.trace_state else None
-        _PROPAGATOR.inject(carrier, context=set_span_in_context(
-            NonRecordingSpan(SpanContext(self.trace_id, span_id, False, flags, state))))
+        """The W3C trace-context headers that make the span `span_id` the upstream call's
+        parent (as the SDK's TraceContextTextMapPropagator writes them, without building a
+        context for it: version 00, the ids in hex, the sampled flag, the client's tracestate)."""
+        carrier = {"traceparent": f"00-{self.trace_id:032x}-{span_id:016x}-{'01' if self.recording else '00'}"}
+        if self.trace_state:
+            carrier["tracestate"] = self.trace_state
         return carrier
 
     def _end(self, attempt: Attempt, status: int = _UNSET, description: str | None = None) -> None:
@@ -320,7 +316,9 @@ class RequestTrace:
             self.open_stream = attempt
             return
         if isinstance(result, dict):
-            attributes.update(_answer_attributes(result))
+            answer = _answer_attributes(result)
+            attributes.update(answer)
+            self.answer = (result, answer)
             self.response_id = result.get("id") or self.response_id
         self._end(attempt)
 
@@ -344,7 +342,7 @@ class RequestTrace:
             return
         try:
             attributes = self.attributes
-            attributes.update(_request_attributes(ctx))
+            attributes.update(_request_attributes(ctx, self.answer))
             if self.response_id and "gen_ai.response.id" not in attributes:
                 attributes["gen_ai.response.id"] = self.response_id
             if self.plugins:
@@ -397,7 +395,9 @@ def _answer_attributes(payload: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _request_attributes(ctx: "RequestContext") -> dict[str, Any]:
+def _request_attributes(ctx: "RequestContext", answered: tuple[Any, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The server span's attributes at the request's end; `answered`: an upstream answer
+    whose attributes were already read (the client span's), reused if it is the response."""
     out: dict[str, Any] = {}
     if ctx.status is not None:
         out["http.response.status_code"] = ctx.status
@@ -423,7 +423,7 @@ def _request_attributes(ctx: "RequestContext") -> dict[str, Any]:
         out["gen_ai.request.stream"] = ctx.stream
         response = ctx.response
         if isinstance(response, dict):
-            answer = _answer_attributes(response)
+            answer = answered[1] if answered is not None and answered[0] is response else _answer_attributes(response)
             for key in ("gen_ai.response.id", "gen_ai.response.finish_reasons"):
                 if key in answer:
                     out[key] = answer[key]

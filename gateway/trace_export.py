@@ -57,6 +57,7 @@ SPANS: collections.Counter[str] = collections.Counter()
 # status description or None): one span, as gateway/telemetry.py builds it.
 SpanRecord = tuple
 
+NICE = int(os.environ.get("GATEWAY_TRACE_EXPORT_NICE", "10"))  # the exporter's priority below the gateway's
 RESTART_EVERY = 5.0  # seconds between two starts of a child that died
 _FLUSH_EVERY = 0.05  # seconds a span waits in the gateway before it is written to the pipe
 _FLUSH_AT = 256  # spans: written at once
@@ -302,6 +303,10 @@ def _read_frame(stream: Any) -> Any:
 def child_main() -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    try:  # CPU the gateway's requests do not need: a starved exporter drops, counted
+        os.nice(NICE)
+    except OSError:
+        pass
     for name in ("opentelemetry.exporter.otlp.proto.http", "opentelemetry.exporter.otlp.common",
                  "opentelemetry.sdk._shared_internal", "opentelemetry.attributes"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
