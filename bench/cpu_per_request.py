@@ -46,7 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+CLOCK_TICKS = bench.CLOCK_TICKS
 
 
 def postgres_cpu_seconds(clients: list[int]) -> float:
@@ -105,34 +105,7 @@ def client_ports(pids: list[int]) -> set[int]:
     return ports
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the process (every thread), in seconds."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def child_pids(pid: int) -> list[int]:
-    """The process's children (the trace exporter process of a traced gateway)."""
-    found: list[int] = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as fh:
-                found += [int(p) for p in fh.read().split()]
-    except OSError:
-        pass
-    return found
-
-
-def children_cpu_seconds(pid: int) -> float:
-    """utime + stime of the process's live children (a child that ends takes its CPU with it)."""
-    total = 0.0
-    for child in child_pids(pid):
-        try:
-            total += cpu_seconds(child)
-        except OSError:
-            continue
-    return total
+cpu_seconds, children_cpu_seconds = bench.cpu_seconds, bench.children_cpu_seconds
 
 
 def wrk_load(target: bench.Target, workdir: Path, seconds: float, connections: int) -> dict:

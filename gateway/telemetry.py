@@ -7,10 +7,10 @@
       capture_content: false
 
 One SERVER span per request, opened and closed by the request lifecycle
-(gateway/lifecycle.py `run_request`): the plugins' request hooks are its events, its
-attributes say what the request was, what served it and what it cost (the hooks' names
-and durations as two array attributes). One CLIENT span per
-upstream attempt (gateway/router.py `Router.attempts`), so retries and fallbacks show as
+(gateway/lifecycle.py `run_request`): its attributes say what the request was, what
+served it and what it cost, the plugins' request hooks included (their names and
+durations as two array attributes); decisions off the fast path are its events. One
+CLIENT span per upstream attempt (gateway/router.py `Router.attempts`), so retries and fallbacks show as
 siblings. A client's W3C `traceparent` is continued; each attempt sends its own to the
 upstream (`UPSTREAM_TRACE`, read by the native HTTP client and the litellm dispatcher).
 
