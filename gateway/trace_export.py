@@ -92,6 +92,7 @@ class ExportPipe:
         self.child: _Child | None = None
         self.started_at = -RESTART_EVERY
         self.closed = False
+        self.final = False  # close() counted what was left: nothing is counted after it
         self._timer: Any = None
         self._lock = threading.Lock()
         self._said_at = 0.0
@@ -104,7 +105,8 @@ class ExportPipe:
 
     def submit(self, spans: list[SpanRecord]) -> None:
         """Take one request's spans, or drop and count them: never blocks."""
-        if self.closed:
+        if self.closed:  # a request that ended after the stop began
+            SPANS["shutdown"] += len(spans)
             return
         if self.accepted - self.settled + len(spans) > self.queue_size:
             SPANS["queue_full"] += len(spans)
@@ -221,7 +223,7 @@ class ExportPipe:
 
     def _settle_ended(self, child: _Child) -> None:
         """Once a child has ended and been let go (under _lock): its unsettled spans are lost."""
-        if child.ended and child.detached:
+        if child.ended and child.detached and not self.final:
             lost, child.given = max(0, child.given - child.settled), child.settled
             self.settled += lost
             SPANS["export_failed"] += lost
@@ -278,6 +280,7 @@ class ExportPipe:
             unsent = max(0, self.accepted - self.settled)
             self.settled += unsent
             SPANS["shutdown"] += unsent
+            self.final = True
         if unsent:
             log.warning("trace flush at stop: %d spans not exported", unsent)
 
