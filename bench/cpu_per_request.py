@@ -131,6 +131,20 @@ end
 PATHS = ("fast", "anthropic", "messages", "responses")
 
 
+def traced_dropped(target: bench.Target) -> str:
+    """The traced gateway's dropped spans so far, by reason, from its /metrics."""
+    import urllib.request
+
+    base = target.url.split("/v1/", 1)[0]
+    try:
+        with urllib.request.urlopen(base + "/metrics", timeout=10) as resp:
+            lines = resp.read().decode().splitlines()
+    except OSError as exc:
+        return f"? ({exc})"
+    return ", ".join(line.split("{", 1)[1].replace('"}', "").replace('reason="', "")
+                     for line in lines if line.startswith("gateway_trace_spans_dropped_total{")) or "none"
+
+
 def targets(base: str, key: str, pid: int, label: str) -> dict[str, bench.Target]:
     """The paths on one gateway, by their --paths name."""
     chat = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16}
@@ -250,7 +264,7 @@ def main() -> int:
                              f"collector {statistics.median(collector_per_request):.1f}")
                 rps = {label: statistics.median(throughput[label, path]) for label in ("this", "traced")}
                 line += (f"; req/s this {rps['this']:.0f}, traced {rps['traced']:.0f} "
-                         f"({rps['traced'] / rps['this']:.1%})")
+                         f"({rps['traced'] / rps['this']:.1%}); spans dropped {traced_dropped(gateways['traced'][path])}")
             print(f"median {path} ({args.runs} runs): {line} us/request")
     finally:
         procs.stop_all()

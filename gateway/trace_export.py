@@ -57,7 +57,9 @@ SPANS: collections.Counter[str] = collections.Counter()
 # status description or None): one span, as gateway/telemetry.py builds it.
 SpanRecord = tuple
 
-NICE = int(os.environ.get("GATEWAY_TRACE_EXPORT_NICE", "10"))  # the exporter's priority below the gateway's
+# The exporter's priority below the gateway's (nice 19: it runs on CPU the requests leave;
+# a starved exporter's spans are dropped and counted, the requests are not slowed).
+NICE = int(os.environ.get("GATEWAY_TRACE_EXPORT_NICE", "19"))
 RESTART_EVERY = 5.0  # seconds between two starts of a child that died
 _FLUSH_EVERY = 0.05  # seconds a span waits in the gateway before it is written to the pipe
 _FLUSH_AT = 256  # spans: written at once
@@ -306,7 +308,7 @@ def _read_frame(stream: Any) -> Any:
 def child_main() -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    try:  # CPU the gateway's requests do not need: a starved exporter drops, counted
+    try:
         os.nice(NICE)
     except OSError:
         pass
