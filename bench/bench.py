@@ -28,9 +28,10 @@ Environment:
     BENCH_TELEMETRY=0        same as --no-telemetry: skip the traced fast path. By default a third
                              gateway, the fast path with OpenTelemetry traces on (every request
                              sampled) to a local collector (bench/collector.py), is alternated with
-                             the untraced one BENCH_TRACE_PAIRS times (default 3, quick 2; A B, B A,
-                             ...): "fast path +traces", its req/s and CPU per request (the exporter
-                             process's included) as a share of the untraced fast path's, same run
+                             the untraced one BENCH_TRACE_PAIRS times (default 6, quick 4; A B, B A,
+                             ...), BENCH_TRACE_SECONDS each (default 5, quick 3): "fast path +traces",
+                             its req/s (the median of the pairs' ratios) and CPU per request (the
+                             exporter process's included) against the untraced fast path's, same run
     BENCH_STORE=sqlite       sqlite | postgres: the gateways' store (postgres: a fresh schema per
                              gateway in BENCH_PG_URL, default postgresql://postgres@127.0.0.1:5432/test,
                              dropped at the end)
@@ -100,7 +101,8 @@ class Settings:
     rss_max_seconds: float = 600.0
     connections: int = 32
     telemetry: bool = True
-    trace_pairs: int = 3
+    trace_pairs: int = 6
+    trace_seconds: float = 5.0
 
     @classmethod
     def from_env(cls, args: argparse.Namespace) -> "Settings":
@@ -121,7 +123,8 @@ class Settings:
             chunk_delay_ms=float(os.environ.get("BENCH_CHUNK_DELAY_MS", 20)),
             rss_max_seconds=float(os.environ.get("BENCH_RSS_MAX_SECONDS", 120 if quick else 600)),
             telemetry=not args.no_telemetry and os.environ.get("BENCH_TELEMETRY", "1") not in ("", "0"),
-            trace_pairs=int(os.environ.get("BENCH_TRACE_PAIRS", 2 if quick else 3)),
+            trace_pairs=int(os.environ.get("BENCH_TRACE_PAIRS", 4 if quick else 6)),
+            trace_seconds=float(os.environ.get("BENCH_TRACE_SECONDS", 3 if quick else 5)),
         )
 
 
@@ -526,9 +529,10 @@ def verdicts(results: dict) -> list[dict]:
         spans = (traced.get("collector") or {}).get("spans")
         cpu = traced.get("gateway_cpu_us") or {}
         check("fast path with every request traced @32",
+              f"{fmt(share and share * 100)}% (the median of {len(traced.get('pair_ratios') or [])} alternated pairs: "
+              f"{', '.join(f'{r:.0%}' for r in traced.get('pair_ratios') or [])}; medians "
               f"{fmt(traced.get('traced_rps_32'))} vs {fmt(traced.get('fast_rps_32'))} req/s untraced = "
-              f"{fmt(share and share * 100)}% (medians of {len(traced.get('pair_ratios') or [])} alternated pairs, "
-              f"each pair: {', '.join(f'{r:.0%}' for r in traced.get('pair_ratios') or [])}); CPU/request: gateway "
+              f"{fmt((traced.get('ratio_of_medians') or 0) * 100)}%); CPU/request: gateway "
               f"{fmt(cpu.get('traced'))} vs {fmt(cpu.get('fast'))} us = {fmt(traced.get('cpu_ratio_gateway'), '.2f')}x, "
               f"+ exporter process {fmt(traced.get('exporter_cpu_us'))} us = "
               f"{fmt(traced.get('cpu_ratio_with_exporter'), '.2f')}x; {fmt(spans, 'd')} spans at the collector, "
@@ -551,7 +555,9 @@ def trace_comparison(settings: Settings, fast: Target, traced: Target, info: dic
     traced one's exporter process's (gateway/trace_export.py) and the collector's. On a shared
     machine only such an alternation, in one run, says what tracing costs."""
     runs: dict[str, list[dict]] = {"fast": [], "traced": []}
-    quiet = Settings(**{**settings.__dict__, "warmup": 0.0})  # the CPU read covers the measured requests only
+    # Short runs, many pairs: the machine's weather changes within minutes. No warm-up per run:
+    # the CPU read covers the measured requests only.
+    quiet = Settings(**{**settings.__dict__, "warmup": 0.0, "seconds": settings.trace_seconds})
     for target in (fast, traced):
         measure_load(Settings(**{**settings.__dict__, "seconds": settings.warmup, "warmup": 0.0}), target,
                      settings.connections, workdir)
@@ -559,7 +565,7 @@ def trace_comparison(settings: Settings, fast: Target, traced: Target, info: dic
         order = [("fast", fast), ("traced", traced)]
         for label, target in (order if pair % 2 == 0 else order[::-1]):
             log(f"{target.name} (traces comparison {pair + 1}/{settings.trace_pairs}): "
-                f"{settings.connections} connections, {settings.seconds:.0f}s")
+                f"{settings.connections} connections, {settings.trace_seconds:.0f}s")
             assert target.pid is not None
             before = (cpu_seconds(target.pid), children_cpu_seconds(target.pid), cpu_seconds(info["collector_pid"]))
             many = measure_load(quiet, target, settings.connections, workdir)
@@ -576,7 +582,9 @@ def trace_comparison(settings: Settings, fast: Target, traced: Target, info: dic
     fast_cpu = med("fast", "gateway_us")
     traced_cpu = med("traced", "gateway_us")
     return {"comparison": runs, "fast_rps_32": fast_rps, "traced_rps_32": traced_rps,
-            "ratio_vs_fast": round(traced_rps / fast_rps, 3) if fast_rps else None, "pair_ratios": pair_ratios,
+            # Each pair ran back to back: the median of their ratios is the least disturbed by drift.
+            "ratio_vs_fast": statistics.median(pair_ratios) if pair_ratios else None,
+            "ratio_of_medians": round(traced_rps / fast_rps, 3) if fast_rps else None, "pair_ratios": pair_ratios,
             "gateway_cpu_us": {"fast": fast_cpu, "traced": traced_cpu},
             "cpu_ratio_gateway": round(traced_cpu / fast_cpu, 3) if fast_cpu else None,
             "exporter_cpu_us": med("traced", "exporter_us"), "collector_cpu_us": med("traced", "collector_us"),
