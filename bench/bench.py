@@ -25,9 +25,13 @@ Environment:
     BENCH_LOADGEN=auto       auto | python | wrk (auto: wrk if on PATH)
     BENCH_STREAMS=20         streamed requests per target; BENCH_CHUNKS=10, BENCH_CHUNK_DELAY_MS=20
     BENCH_PLUGINS=a,b        run the gateways with only these plugins of config.yaml's chain (ablation)
-    BENCH_TELEMETRY=1        same as --telemetry: a third gateway, the fast path with OpenTelemetry
-                             traces on (every request sampled) to a local collector (bench/collector.py),
-                             measured right after the untraced one: "fast path +traces"
+    BENCH_TELEMETRY=0        same as --no-telemetry: skip the traced fast path. By default a third
+                             gateway, the fast path with OpenTelemetry traces on (every request
+                             sampled) to a local collector (bench/collector.py), is alternated with
+                             the untraced one BENCH_TRACE_PAIRS times (default 6, quick 4; A B, B A,
+                             ...), BENCH_TRACE_SECONDS each (default 5, quick 3): "fast path +traces",
+                             its req/s (the median of the pairs' ratios) and CPU per request (the
+                             exporter process's included) against the untraced fast path's, same run
     BENCH_STORE=sqlite       sqlite | postgres: the gateways' store (postgres: a fresh schema per
                              gateway in BENCH_PG_URL, default postgresql://postgres@127.0.0.1:5432/test,
                              dropped at the end)
@@ -96,7 +100,9 @@ class Settings:
     chunk_delay_ms: float
     rss_max_seconds: float = 600.0
     connections: int = 32
-    telemetry: bool = False
+    telemetry: bool = True
+    trace_pairs: int = 6
+    trace_seconds: float = 5.0
 
     @classmethod
     def from_env(cls, args: argparse.Namespace) -> "Settings":
@@ -116,7 +122,9 @@ class Settings:
             chunks=int(os.environ.get("BENCH_CHUNKS", 10)),
             chunk_delay_ms=float(os.environ.get("BENCH_CHUNK_DELAY_MS", 20)),
             rss_max_seconds=float(os.environ.get("BENCH_RSS_MAX_SECONDS", 120 if quick else 600)),
-            telemetry=args.telemetry or os.environ.get("BENCH_TELEMETRY", "") not in ("", "0"),
+            telemetry=not args.no_telemetry and os.environ.get("BENCH_TELEMETRY", "1") not in ("", "0"),
+            trace_pairs=int(os.environ.get("BENCH_TRACE_PAIRS", 4 if quick else 6)),
+            trace_seconds=float(os.environ.get("BENCH_TRACE_SECONDS", 3 if quick else 5)),
         )
 
 
@@ -231,6 +239,39 @@ class Target:
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
     pid: int | None = None
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the process (every thread), in seconds."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def child_pids(pid: int) -> list[int]:
+    """The process's children (the trace exporter process of a traced gateway)."""
+    found: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                found += [int(p) for p in fh.read().split()]
+    except OSError:
+        pass
+    return found
+
+
+def children_cpu_seconds(pid: int) -> float:
+    """utime + stime of the process's live children (a child that ends takes its CPU with it)."""
+    total = 0.0
+    for child in child_pids(pid):
+        try:
+            total += cpu_seconds(child)
+        except OSError:
+            continue
+    return total
 
 
 PG_SCHEMAS: list[str] = []  # made by store_url, dropped by drop_pg_schemas
@@ -486,10 +527,16 @@ def verdicts(results: dict) -> list[dict]:
     if traced is not None:
         share = traced.get("ratio_vs_fast")
         spans = (traced.get("collector") or {}).get("spans")
+        cpu = traced.get("gateway_cpu_us") or {}
         check("fast path with every request traced @32",
-              f"{fmt(traced.get('rps_32'))} req/s, {fmt(share and share * 100)}% of the untraced fast path "
-              f"(p50 @1 {fmt(traced.get('p50_1_ms'), '.3f')} vs {fmt(fast.get('p50_1_ms'), '.3f')} ms; "
-              f"{fmt(spans, 'd')} spans at the collector, {fmt(traced.get('dropped'), '.0f')} dropped)",
+              f"{fmt(share and share * 100)}% (the median of {len(traced.get('pair_ratios') or [])} alternated pairs: "
+              f"{', '.join(f'{r:.0%}' for r in traced.get('pair_ratios') or [])}; medians "
+              f"{fmt(traced.get('traced_rps_32'))} vs {fmt(traced.get('fast_rps_32'))} req/s untraced = "
+              f"{fmt((traced.get('ratio_of_medians') or 0) * 100)}%); CPU/request: gateway "
+              f"{fmt(cpu.get('traced'))} vs {fmt(cpu.get('fast'))} us = {fmt(traced.get('cpu_ratio_gateway'), '.2f')}x, "
+              f"+ exporter process {fmt(traced.get('exporter_cpu_us'))} us = "
+              f"{fmt(traced.get('cpu_ratio_with_exporter'), '.2f')}x; {fmt(spans, 'd')} spans at the collector, "
+              f"{fmt(traced.get('dropped'), '.0f')} dropped",
               f">= {TARGETS['traced_rps_ratio_min']:.0%}", share is not None and share >= TARGETS["traced_rps_ratio_min"])
     rss = results.get("rss", {})
     after_mib = rss.get("after_kib", 0) / 1024 if rss.get("after_kib") else None
@@ -500,6 +547,49 @@ def verdicts(results: dict) -> list[dict]:
           f"({fmt(rss.get('before_kib', 0) / 1024, '.1f')} -> {fmt(rss.get('after_kib', 0) / 1024, '.1f')} MiB)",
           f"< {TARGETS['rss_growth_pct_max']:.0f}%", growth is not None and growth < TARGETS["rss_growth_pct_max"])
     return out
+
+
+def trace_comparison(settings: Settings, fast: Target, traced: Target, info: dict, workdir: Path) -> dict:
+    """The untraced and the traced fast path alternated `trace_pairs` times (A B, B A, ...) at
+    32 connections, each run's req/s and CPU per request read from /proc: the gateway's, the
+    traced one's exporter process's (gateway/trace_export.py) and the collector's. On a shared
+    machine only such an alternation, in one run, says what tracing costs."""
+    runs: dict[str, list[dict]] = {"fast": [], "traced": []}
+    # Short runs, many pairs: the machine's weather changes within minutes. No warm-up per run:
+    # the CPU read covers the measured requests only.
+    quiet = Settings(**{**settings.__dict__, "warmup": 0.0, "seconds": settings.trace_seconds})
+    for target in (fast, traced):
+        measure_load(Settings(**{**settings.__dict__, "seconds": settings.warmup, "warmup": 0.0}), target,
+                     settings.connections, workdir)
+    for pair in range(settings.trace_pairs):
+        order = [("fast", fast), ("traced", traced)]
+        for label, target in (order if pair % 2 == 0 else order[::-1]):
+            log(f"{target.name} (traces comparison {pair + 1}/{settings.trace_pairs}): "
+                f"{settings.connections} connections, {settings.trace_seconds:.0f}s")
+            assert target.pid is not None
+            before = (cpu_seconds(target.pid), children_cpu_seconds(target.pid), cpu_seconds(info["collector_pid"]))
+            many = measure_load(quiet, target, settings.connections, workdir)
+            time.sleep(1.5)  # the exporter's last batch of this run (export every second)
+            after = (cpu_seconds(target.pid), children_cpu_seconds(target.pid), cpu_seconds(info["collector_pid"]))
+            count = max(1, many.get("requests") or round(many["rps"] * many["duration_s"]))
+            runs[label].append({"rps": many["rps"], "errors": many["errors"],
+                                "gateway_us": round((after[0] - before[0]) / count * 1e6, 1),
+                                "exporter_us": round((after[1] - before[1]) / count * 1e6, 1),
+                                "collector_us": round((after[2] - before[2]) / count * 1e6, 1) if label == "traced" else 0.0})
+    med = lambda label, key: statistics.median(r[key] for r in runs[label])  # noqa: E731
+    fast_rps, traced_rps = med("fast", "rps"), med("traced", "rps")
+    pair_ratios = [round(t["rps"] / f["rps"], 3) for f, t in zip(runs["fast"], runs["traced"]) if f["rps"]]
+    fast_cpu = med("fast", "gateway_us")
+    traced_cpu = med("traced", "gateway_us")
+    return {"comparison": runs, "fast_rps_32": fast_rps, "traced_rps_32": traced_rps,
+            # Each pair ran back to back: the median of their ratios is the least disturbed by drift.
+            "ratio_vs_fast": statistics.median(pair_ratios) if pair_ratios else None,
+            "ratio_of_medians": round(traced_rps / fast_rps, 3) if fast_rps else None, "pair_ratios": pair_ratios,
+            "gateway_cpu_us": {"fast": fast_cpu, "traced": traced_cpu},
+            "cpu_ratio_gateway": round(traced_cpu / fast_cpu, 3) if fast_cpu else None,
+            "exporter_cpu_us": med("traced", "exporter_us"), "collector_cpu_us": med("traced", "collector_us"),
+            "cpu_ratio_with_exporter": round((traced_cpu + med("traced", "exporter_us")) / fast_cpu, 3)
+            if fast_cpu else None}
 
 
 def print_report(results: dict) -> None:
@@ -628,10 +718,16 @@ def run(settings: Settings, workdir: Path, procs: Processes) -> dict:
 
     # Direct first and last: the drift between the two is the noise floor of this run.
     phases = ["direct", "bare proxy", "litellm-only", "fast path", "anthropic", "messages", "direct"]
-    if settings.telemetry:  # right after the untraced fast path: the same machine weather
-        phases.insert(phases.index("fast path") + 1, "fast path +traces")
     for name in phases:
         load_phase(name)
+    if settings.telemetry:
+        traced_row = rows["fast path +traces"]
+        traced_row.update(trace_comparison(settings, targets["fast path"], targets["fast path +traces"], traced,
+                                           workdir))
+        log(f"fast path +traces: 1 connection, {settings.seconds:.0f}s")
+        one = measure_load(settings, targets["fast path +traces"], 1, workdir)
+        traced_row.update(rps_32=traced_row["traced_rps_32"], p50_1_ms=one["p50_ms"], p99_1_ms=one["p99_ms"],
+                          errors=sum(r["errors"] for r in traced_row["comparison"]["traced"]) + one["errors"])
     mean = lambda values: sum(values) / len(values)  # noqa: E731
     rows["direct"].update(rps_32=round(mean(direct_runs["rps_32"]), 1),
                           errors=sum(r["c32"]["errors"] + r["c1"]["errors"] for r in direct_runs["raw"]),
@@ -676,8 +772,6 @@ def run(settings: Settings, workdir: Path, procs: Processes) -> dict:
 
     if settings.telemetry:
         traced_row = rows["fast path +traces"]
-        if rows["fast path"].get("rps_32") and traced_row.get("rps_32"):
-            traced_row["ratio_vs_fast"] = round(traced_row["rps_32"] / rows["fast path"]["rps_32"], 3)
         time.sleep(3)  # the last batches leave (export every second)
         with urllib.request.urlopen(traced["collector"] + "/stats", timeout=10) as resp:
             traced_row["collector"] = json.loads(resp.read())
@@ -701,8 +795,9 @@ def main() -> int:
     parser.add_argument("--loadgen", choices=("auto", "python", "wrk"))
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs, SQLite)")
     parser.add_argument("--strict", action="store_true", help="exit 2 when a target is missed")
-    parser.add_argument("--telemetry", action="store_true",
-                        help="also the fast path with every request traced to a local OTLP collector")
+    parser.add_argument("--telemetry", action="store_true", help="(the default) also the fast path with every "
+                        "request traced to a local OTLP collector, alternated with the untraced one")
+    parser.add_argument("--no-telemetry", action="store_true", help="skip the traced fast path")
     args = parser.parse_args()
     settings = Settings.from_env(args)
     workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))

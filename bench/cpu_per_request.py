@@ -46,7 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+CLOCK_TICKS = bench.CLOCK_TICKS
 
 
 def postgres_cpu_seconds(clients: list[int]) -> float:
@@ -105,11 +105,7 @@ def client_ports(pids: list[int]) -> set[int]:
     return ports
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the process (every thread), in seconds."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+cpu_seconds, children_cpu_seconds = bench.cpu_seconds, bench.children_cpu_seconds
 
 
 def wrk_load(target: bench.Target, workdir: Path, seconds: float, connections: int) -> dict:
@@ -133,6 +129,20 @@ end
 
 
 PATHS = ("fast", "anthropic", "messages", "responses")
+
+
+def traced_dropped(target: bench.Target) -> str:
+    """The traced gateway's dropped spans so far, by reason, from its /metrics."""
+    import urllib.request
+
+    base = target.url.split("/v1/", 1)[0]
+    try:
+        with urllib.request.urlopen(base + "/metrics", timeout=10) as resp:
+            lines = resp.read().decode().splitlines()
+    except OSError as exc:
+        return f"? ({exc})"
+    return ", ".join(line.split("{", 1)[1].replace('"}', "").replace('reason="', "")
+                     for line in lines if line.startswith("gateway_trace_spans_dropped_total{")) or "none"
 
 
 def targets(base: str, key: str, pid: int, label: str) -> dict[str, bench.Target]:
@@ -195,6 +205,10 @@ def main() -> int:
                 bench.smoke_check(by_path[path])
                 wrk_load(by_path[path], workdir, 2, args.connections)  # warm-up: caches and lazily built paths
         per_request: dict[tuple[str, str], list[float]] = {(l, p): [] for l in gateways for p in paths}
+        # With --telemetry: the exporter process's and the collector's CPU per traced request.
+        exporter_per_request: list[float] = []
+        collector_per_request: list[float] = []
+        throughput: dict[tuple[str, str], list[float]] = {(l, p): [] for l in gateways for p in paths}
         pg_per_request: dict[tuple[str, str], list[float]] = {(l, p): [] for l in gateways for p in paths}
         on_postgres = os.environ.get("BENCH_STORE") == "postgres"
         for run in range(args.runs):
@@ -205,12 +219,13 @@ def main() -> int:
                     pid = target.pid
                     time.sleep(1.5)  # let the accounting writer drain the previous load
                     spy = None
-                    if args.py_spy and run == 0 and path == paths[0] and label == "this":
+                    if args.py_spy and run == 0 and path == paths[0] and label == os.environ.get("BENCH_SPY_LABEL", "this"):
                         # sampling costs the gateway CPU too: read that run's figure as inflated
                         spy = procs.start("py-spy", [shutil.which("py-spy") or str(Path(bench.PYTHON).parent / "py-spy"), "record", "-p",
                                                      str(pid), "-d", str(round(args.seconds)), "-r", "250", "-f",
                                                      "raw", "-o", str(Path(args.py_spy).resolve())])
                     before, pg_before = cpu_seconds(pid), postgres_cpu_seconds([pid])
+                    side_before = (children_cpu_seconds(pid), cpu_seconds(coll.pid)) if label == "traced" else None
                     result = wrk_load(target, workdir, args.seconds, args.connections)
                     time.sleep(1.5)  # the write-behind flush belongs to these requests
                     if spy is not None:
@@ -220,12 +235,20 @@ def main() -> int:
                     us = used / max(1, result["requests"]) * 1e6
                     rps = result["requests"] / (result["duration_us"] / 1e6)
                     per_request[label, path].append(us)
+                    throughput[label, path].append(rps)
+                    side = ""
+                    if side_before is not None:
+                        exporter = (children_cpu_seconds(pid) - side_before[0]) / max(1, result["requests"]) * 1e6
+                        collector = (cpu_seconds(coll.pid) - side_before[1]) / max(1, result["requests"]) * 1e6
+                        exporter_per_request.append(exporter)
+                        collector_per_request.append(collector)
+                        side = f", exporter process {exporter:.1f}, collector {collector:.1f} us/request"
                     pg = ""
                     if on_postgres:
                         pg_per_request[label, path].append(pg_used / max(1, result["requests"]) * 1e6)
                         pg = f", PostgreSQL CPU {pg_used:.2f}s = {pg_per_request[label, path][-1]:.1f} us/request"
                     print(f"run {run + 1} {target.name}: {result['requests']} requests, {result['errors']} errors, "
-                          f"{rps:.0f} req/s, gateway CPU {used:.2f}s = {us:.1f} us/request{pg}", flush=True)
+                          f"{rps:.0f} req/s, gateway CPU {used:.2f}s = {us:.1f} us/request{side}{pg}", flush=True)
         for path in paths:
             medians = {label: statistics.median(per_request[label, path]) for label in gateways}
             line = ", ".join(f"{label} {value:.1f}" for label, value in medians.items())
@@ -236,6 +259,12 @@ def main() -> int:
                 line += f"; this/against {medians['this'] / medians['against']:.3f}"
             if "traced" in medians:
                 line += f"; traced/this {medians['traced'] / medians['this']:.3f}"
+                if exporter_per_request:
+                    line += (f"; exporter process {statistics.median(exporter_per_request):.1f}, "
+                             f"collector {statistics.median(collector_per_request):.1f}")
+                rps = {label: statistics.median(throughput[label, path]) for label in ("this", "traced")}
+                line += (f"; req/s this {rps['this']:.0f}, traced {rps['traced']:.0f} "
+                         f"({rps['traced'] / rps['this']:.1%}); spans dropped {traced_dropped(gateways['traced'][path])}")
             print(f"median {path} ({args.runs} runs): {line} us/request")
     finally:
         procs.stop_all()

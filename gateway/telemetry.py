@@ -7,17 +7,22 @@
       capture_content: false
 
 One SERVER span per request, opened and closed by the request lifecycle
-(gateway/lifecycle.py `run_request`): the plugins' request hooks are its events, its
-attributes say what the request was, what served it and what it cost. One CLIENT span per
-upstream attempt (gateway/router.py `Router.attempts`), so retries and fallbacks show as
+(gateway/lifecycle.py `run_request`): its attributes say what the request was, what
+served it and what it cost, the plugins' request hooks included (their names and
+durations as two array attributes); decisions off the fast path are its events. One
+CLIENT span per upstream attempt (gateway/router.py `Router.attempts`), so retries and fallbacks show as
 siblings. A client's W3C `traceparent` is continued; each attempt sends its own to the
 upstream (`UPSTREAM_TRACE`, read by the native HTTP client and the litellm dispatcher).
 
-Off the request path: a span that ends is queued for the SDK's BatchSpanProcessor, whose
-thread encodes and posts it. The queue is bounded by us (`_BoundedExport`): a dead or slow
-collector fills it and further spans are dropped and counted (`SPANS`, exposed by the
-metrics plugin as gateway_trace_spans_dropped_total), never waited for. With tracing off,
-`Snapshot.telemetry` is None and the hot path pays one attribute check per hook site.
+A request's spans are recorded as plain values while it runs (no SDK span objects, no
+context switches) and become span records once it ended: ids from the SDK's id generator,
+the decision to record from its sampler (ParentBased(TraceIdRatioBased)). Off the request
+path and out of the gateway's process: the records go to the exporter process
+(gateway/trace_export.py), which builds the SDK's ReadableSpans and exports them with its
+BatchSpanProcessor and OTLP/HTTP exporter. Bounded: a dead or slow collector leaves spans in
+flight, and beyond `queue_size` further spans are dropped and counted (`SPANS`, exposed by
+the metrics plugin as gateway_trace_spans_dropped_total), never waited for. With tracing
+off, `Snapshot.telemetry` is None and the hot path pays one attribute check per hook site.
 
 Attributes follow the GenAI semantic conventions (experimental; `gen_ai.provider.name`, not
 the deprecated `gen_ai.system`); the gateway's own are under `gateway.`. Never a key or a
@@ -27,24 +32,22 @@ header: prompt and completion text only with `capture_content: true`.
 from __future__ import annotations
 
 import asyncio
-import collections
 import functools
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from time import time_ns
+from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import urlsplit
 
 import orjson
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
+from opentelemetry.trace import SpanKind, StatusCode, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from gateway.providers.base import UPSTREAM_TRACE, UpstreamError
+from gateway.trace_export import SPANS, ExportPipe
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -52,20 +55,11 @@ if TYPE_CHECKING:
     from gateway.config import ModelEntry, TelemetryConfig
     from plugins.base import RequestContext
 
+__all__ = ["SPANS", "Telemetry", "RequestTrace", "build_telemetry", "telemetry_cleanup"]
+
 log = logging.getLogger("gateway.telemetry")
 
-# The exporter logs every failed post; a dead collector is counted (SPANS) and said once a
-# minute by us instead.
-logging.getLogger("opentelemetry.exporter.otlp.proto.http").setLevel(logging.CRITICAL)
-logging.getLogger("opentelemetry.exporter.otlp.common").setLevel(logging.CRITICAL)
-logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)
-
 _PROPAGATOR = TraceContextTextMapPropagator()
-
-# Per process, across reloads (each reload may build a new exporter): spans exported, and
-# spans dropped by reason ("queue_full": the bounded queue was full, a slow or dead
-# collector; "export_failed": the collector refused or never answered).
-SPANS: collections.Counter[str] = collections.Counter()
 
 # The litellm provider prefix -> the convention's gen_ai.provider.name.
 _PROVIDER_NAMES = {
@@ -104,103 +98,66 @@ def traces_url(endpoint: str) -> str:
     return endpoint if endpoint.endswith("/v1/traces") else endpoint + "/v1/traces"
 
 
-class _CountingExporter(SpanExporter):
-    """The OTLP exporter, counting what it took, exported and failed to export."""
-
-    def __init__(self, exporter: SpanExporter):
-        self.exporter = exporter
-        self.taken = 0  # written by the export thread only
-        self._said_at = 0.0
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        self.taken += len(spans)
-        try:
-            result = self.exporter.export(spans)
-        except Exception:  # noqa: BLE001 — a broken collector never breaks the gateway
-            result = SpanExportResult.FAILURE
-        if result is SpanExportResult.SUCCESS:
-            SPANS["exported"] += len(spans)
-        else:
-            SPANS["export_failed"] += len(spans)
-            now = time.monotonic()
-            if now - self._said_at > 60:
-                self._said_at = now
-                log.warning("trace export failed: %d spans dropped (collector down or refusing?)", len(spans))
-        return result
-
-    def shutdown(self) -> None:
-        self.exporter.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self.exporter.force_flush(timeout_millis)
-
-
-class _BoundedExport(SpanProcessor):
-    """The SDK's BatchSpanProcessor behind a bound we count: at most `queue_size` spans wait
-    for the export thread; beyond, a span is dropped (SPANS["queue_full"]) at once."""
-
-    def __init__(self, exporter: SpanExporter, queue_size: int, batch_size: int, delay_s: float,
-                 timeout_s: float):
-        self.counting = _CountingExporter(exporter)
-        self.queue_size = queue_size
-        self.queued = 0  # written by the event loop's thread only
-        # Its own queue is larger than our bound, so it never drops silently.
-        self.batch = BatchSpanProcessor(self.counting, max_queue_size=queue_size + batch_size,
-                                        schedule_delay_millis=delay_s * 1000,
-                                        max_export_batch_size=min(batch_size, queue_size),
-                                        export_timeout_millis=timeout_s * 1000)
-
-    def on_start(self, span: Any, parent_context: Any = None) -> None:
-        pass
-
-    def on_end(self, span: ReadableSpan) -> None:
-        if self.queued - self.counting.taken >= self.queue_size:
-            SPANS["queue_full"] += 1
-            return
-        self.queued += 1
-        self.batch.on_end(span)
-
-    def shutdown(self) -> None:
-        self.batch.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self.batch.force_flush(timeout_millis)
-
-
 class Telemetry:
-    """The tracer built from `telemetry:` (one per config generation that changed it)."""
+    """The tracer built from `telemetry:` (one per config generation that changed it).
 
-    def __init__(self, settings: "TelemetryConfig", exporter: SpanExporter | None = None):
+    A request's spans are recorded as plain values while it runs (`RequestTrace`) and
+    become span records once it ended, handed to the exporter process (gateway/trace_export.py),
+    where the SDK's ReadableSpan objects are built and its OTLP/HTTP exporter encodes and
+    posts them. Ids come from the SDK's id generator, the decision to record from its sampler."""
+
+    def __init__(self, settings: "TelemetryConfig"):
         self.settings = settings
         self.capture_content = settings.capture_content
         assert settings.otlp_endpoint is not None
-        exporter = exporter or OTLPSpanExporter(endpoint=traces_url(settings.otlp_endpoint),
-                                                headers=dict(settings.headers), timeout=settings.export_timeout)
-        self.processor = _BoundedExport(exporter, settings.queue_size, settings.batch_size,
-                                        settings.export_interval, settings.export_timeout)
-        self.provider = TracerProvider(resource=Resource.create({"service.name": settings.service_name}),
-                                       sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)))
-        self.provider.add_span_processor(self.processor)
-        self.tracer = self.provider.get_tracer("gateway")
+        # ParentBased: a client's traceparent decides; without one (no SDK span is ever
+        # current in the gateway) its root sampler does, called directly.
+        self.root_sampler = TraceIdRatioBased(settings.sample_ratio)
+        self.sampler = ParentBased(self.root_sampler)
+        self.ids = RandomIdGenerator()
+        self.pipe = ExportPipe({
+            "endpoint": traces_url(settings.otlp_endpoint), "headers": dict(settings.headers),
+            "service_name": settings.service_name, "queue_size": settings.queue_size,
+            "batch_size": min(settings.batch_size, settings.queue_size),
+            "export_interval": settings.export_interval, "export_timeout": settings.export_timeout,
+        }, settings.queue_size)
 
     def start(self, ctx: "RequestContext", request: "web.Request") -> "RequestTrace":
         """The request's SERVER span, continuing the client's `traceparent` if it sent one."""
-        parent = _PROPAGATOR.extract(request.headers) if "traceparent" in request.headers else None
-        span = self.tracer.start_span(ctx.endpoint, context=parent, kind=SpanKind.SERVER, attributes={
-            "gateway.request_id": ctx.request_id, "gateway.endpoint": ctx.endpoint,
-            "http.request.method": request.method, "url.path": request.path})
-        return RequestTrace(self, span)
+        headers = request.headers
+        parent_context = None
+        trace_id = parent_id = 0
+        trace_state = None
+        if "traceparent" in headers:
+            parent_context = _PROPAGATOR.extract(headers)
+            parent = get_current_span(parent_context).get_span_context()
+            if parent.is_valid:
+                trace_id, parent_id = parent.trace_id, parent.span_id
+                trace_state = parent.trace_state.to_header() or None
+            else:
+                parent_context = None
+        if not trace_id:
+            trace_id = self.ids.generate_trace_id()
+        sampler = self.sampler if parent_context is not None else self.root_sampler
+        sampled = sampler.should_sample(parent_context, trace_id, ctx.endpoint, SpanKind.SERVER).decision.is_sampled()
+        trace = RequestTrace(self, trace_id, self.ids.generate_span_id(), parent_id, trace_state, sampled)
+        if sampled:
+            trace.attributes = {"gateway.request_id": ctx.request_id, "gateway.endpoint": ctx.endpoint,
+                                "http.request.method": request.method, "url.path": request.path}
+        return trace
 
     async def flush_and_stop(self) -> None:
-        """Export what is queued and stop. In a daemon thread of its own, awaited at most
-        `export_timeout` seconds: a dead collector neither holds the stop nor the loop's
-        executor; what it did not take is counted as dropped ("shutdown")."""
+        """Export what is queued and stop. The exporter process is given at most
+        `export_timeout` seconds (waited for in a daemon thread: a dead collector neither
+        holds the stop nor the loop's executor); what it did not export is counted as
+        dropped ("shutdown")."""
+        self.pipe.stop_taking()
         loop = asyncio.get_running_loop()
         done = loop.create_future()
 
         def run() -> None:
             try:
-                self.provider.shutdown()
+                self.pipe.close(self.settings.export_timeout)
             except Exception:  # noqa: BLE001
                 log.exception("trace flush failed")
             finally:
@@ -210,41 +167,55 @@ class Telemetry:
                     pass
 
         threading.Thread(target=run, name="trace-flush", daemon=True).start()
-        try:
-            await asyncio.wait_for(asyncio.shield(done), self.settings.export_timeout)
-        except asyncio.TimeoutError:
-            unsent = self.processor.queued - self.processor.counting.taken
-            SPANS["shutdown"] += max(0, unsent)
-            log.warning("trace flush at stop timed out: %d spans not exported", unsent)
+        await asyncio.wait_for(asyncio.shield(done), self.settings.export_timeout + 5)
 
 
 def build_telemetry(settings: "TelemetryConfig") -> Telemetry | None:
     return Telemetry(settings) if settings.otlp_endpoint else None
 
 
+_CLIENT, _SERVER = SpanKind.CLIENT.value, SpanKind.SERVER.value
+_UNSET, _ERROR = StatusCode.UNSET.value, StatusCode.ERROR.value
+
+
 class Attempt:
-    """One upstream call's CLIENT span, and the `UPSTREAM_TRACE` it set for the call."""
+    """One upstream call's CLIENT span while it runs, and the `UPSTREAM_TRACE` it set."""
 
-    __slots__ = ("span", "token")
+    __slots__ = ("span_id", "token", "name", "start", "attributes")
 
-    def __init__(self, span: Any, token: Any):
-        self.span = span
+    def __init__(self, span_id: int, token: Any, name: str = "", start: int = 0,
+                 attributes: dict[str, Any] | None = None):
+        self.span_id = span_id
         self.token = token
+        self.name = name
+        self.start = start
+        self.attributes = attributes
 
 
 class RequestTrace:
-    """One request's spans: `ctx.trace` while tracing is on (plugins/base.py)."""
+    """One request's spans: `ctx.trace` while tracing is on (plugins/base.py). Recorded as
+    plain values; `finish` turns them into span records for the exporter process."""
 
-    __slots__ = ("telemetry", "span", "recording", "open_stream", "response_id", "plugins", "plugin_ms", "extra")
+    __slots__ = ("telemetry", "trace_id", "span_id", "parent_id", "trace_state", "recording", "start_ns",
+                 "attributes", "events", "spans", "open_stream", "response_id", "answer", "plugins", "plugin_ms", "extra")
 
-    def __init__(self, telemetry: Telemetry, span: Any):
+    def __init__(self, telemetry: Telemetry, trace_id: int, span_id: int, parent_id: int,
+                 trace_state: str | None, sampled: bool):
         self.telemetry = telemetry
-        self.span = span
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.parent_id = parent_id  # the client's span (its traceparent), or 0
+        self.trace_state = trace_state  # the client's tracestate header, passed on
         # False for a request the sampler dropped: nothing is computed for its attributes,
         # only the (unsampled) traceparent of each attempt is sent upstream.
-        self.recording: bool = span.is_recording()
-        self.open_stream: Any = None  # the CLIENT span of the stream being relayed
+        self.recording = sampled
+        self.start_ns = time_ns()
+        self.attributes: dict[str, Any] = {}
+        self.events: list[tuple[str, dict[str, Any], int]] = []
+        self.spans: list[tuple] = []  # the ended CLIENT spans' records
+        self.open_stream: Attempt | None = None  # the CLIENT span of the stream being relayed
         self.response_id: str | None = None
+        self.answer: tuple[Any, dict[str, Any]] | None = None  # the last answer and its attributes
         # The request hooks that ran, in chain order, and how long each took: two array
         # attributes of the server span at its end (an event each cost ~10x as much).
         self.plugins: list[str] = []
@@ -275,16 +246,17 @@ class RequestTrace:
         """A decision off the fast path (a downgrade, a cache hit), timed as an event."""
         if not self.recording:
             return
-        self.span.add_event(name, {k: v for k, v in attributes.items() if v is not None})
+        self.events.append((name, {k: v for k, v in attributes.items() if v is not None}, time_ns()))
 
     # --- upstream attempts -----------------------------------------------------------
 
     def attempt(self, ctx: "RequestContext", model: str, deployment: "ModelEntry") -> Attempt:
         """A CLIENT span for one call to `deployment`; the call carries its traceparent."""
         self._close_stream(discarded=True)  # a gate that moved the request dispatches again
+        span_id = self.telemetry.ids.generate_span_id()
+        token = UPSTREAM_TRACE.set(self._carrier(span_id))
         if not self.recording:  # an unsampled child: only its traceparent is used
-            span = self.telemetry.tracer.start_span("", kind=SpanKind.CLIENT, context=set_span_in_context(self.span))
-            return Attempt(span, UPSTREAM_TRACE.set(_carrier_of(span)))
+            return Attempt(span_id, token)
         params = deployment.litellm_params
         upstream_model = params.model.split("/", 1)[1] if "/" in params.model else params.model
         operation = operation_of(ctx.endpoint)
@@ -297,65 +269,80 @@ class RequestTrace:
         server = _server_of(params.api_base)
         if server is not None:
             attributes["server.address"], attributes["server.port"] = server
-        span = self.telemetry.tracer.start_span(f"{operation} {upstream_model}", kind=SpanKind.CLIENT,
-                                                context=set_span_in_context(self.span), attributes=attributes)
-        return Attempt(span, UPSTREAM_TRACE.set(_carrier_of(span)))
+        return Attempt(span_id, token, f"{operation} {upstream_model}", time_ns(), attributes)
+
+    def _carrier(self, span_id: int) -> dict[str, str]:
+        """The W3C trace-context headers that make the span `span_id` the upstream call's
+        parent (as the SDK's TraceContextTextMapPropagator writes them, without building a
+        context for it: version 00, the ids in hex, the sampled flag, the client's tracestate)."""
+        carrier = {"traceparent": f"00-{self.trace_id:032x}-{span_id:016x}-{'01' if self.recording else '00'}"}
+        if self.trace_state:
+            carrier["tracestate"] = self.trace_state
+        return carrier
+
+    def _end(self, attempt: Attempt, status: int = _UNSET, description: str | None = None) -> None:
+        self.spans.append((attempt.name, _CLIENT, self.trace_id, attempt.span_id, self.span_id, False,
+                           self.trace_state, attempt.start, time_ns(), attempt.attributes, None, status, description))
 
     def attempt_failed(self, attempt: Attempt, err: BaseException) -> None:
         UPSTREAM_TRACE.reset(attempt.token)
-        span = attempt.span
         if not self.recording:
             return
+        attributes = attempt.attributes
+        assert attributes is not None
         if isinstance(err, UpstreamError):
-            attributes: dict[str, Any] = {"error.type": str(err.status) if err.kind == "status" else err.kind,
-                                          "gateway.retryable": err.retryable}
+            attributes["error.type"] = str(err.status) if err.kind == "status" else err.kind
+            attributes["gateway.retryable"] = err.retryable
             if err.status is not None:
                 attributes["http.response.status_code"] = err.status
-            span.set_attributes(attributes)
-            span.set_status(Status(StatusCode.ERROR, err.kind))
+            self._end(attempt, _ERROR, err.kind)
         else:
-            span.set_attributes({"error.type": type(err).__name__})
-            span.set_status(Status(StatusCode.ERROR))
-        span.end()
+            attributes["error.type"] = type(err).__name__
+            self._end(attempt, _ERROR)
 
     def attempt_ok(self, attempt: Attempt, result: Any) -> None:
         """JSON answers end their span here, with the answer's attributes; a stream's span
         stays open until the stream was relayed (`finish`)."""
         UPSTREAM_TRACE.reset(attempt.token)
-        span = attempt.span
         if not self.recording:
             return
+        attributes = attempt.attributes
+        assert attributes is not None
         if isinstance(result, tuple):  # (first chunk, the rest): Router.open_stream
             first = result[0] if isinstance(result[0], dict) else {}
             self.response_id = first.get("id") or self.response_id
             if first.get("model"):
-                span.set_attribute("gen_ai.response.model", first["model"])
-            self.open_stream = span
+                attributes["gen_ai.response.model"] = first["model"]
+            self.open_stream = attempt
             return
         if isinstance(result, dict):
-            attributes = _answer_attributes(result)
+            answer = _answer_attributes(result)
+            attributes.update(answer)
+            self.answer = (result, answer)
             self.response_id = result.get("id") or self.response_id
-            span.set_attributes(attributes)
-        span.end()
+        self._end(attempt)
 
     def _close_stream(self, discarded: bool = False, attributes: Mapping[str, Any] | None = None) -> None:
-        span, self.open_stream = self.open_stream, None
-        if span is None:
+        attempt, self.open_stream = self.open_stream, None
+        if attempt is None:
             return
+        assert attempt.attributes is not None
         if discarded:
-            span.set_attribute("gateway.discarded", True)
+            attempt.attributes["gateway.discarded"] = True
         elif attributes:
-            span.set_attributes(attributes)
-        span.end()
+            attempt.attributes.update(attributes)
+        self._end(attempt)
 
     # --- the end -----------------------------------------------------------------------
 
     def finish(self, ctx: "RequestContext") -> None:
-        """The answer (or error) is sent: the server span's attributes, then its end."""
+        """The answer (or error) is sent: the server span's attributes and end, then every
+        span of the request to the exporter."""
         if not self.recording:
             return
         try:
-            attributes = _request_attributes(ctx)
+            attributes = self.attributes
+            attributes.update(_request_attributes(ctx, self.answer))
             if self.response_id and "gen_ai.response.id" not in attributes:
                 attributes["gen_ai.response.id"] = self.response_id
             if self.plugins:
@@ -368,23 +355,17 @@ class RequestTrace:
             if self.open_stream is not None:
                 self._close_stream(attributes={k: v for k, v in attributes.items()
                                                if k.startswith("gen_ai.usage.") or k in _STREAM_KEYS})
-            span = self.span
             operation = attributes.get("gen_ai.operation.name")
-            if operation and ctx.requested_model:
-                span.update_name(f"{operation} {ctx.requested_model}")
-            span.set_attributes(attributes)
+            name = f"{operation} {ctx.requested_model}" if operation and ctx.requested_model else ctx.endpoint
+            status, description = _UNSET, None
             if ctx.error is not None and ctx.error.status >= 500:
-                span.set_status(Status(StatusCode.ERROR, ctx.error.code or ctx.error.type))
-            span.end()
+                status, description = _ERROR, ctx.error.code or ctx.error.type
+            spans = self.spans
+            spans.append((name, _SERVER, self.trace_id, self.span_id, self.parent_id, True, self.trace_state,
+                          self.start_ns, time_ns(), attributes, self.events or None, status, description))
+            self.telemetry.pipe.submit(spans)
         except Exception:  # noqa: BLE001 — tracing fails open
             log.exception("trace_finish_failed")
-
-
-def _carrier_of(span: Any) -> dict[str, str]:
-    """The W3C headers that make `span` the upstream call's parent."""
-    carrier: dict[str, str] = {}
-    _PROPAGATOR.inject(carrier, context=set_span_in_context(span))
-    return carrier
 
 
 _STREAM_KEYS = frozenset({"gen_ai.response.finish_reasons", "gen_ai.response.id"})
@@ -414,7 +395,9 @@ def _answer_attributes(payload: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _request_attributes(ctx: "RequestContext") -> dict[str, Any]:
+def _request_attributes(ctx: "RequestContext", answered: tuple[Any, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The server span's attributes at the request's end; `answered`: an upstream answer
+    whose attributes were already read (the client span's), reused if it is the response."""
     out: dict[str, Any] = {}
     if ctx.status is not None:
         out["http.response.status_code"] = ctx.status
@@ -440,7 +423,7 @@ def _request_attributes(ctx: "RequestContext") -> dict[str, Any]:
         out["gen_ai.request.stream"] = ctx.stream
         response = ctx.response
         if isinstance(response, dict):
-            answer = _answer_attributes(response)
+            answer = answered[1] if answered is not None and answered[0] is response else _answer_attributes(response)
             for key in ("gen_ai.response.id", "gen_ai.response.finish_reasons"):
                 if key in answer:
                     out[key] = answer[key]

@@ -8,6 +8,8 @@ Anthropic) SDKs. Each test reads the span tree one request produced.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 import urllib.request
 from typing import Any
@@ -22,6 +24,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
+from gateway import trace_export
 from gateway.telemetry import SPANS
 from tests.conftest import FULL_CHAIN, base_config
 from tests.fakes import Fault, free_port
@@ -408,6 +411,62 @@ def test_a_slow_collector_drops_spans_and_counts_them(gateway_factory, server_th
         server_thread.run(slow.stop())
 
 
+def _exporter_of(gw) -> Any:
+    """The traced gateway's exporter process (gateway/trace_export.py), once started."""
+    child = gw.state.snapshot.telemetry.pipe.child
+    assert child is not None
+    return child.proc
+
+
+def test_spans_are_exported_by_a_process_of_their_own(gateway_factory, collector, upstream):
+    """Encoding and posting run in the exporter process, not in the gateway's: the
+    collector's posts come from it, and a SIGTERM meant for the gateway's process group
+    does not end it (it leaves when the gateway closes its pipe)."""
+    gw = gateway_factory(telemetry=telemetry(collector))
+    _, key = gw.make_user()
+    collector.trace_of(request_id_of(chat(gw, key)))
+    exporter = _exporter_of(gw)
+    assert exporter.pid != os.getpid() and exporter.poll() is None
+    os.kill(exporter.pid, signal.SIGTERM)  # ignored
+    server, (client,) = collector.trace_of(request_id_of(chat(gw, key)))
+    assert _exporter_of(gw).pid == exporter.pid and exporter.poll() is None
+    assert server["resource"]["service.name"] == "ai-gateway" and client["kind"] == CLIENT
+
+
+def test_a_killed_exporter_process_drops_what_it_held_and_is_restarted(gateway_factory, collector, upstream,
+                                                                       monkeypatch):
+    """The exporter process dies holding two spans (one request's: the export interval is an
+    hour, a batch is four spans): they are counted as export_failed, the requests go on
+    unharmed, and the next spans start a new exporter that exports them."""
+    monkeypatch.setattr(trace_export, "RESTART_EVERY", 0.0)
+    gw = gateway_factory(plugins=["metrics", *FULL_CHAIN],
+                         telemetry=telemetry(collector, export_interval="1h", batch_size=4))
+    _, key = gw.make_user()
+    held = chat(gw, key)
+    deadline = time.monotonic() + 10
+    while gw.state.snapshot.telemetry.pipe.child is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    exporter = _exporter_of(gw)
+    time.sleep(0.5)  # the pipe's 50 ms flush: the child holds the two spans
+    failed_before = SPANS["export_failed"]
+    exporter.kill()
+    exporter.wait()
+
+    first, second = chat(gw, key), chat(gw, key)  # four spans: a full batch for the new exporter
+    assert first.parse().choices[0].message.content == second.parse().choices[0].message.content
+    collector.trace_of(request_id_of(first))
+    collector.trace_of(request_id_of(second))
+    assert _exporter_of(gw).pid != exporter.pid
+    deadline = time.monotonic() + 10
+    while SPANS["export_failed"] - failed_before < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert SPANS["export_failed"] - failed_before == 2
+    assert not [s for s in collector.spans if s["attributes"].get("gateway.request_id") == request_id_of(held)]
+    scrape = urllib.request.urlopen(gw.url + "/metrics", timeout=5).read().decode()
+    assert 'gateway_trace_spans_dropped_total{reason="export_failed"}' in scrape
+    assert gw.state.snapshot.telemetry.pipe.in_flight == 0
+
+
 def test_no_key_and_no_prompt_in_any_span(gateway_factory, collector, upstream):
     gw = gateway_factory(telemetry=telemetry(collector, headers={"Authorization": "Bearer otlp-secret-token"}))
     _, key = gw.make_user()
@@ -478,7 +537,9 @@ def test_a_reload_turns_tracing_on_and_the_stop_flushes_what_is_queued(server_th
         assert "traceparent" in upstream.last.headers
         time.sleep(0.3)
         assert collector.spans == []  # queued, the next export is an hour away
+        exporter = app[proxy.GATEWAY].snapshot.telemetry.pipe.child.proc
     finally:
         server_thread.run(runner.cleanup(), timeout=30)
     server, (client,) = collector.trace_of(request_id_of(raw), timeout=2)
     assert client["kind"] == CLIENT
+    assert exporter.poll() == 0  # the exporter process left with the gateway
