@@ -564,3 +564,43 @@ def test_a_claimed_batch_is_no_other_claims_until_its_lease_ends(batch_gateway):
     assert [r["id"] for r in gw.run(store.claim_batches("C", lease=60, limit=5, now=now + 30))] == ["gwb_claim0"]
     assert {r["id"] for r in gw.run(store.claim_batches("D", lease=60, limit=5, now=now + 61))} == {
         "gwb_claim1", "gwb_claim2"}  # leases ended
+
+
+def _set_budget(gw, **body) -> dict:
+    import httpx
+
+    from tests.conftest import MASTER_KEY
+    answer = httpx.post(gw.url + "/admin/budgets", headers={"Authorization": f"Bearer {MASTER_KEY}"}, json=body,
+                        timeout=30)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def _budget_spent(gw, budget_id: str) -> Decimal:
+    import httpx
+
+    from tests.conftest import MASTER_KEY
+    rows = httpx.get(gw.url + "/admin/budgets", headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=30).json()
+    return Decimal(str(next(r for r in rows if r["id"] == budget_id)["spent"]))
+
+
+def test_a_batch_is_held_by_the_callers_budgets_and_cannot_run_past_them(batch_gateway, provider):
+    # The attack: a user whose budget refuses a 5th single request sends the same work as a
+    # batch (the batch reserved energy without the budget holds, so it ran unbounded).
+    gw = batch_gateway()
+    user, key = gw.make_user(energy=1000)
+    client = gw.client(key)
+    _set_budget(gw, user=user, unit="energy", amount=3, period="day", timezone="UTC")
+    with pytest.raises(openai.RateLimitError) as refused:
+        start_batch(client, chat_lines(4))  # 4 lines x 2 energy = 8 > 3
+    assert refused.value.code == "budget_exceeded"
+    assert gw.balance(user) == 1000
+
+    # A USD budget holds the lines' ceiling and settles at what they cost at batch prices.
+    other, other_key = gw.make_user(energy=1000)
+    b = _set_budget(gw, user=other, unit="usd", amount="1", period="month", timezone="UTC")
+    _, batch = start_batch(gw.client(other_key), chat_lines(2, max_tokens=50))
+    assert _budget_spent(gw, b["id"]) > 0  # held while it runs
+    provider.finish(batch.id)
+    wait_settled(gw, batch.id)
+    assert _budget_spent(gw, b["id"]) == mini_cost(0) + mini_cost(1)
