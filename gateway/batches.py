@@ -54,6 +54,7 @@ from gateway import budgets as budget_rules
 from gateway.client_body import check_params, require_model, validate_chat, validate_embeddings
 from gateway.config import Config, ModelEntry
 from gateway.errors import ApiError, bad_request, store_unavailable
+from gateway.hosted_tools import requested
 from gateway.money import USD_ZERO, to_nano
 from gateway.object_ids import FILE_ID_FIELDS, file_ids_in
 from gateway.providers.base import UpstreamError
@@ -171,6 +172,29 @@ def line_usd_ceiling(config: Config, kind: str, model: str, body: dict[str, Any]
     shim = type("LineContext", (), {"endpoint": kind, "config": config, "body": body})()
     ceiling = estimate_usd_ceiling(shim, model)  # type: ignore[arg-type]
     return 0 if ceiling is None else max(0, to_nano(ceiling))
+
+
+def bound_line(config: Config, kind: str, model: str, body: dict[str, Any], inbound: str | None = None,
+               inbound_body: dict[str, Any] | None = None) -> None:
+    """A line held to what a single request on `model` may make the provider bill: no
+    hosted tool (charged per use; a batch's settlement bills tokens only), the output at
+    the model's `max_tokens_default` / `max_tokens_cap` (config.yaml models[]). `body`
+    changed in place (`inbound_body`, an Anthropic request's params, instead when given)."""
+    if kind != "chat.completions":
+        return
+    if requested(body, inbound, inbound_body):
+        raise bad_request("a hosted tool (web search, ...) is not accepted in a batch: it is charged per use, "
+                          "which a batch's settlement does not bill", param="tools", code="hosted_tool_not_allowed")
+    settings = config.model_settings(model)
+    default, cap = settings.max_tokens_default, settings.max_tokens_cap
+    target = inbound_body if inbound_body is not None else body
+    keys = ("max_tokens",) if inbound_body is not None else ("max_tokens", "max_completion_tokens")
+    present = [k for k in keys if target.get(k) is not None]
+    if not present and default is not None:
+        target["max_tokens"] = default if cap is None else min(default, cap)
+    for key in present:
+        if cap is not None and isinstance(target[key], int) and target[key] > cap:
+            target[key] = cap
 
 
 def _line_error(number: int, message: str, param: str | None = None) -> ApiError:
@@ -474,6 +498,10 @@ class BatchService:
                     elif name != model:
                         raise _line_error(number, f"every line of a batch names the same model ('{model}'), this one "
                                                   f"'{name[:64]}'", "body.model")
+                    try:
+                        bound_line(config, kind, model, body)
+                    except ApiError as err:
+                        raise _line_error(number, err.message, f"body.{err.param}" if err.param else "body") from None
                     usd_ceiling += line_usd_ceiling(config, kind, model, body)
                     body["model"] = upstream_model(target)
                     seen.add(custom_id)

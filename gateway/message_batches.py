@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from gateway.batches import MESSAGES, RESERVATION_PREFIX, BatchService, line_usd_ceiling, may_use
+from gateway.batches import MESSAGES, RESERVATION_PREFIX, BatchService, bound_line, line_usd_ceiling, may_use
 from gateway.client_body import check_params, validate_chat
 from gateway.errors import ApiError, bad_request
 from gateway.inbound.anthropic import to_openai
@@ -109,6 +109,10 @@ async def create_message_batch(service: BatchService, ctx: Any, body: dict[str, 
         metadata = item["params"].get("metadata")
         if isinstance(metadata, dict) and "user_id" in metadata:  # Anthropic's own field; the gateway's are the batch's
             params["metadata"] = {"user_id": metadata["user_id"]}
+        try:
+            bound_line(config, "chat.completions", model, translated, "anthropic", params)
+        except ApiError as err:
+            raise _request_error(i, err.message, f"params.{err.param}" if err.param else "params") from None
         usd_ceiling += line_usd_ceiling(config, "chat.completions", model, translated)
         params["model"] = upstream_model_name(target)
         seen.add(custom_id)

@@ -37,17 +37,17 @@ def provider(server_thread):
 
 @pytest.fixture
 def batch_gateway(gateway_factory, upstream, store_url, provider):
-    def make(**batches: Any):
+    def make(mini: dict[str, Any] | None = None, claude: dict[str, Any] | None = None, **batches: Any):
         key = "sk-fake-account-SECRET"
         models = [
             {"name": "gpt-4o-mini", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": provider.base,
-                                                       "api_key": key}},
+                                                       "api_key": key}, **(mini or {})},
             {"name": "embed", "litellm_params": {"model": "openai/text-embedding-3-small", "api_base": provider.base,
                                                  "api_key": key}},
             {"name": "gpt-4o", "litellm_params": {"model": "openai/gpt-4o", "api_base": provider.base,
                                                   "api_key": key}},
             {"name": "claude", "litellm_params": {"model": "anthropic/claude-haiku-4-5", "api_base": provider.url,
-                                                  "api_key": "sk-ant-fake-SECRET"}},
+                                                  "api_key": "sk-ant-fake-SECRET"}, **(claude or {})},
             {"name": "demo", "litellm_params": {"model": "demo/offline"}},
         ]
         settings = {"poll_interval": 0.05, "lease": 5, **batches}
@@ -604,3 +604,39 @@ def test_a_batch_is_held_by_the_callers_budgets_and_cannot_run_past_them(batch_g
     provider.finish(batch.id)
     wait_settled(gw, batch.id)
     assert _budget_spent(gw, b["id"]) == mini_cost(0) + mini_cost(1)
+
+
+def test_a_batch_line_gets_the_models_output_bounds_and_no_hosted_tool(batch_gateway, provider):
+    # The attacks: a line asking max_tokens far above the model's max_tokens_cap (a single
+    # request is capped; the batch line went to the provider as asked), and a line with
+    # web_search_options (a hosted tool charged per use, refused for this model on a single
+    # request, unbilled in a batch).
+    gw = batch_gateway(mini={"max_tokens_cap": 100, "max_tokens_default": 50})
+    user, key = gw.make_user(energy=100)
+    client = gw.client(key)
+    content = chat_lines(1, max_tokens=100_000) + json.dumps({
+        "custom_id": "no-limit", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}}).encode() + b"\n"
+    _, batch = start_batch(client, content)
+    sent = provider.lines_of(provider.batches[batch.id]["input_file_id"])
+    assert [line["body"].get("max_tokens") for line in sent] == [100, 50]
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        start_batch(client, chat_lines(1, web_search_options={}))
+    assert refused.value.code == "invalid_batch_line" and "hosted tool" in refused.value.message
+    assert gw.balance(user) == 100 - 2 * MINI_ENERGY
+
+
+def test_a_message_batch_request_gets_the_models_output_cap_and_no_server_tool(batch_gateway, provider):
+    # The same attacks on /v1/messages/batches: max_tokens above the cap, a web search server tool.
+    gw = batch_gateway(claude={"max_tokens_cap": 100})
+    _, key = gw.make_user(energy=100)
+    client = anthropic.Anthropic(base_url=gw.url, api_key=key, max_retries=0)
+    batch = client.messages.batches.create(requests=[{"custom_id": "r0", "params": {
+        "model": "claude", "max_tokens": 60_000, "messages": [{"role": "user", "content": "hi"}]}}])
+    assert [r["params"]["max_tokens"] for r in provider.message_batches[batch.id]["requests"]] == [100]
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        client.messages.batches.create(requests=[{"custom_id": "r0", "params": {
+            "model": "claude", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 50}]}}])
+    assert "hosted tool" in str(refused.value)
