@@ -640,3 +640,26 @@ def test_a_message_batch_request_gets_the_models_output_cap_and_no_server_tool(b
             "model": "claude", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}],
             "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 50}]}}])
     assert "hosted tool" in str(refused.value)
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
+def test_a_cancel_answered_after_the_batch_was_settled_does_not_hide_its_output(batch_gateway, provider):
+    # The race: a cancel reaches the provider, the batch ends and the poller settles it (the
+    # user billed for the lines that ran), then the cancel's answer ("cancelling") was
+    # written over the settled batch: "cancelling" forever, its output file id gone.
+    import asyncio
+
+    gw = batch_gateway()
+    _, key = gw.make_user(energy=100)
+    client = gw.client(key)
+    _, batch = start_batch(client, chat_lines(3))
+
+    async def ends_first(batch_id: str) -> None:
+        provider.finish(batch_id, "cancelled", run=2)
+        await asyncio.to_thread(wait_settled, gw, batch_id)
+
+    provider.on_cancel = ends_first
+    client.batches.cancel(batch.id)
+    done = client.batches.retrieve(batch.id)
+    assert done.status == "cancelled" and done.output_file_id and done.error_file_id
+    assert len(client.files.content(done.output_file_id).text.splitlines()) == 2
