@@ -540,8 +540,8 @@ OUTPUT_CEILING_TOKENS = 4096
 def estimate_usd_ceiling(ctx: RequestContext, public_model: str) -> Decimal | None:
     """What a request may cost on `public_model`, held by a USD budget before the call: the
     prompt counted, the output at the request's limit (max_tokens, max_completion_tokens,
-    max_output_tokens), else the model's cap or default, else OUTPUT_CEILING_TOKENS, at the
-    model's standard prices; embeddings only their input. None: no known price (or an
+    max_output_tokens), else the model's cap or default, else OUTPUT_CEILING_TOKENS, times
+    the choices asked (`n`), at the model's standard prices; embeddings only their input. None: no known price (or an
     MCP tool without a `cost_usd`)."""
     if ctx.endpoint in TOOL_ENDPOINTS:
         found = ctx.config.mcp_tool(public_model)
@@ -564,6 +564,9 @@ def estimate_usd_ceiling(ctx: RequestContext, public_model: str) -> Decimal | No
         output = min(limits) if limits else (default or cap or OUTPUT_CEILING_TOKENS)
         if cap is not None:
             output = min(output, cap)
+        choices = body.get("n")  # each choice is an answer of up to that many tokens, all billed
+        if isinstance(choices, int) and not isinstance(choices, bool) and choices > 1:
+            output *= choices
     return prices.cost(Usage(prompt, output, prompt + output))
 
 
