@@ -663,3 +663,25 @@ def test_a_cancel_answered_after_the_batch_was_settled_does_not_hide_its_output(
     done = client.batches.retrieve(batch.id)
     assert done.status == "cancelled" and done.output_file_id and done.error_file_id
     assert len(client.files.content(done.output_file_id).text.splitlines()) == 2
+
+
+def test_an_upload_whose_filename_carries_a_header_injection_is_a_400(batch_gateway, provider):
+    # The attack: a filename with CR LF (RFC 5987 `filename*`, percent-encoded, so it
+    # survives the client's own header parsing) meant for the multipart headers of the
+    # gateway's upload to the provider.
+    gw = batch_gateway()
+    _, key = gw.make_user(energy=100)
+    boundary = "gwtestboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename*=UTF-8''a%0D%0AContent-Type%3A%20text%2Fevil.jsonl\r\n"
+            f"Content-Type: application/jsonl\r\n\r\n{{}}\n\r\n--{boundary}--\r\n").encode()
+    host, port = gw.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/files", body=body, headers={
+        "Authorization": f"Bearer {key}", "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    answer = conn.getresponse()
+    payload = json.loads(answer.read())
+    assert answer.status == 400 and payload["error"]["param"] == "file", payload
+    assert set(payload["error"]) == {"message", "type", "param", "code"}
+    assert not provider.files

@@ -99,6 +99,8 @@ async def _receive(request: web.Request, limit: int, folder: Path) -> tuple[dict
             if filename is not None:
                 raise bad_request("one file per upload", param="file")
             filename = (part.filename or "upload.jsonl")[:255]
+            if any(ord(c) < 32 or ord(c) == 127 for c in filename):  # bound for the provider's multipart headers
+                raise bad_request("the file's name has control characters", param="file", code="invalid_filename")
             with (folder / "upload").open("wb") as sink:
                 while True:
                     chunk = await part.read_chunk(CHUNK)
