@@ -685,3 +685,22 @@ def test_an_upload_whose_filename_carries_a_header_injection_is_a_400(batch_gate
     assert answer.status == 400 and payload["error"]["param"] == "file", payload
     assert set(payload["error"]) == {"message", "type", "param", "code"}
     assert not provider.files
+
+
+@pytest.mark.parametrize("body,content_type", [
+    (b"garbage without a boundary", "multipart/form-data; boundary=zz"),  # no part at all
+    (b"--zz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\n\r\n{}\n",
+     "multipart/form-data; boundary=zz"),  # cut short: no closing boundary
+    (b"--zz\r\n\r\n{}\n\r\n--zz--\r\n", "multipart/form-data"),  # no boundary parameter
+])
+def test_a_malformed_multipart_upload_is_a_400_not_a_500(batch_gateway, provider, body, content_type):
+    gw = batch_gateway()
+    _, key = gw.make_user(energy=100)
+    host, port = gw.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/files", body=body, headers={"Authorization": f"Bearer {key}",
+                                                          "Content-Type": content_type})
+    answer = conn.getresponse()
+    payload = json.loads(answer.read())
+    assert answer.status == 400 and payload["error"]["code"] == "invalid_body", payload
+    assert not provider.files

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from gateway.batches import BATCHES, FILE_PURPOSES, holder, public_file
 from gateway.errors import ApiError, bad_request
@@ -81,7 +83,15 @@ async def _field(part: BodyPartReader, name: str) -> str:
 
 async def _receive(request: web.Request, limit: int, folder: Path) -> tuple[dict[str, str], str, int]:
     """The form's fields, the file's name and size; its bytes written to folder/upload as
-    they arrive (413 past `limit`, while streaming)."""
+    they arrive (413 past `limit`, while streaming). A body aiohttp cannot read as
+    multipart (no boundary, cut short, broken part headers) is a 400."""
+    try:
+        return await _read_form(request, limit, folder)
+    except (ValueError, AssertionError, RequestPayloadError, HttpProcessingError):
+        raise bad_request("the body is not a well-formed multipart/form-data upload", code="invalid_body") from None
+
+
+async def _read_form(request: web.Request, limit: int, folder: Path) -> tuple[dict[str, str], str, int]:
     if request.content_type != "multipart/form-data":
         raise bad_request("an upload is a multipart/form-data body with 'purpose' and 'file'", code="invalid_body")
     if request.content_length is not None and request.content_length > limit + 64 * 1024:
