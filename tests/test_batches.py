@@ -704,3 +704,20 @@ def test_a_malformed_multipart_upload_is_a_400_not_a_500(batch_gateway, provider
     payload = json.loads(answer.read())
     assert answer.status == 400 and payload["error"]["code"] == "invalid_body", payload
     assert not provider.files
+
+
+def test_one_user_cannot_fill_the_provider_accounts_file_storage(batch_gateway, provider):
+    # The attack: upload file after file (each under max_file_bytes) until the operator's
+    # provider account, shared by every user, is full. A user's files are bounded in all.
+    gw = batch_gateway(max_user_bytes=1000)
+    _, key = gw.make_user(energy=100)
+    _, other_key = gw.make_user(energy=100)
+    client = gw.client(key)
+    first = client.files.create(file=("a.jsonl", io.BytesIO(b"x" * 600)), purpose="batch")
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.files.create(file=("b.jsonl", io.BytesIO(b"x" * 600)), purpose="batch")
+    assert refused.value.status_code == 413 and refused.value.body["code"] == "file_quota_exceeded"
+    assert len(provider.files) == 1
+    gw.client(other_key).files.create(file=("c.jsonl", io.BytesIO(b"x" * 600)), purpose="batch")  # their own
+    client.files.delete(first.id)
+    client.files.create(file=("b.jsonl", io.BytesIO(b"x" * 600)), purpose="batch")  # room again

@@ -144,6 +144,11 @@ async def _upload(gw: Gateway, ctx: RequestContext, request: web.Request) -> dic
         if purpose not in FILE_PURPOSES:
             raise bad_request(f"'purpose' must be one of {sorted(FILE_PURPOSES)}", param="purpose")
         model, deployment = service.file_deployment(ctx, fields.get("model") or None)
+        held = await _held_bytes(gw, ctx.identity.user_id)
+        if held + size > ctx.config.batches.max_user_bytes:
+            raise ApiError(413, f"Your files would hold {held + size} bytes, above the "
+                                f"{ctx.config.batches.max_user_bytes} bytes one user may keep on this gateway "
+                                f"(batches.max_user_bytes); delete some first", param="file", code="file_quota_exceeded")
         try:
             uploaded = await service.upstream.upload(deployment, Path(folder) / "upload", filename, purpose)
         except UpstreamError as err:
@@ -157,6 +162,18 @@ async def _upload(gw: Gateway, ctx: RequestContext, request: web.Request) -> dic
               "created_at": float(created) if isinstance(created, (int, float)) else time.time()}
     await gw.store.remember_file(record)
     return public_file(record)
+
+
+async def _held_bytes(gw: Gateway, user_id: str) -> int:
+    """The bytes of the files a user uploaded and has not deleted (the provider account's
+    storage is shared by every user: one user must not fill it)."""
+    total, after = 0, None
+    while True:
+        rows = await gw.store.list_files(user_id, limit=1000, after=after)
+        total += sum(r["bytes"] or 0 for r in rows if r.get("batch_id") is None)
+        if len(rows) < 1000:
+            return total
+        after = rows[-1]["file_id"]
 
 
 async def files_upload(request: web.Request) -> web.StreamResponse:
