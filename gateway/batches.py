@@ -339,8 +339,10 @@ class BatchService:
                            param="input_file_id", code="file_not_found")
         with tempfile.TemporaryDirectory(prefix="gw-batch-") as folder:
             rewritten = Path(folder) / "input.jsonl"
-            model, custom_ids, target, usd_ceiling = await self._check_lines(ctx, deployment, record, ENDPOINTS[endpoint],
-                                                                endpoint, rewritten)
+            budgets = await self.budgets_over(ctx)
+            model, custom_ids, target, usd_ceiling = await self._check_lines(
+                ctx, deployment, record, ENDPOINTS[endpoint], endpoint, rewritten,
+                count_usd=any(b.unit == "usd" for b in budgets))
             if batch_prices(config, model, target.litellm_params.model, 0) is None:
                 raise bad_request(f"The model '{model}' has no known batch price; the gateway does not run a batch it "
                                   f"cannot bill", param="input_file_id", code="unpriced_batch")
@@ -352,7 +354,7 @@ class BatchService:
                    "endpoint": endpoint, "input_file_id": file_id, "action": action, "energy_per_line": per_line,
                    "status": "creating", "payload": None, "next_poll_at": now + CREATE_GRACE, "created_at": now}
             await store.insert_batch(row, custom_ids)
-            reserved = await self.reserve(ctx, gw_id, per_line * len(custom_ids), usd_ceiling)
+            reserved = await self.reserve(ctx, gw_id, per_line * len(custom_ids), usd_ceiling, budgets)
             uploaded: dict[str, Any] = {}
             try:
                 uploaded = await self.upstream.upload(target, rewritten, "batch_input.jsonl", "batch")
@@ -393,7 +395,16 @@ class BatchService:
                               param="metadata.action", code="unknown_action")
         return action
 
-    async def reserve(self, ctx: Any, gw_id: str, amount: int, usd_nano: int = 0) -> bool:
+    async def budgets_over(self, ctx: Any) -> list[Any]:
+        """The budgets over the caller's batch (its workspace's, user's, key's); none
+        without the energy plugin (which holds them)."""
+        if not self.meters_energy():
+            return []
+        found = await self.gw.store.list_budgets(ctx.identity.workspace_id)
+        return budget_rules.applying(found, ctx.identity) if found else []
+
+    async def reserve(self, ctx: Any, gw_id: str, amount: int, usd_nano: int = 0,
+                      budgets: list[Any] | None = None) -> bool:
         """The batch's energy reserved, with a hold on every budget over the caller (its
         workspace's, user's, key's: the batch's energy, or `usd_nano`, its lines' USD
         ceiling), as a single request's (gateway/budgets.py); a batch never downgrades, so
@@ -404,8 +415,8 @@ class BatchService:
         tier = ctx.config.tiers.get(ctx.identity.tier)
         refill = (tier.refill.amount, tier.refill.period) if tier is not None and tier.refill else None
         try:
-            found = await store.list_budgets(ctx.identity.workspace_id)
-            budgets = budget_rules.applying(found, ctx.identity) if found else []
+            if budgets is None:
+                budgets = await self.budgets_over(ctx)
             holds = budget_rules.holds(budgets, time.time(), amount, usd_nano) if budgets else ()
             reservation = await store.reserve_energy(ctx.identity.user_id, amount, gw_id, refill=refill,
                                                      budgets=holds)
@@ -434,7 +445,7 @@ class BatchService:
         await store.update_batch(gw_id, {"status": "failed", "settled_at": time.time()})
 
     async def _check_lines(self, ctx: Any, deployment: ModelEntry, record: dict[str, Any], kind: str,
-                           endpoint: str, out: Path) -> tuple[str, list[str], ModelEntry, int]:
+                           endpoint: str, out: Path, count_usd: bool = False) -> tuple[str, list[str], ModelEntry, int]:
         """Every line checked as a single request would be, written to `out` with the
         upstream's model name; (the public model, the custom_ids, its deployment, the
         lines' USD ceiling in nano-dollars for the budgets)."""
@@ -502,7 +513,8 @@ class BatchService:
                         bound_line(config, kind, model, body)
                     except ApiError as err:
                         raise _line_error(number, err.message, f"body.{err.param}" if err.param else "body") from None
-                    usd_ceiling += line_usd_ceiling(config, kind, model, body)
+                    if count_usd:  # counting a prompt's tokens costs CPU: only for a USD budget
+                        usd_ceiling += line_usd_ceiling(config, kind, model, body)
                     body["model"] = upstream_model(target)
                     seen.add(custom_id)
                     custom_ids.append(custom_id)

@@ -71,6 +71,8 @@ async def create_message_batch(service: BatchService, ctx: Any, body: dict[str, 
     if len(requests) > config.batches.max_lines:
         raise bad_request(f"a batch has at most {config.batches.max_lines} requests", param="requests")
     model, target, seen, upstream, usd_ceiling = None, None, set(), [], 0
+    budgets = await service.budgets_over(ctx)
+    count_usd = any(b.unit == "usd" for b in budgets)  # counting a prompt's tokens costs CPU: only for one
     action = service.action_of(ctx, None)
     for i, item in enumerate(requests):
         if not isinstance(item, dict) or set(item) - {"custom_id", "params"}:
@@ -113,7 +115,8 @@ async def create_message_batch(service: BatchService, ctx: Any, body: dict[str, 
             bound_line(config, "chat.completions", model, translated, "anthropic", params)
         except ApiError as err:
             raise _request_error(i, err.message, f"params.{err.param}" if err.param else "params") from None
-        usd_ceiling += line_usd_ceiling(config, "chat.completions", model, translated)
+        if count_usd:
+            usd_ceiling += line_usd_ceiling(config, "chat.completions", model, translated)
         params["model"] = upstream_model_name(target)
         seen.add(custom_id)
         upstream.append({"custom_id": custom_id, "params": params})
@@ -129,7 +132,7 @@ async def create_message_batch(service: BatchService, ctx: Any, body: dict[str, 
            "next_poll_at": now + 3600, "created_at": now}
     custom_ids = [item["custom_id"] for item in upstream]
     await store.insert_batch(row, custom_ids)
-    reserved = await service.reserve(ctx, gw_id, per_line * len(custom_ids), usd_ceiling)
+    reserved = await service.reserve(ctx, gw_id, per_line * len(custom_ids), usd_ceiling, budgets)
     try:
         payload = await service.messages.call(target, "POST", "", {"requests": upstream})
         if not isinstance(payload.get("id"), str):
