@@ -435,7 +435,25 @@ class BatchService:
             raise Reject(429, f"Not enough energy for this batch: it needs {amount}, you have {reservation.balance}.",
                          type="insufficient_quota", code="insufficient_energy", headers={"x-should-retry": "false"})
         ctx.response_headers["X-Energy-Remaining"] = str(reservation.balance)
+        if holds and reservation.budget_spent is not None:
+            self.alert_crossings(budgets, holds, reservation.budget_spent, gw_id)
         return True
+
+    def alert_crossings(self, budgets: list[Any], holds: tuple, spent: Any, request_id: str) -> None:
+        """The `budget.threshold_crossed` alerts a batch's hold crossed, as a single
+        request's (plugins/energy.py; the same event key, so sent once)."""
+        energy = next((p for p in self.gw.chain.plugins if p.name == "energy"), None)
+        alerts = getattr(getattr(energy, "services", None), "alerts", None)
+        if alerts is None:
+            return
+        for budget, hold, after in zip(budgets, holds, spent):
+            for percent in budget_rules.crossed(budget, after - hold.amount, after):
+                alerts.emit("budget.threshold_crossed", {
+                    "budget": budget.id, "scope": budget.scope, "scope_id": budget.scope_id, "unit": budget.unit,
+                    "amount": budget_rules.display(budget.unit, budget.amount), "period": budget.period,
+                    "period_start": hold.period_start, "timezone": budget.timezone, "percent": percent,
+                    "spent": budget_rules.display(budget.unit, after), "request_id": request_id},
+                    workspace_id=budget.workspace_id, key=f"{budget.id}|{hold.period_start}|{percent}")
 
     async def abandon(self, gw_id: str, reserved: bool, reason: str) -> None:
         """A batch that never ran: its energy back, its row closed."""

@@ -37,7 +37,8 @@ def provider(server_thread):
 
 @pytest.fixture
 def batch_gateway(gateway_factory, upstream, store_url, provider):
-    def make(mini: dict[str, Any] | None = None, claude: dict[str, Any] | None = None, **batches: Any):
+    def make(mini: dict[str, Any] | None = None, claude: dict[str, Any] | None = None,
+             gateway: dict[str, Any] | None = None, **batches: Any):
         key = "sk-fake-account-SECRET"
         models = [
             {"name": "gpt-4o-mini", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": provider.base,
@@ -51,7 +52,7 @@ def batch_gateway(gateway_factory, upstream, store_url, provider):
             {"name": "demo", "litellm_params": {"model": "demo/offline"}},
         ]
         settings = {"poll_interval": 0.05, "lease": 5, **batches}
-        return gateway_factory(models=models, batches=settings, tiers={
+        return gateway_factory(models=models, batches=settings, **(gateway or {}), tiers={
             "free": {"models": ["gpt-4o-mini", "embed", "demo"]}, "pro": {"models": ["*"]}})
 
     return make
@@ -721,3 +722,19 @@ def test_one_user_cannot_fill_the_provider_accounts_file_storage(batch_gateway, 
     gw.client(other_key).files.create(file=("c.jsonl", io.BytesIO(b"x" * 600)), purpose="batch")  # their own
     client.files.delete(first.id)
     client.files.create(file=("b.jsonl", io.BytesIO(b"x" * 600)), purpose="batch")  # room again
+
+
+def test_a_batchs_budget_hold_sends_the_threshold_alerts_it_crosses(batch_gateway, provider, server_thread):
+    from tests.test_alerts import Receiver, endpoint, wait_for
+
+    receiver = server_thread.run(Receiver(fail_first=0).start())
+    try:
+        gw = batch_gateway(gateway={"alerts": {"endpoints": [endpoint(receiver)], "retry_base": 0.05,
+                                               "retry_max": 0.2}})
+        user, key = gw.make_user(energy=100)
+        b = _set_budget(gw, user=user, unit="energy", amount=10, period="day", alerts=[50, 100], hard="refuse")
+        start_batch(gw.client(key), chat_lines(3))  # 6 of 10: 50% crossed
+        events = wait_for(lambda: receiver.of_type("budget.threshold_crossed"), what="a budget alert")
+        assert [(e["json"]["data"]["budget"], e["json"]["data"]["percent"]) for e in events] == [(b["id"], 50)]
+    finally:
+        server_thread.run(receiver.stop())
