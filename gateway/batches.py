@@ -50,10 +50,12 @@ import orjson
 import structlog
 from aiohttp import web
 
+from gateway import budgets as budget_rules
 from gateway.client_body import check_params, require_model, validate_chat, validate_embeddings
 from gateway.config import Config, ModelEntry
 from gateway.errors import ApiError, bad_request, store_unavailable
-from gateway.money import USD_ZERO
+from gateway.hosted_tools import requested
+from gateway.money import USD_ZERO, to_nano
 from gateway.object_ids import FILE_ID_FIELDS, file_ids_in
 from gateway.providers.base import UpstreamError
 from gateway.providers.openai import upstream_model
@@ -66,7 +68,7 @@ from gateway.providers.anthropic_batches import (
 from gateway.providers.openai_files import FilesUpstream, account_of, holds_files
 from gateway.router import upstream_to_api_error
 from gateway.state import Gateway
-from gateway.usage import batch_prices, usage_from_payload
+from gateway.usage import batch_prices, estimate_usd_ceiling, usage_from_payload
 from plugins.base import Reject
 
 log = structlog.get_logger("gateway.batches")
@@ -161,6 +163,38 @@ async def owned_files(store: Any, ctx: Any, body: dict[str, Any], model: str) ->
                           f"not served from; use the model it was uploaded for", param="model", code="file_elsewhere")
     ctx.deployment_filter = reaches
     return frozenset(owned)
+
+
+def line_usd_ceiling(config: Config, kind: str, model: str, body: dict[str, Any]) -> int:
+    """What one line may cost, in nano-dollars, held by a USD budget: the single request's
+    ceiling (its prompt, its output at its limit or the model's cap, at standard prices,
+    so above the batch's); 0 without a known price."""
+    shim = type("LineContext", (), {"endpoint": kind, "config": config, "body": body})()
+    ceiling = estimate_usd_ceiling(shim, model)  # type: ignore[arg-type]
+    return 0 if ceiling is None else max(0, to_nano(ceiling))
+
+
+def bound_line(config: Config, kind: str, model: str, body: dict[str, Any], inbound: str | None = None,
+               inbound_body: dict[str, Any] | None = None) -> None:
+    """A line held to what a single request on `model` may make the provider bill: no
+    hosted tool (charged per use; a batch's settlement bills tokens only), the output at
+    the model's `max_tokens_default` / `max_tokens_cap` (config.yaml models[]). `body`
+    changed in place (`inbound_body`, an Anthropic request's params, instead when given)."""
+    if kind != "chat.completions":
+        return
+    if requested(body, inbound, inbound_body):
+        raise bad_request("a hosted tool (web search, ...) is not accepted in a batch: it is charged per use, "
+                          "which a batch's settlement does not bill", param="tools", code="hosted_tool_not_allowed")
+    settings = config.model_settings(model)
+    default, cap = settings.max_tokens_default, settings.max_tokens_cap
+    target = inbound_body if inbound_body is not None else body
+    keys = ("max_tokens",) if inbound_body is not None else ("max_tokens", "max_completion_tokens")
+    present = [k for k in keys if target.get(k) is not None]
+    if not present and default is not None:
+        target["max_tokens"] = default if cap is None else min(default, cap)
+    for key in present:
+        if cap is not None and isinstance(target[key], int) and target[key] > cap:
+            target[key] = cap
 
 
 def _line_error(number: int, message: str, param: str | None = None) -> ApiError:
@@ -305,8 +339,10 @@ class BatchService:
                            param="input_file_id", code="file_not_found")
         with tempfile.TemporaryDirectory(prefix="gw-batch-") as folder:
             rewritten = Path(folder) / "input.jsonl"
-            model, custom_ids, target = await self._check_lines(ctx, deployment, record, ENDPOINTS[endpoint],
-                                                                endpoint, rewritten)
+            budgets = await self.budgets_over(ctx)
+            model, custom_ids, target, usd_ceiling = await self._check_lines(
+                ctx, deployment, record, ENDPOINTS[endpoint], endpoint, rewritten,
+                count_usd=any(b.unit == "usd" for b in budgets))
             if batch_prices(config, model, target.litellm_params.model, 0) is None:
                 raise bad_request(f"The model '{model}' has no known batch price; the gateway does not run a batch it "
                                   f"cannot bill", param="input_file_id", code="unpriced_batch")
@@ -318,7 +354,7 @@ class BatchService:
                    "endpoint": endpoint, "input_file_id": file_id, "action": action, "energy_per_line": per_line,
                    "status": "creating", "payload": None, "next_poll_at": now + CREATE_GRACE, "created_at": now}
             await store.insert_batch(row, custom_ids)
-            reserved = await self.reserve(ctx, gw_id, per_line * len(custom_ids))
+            reserved = await self.reserve(ctx, gw_id, per_line * len(custom_ids), usd_ceiling, budgets)
             uploaded: dict[str, Any] = {}
             try:
                 uploaded = await self.upstream.upload(target, rewritten, "batch_input.jsonl", "batch")
@@ -359,24 +395,65 @@ class BatchService:
                               param="metadata.action", code="unknown_action")
         return action
 
-    async def reserve(self, ctx: Any, gw_id: str, amount: int) -> bool:
+    async def budgets_over(self, ctx: Any) -> list[Any]:
+        """The budgets over the caller's batch (its workspace's, user's, key's); none
+        without the energy plugin (which holds them)."""
+        if not self.meters_energy():
+            return []
+        found = await self.gw.store.list_budgets(ctx.identity.workspace_id)
+        return budget_rules.applying(found, ctx.identity) if found else []
+
+    async def reserve(self, ctx: Any, gw_id: str, amount: int, usd_nano: int = 0,
+                      budgets: list[Any] | None = None) -> bool:
+        """The batch's energy reserved, with a hold on every budget over the caller (its
+        workspace's, user's, key's: the batch's energy, or `usd_nano`, its lines' USD
+        ceiling), as a single request's (gateway/budgets.py); a batch never downgrades, so
+        any enforced budget it does not fit refuses it."""
         if not self.meters_energy():
             return False
         store = self.gw.store
         tier = ctx.config.tiers.get(ctx.identity.tier)
         refill = (tier.refill.amount, tier.refill.period) if tier is not None and tier.refill else None
         try:
-            reservation = await store.reserve_energy(ctx.identity.user_id, amount, gw_id, refill=refill)
+            if budgets is None:
+                budgets = await self.budgets_over(ctx)
+            holds = budget_rules.holds(budgets, time.time(), amount, usd_nano) if budgets else ()
+            reservation = await store.reserve_energy(ctx.identity.user_id, amount, gw_id, refill=refill,
+                                                     budgets=holds)
         except BaseException:
             await store.update_batch(gw_id, {"status": "refused", "settled_at": time.time()})
             raise
         if not reservation.ok:
             await store.update_batch(gw_id, {"status": "refused", "settled_at": time.time()})
+            if reservation.budget_refused is not None:
+                budget = next(b for b in budgets if b.id == reservation.budget_refused)
+                raise Reject(429, f"Budget exceeded: the {budget.scope} budget of "
+                                  f"{budget_rules.display(budget.unit, budget.amount)} {budget.unit} cannot hold this "
+                                  f"batch.", type="insufficient_quota", code="budget_exceeded",
+                             headers={"x-should-retry": "false"})
             ctx.response_headers["X-Energy-Remaining"] = str(reservation.balance)
             raise Reject(429, f"Not enough energy for this batch: it needs {amount}, you have {reservation.balance}.",
                          type="insufficient_quota", code="insufficient_energy", headers={"x-should-retry": "false"})
         ctx.response_headers["X-Energy-Remaining"] = str(reservation.balance)
+        if holds and reservation.budget_spent is not None:
+            self.alert_crossings(budgets, holds, reservation.budget_spent, gw_id)
         return True
+
+    def alert_crossings(self, budgets: list[Any], holds: tuple, spent: Any, request_id: str) -> None:
+        """The `budget.threshold_crossed` alerts a batch's hold crossed, as a single
+        request's (plugins/energy.py; the same event key, so sent once)."""
+        energy = next((p for p in self.gw.chain.plugins if p.name == "energy"), None)
+        alerts = getattr(getattr(energy, "services", None), "alerts", None)
+        if alerts is None:
+            return
+        for budget, hold, after in zip(budgets, holds, spent):
+            for percent in budget_rules.crossed(budget, after - hold.amount, after):
+                alerts.emit("budget.threshold_crossed", {
+                    "budget": budget.id, "scope": budget.scope, "scope_id": budget.scope_id, "unit": budget.unit,
+                    "amount": budget_rules.display(budget.unit, budget.amount), "period": budget.period,
+                    "period_start": hold.period_start, "timezone": budget.timezone, "percent": percent,
+                    "spent": budget_rules.display(budget.unit, after), "request_id": request_id},
+                    workspace_id=budget.workspace_id, key=f"{budget.id}|{hold.period_start}|{percent}")
 
     async def abandon(self, gw_id: str, reserved: bool, reason: str) -> None:
         """A batch that never ran: its energy back, its row closed."""
@@ -386,16 +463,17 @@ class BatchService:
         await store.update_batch(gw_id, {"status": "failed", "settled_at": time.time()})
 
     async def _check_lines(self, ctx: Any, deployment: ModelEntry, record: dict[str, Any], kind: str,
-                           endpoint: str, out: Path) -> tuple[str, list[str], ModelEntry]:
+                           endpoint: str, out: Path, count_usd: bool = False) -> tuple[str, list[str], ModelEntry, int]:
         """Every line checked as a single request would be, written to `out` with the
-        upstream's model name; (the public model, the custom_ids, its deployment)."""
+        upstream's model name; (the public model, the custom_ids, its deployment, the
+        lines' USD ceiling in nano-dollars for the budgets)."""
         config = ctx.config
         validate = validate_chat if kind == "chat.completions" else validate_embeddings
         seen: set[str] = set()
         custom_ids: list[str] = []
         model: str | None = None
         target: ModelEntry | None = None
-        number = 0
+        number = usd_ceiling = 0
         with out.open("wb") as sink:
             try:
                 async for raw in self.upstream.content(deployment, record["file_id"]):
@@ -449,6 +527,12 @@ class BatchService:
                     elif name != model:
                         raise _line_error(number, f"every line of a batch names the same model ('{model}'), this one "
                                                   f"'{name[:64]}'", "body.model")
+                    try:
+                        bound_line(config, kind, model, body)
+                    except ApiError as err:
+                        raise _line_error(number, err.message, f"body.{err.param}" if err.param else "body") from None
+                    if count_usd:  # counting a prompt's tokens costs CPU: only for a USD budget
+                        usd_ceiling += line_usd_ceiling(config, kind, model, body)
                     body["model"] = upstream_model(target)
                     seen.add(custom_id)
                     custom_ids.append(custom_id)
@@ -460,7 +544,7 @@ class BatchService:
                 raise upstream_to_api_error(err, 1) from None
         if model is None or target is None:
             raise bad_request("The input file has no lines", param="input_file_id", code="empty_batch")
-        return model, custom_ids, target
+        return model, custom_ids, target, usd_ceiling
 
     # --- the poller and the settlement ------------------------------------------------
 
@@ -552,16 +636,19 @@ class BatchService:
                 if isinstance(line, dict) and isinstance(line.get("custom_id"), str):
                     outcomes.setdefault(line["custom_id"], _outcome(line))  # its bill only, not its answer
         per_line = record["energy_per_line"]
-        rows, succeeded, now = [], 0, time.time()
+        rows, succeeded, now, spent = [], 0, time.time(), USD_ZERO
         status = str(payload.get("status") or payload.get("processing_status"))
         for custom_id in full["lines"]:
             row, ok = self._usage_row(record, custom_id, outcomes.get(custom_id), status, deployment, now)
             succeeded += ok
             rows.append(row)
+            spent = None if spent is None or row["cost_usd"] is None else spent + row["cost_usd"]
         for start in range(0, len(rows), 500):
             await store.insert_usage(rows[start:start + 500])
         # No reservation (no energy plugin): settle_energy finds none and changes nothing.
-        await store.settle_energy(record["id"], per_line * succeeded)
+        # A USD budget's hold settles at what the lines cost (as held when one's price is unknown).
+        await store.settle_energy(record["id"], per_line * succeeded,
+                                  usd_final=None if spent is None else to_nano(spent))
         log.info("batch_settled", batch=record["id"], batch_id=record["batch_id"], status=status,
                  lines=len(rows), succeeded=succeeded, energy=per_line * succeeded)
 

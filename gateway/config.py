@@ -584,6 +584,8 @@ class BatchesConfig(_Strict):
     """Files and batches (gateway/files.py, gateway/batches.py, docs/batches.md)."""
 
     max_file_bytes: int = Field(200 * 1024 * 1024, gt=0, description="413 above this, enforced while uploading")
+    max_user_bytes: int = Field(10 * 1024 ** 3, gt=0, description="the bytes of the files one user holds at once "
+                                "(their uploads; batch outputs not counted): 413 above, nothing uploaded")
     files_model: str | None = Field(None, description="the model whose upstream an upload goes to without a "
                                                       "`model` form field")
     max_lines: int = Field(50_000, ge=1, description="lines of one batch input file")

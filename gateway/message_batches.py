@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from gateway.batches import MESSAGES, RESERVATION_PREFIX, BatchService, may_use
+from gateway.batches import MESSAGES, RESERVATION_PREFIX, BatchService, bound_line, line_usd_ceiling, may_use
 from gateway.client_body import check_params, validate_chat
 from gateway.errors import ApiError, bad_request
 from gateway.inbound.anthropic import to_openai
@@ -70,7 +70,9 @@ async def create_message_batch(service: BatchService, ctx: Any, body: dict[str, 
         raise bad_request("'requests' must be a non-empty array", param="requests")
     if len(requests) > config.batches.max_lines:
         raise bad_request(f"a batch has at most {config.batches.max_lines} requests", param="requests")
-    model, target, seen, upstream = None, None, set(), []
+    model, target, seen, upstream, usd_ceiling = None, None, set(), [], 0
+    budgets = await service.budgets_over(ctx)
+    count_usd = any(b.unit == "usd" for b in budgets)  # counting a prompt's tokens costs CPU: only for one
     action = service.action_of(ctx, None)
     for i, item in enumerate(requests):
         if not isinstance(item, dict) or set(item) - {"custom_id", "params"}:
@@ -109,6 +111,12 @@ async def create_message_batch(service: BatchService, ctx: Any, body: dict[str, 
         metadata = item["params"].get("metadata")
         if isinstance(metadata, dict) and "user_id" in metadata:  # Anthropic's own field; the gateway's are the batch's
             params["metadata"] = {"user_id": metadata["user_id"]}
+        try:
+            bound_line(config, "chat.completions", model, translated, "anthropic", params)
+        except ApiError as err:
+            raise _request_error(i, err.message, f"params.{err.param}" if err.param else "params") from None
+        if count_usd:
+            usd_ceiling += line_usd_ceiling(config, "chat.completions", model, translated)
         params["model"] = upstream_model_name(target)
         seen.add(custom_id)
         upstream.append({"custom_id": custom_id, "params": params})
@@ -124,7 +132,7 @@ async def create_message_batch(service: BatchService, ctx: Any, body: dict[str, 
            "next_poll_at": now + 3600, "created_at": now}
     custom_ids = [item["custom_id"] for item in upstream]
     await store.insert_batch(row, custom_ids)
-    reserved = await service.reserve(ctx, gw_id, per_line * len(custom_ids))
+    reserved = await service.reserve(ctx, gw_id, per_line * len(custom_ids), usd_ceiling, budgets)
     try:
         payload = await service.messages.call(target, "POST", "", {"requests": upstream})
         if not isinstance(payload.get("id"), str):

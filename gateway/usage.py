@@ -540,8 +540,9 @@ OUTPUT_CEILING_TOKENS = 4096
 def estimate_usd_ceiling(ctx: RequestContext, public_model: str) -> Decimal | None:
     """What a request may cost on `public_model`, held by a USD budget before the call: the
     prompt counted, the output at the request's limit (max_tokens, max_completion_tokens,
-    max_output_tokens), else the model's cap or default, else OUTPUT_CEILING_TOKENS, at the
-    model's standard prices; embeddings only their input. None: no known price (or an
+    max_output_tokens), else the model's cap or default, else OUTPUT_CEILING_TOKENS, times
+    the choices asked (`n`), at the model's standard prices, plus its hosted tools' uses;
+    embeddings only their input. None: no known price (or an
     MCP tool without a `cost_usd`)."""
     if ctx.endpoint in TOOL_ENDPOINTS:
         found = ctx.config.mcp_tool(public_model)
@@ -564,7 +565,27 @@ def estimate_usd_ceiling(ctx: RequestContext, public_model: str) -> Decimal | No
         output = min(limits) if limits else (default or cap or OUTPUT_CEILING_TOKENS)
         if cap is not None:
             output = min(output, cap)
-    return prices.cost(Usage(prompt, output, prompt + output))
+        choices = body.get("n")  # each choice is an answer of up to that many tokens, all billed
+        if isinstance(choices, int) and not isinstance(choices, bool) and choices > 1:
+            output *= choices
+    return prices.cost(Usage(prompt, output, prompt + output)) + _hosted_tools_ceiling(ctx, public_model, deployment)
+
+
+def _hosted_tools_ceiling(ctx: RequestContext, public_model: str, deployment: str | None) -> Decimal:
+    """What the hosted tools a request asks for may cost: each tool's price per use times
+    the uses it is capped to (its `max_uses`; a chat answer's web search: once)."""
+    if ctx.endpoint == "embeddings" or not ctx.config.deployments(public_model):
+        return USD_ZERO
+    inbound = getattr(ctx, "inbound", None)
+    tools = requested(ctx.body, inbound, getattr(ctx, "inbound_body", None))
+    allowed = ctx.config.model_settings(public_model).hosted_tools or {}
+    total = USD_ZERO
+    for kind in tools:
+        per_use = hosted_tool_price(ctx.config, public_model, deployment, kind, ctx.body)
+        if per_use:
+            uses = allowed[kind].max_uses if kind in allowed and inbound in ("responses", "anthropic") else 1
+            total += usd(Decimal(str(per_use)) * uses)
+    return total
 
 
 def _estimate_prompt(ctx: RequestContext, model: str | None) -> int:

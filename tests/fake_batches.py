@@ -49,6 +49,7 @@ class FakeBatchProvider:
         self.requests: list[tuple[str, str]] = []
         self.bodies: list[dict[str, Any]] = []  # chat and responses bodies, as received
         self.message_batches: dict[str, dict[str, Any]] = {}
+        self.on_cancel: Any = None  # async (batch id) -> None, awaited before a cancel is answered
         self.refuse_batches = 0  # the next N batch creations answer 500  # Anthropic's: the batch, its requests, its results
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -219,7 +220,10 @@ class FakeBatchProvider:
         if batch is None:
             return self._not_found("batch")
         batch.update(status="cancelling", cancelling_at=int(time.time()))
-        return web.json_response(batch)
+        answer = dict(batch)  # what the API answered when it received the cancel
+        if self.on_cancel is not None:  # a test's race: the batch ends before the answer arrives
+            await self.on_cancel(batch["id"])
+        return web.json_response(answer)
 
     async def _chat(self, request: web.Request) -> web.Response:
         self._check(request)

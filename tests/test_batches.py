@@ -37,21 +37,22 @@ def provider(server_thread):
 
 @pytest.fixture
 def batch_gateway(gateway_factory, upstream, store_url, provider):
-    def make(**batches: Any):
+    def make(mini: dict[str, Any] | None = None, claude: dict[str, Any] | None = None,
+             gateway: dict[str, Any] | None = None, **batches: Any):
         key = "sk-fake-account-SECRET"
         models = [
             {"name": "gpt-4o-mini", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": provider.base,
-                                                       "api_key": key}},
+                                                       "api_key": key}, **(mini or {})},
             {"name": "embed", "litellm_params": {"model": "openai/text-embedding-3-small", "api_base": provider.base,
                                                  "api_key": key}},
             {"name": "gpt-4o", "litellm_params": {"model": "openai/gpt-4o", "api_base": provider.base,
                                                   "api_key": key}},
             {"name": "claude", "litellm_params": {"model": "anthropic/claude-haiku-4-5", "api_base": provider.url,
-                                                  "api_key": "sk-ant-fake-SECRET"}},
+                                                  "api_key": "sk-ant-fake-SECRET"}, **(claude or {})},
             {"name": "demo", "litellm_params": {"model": "demo/offline"}},
         ]
         settings = {"poll_interval": 0.05, "lease": 5, **batches}
-        return gateway_factory(models=models, batches=settings, tiers={
+        return gateway_factory(models=models, batches=settings, **(gateway or {}), tiers={
             "free": {"models": ["gpt-4o-mini", "embed", "demo"]}, "pro": {"models": ["*"]}})
 
     return make
@@ -564,3 +565,176 @@ def test_a_claimed_batch_is_no_other_claims_until_its_lease_ends(batch_gateway):
     assert [r["id"] for r in gw.run(store.claim_batches("C", lease=60, limit=5, now=now + 30))] == ["gwb_claim0"]
     assert {r["id"] for r in gw.run(store.claim_batches("D", lease=60, limit=5, now=now + 61))} == {
         "gwb_claim1", "gwb_claim2"}  # leases ended
+
+
+def _set_budget(gw, **body) -> dict:
+    import httpx
+
+    from tests.conftest import MASTER_KEY
+    answer = httpx.post(gw.url + "/admin/budgets", headers={"Authorization": f"Bearer {MASTER_KEY}"}, json=body,
+                        timeout=30)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def _budget_spent(gw, budget_id: str) -> Decimal:
+    import httpx
+
+    from tests.conftest import MASTER_KEY
+    rows = httpx.get(gw.url + "/admin/budgets", headers={"Authorization": f"Bearer {MASTER_KEY}"}, timeout=30).json()
+    return Decimal(str(next(r for r in rows if r["id"] == budget_id)["spent"]))
+
+
+def test_a_batch_is_held_by_the_callers_budgets_and_cannot_run_past_them(batch_gateway, provider):
+    # The attack: a user whose budget refuses a 5th single request sends the same work as a
+    # batch (the batch reserved energy without the budget holds, so it ran unbounded).
+    gw = batch_gateway()
+    user, key = gw.make_user(energy=1000)
+    client = gw.client(key)
+    _set_budget(gw, user=user, unit="energy", amount=3, period="day", timezone="UTC")
+    with pytest.raises(openai.RateLimitError) as refused:
+        start_batch(client, chat_lines(4))  # 4 lines x 2 energy = 8 > 3
+    assert refused.value.code == "budget_exceeded"
+    assert gw.balance(user) == 1000
+
+    # A USD budget holds the lines' ceiling and settles at what they cost at batch prices.
+    other, other_key = gw.make_user(energy=1000)
+    b = _set_budget(gw, user=other, unit="usd", amount="1", period="month", timezone="UTC")
+    _, batch = start_batch(gw.client(other_key), chat_lines(2, max_tokens=50))
+    assert _budget_spent(gw, b["id"]) > 0  # held while it runs
+    provider.finish(batch.id)
+    wait_settled(gw, batch.id)
+    assert _budget_spent(gw, b["id"]) == mini_cost(0) + mini_cost(1)
+
+
+def test_a_batch_line_gets_the_models_output_bounds_and_no_hosted_tool(batch_gateway, provider):
+    # The attacks: a line asking max_tokens far above the model's max_tokens_cap (a single
+    # request is capped; the batch line went to the provider as asked), and a line with
+    # web_search_options (a hosted tool charged per use, refused for this model on a single
+    # request, unbilled in a batch).
+    gw = batch_gateway(mini={"max_tokens_cap": 100, "max_tokens_default": 50})
+    user, key = gw.make_user(energy=100)
+    client = gw.client(key)
+    content = chat_lines(1, max_tokens=100_000) + json.dumps({
+        "custom_id": "no-limit", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}}).encode() + b"\n"
+    _, batch = start_batch(client, content)
+    sent = provider.lines_of(provider.batches[batch.id]["input_file_id"])
+    assert [line["body"].get("max_tokens") for line in sent] == [100, 50]
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        start_batch(client, chat_lines(1, web_search_options={}))
+    assert refused.value.code == "invalid_batch_line" and "hosted tool" in refused.value.message
+    assert gw.balance(user) == 100 - 2 * MINI_ENERGY
+
+
+def test_a_message_batch_request_gets_the_models_output_cap_and_no_server_tool(batch_gateway, provider):
+    # The same attacks on /v1/messages/batches: max_tokens above the cap, a web search server tool.
+    gw = batch_gateway(claude={"max_tokens_cap": 100})
+    _, key = gw.make_user(energy=100)
+    client = anthropic.Anthropic(base_url=gw.url, api_key=key, max_retries=0)
+    batch = client.messages.batches.create(requests=[{"custom_id": "r0", "params": {
+        "model": "claude", "max_tokens": 60_000, "messages": [{"role": "user", "content": "hi"}]}}])
+    assert [r["params"]["max_tokens"] for r in provider.message_batches[batch.id]["requests"]] == [100]
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        client.messages.batches.create(requests=[{"custom_id": "r0", "params": {
+            "model": "claude", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 50}]}}])
+    assert "hosted tool" in str(refused.value)
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
+def test_a_cancel_answered_after_the_batch_was_settled_does_not_hide_its_output(batch_gateway, provider):
+    # The race: a cancel reaches the provider, the batch ends and the poller settles it (the
+    # user billed for the lines that ran), then the cancel's answer ("cancelling") was
+    # written over the settled batch: "cancelling" forever, its output file id gone.
+    import asyncio
+
+    gw = batch_gateway()
+    _, key = gw.make_user(energy=100)
+    client = gw.client(key)
+    _, batch = start_batch(client, chat_lines(3))
+
+    async def ends_first(batch_id: str) -> None:
+        provider.finish(batch_id, "cancelled", run=2)
+        await asyncio.to_thread(wait_settled, gw, batch_id)
+
+    provider.on_cancel = ends_first
+    client.batches.cancel(batch.id)
+    done = client.batches.retrieve(batch.id)
+    assert done.status == "cancelled" and done.output_file_id and done.error_file_id
+    assert len(client.files.content(done.output_file_id).text.splitlines()) == 2
+
+
+def test_an_upload_whose_filename_carries_a_header_injection_is_a_400(batch_gateway, provider):
+    # The attack: a filename with CR LF (RFC 5987 `filename*`, percent-encoded, so it
+    # survives the client's own header parsing) meant for the multipart headers of the
+    # gateway's upload to the provider.
+    gw = batch_gateway()
+    _, key = gw.make_user(energy=100)
+    boundary = "gwtestboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename*=UTF-8''a%0D%0AContent-Type%3A%20text%2Fevil.jsonl\r\n"
+            f"Content-Type: application/jsonl\r\n\r\n{{}}\n\r\n--{boundary}--\r\n").encode()
+    host, port = gw.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/files", body=body, headers={
+        "Authorization": f"Bearer {key}", "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    answer = conn.getresponse()
+    payload = json.loads(answer.read())
+    assert answer.status == 400 and payload["error"]["param"] == "file", payload
+    assert set(payload["error"]) == {"message", "type", "param", "code"}
+    assert not provider.files
+
+
+@pytest.mark.parametrize("body,content_type", [
+    (b"garbage without a boundary", "multipart/form-data; boundary=zz"),  # no part at all
+    (b"--zz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\n\r\n{}\n",
+     "multipart/form-data; boundary=zz"),  # cut short: no closing boundary
+    (b"--zz\r\n\r\n{}\n\r\n--zz--\r\n", "multipart/form-data"),  # no boundary parameter
+])
+def test_a_malformed_multipart_upload_is_a_400_not_a_500(batch_gateway, provider, body, content_type):
+    gw = batch_gateway()
+    _, key = gw.make_user(energy=100)
+    host, port = gw.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/files", body=body, headers={"Authorization": f"Bearer {key}",
+                                                          "Content-Type": content_type})
+    answer = conn.getresponse()
+    payload = json.loads(answer.read())
+    assert answer.status == 400 and payload["error"]["code"] == "invalid_body", payload
+    assert not provider.files
+
+
+def test_one_user_cannot_fill_the_provider_accounts_file_storage(batch_gateway, provider):
+    # The attack: upload file after file (each under max_file_bytes) until the operator's
+    # provider account, shared by every user, is full. A user's files are bounded in all.
+    gw = batch_gateway(max_user_bytes=1000)
+    _, key = gw.make_user(energy=100)
+    _, other_key = gw.make_user(energy=100)
+    client = gw.client(key)
+    first = client.files.create(file=("a.jsonl", io.BytesIO(b"x" * 600)), purpose="batch")
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.files.create(file=("b.jsonl", io.BytesIO(b"x" * 600)), purpose="batch")
+    assert refused.value.status_code == 413 and refused.value.body["code"] == "file_quota_exceeded"
+    assert len(provider.files) == 1
+    gw.client(other_key).files.create(file=("c.jsonl", io.BytesIO(b"x" * 600)), purpose="batch")  # their own
+    client.files.delete(first.id)
+    client.files.create(file=("b.jsonl", io.BytesIO(b"x" * 600)), purpose="batch")  # room again
+
+
+def test_a_batchs_budget_hold_sends_the_threshold_alerts_it_crosses(batch_gateway, provider, server_thread):
+    from tests.test_alerts import Receiver, endpoint, wait_for
+
+    receiver = server_thread.run(Receiver(fail_first=0).start())
+    try:
+        gw = batch_gateway(gateway={"alerts": {"endpoints": [endpoint(receiver)], "retry_base": 0.05,
+                                               "retry_max": 0.2}})
+        user, key = gw.make_user(energy=100)
+        b = _set_budget(gw, user=user, unit="energy", amount=10, period="day", alerts=[50, 100], hard="refuse")
+        start_batch(gw.client(key), chat_lines(3))  # 6 of 10: 50% crossed
+        events = wait_for(lambda: receiver.of_type("budget.threshold_crossed"), what="a budget alert")
+        assert [(e["json"]["data"]["budget"], e["json"]["data"]["percent"]) for e in events] == [(b["id"], 50)]
+    finally:
+        server_thread.run(receiver.stop())

@@ -497,3 +497,32 @@ def test_migration_17_only_adds_so_the_previous_release_keeps_running():
     created = sorted(set(re.findall(r"CREATE (?:OR REPLACE )?FUNCTION (\w+)", pg)))
     assert created == ["gw_finish_b", "gw_finish_holds", "gw_reserve_b", "gw_settle_b"]
     assert "OR REPLACE" not in pg
+
+
+@BOTH
+def test_a_usd_budget_holds_every_choice_a_request_asks_for(gateway_factory, store_url):
+    # The attack: n=50 choices held the ceiling of one (its max_tokens once); the provider
+    # bills all 50, so a request could spend far past a refusing USD budget.
+    gw = gateway_factory(plugins=CHAIN)
+    user, key = gw.make_user(energy=1000)
+    set_budget(gw, user=user, unit="usd", amount="0.001", period="month")
+    chat(gw, key, max_tokens=100)  # one choice: ~$0.00006 held, fits
+    with pytest.raises(openai.RateLimitError) as refused:
+        chat(gw, key, max_tokens=100, n=50)  # 50 x 100 output tokens at $0.60/M = $0.003
+    assert refused.value.code == "budget_exceeded"
+
+
+def test_a_usd_budget_holds_the_hosted_tools_a_request_asks_for(gateway_factory, upstream):
+    # The attack: a request with an allowed web search held its tokens only; the search's
+    # per-use price ($0.025 here) was settled on top, past a refusing USD budget.
+    from tests.test_chat import only_models
+
+    model = {"name": "m", "hosted_tools": {"web_search": {}}, "litellm_params": {
+        "model": "openai/gpt-4o-mini", "api_base": upstream.openai_base, "api_key": "sk-upstream-openai-SECRET"}}
+    gw = gateway_factory(plugins=CHAIN, **only_models([model]))
+    user, key = gw.make_user(energy=1000)
+    set_budget(gw, user=user, unit="usd", amount="0.01", period="month")
+    chat(gw, key, model="m", max_tokens=10)  # tokens only: fits
+    with pytest.raises(openai.RateLimitError) as refused:
+        chat(gw, key, model="m", max_tokens=10, web_search_options={"search_context_size": "high"})
+    assert refused.value.code == "budget_exceeded"

@@ -82,7 +82,9 @@ async def batch_cancel(request: web.Request) -> web.StreamResponse:
         except UpstreamError as err:
             raise upstream_to_api_error(err, 1) from None
         fields = {"status": str(payload.get("status") or "cancelling"), "payload": orjson.dumps(payload).decode()}
-        await gw.store.update_batch(record["id"], fields)
+        # The poller may have settled it while the cancel was on its way: its settled state stays.
+        if not await gw.store.update_batch(record["id"], fields, unsettled=True):
+            return public_batch(await gw.store.batch_record(id=record["id"]))
         return public_batch({**record, **fields})
 
     return await serve(request, "batches", work)

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from gateway.batches import BATCHES, FILE_PURPOSES, holder, public_file
 from gateway.errors import ApiError, bad_request
@@ -81,7 +83,15 @@ async def _field(part: BodyPartReader, name: str) -> str:
 
 async def _receive(request: web.Request, limit: int, folder: Path) -> tuple[dict[str, str], str, int]:
     """The form's fields, the file's name and size; its bytes written to folder/upload as
-    they arrive (413 past `limit`, while streaming)."""
+    they arrive (413 past `limit`, while streaming). A body aiohttp cannot read as
+    multipart (no boundary, cut short, broken part headers) is a 400."""
+    try:
+        return await _read_form(request, limit, folder)
+    except (ValueError, AssertionError, RequestPayloadError, HttpProcessingError):
+        raise bad_request("the body is not a well-formed multipart/form-data upload", code="invalid_body") from None
+
+
+async def _read_form(request: web.Request, limit: int, folder: Path) -> tuple[dict[str, str], str, int]:
     if request.content_type != "multipart/form-data":
         raise bad_request("an upload is a multipart/form-data body with 'purpose' and 'file'", code="invalid_body")
     if request.content_length is not None and request.content_length > limit + 64 * 1024:
@@ -99,6 +109,8 @@ async def _receive(request: web.Request, limit: int, folder: Path) -> tuple[dict
             if filename is not None:
                 raise bad_request("one file per upload", param="file")
             filename = (part.filename or "upload.jsonl")[:255]
+            if any(ord(c) < 32 or ord(c) == 127 for c in filename):  # bound for the provider's multipart headers
+                raise bad_request("the file's name has control characters", param="file", code="invalid_filename")
             with (folder / "upload").open("wb") as sink:
                 while True:
                     chunk = await part.read_chunk(CHUNK)
@@ -132,6 +144,11 @@ async def _upload(gw: Gateway, ctx: RequestContext, request: web.Request) -> dic
         if purpose not in FILE_PURPOSES:
             raise bad_request(f"'purpose' must be one of {sorted(FILE_PURPOSES)}", param="purpose")
         model, deployment = service.file_deployment(ctx, fields.get("model") or None)
+        held = await _held_bytes(gw, ctx.identity.user_id)
+        if held + size > ctx.config.batches.max_user_bytes:
+            raise ApiError(413, f"Your files would hold {held + size} bytes, above the "
+                                f"{ctx.config.batches.max_user_bytes} bytes one user may keep on this gateway "
+                                f"(batches.max_user_bytes); delete some first", param="file", code="file_quota_exceeded")
         try:
             uploaded = await service.upstream.upload(deployment, Path(folder) / "upload", filename, purpose)
         except UpstreamError as err:
@@ -145,6 +162,18 @@ async def _upload(gw: Gateway, ctx: RequestContext, request: web.Request) -> dic
               "created_at": float(created) if isinstance(created, (int, float)) else time.time()}
     await gw.store.remember_file(record)
     return public_file(record)
+
+
+async def _held_bytes(gw: Gateway, user_id: str) -> int:
+    """The bytes of the files a user uploaded and has not deleted (the provider account's
+    storage is shared by every user: one user must not fill it)."""
+    total, after = 0, None
+    while True:
+        rows = await gw.store.list_files(user_id, limit=1000, after=after)
+        total += sum(r["bytes"] or 0 for r in rows if r.get("batch_id") is None)
+        if len(rows) < 1000:
+            return total
+        after = rows[-1]["file_id"]
 
 
 async def files_upload(request: web.Request) -> web.StreamResponse:

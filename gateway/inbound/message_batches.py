@@ -87,7 +87,9 @@ async def message_batch_cancel(request: web.Request) -> web.StreamResponse:
             raise upstream_to_api_error(err, 1) from None
         fields = {"status": str(payload.get("processing_status") or "canceling"),
                   "payload": orjson.dumps(payload).decode()}
-        await gw.store.update_batch(record["id"], fields)
+        # The poller may have settled it while the cancel was on its way: its settled state stays.
+        if not await gw.store.update_batch(record["id"], fields, unsettled=True):
+            return public_message_batch(await gw.store.batch_record(id=record["id"]), _origin(request))
         return public_message_batch({**record, **fields}, _origin(request))
 
     return await serve(request, "batches", work, ANTHROPIC)

@@ -985,9 +985,10 @@ class Store(abc.ABC):
         `messages`: Anthropic's message batches, else OpenAI's."""
 
     @abc.abstractmethod
-    async def update_batch(self, id: str, fields: dict[str, Any], *, owner: str | None = None) -> bool:
-        """Set BATCH_UPDATABLE fields; with `owner`, only while that owner holds its lease.
-        True if the row was updated."""
+    async def update_batch(self, id: str, fields: dict[str, Any], *, owner: str | None = None,
+                           unsettled: bool = False) -> bool:
+        """Set BATCH_UPDATABLE fields; with `owner`, only while that owner holds its lease;
+        `unsettled`, only while the batch is not settled. True if the row was updated."""
 
     @abc.abstractmethod
     async def claim_batches(self, owner: str, *, lease: float, limit: int,

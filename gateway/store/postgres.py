@@ -2231,7 +2231,7 @@ class PostgresStore(Store):
             " ORDER BY created_at DESC, id DESC LIMIT $3", user_id, after, limit)
         return [dict(r) for r in rows]
 
-    async def update_batch(self, id, fields, *, owner=None):
+    async def update_batch(self, id, fields, *, owner=None, unsettled=False):
         unknown = set(fields) - BATCH_UPDATABLE
         if unknown:
             raise ValueError(f"not updatable: {sorted(unknown)}")
@@ -2241,6 +2241,8 @@ class PostgresStore(Store):
         if owner is not None:
             args.append(owner)
             sql += f" AND lease_owner = ${len(args)}"
+        if unsettled:
+            sql += " AND settled_at IS NULL"
         async with self._single() as conn:
             done = await conn.execute(sql, *args)
         return done.endswith(" 1")

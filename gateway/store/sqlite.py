@@ -1782,7 +1782,7 @@ class SQLiteStore(Store):
         rows = await self._fetchall(sql + " ORDER BY created_at DESC, id DESC LIMIT ?", *args, limit)
         return [dict(zip(BATCH_COLUMNS, r)) for r in rows]
 
-    async def update_batch(self, id, fields, *, owner=None):
+    async def update_batch(self, id, fields, *, owner=None, unsettled=False):
         unknown = set(fields) - BATCH_UPDATABLE
         if unknown:
             raise ValueError(f"not updatable: {sorted(unknown)}")
@@ -1791,6 +1791,8 @@ class SQLiteStore(Store):
         if owner is not None:
             sql += " AND lease_owner = ?"
             args.append(owner)
+        if unsettled:
+            sql += " AND settled_at IS NULL"
         return await self._write(lambda db: db.execute(sql, args).rowcount == 1)
 
     async def claim_batches(self, owner, *, lease, limit, now=None):
