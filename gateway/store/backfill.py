@@ -8,7 +8,7 @@ years of rows is not, so it is a *backfill*, run by every serving process after 
   function ``(dialect, lo, hi) -> [statements]`` that processes the usage rows with
   ``lo <= id < hi`` (literal integers in the SQL), one line in `BACKFILLS` below::
 
-      Backfill("latency_histogram", 18, usage_rollup.histogram_chunk, ("usage_latency_histogram",)),
+      Backfill("test_rollup_models", 20, rollup_chunk((TEST_FAMILY,)), ("test_rollup_models_daily",)),
 
   (`rollup_chunk(families)` builds the chunk function of a new rollup family.)
 * **History is a fixed id range.** In the transaction that applies the migration (the same
@@ -16,7 +16,13 @@ years of rows is not, so it is a *backfill*, run by every serving process after 
   then on), the store records the backfill in ``gw_backfills`` (migration 20) with
   ``[lo, hi)``: the ids of the rows already there. Rows written later are the live path's;
   the backfill never sees them, so nothing is counted twice. A new database registers an
-  empty range: nothing to do.
+  empty range, recorded finished: nothing to do.
+* **Migrations older than the framework.** A migration before 20 (`BACKFILLS_IN`) cannot
+  register in its own transaction: gw_backfills does not exist yet. Its backfill is
+  registered in migration 20's transaction instead, over the range its migration recorded
+  (`Backfill.range_sql`): the latency histogram's is ``[min usage id, live_from_id)``, the
+  boundary migration 18 wrote beside its trigger, so ids at or above it (live) are never
+  backfilled whenever 20 runs after 18 (`to_register`).
 * **Chunked, newest first, resumable.** Each step is one transaction: lock the backfill's
   row, run the chunk over ``[max(lo, next_id - rows), next_id)``, move ``next_id`` down and
   record the rows done and the oldest time covered. The progress is committed with the
@@ -74,6 +80,10 @@ class Backfill:
     migration: int  # registered in the transaction applying this migration
     chunk: Callable[[str, int, int], list[str]]  # (dialect, lo, hi) -> statements over lo <= id < hi
     tables: tuple[str, ...] = ()  # what it fills: reports over them say when they are partial
+    # The ids it covers: a SELECT of one row (lo, hi), read in the registering transaction.
+    # None: every usage row there then. A migration that recorded its own boundary (the
+    # first id its live path keeps) names it here.
+    range_sql: str | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -89,10 +99,26 @@ def rollup_chunk(families: tuple[usage_rollup.Family, ...]) -> Callable[[str, in
 
 
 # The registry: one line per backfill (its name, the migration that needs it, its chunk
-# function, the tables it fills), e.g. for a rollup migration 18 adds:
-#     Backfill("latency_histogram", 18, usage_rollup.histogram_chunk, ("usage_latency_histogram",)),
+# function, the tables it fills, where its range comes from when not every row there).
 BACKFILLS: list[Backfill] = [
+    # The fine latency histogram's history (gateway/store/rollup.py, "The fine histogram"):
+    # the rows below the boundary migration 18 recorded.
+    Backfill("latency_histogram", usage_rollup.HIST_IN, usage_rollup.hist_backfill_chunk,
+             tuple(usage_rollup.HIST_TABLES.values()), range_sql=usage_rollup.HIST_HISTORY_RANGE),
 ]
+
+# The migration that creates gw_backfills. A backfill of an earlier migration (written before
+# the framework) is registered in this one's transaction, over the range its own migration
+# recorded (its `range_sql`): the live path has covered every later row since then.
+BACKFILLS_IN = 20
+
+
+def to_register(applied: list[int]) -> list[Backfill]:
+    """The backfills a migration run that applied `applied` registers (in its transaction):
+    those of the migrations it applied, and, when it created gw_backfills, those of every
+    earlier migration (applied then or before). A second registration changes nothing."""
+    return [b for b in BACKFILLS
+            if b.migration in applied or (BACKFILLS_IN in applied and b.migration < BACKFILLS_IN)]
 
 
 def register(backfill: Backfill) -> Backfill:
@@ -106,13 +132,18 @@ def by_name(name: str) -> Backfill | None:
 
 
 def registration_sql(dialect: str, backfill: Backfill, now: float) -> str:
-    """The statement recording `backfill` over the rows there now (run in the migration's
-    transaction; a second registration changes nothing)."""
+    """The statement recording `backfill` over its range (`range_sql`; by default the rows
+    there now), run in the migration's transaction. An empty range is recorded finished:
+    nothing to do. A second registration changes nothing."""
     now = repr(float(now))
+    source = backfill.range_sql or EVERY_ROW
     return ("INSERT INTO gw_backfills (name, migration, lo, hi, next_id, done_rows, registered_at, finished_at)"
-            f" SELECT '{backfill.name}', {int(backfill.migration)}, COALESCE(MIN(id), 0), COALESCE(MAX(id), 0) + 1,"
-            f" COALESCE(MAX(id), 0) + 1, 0, {now}, CASE WHEN MAX(id) IS NULL THEN {now} END FROM ai_usage_logs"
+            f" SELECT '{backfill.name}', {int(backfill.migration)}, r.lo, r.hi, r.hi, 0, {now},"
+            f" CASE WHEN r.lo >= r.hi THEN {now} END FROM ({source}) AS r"
             " WHERE true ON CONFLICT (name) DO NOTHING")
+
+
+EVERY_ROW = "SELECT COALESCE(MIN(id), 1) AS lo, COALESCE(MAX(id) + 1, 1) AS hi FROM ai_usage_logs"
 
 
 STATE_COLUMNS = ("name", "migration", "lo", "hi", "next_id", "done_rows", "covered_since", "lease_owner",

@@ -1170,8 +1170,8 @@ class Store(abc.ABC):
         still `pending` (from the oldest usage row kept), `complete` when none is."""
         (cov,) = await self.report_query(
             f"SELECT live_from_id, started_at FROM {usage_rollup.HIST_COVERAGE} WHERE id = 1", [])
-        done = [(int(r["lo"]), int(r["hi"])) for r in await self.report_query(
-            f"SELECT lo, hi FROM {usage_rollup.HIST_BACKFILLED} ORDER BY lo", [])]
+        done = usage_rollup.hist_union([(int(r["lo"]), int(r["hi"])) for r in await self.report_query(
+            f"SELECT lo, hi FROM {usage_rollup.HIST_BACKFILLED} ORDER BY lo", [])])
         (first,) = await self.report_query("SELECT MIN(id) AS id FROM ai_usage_logs", [])
         live = int(cov["live_from_id"])
         pending = usage_rollup.hist_pending(int(first["id"] if first["id"] is not None else live), live, done)

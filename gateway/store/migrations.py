@@ -183,10 +183,12 @@ async def plan(store: Any, pace: float) -> dict[str, Any]:
         if state["finished_at"] is None:
             jobs.append((state["name"], state["migration"],
                          await store.usage_id_rows(state["lo"], state["next_id"])))
-    fresh = [b for b in backfill.BACKFILLS if b.migration in pending]
+    fresh = backfill.to_register(pending)
     if fresh:
-        everything = await store.usage_id_rows()
-        jobs += [(b.name, b.migration, everything) for b in fresh]
+        # Every row there now (the range the migration will record: a backfill of a
+        # migration before 20 applied earlier covers at most these); none: nothing to do.
+        everything = await store.usage_id_rows() if applied else 0  # a new database: no usage log yet
+        jobs += [(b.name, b.migration, everything) for b in fresh if everything]
     return {
         "dialect": store.dialect,
         "schema": {"applied": latest(applied), "known": known,

@@ -1276,9 +1276,8 @@ class PostgresStore(Store):
                     version, time.time(), migrations.MIN_CODE.get(version),
                 )
                 applied.append(version)
-            for job in backfill.BACKFILLS:  # the history of what these migrations added, for later
-                if job.migration in applied:
-                    await conn.execute(backfill.registration_sql("postgres", job, time.time()))
+            for job in backfill.to_register(applied):  # the history of what these migrations added, for later
+                await conn.execute(backfill.registration_sql("postgres", job, time.time()))
         return applied
 
     async def _ensure_concurrent_indexes(self) -> None:

@@ -1885,9 +1885,8 @@ def _migrate(db: sqlite3.Connection) -> list[int]:
         db.execute("INSERT INTO schema_migrations (version, applied_at, min_code) VALUES (?, ?, ?)",
                    (version, time.time(), migrations.MIN_CODE.get(version)))
         applied.append(version)
-    for job in backfill.BACKFILLS:  # the history of what these migrations added, for later
-        if job.migration in applied:
-            db.execute(backfill.registration_sql("sqlite", job, time.time()))
+    for job in backfill.to_register(applied):  # the history of what these migrations added, for later
+        db.execute(backfill.registration_sql("sqlite", job, time.time()))
     db.execute("DROP TRIGGER IF EXISTS ai_usage_logs_rollup")  # insert_usage keeps the rollups (ROLLUP_SINCE)
     return applied
 
