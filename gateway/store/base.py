@@ -1160,9 +1160,9 @@ class Store(abc.ABC):
         """Add the usage rows with ids in [lo, hi) to the fine latency histogram, but those
         at or above the coverage boundary (kept live) and those an earlier call added: one
         transaction that also records the range, so it is idempotent, resumable, and safe
-        from several processes at once. Returns the usage rows added. What an online
-        backfill runs in chunks (``latency_histogram_coverage()["pending"]``); see
-        gateway.store.rollup, "The fine histogram"."""
+        from several processes at once, and beside the background ``latency_histogram``
+        backfill (gateway/store/backfill.py), which keeps the same range record. Returns the
+        usage rows added. See gateway.store.rollup, "The fine histogram"."""
 
     async def latency_histogram_coverage(self) -> dict[str, Any]:
         """The fine histogram's coverage: `live_from_id` (rows with an id at or above it are
@@ -1179,8 +1179,8 @@ class Store(abc.ABC):
                 "pending": pending, "complete": not pending}
 
     async def run_latency_histogram_backfill(self, chunk: int = 5_000) -> int:
-        """The whole backfill, chunk after chunk of ids, here and now (tests; an operator
-        who would rather not wait for the background one). Returns the usage rows added."""
+        """The whole backfill, chunk after chunk of ids, here and now (tests; ./gw migrate
+        --backfill runs the background one to its end). Returns the usage rows added."""
         added = 0
         while pending := (await self.latency_histogram_coverage())["pending"]:
             lo, hi = pending[0]

@@ -884,9 +884,10 @@ MIGRATIONS: list[tuple[int, str]] = [
     (
         # 18: the fine latency histogram (gateway/store/rollup.py), kept by a statement-level
         # trigger over the inserted rows, so an older release's inserts (a rolling deploy) are
-        # counted too. No history is read: the rows below live_from_id are the backfill's
-        # (Store.backfill_latency_histogram). CREATE TRIGGER waits for the inserts in flight
-        # and holds them off until commit, so the sequence's value read after it is exact:
+        # counted too. No history is read: the rows below live_from_id are the latency_histogram
+        # backfill's (gateway/store/backfill.py, registered with migration 20). CREATE TRIGGER
+        # waits for the inserts in flight and holds them off until commit, so the sequence's
+        # value read after it is exact:
         # every row with a higher id fires the trigger, no row at or below it did.
         usage_rollup.HIST_IN,
         ";\n".join(usage_rollup.hist_ddl("postgres")) + ";\n"

@@ -50,12 +50,17 @@ boundary are never backfilled, and the windows holding them stay approximate.)
 Coverage and backfill. Migration 18 only creates the tables and starts keeping them: it
 records in ``usage_latency_hist_coverage`` the first usage id kept live (``live_from_id``:
 every row with an id at or above it is in the histogram, none below) and processes no
-history. The rows below it are added by ``Store.backfill_latency_histogram(lo, hi)``: the
-rows with ids in [lo, min(hi, live_from_id)) that no earlier call added, in one
-transaction that also records the range in ``usage_latency_hist_backfilled`` (merged with
-the ranges it touches). So a call is idempotent, any order of chunks is fine, a crash loses
-at most the chunk in flight (its transaction), and calls from several processes serialise
-on the coverage row. ``Store.latency_histogram_coverage()`` says what is still pending;
+history. The rows below it are added by the ``latency_histogram`` background backfill
+(gateway/store/backfill.py, ``hist_backfill_chunk``), registered with migration 20 (which
+creates gw_backfills, after 18) over ``HIST_HISTORY_RANGE`` = [oldest usage id,
+live_from_id): run by the gateways while they serve, or to its end by ``./gw migrate
+--backfill``. One range record serves it and ``Store.backfill_latency_histogram(lo, hi)``
+(an operator's or a test's call): ``usage_latency_hist_backfilled`` holds the id ranges
+added. Either adds the rows with ids in [lo, min(hi, live_from_id)) that no recorded range
+holds and records its range in the same transaction (merged with the ranges it touches),
+so a call is idempotent, any order of chunks is fine, a crash loses at most the chunk in
+flight, and the two serialise on the coverage row (PostgreSQL; SQLite: the write lock).
+``Store.latency_histogram_coverage()`` says what is still pending;
 ``Store.run_latency_histogram_backfill()`` runs it to completion here and now (tests).
 
 A report does not trust the boundary alone: in the same statement as the fine counts it

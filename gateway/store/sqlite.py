@@ -499,7 +499,8 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         usage_rollup.HIST_IN,  # 18: the fine latency histogram (gateway/store/rollup.py), kept from the next row on
         [
             *usage_rollup.hist_ddl("sqlite"),
-            # No history read here: the rows below live_from_id are Store.backfill_latency_histogram's.
+            # No history read here: the rows below live_from_id are the latency_histogram
+            # backfill's (gateway/store/backfill.py, registered with migration 20).
             f"INSERT INTO {usage_rollup.HIST_COVERAGE} (id, live_from_id, started_at)"
             " SELECT 1, COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'ai_usage_logs'), 0) + 1,"
             " (julianday('now') - 2440587.5) * 86400.0",
