@@ -311,6 +311,42 @@ async def test_the_background_backfill_makes_history_before_migration_18_exact_a
 
 
 @pytest.mark.asyncio
+async def test_a_store_migrated_before_the_backfill_was_registered_gets_it_over_its_own_boundary(
+        store_url, only_this_release_backfills, monkeypatch):
+    """A store that went through migrations 18 and 20 with a release that did not register
+    the latency backfill (rows written since, kept live): the next start registers it over
+    [oldest id, live_from_id) from migration 18's record, not over the rows there now, so
+    the live rows are not counted twice; the runner then makes the window exact."""
+    rnd = random.Random(21)
+    now = time.time()
+    old = await _previous_release_with_history(store_url, rnd, now)
+    released = backfill.BACKFILLS
+    monkeypatch.setattr(backfill, "BACKFILLS", [])  # the release that migrated it
+    async with open_store(store_url) as store:
+        new = usage_rows(bimodal(rnd, 200), [None] * 200, now, rnd, prefix="new", span=DAY)
+        assert await store.insert_usage(new) == 200
+        assert await store.backfill_states() == []
+    monkeypatch.setattr(backfill, "BACKFILLS", released)
+    store = open_store(store_url)
+    await store.open(migrate=False)
+    try:
+        plan = await migrations.plan(store, 0.25)
+        assert plan["migrations"] == [] and [b["name"] for b in plan["backfills"]] == ["latency_histogram"]
+        await store.migrate()
+        state = _latency_state(await store.backfill_states())
+        assert (state["lo"], state["hi"], state["finished_at"]) == (1, 401, None)
+        await store.migrate()  # registered once
+        assert len(await store.backfill_states()) == 1
+        await backfill.BackfillRunner(store, pace=1.0, start_delay=0).run()
+        assert _latency_state(await store.backfill_states())["done_rows"] == 400
+        board = await reports.dashboard(store, now - 7 * DAY)
+        assert board["percentilesApproximate"] is False
+        assert_within(board, old + new)
+    finally:
+        await store.close()
+
+
+@pytest.mark.asyncio
 async def test_backfills_running_at_once_count_each_row_once(store_url):
     rnd = random.Random(5)
     now = time.time()

@@ -48,7 +48,7 @@ import re
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import structlog
 
@@ -113,12 +113,21 @@ BACKFILLS: list[Backfill] = [
 BACKFILLS_IN = 20
 
 
-def to_register(applied: list[int]) -> list[Backfill]:
-    """The backfills a migration run that applied `applied` registers (in its transaction):
-    those of the migrations it applied, and, when it created gw_backfills, those of every
-    earlier migration (applied then or before). A second registration changes nothing."""
-    return [b for b in BACKFILLS
-            if b.migration in applied or (BACKFILLS_IN in applied and b.migration < BACKFILLS_IN)]
+def to_register(applied: list[int], before: Iterable[int] = (), registered: Iterable[str] = ()) -> list[Backfill]:
+    """The backfills a migration run registers (in its transaction): `applied`, the
+    migrations it applied; `before`, those applied earlier; `registered`, the names already
+    in gw_backfills. A backfill is registered with its migration (every row there then is
+    history), or, when its migration came first (before gw_backfills existed, or before
+    this release knew the backfill), later, if it has a `range_sql`: the boundary its
+    migration recorded beside the live path, so the range is exact whenever it is read. A
+    backfill over every row (no `range_sql`) registered later would count the rows the live
+    path already has: never. A second registration changes nothing."""
+    known = set(applied) | set(before)
+    if BACKFILLS_IN not in known:
+        return []
+    registered = set(registered)
+    return [b for b in BACKFILLS if b.name not in registered
+            and (b.migration in applied or (b.range_sql is not None and b.migration in known))]
 
 
 def register(backfill: Backfill) -> Backfill:

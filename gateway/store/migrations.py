@@ -179,11 +179,12 @@ async def plan(store: Any, pace: float) -> dict[str, Any]:
     pending = [v for v in store.schema_known if v not in applied]
     rate = backfill.ROWS_PER_SECOND[store.dialect]
     jobs = []
-    for state in await store.backfill_states():
+    states = await store.backfill_states()
+    for state in states:
         if state["finished_at"] is None:
             jobs.append((state["name"], state["migration"],
                          await store.usage_id_rows(state["lo"], state["next_id"])))
-    fresh = backfill.to_register(pending)
+    fresh = backfill.to_register(pending, applied, [s["name"] for s in states])
     if fresh:
         # Every row there now (the range the migration will record: a backfill of a
         # migration before 20 applied earlier covers at most these); none: nothing to do.

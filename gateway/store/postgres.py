@@ -1277,7 +1277,9 @@ class PostgresStore(Store):
                     version, time.time(), migrations.MIN_CODE.get(version),
                 )
                 applied.append(version)
-            for job in backfill.to_register(applied):  # the history of what these migrations added, for later
+            registered = ([r["name"] for r in await conn.fetch("SELECT name FROM gw_backfills")]
+                          if await conn.fetchval("SELECT to_regclass('gw_backfills')") is not None else [])
+            for job in backfill.to_register(applied, done, registered):  # the history of what these added
                 await conn.execute(backfill.registration_sql("postgres", job, time.time()))
         return applied
 

@@ -1886,7 +1886,8 @@ def _migrate(db: sqlite3.Connection) -> list[int]:
         db.execute("INSERT INTO schema_migrations (version, applied_at, min_code) VALUES (?, ?, ?)",
                    (version, time.time(), migrations.MIN_CODE.get(version)))
         applied.append(version)
-    for job in backfill.to_register(applied):  # the history of what these migrations added, for later
+    registered = [r[0] for r in db.execute("SELECT name FROM gw_backfills")] if _backfill_table(db) else []
+    for job in backfill.to_register(applied, done, registered):  # the history of what these added, for later
         db.execute(backfill.registration_sql("sqlite", job, time.time()))
     db.execute("DROP TRIGGER IF EXISTS ai_usage_logs_rollup")  # insert_usage keeps the rollups (ROLLUP_SINCE)
     return applied
@@ -1900,8 +1901,12 @@ def _schema_versions(db: sqlite3.Connection) -> dict[int, int | None]:
                            + " FROM schema_migrations").fetchall())
 
 
+def _backfill_table(db: sqlite3.Connection) -> bool:
+    return _one(db, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'gw_backfills'") is not None
+
+
 def _backfill_states(db: sqlite3.Connection) -> list[dict[str, Any]]:
-    if _one(db, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'gw_backfills'") is None:
+    if not _backfill_table(db):
         return []
     rows = db.execute(f"SELECT {', '.join(backfill.STATE_COLUMNS)} FROM gw_backfills ORDER BY name").fetchall()
     return [dict(zip(backfill.STATE_COLUMNS, r)) for r in rows]
