@@ -22,7 +22,9 @@ years of rows is not, so it is a *backfill*, run by every serving process after 
   registered in migration 20's transaction instead, over the range its migration recorded
   (`Backfill.range_sql`): the latency histogram's is ``[min usage id, live_from_id)``, the
   boundary migration 18 wrote beside its trigger, so ids at or above it (live) are never
-  backfilled whenever 20 runs after 18 (`to_register`).
+  backfilled whenever 20 runs after 18. For the same reason such a backfill is registered
+  at any later migrate that finds it missing (a store migrated by a release that did not
+  know it); one over every row (no `range_sql`) only with its own migration (`to_register`).
 * **Chunked, newest first, resumable.** Each step is one transaction: lock the backfill's
   row, run the chunk over ``[max(lo, next_id - rows), next_id)``, move ``next_id`` down and
   record the rows done and the oldest time covered. The progress is committed with the
