@@ -70,7 +70,8 @@ MIN_ROWS, MAX_ROWS = 100, 50_000
 LEASE_SECONDS = 30.0
 # Rows per second at pace 1 with the serving chunk sizes, the main and per-user rollups
 # rebuilt (a heavy backfill): bench/storage_growth.py, 1,000,000 rows on this shared 2-core
-# VM. ./gw migrate --plan's estimate divides by it (and by the pace while serving).
+# VM. ./gw migrate --plan's estimate divides by it (and by the pace while serving), or by
+# a backfill's own `rows_per_second`.
 ROWS_PER_SECOND = {"sqlite": 7_000, "postgres": 9_700}
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -86,6 +87,9 @@ class Backfill:
     # None: every usage row there then. A migration that recorded its own boundary (the
     # first id its live path keeps) names it here.
     range_sql: str | None = None
+    # Its rows per second at pace 1 ({dialect: rate}), for ./gw migrate --plan's estimate;
+    # None: ROWS_PER_SECOND (a heavy one's).
+    rows_per_second: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -106,7 +110,9 @@ BACKFILLS: list[Backfill] = [
     # The fine latency histogram's history (gateway/store/rollup.py, "The fine histogram"):
     # the rows below the boundary migration 18 recorded.
     Backfill("latency_histogram", usage_rollup.HIST_IN, usage_rollup.hist_backfill_chunk,
-             tuple(usage_rollup.HIST_TABLES.values()), range_sql=usage_rollup.HIST_HISTORY_RANGE),
+             tuple(usage_rollup.HIST_TABLES.values()), range_sql=usage_rollup.HIST_HISTORY_RANGE,
+             # bench/latency_backfill_bench.py, 1,000,000 seed rows (one workspace), serving chunks
+             rows_per_second={"sqlite": 300_000, "postgres": 170_000}),
 ]
 
 # The migration that creates gw_backfills. A backfill of an earlier migration (written before

@@ -177,7 +177,11 @@ async def plan(store: Any, pace: float) -> dict[str, Any]:
     known = latest(store.schema_known)
     check_compatible(applied, known)
     pending = [v for v in store.schema_known if v not in applied]
-    rate = backfill.ROWS_PER_SECOND[store.dialect]
+
+    def rate(name: str) -> int:  # a backfill's own measured rate, else a heavy one's
+        measured = getattr(backfill.by_name(name), "rows_per_second", None) or {}
+        return measured.get(store.dialect) or backfill.ROWS_PER_SECOND[store.dialect]
+
     jobs = []
     states = await store.backfill_states()
     for state in states:
@@ -197,8 +201,8 @@ async def plan(store: Any, pace: float) -> dict[str, Any]:
         "migrations": [{"version": v, "name": NAMES.get(v, f"migration {v}"), "minCode": MIN_CODE.get(v)}
                        for v in pending],
         "backfills": [{"name": name, "migration": migration, "rows": rows,
-                       "seconds": round(rows / rate, 1),
-                       "secondsWhileServing": round(rows / rate / pace, 1) if pace > 0 else None}
+                       "seconds": round(rows / rate(name), 1),
+                       "secondsWhileServing": round(rows / rate(name) / pace, 1) if pace > 0 else None}
                       for name, migration, rows in jobs],
         "lockTimeout": LOCK_TIMEOUT if store.dialect == "postgres" else None,
     }
