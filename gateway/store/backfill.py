@@ -6,7 +6,8 @@ years of rows is not, so it is a *backfill*, run by every serving process after 
 
 * **Registered in one line.** A backfill names the migration that needs it and a chunk
   function ``(dialect, lo, hi) -> [statements]`` that processes the usage rows with
-  ``lo <= id < hi`` (literal integers in the SQL), one line in `BACKFILLS` below::
+  ``lo <= id < hi`` (literal integers in the SQL), one line in `BACKFILLS` below (or
+  `register`, as tests/upgrade_launcher.py does)::
 
       Backfill("test_rollup_models", 20, rollup_chunk((TEST_FAMILY,)), ("test_rollup_models_daily",)),
 
@@ -80,7 +81,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 @dataclass(frozen=True)
 class Backfill:
     name: str  # [a-z][a-z0-9_]*: its row in gw_backfills
-    migration: int  # registered in the transaction applying this migration
+    migration: int  # registered in the transaction applying this migration (see to_register)
     chunk: Callable[[str, int, int], list[str]]  # (dialect, lo, hi) -> statements over lo <= id < hi
     tables: tuple[str, ...] = ()  # what it fills: reports over them say when they are partial
     # The ids it covers: a SELECT of one row (lo, hi), read in the registering transaction.
@@ -116,8 +117,8 @@ BACKFILLS: list[Backfill] = [
 ]
 
 # The migration that creates gw_backfills. A backfill of an earlier migration (written before
-# the framework) is registered in this one's transaction, over the range its own migration
-# recorded (its `range_sql`): the live path has covered every later row since then.
+# the framework) is registered in this one's transaction (or a later migrate's), over the
+# range its own migration recorded (its `range_sql`): the live path has every later row.
 BACKFILLS_IN = 20
 
 
