@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from gateway.admin import reports
-from gateway.store import open_store
+from gateway.store import backfill, migrations, open_store
 from gateway.store import rollup
 from tests import test_store
 from tests.conftest import MASTER_KEY
@@ -113,6 +113,7 @@ def test_the_gaps_and_merges_of_backfilled_ranges():
     assert rollup.hist_gaps(10, 20, [(0, 30)]) == []
     assert rollup.hist_merge(20, 50, [(0, 20), (50, 60), (70, 80)]) == ([0, 50], (0, 60))
     assert rollup.hist_merge(100, 110, [(0, 20)]) == ([], (100, 110))
+    assert rollup.hist_union([(150, 401), (1, 281), (500, 600), (600, 700)]) == [(1, 401), (500, 700)]
 
 
 # --------------------------------------------------------------- the store, both backends
@@ -207,6 +208,142 @@ async def test_history_before_migration_18_is_approximate_until_the_backfill_add
         assert board["percentilesApproximate"] is False
         assert_within(board, rows)
         assert_within(await reports.dashboard(store, now - DAY), window(rows, now - DAY))
+
+
+async def _previous_release_with_history(store_url: str, rnd: random.Random, now: float, n: int = 400
+                                        ) -> list[dict[str, Any]]:
+    """A store of the release before migration 18 (migrations up to 17) with `n` usage rows."""
+    old = [{"request_id": f"old{i}", "user_id": "usr_a", "workspace_id": f"ws_{i % 2}", "action": "ai_message",
+            "model": "gpt-4o", "cost_usd": 0.0, "latency_ms": v, "tokens_total": 10,
+            "created_at": now - rnd.uniform(0, 4 * DAY)} for i, v in enumerate(lognormal(rnd, n))]
+    await create_previous_release(store_url, old, through=rollup.HIST_IN - 1)
+    for r in old:
+        r["ttfb_ms"] = None  # not among the columns the previous release's rows were written with
+    return old
+
+
+@pytest.fixture
+def only_this_release_backfills(monkeypatch):
+    """The registry as released (tests/upgrade_launcher.py, imported by other test modules,
+    registers a backfill of its own whose tables these stores do not have)."""
+    monkeypatch.setattr(backfill, "BACKFILLS", [b for b in backfill.BACKFILLS if b.name != "test_rollup_models"])
+
+
+def _latency_state(states: list[dict[str, Any]]) -> dict[str, Any]:
+    (state,) = [s for s in states if s["name"] == "latency_histogram"]
+    return state
+
+
+@pytest.mark.asyncio
+async def test_the_migration_plan_lists_the_latency_backfill_of_a_store_before_migration_18(store_url, only_this_release_backfills):
+    await _previous_release_with_history(store_url, random.Random(1), time.time(), n=120)
+    store = open_store(store_url)
+    await store.open(migrate=False)
+    try:
+        plan = await migrations.plan(store, 0.25)
+    finally:
+        await store.close()
+    assert [m["version"] for m in plan["migrations"]][:1] == [rollup.HIST_IN]
+    assert [(b["name"], b["migration"], b["rows"]) for b in plan["backfills"]] == \
+           [("latency_histogram", rollup.HIST_IN, 120)]
+
+
+@pytest.mark.asyncio
+async def test_a_new_database_registers_no_latency_backfill_to_do(store_url, only_this_release_backfills):
+    store = open_store(store_url)
+    await store.open(migrate=False)
+    try:
+        assert (await migrations.plan(store, 0.25))["backfills"] == []
+        await store.migrate()
+        state = _latency_state(await store.backfill_states())
+        assert state["lo"] == state["hi"] and state["finished_at"] is not None
+        assert backfill.summary(await store.backfill_states()) is None
+        assert (await store.latency_histogram_coverage())["complete"]
+    finally:
+        await store.close()
+
+
+@pytest.mark.asyncio
+async def test_the_background_backfill_makes_history_before_migration_18_exact_and_resumes(store_url, only_this_release_backfills):
+    """The framework's `latency_histogram` backfill (registered with migration 20 over
+    [min id, live_from_id)) on a store of the release before migration 18: counted in
+    "backfilling, N%", interrupted after two chunks (a SIGKILL leaves the committed ones)
+    with a manual `backfill_latency_histogram` call in between, then resumed by another
+    runner: every row counted once (the fine counts equal the rollup's, so the window is
+    exact), every percentile within 5%."""
+    rnd = random.Random(20)
+    now = time.time()
+    old = await _previous_release_with_history(store_url, rnd, now)
+    async with open_store(store_url) as store:
+        state = _latency_state(await store.backfill_states())
+        assert (state["lo"], state["hi"], state["next_id"], state["finished_at"]) == (1, 401, 401, None)
+        new = usage_rows(bimodal(rnd, 200), [None] * 200, now, rnd, prefix="new", span=DAY)
+        assert await store.insert_usage(new) == 200
+        rows, since = old + new, now - 7 * DAY
+        progress = backfill.summary(await store.backfill_states())
+        assert progress["note"].startswith("backfilling, 0%: usage_latency_hist, usage_latency_hist_daily")
+        assert (await reports.dashboard(store, since))["percentilesApproximate"] is True
+
+        job = backfill.by_name("latency_histogram")
+        for _ in range(2):  # the first process: two chunks committed, then killed (its lease left)
+            state = await store.backfill_step(job, "killed", 60, lease=30)
+        assert state["next_id"] == 281 and state["done_rows"] == 120
+        assert backfill.summary(await store.backfill_states())["percent"] == 30.0
+        assert await store.backfill_latency_histogram(150, 300) == 131  # the old helper: only [150, 281)
+        # Another process: waits for the dead one's lease, then takes over where it stopped.
+        assert await store.backfill_step(job, "next", 60, lease=30) is None
+        state = await store.backfill_step(job, "next", 60, lease=30, now=time.time() + 31)  # the lease expired
+        assert state["next_id"] == 221 and state["done_rows"] == 180
+        await backfill.BackfillRunner(store, pace=1.0, start_delay=0, owner="next").run()
+
+        state = _latency_state(await store.backfill_states())
+        assert state["finished_at"] is not None and state["done_rows"] == 400 and state["next_id"] == 1
+        assert backfill.summary(await store.backfill_states()) is None
+        coverage = await store.latency_histogram_coverage()
+        assert coverage["complete"] and coverage["backfilled"] == [(1, 401)]
+        board = await reports.dashboard(store, since)
+        assert board["percentilesApproximate"] is False
+        assert_within(board, rows)
+        for ws in ("ws_0", "ws_1"):
+            board = await reports.dashboard(store, now - DAY, ws)
+            assert board["percentilesApproximate"] is False
+            assert_within(board, window(rows, now - DAY, ws))
+
+
+@pytest.mark.asyncio
+async def test_a_store_migrated_before_the_backfill_was_registered_gets_it_over_its_own_boundary(
+        store_url, only_this_release_backfills, monkeypatch):
+    """A store that went through migrations 18 and 20 with a release that did not register
+    the latency backfill (rows written since, kept live): the next start registers it over
+    [oldest id, live_from_id) from migration 18's record, not over the rows there now, so
+    the live rows are not counted twice; the runner then makes the window exact."""
+    rnd = random.Random(21)
+    now = time.time()
+    old = await _previous_release_with_history(store_url, rnd, now)
+    released = backfill.BACKFILLS
+    monkeypatch.setattr(backfill, "BACKFILLS", [])  # the release that migrated it
+    async with open_store(store_url) as store:
+        new = usage_rows(bimodal(rnd, 200), [None] * 200, now, rnd, prefix="new", span=DAY)
+        assert await store.insert_usage(new) == 200
+        assert await store.backfill_states() == []
+    monkeypatch.setattr(backfill, "BACKFILLS", released)
+    store = open_store(store_url)
+    await store.open(migrate=False)
+    try:
+        plan = await migrations.plan(store, 0.25)
+        assert plan["migrations"] == [] and [b["name"] for b in plan["backfills"]] == ["latency_histogram"]
+        await store.migrate()
+        state = _latency_state(await store.backfill_states())
+        assert (state["lo"], state["hi"], state["finished_at"]) == (1, 401, None)
+        await store.migrate()  # registered once
+        assert len(await store.backfill_states()) == 1
+        await backfill.BackfillRunner(store, pace=1.0, start_delay=0).run()
+        assert _latency_state(await store.backfill_states())["done_rows"] == 400
+        board = await reports.dashboard(store, now - 7 * DAY)
+        assert board["percentilesApproximate"] is False
+        assert_within(board, old + new)
+    finally:
+        await store.close()
 
 
 @pytest.mark.asyncio

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import signal
 import sqlite3
@@ -35,7 +36,9 @@ import openai
 import pytest
 import yaml
 
-from gateway.store import backfill, migrations, open_store
+from gateway import money
+from gateway.admin import reports
+from gateway.store import backfill, migrations, open_store, rollup
 from gateway.store import postgres as store_postgres
 from gateway.store.postgres import MIGRATIONS as PG_MIGRATIONS
 from gateway.store.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
@@ -227,11 +230,16 @@ async def sql(store_url: str, statement: str, *args: Any) -> list[tuple]:
 
 def seed_usage(store_url: str, rows: int) -> None:
     """`rows` usage rows over the last 60 days, written straight by SQL (a recursive CTE on
-    SQLite, generate_series on PostgreSQL): the history of a store in service."""
+    SQLite, generate_series on PostgreSQL), and added to the rollups as the previous
+    release's insert_usage would have (its schema, version 16): the history of a store in
+    service."""
     span = 60 * 86400
     now = int(time.time())
+    rolled = rollup.backfill("sqlite" if store_url.startswith("sqlite") else "postgres",
+                             families=rollup.as_of(16))
     if store_url.startswith("sqlite:///"):
         db = sqlite3.connect(store_url[len("sqlite:///"):])
+        db.create_function("gw_usd_nano", 1, lambda v: None if v is None else money.to_nano(v))
         db.execute(
             "INSERT INTO ai_usage_logs (request_id, user_id, workspace_id, model, provider, action, tokens_prompt,"
             " tokens_completion, tokens_total, cost_usd, status, latency_ms, created_at)"
@@ -240,6 +248,8 @@ def seed_usage(store_url: str, rows: int) -> None:
             " ELSE 'claude' END, 'openai', 'ai_message', i % 70, i % 30, i % 100, (i % 1000) * 1000, 200, i % 900,"
             " strftime('%Y-%m-%dT%H:%M:%S', ? + i * ? / ?, 'unixepoch') || '.000000Z' FROM n",
             (rows, now - span, span, rows))
+        for statement in rolled:
+            db.execute(statement)
         db.commit()
         db.close()
         return
@@ -257,6 +267,8 @@ def seed_usage(store_url: str, rows: int) -> None:
                 " 'gpt-4o' ELSE 'claude' END, 'openai', 'ai_message', i % 70, i % 30, i % 100, (i % 1000) / 1e6, 200,"
                 " i % 900, to_timestamp($2::float8 + i * $3::float8 / $1)"
                 " FROM generate_series(1, $1) AS i", rows, float(now - span), float(span))
+            for statement in rolled:
+                await conn.execute(statement)
             await conn.execute("ANALYZE ai_usage_logs")
         finally:
             await conn.close()
@@ -276,10 +288,32 @@ def previous_store(previous: Path, tmp_path: Path, upstream: Any, store_url: str
     return user["user_id"] if "user_id" in user else user["id"], user["api_key"]
 
 
-def backfill_state(store_url: str) -> dict[str, Any]:
+def backfill_state(store_url: str, name: str = "test_rollup_models") -> dict[str, Any]:
     rows = asyncio.run(sql(store_url, f"SELECT {', '.join(backfill.STATE_COLUMNS)} FROM gw_backfills"
-                                      " WHERE name = 'test_rollup_models'"))
+                                      " WHERE name = ?", name))
     return dict(zip(backfill.STATE_COLUMNS, rows[0])) if rows else {}
+
+
+def assert_latency_exact(store_url: str) -> None:
+    """The dashboard over the whole history reads the fine latency histogram (its counts
+    equal the rollup's: no row counted twice, none missed) and every percentile is within
+    5% of the exact nearest-rank one over the rows (docs/usage.md "Latency percentiles")."""
+    async def board() -> dict[str, Any]:
+        async with open_store(store_url) as store:
+            return await reports.dashboard(store, time.time() - 62 * 86400)
+
+    shown = asyncio.run(board())
+    assert shown["percentilesApproximate"] is False
+    for name, column in (("latency", "latency_ms"), ("ttfb", "ttfb_ms")):
+        n = asyncio.run(sql(store_url, f"SELECT count({column}) FROM ai_usage_logs"))[0][0]
+        for p in (50, 90, 95, 99):
+            if not n:
+                assert shown[f"{name}P{p}"] is None
+                continue
+            rank = max(1, math.ceil(p / 100 * n))
+            exact = asyncio.run(sql(store_url, f"SELECT {column} FROM ai_usage_logs WHERE {column} IS NOT NULL"
+                                               f" ORDER BY {column} LIMIT 1 OFFSET {rank - 1}"))[0][0]
+            assert abs(shown[f"{name}P{p}"] - exact) <= 0.05 * exact, (name, p, shown[f"{name}P{p}"], exact)
 
 
 # -------------------------------------------------- the previous release's store, upgraded
@@ -302,6 +336,7 @@ def test_a_previous_release_store_serves_at_once_and_its_backfill_survives_sigki
     plan = run_cli(ROOT, config, "migrate", "--plan", script="tests/upgrade_launcher.py").stdout
     assert "20  background backfills (gw_backfills)" in plan
     assert f"test_rollup_models (migration 20): {UPGRADE_ROWS:,} rows" in plan
+    assert f"latency_histogram (migration 18): {UPGRADE_ROWS:,} rows" in plan
 
     started = time.monotonic()
     proc = start(ROOT, config, script="tests/upgrade_launcher.py")
@@ -316,7 +351,7 @@ def test_a_previous_release_store_serves_at_once_and_its_backfill_survives_sigki
               f" {serving:.2f} s after start (backfill at {backfill.percent(state)}%)")
         metrics = httpx.get(url + "/admin/metrics", headers={"Authorization": f"Bearer {MASTER}"}).json()
         assert metrics["backfill"]["note"].startswith("backfilling, ")
-        assert metrics["backfill"]["backfills"][0]["name"] == "test_rollup_models"
+        assert {b["name"] for b in metrics["backfill"]["backfills"]} == {"latency_histogram", "test_rollup_models"}
 
         total = state["hi"] - state["lo"]
         deadline = time.monotonic() + 300
@@ -339,8 +374,9 @@ def test_a_previous_release_store_serves_at_once_and_its_backfill_survives_sigki
         assert resumed["next_id"] <= killed["next_id"] and resumed["done_rows"] >= killed["done_rows"]
         assert resumed["started_at"] == killed["started_at"], "resumed, not started over"
         deadline = time.monotonic() + 600
-        while backfill_state(store_url)["finished_at"] is None:
-            assert time.monotonic() < deadline, "the backfill never finished"
+        while any(backfill_state(store_url, name)["finished_at"] is None
+                  for name in ("test_rollup_models", "latency_histogram")):
+            assert time.monotonic() < deadline, "the backfills never finished"
             time.sleep(0.2)
         metrics = httpx.get(url + "/admin/metrics", headers={"Authorization": f"Bearer {MASTER}"}).json()
         assert metrics["backfill"] is None
@@ -357,6 +393,9 @@ def test_a_previous_release_store_serves_at_once_and_its_backfill_survives_sigki
                                          " FROM ai_usage_logs WHERE id >= ? AND id < ? GROUP BY model ORDER BY model",
                               done["lo"], done["hi"]))
         assert [tuple(r) for r in rolled] == [tuple(r) for r in raw], grain
+    latency = backfill_state(store_url, "latency_histogram")
+    assert latency["done_rows"] == UPGRADE_ROWS and latency["hi"] == latency["lo"] + UPGRADE_ROWS
+    assert_latency_exact(store_url)
 
 
 def test_migrate_applies_the_schema_step_and_with_backfill_runs_the_history_to_its_end(
@@ -371,11 +410,15 @@ def test_migrate_applies_the_schema_step_and_with_backfill_runs_the_history_to_i
     pending = [v for v, _ in SQLITE_MIGRATIONS if v > 16]
     assert [m["version"] for m in plan["migrations"]] == pending and 20 in pending
     assert plan["schema"] == {"applied": 16, "known": pending[-1], "newerExpandOnly": []}
-    assert plan["backfills"][0]["name"] == "test_rollup_models" and plan["backfills"][0]["rows"] == 5000
+    assert [(b["name"], b["migration"], b["rows"]) for b in plan["backfills"]] == \
+           [("latency_histogram", 18, 5000), ("test_rollup_models", 20, 5000)]
     out = run_cli(ROOT, config, "migrate", "--backfill", script="tests/upgrade_launcher.py").stdout
     assert f"applied migrations {', '.join(map(str, pending))} in " in out
     assert "  test_rollup_models: 100% (5,000 rows)" in out and out.rstrip().endswith("backfills complete")
+    assert "  latency_histogram: 100% (5,000 rows)" in out
     assert backfill_state(store_url)["finished_at"] is not None
+    assert backfill_state(store_url, "latency_histogram")["finished_at"] is not None
+    assert_latency_exact(store_url)
     again = run_cli(ROOT, config, "migrate", script="tests/upgrade_launcher.py").stdout
     assert "migrations to apply: none" in again and "schema up to date" in again
 

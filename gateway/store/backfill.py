@@ -6,9 +6,10 @@ years of rows is not, so it is a *backfill*, run by every serving process after 
 
 * **Registered in one line.** A backfill names the migration that needs it and a chunk
   function ``(dialect, lo, hi) -> [statements]`` that processes the usage rows with
-  ``lo <= id < hi`` (literal integers in the SQL), one line in `BACKFILLS` below::
+  ``lo <= id < hi`` (literal integers in the SQL), one line in `BACKFILLS` below (or
+  `register`, as tests/upgrade_launcher.py does)::
 
-      Backfill("latency_histogram", 18, usage_rollup.histogram_chunk, ("usage_latency_histogram",)),
+      Backfill("test_rollup_models", 20, rollup_chunk((TEST_FAMILY,)), ("test_rollup_models_daily",)),
 
   (`rollup_chunk(families)` builds the chunk function of a new rollup family.)
 * **History is a fixed id range.** In the transaction that applies the migration (the same
@@ -16,7 +17,15 @@ years of rows is not, so it is a *backfill*, run by every serving process after 
   then on), the store records the backfill in ``gw_backfills`` (migration 20) with
   ``[lo, hi)``: the ids of the rows already there. Rows written later are the live path's;
   the backfill never sees them, so nothing is counted twice. A new database registers an
-  empty range: nothing to do.
+  empty range, recorded finished: nothing to do.
+* **Migrations older than the framework.** A migration before 20 (`BACKFILLS_IN`) cannot
+  register in its own transaction: gw_backfills does not exist yet. Its backfill is
+  registered in migration 20's transaction instead, over the range its migration recorded
+  (`Backfill.range_sql`): the latency histogram's is ``[min usage id, live_from_id)``, the
+  boundary migration 18 wrote beside its trigger, so ids at or above it (live) are never
+  backfilled whenever 20 runs after 18. For the same reason such a backfill is registered
+  at any later migrate that finds it missing (a store migrated by a release that did not
+  know it); one over every row (no `range_sql`) only with its own migration (`to_register`).
 * **Chunked, newest first, resumable.** Each step is one transaction: lock the backfill's
   row, run the chunk over ``[max(lo, next_id - rows), next_id)``, move ``next_id`` down and
   record the rows done and the oldest time covered. The progress is committed with the
@@ -42,7 +51,7 @@ import re
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import structlog
 
@@ -62,7 +71,8 @@ MIN_ROWS, MAX_ROWS = 100, 50_000
 LEASE_SECONDS = 30.0
 # Rows per second at pace 1 with the serving chunk sizes, the main and per-user rollups
 # rebuilt (a heavy backfill): bench/storage_growth.py, 1,000,000 rows on this shared 2-core
-# VM. ./gw migrate --plan's estimate divides by it (and by the pace while serving).
+# VM. ./gw migrate --plan's estimate divides by it (and by the pace while serving), or by
+# a backfill's own `rows_per_second`.
 ROWS_PER_SECOND = {"sqlite": 7_000, "postgres": 9_700}
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -71,9 +81,16 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 @dataclass(frozen=True)
 class Backfill:
     name: str  # [a-z][a-z0-9_]*: its row in gw_backfills
-    migration: int  # registered in the transaction applying this migration
+    migration: int  # registered in the transaction applying this migration (see to_register)
     chunk: Callable[[str, int, int], list[str]]  # (dialect, lo, hi) -> statements over lo <= id < hi
     tables: tuple[str, ...] = ()  # what it fills: reports over them say when they are partial
+    # The ids it covers: a SELECT of one row (lo, hi), read in the registering transaction.
+    # None: every usage row there then. A migration that recorded its own boundary (the
+    # first id its live path keeps) names it here.
+    range_sql: str | None = None
+    # Its rows per second at pace 1 ({dialect: rate}), for ./gw migrate --plan's estimate;
+    # None: ROWS_PER_SECOND (a heavy one's).
+    rows_per_second: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -89,10 +106,37 @@ def rollup_chunk(families: tuple[usage_rollup.Family, ...]) -> Callable[[str, in
 
 
 # The registry: one line per backfill (its name, the migration that needs it, its chunk
-# function, the tables it fills), e.g. for a rollup migration 18 adds:
-#     Backfill("latency_histogram", 18, usage_rollup.histogram_chunk, ("usage_latency_histogram",)),
+# function, the tables it fills, where its range comes from when not every row there).
 BACKFILLS: list[Backfill] = [
+    # The fine latency histogram's history (gateway/store/rollup.py, "The fine histogram"):
+    # the rows below the boundary migration 18 recorded.
+    Backfill("latency_histogram", usage_rollup.HIST_IN, usage_rollup.hist_backfill_chunk,
+             tuple(usage_rollup.HIST_TABLES.values()), range_sql=usage_rollup.HIST_HISTORY_RANGE,
+             # bench/latency_backfill_bench.py, 1,000,000 seed rows (one workspace), serving chunks
+             rows_per_second={"sqlite": 300_000, "postgres": 170_000}),
 ]
+
+# The migration that creates gw_backfills. A backfill of an earlier migration (written before
+# the framework) is registered in this one's transaction (or a later migrate's), over the
+# range its own migration recorded (its `range_sql`): the live path has every later row.
+BACKFILLS_IN = 20
+
+
+def to_register(applied: list[int], before: Iterable[int] = (), registered: Iterable[str] = ()) -> list[Backfill]:
+    """The backfills a migration run registers (in its transaction): `applied`, the
+    migrations it applied; `before`, those applied earlier; `registered`, the names already
+    in gw_backfills. A backfill is registered with its migration (every row there then is
+    history), or, when its migration came first (before gw_backfills existed, or before
+    this release knew the backfill), later, if it has a `range_sql`: the boundary its
+    migration recorded beside the live path, so the range is exact whenever it is read. A
+    backfill over every row (no `range_sql`) registered later would count the rows the live
+    path already has: never. A second registration changes nothing."""
+    known = set(applied) | set(before)
+    if BACKFILLS_IN not in known:
+        return []
+    registered = set(registered)
+    return [b for b in BACKFILLS if b.name not in registered
+            and (b.migration in applied or (b.range_sql is not None and b.migration in known))]
 
 
 def register(backfill: Backfill) -> Backfill:
@@ -106,13 +150,18 @@ def by_name(name: str) -> Backfill | None:
 
 
 def registration_sql(dialect: str, backfill: Backfill, now: float) -> str:
-    """The statement recording `backfill` over the rows there now (run in the migration's
-    transaction; a second registration changes nothing)."""
+    """The statement recording `backfill` over its range (`range_sql`; by default the rows
+    there now), run in the migration's transaction. An empty range is recorded finished:
+    nothing to do. A second registration changes nothing."""
     now = repr(float(now))
+    source = backfill.range_sql or EVERY_ROW
     return ("INSERT INTO gw_backfills (name, migration, lo, hi, next_id, done_rows, registered_at, finished_at)"
-            f" SELECT '{backfill.name}', {int(backfill.migration)}, COALESCE(MIN(id), 0), COALESCE(MAX(id), 0) + 1,"
-            f" COALESCE(MAX(id), 0) + 1, 0, {now}, CASE WHEN MAX(id) IS NULL THEN {now} END FROM ai_usage_logs"
+            f" SELECT '{backfill.name}', {int(backfill.migration)}, r.lo, r.hi, r.hi, 0, {now},"
+            f" CASE WHEN r.lo >= r.hi THEN {now} END FROM ({source}) AS r"
             " WHERE true ON CONFLICT (name) DO NOTHING")
+
+
+EVERY_ROW = "SELECT COALESCE(MIN(id), 1) AS lo, COALESCE(MAX(id) + 1, 1) AS hi FROM ai_usage_logs"
 
 
 STATE_COLUMNS = ("name", "migration", "lo", "hi", "next_id", "done_rows", "covered_since", "lease_owner",

@@ -1161,9 +1161,9 @@ class Store(abc.ABC):
         """Add the usage rows with ids in [lo, hi) to the fine latency histogram, but those
         at or above the coverage boundary (kept live) and those an earlier call added: one
         transaction that also records the range, so it is idempotent, resumable, and safe
-        from several processes at once. Returns the usage rows added. What an online
-        backfill runs in chunks (``latency_histogram_coverage()["pending"]``); see
-        gateway.store.rollup, "The fine histogram"."""
+        from several processes at once, and beside the background ``latency_histogram``
+        backfill (gateway/store/backfill.py), which keeps the same range record. Returns the
+        usage rows added. See gateway.store.rollup, "The fine histogram"."""
 
     async def latency_histogram_coverage(self) -> dict[str, Any]:
         """The fine histogram's coverage: `live_from_id` (rows with an id at or above it are
@@ -1171,8 +1171,8 @@ class Store(abc.ABC):
         still `pending` (from the oldest usage row kept), `complete` when none is."""
         (cov,) = await self.report_query(
             f"SELECT live_from_id, started_at FROM {usage_rollup.HIST_COVERAGE} WHERE id = 1", [])
-        done = [(int(r["lo"]), int(r["hi"])) for r in await self.report_query(
-            f"SELECT lo, hi FROM {usage_rollup.HIST_BACKFILLED} ORDER BY lo", [])]
+        done = usage_rollup.hist_union([(int(r["lo"]), int(r["hi"])) for r in await self.report_query(
+            f"SELECT lo, hi FROM {usage_rollup.HIST_BACKFILLED} ORDER BY lo", [])])
         (first,) = await self.report_query("SELECT MIN(id) AS id FROM ai_usage_logs", [])
         live = int(cov["live_from_id"])
         pending = usage_rollup.hist_pending(int(first["id"] if first["id"] is not None else live), live, done)
@@ -1180,8 +1180,8 @@ class Store(abc.ABC):
                 "pending": pending, "complete": not pending}
 
     async def run_latency_histogram_backfill(self, chunk: int = 5_000) -> int:
-        """The whole backfill, chunk after chunk of ids, here and now (tests; an operator
-        who would rather not wait for the background one). Returns the usage rows added."""
+        """The whole backfill, chunk after chunk of ids, here and now (tests; ./gw migrate
+        --backfill runs the background one to its end). Returns the usage rows added."""
         added = 0
         while pending := (await self.latency_histogram_coverage())["pending"]:
             lo, hi = pending[0]

@@ -177,16 +177,23 @@ async def plan(store: Any, pace: float) -> dict[str, Any]:
     known = latest(store.schema_known)
     check_compatible(applied, known)
     pending = [v for v in store.schema_known if v not in applied]
-    rate = backfill.ROWS_PER_SECOND[store.dialect]
+
+    def rate(name: str) -> int:  # a backfill's own measured rate, else a heavy one's
+        measured = getattr(backfill.by_name(name), "rows_per_second", None) or {}
+        return measured.get(store.dialect) or backfill.ROWS_PER_SECOND[store.dialect]
+
     jobs = []
-    for state in await store.backfill_states():
+    states = await store.backfill_states()
+    for state in states:
         if state["finished_at"] is None:
             jobs.append((state["name"], state["migration"],
                          await store.usage_id_rows(state["lo"], state["next_id"])))
-    fresh = [b for b in backfill.BACKFILLS if b.migration in pending]
+    fresh = backfill.to_register(pending, applied, [s["name"] for s in states])
     if fresh:
-        everything = await store.usage_id_rows()
-        jobs += [(b.name, b.migration, everything) for b in fresh]
+        # Every row there now (the range the migration will record: a backfill of a
+        # migration before 20 applied earlier covers at most these); none: nothing to do.
+        everything = await store.usage_id_rows() if applied else 0  # a new database: no usage log yet
+        jobs += [(b.name, b.migration, everything) for b in fresh if everything]
     return {
         "dialect": store.dialect,
         "schema": {"applied": latest(applied), "known": known,
@@ -194,8 +201,8 @@ async def plan(store: Any, pace: float) -> dict[str, Any]:
         "migrations": [{"version": v, "name": NAMES.get(v, f"migration {v}"), "minCode": MIN_CODE.get(v)}
                        for v in pending],
         "backfills": [{"name": name, "migration": migration, "rows": rows,
-                       "seconds": round(rows / rate, 1),
-                       "secondsWhileServing": round(rows / rate / pace, 1) if pace > 0 else None}
+                       "seconds": round(rows / rate(name), 1),
+                       "secondsWhileServing": round(rows / rate(name) / pace, 1) if pace > 0 else None}
                       for name, migration, rows in jobs],
         "lockTimeout": LOCK_TIMEOUT if store.dialect == "postgres" else None,
     }

@@ -884,9 +884,10 @@ MIGRATIONS: list[tuple[int, str]] = [
     (
         # 18: the fine latency histogram (gateway/store/rollup.py), kept by a statement-level
         # trigger over the inserted rows, so an older release's inserts (a rolling deploy) are
-        # counted too. No history is read: the rows below live_from_id are the backfill's
-        # (Store.backfill_latency_histogram). CREATE TRIGGER waits for the inserts in flight
-        # and holds them off until commit, so the sequence's value read after it is exact:
+        # counted too. No history is read: the rows below live_from_id are the latency_histogram
+        # backfill's (gateway/store/backfill.py, registered with migration 20). CREATE TRIGGER
+        # waits for the inserts in flight and holds them off until commit, so the sequence's
+        # value read after it is exact:
         # every row with a higher id fires the trigger, no row at or below it did.
         usage_rollup.HIST_IN,
         ";\n".join(usage_rollup.hist_ddl("postgres")) + ";\n"
@@ -1276,9 +1277,10 @@ class PostgresStore(Store):
                     version, time.time(), migrations.MIN_CODE.get(version),
                 )
                 applied.append(version)
-            for job in backfill.BACKFILLS:  # the history of what these migrations added, for later
-                if job.migration in applied:
-                    await conn.execute(backfill.registration_sql("postgres", job, time.time()))
+            registered = ([r["name"] for r in await conn.fetch("SELECT name FROM gw_backfills")]
+                          if await conn.fetchval("SELECT to_regclass('gw_backfills')") is not None else [])
+            for job in backfill.to_register(applied, done, registered):  # the history of what these added
+                await conn.execute(backfill.registration_sql("postgres", job, time.time()))
         return applied
 
     async def _ensure_concurrent_indexes(self) -> None:

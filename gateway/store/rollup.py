@@ -50,12 +50,17 @@ boundary are never backfilled, and the windows holding them stay approximate.)
 Coverage and backfill. Migration 18 only creates the tables and starts keeping them: it
 records in ``usage_latency_hist_coverage`` the first usage id kept live (``live_from_id``:
 every row with an id at or above it is in the histogram, none below) and processes no
-history. The rows below it are added by ``Store.backfill_latency_histogram(lo, hi)``: the
-rows with ids in [lo, min(hi, live_from_id)) that no earlier call added, in one
-transaction that also records the range in ``usage_latency_hist_backfilled`` (merged with
-the ranges it touches). So a call is idempotent, any order of chunks is fine, a crash loses
-at most the chunk in flight (its transaction), and calls from several processes serialise
-on the coverage row. ``Store.latency_histogram_coverage()`` says what is still pending;
+history. The rows below it are added by the ``latency_histogram`` background backfill
+(gateway/store/backfill.py, ``hist_backfill_chunk``), registered with migration 20 (which
+creates gw_backfills, after 18) over ``HIST_HISTORY_RANGE`` = [oldest usage id,
+live_from_id): run by the gateways while they serve, or to its end by ``./gw migrate
+--backfill``. One range record serves it and ``Store.backfill_latency_histogram(lo, hi)``
+(an operator's or a test's call): ``usage_latency_hist_backfilled`` holds the id ranges
+added. Either adds the rows with ids in [lo, min(hi, live_from_id)) that no recorded range
+holds and records its range in the same transaction (merged with the ranges it touches),
+so a call is idempotent, any order of chunks is fine, a crash loses at most the chunk in
+flight, and the two serialise on the coverage row (PostgreSQL; SQLite: the write lock).
+``Store.latency_histogram_coverage()`` says what is still pending;
 ``Store.run_latency_histogram_backfill()`` runs it to completion here and now (tests).
 
 A report does not trust the boundary alone: in the same statement as the fine counts it
@@ -423,6 +428,38 @@ def hist_keep(dialect: str, source: str = "ai_usage_logs", where: str = "") -> l
 HIST_BACKFILL_WHERE = "u.id >= ? AND u.id < ?"
 
 
+# The ids the history backfill covers (gateway/store/backfill.py registers it with migration
+# 20, in that transaction): from the oldest usage row to the boundary migration 18 recorded,
+# [min id, live_from_id); an empty range (a new database: no row below it) is done at once.
+HIST_HISTORY_RANGE = ("SELECT COALESCE((SELECT MIN(id) FROM ai_usage_logs WHERE id < c.live_from_id), c.live_from_id)"
+                      f" AS lo, c.live_from_id AS hi FROM {HIST_COVERAGE} AS c WHERE c.id = 1")
+
+
+def hist_backfill_chunk(dialect: str, lo: int, hi: int) -> list[str]:
+    """The history backfill's chunk (gateway/store/backfill.py): the usage rows with ids in
+    [lo, hi) added to both fine histograms, but those kept live (id >= live_from_id) and
+    those a range of ``usage_latency_hist_backfilled`` already holds (an earlier
+    ``Store.backfill_latency_histogram`` call), and [lo, hi) recorded there, merged with
+    the range just above it (chunks run newest first, so the record stays one row). The
+    same bookkeeping as ``backfill_latency_histogram``: either may run first, no row is
+    counted twice."""
+    lo, hi = int(lo), int(hi)
+    if lo >= hi:
+        return []
+    done = HIST_BACKFILLED
+    where = (f"u.id >= {lo} AND u.id < {hi}"
+             f" AND u.id < (SELECT live_from_id FROM {HIST_COVERAGE} WHERE id = 1)"
+             f" AND NOT EXISTS (SELECT 1 FROM {done} AS b WHERE b.lo <= u.id AND u.id < b.hi)")
+    greatest = "MAX" if dialect == "sqlite" else "GREATEST"
+    # PostgreSQL: the coverage row's lock, as backfill_latency_histogram takes it, so the
+    # two never read the record at once (SQLite: the write transaction holds the file).
+    lock = [f"SELECT 1 FROM {HIST_COVERAGE} WHERE id = 1 FOR UPDATE"] if dialect == "postgres" else []
+    return [*lock, *hist_keep(dialect, where=where),
+            f"UPDATE {done} SET lo = {lo} WHERE lo = {hi} AND NOT EXISTS (SELECT 1 FROM {done} WHERE lo = {lo})",
+            f"INSERT INTO {done} (lo, hi) VALUES ({lo}, {hi})"
+            f" ON CONFLICT (lo) DO UPDATE SET hi = {greatest}({done}.hi, excluded.hi)"]
+
+
 def hist_gaps(lo: int, hi: int, done: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     """The parts of [lo, hi) that no range of `done` covers, in order."""
     gaps, at = [], lo
@@ -443,6 +480,18 @@ def hist_merge(lo: int, hi: int, done: Sequence[tuple[int, int]]) -> tuple[list[
     touching = [(a, b) for a, b in done if b >= lo and a <= hi]
     merged = (min([lo, *(a for a, _ in touching)]), max([hi, *(b for _, b in touching)]))
     return [a for a, _ in touching], merged
+
+
+def hist_union(done: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The recorded ranges as disjoint ones, in order (a manual call and the background
+    backfill may record overlapping ones)."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(done):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
 
 def hist_pending(first_id: int, live_from_id: int, done: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -499,7 +499,8 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         usage_rollup.HIST_IN,  # 18: the fine latency histogram (gateway/store/rollup.py), kept from the next row on
         [
             *usage_rollup.hist_ddl("sqlite"),
-            # No history read here: the rows below live_from_id are Store.backfill_latency_histogram's.
+            # No history read here: the rows below live_from_id are the latency_histogram
+            # backfill's (gateway/store/backfill.py, registered with migration 20).
             f"INSERT INTO {usage_rollup.HIST_COVERAGE} (id, live_from_id, started_at)"
             " SELECT 1, COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'ai_usage_logs'), 0) + 1,"
             " (julianday('now') - 2440587.5) * 86400.0",
@@ -1887,9 +1888,9 @@ def _migrate(db: sqlite3.Connection) -> list[int]:
         db.execute("INSERT INTO schema_migrations (version, applied_at, min_code) VALUES (?, ?, ?)",
                    (version, time.time(), migrations.MIN_CODE.get(version)))
         applied.append(version)
-    for job in backfill.BACKFILLS:  # the history of what these migrations added, for later
-        if job.migration in applied:
-            db.execute(backfill.registration_sql("sqlite", job, time.time()))
+    registered = [r[0] for r in db.execute("SELECT name FROM gw_backfills")] if _backfill_table(db) else []
+    for job in backfill.to_register(applied, done, registered):  # the history of what these added, for later
+        db.execute(backfill.registration_sql("sqlite", job, time.time()))
     db.execute("DROP TRIGGER IF EXISTS ai_usage_logs_rollup")  # insert_usage keeps the rollups (ROLLUP_SINCE)
     return applied
 
@@ -1902,8 +1903,12 @@ def _schema_versions(db: sqlite3.Connection) -> dict[int, int | None]:
                            + " FROM schema_migrations").fetchall())
 
 
+def _backfill_table(db: sqlite3.Connection) -> bool:
+    return _one(db, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'gw_backfills'") is not None
+
+
 def _backfill_states(db: sqlite3.Connection) -> list[dict[str, Any]]:
-    if _one(db, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'gw_backfills'") is None:
+    if not _backfill_table(db):
         return []
     rows = db.execute(f"SELECT {', '.join(backfill.STATE_COLUMNS)} FROM gw_backfills ORDER BY name").fetchall()
     return [dict(zip(backfill.STATE_COLUMNS, r)) for r in rows]
