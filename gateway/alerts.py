@@ -25,6 +25,8 @@ The invariants (docs/admin.md "Alerts"):
   event) has an id derived from it, so two processes emitting it make one row.
 * **Retried with exponential backoff** (`retry_base` doubled per attempt up to
   `retry_max`, a little jitter) until a 2xx, or `max_attempts` (then `failed`).
+* **Pruned when finished.** The deliverer deletes delivered and failed rows older than
+  `retention` (default 30 days), `PRUNE_BATCH` rows at a time; a pending row stays.
 * **Signed.** `X-Gateway-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`
   with the endpoint's secret (Stripe's and GitHub's scheme): a receiver checks it and the
   age of `t`. No secret is ever in a payload, a log line, an outbox row or /admin/alerts;
@@ -71,6 +73,8 @@ EVENT_ID_HEADER = "X-Gateway-Event-Id"
 LEASE = 60.0          # seconds a claimed row is this process's; past it another may take it
 CLAIM_BATCH = 50      # rows claimed at once
 IDLE_POLL = 1.0       # seconds between two looks at the outbox with nothing due here
+PRUNE_BATCH = 1000    # finished rows deleted at once (alerts.retention), so no long lock
+PRUNE_EVERY = 300.0   # seconds between two prunes here, unless the last one was a full batch
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -179,6 +183,7 @@ class Alerts:
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
         self._session: Any = None
+        self._next_prune = 0.0  # time.monotonic() of the next prune
 
     # --- emitting ----------------------------------------------------------------------
 
@@ -246,6 +251,7 @@ class Alerts:
 
     async def _run(self) -> None:
         while True:
+            await self._prune_if_due()
             try:
                 delivered_some = await self.deliver_due()
             except Exception as exc:  # noqa: BLE001 — the store is away: try again later
@@ -256,6 +262,25 @@ class Alerts:
             self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), IDLE_POLL)
+
+    async def _prune_if_due(self) -> None:
+        if time.monotonic() < self._next_prune:
+            return
+        try:
+            pruned = await self.prune()
+        except Exception as exc:  # noqa: BLE001 — the store is away: try again later
+            self.log.warning("alert_prune_failed", error=type(exc).__name__)
+            pruned = 0
+        # a full batch: more may be left, the next pass takes the next batch
+        self._next_prune = time.monotonic() + (0.0 if pruned >= PRUNE_BATCH else PRUNE_EVERY)
+
+    async def prune(self, *, now: float | None = None) -> int:
+        """Delete one batch of delivered and failed rows older than alerts.retention (pending
+        rows stay); returns how many went."""
+        pruned = await self.store.prune_alerts(older_than=self.config().retention, limit=PRUNE_BATCH, now=now)
+        if pruned:
+            self.log.info("alerts_pruned", rows=pruned)
+        return pruned
 
     async def deliver_due(self) -> int:
         """Claim the due rows and post each once; returns how many were attempted."""

@@ -565,8 +565,10 @@ class AlertsConfig(_Strict):
     max_attempts: int = Field(20, ge=1, le=1000, description="deliveries tried before an event is failed")
     retry_base: float = Field(5.0, gt=0, description="seconds before the first retry, doubled each time")
     retry_max: float = Field(3600.0, gt=0, description="the longest wait between two attempts")
+    retention: float = Field(30 * 86400.0, gt=0, description="delivered and failed outbox rows older than "
+                             "this are deleted by the deliverer; pending rows never are")
 
-    @field_validator("retry_base", "retry_max", mode="before")
+    @field_validator("retry_base", "retry_max", "retention", mode="before")
     @classmethod
     def _duration(cls, v: Any) -> float:
         return parse_duration(v)

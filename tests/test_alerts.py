@@ -302,6 +302,86 @@ def test_the_outbox_claim_hands_each_row_to_one_process_and_a_lapsed_lease_to_an
     asyncio.run(go())
 
 
+@BOTH
+def test_finished_rows_older_than_the_retention_are_pruned_in_batches_and_pending_ones_stay(gateway_factory,
+                                                                                           store_url):
+    """Delivered and failed rows older than alerts.retention go (a bounded batch per pass);
+    recent ones and pending ones (however old) stay; GET /admin/alerts lists what remains."""
+    from gateway import alerts as alerts_module
+    from gateway.alerts import Alerts
+
+    gw = gateway_factory(plugins=CHAIN, alerts={"retention": "30d"})
+    store, day = gw.store, 86400.0
+    now = time.time()
+
+    async def seed(event_id: str, age_days: float, outcome: str | None) -> None:
+        at = now - age_days * day
+        await store.enqueue_alerts([{"event_id": event_id, "endpoint": "ops", "event_type": "test",
+                                     "payload": json.dumps({"id": event_id, "summary": "t", "data": {}})}], now=at)
+        # claimed at once (this gateway's own deliverer, with no endpoint, would fail a due row);
+        # the pending one keeps its lease: in flight, as long as the test runs
+        [row] = await store.claim_alerts("seed", lease=100 * day, limit=1, now=at)
+        assert row["event_id"] == event_id
+        if outcome is not None:
+            assert await store.finish_alert(row["id"], "seed", status=outcome, attempts=1, next_attempt_at=at,
+                                            last_status=200 if outcome == "delivered" else 500, now=at)
+
+    async def go() -> None:
+        for i in range(5):
+            await seed(f"evt_old_delivered_{i}", 40, "delivered")
+        await seed("evt_old_failed", 31, "failed")
+        await seed("evt_recent_delivered", 29, "delivered")
+        await seed("evt_recent_failed", 1, "failed")
+        await seed("evt_old_pending", 60, None)  # pending, however old
+
+    gw.run(go())
+    before = {r["event_id"] for r in admin_alerts(gw, limit="1000").json()}
+    assert len(before) == 9
+    alerts = Alerts(store, lambda: gw.config.alerts)
+    alerts_module_batch = alerts_module.PRUNE_BATCH
+    alerts_module.PRUNE_BATCH = 4  # a bounded batch per pass
+    try:
+        assert gw.run(alerts.prune(now=now)) == 4
+        assert gw.run(alerts.prune(now=now)) == 2
+        assert gw.run(alerts.prune(now=now)) == 0
+    finally:
+        alerts_module.PRUNE_BATCH = alerts_module_batch
+    listed = admin_alerts(gw, limit="1000")
+    assert listed.status_code == 200, listed.text
+    assert {r["event_id"]: r["status"] for r in listed.json()} == {
+        "evt_recent_delivered": "delivered", "evt_recent_failed": "failed", "evt_old_pending": "pending"}
+    # a later `now`: the recent ones age out too; the pending one never does
+    assert gw.run(store.prune_alerts(older_than=30 * day, limit=1000, now=now + 31 * day)) == 2
+    assert [r["event_id"] for r in admin_alerts(gw).json()] == ["evt_old_pending"]
+
+    async def the_delivery_loop_prunes() -> None:
+        await seed("evt_loop_old", 40, "delivered")
+        deliverer = Alerts(store, lambda: gw.config.alerts).start()  # prunes on its first pass
+        try:
+            for _ in range(200):
+                if not await store.alert_deliveries(event_id="evt_loop_old"):
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError("the delivery loop did not prune")
+        finally:
+            await deliverer.stop()
+
+    gw.run(the_delivery_loop_prunes())
+    assert [r["event_id"] for r in admin_alerts(gw).json()] == ["evt_old_pending"]
+
+
+def test_the_alerts_retention_is_a_positive_duration():
+    from gateway.config import ConfigError, load_config_data
+
+    base = {"models": [{"name": "demo", "litellm_params": {"model": "demo/offline"}}]}
+    assert load_config_data(base).alerts.retention == 30 * 86400
+    assert load_config_data({**base, "alerts": {"retention": "7d"}}).alerts.retention == 7 * 86400
+    for bad in (0, -1, "soon"):
+        with pytest.raises(ConfigError) as err:
+            load_config_data({**base, "alerts": {"retention": bad}})
+        assert any(line.startswith("alerts.retention") for line in err.value.errors), err.value.errors
+
+
 # ------------------------------------------------------------------------------ restart
 
 

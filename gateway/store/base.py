@@ -1070,6 +1070,13 @@ class Store(abc.ABC):
         row is no longer this owner's."""
 
     @abc.abstractmethod
+    async def prune_alerts(self, *, older_than: float, limit: int, now: float | None = None) -> int:
+        """Delete up to `limit` finished rows (`delivered`, or `failed`: given up) whose last
+        attempt (`next_attempt_at`, set to the finishing time by the deliverer) is more than
+        `older_than` seconds before `now`; a pending row is never deleted. Returns how many
+        went (`limit` when more may be left). One short statement: no long lock."""
+
+    @abc.abstractmethod
     async def alert_deliveries(self, *, workspace_id: str | None = None, status: str | None = None,
                                since: float | None = None, limit: int = 100,
                                event_id: str | None = None) -> list[dict[str, Any]]:

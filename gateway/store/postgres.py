@@ -1488,6 +1488,17 @@ class PostgresStore(Store):
                 now if status == "delivered" else None, row_id, owner)
         return done.endswith(" 1")
 
+    async def prune_alerts(self, *, older_than, limit, now=None):
+        cutoff = now_or(now) - older_than
+        # the (status, next_attempt_at) index finds them; LIMIT bounds the rows locked;
+        # SKIP LOCKED: a row another process is finishing is left to the next pass
+        async with self._single() as conn:
+            done = await conn.execute(
+                "DELETE FROM alert_outbox WHERE id IN (SELECT id FROM alert_outbox"
+                " WHERE status IN ('delivered', 'failed') AND next_attempt_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                cutoff, limit)
+        return int(done.split()[-1])
+
     async def alert_deliveries(self, *, workspace_id=None, status=None, since=None, limit=100, event_id=None):
         rows = await self._fetch(
             f"SELECT {', '.join(OUTBOX_LISTED)} FROM alert_outbox"

@@ -1404,6 +1404,17 @@ class SQLiteStore(Store):
 
         return await self._write(tx)
 
+    async def prune_alerts(self, *, older_than, limit, now=None):
+        cutoff = now_or(now) - older_than
+
+        def tx(db):
+            # the (status, next_attempt_at) index finds them; LIMIT bounds the write lock
+            return db.execute(
+                "DELETE FROM alert_outbox WHERE id IN (SELECT id FROM alert_outbox"
+                " WHERE status IN ('delivered', 'failed') AND next_attempt_at < ? LIMIT ?)", (cutoff, limit)).rowcount
+
+        return await self._write(tx)
+
     async def alert_deliveries(self, *, workspace_id=None, status=None, since=None, limit=100, event_id=None):
         rows = await self._fetchall(
             f"SELECT {', '.join(OUTBOX_LISTED)} FROM alert_outbox"
