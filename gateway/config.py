@@ -855,6 +855,8 @@ class OidcConfig(_Strict):
     scopes: list[str] = Field(default_factory=lambda: ["openid", "email", "profile"])
     redirect_uri: str | None = Field(None, description="unset: <the gateway's origin>/dashboard/oidc/callback")
     session_ttl: float = Field(8 * 3600.0, ge=60, le=30 * 86400, description="how long a session lasts (8h)")
+    max_pending_logins: int = Field(10_000, ge=1, le=1_000_000, description="unexpired sign-ins started and not "
+                                    "finished, across processes; past it /dashboard/oidc/login answers 429")
     algorithms: list[str] = Field(default_factory=lambda: ["RS256", "PS256", "ES256", "EdDSA"], min_length=1)
     leeway: float = Field(60.0, ge=0, le=600, description="clock skew allowed on exp/iat (seconds)")
     timeout: float = Field(10.0, gt=0, le=120, description="seconds for one call to the provider")

@@ -289,6 +289,35 @@ def test_the_code_flow_with_pkce_makes_a_session_whose_cookie_is_httponly_secure
     assert (signed["actor_subject"], signed["after"]["role"]) == ("user-1", "master")
 
 
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
+def test_pending_logins_are_bounded_past_the_limit_a_login_is_refused_with_429(gateway_factory, provider):
+    gw = gateway_factory(dashboard=oidc_settings(provider, max_pending_logins=3))
+    gw.make_user(workspace="acme")
+    provider.user = {"sub": "user-1", "email": "ada@example.com", "groups": ["gw-admins"]}
+    tabs = [Browser() for _ in range(3)]
+    starts = [tab.request("GET", gw.url + "/dashboard/oidc/login") for tab in tabs]
+    assert [s.status_code for s in starts] == [302, 302, 302]
+    anonymous = Browser()
+    refused = anonymous.request("GET", gw.url + "/dashboard/oidc/login")
+    assert refused.status_code == 429 and refusal_code(refused) == "too_many_logins"
+    assert "Too many sign-ins" in refused.text and refused.headers["Retry-After"] == "60"
+    assert "location" not in refused.headers and "__Host-gw_oidc_login" not in anonymous.cookies
+    # the pending ones still finish; one finished frees its place
+    authorize = tabs[0].request("GET", starts[0].headers["location"])
+    done = tabs[0].request("GET", authorize.headers["location"])
+    assert done.status_code == 303 and "__Host-gw_session" in tabs[0].cookies, done.text
+    assert anonymous.request("GET", gw.url + "/dashboard/oidc/login").status_code == 302
+    assert Browser().request("GET", gw.url + "/dashboard/oidc/login").status_code == 429
+
+
+def test_the_pending_logins_bound_is_validated(provider):
+    base = {"models": [{"name": "demo", "litellm_params": {"model": "demo/offline"}}]}
+    assert load_config_data({**base, "dashboard": oidc_settings(provider)}).dashboard.oidc.max_pending_logins == 10_000
+    with pytest.raises(ConfigError) as err:
+        load_config_data({**base, "dashboard": oidc_settings(provider, max_pending_logins=0)})
+    assert any(line.startswith("dashboard.oidc.max_pending_logins") for line in err.value.errors), err.value.errors
+
+
 def test_a_public_client_without_a_secret_signs_in_with_pkce_alone(gateway_factory, provider):
     settings = oidc_settings(provider)
     del settings["oidc"]["client_secret"]

@@ -104,6 +104,7 @@ REFUSALS = {
     "no_role": "Your account has no role on this gateway (ask an administrator to grant one).",
     "unknown_workspace": "Your role names a workspace this gateway does not have.",
     "not_configured": "Sign-in with an identity provider is not configured on this gateway.",
+    "too_many_logins": "Too many sign-ins are in progress on this gateway. Try again in a few minutes.",
 }
 
 
@@ -392,9 +393,16 @@ def oidc_routes() -> list[web.AbstractRouteDef]:
             return _refusal_page(refused)
         browser = secrets.token_urlsafe(32)
         now = time.time()
-        await request.app[GATEWAY].store.create_oidc_login({
+        # bounded: an anonymous client cannot fill the table with pending logins
+        created = await request.app[GATEWAY].store.create_oidc_login({
             "state_hash": _sha256(state), "browser_hash": _sha256(browser), "nonce": nonce,
-            "code_verifier": verifier, "redirect_uri": redirect_uri, "created_at": now, "expires_at": now + LOGIN_TTL})
+            "code_verifier": verifier, "redirect_uri": redirect_uri, "created_at": now, "expires_at": now + LOGIN_TTL},
+            limit=client.config.max_pending_logins)
+        if not created:
+            log.warning("oidc_login_refused", code="too_many_logins", limit=client.config.max_pending_logins)
+            refused = _refusal_page(SignInRefused("too_many_logins", "pending logins at the limit", status=429))
+            refused.headers["Retry-After"] = "60"
+            return refused
         response = web.HTTPFound(url)
         response.headers["Cache-Control"] = "no-store"
         # Lax, not Strict: the provider's redirect back is a cross-site navigation, on which a

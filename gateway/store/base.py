@@ -1038,9 +1038,11 @@ class Store(abc.ABC):
         """Sign-out: the session is gone for every process. True when there was one."""
 
     @abc.abstractmethod
-    async def create_oidc_login(self, row: dict[str, Any]) -> None:
+    async def create_oidc_login(self, row: dict[str, Any], *, limit: int | None = None) -> bool:
         """A pending login (OIDC_LOGIN_COLUMNS), between the redirect to the provider and its
-        callback; logins expired before its `created_at` are deleted in the same transaction."""
+        callback; logins expired before its `created_at` are deleted in the same transaction.
+        False (nothing written) when `limit` unexpired logins are already pending (on
+        PostgreSQL, logins created at the same instant may pass it by their number)."""
 
     @abc.abstractmethod
     async def take_oidc_login(self, state_hash: str) -> dict[str, Any] | None:

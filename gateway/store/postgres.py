@@ -1434,13 +1434,16 @@ class PostgresStore(Store):
             done = await conn.execute("DELETE FROM dashboard_sessions WHERE id_hash = $1", id_hash)
         return done != "DELETE 0"
 
-    async def create_oidc_login(self, row):
+    async def create_oidc_login(self, row, *, limit=None):
         async with self._tx() as conn:
             await conn.execute("DELETE FROM oidc_logins WHERE expires_at < $1", row["created_at"])
+            if limit is not None and await conn.fetchval("SELECT count(*) FROM oidc_logins") >= limit:
+                return False
             await conn.execute(
                 f"INSERT INTO oidc_logins ({', '.join(OIDC_LOGIN_COLUMNS)}) VALUES ("
                 + ", ".join(f"${i}" for i in range(1, len(OIDC_LOGIN_COLUMNS) + 1)) + ")",
                 *(row.get(c) for c in OIDC_LOGIN_COLUMNS))
+        return True
 
     async def take_oidc_login(self, state_hash):
         async with self._single() as conn:

@@ -1344,14 +1344,17 @@ class SQLiteStore(Store):
         return await self._write(
             lambda db: db.execute("DELETE FROM dashboard_sessions WHERE id_hash = ?", (id_hash,)).rowcount > 0)
 
-    async def create_oidc_login(self, row):
+    async def create_oidc_login(self, row, *, limit=None):
         def tx(db):
             db.execute("DELETE FROM oidc_logins WHERE expires_at < ?", (row["created_at"],))
+            if limit is not None and db.execute("SELECT count(*) FROM oidc_logins").fetchone()[0] >= limit:
+                return False
             db.execute(f"INSERT INTO oidc_logins ({', '.join(OIDC_LOGIN_COLUMNS)})"
                        f" VALUES ({', '.join('?' for _ in OIDC_LOGIN_COLUMNS)})",
                        tuple(row.get(c) for c in OIDC_LOGIN_COLUMNS))
+            return True
 
-        await self._write(tx)
+        return await self._write(tx)
 
     async def take_oidc_login(self, state_hash):
         r = await self._write(lambda db: _one(
