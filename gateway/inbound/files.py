@@ -18,7 +18,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -238,28 +238,34 @@ async def file_content(request: web.Request) -> web.StreamResponse:
     async def work(gw: Gateway, ctx: RequestContext) -> web.StreamResponse:
         service = request.app[BATCHES]
         record = await service.owned_file(ctx, request.match_info["file_id"])
-        lines = await service.content(ctx, record)
-        try:
-            first = await lines.__anext__()
-        except StopAsyncIteration:
-            first = b""
-        except UpstreamError as err:
-            raise upstream_to_api_error(err, 1) from None
-        response = web.StreamResponse(status=200, headers={**ctx.response_headers,
-                                                           "Content-Type": "application/octet-stream"})
-        ctx.status = 200
-        try:
-            await response.prepare(request)
-            if first:
-                await response.write(first)
-                async for line in lines:
-                    await response.write(line)
-            await response.write_eof()
-        except (ConnectionError, UpstreamError):
-            ctx.client_disconnected = True  # the answer is cut: the client sees a short body
-        return response
+        return await relay_lines(request, ctx, await service.content(ctx, record), "application/octet-stream")
 
     return await serve(request, "files", work)
+
+
+async def relay_lines(request: web.Request, ctx: RequestContext, lines: AsyncIterator[bytes],
+                      content_type: str, rewrite: Callable[[bytes], bytes] | None = None) -> web.StreamResponse:
+    """Stream an upstream's lines (a file's content, a batch's results) to the client, each
+    through `rewrite` when given. An upstream error before the first line is an error answer;
+    after it, the body is cut short (the status is sent)."""
+    try:
+        first = await lines.__anext__()
+    except StopAsyncIteration:
+        first = b""
+    except UpstreamError as err:
+        raise upstream_to_api_error(err, 1) from None
+    response = web.StreamResponse(status=200, headers={**ctx.response_headers, "Content-Type": content_type})
+    ctx.status = 200
+    try:
+        await response.prepare(request)
+        if first:
+            await response.write(rewrite(first) if rewrite else first)
+            async for line in lines:
+                await response.write(rewrite(line) if rewrite else line)
+        await response.write_eof()
+    except (ConnectionError, UpstreamError):
+        ctx.client_disconnected = True  # the answer is cut: the client sees a short body
+    return response
 
 
 def files_routes() -> list[web.RouteDef]:

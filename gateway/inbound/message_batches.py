@@ -14,7 +14,7 @@ from gateway.batches import BATCHES, MESSAGES, holder
 from gateway.client_body import read_json
 from gateway.errors import ApiError, bad_request
 from gateway.inbound.anthropic import ANTHROPIC
-from gateway.inbound.files import serve
+from gateway.inbound.files import relay_lines, serve
 from gateway.message_batches import MAX_INLINE_BYTES, create_message_batch, public_message_batch
 from gateway.providers.base import UpstreamError
 from gateway.router import upstream_to_api_error
@@ -109,25 +109,8 @@ async def message_batch_results(request: web.Request) -> web.StreamResponse:
             raise ApiError(404, "The batch ran at an upstream no configured model uses any more.",
                            type="not_found_error", code="batch_not_found")
         lines = request.app[BATCHES].messages.results(deployment, record["batch_id"])
-        try:
-            first = await lines.__anext__()
-        except StopAsyncIteration:
-            first = b""
-        except UpstreamError as err:
-            raise upstream_to_api_error(err, 1) from None
-        response = web.StreamResponse(status=200, headers={**ctx.response_headers,
-                                                           "Content-Type": "application/binary"})
-        ctx.status = 200
-        try:
-            await response.prepare(request)
-            if first:
-                await response.write(_public_line(first, record["model"]))
-                async for line in lines:
-                    await response.write(_public_line(line, record["model"]))
-            await response.write_eof()
-        except (ConnectionError, UpstreamError):
-            ctx.client_disconnected = True
-        return response
+        return await relay_lines(request, ctx, lines, "application/binary",
+                                 lambda line: _public_line(line, record["model"]))
 
     return await serve(request, "batches", work, ANTHROPIC)
 
