@@ -55,9 +55,13 @@ if TYPE_CHECKING:
     from gateway.config import ModelEntry, TelemetryConfig
     from plugins.base import RequestContext
 
-__all__ = ["SPANS", "Telemetry", "RequestTrace", "build_telemetry", "telemetry_cleanup"]
+__all__ = ["SPANS", "Telemetry", "RequestTrace", "build_telemetry", "retire_telemetry", "telemetry_cleanup"]
 
 log = logging.getLogger("gateway.telemetry")
+# A client's malformed traceparent or tracestate is ignored (a new trace; no tracestate passed
+# on), not logged: the SDK's warnings would quote the client's header, once per request.
+for _name in ("opentelemetry.trace.propagation.tracecontext", "opentelemetry.trace.span"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 
@@ -77,8 +81,14 @@ def provider_name(provider: str | None) -> str | None:
 
 
 def operation_of(endpoint: str) -> str:
-    """gen_ai.operation.name: embeddings, or chat for every conversation API."""
-    return "embeddings" if endpoint == "embeddings" else "chat"
+    """gen_ai.operation.name: embeddings, execute_tool (an MCP tools/call), or chat for
+    every conversation API."""
+    if endpoint == "embeddings":
+        return "embeddings"
+    return "execute_tool" if endpoint == TOOL_ENDPOINT else "chat"
+
+
+TOOL_ENDPOINT = "mcp.tools/call"  # plugins/base.py TOOL_ENDPOINTS
 
 
 @functools.lru_cache(maxsize=256)
@@ -110,11 +120,16 @@ class Telemetry:
         self.settings = settings
         self.capture_content = settings.capture_content
         assert settings.otlp_endpoint is not None
-        # ParentBased: a client's traceparent decides; without one (no SDK span is ever
-        # current in the gateway) its root sampler does, called directly.
+        # `client_sampling: honor`: ParentBased, a client's traceparent decides; without one
+        # (no SDK span is ever current in the gateway) its root sampler does, called
+        # directly. `ignore` (the default): the root sampler decides every request.
         self.root_sampler = TraceIdRatioBased(settings.sample_ratio)
         self.sampler = ParentBased(self.root_sampler)
+        self.honor_client = settings.client_sampling == "honor"
         self.ids = RandomIdGenerator()
+        self.active = 0  # requests started and not yet finished on this tracer (a reload waits for them)
+        self.stopped = False
+        self._stopping: asyncio.Future | None = None
         self.pipe = ExportPipe({
             "endpoint": traces_url(settings.otlp_endpoint), "headers": dict(settings.headers),
             "service_name": settings.service_name, "queue_size": settings.queue_size,
@@ -138,8 +153,17 @@ class Telemetry:
                 parent_context = None
         if not trace_id:
             trace_id = self.ids.generate_trace_id()
-        sampler = self.sampler if parent_context is not None else self.root_sampler
-        sampled = sampler.should_sample(parent_context, trace_id, ctx.endpoint, SpanKind.SERVER).decision.is_sampled()
+        if parent_context is None:
+            sampled = self.root_sampler.should_sample(None, trace_id, ctx.endpoint).decision.is_sampled()
+        elif self.honor_client:
+            sampled = self.sampler.should_sample(parent_context, trace_id, ctx.endpoint).decision.is_sampled()
+        else:
+            # The operator's ratio, on an id the client did not choose: TraceIdRatioBased
+            # reads the trace id's low bits, and a client picks its trace id (one ending in
+            # zeros would be kept at any ratio). The client's trace is continued either way.
+            sampled = self.root_sampler.should_sample(
+                None, self.ids.generate_trace_id(), ctx.endpoint).decision.is_sampled()
+        self.active += 1
         trace = RequestTrace(self, trace_id, self.ids.generate_span_id(), parent_id, trace_state, sampled)
         if sampled:
             trace.attributes = {"gateway.request_id": ctx.request_id, "gateway.endpoint": ctx.endpoint,
@@ -150,7 +174,13 @@ class Telemetry:
         """Export what is queued and stop. The exporter process is given at most
         `export_timeout` seconds (waited for in a daemon thread: a dead collector neither
         holds the stop nor the loop's executor); what it did not export is counted as
-        dropped ("shutdown")."""
+        dropped ("shutdown"). Once: a later call waits for the first."""
+        if self._stopping is None:
+            self.stopped = True
+            self._stopping = asyncio.ensure_future(self._flush_and_stop())
+        await asyncio.shield(self._stopping)
+
+    async def _flush_and_stop(self) -> None:
         self.pipe.stop_taking()
         loop = asyncio.get_running_loop()
         done = loop.create_future()
@@ -168,6 +198,30 @@ class Telemetry:
 
         threading.Thread(target=run, name="trace-flush", daemon=True).start()
         await asyncio.wait_for(asyncio.shield(done), self.settings.export_timeout + 5)
+
+
+    async def retire(self, retired: list["Telemetry"], poll: float = 0.1) -> None:
+        """A reload replaced this tracer: once the requests it started have ended (their
+        spans submitted), it exports what it holds and its exporter process leaves; it is
+        then taken off `retired` (the tracers the stop flushes)."""
+        try:
+            while self.active > 0 and not self.stopped:
+                await asyncio.sleep(poll)
+            await self.flush_and_stop()
+        finally:
+            if self in retired:
+                retired.remove(self)
+
+
+_RETIRING: set[asyncio.Future] = set()  # strong references to the retire() tasks
+
+
+def retire_telemetry(tracer: Telemetry, retired: list[Telemetry]) -> None:
+    """gateway/reload.py: `tracer` was replaced; flushed and stopped once its requests ended."""
+    retired.append(tracer)
+    task = asyncio.ensure_future(tracer.retire(retired))
+    _RETIRING.add(task)
+    task.add_done_callback(_RETIRING.discard)
 
 
 def build_telemetry(settings: "TelemetryConfig") -> Telemetry | None:
@@ -271,6 +325,32 @@ class RequestTrace:
             attributes["server.address"], attributes["server.port"] = server
         return Attempt(span_id, token, f"{operation} {upstream_model}", time_ns(), attributes)
 
+    def tool_call(self, server: str, tool: str, url: str | None) -> tuple[Attempt, dict[str, str]]:
+        """A CLIENT span for one MCP tools/call to `server` (gateway/inbound/mcp.py), and
+        the trace context the call carries in its `params._meta` (the MCP convention)."""
+        span_id = self.telemetry.ids.generate_span_id()
+        carrier = self._carrier(span_id)
+        if not self.recording:
+            return Attempt(span_id, None), carrier
+        attributes: dict[str, Any] = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": tool,
+                                      "mcp.method.name": "tools/call", "gateway.mcp_server": server}
+        address = _server_of(url)
+        if address is not None:
+            attributes["server.address"], attributes["server.port"] = address
+        return Attempt(span_id, None, f"execute_tool {tool}", time_ns(), attributes), carrier
+
+    def tool_call_ended(self, attempt: Attempt, error: str | None = None) -> None:
+        """The tools/call answered (`error`: its failure's code, or `tool_error` for a
+        result the tool marked isError)."""
+        if not self.recording:
+            return
+        if error is None:
+            self._end(attempt)
+            return
+        assert attempt.attributes is not None
+        attempt.attributes["error.type"] = error
+        self._end(attempt, _ERROR, error)
+
     def _carrier(self, span_id: int) -> dict[str, str]:
         """The W3C trace-context headers that make the span `span_id` the upstream call's
         parent (as the SDK's TraceContextTextMapPropagator writes them, without building a
@@ -338,6 +418,7 @@ class RequestTrace:
     def finish(self, ctx: "RequestContext") -> None:
         """The answer (or error) is sent: the server span's attributes and end, then every
         span of the request to the exporter."""
+        self.telemetry.active -= 1
         if not self.recording:
             return
         try:
@@ -356,7 +437,7 @@ class RequestTrace:
                 self._close_stream(attributes={k: v for k, v in attributes.items()
                                                if k.startswith("gen_ai.usage.") or k in _STREAM_KEYS})
             operation = attributes.get("gen_ai.operation.name")
-            name = f"{operation} {ctx.requested_model}" if operation and ctx.requested_model else ctx.endpoint
+            name = f"{operation} {ctx.requested_model}" if operation and _served(ctx) else operation or ctx.endpoint
             status, description = _UNSET, None
             if ctx.error is not None and ctx.error.status >= 500:
                 status, description = _ERROR, ctx.error.code or ctx.error.type
@@ -369,6 +450,24 @@ class RequestTrace:
 
 
 _STREAM_KEYS = frozenset({"gen_ai.response.finish_reasons", "gen_ai.response.id"})
+_MAX_CLIENT_TEXT = 256  # a name the client chose (model, tool, action), in an attribute
+
+
+def _served(ctx: "RequestContext") -> bool:
+    """The requested model (or tool) is one the gateway serves: a span name stays
+    low-cardinality, never a string the client made up (it may be 60 KB long)."""
+    name = ctx.requested_model
+    if not name:
+        return False
+    if ctx.endpoint == TOOL_ENDPOINT:
+        return ctx.config.mcp_tool(name) is not None
+    return bool(ctx.config.deployments(name))
+
+
+def _bounded(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > _MAX_CLIENT_TEXT:
+        return value[:_MAX_CLIENT_TEXT - 3] + "..."
+    return value
 
 
 def _answer_attributes(payload: Mapping[str, Any]) -> dict[str, Any]:
@@ -403,11 +502,21 @@ def _request_attributes(ctx: "RequestContext", answered: tuple[Any, dict[str, An
         out["http.response.status_code"] = ctx.status
     if ctx.error is not None:
         out["error.type"] = ctx.error.code or ctx.error.type
-    if ctx.billed:
+    if ctx.endpoint == TOOL_ENDPOINT:
+        out["gen_ai.operation.name"] = "execute_tool"
+        out["mcp.method.name"] = "tools/call"
+        if ctx.requested_model:
+            out["gen_ai.tool.name"] = _bounded(ctx.requested_model)
+        if ctx.provider:
+            out["gateway.mcp_server"] = ctx.provider
+        out["gateway.energy"] = ctx.energy_cost if ctx.error is None else 0
+        if ctx.cost_usd is not None:
+            out["gateway.cost_usd"] = float(ctx.cost_usd)
+    elif ctx.billed:
         out["gen_ai.operation.name"] = operation_of(ctx.endpoint)
         body = ctx.body
         if ctx.requested_model:
-            out["gen_ai.request.model"] = ctx.requested_model
+            out["gen_ai.request.model"] = _bounded(ctx.requested_model)
         if ctx.model:
             out["gen_ai.response.model"] = ctx.model
         provider = provider_name(ctx.provider)
@@ -465,7 +574,7 @@ def _request_attributes(ctx: "RequestContext", answered: tuple[Any, dict[str, An
     for key, value in (("gateway.action", ctx.action), ("gateway.experiment", ctx.experiment),
                        ("gateway.variant", ctx.variant)):
         if value:
-            out[key] = value
+            out[key] = _bounded(value)
     if ctx.client_disconnected:
         out["gateway.client_disconnected"] = True
     if ctx.unbilled_calls:

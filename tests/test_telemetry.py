@@ -334,12 +334,12 @@ def test_a_client_disconnect_ends_the_spans(gateway_factory, collector, upstream
 
 
 def test_a_client_traceparent_is_continued(gateway_factory, collector, upstream):
-    gw = gateway_factory(telemetry=telemetry(collector, sample_ratio=0.0))
+    gw = gateway_factory(telemetry=telemetry(collector, sample_ratio=0.0, client_sampling="honor"))
     _, key = gw.make_user()
     trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     raw = chat(gw, key, extra_headers={"traceparent": f"00-{trace_id}-{parent}-01"})
     server, (client,) = collector.trace_of(request_id_of(raw))
-    # Sampled by its parent, whatever the ratio says (ParentBased).
+    # client_sampling: honor: sampled by its parent, whatever the ratio says (ParentBased).
     assert server["trace_id"] == trace_id and server["parent"] == parent
     assert client["trace_id"] == trace_id
     assert upstream.last.headers["traceparent"].startswith(f"00-{trace_id}-")
@@ -543,3 +543,254 @@ def test_a_reload_turns_tracing_on_and_the_stop_flushes_what_is_queued(server_th
     server, (client,) = collector.trace_of(request_id_of(raw), timeout=2)
     assert client["kind"] == CLIENT
     assert exporter.poll() == 0  # the exporter process left with the gateway
+
+
+# --------------------------------------------------------------------------------------
+# Every API and path: embeddings, the native Anthropic path, token classes, tools
+# --------------------------------------------------------------------------------------
+
+
+def children_of(collector: FakeCollector, server: dict) -> list[dict]:
+    return [s for s in collector.spans if s["parent"] == server["span_id"]]
+
+
+def test_embeddings_are_an_embeddings_span_tree(gateway_factory, collector, upstream):
+    gw = gateway_factory(telemetry=telemetry(collector))
+    _, key = gw.make_user()
+    raw = gw.client(key).embeddings.with_raw_response.create(model="embed", input="hello")
+    server, (client,) = collector.trace_of(raw.headers["x-request-id"])
+    assert server["kind"] == SERVER and server["name"] == "embeddings embed" and server["parent"] == ""
+    a = server["attributes"]
+    assert a["gen_ai.operation.name"] == "embeddings" and a["gen_ai.request.model"] == "embed"
+    assert a["gen_ai.provider.name"] == "openai" and a["gen_ai.usage.input_tokens"] > 0
+    assert client["kind"] == CLIENT and client["name"] == "embeddings text-embedding-3-small"
+    assert client["parent"] == server["span_id"] and client["trace_id"] == server["trace_id"]
+    assert client["attributes"]["gen_ai.operation.name"] == "embeddings"
+    assert upstream.last.path.endswith("/embeddings")
+    assert traceparent_of(upstream.last) == (client["trace_id"], client["span_id"], True)
+
+
+def test_the_native_anthropic_path_counts_cache_tokens_and_sends_the_traceparent(gateway_factory, collector,
+                                                                                  upstream):
+    """A Claude model through /v1/chat/completions on the native path (not litellm): the
+    upstream gets the client span's traceparent; input tokens hold the cache reads and writes."""
+    upstream.prompt_tokens, upstream.cached_tokens, upstream.cache_write_tokens = 10, 30, 5
+    gw = gateway_factory(telemetry=telemetry(collector))
+    _, key = gw.make_user()
+    raw = chat(gw, key, model="claude")
+    assert upstream.last.path.endswith("/v1/messages")  # Anthropic's own API: the native path
+    server, (client,) = collector.trace_of(request_id_of(raw))
+    assert server["name"] == "chat claude" and client["name"] == "chat claude-haiku-4-5"
+    for span in (server, client):
+        a = span["attributes"]
+        assert a["gen_ai.provider.name"] == "anthropic"
+        assert a["gen_ai.usage.input_tokens"] == 45, span["kind"]
+        assert a["gen_ai.usage.output_tokens"] == 7
+    a = server["attributes"]
+    assert a["gen_ai.usage.cache_read.input_tokens"] == 30 and a["gen_ai.usage.cache_creation.input_tokens"] == 5
+    assert traceparent_of(upstream.last) == (client["trace_id"], client["span_id"], True)
+
+
+def test_a_native_anthropic_stream_counts_cache_tokens_too(gateway_factory, collector, upstream):
+    upstream.prompt_tokens, upstream.cached_tokens, upstream.cache_write_tokens = 10, 30, 5
+    gw = gateway_factory(telemetry=telemetry(collector))
+    _, key = gw.make_user()
+    with gw.client(key).chat.completions.with_streaming_response.create(
+            model="claude", messages=[{"role": "user", "content": "hi"}], stream=True,
+            stream_options={"include_usage": True}) as response:
+        list(response.parse())
+        request_id = response.headers["x-request-id"]
+    server, (client,) = collector.trace_of(request_id)
+    assert server["attributes"]["gen_ai.usage.input_tokens"] == 45
+    assert client["attributes"]["gen_ai.usage.input_tokens"] == 45
+    assert traceparent_of(upstream.last)[1] == client["span_id"]
+
+
+def test_reasoning_tokens_are_their_own_attribute(gateway_factory, collector, upstream):
+    upstream.reasoning_tokens = 3
+    gw = gateway_factory(telemetry=telemetry(collector))
+    _, key = gw.make_user()
+    raw = chat(gw, key)
+    server, _ = collector.trace_of(request_id_of(raw))
+    assert server["attributes"]["gen_ai.usage.reasoning.output_tokens"] == 3
+
+
+def test_a_messages_stream_is_a_tree_too(gateway_factory, collector, upstream):
+    gw = gateway_factory(telemetry=telemetry(collector))
+    _, key = gw.make_user()
+    sdk = anthropic.Anthropic(base_url=gw.url, api_key=key, max_retries=0, timeout=20)
+    with sdk.messages.with_streaming_response.create(model="claude", max_tokens=64, stream=True,
+                                                     messages=[{"role": "user", "content": "hi"}]) as response:
+        for _ in response.iter_lines():
+            pass
+        request_id = response.headers["x-request-id"]
+    server, (client,) = collector.trace_of(request_id)
+    assert server["name"] == "chat claude" and server["attributes"]["gen_ai.request.stream"] is True
+    assert server["attributes"]["gateway.endpoint"] == "messages"
+    assert client["parent"] == server["span_id"] and client["kind"] == CLIENT
+    assert server["attributes"]["gen_ai.usage.output_tokens"] == 7
+    assert traceparent_of(upstream.last)[1] == client["span_id"]
+
+
+# --------------------------------------------------------------------------------------
+# Statuses: 5xx is an error of the gateway, a client's 4xx is not (HTTP server semconv)
+# --------------------------------------------------------------------------------------
+
+STATUS_UNSET, STATUS_ERROR = 0, 2
+
+
+def test_an_upstream_5xx_is_an_error_on_both_spans(gateway_factory, collector, upstream):
+    gw = gateway_factory(telemetry=telemetry(collector), retries={"max_attempts": 1})
+    _, key = gw.make_user()
+    upstream.push(Fault.status(500))
+    with pytest.raises(openai.APIStatusError) as excinfo:
+        chat(gw, key)
+    assert excinfo.value.status_code >= 500
+    server, (client,) = collector.trace_of(excinfo.value.response.headers["x-request-id"])
+    assert client["status"] == STATUS_ERROR and client["attributes"]["error.type"] == "500"
+    assert client["attributes"]["http.response.status_code"] == 500
+    assert server["status"] == STATUS_ERROR
+    assert server["attributes"]["http.response.status_code"] == excinfo.value.status_code
+    assert server["attributes"]["error.type"]
+
+
+def test_a_bad_request_is_a_server_span_with_error_type_and_status_unset(gateway_factory, collector, upstream):
+    gw = gateway_factory(telemetry=telemetry(collector))
+    _, key = gw.make_user()
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        chat(gw, key, temperature="hot")
+    server, clients = collector.trace_of(excinfo.value.response.headers["x-request-id"], clients=0)
+    assert clients == [] and server["kind"] == SERVER
+    assert server["status"] == STATUS_UNSET  # a 4xx of a server span is the client's error
+    assert server["attributes"]["http.response.status_code"] == 400 and server["attributes"]["error.type"]
+    assert upstream.count() == 0
+
+
+def test_an_unknown_model_name_chosen_by_the_client_is_bounded(gateway_factory, collector, upstream):
+    """The span name is low-cardinality: a model the gateway does not serve is not put in
+    it, and its attribute is cut short (a client can send 60 KB of model name)."""
+    gw = gateway_factory(telemetry=telemetry(collector))
+    _, key = gw.make_user()
+    with pytest.raises(openai.NotFoundError) as excinfo:
+        chat(gw, key, model="x" * 50_000)
+    server, _ = collector.trace_of(excinfo.value.response.headers["x-request-id"], clients=0)
+    assert server["name"] == "chat"
+    assert len(server["attributes"]["gen_ai.request.model"]) <= 256
+    assert server["status"] == STATUS_UNSET and server["attributes"]["error.type"] == "model_not_found"
+
+
+# --------------------------------------------------------------------------------------
+# A client's trace context, seen by an attacker holding a valid key
+# --------------------------------------------------------------------------------------
+
+CLIENT_TRACE, CLIENT_SPAN = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+
+
+def test_by_default_a_clients_sampled_flag_does_not_force_sampling(gateway_factory, collector, upstream):
+    """client_sampling: ignore (the default): the operator's sample_ratio decides, even for a
+    trace id crafted to pass TraceIdRatioBased (low bits zero); the client's trace id is
+    still continued upstream (unsampled)."""
+    gw = gateway_factory(telemetry=telemetry(collector, sample_ratio=0.000001))
+    assert gw.state.snapshot.telemetry.settings.client_sampling == "ignore"
+    _, key = gw.make_user()
+    crafted = "0" * 31 + "1"
+    for trace_id in (CLIENT_TRACE, crafted):
+        chat(gw, key, extra_headers={"traceparent": f"00-{trace_id}-{CLIENT_SPAN}-01"})
+        assert traceparent_of(upstream.last)[0] == trace_id and traceparent_of(upstream.last)[2] is False
+    time.sleep(0.3)
+    assert collector.spans == []
+
+
+def test_ignore_still_continues_the_clients_trace_when_the_gateway_samples(gateway_factory, collector, upstream):
+    gw = gateway_factory(telemetry=telemetry(collector, client_sampling="ignore"))
+    _, key = gw.make_user()
+    raw = chat(gw, key, extra_headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-00"})  # unsampled
+    server, (client,) = collector.trace_of(request_id_of(raw))
+    assert server["trace_id"] == CLIENT_TRACE and server["parent"] == CLIENT_SPAN
+    assert traceparent_of(upstream.last) == (CLIENT_TRACE, client["span_id"], True)
+
+
+def test_honor_lets_the_clients_flag_decide(gateway_factory, collector, upstream):
+    gw = gateway_factory(telemetry=telemetry(collector, sample_ratio=1.0, client_sampling="honor"))
+    _, key = gw.make_user()
+    chat(gw, key, extra_headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-00"})
+    assert traceparent_of(upstream.last) == (CLIENT_TRACE, traceparent_of(upstream.last)[1], False)
+    time.sleep(0.3)
+    assert collector.spans == []
+
+
+def test_malformed_trace_context_is_dropped_never_forwarded_raw(gateway_factory, collector, upstream, caplog):
+    gw = gateway_factory(telemetry=telemetry(collector))
+    _, key = gw.make_user()
+    good = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
+    cases = [
+        ({"traceparent": "00-" + "z" * 32 + "-" + CLIENT_SPAN + "-01"}, None, None),
+        ({"traceparent": "x" * 4000}, None, None),
+        ({"traceparent": f"00-{'0' * 32}-{CLIENT_SPAN}-01"}, None, None),
+        ({"traceparent": good + "-extra"}, None, None),  # version 00 has no more fields
+        ({"traceparent": good, "tracestate": ",".join(f"k{i}=v" for i in range(33))}, CLIENT_TRACE, None),
+        ({"traceparent": good, "tracestate": "a=" + "x" * 600}, CLIENT_TRACE, None),
+        ({"traceparent": good, "tracestate": "a=b, bad member!, c=d"}, CLIENT_TRACE, None),
+        ({"traceparent": good, "tracestate": "vendor=ok ,  other=1"}, CLIENT_TRACE, "vendor=ok,other=1"),
+        ({"traceparent": good, "tracestate": ",".join(f"k{i}=v" for i in range(32))}, CLIENT_TRACE,
+         ",".join(f"k{i}=v" for i in range(32))),
+    ]
+    for headers, trace_id, state in cases:
+        raw = chat(gw, key, extra_headers=headers)
+        assert raw.parse().choices[0].message.content == "Hello from fake upstream"
+        sent = upstream.last.headers
+        sent_trace = traceparent_of(upstream.last)[0]
+        assert sent_trace == trace_id if trace_id else sent_trace != CLIENT_TRACE, headers
+        assert sent.get("tracestate") == state, headers
+        if state is not None:
+            assert len(state) <= 512 and state.count(",") < 32
+    assert "bad member" not in caplog.text and "x" * 100 not in caplog.text
+
+
+# --------------------------------------------------------------------------------------
+# capture_content: the conversation on every API, never a key
+# --------------------------------------------------------------------------------------
+
+
+def test_content_is_not_captured_by_default_on_any_api(gateway_factory, collector, upstream):
+    gw = gateway_factory(telemetry=telemetry(collector))
+    _, key = gw.make_user()
+    raw = gw.client(key).responses.with_raw_response.create(model="gpt-4o-mini", input="secret-prompt-words")
+    server, _ = collector.trace_of(raw.headers["x-request-id"])
+    assert "gen_ai.input.messages" not in server["attributes"] and "secret-prompt-words" not in repr(collector.spans)
+
+
+def test_capture_content_on_a_stream_messages_and_responses(gateway_factory, collector, upstream):
+    gw = gateway_factory(telemetry=telemetry(collector, capture_content=True))
+    _, key = gw.make_user()
+    with gw.client(key).chat.completions.with_streaming_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "stream secret-prompt-words"}],
+            stream=True) as response:
+        list(response.parse())
+        stream_id = response.headers["x-request-id"]
+    sdk = anthropic.Anthropic(base_url=gw.url, api_key=key, max_retries=0, timeout=20)
+    messages = sdk.messages.with_raw_response.create(
+        model="claude", max_tokens=64, messages=[{"role": "user", "content": "messages secret-prompt-words"}])
+    responses = gw.client(key).responses.with_raw_response.create(model="gpt-4o-mini",
+                                                                  input="responses secret-prompt-words")
+    for request_id, said in ((stream_id, "stream"), (messages.headers["x-request-id"], "messages"),
+                             (responses.headers["x-request-id"], "responses")):
+        server, _ = collector.trace_of(request_id)
+        a = server["attributes"]
+        assert f"{said} secret-prompt-words" in a["gen_ai.input.messages"], said
+        assert "Hello from fake upstream" in a["gen_ai.output.messages"], said
+    assert key not in repr(collector.spans)
+
+
+def test_capture_content_never_records_a_key(gateway_factory, collector, upstream):
+    gw = gateway_factory(telemetry=telemetry(collector, capture_content=True,
+                                             headers={"Authorization": "Bearer otlp-secret-token"}))
+    _, key = gw.make_user()
+    raw = chat(gw, key, extra_headers={"X-Api-Key": key, "Cookie": f"session={key}"})
+    collector.trace_of(request_id_of(raw))
+    with pytest.raises(openai.BadRequestError) as excinfo:  # a key in the body is refused, and not traced
+        chat(gw, key, extra_body={"api_key": key})
+    collector.trace_of(excinfo.value.response.headers["x-request-id"], clients=0)
+    dump = repr(collector.spans)
+    for secret in (key, "sk-upstream-openai-SECRET", "otlp-secret-token"):
+        assert secret not in dump

@@ -253,6 +253,9 @@ class McpEndpoint:
             found.append(tool)
 
         snap.chain.enter(ctx)
+        trace = None
+        if snap.telemetry is not None:  # a SERVER span, and a CLIENT span for the upstream call
+            trace = ctx.trace = snap.telemetry.start(ctx, caller.request)
         try:
             try:
                 await snap.chain.run_request(ctx, read_body)
@@ -272,11 +275,21 @@ class McpEndpoint:
             ctx.provider = tool.server.name
             ctx.deployment = f"mcp/{tool.server.name}/{tool.upstream_name}"
             ctx.attempts = 1
+            attempt, meta = trace.tool_call(tool.server.name, tool.upstream_name, tool.server.url) \
+                if trace is not None else (None, None)
             try:
-                result = await upstream.call_tool(tool.upstream_name, arguments)
+                result = await upstream.call_tool(tool.upstream_name, arguments, meta=meta)
             except ToolCallFailed as exc:
+                if attempt is not None:
+                    trace.tool_call_ended(attempt, exc.code)
                 status = 504 if exc.code == "upstream_timeout" else 502
                 raise ApiError(status, exc.message, type="server_error", code=exc.code) from None
+            except BaseException:
+                if attempt is not None:
+                    trace.tool_call_ended(attempt, "cancelled")
+                raise
+            if attempt is not None:
+                trace.tool_call_ended(attempt, "tool_error" if result.is_error else None)
             ctx.first_byte_at = time.monotonic()
             if result.is_error:  # the tool ran and failed: the client gets its answer, unbilled
                 await snap.chain.end(ctx, ApiError(502, f"The tool '{name}' reported an error.",
@@ -298,6 +311,9 @@ class McpEndpoint:
             err = internal_error(ctx.request_id)
             await snap.chain.end(ctx, err)
             raise mcp_error(err) from None
+        finally:
+            if trace is not None:
+                trace.finish(ctx)
 
     # --- resources and prompts: passed through, unpriced ----------------------------------
 
