@@ -19,6 +19,7 @@ import httpx
 import openai
 import pytest
 from aiohttp import web
+from mcp.server.mcpserver import Context, MCPServer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -794,3 +795,69 @@ def test_capture_content_never_records_a_key(gateway_factory, collector, upstrea
     dump = repr(collector.spans)
     for secret in (key, "sk-upstream-openai-SECRET", "otlp-secret-token"):
         assert secret not in dump
+
+
+# --------------------------------------------------------------------------------------
+# MCP tool calls
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def traced_mcp():
+    from tests.test_mcp import UPSTREAM_SECRET, FakeMcp
+
+    server = MCPServer("search")
+
+    @server.tool()
+    def web(query: str, ctx: Context) -> str:
+        """Search the web; says the trace context its call carried in params._meta."""
+        meta = ctx.request_context.meta or {}
+        return f"results for {query}; traceparent={meta.get('traceparent')}"
+
+    @server.tool()
+    def fail() -> str:
+        """Always fails."""
+        raise ValueError("boom")
+
+    fake = FakeMcp(server, required_auth=UPSTREAM_SECRET)
+    yield fake
+    fake.stop()
+
+
+def test_an_mcp_tool_call_is_an_execute_tool_span_tree(gateway_factory, collector, upstream, store_url,
+                                                      traced_mcp, monkeypatch):
+    from tests.test_mcp import UPSTREAM_SECRET, call, text_of
+
+    monkeypatch.setenv("SEARCH_MCP_TOKEN", f"Bearer {UPSTREAM_SECRET}")
+    raw = base_config(upstream, store_url=store_url, plugins=FULL_CHAIN, telemetry=telemetry(collector),
+                      tiers={"free": {"models": ["demo"]}, "pro": {"models": ["*"], "mcp_tools": ["*"]}},
+                      mcp_servers=[{"name": "search", "url": traced_mcp.url, "energy": 2,
+                                    "headers": {"Authorization": "os.environ/SEARCH_MCP_TOKEN"}}])
+    gw = gateway_factory(raw=raw)
+    _, key = gw.make_user(tier="pro")
+
+    async def work(client):
+        return await client.call_tool("search__web", {"query": "otel"}), await client.call_tool("search__fail", {})
+
+    ok, failed = call(gw, key, work)
+    assert text_of(ok).startswith("results for otel") and failed.is_error
+    deadline = time.monotonic() + 10
+    while len([s for s in collector.spans if s["kind"] == SERVER]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    servers = sorted((s for s in collector.spans if s["kind"] == SERVER), key=lambda s: s["start"])
+    assert [s["name"] for s in servers] == ["execute_tool search__web", "execute_tool search__fail"]
+    server, failed_server = servers
+    a = server["attributes"]
+    assert a["gen_ai.operation.name"] == "execute_tool" and a["gen_ai.tool.name"] == "search__web"
+    assert a["mcp.method.name"] == "tools/call" and a["gateway.mcp_server"] == "search"
+    assert a["gateway.energy"] == 2 and a["http.response.status_code"] == 200
+    assert "gen_ai.request.model" not in a and "gen_ai.provider.name" not in a
+    (client,) = collector.trace_of(a["gateway.request_id"])[1]
+    assert client["kind"] == CLIENT and client["name"] == "execute_tool web" and client["status"] == STATUS_UNSET
+    assert client["attributes"]["server.port"] == traced_mcp.port
+    # The upstream's params._meta carried the client span's traceparent (the MCP convention).
+    assert f"traceparent=00-{client['trace_id']}-{client['span_id']}-01" in text_of(ok)
+    (failed_client,) = collector.trace_of(failed_server["attributes"]["gateway.request_id"])[1]
+    assert failed_client["status"] == STATUS_ERROR and failed_client["attributes"]["error.type"] == "tool_error"
+    assert failed_server["status"] == STATUS_ERROR and failed_server["attributes"]["gateway.energy"] == 0
+    assert key not in repr(collector.spans) and UPSTREAM_SECRET not in repr(collector.spans)
