@@ -861,3 +861,181 @@ def test_an_mcp_tool_call_is_an_execute_tool_span_tree(gateway_factory, collecto
     assert failed_client["status"] == STATUS_ERROR and failed_client["attributes"]["error.type"] == "tool_error"
     assert failed_server["status"] == STATUS_ERROR and failed_server["attributes"]["gateway.energy"] == 0
     assert key not in repr(collector.spans) and UPSTREAM_SECRET not in repr(collector.spans)
+
+
+# --------------------------------------------------------------------------------------
+# Reloaded with the config; headers from the environment
+# --------------------------------------------------------------------------------------
+
+
+def test_a_reload_moves_endpoint_headers_and_ratio_and_flushes_the_old_exporter(
+        server_thread, upstream, store_url, tmp_path, collector, monkeypatch, capfd, caplog):
+    """A reload that changes telemetry: the new endpoint, headers (os.environ/, a Langfuse
+    Basic auth) and sample ratio apply to the next request; the replaced exporter exports
+    what it held (an hour-long export interval: only its flush can send it) and leaves,
+    while the gateway keeps running. The header's value is in no log line and no span."""
+    import base64
+
+    import yaml
+
+    import proxy
+
+    secret = "Basic " + base64.b64encode(b"pk-lf-1234:sk-lf-SECRET-5678").decode()
+    monkeypatch.setenv("LANGFUSE_OTLP_AUTH", secret)
+    second = server_thread.run(FakeCollector().start())
+    data = base_config(upstream, store_url=store_url, plugins=[],
+                       telemetry=telemetry(collector, export_interval="1h"))
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+
+    async def start() -> tuple[web.AppRunner, web.Application, str]:
+        app = proxy.create_app(proxy.check_config(path), config_path=str(path))
+        runner = web.AppRunner(app, shutdown_timeout=2)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return runner, app, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    runner, app, url = server_thread.run(start())
+    gw = app[proxy.GATEWAY]
+    try:
+        sdk = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+
+        def ask() -> str:
+            return sdk.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]).headers["x-request-id"]
+
+        held = ask()
+        old = gw.snapshot.telemetry
+        deadline = time.monotonic() + 10
+        while old.pipe.child is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        old_exporter = old.pipe.child.proc
+        time.sleep(0.3)
+        assert collector.spans == []  # held by the old exporter: its next export is an hour away
+
+        data["telemetry"] = telemetry(second, headers={"Authorization": "os.environ/LANGFUSE_OTLP_AUTH"})
+        path.write_text(yaml.safe_dump(data))
+        assert server_thread.run(proxy.reload_config(app, reason="test")) is True
+        moved = ask()
+        server, _ = second.trace_of(moved)
+        assert second.headers[-1]["authorization"] == secret
+        # The replaced tracer exported what it held and its exporter process left.
+        collector.trace_of(held)
+        old_exporter.wait(timeout=10)
+        assert old not in gw.retired_telemetry and not [s for s in collector.spans
+                                                        if s["attributes"].get("gateway.request_id") == moved]
+
+        data["telemetry"] = telemetry(second, sample_ratio=0.0)
+        path.write_text(yaml.safe_dump(data))
+        assert server_thread.run(proxy.reload_config(app, reason="test")) is True
+        unsampled = ask()
+        assert traceparent_of(upstream.last)[2] is False
+        time.sleep(0.3)
+        assert not [s for s in second.spans if s["attributes"].get("gateway.request_id") == unsampled]
+    finally:
+        server_thread.run(runner.cleanup(), timeout=30)
+        server_thread.run(second.stop())
+    out, err = capfd.readouterr()
+    for text in (out, err, caplog.text, repr(collector.spans), repr(second.spans)):
+        assert secret not in text and "sk-lf-SECRET" not in text
+
+
+def test_a_bad_telemetry_config_is_a_clear_error_at_load_without_the_secret(monkeypatch):
+    from gateway.config import ConfigError, load_config_data
+
+    monkeypatch.setenv("OTLP_AUTH", "Bearer otlp-secret\r\nX-Injected: 1")
+    cases = {
+        "http://collector:99999": "telemetry.otlp_endpoint",
+        "http://user:otlp-secret@collector:4318": "credentials belong in telemetry.headers",
+        "collector:4318": "telemetry.otlp_endpoint: expected an http:// or https:// URL",
+    }
+    for endpoint, said in cases.items():
+        with pytest.raises(ConfigError) as excinfo:
+            load_config_data({"models": [{"name": "demo", "litellm_params": {"model": "demo/offline"}}],
+                              "telemetry": {"otlp_endpoint": endpoint}})
+        text = "\n".join(excinfo.value.errors)
+        assert said in text and "otlp-secret" not in text
+    for headers, said in (({"Authorization": "os.environ/OTLP_AUTH"}, "the value of Authorization holds a control"),
+                          ({"Bad Header": "x"}, "is not a valid HTTP header name"),
+                          ({"Authorization": "os.environ/OTLP_UNSET_VARIABLE"},
+                           "telemetry.headers.Authorization: environment variable OTLP_UNSET_VARIABLE is not set")):
+        with pytest.raises(ConfigError) as excinfo:
+            load_config_data({"models": [{"name": "demo", "litellm_params": {"model": "demo/offline"}}],
+                              "telemetry": {"otlp_endpoint": "http://127.0.0.1:4318", "headers": headers}})
+        text = "\n".join(excinfo.value.errors)
+        assert said in text and "otlp-secret" not in text, text
+    with pytest.raises(ConfigError) as excinfo:
+        load_config_data({"models": [{"name": "demo", "litellm_params": {"model": "demo/offline"}}],
+                          "telemetry": {"otlp_endpoint": "http://127.0.0.1:4318", "client_sampling": "always"}})
+    assert "telemetry.client_sampling" in "\n".join(excinfo.value.errors)
+
+
+def test_a_refusing_collector_is_logged_without_the_headers(gateway_factory, server_thread, upstream, caplog,
+                                                            capfd):
+    """The collector answers 401 (a wrong Langfuse key): spans are dropped and counted, the
+    client sees nothing, the log says so without the header's value."""
+    class Refusing(FakeCollector):
+        async def _traces(self, request: web.Request) -> web.Response:
+            self.posts += 1
+            return web.Response(status=401, text="bad key")
+
+    refusing = server_thread.run(Refusing().start())
+    try:
+        before = SPANS["export_failed"]
+        gw = gateway_factory(telemetry=telemetry(refusing, headers={"Authorization": "Basic otlp-secret-value"}))
+        _, key = gw.make_user()
+        assert chat(gw, key).parse().choices[0].message.content == "Hello from fake upstream"
+        deadline = time.monotonic() + 10
+        while SPANS["export_failed"] == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert SPANS["export_failed"] > before and refusing.posts >= 1
+    finally:
+        server_thread.run(refusing.stop())
+    out, err = capfd.readouterr()
+    for text in (out, err, caplog.text):
+        assert "otlp-secret-value" not in text
+
+
+def test_sigterm_to_a_real_gateway_exports_what_was_queued(upstream, collector, tmp_path):
+    """`proxy.py serve` in a process of its own, SIGTERM: the spans its exporter still held
+    (an hour-long export interval: nothing was sent before) reach the collector, and the
+    gateway and its exporter process leave."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from tests.test_shutdown import wait_ready
+
+    port = free_port()
+    data = base_config(upstream, store_url=f"sqlite:///{tmp_path}/gateway.db", plugins=[],
+                       telemetry=telemetry(collector, export_interval="1h", export_timeout=5))
+    data["server"] = {**data["server"], "host": "127.0.0.1", "port": port, "shutdown_grace": 5}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "proxy.py", "serve", "--config", str(path)], cwd=root,
+                            env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, proc)
+        sdk = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=20)
+        ids = [sdk.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]).headers["x-request-id"]
+            for _ in range(3)]
+        time.sleep(0.5)
+        assert collector.spans == []  # queued in the exporter process
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, output[-3000:]
+    for request_id in ids:
+        server, (client,) = collector.trace_of(request_id, timeout=2)
+        assert server["kind"] == SERVER and client["kind"] == CLIENT
+    assert "spans not exported" not in output
