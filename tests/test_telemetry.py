@@ -1039,3 +1039,29 @@ def test_sigterm_to_a_real_gateway_exports_what_was_queued(upstream, collector, 
         server, (client,) = collector.trace_of(request_id, timeout=2)
         assert server["kind"] == SERVER and client["kind"] == CLIENT
     assert "spans not exported" not in output
+
+
+# --------------------------------------------------------------------------------------
+# Files and batches: traced as requests, never broken by tracing
+# --------------------------------------------------------------------------------------
+
+from tests.test_batches import batch_gateway, chat_lines, provider, start_batch  # noqa: E402,F401
+
+
+def test_files_and_batches_are_server_spans_named_by_their_endpoint(batch_gateway, provider, collector):
+    """A file upload and a batch create are requests like others (a server span, named by
+    the endpoint: no model is called then); the lines run at the provider later, billed at
+    settlement, and are not traced."""
+    gw = batch_gateway(gateway={"telemetry": telemetry(collector)})
+    _, key = gw.make_user(energy=100)
+    uploaded, batch = start_batch(gw.client(key), chat_lines(2))
+    assert batch.status == "in_progress"
+    deadline = time.monotonic() + 10
+    while len([s for s in collector.spans if s["kind"] == SERVER]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    servers = {s["attributes"]["gateway.endpoint"]: s for s in collector.spans if s["kind"] == SERVER}
+    assert servers["files"]["name"] == "files" and servers["batches"]["name"] == "batches"
+    for span in servers.values():
+        assert span["attributes"]["http.response.status_code"] == 200 and span["status"] == STATUS_UNSET
+        assert span["attributes"]["gateway.user"]
+    assert key not in repr(collector.spans) and "sk-fake-account-SECRET" not in repr(collector.spans)
