@@ -4,6 +4,7 @@
       otlp_endpoint: http://127.0.0.1:4318      # unset: no tracing, no cost
       headers: {Authorization: os.environ/OTLP_AUTH}
       sample_ratio: 1.0
+      client_sampling: ignore                   # or honor: a client's sampled flag decides
       capture_content: false
 
 One SERVER span per request, opened and closed by the request lifecycle
@@ -16,7 +17,9 @@ upstream (`UPSTREAM_TRACE`, read by the native HTTP client and the litellm dispa
 
 A request's spans are recorded as plain values while it runs (no SDK span objects, no
 context switches) and become span records once it ended: ids from the SDK's id generator,
-the decision to record from its sampler (ParentBased(TraceIdRatioBased)). Off the request
+the decision to record from its sampler (TraceIdRatioBased; ParentBased only with
+`client_sampling: honor`: by default a client's sampled flag does not make the operator
+pay for its spans, docs/telemetry.md "Sampling"). Off the request
 path and out of the gateway's process: the records go to the exporter process
 (gateway/trace_export.py), which builds the SDK's ReadableSpans and exports them with its
 BatchSpanProcessor and OTLP/HTTP exporter. Bounded: a dead or slow collector leaves spans in
