@@ -405,7 +405,9 @@ class RequestTrace:
             self.response_id = result.get("id") or self.response_id
         self._end(attempt)
 
-    def _close_stream(self, discarded: bool = False, attributes: Mapping[str, Any] | None = None) -> None:
+    def _close_stream(self, discarded: bool = False, attributes: Mapping[str, Any] | None = None,
+                      error: str | None = None) -> None:
+        """End the relayed stream's CLIENT span; `error`: the stream broke (its code)."""
         attempt, self.open_stream = self.open_stream, None
         if attempt is None:
             return
@@ -414,7 +416,11 @@ class RequestTrace:
             attempt.attributes["gateway.discarded"] = True
         elif attributes:
             attempt.attributes.update(attributes)
-        self._end(attempt)
+        if error is not None:
+            attempt.attributes["error.type"] = error
+            self._end(attempt, _ERROR, error)
+        else:
+            self._end(attempt)
 
     # --- the end -----------------------------------------------------------------------
 
@@ -437,8 +443,12 @@ class RequestTrace:
             if self.telemetry.capture_content:
                 attributes.update(_content_attributes(ctx))
             if self.open_stream is not None:
+                # A stream that broke after its first chunk (the upstream cut it, timed out,
+                # sent garbage) is the upstream call's failure too; a client that left is not.
+                broke = ctx.error is not None and ctx.error.status >= 500 and not ctx.client_disconnected
                 self._close_stream(attributes={k: v for k, v in attributes.items()
-                                               if k.startswith("gen_ai.usage.") or k in _STREAM_KEYS})
+                                               if k.startswith("gen_ai.usage.") or k in _STREAM_KEYS},
+                                   error=(ctx.error.code or ctx.error.type) if broke else None)
             operation = attributes.get("gen_ai.operation.name")
             name = f"{operation} {ctx.requested_model}" if operation and _served(ctx) else operation or ctx.endpoint
             status, description = _UNSET, None

@@ -331,7 +331,8 @@ def test_a_client_disconnect_ends_the_spans(gateway_factory, collector, upstream
                     break  # the client leaves after the first chunk
     server, (client,) = collector.trace_of(request_id)
     assert server["attributes"]["gateway.client_disconnected"] is True
-    assert client["end"] > 0
+    assert client["end"] > 0 and client["parent"] == server["span_id"] and client["kind"] == CLIENT
+    assert client["status"] == 0 and server["status"] == 0  # the client left: no error of the gateway's
 
 
 def test_a_client_traceparent_is_continued(gateway_factory, collector, upstream):
@@ -1065,3 +1066,59 @@ def test_files_and_batches_are_server_spans_named_by_their_endpoint(batch_gatewa
         assert span["attributes"]["http.response.status_code"] == 200 and span["status"] == STATUS_UNSET
         assert span["attributes"]["gateway.user"]
     assert key not in repr(collector.spans) and "sk-fake-account-SECRET" not in repr(collector.spans)
+
+
+# --------------------------------------------------------------------------------------
+# Every dispatch path carries the traceparent: native and litellm, stream or not
+# --------------------------------------------------------------------------------------
+
+PATHS = {
+    "azure": ({"model": "azure/prod-gpt4o", "api_key": "azure-key-0123456789abcdef", "api_version": "2024-10-21"},
+              "azure.ai.openai"),
+    "gemini": ({"model": "gemini/gemini-2.5-flash", "api_key": "AIza-gemini-upstream-SECRET"}, "gcp.gemini"),
+    "anthropic": ({"model": "anthropic/claude-haiku-4-5", "api_key": "sk-ant-upstream-SECRET"}, "anthropic"),
+    "openai": ({"model": "openai/gpt-4o-mini", "api_key": "sk-upstream-openai-SECRET"}, "openai"),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("dispatch", ["native", "litellm"])
+@pytest.mark.parametrize("provider", list(PATHS))
+def test_every_dispatch_path_sends_the_client_spans_traceparent(gateway_factory, collector, upstream, provider,
+                                                                dispatch, stream):
+    params, provider_name = PATHS[provider]
+    models = [{"name": "m", "dispatch": dispatch, "litellm_params": {**params, "api_base": upstream.url}}]
+    gw = gateway_factory(plugins=[], models=models, tiers={"free": {"models": ["*"]}},
+                         energy={"actions": {"ai_message": {"default": 1}}}, telemetry=telemetry(collector))
+    kind = gw.state.router.dispatcher_for(gw.config.deployments("m")[0])
+    assert (kind is gw.state.router.litellm) == (dispatch == "litellm")
+    client = gw.client("none")
+    if stream:
+        with client.chat.completions.with_streaming_response.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], stream=True) as response:
+            list(response.parse())
+            request_id = response.headers["x-request-id"]
+    else:
+        request_id = request_id_of(chat(gw, model="m"))
+    server, (span,) = collector.trace_of(request_id)
+    assert server["name"] == "chat m" and span["parent"] == server["span_id"]
+    assert span["attributes"]["gen_ai.provider.name"] == server["attributes"]["gen_ai.provider.name"] == provider_name
+    assert traceparent_of(upstream.last) == (span["trace_id"], span["span_id"], True)
+    assert server["attributes"]["gen_ai.usage.output_tokens"] > 0
+
+
+def test_a_stream_the_upstream_cuts_ends_its_client_span_in_error(gateway_factory, collector, upstream):
+    upstream.chunks = 6
+    gw = gateway_factory(telemetry=telemetry(collector))
+    _, key = gw.make_user()
+    upstream.push(Fault.truncate(after_chunks=2))
+    with httpx.Client(timeout=10) as http:
+        with http.stream("POST", gw.base_url + "/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                         json={"model": "gpt-4o-mini", "stream": True,
+                               "messages": [{"role": "user", "content": "hi"}]}) as response:
+            request_id = response.headers["x-request-id"]
+            body = "".join(response.iter_text())
+    assert '"error"' in body  # the stream's error event
+    server, (client,) = collector.trace_of(request_id)
+    assert client["status"] == STATUS_ERROR and client["attributes"]["error.type"]
+    assert server["status"] == STATUS_ERROR and server["attributes"]["error.type"]
