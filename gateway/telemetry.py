@@ -595,25 +595,40 @@ def _request_attributes(ctx: "RequestContext", answered: tuple[Any, dict[str, An
     return out
 
 
+MAX_CONTENT_CHARS = 64 * 1024  # one captured text attribute (a 4 MB prompt would fail its whole export batch)
+
+
+def _captured(value: Any) -> str:
+    """JSON of a captured conversation part, cut at MAX_CONTENT_CHARS (then no longer JSON:
+    its end says how much was left out)."""
+    text = orjson.dumps(value, default=str).decode()
+    if len(text) <= MAX_CONTENT_CHARS:
+        return text
+    return text[:MAX_CONTENT_CHARS] + f"...[{len(text) - MAX_CONTENT_CHARS} more characters]"
+
+
 def _content_attributes(ctx: "RequestContext") -> dict[str, Any]:
     """`capture_content: true`: the conversation in and the answer out, as the convention's
-    gen_ai.input.messages / gen_ai.output.messages (JSON)."""
+    gen_ai.input.messages / gen_ai.output.messages (JSON); a tool call's arguments as
+    gen_ai.tool.call.arguments."""
     out: dict[str, Any] = {}
     body = ctx.body
+    if ctx.endpoint == TOOL_ENDPOINT:
+        if body.get("arguments") is not None:
+            out["gen_ai.tool.call.arguments"] = _captured(body["arguments"])
+        return out
     messages = body.get("messages") if "messages" in body else body.get("input")
     if messages is not None:
-        out["gen_ai.input.messages"] = orjson.dumps(messages, default=str).decode()
+        out["gen_ai.input.messages"] = _captured(messages)
     response = ctx.response
     if isinstance(response, dict) and response.get("choices"):
         outputs = [c.get("message") for c in response["choices"] if isinstance(c, dict)]
-        out["gen_ai.output.messages"] = orjson.dumps(outputs, default=str).decode()
+        out["gen_ai.output.messages"] = _captured(outputs)
     elif isinstance(response, dict) and response.get("output") is not None:
-        out["gen_ai.output.messages"] = orjson.dumps(response["output"], default=str).decode()
+        out["gen_ai.output.messages"] = _captured(response["output"])
     elif ctx.streamed_text:
-        out["gen_ai.output.messages"] = orjson.dumps(
-            [{"role": "assistant", "content": "".join(ctx.streamed_text)}]).decode()
+        out["gen_ai.output.messages"] = _captured([{"role": "assistant", "content": "".join(ctx.streamed_text)}])
     return out
-
 
 
 def telemetry_cleanup(gw: Any) -> Any:

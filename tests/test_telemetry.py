@@ -830,7 +830,8 @@ def test_an_mcp_tool_call_is_an_execute_tool_span_tree(gateway_factory, collecto
     from tests.test_mcp import UPSTREAM_SECRET, call, text_of
 
     monkeypatch.setenv("SEARCH_MCP_TOKEN", f"Bearer {UPSTREAM_SECRET}")
-    raw = base_config(upstream, store_url=store_url, plugins=FULL_CHAIN, telemetry=telemetry(collector),
+    raw = base_config(upstream, store_url=store_url, plugins=FULL_CHAIN,
+                      telemetry=telemetry(collector, capture_content=True),
                       tiers={"free": {"models": ["demo"]}, "pro": {"models": ["*"], "mcp_tools": ["*"]}},
                       mcp_servers=[{"name": "search", "url": traced_mcp.url, "energy": 2,
                                     "headers": {"Authorization": "os.environ/SEARCH_MCP_TOKEN"}}])
@@ -853,6 +854,7 @@ def test_an_mcp_tool_call_is_an_execute_tool_span_tree(gateway_factory, collecto
     assert a["mcp.method.name"] == "tools/call" and a["gateway.mcp_server"] == "search"
     assert a["gateway.energy"] == 2 and a["http.response.status_code"] == 200
     assert "gen_ai.request.model" not in a and "gen_ai.provider.name" not in a
+    assert a["gen_ai.tool.call.arguments"] == '{"query":"otel"}'  # capture_content: true
     (client,) = collector.trace_of(a["gateway.request_id"])[1]
     assert client["kind"] == CLIENT and client["name"] == "execute_tool web" and client["status"] == STATUS_UNSET
     assert client["attributes"]["server.port"] == traced_mcp.port
@@ -1122,3 +1124,20 @@ def test_a_stream_the_upstream_cuts_ends_its_client_span_in_error(gateway_factor
     server, (client,) = collector.trace_of(request_id)
     assert client["status"] == STATUS_ERROR and client["attributes"]["error.type"]
     assert server["status"] == STATUS_ERROR and server["attributes"]["error.type"]
+
+
+def test_captured_content_is_cut_at_64k_characters(gateway_factory, collector, upstream):
+    """A client's 300 KB prompt would make its span, and the export batch holding it, too
+    large for a collector: the captured attribute is cut, the span still arrives."""
+    from gateway.telemetry import MAX_CONTENT_CHARS
+
+    gw = gateway_factory(telemetry=telemetry(collector, capture_content=True),
+                         server={"max_body_bytes": 1024 * 1024})
+    _, key = gw.make_user()
+    raw = gw.client(key).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "long " * 60_000}])
+    server, _ = collector.trace_of(request_id_of(raw))
+    captured = server["attributes"]["gen_ai.input.messages"]
+    assert MAX_CONTENT_CHARS < len(captured) < MAX_CONTENT_CHARS + 100
+    assert captured.endswith("more characters]") and captured.startswith('[{"role":"user","content":"long long')
+    assert "Hello from fake upstream" in server["attributes"]["gen_ai.output.messages"]
