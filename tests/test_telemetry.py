@@ -1141,3 +1141,49 @@ def test_captured_content_is_cut_at_64k_characters(gateway_factory, collector, u
     assert MAX_CONTENT_CHARS < len(captured) < MAX_CONTENT_CHARS + 100
     assert captured.endswith("more characters]") and captured.startswith('[{"role":"user","content":"long long')
     assert "Hello from fake upstream" in server["attributes"]["gen_ai.output.messages"]
+
+
+def test_a_responses_stream_is_a_tree_with_its_usage(gateway_factory, collector, upstream):
+    gw = gateway_factory(telemetry=telemetry(collector, capture_content=True))
+    _, key = gw.make_user()
+    with gw.client(key).responses.with_streaming_response.create(model="gpt-4o-mini", input="stream secret-prompt-words",
+                                                                 stream=True) as response:
+        for _ in response.iter_lines():
+            pass
+        request_id = response.headers["x-request-id"]
+    server, (client,) = collector.trace_of(request_id)
+    a = server["attributes"]
+    assert server["name"] == "chat gpt-4o-mini" and a["gateway.endpoint"] == "responses"
+    assert a["gen_ai.request.stream"] is True and a["gen_ai.usage.output_tokens"] > 0
+    assert client["parent"] == server["span_id"] and client["end"] <= server["end"]
+    assert "stream secret-prompt-words" in a["gen_ai.input.messages"]
+    assert "Hello from fake upstream" in a["gen_ai.output.messages"]
+    assert traceparent_of(upstream.last)[1] == client["span_id"]
+
+
+def test_a_messages_pass_through_client_span_has_the_answers_attributes(gateway_factory, collector, upstream):
+    upstream.prompt_tokens, upstream.cached_tokens, upstream.cache_write_tokens = 10, 30, 5
+    gw = gateway_factory(telemetry=telemetry(collector))
+    _, key = gw.make_user()
+    sdk = anthropic.Anthropic(base_url=gw.url, api_key=key, max_retries=0, timeout=20)
+    raw = sdk.messages.with_raw_response.create(model="claude", max_tokens=64,
+                                                messages=[{"role": "user", "content": "hi"}])
+    server, (client,) = collector.trace_of(raw.headers["x-request-id"])
+    c = client["attributes"]
+    assert c["gen_ai.usage.input_tokens"] == 45 and c["gen_ai.usage.output_tokens"] == 7
+    assert c["gen_ai.response.id"] == raw.parse().id == server["attributes"]["gen_ai.response.id"]
+    assert server["attributes"]["gen_ai.response.finish_reasons"]
+
+
+def test_an_upstream_4xx_is_an_error_of_the_client_span_only(gateway_factory, collector, upstream):
+    """The provider refused the request (400): an error of the CLIENT span (HTTP client
+    convention), a 4xx the SERVER span leaves unset."""
+    gw = gateway_factory(telemetry=telemetry(collector))
+    _, key = gw.make_user()
+    upstream.push(Fault.status(400))
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        chat(gw, key)
+    server, (client,) = collector.trace_of(excinfo.value.response.headers["x-request-id"])
+    assert client["status"] == STATUS_ERROR and client["attributes"]["error.type"] == "400"
+    assert server["status"] == STATUS_UNSET and server["attributes"]["http.response.status_code"] == 400
+    assert server["attributes"]["error.type"]
