@@ -140,9 +140,13 @@ class Telemetry:
             "export_interval": settings.export_interval, "export_timeout": settings.export_timeout,
         }, settings.queue_size)
 
-    def start(self, ctx: "RequestContext", request: "web.Request") -> "RequestTrace":
-        """The request's SERVER span, continuing the client's `traceparent` if it sent one."""
-        headers = request.headers
+    def start(self, ctx: "RequestContext", request: "web.Request",
+              carrier: Mapping[str, Any] | None = None) -> "RequestTrace":
+        """The request's SERVER span, continuing the client's `traceparent` if it sent one
+        (in its headers, or in `carrier`: an MCP request's `params._meta`)."""
+        headers: Any = request.headers
+        if "traceparent" not in headers and carrier is not None and isinstance(carrier.get("traceparent"), str):
+            headers = {key: carrier[key] for key in ("traceparent", "tracestate") if isinstance(carrier.get(key), str)}
         parent_context = None
         trace_id = parent_id = 0
         trace_state = None

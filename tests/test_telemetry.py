@@ -865,6 +865,19 @@ def test_an_mcp_tool_call_is_an_execute_tool_span_tree(gateway_factory, collecto
     assert failed_server["status"] == STATUS_ERROR and failed_server["attributes"]["gateway.energy"] == 0
     assert key not in repr(collector.spans) and UPSTREAM_SECRET not in repr(collector.spans)
 
+    # An agent's trace context in params._meta (how the MCP SDK sends it) is continued.
+    async def traced(client):
+        return await client.call_tool("search__web", {"query": "agent"},
+                                      meta={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"})
+
+    assert text_of(call(gw, key, traced)).startswith(f"results for agent; traceparent=00-{CLIENT_TRACE}-")
+    deadline = time.monotonic() + 10
+    while not [s for s in collector.spans if s["trace_id"] == CLIENT_TRACE and s["kind"] == SERVER]:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    (continued,) = [s for s in collector.spans if s["trace_id"] == CLIENT_TRACE and s["kind"] == SERVER]
+    assert continued["parent"] == CLIENT_SPAN and continued["name"] == "execute_tool search__web"
+
 
 # --------------------------------------------------------------------------------------
 # Reloaded with the config; headers from the environment

@@ -217,7 +217,8 @@ class McpEndpoint:
     async def _call_tool(self, ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
         caller = self._caller(ctx)
         rctx = new_context(caller.request, caller.snap, ENDPOINT, {})
-        task = asyncio.ensure_future(self._run_call(caller, rctx, params.name, dict(params.arguments or {})))
+        meta = params.meta if isinstance(params.meta, dict) else None  # an agent's trace context (W3C, SEP-414)
+        task = asyncio.ensure_future(self._run_call(caller, rctx, params.name, dict(params.arguments or {}), meta))
         self._calls.add(task)
         task.add_done_callback(self._call_done)
         try:
@@ -232,7 +233,7 @@ class McpEndpoint:
             task.exception()  # retrieved: a call whose client left raises to nobody
 
     async def _run_call(self, caller: McpCaller, ctx: RequestContext, name: str,
-                        arguments: dict[str, Any]) -> types.CallToolResult:
+                        arguments: dict[str, Any], meta: dict[str, Any] | None = None) -> types.CallToolResult:
         """One tool call through the plugin chain (module docstring): exactly one ending."""
         snap = caller.snap
         catalog = self.catalog(snap.config)
@@ -255,7 +256,7 @@ class McpEndpoint:
         snap.chain.enter(ctx)
         trace = None
         if snap.telemetry is not None:  # a SERVER span, and a CLIENT span for the upstream call
-            trace = ctx.trace = snap.telemetry.start(ctx, caller.request)
+            trace = ctx.trace = snap.telemetry.start(ctx, caller.request, meta)
         try:
             try:
                 await snap.chain.run_request(ctx, read_body)
