@@ -1200,3 +1200,26 @@ def test_an_upstream_4xx_is_an_error_of_the_client_span_only(gateway_factory, co
     assert client["status"] == STATUS_ERROR and client["attributes"]["error.type"] == "400"
     assert server["status"] == STATUS_UNSET and server["attributes"]["http.response.status_code"] == 400
     assert server["attributes"]["error.type"]
+
+
+@pytest.mark.parametrize("traced", [True, False], ids=["traced", "untraced"])
+def test_a_clients_raw_trace_headers_never_reach_the_upstream(gateway_factory, collector, upstream, traced):
+    """Whatever the path (the /v1/messages pass-through, litellm), the upstream gets the
+    gateway's trace context or none: never the client's headers as sent."""
+    models = base_config(upstream, store_url="sqlite:///unused")["models"]
+    models[1]["dispatch"] = "litellm"
+    gw = gateway_factory(models=models, **({"telemetry": telemetry(collector)} if traced else {}))
+    _, key = gw.make_user()
+    raw_headers = {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01-evil", "tracestate": "a=b, bad member!"}
+    sdk = anthropic.Anthropic(base_url=gw.url, api_key=key, max_retries=0, timeout=20)
+    sdk.messages.create(model="claude", max_tokens=16, messages=[{"role": "user", "content": "hi"}],
+                        extra_headers=raw_headers)
+    passthrough = upstream.last.headers
+    chat(gw, key, extra_headers=raw_headers)  # gpt-4o-mini through litellm
+    through_litellm = upstream.last.headers
+    for sent in (passthrough, through_litellm):
+        assert sent.get("tracestate") is None
+        if traced:
+            assert CLIENT_TRACE not in sent["traceparent"] and not sent["traceparent"].endswith("-evil")
+        else:
+            assert "traceparent" not in sent
