@@ -83,15 +83,15 @@ def provider_name(provider: str | None) -> str | None:
     return _PROVIDER_NAMES.get(provider, provider)
 
 
+TOOL_ENDPOINT = "mcp.tools/call"  # plugins/base.py TOOL_ENDPOINTS: an MCP tools/call
+
+
 def operation_of(endpoint: str) -> str:
     """gen_ai.operation.name: embeddings, execute_tool (an MCP tools/call), or chat for
     every conversation API."""
     if endpoint == "embeddings":
         return "embeddings"
     return "execute_tool" if endpoint == TOOL_ENDPOINT else "chat"
-
-
-TOOL_ENDPOINT = "mcp.tools/call"  # plugins/base.py TOOL_ENDPOINTS
 
 
 @functools.lru_cache(maxsize=256)
@@ -205,7 +205,6 @@ class Telemetry:
 
         threading.Thread(target=run, name="trace-flush", daemon=True).start()
         await asyncio.wait_for(asyncio.shield(done), self.settings.export_timeout + 5)
-
 
     async def retire(self, retired: list["Telemetry"], poll: float = 0.1) -> None:
         """A reload replaced this tracer: once the requests it started have ended (their

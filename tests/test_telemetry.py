@@ -466,7 +466,12 @@ def test_a_killed_exporter_process_drops_what_it_held_and_is_restarted(gateway_f
     assert not [s for s in collector.spans if s["attributes"].get("gateway.request_id") == request_id_of(held)]
     scrape = urllib.request.urlopen(gw.url + "/metrics", timeout=5).read().decode()
     assert 'gateway_trace_spans_dropped_total{reason="export_failed"}' in scrape
-    assert gw.state.snapshot.telemetry.pipe.in_flight == 0
+    # The collector has the spans before the exporter's counts reach the gateway (its reader thread).
+    pipe = gw.state.snapshot.telemetry.pipe
+    deadline = time.monotonic() + 10
+    while pipe.in_flight and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert pipe.in_flight == 0
 
 
 def test_no_key_and_no_prompt_in_any_span(gateway_factory, collector, upstream):
@@ -854,6 +859,9 @@ def test_an_mcp_tool_call_is_an_execute_tool_span_tree(gateway_factory, collecto
     assert a["mcp.method.name"] == "tools/call" and a["gateway.mcp_server"] == "search"
     assert a["gateway.energy"] == 2 and a["http.response.status_code"] == 200
     assert "gen_ai.request.model" not in a and "gen_ai.provider.name" not in a
+    from gateway.telemetry import TOOL_ENDPOINT
+    from plugins.base import TOOL_ENDPOINTS
+    assert TOOL_ENDPOINTS == {TOOL_ENDPOINT}  # the one tool endpoint, as telemetry names it
     assert a["gen_ai.tool.call.arguments"] == '{"query":"otel"}'  # capture_content: true
     (client,) = collector.trace_of(a["gateway.request_id"])[1]
     assert client["kind"] == CLIENT and client["name"] == "execute_tool web" and client["status"] == STATUS_UNSET
@@ -1061,14 +1069,27 @@ def test_sigterm_to_a_real_gateway_exports_what_was_queued(upstream, collector, 
 # Files and batches: traced as requests, never broken by tracing
 # --------------------------------------------------------------------------------------
 
-from tests.test_batches import batch_gateway, chat_lines, provider, start_batch  # noqa: E402,F401
+@pytest.fixture
+def batch_provider(server_thread):
+    from tests.fake_batches import FakeBatchProvider
+
+    fake = server_thread.run(FakeBatchProvider().start())
+    yield fake
+    server_thread.run(fake.stop())
 
 
-def test_files_and_batches_are_server_spans_named_by_their_endpoint(batch_gateway, provider, collector):
+def test_files_and_batches_are_server_spans_named_by_their_endpoint(gateway_factory, batch_provider, collector):
     """A file upload and a batch create are requests like others (a server span, named by
     the endpoint: no model is called then); the lines run at the provider later, billed at
     settlement, and are not traced."""
-    gw = batch_gateway(gateway={"telemetry": telemetry(collector)})
+    from tests.test_batches import chat_lines, start_batch
+
+    models = [{"name": "gpt-4o-mini", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": batch_provider.base,
+                                                         "api_key": "sk-fake-account-SECRET"}}]
+    gw = gateway_factory(models=models, batches={"poll_interval": 0.05, "lease": 5},
+                         energy={"actions": {"ai_message": {"default": 2}}},
+                         tiers={"free": {"models": ["gpt-4o-mini"]}, "pro": {"models": ["*"]}},
+                         telemetry=telemetry(collector))
     _, key = gw.make_user(energy=100)
     uploaded, batch = start_batch(gw.client(key), chat_lines(2))
     assert batch.status == "in_progress"

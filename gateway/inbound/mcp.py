@@ -285,9 +285,10 @@ class McpEndpoint:
                     trace.tool_call_ended(attempt, exc.code)
                 status = 504 if exc.code == "upstream_timeout" else 502
                 raise ApiError(status, exc.message, type="server_error", code=exc.code) from None
-            except BaseException:
+            except BaseException as exc:  # cancelled, or a bug: the span ends all the same
                 if attempt is not None:
-                    trace.tool_call_ended(attempt, "cancelled")
+                    trace.tool_call_ended(attempt, "cancelled" if isinstance(exc, asyncio.CancelledError)
+                                          else type(exc).__name__)
                 raise
             if attempt is not None:
                 trace.tool_call_ended(attempt, "tool_error" if result.is_error else None)
