@@ -38,6 +38,10 @@ billing short (it ends like any answered request, `client_disconnected`). Every 
 or failure is an MCP (JSON-RPC) error whose message says why (`Not enough energy: ...`)
 and whose `data` carries the gateway's `status`, `type` and `code`.
 
+Traces (docs/telemetry.md): with tracing on, `_run_call` opens and closes the call's SERVER
+span itself (`execute_tool server__tool`, continuing a `traceparent` header or the call's
+`params._meta`), and a CLIENT span around the upstream call, whose `params._meta` carries it.
+
 Hot reload: the catalog of upstream sessions follows the config snapshot of each request;
 a reload keeps the sessions of unchanged servers and closes the others once their calls
 had time to end.
