@@ -1021,10 +1021,11 @@ def test_a_refusing_collector_is_logged_without_the_headers(gateway_factory, ser
         assert "otlp-secret-value" not in text
 
 
-def test_sigterm_to_a_real_gateway_exports_what_was_queued(upstream, collector, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_to_a_real_gateway_exports_what_was_queued(upstream, collector, tmp_path, workers):
     """`proxy.py serve` in a process of its own, SIGTERM: the spans its exporter still held
     (an hour-long export interval: nothing was sent before) reach the collector, and the
-    gateway and its exporter process leave."""
+    gateway and its exporter process leave. With two workers, each flushes its own."""
     import subprocess
     import sys
     from pathlib import Path
@@ -1036,7 +1037,7 @@ def test_sigterm_to_a_real_gateway_exports_what_was_queued(upstream, collector, 
     port = free_port()
     data = base_config(upstream, store_url=f"sqlite:///{tmp_path}/gateway.db", plugins=[],
                        telemetry=telemetry(collector, export_interval="1h", export_timeout=5))
-    data["server"] = {**data["server"], "host": "127.0.0.1", "port": port, "shutdown_grace": 5}
+    data["server"] = {**data["server"], "host": "127.0.0.1", "port": port, "shutdown_grace": 5, "workers": workers}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data))
     root = Path(__file__).resolve().parent.parent
@@ -1046,10 +1047,11 @@ def test_sigterm_to_a_real_gateway_exports_what_was_queued(upstream, collector, 
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(url, proc)
-        sdk = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=20)
-        ids = [sdk.chat.completions.with_raw_response.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]).headers["x-request-id"]
-            for _ in range(3)]
+        ids = []
+        for _ in range(10):  # a connection each: with two workers, both serve some
+            with openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=20) as sdk:
+                ids.append(sdk.chat.completions.with_raw_response.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]).headers["x-request-id"])
         time.sleep(0.5)
         assert collector.spans == []  # queued in the exporter process
         proc.send_signal(signal.SIGTERM)
