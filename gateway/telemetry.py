@@ -623,6 +623,8 @@ def _content_attributes(ctx: "RequestContext") -> dict[str, Any]:
     messages = body.get("messages") if "messages" in body else body.get("input")
     if messages is not None:
         out["gen_ai.input.messages"] = _captured(messages)
+    if body.get("instructions") is not None:  # a Responses request's system prompt
+        out["gen_ai.system_instructions"] = _captured(body["instructions"])
     response = ctx.response
     if isinstance(response, dict) and response.get("choices"):
         outputs = [c.get("message") for c in response["choices"] if isinstance(c, dict)]

@@ -779,13 +779,15 @@ def test_capture_content_on_a_stream_messages_and_responses(gateway_factory, col
     messages = sdk.messages.with_raw_response.create(
         model="claude", max_tokens=64, messages=[{"role": "user", "content": "messages secret-prompt-words"}])
     responses = gw.client(key).responses.with_raw_response.create(model="gpt-4o-mini",
-                                                                  input="responses secret-prompt-words")
+                                                                  input="responses secret-prompt-words",
+                                                                  instructions="be brief, secret-instructions")
     for request_id, said in ((stream_id, "stream"), (messages.headers["x-request-id"], "messages"),
                              (responses.headers["x-request-id"], "responses")):
         server, _ = collector.trace_of(request_id)
         a = server["attributes"]
         assert f"{said} secret-prompt-words" in a["gen_ai.input.messages"], said
         assert "Hello from fake upstream" in a["gen_ai.output.messages"], said
+    assert "secret-instructions" in a["gen_ai.system_instructions"]  # the Responses request's
     assert key not in repr(collector.spans)
 
 
