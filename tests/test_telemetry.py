@@ -1248,3 +1248,19 @@ def test_a_clients_raw_trace_headers_never_reach_the_upstream(gateway_factory, c
             assert CLIENT_TRACE not in sent["traceparent"] and not sent["traceparent"].endswith("-evil")
         else:
             assert "traceparent" not in sent
+
+
+@pytest.mark.parametrize("dispatch", ["native", "litellm"])
+def test_anthropic_input_tokens_include_the_cache_on_both_paths(gateway_factory, collector, upstream, dispatch):
+    upstream.prompt_tokens, upstream.cached_tokens, upstream.cache_write_tokens = 10, 30, 5
+    models = base_config(upstream, store_url="sqlite:///unused")["models"]
+    models[2]["dispatch"] = dispatch  # claude
+    gw = gateway_factory(models=models, telemetry=telemetry(collector))
+    _, key = gw.make_user()
+    raw = chat(gw, key, model="claude")
+    server, (client,) = collector.trace_of(request_id_of(raw))
+    assert server["attributes"]["gen_ai.usage.input_tokens"] == 45
+    assert client["attributes"]["gen_ai.usage.input_tokens"] == 45
+    assert server["attributes"]["gen_ai.usage.cache_read.input_tokens"] == 30
+    assert server["attributes"]["gen_ai.usage.cache_creation.input_tokens"] == 5
+    assert traceparent_of(upstream.last)[1] == client["span_id"]
