@@ -141,6 +141,18 @@ def events(span: dict) -> list[str]:
     return [e["name"] for e in span["events"]]
 
 
+def assert_tree(server: dict, clients: list[dict], name: str, client_names: list[str]) -> None:
+    """One SERVER span named `name` (a root) and its CLIENT
+    children, in start order, named `client_names`, all in one trace."""
+    assert server["kind"] == SERVER and server["name"] == name
+    assert server["parent"] == ""  # a root: these clients send no traceparent
+    assert [c["name"] for c in clients] == client_names
+    for client in clients:
+        assert client["kind"] == CLIENT and client["parent"] == server["span_id"]
+        assert client["trace_id"] == server["trace_id"] and server["start"] <= client["start"]
+        assert client["end"] <= server["end"]
+
+
 # --------------------------------------------------------------------------------------
 # The span tree
 # --------------------------------------------------------------------------------------
@@ -209,6 +221,7 @@ def test_a_stream_ends_its_spans_when_the_stream_is_relayed(gateway_factory, col
         request_id = response.headers["x-request-id"]
     assert text == "Hello from fake upstream"
     server, (client,) = collector.trace_of(request_id)
+    assert_tree(server, [client], "chat gpt-4o-mini", ["chat gpt-4o-mini"])
     a = server["attributes"]
     assert a["gen_ai.request.stream"] is True
     assert a["gen_ai.response.finish_reasons"] == ["stop"]
@@ -227,6 +240,7 @@ def test_messages_count_cached_tokens_in_the_input_tokens(gateway_factory, colle
     raw = sdk.messages.with_raw_response.create(model="claude", max_tokens=64,
                                                 messages=[{"role": "user", "content": "hi"}])
     server, (client,) = collector.trace_of(raw.headers["x-request-id"])
+    assert_tree(server, [client], "chat claude", ["chat claude-haiku-4-5"])
     a = server["attributes"]
     assert server["name"] == "chat claude" and a["gen_ai.provider.name"] == "anthropic"
     assert a["gen_ai.usage.input_tokens"] == 45
@@ -242,7 +256,7 @@ def test_responses_are_traced_like_chat(gateway_factory, collector, upstream):
     _, key = gw.make_user()
     raw = gw.client(key).responses.with_raw_response.create(model="gpt-4o-mini", input="hi")
     server, (client,) = collector.trace_of(raw.headers["x-request-id"])
-    assert server["name"] == "chat gpt-4o-mini"
+    assert_tree(server, [client], "chat gpt-4o-mini", ["chat gpt-4o-mini"])
     assert server["attributes"]["gateway.endpoint"] == "responses"
     assert server["attributes"]["gen_ai.usage.input_tokens"] > 0
     assert client["kind"] == CLIENT and upstream.last.path.endswith("/responses")
@@ -258,6 +272,7 @@ def test_a_retry_then_a_fallback_are_three_client_spans(gateway_factory, collect
     upstream.push(Fault.status(500), Fault.status(503))
     raw = chat(gw, key, model="gpt-4o")
     server, clients = collector.trace_of(request_id_of(raw), clients=3)
+    assert_tree(server, clients, "chat gpt-4o", ["chat gpt-4o", "chat gpt-4o", "chat gpt-4o-mini"])
     assert [c["attributes"]["gateway.model"] for c in clients] == ["gpt-4o", "gpt-4o", "gpt-4o-mini"]
     assert [c["attributes"].get("error.type") for c in clients] == ["500", "503", None]
     assert [c["status"] for c in clients] == [2, 2, 0]  # STATUS_CODE_ERROR, ERROR, UNSET
@@ -276,6 +291,7 @@ def test_a_downgrade_is_on_the_server_span(gateway_factory, collector, upstream)
     raw = chat(gw, key, model="gpt-4o")
     assert raw.headers["x-model-downgraded-from"] == "gpt-4o"
     server, (client,) = collector.trace_of(request_id_of(raw))
+    assert_tree(server, [client], "chat gpt-4o", ["chat gpt-4o-mini"])  # named as asked, served by the cheaper
     a = server["attributes"]
     assert a["gateway.downgraded_from"] == "gpt-4o" and a["gen_ai.response.model"] == "gpt-4o-mini"
     assert "gateway.downgrade" in events(server)
@@ -290,6 +306,7 @@ def test_insufficient_energy_is_a_server_span_without_a_client_span(gateway_fact
     assert excinfo.value.status_code == 429
     request_id = excinfo.value.response.headers["x-request-id"]
     server, clients = collector.trace_of(request_id, clients=0)
+    assert_tree(server, [], "chat gpt-4o-mini", [])
     time.sleep(0.2)  # a client span, had there been one, would have been exported with it
     assert [s for s in collector.spans if s["parent"] == server["span_id"]] == []
     a = server["attributes"]
@@ -309,6 +326,7 @@ def test_a_cache_hit_has_no_client_span(gateway_factory, collector, upstream):
     assert second.headers["x-cache"] == "HIT"
     _, (miss_client,) = collector.trace_of(request_id_of(first))
     server, _ = collector.trace_of(request_id_of(second), clients=0)
+    assert_tree(server, [], "chat gpt-4o-mini", [])
     time.sleep(0.2)
     assert [s for s in collector.spans if s["parent"] == server["span_id"]] == []
     assert server["attributes"]["gateway.cache_hit"] is True
@@ -330,6 +348,7 @@ def test_a_client_disconnect_ends_the_spans(gateway_factory, collector, upstream
                 if line.startswith("data: "):
                     break  # the client leaves after the first chunk
     server, (client,) = collector.trace_of(request_id)
+    assert_tree(server, [client], "chat gpt-4o-mini", ["chat gpt-4o-mini"])
     assert server["attributes"]["gateway.client_disconnected"] is True
     assert client["end"] > 0 and client["parent"] == server["span_id"] and client["kind"] == CLIENT
     assert client["status"] == 0 and server["status"] == 0  # the client left: no error of the gateway's
