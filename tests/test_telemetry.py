@@ -1042,11 +1042,8 @@ def test_a_refusing_collector_is_logged_without_the_headers(gateway_factory, ser
         assert "otlp-secret-value" not in text
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_sigterm_to_a_real_gateway_exports_what_was_queued(upstream, collector, tmp_path, workers):
-    """`proxy.py serve` in a process of its own, SIGTERM: the spans its exporter still held
-    (an hour-long export interval: nothing was sent before) reach the collector, and the
-    gateway and its exporter process leave. With two workers, each flushes its own."""
+def serve(upstream: Any, tmp_path: Any, telemetry_settings: dict[str, Any], **server: Any) -> tuple[Any, str]:
+    """`proxy.py serve` in a process of its own on a free port, once ready: (process, URL)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -1057,35 +1054,73 @@ def test_sigterm_to_a_real_gateway_exports_what_was_queued(upstream, collector, 
 
     port = free_port()
     data = base_config(upstream, store_url=f"sqlite:///{tmp_path}/gateway.db", plugins=[],
-                       telemetry=telemetry(collector, export_interval="1h", export_timeout=5))
-    data["server"] = {**data["server"], "host": "127.0.0.1", "port": port, "shutdown_grace": 5, "workers": workers}
+                       telemetry=telemetry_settings)
+    data["server"] = {**data["server"], "host": "127.0.0.1", "port": port, "shutdown_grace": 5, **server}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data))
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.Popen([sys.executable, "proxy.py", "serve", "--config", str(path)], cwd=root,
                             env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
     try:
-        url = f"http://127.0.0.1:{port}"
         wait_ready(url, proc)
-        ids = []
-        for _ in range(10):  # a connection each: with two workers, both serve some
-            with openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=20) as sdk:
-                ids.append(sdk.chat.completions.with_raw_response.create(
-                    model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]).headers["x-request-id"])
-        time.sleep(0.5)
-        assert collector.spans == []  # queued in the exporter process
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, url
+
+
+def ask_once(url: str) -> str:
+    """One chat completion on a connection of its own; its request id."""
+    with openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=20) as sdk:
+        return sdk.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]).headers["x-request-id"]
+
+
+def stop(proc: Any) -> str:
+    """SIGTERM; the process's output once it left."""
+    try:
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    return output
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_to_a_real_gateway_exports_what_was_queued(upstream, collector, tmp_path, workers):
+    """`proxy.py serve` in a process of its own, SIGTERM: the spans its exporter still held
+    (an hour-long export interval: nothing was sent before) reach the collector, and the
+    gateway and its exporter process leave. With two workers, each flushes its own."""
+    proc, url = serve(upstream, tmp_path, telemetry(collector, export_interval="1h", export_timeout=5),
+                      workers=workers)
+    ids = [ask_once(url) for _ in range(10)]  # a connection each: with two workers, both serve some
+    time.sleep(0.5)
+    assert collector.spans == []  # queued in the exporter process
+    output = stop(proc)
     assert proc.returncode == 0, output[-3000:]
     for request_id in ids:
         server, (client,) = collector.trace_of(request_id, timeout=2)
         assert server["kind"] == SERVER and client["kind"] == CLIENT
     assert "spans not exported" not in output
+
+
+def test_sigterm_with_a_collector_that_never_answers_still_stops(upstream, server_thread, tmp_path):
+    """The collector takes the export and never answers: the stop gives the exporter
+    `export_timeout`, then goes on; the gateway leaves with exit 0 and says what it lost."""
+    hanging = server_thread.run(FakeCollector(delay=3600).start())
+    try:
+        proc, url = serve(upstream, tmp_path, telemetry(hanging, export_interval="1h", export_timeout=1))
+        ask_once(url)
+        output = stop(proc)
+    finally:
+        server_thread.run(hanging.stop())
+    assert proc.returncode == 0, output[-3000:]
+    assert "trace flush at stop: 2 spans not exported" in output
 
 
 # --------------------------------------------------------------------------------------
