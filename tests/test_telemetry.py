@@ -1318,3 +1318,62 @@ def test_anthropic_input_tokens_include_the_cache_on_both_paths(gateway_factory,
     assert server["attributes"]["gen_ai.usage.cache_read.input_tokens"] == 30
     assert server["attributes"]["gen_ai.usage.cache_creation.input_tokens"] == 5
     assert traceparent_of(upstream.last)[1] == client["span_id"]
+
+
+def test_a_request_in_flight_at_a_reload_is_exported_by_the_tracer_it_started_on(
+        server_thread, upstream, store_url, tmp_path, collector):
+    """The reload replaces the tracer while a request is still waiting for the upstream: the
+    old tracer stays until that request ended, exports its spans, then its exporter leaves."""
+    import threading
+
+    import yaml
+
+    import proxy
+
+    second = server_thread.run(FakeCollector().start())
+    data = base_config(upstream, store_url=store_url, plugins=[], telemetry=telemetry(collector))
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+
+    async def start() -> tuple[web.AppRunner, web.Application, str]:
+        app = proxy.create_app(proxy.check_config(path), config_path=str(path))
+        runner = web.AppRunner(app, shutdown_timeout=2)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return runner, app, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    runner, app, url = server_thread.run(start())
+    gw = app[proxy.GATEWAY]
+    try:
+        request_id_of(chat_at(url))  # the old tracer's exporter process is running
+        old = gw.snapshot.telemetry
+        upstream.push(Fault.slow(1.5))
+        answered: list[str] = []
+        slow = threading.Thread(target=lambda: answered.append(request_id_of(chat_at(url))))
+        slow.start()
+        deadline = time.monotonic() + 10
+        while old.active == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        data["telemetry"] = telemetry(second)
+        path.write_text(yaml.safe_dump(data))
+        assert server_thread.run(proxy.reload_config(app, reason="test")) is True
+        assert old in gw.retired_telemetry and old.active == 1 and not old.stopped  # waits for the slow request
+        slow.join(20)
+        server, (client,) = collector.trace_of(answered[0])  # exported by the tracer it started on
+        assert old.pipe.child is not None
+        old.pipe.child.proc.wait(timeout=10)  # then the old exporter left
+        deadline = time.monotonic() + 10
+        while old in gw.retired_telemetry and time.monotonic() < deadline:  # the stop's last step
+            time.sleep(0.02)
+        assert old not in gw.retired_telemetry
+        second.trace_of(request_id_of(chat_at(url)))
+    finally:
+        server_thread.run(runner.cleanup(), timeout=30)
+        server_thread.run(second.stop())
+
+
+def chat_at(url: str) -> Any:
+    with openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=20) as sdk:
+        return sdk.chat.completions.with_raw_response.create(model="gpt-4o-mini",
+                                                             messages=[{"role": "user", "content": "hi"}])
