@@ -137,6 +137,18 @@ def traceparent_of(recorded: Any) -> tuple[str, str, bool]:
     return trace_id, span_id, bool(int(flags, 16) & 1)
 
 
+async def start_app(path: Any) -> tuple[web.AppRunner, web.Application, str]:
+    """The gateway of the config file at `path`, as `proxy.py serve` builds it (reloadable)."""
+    import proxy
+
+    app = proxy.create_app(proxy.check_config(path), config_path=str(path))
+    runner = web.AppRunner(app, shutdown_timeout=2)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, app, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
 def events(span: dict) -> list[str]:
     return [e["name"] for e in span["events"]]
 
@@ -541,15 +553,7 @@ def test_a_reload_turns_tracing_on_and_the_stop_flushes_what_is_queued(server_th
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data))
 
-    async def start() -> tuple[web.AppRunner, web.Application, str]:
-        app = proxy.create_app(proxy.check_config(path), config_path=str(path))
-        runner = web.AppRunner(app, shutdown_timeout=2)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        return runner, app, f"http://127.0.0.1:{runner.addresses[0][1]}"
-
-    runner, app, url = server_thread.run(start())
+    runner, app, url = server_thread.run(start_app(path))
     try:
         sdk = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         sdk.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
@@ -933,15 +937,7 @@ def test_a_reload_moves_endpoint_headers_and_ratio_and_flushes_the_old_exporter(
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data))
 
-    async def start() -> tuple[web.AppRunner, web.Application, str]:
-        app = proxy.create_app(proxy.check_config(path), config_path=str(path))
-        runner = web.AppRunner(app, shutdown_timeout=2)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        return runner, app, f"http://127.0.0.1:{runner.addresses[0][1]}"
-
-    runner, app, url = server_thread.run(start())
+    runner, app, url = server_thread.run(start_app(path))
     gw = app[proxy.GATEWAY]
     try:
         sdk = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
@@ -1335,15 +1331,7 @@ def test_a_request_in_flight_at_a_reload_is_exported_by_the_tracer_it_started_on
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data))
 
-    async def start() -> tuple[web.AppRunner, web.Application, str]:
-        app = proxy.create_app(proxy.check_config(path), config_path=str(path))
-        runner = web.AppRunner(app, shutdown_timeout=2)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        return runner, app, f"http://127.0.0.1:{runner.addresses[0][1]}"
-
-    runner, app, url = server_thread.run(start())
+    runner, app, url = server_thread.run(start_app(path))
     gw = app[proxy.GATEWAY]
     try:
         request_id_of(chat_at(url))  # the old tracer's exporter process is running
