@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -657,7 +658,10 @@ class TelemetryConfig(_Strict):
     otlp_endpoint: str | None = Field(None, description="the collector's base URL, e.g. http://127.0.0.1:4318")
     headers: dict[str, str] = Field(default_factory=dict, description="sent with every export, e.g. a key via os.environ/")
     service_name: str = Field("ai-gateway", min_length=1)
-    sample_ratio: float = Field(1.0, ge=0, le=1, description="share of traces kept (a client's sampled flag wins)")
+    sample_ratio: float = Field(1.0, ge=0, le=1, description="share of traces kept")
+    client_sampling: Literal["ignore", "honor"] = Field(
+        "ignore", description="ignore: sample_ratio decides every request (a client's traceparent is still "
+                              "continued); honor: a client's sampled flag decides (ParentBased)")
     capture_content: bool = Field(False, description="prompt and completion text in the spans")
     queue_size: int = Field(2048, ge=1, le=1_000_000, description="spans waiting for export; beyond, dropped and counted")
     batch_size: int = Field(512, ge=1, le=100_000)
@@ -672,8 +676,32 @@ class TelemetryConfig(_Strict):
     @field_validator("otlp_endpoint")
     @classmethod
     def _http_url(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^https?://[^/\s]+", v):
-            raise ValueError("expected an http:// or https:// URL (OTLP/HTTP), e.g. http://127.0.0.1:4318")
+        if v is None:
+            return v
+        error = "expected an http:// or https:// URL (OTLP/HTTP), e.g. http://127.0.0.1:4318"
+        if not re.match(r"^https?://[^/\s]+", v) or re.search(r"[\s\x00-\x1f\x7f]", v):
+            raise ValueError(error)
+        parts = urlsplit(v)
+        try:
+            parts.port  # noqa: B018 — raises on a port that is not a number in 0..65535
+        except ValueError:
+            raise ValueError(error + " (its port is not a number in 0..65535)") from None
+        if not parts.hostname:
+            raise ValueError(error + " (no host)")
+        if parts.username is not None or parts.password is not None:  # it would show in /admin/config
+            raise ValueError("credentials belong in telemetry.headers (os.environ/ refs), not in the URL")
+        return v
+
+    @field_validator("headers")
+    @classmethod
+    def _http_headers(cls, v: dict[str, str]) -> dict[str, str]:
+        """Header names are HTTP tokens and values hold no control character (a newline would
+        fail every export, or split the header): said at load, naming the header, never its value."""
+        for name, value in v.items():
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"{name[:64]!r} is not a valid HTTP header name")
+            if value is not None and re.search(r"[\x00-\x08\x0a-\x1f\x7f]", value):
+                raise ValueError(f"the value of {name} holds a control character (a newline?)")
         return v
 
 

@@ -15,7 +15,7 @@ from aiohttp import web
 from gateway.chain import Chain
 from gateway.config import RESTART_ONLY, Config, ConfigError, config_changes, load_config
 from gateway.state import GATEWAY, SERVICES, Snapshot
-from gateway.telemetry import build_telemetry
+from gateway.telemetry import build_telemetry, retire_telemetry
 from plugins import build_plugins, plugin_class, validate_plugin_settings
 from plugins.base import Plugin
 
@@ -112,9 +112,9 @@ async def reload_config(app: web.Application, reason: str = "manual") -> bool:
     if gw.directory is not None:
         gw.directory.ttl = new.auth.cache_ttl
     telemetry = gw.snapshot.telemetry
-    if new.telemetry != old.telemetry:  # a new tracer; the old one exports its last spans until stop
-        if telemetry is not None:
-            gw.retired_telemetry.append(telemetry)
+    if new.telemetry != old.telemetry:  # a new tracer
+        if telemetry is not None:  # flushed and stopped once the requests it traces ended
+            retire_telemetry(telemetry, gw.retired_telemetry)
         telemetry = build_telemetry(new.telemetry)
     gw.snapshot = Snapshot(new, Chain(plugins, inflight=gw.chain.inflight, journal=gw.chain.journal), telemetry)
     log.info("config_reloaded", reason=reason, changes=changes)

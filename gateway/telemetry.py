@@ -4,6 +4,7 @@
       otlp_endpoint: http://127.0.0.1:4318      # unset: no tracing, no cost
       headers: {Authorization: os.environ/OTLP_AUTH}
       sample_ratio: 1.0
+      client_sampling: ignore                   # or honor: a client's sampled flag decides
       capture_content: false
 
 One SERVER span per request, opened and closed by the request lifecycle
@@ -16,7 +17,9 @@ upstream (`UPSTREAM_TRACE`, read by the native HTTP client and the litellm dispa
 
 A request's spans are recorded as plain values while it runs (no SDK span objects, no
 context switches) and become span records once it ended: ids from the SDK's id generator,
-the decision to record from its sampler (ParentBased(TraceIdRatioBased)). Off the request
+the decision to record from its sampler (TraceIdRatioBased; ParentBased only with
+`client_sampling: honor`: by default a client's sampled flag does not make the operator
+pay for its spans, docs/telemetry.md "Sampling"). Off the request
 path and out of the gateway's process: the records go to the exporter process
 (gateway/trace_export.py), which builds the SDK's ReadableSpans and exports them with its
 BatchSpanProcessor and OTLP/HTTP exporter. Bounded: a dead or slow collector leaves spans in
@@ -55,9 +58,13 @@ if TYPE_CHECKING:
     from gateway.config import ModelEntry, TelemetryConfig
     from plugins.base import RequestContext
 
-__all__ = ["SPANS", "Telemetry", "RequestTrace", "build_telemetry", "telemetry_cleanup"]
+__all__ = ["SPANS", "Telemetry", "RequestTrace", "build_telemetry", "retire_telemetry", "telemetry_cleanup"]
 
 log = logging.getLogger("gateway.telemetry")
+# A client's malformed traceparent or tracestate is ignored (a new trace; no tracestate passed
+# on), not logged: the SDK's warnings would quote the client's header, once per request.
+for _name in ("opentelemetry.trace.propagation.tracecontext", "opentelemetry.trace.span"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 
@@ -76,9 +83,15 @@ def provider_name(provider: str | None) -> str | None:
     return _PROVIDER_NAMES.get(provider, provider)
 
 
+TOOL_ENDPOINT = "mcp.tools/call"  # plugins/base.py TOOL_ENDPOINTS: an MCP tools/call
+
+
 def operation_of(endpoint: str) -> str:
-    """gen_ai.operation.name: embeddings, or chat for every conversation API."""
-    return "embeddings" if endpoint == "embeddings" else "chat"
+    """gen_ai.operation.name: embeddings, execute_tool (an MCP tools/call), or chat for
+    every conversation API."""
+    if endpoint == "embeddings":
+        return "embeddings"
+    return "execute_tool" if endpoint == TOOL_ENDPOINT else "chat"
 
 
 @functools.lru_cache(maxsize=256)
@@ -110,11 +123,16 @@ class Telemetry:
         self.settings = settings
         self.capture_content = settings.capture_content
         assert settings.otlp_endpoint is not None
-        # ParentBased: a client's traceparent decides; without one (no SDK span is ever
-        # current in the gateway) its root sampler does, called directly.
+        # `client_sampling: honor`: ParentBased, a client's traceparent decides; without one
+        # (no SDK span is ever current in the gateway) its root sampler does, called
+        # directly. `ignore` (the default): the root sampler decides every request.
         self.root_sampler = TraceIdRatioBased(settings.sample_ratio)
         self.sampler = ParentBased(self.root_sampler)
+        self.honor_client = settings.client_sampling == "honor"
         self.ids = RandomIdGenerator()
+        self.active = 0  # requests started and not yet finished on this tracer (a reload waits for them)
+        self.stopped = False
+        self._stopping: asyncio.Future | None = None
         self.pipe = ExportPipe({
             "endpoint": traces_url(settings.otlp_endpoint), "headers": dict(settings.headers),
             "service_name": settings.service_name, "queue_size": settings.queue_size,
@@ -122,9 +140,13 @@ class Telemetry:
             "export_interval": settings.export_interval, "export_timeout": settings.export_timeout,
         }, settings.queue_size)
 
-    def start(self, ctx: "RequestContext", request: "web.Request") -> "RequestTrace":
-        """The request's SERVER span, continuing the client's `traceparent` if it sent one."""
-        headers = request.headers
+    def start(self, ctx: "RequestContext", request: "web.Request",
+              carrier: Mapping[str, Any] | None = None) -> "RequestTrace":
+        """The request's SERVER span, continuing the client's `traceparent` if it sent one
+        (in its headers, or in `carrier`: an MCP request's `params._meta`)."""
+        headers: Any = request.headers
+        if "traceparent" not in headers and carrier is not None and isinstance(carrier.get("traceparent"), str):
+            headers = {key: carrier[key] for key in ("traceparent", "tracestate") if isinstance(carrier.get(key), str)}
         parent_context = None
         trace_id = parent_id = 0
         trace_state = None
@@ -138,8 +160,17 @@ class Telemetry:
                 parent_context = None
         if not trace_id:
             trace_id = self.ids.generate_trace_id()
-        sampler = self.sampler if parent_context is not None else self.root_sampler
-        sampled = sampler.should_sample(parent_context, trace_id, ctx.endpoint, SpanKind.SERVER).decision.is_sampled()
+        if parent_context is None:
+            sampled = self.root_sampler.should_sample(None, trace_id, ctx.endpoint).decision.is_sampled()
+        elif self.honor_client:
+            sampled = self.sampler.should_sample(parent_context, trace_id, ctx.endpoint).decision.is_sampled()
+        else:
+            # The operator's ratio, on an id the client did not choose: TraceIdRatioBased
+            # reads the trace id's low bits, and a client picks its trace id (one ending in
+            # zeros would be kept at any ratio). The client's trace is continued either way.
+            sampled = self.root_sampler.should_sample(
+                None, self.ids.generate_trace_id(), ctx.endpoint).decision.is_sampled()
+        self.active += 1
         trace = RequestTrace(self, trace_id, self.ids.generate_span_id(), parent_id, trace_state, sampled)
         if sampled:
             trace.attributes = {"gateway.request_id": ctx.request_id, "gateway.endpoint": ctx.endpoint,
@@ -150,7 +181,13 @@ class Telemetry:
         """Export what is queued and stop. The exporter process is given at most
         `export_timeout` seconds (waited for in a daemon thread: a dead collector neither
         holds the stop nor the loop's executor); what it did not export is counted as
-        dropped ("shutdown")."""
+        dropped ("shutdown"). Once: a later call waits for the first."""
+        if self._stopping is None:
+            self.stopped = True
+            self._stopping = asyncio.ensure_future(self._flush_and_stop())
+        await asyncio.shield(self._stopping)
+
+    async def _flush_and_stop(self) -> None:
         self.pipe.stop_taking()
         loop = asyncio.get_running_loop()
         done = loop.create_future()
@@ -168,6 +205,29 @@ class Telemetry:
 
         threading.Thread(target=run, name="trace-flush", daemon=True).start()
         await asyncio.wait_for(asyncio.shield(done), self.settings.export_timeout + 5)
+
+    async def retire(self, retired: list["Telemetry"], poll: float = 0.1) -> None:
+        """A reload replaced this tracer: once the requests it started have ended (their
+        spans submitted), it exports what it holds and its exporter process leaves; it is
+        then taken off `retired` (the tracers the stop flushes)."""
+        try:
+            while self.active > 0 and not self.stopped:
+                await asyncio.sleep(poll)
+            await self.flush_and_stop()
+        finally:
+            if self in retired:
+                retired.remove(self)
+
+
+_RETIRING: set[asyncio.Future] = set()  # strong references to the retire() tasks
+
+
+def retire_telemetry(tracer: Telemetry, retired: list[Telemetry]) -> None:
+    """gateway/reload.py: `tracer` was replaced; flushed and stopped once its requests ended."""
+    retired.append(tracer)
+    task = asyncio.ensure_future(tracer.retire(retired))
+    _RETIRING.add(task)
+    task.add_done_callback(_RETIRING.discard)
 
 
 def build_telemetry(settings: "TelemetryConfig") -> Telemetry | None:
@@ -271,6 +331,32 @@ class RequestTrace:
             attributes["server.address"], attributes["server.port"] = server
         return Attempt(span_id, token, f"{operation} {upstream_model}", time_ns(), attributes)
 
+    def tool_call(self, server: str, tool: str, url: str | None) -> tuple[Attempt, dict[str, str]]:
+        """A CLIENT span for one MCP tools/call to `server` (gateway/inbound/mcp.py), and
+        the trace context the call carries in its `params._meta` (the MCP convention)."""
+        span_id = self.telemetry.ids.generate_span_id()
+        carrier = self._carrier(span_id)
+        if not self.recording:
+            return Attempt(span_id, None), carrier
+        attributes: dict[str, Any] = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": tool,
+                                      "mcp.method.name": "tools/call", "gateway.mcp_server": server}
+        address = _server_of(url)
+        if address is not None:
+            attributes["server.address"], attributes["server.port"] = address
+        return Attempt(span_id, None, f"execute_tool {tool}", time_ns(), attributes), carrier
+
+    def tool_call_ended(self, attempt: Attempt, error: str | None = None) -> None:
+        """The tools/call answered (`error`: its failure's code, or `tool_error` for a
+        result the tool marked isError)."""
+        if not self.recording:
+            return
+        if error is None:
+            self._end(attempt)
+            return
+        assert attempt.attributes is not None
+        attempt.attributes["error.type"] = error
+        self._end(attempt, _ERROR, error)
+
     def _carrier(self, span_id: int) -> dict[str, str]:
         """The W3C trace-context headers that make the span `span_id` the upstream call's
         parent (as the SDK's TraceContextTextMapPropagator writes them, without building a
@@ -322,7 +408,9 @@ class RequestTrace:
             self.response_id = result.get("id") or self.response_id
         self._end(attempt)
 
-    def _close_stream(self, discarded: bool = False, attributes: Mapping[str, Any] | None = None) -> None:
+    def _close_stream(self, discarded: bool = False, attributes: Mapping[str, Any] | None = None,
+                      error: str | None = None) -> None:
+        """End the relayed stream's CLIENT span; `error`: the stream broke (its code)."""
         attempt, self.open_stream = self.open_stream, None
         if attempt is None:
             return
@@ -331,13 +419,18 @@ class RequestTrace:
             attempt.attributes["gateway.discarded"] = True
         elif attributes:
             attempt.attributes.update(attributes)
-        self._end(attempt)
+        if error is not None:
+            attempt.attributes["error.type"] = error
+            self._end(attempt, _ERROR, error)
+        else:
+            self._end(attempt)
 
     # --- the end -----------------------------------------------------------------------
 
     def finish(self, ctx: "RequestContext") -> None:
         """The answer (or error) is sent: the server span's attributes and end, then every
         span of the request to the exporter."""
+        self.telemetry.active -= 1
         if not self.recording:
             return
         try:
@@ -353,10 +446,14 @@ class RequestTrace:
             if self.telemetry.capture_content:
                 attributes.update(_content_attributes(ctx))
             if self.open_stream is not None:
+                # A stream that broke after its first chunk (the upstream cut it, timed out,
+                # sent garbage) is the upstream call's failure too; a client that left is not.
+                broke = ctx.error is not None and ctx.error.status >= 500 and not ctx.client_disconnected
                 self._close_stream(attributes={k: v for k, v in attributes.items()
-                                               if k.startswith("gen_ai.usage.") or k in _STREAM_KEYS})
+                                               if k.startswith("gen_ai.usage.") or k in _STREAM_KEYS},
+                                   error=(ctx.error.code or ctx.error.type) if broke else None)
             operation = attributes.get("gen_ai.operation.name")
-            name = f"{operation} {ctx.requested_model}" if operation and ctx.requested_model else ctx.endpoint
+            name = f"{operation} {ctx.requested_model}" if operation and _served(ctx) else operation or ctx.endpoint
             status, description = _UNSET, None
             if ctx.error is not None and ctx.error.status >= 500:
                 status, description = _ERROR, ctx.error.code or ctx.error.type
@@ -369,6 +466,24 @@ class RequestTrace:
 
 
 _STREAM_KEYS = frozenset({"gen_ai.response.finish_reasons", "gen_ai.response.id"})
+_MAX_CLIENT_TEXT = 256  # a name the client chose (model, tool, action), in an attribute
+
+
+def _served(ctx: "RequestContext") -> bool:
+    """The requested model (or tool) is one the gateway serves: a span name stays
+    low-cardinality, never a string the client made up (it may be 60 KB long)."""
+    name = ctx.requested_model
+    if not name:
+        return False
+    if ctx.endpoint == TOOL_ENDPOINT:
+        return ctx.config.mcp_tool(name) is not None
+    return bool(ctx.config.deployments(name))
+
+
+def _bounded(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > _MAX_CLIENT_TEXT:
+        return value[:_MAX_CLIENT_TEXT - 3] + "..."
+    return value
 
 
 def _answer_attributes(payload: Mapping[str, Any]) -> dict[str, Any]:
@@ -403,11 +518,21 @@ def _request_attributes(ctx: "RequestContext", answered: tuple[Any, dict[str, An
         out["http.response.status_code"] = ctx.status
     if ctx.error is not None:
         out["error.type"] = ctx.error.code or ctx.error.type
-    if ctx.billed:
+    if ctx.endpoint == TOOL_ENDPOINT:
+        out["gen_ai.operation.name"] = "execute_tool"
+        out["mcp.method.name"] = "tools/call"
+        if ctx.requested_model:
+            out["gen_ai.tool.name"] = _bounded(ctx.requested_model)
+        if ctx.provider:
+            out["gateway.mcp_server"] = ctx.provider
+        out["gateway.energy"] = ctx.energy_cost if ctx.error is None else 0
+        if ctx.cost_usd is not None:
+            out["gateway.cost_usd"] = float(ctx.cost_usd)
+    elif ctx.billed:
         out["gen_ai.operation.name"] = operation_of(ctx.endpoint)
         body = ctx.body
         if ctx.requested_model:
-            out["gen_ai.request.model"] = ctx.requested_model
+            out["gen_ai.request.model"] = _bounded(ctx.requested_model)
         if ctx.model:
             out["gen_ai.response.model"] = ctx.model
         provider = provider_name(ctx.provider)
@@ -465,7 +590,7 @@ def _request_attributes(ctx: "RequestContext", answered: tuple[Any, dict[str, An
     for key, value in (("gateway.action", ctx.action), ("gateway.experiment", ctx.experiment),
                        ("gateway.variant", ctx.variant)):
         if value:
-            out[key] = value
+            out[key] = _bounded(value)
     if ctx.client_disconnected:
         out["gateway.client_disconnected"] = True
     if ctx.unbilled_calls:
@@ -473,25 +598,42 @@ def _request_attributes(ctx: "RequestContext", answered: tuple[Any, dict[str, An
     return out
 
 
+MAX_CONTENT_CHARS = 64 * 1024  # one captured text attribute (a 4 MB prompt would fail its whole export batch)
+
+
+def _captured(value: Any) -> str:
+    """JSON of a captured conversation part, cut at MAX_CONTENT_CHARS (then no longer JSON:
+    its end says how much was left out)."""
+    text = orjson.dumps(value, default=str).decode()
+    if len(text) <= MAX_CONTENT_CHARS:
+        return text
+    return text[:MAX_CONTENT_CHARS] + f"...[{len(text) - MAX_CONTENT_CHARS} more characters]"
+
+
 def _content_attributes(ctx: "RequestContext") -> dict[str, Any]:
     """`capture_content: true`: the conversation in and the answer out, as the convention's
-    gen_ai.input.messages / gen_ai.output.messages (JSON)."""
+    gen_ai.input.messages / gen_ai.output.messages (JSON); a tool call's arguments as
+    gen_ai.tool.call.arguments."""
     out: dict[str, Any] = {}
     body = ctx.body
+    if ctx.endpoint == TOOL_ENDPOINT:
+        if body.get("arguments") is not None:
+            out["gen_ai.tool.call.arguments"] = _captured(body["arguments"])
+        return out
     messages = body.get("messages") if "messages" in body else body.get("input")
     if messages is not None:
-        out["gen_ai.input.messages"] = orjson.dumps(messages, default=str).decode()
+        out["gen_ai.input.messages"] = _captured(messages)
+    if body.get("instructions") is not None:  # a Responses request's system prompt
+        out["gen_ai.system_instructions"] = _captured(body["instructions"])
     response = ctx.response
     if isinstance(response, dict) and response.get("choices"):
         outputs = [c.get("message") for c in response["choices"] if isinstance(c, dict)]
-        out["gen_ai.output.messages"] = orjson.dumps(outputs, default=str).decode()
+        out["gen_ai.output.messages"] = _captured(outputs)
     elif isinstance(response, dict) and response.get("output") is not None:
-        out["gen_ai.output.messages"] = orjson.dumps(response["output"], default=str).decode()
+        out["gen_ai.output.messages"] = _captured(response["output"])
     elif ctx.streamed_text:
-        out["gen_ai.output.messages"] = orjson.dumps(
-            [{"role": "assistant", "content": "".join(ctx.streamed_text)}]).decode()
+        out["gen_ai.output.messages"] = _captured([{"role": "assistant", "content": "".join(ctx.streamed_text)}])
     return out
-
 
 
 def telemetry_cleanup(gw: Any) -> Any:

@@ -38,6 +38,10 @@ billing short (it ends like any answered request, `client_disconnected`). Every 
 or failure is an MCP (JSON-RPC) error whose message says why (`Not enough energy: ...`)
 and whose `data` carries the gateway's `status`, `type` and `code`.
 
+Traces (docs/telemetry.md): with tracing on, `_run_call` opens and closes the call's SERVER
+span itself (`execute_tool server__tool`, continuing a `traceparent` header or the call's
+`params._meta`), and a CLIENT span around the upstream call, whose `params._meta` carries it.
+
 Hot reload: the catalog of upstream sessions follows the config snapshot of each request;
 a reload keeps the sessions of unchanged servers and closes the others once their calls
 had time to end.
@@ -217,7 +221,8 @@ class McpEndpoint:
     async def _call_tool(self, ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
         caller = self._caller(ctx)
         rctx = new_context(caller.request, caller.snap, ENDPOINT, {})
-        task = asyncio.ensure_future(self._run_call(caller, rctx, params.name, dict(params.arguments or {})))
+        meta = params.meta if isinstance(params.meta, dict) else None  # an agent's trace context (W3C, SEP-414)
+        task = asyncio.ensure_future(self._run_call(caller, rctx, params.name, dict(params.arguments or {}), meta))
         self._calls.add(task)
         task.add_done_callback(self._call_done)
         try:
@@ -232,7 +237,7 @@ class McpEndpoint:
             task.exception()  # retrieved: a call whose client left raises to nobody
 
     async def _run_call(self, caller: McpCaller, ctx: RequestContext, name: str,
-                        arguments: dict[str, Any]) -> types.CallToolResult:
+                        arguments: dict[str, Any], meta: dict[str, Any] | None = None) -> types.CallToolResult:
         """One tool call through the plugin chain (module docstring): exactly one ending."""
         snap = caller.snap
         catalog = self.catalog(snap.config)
@@ -253,6 +258,9 @@ class McpEndpoint:
             found.append(tool)
 
         snap.chain.enter(ctx)
+        trace = None
+        if snap.telemetry is not None:  # a SERVER span, and a CLIENT span for the upstream call
+            trace = ctx.trace = snap.telemetry.start(ctx, caller.request, meta)
         try:
             try:
                 await snap.chain.run_request(ctx, read_body)
@@ -272,11 +280,22 @@ class McpEndpoint:
             ctx.provider = tool.server.name
             ctx.deployment = f"mcp/{tool.server.name}/{tool.upstream_name}"
             ctx.attempts = 1
+            attempt, meta = trace.tool_call(tool.server.name, tool.upstream_name, tool.server.url) \
+                if trace is not None else (None, None)
             try:
-                result = await upstream.call_tool(tool.upstream_name, arguments)
+                result = await upstream.call_tool(tool.upstream_name, arguments, meta=meta)
             except ToolCallFailed as exc:
+                if attempt is not None:
+                    trace.tool_call_ended(attempt, exc.code)
                 status = 504 if exc.code == "upstream_timeout" else 502
                 raise ApiError(status, exc.message, type="server_error", code=exc.code) from None
+            except BaseException as exc:  # cancelled, or a bug: the span ends all the same
+                if attempt is not None:
+                    trace.tool_call_ended(attempt, "cancelled" if isinstance(exc, asyncio.CancelledError)
+                                          else type(exc).__name__)
+                raise
+            if attempt is not None:
+                trace.tool_call_ended(attempt, "tool_error" if result.is_error else None)
             ctx.first_byte_at = time.monotonic()
             if result.is_error:  # the tool ran and failed: the client gets its answer, unbilled
                 await snap.chain.end(ctx, ApiError(502, f"The tool '{name}' reported an error.",
@@ -298,6 +317,9 @@ class McpEndpoint:
             err = internal_error(ctx.request_id)
             await snap.chain.end(ctx, err)
             raise mcp_error(err) from None
+        finally:
+            if trace is not None:
+                trace.finish(ctx)
 
     # --- resources and prompts: passed through, unpriced ----------------------------------
 

@@ -235,10 +235,12 @@ class McpUpstream:
         self._tools = (time.monotonic(), tools)
         return tools
 
-    async def call_tool(self, upstream_name: str, arguments: dict[str, Any]) -> types.CallToolResult:
+    async def call_tool(self, upstream_name: str, arguments: dict[str, Any],
+                        meta: dict[str, str] | None = None) -> types.CallToolResult:
+        """`meta`: the W3C trace context (traceparent, tracestate) for the call's `params._meta`."""
         timeout = self.server.tool_timeout(upstream_name)
         result = await self._request(f"tools/call {upstream_name!r}", timeout,
-                                     lambda client: client.call_tool(upstream_name, arguments))
+                                     lambda client: client.call_tool(upstream_name, arguments, meta=meta))
         if not isinstance(result, types.CallToolResult):
             raise ToolCallFailed(f"The MCP server '{self.name}' answered tools/call with a malformed result.",
                                  "upstream_malformed")
