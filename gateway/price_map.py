@@ -101,6 +101,15 @@ def model_info(model: str) -> dict[str, Any] | None:
     return found if isinstance(found, dict) else None
 
 
+def prices_long_prompts(model: str, prompt_tokens: int) -> bool:
+    """Whether the map prices a prompt of `prompt_tokens` on `model`: its entry has a
+    long-context step, or a `max_input_tokens` at least that large (gateway/usage.py bills
+    a longer prompt on a model with neither as unknown)."""
+    info = model_info(model) or {}
+    window = info.get("max_input_tokens")
+    return any(_is_step(key) for key in info) or (isinstance(window, (int, float)) and window >= prompt_tokens)
+
+
 @functools.lru_cache(maxsize=64)
 def _encoding(model: str | None) -> Any:
     directory = _litellm_dir()

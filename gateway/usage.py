@@ -379,7 +379,8 @@ def batch_prices(config: Config, public_model: str, deployment_model: str | None
                  prompt_tokens: int) -> BilledPrices | None:
     """The token prices of a line of a provider batch (gateway/batches.py): the model's
     `pricing.batches` when its pricing is given, else litellm's `*_batches` keys for the
-    deployment (above the long-context step the prompt exceeds); None when neither says."""
+    deployment (above the long-context step the prompt exceeds, when the map has that step's
+    `*_batches` keys); None when neither says."""
     if config.deployments(public_model):
         pricing = config.model_settings(public_model).pricing
         if pricing is not None:
@@ -398,6 +399,12 @@ def batch_prices(config: Config, public_model: str, deployment_model: str | None
     if _beyond_window(deployment_model, steps, prompt_tokens):
         return None
     exceeded = sum(1 for threshold, _ in steps if prompt_tokens > threshold)
+    if exceeded and not any(key.endswith(f"_above_{steps[exceeded - 1][1]}_tokens_batches")
+                            for key in _map_info(deployment_model) or {}):
+        # Above a step the map has no batch price for: the standard step's price is not
+        # what a batch costs (Anthropic halves the long-context price too), the base batch
+        # price is under it. Unknown (null), as the module's rule for any unknown price.
+        return None
     prices = _litellm_prices(deployment_model, "batches", exceeded)
     if prices is None:
         return None

@@ -18,10 +18,11 @@ import anthropic
 import litellm
 import pytest
 
-from gateway.config import load_config_data
-from gateway.price_map import LONG_CONTEXT_TWINS, model_info, supplement_long_context
-from gateway.usage import token_prices
+from gateway.config import ConfigError, load_config_data
+from gateway.price_map import LONG_CONTEXT_TWINS, count_messages, model_info, supplement_long_context
+from gateway.usage import batch_prices, estimate_usd_ceiling, token_prices
 from plugins.base import Usage
+from plugins.testing import make_ctx
 from tests.test_accounting import only_row
 from tests.test_chat import only_models
 
@@ -137,6 +138,39 @@ def test_a_prompt_beyond_max_input_tokens_without_a_long_context_price_is_unpric
     # the operator's pricing is taken as given, whatever the prompt
     priced = _config("anthropic/claude-opus-4-5", pricing={"input_per_million": 5, "output_per_million": 25})
     assert token_prices(priced, "m", "anthropic/claude-opus-4-5", None, 500_000) is not None
+
+
+def test_a_batch_line_above_a_step_without_a_batch_price_is_unpriced():
+    """Anthropic halves the long-context price in a batch too; the map has no batch step
+    for claude-sonnet-4-5, and neither the standard step (2x) nor the base batch price
+    (half) is what the line costs: null. A map batch step (claude-haiku-5-5) and the
+    operator's `pricing.batches.long_context` are billed."""
+    config = _config("anthropic/claude-sonnet-4-5")
+    below = batch_prices(config, "m", "anthropic/claude-sonnet-4-5", 150_000)
+    assert (float(below.tokens.input), below.above_tokens) == (pytest.approx(pm(1.5)), None)
+    assert batch_prices(config, "m", "anthropic/claude-sonnet-4-5", 250_000) is None
+    haiku = batch_prices(_config("anthropic/claude-haiku-5-5"), "m", "anthropic/claude-haiku-5-5", 150_000)
+    assert (float(haiku.tokens.input), haiku.above_tokens) == (pytest.approx(pm(0.25)), 100_000)
+    block = {"input_per_million": 1.5, "output_per_million": 7.5,
+             "long_context": [{"above_tokens": 200_000, "input_per_million": 3, "output_per_million": 11.25}]}
+    priced = _config("anthropic/claude-sonnet-4-5", pricing={"input_per_million": 3, "output_per_million": 15,
+                                                             "batches": block})
+    line = batch_prices(priced, "m", "anthropic/claude-sonnet-4-5", 250_000)
+    assert (float(line.tokens.input), line.above_tokens) == (pytest.approx(pm(3)), 200_000)
+
+
+def test_a_usd_budget_holds_a_long_prompt_at_the_long_context_price():
+    """The hold before the call (gateway/budgets.py) prices the counted prompt above its
+    step: every token at $6 / $22.50 (it held $3 / $15: a budget overrun by half)."""
+    messages = [{"role": "user", "content": "hello " * 210_000}]
+    config = _config("anthropic/claude-sonnet-4-5")
+    ctx = make_ctx(config=config, model="m", body={"messages": messages, "max_tokens": 100})
+    prompt = count_messages(messages)
+    assert prompt > 200_000
+    assert float(estimate_usd_ceiling(ctx, "m")) == pytest.approx(prompt * pm(6) + 100 * pm(22.5), abs=1e-9)
+    short = make_ctx(config=config, model="m", body={"messages": HELLO, "max_tokens": 100})
+    assert float(estimate_usd_ceiling(short, "m")) == pytest.approx(count_messages(HELLO) * pm(3) + 100 * pm(15),
+                                                                    abs=1e-9)
 
 
 # ------------------------------------------------------------------------ over real HTTP
@@ -275,3 +309,27 @@ def test_an_operators_context_1m_header_reaches_anthropic_and_is_billed_at_the_s
     _ask(gw, "messages", "claude-1m", stream=False)
     assert "context-1m-2025-08-07" in upstream.last.headers.get("anthropic-beta", "")
     assert float(only_row(gw)["cost_usd"]) == pytest.approx(300_000 * pm(6) + COMPLETION * pm(22.5), abs=1e-12)
+
+
+@pytest.mark.parametrize(("deployment", "pricing", "refused"), [
+    ("anthropic/claude-opus-4-5", None, True),  # a 200k window, no step: a longer prompt has no price
+    ("anthropic/claude-opus-4-5", {"input_per_million": 5, "output_per_million": 25,
+                                   "long_context": [{"above_tokens": 200_000, "input_per_million": 10,
+                                                     "output_per_million": 37.5}]}, False),
+    ("anthropic/claude-sonnet-4-5", None, False),  # the supplemented step
+    ("anthropic/claude-sonnet-4-6", None, False),  # a 1M window at the base price
+])
+def test_a_deployment_opening_the_1m_window_needs_a_long_context_price(deployment, pricing, refused):
+    """Refused at load (check-config), naming the header, rather than billed null later."""
+    entry = {"name": "m", "litellm_params": {"model": deployment, "api_key": "sk-ant-upstream-SECRET",
+                                             "extra_headers": {"anthropic-beta": "context-1m-2025-08-07"}}}
+    if pricing is not None:
+        entry["pricing"] = pricing
+    raw = {"store": {"url": "sqlite:///:memory:"}, "models": [entry]}
+    if not refused:
+        load_config_data(raw)
+        return
+    with pytest.raises(ConfigError) as excinfo:
+        load_config_data(raw)
+    assert any(e.startswith("models[0].litellm_params.extra_headers.anthropic-beta: opens Anthropic's 1M window")
+               for e in excinfo.value.errors)
