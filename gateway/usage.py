@@ -244,8 +244,8 @@ FREE = UnitPrices.of(0.0, 0.0)
 #   (`input_cost_per_token_above_200k_tokens_priority`), then the standard step's. The map
 #   as read carries the steps some Anthropic entries lack (gateway/price_map.py,
 #   `LONG_CONTEXT_TWINS`).
-# * Beyond the window: a prompt longer than the map's `max_input_tokens` for a model with
-#   no long-context step was served on terms the map does not state (Anthropic's 1M beta on
+# * Beyond the window: a prompt longer than the map's `max_input_tokens` for a chat model
+#   with no long-context step was served on terms the map does not state (Anthropic's 1M beta on
 #   a 200k model bills a premium the map lacks): no price (`cost_usd` null, counted as
 #   unpriced and logged), never the base price. The operator's `pricing` is taken as given.
 # * Hosted-tool uses: USD per use of each tool the answer reports (gateway/hosted_tools.py).
@@ -367,12 +367,20 @@ def token_prices(config: Config, public_model: str, deployment_model: str | None
 
 
 def _beyond_window(model: str, steps: tuple[tuple[float, str], ...], prompt_tokens: int) -> bool:
-    """A prompt longer than the map's `max_input_tokens` for `model`, which has no
-    long-context step: the map does not say what such a prompt costs."""
+    """A prompt longer than the map's `max_input_tokens` for `model`, a chat model with no
+    long-context step: the map does not say what such a prompt costs. (An embedding
+    model's window is per input: a request's inputs together may well exceed it.)"""
     if steps:
         return False
-    window = (_map_info(model) or {}).get("max_input_tokens")
+    info = _map_info(model) or {}
+    if info.get("mode") not in _WINDOWED_MODES:
+        return False
+    window = info.get("max_input_tokens")
     return isinstance(window, (int, float)) and not isinstance(window, bool) and 0 < window < prompt_tokens
+
+
+# The map's modes whose `max_input_tokens` bounds one request's whole prompt.
+_WINDOWED_MODES = ("chat", "responses", "completion")
 
 
 def batch_prices(config: Config, public_model: str, deployment_model: str | None,

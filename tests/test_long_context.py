@@ -135,6 +135,9 @@ def test_a_prompt_beyond_max_input_tokens_without_a_long_context_price_is_unpric
     prices, above = token_prices(sonnet46, "m", "anthropic/claude-sonnet-4-6", None, 900_000)
     assert (float(prices.input), above) == (pytest.approx(pm(3)), None)
     assert token_prices(sonnet46, "m", "anthropic/claude-sonnet-4-6", None, 1_000_001) is None
+    # an embedding model's window is per input: many inputs together are priced as usual
+    embed = _config("openai/text-embedding-3-small")
+    assert token_prices(embed, "m", "openai/text-embedding-3-small", None, 50_000) is not None
     # the operator's pricing is taken as given, whatever the prompt
     priced = _config("anthropic/claude-opus-4-5", pricing={"input_per_million": 5, "output_per_million": 25})
     assert token_prices(priced, "m", "anthropic/claude-opus-4-5", None, 500_000) is not None
