@@ -23,6 +23,7 @@ from gateway.price_map import LONG_CONTEXT_TWINS, count_messages, model_info, su
 from gateway.usage import batch_prices, estimate_usd_ceiling, token_prices
 from plugins.base import Usage
 from plugins.testing import make_ctx
+from tests.fakes import Fault
 from tests.test_accounting import only_row
 from tests.test_chat import only_models
 
@@ -336,3 +337,19 @@ def test_a_deployment_opening_the_1m_window_needs_a_long_context_price(deploymen
         load_config_data(raw)
     assert any(e.startswith("models[0].litellm_params.extra_headers.anthropic-beta: opens Anthropic's 1M window")
                for e in excinfo.value.errors)
+
+
+def test_a_cut_passed_through_stream_is_billed_at_the_step(gateway_factory, upstream):
+    """Anthropic's message_start reported 250,000 prompt tokens, then the stream broke: the
+    prompt is exact, the output counted (estimated), both at the long-context price."""
+    _report(upstream, 250_000)
+    upstream.push(Fault.truncate(after_chunks=3))
+    gw = gateway_factory(plugins=[ACCOUNTING], **only_models(_models(upstream)))
+    client = anthropic.Anthropic(base_url=gw.url, api_key="no-key", max_retries=0, timeout=20)
+    with pytest.raises(anthropic.APIError):
+        with client.messages.stream(model="claude", max_tokens=50, messages=HELLO) as events:
+            "".join(events.text_stream)
+    row = only_row(gw)
+    assert (row["tokens_prompt"], row["usage_estimated"]) == (250_000, True)
+    assert json.loads(row["unit_prices"])["above_tokens"] == 200_000
+    assert float(row["cost_usd"]) == pytest.approx(250_000 * pm(6) + row["tokens_completion"] * pm(22.5), abs=1e-12)
