@@ -27,6 +27,7 @@ from gateway.client_body import CHAT_PARAMS, EMBEDDINGS_PARAMS, FORBIDDEN_FIELDS
 from gateway.exposure import STANDARD_CHAIN
 from gateway.exposure import config_errors as exposure_errors
 from gateway.hosted_tools import usd_per_use_in_map
+from gateway.price_map import prices_long_prompts
 
 ENV_PREFIX = "os.environ/"
 
@@ -364,6 +365,24 @@ _OWN_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "us
 # Words in a name that make it configuration, not a provider body field.
 _NOT_BODY_FIELDS = ("api_", "secret", "password", "credential", "callback", "_url", "_base", "litellm", "mock_",
                     "header", "proxy", "logger", "logging")
+
+
+# Anthropic's beta that opens the 1M-token window (Claude Sonnet 4 / 4.5), and that window.
+CONTEXT_1M_BETA = "context-1m-"
+CONTEXT_1M_TOKENS = 1_000_000
+
+
+def _context_1m_header(params: LitellmParams) -> str | None:
+    """Where a deployment sends Anthropic's `context-1m-*` beta header
+    (`extra_headers.anthropic-beta`), or None."""
+    for name in ("extra_headers", "headers"):
+        headers = (params.model_extra or {}).get(name)
+        if not isinstance(headers, dict):
+            continue
+        for header, value in headers.items():
+            if str(header).lower() == "anthropic-beta" and CONTEXT_1M_BETA in str(value):
+                return f"{name}.{header}"
+    return None
 
 
 class Refill(_Strict):
@@ -1042,6 +1061,13 @@ class Config(_Strict):
                 if tool.usd_per_use is None and usd_per_use_in_map(kind, model) is None:
                     errors.append(f"models[{i}].hosted_tools.{kind}.usd_per_use: litellm's price map has no price "
                                   f"for a {kind} use on {model!r}; set usd_per_use (an allowed tool must be billed)")
+            opened = _context_1m_header(entry.litellm_params)
+            if opened is not None and not any(e.pricing is not None for e in self.models if e.name == entry.name):
+                model = entry.litellm_params.model
+                if not prices_long_prompts(model, CONTEXT_1M_TOKENS):
+                    errors.append(f"models[{i}].litellm_params.{opened}: opens Anthropic's 1M window, but litellm's "
+                                  f"price map has no long-context price for {model!r} (its prices stop at "
+                                  f"max_input_tokens); set pricing with long_context so a longer prompt is billed")
             if entry.downgrade_to is not None and entry.downgrade_to not in names:
                 errors.append(f"models[{i}].downgrade_to: unknown model {entry.downgrade_to!r}")
         for tier_name, tier in self.tiers.items():

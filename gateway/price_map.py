@@ -7,6 +7,15 @@ LITELLM_LOCAL_MODEL_COST_MAP=True), and token estimates from tiktoken with litel
 encodings (no download), counted as litellm's `token_counter` counts OpenAI chat messages
 (3 tokens per message and 3 to prime the reply, plus each string field, +1 for a name).
 tests/test_price_map.py holds both to litellm's own answers.
+
+The map as read here carries one supplement (`LONG_CONTEXT_TWINS`): the long-context
+steps (`*_above_200k_tokens`) some Anthropic-direct entries lack, copied from a twin entry
+of the same model that has them (Bedrock's), so every reader of the map (token prices,
+batches, the USD ceiling of a budget) sees them. Nothing is invented: a step is copied
+only when the entry has no step of its own and its base prices equal the twin's
+(`supplement_long_context`); a map that gains the step, or a twin whose prices moved,
+turns the supplement off by itself. An operator's `models[].pricing` replaces the map
+for that model, supplement included (docs/billing.md: Price dimensions).
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +31,47 @@ import orjson
 
 _PRICE_FILE = "model_prices_and_context_window_backup.json"
 _DEFAULT_ENCODING = "o200k_base"
+
+# Anthropic bills every token of a request whose prompt exceeds 200,000 tokens (the 1M
+# window of Claude Sonnet 4 and 4.5, beta `context-1m-2025-08-07`) at 2x input and cache
+# prices and 1.5x output. litellm 1.110.2's map has those steps for the Bedrock and Vertex
+# entries of these models but not for Anthropic's own names: entry -> its twin.
+# (Sonnet 4.6 and later, and Opus 4.6 and later, have a 1M window at their base price;
+# neither their entries nor their twins have a step, and none is added.)
+_SONNET_4_5_TWIN = "anthropic.claude-sonnet-4-5-20250929-v1:0"
+_SONNET_4_TWIN = "anthropic.claude-sonnet-4-20250514-v1:0"
+LONG_CONTEXT_TWINS: dict[str, str] = {
+    "claude-sonnet-4-5": _SONNET_4_5_TWIN,
+    "claude-sonnet-4-5-20250929": _SONNET_4_5_TWIN,
+    # not in litellm 1.110.2's map at all (unpriced without `pricing`); kept for a map that has them
+    "claude-sonnet-4-20250514": _SONNET_4_TWIN,
+    "claude-sonnet-4-0": _SONNET_4_TWIN,
+}
+# The base prices a twin must share with the entry for its steps to be copied.
+_BASE_KEYS = ("input_cost_per_token", "output_cost_per_token", "cache_read_input_token_cost",
+              "cache_creation_input_token_cost", "cache_creation_input_token_cost_above_1hr")
+
+
+_STEP_KEY = re.compile(r"_above_\d+k?_tokens")
+
+
+def _is_step(key: str) -> bool:
+    """A long-context step's key (`..._above_200k_tokens[_<tier>]`, not `..._above_1hr`)."""
+    return _STEP_KEY.search(key) is not None
+
+
+def supplement_long_context(prices: dict[str, Any], twins: dict[str, str]) -> None:
+    """Copy, in place, each twin's long-context step keys into its entry of `prices`, when
+    the entry has no step of its own and the same base prices as its twin."""
+    for name, twin_name in twins.items():
+        entry, twin = prices.get(name), prices.get(twin_name)
+        if not isinstance(entry, dict) or not isinstance(twin, dict) or any(_is_step(k) for k in entry):
+            continue
+        if any(entry.get(key) != twin.get(key) for key in _BASE_KEYS if key in entry or key in twin):
+            continue
+        steps = {key: value for key, value in twin.items() if _is_step(key) and value is not None}
+        if steps:
+            prices[name] = {**entry, **steps}
 
 
 @functools.lru_cache(maxsize=1)
@@ -36,7 +87,9 @@ def _price_map() -> dict[str, Any]:
     directory = _litellm_dir()
     if directory is None or not (directory / _PRICE_FILE).is_file():
         return {}
-    return orjson.loads((directory / _PRICE_FILE).read_bytes())
+    prices = orjson.loads((directory / _PRICE_FILE).read_bytes())
+    supplement_long_context(prices, LONG_CONTEXT_TWINS)
+    return prices
 
 
 def model_info(model: str) -> dict[str, Any] | None:
@@ -46,6 +99,15 @@ def model_info(model: str) -> dict[str, Any] | None:
     if found is None and "/" in model:
         found = prices.get(model.split("/", 1)[1])
     return found if isinstance(found, dict) else None
+
+
+def prices_long_prompts(model: str, prompt_tokens: int) -> bool:
+    """Whether the map prices a prompt of `prompt_tokens` on `model`: its entry has a
+    long-context step, or a `max_input_tokens` at least that large (gateway/usage.py bills
+    a longer prompt on a model with neither as unknown)."""
+    info = model_info(model) or {}
+    window = info.get("max_input_tokens")
+    return any(_is_step(key) for key in info) or (isinstance(window, (int, float)) and window >= prompt_tokens)
 
 
 @functools.lru_cache(maxsize=64)

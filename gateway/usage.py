@@ -241,7 +241,13 @@ FREE = UnitPrices.of(0.0, 0.0)
 # * Long context: when the prompt has MORE than N tokens (`*_above_<N>k_tokens`), every
 #   token (input, output, cache read, cache write) is billed at that step's price, a class
 #   without one at the price below. Under a tier, the tier's step key first
-#   (`input_cost_per_token_above_200k_tokens_priority`), then the standard step's.
+#   (`input_cost_per_token_above_200k_tokens_priority`), then the standard step's. The map
+#   as read carries the steps some Anthropic entries lack (gateway/price_map.py,
+#   `LONG_CONTEXT_TWINS`).
+# * Beyond the window: a prompt longer than the map's `max_input_tokens` for a chat model
+#   with no long-context step was served on terms the map does not state (Anthropic's 1M beta on
+#   a 200k model bills a premium the map lacks): no price (`cost_usd` null, counted as
+#   unpriced and logged), never the base price. The operator's `pricing` is taken as given.
 # * Hosted-tool uses: USD per use of each tool the answer reports (gateway/hosted_tools.py).
 
 _NON_STANDARD_SUFFIXES = ("_priority", "_flex", "_batches", "_balanced", "_fast", "_ultrafast")
@@ -353,16 +359,36 @@ def token_prices(config: Config, public_model: str, deployment_model: str | None
     if deployment_model is None:
         return None
     steps = _map_steps(deployment_model, tier)
+    if _beyond_window(deployment_model, steps, prompt_tokens):
+        return None
     exceeded = sum(1 for threshold, _ in steps if prompt_tokens > threshold)
     prices = _litellm_prices(deployment_model, tier, exceeded)
     return None if prices is None else (prices, int(steps[exceeded - 1][0]) if exceeded else None)
+
+
+def _beyond_window(model: str, steps: tuple[tuple[float, str], ...], prompt_tokens: int) -> bool:
+    """A prompt longer than the map's `max_input_tokens` for `model`, a chat model with no
+    long-context step: the map does not say what such a prompt costs. (An embedding
+    model's window is per input: a request's inputs together may well exceed it.)"""
+    if steps:
+        return False
+    info = _map_info(model) or {}
+    if info.get("mode") not in _WINDOWED_MODES:
+        return False
+    window = info.get("max_input_tokens")
+    return isinstance(window, (int, float)) and not isinstance(window, bool) and 0 < window < prompt_tokens
+
+
+# The map's modes whose `max_input_tokens` bounds one request's whole prompt.
+_WINDOWED_MODES = ("chat", "responses", "completion")
 
 
 def batch_prices(config: Config, public_model: str, deployment_model: str | None,
                  prompt_tokens: int) -> BilledPrices | None:
     """The token prices of a line of a provider batch (gateway/batches.py): the model's
     `pricing.batches` when its pricing is given, else litellm's `*_batches` keys for the
-    deployment (above the long-context step the prompt exceeds); None when neither says."""
+    deployment (above the long-context step the prompt exceeds, when the map has that step's
+    `*_batches` keys); None when neither says."""
     if config.deployments(public_model):
         pricing = config.model_settings(public_model).pricing
         if pricing is not None:
@@ -378,7 +404,15 @@ def batch_prices(config: Config, public_model: str, deployment_model: str | None
     if deployment_model is None:
         return None
     steps = _map_steps(deployment_model, "batches")
+    if _beyond_window(deployment_model, steps, prompt_tokens):
+        return None
     exceeded = sum(1 for threshold, _ in steps if prompt_tokens > threshold)
+    if exceeded and not any(key.endswith(f"_above_{steps[exceeded - 1][1]}_tokens_batches")
+                            for key in _map_info(deployment_model) or {}):
+        # Above a step the map has no batch price for: the standard step's price is not
+        # what a batch costs (Anthropic halves the long-context price too), the base batch
+        # price is under it. Unknown (null), as the module's rule for any unknown price.
+        return None
     prices = _litellm_prices(deployment_model, "batches", exceeded)
     if prices is None:
         return None
@@ -541,7 +575,8 @@ def estimate_usd_ceiling(ctx: RequestContext, public_model: str) -> Decimal | No
     """What a request may cost on `public_model`, held by a USD budget before the call: the
     prompt counted, the output at the request's limit (max_tokens, max_completion_tokens,
     max_output_tokens), else the model's cap or default, else OUTPUT_CEILING_TOKENS, times
-    the choices asked (`n`), at the model's standard prices, plus its hosted tools' uses;
+    the choices asked (`n`), at the model's standard prices (above the long-context step the
+    counted prompt exceeds), plus its hosted tools' uses;
     embeddings only their input. None: no known price (or an
     MCP tool without a `cost_usd`)."""
     if ctx.endpoint in TOOL_ENDPOINTS:
@@ -554,6 +589,9 @@ def estimate_usd_ceiling(ctx: RequestContext, public_model: str) -> Decimal | No
     if prices is None:
         return None
     prompt = _estimate_prompt(ctx, None)
+    stepped = token_prices(ctx.config, public_model, deployment, None, prompt)
+    if stepped is not None:  # above a long-context step: every token at its price
+        prices = stepped[0]
     output = 0
     if ctx.endpoint != "embeddings":
         body = ctx.body

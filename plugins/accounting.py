@@ -237,7 +237,9 @@ class Accounting(Plugin):
         if row["cost_usd"] is None and ctx.model not in self._unpriced_warned:
             self._unpriced_warned.add(ctx.model)
             log.warning("usage_cost_unknown", model=ctx.model, deployment=ctx.deployment,
-                        hint="add models[].pricing to config.yaml")
+                        prompt_tokens=row["tokens_prompt"],
+                        hint="add models[].pricing to config.yaml (with long_context for a prompt beyond "
+                             "the price map's max_input_tokens)")
         if row["usage_estimated"] and ctx.error is None and not ctx.client_disconnected:
             # A complete answer without the provider's usage: this deployment may never report
             # it. Say so loudly (once per deployment), so nobody bills on estimates unknowingly.
