@@ -305,6 +305,64 @@ def _read_frame(stream: Any) -> Any:
     return None if payload is None else pickle.loads(payload)
 
 
+# Attributes whose value is new in every span: not worth keeping encoded.
+_UNIQUE_VALUES = frozenset({"gateway.request_id", "gen_ai.response.id", "gateway.plugin.durations_ms",
+                            "gateway.cost_usd", "gen_ai.input.messages", "gen_ai.output.messages"})
+_CACHED_ATTRIBUTES = 4096
+
+
+def reuse_encoded_attributes() -> bool:
+    """Make the SDK's span encoder reuse the protobuf it built for an attribute it saw before.
+
+    The OTLP encoder (opentelemetry-exporter-otlp-proto-common) builds two protobuf
+    messages from Python for every attribute of every span (~2.5 us each: most of the
+    exporter's CPU); a gateway's spans repeat most of theirs (operation, provider, models,
+    user, workspace, tier, deployment, the plugins' names...). Here each (key, type, value)
+    is encoded once by the SDK's own `_encode_key_value` and its message reused: the
+    encoder copies it into each span (protobuf repeated fields copy what they are given),
+    so the result is byte for byte the SDK's (tests/test_telemetry.py compares). Bounded:
+    at `_CACHED_ATTRIBUTES` entries the cache starts again. False (and the SDK's encoder
+    left alone) if its internals are not where this release of the SDK keeps them."""
+    try:
+        from opentelemetry.exporter.otlp.proto.common._internal import _encode_key_value
+        from opentelemetry.exporter.otlp.proto.common._internal import trace_encoder
+    except ImportError:
+        return False
+    if not callable(getattr(trace_encoder, "_encode_attributes", None)):
+        return False
+    original = trace_encoder._encode_attributes
+    cache: dict[tuple, Any] = {}
+
+    def encode_attributes(attributes: Any) -> list:
+        if not attributes:
+            return []
+        out = []
+        for key, value in attributes.items():
+            kind = type(value)
+            if key in _UNIQUE_VALUES or kind not in _SCALARS and not (kind is list and value and type(value[0]) is str):
+                out.extend(original({key: value}))
+                continue
+            memo = (key, kind, tuple(value) if kind is list else value)
+            encoded = cache.get(memo)
+            if encoded is None:
+                try:
+                    encoded = _encode_key_value(key, value)
+                except Exception:  # noqa: BLE001 — what the SDK's own loop does: logged, left out
+                    out.extend(original({key: value}))
+                    continue
+                if len(cache) >= _CACHED_ATTRIBUTES:
+                    cache.clear()
+                cache[memo] = encoded
+            out.append(encoded)
+        return out
+
+    trace_encoder._encode_attributes = encode_attributes
+    return True
+
+
+_SCALARS = frozenset({str, bool, int, float})
+
+
 def child_main() -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
@@ -316,6 +374,7 @@ def child_main() -> int:
                  "opentelemetry.sdk._shared_internal", "opentelemetry.attributes"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    reuse_encoded_attributes()
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import Event, ReadableSpan
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
