@@ -363,6 +363,42 @@ def reuse_encoded_attributes() -> bool:
 _SCALARS = frozenset({str, bool, int, float})
 
 
+class Placement:
+    """The exporter's CPUs: those the gateway's process is not pinned to.
+
+    Where the gateway is pinned to some of the machine's CPUs (taskset, a cpuset, one
+    worker per core), the exporter runs on the others, so that it never takes the cores the
+    requests are served on nor pollutes their caches; where the gateway may run anywhere, so
+    may the exporter (at its low priority). Looked at again every `every` seconds while
+    spans arrive: a gateway pinned (or unpinned) while it runs moves its exporter too."""
+
+    def __init__(self, parent: int, every: float = 1.0):
+        self.parent = parent
+        self.every = every
+        self.checked = -every
+        self.seen: frozenset[int] | None = None
+        self.cpus: frozenset[int] | None = None  # where this process runs now (None: anywhere)
+
+    def check(self, now: float) -> None:
+        if now - self.checked < self.every:
+            return
+        self.checked = now
+        try:
+            gateway = frozenset(os.sched_getaffinity(self.parent))
+        except (OSError, AttributeError):  # the gateway is gone, or no affinity on this OS
+            return
+        if gateway == self.seen:
+            return
+        self.seen = gateway
+        everywhere = frozenset(range(os.cpu_count() or 1))
+        apart = everywhere - gateway
+        try:
+            os.sched_setaffinity(0, apart or everywhere)  # the kernel keeps it within the cpuset
+            self.cpus = frozenset(os.sched_getaffinity(0)) if apart else None
+        except OSError:  # none of the others is allowed here: stay where the gateway is
+            self.cpus = None
+
+
 def child_main() -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
@@ -442,10 +478,13 @@ def child_main() -> int:
             states[header] = TraceState.from_header([header])
         return states[header]
 
+    placement = Placement(os.getppid())
+    placement.check(time.monotonic())
     while True:
         records = _read_frame(source)
         if records is None:
             break
+        placement.check(time.monotonic())
         for (name, kind, trace_id, span_id, parent_id, parent_remote, trace_state, start, end,
              attributes, events, status, description) in records:
             state = state_of(trace_state)
