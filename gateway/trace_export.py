@@ -340,16 +340,19 @@ def reuse_encoded_attributes() -> bool:
         for key, value in attributes.items():
             kind = type(value)
             if key in _UNIQUE_VALUES or kind not in _SCALARS and not (kind is list and value and type(value[0]) is str):
+                memo = None
+            else:
+                memo = (key, kind, tuple(value) if kind is list else value)
+                encoded = cache.get(memo)
+                if encoded is not None:
+                    out.append(encoded)
+                    continue
+            try:
+                encoded = _encode_key_value(key, value)
+            except Exception:  # noqa: BLE001 — what the SDK's own loop does: logged, left out
                 out.extend(original({key: value}))
                 continue
-            memo = (key, kind, tuple(value) if kind is list else value)
-            encoded = cache.get(memo)
-            if encoded is None:
-                try:
-                    encoded = _encode_key_value(key, value)
-                except Exception:  # noqa: BLE001 — what the SDK's own loop does: logged, left out
-                    out.extend(original({key: value}))
-                    continue
+            if memo is not None:
                 if len(cache) >= _CACHED_ATTRIBUTES:
                     cache.clear()
                 cache[memo] = encoded
