@@ -343,7 +343,10 @@ def reuse_encoded_attributes() -> bool:
                 memo = None
             else:
                 memo = (key, kind, tuple(value) if kind is list else value)
-                encoded = cache.get(memo)
+                try:
+                    encoded = cache.get(memo)
+                except TypeError:  # an unhashable element (not the gateway's own attributes)
+                    memo = encoded = None
                 if encoded is not None:
                     out.append(encoded)
                     continue
