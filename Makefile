@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: install run test test-container bench bench-reports bench-multiprocess lint check-config clean wrk
+.PHONY: install run test test-container bench bench-reports bench-multiprocess lint check-config clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,15 +21,13 @@ run: install                  ## start the gateway on 127.0.0.1:8080 (SQLite in 
 test: install                 ## the whole suite
 	$(BIN)/python -m pytest
 
-bench: install wrk            ## throughput/latency table (docs/performance.md)
-	$(BIN)/python bench/bench.py
-
-# The benches drive the gateway with Debian's wrk where it can be had (a Python load
-# generator takes the CPU the gateway is measured on); without it they fall back to bench/load.py.
-wrk:
+bench: install                ## throughput/latency table (docs/performance.md)
+	@# Debian's wrk where it can be had (a Python load generator takes the CPU the gateway is
+	@# measured on); without it bench.py falls back to bench/load.py.
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  { apt-get install -y wrk >/dev/null 2>&1 || { apt-get update >/dev/null 2>&1 && apt-get install -y wrk >/dev/null 2>&1; }; }; } || \
 	  echo "wrk not installed: the bench uses bench/load.py (apt-get install wrk for steadier figures)"
+	$(BIN)/python bench/bench.py
 
 bench-reports: install        ## reports and /admin/metrics at 10M usage rows (BENCH_REPORT_ROWS=N to lower)
 	$(BIN)/python bench/reports_bench.py

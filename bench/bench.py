@@ -28,14 +28,14 @@ Environment:
     BENCH_TELEMETRY=0        same as --no-telemetry: skip the traced fast path. By default a third
                              gateway, the fast path with OpenTelemetry traces on (every request
                              sampled) to a local collector (bench/collector.py), is alternated with
-                             the untraced one BENCH_TRACE_PAIRS times (default 6, quick 4; A B, B A,
+                             the untraced one BENCH_TRACE_PAIRS times (default 8, quick 4; A B, B A,
                              ...), BENCH_TRACE_SECONDS each (default 5, quick 3): "fast path +traces",
                              its req/s (the median of the pairs' ratios) and CPU per request (the
                              exporter process's included) against the untraced fast path's, same run.
                              Twice with 2+ CPUs: judged with both gateways pinned to the first CPU and
                              the load generator, fake upstream and collector (other machines in
                              production) on the others, where the exporter process follows; then
-                             shown with every process on every CPU
+                             shown with every process on every CPU (half the pairs)
     BENCH_TRACE_PIN=0        only the second: every process on every CPU, judged
     BENCH_STORE=sqlite       sqlite | postgres: the gateways' store (postgres: a fresh schema per
                              gateway in BENCH_PG_URL, default postgresql://postgres@127.0.0.1:5432/test,
@@ -128,7 +128,7 @@ class Settings:
             chunk_delay_ms=float(os.environ.get("BENCH_CHUNK_DELAY_MS", 20)),
             rss_max_seconds=float(os.environ.get("BENCH_RSS_MAX_SECONDS", 120 if quick else 600)),
             telemetry=not args.no_telemetry and os.environ.get("BENCH_TELEMETRY", "1") not in ("", "0"),
-            trace_pairs=int(os.environ.get("BENCH_TRACE_PAIRS", 4 if quick else 6)),
+            trace_pairs=int(os.environ.get("BENCH_TRACE_PAIRS", 4 if quick else 8)),
             trace_seconds=float(os.environ.get("BENCH_TRACE_SECONDS", 3 if quick else 5)),
         )
 
@@ -806,7 +806,8 @@ def run(settings: Settings, workdir: Path, procs: Processes) -> dict:
         traced_row["layout"] = "pinned" if layout is not None else "shared"
         if layout is not None:  # and as it runs where nothing is pinned: every process on every CPU
             log("traces comparison, every process on every CPU")
-            traced_row["shared"] = trace_comparison(settings, targets["fast path"], targets["fast path +traces"],
+            shown = Settings(**{**settings.__dict__, "trace_pairs": max(2, settings.trace_pairs // 2)})
+            traced_row["shared"] = trace_comparison(shown, targets["fast path"], targets["fast path +traces"],
                                                     traced, workdir)
         log(f"fast path +traces: 1 connection, {settings.seconds:.0f}s")
         one = measure_load(settings, targets["fast path +traces"], 1, workdir)

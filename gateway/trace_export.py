@@ -8,6 +8,11 @@ objects and hands them to the SDK's `BatchSpanProcessor` with its `OTLPSpanExpor
 protobuf encoding and the HTTP posts, which hold the GIL for as long as the request's own
 work, run on another core instead of in the gateway's event loop.
 
+The child runs at nice 19, on the CPUs its gateway is not pinned to (`Placement`: where
+the gateway is pinned to some CPUs, the encoding never takes theirs), and makes the SDK's
+encoder reuse the protobuf it built for an attribute it saw before
+(`reuse_encoded_attributes`: byte for byte the SDK's output, ~40% of its CPU saved).
+
 Bounded, drop-and-count (`SPANS`, gateway_trace_spans_dropped_total):
 
 * spans the child has not yet exported or failed are in flight; at `queue_size` of them

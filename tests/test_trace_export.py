@@ -17,7 +17,14 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
 
 from gateway import trace_export
-from tests.test_telemetry import ask_once, collector, serve, stop, telemetry  # noqa: F401 — fixtures
+from tests.test_telemetry import FakeCollector, ask_once, serve, stop, telemetry
+
+
+@pytest.fixture
+def collector(server_thread):
+    fake = server_thread.run(FakeCollector().start())
+    yield fake
+    server_thread.run(fake.stop())
 
 
 def spans_of(attribute_sets: list[dict[str, Any]]) -> list[ReadableSpan]:
@@ -113,7 +120,7 @@ def affinity_becomes(pid: int, want: set[int], url: str, timeout: float = 15.0) 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 or not os.path.exists("/proc/self/task"),
                     reason="needs two CPUs and Linux's /proc")
-def test_the_exporter_runs_on_the_cpus_its_gateway_is_not_pinned_to(upstream, collector, tmp_path):  # noqa: F811
+def test_the_exporter_runs_on_the_cpus_its_gateway_is_not_pinned_to(upstream, collector, tmp_path):
     """A real `proxy.py serve`: unpinned, its exporter may run anywhere; pinned to one CPU
     (taskset, as an operator would, while it runs), its exporter moves to the others;
     unpinned again, it may run anywhere again. Spans keep reaching the collector."""
