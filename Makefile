@@ -22,6 +22,11 @@ test: install                 ## the whole suite
 	$(BIN)/python -m pytest
 
 bench: install                ## throughput/latency table (docs/performance.md)
+	@# Debian's wrk where it can be had (a Python load generator takes the CPU the gateway is
+	@# measured on); without it bench.py falls back to bench/load.py.
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y wrk >/dev/null 2>&1 || { apt-get update >/dev/null 2>&1 && apt-get install -y wrk >/dev/null 2>&1; }; }; } || \
+	  echo "wrk not installed: the bench uses bench/load.py (apt-get install wrk for steadier figures)"
 	$(BIN)/python bench/bench.py
 
 bench-reports: install        ## reports and /admin/metrics at 10M usage rows (BENCH_REPORT_ROWS=N to lower)

@@ -28,10 +28,15 @@ Environment:
     BENCH_TELEMETRY=0        same as --no-telemetry: skip the traced fast path. By default a third
                              gateway, the fast path with OpenTelemetry traces on (every request
                              sampled) to a local collector (bench/collector.py), is alternated with
-                             the untraced one BENCH_TRACE_PAIRS times (default 6, quick 4; A B, B A,
+                             the untraced one BENCH_TRACE_PAIRS times (default 8, quick 4; A B, B A,
                              ...), BENCH_TRACE_SECONDS each (default 5, quick 3): "fast path +traces",
                              its req/s (the median of the pairs' ratios) and CPU per request (the
-                             exporter process's included) against the untraced fast path's, same run
+                             exporter process's included) against the untraced fast path's, same run.
+                             Twice with 2+ CPUs: judged with both gateways pinned to the first CPU and
+                             the load generator, fake upstream and collector (other machines in
+                             production) on the others, where the exporter process follows; then
+                             shown with every process on every CPU (half the pairs)
+    BENCH_TRACE_PIN=0        only the second: every process on every CPU, judged
     BENCH_STORE=sqlite       sqlite | postgres: the gateways' store (postgres: a fresh schema per
                              gateway in BENCH_PG_URL, default postgresql://postgres@127.0.0.1:5432/test,
                              dropped at the end)
@@ -123,7 +128,7 @@ class Settings:
             chunk_delay_ms=float(os.environ.get("BENCH_CHUNK_DELAY_MS", 20)),
             rss_max_seconds=float(os.environ.get("BENCH_RSS_MAX_SECONDS", 120 if quick else 600)),
             telemetry=not args.no_telemetry and os.environ.get("BENCH_TELEMETRY", "1") not in ("", "0"),
-            trace_pairs=int(os.environ.get("BENCH_TRACE_PAIRS", 4 if quick else 6)),
+            trace_pairs=int(os.environ.get("BENCH_TRACE_PAIRS", 4 if quick else 8)),
             trace_seconds=float(os.environ.get("BENCH_TRACE_SECONDS", 3 if quick else 5)),
         )
 
@@ -528,16 +533,29 @@ def verdicts(results: dict) -> list[dict]:
         share = traced.get("ratio_vs_fast")
         spans = (traced.get("collector") or {}).get("spans")
         cpu = traced.get("gateway_cpu_us") or {}
-        check("fast path with every request traced @32",
+        pinned = traced.get("layout") == "pinned"
+        check("fast path with every request traced @32" + (", gateways on a CPU of their own" if pinned else ""),
               f"{fmt(share and share * 100)}% (the median of {len(traced.get('pair_ratios') or [])} alternated pairs: "
               f"{', '.join(f'{r:.0%}' for r in traced.get('pair_ratios') or [])}; medians "
               f"{fmt(traced.get('traced_rps_32'))} vs {fmt(traced.get('fast_rps_32'))} req/s untraced = "
               f"{fmt((traced.get('ratio_of_medians') or 0) * 100)}%); CPU/request: gateway "
               f"{fmt(cpu.get('traced'))} vs {fmt(cpu.get('fast'))} us = {fmt(traced.get('cpu_ratio_gateway'), '.2f')}x, "
               f"+ exporter process {fmt(traced.get('exporter_cpu_us'))} us = "
-              f"{fmt(traced.get('cpu_ratio_with_exporter'), '.2f')}x; {fmt(spans, 'd')} spans at the collector, "
-              f"{fmt(traced.get('dropped'), '.0f')} dropped",
-              f">= {TARGETS['traced_rps_ratio_min']:.0%}", share is not None and share >= TARGETS["traced_rps_ratio_min"])
+              f"{fmt(traced.get('cpu_ratio_with_exporter'), '.2f')}x; spans dropped {fmt(traced.get('dropped'), '.0f')} "
+              f"({fmt(spans, 'd')} at the collector over the whole run, {fmt(traced.get('dropped_total'), '.0f')} dropped)",
+              f">= {TARGETS['traced_rps_ratio_min']:.0%}, none dropped",
+              share is not None and share >= TARGETS["traced_rps_ratio_min"] and traced.get("dropped") == 0)
+        shared = traced.get("shared")
+        if shared:  # the same alternation with every process on every CPU: shown, not judged
+            scpu = shared.get("gateway_cpu_us") or {}
+            check("  the same, every process on every CPU",
+                  f"{fmt((shared.get('ratio_vs_fast') or 0) * 100)}% (pairs: "
+                  f"{', '.join(f'{r:.0%}' for r in shared.get('pair_ratios') or [])}; medians "
+                  f"{fmt(shared.get('traced_rps_32'))} vs {fmt(shared.get('fast_rps_32'))} req/s); CPU/request: "
+                  f"gateway {fmt(scpu.get('traced'))} vs {fmt(scpu.get('fast'))} us, + exporter process "
+                  f"{fmt(shared.get('exporter_cpu_us'))} us = {fmt(shared.get('cpu_ratio_with_exporter'), '.2f')}x; "
+                  f"spans dropped {fmt(shared.get('dropped'), '.0f')}",
+                  "(shown)", None)
     rss = results.get("rss", {})
     after_mib = rss.get("after_kib", 0) / 1024 if rss.get("after_kib") else None
     check("all-native gateway RSS", f"{fmt(after_mib, '.1f')} MiB after {rss.get('requests', 0):,} requests",
@@ -549,11 +567,68 @@ def verdicts(results: dict) -> list[dict]:
     return out
 
 
-def trace_comparison(settings: Settings, fast: Target, traced: Target, info: dict, workdir: Path) -> dict:
+def cpu_layout() -> tuple[set[int], set[int]] | None:
+    """(the gateways' CPU, the others) for the traces comparison, or None with fewer than two
+    CPUs or BENCH_TRACE_PIN=0."""
+    cpus = os.sched_getaffinity(0)
+    if len(cpus) < 2 or os.environ.get("BENCH_TRACE_PIN", "1") in ("", "0"):
+        return None
+    first = min(cpus)
+    return {first}, cpus - {first}
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of `pid` on `cpus` (threads it starts later inherit it)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return
+    for tid in tids:
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:  # a thread that just ended
+            pass
+
+
+def spans_dropped(base: str) -> float:
+    """gateway_trace_spans_dropped_total (every reason) from a traced gateway's /metrics."""
+    with urllib.request.urlopen(base + "/metrics", timeout=10) as resp:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in resp.read().decode().splitlines()
+                   if line.startswith("gateway_trace_spans_dropped_total"))
+
+
+def trace_comparison(settings: Settings, fast: Target, traced: Target, info: dict, workdir: Path,
+                     layout: tuple[set[int], set[int]] | None = None) -> dict:
     """The untraced and the traced fast path alternated `trace_pairs` times (A B, B A, ...) at
     32 connections, each run's req/s and CPU per request read from /proc: the gateway's, the
     traced one's exporter process's (gateway/trace_export.py) and the collector's. On a shared
-    machine only such an alternation, in one run, says what tracing costs."""
+    machine only such an alternation, in one run, says what tracing costs.
+
+    `layout` (gateway CPUs, the others): both gateways pinned to the first, as a gateway
+    deployed on cores of its own; the load generator, the fake upstream and the collector,
+    which in production are other machines, to the others, where the traced gateway's exporter
+    process moves too (it runs on the CPUs its gateway is not pinned to). Without it
+    everything shares every CPU."""
+    everywhere = os.sched_getaffinity(0)
+    if layout is not None:
+        for pid in (fast.pid, traced.pid):
+            pin(pid, layout[0])  # type: ignore[arg-type]
+        for pid in (info["upstream_pid"], info["collector_pid"]):
+            pin(pid, layout[1])
+        os.sched_setaffinity(0, layout[1])  # this process: the load generators it starts
+    try:
+        dropped = spans_dropped(info["base"])
+        out = _trace_comparison(settings, fast, traced, info, workdir)
+        out["dropped"] = spans_dropped(info["base"]) - dropped
+        return out
+    finally:
+        if layout is not None:
+            for pid in (fast.pid, traced.pid, info["upstream_pid"], info["collector_pid"]):
+                pin(pid, everywhere)  # type: ignore[arg-type]
+            os.sched_setaffinity(0, everywhere)
+
+
+def _trace_comparison(settings: Settings, fast: Target, traced: Target, info: dict, workdir: Path) -> dict:
     runs: dict[str, list[dict]] = {"fast": [], "traced": []}
     # Short runs, many pairs: the machine's weather changes within minutes. No warm-up per run:
     # the CPU read covers the measured requests only.
@@ -668,7 +743,8 @@ def run(settings: Settings, workdir: Path, procs: Processes) -> dict:
         wait_http(collector_url + "/health", coll, 30, "collector", procs, "collector")
         traced_base, traced_key, traced_pid = start_gateway(procs, workdir, "traced", upstream_url, "auto",
                                                             collector=collector_url)
-        traced.update(collector=collector_url, base=traced_base, pid=traced_pid, collector_pid=coll.pid)
+        traced.update(collector=collector_url, base=traced_base, pid=traced_pid, collector_pid=coll.pid,
+                      upstream_pid=up.pid)
 
     bare_port = free_port()
     bare = procs.start("bare pass-through", [PYTHON, str(BENCH_DIR / "passthrough.py"), "--port", str(bare_port),
@@ -722,8 +798,17 @@ def run(settings: Settings, workdir: Path, procs: Processes) -> dict:
         load_phase(name)
     if settings.telemetry:
         traced_row = rows["fast path +traces"]
+        layout = cpu_layout()
+        if layout is not None:
+            log(f"traces comparison, gateways on CPU {sorted(layout[0])}, the rest on {sorted(layout[1])}")
         traced_row.update(trace_comparison(settings, targets["fast path"], targets["fast path +traces"], traced,
-                                           workdir))
+                                           workdir, layout))
+        traced_row["layout"] = "pinned" if layout is not None else "shared"
+        if layout is not None:  # and as it runs where nothing is pinned: every process on every CPU
+            log("traces comparison, every process on every CPU")
+            shown = Settings(**{**settings.__dict__, "trace_pairs": max(2, settings.trace_pairs // 2)})
+            traced_row["shared"] = trace_comparison(shown, targets["fast path"], targets["fast path +traces"],
+                                                    traced, workdir)
         log(f"fast path +traces: 1 connection, {settings.seconds:.0f}s")
         one = measure_load(settings, targets["fast path +traces"], 1, workdir)
         traced_row.update(rps_32=traced_row["traced_rps_32"], p50_1_ms=one["p50_ms"], p99_1_ms=one["p99_ms"],
@@ -775,9 +860,7 @@ def run(settings: Settings, workdir: Path, procs: Processes) -> dict:
         time.sleep(3)  # the last batches leave (export every second)
         with urllib.request.urlopen(traced["collector"] + "/stats", timeout=10) as resp:
             traced_row["collector"] = json.loads(resp.read())
-        with urllib.request.urlopen(traced["base"] + "/metrics", timeout=10) as resp:
-            traced_row["dropped"] = sum(float(line.rsplit(" ", 1)[1]) for line in resp.read().decode().splitlines()
-                                        if line.startswith("gateway_trace_spans_dropped_total"))
+        traced_row["dropped_total"] = spans_dropped(traced["base"])
 
     results = {
         "settings": settings.__dict__, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),

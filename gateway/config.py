@@ -682,7 +682,7 @@ class TelemetryConfig(_Strict):
         "ignore", description="ignore: sample_ratio decides every request (a client's traceparent is still "
                               "continued); honor: a client's sampled flag decides (ParentBased)")
     capture_content: bool = Field(False, description="prompt and completion text in the spans")
-    queue_size: int = Field(2048, ge=1, le=1_000_000, description="spans waiting for export; beyond, dropped and counted")
+    queue_size: int = Field(8192, ge=1, le=1_000_000, description="spans waiting for export; beyond, dropped and counted")
     batch_size: int = Field(512, ge=1, le=100_000)
     export_interval: float = Field(1.0, gt=0, description="seconds between two exports")
     export_timeout: float = Field(10.0, gt=0, description="seconds one export may take")
