@@ -132,9 +132,10 @@ def test_no_request_context_side_channel_for_passed_through_answers():
 
 
 def test_importing_the_gateway_loads_no_optional_sdk():
-    """The MCP SDK (gateway/inbound/mcp.py), authlib and joserfc (gateway/admin/oidc.py) are
-    loaded when a config uses them, not by `proxy.py serve` itself: together they were ~35 MiB
-    of every all-native gateway's RSS (docs/performance.md)."""
+    """The MCP SDK (gateway/inbound/mcp.py), authlib and joserfc (gateway/admin/oidc.py) and the
+    OpenTelemetry SDK (gateway/telemetry.py) are loaded when a config uses them, not by
+    `proxy.py serve` itself: together they were ~40 MiB of every all-native gateway's RSS
+    (docs/performance.md)."""
     import subprocess
     import sys
 
@@ -143,4 +144,4 @@ def test_importing_the_gateway_loads_no_optional_sdk():
     loaded = set(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                                 check=True, timeout=120).stdout.split())
     assert loaded & {"mcp", "mcp_types", "starlette", "uvicorn", "authlib", "joserfc", "httpx", "httpx2",
-                     "jsonschema", "litellm"} == set()
+                     "jsonschema", "opentelemetry", "litellm"} == set()
