@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -147,6 +148,7 @@ def main() -> int:
             result["requests"], result["errors"], result["rps"] = run["requests"], run["errors"], run["rps"]
     finally:
         procs.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
     print(json.dumps(result))
     return 0
 
