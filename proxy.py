@@ -43,7 +43,7 @@ from gateway.inbound.anthropic import anthropic_count_tokens, anthropic_messages
 from gateway.inbound.batches import batches_routes  # noqa: E402
 from gateway.inbound.files import files_routes  # noqa: E402
 from gateway.inbound.message_batches import message_batches_routes  # noqa: E402
-from gateway.inbound.mcp import install_mcp  # noqa: E402
+from gateway.inbound.mcp_mount import install_mcp  # noqa: E402
 from gateway.inbound.openai import chat_completions, embeddings, list_models  # noqa: E402
 from gateway.inbound.responses import responses_create, stored_response  # noqa: E402
 from gateway.journal import EndingsJournal, journal_dir  # noqa: E402
@@ -255,7 +255,7 @@ def create_app(config: Config, *, router: Router | None = None, store: Any = Non
     app.router.add_routes(feedback_routes())
     app.router.add_routes(dashboard_routes())
     install_oidc(app)  # dashboard sign-in with an OIDC provider, /admin/session
-    install_mcp(app)  # /mcp: the MCP gateway (gateway/inbound/mcp.py)
+    install_mcp(app)  # /mcp: the MCP gateway (gateway/inbound/mcp.py, its SDK loaded once servers are configured)
     for plugin in plugins:
         app.router.add_routes(plugin.routes())
     return app

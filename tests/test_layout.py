@@ -129,3 +129,19 @@ def test_no_request_context_side_channel_for_passed_through_answers():
     """A pass-through answers with Relayed pieces (gateway/providers/base.py), not ctx.passthrough."""
     offenders = [str(p.relative_to(ROOT)) for p in MODULES.values() if "ctx.passthrough" in p.read_text()]
     assert offenders == []
+
+
+def test_importing_the_gateway_loads_no_optional_sdk():
+    """The MCP SDK (gateway/inbound/mcp.py), authlib and joserfc (gateway/admin/oidc.py) and the
+    OpenTelemetry SDK (gateway/telemetry.py) are loaded when a config uses them, not by
+    `proxy.py serve` itself: together they were ~40 MiB of every all-native gateway's RSS
+    (docs/performance.md)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, '.'); import proxy; "
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
+    loaded = set(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                                check=True, timeout=120).stdout.split())
+    assert loaded & {"mcp", "mcp_types", "starlette", "uvicorn", "authlib", "joserfc", "httpx", "httpx2",
+                     "jsonschema", "opentelemetry", "litellm"} == set()

@@ -610,6 +610,48 @@ def test_mcp_servers_are_hot_reloaded_with_the_config(fake_servers, store_url, u
         server_thread.run(runner.cleanup(), timeout=30)
 
 
+def test_a_gateway_started_without_mcp_servers_builds_the_endpoint_when_a_reload_adds_them(
+        fake_servers, store_url, upstream, tmp_path, server_thread, monkeypatch):
+    """Without `mcp_servers:` the SDK's endpoint is not built (gateway/inbound/mcp_mount.py:
+    /mcp answers 404 as the endpoint does); a reload that adds servers makes /mcp list and
+    call their tools without a restart, and the stop closes it."""
+    import httpx
+
+    import proxy
+    from gateway.inbound.mcp_mount import MCP
+    from tests.conftest import RunningGateway
+    from tests.test_reload import write_config
+
+    monkeypatch.setenv("SEARCH_MCP_TOKEN", f"Bearer {UPSTREAM_SECRET}")
+    monkeypatch.setenv("CRM_MCP_TOKEN", f"Bearer {CRM_SECRET}")
+    search, crm = fake_servers
+    tiers = {"free": {"models": ["demo"]}, "pro": {"models": ["*"], "mcp_tools": ["*"]}}
+    data = base_config(upstream, store_url=store_url, tiers=tiers, plugins=["auth", "tier_policy", "energy",
+                                                                            "accounting"])
+    path = tmp_path / "config.yaml"
+    write_config(path, data)
+    config = proxy.check_config(path)
+    runner, app, url = server_thread.run(start_watching(config, str(path)))
+    try:
+        gw = RunningGateway(server_thread, runner, app, url, config)
+        user_id, key = gw.make_user(tier="pro", energy=100)
+        answer = httpx.post(url + "/mcp", headers={"Authorization": f"Bearer {key}"}, timeout=10,
+                            json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+        assert answer.status_code == 404 and answer.json()["error"]["code"] == "not_found"
+        assert app[MCP].endpoint is None
+        data["mcp_servers"] = mcp_config(search, crm)
+        write_config(path, data)
+        assert gw.run(proxy.reload_config(app, reason="test")) is True
+        assert "crm__lookup" in tool_names(gw, key)
+        result = call(gw, key, lambda client: client.call_tool("search__web", {"query": "q"}))
+        assert text_of(result) == "results for q (limit 3)"
+        gw.settle()
+        assert gw.balance(user_id) == 98
+        assert app[MCP].endpoint is not None
+    finally:
+        server_thread.run(runner.cleanup(), timeout=30)
+
+
 # --------------------------------------------------------------------------- reports and the dashboard
 
 

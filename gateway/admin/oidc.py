@@ -43,24 +43,21 @@ import html
 import secrets
 import time
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import orjson
 import structlog
 from aiohttp import web
-from authlib.integrations.httpx_client import AsyncOAuth2Client
-from authlib.oidc.core import CodeIDToken
-from joserfc import jwt
-from joserfc.errors import InvalidKeyIdError, JoseError
-from joserfc.jwk import KeySet
-from joserfc.jws import JWSRegistry
 
 from gateway.admin.operations import Admin, Scope
 from gateway.config import OidcConfig, OidcRole, https_or_loopback
 from gateway.errors import ApiError
 from gateway.lifecycle import new_request_id
 from gateway.state import GATEWAY
+
+if TYPE_CHECKING:
+    from authlib.integrations.httpx_client import AsyncOAuth2Client
+    from joserfc.jwk import KeySet
 
 log = structlog.get_logger("gateway.admin.oidc")
 
@@ -114,7 +111,11 @@ REFUSALS = {
 class OidcClient:
     """One configured provider: its discovery document and keys (cached), the authorization
     URL, the code exchange and the ID token's validation. Built once per `OidcConfig` (a
-    config reload that changes the section builds a new one)."""
+    config reload that changes the section builds a new one).
+
+    authlib, joserfc and httpx (with cryptography, ~190 modules, several MiB per process) are
+    imported by the methods that use them: a gateway without `dashboard.oidc` never loads
+    them (docs/performance.md, the all-native gateway's RSS)."""
 
     def __init__(self, config: OidcConfig):
         self.config = config
@@ -125,6 +126,8 @@ class OidcClient:
         self._lock = asyncio.Lock()
 
     def _oauth(self, **kw: Any) -> AsyncOAuth2Client:
+        from authlib.integrations.httpx_client import AsyncOAuth2Client
+
         return AsyncOAuth2Client(
             client_id=self.config.client_id, client_secret=self.config.client_secret,
             token_endpoint_auth_method="client_secret_basic" if self.config.client_secret else "none",
@@ -133,6 +136,8 @@ class OidcClient:
 
     async def _get_json(self, url: str) -> dict[str, Any]:
         """A discovery document or a JWKS: a JSON object of at most MAX_DOCUMENT_BYTES."""
+        import httpx
+
         async with httpx.AsyncClient(timeout=self.config.timeout, trust_env=False, follow_redirects=False) as http:
             async with http.stream("GET", url, headers={"Accept": "application/json"}) as response:
                 if response.status_code != 200:
@@ -153,6 +158,8 @@ class OidcClient:
     async def metadata(self) -> dict[str, Any]:
         """The discovery document (OpenID Connect Discovery 1.0), checked: its `issuer` is the
         configured one exactly, its endpoints are https (http on loopback only)."""
+        import httpx
+
         if self._metadata is not None and time.monotonic() - self._metadata_at < METADATA_TTL:
             return self._metadata
         url = self.config.issuer.rstrip("/") + "/.well-known/openid-configuration"
@@ -175,6 +182,10 @@ class OidcClient:
     async def keys(self, *, refresh: bool = False) -> KeySet:
         """The provider's signing keys; `refresh`: read again now (a token names a `kid` we do
         not have: the provider rotated its keys). One read at a time."""
+        import httpx
+        from joserfc.errors import JoseError
+        from joserfc.jwk import KeySet
+
         async with self._lock:
             fresh = self._keys is not None and time.monotonic() - self._keys_at < METADATA_TTL
             if fresh and not refresh:
@@ -201,6 +212,8 @@ class OidcClient:
 
     async def exchange(self, code: str, verifier: str, redirect_uri: str) -> dict[str, Any]:
         """The token endpoint's answer to the code and its PKCE verifier."""
+        import httpx
+
         metadata = await self.metadata()
         try:
             async with self._oauth(redirect_uri=redirect_uri) as client:
@@ -216,6 +229,11 @@ class OidcClient:
 
     async def validate_id_token(self, id_token: str, nonce: str, access_token: str | None) -> dict[str, Any]:
         """The ID token's claims, after its signature, algorithm and claims are checked."""
+        from authlib.oidc.core import CodeIDToken
+        from joserfc import jwt
+        from joserfc.errors import InvalidKeyIdError, JoseError
+        from joserfc.jws import JWSRegistry
+
         registry = JWSRegistry(algorithms=list(self.config.algorithms), strict_check_header=False)
         try:
             try:

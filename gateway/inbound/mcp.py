@@ -376,18 +376,3 @@ class McpEndpoint:
                     raise mcp_error(ApiError(502, exc.message, type="server_error", code=exc.code)) from None
         raise mcp_error(ApiError(404, f"Unknown prompt '{clean_text(params.name)}'.", code="prompt_not_found",
                                  param="name"))
-
-
-MCP = web.AppKey("mcp", McpEndpoint)
-
-
-def install_mcp(app: web.Application) -> None:
-    """Mount `/mcp` (POST, GET, DELETE: the SDK's transport answers each) and its lifetime."""
-    endpoint = McpEndpoint()
-    app[MCP] = endpoint
-
-    def mcp_ctx(app: web.Application) -> AsyncIterator[None]:
-        return endpoint.run()
-
-    app.cleanup_ctx.append(mcp_ctx)
-    app.router.add_route("*", "/mcp", endpoint.handle)
